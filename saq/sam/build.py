@@ -1,0 +1,171 @@
+"""Model registry: builds SAM ViT-B/L/H and our small SAM from segment_anything's classes, and validates checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from saq.errors import SaqError
+
+TINY_DIR = Path(__file__).parent / "tiny"
+TINY_CHECKPOINT = TINY_DIR / "sam_tiny.pt"
+
+
+@dataclass(frozen=True)
+class SamArchitecture:
+    """Every size-defining number of a SAM; the real models and sam_tiny differ only in these."""
+
+    encoder_embed_dim: int
+    encoder_depth: int
+    encoder_num_heads: int
+    encoder_global_attn_indexes: tuple[int, ...]
+    image_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    decoder_depth: int = 2
+    iou_head_hidden_dim: int = 256
+    mask_in_chans: int = 16
+    pixel_mean: tuple[float, ...] = field(default=(123.675, 116.28, 103.53))
+    pixel_std: tuple[float, ...] = field(default=(58.395, 57.12, 57.375))
+
+    @property
+    def embedding_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+# The three official sizes (paper.md §1) and ours. sam_tiny keeps the real encoders' shape in small: windowed
+# blocks closed by global-attention blocks (two stages), relative-position bias, the neck, a depth-2 two-way decoder.
+ARCHITECTURES: dict[str, SamArchitecture] = {
+    "sam_vit_b": SamArchitecture(768, 12, 12, (2, 5, 8, 11)),
+    "sam_vit_l": SamArchitecture(1024, 24, 16, (5, 11, 17, 23)),
+    "sam_vit_h": SamArchitecture(1280, 32, 16, (7, 15, 23, 31)),
+    "sam_tiny": SamArchitecture(
+        encoder_embed_dim=128,
+        encoder_depth=6,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(2, 5),
+        image_size=256,
+        patch_size=16,
+        window_size=4,
+        prompt_embed_dim=128,
+        decoder_mlp_dim=512,
+        decoder_num_heads=8,
+        iou_head_hidden_dim=128,
+    ),
+}
+
+# Which official model an encoder width belongs to, to name the size of a mismatched checkpoint.
+_SIZE_BY_WIDTH = {a.encoder_embed_dim: name for name, a in ARCHITECTURES.items()}
+
+
+def make_sam(arch: SamArchitecture) -> Sam:
+    """A randomly initialised SAM of the given architecture, from segment_anything's own classes."""
+    emb = arch.embedding_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=arch.encoder_depth,
+            embed_dim=arch.encoder_embed_dim,
+            img_size=arch.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=arch.encoder_num_heads,
+            patch_size=arch.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=arch.encoder_global_attn_indexes,
+            window_size=arch.window_size,
+            out_chans=arch.prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=arch.prompt_embed_dim,
+            image_embedding_size=(emb, emb),
+            input_image_size=(arch.image_size, arch.image_size),
+            mask_in_chans=arch.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=arch.decoder_depth,
+                embedding_dim=arch.prompt_embed_dim,
+                mlp_dim=arch.decoder_mlp_dim,
+                num_heads=arch.decoder_num_heads,
+            ),
+            transformer_dim=arch.prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=arch.iou_head_hidden_dim,
+        ),
+        pixel_mean=list(arch.pixel_mean),
+        pixel_std=list(arch.pixel_std),
+    )
+    return sam.eval()
+
+
+def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file as a state dict, or raise SaqError saying what is wrong with it."""
+    if not path.is_file():
+        raise SaqError(f"checkpoint not found: {path} (set {config_key} to the path of a SAM .pth file)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files; all mean the same to the user
+        raise SaqError(f"checkpoint {path} is not a readable PyTorch file ({type(exc).__name__}); "
+                       f"{config_key} must point to a SAM state dict (.pth)") from None
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SaqError(f"checkpoint {path} is not a state dict of tensors (found {type(obj).__name__}); "
+                       f"{config_key} must point to a SAM state dict (.pth)")
+    return obj
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
+    """Raise SaqError naming the first mismatching tensor when `state` was not saved from a `name` model."""
+    expected = model.state_dict()
+    width = state.get("image_encoder.pos_embed")
+    found_size = _SIZE_BY_WIDTH.get(int(width.shape[-1])) if width is not None and width.ndim == 4 else None
+    hint = f" It looks like a {found_size} checkpoint." if found_size and found_size != name else ""
+    for key, tensor in expected.items():
+        if key not in state:
+            raise SaqError(f"checkpoint {path} does not fit {name}: tensor {key} is missing.{hint}")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise SaqError(f"checkpoint {path} does not fit {name}: {key} expected shape {tuple(tensor.shape)}, "
+                           f"found {tuple(state[key].shape)}.{hint}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise SaqError(f"checkpoint {path} does not fit {name}: unexpected tensor {extra[0]} "
+                       f"(and {len(extra) - 1} more).{hint}")
+
+
+def build_sam(name: str, checkpoint: str | Path | None = None, config_key: str = "model.checkpoint") -> Sam:
+    """Build model `name` in eval mode and load its checkpoint (sam_tiny defaults to the one shipped in the repo).
+
+    checkpoint=None is allowed for the official sizes only when explicitly asked for random weights through
+    build_random_sam; here a missing path is an error, because a run on random weights is a silent wrong result.
+    """
+    if name not in ARCHITECTURES:
+        raise SaqError(f"unknown model {name!r}; expected one of {sorted(ARCHITECTURES)}")
+    if checkpoint in (None, ""):
+        if name != "sam_tiny":
+            raise SaqError(f"model {name} needs a checkpoint: set {config_key}=/path/to/{name}.pth")
+        checkpoint = TINY_CHECKPOINT
+    path = Path(checkpoint).expanduser()
+    state = read_state_dict(path, config_key)
+    model = make_sam(ARCHITECTURES[name])
+    check_state_dict(model, state, name, path)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def build_random_sam(name: str, seed: int = 0) -> Sam:
+    """A seeded, randomly initialised model of a registered size (for tests and benchmarks, never for results)."""
+    if name not in ARCHITECTURES:
+        raise SaqError(f"unknown model {name!r}; expected one of {sorted(ARCHITECTURES)}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return make_sam(ARCHITECTURES[name])

@@ -1,0 +1,169 @@
+"""Prompt → mask inference: one image embedding, any number of box/point prompts decoded in memory-bounded chunks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from saq.errors import SaqError
+
+
+@dataclass
+class PromptedImage:
+    """An RGB image with its prompts in original pixel coordinates: what calibration and evaluation feed SAM."""
+
+    image: np.ndarray  # H x W x 3 uint8, RGB
+    boxes: np.ndarray | None = None  # N x 4, xyxy
+    points: np.ndarray | None = None  # N x K x 2, xy
+    point_labels: np.ndarray | None = None  # N x K, 1 foreground / 0 background
+    image_id: object = None
+
+    @property
+    def num_prompts(self) -> int:
+        if self.boxes is not None:
+            return len(self.boxes)
+        return 0 if self.points is None else len(self.points)
+
+
+@dataclass
+class Prediction:
+    """Decoder output for a chunk of prompts, masks at the original image resolution."""
+
+    masks: torch.Tensor  # N x C x H x W bool (or float logits when asked for)
+    iou_scores: torch.Tensor  # N x C
+    low_res_logits: torch.Tensor  # N x C x h x w
+
+
+@dataclass
+class Timings:
+    """Wall time spent in the image encoder and in prompt decoding, for the encoder-vs-decoder cost split."""
+
+    encoder_s: float = 0.0
+    decoder_s: float = 0.0
+    images: int = 0
+    prompts: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"encoder_s": self.encoder_s, "decoder_s": self.decoder_s, "images": self.images,
+                "prompts": self.prompts}
+
+
+def decode_prompts(
+    sam: Sam,
+    image_embeddings: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+    image_index: torch.Tensor | None = None,
+    multimask_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode prompts (low-res logits and IoU scores); with image_index, prompts of many images in one call.
+
+    segment_anything's decoder repeats one image embedding for every prompt. Passing a zero embedding and folding
+    each prompt's own image embedding into its dense embedding gives the same sum, for prompts of many images.
+    """
+    if image_index is None:
+        return sam.mask_decoder(image_embeddings, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
+    per_prompt = image_embeddings[image_index] + dense
+    zero = torch.zeros_like(image_embeddings[:1])
+    return sam.mask_decoder(zero, sam.prompt_encoder.get_dense_pe(), sparse, per_prompt, multimask_output)
+
+
+class Segmenter:
+    """Wraps a (possibly quantized) SAM: set_image() once, then predict() any number of prompts in chunks.
+
+    Masks equal segment_anything.SamPredictor's for the same image and prompts.
+    """
+
+    def __init__(self, sam: Sam, decode_batch_size: int = 64, mask_threshold: float | None = None):
+        if decode_batch_size < 1:
+            raise SaqError(f"decode_batch_size must be >= 1, got {decode_batch_size}")
+        self.sam = sam
+        self.decode_batch_size = decode_batch_size
+        self.mask_threshold = sam.mask_threshold if mask_threshold is None else mask_threshold
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.timings = Timings()
+        self._features: torch.Tensor | None = None
+        self._original_size: tuple[int, int] | None = None
+        self._input_size: tuple[int, int] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.device
+
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray) -> None:
+        """Compute the image embedding once; image is H x W x 3 uint8 RGB."""
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+            shape = getattr(image, "shape", None)
+            raise SaqError(f"set_image expects an H x W x 3 RGB array, got shape {shape}")
+        start = time.perf_counter()
+        resized = self.transform.apply_image(image)
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        self._original_size = image.shape[:2]
+        self._input_size = tuple(tensor.shape[-2:])
+        self._features = self.sam.image_encoder(self.sam.preprocess(tensor))
+        self.timings.encoder_s += time.perf_counter() - start
+        self.timings.images += 1
+
+    def _prompt_tensors(self, boxes, points, point_labels):
+        boxes_t = coords_t = labels_t = None
+        if boxes is not None:
+            boxes_t = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4), device=self.device)
+            boxes_t = self.transform.apply_boxes_torch(boxes_t, self._original_size)
+        if points is not None:
+            if point_labels is None:
+                raise SaqError("points were given without point_labels")
+            coords_t = torch.as_tensor(np.asarray(points, np.float32), device=self.device)
+            if coords_t.ndim == 2:
+                coords_t = coords_t[:, None]
+            coords_t = self.transform.apply_coords_torch(coords_t, self._original_size)
+            labels_t = torch.as_tensor(np.asarray(point_labels), device=self.device).reshape(coords_t.shape[:2])
+        if boxes_t is None and coords_t is None:
+            raise SaqError("predict needs box or point prompts")
+        if boxes_t is not None and coords_t is not None and len(boxes_t) != len(coords_t):
+            raise SaqError(f"{len(boxes_t)} boxes but {len(coords_t)} point sets: one of each per prompt")
+        return boxes_t, coords_t, labels_t
+
+    @torch.no_grad()
+    def predict_chunks(self, boxes=None, points=None, point_labels=None, multimask_output: bool = False,
+                       return_logits: bool = False) -> Iterator[Prediction]:
+        """Decode prompts chunk by chunk (decode_batch_size at a time), so memory stays bounded."""
+        if self._features is None:
+            raise SaqError("call set_image() before predict()")
+        boxes_t, coords_t, labels_t = self._prompt_tensors(boxes, points, point_labels)
+        n = len(boxes_t) if boxes_t is not None else len(coords_t)
+        for start in range(0, n, self.decode_batch_size):
+            sl = slice(start, start + self.decode_batch_size)
+            t0 = time.perf_counter()
+            pts = None if coords_t is None else (coords_t[sl], labels_t[sl])
+            sparse, dense = self.sam.prompt_encoder(points=pts, boxes=None if boxes_t is None else boxes_t[sl],
+                                                    masks=None)
+            low_res, iou = decode_prompts(self.sam, self._features, sparse, dense,
+                                          multimask_output=multimask_output)
+            masks = self.sam.postprocess_masks(low_res, self._input_size, self._original_size)
+            if not return_logits:
+                masks = masks > self.mask_threshold
+            self.timings.decoder_s += time.perf_counter() - t0
+            self.timings.prompts += sparse.shape[0]
+            yield Prediction(masks, iou, low_res)
+
+    def predict(self, boxes=None, points=None, point_labels=None, multimask_output: bool = False,
+                return_logits: bool = False) -> Prediction:
+        """All prompts at once (concatenated chunks)."""
+        parts = list(self.predict_chunks(boxes, points, point_labels, multimask_output, return_logits))
+        return Prediction(*(torch.cat([getattr(p, f) for p in parts]) for f in ("masks", "iou_scores",
+                                                                                 "low_res_logits")))
+
+    def run(self, sample: PromptedImage, multimask_output: bool = False) -> Prediction | None:
+        """set_image + predict for one prompted image (None when it has no prompts)."""
+        self.set_image(sample.image)
+        if sample.num_prompts == 0:
+            return None
+        return self.predict(sample.boxes, sample.points, sample.point_labels, multimask_output)

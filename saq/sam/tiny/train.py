@@ -1,0 +1,241 @@
+"""Trains sam_tiny on a COCO-format dataset (the synthetic train split) with box and point prompts.
+
+Run as `python -m saq.sam.tiny.train` (knobs in conf/train_tiny.yaml) or `make tiny-sam`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from saq.errors import SaqError
+from saq.sam.build import ARCHITECTURES, TINY_CHECKPOINT, build_random_sam
+from saq.sam.segmenter import decode_prompts
+
+
+@dataclass
+class InstanceImages:
+    """A COCO split held in memory: images, an instance-id map per image (0 = none), and the boxes."""
+
+    images: np.ndarray  # N x H x W x 3 uint8
+    instance_ids: np.ndarray  # N x H x W uint8, k+1 for the k-th instance
+    counts: np.ndarray  # N, instances per image
+
+
+def load_coco_split(root: Path, ann_file: str, img_dir: str, limit: int | None = None) -> InstanceImages:
+    """Read a COCO-format split of same-size images into memory (visible instance masks are disjoint here)."""
+    from pycocotools.coco import COCO
+
+    ann_path = root / ann_file
+    if not ann_path.is_file():
+        raise SaqError(f"annotation file not found: {ann_path} (generate it with `make data` or set data.root)")
+    coco = COCO(str(ann_path))
+    ids = sorted(coco.getImgIds())[:limit]
+    images, id_maps, counts = [], [], []
+    for image_id in tqdm(ids, desc="loading", leave=False):
+        info = coco.loadImgs(image_id)[0]
+        bgr = cv2.imread(str(root / img_dir / info["file_name"]), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise SaqError(f"cannot read image {root / img_dir / info['file_name']}")
+        id_map = np.zeros(bgr.shape[:2], np.uint8)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
+        for k, ann in enumerate(anns[:255]):
+            id_map[coco.annToMask(ann).astype(bool)] = k + 1
+        images.append(bgr[..., ::-1])
+        id_maps.append(id_map)
+        counts.append(min(len(anns), 255))
+    return InstanceImages(np.stack(images), np.stack(id_maps), np.asarray(counts))
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight xyxy boxes (pixel edges) of N x H x W boolean masks."""
+    n, h, w = masks.shape
+    ys = torch.arange(h, device=masks.device)
+    xs = torch.arange(w, device=masks.device)
+    rows, cols = masks.any(2), masks.any(1)
+    y0 = torch.where(rows, ys, h).min(1).values
+    y1 = torch.where(rows, ys, -1).max(1).values + 1
+    x0 = torch.where(cols, xs, w).min(1).values
+    x1 = torch.where(cols, xs, -1).max(1).values + 1
+    return torch.stack([x0, y0, x1, y1], 1).float()
+
+
+def sample_batch(data: InstanceImages, rng: np.random.Generator, batch: int, prompts_per_image: int):
+    """Random images (with horizontal flips) and, per image, random instances with replacement."""
+    valid = np.nonzero(data.counts > 0)[0]
+    idx = rng.choice(valid, batch, replace=False)
+    images = data.images[idx].copy()
+    id_maps = data.instance_ids[idx].copy()
+    flip = rng.random(batch) < 0.5
+    images[flip] = images[flip][:, :, ::-1]
+    id_maps[flip] = id_maps[flip][:, :, ::-1]
+    picks = np.stack([rng.integers(1, data.counts[i] + 1, prompts_per_image) for i in idx])
+    masks = torch.from_numpy(id_maps).unsqueeze(1) == torch.from_numpy(picks)[:, :, None, None]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float(), masks.flatten(0, 1)
+
+
+def jitter_boxes(boxes: torch.Tensor, gen: torch.Generator, size: int, scale: float = 0.1, max_px: float = 10):
+    """Noise of `scale` x box side (at most max_px) on each coordinate, as SAM's training does."""
+    side = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]] * 2, 1)
+    noise = torch.randn(boxes.shape, generator=gen) * (side * scale).clamp(max=max_px)
+    return (boxes + noise).clamp(0, size)
+
+
+def sample_points(masks: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One foreground point per mask, uniformly over its pixels (xy, pixel centres)."""
+    flat = masks.flatten(1).float()
+    pick = torch.multinomial(flat, 1, generator=gen).squeeze(1)
+    w = masks.shape[-1]
+    coords = torch.stack([pick % w, pick // w], 1).float() + 0.5
+    return coords[:, None], torch.ones(len(masks), 1, dtype=torch.int64)
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-mask BCE + dice on low-res logits against soft (area-downsampled) targets."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+    prob = logits.sigmoid().flatten(1)
+    t = target.flatten(1)
+    dice = 1 - (2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)
+    return bce + dice
+
+
+def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    pred = logits > 0
+    gt = target > 0.5
+    inter = (pred & gt).flatten(1).sum(1).float()
+    union = (pred | gt).flatten(1).sum(1).float()
+    return inter / union.clamp(min=1)
+
+
+@torch.no_grad()
+def box_prompt_miou(sam, data: InstanceImages, batch: int = 16) -> float:
+    """Mean IoU of single-mask outputs for exact ground-truth box prompts, at full resolution."""
+    sam.eval()
+    ious = []
+    for start in range(0, len(data.images), batch):
+        images = torch.from_numpy(data.images[start:start + batch]).permute(0, 3, 1, 2).float()
+        id_maps = torch.from_numpy(data.instance_ids[start:start + batch])
+        emb = sam.image_encoder(sam.preprocess(images))
+        index, masks = [], []
+        for i, count in enumerate(data.counts[start:start + batch]):
+            for k in range(1, count + 1):
+                index.append(i)
+                masks.append(id_maps[i] == k)
+        if not masks:
+            continue
+        masks = torch.stack(masks)
+        sparse, dense = sam.prompt_encoder(points=None, boxes=masks_to_boxes(masks), masks=None)
+        low_res, _ = decode_prompts(sam, emb, sparse, dense, torch.tensor(index))
+        full = sam.postprocess_masks(low_res, images.shape[-2:], images.shape[-2:])[:, 0] > 0
+        inter = (full & masks).flatten(1).sum(1).float()
+        union = (full | masks).flatten(1).sum(1).float().clamp(min=1)
+        ious.append(inter / union)
+    return float(torch.cat(ious).mean())
+
+
+def train(cfg: DictConfig) -> dict:
+    """The training loop; returns the card written beside the checkpoint."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    root = Path(cfg.data.root)
+    train_data = load_coco_split(root, cfg.data.train_ann, cfg.data.train_img_dir, cfg.data.n_train)
+    val_data = load_coco_split(root, cfg.data.val_ann, cfg.data.val_img_dir, cfg.data.n_val)
+    arch = ARCHITECTURES["sam_tiny"]
+    if train_data.images.shape[1:3] != (arch.image_size, arch.image_size):
+        raise SaqError(f"sam_tiny trains on {arch.image_size}px square images, found {train_data.images.shape[1:3]}")
+    sam = build_random_sam("sam_tiny", cfg.seed)
+    params = sum(p.numel() for p in sam.parameters())
+    opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    history = []
+    start = time.time()
+    bar = tqdm(range(cfg.steps), desc="train sam_tiny")
+    for step in bar:
+        sam.train()
+        images, masks = sample_batch(train_data, rng, cfg.batch_size, cfg.prompts_per_image)
+        index = torch.arange(cfg.batch_size).repeat_interleave(cfg.prompts_per_image)
+        emb = sam.image_encoder(sam.preprocess(images))
+        point_step = step % cfg.point_every == cfg.point_every - 1
+        if point_step:
+            sparse, dense = sam.prompt_encoder(points=sample_points(masks, gen), boxes=None, masks=None)
+        else:
+            boxes = jitter_boxes(masks_to_boxes(masks), gen, arch.image_size)
+            sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        low_res, iou_pred = decode_prompts(sam, emb, sparse, dense, index, multimask_output=point_step)
+        target = F.adaptive_avg_pool2d(masks.float().unsqueeze(1), low_res.shape[-2:])
+        target = target.expand_as(low_res)
+        losses = mask_loss(low_res.flatten(0, 1), target.flatten(0, 1)).view(low_res.shape[:2])
+        actual_iou = hard_iou(low_res.detach().flatten(0, 1), target.flatten(0, 1)).view(low_res.shape[:2])
+        iou_loss = F.mse_loss(iou_pred, actual_iou)
+        # Ambiguous point prompts: only the best of the multimask outputs is trained (as in SAM).
+        loss = losses.min(1).values.mean() + cfg.iou_loss_weight * iou_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(sam.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", iou=f"{actual_iou.max(1).values.mean():.3f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            miou = box_prompt_miou(sam, val_data)
+            history.append({"step": step + 1, "val_box_mIoU": round(miou, 4), "loss": round(loss.item(), 4),
+                            "minutes": round((time.time() - start) / 60, 1)})
+            tqdm.write(json.dumps(history[-1]))
+            save(sam, cfg, params, history, start)
+    return save(sam, cfg, params, history, start)
+
+
+def save(sam, cfg: DictConfig, params: int, history: list, start: float) -> dict:
+    """Write the checkpoint and its card (architecture, data seed, steps, wall time, val metrics)."""
+    out = Path(cfg.output) if cfg.output else TINY_CHECKPOINT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    torch.save({k: v.detach().clone() for k, v in sam.state_dict().items()}, tmp)
+    tmp.replace(out)  # never leave a half-written checkpoint behind
+    card = {
+        "model": "sam_tiny",
+        "architecture": ARCHITECTURES["sam_tiny"].__dict__,
+        "parameters": params,
+        "data": OmegaConf.to_container(cfg.data),
+        "training": {k: cfg[k] for k in ("seed", "steps", "batch_size", "prompts_per_image", "lr", "point_every")},
+        "steps_done": history[-1]["step"] if history else 0,
+        "wall_time_minutes": round((time.time() - start) / 60, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "history": history,
+    }
+    card_path = out.with_suffix(".json")
+    if card_path.exists():  # keep evaluation results added by `make tiny-card`
+        card = {**{k: v for k, v in json.loads(card_path.read_text()).items() if k == "evaluation"}, **card}
+    card_path.write_text(json.dumps(card, indent=1, default=list))
+    return card
+
+
+@hydra.main(version_base=None, config_path="../../../conf", config_name="train_tiny")
+def main(cfg: DictConfig) -> None:
+    card = train(cfg)
+    print(f"sam_tiny: {card['parameters']:,} parameters, {card['wall_time_minutes']} min, "
+          f"last val box mIoU {card['history'][-1]['val_box_mIoU'] if card['history'] else 'n/a'}")
+
+
+if __name__ == "__main__":
+    main()

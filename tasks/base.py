@@ -1,0 +1,55 @@
+"""The Task interface: calibration samples for quantization, and evaluation of a Segmenter into metrics."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from saq.errors import SaqError
+from saq.sam.segmenter import PromptedImage, Segmenter
+
+
+class Task(ABC):
+    """A dataset plus a metric. A task sees the model only through a Segmenter."""
+
+    name: str = "task"
+
+    @abstractmethod
+    def calibration_samples(self, n: int) -> list[PromptedImage]:
+        """The first n images of the calibration split with the prompts the task would give them."""
+
+    @abstractmethod
+    def evaluate(self, segmenter: Segmenter, progress: bool = True) -> dict:
+        """Run the segmenter over the evaluation split; returns scalar metrics (fractions 0-1) and details."""
+
+    def fingerprint(self) -> str:
+        """What identifies this task's evaluation data and prompts (used to cache FP metrics)."""
+        return self.name
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as H x W x 3 uint8 RGB, or raise SaqError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SaqError(f"image not found: {path}")
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise SaqError(f"cannot decode image {path}: the file is corrupt or not an image")
+    return np.ascontiguousarray(bgr[..., ::-1])
+
+
+def require_dir(path: str | Path, what: str, config_key: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise SaqError(f"{what} folder not found: {path} (set {config_key})")
+    return path
+
+
+def require_file(path: str | Path, what: str, config_key: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise SaqError(f"{what} not found: {path} (set {config_key})")
+    return path

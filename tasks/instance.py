@@ -1,0 +1,156 @@
+"""COCO-format instance segmentation: box prompts → one SAM mask each → mask AP (pycocotools) and prompt mIoU."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from saq.errors import SaqError
+from saq.sam.segmenter import PromptedImage, Segmenter
+from tasks.base import Task, read_rgb, require_dir, require_file
+from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
+
+
+def load_coco(ann_path: Path, config_key: str) -> COCO:
+    """Load a COCO annotation file, or raise SaqError saying what is wrong with it."""
+    require_file(ann_path, "COCO annotation file", config_key)
+    try:
+        data = json.loads(ann_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SaqError(f"annotation file {ann_path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
+        raise SaqError(f"annotation file {ann_path} is not COCO instance format "
+                       "(needs 'images', 'annotations' and 'categories')")
+    if not data["images"]:
+        raise SaqError(f"annotation file {ann_path} lists no images")
+    for i, ann in enumerate(data["annotations"]):
+        if not all(k in ann for k in ("image_id", "category_id", "bbox", "segmentation")):
+            raise SaqError(f"annotation file {ann_path}: annotation {i} lacks one of "
+                           "image_id, category_id, bbox, segmentation")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def gt_boxes(coco: COCO, image_id: int) -> tuple[BoxPrompts, list[dict]]:
+    """Ground-truth xyxy boxes of an image's non-crowd annotations, with those annotations."""
+    anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if not a.get("iscrowd", 0)]
+    if not anns:
+        return BoxPrompts.empty(), []
+    xywh = np.asarray([a["bbox"] for a in anns], np.float32)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    return BoxPrompts(boxes, np.ones(len(anns), np.float32), np.asarray([a["category_id"] for a in anns])), anns
+
+
+def mask_ap(coco_gt: COCO, results: list[dict], image_ids: list[int]) -> dict:
+    """COCO mask AP, AP50, AP75 (fractions) over the given images."""
+    if not results:
+        return {"mask_AP": 0.0, "mask_AP50": 0.0, "mask_AP75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        ev.params.imgIds = image_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"mask_AP": float(ev.stats[0]), "mask_AP50": float(ev.stats[1]), "mask_AP75": float(ev.stats[2])}
+
+
+def mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """IoU matrix between N predicted and M ground-truth boolean masks (same H x W)."""
+    p = pred.reshape(len(pred), -1).astype(np.float32)
+    g = gt.reshape(len(gt), -1).astype(np.float32)
+    inter = p @ g.T
+    union = p.sum(1)[:, None] + g.sum(1)[None] - inter
+    return inter / np.maximum(union, 1)
+
+
+class InstanceTask(Task):
+    """Box prompts (ground truth, jittered, or detections) → single-mask SAM outputs → COCO mask AP."""
+
+    name = "instance"
+
+    def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None):
+        self.root = Path(data["root"])
+        self.ann_path = self.root / data["ann_file"]
+        self.img_dir = self.root / data["img_dir"]
+        self.calib_ann_path = self.root / calib["ann_file"]
+        self.calib_img_dir = self.root / calib["img_dir"]
+        self.prompts = prompts or GroundTruthBoxes()
+        if max_images is not None and max_images < 1:
+            raise SaqError(f"task.max_images must be >= 1 or null, got {max_images}")
+        self.max_images = max_images
+        self.coco = load_coco(self.ann_path, "task.data.root / task.data.ann_file")
+        require_dir(self.img_dir, "image", "task.data.root / task.data.img_dir")
+
+    def image_ids(self) -> list[int]:
+        ids = sorted(self.coco.getImgIds())
+        return ids[: self.max_images] if self.max_images else ids
+
+    def fingerprint(self) -> str:
+        st = self.ann_path.stat()
+        return f"instance|{self.ann_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.max_images}|" \
+               f"{self.prompts.fingerprint()}"
+
+    def calibration_samples(self, n: int) -> list[PromptedImage]:
+        """First n images of the calibration split (annotation-file order) with their ground-truth boxes."""
+        coco = load_coco(self.calib_ann_path, "task.calib.ann_file")
+        samples = []
+        for image_id in sorted(coco.getImgIds()):
+            if len(samples) == n:
+                break
+            gt, _ = gt_boxes(coco, image_id)
+            if not len(gt):
+                continue
+            info = coco.loadImgs(image_id)[0]
+            samples.append(PromptedImage(read_rgb(self.calib_img_dir / info["file_name"]), boxes=gt.boxes,
+                                         image_id=image_id))
+        if len(samples) < n:
+            raise SaqError(f"calibration split {self.calib_ann_path} has only {len(samples)} annotated images, "
+                           f"{n} requested (lower quant.calib_images)")
+        return samples
+
+    def evaluate(self, segmenter: Segmenter, progress: bool = True) -> dict:
+        results, prompt_ious = [], []
+        ids = self.image_ids()
+        for image_id in tqdm(ids, desc="instance eval", disable=not progress, leave=False):
+            info = self.coco.loadImgs(image_id)[0]
+            image = read_rgb(self.img_dir / info["file_name"])
+            gt, anns = gt_boxes(self.coco, image_id)
+            prompts = self.prompts.for_image(image_id, gt, image.shape[:2])
+            if not len(prompts):
+                continue
+            segmenter.set_image(image)
+            gt_masks = np.stack([self.coco.annToMask(a).astype(bool) for a in anns]) if anns else None
+            offset = 0
+            for chunk in segmenter.predict_chunks(boxes=prompts.boxes):
+                masks = chunk.masks[:, 0].cpu().numpy()
+                iou_scores = chunk.iou_scores[:, 0].cpu().numpy()
+                for j, m in enumerate(masks):
+                    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+                    rle["counts"] = rle["counts"].decode("ascii")
+                    k = offset + j
+                    results.append({"image_id": image_id, "category_id": int(prompts.labels[k]),
+                                    "segmentation": rle, "score": float(prompts.scores[k] * iou_scores[j])})
+                if gt_masks is not None:
+                    ious = mask_iou(masks, gt_masks)
+                    if self.prompts.from_ground_truth:
+                        prompt_ious.extend(ious[np.arange(len(masks)), offset + np.arange(len(masks))])
+                    else:
+                        prompt_ious.extend(ious.max(1))
+                offset += len(masks)
+        metrics = mask_ap(self.coco, results, ids)
+        metrics["mIoU"] = float(np.mean(prompt_ious)) if prompt_ious else 0.0
+        metrics["images"] = len(ids)
+        metrics["prompts"] = len(results)
+        return metrics

@@ -1,0 +1,266 @@
+"""Procedural scenes (shapes with textures, clutter and occlusion) written as COCO json, DOTA txt and label-map PNGs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+# Bump when rendering changes: cached datasets are keyed on it.
+GENERATOR_VERSION = 1
+
+CATEGORIES = ("disk", "rectangle", "triangle", "star", "hexagon", "cross", "ring", "crescent")
+IMAGE_SIZE = 256
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+# Objects whose visible part is smaller than this are not annotated (they stay in the image as clutter).
+MIN_VISIBLE_PIXELS = 80
+# DOTA-style difficulty: heavily occluded or small objects.
+DIFFICULT_VISIBLE_FRACTION = 0.5
+DIFFICULT_AREA = 150
+
+
+@dataclass
+class Scene:
+    """One rendered image with its instances (visible masks, in paint order)."""
+
+    image: np.ndarray  # H x W x 3 uint8 RGB
+    masks: list[np.ndarray]  # each H x W bool, the visible part
+    categories: list[int]  # 0-based index into CATEGORIES
+    difficult: list[bool]
+
+    def label_map(self) -> np.ndarray:
+        """Semantic label map: 0 background, 1..K categories."""
+        labels = np.zeros(self.image.shape[:2], np.uint8)
+        for mask, cat in zip(self.masks, self.categories):
+            labels[mask] = cat + 1
+        return labels
+
+
+def _regular_polygon(n: int, radius: float, phase: float) -> np.ndarray:
+    angles = phase + np.arange(n) * 2 * np.pi / n
+    return np.stack([np.cos(angles), np.sin(angles)], 1) * radius
+
+
+def _shape_mask(rng: np.random.Generator, category: str, size: int) -> np.ndarray:
+    """Full (unoccluded) mask of one object at a random pose."""
+    canvas = np.zeros((size, size), np.uint8)
+    radius = rng.uniform(16, 50)
+    cx, cy = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
+    theta = rng.uniform(0, 2 * np.pi)
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+
+    def fill(points: np.ndarray, value: int = 1) -> None:
+        pts = (points @ rot.T + [cx, cy]).round().astype(np.int32)
+        cv2.fillPoly(canvas, [pts], value)
+
+    if category == "disk":
+        cv2.circle(canvas, (int(cx), int(cy)), int(radius * 0.8), 1, -1)
+    elif category == "rectangle":
+        w, h = radius, radius * rng.uniform(0.35, 0.7)
+        fill(np.array([[-w, -h], [w, -h], [w, h], [-w, h]]))
+    elif category == "triangle":
+        fill(_regular_polygon(3, radius, 0.0) * [1.0, rng.uniform(0.7, 1.0)])
+    elif category == "star":
+        outer = _regular_polygon(5, radius, 0.0)
+        inner = _regular_polygon(5, radius * 0.45, np.pi / 5)
+        fill(np.stack([outer, inner], 1).reshape(-1, 2))
+    elif category == "hexagon":
+        fill(_regular_polygon(6, radius * 0.85, 0.0))
+    elif category == "cross":
+        arm = radius * 0.3
+        fill(np.array([[-radius, -arm], [radius, -arm], [radius, arm], [-radius, arm]]))
+        fill(np.array([[-arm, -radius], [arm, -radius], [arm, radius], [-arm, radius]]))
+    elif category == "ring":
+        axes = (int(radius * 0.85), int(radius * rng.uniform(0.6, 0.85)))
+        cv2.ellipse(canvas, (int(cx), int(cy)), axes, np.degrees(theta), 0, 360, 1, -1)
+        inner = (max(1, int(axes[0] * 0.5)), max(1, int(axes[1] * 0.5)))
+        cv2.ellipse(canvas, (int(cx), int(cy)), inner, np.degrees(theta), 0, 360, 0, -1)
+    elif category == "crescent":
+        r = int(radius * 0.8)
+        cv2.circle(canvas, (int(cx), int(cy)), r, 1, -1)
+        off = np.array([np.cos(theta), np.sin(theta)]) * r * 0.55
+        cv2.circle(canvas, (int(cx + off[0]), int(cy + off[1])), int(r * 0.85), 0, -1)
+    else:
+        raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+    return canvas.astype(bool)
+
+
+_GRID = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A full-size texture: solid, stripes, checker or mottled noise, in two random colours."""
+    c1 = rng.integers(20, 236, 3).astype(np.float32)
+    c2 = np.clip(c1 + rng.normal(0, 70, 3), 0, 255).astype(np.float32)
+    yy, xx = _GRID[0, :size, :size], _GRID[1, :size, :size]
+    kind = rng.integers(4)
+    if kind == 0:
+        weight = np.zeros((size, size), np.float32)
+    elif kind == 1:
+        a = rng.uniform(0, np.pi)
+        period = rng.uniform(4, 12)
+        weight = (np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period) > 0).astype(np.float32)
+    elif kind == 2:
+        cell = int(rng.integers(4, 10))
+        weight = (((xx // cell) + (yy // cell)) % 2).astype(np.float32)
+    else:
+        small = rng.random((size // 16, size // 16)).astype(np.float32)
+        weight = cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
+    return c1 + weight[..., None] * (c2 - c1)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Gradient plus low-frequency noise plus clutter (lines and blobs that are not objects)."""
+    c1, c2 = rng.integers(0, 256, (2, 3)).astype(np.float32)
+    t = _GRID[int(rng.integers(2)), :size, :size] / size
+    img = c1 + t[..., None] * (c2 - c1)
+    noise = cv2.resize(rng.normal(0, 25, (8, 8, 3)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+    img = img + noise
+    for _ in range(int(rng.integers(3, 10))):
+        p1, p2 = rng.integers(0, size, (2, 2))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        cv2.line(img, tuple(int(v) for v in p1), tuple(int(v) for v in p2), color, int(rng.integers(1, 3)))
+    for _ in range(int(rng.integers(2, 8))):
+        centre = tuple(int(v) for v in rng.integers(0, size, 2))
+        axes = tuple(int(v) for v in rng.integers(2, 6, 2))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, color, -1)
+    return img
+
+
+def render_scene(seed: int, split: str, index: int, size: int = IMAGE_SIZE) -> Scene:
+    """Render scene `index` of `split`; the same (seed, split, index) always gives the same scene."""
+    if split not in SPLIT_IDS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_IDS)}")
+    if size > IMAGE_SIZE:
+        raise ValueError(f"size {size} is larger than the generator's maximum {IMAGE_SIZE}")
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], index, GENERATOR_VERSION])
+    img = _background(rng, size)
+    n_objects = int(rng.integers(2, 8))
+    owner = np.full((size, size), -1, np.int16)
+    full_masks, cats = [], []
+    for k in range(n_objects):
+        cat = int(rng.integers(len(CATEGORIES)))
+        mask = _shape_mask(rng, CATEGORIES[cat], size)
+        if mask.sum() < MIN_VISIBLE_PIXELS:
+            continue
+        tex = _texture(rng, size)
+        img[mask] = tex[mask]
+        owner[mask] = len(full_masks)
+        full_masks.append(mask)
+        cats.append(cat)
+    img = cv2.GaussianBlur(img, (0, 0), 0.7)
+    img = img + rng.normal(0, 4, img.shape).astype(np.float32)
+    image = np.clip(img, 0, 255).astype(np.uint8)
+
+    masks, categories, difficult = [], [], []
+    for i, (full, cat) in enumerate(zip(full_masks, cats)):
+        visible = owner == i
+        area = int(visible.sum())
+        if area < MIN_VISIBLE_PIXELS:
+            continue
+        masks.append(visible)
+        categories.append(cat)
+        difficult.append(area / full.sum() < DIFFICULT_VISIBLE_FRACTION or area < DIFFICULT_AREA)
+    return Scene(image, masks, categories, difficult)
+
+
+def oriented_box(mask: np.ndarray) -> np.ndarray:
+    """The minimum-area rotated rectangle of a mask's largest region, as 4 corner points (x, y)."""
+    mask_u8 = mask.astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask_u8, connectivity=8)
+    if n <= 1:
+        raise ValueError("oriented_box: the mask is empty")
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    ys, xs = np.nonzero(labels == largest)
+    rect = cv2.minAreaRect(np.stack([xs, ys], 1).astype(np.float32))
+    return cv2.boxPoints(rect)
+
+
+def _coco_rle(mask: np.ndarray) -> dict:
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def write_split(root: Path, split: str, n: int, seed: int, progress: bool = True) -> None:
+    """Render n scenes and write them in the three formats under root/<split>/ and root/annotations/."""
+    from tqdm import tqdm
+
+    img_dir, dota_dir, label_dir = (root / split / d for d in ("images", "labelTxt", "labels"))
+    for d in (img_dir, dota_dir, label_dir, root / "annotations"):
+        d.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for idx in tqdm(range(n), desc=f"synthetic {split}", disable=not progress, leave=False):
+        scene = render_scene(seed, split, idx)
+        name = f"{idx:06d}"
+        h, w = scene.image.shape[:2]
+        cv2.imwrite(str(img_dir / f"{name}.jpg"), scene.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+        cv2.imwrite(str(label_dir / f"{name}.png"), scene.label_map())
+        images.append({"id": idx + 1, "file_name": f"{name}.jpg", "height": h, "width": w})
+        dota_lines = ["imagesource:saq-synthetic", "gsd:null"]
+        for mask, cat, diff in zip(scene.masks, scene.categories, scene.difficult):
+            ys, xs = np.nonzero(mask)
+            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": idx + 1,
+                    "category_id": cat + 1,
+                    "segmentation": _coco_rle(mask),
+                    "area": int(mask.sum()),
+                    "bbox": [int(x0), int(y0), int(x1 - x0), int(y1 - y0)],
+                    "iscrowd": 0,
+                }
+            )
+            corners = " ".join(f"{v:.1f}" for v in oriented_box(mask).reshape(-1))
+            dota_lines.append(f"{corners} {CATEGORIES[cat]} {int(diff)}")
+        (dota_dir / f"{name}.txt").write_text("\n".join(dota_lines) + "\n")
+    coco = {
+        "info": {"description": f"saq synthetic {split}", "seed": seed, "generator_version": GENERATOR_VERSION},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CATEGORIES)],
+    }
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
+def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progress: bool = True) -> Path:
+    """Generate the dataset under root unless a complete one with the same parameters is already there."""
+    root = Path(root)
+    meta_path = root / "meta.json"
+    meta = {"generator_version": GENERATOR_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
+            "categories": list(CATEGORIES)}
+    if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
+        return root
+    for split, n in (("train", n_train), ("val", n_val)):
+        write_split(root, split, n, seed, progress)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    # A data-generation utility, not an experiment: its flags are not experiment knobs.
+    parser = argparse.ArgumentParser(prog="python -m tasks.synthetic", description=__doc__)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--n-train", type=int, default=200)
+    parser.add_argument("--n-val", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.n_train < 0 or args.n_val < 0:
+        parser.error("--n-train and --n-val must be >= 0")
+    root = ensure_dataset(args.out, args.n_train, args.n_val, args.seed)
+    print(f"wrote {args.n_train} train and {args.n_val} val scenes to {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
