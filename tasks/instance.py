@@ -17,6 +17,7 @@ from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, read_rgb, require_dir, require_file
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
+from tasks.synthetic import ensure_dataset
 
 
 def load_coco(ann_path: Path, config_key: str) -> COCO:
@@ -80,8 +81,11 @@ class InstanceTask(Task):
 
     name = "instance"
 
-    def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None):
+    def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None,
+                 generate: dict | None = None):
         self.root = Path(data["root"])
+        if generate:
+            ensure_dataset(self.root, **generate)
         self.ann_path = self.root / data["ann_file"]
         self.img_dir = self.root / data["img_dir"]
         self.calib_ann_path = self.root / calib["ann_file"]

@@ -239,8 +239,12 @@ def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progre
     meta_path = root / "meta.json"
     meta = {"generator_version": GENERATOR_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
             "categories": list(CATEGORIES)}
-    if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
-        return root
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        same = all(old.get(k) == meta[k] for k in ("generator_version", "seed", "categories"))
+        # Scenes depend only on (seed, split, index): a larger set already holds the smaller one's scenes.
+        if same and old.get("n_train", 0) >= n_train and old.get("n_val", 0) >= n_val:
+            return root
     for split, n in (("train", n_train), ("val", n_val)):
         write_split(root, split, n, seed, progress)
     meta_path.write_text(json.dumps(meta, indent=1))

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from saq.errors import SaqError
-from saq.sam.build import ARCHITECTURES, TINY_CHECKPOINT, build_random_sam
+from saq.sam.build import ARCHITECTURES, TINY_CHECKPOINT, build_random_sam, build_sam
 from saq.sam.segmenter import decode_prompts
 
 
@@ -158,6 +158,8 @@ def train(cfg: DictConfig) -> dict:
     if train_data.images.shape[1:3] != (arch.image_size, arch.image_size):
         raise SaqError(f"sam_tiny trains on {arch.image_size}px square images, found {train_data.images.shape[1:3]}")
     sam = build_random_sam("sam_tiny", cfg.seed)
+    if cfg.init_checkpoint:  # continue from an earlier run's weights (optimiser state starts fresh)
+        sam.load_state_dict(build_sam("sam_tiny", cfg.init_checkpoint).state_dict())
     params = sum(p.numel() for p in sam.parameters())
     opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -217,7 +219,8 @@ def save(sam, cfg: DictConfig, params: int, history: list, start: float) -> dict
         "architecture": ARCHITECTURES["sam_tiny"].__dict__,
         "parameters": params,
         "data": OmegaConf.to_container(cfg.data),
-        "training": {k: cfg[k] for k in ("seed", "steps", "batch_size", "prompts_per_image", "lr", "point_every")},
+        "training": {k: cfg[k] for k in ("seed", "steps", "batch_size", "prompts_per_image", "lr", "point_every",
+                                         "init_checkpoint")},
         "steps_done": history[-1]["step"] if history else 0,
         "wall_time_minutes": round((time.time() - start) / 60, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",

@@ -1,0 +1,40 @@
+# saq: `make demo` runs the embedded default; `make test` runs the test suite. Both set up .venv first.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+SHELL := /bin/bash
+
+.PHONY: help setup demo test lint data tiny-sam tiny-card sweep clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create or refresh .venv (quick when nothing changed)
+
+demo: setup  ## FP run of sam_tiny on the synthetic instance task: prints mask AP and mIoU
+	$(PY) -m saq logger=none
+
+test: setup  ## run the test suite
+	$(PY) -m pytest tests
+
+lint: setup  ## ruff
+	$(PY) -m ruff check saq tasks tests benchmarks
+
+data: setup  ## generate the synthetic dataset used to train sam_tiny (data/synthetic)
+	$(PY) -m tasks.synthetic --out data/synthetic --n-train 3000 --n-val 500 --seed 0
+
+tiny-sam: data  ## train sam_tiny (about an hour on 2 cores) and refresh its card
+	$(PY) -m saq.sam.tiny.train
+	$(MAKE) tiny-card
+
+tiny-card: setup  ## evaluate the shipped sam_tiny on the synthetic val split and record it in its card
+	$(PY) -m saq logger=none fp_cache=false hydra.run.dir=outputs/tiny-card
+	$(PY) -m saq.sam.tiny.card outputs/tiny-card/results.json
+
+clean:  ## remove run outputs and generated data (keeps .venv)
+	rm -rf outputs data

@@ -1,0 +1,112 @@
+"""One run, top to bottom: build SAM, build the task, FP metrics, quantize + calibrate, quantized metrics, log."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from saq.errors import SaqError
+from saq.log import git_commit, log_to_wandb, package_versions, write_json_atomic, write_results
+from saq.sam.build import TINY_CHECKPOINT, build_sam
+from saq.sam.segmenter import Segmenter
+
+FP_CACHE_DIR = Path("outputs/.cache/fp_metrics")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def checkpoint_fingerprint(cfg_model: DictConfig) -> str:
+    path = Path(cfg_model.checkpoint) if cfg_model.checkpoint else TINY_CHECKPOINT
+    st = path.stat()
+    return f"{cfg_model.name}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def build_task(cfg: DictConfig):
+    """Instantiate the task (tasks.<name>) with its prompt source, both from config `_target_`s."""
+    prompts = instantiate(cfg.prompts, _convert_="all")
+    return instantiate(cfg.task, prompts=prompts, _convert_="all")
+
+
+def fp_metrics(cfg: DictConfig, model, task) -> dict:
+    """FP metrics, reused from the cache when the same model, data and prompts were evaluated before."""
+    key = hashlib.sha256(f"{checkpoint_fingerprint(cfg.model)}|{task.fingerprint()}|{cfg.seed}".encode()).hexdigest()
+    cache = FP_CACHE_DIR / f"{key[:24]}.json"
+    if cfg.fp_cache and cache.is_file():
+        print(f"FP metrics from cache {cache}")
+        return json.loads(cache.read_text())
+    metrics = task.evaluate(Segmenter(model, cfg.model.decode_batch_size), progress=cfg.progress)
+    if cfg.fp_cache:
+        write_json_atomic(cache, metrics)
+    return metrics
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def format_table(model: str, task: str, prompts: str, rows: dict[str, dict]) -> str:
+    """A small fixed-width table: one row per precision, one column per scalar metric."""
+    names = [k for k in next(iter(rows.values())) if k not in ("images", "prompts")]
+    head = ["model", "task", "prompts", "precision", *names]
+    body = [[model, task, prompts, prec, *(f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k, ""))
+                                            for k in names)] for prec, m in rows.items()]
+    widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """The whole story of one run; returns the record written to results.json."""
+    start = time.time()
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SaqError("device=cuda but no CUDA device is available; use device=cpu")
+
+    model = build_sam(cfg.model.name, cfg.model.checkpoint).to(cfg.device)
+    task = build_task(cfg)
+    metrics = {"fp": fp_metrics(cfg, model, task)}
+
+    if cfg.quant.name != "fp":
+        from saq.quant import calibrate, quant_summary, quantize
+
+        qmodel = quantize(model, cfg.quant)
+        print(quant_summary(qmodel))
+        samples = task.calibration_samples(cfg.quant.calib_images)
+        calibrate(qmodel, samples, cfg.quant, cfg.clip, progress=cfg.progress)
+        metrics["quantized"] = task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=cfg.progress)
+
+    prompts_name = getattr(task.prompts, "name", "-") if hasattr(task, "prompts") else "-"
+    record = {
+        "run_name": f"{cfg.model.name}-{task.name}-{cfg.quant.name}",
+        "model": cfg.model.name,
+        "task": task.name,
+        "prompts": prompts_name,
+        "quant": cfg.quant.name,
+        "seed": cfg.seed,
+        "metrics": metrics,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        "wall_time_s": round(time.time() - start, 2),
+        "run_dir": str(run_dir),
+    }
+    path = write_results(run_dir, record)  # before anything optional
+    print(format_table(cfg.model.name, task.name, prompts_name,
+                       {prec: scalar_metrics(m) for prec, m in metrics.items()}))
+    print(f"results: {path}")
+    log_to_wandb(OmegaConf.to_container(cfg.logger, resolve=True), record, run_dir)
+    return record

@@ -1,0 +1,78 @@
+"""Model registry: sizes build from segment_anything classes; checkpoint errors are clear and name the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, TwoWayTransformer
+
+from saq.errors import SaqError
+from saq.sam.build import ARCHITECTURES, TINY_CHECKPOINT, build_random_sam, build_sam
+
+
+def test_sam_tiny_has_the_real_encoder_shape_in_small():
+    sam = build_random_sam("sam_tiny")
+    enc = sam.image_encoder
+    assert isinstance(enc, ImageEncoderViT)
+    assert isinstance(sam.mask_decoder, MaskDecoder)
+    assert isinstance(sam.mask_decoder.transformer, TwoWayTransformer)
+    assert sam.mask_decoder.transformer.depth == 2
+    windows = [blk.window_size for blk in enc.blocks]
+    assert windows.count(0) >= 2, "at least two global-attention blocks close the stages"
+    assert windows[-1] == 0 and windows[0] > 0
+    assert all(blk.attn.use_rel_pos for blk in enc.blocks)
+    assert hasattr(enc, "neck")
+
+
+def test_shipped_tiny_checkpoint_loads():
+    assert TINY_CHECKPOINT.is_file()
+    sam = build_sam("sam_tiny")
+    assert not sam.training
+
+
+def test_missing_checkpoint_names_the_config_key(tmp_path):
+    with pytest.raises(SaqError, match=r"checkpoint not found: .*nope\.pth.*model\.checkpoint"):
+        build_sam("sam_vit_b", tmp_path / "nope.pth")
+
+
+def test_official_model_without_checkpoint_is_an_error():
+    with pytest.raises(SaqError, match="needs a checkpoint"):
+        build_sam("sam_vit_l", None)
+
+
+def test_unreadable_checkpoint(tmp_path):
+    bad = tmp_path / "garbage.pth"
+    bad.write_bytes(b"this is not a torch file")
+    with pytest.raises(SaqError, match="not a readable PyTorch file"):
+        build_sam("sam_tiny", bad)
+
+
+def test_checkpoint_that_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(SaqError, match="not a state dict"):
+        build_sam("sam_tiny", path)
+
+
+def test_checkpoint_of_another_size_names_expected_and_found_shapes(tmp_path):
+    # A ViT-L file for sam_vit_b: the first tensor that differs is the positional embedding's width.
+    arch_l = ARCHITECTURES["sam_vit_l"]
+    state = {"image_encoder.pos_embed": torch.zeros(1, 64, 64, arch_l.encoder_embed_dim)}
+    path = tmp_path / "sam_vit_l.pth"
+    torch.save(state, path)
+    with pytest.raises(SaqError) as err:
+        build_sam("sam_vit_b", path)
+    msg = str(err.value)
+    assert "(1, 64, 64, 768)" in msg and "(1, 64, 64, 1024)" in msg and "sam_vit_l" in msg
+
+
+def test_tiny_checkpoint_for_vit_b_is_rejected(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(build_random_sam("sam_tiny").state_dict(), path)
+    with pytest.raises(SaqError, match="does not fit sam_vit_b.*sam_tiny checkpoint"):
+        build_sam("sam_vit_b", path)
+
+
+def test_unknown_model_name():
+    with pytest.raises(SaqError, match="unknown model 'sam_vit_x'"):
+        build_sam("sam_vit_x", None)

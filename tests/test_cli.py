@@ -1,0 +1,53 @@
+"""End to end through `python -m saq`: results.json lands; user errors are one line without a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def saq(*overrides: str, cwd=REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "saq", *overrides], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_run_writes_results_json_and_wandb_offline(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = saq(f"task.data.root={synthetic_root}", "task.generate=null", "task.max_images=3", "fp_cache=false",
+               "logger=wandb", "logger.mode=offline", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((run_dir / "results.json").read_text())
+    fp = rec["metrics"]["fp"]
+    for name in ("mask_AP", "mask_AP50", "mask_AP75", "mIoU"):
+        assert 0.0 <= fp[name] <= 1.0
+    assert fp["images"] == 3
+    assert rec["model"] == "sam_tiny" and rec["seed"] == 0
+    assert rec["config"]["task"]["max_images"] == 3
+    assert rec["versions"]["torch"] and rec["wall_time_s"] > 0
+    assert "mask_AP" in proc.stdout and "sam_tiny" in proc.stdout
+    assert list((run_dir / "wandb").glob("offline-run-*")), "an offline W&B run is recorded"
+
+
+def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
+    proc = saq("model=sam_vit_b", "model.checkpoint=/nonexistent.pth", "logger=none",
+               f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert err == ["error: checkpoint not found: /nonexistent.pth (set model.checkpoint to the path of a SAM "
+                   ".pth file)"], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_wandb_failure_keeps_local_results(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    # An invalid mode makes wandb.init raise: the run must still succeed and keep results.json.
+    proc = saq(f"task.data.root={synthetic_root}", "task.generate=null", "task.max_images=1", "fp_cache=false",
+               "logger=wandb", "logger.mode=not-a-mode", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "W&B logging failed" in proc.stderr
+    assert json.loads((run_dir / "results.json").read_text())["metrics"]["fp"]["images"] == 1

@@ -1,0 +1,44 @@
+"""Every option of every config group composes, and the composed task/prompt configs instantiate."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from tests.conftest import REPO
+
+CONF = REPO / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes(group, option):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"{group}={option}"])
+    OmegaConf.resolve(cfg)  # interpolations must resolve too
+    assert group in cfg
+    for key in ("model", "task", "prompts", "quant", "logger", "seed"):
+        assert key in cfg
+
+
+def test_default_is_embedded_sam_tiny_instance_gt():
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    assert cfg.model.name == "sam_tiny"
+    assert cfg.task._target_ == "tasks.instance.InstanceTask"
+    assert cfg.prompts._target_ == "tasks.prompts.GroundTruthBoxes"
+    assert cfg.quant.name == "fp"
+    assert cfg.hydra.job.chdir is False
+
+
+def test_unknown_option_is_rejected():
+    from hydra.errors import MissingConfigException
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        with pytest.raises(MissingConfigException):
+            compose(config_name="config", overrides=["model=sam_vit_x"])

@@ -1,0 +1,133 @@
+"""Instance task: COCO reading, prompt sources, mask AP and errors on bad annotations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from saq.errors import SaqError
+from saq.sam.build import build_sam
+from saq.sam.segmenter import Segmenter
+from tasks.instance import InstanceTask, gt_boxes, load_coco, mask_ap
+from tasks.prompts import DetectionsFile, GroundTruthBoxes, JitteredBoxes
+
+DATA = {"ann_file": "annotations/instances_val.json", "img_dir": "val/images"}
+CALIB = {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"}
+
+
+def task_for(root, prompts=None, max_images=None):
+    return InstanceTask({"root": str(root), **DATA}, CALIB, prompts=prompts, max_images=max_images)
+
+
+def results_from_masks(coco, shift: int = 0) -> list[dict]:
+    out = []
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        m = np.roll(coco.annToMask(ann), shift, axis=1)
+        rle = mask_utils.encode(np.asfortranarray(m))
+        rle["counts"] = rle["counts"].decode("ascii")
+        out.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "segmentation": rle,
+                    "score": 1.0})
+    return out
+
+
+def test_ap_is_one_for_ground_truth_masks_and_lower_when_shifted(synthetic_root):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    ids = coco.getImgIds()
+    perfect = mask_ap(coco, results_from_masks(coco), ids)
+    assert perfect["mask_AP"] == pytest.approx(1.0)
+    shifted = mask_ap(coco, results_from_masks(coco, shift=6), ids)
+    assert shifted["mask_AP"] < 0.9 * perfect["mask_AP"]
+    assert shifted["mask_AP50"] >= shifted["mask_AP75"]
+
+
+def test_shipped_sam_tiny_segments_with_gt_boxes(synthetic_root):
+    metrics = task_for(synthetic_root).evaluate(Segmenter(build_sam("sam_tiny")), progress=False)
+    assert metrics["images"] == 6 and metrics["prompts"] > 10
+    assert metrics["mIoU"] > 0.75
+    assert metrics["mask_AP"] > 0.45
+
+
+def test_detections_file_prompts(synthetic_root, tmp_path):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    dets = []
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        dets.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"],
+                     "score": 0.9})
+        dets.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"],
+                     "score": 0.01})  # below threshold: dropped
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(dets))
+    source = DetectionsFile(str(path), score_threshold=0.05, max_per_image=100)
+    gt, _ = gt_boxes(coco, 1)
+    got = source.for_image(1, gt, (256, 256))
+    assert len(got) == len(gt)
+    assert np.allclose(np.sort(got.boxes, 0), np.sort(gt.boxes, 0))
+    assert (got.scores == np.float32(0.9)).all()
+    capped = DetectionsFile(str(path), score_threshold=0.0, max_per_image=2).for_image(1, gt, (256, 256))
+    assert len(capped) == 2 and (capped.scores == np.float32(0.9)).all()
+    metrics = task_for(synthetic_root, source, max_images=2).evaluate(
+        Segmenter(build_sam("sam_tiny")), progress=False)
+    assert metrics["prompts"] == sum(len(coco.getAnnIds(imgIds=i)) for i in (1, 2))
+
+
+def test_jittered_boxes_are_seeded_and_stay_in_the_image(synthetic_root):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    gt, _ = gt_boxes(coco, 2)
+    a = JitteredBoxes(0.1, 20, seed=3).for_image(2, gt, (256, 256))
+    b = JitteredBoxes(0.1, 20, seed=3).for_image(2, gt, (256, 256))
+    c = JitteredBoxes(0.1, 20, seed=4).for_image(2, gt, (256, 256))
+    assert np.array_equal(a.boxes, b.boxes) and not np.array_equal(a.boxes, c.boxes)
+    assert not np.array_equal(a.boxes, gt.boxes)
+    assert (a.boxes >= 0).all() and (a.boxes <= 256).all()
+    assert (a.boxes[:, 2] >= a.boxes[:, 0]).all()
+
+
+def test_calibration_samples_come_from_the_calibration_split(synthetic_root):
+    samples = task_for(synthetic_root).calibration_samples(3)
+    assert len(samples) == 3 and all(s.boxes is not None and len(s.boxes) for s in samples)
+    assert samples[0].image.shape == (256, 256, 3)
+    with pytest.raises(SaqError, match="only 8 annotated images"):
+        task_for(synthetic_root).calibration_samples(50)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("not json", "not valid JSON"),
+    ('{"images": []}', "not COCO instance format"),
+    ('{"images": [], "annotations": [], "categories": []}', "lists no images"),
+    ('{"images": [{"id": 1}], "annotations": [{"id": 1}], "categories": []}', "annotation 0 lacks"),
+])
+def test_malformed_annotations_give_clear_errors(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(SaqError, match=match):
+        load_coco(path, "task.data.ann_file")
+
+
+def test_missing_annotation_file_and_bad_detections(tmp_path):
+    with pytest.raises(SaqError, match="COCO annotation file not found"):
+        load_coco(tmp_path / "none.json", "task.data.ann_file")
+    with pytest.raises(SaqError, match="needs a file"):
+        DetectionsFile(None)
+    bad = tmp_path / "d.json"
+    bad.write_text('[{"image_id": 1, "bbox": [0, 0, 1]}]')
+    with pytest.raises(SaqError, match="entry 0 is not a COCO result"):
+        DetectionsFile(str(bad))
+
+
+def test_corrupt_image_is_named(synthetic_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(synthetic_root, root)
+    (root / "val" / "images" / "000000.jpg").write_bytes(b"\x00garbage")
+    with pytest.raises(SaqError, match="cannot decode image .*000000.jpg"):
+        task_for(root).evaluate(Segmenter(build_sam("sam_tiny")), progress=False)
+
+
+def test_gt_prompt_source_is_identity(synthetic_root):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    gt, _ = gt_boxes(coco, 1)
+    assert GroundTruthBoxes().for_image(1, gt, (256, 256)) is gt

@@ -1,0 +1,79 @@
+"""The Segmenter's masks equal segment_anything.SamPredictor's for the same image and prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+
+from saq.errors import SaqError
+from saq.sam.build import build_random_sam, build_sam
+from saq.sam.segmenter import Segmenter
+from tasks.synthetic import render_scene
+
+
+def reference(sam, image, boxes=None, points=None, labels=None, multimask=False):
+    pred = SamPredictor(sam)
+    pred.set_image(image)
+    b = None if boxes is None else pred.transform.apply_boxes_torch(torch.as_tensor(boxes), image.shape[:2])
+    c = None if points is None else pred.transform.apply_coords_torch(torch.as_tensor(points), image.shape[:2])
+    lab = None if labels is None else torch.as_tensor(labels)
+    masks, iou, low = pred.predict_torch(c, lab, b, multimask_output=multimask)
+    return masks, iou, low
+
+
+@pytest.fixture(scope="module")
+def scene():
+    s = render_scene(0, "val", 3)
+    ys, xs = np.nonzero(s.masks[0])
+    boxes = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]] * 2, np.float32)
+    boxes[1] += [3, -2, 5, 1]
+    return s.image, boxes
+
+
+def test_matches_sam_predictor_on_sam_tiny_boxes_and_points(scene):
+    image, boxes = scene
+    sam = build_sam("sam_tiny")
+    seg = Segmenter(sam, decode_batch_size=1)  # chunking must not change results
+    seg.set_image(image)
+    out = seg.predict(boxes=boxes)
+    masks, iou, low = reference(sam, image, boxes=boxes)
+    assert out.masks.shape == (2, 1, *image.shape[:2])
+    assert torch.equal(out.masks, masks)
+    torch.testing.assert_close(out.iou_scores, iou)
+    torch.testing.assert_close(out.low_res_logits, low)
+
+    points = np.array([[[60.5, 70.5]], [[120.0, 30.0]], [[10.0, 200.0]]], np.float32)
+    labels = np.ones((3, 1), np.int64)
+    out = seg.predict(points=points, point_labels=labels, multimask_output=True)
+    masks, iou, _ = reference(sam, image, points=points, labels=labels, multimask=True)
+    assert out.masks.shape[1] == 3
+    assert torch.equal(out.masks, masks)
+    torch.testing.assert_close(out.iou_scores, iou)
+    assert seg.timings.images == 1 and seg.timings.prompts == 5
+
+
+def test_matches_sam_predictor_on_random_vit_b():
+    sam = build_random_sam("sam_vit_b", seed=0)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)  # non-square: exercises resize and crop
+    boxes = np.array([[10, 20, 200, 180], [50, 5, 310, 230]], np.float32)
+    seg = Segmenter(sam)
+    seg.set_image(image)
+    out = seg.predict(boxes=boxes)
+    masks, iou, _ = reference(sam, image, boxes=boxes)
+    assert out.masks.shape == (2, 1, 240, 320)
+    assert torch.equal(out.masks, masks)
+    torch.testing.assert_close(out.iou_scores, iou)
+
+
+def test_predict_before_set_image_and_bad_prompts():
+    seg = Segmenter(build_random_sam("sam_tiny"))
+    with pytest.raises(SaqError, match="set_image"):
+        seg.predict(boxes=np.zeros((1, 4)))
+    seg.set_image(np.zeros((32, 48, 3), np.uint8))
+    with pytest.raises(SaqError, match="box or point"):
+        seg.predict()
+    with pytest.raises(SaqError, match="H x W x 3"):
+        seg.set_image(np.zeros((32, 48), np.uint8))
