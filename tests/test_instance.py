@@ -113,7 +113,7 @@ def test_missing_annotation_file_and_bad_detections(tmp_path):
         DetectionsFile(None)
     bad = tmp_path / "d.json"
     bad.write_text('[{"image_id": 1, "bbox": [0, 0, 1]}]')
-    with pytest.raises(SaqError, match="entry 0 is not a COCO result"):
+    with pytest.raises(SaqError, match="entry 0 is not a result"):
         DetectionsFile(str(bad))
 
 
