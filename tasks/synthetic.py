@@ -12,17 +12,17 @@ import cv2
 import numpy as np
 
 # Bump when rendering changes: cached datasets are keyed on it.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 CATEGORIES = ("disk", "rectangle", "triangle", "star", "hexagon", "cross", "ring", "crescent")
 IMAGE_SIZE = 256
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 # Objects whose visible part is smaller than this are not annotated (they stay in the image as clutter).
-MIN_VISIBLE_PIXELS = 80
+MIN_VISIBLE_PIXELS = 150
 # DOTA-style difficulty: heavily occluded or small objects.
 DIFFICULT_VISIBLE_FRACTION = 0.5
-DIFFICULT_AREA = 150
+DIFFICULT_AREA = 300
 
 
 @dataclass
@@ -50,7 +50,7 @@ def _regular_polygon(n: int, radius: float, phase: float) -> np.ndarray:
 def _shape_mask(rng: np.random.Generator, category: str, size: int) -> np.ndarray:
     """Full (unoccluded) mask of one object at a random pose."""
     canvas = np.zeros((size, size), np.uint8)
-    radius = rng.uniform(16, 50)
+    radius = rng.uniform(24, 64)
     cx, cy = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
     theta = rng.uniform(0, 2 * np.pi)
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
@@ -122,7 +122,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     img = c1 + t[..., None] * (c2 - c1)
     noise = cv2.resize(rng.normal(0, 25, (8, 8, 3)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
     img = img + noise
-    for _ in range(int(rng.integers(3, 10))):
+    for _ in range(int(rng.integers(2, 7))):
         p1, p2 = rng.integers(0, size, (2, 2))
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
         cv2.line(img, tuple(int(v) for v in p1), tuple(int(v) for v in p2), color, int(rng.integers(1, 3)))
@@ -142,7 +142,7 @@ def render_scene(seed: int, split: str, index: int, size: int = IMAGE_SIZE) -> S
         raise ValueError(f"size {size} is larger than the generator's maximum {IMAGE_SIZE}")
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index, GENERATOR_VERSION])
     img = _background(rng, size)
-    n_objects = int(rng.integers(2, 8))
+    n_objects = int(rng.integers(2, 7))
     owner = np.full((size, size), -1, np.int16)
     full_masks, cats = [], []
     for k in range(n_objects):
