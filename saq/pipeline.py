@@ -84,9 +84,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         from saq.quant import calibrate, quant_summary, quantize
 
         qmodel = quantize(model, cfg.quant)
-        print(quant_summary(qmodel))
         samples = task.calibration_samples(cfg.quant.calib_images)
         calibrate(qmodel, samples, cfg.quant, cfg.clip, progress=cfg.progress)
+        print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau
         metrics["quantized"] = task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=cfg.progress)
 
     prompts_name = getattr(task.prompts, "name", "-") if hasattr(task, "prompts") else "-"

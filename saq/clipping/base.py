@@ -1,0 +1,86 @@
+"""The range-strategy interface (one tensor → its clipping range) and the weighted value sample range searches score on."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from saq.quant.grid import SCALE_EPS, QuantGrid, abs_pow_
+
+
+class RangeStrategy(ABC):
+    """Chooses the clipping range [lo, hi] of one batch; observers reduce these per-batch ranges over batches.
+
+    Per tensor (ch_axis None) it returns two scalar tensors, per channel two tensors of length C along ch_axis.
+    """
+
+    name: str = "range"
+
+    @abstractmethod
+    def batch_range(self, x: torch.Tensor, grid: QuantGrid, ch_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+    def describe(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+
+def channels_first(x: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    """x as a C x N matrix, one row per channel along ch_axis."""
+    return x.movedim(ch_axis, 0).reshape(x.shape[ch_axis], -1)
+
+
+@dataclass
+class WeightedValues:
+    """Values with multiplicities: a whole tensor, or a compressed stand-in used to score candidate ranges fast."""
+
+    values: torch.Tensor  # 1-D float32
+    weights: torch.Tensor | None = None  # None: every value counts once
+
+    def __post_init__(self):
+        self.total = float(self.values.numel() if self.weights is None else self.weights.sum())
+
+    def error(self, lo, hi, grid: QuantGrid, p: float) -> float:
+        """Mean |x̂ - x|^p over the represented tensor when quantized on the grid spanning [lo, hi]."""
+        # searches call this hundreds of times per tensor, so it is fake_quant written out with scalar
+        # qparams and in-place ops
+        scale, zero_point = scalar_qparams(float(lo), float(hi), grid)
+        x_hat = torch.round(self.values * (1.0 / scale)).add_(zero_point).clamp_(grid.qmin, grid.qmax)
+        err = abs_pow_(x_hat.sub_(zero_point).mul_(scale).sub_(self.values), p)
+        if self.weights is None:
+            return float(err.sum()) / self.total
+        return float(torch.dot(err, self.weights)) / self.total
+
+
+def scalar_qparams(lo: float, hi: float, grid: QuantGrid) -> tuple[float, float]:
+    """qparams_from_range for one range in python floats (float64 instead of float32 arithmetic)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if grid.symmetric:
+        return max(max(-lo, hi) / ((grid.qmax - grid.qmin) / 2), SCALE_EPS), 0.0
+    scale = max((hi - lo) / (grid.qmax - grid.qmin), SCALE_EPS)
+    return scale, float(min(max(grid.qmin - round(lo / scale), grid.qmin), grid.qmax))
+
+
+def error_sample(x: torch.Tensor, max_points: int, seed: int = 0) -> WeightedValues:
+    """The tensor itself when small; otherwise its max_points/4 lowest and highest values exactly (outliers decide
+    clipping errors, so they are never sampled away) plus a seeded random sample of the rest, weighted to its count."""
+    flat = x.detach().reshape(-1).float()
+    n = flat.numel()
+    if n <= max_points:
+        return WeightedValues(flat)
+    k = max(1, max_points // 4)
+    top = torch.topk(flat, k).values
+    bottom = -torch.topk(-flat, k).values
+    gen = torch.Generator(device=flat.device).manual_seed(seed)
+    sample = flat[torch.randint(n, (max(1, max_points // 2),), generator=gen, device=flat.device)]
+    inner = sample[(sample > bottom[-1]) & (sample < top[-1])]
+    if inner.numel() == 0:  # heavily tied data: the sample is as good a stand-in for the middle as any
+        inner = sample
+    bulk_weight = max(n - 2 * k, 0) / inner.numel()
+    values = torch.cat([bottom, top, inner])
+    weights = torch.cat([torch.ones(2 * k, device=flat.device), torch.full_like(inner, bulk_weight)])
+    return WeightedValues(values, weights)

@@ -1,0 +1,245 @@
+"""The `quant` config: validation into typed specs (SaqError naming the bad key) and the factory that builds quantizers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+
+from torch import nn
+
+from saq.errors import SaqError
+from saq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
+from saq.quant.observers import OBSERVERS, make_observer
+from saq.quant.quantizers import (
+    AdaRoundQuantizer,
+    Log2AGQQuantizer,
+    LSQQuantizer,
+    Quantizer,
+    UniformQuantizer,
+    check_bits,
+)
+
+WEIGHT_QUANTIZERS = {"adaround": AdaRoundQuantizer, "lsq": LSQQuantizer, "uniform": UniformQuantizer}
+ACT_QUANTIZERS = {"lsq": LSQQuantizer, "uniform": UniformQuantizer}
+GRANULARITIES = ("per_tensor", "per_channel")
+PARTS = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """How one kind of tensor (weights or activations) of one model part is quantized."""
+
+    quantizer: str
+    granularity: str
+    ch_axis: int
+    symmetric: bool
+    observer: str
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """Settings of one model part (the paper configures encoder and decoder separately, with equal values)."""
+
+    enabled: bool = True
+    w_bits: int | None = None  # None: quant.w_bits
+    a_bits: int | None = None  # None: quant.a_bits
+    weight: TensorSpec = field(default_factory=lambda: TensorSpec("adaround", "per_channel", 0, False, "mse"))
+    act: TensorSpec = field(default_factory=lambda: TensorSpec("lsq", "per_tensor", -1, False, "avg_minmax"))
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A validated `quant` config; defaults are PTQ4SAM's / SAQ-SAM's settings (paper.md §2.2)."""
+
+    name: str = "custom"
+    w_bits: int = 8
+    a_bits: int = 8
+    calib_images: int = 32
+    calib_decode_batch: int = 64
+    big: bool = True
+    agq: bool = True
+    agq_taus: tuple[int, ...] = (1, 2, 4)
+    encoder: PartSpec = field(default_factory=PartSpec)
+    decoder: PartSpec = field(default_factory=PartSpec)
+
+    def part(self, name: str) -> PartSpec:
+        return getattr(self, name)
+
+    def bits(self, part: str, kind: str) -> int:
+        spec = self.part(part)
+        own = spec.w_bits if kind == "weight" else spec.a_bits
+        return own if own is not None else (self.w_bits if kind == "weight" else self.a_bits)
+
+    def to_dict(self) -> dict:
+        """Plain data (the JSON recipe); from_cfg(to_dict()) gives back an equal config."""
+        out = asdict(self)
+        out["agq_taus"] = list(self.agq_taus)
+        return out
+
+    @classmethod
+    def from_cfg(cls, cfg) -> QuantConfig:
+        """Validate a mapping (dict or OmegaConf) into a QuantConfig; SaqError names the first bad key."""
+        if isinstance(cfg, QuantConfig):
+            return cfg
+        data = _plain(cfg)
+        if not isinstance(data, Mapping):
+            raise SaqError(f"quant config must be a mapping, got {type(data).__name__}")
+        base = cls()
+        _check_keys(data, cls, "quant")
+        values = {}
+        for key in ("name",):
+            if key in data:
+                values[key] = str(data[key])
+        if values.get("name", base.name) == "fp":
+            raise SaqError("quant=fp means no quantization; quantize() needs a quantizing preset such as quant=w8a8")
+        for key in ("w_bits", "a_bits"):
+            if key in data:
+                values[key] = check_bits(data[key], f"quant.{key}")
+        for key, minimum in (("calib_images", 1), ("calib_decode_batch", 1)):
+            if key in data:
+                values[key] = _int(data[key], f"quant.{key}", minimum)
+        for key in ("big", "agq"):
+            if key in data:
+                values[key] = _bool(data[key], f"quant.{key}")
+        if "agq_taus" in data:
+            taus = data["agq_taus"]
+            if not isinstance(taus, (list, tuple)) or not taus or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in taus):
+                raise SaqError(f"quant.agq_taus={taus!r} invalid; expected a non-empty list of integers >= 1 "
+                               "(paper: [1, 2, 4])")
+            values["agq_taus"] = tuple(taus)
+        for part in PARTS:
+            if part in data:
+                values[part] = _part(data[part], f"quant.{part}", getattr(base, part))
+        return replace(base, **values)
+
+
+def _plain(cfg):
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(cfg, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:
+        pass
+    return cfg
+
+
+def _check_keys(data: Mapping, cls, where: str) -> None:
+    allowed = set(cls.__dataclass_fields__)
+    for key in data:
+        if key not in allowed:
+            raise SaqError(f"{where}.{key} is not a known key; expected one of {sorted(allowed)}")
+
+
+def _int(value, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SaqError(f"{key}={value!r} invalid; expected an integer >= {minimum}")
+    return value
+
+
+def _bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise SaqError(f"{key}={value!r} invalid; expected true or false")
+    return value
+
+
+def _part(data, where: str, base: PartSpec) -> PartSpec:
+    if not isinstance(data, Mapping):
+        raise SaqError(f"{where} must be a mapping, got {data!r}")
+    _check_keys(data, PartSpec, where)
+    values = {}
+    if "enabled" in data:
+        values["enabled"] = _bool(data["enabled"], f"{where}.enabled")
+    for key in ("w_bits", "a_bits"):
+        if data.get(key) is not None:
+            values[key] = check_bits(data[key], f"{where}.{key}")
+    for kind, choices in (("weight", WEIGHT_QUANTIZERS), ("act", ACT_QUANTIZERS)):
+        if kind in data:
+            values[kind] = _tensor(data[kind], f"{where}.{kind}", getattr(base, kind), choices)
+    return replace(base, **values)
+
+
+def _tensor(data, where: str, base: TensorSpec, quantizers: Mapping) -> TensorSpec:
+    if not isinstance(data, Mapping):
+        raise SaqError(f"{where} must be a mapping, got {data!r}")
+    _check_keys(data, TensorSpec, where)
+    values = dict(data)
+    if "quantizer" in values and values["quantizer"] not in quantizers:
+        raise SaqError(f"{where}.quantizer={values['quantizer']!r} is unknown; expected one of {sorted(quantizers)}")
+    if "granularity" in values and values["granularity"] not in GRANULARITIES:
+        raise SaqError(f"{where}.granularity={values['granularity']!r} is unknown; expected one of "
+                       f"{list(GRANULARITIES)}")
+    if "ch_axis" in values and (isinstance(values["ch_axis"], bool) or not isinstance(values["ch_axis"], int)):
+        raise SaqError(f"{where}.ch_axis={values['ch_axis']!r} invalid; expected an integer axis")
+    if "symmetric" in values:
+        _bool(values["symmetric"], f"{where}.symmetric")
+    if "observer" in values and values["observer"] not in OBSERVERS:
+        raise SaqError(f"{where}.observer={values['observer']!r} is unknown; expected one of {sorted(OBSERVERS)}")
+    return replace(base, **values)
+
+
+class QuantizerFactory:
+    """Builds the quantizers and quantized modules of a model part from a QuantConfig.
+
+    Model mappings (saq/sam/) call it; it knows parts ('encoder', 'decoder') and tensor roles, never model classes.
+    """
+
+    def __init__(self, cfg: QuantConfig):
+        self.cfg = cfg
+
+    def enabled(self, part: str) -> bool:
+        return self.cfg.part(part).enabled
+
+    def _bits(self, part: str, kind: str) -> int:
+        return self.cfg.bits(part, kind)
+
+    def weight_quantizer(self, part: str, weight_shape: tuple[int, ...]) -> Quantizer:
+        spec = self.cfg.part(part).weight
+        key = f"quant.{part}.weight"
+        ch_axis = None
+        if spec.granularity == "per_channel":
+            ndim = len(weight_shape)
+            if not -ndim <= spec.ch_axis < ndim:
+                raise SaqError(f"{key}.ch_axis={spec.ch_axis} is out of range for weights with {ndim} dims "
+                               f"(shape {tuple(weight_shape)}; allowed {-ndim}..{ndim - 1})")
+            ch_axis = spec.ch_axis % ndim
+        quantizer = WEIGHT_QUANTIZERS[spec.quantizer](self._bits(part, "weight"),
+                                                      make_observer(spec.observer, f"{key}.observer"),
+                                                      spec.symmetric, ch_axis, config_key=key)
+        quantizer.kind = "weight"
+        return quantizer
+
+    def act_quantizer(self, part: str) -> Quantizer:
+        spec = self.cfg.part(part).act
+        key = f"quant.{part}.act"
+        ch_axis = spec.ch_axis if spec.granularity == "per_channel" else None  # checked against each input
+        quantizer = ACT_QUANTIZERS[spec.quantizer](self._bits(part, "act"),
+                                                   make_observer(spec.observer, f"{key}.observer"),
+                                                   spec.symmetric, ch_axis, config_key=key)
+        quantizer.kind = "act"
+        return quantizer
+
+    def softmax_quantizer(self, part: str) -> Quantizer:
+        """The post-softmax operand of attn·v: AGQ log2 (quant.agq) or a uniform activation quantizer."""
+        if not self.cfg.agq:
+            return self.act_quantizer(part)
+        quantizer = Log2AGQQuantizer(self._bits(part, "act"), self.cfg.agq_taus, config_key=f"quant.{part}.act")
+        quantizer.kind = "act"
+        return quantizer
+
+    def linear(self, linear: nn.Linear, part: str) -> QuantLinear:
+        return QuantLinear.from_float(linear, self.weight_quantizer(part, tuple(linear.weight.shape)),
+                                      self.act_quantizer(part))
+
+    def conv(self, conv: nn.Conv2d, part: str) -> QuantConv2d:
+        return QuantConv2d.from_float(conv, self.weight_quantizer(part, tuple(conv.weight.shape)),
+                                      self.act_quantizer(part))
+
+    def matmul(self, part: str) -> QuantMatMul:
+        """Activation × activation, e.g. q·kᵀ."""
+        return QuantMatMul(self.act_quantizer(part), self.act_quantizer(part))
+
+    def softmax_matmul(self, part: str) -> QuantMatMul:
+        """softmax(...)·v: the left operand is a probability map."""
+        return QuantMatMul(self.softmax_quantizer(part), self.act_quantizer(part))

@@ -1,0 +1,189 @@
+"""The math of fake quantization: grids, range → (scale, zero-point), uniform and log2 rounding, Lp error, Brent search."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# Smallest scale we allow; torch's own observers use the same floor so that a constant tensor still has a grid.
+SCALE_EPS = torch.finfo(torch.float32).eps
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """The integer codes of a b-bit quantizer: [0, 2^b - 1] (asymmetric) or [-2^(b-1), 2^(b-1) - 1] (symmetric)."""
+
+    bits: int
+    symmetric: bool = False
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even forward, identity backward (straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x forward, gradient multiplied by `factor` backward (LSQ's step-size gradient scaling)."""
+    scaled = x * factor
+    return (x - scaled).detach() + scaled
+
+
+def channel_view(t: torch.Tensor, ndim: int, ch_axis: int | None) -> torch.Tensor:
+    """Shape a per-channel parameter so that it broadcasts along `ch_axis` of an ndim tensor (as is, per tensor)."""
+    if ch_axis is None or t.ndim == 0:
+        return t
+    shape = [1] * ndim
+    shape[ch_axis] = -1
+    return t.reshape(shape)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point (float, integer-valued) for a clipping range (paper.md §2.2); the range always holds 0."""
+    lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float32), max=0.0)
+    hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float32, device=lo.device), min=0.0)
+    if grid.symmetric:
+        scale = torch.maximum(-lo, hi) / ((grid.qmax - grid.qmin) / 2)
+        scale = torch.clamp(scale, min=SCALE_EPS)
+        return scale, torch.zeros_like(scale)
+    scale = torch.clamp((hi - lo) / (grid.qmax - grid.qmin), min=SCALE_EPS)
+    zero_point = torch.clamp(grid.qmin - torch.round(lo / scale), grid.qmin, grid.qmax)
+    return scale, zero_point
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, grid: QuantGrid,
+               ch_axis: int | None = None) -> torch.Tensor:
+    """x̂ = (clamp(round(x / s) + z, qmin, qmax) - z) · s with STE rounding; differentiable in x and s.
+
+    x / s is computed as x · (1/s), the way torch.fake_quantize_per_*_affine does, so the two agree bit for bit.
+    Without autograd the same arithmetic runs in place (several times faster than torch's fused CPU kernel).
+    """
+    scale = channel_view(scale, x.ndim, ch_axis)
+    zero_point = channel_view(zero_point, x.ndim, ch_axis)
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        out = x * (1.0 / scale)
+        return out.round_().add_(zero_point).clamp_(grid.qmin, grid.qmax).sub_(zero_point).mul_(scale)
+    code = round_ste(x * (1.0 / scale)) + zero_point
+    # torch.clamp has zero gradient at the bounds; LSQ (and torch's learnable fake-quant) count codes equal to
+    # qmin/qmax as inside the grid, so clip by hand: clipped codes are constants
+    inside = (code >= grid.qmin) & (code <= grid.qmax)
+    code = torch.where(inside, code, torch.clamp(code.detach(), grid.qmin, grid.qmax))
+    return (code - zero_point) * scale
+
+
+def log2_fake_quant(a: torch.Tensor, scale: torch.Tensor, tau: float, bits: int, ste: bool = True) -> torch.Tensor:
+    """PTQ4SAM's log quantizer: code = clamp(round(-τ·log2(a/s)), 0, 2^b - 1), â = s·2^(-code/τ); codes that round to
+    2^b or more (tiny values, and zeros) flush to 0. Without autograd the same arithmetic runs in place."""
+    tiny = torch.finfo(a.dtype).tiny  # log2(0) would give inf codes and NaN gradients
+    levels = 2**bits
+    if not (torch.is_grad_enabled() and (a.requires_grad or scale.requires_grad)):
+        code = (torch.clamp(a, min=tiny) / scale).log2_().mul_(-tau).round_()
+        flushed = code >= levels
+        a_hat = code.clamp_(0, levels - 1).div_(-tau).exp2_().mul_(scale)
+        return a_hat.masked_fill_(flushed, 0.0)
+    exponent = -tau * torch.log2(torch.clamp(a, min=tiny) / scale)
+    code = exponent.round()
+    if ste:
+        code = (code - exponent).detach() + exponent
+    keep = code.detach() < levels
+    a_hat = scale * torch.exp2(torch.clamp(code, 0, levels - 1) / -tau)
+    return torch.where(keep, a_hat, torch.zeros_like(a_hat))
+
+
+def fake_quant_range(x: torch.Tensor, lo, hi, grid: QuantGrid, ch_axis: int | None = None) -> torch.Tensor:
+    """Fake-quantize x on the grid spanning [lo, hi] (no gradient needed; used by range searches)."""
+    scale, zero_point = qparams_from_range(lo, hi, grid)
+    return fake_quant(x, scale.to(x.device), zero_point.to(x.device), grid, ch_axis)
+
+
+def abs_pow_(t: torch.Tensor, p: float) -> torch.Tensor:
+    """|t|^p in place for tensors that need no gradient; exp(p·log|t|) runs about twice as fast as pow on CPU."""
+    return t.abs_().log_().mul_(p).exp_()
+
+
+def lp_error(x_hat: torch.Tensor, x: torch.Tensor, p: float, dim=None) -> torch.Tensor:
+    """Mean |x̂ - x|^p (over `dim`, or everything)."""
+    diff = x_hat - x
+    err = diff.abs().pow(p) if diff.requires_grad else abs_pow_(diff, p)
+    return err.mean() if dim is None else err.mean(dim)
+
+
+_GOLDEN = 0.5 * (3.0 - math.sqrt(5.0))
+_SQRT_EPS = math.sqrt(2.2e-16)
+
+
+def bounded_minimize(f: Callable[[float], float], lower: float, upper: float, xatol: float = 1e-5,
+                     max_evals: int = 500) -> tuple[float, float]:
+    """Brent's bounded scalar minimisation (scipy's minimize_scalar(method='bounded')); returns (x, f(x)).
+
+    Written out because the paper's observers use exactly this search and scipy is not a dependency.
+    """
+    a, b = float(lower), float(upper)
+    if not b > a:
+        return a, f(a)
+    fulc = a + _GOLDEN * (b - a)
+    nfc = xf = fulc
+    rat = e = 0.0
+    fx = f(xf)
+    evals = 1
+    ffulc = fnfc = fx
+    xm = 0.5 * (a + b)
+    tol1 = _SQRT_EPS * abs(xf) + xatol / 3.0
+    tol2 = 2.0 * tol1
+    while abs(xf - xm) > (tol2 - 0.5 * (b - a)) and evals < max_evals:
+        golden = True
+        if abs(e) > tol1:  # try a parabolic step through the three best points
+            golden = False
+            r = (xf - nfc) * (fx - ffulc)
+            q = (xf - fulc) * (fx - fnfc)
+            p = (xf - fulc) * q - (xf - nfc) * r
+            q = 2.0 * (q - r)
+            if q > 0.0:
+                p = -p
+            q = abs(q)
+            r, e = e, rat
+            if abs(p) < abs(0.5 * q * r) and q * (a - xf) < p < q * (b - xf):
+                rat = p / q
+                x = xf + rat
+                if (x - a) < tol2 or (b - x) < tol2:
+                    rat = tol1 if xm >= xf else -tol1
+            else:
+                golden = True
+        if golden:
+            e = (a - xf) if xf >= xm else (b - xf)
+            rat = _GOLDEN * e
+        x = xf + (1.0 if rat >= 0 else -1.0) * max(abs(rat), tol1)
+        fu = f(x)
+        evals += 1
+        if fu <= fx:
+            if x >= xf:
+                a = xf
+            else:
+                b = xf
+            fulc, ffulc = nfc, fnfc
+            nfc, fnfc = xf, fx
+            xf, fx = x, fu
+        else:
+            if x < xf:
+                a = x
+            else:
+                b = x
+            if fu <= fnfc or nfc == xf:
+                fulc, ffulc = nfc, fnfc
+                nfc, fnfc = x, fu
+            elif fu <= ffulc or fulc == xf or fulc == nfc:
+                fulc, ffulc = x, fu
+        xm = 0.5 * (a + b)
+        tol1 = _SQRT_EPS * abs(xf) + xatol / 3.0
+        tol2 = 2.0 * tol1
+    return xf, fx

@@ -1,0 +1,170 @@
+"""Model-level quantization: quantize() a copy, the one state switch, calibrate() over prompted images, the summary."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from saq.errors import SaqError
+from saq.quant.big import BigResult, apply_big
+from saq.quant.config import QuantConfig, QuantizerFactory
+from saq.quant.modules import QuantConv2d, QuantLayer, QuantLinear, QuantMatMul
+from saq.quant.quantizers import Quantizer, QuantState, UniformQuantizer
+
+CONFIG_ATTR = "saq_quant_config"  # where a quantized model keeps its validated QuantConfig
+
+
+def quantize(model: nn.Module, quant_cfg) -> nn.Module:
+    """A quantized deep copy of a SAM (the FP model is left untouched), every quantizer off.
+
+    In the off state its outputs equal the FP model's bit for bit; calibrate() then sets ranges and switches on.
+    """
+    cfg = QuantConfig.from_cfg(quant_cfg)
+    # the map of what to quantize is SAM knowledge and lives with SAM; imported here to avoid an import cycle
+    from saq.sam.attention import quantize_sam_modules
+
+    qmodel = copy.deepcopy(model)
+    quantize_sam_modules(qmodel, QuantizerFactory(cfg))
+    parameter = next(model.parameters(), None)
+    if parameter is not None:
+        qmodel.to(parameter.device)  # the new quantizers' tensors live where the model does
+    for name, module in qmodel.named_modules():
+        if isinstance(module, Quantizer):
+            module.name = name
+    setattr(qmodel, CONFIG_ATTR, cfg)
+    return qmodel.eval()
+
+
+def quant_config(qmodel: nn.Module) -> QuantConfig:
+    cfg = getattr(qmodel, CONFIG_ATTR, None)
+    if cfg is None:
+        raise SaqError("this model was not made by saq.quant.quantize()")
+    return cfg
+
+
+def iter_quantizers(model: nn.Module, kind: str | None = None) -> Iterator[Quantizer]:
+    """Every quantizer of the model (kind 'weight' or 'act' to filter)."""
+    for module in model.modules():
+        if isinstance(module, Quantizer) and (kind is None or module.kind == kind):
+            yield module
+
+
+def set_quant_state(model: nn.Module, state: QuantState | str, kind: str | None = None) -> None:
+    """The model-level switch: put every quantizer (or every one of `kind`) in `state`."""
+    if kind not in (None, "weight", "act"):
+        raise SaqError(f"quantizer kind {kind!r} unknown; expected 'weight', 'act' or None (all)")
+    for quantizer in iter_quantizers(model, kind):
+        quantizer.set_state(state)
+
+
+def quant_states(model: nn.Module) -> Counter:
+    """How many quantizers are in each state."""
+    return Counter(q.state.value for q in iter_quantizers(model))
+
+
+def assert_fully_quantized(model: nn.Module) -> None:
+    """Raise unless every quantizer quantizes (evaluation must never run half-FP; paper.md §7)."""
+    stray = [q.name for q in iter_quantizers(model) if q.state is not QuantState.QUANT]
+    if stray:
+        raise SaqError(f"{len(stray)} quantizers are not quantizing (first: {stray[0]}); evaluation needs all of them on")
+    if not any(True for _ in iter_quantizers(model)):
+        raise SaqError("the model has no quantizers")
+
+
+@dataclass
+class CalibrationReport:
+    """What calibrate() did."""
+
+    images: int
+    prompts: int
+    seconds: float
+    big: list[BigResult] = field(default_factory=list)
+    states: dict = field(default_factory=dict)
+
+
+def calibrate(qmodel: nn.Module, samples: Sequence, quant_cfg=None, clip_cfg=None,
+              progress: bool = True) -> CalibrationReport:
+    """Set every quantizer's range from calibration samples (list[PromptedImage]) and switch the model on.
+
+    Order (paper.md §2.4): BIG on sample 0 in FP (quant.big), then activation observers over all samples with weights
+    FP (`clip_cfg` chooses the activation range strategy; None keeps the observers' own), then weight observers on
+    the weights, then every quantizer to the quantizing state; that last step is checked before returning.
+    """
+    from saq.clipping import build_range_strategy
+    from saq.sam.segmenter import Segmenter
+
+    cfg = QuantConfig.from_cfg(quant_cfg) if quant_cfg is not None else quant_config(qmodel)
+    strategy = build_range_strategy(clip_cfg)
+    samples = list(samples)
+    if not samples:
+        raise SaqError("calibration needs at least one sample (quant.calib_images >= 1)")
+    if not any(s.num_prompts for s in samples):
+        raise SaqError("no calibration sample has prompts; the decoder would never be calibrated")
+    if not any(True for _ in iter_quantizers(qmodel)):
+        raise SaqError("calibrate() needs a model made by saq.quant.quantize()")
+    start = time.perf_counter()
+    qmodel.eval()
+    segmenter = Segmenter(qmodel, cfg.calib_decode_batch)
+
+    def run(sample) -> int:
+        segmenter.set_image(sample.image)
+        if sample.num_prompts:
+            for _ in segmenter.predict_chunks(sample.boxes, sample.points, sample.point_labels):
+                pass
+        return sample.num_prompts
+
+    set_quant_state(qmodel, QuantState.OFF)
+    big = []
+    if cfg.big:
+        first = next(s for s in samples if s.num_prompts)
+        big = apply_big(qmodel, lambda: run(first))
+
+    if strategy is not None:
+        for quantizer in iter_quantizers(qmodel, "act"):
+            if isinstance(quantizer, UniformQuantizer):
+                quantizer.observer.use_strategy(strategy)
+    set_quant_state(qmodel, QuantState.OBSERVE, kind="act")
+    prompts = 0
+    for sample in tqdm(samples, desc="calibrate", disable=not progress, leave=False):
+        prompts += run(sample)
+    calibrate_weights(qmodel)
+    set_quant_state(qmodel, QuantState.QUANT)
+    assert_fully_quantized(qmodel)
+    return CalibrationReport(len(samples), prompts, time.perf_counter() - start, big, dict(quant_states(qmodel)))
+
+
+@torch.no_grad()
+def calibrate_weights(qmodel: nn.Module) -> None:
+    """Weight observers look at the weights directly (no data needed); their quantizers are left observed."""
+    for module in qmodel.modules():
+        if isinstance(module, QuantLayer):
+            module.weight_quantizer.set_state(QuantState.OBSERVE)
+            module.weight_quantizer(module.weight)
+
+
+def quant_summary(qmodel: nn.Module) -> str:
+    """A table of every quantizer (layer, role, quantizer, bits, granularity, observer, state) and counts."""
+    rows = []
+    for name, module in qmodel.named_modules():
+        if isinstance(module, Quantizer):
+            layer, _, role = name.rpartition(".")
+            info = module.describe()
+            rows.append((layer, role.replace("_quantizer", ""), info["quantizer"], str(info["bits"]),
+                         info["granularity"], info["observer"], module.state.value))
+    header = ("layer", "role", "quantizer", "bits", "granularity", "observer", "state")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    counts = Counter(type(m).__name__ for m in qmodel.modules() if isinstance(m, (QuantLinear, QuantConv2d,
+                                                                                      QuantMatMul)))
+    lines.append(f"quantized: {counts['QuantLinear']} linear, {counts['QuantConv2d']} conv, "
+                 f"{counts['QuantMatMul']} matmul ({len(rows)} quantizers); everything else FP")
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""Quantizable SAM attention (q·kᵀ and softmax·v as explicit quantization points) and the map of what gets quantized."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.modeling import image_encoder as sam_encoder
+from segment_anything.modeling import transformer as sam_transformer
+from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+from torch import nn
+
+from saq.errors import SaqError
+
+
+class QuantEncoderAttention(sam_encoder.Attention):
+    """segment_anything's ViT attention with qkv/proj quantized and both matmuls explicit.
+
+    q, k, v (after the projection) are quantized as operands of qk_matmul / av_matmul; the relative-position bias is
+    computed from the unquantized q, as SAQ-SAM does. With every quantizer off this computes exactly what the FP
+    module computes (same operations in the same order).
+    """
+
+    @classmethod
+    def from_float(cls, attn: sam_encoder.Attention, factory, part: str = "encoder") -> QuantEncoderAttention:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.num_heads, module.scale, module.use_rel_pos = attn.num_heads, attn.scale, attn.use_rel_pos
+        if attn.use_rel_pos:
+            module.rel_pos_h, module.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
+        module.qkv = factory.linear(attn.qkv, part)
+        module.proj = factory.linear(attn.proj, part)
+        module.qk_matmul = factory.matmul(part)
+        module.av_matmul = factory.softmax_matmul(part)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)
+        attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1))
+        if self.use_rel_pos:
+            attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+        attn = attn.softmax(dim=-1)
+        x = self.av_matmul(attn, v).view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+        return self.proj(x)
+
+
+class QuantDecoderAttention(sam_transformer.Attention):
+    """segment_anything's two-way-transformer attention with q/k/v/out projections quantized and both matmuls
+    explicit. big_sign_fold marks the token→image attentions, where BIG may flip q/k channel signs."""
+
+    @classmethod
+    def from_float(cls, attn: sam_transformer.Attention, factory, part: str = "decoder",
+                   big_sign_fold: bool = False) -> QuantDecoderAttention:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.embedding_dim, module.internal_dim, module.num_heads = \
+            attn.embedding_dim, attn.internal_dim, attn.num_heads
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(module, name, factory.linear(getattr(attn, name), part))
+        module.qk_matmul = factory.matmul(part)
+        module.av_matmul = factory.softmax_matmul(part)
+        module.big_sign_fold = big_sign_fold
+        return module
+
+    def sign_fold_pair(self) -> tuple[nn.Linear, nn.Linear]:
+        """The (query, key) projections whose output channels BIG may flip together."""
+        return self.q_proj, self.k_proj
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = self._separate_heads(self.q_proj(q), self.num_heads)
+        k = self._separate_heads(self.k_proj(k), self.num_heads)
+        v = self._separate_heads(self.v_proj(v), self.num_heads)
+        _, _, _, c_per_head = q.shape
+        attn = self.qk_matmul(q, k.permute(0, 1, 3, 2))
+        attn = attn / math.sqrt(c_per_head)
+        attn = torch.softmax(attn, dim=-1)
+        out = self._recombine_heads(self.av_matmul(attn, v))
+        return self.out_proj(out)
+
+
+DECODER_ATTENTIONS = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
+
+
+def quantize_sam_modules(sam: Sam, factory) -> None:
+    """Replace, in place, what paper.md §2.1 quantizes; everything else stays FP.
+
+    Encoder (part 'encoder'): every block's attention (qkv, proj, q·kᵀ, softmax·v) and MLP lin1/lin2, and the neck's
+    two convs. Decoder (part 'decoder'): the two-way transformer's 7 attentions and its 2 MLPs. Kept FP: patch
+    embedding, positional embedding, norms, prompt encoder, output upscaling, hypernetwork MLPs and IoU head.
+    """
+    if not isinstance(sam, Sam):
+        raise SaqError(f"quantize() expects a segment_anything Sam model, got {type(sam).__name__}")
+    encoder = sam.image_encoder
+    if factory.enabled("encoder"):
+        for block in encoder.blocks:
+            block.attn = QuantEncoderAttention.from_float(block.attn, factory)
+            block.mlp.lin1 = factory.linear(block.mlp.lin1, "encoder")
+            block.mlp.lin2 = factory.linear(block.mlp.lin2, "encoder")
+        for index, layer in enumerate(encoder.neck):
+            if isinstance(layer, nn.Conv2d):
+                encoder.neck[index] = factory.conv(layer, "encoder")
+    if factory.enabled("decoder"):
+        transformer = sam.mask_decoder.transformer
+        for layer in transformer.layers:
+            for name in DECODER_ATTENTIONS:
+                setattr(layer, name, QuantDecoderAttention.from_float(
+                    getattr(layer, name), factory, big_sign_fold=(name == "cross_attn_token_to_image")))
+            layer.mlp.lin1 = factory.linear(layer.mlp.lin1, "decoder")
+            layer.mlp.lin2 = factory.linear(layer.mlp.lin2, "decoder")
+        transformer.final_attn_token_to_image = QuantDecoderAttention.from_float(
+            transformer.final_attn_token_to_image, factory, big_sign_fold=True)

@@ -1,0 +1,92 @@
+"""The quant/clip configs: presets compose and parse, overrides apply, bad values give one clear SaqError line."""
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from saq.errors import SaqError
+from saq.quant import QuantConfig, calibrate, quantize
+from saq.sam.build import build_random_sam
+from saq.sam.segmenter import PromptedImage
+from tests.conftest import REPO
+
+torch.set_num_threads(1)
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose(config_name=None, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("preset,bits", [("w8a8", 8), ("w6a6", 6), ("w4a4", 4)])
+def test_presets_compose_and_parse(preset, bits):
+    cfg = QuantConfig.from_cfg(_compose(f"+quant={preset}").quant)
+    assert cfg.name == preset and cfg.w_bits == bits and cfg.a_bits == bits
+    assert cfg == QuantConfig(name=preset, w_bits=bits, a_bits=bits)  # the YAML states the code's defaults
+    assert cfg.calib_images == 32 and cfg.big and cfg.agq and cfg.agq_taus == (1, 2, 4)
+    for part in ("encoder", "decoder"):
+        assert cfg.bits(part, "weight") == bits and cfg.bits(part, "act") == bits
+
+
+def test_overrides_reach_both_parts_and_parts_can_differ():
+    cfg = QuantConfig.from_cfg(_compose("+quant=w4a4", "quant.w_bits=3", "quant.decoder.a_bits=6").quant)
+    assert cfg.bits("encoder", "weight") == cfg.bits("decoder", "weight") == 3
+    assert cfg.bits("encoder", "act") == 4 and cfg.bits("decoder", "act") == 6
+    assert QuantConfig.from_cfg(cfg.to_dict()) == cfg  # the JSON recipe round-trips
+
+
+@pytest.mark.parametrize("option", ["minmax", "percentile", "mse"])
+def test_clip_options_build(option):
+    from saq.clipping import CLIPPING, build_range_strategy
+
+    cfg = _compose(f"+clip={option}").clip
+    assert cfg.name == option and isinstance(build_range_strategy(cfg), CLIPPING[option])
+
+
+def _error(cfg) -> str:
+    with pytest.raises(SaqError) as info:
+        QuantConfig.from_cfg(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 17, 4.0, "8", True])
+def test_bad_bits(bits):
+    message = _error({"w_bits": bits})
+    assert message.startswith(f"quant.w_bits={bits!r} is not allowed") and "2 to 8" in message
+    assert "quant.decoder.a_bits" in _error({"decoder": {"a_bits": bits}})
+
+
+def test_unknown_observer_quantizer_granularity_and_key():
+    message = _error({"encoder": {"act": {"observer": "kl_divergence"}}})
+    assert "quant.encoder.act.observer='kl_divergence' is unknown" in message
+    assert "['avg_minmax', 'minmax', 'mse', 'percentile']" in message
+    assert "quant.decoder.weight.quantizer='brecq'" in _error({"decoder": {"weight": {"quantizer": "brecq"}}})
+    assert "quant.encoder.act.quantizer='adaround'" in _error({"encoder": {"act": {"quantizer": "adaround"}}})
+    assert "per_group" in _error({"encoder": {"weight": {"granularity": "per_group"}}})
+    assert "quant.w_bit is not a known key" in _error({"w_bit": 4})
+    assert "quant.encoder.weight.obsrver is not a known key" in _error({"encoder": {"weight": {"obsrver": "mse"}}})
+    assert "quant.big='yes'" in _error({"big": "yes"})
+    assert "quant.agq_taus" in _error({"agq_taus": [0, 2]})
+    assert "quant=fp means no quantization" in _error({"name": "fp"})
+
+
+def test_weight_channel_axis_out_of_range():
+    sam = build_random_sam("sam_tiny", 0)
+    with pytest.raises(SaqError) as info:
+        quantize(sam, {"encoder": {"weight": {"ch_axis": 2}}})
+    assert str(info.value).startswith("quant.encoder.weight.ch_axis=2 is out of range for weights with 2 dims")
+    quantize(sam, {"encoder": {"weight": {"ch_axis": -1}}})  # -1 is the input-channel axis: allowed
+
+
+def test_activation_channel_axis_out_of_range_is_reported_at_calibration():
+    sam = build_random_sam("sam_tiny", 0)
+    qmodel = quantize(sam, {"big": False, "encoder": {"act": {"granularity": "per_channel", "ch_axis": 5}}})
+    sample = PromptedImage(np.zeros((64, 64, 3), np.uint8), boxes=np.array([[0, 0, 30, 30]], np.float32))
+    with pytest.raises(SaqError) as info:
+        calibrate(qmodel, [sample], None, progress=False)
+    message = str(info.value)
+    assert message.startswith("quant.encoder.act.ch_axis=5 is out of range for image_encoder.blocks.0.attn.qkv")
+    assert "\n" not in message

@@ -1,0 +1,204 @@
+"""quantize() / calibrate() on SAM: what gets wrapped, off-state identity, states after calibration, summary, export."""
+
+import numpy as np
+import pytest
+import torch
+from segment_anything.modeling.transformer import Attention as DecoderAttention
+from torch import nn
+
+from saq.errors import SaqError
+from saq.quant import (
+    Log2AGQQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    QuantMatMul,
+    QuantState,
+    assert_fully_quantized,
+    calibrate,
+    export_quantized,
+    iter_quantizers,
+    load_quantized,
+    quant_states,
+    quant_summary,
+    quantize,
+    set_quant_state,
+)
+from saq.sam.attention import QuantDecoderAttention, QuantEncoderAttention
+from saq.sam.build import build_random_sam
+from saq.sam.segmenter import PromptedImage, Segmenter
+
+torch.set_num_threads(1)
+
+W4A4 = {"name": "w4a4", "w_bits": 4, "a_bits": 4}
+
+
+def _samples(n=2, size=(200, 240), seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        x0, y0 = rng.integers(0, size[1] // 2), rng.integers(0, size[0] // 2)
+        boxes = np.array([[x0, y0, x0 + size[1] // 3, y0 + size[0] // 3], [5, 5, size[1] - 5, size[0] - 5],
+                          [x0, 0, size[1] - 1, y0 + 20]], np.float32)
+        out.append(PromptedImage(image, boxes=boxes))
+    return out
+
+
+def _count(model, cls):
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+def _predict(model, sample):
+    return Segmenter(model).run(sample)
+
+
+def test_sam_vit_b_wraps_what_the_paper_quantizes_and_is_exact_when_off():
+    sam = build_random_sam("sam_vit_b", seed=0)
+    qmodel = quantize(sam, W4A4)
+    # paper.md §2.1 for ViT-B: 12 blocks × (qkv, proj, lin1, lin2) = 48 linears, neck = 2 convs; the decoder's
+    # 7 attentions × 4 projections + 2 MLPs × 2 = 32 linears; matmuls: 2 per attention, 12 + 7 attentions
+    assert _count(qmodel, QuantLinear) == 48 + 32
+    assert _count(qmodel, QuantConv2d) == 2
+    assert _count(qmodel, QuantMatMul) == 2 * (12 + 7)
+    assert _count(qmodel, Log2AGQQuantizer) == 12 + 7  # one post-softmax operand per attention
+    assert len(list(iter_quantizers(qmodel))) == 2 * (80 + 2 + 38)
+    assert _count(qmodel, QuantEncoderAttention) == 12 and _count(qmodel, QuantDecoderAttention) == 7
+    # kept FP: patch embedding, prompt encoder, upscaling, hypernetwork MLPs, IoU head
+    assert type(qmodel.image_encoder.patch_embed.proj) is nn.Conv2d
+    for part in (qmodel.prompt_encoder, qmodel.mask_decoder.output_upscaling,
+                 qmodel.mask_decoder.output_hypernetworks_mlps, qmodel.mask_decoder.iou_prediction_head):
+        assert not any(isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul)) for m in part.modules())
+    assert not any(type(m) is DecoderAttention for m in qmodel.modules())
+    assert type(sam.mask_decoder.transformer.layers[0].self_attn) is DecoderAttention  # the FP model is untouched
+    assert set(quant_states(qmodel)) == {"off"}
+    sample = PromptedImage(np.random.default_rng(1).integers(0, 256, (96, 128, 3), dtype=np.uint8),
+                           boxes=np.array([[8, 8, 60, 90], [30, 20, 120, 95]], np.float32))
+    fp, off = _predict(sam, sample), _predict(qmodel, sample)  # one 1024² forward each
+    assert torch.equal(fp.low_res_logits, off.low_res_logits)
+    assert torch.equal(fp.iou_scores, off.iou_scores)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_random_sam("sam_tiny", seed=0)
+
+
+def test_sam_tiny_off_state_is_bit_identical_and_fp_model_untouched(tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    qmodel = quantize(tiny, W4A4)
+    sample = _samples(1)[0]
+    fp, off = _predict(tiny, sample), _predict(qmodel, sample)
+    assert torch.equal(fp.low_res_logits, off.low_res_logits) and torch.equal(fp.iou_scores, off.iou_scores)
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
+    assert qmodel.image_encoder.blocks[0].attn.qkv.weight is not tiny.image_encoder.blocks[0].attn.qkv.weight
+
+
+def test_parts_can_stay_fp(tiny):
+    qmodel = quantize(tiny, {**W4A4, "encoder": {"enabled": False}})
+    assert not any(isinstance(m, QuantLinear) for m in qmodel.image_encoder.modules())
+    assert _count(qmodel, QuantLinear) == 32 and _count(qmodel, QuantConv2d) == 0
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny):
+    samples = _samples(2)
+    qmodel = quantize(tiny, W4A4)
+    report = calibrate(qmodel, samples, W4A4, {"name": "minmax"}, progress=False)
+    return qmodel, samples, report
+
+
+def test_calibrate_ends_with_every_quantizer_quantizing_even_after_evaluation(calibrated, tiny):
+    qmodel, samples, report = calibrated
+    assert report.states == {"quant": len(list(iter_quantizers(qmodel)))}
+    assert report.images == 2 and report.prompts == 6 and len(report.big) == 3
+    first = _predict(qmodel, samples[0])
+    for sample in samples:  # an evaluation pass
+        prediction = _predict(qmodel, sample)
+        assert torch.isfinite(prediction.low_res_logits).all()
+    assert all(q.state is QuantState.QUANT for q in iter_quantizers(qmodel))
+    assert_fully_quantized(qmodel)
+    fp = _predict(tiny, samples[0])
+    assert not torch.allclose(first.low_res_logits, fp.low_res_logits, atol=1e-3)  # quantization is really on
+    assert torch.equal(_predict(qmodel, samples[0]).low_res_logits, first.low_res_logits)  # and deterministic
+
+
+def test_state_switch_round_trip(calibrated, tiny):
+    qmodel, samples, _ = calibrated
+    quantized = _predict(qmodel, samples[0]).low_res_logits
+    set_quant_state(qmodel, "off")
+    try:
+        with pytest.raises(SaqError, match="not quantizing"):
+            assert_fully_quantized(qmodel)
+        off = _predict(qmodel, samples[0]).low_res_logits
+        # BIG may have flipped q/k signs: FP up to float rounding
+        assert torch.allclose(off, _predict(tiny, samples[0]).low_res_logits, atol=1e-5)
+        set_quant_state(qmodel, QuantState.QUANT, kind="weight")
+        assert quant_states(qmodel) == {"quant": 56 + 2, "off": 56 + 2 + 2 * 26}  # weights on, inputs off
+    finally:
+        set_quant_state(qmodel, QuantState.QUANT)
+    assert torch.equal(_predict(qmodel, samples[0]).low_res_logits, quantized)
+
+
+def test_quant_summary_lists_every_quantizer(calibrated):
+    qmodel, _, _ = calibrated
+    text = quant_summary(qmodel)
+    lines = text.splitlines()
+    quantizers = list(iter_quantizers(qmodel))
+    assert len(lines) == len(quantizers) + 3
+    assert lines[0].split() == ["layer", "role", "quantizer", "bits", "granularity", "observer", "state"]
+    qkv_weight = next(line for line in lines if line.startswith("image_encoder.blocks.0.attn.qkv ")).split()
+    assert qkv_weight[1:5] == ["weight", "adaround/asym", "4", "per_channel(0)"] and qkv_weight[-2:] == ["mse", "quant"]
+    assert any("log2_agq" in line and "tau in {1,2,4}, chose" in line for line in lines)
+    assert any("input" in line and "lsq/asym" in line and "minmax" in line for line in lines)
+    assert lines[-1].startswith("quantized: 56 linear, 2 conv, 26 matmul (168 quantizers)")
+
+
+def test_export_and_load_reproduce_outputs(calibrated, tmp_path):
+    qmodel, samples, _ = calibrated
+    export_quantized(qmodel, tmp_path / "export", extra={"model": "sam_tiny"})
+    state = torch.load(tmp_path / "export" / "quantized_state.pt", weights_only=True)  # tensors only
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    loaded = load_quantized(build_random_sam("sam_tiny", seed=5), tmp_path / "export")  # other weights: replaced
+    assert_fully_quantized(loaded)
+    for sample in samples:
+        assert torch.equal(_predict(loaded, sample).low_res_logits, _predict(qmodel, sample).low_res_logits)
+
+
+def test_export_load_keeps_adaround_rounding(calibrated, tmp_path):
+    qmodel, _, _ = calibrated
+    layer = qmodel.mask_decoder.transformer.layers[0].mlp.lin1
+    quantizer = layer.weight_quantizer
+    quantizer.init_soft(layer.weight)
+    try:
+        with torch.no_grad():
+            quantizer.alpha.copy_(torch.randn(quantizer.alpha.shape, generator=torch.Generator().manual_seed(0)))
+        export_quantized(qmodel, tmp_path / "soft")
+        loaded = load_quantized(build_random_sam("sam_tiny", seed=5), tmp_path / "soft")
+        twin = loaded.mask_decoder.transformer.layers[0].mlp.lin1
+        assert twin.weight_quantizer.mode == "soft"
+        assert torch.equal(twin.quantized_weight(), layer.quantized_weight())
+    finally:
+        quantizer.set_mode("nearest")
+
+
+def test_calibration_misuse_is_reported(tiny):
+    qmodel = quantize(tiny, W4A4)
+    with pytest.raises(SaqError, match="never calibrated"):
+        set_quant_state(qmodel, "quant")
+    with pytest.raises(SaqError, match="at least one sample"):
+        calibrate(qmodel, [], W4A4)
+    no_prompts = PromptedImage(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(SaqError, match="no calibration sample has prompts"):
+        calibrate(qmodel, [no_prompts], W4A4)
+    with pytest.raises(SaqError, match="cannot export"):
+        export_quantized(qmodel, "/tmp/never-written")
+
+
+def test_calibrate_with_mse_clipping_sets_the_activation_strategy(tiny):
+    qmodel = quantize(tiny, {"name": "w8a8", "w_bits": 8, "a_bits": 8, "big": False})
+    calibrate(qmodel, _samples(1, seed=3), None, {"_target_": "saq.clipping.MSEClipping", "name": "mse"},
+              progress=False)
+    names = {q.observer.name for q in iter_quantizers(qmodel, "act") if not isinstance(q, Log2AGQQuantizer)}
+    assert names == {"avg_mse(p=2.4)"}
+    assert {q.observer.name for q in iter_quantizers(qmodel, "weight")} == {"mse"}
+    assert_fully_quantized(qmodel)

@@ -1,0 +1,190 @@
+"""Observers and range strategies on known distributions: MinMax, AvgMinMax, Percentile, MSE grid and bounded search."""
+
+import math
+
+import pytest
+import torch
+
+from saq.clipping import MinMaxClipping, MSEClipping, PercentileClipping, build_range_strategy, error_sample
+from saq.clipping.percentile import tail_quantiles
+from saq.errors import SaqError
+from saq.quant import AvgMinMaxObserver, MinMaxObserver, MSEObserver, PercentileObserver
+from saq.quant.grid import QuantGrid, bounded_minimize, fake_quant_range, lp_error
+
+torch.set_num_threads(1)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _exact_error(x, lo, hi, grid, p=2.4, dim=None):
+    return lp_error(fake_quant_range(x, lo, hi, grid, ch_axis=None if dim is None else 0), x, p, dim=dim)
+
+
+def test_minmax_and_avg_minmax_on_known_batches():
+    grid = QuantGrid(8)
+    batches = [torch.tensor([-1.0, 0.0, 3.0]), torch.tensor([-5.0, 1.0]), torch.tensor([2.0, 0.5, 7.0])]
+    running, average = MinMaxObserver(), AvgMinMaxObserver()
+    for b in batches:
+        running.observe(b, grid, None)
+        average.observe(b, grid, None)
+    assert [float(v) for v in running.range()] == [-5.0, 7.0]
+    lo, hi = average.range()
+    assert math.isclose(float(lo), (-1 - 5 + 0.5) / 3, rel_tol=1e-6)
+    assert math.isclose(float(hi), (3 + 1 + 7) / 3, rel_tol=1e-6)
+
+
+def test_minmax_per_channel_any_axis():
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    lo, hi = MinMaxObserver().strategy.batch_range(x, QuantGrid(8), 1)
+    assert lo.tolist() == [0.0, 4.0, 8.0] and hi.tolist() == [15.0, 19.0, 23.0]
+
+
+def test_tail_quantiles_match_torch_quantile():
+    x = torch.randn(50_001, generator=_gen(0))
+    probs = [0.99, 0.999, 0.9999, 0.01, 0.001, 0.5]
+    assert torch.allclose(tail_quantiles(x, probs), torch.quantile(x, torch.tensor(probs)), atol=1e-6)
+    ramp = torch.arange(100_001.0)  # known: q(p) = p·(n - 1)
+    assert torch.allclose(tail_quantiles(ramp, [0.99, 0.01]), torch.tensor([99_000.0, 1_000.0]))
+
+
+@pytest.mark.parametrize("size,clips", [(20_000, False), (400_000, True)])
+def test_percentile_picks_the_candidate_with_the_lowest_error(size, clips):
+    grid = QuantGrid(4)
+    x = torch.randn(size, generator=_gen(1))
+    x[:3] = torch.tensor([40.0, -35.0, 60.0])  # rare enough to clip only in the larger tensor
+    strategy = PercentileClipping()
+    lo, hi = strategy.batch_range(x, grid, None)
+    candidates = [(float(torch.quantile(x, 1 - p)), float(torch.quantile(x, p))) for p in strategy.percentiles]
+    errors = [float(_exact_error(x, a, b, grid)) for a, b in candidates]
+    best = min(range(len(errors)), key=errors.__getitem__)
+    assert math.isclose(float(lo), candidates[best][0], rel_tol=1e-4)
+    assert math.isclose(float(hi), candidates[best][1], rel_tol=1e-4)
+    assert (float(hi) < 10) == clips
+    observer = PercentileObserver()
+    observer.observe(x, grid, None)
+    assert torch.allclose(torch.stack(observer.range()), torch.stack([lo, hi]))
+
+
+def _brute_force_channel_grid(w, grid, num=100, p=2.4):
+    """The paper's MSEObserver written as plain loops: every range i·xrange/num, every zero-point."""
+    levels = grid.qmax - grid.qmin
+    best = []
+    for row in w:
+        x_min, x_max = float(row.min()), float(row.max())
+        best_err = math.inf
+        for i in range(1, num + 1):
+            r = (x_max - x_min) * i / num
+            step = r / levels
+            for z in range(levels + 1):
+                err = float(_exact_error(row, -z * step, r - z * step, grid, p))
+                best_err = min(best_err, err)
+        best.append(best_err)
+    return torch.tensor(best)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_mse_channel_grid_equals_brute_force(bits):
+    grid = QuantGrid(bits)
+    w = torch.randn(6, 120, generator=_gen(2)) * torch.linspace(0.1, 2.0, 6)[:, None]
+    w[1, 0], w[3, 5] = 6.0, -9.0  # channels with an outlier
+    w[4] = w[4].abs() - 0.05  # mostly positive channel
+    # heavy tails on both sides: the best window is narrower than the data and sits inside it, away from either end
+    w[5] = torch.sign(w[5]) * torch.empty(120).exponential_(generator=_gen(9)) ** 2
+    lo, hi = MSEClipping(num_ranges=30).batch_range(w, grid, 0)
+    ours = _exact_error(w, lo, hi, grid, dim=1)
+    reference = _brute_force_channel_grid(w, grid, num=30)
+    assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-9), (ours, reference)
+
+
+def test_mse_channel_grid_one_sided_and_symmetric():
+    w = torch.rand(4, 50, generator=_gen(3))
+    w[0, 0] = 5.0
+    for grid in (QuantGrid(4), QuantGrid(4, symmetric=True)):
+        lo, hi = MSEClipping(num_ranges=50).batch_range(w, grid, 0)
+        ours = _exact_error(w, lo, hi, grid, dim=1)
+        span = w.amax(1) if not grid.symmetric else w.abs().amax(1)
+        best = torch.full((4,), math.inf)
+        for i in range(1, 51):
+            r = span * i / 50
+            low = -r if grid.symmetric else torch.zeros_like(r)
+            best = torch.minimum(best, _exact_error(w, low, r, grid, dim=1))
+        assert torch.allclose(ours, best, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [16_000, 300_000])  # exact scoring, and the tails + sample scoring of big tensors
+def test_mse_beats_minmax_with_outliers(size):
+    grid = QuantGrid(4)
+    x = torch.randn(size, generator=_gen(4))
+    x[0] = 20.0 if size < 20_000 else 80.0  # a lone outlier: keeping it in range wastes the grid on the bulk
+    mse_lo, mse_hi = MSEClipping().batch_range(x, grid, None)
+    minmax_lo, minmax_hi = MinMaxClipping().batch_range(x, grid, None)
+    mse_err = float(_exact_error(x, mse_lo, mse_hi, grid))
+    minmax_err = float(_exact_error(x, minmax_lo, minmax_hi, grid))
+    assert mse_err < 0.5 * minmax_err
+    assert float(mse_hi) < 10.0
+    observer = MSEObserver()  # per batch, then averaged
+    observer.observe(x, grid, None)
+    observer.observe(x, grid, None)
+    assert torch.allclose(torch.stack(observer.range()), torch.stack([mse_lo, mse_hi]))
+
+
+def test_mse_never_loses_to_minmax():
+    grid = QuantGrid(4)
+    x = torch.randn(5_000, generator=_gen(8))
+    x[::1000] = 80.0  # five outliers: here the full range is the best there is
+    mse_err = float(_exact_error(x, *MSEClipping().batch_range(x, grid, None), grid))
+    minmax_err = float(_exact_error(x, *MinMaxClipping().batch_range(x, grid, None), grid))
+    assert mse_err <= minmax_err
+
+
+def test_mse_bounded_search_is_near_the_best_two_sided_window():
+    grid = QuantGrid(3)
+    x = torch.cat([torch.randn(3000, generator=_gen(5)) * 0.5 + 1.0, torch.tensor([-4.0, 6.0])])
+    lo, hi = MSEClipping().batch_range(x, grid, None)
+    found = float(_exact_error(x, lo, hi, grid))
+    grid_best = min(float(_exact_error(x, a, b, grid)) for a in torch.linspace(-4, 0, 41).tolist()
+                    for b in torch.linspace(0.1, 6, 60).tolist())
+    assert found <= grid_best * 1.02
+
+
+def test_error_sample_is_exact_when_small_and_close_when_large():
+    grid = QuantGrid(4)
+    small = torch.randn(1000, generator=_gen(6))
+    assert math.isclose(error_sample(small, 4096).error(-1.0, 1.5, grid, 2.4),
+                        float(_exact_error(small, -1.0, 1.5, grid)), rel_tol=1e-4)
+    large = torch.randn(400_000, generator=_gen(7))
+    large[:10] = 50.0
+    approx = error_sample(large, 8192).error(-2.0, 2.0, grid, 2.4)
+    exact = float(_exact_error(large, -2.0, 2.0, grid))
+    assert math.isclose(approx, exact, rel_tol=0.05)  # the clipped outliers dominate and are kept exactly
+
+
+def test_bounded_minimize_finds_the_minimum():
+    x, fx = bounded_minimize(lambda v: (v - 0.3) ** 2 + 1.0, -2.0, 5.0)
+    assert abs(x - 0.3) < 1e-4 and abs(fx - 1.0) < 1e-8
+    x, _ = bounded_minimize(lambda v: abs(v - 4.9), 0.0, 5.0, xatol=1e-6)
+    assert abs(x - 4.9) < 1e-4
+
+
+def test_build_range_strategy_from_config():
+    assert isinstance(build_range_strategy({"_target_": "saq.clipping.MSEClipping", "name": "mse", "p": 2.0}),
+                      MSEClipping)
+    assert isinstance(build_range_strategy({"name": "percentile"}), PercentileClipping)
+    assert build_range_strategy(None) is None
+    with pytest.raises(SaqError, match="clip.name='pcc' is unknown"):
+        build_range_strategy({"name": "pcc"})
+    with pytest.raises(SaqError, match="cannot be imported"):
+        build_range_strategy({"_target_": "saq.clipping.Nope"})
+    with pytest.raises(SaqError, match="clip.percentiles"):
+        build_range_strategy({"name": "percentile", "percentiles": [1.5]})
+
+
+def test_bounded_minimize_matches_scipy_when_installed():
+    optimize = pytest.importorskip("scipy.optimize")
+    for f, lo, hi in ((lambda v: (v - 0.3) ** 2, -2.0, 5.0), (lambda v: math.sin(3 * v) + 0.1 * v, 0.0, 4.0),
+                      (lambda v: abs(v - 1.7) ** 2.4, 0.0, 10.0)):
+        ours, _ = bounded_minimize(f, lo, hi)
+        theirs = optimize.minimize_scalar(f, bounds=(lo, hi), method="bounded").x
+        assert abs(ours - theirs) < 1e-4
