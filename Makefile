@@ -36,5 +36,9 @@ tiny-card: setup  ## evaluate the shipped sam_tiny on the synthetic val split an
 	$(PY) -m saq logger=none fp_cache=false hydra.run.dir=outputs/tiny-card
 	$(PY) -m saq.sam.tiny.card outputs/tiny-card/results.json
 
+SWEEP ?= quant_baselines
+sweep: setup  ## run a sweep preset from sweeps/ (SWEEP=name; default quant_baselines)
+	$(PY) -m saq -m +sweeps=$(SWEEP)
+
 clean:  ## remove run outputs and generated data (keeps .venv)
 	rm -rf outputs data

@@ -42,3 +42,27 @@ def test_unknown_option_is_rejected():
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         with pytest.raises(MissingConfigException):
             compose(config_name="config", overrides=["model=sam_vit_x"])
+
+
+def sweep_combinations() -> list[tuple[str, list[str]]]:
+    """Every override list that each sweep preset in sweeps/ expands to (cartesian product of its params)."""
+    import itertools
+
+    combos = []
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        params = OmegaConf.load(path).hydra.sweeper.params
+        keys = list(params)
+        values = [str(params[k]).split(",") for k in keys]
+        for choice in itertools.product(*values):
+            combos.append((path.stem, [f"{k}={v}" for k, v in zip(keys, choice)]))
+    return combos
+
+
+@pytest.mark.parametrize("sweep,overrides", sweep_combinations())
+def test_every_sweep_combination_composes(sweep, overrides, monkeypatch):
+    monkeypatch.chdir(REPO)  # sweep presets are found through the repo-root search path
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"+sweeps={sweep}", *overrides])
+    for override in overrides:
+        group, option = override.split("=")
+        assert cfg[group].name == option
