@@ -1,10 +1,11 @@
-"""Where box prompts come from: ground truth, jittered ground truth, or a detector's results file."""
+"""Where box prompts come from: ground truth, jittered ground truth, or a detector's results (COCO json or DOTA txt)."""
 
 from __future__ import annotations
 
 import json
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ class BoxPrompts:
     labels: np.ndarray  # N int64 (dataset category ids)
 
     @staticmethod
-    def empty() -> "BoxPrompts":
+    def empty() -> BoxPrompts:
         return BoxPrompts(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
     def __len__(self) -> int:
@@ -38,6 +39,13 @@ class PromptSource(ABC):
     @abstractmethod
     def for_image(self, key, gt: BoxPrompts, image_size: tuple[int, int]) -> BoxPrompts:
         ...
+
+    def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None) -> None:
+        """Called by a task before for_image: its image keys, and its class names when labels are class indices.
+
+        Ground-truth sources need neither; a detections file checks that it names the task's images and maps
+        class names to indices.
+        """
 
     def fingerprint(self) -> str:
         return self.name
@@ -82,24 +90,34 @@ class JitteredBoxes(PromptSource):
 
 
 class DetectionsFile(PromptSource):
-    """A detector's results: COCO results-format json (what mmdetection and most detectors write).
+    """A detector's results as box prompts: a results json, or DOTA results (a folder of Task1_<class>.txt).
 
-    Each entry: {"image_id", "category_id", "bbox": [x, y, w, h], "score"}. Keeps detections with
-    score >= score_threshold, at most max_per_image per image, highest scores first.
+    json (COCO results format, what mmdetection writes): a list of {"image_id", "category_id", "bbox": [x, y, w, h],
+    "score"}. For DOTA-style data image_id may be the image's file stem (a string), category_id a class name, and
+    "poly": [x1, y1, ..., x4, y4] may stand in for bbox.
+    DOTA (what the DOTA devkit and mmrotate write for Task 1): one file per class, Task1_<class>.txt, lines
+    "image_stem score x1 y1 x2 y2 x3 y3 x4 y4"; file may be that folder or one such file.
+    A polygon's enclosing horizontal box is the prompt. Keeps detections with score >= score_threshold, at most
+    max_per_image per image, highest scores first.
     """
 
     name = "detections"
 
     def __init__(self, file: str | None, score_threshold: float = 0.05, max_per_image: int = 100):
         if not file:
-            raise SaqError("prompts=detections needs a file: set prompts.file=/path/to/detections.json")
+            raise SaqError("prompts=detections needs a file: set prompts.file=/path/to/detections.json "
+                           "(or a folder of DOTA Task1_<class>.txt files)")
         path = Path(file)
-        if not path.is_file():
+        if not path.exists():
             raise SaqError(f"detections file not found: {path} (set prompts.file)")
         if max_per_image < 1:
             raise SaqError(f"prompts.max_per_image must be >= 1, got {max_per_image}")
         self.path, self.score_threshold, self.max_per_image = path, score_threshold, max_per_image
-        self._by_image = self._read(path)
+        if path.is_dir() or path.suffix.lower() == ".txt":
+            self._by_image = self._read_dota(path)
+        else:
+            self._by_image = self._read(path)
+        self._named_labels = any(isinstance(d[5], str) for dets in self._by_image.values() for d in dets)
 
     @staticmethod
     def _read(path: Path) -> dict:
@@ -113,15 +131,74 @@ class DetectionsFile(PromptSource):
         by_image: dict = {}
         for i, det in enumerate(entries):
             try:
-                x, y, w, h = (float(v) for v in det["bbox"])
-                item = (int(det["image_id"]), x, y, x + w, y + h, float(det["score"]), int(det["category_id"]))
+                if "bbox" in det:
+                    x, y, w, h = (float(v) for v in det["bbox"])
+                    box = (x, y, x + w, y + h)
+                else:
+                    box = _enclosing_box([float(v) for v in det["poly"]])
+                key = det["image_id"]
+                # COCO ids are numbers; DOTA images are keyed by their file stem, kept as a string.
+                key = key if isinstance(key, str) else int(key)
+                label = det["category_id"]
+                label = label if isinstance(label, str) else int(label)
+                item = (*box, float(det["score"]), label)
             except (KeyError, TypeError, ValueError):
-                raise SaqError(f"detections file {path}: entry {i} is not a COCO result "
-                               "({image_id, category_id, bbox: [x, y, w, h], score})") from None
-            by_image.setdefault(item[0], []).append(item[1:])
+                raise SaqError(f"detections file {path}: entry {i} is not a result "
+                               "({image_id, category_id, bbox: [x, y, w, h] or poly: [x1, y1, ..., x4, y4], "
+                               "score})") from None
+            by_image.setdefault(key, []).append(item)
         return by_image
 
+    @staticmethod
+    def _read_dota(path: Path) -> dict:
+        files = sorted(path.glob("Task1_*.txt")) if path.is_dir() else [path]
+        if not files:
+            raise SaqError(f"detections folder {path} holds no DOTA result files (Task1_<class>.txt)")
+        by_image: dict = {}
+        for file in files:
+            if not file.name.startswith("Task1_"):
+                raise SaqError(f"DOTA result file {file} must be named Task1_<class>.txt")
+            category = file.stem[len("Task1_"):]
+            for lineno, line in enumerate(file.read_text().splitlines(), 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                try:
+                    if len(parts) != 10:
+                        raise ValueError
+                    score, coords = float(parts[1]), [float(v) for v in parts[2:]]
+                    if not np.isfinite([score, *coords]).all():
+                        raise ValueError
+                except ValueError:
+                    raise SaqError(f"DOTA result file {file}, line {lineno}: expected "
+                                   f"'image_stem score x1 y1 x2 y2 x3 y3 x4 y4', got {line.strip()!r}") from None
+                by_image.setdefault(parts[0], []).append((*_enclosing_box(coords), score, category))
+        return by_image
+
+    def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None) -> None:
+        keys = set(image_keys)
+        if self._by_image and keys and not keys & set(self._by_image):
+            raise SaqError(f"detections file {self.path} names none of the task's images "
+                           f"(it has {next(iter(self._by_image))!r}; the images are keyed like {next(iter(keys))!r})")
+        if category_names is None:
+            return
+        index = {name: i for i, name in enumerate(category_names)}
+        for key, dets in self._by_image.items():
+            for j, det in enumerate(dets):
+                label = det[5]
+                if not isinstance(label, str):
+                    raise SaqError(f"detections file {self.path}: image {key!r} has category_id {label}; this task "
+                                   f"needs class names (one of {list(category_names)})")
+                if label not in index:
+                    raise SaqError(f"detections file {self.path}: image {key!r} has unknown class {label!r}; "
+                                   f"expected one of {list(category_names)}")
+                dets[j] = (*det[:5], index[label])
+        self._named_labels = False
+
     def for_image(self, key, gt: BoxPrompts, image_size: tuple[int, int]) -> BoxPrompts:
+        if self._named_labels:
+            raise SaqError(f"detections file {self.path} names classes by name; this task needs numeric "
+                           "category_id values")
         dets = [d for d in self._by_image.get(key, []) if d[4] >= self.score_threshold]
         dets.sort(key=lambda d: -d[4])
         dets = dets[: self.max_per_image]
@@ -131,6 +208,15 @@ class DetectionsFile(PromptSource):
         return BoxPrompts(arr[:, :4].astype(np.float32), arr[:, 4].astype(np.float32), arr[:, 5].astype(np.int64))
 
     def fingerprint(self) -> str:
-        stat = self.path.stat()
-        return f"detections-{self.path.resolve()}-{stat.st_size}-{stat.st_mtime_ns}-{self.score_threshold}-" \
-               f"{self.max_per_image}"
+        # A folder's fingerprint covers every result file in it.
+        files = sorted(self.path.glob("Task1_*.txt")) if self.path.is_dir() else [self.path]
+        stats = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        return f"detections-{self.path.resolve()}-{stats}-{self.score_threshold}-{self.max_per_image}"
+
+
+def _enclosing_box(coords: list[float]) -> tuple[float, float, float, float]:
+    """The horizontal xyxy box enclosing a flat polygon [x1, y1, x2, y2, ...]."""
+    if len(coords) < 4 or len(coords) % 2:
+        raise ValueError("a polygon needs an even number of coordinates")
+    xs, ys = coords[0::2], coords[1::2]
+    return min(xs), min(ys), max(xs), max(ys)

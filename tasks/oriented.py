@@ -1,0 +1,302 @@
+"""DOTA-format oriented object detection: horizontal box prompts → one SAM mask each → rotated boxes → DOTA mAP@0.5."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+from tqdm import tqdm
+
+from saq.errors import SaqError
+from saq.sam.segmenter import PromptedImage, Segmenter
+from tasks.base import Task, read_rgb, require_dir
+from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
+from tasks.synthetic import ensure_dataset, oriented_box
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# DOTA-v1.x label files may open with these metadata lines.
+HEADER_PREFIXES = ("imagesource:", "gsd:")
+# voc07: 11-point interpolated AP (the DOTA devkit's and mmrotate's default); area: area under the PR curve.
+AP_METHODS = ("voc07", "area")
+IOU_THRESHOLD = 0.5
+
+
+@dataclass
+class DotaObjects:
+    """The annotated objects of one image, in label-file order."""
+
+    polygons: np.ndarray  # N x 4 x 2 float64, corners (x, y)
+    names: list[str]
+    difficult: np.ndarray  # N bool
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass
+class RotatedDetection:
+    """One detection: an image key, a class index, a score and a 4-corner polygon."""
+
+    image: str
+    label: int
+    score: float
+    polygon: np.ndarray  # 4 x 2
+
+
+def read_dota_labels(path: Path) -> DotaObjects:
+    """Parse a DOTA label file: 'x1 y1 x2 y2 x3 y3 x4 y4 class difficult' lines, after optional header lines.
+
+    The difficulty column may be missing (then 0); a malformed line raises SaqError naming the file and line.
+    """
+    polygons, names, difficult = [], [], []
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.lower().startswith(HEADER_PREFIXES):
+            continue
+        parts = line.split()
+        try:
+            if len(parts) not in (9, 10):
+                raise ValueError
+            coords = [float(v) for v in parts[:8]]
+            if not np.isfinite(coords).all():
+                raise ValueError
+            hard = int(parts[9]) if len(parts) == 10 else 0
+        except ValueError:
+            raise SaqError(f"DOTA label file {path}, line {lineno}: expected "
+                           f"'x1 y1 x2 y2 x3 y3 x4 y4 class difficult', got {line!r}") from None
+        polygons.append(np.asarray(coords, np.float64).reshape(4, 2))
+        names.append(parts[8])
+        difficult.append(hard != 0)
+    return DotaObjects(np.asarray(polygons, np.float64).reshape(-1, 4, 2), names, np.asarray(difficult, bool))
+
+
+def list_images(img_dir: Path, config_key: str) -> list[tuple[str, Path]]:
+    """(file stem, path) of every image in a folder, sorted by stem."""
+    require_dir(img_dir, "image", config_key)
+    images = sorted((p.stem, p) for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise SaqError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {img_dir} (set {config_key})")
+    for (a, _), (b, _) in itertools.pairwise(images):
+        if a == b:
+            raise SaqError(f"two images in {img_dir} share the name {a!r}; images are keyed by file stem")
+    return images
+
+
+def label_file(ann_dir: Path, stem: str, image: Path) -> Path:
+    """The label file of an image; every image needs one (an empty file for an image with no objects)."""
+    path = ann_dir / f"{stem}.txt"
+    if not path.is_file():
+        raise SaqError(f"image {image} has no label file {path} (DOTA needs one per image; write an empty file "
+                       "for an image with no objects)")
+    return path
+
+
+def enclosing_boxes(polygons: np.ndarray) -> np.ndarray:
+    """Horizontal xyxy boxes enclosing N x K x 2 polygons."""
+    if not len(polygons):
+        return np.zeros((0, 4), np.float32)
+    return np.concatenate([polygons.min(1), polygons.max(1)], 1).astype(np.float32)
+
+
+def _shapes(polygons: np.ndarray) -> np.ndarray:
+    """Shapely polygons; a self-crossing corner order (a 'bow tie', seen in DOTA labels) becomes its convex hull."""
+    shapes = shapely.polygons(np.asarray(polygons, np.float64))
+    bad = ~shapely.is_valid(shapes)
+    if bad.any():
+        shapes[bad] = shapely.convex_hull(shapes[bad])
+    return shapes
+
+
+def polygon_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact IoU matrix between N and M polygons given as N x K x 2 and M x K x 2 corner arrays."""
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    pa, pb = _shapes(a), _shapes(b)
+    inter = shapely.area(shapely.intersection(pa[:, None], pb[None, :]))
+    union = shapely.area(pa)[:, None] + shapely.area(pb)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def average_precision(recall: np.ndarray, precision: np.ndarray, method: str) -> float:
+    """AP from a PR curve: VOC07 11-point interpolation or the area under the interpolated curve."""
+    if method == "voc07":
+        # Thresholds as exact tenths: the devkit's np.arange(0, 1.1, 0.1) holds 0.30000000000000004 and misses
+        # a recall of exactly 0.3.
+        return float(sum(precision[recall >= t].max(initial=0.0) for t in np.arange(11) / 10.0) / 11.0)
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    steps = np.nonzero(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+def rotated_map(detections: Sequence[RotatedDetection], ground_truth: dict[str, tuple[np.ndarray, np.ndarray,
+                np.ndarray]], classes: Sequence[str], ap_method: str = "voc07",
+                iou_threshold: float = IOU_THRESHOLD) -> dict:
+    """DOTA Task-1 mAP, as the DOTA devkit computes it, with exact polygon IoU.
+
+    ground_truth: image key -> (polygons N x 4 x 2, class indices N, difficult N). Detections are taken by
+    descending score; one whose best-overlapping object (IoU > threshold) is difficult counts neither as a true
+    nor a false positive, and difficult objects are not counted in recall. Classes without a non-difficult object
+    get AP None and are left out of the mean (as mmdetection/mmrotate do).
+    """
+    if ap_method not in AP_METHODS:
+        raise SaqError(f"task.ap_method must be one of {AP_METHODS}, got {ap_method!r}")
+    per_class, gt_counts = {}, {}
+    for c, name in enumerate(classes):
+        gts = {key: (polys[labels == c], difficult[labels == c]) for key, (polys, labels, difficult)
+               in ground_truth.items()}
+        npos = int(sum((~hard).sum() for _, hard in gts.values()))
+        gt_counts[name] = npos
+        dets = [d for d in detections if d.label == c]
+        if npos == 0:
+            per_class[name] = None
+            continue
+        order = np.argsort([-d.score for d in dets], kind="stable")
+        # IoUs of each detection with the objects of its image, computed per image in one call.
+        by_image: dict[str, list[int]] = {}
+        for i in order:
+            by_image.setdefault(dets[i].image, []).append(int(i))
+        overlaps = {}
+        for key, idx in by_image.items():
+            polys = gts[key][0] if key in gts else np.zeros((0, 4, 2))
+            ious = polygon_iou(np.stack([dets[i].polygon for i in idx]), polys)
+            overlaps.update({i: row for i, row in zip(idx, ious)})
+        taken = {key: np.zeros(len(hard), bool) for key, (_, hard) in gts.items()}
+        tp, fp = np.zeros(len(order)), np.zeros(len(order))
+        for rank, i in enumerate(order):
+            ious = overlaps[int(i)]
+            if ious.size == 0 or ious.max() <= iou_threshold:
+                fp[rank] = 1
+                continue
+            best = int(ious.argmax())
+            key = dets[i].image
+            if gts[key][1][best]:
+                continue  # matched a difficult object: ignored
+            if taken[key][best]:
+                fp[rank] = 1
+            else:
+                tp[rank] = taken[key][best] = 1
+        tp, fp = np.cumsum(tp), np.cumsum(fp)
+        recall = tp / npos
+        precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+        per_class[name] = average_precision(recall, precision, ap_method)
+    aps = [ap for ap in per_class.values() if ap is not None]
+    return {"mAP50": float(np.mean(aps)) if aps else 0.0, "AP50_per_class": per_class, "objects_per_class": gt_counts}
+
+
+class OrientedTask(Task):
+    """Horizontal box prompts (ground-truth enclosing boxes, jittered, or detections) → single-mask SAM outputs →
+    minimum-area rotated rectangles of each mask's largest region (as MMRotate-SAM does) → DOTA mAP@0.5.
+
+    Images are keyed by file stem. Every image needs a label file (empty for no objects); label files without an
+    image are ignored. A mask that comes out empty gives no detection (counted in `empty_masks`).
+    """
+
+    name = "oriented"
+
+    def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None,
+                 generate: dict | None = None, classes: Sequence[str] | None = None, ap_method: str = "voc07"):
+        self.root = Path(data["root"])
+        if generate:
+            ensure_dataset(self.root, **generate)
+        self.img_dir, self.ann_dir = self.root / data["img_dir"], self.root / data["ann_dir"]
+        self.calib_img_dir, self.calib_ann_dir = self.root / calib["img_dir"], self.root / calib["ann_dir"]
+        if max_images is not None and max_images < 1:
+            raise SaqError(f"task.max_images must be >= 1 or null, got {max_images}")
+        if ap_method not in AP_METHODS:
+            raise SaqError(f"task.ap_method must be one of {AP_METHODS}, got {ap_method!r}")
+        self.max_images, self.ap_method = max_images, ap_method
+        all_images = list_images(self.img_dir, "task.data.root / task.data.img_dir")
+        require_dir(self.ann_dir, "DOTA label (labelTxt)", "task.data.root / task.data.ann_dir")
+        self.images = all_images[:max_images] if max_images else all_images
+        self.label_files = [label_file(self.ann_dir, stem, path) for stem, path in self.images]
+        self.objects = {stem: read_dota_labels(f) for (stem, _), f in zip(self.images, self.label_files)}
+        found = sorted({n for objs in self.objects.values() for n in objs.names})
+        if classes is None:
+            self.classes = found
+        else:
+            self.classes = [str(c) for c in classes]
+            known = set(self.classes)
+            for (stem, _), f in zip(self.images, self.label_files):
+                unknown = [n for n in self.objects[stem].names if n not in known]
+                if unknown:
+                    raise SaqError(f"DOTA label file {f} has class {unknown[0]!r}, not in task.classes "
+                                   f"{self.classes}")
+        if not self.classes:
+            raise SaqError(f"the label files in {self.ann_dir} hold no objects; nothing to evaluate")
+        self.class_index = {name: i for i, name in enumerate(self.classes)}
+        self.prompts = prompts or GroundTruthBoxes()
+        self.prompts.bind([stem for stem, _ in all_images], self.classes)
+
+    def ground_truth(self, stem: str) -> tuple[BoxPrompts, np.ndarray, np.ndarray]:
+        """An image's enclosing boxes as prompts (score 1, class index), with its polygons and difficult flags."""
+        objs = self.objects[stem]
+        labels = np.asarray([self.class_index[n] for n in objs.names], np.int64)
+        boxes = BoxPrompts(enclosing_boxes(objs.polygons), np.ones(len(objs), np.float32), labels)
+        return boxes, objs.polygons, objs.difficult
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for f in self.label_files:
+            st = f.stat()
+            digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return f"oriented|{self.ann_dir.resolve()}|{digest.hexdigest()[:16]}|{self.max_images}|{self.classes}|" \
+               f"{self.ap_method}|{self.prompts.fingerprint()}"
+
+    def calibration_samples(self, n: int) -> list[PromptedImage]:
+        """First n images of the calibration split (by file stem) with objects, with their enclosing boxes."""
+        require_dir(self.calib_ann_dir, "calibration DOTA label", "task.calib.ann_dir")
+        samples = []
+        for stem, path in list_images(self.calib_img_dir, "task.calib.img_dir"):
+            if len(samples) == n:
+                break
+            objs = read_dota_labels(label_file(self.calib_ann_dir, stem, path))
+            if len(objs):
+                samples.append(PromptedImage(read_rgb(path), boxes=enclosing_boxes(objs.polygons), image_id=stem))
+        if len(samples) < n:
+            raise SaqError(f"calibration split {self.calib_img_dir} has only {len(samples)} annotated images, "
+                           f"{n} requested (lower quant.calib_images)")
+        return samples
+
+    def evaluate(self, segmenter: Segmenter, progress: bool = True) -> dict:
+        detections, ground_truth, box_ious = [], {}, []
+        n_prompts = empty = 0
+        for stem, path in tqdm(self.images, desc="oriented eval", disable=not progress, leave=False):
+            gt, polygons, difficult = self.ground_truth(stem)
+            ground_truth[stem] = (polygons, gt.labels, difficult)
+            image = read_rgb(path)
+            prompts = self.prompts.for_image(stem, gt, image.shape[:2])
+            if not len(prompts):
+                continue
+            segmenter.set_image(image)
+            offset = 0
+            for chunk in segmenter.predict_chunks(boxes=prompts.boxes):
+                masks = chunk.masks[:, 0].cpu().numpy()
+                iou_scores = chunk.iou_scores[:, 0].float().cpu().numpy()
+                for j, mask in enumerate(masks):
+                    k = offset + j
+                    if not mask.any():
+                        empty += 1
+                        if self.prompts.from_ground_truth:
+                            box_ious.append(0.0)
+                        continue
+                    corners = oriented_box(mask).astype(np.float64)
+                    detections.append(RotatedDetection(stem, int(prompts.labels[k]),
+                                                       float(prompts.scores[k] * iou_scores[j]), corners))
+                    if self.prompts.from_ground_truth:
+                        box_ious.append(float(polygon_iou(corners[None], polygons[k:k + 1])[0, 0]))
+                offset += len(masks)
+            n_prompts += len(prompts)
+        metrics = rotated_map(detections, ground_truth, self.classes, self.ap_method)
+        # Prompted object's rotated box vs its own polygon: a quantization-sensitive signal beside mAP.
+        metrics["rbox_mIoU"] = float(np.mean(box_ious)) if box_ious else 0.0
+        metrics["images"] = len(self.images)
+        metrics["prompts"] = n_prompts
+        metrics["empty_masks"] = empty
+        return metrics

@@ -1,0 +1,352 @@
+"""Label-map semantic segmentation, Semantic-Segment-Anything style: SAM's masks vote on a coarse prior → mIoU."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, calculate_stability_score
+from torchvision.ops import batched_nms
+from tqdm import tqdm
+
+from saq.errors import SaqError
+from saq.sam.segmenter import PromptedImage, Segmenter
+from tasks.base import Task, read_rgb, require_dir
+from tasks.oriented import list_images
+from tasks.prompts import GroundTruthBoxes, PromptSource
+from tasks.synthetic import ensure_dataset
+
+# segment_anything.SamAutomaticMaskGenerator's defaults (its crop layers and small-region removal are not used).
+AMG_DEFAULTS = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
+                "stability_score_offset": 1.0, "box_nms_thresh": 0.7}
+COARSE_DEFAULTS = {"dir": None, "downsample": 8, "blur_sigma": 1.0, "mislabel_fraction": 0.05, "seed": 0}
+LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
+
+
+def read_label_map(path: Path, what: str) -> np.ndarray:
+    """A single-channel PNG label map as H x W int64 (palette PNGs give their indices, as VOC/ADE tools expect)."""
+    if not path.is_file():
+        raise SaqError(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as img:
+            if img.mode not in LABEL_MODES:
+                raise SaqError(f"{what} {path} has {img.mode} pixels; a label map must be single-channel "
+                               "(8/16-bit grey or palette indices)")
+            return np.asarray(img, dtype=np.int64)
+    except (OSError, ValueError) as exc:
+        raise SaqError(f"cannot read {what} {path}: {exc}") from None
+
+
+def check_labels(labels: np.ndarray, num_classes: int, ignore_index: int, path: Path, zero_is_ignore: bool) -> None:
+    """Raise SaqError naming the file and the first value outside the class list (and not the ignore index)."""
+    values = np.unique(labels)
+    low = 1 if zero_is_ignore else 0
+    high = num_classes + low  # exclusive
+    bad = values[((values < 0) | (values >= high)) & (values != ignore_index)]
+    if len(bad):
+        hint = " (is reduce_zero_label needed?)" if not zero_is_ignore and bad[0] == num_classes else ""
+        raise SaqError(f"label map {path} holds value {int(bad[0])}, outside the {num_classes} classes "
+                       f"({low}..{high - 1}) and not the ignore index {ignore_index}{hint}")
+
+
+def reduce_zero_label(labels: np.ndarray, ignore_index: int) -> np.ndarray:
+    """ADE20K convention (as mmsegmentation): 0 ('other') becomes ignored, every class shifts down by one."""
+    out = labels - 1
+    out[(labels == 0) | (labels == ignore_index)] = ignore_index
+    return out
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int) -> np.ndarray:
+    """K x K pixel counts, rows ground truth, columns prediction; ignored pixels are left out."""
+    valid = gt != ignore_index
+    idx = gt[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def class_iou(cm: np.ndarray) -> np.ndarray:
+    """Per-class IoU from a confusion matrix; NaN for a class neither present nor predicted."""
+    inter = np.diag(cm).astype(np.float64)
+    union = cm.sum(0) + cm.sum(1) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), np.nan)
+
+
+def iou_by_class(cm: np.ndarray, classes: Sequence[str]) -> dict:
+    """Per-class IoU by name; None for a class neither present nor predicted."""
+    return {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, class_iou(cm))}
+
+
+def mean_iou(cm: np.ndarray) -> float:
+    iou = class_iou(cm)
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+
+
+def degraded_labels(gt: np.ndarray, num_classes: int, ignore_index: int, rng: np.random.Generator,
+                    downsample: int = 8, blur_sigma: float = 1.0, mislabel_fraction: float = 0.1) -> np.ndarray:
+    """A stand-in for a semantic segmenter's output, made from the ground truth (the synthetic default's prior).
+
+    The label map is area-averaged down `downsample`x, blurred (sigma in low-resolution cells), and
+    `mislabel_fraction` of the low-resolution cells, in smooth blobs, get a random class; it then comes back to
+    full size through bilinear interpolation of the class scores, so boundaries are coarse and soft.
+    """
+    h, w = gt.shape
+    sh, sw = max(1, round(h / downsample)), max(1, round(w / downsample))
+    classes = [c for c in np.unique(gt) if c != ignore_index]
+    if not classes:
+        return np.zeros_like(gt)
+    scores = np.stack([cv2.resize((gt == c).astype(np.float32), (sw, sh), interpolation=cv2.INTER_AREA)
+                       for c in classes])
+    if blur_sigma > 0:
+        scores = np.stack([cv2.GaussianBlur(s, (0, 0), blur_sigma) for s in scores])
+    low = np.asarray(classes)[scores.argmax(0)]
+    if mislabel_fraction > 0:
+        # Blobs a few cells across: noise on a 4x coarser grid, upsampled smoothly, top fraction kept.
+        noise = rng.random((max(1, sh // 4), max(1, sw // 4))).astype(np.float32)
+        field = cv2.resize(noise, (sw, sh), interpolation=cv2.INTER_CUBIC)
+        blobs = (field > np.quantile(field, 1 - mislabel_fraction)).astype(np.uint8)
+        n, components = cv2.connectedComponents(blobs, connectivity=4)
+        wrong = rng.integers(0, num_classes, max(n, 1))
+        low = np.where(components > 0, wrong[components], low)
+    present = np.unique(low)
+    up = np.stack([cv2.resize((low == c).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+                   for c in present])
+    return present[up.argmax(0)].astype(np.int64)
+
+
+def point_grid(points_per_side: int, height: int, width: int) -> np.ndarray:
+    """segment_anything's automatic-mask point grid in pixel coordinates: N x 2 (x, y)."""
+    return (build_point_grid(points_per_side) * np.array([[width, height]])).astype(np.float32)
+
+
+@torch.no_grad()
+def generate_masks(segmenter: Segmenter, points: np.ndarray, pred_iou_thresh: float, stability_score_thresh: float,
+                   stability_score_offset: float, box_nms_thresh: float) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """SamAutomaticMaskGenerator's single-crop path over the image set on the segmenter.
+
+    Each point gives three masks (multimask output); masks are filtered by predicted IoU and stability score,
+    then box NMS. Decoding goes through segmenter.predict_chunks (decode_batch_size prompts at a time); the masks
+    that pass the filters are kept bit-packed on the CPU (H*W/8 bytes each), so memory is bounded by the point
+    count, not by the logits. Returns the NMS survivors (packed, best score first), their areas, and (H, W).
+    """
+    packed, boxes, scores, areas, shape = [], [], [], [], None
+    labels = np.ones((len(points), 1), np.int64)
+    for chunk in segmenter.predict_chunks(points=points[:, None], point_labels=labels, multimask_output=True,
+                                          return_logits=True):
+        logits = chunk.masks.flatten(0, 1)
+        iou = chunk.iou_scores.flatten(0, 1).float()
+        shape = tuple(logits.shape[-2:])
+        keep = iou > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
+        logits, iou = logits[keep], iou[keep]
+        if stability_score_thresh > 0:
+            keep = calculate_stability_score(logits, segmenter.mask_threshold, stability_score_offset) \
+                >= stability_score_thresh
+            logits, iou = logits[keep], iou[keep]
+        masks = logits > segmenter.mask_threshold
+        area = masks.flatten(1).sum(1)
+        masks, iou, area = masks[area > 0], iou[area > 0], area[area > 0]
+        if not len(masks):
+            continue
+        boxes.append(batched_mask_to_box(masks).float().cpu())
+        scores.append(iou.cpu())
+        areas.append(area.cpu())
+        packed.append(np.packbits(masks.flatten(1).cpu().numpy(), axis=1))
+    if shape is None or not boxes:
+        return np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), shape
+    boxes, scores, area = torch.cat(boxes), torch.cat(scores), torch.cat(areas)
+    keep = batched_nms(boxes, scores, torch.zeros(len(boxes), dtype=torch.int64), box_nms_thresh).numpy()
+    return np.concatenate(packed)[keep], area.numpy()[keep], shape
+
+
+def vote_labels(coarse: np.ndarray, packed: np.ndarray, areas: np.ndarray, num_classes: int) -> np.ndarray:
+    """Each mask takes the majority coarse label inside it; pixels in no mask keep the coarse label.
+
+    Masks are painted largest first, so a smaller mask (a part, or an object on a larger region) wins where
+    they overlap.
+    """
+    h, w = coarse.shape
+    refined = coarse.copy()
+    for i in np.argsort(-areas, kind="stable"):
+        mask = np.unpackbits(packed[i], count=h * w).reshape(h, w).astype(bool)
+        refined[mask] = np.bincount(coarse[mask], minlength=num_classes).argmax()
+    return refined
+
+
+class PointGrid:
+    """The prompts of the semantic task: segment_anything's regular point grid, one foreground point each."""
+
+    def __init__(self, points_per_side: int):
+        self.points_per_side = points_per_side
+        self.name = f"grid{points_per_side}"
+
+    def points(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """N x 1 x 2 points and N x 1 labels (all foreground), in pixels of an image of that size."""
+        pts = point_grid(self.points_per_side, height, width)[:, None]
+        return pts, np.ones(pts.shape[:2], np.int64)
+
+    def fingerprint(self) -> str:
+        return self.name
+
+
+class SemanticTask(Task):
+    """Point-grid automatic masks from SAM + a coarse semantic prior (majority vote per mask) → mIoU.
+
+    Label maps are PNGs named like their image (`<stem>.png`), class indices 0..K-1 (1..K with reduce_zero_label,
+    where 0 is ignored as in ADE20K) and an ignore index. The coarse prior is a folder of predicted label maps
+    (class indices 0..K-1, `<stem>.png`, resized to the image by nearest neighbour when their size differs) or,
+    with coarse.dir null, a seeded degraded ground truth (see degraded_labels): a controlled stand-in for a
+    SegFormer-like segmenter, so the metric shows what SAM's masks add. Metrics: mIoU of the SAM-refined labels,
+    coarse_mIoU of the prior alone, per-class IoU, and the encoder/decoder time split.
+    """
+
+    name = "semantic"
+
+    def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None,
+                 generate: dict | None = None, classes: Sequence[str] | int | None = None, ignore_index: int = 255,
+                 reduce_zero_label: bool = False, coarse: dict | None = None, amg: dict | None = None):
+        if prompts is not None and not isinstance(prompts, GroundTruthBoxes):
+            raise SaqError(f"task=semantic prompts SAM with its own point grid (task.amg.points_per_side); "
+                           f"prompts={getattr(prompts, 'name', type(prompts).__name__)} cannot be used with it: "
+                           "use prompts=gt (the default)")
+        self.root = Path(data["root"])
+        if generate:
+            ensure_dataset(self.root, **generate)
+        self.img_dir, self.label_dir = self.root / data["img_dir"], self.root / data["label_dir"]
+        self.calib_img_dir = self.root / calib["img_dir"]
+        if isinstance(classes, int) and not isinstance(classes, bool):
+            classes = [f"class_{i}" for i in range(classes)]
+        if not classes or isinstance(classes, (str, bool)):
+            raise SaqError(f"task.classes must be a list of class names (index order) or a class count, "
+                           f"got {classes!r}")
+        self.classes = [str(c) for c in classes]
+        self.num_classes = len(self.classes)
+        if 0 <= ignore_index < self.num_classes:
+            raise SaqError(f"task.ignore_index {ignore_index} is one of the {self.num_classes} class indices; "
+                           "use a value outside 0..K-1 (255 is usual)")
+        self.ignore_index, self.reduce_zero_label = ignore_index, bool(reduce_zero_label)
+        if max_images is not None and max_images < 1:
+            raise SaqError(f"task.max_images must be >= 1 or null, got {max_images}")
+        self.max_images = max_images
+        self.amg = self._settings(amg, AMG_DEFAULTS, "task.amg")
+        if int(self.amg["points_per_side"]) < 1:
+            raise SaqError(f"task.amg.points_per_side must be >= 1, got {self.amg['points_per_side']}")
+        self.grid = PointGrid(int(self.amg["points_per_side"]))
+        self.prompts = self.grid  # what the run records as this task's prompts
+        self.coarse = self._settings(coarse, COARSE_DEFAULTS, "task.coarse")
+        if self.coarse["dir"]:
+            self.coarse_dir = require_dir(self.coarse["dir"], "coarse prediction", "task.coarse.dir")
+        else:
+            self.coarse_dir = None
+            if int(self.coarse["downsample"]) < 1 or not 0 <= float(self.coarse["mislabel_fraction"]) < 1:
+                raise SaqError("task.coarse.downsample must be >= 1 and task.coarse.mislabel_fraction in [0, 1), "
+                               f"got {self.coarse['downsample']} and {self.coarse['mislabel_fraction']}")
+        require_dir(self.label_dir, "label map", "task.data.root / task.data.label_dir")
+        images = list_images(self.img_dir, "task.data.root / task.data.img_dir")
+        images = images[:max_images] if max_images else images
+        self.items = []  # (stem, image, label map), checked up front so a missing one fails before any inference
+        for stem, path in images:
+            label_path = self.label_dir / f"{stem}.png"
+            if not label_path.is_file():
+                raise SaqError(f"image {path} has no label map {label_path} (label maps are <image stem>.png "
+                               "in task.data.label_dir)")
+            self.items.append((stem, path, label_path))
+
+    @staticmethod
+    def _settings(given: dict | None, defaults: dict, key: str) -> dict:
+        unknown = sorted(set(given or {}) - set(defaults))
+        if unknown:
+            raise SaqError(f"unknown setting {key}.{unknown[0]}; expected one of {sorted(defaults)}")
+        return {**defaults, **(given or {})}
+
+    def ground_truth(self, path: Path, shape: tuple[int, int]) -> np.ndarray:
+        """The label map as class indices 0..K-1 with ignore_index, checked against the image and the classes."""
+        labels = read_label_map(path, "label map")
+        if labels.shape != shape:
+            raise SaqError(f"label map {path} is {labels.shape[1]}x{labels.shape[0]}, its image is "
+                           f"{shape[1]}x{shape[0]}")
+        check_labels(labels, self.num_classes, self.ignore_index, path, self.reduce_zero_label)
+        return reduce_zero_label(labels, self.ignore_index) if self.reduce_zero_label else labels
+
+    def coarse_labels(self, stem: str, gt: np.ndarray) -> np.ndarray:
+        """The coarse semantic prediction of an image: from coarse.dir, or the seeded degraded ground truth."""
+        if self.coarse_dir is None:
+            rng = np.random.default_rng([int(self.coarse["seed"]), zlib.crc32(stem.encode())])
+            return degraded_labels(gt, self.num_classes, self.ignore_index, rng, int(self.coarse["downsample"]),
+                                   float(self.coarse["blur_sigma"]), float(self.coarse["mislabel_fraction"]))
+        path = self.coarse_dir / f"{stem}.png"
+        pred = read_label_map(path, "coarse prediction")
+        check_labels(pred, self.num_classes, -1, path, zero_is_ignore=False)
+        if pred.shape != gt.shape:
+            pred = cv2.resize(pred.astype(np.uint16), gt.shape[::-1], interpolation=cv2.INTER_NEAREST)
+        return pred.astype(np.int64)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        files = [label for _, _, label in self.items]
+        if self.coarse_dir is not None:
+            files += [self.coarse_dir / f"{stem}.png" for stem, _, _ in self.items]
+        for f in files:
+            st = f.stat() if f.is_file() else None
+            digest.update(f"{f}:{st and st.st_size}:{st and st.st_mtime_ns};".encode())
+        settings = {**self.amg, **self.coarse, "ignore": self.ignore_index, "reduce": self.reduce_zero_label}
+        return f"semantic|{self.label_dir.resolve()}|{digest.hexdigest()[:16]}|{self.max_images}|{self.classes}|" \
+               f"{sorted(settings.items())}"
+
+    def calibration_samples(self, n: int) -> list[PromptedImage]:
+        """First n images (by file stem) of the calibration split, each with the point grid as its prompts."""
+        images = list_images(self.calib_img_dir, "task.calib.img_dir")
+        if len(images) < n:
+            raise SaqError(f"calibration split {self.calib_img_dir} has only {len(images)} images, {n} requested "
+                           "(lower quant.calib_images)")
+        samples = []
+        for stem, path in images[:n]:
+            image = read_rgb(path)
+            points, labels = self.grid.points(*image.shape[:2])
+            samples.append(PromptedImage(image, points=points, point_labels=labels, image_id=stem))
+        return samples
+
+    def evaluate(self, segmenter: Segmenter, progress: bool = True) -> dict:
+        k = self.num_classes
+        cm_refined, cm_coarse = np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)
+        encoder0, decoder0 = segmenter.timings.encoder_s, segmenter.timings.decoder_s
+        filter_s = vote_s = 0.0
+        n_masks = n_prompts = 0
+        amg = {key: float(v) for key, v in self.amg.items() if key != "points_per_side"}
+        for stem, path, label_path in tqdm(self.items, desc="semantic eval", disable=not progress, leave=False):
+            image = read_rgb(path)
+            gt = self.ground_truth(label_path, image.shape[:2])
+            coarse = self.coarse_labels(stem, gt)
+            segmenter.set_image(image)
+            points = point_grid(self.grid.points_per_side, *image.shape[:2])
+            start, decoded = time.perf_counter(), segmenter.timings.decoder_s
+            packed, areas, _ = generate_masks(segmenter, points, **amg)
+            # Filtering, NMS and packing only: the decoder's own time is in segmenter.timings.
+            filter_s += time.perf_counter() - start - (segmenter.timings.decoder_s - decoded)
+            start = time.perf_counter()
+            refined = vote_labels(coarse, packed, areas, k)
+            vote_s += time.perf_counter() - start
+            cm_refined += confusion_matrix(refined, gt, k, self.ignore_index)
+            cm_coarse += confusion_matrix(coarse, gt, k, self.ignore_index)
+            n_masks += len(areas)
+            n_prompts += len(points)
+        total = max(int(cm_refined.sum()), 1)
+        return {
+            "mIoU": mean_iou(cm_refined),
+            "coarse_mIoU": mean_iou(cm_coarse),
+            "aAcc": float(np.trace(cm_refined) / total),
+            "coarse_aAcc": float(np.trace(cm_coarse) / total),
+            "encoder_s": segmenter.timings.encoder_s - encoder0,
+            "decoder_s": segmenter.timings.decoder_s - decoder0,
+            "filter_s": filter_s,
+            "vote_s": vote_s,
+            "masks_per_image": n_masks / max(len(self.items), 1),
+            "images": len(self.items),
+            "prompts": n_prompts,
+            "IoU_per_class": iou_by_class(cm_refined, self.classes),
+            "coarse_IoU_per_class": iou_by_class(cm_coarse, self.classes),
+        }

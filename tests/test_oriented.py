@@ -1,0 +1,304 @@
+"""Oriented task: exact rotated IoU, DOTA mAP, rectangles from masks, DOTA reading and its errors, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from saq.errors import SaqError
+from saq.sam.build import build_sam
+from saq.sam.segmenter import Prediction, Segmenter
+from tasks.oriented import OrientedTask, RotatedDetection, average_precision, polygon_iou, read_dota_labels, rotated_map
+from tasks.prompts import DetectionsFile, JitteredBoxes
+from tasks.synthetic import CATEGORIES, oriented_box
+
+DATA = {"img_dir": "val/images", "ann_dir": "val/labelTxt"}
+CALIB = {"img_dir": "train/images", "ann_dir": "train/labelTxt"}
+
+
+def square(cx, cy, side, degrees=0.0):
+    t = np.radians(degrees)
+    half = side / 2
+    corners = np.array([[-half, -half], [half, -half], [half, half], [-half, half]])
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    return corners @ rot.T + [cx, cy]
+
+
+def rect(x0, y0, x1, y1):
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+
+
+def iou(a, b):
+    return float(polygon_iou(np.asarray(a)[None], np.asarray(b)[None])[0, 0])
+
+
+def test_rotated_iou_of_known_polygon_pairs():
+    assert iou(square(5, 5, 2), square(5, 5, 2)) == pytest.approx(1.0, abs=1e-12)
+    assert iou(square(0, 0, 2), square(10, 0, 2)) == 0.0
+    assert iou(square(0, 0, 4), square(0.5, 0.5, 2)) == pytest.approx(4 / 16, abs=1e-12)  # one inside the other
+    assert iou(rect(0, 0, 2, 1), rect(1, 0, 3, 1)) == pytest.approx(1 / 3, abs=1e-12)
+    # A square and itself turned 45 degrees: the overlap is a regular octagon, IoU exactly 1/sqrt(2).
+    assert iou(square(3, 3, 2), square(3, 3, 2, 45)) == pytest.approx(1 / np.sqrt(2), abs=1e-12)
+    # Rotating both by the same angle changes nothing.
+    assert iou(square(3, 3, 2, 30), square(3, 3, 2, 75)) == pytest.approx(1 / np.sqrt(2), abs=1e-12)
+    matrix = polygon_iou(np.stack([square(0, 0, 2), square(10, 0, 2)]), np.stack([square(10, 0, 2)] * 3))
+    assert matrix.shape == (2, 3) and np.allclose(matrix, [[0, 0, 0], [1, 1, 1]])
+
+
+def test_self_crossing_corner_order_is_read_as_its_convex_hull():
+    bow_tie = np.array([[0, 0], [2, 2], [2, 0], [0, 2]], np.float64)
+    assert iou(bow_tie, rect(0, 0, 2, 2)) == pytest.approx(1.0)
+
+
+def gt_of(*objects):
+    """ground truth of one image from (polygon, class, difficult) triples."""
+    polys = np.stack([o[0] for o in objects]).astype(np.float64)
+    return polys, np.array([o[1] for o in objects]), np.array([o[2] for o in objects], bool)
+
+
+GT = {
+    "a": gt_of((rect(0, 0, 10, 10), 0, False), (rect(20, 20, 30, 40), 1, False)),
+    "b": gt_of((rect(5, 5, 15, 15), 0, False), (rect(40, 40, 60, 50), 1, True)),
+}
+
+
+def perfect(gt=GT, score=0.9):
+    return [RotatedDetection(key, int(label), score, poly) for key, (polys, labels, _) in gt.items()
+            for poly, label in zip(polys, labels)]
+
+
+@pytest.mark.parametrize("method", ["voc07", "area"])
+def test_map_is_one_for_perfect_detections(method):
+    result = rotated_map(perfect(), GT, ["plane", "ship"], method)
+    assert result["mAP50"] == pytest.approx(1.0)
+    assert result["AP50_per_class"] == {"plane": pytest.approx(1.0), "ship": pytest.approx(1.0)}
+    assert result["objects_per_class"] == {"plane": 2, "ship": 1}  # the difficult ship is not counted
+
+
+@pytest.mark.parametrize("method", ["voc07", "area"])
+def test_map_drops_with_a_false_positive(method):
+    # A false positive ranked above both planes: precision 1/2 then 2/3 at full recall, so AP = 2/3 both ways.
+    fp = RotatedDetection("a", 0, 0.95, rect(50, 50, 60, 60))
+    assert rotated_map(perfect() + [fp], GT, ["plane", "ship"], method)["AP50_per_class"]["plane"] == \
+        pytest.approx(2 / 3)
+    # Ranked below every true positive it costs nothing.
+    low = RotatedDetection("a", 0, 0.1, rect(50, 50, 60, 60))
+    assert rotated_map(perfect() + [low], GT, ["plane", "ship"], method)["mAP50"] == pytest.approx(1.0)
+    # A second detection of a matched object is a false positive: ranked TP, FP, TP.
+    dup = RotatedDetection("a", 0, 0.95, rect(0, 0, 10, 10))
+    expected = {"voc07": (6 + 5 * 2 / 3) / 11, "area": 0.5 + 0.5 * 2 / 3}[method]
+    assert rotated_map(perfect() + [dup], GT, ["plane", "ship"], method)["AP50_per_class"]["plane"] == \
+        pytest.approx(expected)
+    # Overlap at IoU 0.5 exactly is not a match (DOTA needs IoU > 0.5).
+    half = RotatedDetection("a", 0, 0.95, rect(0, 0, 10, 20))
+    assert iou(half.polygon, rect(0, 0, 10, 10)) == pytest.approx(0.5)
+    assert rotated_map(perfect() + [half], GT, ["plane", "ship"], method)["AP50_per_class"]["plane"] == \
+        pytest.approx(2 / 3)
+
+
+def test_voc07_and_area_ap_differ_as_defined():
+    # Two objects; ranked TP, FP, TP: recall .5 .5 1, precision 1 .5 2/3.
+    recall, precision = np.array([0.5, 0.5, 1.0]), np.array([1.0, 0.5, 2 / 3])
+    assert average_precision(recall, precision, "voc07") == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
+    assert average_precision(recall, precision, "area") == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    # Recall of exactly 0.3 reaches the 0.3 threshold (the devkit's float arange would miss it).
+    assert average_precision(np.array([0.3]), np.array([1.0]), "voc07") == pytest.approx(4 / 11)
+    with pytest.raises(SaqError, match="ap_method"):
+        rotated_map([], GT, ["plane"], "coco")
+
+
+def test_difficult_objects_are_ignored():
+    ships = ["plane", "ship"]
+    # `perfect` detects the difficult ship too, at the same score as the rest: no effect.
+    assert rotated_map(perfect(), GT, ships)["AP50_per_class"]["ship"] == pytest.approx(1.0)
+    # Missing the difficult ship costs nothing ...
+    no_difficult = [d for d in perfect() if not (d.image == "b" and d.label == 1)]
+    assert rotated_map(no_difficult, GT, ships)["AP50_per_class"]["ship"] == pytest.approx(1.0)
+    # ... and a top-ranked detection of it is neither a true nor a false positive.
+    on_difficult = RotatedDetection("b", 1, 0.99, rect(40, 40, 60, 50))
+    assert rotated_map(no_difficult + [on_difficult], GT, ships)["AP50_per_class"]["ship"] == pytest.approx(1.0)
+    # A class whose only objects are difficult has no AP and stays out of the mean.
+    only_difficult = {"b": gt_of((rect(5, 5, 15, 15), 0, False), (rect(40, 40, 60, 50), 1, True))}
+    result = rotated_map([RotatedDetection("b", 0, 0.9, rect(5, 5, 15, 15))], only_difficult, ships)
+    assert result["AP50_per_class"]["ship"] is None and result["mAP50"] == pytest.approx(1.0)
+
+
+def long_side_and_angle(corners):
+    """(long side, short side, direction of the long side in degrees mod 180) of a rectangle's corners."""
+    edges = np.roll(corners, -1, 0) - corners
+    lengths = np.hypot(edges[:, 0], edges[:, 1])
+    i = int(np.argmax(lengths[:2]))
+    return lengths[i], lengths[1 - i], np.degrees(np.arctan2(edges[i, 1], edges[i, 0])) % 180
+
+
+@pytest.mark.parametrize("angle", [0.0, 10.0, 17.5, 30.0, 45.0, 63.0, 90.0, 120.0, 160.0])
+def test_rectangle_from_rasterised_rotated_mask(angle):
+    length, width, cx, cy = 120.0, 50.0, 128.3, 127.6
+    yy, xx = np.mgrid[0:256, 0:256].astype(np.float64)
+    t = np.radians(angle)
+    u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
+    v = -(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)
+    mask = (np.abs(u) <= length / 2) & (np.abs(v) <= width / 2)
+    mask[5:9, 5:9] = True  # a speck elsewhere: only the largest region counts
+    long, short, direction = long_side_and_angle(oriented_box(mask).astype(np.float64))
+    # Pixel centres inside the rectangle span it to within one pixel (a diagonal step at worst).
+    assert length - np.sqrt(2) <= long <= length + 1e-3
+    assert width - np.sqrt(2) <= short <= width + 1e-3
+    assert abs((direction - angle + 90) % 180 - 90) < 1.0
+    centre = oriented_box(mask).mean(0)
+    assert np.allclose(centre, [cx, cy], atol=0.75)
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_dota_reader_skips_headers_and_reads_difficulty(tmp_path):
+    f = write(tmp_path / "P0001.txt", "imagesource:GoogleEarth\ngsd:0.146\n"
+              "1 2 11 2 11 12 1 12 plane 0\n\n20 20 40 20 40 30 20 30 large-vehicle 1\n5 5 9 5 9 9 5 9 ship\n")
+    objs = read_dota_labels(f)
+    assert objs.names == ["plane", "large-vehicle", "ship"]
+    assert objs.difficult.tolist() == [False, True, False]
+    assert objs.polygons.shape == (3, 4, 2) and objs.polygons[0, 2].tolist() == [11, 12]
+    assert len(read_dota_labels(write(tmp_path / "empty.txt", "imagesource:x\ngsd:null\n"))) == 0
+
+
+@pytest.mark.parametrize("line", ["1 2 3 4 5 6 plane 0", "1 2 3 4 5 6 7 x plane 0", "1 2 3 4 5 6 7 8 plane hard",
+                                  "1 2 3 4 5 6 7 nan plane 0", "1 2 3 4 5 6 7 8 plane 0 extra"])
+def test_malformed_dota_line_names_file_and_line(tmp_path, line):
+    f = write(tmp_path / "bad.txt", f"imagesource:x\n1 1 5 1 5 5 1 5 ship 0\n{line}\n")
+    with pytest.raises(SaqError, match=r"bad\.txt, line 3: expected 'x1 y1 x2 y2 x3 y3 x4 y4 class difficult'"):
+        read_dota_labels(f)
+
+
+def dota_dataset(root, labels: dict[str, str | None], size=64):
+    """A small DOTA folder: a grey image per stem, and its label file unless the text is None."""
+    (root / "val/images").mkdir(parents=True, exist_ok=True)
+    (root / "val/labelTxt").mkdir(parents=True, exist_ok=True)
+    for stem, text in labels.items():
+        cv2.imwrite(str(root / "val/images" / f"{stem}.png"), np.full((size, size, 3), 128, np.uint8))
+        if text is not None:
+            write(root / "val/labelTxt" / f"{stem}.txt", text)
+    return {"root": str(root), **DATA}
+
+
+def test_image_without_label_file_is_a_clear_error(tmp_path):
+    data = dota_dataset(tmp_path, {"P1": "1 1 9 1 9 9 1 9 ship 0\n", "P2": None})
+    with pytest.raises(SaqError, match=r"image .*P2\.png has no label file .*P2\.txt"):
+        OrientedTask(data, CALIB)
+
+
+def test_unknown_class_and_empty_dataset_are_clear_errors(tmp_path):
+    data = dota_dataset(tmp_path / "a", {"P1": "1 1 9 1 9 9 1 9 ship 0\n"})
+    with pytest.raises(SaqError, match=r"P1\.txt has class 'ship', not in task\.classes"):
+        OrientedTask(data, CALIB, classes=["plane"])
+    data = dota_dataset(tmp_path / "b", {"P1": "gsd:1\n"})
+    with pytest.raises(SaqError, match="hold no objects"):
+        OrientedTask(data, CALIB)
+    with pytest.raises(SaqError, match="no images"):
+        OrientedTask({"root": str(tmp_path / "b"), "img_dir": "val/labelTxt", "ann_dir": "val/labelTxt"}, CALIB)
+
+
+class MaskSegmenter:
+    """Stands in for SAM: the mask of a box prompt is the filled rotated polygon it was drawn from."""
+
+    def __init__(self, polygons_by_box: dict, iou: float = 0.8):
+        self.polygons_by_box, self.iou = polygons_by_box, iou
+
+    def set_image(self, image):
+        self.shape = image.shape[:2]
+
+    def predict_chunks(self, boxes, multimask_output=False):
+        masks = []
+        for box in boxes:
+            m = np.zeros(self.shape, np.uint8)
+            poly = self.polygons_by_box.get(tuple(np.round(box, 1)))
+            if poly is not None:
+                cv2.fillPoly(m, [np.round(poly).astype(np.int32)], 1)
+            masks.append(m.astype(bool))
+        masks = torch.as_tensor(np.stack(masks))[:, None]
+        yield Prediction(masks, torch.full((len(masks), 1), self.iou), torch.zeros(len(masks), 1, 4, 4))
+
+
+def test_evaluate_with_perfect_masks_and_an_image_without_objects(tmp_path):
+    diamond = square(32, 32, 30, 45)
+    lines = " ".join(f"{v:.1f}" for v in diamond.reshape(-1))
+    data = dota_dataset(tmp_path, {"P1": f"gsd:1\n{lines} plane 0\n8 8 20 8 20 14 8 14 ship 1\n", "P2": ""})
+    task = OrientedTask(data, CALIB)
+    boxes, _, _ = task.ground_truth("P1")
+    segmenter = MaskSegmenter({tuple(np.round(boxes.boxes[0], 1)): diamond})  # the ship's mask comes out empty
+    metrics = task.evaluate(segmenter, progress=False)
+    assert metrics["mAP50"] == pytest.approx(1.0) and metrics["AP50_per_class"]["ship"] is None
+    assert metrics["images"] == 2 and metrics["prompts"] == 2 and metrics["empty_masks"] == 1
+    assert 0.45 < metrics["rbox_mIoU"] < 0.5  # the diamond's box fits (about 0.95) and the empty mask scores 0
+
+
+def test_dota_result_files_as_prompts(tmp_path, synthetic_root):
+    folder = tmp_path / "results"
+    write(folder / "Task1_disk.txt", "000001 0.9 10 10 30 12 28 40 8 38\n000001 0.01 0 0 5 0 5 5 0 5\n")
+    write(folder / "Task1_star.txt", "000001 0.8 50 50 60 50 60 60 50 60\n000000 0.7 1 2 3 2 3 4 1 4\n")
+    source = DetectionsFile(str(folder), score_threshold=0.05)
+    task = OrientedTask({"root": str(synthetic_root), **DATA}, CALIB, prompts=source, classes=CATEGORIES)
+    got = source.for_image("000001", None, (256, 256))
+    assert got.boxes.tolist() == [[8, 10, 30, 40], [50, 50, 60, 60]]
+    assert [task.classes[i] for i in got.labels] == ["disk", "star"]
+    assert got.scores.tolist() == pytest.approx([0.9, 0.8])
+    assert "Task1_disk.txt" in task.fingerprint()
+
+
+def test_dota_result_json_form_and_errors(tmp_path, synthetic_root):
+    data = {"root": str(synthetic_root), **DATA}
+    js = write(tmp_path / "dets.json", json.dumps([
+        {"image_id": "000002", "category_id": "ring", "poly": [1, 2, 9, 2, 9, 7, 1, 7], "score": 0.5},
+        {"image_id": "000002", "category_id": "disk", "bbox": [3, 4, 10, 20], "score": 0.6}]))
+    source = DetectionsFile(str(js))
+    task = OrientedTask(data, CALIB, prompts=source, classes=CATEGORIES)
+    got = source.for_image("000002", None, (256, 256))
+    assert got.boxes.tolist() == [[3, 4, 13, 24], [1, 2, 9, 7]]
+    assert [task.classes[i] for i in got.labels] == ["disk", "ring"]
+
+    bad_line = write(tmp_path / "bad/Task1_disk.txt", "000001 0.9 10 10 30 12\n")
+    with pytest.raises(SaqError, match=r"Task1_disk\.txt, line 1: expected 'image_stem score x1 y1"):
+        DetectionsFile(str(bad_line.parent))
+    unknown = write(tmp_path / "unknown/Task1_zeppelin.txt", "000001 0.9 10 10 30 12 28 40 8 38\n")
+    with pytest.raises(SaqError, match="unknown class 'zeppelin'"):
+        OrientedTask(data, CALIB, prompts=DetectionsFile(str(unknown.parent)), classes=CATEGORIES)
+    elsewhere = write(tmp_path / "other/Task1_disk.txt", "P0001__1024__0___0 0.9 10 10 30 12 28 40 8 38\n")
+    with pytest.raises(SaqError, match="names none of the task's images"):
+        OrientedTask(data, CALIB, prompts=DetectionsFile(str(elsewhere.parent)))
+    coco_ids = write(tmp_path / "coco.json", json.dumps([{"image_id": 1, "category_id": 3, "bbox": [1, 1, 4, 4],
+                                                          "score": 0.9}]))
+    with pytest.raises(SaqError, match="names none of the task's images"):
+        OrientedTask(data, CALIB, prompts=DetectionsFile(str(coco_ids)))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(SaqError, match="no DOTA result files"):
+        DetectionsFile(str(tmp_path / "empty_dir"))
+
+
+def test_calibration_samples_are_enclosing_boxes(synthetic_root):
+    task = OrientedTask({"root": str(synthetic_root), **DATA}, CALIB, max_images=2)
+    samples = task.calibration_samples(3)
+    assert len(samples) == 3 and all(s.boxes.shape[1] == 4 and s.num_prompts > 0 for s in samples)
+    assert [s.image_id for s in samples] == ["000000", "000001", "000002"]
+    objs = read_dota_labels(synthetic_root / "train/labelTxt/000000.txt")
+    assert np.allclose(samples[0].boxes[:, :2], objs.polygons.min(1))
+    with pytest.raises(SaqError, match="has only 8 annotated images, 50 requested"):
+        task.calibration_samples(50)
+
+
+def test_shipped_sam_tiny_end_to_end(synthetic_root):
+    data = {"root": str(synthetic_root), **DATA}
+    segmenter = Segmenter(build_sam("sam_tiny"), decode_batch_size=3)
+    metrics = OrientedTask(data, CALIB, max_images=4).evaluate(segmenter, progress=False)
+    assert metrics["images"] == 4 and metrics["prompts"] >= 8
+    assert metrics["mAP50"] > 0.5 and metrics["rbox_mIoU"] > 0.6
+    assert set(metrics["AP50_per_class"]) == set(OrientedTask(data, CALIB, max_images=4).classes)
+    jittered = OrientedTask(data, CALIB, prompts=JitteredBoxes(0.1, 20, seed=0), max_images=4)
+    assert jittered.fingerprint() != OrientedTask(data, CALIB, max_images=4).fingerprint()
+    assert 0.0 <= jittered.evaluate(segmenter, progress=False)["mAP50"] <= 1.0

@@ -1,0 +1,245 @@
+"""Semantic task: confusion-matrix mIoU, ignore index, label-map errors, the coarse prior, mask voting, AMG, end to end."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from saq.errors import SaqError
+from saq.sam.build import build_sam
+from saq.sam.segmenter import Prediction, Segmenter, Timings
+from tasks.prompts import DetectionsFile, GroundTruthBoxes, JitteredBoxes
+from tasks.semantic import (
+    SemanticTask,
+    class_iou,
+    confusion_matrix,
+    degraded_labels,
+    generate_masks,
+    mean_iou,
+    vote_labels,
+)
+from tasks.synthetic import CATEGORIES
+
+CLASSES = ["background", *CATEGORIES]
+DATA = {"img_dir": "val/images", "label_dir": "val/labels"}
+CALIB = {"img_dir": "train/images"}
+
+
+def test_miou_from_a_hand_made_confusion_matrix():
+    gt = np.array([[0, 0, 1], [1, 2, 255]])
+    pred = np.array([[0, 1, 1], [1, 2, 0]])
+    cm = confusion_matrix(pred, gt, 4, 255)
+    assert cm.tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    iou = class_iou(cm)
+    assert iou[:3] == pytest.approx([1 / 2, 2 / 3, 1.0]) and np.isnan(iou[3])  # class 3: neither present nor predicted
+    assert mean_iou(cm) == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    # A class predicted but absent from the ground truth scores 0 and counts.
+    assert mean_iou(confusion_matrix(np.array([3, 1]), np.array([0, 1]), 4, 255)) == pytest.approx((0 + 1 + 0) / 3)
+
+
+def test_ignore_index_is_left_out():
+    gt = np.array([[0, 255, 255], [1, 1, 255]])
+    a = np.array([[0, 0, 0], [1, 1, 0]])
+    b = np.array([[0, 1, 1], [1, 1, 1]])  # differs only where the ground truth is ignored
+    assert (confusion_matrix(a, gt, 2, 255) == confusion_matrix(b, gt, 2, 255)).all()
+    assert confusion_matrix(a, gt, 2, 255).sum() == 3 and mean_iou(confusion_matrix(a, gt, 2, 255)) == 1.0
+
+
+def save_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8)).save(path)
+    return path
+
+
+def label_dataset(root, maps: dict, coarse: dict | None = None):
+    """Images (grey) with label maps (None = no label map), and optional predicted maps under root/coarse."""
+    (root / "val/labels").mkdir(parents=True, exist_ok=True)
+    for stem, labels in maps.items():
+        shape = (16, 16) if labels is None else np.shape(labels)
+        save_png(root / "val/images" / f"{stem}.png", np.full((*shape, 3), 100))
+        if labels is not None:
+            save_png(root / "val/labels" / f"{stem}.png", labels)
+    for stem, labels in (coarse or {}).items():
+        save_png(root / "coarse" / f"{stem}.png", labels)
+    return {"root": str(root), **DATA}
+
+
+class RegionSegmenter:
+    """Stands in for SAM: a point's three masks are the connected same-label region of the true label map under it."""
+
+    mask_threshold = 0.0
+
+    def __init__(self, label_maps: list[np.ndarray], decode_batch_size: int = 7):
+        self.label_maps, self.decode_batch_size = label_maps, decode_batch_size
+        self.timings, self.images = Timings(), 0
+
+    def set_image(self, image):
+        labels = self.label_maps[self.images]
+        self.regions, offset = np.zeros(labels.shape, np.int64), 0
+        for c in np.unique(labels):
+            n, parts = cv2.connectedComponents((labels == c).astype(np.uint8), connectivity=4)
+            self.regions[labels == c] = offset + parts[labels == c]
+            offset += n
+        self.images += 1
+        self.timings.encoder_s += 1.0
+
+    def predict_chunks(self, points, point_labels, multimask_output=True, return_logits=True):
+        for start in range(0, len(points), self.decode_batch_size):
+            chunk = points[start:start + self.decode_batch_size, 0]
+            masks = np.stack([np.stack([self.regions == self.regions[int(y), int(x)]] * 3) for x, y in chunk])
+            logits = torch.as_tensor(np.where(masks, 10.0, -10.0), dtype=torch.float32)
+            self.timings.decoder_s += 0.5
+            yield Prediction(logits, torch.full(logits.shape[:2], 0.95), logits[..., :4, :4])
+
+
+def test_out_of_range_label_names_the_file_and_value(tmp_path):
+    data = label_dataset(tmp_path, {"a": np.zeros((8, 8)), "b": np.full((8, 8), 12)})
+    task = SemanticTask(data, CALIB, classes=CLASSES, coarse={"mislabel_fraction": 0}, amg={"points_per_side": 4})
+    with pytest.raises(SaqError, match=r"label map .*b\.png holds value 12, outside the 9 classes \(0\.\.8\)"):
+        task.evaluate(RegionSegmenter([np.zeros((8, 8), np.int64)] * 2), progress=False)
+    # ADE20K's 150 classes in 1..150 without reduce_zero_label: the message points at the option.
+    data = label_dataset(tmp_path / "ade", {"x": np.full((8, 8), 150)})
+    task = SemanticTask(data, CALIB, classes=150)
+    with pytest.raises(SaqError, match=r"x\.png holds value 150.*reduce_zero_label"):
+        task.ground_truth(tmp_path / "ade/val/labels/x.png", (8, 8))
+
+
+def test_reduce_zero_label_and_ignore_index(tmp_path):
+    raw = np.array([[0, 1, 150], [255, 2, 3]])
+    data = label_dataset(tmp_path, {"x": raw})
+    task = SemanticTask(data, CALIB, classes=150, reduce_zero_label=True)
+    assert task.ground_truth(tmp_path / "val/labels/x.png", (2, 3)).tolist() == [[255, 0, 149], [255, 1, 2]]
+    with pytest.raises(SaqError, match="ignore_index 3 is one of the 9 class indices"):
+        SemanticTask(data, CALIB, classes=CLASSES, ignore_index=3)
+
+
+def test_missing_label_map_and_bad_label_files_are_clear_errors(tmp_path):
+    data = label_dataset(tmp_path / "a", {"a": np.zeros((8, 8)), "b": None})
+    with pytest.raises(SaqError, match=r"image .*b\.png has no label map .*labels/b\.png"):
+        SemanticTask(data, CALIB, classes=CLASSES)
+    data = label_dataset(tmp_path / "b", {"a": np.zeros((8, 8))})
+    save_png(tmp_path / "b/val/labels/a.png", np.zeros((8, 8, 3)))  # an RGB "label map"
+    task = SemanticTask(data, CALIB, classes=CLASSES, amg={"points_per_side": 4})
+    with pytest.raises(SaqError, match=r"a\.png has RGB pixels; a label map must be single-channel"):
+        task.evaluate(RegionSegmenter([np.zeros((8, 8), np.int64)]), progress=False)
+    save_png(tmp_path / "b/val/labels/a.png", np.zeros((4, 8)))
+    with pytest.raises(SaqError, match=r"a\.png is 8x4, its image is 8x8"):
+        task.evaluate(RegionSegmenter([np.zeros((8, 8), np.int64)]), progress=False)
+    with pytest.raises(SaqError, match="task.classes must be a list"):
+        SemanticTask(data, CALIB)
+    with pytest.raises(SaqError, match="unknown setting task.amg.points"):
+        SemanticTask(data, CALIB, classes=CLASSES, amg={"points": 3})
+
+
+def test_box_prompt_sources_are_refused(tmp_path, synthetic_root):
+    data = {"root": str(synthetic_root), **DATA}
+    # The default ground-truth source is accepted (and unused): the prompts are the point grid.
+    assert SemanticTask(data, CALIB, classes=CLASSES, prompts=GroundTruthBoxes()).prompts.name == "grid32"
+    with pytest.raises(SaqError, match="task=semantic prompts SAM with its own point grid.*prompts=jittered"):
+        SemanticTask(data, CALIB, classes=CLASSES, prompts=JitteredBoxes())
+    dets = tmp_path / "dets.json"
+    dets.write_text('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}]')
+    with pytest.raises(SaqError, match="prompts=detections cannot be used"):
+        SemanticTask(data, CALIB, classes=CLASSES, prompts=DetectionsFile(str(dets)))
+
+
+def test_degraded_prior_is_seeded_and_degraded(synthetic_root):
+    gt = np.asarray(Image.open(synthetic_root / "val/labels/000000.png"), np.int64)
+    make = lambda seed, **kw: degraded_labels(gt, 9, 255, np.random.default_rng(seed), **kw)
+    assert (make(0) == make(0)).all() and not (make(0) == make(1)).all()
+    clean = mean_iou(confusion_matrix(make(0, mislabel_fraction=0.0), gt, 9, 255))
+    noisy = mean_iou(confusion_matrix(make(0, mislabel_fraction=0.3), gt, 9, 255))
+    assert noisy < clean and 0.5 < clean < 0.97  # coarse boundaries cost something, mislabelled blobs more
+    assert set(np.unique(make(0))) <= set(range(9))
+
+
+def test_vote_labels_majority_per_mask_largest_first():
+    coarse = np.array([[1, 1, 2, 0], [1, 2, 2, 0], [1, 1, 1, 0]])
+    big = np.zeros((3, 4), bool)
+    big[:, :3] = True  # label 1 wins 6 to 3
+    small = np.zeros((3, 4), bool)
+    small[0:2, 1:3] = True  # label 2 wins 3 to 1, painted over the big one
+    packed = np.packbits(np.stack([small, big]).reshape(2, -1), axis=1)
+    refined = vote_labels(coarse, packed, np.array([small.sum(), big.sum()]), 3)
+    assert refined.tolist() == [[1, 2, 2, 0], [1, 2, 2, 0], [1, 1, 1, 0]]  # column 3 is in no mask: coarse kept
+
+
+def test_generate_masks_filters_dedups_and_does_not_depend_on_chunking():
+    labels = np.zeros((20, 20), np.int64)
+    labels[2:8, 2:8] = 1
+    labels[10:18, 5:15] = 2
+    points = np.array([[4, 4], [5, 5], [12, 12], [1, 19]], np.float32)
+
+    results = []
+    for batch in (1, 3, 64):
+        seg = RegionSegmenter([labels], decode_batch_size=batch)
+        seg.set_image(None)
+        packed, areas, shape = generate_masks(seg, points, pred_iou_thresh=0.9, stability_score_thresh=0.95,
+                                              stability_score_offset=1.0, box_nms_thresh=0.7)
+        results.append((packed.tolist(), sorted(areas.tolist()), shape))
+    assert results[0] == results[1] == results[2]
+    # Four points, three regions, 12 candidate masks: NMS keeps one per region (two points share a square).
+    assert results[0][1] == sorted([36, 80, 400 - 36 - 80]) and results[0][2] == (20, 20)
+    seg = RegionSegmenter([labels])
+    seg.set_image(None)
+    none = generate_masks(seg, points, pred_iou_thresh=0.96, stability_score_thresh=0.95,
+                          stability_score_offset=1.0, box_nms_thresh=0.7)
+    assert len(none[1]) == 0  # every predicted IoU (0.95) is below the threshold
+
+
+def test_soft_masks_fail_the_stability_filter():
+    labels = np.zeros((12, 12), np.int64)
+    labels[3:9, 3:9] = 1
+
+    class Soft(RegionSegmenter):
+        def predict_chunks(self, points, point_labels, multimask_output=True, return_logits=True):
+            for chunk in super().predict_chunks(points, point_labels):
+                yield Prediction(chunk.masks / 20.0, chunk.iou_scores, chunk.low_res_logits)  # logits +-0.5
+
+    seg = Soft([labels])
+    seg.set_image(None)
+    args = {"pred_iou_thresh": 0.5, "stability_score_offset": 1.0, "box_nms_thresh": 0.7}
+    assert len(generate_masks(seg, np.array([[5, 5]], np.float32), stability_score_thresh=0.95, **args)[1]) == 0
+    assert len(generate_masks(seg, np.array([[5, 5]], np.float32), stability_score_thresh=0.0, **args)[1]) == 1
+
+
+def test_sam_masks_lift_the_coarse_prior_and_time_is_split(synthetic_root):
+    data = {"root": str(synthetic_root), **DATA}
+    task = SemanticTask(data, CALIB, classes=CLASSES, max_images=3, amg={"points_per_side": 16})
+    maps = [np.asarray(Image.open(label), np.int64) for _, _, label in task.items]
+    metrics = task.evaluate(RegionSegmenter(maps), progress=False)
+    assert metrics["mIoU"] > metrics["coarse_mIoU"] + 0.05  # perfect regions vote the blobs and boundaries away
+    assert metrics["encoder_s"] == 3.0 and metrics["decoder_s"] == pytest.approx(0.5 * 3 * np.ceil(256 / 7))
+    assert metrics["images"] == 3 and metrics["prompts"] == 3 * 256
+    assert set(metrics["IoU_per_class"]) == set(CLASSES)
+
+
+def test_coarse_predictions_from_a_folder(tmp_path):
+    gt = np.zeros((8, 8), np.int64)
+    gt[2:6, 2:6] = 1
+    data = label_dataset(tmp_path, {"a": gt}, coarse={"a": np.ones((4, 4))})  # half-size: resized
+    task = SemanticTask(data, CALIB, classes=["bg", "box"], coarse={"dir": str(tmp_path / "coarse")},
+                        amg={"points_per_side": 4})
+    metrics = task.evaluate(RegionSegmenter([gt]), progress=False)
+    assert metrics["coarse_IoU_per_class"] == {"bg": 0.0, "box": pytest.approx(16 / 64)}
+    save_png(tmp_path / "coarse/a.png", np.full((8, 8), 2))
+    with pytest.raises(SaqError, match=r"coarse/a\.png holds value 2, outside the 2 classes"):
+        task.evaluate(RegionSegmenter([gt]), progress=False)
+    with pytest.raises(SaqError, match="coarse prediction folder not found"):
+        SemanticTask(data, CALIB, classes=["bg", "box"], coarse={"dir": str(tmp_path / "nope")})
+
+
+def test_shipped_sam_tiny_end_to_end(synthetic_root):
+    data = {"root": str(synthetic_root), **DATA}
+    task = SemanticTask(data, CALIB, classes=CLASSES, max_images=2, amg={"points_per_side": 8})
+    segmenter = Segmenter(build_sam("sam_tiny"), decode_batch_size=32)
+    metrics = task.evaluate(segmenter, progress=False)
+    assert metrics["images"] == 2 and metrics["prompts"] == 128
+    assert metrics["encoder_s"] > 0 and metrics["decoder_s"] > 0 and metrics["masks_per_image"] >= 1
+    assert 0.0 < metrics["coarse_mIoU"] < 1.0 and metrics["mIoU"] > metrics["coarse_mIoU"] - 0.1
+    samples = task.calibration_samples(2)
+    assert samples[0].points.shape == (64, 1, 2) and samples[0].point_labels.shape == (64, 1)
+    assert samples[0].image_id == "000000" and samples[0].num_prompts == 64
