@@ -9,7 +9,8 @@ from pathlib import Path
 from saq.sam.build import TINY_CHECKPOINT
 
 
-def record_evaluation(results_path: Path, card_path: Path = TINY_CHECKPOINT.with_suffix(".json")) -> dict:
+def record_evaluation(results_path: Path, card_path: Path | None = None) -> dict:
+    card_path = card_path or TINY_CHECKPOINT.with_suffix(".json")
     results = json.loads(Path(results_path).read_text())
     if results.get("model") != "sam_tiny":
         raise SystemExit(f"{results_path} is a run of {results.get('model')}, not sam_tiny")

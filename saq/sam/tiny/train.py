@@ -61,7 +61,7 @@ def load_coco_split(root: Path, ann_file: str, img_dir: str, limit: int | None =
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Tight xyxy boxes (pixel edges) of N x H x W boolean masks."""
-    n, h, w = masks.shape
+    h, w = masks.shape[-2:]
     ys = torch.arange(h, device=masks.device)
     xs = torch.arange(w, device=masks.device)
     rows, cols = masks.any(2), masks.any(1)
@@ -157,6 +157,7 @@ def train(cfg: DictConfig) -> dict:
     arch = ARCHITECTURES["sam_tiny"]
     if train_data.images.shape[1:3] != (arch.image_size, arch.image_size):
         raise SaqError(f"sam_tiny trains on {arch.image_size}px square images, found {train_data.images.shape[1:3]}")
+    prior_rounds = earlier_rounds(cfg)  # read before this run's first save can overwrite that card
     sam = build_random_sam("sam_tiny", cfg.seed)
     if cfg.init_checkpoint:  # continue from an earlier run's weights (optimiser state starts fresh)
         sam.load_state_dict(build_sam("sam_tiny", cfg.init_checkpoint).state_dict())
@@ -203,11 +204,23 @@ def train(cfg: DictConfig) -> dict:
             history.append({"step": step + 1, "val_box_mIoU": round(miou, 4), "loss": round(loss.item(), 4),
                             "minutes": round((time.time() - start) / 60, 1)})
             tqdm.write(json.dumps(history[-1]))
-            save(sam, cfg, params, history, start)
-    return save(sam, cfg, params, history, start)
+            save(sam, cfg, params, history, start, prior_rounds)
+    return save(sam, cfg, params, history, start, prior_rounds)
 
 
-def save(sam, cfg: DictConfig, params: int, history: list, start: float) -> dict:
+def earlier_rounds(cfg: DictConfig) -> list[dict]:
+    """When continuing from a checkpoint, the training records of the rounds that produced it (from its card)."""
+    if not cfg.init_checkpoint:
+        return []
+    card_path = Path(cfg.init_checkpoint).with_suffix(".json")
+    if not card_path.exists():
+        return [{"init_checkpoint": str(cfg.init_checkpoint), "card": None}]
+    card = json.loads(card_path.read_text())
+    keys = ("training", "steps_done", "wall_time_minutes", "machine", "history")
+    return [*card.get("earlier_rounds", []), {k: card[k] for k in keys if k in card}]
+
+
+def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_rounds: list[dict]) -> dict:
     """Write the checkpoint and its card (architecture, data seed, steps, wall time, val metrics)."""
     out = Path(cfg.output) if cfg.output else TINY_CHECKPOINT
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +240,9 @@ def save(sam, cfg: DictConfig, params: int, history: list, start: float) -> dict
         "history": history,
     }
     card_path = out.with_suffix(".json")
-    if card_path.exists():  # keep evaluation results added by `make tiny-card`
+    if prior_rounds:
+        card["earlier_rounds"] = prior_rounds
+    elif card_path.exists():  # keep evaluation results added by `make tiny-card`
         card = {**{k: v for k, v in json.loads(card_path.read_text()).items() if k == "evaluation"}, **card}
     card_path.write_text(json.dumps(card, indent=1, default=list))
     return card
