@@ -145,7 +145,7 @@ def render_scene(seed: int, split: str, index: int, size: int = IMAGE_SIZE) -> S
     n_objects = int(rng.integers(2, 7))
     owner = np.full((size, size), -1, np.int16)
     full_masks, cats = [], []
-    for k in range(n_objects):
+    for _ in range(n_objects):
         cat = int(rng.integers(len(CATEGORIES)))
         mask = _shape_mask(rng, CATEGORIES[cat], size)
         if mask.sum() < MIN_VISIBLE_PIXELS:
