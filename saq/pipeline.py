@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,8 +36,14 @@ def checkpoint_fingerprint(cfg_model: DictConfig) -> str:
 
 def build_task(cfg: DictConfig):
     """Instantiate the task (tasks.<name>) with its prompt source, both from config `_target_`s."""
-    prompts = instantiate(cfg.prompts, _convert_="all")
-    return instantiate(cfg.task, prompts=prompts, _convert_="all")
+    try:
+        prompts = instantiate(cfg.prompts, _convert_="all")
+        return instantiate(cfg.task, prompts=prompts, _convert_="all")
+    except InstantiationException as exc:
+        # Hydra wraps constructor errors; a user-input error keeps its own one-line message.
+        if isinstance(exc.__cause__, SaqError):
+            raise exc.__cause__ from None
+        raise
 
 
 def fp_metrics(cfg: DictConfig, model, task) -> dict:

@@ -135,8 +135,8 @@ def generate_masks(segmenter: Segmenter, points: np.ndarray, pred_iou_thresh: fl
     count, not by the logits. Returns the NMS survivors (packed, best score first), their areas, and (H, W).
     """
     packed, boxes, scores, areas, shape = [], [], [], [], None
-    labels = np.ones((len(points), 1), np.int64)
-    for chunk in segmenter.predict_chunks(points=points[:, None], point_labels=labels, multimask_output=True,
+    foreground = np.ones((len(points), 1), np.int64)
+    for chunk in segmenter.predict_chunks(points=points[:, None], point_labels=foreground, multimask_output=True,
                                           return_logits=True):
         logits = chunk.masks.flatten(0, 1)
         iou = chunk.iou_scores.flatten(0, 1).float()

@@ -51,3 +51,12 @@ def test_wandb_failure_keeps_local_results(synthetic_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "W&B logging failed" in proc.stderr
     assert json.loads((run_dir / "results.json").read_text())["metrics"]["fp"]["images"] == 1
+
+
+def test_error_raised_while_building_the_task_is_one_line(tmp_path):
+    # Hydra wraps constructor exceptions; the user must still see only saq's own message.
+    proc = saq("prompts=detections", "logger=none", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "error: prompts=detections needs a file: set prompts.file=/path/to/detections.json "
+        "(or a folder of DOTA Task1_<class>.txt files)"], proc.stderr

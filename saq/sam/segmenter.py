@@ -50,6 +50,13 @@ class Timings:
     prompts: int = 0
     extra: dict = field(default_factory=dict)
 
+    @staticmethod
+    def clock(device: torch.device) -> float:
+        """Wall time after the device's queued work is done (CUDA kernels run asynchronously)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     def as_dict(self) -> dict:
         return {"encoder_s": self.encoder_s, "decoder_s": self.decoder_s, "images": self.images,
                 "prompts": self.prompts}
@@ -103,13 +110,13 @@ class Segmenter:
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             shape = getattr(image, "shape", None)
             raise SaqError(f"set_image expects an H x W x 3 RGB array, got shape {shape}")
-        start = time.perf_counter()
+        start = self.timings.clock(self.device)
         resized = self.transform.apply_image(image)
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
         self._original_size = image.shape[:2]
         self._input_size = tuple(tensor.shape[-2:])
         self._features = self.sam.image_encoder(self.sam.preprocess(tensor))
-        self.timings.encoder_s += time.perf_counter() - start
+        self.timings.encoder_s += self.timings.clock(self.device) - start
         self.timings.images += 1
 
     def _prompt_tensors(self, boxes, points, point_labels):
@@ -141,7 +148,7 @@ class Segmenter:
         n = len(boxes_t) if boxes_t is not None else len(coords_t)
         for start in range(0, n, self.decode_batch_size):
             sl = slice(start, start + self.decode_batch_size)
-            t0 = time.perf_counter()
+            t0 = self.timings.clock(self.device)
             pts = None if coords_t is None else (coords_t[sl], labels_t[sl])
             sparse, dense = self.sam.prompt_encoder(points=pts, boxes=None if boxes_t is None else boxes_t[sl],
                                                     masks=None)
@@ -150,7 +157,7 @@ class Segmenter:
             masks = self.sam.postprocess_masks(low_res, self._input_size, self._original_size)
             if not return_logits:
                 masks = masks > self.mask_threshold
-            self.timings.decoder_s += time.perf_counter() - t0
+            self.timings.decoder_s += self.timings.clock(self.device) - t0
             self.timings.prompts += sparse.shape[0]
             yield Prediction(masks, iou, low_res)
 
