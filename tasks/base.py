@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import numpy as np
 
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 class Task(ABC):
@@ -53,3 +56,15 @@ def require_file(path: str | Path, what: str, config_key: str) -> Path:
     if not path.is_file():
         raise SaqError(f"{what} not found: {path} (set {config_key})")
     return path
+
+
+def list_images(img_dir: Path, config_key: str) -> list[tuple[str, Path]]:
+    """(file stem, path) of every image in a folder, sorted by stem."""
+    require_dir(img_dir, "image", config_key)
+    images = sorted((p.stem, p) for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise SaqError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {img_dir} (set {config_key})")
+    for (a, _), (b, _) in itertools.pairwise(images):
+        if a == b:
+            raise SaqError(f"two images in {img_dir} share the name {a!r}; images are keyed by file stem")
+    return images

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +13,10 @@ from tqdm import tqdm
 
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import Task, read_rgb, require_dir
+from tasks.base import Task, list_images, read_rgb, require_dir
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
 from tasks.synthetic import ensure_dataset, oriented_box
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # DOTA-v1.x label files may open with these metadata lines.
 HEADER_PREFIXES = ("imagesource:", "gsd:")
 # voc07: 11-point interpolated AP (the DOTA devkit's and mmrotate's default); area: area under the PR curve.
@@ -73,18 +71,6 @@ def read_dota_labels(path: Path) -> DotaObjects:
         names.append(parts[8])
         difficult.append(hard != 0)
     return DotaObjects(np.asarray(polygons, np.float64).reshape(-1, 4, 2), names, np.asarray(difficult, bool))
-
-
-def list_images(img_dir: Path, config_key: str) -> list[tuple[str, Path]]:
-    """(file stem, path) of every image in a folder, sorted by stem."""
-    require_dir(img_dir, "image", config_key)
-    images = sorted((p.stem, p) for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise SaqError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {img_dir} (set {config_key})")
-    for (a, _), (b, _) in itertools.pairwise(images):
-        if a == b:
-            raise SaqError(f"two images in {img_dir} share the name {a!r}; images are keyed by file stem")
-    return images
 
 
 def label_file(ann_dir: Path, stem: str, image: Path) -> Path:

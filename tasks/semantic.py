@@ -18,8 +18,7 @@ from tqdm import tqdm
 
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import Task, read_rgb, require_dir
-from tasks.oriented import list_images
+from tasks.base import Task, list_images, read_rgb, require_dir
 from tasks.prompts import GroundTruthBoxes, PromptSource
 from tasks.synthetic import ensure_dataset
 
