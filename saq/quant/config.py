@@ -204,20 +204,19 @@ class QuantizerFactory:
                 raise SaqError(f"{key}.ch_axis={spec.ch_axis} is out of range for weights with {ndim} dims "
                                f"(shape {tuple(weight_shape)}; allowed {-ndim}..{ndim - 1})")
             ch_axis = spec.ch_axis % ndim
-        quantizer = WEIGHT_QUANTIZERS[spec.quantizer](self._bits(part, "weight"),
-                                                      make_observer(spec.observer, f"{key}.observer"),
-                                                      spec.symmetric, ch_axis, config_key=key)
-        quantizer.kind = "weight"
-        return quantizer
+        return self._build(WEIGHT_QUANTIZERS, spec, part, "weight", ch_axis)
 
     def act_quantizer(self, part: str) -> Quantizer:
         spec = self.cfg.part(part).act
-        key = f"quant.{part}.act"
         ch_axis = spec.ch_axis if spec.granularity == "per_channel" else None  # checked against each input
-        quantizer = ACT_QUANTIZERS[spec.quantizer](self._bits(part, "act"),
-                                                   make_observer(spec.observer, f"{key}.observer"),
-                                                   spec.symmetric, ch_axis, config_key=key)
-        quantizer.kind = "act"
+        return self._build(ACT_QUANTIZERS, spec, part, "act", ch_axis)
+
+    def _build(self, classes: dict, spec, part: str, kind: str, ch_axis: int | None) -> Quantizer:
+        """One quantizer of `kind` ('weight' | 'act') from its validated spec."""
+        key = f"quant.{part}.{kind}"
+        quantizer = classes[spec.quantizer](self._bits(part, kind), make_observer(spec.observer, f"{key}.observer"),
+                                            spec.symmetric, ch_axis, config_key=key)
+        quantizer.kind = kind
         return quantizer
 
     def softmax_quantizer(self, part: str) -> Quantizer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,7 +48,6 @@ class Timings:
     decoder_s: float = 0.0
     images: int = 0
     prompts: int = 0
-    extra: dict = field(default_factory=dict)
 
     @staticmethod
     def clock(device: torch.device) -> float:
