@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from saq.errors import SaqError
-from saq.sam.build import ARCHITECTURES, TINY_CHECKPOINT, build_random_sam, build_sam
+from saq.sam.build import ARCHITECTURES, TINY_CHECKPOINT, build_random_sam, read_state_dict
 from saq.sam.segmenter import decode_prompts
 
 
@@ -145,6 +145,34 @@ def box_prompt_miou(sam, data: InstanceImages, batch: int = 16) -> float:
     return float(torch.cat(ious).mean())
 
 
+def resized_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fit an earlier sam_tiny's weights to the current architecture where only the token grid changed.
+
+    A patch size of p/k on the image acts like patch size p on the image upsampled k times, so the patch kernel
+    is area-pooled (and scaled to keep its response to flat regions), the absolute position grid is resampled
+    bilinearly and the relative-position tables linearly. Any other mismatch is an error.
+    """
+    out = {}
+    for name, want in target.items():
+        if name not in source:
+            raise SaqError(f"init_checkpoint lacks {name}: it is not a sam_tiny checkpoint")
+        have = source[name]
+        if have.shape == want.shape:
+            out[name] = have
+        elif name.endswith("patch_embed.proj.weight") and have.shape[:2] == want.shape[:2]:
+            out[name] = F.adaptive_avg_pool2d(have, want.shape[-2:]) * (have[0, 0].numel() / want[0, 0].numel())
+        elif name.endswith("pos_embed") and have.shape[-1] == want.shape[-1]:
+            grid = F.interpolate(have.permute(0, 3, 1, 2), size=want.shape[1:3], mode="bilinear", align_corners=False)
+            out[name] = grid.permute(0, 2, 3, 1)
+        elif name.endswith(("rel_pos_h", "rel_pos_w")) and have.shape[-1] == want.shape[-1]:
+            table = F.interpolate(have.T[None], size=want.shape[0], mode="linear", align_corners=True)
+            out[name] = table[0].T
+        else:
+            raise SaqError(f"init_checkpoint's {name} has shape {tuple(have.shape)}, the architecture needs "
+                           f"{tuple(want.shape)}; only the patch grid may differ between rounds")
+    return out
+
+
 def train(cfg: DictConfig) -> dict:
     """The training loop; returns the card written beside the checkpoint."""
     torch.manual_seed(cfg.seed)
@@ -160,7 +188,8 @@ def train(cfg: DictConfig) -> dict:
     prior_rounds = earlier_rounds(cfg)  # read before this run's first save can overwrite that card
     sam = build_random_sam("sam_tiny", cfg.seed)
     if cfg.init_checkpoint:  # continue from an earlier run's weights (optimiser state starts fresh)
-        sam.load_state_dict(build_sam("sam_tiny", cfg.init_checkpoint).state_dict())
+        earlier = read_state_dict(Path(cfg.init_checkpoint), "init_checkpoint")
+        sam.load_state_dict(resized_state_dict(earlier, sam.state_dict()))
     params = sum(p.numel() for p in sam.parameters())
     opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -216,7 +245,7 @@ def earlier_rounds(cfg: DictConfig) -> list[dict]:
     if not card_path.exists():
         return [{"init_checkpoint": str(cfg.init_checkpoint), "card": None}]
     card = json.loads(card_path.read_text())
-    keys = ("training", "steps_done", "wall_time_minutes", "machine", "history")
+    keys = ("architecture", "training", "steps_done", "wall_time_minutes", "machine", "history")
     return [*card.get("earlier_rounds", []), {k: card[k] for k in keys if k in card}]
 
 

@@ -1,0 +1,66 @@
+"""The sam_tiny trainer: a short run writes a loadable checkpoint and card; earlier rounds' weights are refitted."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from saq.errors import SaqError
+from saq.sam.build import ARCHITECTURES, SamArchitecture, build_sam, make_sam
+from saq.sam.tiny.train import resized_state_dict, train
+from tests.conftest import REPO
+
+
+def test_short_training_run_writes_checkpoint_and_card(synthetic_root, tmp_path):
+    out = tmp_path / "tiny.pt"
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="train_tiny", overrides=[
+            f"data.root={synthetic_root}", f"output={out}", "steps=2", "batch_size=2", "prompts_per_image=2",
+            "point_every=2", "eval_every=1", "data.n_val=2", "warmup_steps=1"])
+    card = train(cfg)
+    assert [h["step"] for h in card["history"]] == [1, 2]
+    assert all(0.0 <= h["val_box_mIoU"] <= 1.0 for h in card["history"])
+    assert json.loads(out.with_suffix(".json").read_text())["steps_done"] == 2
+    trained = build_sam("sam_tiny", out)  # validated against the registered architecture
+    assert not torch.equal(trained.image_encoder.pos_embed, make_sam(ARCHITECTURES["sam_tiny"]).image_encoder.pos_embed)
+
+
+def coarser_grid() -> SamArchitecture:
+    """sam_tiny with twice the patch size: the grid an earlier round may have been trained on."""
+    arch = ARCHITECTURES["sam_tiny"]
+    return dataclasses.replace(arch, patch_size=arch.patch_size * 2, window_size=max(2, arch.window_size // 2))
+
+
+def test_weights_of_a_coarser_patch_grid_are_refitted():
+    torch.manual_seed(0)
+    old = make_sam(coarser_grid()).state_dict()
+    _, side, _, width = old["image_encoder.pos_embed"].shape
+    ramp = torch.linspace(-1, 1, side)
+    old["image_encoder.pos_embed"] = (ramp[:, None, None] + 2 * ramp[None, :, None]).expand(1, side, side, width).clone()
+    new_model = make_sam(ARCHITECTURES["sam_tiny"])
+    fitted = resized_state_dict(old, new_model.state_dict())
+    new_model.load_state_dict(fitted)
+    assert torch.equal(fitted["mask_decoder.iou_token.weight"], old["mask_decoder.iou_token.weight"])
+    # On a flat image region a token must see what the coarser token saw: the kernel keeps its total weight.
+    k_old, k_new = old["image_encoder.patch_embed.proj.weight"], fitted["image_encoder.patch_embed.proj.weight"]
+    assert k_new.shape[-1] * 2 == k_old.shape[-1]
+    assert torch.allclose(k_new.sum((-2, -1)), k_old.sum((-2, -1)), atol=1e-5)
+    # The position grid is the old one resampled: pooling it back gives the old grid (exactly, inside, for a ramp).
+    pooled = F.avg_pool2d(fitted["image_encoder.pos_embed"].permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+    assert torch.allclose(pooled[:, 1:-1, 1:-1], old["image_encoder.pos_embed"][:, 1:-1, 1:-1], atol=1e-5)
+    rel = fitted["image_encoder.blocks.0.attn.rel_pos_h"]
+    assert rel.shape[0] == 2 * ARCHITECTURES["sam_tiny"].window_size - 1
+    assert torch.allclose(rel[[0, -1]], old["image_encoder.blocks.0.attn.rel_pos_h"][[0, -1]])
+
+
+def test_refit_refuses_other_mismatches():
+    old = make_sam(dataclasses.replace(ARCHITECTURES["sam_tiny"], encoder_embed_dim=64)).state_dict()
+    with pytest.raises(SaqError, match="only the patch grid may differ"):
+        resized_state_dict(old, make_sam(ARCHITECTURES["sam_tiny"]).state_dict())
+    with pytest.raises(SaqError, match="not a sam_tiny checkpoint"):
+        resized_state_dict({}, make_sam(ARCHITECTURES["sam_tiny"]).state_dict())
