@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from saq.errors import SaqError
 from saq.quant.grid import SCALE_EPS, QuantGrid, abs_pow_
 
 
@@ -63,6 +64,15 @@ def scalar_qparams(lo: float, hi: float, grid: QuantGrid) -> tuple[float, float]
         return max(max(-lo, hi) / ((grid.qmax - grid.qmin) / 2), SCALE_EPS), 0.0
     scale = max((hi - lo) / (grid.qmax - grid.qmin), SCALE_EPS)
     return scale, float(min(max(grid.qmin - round(lo / scale), grid.qmin), grid.qmax))
+
+
+def error_settings(p: float, max_points: int) -> tuple[float, int]:
+    """Validated (p, max_points) of a strategy that scores ranges by Lp error on an error_sample."""
+    if not p > 0:
+        raise SaqError(f"clip.p={p} invalid; expected a positive Lp exponent (paper: 2.4)")
+    if int(max_points) < 16:
+        raise SaqError(f"clip.max_points={max_points} invalid; expected an integer >= 16")
+    return float(p), int(max_points)
 
 
 def error_sample(x: torch.Tensor, max_points: int, seed: int = 0) -> WeightedValues:

@@ -6,7 +6,7 @@ from functools import partial
 
 import torch
 
-from saq.clipping.base import RangeStrategy, channels_first, error_sample
+from saq.clipping.base import RangeStrategy, channels_first, error_sample, error_settings
 from saq.errors import SaqError
 from saq.quant.grid import SCALE_EPS, QuantGrid, abs_pow_, bounded_minimize, fake_quant_range, lp_error
 
@@ -26,17 +26,12 @@ class MSEClipping(RangeStrategy):
     name = "mse"
 
     def __init__(self, p: float = 2.4, num_ranges: int = 100, max_points: int = 16384, rel_tol: float = 1e-3):
-        if not p > 0:
-            raise SaqError(f"clip.p={p} invalid; expected a positive Lp exponent (paper: 2.4)")
+        self.p, self.max_points = error_settings(p, max_points)
         if int(num_ranges) < 1:
             raise SaqError(f"clip.num_ranges={num_ranges} invalid; expected an integer >= 1 (paper: 100)")
-        if int(max_points) < 16:
-            raise SaqError(f"clip.max_points={max_points} invalid; expected an integer >= 16")
         if not 0 < rel_tol < 0.5:
             raise SaqError(f"clip.rel_tol={rel_tol} invalid; expected a fraction in (0, 0.5)")
-        self.p = float(p)
         self.num_ranges = int(num_ranges)
-        self.max_points = int(max_points)
         self.rel_tol = float(rel_tol)
 
     def describe(self) -> str:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from saq.clipping.base import RangeStrategy, channels_first, error_sample
+from saq.clipping.base import RangeStrategy, channels_first, error_sample, error_settings
 from saq.errors import SaqError
 from saq.quant.grid import QuantGrid, fake_quant_range, lp_error
 
@@ -43,13 +43,8 @@ class PercentileClipping(RangeStrategy):
         percentiles = [float(v) for v in percentiles]
         if not percentiles or not all(0.5 < v <= 1.0 for v in percentiles):
             raise SaqError(f"clip.percentiles={percentiles} invalid; expected a non-empty list of values in (0.5, 1]")
-        if not p > 0:
-            raise SaqError(f"clip.p={p} invalid; expected a positive Lp exponent (paper: 2.4)")
-        if int(max_points) < 16:
-            raise SaqError(f"clip.max_points={max_points} invalid; expected an integer >= 16")
         self.percentiles = percentiles
-        self.p = float(p)
-        self.max_points = int(max_points)
+        self.p, self.max_points = error_settings(p, max_points)
 
     def describe(self) -> str:
         return f"percentile(p={self.p:g})"
