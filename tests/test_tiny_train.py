@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from saq.errors import SaqError
 from saq.sam.build import ARCHITECTURES, SamArchitecture, build_sam, make_sam
-from saq.sam.tiny.train import resized_state_dict, train
+from saq.sam.tiny.train import jitter_boxes, resized_state_dict, train
 from tests.conftest import REPO
 
 
@@ -64,3 +64,15 @@ def test_refit_refuses_other_mismatches():
         resized_state_dict(old, make_sam(ARCHITECTURES["sam_tiny"]).state_dict())
     with pytest.raises(SaqError, match="not a sam_tiny checkpoint"):
         resized_state_dict({}, make_sam(ARCHITECTURES["sam_tiny"]).state_dict())
+
+
+def test_box_jitter_scales_with_the_box_and_respects_the_cap():
+    small = torch.tensor([[100.0, 100.0, 120.0, 140.0]]).repeat(4000, 1)  # 20 x 40 px: noise 2 / 4 px at 0.1
+    large = torch.tensor([[28.0, 28.0, 228.0, 228.0]]).repeat(4000, 1)  # 200 px: 20 px at 0.1, capped at 5
+    noise = jitter_boxes(small, torch.Generator().manual_seed(0), 256, scale=0.1, max_px=10) - small
+    assert torch.allclose(noise.std(0), torch.tensor([2.0, 4.0, 2.0, 4.0]), rtol=0.1)
+    capped = jitter_boxes(large, torch.Generator().manual_seed(0), 256, scale=0.1, max_px=5) - large
+    assert torch.allclose(capped.std(0), torch.full((4,), 5.0), rtol=0.1)
+    edge = jitter_boxes(torch.tensor([[0.0, 0.0, 256.0, 256.0]]).repeat(100, 1), torch.Generator(), 256)
+    assert edge.min() >= 0 and edge.max() <= 256  # clamped to the image
+    assert torch.equal(jitter_boxes(small, torch.Generator(), 256, scale=0.0), small)

@@ -212,7 +212,7 @@ def train(cfg: DictConfig) -> dict:
         if point_step:
             sparse, dense = sam.prompt_encoder(points=sample_points(masks, gen), boxes=None, masks=None)
         else:
-            boxes = jitter_boxes(masks_to_boxes(masks), gen, arch.image_size)
+            boxes = jitter_boxes(masks_to_boxes(masks), gen, arch.image_size, cfg.box_noise, cfg.box_noise_max_px)
             sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
         low_res, iou_pred = decode_prompts(sam, emb, sparse, dense, index, multimask_output=point_step)
         target = F.adaptive_avg_pool2d(masks.float().unsqueeze(1), low_res.shape[-2:])
@@ -262,7 +262,7 @@ def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_r
         "parameters": params,
         "data": OmegaConf.to_container(cfg.data),
         "training": {k: cfg[k] for k in ("seed", "steps", "batch_size", "prompts_per_image", "lr", "point_every",
-                                         "init_checkpoint")},
+                                         "box_noise", "box_noise_max_px", "init_checkpoint")},
         "steps_done": history[-1]["step"] if history else 0,
         "wall_time_minutes": round((time.time() - start) / 60, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
