@@ -46,17 +46,33 @@ def build_task(cfg: DictConfig):
         raise
 
 
-def fp_metrics(cfg: DictConfig, model, task) -> dict:
-    """FP metrics, reused from the cache when the same model, data and prompts were evaluated before."""
-    key = hashlib.sha256(f"{checkpoint_fingerprint(cfg.model)}|{task.fingerprint()}|{cfg.seed}".encode()).hexdigest()
-    cache = FP_CACHE_DIR / f"{key[:24]}.json"
+def source_digest() -> str:
+    """A hash of the code that produces FP metrics (saq/sam and tasks/), so edits there invalidate the cache."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "saq" / "sam").rglob("*.py"), *(root / "tasks").rglob("*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def fp_cache_path(cfg: DictConfig, task) -> Path:
+    """Where the FP metrics of this model, data, prompts, seed, device and metric code are cached."""
+    # The device is in the key because the cached metrics include timings (semantic task).
+    key = f"{checkpoint_fingerprint(cfg.model)}|{task.fingerprint()}|{cfg.seed}|{cfg.device}|{source_digest()}"
+    return FP_CACHE_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def fp_metrics(cfg: DictConfig, model, task) -> tuple[dict, str | None]:
+    """FP metrics, and the cache file they came from when this evaluation was done before (else None)."""
+    cache = fp_cache_path(cfg, task)
     if cfg.fp_cache and cache.is_file():
         print(f"FP metrics from cache {cache}")
-        return json.loads(cache.read_text())
+        return json.loads(cache.read_text()), str(cache)
     metrics = task.evaluate(Segmenter(model, cfg.model.decode_batch_size), progress=cfg.progress)
     if cfg.fp_cache:
         write_json_atomic(cache, metrics)
-    return metrics
+    return metrics, None
 
 
 def scalar_metrics(metrics: dict) -> dict:
@@ -85,7 +101,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     model = build_sam(cfg.model.name, cfg.model.checkpoint).to(cfg.device)
     task = build_task(cfg)
-    metrics = {"fp": fp_metrics(cfg, model, task)}
+    fp, fp_cache_file = fp_metrics(cfg, model, task)
+    metrics = {"fp": fp}
 
     if cfg.quant.name != "fp":
         from saq.quant import calibrate, quant_summary, quantize
@@ -105,6 +122,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "quant": cfg.quant.name,
         "seed": cfg.seed,
         "metrics": metrics,
+        "fp_from_cache": fp_cache_file,  # the FP row was computed by an earlier run with the same key
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_commit": git_commit(),
         "versions": package_versions(),

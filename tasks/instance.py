@@ -32,6 +32,9 @@ def load_coco(ann_path: Path, config_key: str) -> COCO:
                        "(needs 'images', 'annotations' and 'categories')")
     if not data["images"]:
         raise SaqError(f"annotation file {ann_path} lists no images")
+    for i, info in enumerate(data["images"]):
+        if not isinstance(info, dict) or not all(k in info for k in ("id", "file_name", "height", "width")):
+            raise SaqError(f"annotation file {ann_path}: images[{i}] lacks one of id, file_name, height, width")
     for i, ann in enumerate(data["annotations"]):
         if not all(k in ann for k in ("image_id", "category_id", "bbox", "segmentation")):
             raise SaqError(f"annotation file {ann_path}: annotation {i} lacks one of "
@@ -53,8 +56,23 @@ def gt_boxes(coco: COCO, image_id: int) -> tuple[BoxPrompts, list[dict]]:
     return BoxPrompts(boxes, np.ones(len(anns), np.float32), np.asarray([a["category_id"] for a in anns])), anns
 
 
+def read_annotated_image(coco: COCO, image_id: int, img_dir: Path) -> np.ndarray:
+    """An image as RGB, checked against the size its annotation entry gives (masks are decoded at that size)."""
+    info = coco.loadImgs(image_id)[0]
+    path = img_dir / info["file_name"]
+    image = read_rgb(path)
+    if image.shape[:2] != (info["height"], info["width"]):
+        raise SaqError(f"image {path} is {image.shape[1]}x{image.shape[0]} (w x h) but its annotation entry "
+                       f"(id {image_id}) says {info['width']}x{info['height']}")
+    return image
+
+
 def mask_ap(coco_gt: COCO, results: list[dict], image_ids: list[int]) -> dict:
     """COCO mask AP, AP50, AP75 (fractions) over the given images."""
+    if not any(not a.get("iscrowd", 0) for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_ids))):
+        # COCOeval would report its -1 sentinel: AP is undefined without ground-truth objects.
+        raise SaqError(f"the {len(image_ids)} evaluated images have no ground-truth objects, so mask AP is "
+                       "undefined (check the annotation file or task.max_images)")
     if not results:
         return {"mask_AP": 0.0, "mask_AP50": 0.0, "mask_AP75": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -96,6 +114,7 @@ class InstanceTask(Task):
         self.max_images = max_images
         self.coco = load_coco(self.ann_path, "task.data.root / task.data.ann_file")
         require_dir(self.img_dir, "image", "task.data.root / task.data.img_dir")
+        self.prompts.bind(self.coco.getImgIds(), category_ids=self.coco.getCatIds())
 
     def image_ids(self) -> list[int]:
         ids = sorted(self.coco.getImgIds())
@@ -103,7 +122,8 @@ class InstanceTask(Task):
 
     def fingerprint(self) -> str:
         st = self.ann_path.stat()
-        return f"instance|{self.ann_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.max_images}|" \
+        return f"instance|{self.ann_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.img_dir.resolve()}|" \
+               f"{self.max_images}|" \
                f"{self.prompts.fingerprint()}"
 
     def calibration_samples(self, n: int) -> list[PromptedImage]:
@@ -116,8 +136,7 @@ class InstanceTask(Task):
             gt, _ = gt_boxes(coco, image_id)
             if not len(gt):
                 continue
-            info = coco.loadImgs(image_id)[0]
-            samples.append(PromptedImage(read_rgb(self.calib_img_dir / info["file_name"]), boxes=gt.boxes,
+            samples.append(PromptedImage(read_annotated_image(coco, image_id, self.calib_img_dir), boxes=gt.boxes,
                                          image_id=image_id))
         if len(samples) < n:
             raise SaqError(f"calibration split {self.calib_ann_path} has only {len(samples)} annotated images, "
@@ -128,8 +147,7 @@ class InstanceTask(Task):
         results, prompt_ious = [], []
         ids = self.image_ids()
         for image_id in tqdm(ids, desc="instance eval", disable=not progress, leave=False):
-            info = self.coco.loadImgs(image_id)[0]
-            image = read_rgb(self.img_dir / info["file_name"])
+            image = read_annotated_image(self.coco, image_id, self.img_dir)
             gt, anns = gt_boxes(self.coco, image_id)
             prompts = self.prompts.for_image(image_id, gt, image.shape[:2])
             if not len(prompts):
@@ -146,7 +164,9 @@ class InstanceTask(Task):
                     k = offset + j
                     results.append({"image_id": image_id, "category_id": int(prompts.labels[k]),
                                     "segmentation": rle, "score": float(prompts.scores[k] * iou_scores[j])})
-                if gt_masks is not None:
+                if gt_masks is None:  # a detection on an image without objects matches nothing
+                    prompt_ious.extend(np.zeros(len(masks)))
+                else:
                     ious = mask_iou(masks, gt_masks)
                     if self.prompts.from_ground_truth:
                         prompt_ious.extend(ious[np.arange(len(masks)), offset + np.arange(len(masks))])

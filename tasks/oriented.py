@@ -218,7 +218,8 @@ class OrientedTask(Task):
             raise SaqError(f"the label files in {self.ann_dir} hold no objects; nothing to evaluate")
         self.class_index = {name: i for i, name in enumerate(self.classes)}
         self.prompts = prompts or GroundTruthBoxes()
-        self.prompts.bind([stem for stem, _ in all_images], self.classes)
+        # Classes inferred from the evaluated labels: a detector's other classes have no objects here to score.
+        self.prompts.bind([stem for stem, _ in all_images], self.classes, drop_unknown=classes is None)
 
     def ground_truth(self, stem: str) -> tuple[BoxPrompts, np.ndarray, np.ndarray]:
         """An image's enclosing boxes as prompts (score 1, class index), with its polygons and difficult flags."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +40,14 @@ class PromptSource(ABC):
     def for_image(self, key, gt: BoxPrompts, image_size: tuple[int, int]) -> BoxPrompts:
         ...
 
-    def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None) -> None:
-        """Called by a task before for_image: its image keys, and its class names when labels are class indices.
+    def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,
+             category_ids: Collection[int] | None = None, drop_unknown: bool = False) -> None:
+        """Called by a task before for_image: its image keys, and what its labels may be.
 
-        Ground-truth sources need neither; a detections file checks that it names the task's images and maps
-        class names to indices.
+        category_names: class names when labels are class indices (names are mapped to indices);
+        category_ids: the dataset's numeric category ids when labels are those ids; drop_unknown: leave out
+        detections of other classes (the task inferred its classes from the evaluated images) instead of refusing.
+        Ground-truth sources need none of it; a detections file checks that it names the task's images and classes.
         """
 
     def fingerprint(self) -> str:
@@ -175,24 +178,43 @@ class DetectionsFile(PromptSource):
                 by_image.setdefault(parts[0], []).append((*_enclosing_box(coords), score, category))
         return by_image
 
-    def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None) -> None:
+    def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,
+             category_ids: Collection[int] | None = None, drop_unknown: bool = False) -> None:
         keys = set(image_keys)
         if self._by_image and keys and not keys & set(self._by_image):
             raise SaqError(f"detections file {self.path} names none of the task's images "
                            f"(it has {next(iter(self._by_image))!r}; the images are keyed like {next(iter(keys))!r})")
+        if category_ids is not None:
+            known = set(category_ids)
+            for key, dets in self._by_image.items():
+                for det in dets:
+                    if not isinstance(det[5], str) and det[5] not in known:
+                        # A detector trained with contiguous labels (0..N-1) writes ids the dataset does not define.
+                        raise SaqError(f"detections file {self.path}: image {key!r} has category_id {det[5]}, which "
+                                       f"the annotation file does not define (its ids: {sorted(known)[:12]}"
+                                       f"{' ...' if len(known) > 12 else ''})")
         if category_names is None:
             return
         index = {name: i for i, name in enumerate(category_names)}
+        dropped: dict[str, int] = {}
         for key, dets in self._by_image.items():
-            for j, det in enumerate(dets):
+            kept = []
+            for det in dets:
                 label = det[5]
                 if not isinstance(label, str):
                     raise SaqError(f"detections file {self.path}: image {key!r} has category_id {label}; this task "
                                    f"needs class names (one of {list(category_names)})")
-                if label not in index:
+                if label in index:
+                    kept.append((*det[:5], index[label]))
+                elif drop_unknown:
+                    dropped[label] = dropped.get(label, 0) + 1
+                else:
                     raise SaqError(f"detections file {self.path}: image {key!r} has unknown class {label!r}; "
                                    f"expected one of {list(category_names)}")
-                dets[j] = (*det[:5], index[label])
+            dets[:] = kept
+        if dropped:
+            print(f"detections file {self.path}: left out {sum(dropped.values())} detections of classes with no "
+                  f"labelled object in the evaluated images: {sorted(dropped)}")
         self._named_labels = False
 
     def for_image(self, key, gt: BoxPrompts, image_size: tuple[int, int]) -> BoxPrompts:

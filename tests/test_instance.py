@@ -99,7 +99,9 @@ def test_calibration_samples_come_from_the_calibration_split(synthetic_root):
     ("not json", "not valid JSON"),
     ('{"images": []}', "not COCO instance format"),
     ('{"images": [], "annotations": [], "categories": []}', "lists no images"),
-    ('{"images": [{"id": 1}], "annotations": [{"id": 1}], "categories": []}', "annotation 0 lacks"),
+    ('{"images": [{"id": 1}], "annotations": [], "categories": []}', r"images\[0\] lacks one of id, file_name"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}], "annotations": [{"id": 1}], '
+     '"categories": []}', "annotation 0 lacks"),
 ])
 def test_malformed_annotations_give_clear_errors(tmp_path, content, match):
     path = tmp_path / "bad.json"
@@ -133,3 +135,70 @@ def test_gt_prompt_source_is_identity(synthetic_root):
     coco = load_coco(synthetic_root / DATA["ann_file"], "k")
     gt, _ = gt_boxes(coco, 1)
     assert GroundTruthBoxes().for_image(1, gt, (256, 256)) is gt
+
+
+def copy_with_annotations(synthetic_root, tmp_path, edit):
+    """A copy of the fixture dataset whose val annotation json has been passed through edit(dict)."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(synthetic_root, root)
+    ann = root / DATA["ann_file"]
+    data = json.loads(ann.read_text())
+    edit(data)
+    ann.write_text(json.dumps(data))
+    return root
+
+
+def write_detections(path, coco, image_ids, **override):
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9, **override}
+            for a in coco.loadAnns(coco.getAnnIds(imgIds=image_ids))]
+    path.write_text(json.dumps(dets))
+    return DetectionsFile(str(path))
+
+
+def test_detections_must_name_the_datasets_images_and_categories(synthetic_root, tmp_path):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    by_stem = write_detections(tmp_path / "stems.json", coco, [1], image_id="000001")
+    with pytest.raises(SaqError, match="names none of the task's images"):
+        task_for(synthetic_root, by_stem)
+    # A detector with contiguous labels 0..N-1 writes an id the dataset does not define (ours start at 1).
+    contiguous = write_detections(tmp_path / "labels.json", coco, [1], category_id=0)
+    with pytest.raises(SaqError, match="category_id 0, which the annotation file does not define"):
+        task_for(synthetic_root, contiguous)
+
+
+def test_image_whose_size_disagrees_with_its_annotation_is_named(synthetic_root, tmp_path):
+    def swap_first_image_sides(data):
+        data["images"][0]["height"] = 300
+
+    root = copy_with_annotations(synthetic_root, tmp_path, swap_first_image_sides)
+    with pytest.raises(SaqError, match=r"000000.jpg is 256x256 \(w x h\) but its annotation entry .* says 256x300"):
+        task_for(root).evaluate(Segmenter(build_sam("sam_tiny")), progress=False)
+
+
+def test_ap_without_ground_truth_objects_is_an_error_not_minus_one(synthetic_root):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    coco.dataset["annotations"] = []
+    coco.createIndex()
+    with pytest.raises(SaqError, match="no ground-truth objects"):
+        mask_ap(coco, results_from_masks(load_coco(synthetic_root / DATA["ann_file"], "k")), coco.getImgIds())
+
+
+def test_detection_on_an_image_without_objects_counts_as_iou_zero(synthetic_root, tmp_path):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    n1, n2 = len(coco.getAnnIds(imgIds=1)), len(coco.getAnnIds(imgIds=2))
+    sam = Segmenter(build_sam("sam_tiny"))
+    only_first = task_for(synthetic_root, write_detections(tmp_path / "d1.json", coco, [1]))
+    only_first.max_images = 2
+    base = only_first.evaluate(sam, progress=False)
+    assert base["prompts"] == n1
+
+    def drop_second_images_objects(data):
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 2]
+
+    root = copy_with_annotations(synthetic_root, tmp_path, drop_second_images_objects)
+    both = task_for(root, write_detections(tmp_path / "d2.json", coco, [1, 2]), max_images=2).evaluate(
+        sam, progress=False)
+    assert both["prompts"] == n1 + n2
+    assert both["mIoU"] == pytest.approx(base["mIoU"] * n1 / (n1 + n2))

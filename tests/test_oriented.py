@@ -281,6 +281,20 @@ def test_dota_result_json_form_and_errors(tmp_path, synthetic_root):
         DetectionsFile(str(tmp_path / "empty_dir"))
 
 
+def test_classes_inferred_from_labels_leave_out_a_detectors_other_classes(tmp_path, synthetic_root, capsys):
+    # With task.classes unset the classes are those labelled in the evaluated images; a detector's result file for
+    # a class absent there has nothing to be scored against, so it is left out (and said so), not refused.
+    folder = tmp_path / "results"
+    write(folder / "Task1_disk.txt", "000001 0.9 10 10 30 12 28 40 8 38\n")
+    write(folder / "Task1_zeppelin.txt", "000001 0.8 50 50 60 50 60 60 50 60\n")
+    source = DetectionsFile(str(folder))
+    task = OrientedTask({"root": str(synthetic_root), **DATA}, CALIB, prompts=source)
+    assert "zeppelin" not in task.classes
+    got = source.for_image("000001", None, (256, 256))
+    assert [task.classes[i] for i in got.labels] == ["disk"]
+    assert "left out 1 detections" in capsys.readouterr().out
+
+
 def test_calibration_samples_are_enclosing_boxes(synthetic_root):
     task = OrientedTask({"root": str(synthetic_root), **DATA}, CALIB, max_images=2)
     samples = task.calibration_samples(3)
