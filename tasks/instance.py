@@ -122,9 +122,8 @@ class InstanceTask(Task):
 
     def fingerprint(self) -> str:
         st = self.ann_path.stat()
-        return f"instance|{self.ann_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.img_dir.resolve()}|" \
-               f"{self.max_images}|" \
-               f"{self.prompts.fingerprint()}"
+        return (f"instance|{self.ann_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.img_dir.resolve()}|"
+                f"{self.max_images}|{self.prompts.fingerprint()}")
 
     def calibration_samples(self, n: int) -> list[PromptedImage]:
         """First n images of the calibration split (annotation-file order) with their ground-truth boxes."""

@@ -189,9 +189,8 @@ def test_detection_on_an_image_without_objects_counts_as_iou_zero(synthetic_root
     coco = load_coco(synthetic_root / DATA["ann_file"], "k")
     n1, n2 = len(coco.getAnnIds(imgIds=1)), len(coco.getAnnIds(imgIds=2))
     sam = Segmenter(build_sam("sam_tiny"))
-    only_first = task_for(synthetic_root, write_detections(tmp_path / "d1.json", coco, [1]))
-    only_first.max_images = 2
-    base = only_first.evaluate(sam, progress=False)
+    base = task_for(synthetic_root, write_detections(tmp_path / "d1.json", coco, [1]), max_images=2).evaluate(
+        sam, progress=False)
     assert base["prompts"] == n1
 
     def drop_second_images_objects(data):
