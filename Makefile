@@ -25,8 +25,8 @@ test: setup  ## run the test suite
 lint: setup  ## ruff
 	$(PY) -m ruff check saq tasks tests benchmarks
 
-data: setup  ## generate the synthetic dataset used to train sam_tiny (data/synthetic)
-	$(PY) -m tasks.synthetic --out data/synthetic --n-train 3000 --n-val 500 --seed 0
+data: setup  ## generate the synthetic dataset used to train sam_tiny (data/synthetic: 12,000 train scenes, about 5 min)
+	$(PY) -m tasks.synthetic --out data/synthetic --n-train 12000 --n-val 500 --seed 0
 
 tiny-sam: data  ## train sam_tiny (about an hour on 2 cores) and refresh its card
 	$(PY) -m saq.sam.tiny.train

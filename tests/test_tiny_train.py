@@ -25,7 +25,9 @@ def test_short_training_run_writes_checkpoint_and_card(synthetic_root, tmp_path)
     card = train(cfg)
     assert [h["step"] for h in card["history"]] == [1, 2]
     assert all(0.0 <= h["val_box_mIoU"] <= 1.0 for h in card["history"])
-    assert json.loads(out.with_suffix(".json").read_text())["steps_done"] == 2
+    written = json.loads(out.with_suffix(".json").read_text())
+    assert written["steps_done"] == 2
+    assert written["train_images"] == 8  # data.n_train=null: every scene of the fixture's train split
     trained = build_sam("sam_tiny", out)  # validated against the registered architecture
     assert not torch.equal(trained.image_encoder.pos_embed, make_sam(ARCHITECTURES["sam_tiny"]).image_encoder.pos_embed)
 

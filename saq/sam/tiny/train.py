@@ -233,8 +233,8 @@ def train(cfg: DictConfig) -> dict:
             history.append({"step": step + 1, "val_box_mIoU": round(miou, 4), "loss": round(loss.item(), 4),
                             "minutes": round((time.time() - start) / 60, 1)})
             tqdm.write(json.dumps(history[-1]))
-            save(sam, cfg, params, history, start, prior_rounds)
-    return save(sam, cfg, params, history, start, prior_rounds)
+            save(sam, cfg, params, history, start, prior_rounds, len(train_data.images))
+    return save(sam, cfg, params, history, start, prior_rounds, len(train_data.images))
 
 
 def earlier_rounds(cfg: DictConfig) -> list[dict]:
@@ -245,11 +245,12 @@ def earlier_rounds(cfg: DictConfig) -> list[dict]:
     if not card_path.exists():
         return [{"init_checkpoint": str(cfg.init_checkpoint), "card": None}]
     card = json.loads(card_path.read_text())
-    keys = ("architecture", "training", "steps_done", "wall_time_minutes", "machine", "history")
+    keys = ("architecture", "data", "train_images", "training", "steps_done", "wall_time_minutes", "machine", "history")
     return [*card.get("earlier_rounds", []), {k: card[k] for k in keys if k in card}]
 
 
-def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_rounds: list[dict]) -> dict:
+def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_rounds: list[dict],
+         train_images: int) -> dict:
     """Write the checkpoint and its card (architecture, data seed, steps, wall time, val metrics)."""
     out = Path(cfg.output) if cfg.output else TINY_CHECKPOINT
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -261,6 +262,7 @@ def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_r
         "architecture": ARCHITECTURES["sam_tiny"].__dict__,
         "parameters": params,
         "data": OmegaConf.to_container(cfg.data),
+        "train_images": train_images,  # data.n_train may be null (all), and `make data` has grown between rounds
         "training": {k: cfg[k] for k in ("seed", "steps", "batch_size", "prompts_per_image", "lr", "point_every",
                                          "box_noise", "box_noise_max_px", "init_checkpoint")},
         "steps_done": history[-1]["step"] if history else 0,
