@@ -90,6 +90,18 @@ def format_table(model: str, task: str, prompts: str, rows: dict[str, dict]) -> 
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples, task) -> dict | None:
+    """recon=... on the calibrated model (saq.recon), then the check that evaluation runs fully quantized."""
+    from saq.quant import assert_fully_quantized
+    from saq.recon import reconstruct
+
+    recon_cfg = cfg.get("recon") or {"name": "none"}
+    key = f"{checkpoint_fingerprint(cfg.model)}|{task.fingerprint()}|{cfg.quant}|{cfg.clip}|{cfg.seed}|{cfg.device}"
+    report = reconstruct(qmodel, model, samples, recon_cfg, cfg.seed, key, progress=cfg.progress)
+    assert_fully_quantized(qmodel, allow_dropped_inputs=report is not None and report.eval_mode != "fully_quantized")
+    return report.as_dict() if report is not None else {"method": "none", "eval_mode": "fully_quantized"}
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole story of one run; returns the record written to results.json."""
     start = time.time()
@@ -103,6 +115,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     task = build_task(cfg)
     fp, fp_cache_file = fp_metrics(cfg, model, task)
     metrics = {"fp": fp}
+    recon = None
 
     if cfg.quant.name != "fp":
         from saq.quant import calibrate, quant_summary, quantize
@@ -110,6 +123,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         qmodel = quantize(model, cfg.quant)
         samples = task.calibration_samples(cfg.quant.calib_images)
         calibrate(qmodel, samples, cfg.quant, cfg.clip, progress=cfg.progress)
+        recon = reconstruct_for_run(cfg, qmodel, model, samples, task)
         print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau
         metrics["quantized"] = task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=cfg.progress)
 
@@ -120,6 +134,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "task": task.name,
         "prompts": prompts_name,
         "quant": cfg.quant.name,
+        "recon": recon,  # method, eval_mode (fully quantized or the labelled paper-compatible mode), per-unit figures
         "seed": cfg.seed,
         "metrics": metrics,
         "fp_from_cache": fp_cache_file,  # the FP row was computed by an earlier run with the same key

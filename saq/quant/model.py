@@ -69,11 +69,20 @@ def quant_states(model: nn.Module) -> Counter:
     return Counter(q.state.value for q in iter_quantizers(model))
 
 
-def assert_fully_quantized(model: nn.Module) -> None:
-    """Raise unless every quantizer quantizes (evaluation must never run half-FP; paper.md §7)."""
+def assert_fully_quantized(model: nn.Module, allow_dropped_inputs: bool = False) -> None:
+    """Raise unless every quantizer quantizes every element with hard rounding (evaluation must never run half-FP;
+    paper.md §7). allow_dropped_inputs admits QDrop on linear/conv inputs only: the labelled paper-compatible mode."""
     stray = [q.name for q in iter_quantizers(model) if q.state is not QuantState.QUANT]
     if stray:
         raise SaqError(f"{len(stray)} quantizers are not quantizing (first: {stray[0]}); evaluation needs all of them on")
+    soft = [q.name for q in iter_quantizers(model) if getattr(q, "mode", None) == "soft"]
+    if soft:
+        raise SaqError(f"{len(soft)} weight quantizers still round softly (first: {soft[0]}); harden them first")
+    inputs = {id(m.input_quantizer) for m in model.modules() if isinstance(m, QuantLayer)} if allow_dropped_inputs else set()
+    dropping = [q.name for q in iter_quantizers(model) if q.drop_prob < 1.0 and id(q) not in inputs]
+    if dropping:
+        raise SaqError(f"{len(dropping)} quantizers still drop quantization (first: {dropping[0]}, drop_prob "
+                       "< 1); evaluation must quantize every element (recon.paper_eval_compat allows linear inputs only)")
     if not any(True for _ in iter_quantizers(model)):
         raise SaqError("the model has no quantizers")
 

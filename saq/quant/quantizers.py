@@ -46,6 +46,10 @@ class Quantizer(nn.Module):
         self.config_key = config_key
         self.name = ""  # the module path, filled in by quantize(); used in messages and the summary
         self._state = QuantState.OFF
+        # QDrop: the probability that an element is quantized (the rest pass in FP). 1.0 = always quantized; lower
+        # only inside reconstruction (saq.recon) or the labelled paper-compatible evaluation; a python float, never
+        # saved, so a loaded model always quantizes fully.
+        self.drop_prob = 1.0
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
 
     @property
@@ -74,7 +78,14 @@ class Quantizer(nn.Module):
             with torch.no_grad():
                 self.observe(x, partner)
             return x
+        if self.drop_prob < 1.0:
+            return self.quantize_dropping(x)
         return self.quantize(x)
+
+    def quantize_dropping(self, x: torch.Tensor) -> torch.Tensor:
+        """QDrop: each element quantized with probability drop_prob, else passed in FP."""
+        keep = torch.rand_like(x) < self.drop_prob
+        return torch.where(keep, self.quantize(x), x)
 
     # -- to implement ------------------------------------------------------------------------------------------------
     def reset_observer(self) -> None:

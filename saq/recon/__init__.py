@@ -1,0 +1,50 @@
+"""Reconstruction after calibration: recon=none | qdrop (block MSE) | par (prompt-aware, with layer skipping)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from torch import nn
+
+from saq.recon.config import PAR_OFFICIAL_ITERS, ReconConfig
+from saq.recon.loop import (
+    EVAL_FULL,
+    EVAL_PAPER,
+    Reconstructor,
+    ReconReport,
+    UnitReport,
+    apply_paper_eval_compat,
+    reconstruction_state,
+)
+
+__all__ = ["EVAL_FULL", "EVAL_PAPER", "PAR_OFFICIAL_ITERS", "ReconConfig", "ReconReport", "Reconstructor",
+           "UnitReport", "apply_paper_eval_compat", "checkpoint_path", "reconstruct", "reconstruction_state"]
+
+
+def checkpoint_path(cfg: ReconConfig, key: str) -> Path:
+    """Where the finished units of this run are kept: recon.state_dir / hash(key + the recon config but resume)."""
+    knobs = {k: v for k, v in vars(cfg).items() if k not in ("resume", "log_every")}
+    digest = hashlib.sha256(f"{key}|{json.dumps(knobs, sort_keys=True, default=str)}".encode()).hexdigest()[:24]
+    return Path(cfg.state_dir) / f"{digest}.pt"
+
+
+def reconstruct(qmodel: nn.Module, fp_model: nn.Module, samples, recon_cfg, seed: int = 0, key: str | None = None,
+                progress: bool = True) -> ReconReport | None:
+    """Run the `recon` config on a calibrated quantized model, in place; None for recon=none.
+
+    `key` identifies everything before reconstruction (model, data, quant and clip config, seed): with it, each
+    finished unit is saved and recon.resume=true continues a killed run. On return the model is in its evaluation
+    state: fully quantized, or — with recon.paper_eval_compat — the official evaluation's linear inputs at drop_prob.
+    """
+    cfg = ReconConfig.from_cfg(recon_cfg)
+    if cfg.name == "none":
+        return None
+    checkpoint = checkpoint_path(cfg, key) if key is not None else None
+    reconstructor = Reconstructor(qmodel, fp_model, cfg, seed, progress, checkpoint)
+    report = reconstructor.run(samples)
+    if cfg.paper_eval_compat:
+        apply_paper_eval_compat(reconstructor.learned_modules, cfg.drop_prob)
+        report.eval_mode = EVAL_PAPER
+    return report

@@ -1,0 +1,148 @@
+"""The `recon` config: validation into a typed ReconConfig (SaqError naming the bad key) and the iteration budget."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from saq.errors import SaqError
+
+UNIT_KINDS = ("stage", "layer", "block", "neck", "decoder_layer", "decoder_block", "final_attn")
+LOSSES = ("mse", "par")
+BUDGETS = ("official", "equal")
+TARGET_INPUTS = ("fp", "quantized_encoder")
+# PAR's official schedule (paper.md §4.2): the total that recon.budget=equal gives every learned method.
+PAR_OFFICIAL_ITERS = {"stage": 2000, "neck": 2000, "decoder_layer": 2000, "final_attn": 10000}
+
+
+@dataclass(frozen=True)
+class RoundingRegularizer:
+    """AdaRound's λ·Σ(1 - |2h - 1|^b): off during the warm-up fraction, then b decays linearly b_start → b_end."""
+
+    weight: float = 0.0
+    b_start: float = 20.0
+    b_end: float = 2.0
+    warm_up: float = 0.2
+
+
+@dataclass(frozen=True)
+class ParLoss:
+    """PAR's loss weights (paper.md §4.2): encoder = interaction term (+ output term, 0 in the official code);
+    decoder = beta·(query_weight·‖ΔQ‖² + key_weight·‖ΔK‖²) + alpha·‖Δhs‖²."""
+
+    encoder_output_weight: float = 0.0
+    query_weight: float = 0.01
+    key_weight: float = 1.0
+    alpha: float = 1.0
+    beta: float = 1.0
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """A validated `recon` config (defaults: SAQ-SAM's PAR, paper.md §4.2)."""
+
+    name: str = "par"
+    granularity: str = "stage"
+    loss: str = "par"
+    iters: dict = field(default_factory=lambda: dict(PAR_OFFICIAL_ITERS, layer=2000, block=2000, decoder_block=2000))
+    budget: str = "official"
+    drop_prob: float = 0.5
+    input_mix: bool = True
+    max_prompts: int = 16
+    weight_lr: float = 1e-3
+    scale_lr: float = 2e-3
+    scale_lr_schedule: str = "cosine"
+    round_reg: RoundingRegularizer = field(default_factory=RoundingRegularizer)
+    par_loss: ParLoss = field(default_factory=ParLoss)
+    target_input: str = "quantized_encoder"
+    best_state: bool = True
+    cache_device: str | None = None
+    seed: int | None = None
+    resume: bool = False
+    state_dir: str = "outputs/.cache/recon"
+    paper_eval_compat: bool = False
+    log_every: int = 10
+
+    @classmethod
+    def from_cfg(cls, cfg) -> ReconConfig:
+        data = _plain(cfg)
+        if not isinstance(data, Mapping):
+            raise SaqError(f"recon config must be a mapping, got {type(data).__name__}")
+        _check_keys(data, cls, "recon")
+        values = dict(data)
+        for key, choices in (("granularity", ("stage", "layer", "block")), ("loss", LOSSES), ("budget", BUDGETS),
+                             ("target_input", TARGET_INPUTS), ("scale_lr_schedule", ("cosine", "constant"))):
+            if key in values and values[key] not in choices:
+                raise SaqError(f"recon.{key}={values[key]!r} unknown; expected one of {list(choices)}")
+        if "iters" in values:
+            iters = values["iters"]
+            if not isinstance(iters, Mapping):
+                raise SaqError(f"recon.iters must map unit kinds to iterations, got {iters!r}")
+            for kind, n in iters.items():
+                if kind not in UNIT_KINDS:
+                    raise SaqError(f"recon.iters.{kind} is not a unit kind; expected one of {list(UNIT_KINDS)}")
+                _number(n, f"recon.iters.{kind}", int, 0)
+            values["iters"] = dict(cls().iters, **iters)
+        if "drop_prob" in values:
+            p = _number(values["drop_prob"], "recon.drop_prob", float, 0.0)
+            if not 0.0 < p <= 1.0:
+                raise SaqError(f"recon.drop_prob={p!r} invalid; expected 0 < p <= 1 (QDrop: 0.5; 1 = no dropping)")
+        for key in ("weight_lr", "scale_lr"):
+            if key in values:
+                _number(values[key], f"recon.{key}", float, 0.0)
+        for key in ("max_prompts", "log_every"):
+            if key in values:
+                _number(values[key], f"recon.{key}", int, 1)
+        if values.get("seed") is not None:
+            _number(values["seed"], "recon.seed", int, 0)
+        for key in ("input_mix", "best_state", "resume", "paper_eval_compat"):
+            if key in values and not isinstance(values[key], bool):
+                raise SaqError(f"recon.{key}={values[key]!r} invalid; expected true or false")
+        for key, sub in (("round_reg", RoundingRegularizer), ("par_loss", ParLoss)):
+            if key in values:
+                if not isinstance(values[key], Mapping):
+                    raise SaqError(f"recon.{key} must be a mapping, got {values[key]!r}")
+                _check_keys(values[key], sub, f"recon.{key}")
+                for name, v in values[key].items():
+                    _number(v, f"recon.{key}.{name}", float, 0.0)
+                values[key] = sub(**{k: float(v) for k, v in values[key].items()})
+        return cls(**values)
+
+    def unit_iters(self, kinds: list[str], reference_kinds: list[str]) -> list[int]:
+        """Iterations of each unit (in chain order). official: recon.iters per kind. equal: the total of PAR's
+        official schedule on this model (its units: reference_kinds), shared in proportion to recon.iters."""
+        official = [int(self.iters[k]) for k in kinds]
+        if self.budget == "official":
+            return official
+        total = sum(PAR_OFFICIAL_ITERS[k] for k in reference_kinds)
+        weight = sum(official)
+        if weight == 0:
+            return official
+        return [round(total * n / weight) for n in official]
+
+
+def _plain(cfg):
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:
+        pass
+    return cfg
+
+
+def _check_keys(data: Mapping, cls, where: str) -> None:
+    allowed = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in allowed:
+            raise SaqError(f"{where}.{key} is not a known key; expected one of {sorted(allowed)}")
+
+
+def _number(value, key: str, kind: type, minimum: float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok or value < minimum:
+        raise SaqError(f"{key}={value!r} invalid; expected {'an integer' if kind is int else 'a number'} >= {minimum}")
+    return kind(value)

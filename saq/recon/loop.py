@@ -1,0 +1,286 @@
+"""The reconstruction loop: one loop over the units of a chain, with cached inputs/targets, QDrop, AdaRound, LSQ,
+best-state restore and resume after a finished unit; plus the context manager that restores the evaluation state."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from saq.errors import SaqError
+from saq.quant.model import iter_quantizers
+from saq.quant.modules import QuantLayer
+from saq.quant.quantizers import AdaRoundQuantizer, Quantizer
+from saq.recon.config import ReconConfig
+from saq.recon.losses import rounding_regularizer, unit_loss
+from saq.sam.units import SampleData, build_chain, encode_sample, probe_image_tokens
+
+EVAL_FULL = "fully_quantized"
+EVAL_PAPER = "paper_compat: linear/conv inputs left at drop_prob (official SAQ-SAM / PTQ4SAM evaluation, paper.md §7)"
+
+
+@dataclass
+class UnitReport:
+    """What happened to one unit."""
+
+    name: str
+    kind: str
+    iters: int
+    seconds: float = 0.0
+    loss_first: float | None = None  # mean training loss over the first log_every iterations
+    loss_last: float | None = None  # ... and over the last
+    eval_before: float | None = None  # unit loss over all samples, hard and undropped, before learning
+    eval_after: float | None = None  # ... after learning and hardening
+    kept: str = "learned"  # learned | start (best-state restore kept the starting state) | resumed
+
+    @property
+    def it_per_s(self) -> float:
+        return self.iters / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class ReconReport:
+    """What reconstruct() did; `as_dict` goes into results.json."""
+
+    method: str
+    units: list[UnitReport] = field(default_factory=list)
+    seconds: float = 0.0
+    eval_mode: str = EVAL_FULL
+    resumed_from: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "eval_mode": self.eval_mode, "seconds": round(self.seconds, 2),
+                "iters": sum(u.iters for u in self.units if u.kept != "resumed"), "resumed_from": self.resumed_from,
+                "units": [dict(asdict(u), it_per_s=round(u.it_per_s, 2)) for u in self.units]}
+
+
+@contextlib.contextmanager
+def reconstruction_state(*models: nn.Module) -> Iterator[None]:
+    """Freeze every parameter of `models` (reconstruction turns on only what it learns) and, on leaving — normally
+    or by an exception — restore the evaluation state: requires_grad as before, no quantizer dropping, no soft
+    rounding (an unfinished AdaRound falls back to round-to-nearest)."""
+    saved = [(p, p.requires_grad) for m in models for p in m.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        for model in models:
+            for quantizer in iter_quantizers(model):
+                quantizer.drop_prob = 1.0
+                if isinstance(quantizer, AdaRoundQuantizer) and quantizer.mode == "soft":
+                    quantizer.set_mode("nearest")
+
+
+def apply_paper_eval_compat(modules: Sequence[nn.Module], drop_prob: float) -> int:
+    """The official evaluation (bug, paper.md §7): inputs of every linear/conv in the reconstructed units keep
+    dropping quantization with drop_prob. Returns how many quantizers were set."""
+    count = 0
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, QuantLayer):
+                layer.input_quantizer.drop_prob = drop_prob
+                count += 1
+    return count
+
+
+def _unique_quantizers(modules: Sequence[nn.Module]) -> list[Quantizer]:
+    seen, out = set(), []
+    for module in modules:
+        for q in iter_quantizers(module):
+            if id(q) not in seen:
+                seen.add(id(q))
+                out.append(q)
+    return out
+
+
+def _to(state: tuple, device) -> tuple:
+    return tuple(t.to(device, non_blocking=True) for t in state)
+
+
+class Reconstructor:
+    """Reconstructs the units of a quantized SAM against its FP twin, one unit after the other."""
+
+    def __init__(self, qmodel: nn.Module, fp_model: nn.Module, cfg: ReconConfig, seed: int, progress: bool = True,
+                 checkpoint: Path | None = None):
+        self.qmodel, self.fp_model, self.cfg = qmodel, fp_model, cfg
+        self.seed = cfg.seed if cfg.seed is not None else seed
+        self.progress = progress
+        self.checkpoint = checkpoint
+        self.device = next(qmodel.parameters()).device
+        self.cache_device = torch.device(cfg.cache_device) if cfg.cache_device else self.device
+        self.chain = build_chain(qmodel, cfg.granularity)
+        units = [s for s in self.chain if s.learnable]
+        reference = [s.kind for s in build_chain(qmodel, "stage") if s.learnable]
+        self.iters = dict(zip((s.name for s in units), cfg.unit_iters([s.kind for s in units], reference)))
+        self.learned_modules: list[nn.Module] = []
+
+    # data -----------------------------------------------------------------------------------------------------------
+    def encode(self, samples) -> list[SampleData]:
+        generator = torch.Generator().manual_seed(self.seed)
+        return [encode_sample(self.fp_model, s, self.cfg.max_prompts, generator).to(self.cache_device)
+                for s in samples if s.num_prompts]
+
+    @torch.no_grad()
+    def _run_all(self, model, step, states, data) -> list[tuple]:
+        return [_to(step.run(model, _to(s, self.device), d.to(self.device)), self.cache_device)
+                for s, d in zip(states, data)]
+
+    def _downstream(self, index: int):
+        later = self.chain[index + 1:]
+
+        def response(out: tuple, data: SampleData) -> torch.Tensor:
+            state = out
+            for step in later:
+                state = step.run(self.fp_model, state, data)
+            return state[0]
+        return response
+
+    def _probe(self, out: tuple, data: SampleData) -> torch.Tensor:
+        return probe_image_tokens(self.fp_model, out[0], data)
+
+    # the loop -------------------------------------------------------------------------------------------------------
+    def run(self, samples) -> ReconReport:
+        start = time.perf_counter()
+        report = ReconReport(self.cfg.name)
+        done = self._resume(report)
+        data = self.encode(samples)
+        if not data:
+            raise SaqError("reconstruction needs calibration images with prompts; none has any")
+        q_states = fp_states = [()] * len(data)
+        with reconstruction_state(self.qmodel, self.fp_model):
+            for index, step in enumerate(self.chain):
+                if self.cfg.target_input == "quantized_encoder" and step.part == "encoder":
+                    fp_states = q_states  # SAQ-SAM's code: the FP twin runs on the reconstructed encoder's output
+                targets = self._run_all(self.fp_model, step, fp_states, data)
+                if step.learnable:
+                    self.learned_modules += step.modules(self.qmodel)
+                    if index > done:
+                        report.units.append(self._learn(index, step, data, q_states, fp_states, targets))
+                        self._save(index, report)
+                q_states = self._run_all(self.qmodel, step, q_states, data)
+                fp_states = targets
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _learn(self, index, step, data, q_states, fp_states, targets) -> UnitReport:
+        cfg, iters = self.cfg, self.iters[step.name]
+        unit = UnitReport(step.name, step.kind, iters)
+        modules = step.modules(self.qmodel)
+        quantizers = _unique_quantizers(modules)
+        loss_fn = unit_loss(cfg, step, self._probe, self._downstream(index))
+        responses = [None] * len(data)
+        if loss_fn.uses_response:
+            with torch.no_grad():
+                responses = [loss_fn.response(_to(t, self.device), d.to(self.device)).to(self.cache_device)
+                             for t, d in zip(targets, data)]
+
+        def evaluate() -> float:
+            with torch.no_grad():
+                return sum(float(loss_fn(step.run(self.qmodel, _to(q, self.device), d.to(self.device)),
+                                         _to(t, self.device), d.to(self.device),
+                                         None if r is None else r.to(self.device)))
+                           for q, t, d, r in zip(q_states, targets, data, responses)) / len(data)
+
+        snapshot = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules] if cfg.best_state else None
+        if cfg.best_state:
+            unit.eval_before = evaluate()
+        if iters == 0:
+            return unit
+        torch.manual_seed(self.seed + 7919 * index)
+        start = time.perf_counter()
+        rounding, alphas, scales = [], [], []
+        for module in modules:
+            for layer in module.modules():
+                if isinstance(layer, QuantLayer) and isinstance(layer.weight_quantizer, AdaRoundQuantizer):
+                    layer.weight_quantizer.init_soft(layer.weight)
+                    rounding.append(layer.weight_quantizer)
+                    alphas.append(layer.weight_quantizer.alpha)
+        for q in quantizers:
+            scale = getattr(q, "scale", None)
+            if isinstance(scale, nn.Parameter):
+                scales.append(scale)
+            if q.kind == "act":
+                q.drop_prob = cfg.drop_prob
+        for p in alphas + scales:
+            p.requires_grad_(True)
+        groups = [g for g in ({"params": alphas, "lr": cfg.weight_lr}, {"params": scales, "lr": cfg.scale_lr})
+                  if g["params"]]
+        optimizer = torch.optim.Adam(groups) if groups else None
+        cosine = cfg.scale_lr_schedule == "cosine"
+        picks = torch.randint(len(data), (iters,), generator=torch.Generator().manual_seed(self.seed + index))
+        mix = cfg.input_mix and cfg.drop_prob < 1.0
+        bar = tqdm(range(iters), desc=f"recon {step.name}", disable=not self.progress, leave=False)
+        window, losses = cfg.log_every, []
+        for it in bar:
+            i = int(picks[it])
+            d = data[i].to(self.device)
+            q_in = _to(q_states[i], self.device)
+            if mix and fp_states[i] is not q_states[i]:
+                fp_in = _to(fp_states[i], self.device)
+                q_in = tuple(torch.where(torch.rand_like(q) < cfg.drop_prob, q, f) for q, f in zip(q_in, fp_in))
+            out = step.run(self.qmodel, q_in, d)
+            loss = loss_fn(out, _to(targets[i], self.device), d,
+                           None if responses[i] is None else responses[i].to(self.device))
+            reg = rounding_regularizer(rounding, cfg.round_reg, it, iters)
+            total = loss if reg is None else loss + reg
+            if optimizer is not None and total.requires_grad:
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                if cosine and scales:  # LSQ steps: cosine decay to 0 over the unit's iterations
+                    optimizer.param_groups[-1]["lr"] = cfg.scale_lr * 0.5 * (1 + math.cos(math.pi * (it + 1) / iters))
+            losses.append(float(loss.detach()))
+            if (it + 1) % window == 0 or it + 1 == iters:
+                recent = sum(losses[-window:]) / len(losses[-window:])
+                unit.loss_first = recent if unit.loss_first is None else unit.loss_first
+                unit.loss_last = recent
+                bar.set_postfix(loss=f"{recent:.4g}")
+        bar.close()
+        for p in alphas + scales:
+            p.requires_grad_(False)
+        for q in quantizers:
+            q.drop_prob = 1.0
+        for module in modules:
+            for layer in module.modules():
+                if isinstance(layer, QuantLayer) and isinstance(layer.weight_quantizer, AdaRoundQuantizer):
+                    layer.harden_weight()
+        unit.seconds = time.perf_counter() - start
+        if cfg.best_state:
+            unit.eval_after = evaluate()
+            if unit.eval_after > unit.eval_before:  # learning made this unit worse on the whole calibration set
+                for module, state in zip(modules, snapshot):
+                    module.load_state_dict(state)
+                unit.kept = "start"
+        return unit
+
+    # resume ---------------------------------------------------------------------------------------------------------
+    def _save(self, index: int, report: ReconReport) -> None:
+        if self.checkpoint is None:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_suffix(".tmp")
+        torch.save({"done": index, "units": [asdict(u) for u in report.units],
+                    "model": {k: v.detach().cpu() for k, v in self.qmodel.state_dict().items()}}, tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def _resume(self, report: ReconReport) -> int:
+        """Index of the last finished unit restored from the checkpoint (-1: start from the first unit)."""
+        if not (self.cfg.resume and self.checkpoint is not None and self.checkpoint.is_file()):
+            return -1
+        saved = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        self.qmodel.load_state_dict(saved["model"])
+        report.units = [UnitReport(**dict(u, kept="resumed")) for u in saved["units"]]
+        report.resumed_from = str(self.checkpoint)
+        print(f"recon: resumed after unit {self.chain[saved['done']].name} from {self.checkpoint}")
+        return int(saved["done"])
