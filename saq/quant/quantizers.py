@@ -9,7 +9,16 @@ import torch
 from torch import nn
 
 from saq.errors import SaqError
-from saq.quant.grid import QuantGrid, channel_view, fake_quant, grad_scale, log2_fake_quant, qparams_from_range
+from saq.quant.grid import (
+    QuantGrid,
+    channel_view,
+    fake_quant,
+    grad_scale,
+    keep_mask,
+    log2_fake_quant,
+    mix,
+    qparams_from_range,
+)
 from saq.quant.observers import AGQObserver, Observer
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -84,8 +93,7 @@ class Quantizer(nn.Module):
 
     def quantize_dropping(self, x: torch.Tensor) -> torch.Tensor:
         """QDrop: each element quantized with probability drop_prob, else passed in FP."""
-        keep = torch.rand_like(x) < self.drop_prob
-        return torch.where(keep, self.quantize(x), x)
+        return mix(x, self.quantize(x), keep_mask(x, self.drop_prob))
 
     # -- to implement ------------------------------------------------------------------------------------------------
     def reset_observer(self) -> None:
@@ -171,6 +179,11 @@ class UniformQuantizer(Quantizer):
     # quantizing ---------------------------------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant(x, self.step(x), self.zero_point, self.grid, self.axis_for(x))
+
+    def quantize_dropping(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self).quantize is not UniformQuantizer.quantize:  # AdaRound's own rounding: the generic way
+            return super().quantize_dropping(x)
+        return fake_quant(x, self.step(x), self.zero_point, self.grid, self.axis_for(x), keep_prob=self.drop_prob)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """The scale used in forward (LSQ scales its gradient here)."""
@@ -301,6 +314,10 @@ class Log2AGQQuantizer(Quantizer):
     def quantize(self, a: torch.Tensor) -> torch.Tensor:
         return log2_fake_quant(a, self.scale.to(a.dtype), self.tau_value, self.bits,
                                ste=torch.is_grad_enabled())
+
+    def quantize_dropping(self, a: torch.Tensor) -> torch.Tensor:
+        return log2_fake_quant(a, self.scale.to(a.dtype), self.tau_value, self.bits,
+                               ste=torch.is_grad_enabled(), keep_prob=self.drop_prob)
 
     def describe(self) -> dict:
         taus = ",".join(f"{t:g}" for t in self.observer.taus)

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from saq.errors import SaqError
+from saq.quant.grid import keep_mask, mix
 from saq.quant.model import iter_quantizers
 from saq.quant.modules import QuantLayer
 from saq.quant.quantizers import AdaRoundQuantizer, Quantizer
@@ -228,7 +229,7 @@ class Reconstructor:
             q_in = _to(q_states[i], self.device)
             if mix and fp_states[i] is not q_states[i]:
                 fp_in = _to(fp_states[i], self.device)
-                q_in = tuple(torch.where(torch.rand_like(q) < cfg.drop_prob, q, f) for q, f in zip(q_in, fp_in))
+                q_in = tuple(mix(f, q, keep_mask(q, cfg.drop_prob)) for q, f in zip(q_in, fp_in))
             out = step.run(self.qmodel, q_in, d)
             loss = loss_fn(out, _to(targets[i], self.device), d,
                            None if responses[i] is None else responses[i].to(self.device))
