@@ -134,6 +134,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "task": task.name,
         "prompts": prompts_name,
         "quant": cfg.quant.name,
+        "method": cfg.get("method", "custom"),  # the paper row preset (conf/method), or custom
         "recon": recon,  # method, eval_mode (fully quantized or the labelled paper-compatible mode), per-unit figures
         "seed": cfg.seed,
         "metrics": metrics,

@@ -113,16 +113,18 @@ class Reconstructor:
     """Reconstructs the units of a quantized SAM against its FP twin, one unit after the other."""
 
     def __init__(self, qmodel: nn.Module, fp_model: nn.Module, cfg: ReconConfig, seed: int, progress: bool = True,
-                 checkpoint: Path | None = None):
+                 checkpoint: Path | None = None, chain: list | None = None):
+        """chain: the steps to run (default: SAM's chain at recon.granularity, saq.sam.units.build_chain); any list
+        of Step-like objects works, which is how the loop is tested on toy blocks."""
         self.qmodel, self.fp_model, self.cfg = qmodel, fp_model, cfg
         self.seed = cfg.seed if cfg.seed is not None else seed
         self.progress = progress
         self.checkpoint = checkpoint
         self.device = next(qmodel.parameters()).device
         self.cache_device = torch.device(cfg.cache_device) if cfg.cache_device else self.device
-        self.chain = build_chain(qmodel, cfg.granularity)
+        self.chain = chain if chain is not None else build_chain(qmodel, cfg.granularity)
         units = [s for s in self.chain if s.learnable]
-        reference = [s.kind for s in build_chain(qmodel, "stage") if s.learnable]
+        reference = [s.kind for s in build_chain(qmodel, "stage") if s.learnable] if cfg.budget == "equal" else []
         self.iters = dict(zip((s.name for s in units), cfg.unit_iters([s.kind for s in units], reference)))
         self.learned_modules: list[nn.Module] = []
 
@@ -151,11 +153,13 @@ class Reconstructor:
         return probe_image_tokens(self.fp_model, out[0], data)
 
     # the loop -------------------------------------------------------------------------------------------------------
-    def run(self, samples) -> ReconReport:
+    def run(self, samples=None, data: list | None = None) -> ReconReport:
+        """Reconstruct every unit of the chain from calibration samples (PromptedImage), or from ready `data`
+        (one object per sample with .to(device), handed to each step)."""
         start = time.perf_counter()
         report = ReconReport(self.cfg.name)
         done = self._resume(report)
-        data = self.encode(samples)
+        data = data if data is not None else self.encode(samples)
         if not data:
             raise SaqError("reconstruction needs calibration images with prompts; none has any")
         q_states = fp_states = [()] * len(data)
@@ -220,14 +224,14 @@ class Reconstructor:
         optimizer = torch.optim.Adam(groups) if groups else None
         cosine = cfg.scale_lr_schedule == "cosine"
         picks = torch.randint(len(data), (iters,), generator=torch.Generator().manual_seed(self.seed + index))
-        mix = cfg.input_mix and cfg.drop_prob < 1.0
+        mixing = cfg.input_mix and cfg.drop_prob < 1.0
         bar = tqdm(range(iters), desc=f"recon {step.name}", disable=not self.progress, leave=False)
         window, losses = cfg.log_every, []
         for it in bar:
             i = int(picks[it])
             d = data[i].to(self.device)
             q_in = _to(q_states[i], self.device)
-            if mix and fp_states[i] is not q_states[i]:
+            if mixing and fp_states[i] is not q_states[i]:
                 fp_in = _to(fp_states[i], self.device)
                 q_in = tuple(mix(f, q, keep_mask(q, cfg.drop_prob)) for q, f in zip(q_in, fp_in))
             out = step.run(self.qmodel, q_in, d)

@@ -1,0 +1,196 @@
+"""The reconstruction loop on toy blocks: it learns, restores the evaluation state, keeps the better state, resumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from saq.errors import SaqError
+from saq.quant import QuantConfig, QuantizerFactory, QuantState, assert_fully_quantized, iter_quantizers
+from saq.quant.model import calibrate_weights, set_quant_state
+from saq.recon import ReconConfig, Reconstructor, reconstruction_state
+from saq.recon.losses import rounding_regularizer
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+
+    def to(self, device):
+        return Batch(self.x.to(device))
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, factory=None):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.lin1, self.lin2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        if factory is not None:
+            self.lin1, self.lin2 = factory.linear(self.lin1, "encoder"), factory.linear(self.lin2, "encoder")
+
+    def forward(self, x):
+        return self.lin2(torch.relu(self.lin1(x)))
+
+
+class Feed:
+    name, learnable, part = "input", False, "encoder"
+
+    def run(self, model, state, data):
+        return (data.x,)
+
+
+class Block:
+    learnable, kind, part, response, compared, channel_dims = True, "block", "encoder", None, (0,), (-1,)
+
+    def __init__(self, name="toy"):
+        self.name = name
+
+    def run(self, model, state, data):
+        return (model(state[0]),)
+
+    def modules(self, model):
+        return [model]
+
+
+def toy_models(bits=3):
+    fp = TwoLayers().eval()
+    qmodel = TwoLayers(QuantizerFactory(QuantConfig(w_bits=bits, a_bits=bits)))
+    qmodel.load_state_dict(fp.state_dict(), strict=False)
+    for name, q in qmodel.named_modules():
+        q.name = name
+    data = [Batch(torch.randn(64, 16, generator=torch.Generator().manual_seed(i))) for i in range(4)]
+    set_quant_state(qmodel, QuantState.OBSERVE, kind="act")
+    with torch.no_grad():
+        for d in data:
+            qmodel(d.x)
+    calibrate_weights(qmodel)
+    set_quant_state(qmodel, QuantState.QUANT)
+    return fp, qmodel, data
+
+
+def recon_cfg(**overrides):
+    base = {"name": "qdrop", "loss": "mse", "iters": {"block": 150}, "scale_lr": 0.004, "weight_lr": 0.01,
+            "target_input": "fp", "log_every": 10}
+    return ReconConfig.from_cfg({**base, **overrides})
+
+
+def block_error(qmodel, fp, data):
+    with torch.no_grad():
+        return sum(float((qmodel(d.x) - fp(d.x)).square().sum(-1).mean()) for d in data) / len(data)
+
+
+@pytest.mark.parametrize("reg", [0.0, 0.01])
+def test_reconstruction_lowers_the_block_error_against_round_to_nearest(reg):
+    fp, qmodel, data = toy_models()
+    nearest = block_error(qmodel, fp, data)
+    report = Reconstructor(qmodel, fp, recon_cfg(round_reg={"weight": reg}), seed=0, progress=False,
+                           chain=[Feed(), Block()]).run(data=data)
+    unit = report.units[0]
+    learned = block_error(qmodel, fp, data)
+    assert unit.kept == "learned" and unit.eval_before == pytest.approx(nearest, rel=1e-5)
+    assert unit.eval_after == pytest.approx(learned, rel=1e-5)
+    assert learned < 0.8 * nearest  # AdaRound + LSQ recover a good share of the rounding error
+    assert unit.loss_last < unit.loss_first
+    assert_fully_quantized(qmodel)  # hardened, nothing dropped, every quantizer on
+    assert all(q.mode == "nearest" for q in iter_quantizers(qmodel, "weight"))
+
+
+def test_best_state_restore_keeps_the_start_when_learning_hurts():
+    fp, qmodel, data = toy_models()
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    # a huge step learning rate wrecks the LSQ steps: the unit must come back to where it started
+    cfg = recon_cfg(scale_lr=50.0, weight_lr=0.0, iters={"block": 20}, scale_lr_schedule="constant")
+    report = Reconstructor(qmodel, fp, cfg, seed=0, progress=False, chain=[Feed(), Block()]).run(data=data)
+    assert report.units[0].kept == "start" and report.units[0].eval_after > report.units[0].eval_before
+    after = qmodel.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k in after and before[k].numel())
+
+
+def test_the_context_manager_restores_the_evaluation_state_after_an_exception():
+    fp, qmodel, data = toy_models()
+    with pytest.raises(RuntimeError, match="boom"), reconstruction_state(qmodel, fp):
+        qmodel.lin1.weight_quantizer.init_soft(qmodel.lin1.weight)
+        for q in iter_quantizers(qmodel, "act"):
+            q.drop_prob = 0.5
+        with pytest.raises(SaqError, match="soft"):
+            assert_fully_quantized(qmodel, allow_dropped_inputs=True)
+        raise RuntimeError("boom")
+    assert_fully_quantized(qmodel)
+    assert qmodel.lin1.weight.requires_grad and fp.lin1.weight.requires_grad
+
+
+def test_assert_fully_quantized_names_soft_rounding_and_allows_only_dropped_linear_inputs():
+    fp, qmodel, data = toy_models()
+    qmodel.lin2.weight_quantizer.init_soft(qmodel.lin2.weight)
+    with pytest.raises(SaqError, match="soft"):
+        assert_fully_quantized(qmodel)
+    qmodel.lin2.weight_quantizer.set_mode("nearest")
+    qmodel.lin1.input_quantizer.drop_prob = 0.5
+    with pytest.raises(SaqError, match="lin1.input_quantizer"):
+        assert_fully_quantized(qmodel)
+    assert_fully_quantized(qmodel, allow_dropped_inputs=True)
+
+
+def test_dropping_quantizes_about_half_of_the_elements_and_only_when_asked():
+    fp, qmodel, data = toy_models()
+    q, x = qmodel.lin1.input_quantizer, data[0].x
+    full = q(x)
+    q.drop_prob = 0.5
+    torch.manual_seed(0)
+    dropped = q(x)
+    quantized_here = (dropped == full) & (full != x)
+    kept_fp = dropped == x
+    assert torch.all(quantized_here | kept_fp)
+    changed = (full != x).float().mean()
+    assert 0.4 < float((quantized_here.float().mean()) / changed) < 0.6
+
+
+def test_rounding_regularizer_is_off_in_warm_up_then_anneals():
+    fp, qmodel, data = toy_models()
+    ada = qmodel.lin1.weight_quantizer
+    ada.init_soft(qmodel.lin1.weight)
+    reg = ReconConfig.from_cfg({"round_reg": {"weight": 0.01, "b_start": 20, "b_end": 2, "warm_up": 0.2}}).round_reg
+    assert rounding_regularizer([ada], reg, 19, 100) is None
+    h = ada.rectified_sigmoid().detach()
+    start = rounding_regularizer([ada], reg, 20, 100).detach()
+    end = rounding_regularizer([ada], reg, 100, 100).detach()
+    assert float(start) == pytest.approx(0.01 * float((1 - (2 * h - 1).abs().pow(20)).sum()), rel=1e-5)
+    assert float(end) == pytest.approx(0.01 * float((1 - (2 * h - 1).abs().pow(2)).sum()), rel=1e-5)
+    zero = ReconConfig.from_cfg({"round_reg": {"weight": 0.0}}).round_reg
+    assert rounding_regularizer([ada], zero, 50, 100) is None
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    cfg = recon_cfg(iters={"block": 8})
+    chain = lambda: [Feed(), Block("first"), Block("second")]  # noqa: E731
+    fp, whole, data = toy_models()
+    Reconstructor(whole, fp, cfg, seed=0, progress=False, chain=chain()).run(data=data)
+
+    fp, crashed, data = toy_models()
+    checkpoint = tmp_path / "recon.pt"
+    original = Reconstructor._save
+
+    def save_then_crash(self, index, report):
+        original(self, index, report)
+        raise KeyboardInterrupt  # killed right after the first unit was saved
+
+    monkeypatch.setattr(Reconstructor, "_save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        Reconstructor(crashed, fp, cfg, seed=0, progress=False, checkpoint=checkpoint, chain=chain()).run(data=data)
+    monkeypatch.setattr(Reconstructor, "_save", original)
+    assert checkpoint.is_file()
+
+    fp, resumed, data = toy_models()
+    resume_cfg = recon_cfg(iters={"block": 8}, resume=True)
+    report = Reconstructor(resumed, fp, resume_cfg, seed=0, progress=False, checkpoint=checkpoint,
+                           chain=chain()).run(data=data)
+    assert [u.name for u in report.units] == ["first", "second"] and report.units[0].kept == "resumed"
+    expected, got = whole.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
