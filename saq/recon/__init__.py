@@ -12,8 +12,8 @@ from saq.recon.config import PAR_OFFICIAL_ITERS, ReconConfig
 from saq.recon.loop import (
     EVAL_FULL,
     EVAL_PAPER,
-    Reconstructor,
     ReconReport,
+    Reconstructor,
     UnitReport,
     apply_paper_eval_compat,
     reconstruction_state,

@@ -1,0 +1,80 @@
+"""Reconstruction's fused fake-quant autograd (LSQ and log2-AGQ, with and without QDrop) against the reference graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saq.quant.grid import QuantGrid, channel_view, fake_quant, keep_mask, log2_fake_quant, mix, round_ste
+
+GRID = QuantGrid(4)
+
+
+def reference_uniform(x, scale, zp, ch_axis):
+    s, z = channel_view(scale, x.ndim, ch_axis), channel_view(zp, x.ndim, ch_axis)
+    code = round_ste(x * (1.0 / s)) + z
+    inside = (code >= GRID.qmin) & (code <= GRID.qmax)
+    code = torch.where(inside, code, torch.clamp(code.detach(), GRID.qmin, GRID.qmax))
+    return (code - z) * s
+
+
+def reference_log2(a, scale, tau, bits):
+    tiny = torch.finfo(a.dtype).tiny
+    exponent = -tau * torch.log2(torch.clamp(a, min=tiny) / scale)
+    code = (exponent.round() - exponent).detach() + exponent
+    a_hat = scale * torch.exp2(torch.clamp(code, 0, 2**bits - 1) / -tau)
+    return torch.where(code.detach() < 2**bits, a_hat, torch.zeros_like(a_hat))
+
+
+def grads(fn, x, scale, seed):
+    x, scale = x.clone().requires_grad_(), scale.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = fn(x, scale)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    return out.detach(), x.grad, scale.grad
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.3])
+@pytest.mark.parametrize("ch_axis", [None, 1])
+def test_fused_uniform_fake_quant_matches_the_reference_graph(keep, ch_axis):
+    x = torch.randn(3, 8, 50, generator=torch.Generator().manual_seed(0)) * 2
+    scale = torch.full((8,), 0.2) + torch.rand(8, generator=torch.Generator().manual_seed(2)) if ch_axis else \
+        torch.tensor(0.3)
+    zp = torch.full(scale.shape, 7.0)
+    fused = grads(lambda v, s: fake_quant(v, s, zp, GRID, ch_axis, keep_prob=keep), x, scale, 5)
+
+    def ref(v, s):
+        out = reference_uniform(v, s, zp, ch_axis)
+        return out if keep == 1.0 else mix(v, out, keep_mask(v, keep))
+    expected = grads(ref, x, scale, 5)
+    assert torch.equal(fused[0], expected[0])
+    assert torch.allclose(fused[1], expected[1]) and torch.allclose(fused[2], expected[2], rtol=1e-4, atol=1e-4)
+    if keep < 1.0:
+        assert 0.2 < float((fused[0] == x).float().mean()) < 0.8  # some elements passed in FP
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+@pytest.mark.parametrize("scale", [0.05, 0.3, 1.0])
+def test_fused_log2_fake_quant_matches_the_reference_graph(keep, scale):
+    a = torch.softmax(torch.randn(2, 3, 12, 40, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    a[0, 0, 0, :5] = 0.0  # exact zeros flush
+    s = torch.tensor(scale)
+    fused = grads(lambda v, t: log2_fake_quant(v, t, 2.0, 4, keep_prob=keep), a, s, 3)
+
+    def ref(v, t):
+        out = reference_log2(v, t, 2.0, 4)
+        return out if keep == 1.0 else mix(v, out, keep_mask(v, keep))
+    expected = grads(ref, a, s, 3)
+    assert torch.equal(fused[0], expected[0])
+    assert torch.allclose(fused[1], expected[1], atol=1e-5)
+    assert torch.allclose(fused[2], expected[2], rtol=1e-4, atol=1e-4)
+
+
+def test_keep_mask_has_the_asked_probability_for_byte_and_float_paths():
+    torch.manual_seed(0)
+    x = torch.empty(200_000)
+    for p in (0.5, 0.25, 0.3):
+        mask = keep_mask(x, p)
+        assert set(mask.unique().tolist()) == {0.0, 1.0} and mask.dtype == x.dtype
+        assert abs(float(mask.mean()) - p) < 0.01
+    assert torch.equal(mix(torch.zeros(3), torch.ones(3), torch.tensor([1.0, 0.0, 1.0])), torch.tensor([1.0, 0, 1]))

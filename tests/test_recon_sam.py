@@ -1,0 +1,227 @@
+"""Reconstruction on SAM: the units and the PAR probe against segment_anything's own forward, PAR / QDrop runs leave
+a fully quantized model (or exactly the documented paper-compatible one), configs and method presets, ViT-B stages."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from saq.quant import QuantLayer, QuantState, assert_fully_quantized, calibrate, iter_quantizers, quantize
+from saq.recon import EVAL_FULL, EVAL_PAPER, ReconConfig, reconstruct
+from saq.recon.config import PAR_OFFICIAL_ITERS, ParLoss, RoundingRegularizer
+from saq.sam.build import ARCHITECTURES, build_sam, make_sam
+from saq.sam.segmenter import PromptedImage
+from saq.sam.units import build_chain, encode_sample, encoder_stages, probe_image_tokens
+from tests.conftest import REPO
+
+torch.set_num_threads(1)
+W4A4 = {"name": "w4a4", "w_bits": 4, "a_bits": 4}
+FEW = {"stage": 2, "layer": 2, "block": 1, "neck": 2, "decoder_layer": 2, "decoder_block": 1, "final_attn": 3}
+
+
+def samples(n=2, size=(96, 128), boxes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        xy = rng.integers(0, min(size) // 2, (boxes, 2))
+        wh = rng.integers(8, min(size) // 2, (boxes, 2))
+        out.append(PromptedImage(rng.integers(0, 256, (*size, 3), dtype=np.uint8),
+                                 boxes=np.concatenate([xy, xy + wh], 1).astype(np.float32)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_sam("sam_tiny")
+
+
+def calibrated(model, cal, quant=None):
+    qmodel = quantize(model, quant or W4A4)
+    calibrate(qmodel, cal, progress=False)
+    return qmodel
+
+
+def run_states(model, chain, data, upto: int):
+    state = ()
+    with torch.no_grad():
+        for step in chain[:upto + 1]:
+            state = step.run(model, state, data)
+    return state
+
+
+def test_stages_end_at_the_global_attention_blocks(tiny):
+    assert encoder_stages(tiny) == [range(0, 3), range(3, 6)]
+    vit_b = make_sam(dataclasses.replace(ARCHITECTURES["sam_vit_b"], image_size=128))
+    assert encoder_stages(vit_b) == [range(0, 3), range(3, 6), range(6, 9), range(9, 12)]
+
+
+def test_every_granularity_chains_to_segment_anythings_transformer_output(tiny):
+    data = encode_sample(tiny, samples(1)[0], 16, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        embedding = tiny.image_encoder(data.image)
+        tokens, _ = tiny.mask_decoder.transformer(embedding + data.dense, tiny.prompt_encoder.get_dense_pe(),
+                                                  data.tokens)
+    for granularity in ("stage", "layer", "block"):
+        chain = build_chain(tiny, granularity)
+        hs = run_states(tiny, chain, data, len(chain) - 1)[0]
+        assert torch.allclose(hs, tokens, atol=1e-5), granularity
+    kinds = [s.kind for s in build_chain(tiny, "block") if s.learnable]
+    assert kinds.count("block") == 12 and kinds.count("decoder_block") == 8 and len(kinds) == 22
+
+
+def test_par_probe_is_the_fp_neck_and_two_way_transformer_of_the_stage_output(tiny):
+    """Layer skipping: stage 0's output, taken straight to the neck and the decoder, equals that path by hand."""
+    sample = samples(1, boxes=20)[0]
+    data = encode_sample(tiny, sample, 16, torch.Generator().manual_seed(0))
+    assert data.tokens.shape[0] == 16 and data.dense.shape[0] == 1  # capped, one shared dense embedding
+    encoder = tiny.image_encoder
+    with torch.no_grad():
+        x = encoder.patch_embed(data.image) + encoder.pos_embed
+        for block in encoder.blocks[:3]:
+            x = block(x)
+        stage0 = run_states(tiny, build_chain(tiny, "stage"), data, 1)[0]
+        assert torch.equal(stage0, x)
+        probe = probe_image_tokens(tiny, stage0, data)
+        embedding = encoder.neck(x.permute(0, 3, 1, 2))
+        prompts = data.tokens.shape[0]
+        _, keys = tiny.mask_decoder.transformer(
+            embedding.repeat(prompts, 1, 1, 1) + data.dense.expand(prompts, -1, -1, -1),
+            tiny.prompt_encoder.get_dense_pe().repeat(prompts, 1, 1, 1), data.tokens)
+    assert probe.shape == keys.shape == (16, 32 * 32, 128)
+    assert torch.allclose(probe, keys, atol=1e-5)
+
+
+def test_par_leaves_every_quantizer_hard_and_on(tiny):
+    cal = samples()
+    qmodel = calibrated(tiny, cal)
+    report = reconstruct(qmodel, tiny, cal, {"name": "par", "iters": FEW}, seed=0, progress=False)
+    assert [u.name for u in report.units] == ["encoder.stage0", "encoder.stage1", "encoder.neck", "decoder.layers.0",
+                                              "decoder.layers.1", "decoder.final_attn_token_to_image"]
+    assert report.eval_mode == EVAL_FULL and report.as_dict()["iters"] == 13
+    assert all(q.state is QuantState.QUANT and q.drop_prob == 1.0 for q in iter_quantizers(qmodel))
+    assert all(q.mode == "nearest" for q in iter_quantizers(qmodel, "weight"))  # hardened into the weights
+    assert_fully_quantized(qmodel)
+    assert not any(p.requires_grad for p in qmodel.parameters() if p.numel() and p.ndim > 0
+                   and not isinstance(p, torch.nn.Parameter)) and tiny.image_encoder.pos_embed.requires_grad
+    # AdaRound learned something: some weight moved off its round-to-nearest grid point
+    fresh = calibrated(tiny, cal)
+    moved = [not torch.equal(a.weight, b.weight) for a, b in zip(qmodel.modules(), fresh.modules())
+             if isinstance(a, QuantLayer)]
+    assert any(moved)
+
+
+def test_paper_eval_compat_leaves_exactly_the_linear_inputs_dropping(tiny):
+    cal = samples(1)
+    qmodel = calibrated(tiny, cal)
+    report = reconstruct(qmodel, tiny, cal, {"name": "qdrop", "granularity": "block", "loss": "mse",
+                                              "iters": {k: 1 for k in FEW}, "paper_eval_compat": True,
+                                              "best_state": False}, seed=0, progress=False)
+    assert report.eval_mode == EVAL_PAPER and report.as_dict()["eval_mode"].startswith("paper_compat")
+    inputs = {id(m.input_quantizer) for m in qmodel.modules() if isinstance(m, QuantLayer)}
+    dropping = {id(q) for q in iter_quantizers(qmodel) if q.drop_prob != 1.0}
+    assert dropping == inputs and all(q.drop_prob == 0.5 for q in iter_quantizers(qmodel) if id(q) in inputs)
+    with pytest.raises(Exception, match="drop"):
+        assert_fully_quantized(qmodel)
+    assert_fully_quantized(qmodel, allow_dropped_inputs=True)
+
+
+def _recon_yaml(name: str) -> dict:
+    """A recon preset with its defaults list resolved (qdrop builds on par)."""
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = compose("config", overrides=[f"recon={name}"])
+    return OmegaConf.to_container(cfg.recon, resolve=True)
+
+
+def test_equal_budget_gives_qdrop_the_total_of_pars_official_schedule(tiny):
+    qdrop = ReconConfig.from_cfg(_recon_yaml("qdrop") | {"budget": "equal"})
+    kinds = [s.kind for s in build_chain(tiny, "block") if s.learnable]
+    reference = [s.kind for s in build_chain(tiny, "stage") if s.learnable]
+    iters = qdrop.unit_iters(kinds, reference)
+    assert sum(reference.count(k) * n for k, n in PAR_OFFICIAL_ITERS.items()) == 20000  # sam_tiny's 2 stages
+    assert abs(sum(iters) - 20000) <= len(iters) and len(set(iters)) == 1
+    assert qdrop.unit_iters(kinds, reference) != ReconConfig.from_cfg({"iters": {"block": 7}}).unit_iters(kinds, [])
+
+
+def test_every_recon_key_is_documented_and_consumed():
+    fields = {f.name for f in dataclasses.fields(ReconConfig)}
+    nested = {"round_reg": {f.name for f in dataclasses.fields(RoundingRegularizer)},
+              "par_loss": {f.name for f in dataclasses.fields(ParLoss)}}
+    for name in ("par", "qdrop", "none"):
+        keys = _recon_yaml(name)
+        assert set(keys) <= fields, name
+        ReconConfig.from_cfg(keys)
+    par = _recon_yaml("par")
+    assert set(par) == fields and all(set(par[k]) == v for k, v in nested.items())  # every knob in the YAML
+    text = (REPO / "conf/recon/par.yaml").read_text()
+    assert all(re.search(rf"^\s*{k}:.*#", text, re.M) for k in fields), "every knob has a comment"
+    sources = "".join(p.read_text() for p in (REPO / "saq/recon").glob("*.py") if p.name != "config.py")
+    config_src = (REPO / "saq/recon/config.py").read_text().split("def unit_iters")[1]
+    reading = sources + config_src
+    for key in fields | set().union(*nested.values()):
+        assert re.search(rf"\.{key}\b", reading), f"recon.{key} is never read"
+
+
+@pytest.mark.parametrize("method, clip, recon, big, agq", [
+    ("minmax", "minmax", "none", False, False), ("ptq4sam_s", "minmax", "none", True, True),
+    ("saq_sam_star", "pcc", "none", True, True), ("qdrop", "minmax", "qdrop", False, False),
+    ("ptq4sam_l", "minmax", "qdrop", True, True), ("saq_sam", "pcc", "par", True, True)])
+def test_method_presets_compose_and_stay_overridable(method, clip, recon, big, agq):
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = compose("config", overrides=[f"method={method}", "quant=w4a4"])
+        assert (cfg.method, cfg.clip.name, cfg.recon.name, cfg.quant.big, cfg.quant.agq) == (
+            method, clip, recon, big, agq)
+        assert cfg.quant.w_bits == 4
+        ReconConfig.from_cfg(cfg.recon)
+        mine = compose("config", overrides=[f"method={method}", "quant=w4a4", "clip=mse", "quant.big=false",
+                                            "recon=par", "recon.budget=equal"])
+        assert (mine.clip.name, mine.quant.big, mine.recon.name, mine.recon.budget) == ("mse", False, "par", "equal")
+
+
+def test_recon_config_errors_name_the_key():
+    for bad, key in (({"granularity": "pixel"}, "recon.granularity"), ({"iters": {"stages": 3}}, "recon.iters.stages"),
+                     ({"drop_prob": 0.0}, "recon.drop_prob"), ({"speed": 1}, "recon.speed"),
+                     ({"round_reg": {"weight": -1}}, "recon.round_reg.weight")):
+        with pytest.raises(Exception, match=re.escape(key)):
+            ReconConfig.from_cfg(bad)
+
+
+def test_saq_sam_reconstructs_the_four_stages_of_a_vit_b():
+    """The real ViT-B architecture (12 blocks, global attention at 2/5/8/11, the same decoder), random weights, at a
+    128-pixel input so that the test takes seconds: one small image, two prompts, one iteration per unit."""
+    arch = dataclasses.replace(ARCHITECTURES["sam_vit_b"], image_size=128)
+    torch.manual_seed(0)
+    model = make_sam(arch)
+    cal = samples(1, size=(64, 64), boxes=2)
+    fast_weights = {"weight": {"observer": "minmax"}}
+    qmodel = calibrated(model, cal, dict(W4A4, encoder=fast_weights, decoder=fast_weights))
+    iters = {k: 1 for k in FEW}
+    report = reconstruct(qmodel, model, cal, {"name": "par", "iters": iters, "best_state": False}, seed=0,
+                         progress=False)
+    assert [u.name for u in report.units][:5] == [f"encoder.stage{k}" for k in range(4)] + ["encoder.neck"]
+    assert len(report.units) == 8
+    assert_fully_quantized(qmodel)
+
+
+def test_pipeline_records_the_method_and_the_evaluation_mode(synthetic_root, tmp_path, monkeypatch):
+    from saq import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = compose("config", overrides=[
+            "method=ptq4sam_l", "quant=w6a6", f"task.data.root={synthetic_root}", "task.generate=null",
+            "task.max_images=2", "quant.calib_images=2", "fp_cache=false", "logger=none", "progress=false",
+            "recon.iters.block=1", "recon.iters.neck=1", "recon.iters.decoder_block=1", "recon.iters.final_attn=1",
+            "recon.best_state=false"])
+    record = pipeline.run(cfg, tmp_path / "run")
+    assert record["method"] == "ptq4sam_l" and record["recon"]["method"] == "qdrop"
+    assert record["recon"]["eval_mode"] == EVAL_FULL and len(record["recon"]["units"]) == 22
+    saved = json.loads(Path(tmp_path / "run" / "results.json").read_text())
+    assert saved["recon"]["eval_mode"] == EVAL_FULL and 0.0 <= saved["metrics"]["quantized"]["mask_AP"] <= 1.0
