@@ -16,15 +16,24 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
+def assert_keys_land(own: dict, composed: dict, where) -> None:
+    for key, value in own.items():
+        if isinstance(value, dict) and isinstance(composed.get(key), dict):
+            assert_keys_land(value, composed[key], (*where, key))  # a preset sets some keys of another group
+        else:
+            assert composed[key] == value, (*where, key)
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose(config_name="config", overrides=[f"{group}={option}"])
-    own = OmegaConf.load(CONF / group / f"{option}.yaml")  # the option's own keys land in the composed group
+    path = CONF / group / f"{option}.yaml"
+    own = OmegaConf.load(path)  # the option's own keys land in the composed group (or the root: a _global_ preset)
     own.pop("defaults", None)
-    composed = OmegaConf.to_container(cfg[group], resolve=False)
-    for key, value in OmegaConf.to_container(own, resolve=False).items():
-        assert composed[key] == value, (group, option, key)
+    is_global = path.read_text().startswith("# @package _global_")
+    composed = OmegaConf.to_container(cfg if is_global else cfg[group], resolve=False)
+    assert_keys_land(OmegaConf.to_container(own, resolve=False), composed, (group, option))
     OmegaConf.resolve(cfg)  # interpolations must resolve too
     for key in ("model", "task", "prompts", "quant", "logger", "seed"):
         assert key in cfg
