@@ -35,7 +35,8 @@ class UnitReport:
     name: str
     kind: str
     iters: int
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the learning iterations
+    cpu_seconds: float = 0.0  # CPU time of the same (all threads); on a shared machine the better speed measure
     loss_first: float | None = None  # mean training loss over the first log_every iterations
     loss_last: float | None = None  # ... and over the last
     eval_before: float | None = None  # unit loss over all samples, hard and undropped, before learning
@@ -203,7 +204,7 @@ class Reconstructor:
         if iters == 0:
             return unit
         torch.manual_seed(self.seed + 7919 * index)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         rounding, alphas, scales = [], [], []
         for module in modules:
             for layer in module.modules():
@@ -260,7 +261,7 @@ class Reconstructor:
             for layer in module.modules():
                 if isinstance(layer, QuantLayer) and isinstance(layer.weight_quantizer, AdaRoundQuantizer):
                     layer.harden_weight()
-        unit.seconds = time.perf_counter() - start
+        unit.seconds, unit.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         if cfg.best_state:
             unit.eval_after = evaluate()
             if unit.eval_after > unit.eval_before:  # learning made this unit worse on the whole calibration set

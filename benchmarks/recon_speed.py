@@ -1,0 +1,143 @@
+"""Prints reconstruction speed: iterations/s per unit type, the projected time of the official PAR schedule, peak
+memory, and what layer skipping saves per encoder iteration against a forward through the rest of the encoder.
+
+Each unit of the chosen model runs `iters` real iterations of the loop (saq.recon.Reconstructor: QDrop, AdaRound,
+LSQ, PAR losses), on `images` random images with `prompts` random boxes each (16 = PAR's cap). The projection is
+Σ_units official_iters(kind) / (it/s of its kind), plus the measured per-unit setup (caching inputs and targets).
+sam_tiny uses its shipped weights; sam_vit_b random weights (timing only), on CUDA when one exists.
+data=ROOT takes the first `images` calibration images of a COCO-format dataset (e.g. data/synthetic) with their
+ground-truth boxes instead (capped at 16 prompts). Speeds are per CPU second when single-threaded (the machine may
+be shared), per wall second otherwise.
+Usage: python benchmarks/recon_speed.py [model=sam_tiny] [device=cpu] [threads=1] [iters=20] [images=4] [prompts=16]
+                                        [data=ROOT] [quant=w4a4] [recon=par] [calib_images=32]
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from saq.quant import calibrate, quantize
+from saq.recon import ReconConfig, Reconstructor
+from saq.recon.config import UNIT_KINDS
+from saq.sam.build import build_random_sam, build_sam
+from saq.sam.segmenter import PromptedImage
+from saq.sam.units import build_chain, encode_sample, probe_image_tokens
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_group(group: str, name: str):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return OmegaConf.to_container(compose(config_name=None, overrides=[f"+{group}={name}"])[group], resolve=True)
+
+
+def sample(size: int, prompts: int, seed: int) -> PromptedImage:
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, size * 0.6, (prompts, 2))
+    wh = rng.uniform(size * 0.1, size * 0.4, (prompts, 2))
+    return PromptedImage(rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+                         boxes=np.concatenate([xy, xy + wh], 1).astype(np.float32))
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def layer_skipping_saving(model, data, repeats: int = 3) -> tuple[float, float]:
+    """ms per forward + backward from stage 0's output: the PAR probe (neck + two-way transformer) against the
+    same after the later stages (what a loss through the whole encoder would cost)."""
+    chain = build_chain(model, "stage")
+    with torch.no_grad():
+        x = chain[1].run(model, chain[0].run(model, (), data), data)[0]
+    later = [s for s in chain if s.kind == "stage"][1:]
+
+    def skip():
+        probe_image_tokens(model, x.detach().requires_grad_(), data).square().mean().backward()
+
+    def full():
+        state = (x.detach().requires_grad_(),)
+        for step in later:
+            state = step.run(model, state, data)
+        probe_image_tokens(model, state[0], data).square().mean().backward()
+
+    out = []
+    for fn in (skip, full):
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        out.append((time.perf_counter() - start) / repeats * 1000)
+    return out[0], out[1]
+
+
+def main(args: dict) -> None:
+    model_name = args.get("model", "sam_tiny")
+    device = args.get("device", "cuda" if model_name != "sam_tiny" and torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(int(args.get("threads", 1)))
+    iters, images, prompts = int(args.get("iters", 20)), int(args.get("images", 4)), int(args.get("prompts", 16))
+    model = (build_sam(model_name) if model_name == "sam_tiny" else build_random_sam(model_name)).to(device)
+    size = model.image_encoder.img_size
+    if "data" in args:
+        from tasks.instance import InstanceTask
+
+        task = InstanceTask({"root": args["data"], "ann_file": "annotations/instances_val.json",
+                             "img_dir": "val/images"},
+                            {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"})
+        samples = task.calibration_samples(images)
+        prompts = min(16, max(s.num_prompts for s in samples))
+        described = f"{images} images of {args['data']} (mean {np.mean([s.num_prompts for s in samples]):.1f} boxes)"
+    else:
+        samples = [sample(size, prompts, seed) for seed in range(images)]
+        described = f"{images} random images x {prompts} boxes"
+    quant = compose_group("quant", args.get("quant", "w4a4"))
+    qmodel = quantize(model, quant)
+    calibrate(qmodel, samples[:1], quant, progress=False)
+    official = ReconConfig.from_cfg(compose_group("recon", args.get("recon", "par")))
+    cfg = ReconConfig.from_cfg({**compose_group("recon", args.get("recon", "par")), "best_state": False,
+                                "iters": {k: iters for k in UNIT_KINDS}})
+    start = time.perf_counter()
+    report = Reconstructor(qmodel, model, cfg, seed=0, progress=False).run(samples)
+    wall = time.perf_counter() - start
+    learned = sum(u.seconds for u in report.units)
+    setup_per_unit = (wall - learned) / len(report.units) / images * int(args.get("calib_images", 32))
+    units = [s for s in build_chain(model, official.granularity) if s.learnable]
+    reference = [s.kind for s in build_chain(model, "stage") if s.learnable]
+    schedule = dict(zip((s.name for s in units), official.unit_iters([s.kind for s in units], reference)))
+    speed: dict[str, list[float]] = {}
+    single = torch.get_num_threads() == 1 and device == "cpu"
+    for unit in report.units:
+        speed.setdefault(unit.kind, []).append(unit.iters / (unit.cpu_seconds if single else unit.seconds))
+    print(f"{model_name} on {device}, {torch.get_num_threads()} thread(s), recon={official.name}, {described}, "
+          f"{iters} iterations per unit, {'CPU' if single else 'wall'} time")
+    print(f"{'unit kind':<15}{'units':>6}{'it/s':>9}{'ms/it':>9}{'official iters':>16}{'projected s':>13}")
+    total = 0.0
+    for kind, values in speed.items():
+        rate = sum(values) / len(values)
+        n_iters = sum(schedule[u.name] for u in report.units if u.kind == kind)
+        seconds = n_iters / rate
+        total += seconds
+        print(f"{kind:<15}{len(values):>6}{rate:>9.2f}{1000 / rate:>9.1f}{n_iters:>16}{seconds:>13.0f}")
+    setup = setup_per_unit * len(units)
+    print(f"projected official schedule: {total:.0f} s learning + {setup:.0f} s caching ({args.get('calib_images', 32)}"
+          f" images) = {(total + setup) / 60:.1f} min; peak memory {peak_memory_mb(device):.0f} MiB")
+    data = encode_sample(model, max(samples, key=lambda s: s.num_prompts), 16, torch.Generator().manual_seed(0))
+    skip, full = layer_skipping_saving(model, data)
+    print(f"layer skipping (stage 0 -> neck -> two-way transformer), fwd+bwd: {skip:.1f} ms, against {full:.1f} ms "
+          f"through the later stages ({full / skip:.1f}x)")
+
+
+if __name__ == "__main__":
+    main(dict(arg.split("=", 1) for arg in sys.argv[1:]))
