@@ -194,3 +194,12 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, monkeypat
     expected, got = whole.state_dict(), resumed.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_the_resume_key_ignores_only_what_does_not_change_the_learned_model():
+    from saq.recon import checkpoint_path
+
+    base = checkpoint_path(recon_cfg(), "model|data")
+    assert checkpoint_path(recon_cfg(resume=True, paper_eval_compat=True, log_every=3), "model|data") == base
+    assert checkpoint_path(recon_cfg(drop_prob=0.25), "model|data") != base
+    assert checkpoint_path(recon_cfg(), "model|other-data") != base

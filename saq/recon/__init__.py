@@ -24,8 +24,9 @@ __all__ = ["EVAL_FULL", "EVAL_PAPER", "PAR_OFFICIAL_ITERS", "ReconConfig", "Reco
 
 
 def checkpoint_path(cfg: ReconConfig, key: str) -> Path:
-    """Where the finished units of this run are kept: recon.state_dir / hash(key + the recon config but resume)."""
-    knobs = {k: v for k, v in vars(cfg).items() if k not in ("resume", "log_every")}
+    """Where the finished units of this run are kept: recon.state_dir / hash(key + every recon knob that changes what
+    is learned; resume, logging and the evaluation mode do not, so a paper_eval_compat rerun resumes a finished run)."""
+    knobs = {k: v for k, v in vars(cfg).items() if k not in ("resume", "log_every", "paper_eval_compat", "state_dir")}
     digest = hashlib.sha256(f"{key}|{json.dumps(knobs, sort_keys=True, default=str)}".encode()).hexdigest()[:24]
     return Path(cfg.state_dir) / f"{digest}.pt"
 
