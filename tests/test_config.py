@@ -140,3 +140,20 @@ def test_launchers_compose(launcher, monkeypatch):
         with initialize_config_dir(config_dir=str(CONF), version_base=None):
             plain = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
         assert (plain.hydra.launcher.gpus_per_node, plain.hydra.launcher.cpus_per_task) == (1, 8)
+
+
+def test_wandb_sweep_files_launch_the_same_jobs_as_the_hydra_presets():
+    import itertools
+
+    hydra_jobs: dict[str, set] = {}
+    for sweep, overrides in sweep_jobs():
+        hydra_jobs.setdefault(sweep, set()).add(frozenset(overrides))
+    for sweep, jobs in hydra_jobs.items():
+        spec = OmegaConf.to_container(OmegaConf.load(REPO / "sweeps" / "wandb" / f"{sweep}.yaml"))
+        assert spec["method"] == "grid" and f"+sweeps={sweep}" in spec["command"]
+        assert spec["command"][-1] == "${args_no_hyphens}"
+        keys = list(spec["parameters"])
+        wandb_jobs = {frozenset(f"{k}={v}" for k, v in zip(keys, combo))
+                      for combo in itertools.product(*(spec["parameters"][k]["values"] for k in keys))}
+        assert wandb_jobs == jobs, sweep
+    assert sorted(p.stem for p in (REPO / "sweeps" / "wandb").glob("*.yaml")) == sorted(hydra_jobs)
