@@ -159,8 +159,42 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, run: Callable[[DictConfig, Pat
     return record
 
 
+def sweep_job_overrides(config: DictConfig) -> list[list[str]] | None:
+    """The override list of every job the basic sweeper will launch (preset params, then the command line's)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def jobs_that_do_not_compose(config: DictConfig) -> list[tuple[list[str], str]]:
+    """Each job whose config cannot be composed, with Hydra's reason: checked before any job runs."""
+    from hydra import compose
+
+    problems = []
+    for job in sweep_job_overrides(config) or []:
+        try:
+            compose(config_name=config.hydra.job.config_name, overrides=job)
+        except Exception as exc:  # Hydra's composition errors: missing option, bad key, bad value
+            problems.append((job, " ".join(str(exc).split()).split(" Config search path:")[0]))
+    return problems
+
+
 class SweepReport(Callback):
-    """At the end of every multirun: write the sweep's report, print its main tables and list the failed jobs."""
+    """Before a multirun: every job must compose. After it: the sweep's report, its main tables, the failed jobs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        problems = jobs_that_do_not_compose(config)
+        if problems:
+            for job, why in problems:
+                print(f"error: job {' '.join(job)}: {why}", file=sys.stderr)
+            print(f"error: {len(problems)} jobs of this sweep do not compose; nothing was run", file=sys.stderr)
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from saq.report import build_report, print_summary, write_report

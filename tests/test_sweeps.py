@@ -20,11 +20,12 @@ from tests.conftest import REPO
 SWEEP_2X2 = ["quant=w6a6,w4a4", "clip=minmax,mse", "++quant.calib_images=2"]
 
 
-def multirun(sweep_dir: Path, *overrides: str, data: Path, cwd: Path) -> subprocess.CompletedProcess:
+def multirun(sweep_dir: Path, *overrides: str, data: Path, cwd: Path, images: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "MPLBACKEND": "Agg"}
-    args = [sys.executable, "-m", "saq", "-m", f"task.data.root={data}", "task.generate=null", "task.max_images=2",
-            "logger=none", "threads=1", "progress=false", f"hydra.sweep.dir={sweep_dir}", *overrides]
+    args = [sys.executable, "-m", "saq", "-m", f"task.data.root={data}", "task.generate=null",
+            f"task.max_images={images}", "logger=none", "threads=1", "progress=false", f"hydra.sweep.dir={sweep_dir}",
+            *overrides]
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -51,7 +52,7 @@ def assert_report_equals_results(sweep_dir: Path, results: dict[Path, dict]) -> 
 
 @pytest.fixture(scope="module")
 def joblib_sweep(synthetic_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The 2 x 2 sweep under joblib; its folder's FP cache (outputs/.cache) serves the other multiruns here."""
+    """The 2 x 2 sweep under joblib (its folder is copied by the resume test)."""
     work = tmp_path_factory.mktemp("joblib")
     sweep_dir = work / "sweep"
     proc = multirun(sweep_dir, *SWEEP_2X2, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
@@ -99,10 +100,11 @@ def test_resume_skips_finished_jobs_and_recomputes_only_a_deleted_one(joblib_swe
     assert [p for p in after if after[p] != before.get(p)] == [deleted]
 
 
-def test_submitit_local_multirun_writes_four_results_and_a_matching_report(joblib_sweep, synthetic_root, tmp_path):
+def test_submitit_local_multirun_writes_four_results_and_a_matching_report(synthetic_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
+    # One image each: four processes start at once, and most of their time is importing torch.
     proc = multirun(sweep_dir, *SWEEP_2X2, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-                    data=synthetic_root, cwd=joblib_sweep[0].parent)  # FP metrics from the joblib sweep's cache
+                    data=synthetic_root, cwd=tmp_path, images=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list((sweep_dir / ".submitit").iterdir()), "jobs went through submitit"
     assert_report_equals_results(sweep_dir, results_in(sweep_dir))
@@ -110,8 +112,7 @@ def test_submitit_local_multirun_writes_four_results_and_a_matching_report(jobli
 
 def test_a_failed_job_is_recorded_and_listed_without_stopping_the_others(synthetic_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = multirun(sweep_dir, "model.checkpoint=/nonexistent.pth,null", "task.max_images=1",
-                    data=synthetic_root, cwd=tmp_path)
+    proc = multirun(sweep_dir, "model.checkpoint=/nonexistent.pth,null", data=synthetic_root, cwd=tmp_path, images=1)
     assert proc.returncode == 1, "a sweep with a failed job ends with exit status 1, after its report"
     results = results_in(sweep_dir)
     assert len(results) == 1 and next(iter(results.values()))["config"]["model"]["checkpoint"] is None
@@ -122,6 +123,16 @@ def test_a_failed_job_is_recorded_and_listed_without_stopping_the_others(synthet
     assert failure["error"] == line and "model.checkpoint=/nonexistent.pth" in failure["overrides"]
     assert "1 failed jobs:" in proc.stdout and line in proc.stdout
     assert line in (sweep_dir / "report.md").read_text()
+
+
+def test_a_job_that_does_not_compose_stops_the_sweep_before_any_job_runs(synthetic_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = multirun(sweep_dir, "quant=w4a4", "clip=minmax,pcc_not_here", data=synthetic_root, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "error: 1 jobs of this sweep do not compose; nothing was run"
+    assert "clip=pcc_not_here" in lines[-2] and "Could not find 'clip/pcc_not_here'" in lines[-2]
+    assert not list(sweep_dir.rglob("results.json"))
 
 
 def test_sweep_preset_outside_the_repository_root_is_one_clear_line(tmp_path):
