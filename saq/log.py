@@ -54,6 +54,28 @@ def write_results(run_dir: Path, record: dict) -> Path:
     return path
 
 
+def _has_number(metrics) -> bool:
+    return isinstance(metrics, dict) and any(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             for v in metrics.values())
+
+
+def record_problem(record) -> str | None:
+    """Why a parsed results.json is not a finished saq run record (report and resume skip it), or None when it is."""
+    if not isinstance(record, dict):
+        return "not a saq run record (not a JSON object)"
+    missing = [k for k in ("model", "task", "quant", "metrics", "config") if k not in record]
+    if missing:
+        return f"not a saq run record (missing {', '.join(missing)})"
+    metrics, config = record["metrics"], record["config"]
+    if not isinstance(config, dict) or not isinstance(metrics, dict):
+        return "not a saq run record (metrics or config is not an object)"
+    if not _has_number(metrics.get("fp")):
+        return "partial run: no FP metrics"
+    if record["quant"] != "fp" and not _has_number(metrics.get("quantized")):
+        return "partial run: no quantized metrics"
+    return None
+
+
 def _flatten(prefix: str, value, out: dict) -> None:
     if isinstance(value, dict):
         for k, v in value.items():

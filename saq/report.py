@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saq.errors import SaqError
-from saq.log import RESULTS_FILE, bits_label, method_label
+from saq.log import RESULTS_FILE, bits_label, method_label, record_problem
 from saq.paper_results import PAPER_MODEL, paper_row, paper_table
 from saq.sweep import FAILURE_FILE, RESUME_IGNORED_KEYS
 
@@ -119,25 +119,6 @@ class Report:
     duplicates: list[Path] = field(default_factory=list)
 
 
-def check_record(record) -> str | None:
-    """Why a parsed results.json is not a usable saq run record, or None when it is."""
-    if not isinstance(record, dict):
-        return "not a saq run record (not a JSON object)"
-    missing = [k for k in ("model", "task", "quant", "metrics", "config") if k not in record]
-    if missing:
-        return f"not a saq run record (missing {', '.join(missing)})"
-    metrics, config = record["metrics"], record["config"]
-    if not isinstance(config, dict) or not isinstance(metrics, dict):
-        return "not a saq run record (metrics or config is not an object)"
-    if not isinstance(metrics.get("fp"), dict) or not any(is_table_metric(k, v) for k, v in metrics["fp"].items()):
-        return "partial run: no FP metrics"
-    if record["quant"] != "fp":
-        quantized = metrics.get("quantized")
-        if not isinstance(quantized, dict) or not any(is_table_metric(k, v) for k, v in quantized.items()):
-            return "partial run: no quantized metrics"
-    return None
-
-
 def load_runs(root: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
     """Every usable results.json under root (with its path), and the skipped ones with the reason."""
     runs, skipped = [], []
@@ -147,7 +128,7 @@ def load_runs(root: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             skipped.append((path, f"unreadable JSON ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"))
             continue
-        reason = check_record(record)
+        reason = record_problem(record)
         if reason:
             skipped.append((path, reason))
             continue

@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from saq.errors import SaqError
-from saq.log import RESULTS_FILE, write_json_atomic
+from saq.log import RESULTS_FILE, record_problem, write_json_atomic
 
 FAILURE_FILE = "failure.json"
 # Keys that change how a run is logged or shown, not what it computes: a finished run still counts when they differ.
@@ -68,19 +68,11 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def finished_record(run_dir: Path) -> dict | None:
     """The record in run_dir/results.json if it is a finished run (FP, and quantized unless FP-only), else None."""
-    path = Path(run_dir) / RESULTS_FILE
     try:
-        record = json.loads(path.read_text())
+        record = json.loads((Path(run_dir) / RESULTS_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-        return None
-    metrics = record.get("metrics")
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("fp"), dict):
-        return None
-    if record.get("quant") != "fp" and not isinstance(metrics.get("quantized"), dict):
-        return None
-    return record
+    return None if record_problem(record) else record
 
 
 def set_aside(path: Path, why: str) -> Path:
