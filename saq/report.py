@@ -331,7 +331,7 @@ def paper_markdown(table: Table) -> str:
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, label in pairs:
         values = [published["rows"][name].get(c) for c in columns]
-        cells = ["–" if v is None else f"{v:g}" for v in values]
+        cells = ["–" if v is None else str(v) for v in values]
         lines.append("| " + " | ".join([f"{name} ({label})", *cells]) + " |")
     return "\n".join(lines)
 
@@ -414,7 +414,7 @@ def render_tex(report: Report) -> str:
             for name, label in pairs:
                 values = [published["rows"][name].get(c) for c in columns]
                 out.append(" & ".join([tex_escape(f"{name} ({label})"),
-                                       *("--" if v is None else f"{v:g}" for v in values)]) + r" \\")
+                                       *("--" if v is None else str(v) for v in values)]) + r" \\")
             out += [r"\bottomrule", r"\end{tabular}"]
         out += [r"\end{table}", ""]
     return "\n".join(out)
