@@ -19,7 +19,7 @@ from saq.log import RESULTS_FILE, record_problem, write_json_atomic
 
 FAILURE_FILE = "failure.json"
 # Keys that change how a run is logged or shown, not what it computes: a finished run still counts when they differ.
-RESUME_IGNORED_KEYS = ("logger", "progress", "threads", "fp_cache", "resume")
+RESUME_IGNORED_KEYS = ("logger", "progress", "threads", "fp_cache", "resume", "figures")
 
 
 def job_dirname(overrides: str, max_len: int = 160) -> str:
