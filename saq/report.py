@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
 import sys
 from collections import defaultdict
@@ -465,6 +466,13 @@ def plot_metric_vs_bits(report: Report, out_dir: Path) -> list[Path]:
     return written
 
 
+def short_names(names: list[str]) -> list[str]:
+    """Quantizer names without the prefix they all share (up to a dot) and the `_quantizer` suffix."""
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    prefix = prefix[:prefix.rfind(".") + 1]
+    return [n[len(prefix):].removesuffix("_quantizer") for n in names]
+
+
 CLIP_POINT_KEYS = ("name", "fp_min", "fp_max", "mse_lo", "mse_hi", "pcc_lo", "pcc_hi")
 
 
@@ -490,7 +498,7 @@ def plot_clip_ranges(report: Report, out_dir: Path) -> list[Path]:
         if name in seen:
             continue
         seen.add(name)
-        fig, ax = plt.subplots(figsize=(7, 0.35 * len(points) + 1.5))
+        fig, ax = plt.subplots(figsize=(8, 0.3 * len(points) + 1.5))
         for i, p in enumerate(points):
             ax.plot([p["fp_min"], p["fp_max"]], [i, i], color="0.7", linewidth=6, solid_capstyle="butt",
                     label="FP range" if i == 0 else None)
@@ -498,7 +506,7 @@ def plot_clip_ranges(report: Report, out_dir: Path) -> list[Path]:
                     label="MSE" if i == 0 else None)
             ax.plot([p["pcc_lo"], p["pcc_hi"]], [i - 0.15, i - 0.15], color="tab:red", linewidth=2,
                     label="PCC" if i == 0 else None)
-        ax.set_yticks(range(len(points)), [str(p.get("name", i)) for i, p in enumerate(points)], fontsize=7)
+        ax.set_yticks(range(len(points)), short_names([str(p.get("name", i)) for i, p in enumerate(points)]), fontsize=7)
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel("activation range (symlog)")
         ax.set_title(f"clip ranges: {run['model']} {bits_label(config).upper()} {method_label(config)}", fontsize=9)

@@ -173,3 +173,11 @@ def test_python_m_saq_report_runs(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "report.md").is_file()
+
+
+def test_clip_plot_names_drop_the_shared_prefix_and_quantizer_suffix():
+    from saq.report import short_names
+
+    names = ["mask_decoder.transformer.layers.0.self_attn.k_proj.input_quantizer",
+             "mask_decoder.transformer.final_attn_token_to_image.qk_matmul.b_quantizer"]
+    assert short_names(names) == ["layers.0.self_attn.k_proj.input", "final_attn_token_to_image.qk_matmul.b"]
