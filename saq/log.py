@@ -164,6 +164,10 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
         figures = {f"figures/{p.stem}": wandb.Image(str(p)) for p in run_figures(run_dir)}
         if figures:
             run.log(figures)
+        points = (record.get("clipping") or {}).get("points") or []
+        if points:  # a point search's ranges (clip=pcc), one row per searched quantizer
+            columns = list(points[0])
+            run.log({"clipping/ranges": wandb.Table(columns=columns, data=[[p.get(c) for c in columns] for p in points])})
         url = getattr(run, "url", None)
         run.finish()
         return url or str(run_dir / "wandb")

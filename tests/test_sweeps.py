@@ -253,3 +253,32 @@ def test_wandb_logs_summary_config_and_run_figures(tmp_path, monkeypatch):
     assert FakeRun.summary["quantized/mask_AP"] == 0.4 and FakeRun.summary["fp/mask_AP"] == 0.5
     assert calls["logged"] == {"figures/hist_q": ("image", "hist_q.png"), "figures/attention": ("image", "attention.png")}
     assert calls["finished"]
+
+
+def test_wandb_logs_the_clipping_ranges_as_a_table(tmp_path, monkeypatch):
+    import types
+
+    from saq.log import log_to_wandb
+
+    logged: dict = {}
+
+    class FakeRun:
+        summary: dict = {}
+        url = None
+
+        def log(self, data):
+            logged.update(data)
+
+        def finish(self):
+            pass
+
+    fake = types.SimpleNamespace(init=lambda **kw: FakeRun(), Image=lambda path: path,
+                                 Table=lambda columns, data: ("table", columns, data))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    points = [{"name": "a.k", "pcc_lo": -1.0, "pcc_hi": 2.0}, {"name": "a.q", "pcc_lo": -3.0, "pcc_hi": 3.0}]
+    record = {"run_name": "r", "model": "sam_tiny", "task": "instance", "metrics": {"fp": {"mask_AP": 0.5}},
+              "config": {"clip": {"name": "pcc"}, "quant": {"name": "w6a6", "w_bits": 6, "a_bits": 6}},
+              "clipping": {"method": "pcc", "points": points}}
+    log_to_wandb({"name": "wandb", "mode": "offline"}, record, tmp_path)
+    assert logged["clipping/ranges"] == ("table", ["name", "pcc_lo", "pcc_hi"],
+                                         [["a.k", -1.0, 2.0], ["a.q", -3.0, 3.0]])
