@@ -104,12 +104,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     fp, fp_cache_file = fp_metrics(cfg, model, task)
     metrics = {"fp": fp}
 
-    if cfg.quant.name != "fp":
+    saved_model = None  # where the quantized model was saved to or loaded from
+    if cfg.quant.name != "fp" or cfg.quant.get("load"):
         from saq.quant import calibrate, quant_summary, quantize
+        from saq.saved import load_run, save_run
 
-        qmodel = quantize(model, cfg.quant)
-        samples = task.calibration_samples(cfg.quant.calib_images)
-        calibrate(qmodel, samples, cfg.quant, cfg.clip, progress=cfg.progress)
+        if cfg.quant.get("load"):  # a model an earlier run calibrated: no calibration here
+            qmodel, saved_model = load_run(model, cfg), str(cfg.quant.load)
+        else:
+            qmodel = quantize(model, cfg.quant)
+            samples = task.calibration_samples(cfg.quant.calib_images)
+            calibrate(qmodel, samples, cfg.quant, cfg.clip, progress=cfg.progress)
+            if cfg.quant.get("save", True):  # before evaluation: a later failure keeps the calibrated model
+                saved_model = str(save_run(qmodel, run_dir, cfg))
         print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau
         metrics["quantized"] = task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=cfg.progress)
 
@@ -123,6 +130,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "seed": cfg.seed,
         "metrics": metrics,
         "fp_from_cache": fp_cache_file,  # the FP row was computed by an earlier run with the same key
+        "quantized_model": saved_model,  # saved to (quant.save) or loaded from (quant.load)
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_commit": git_commit(),
         "versions": package_versions(),
