@@ -119,6 +119,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 saved_model = str(save_run(qmodel, run_dir, cfg))
         print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau
         metrics["quantized"] = task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=cfg.progress)
+        if cfg.get("deploy"):  # the same model as int8 ONNX Runtime graphs, through the same task code
+            from saq.deploy import evaluate_deployed
+
+            metrics["deployed"] = evaluate_deployed(qmodel, run_dir, task, cfg.model.decode_batch_size, cfg.progress)
 
     prompts_name = getattr(task.prompts, "name", "-") if hasattr(task, "prompts") else "-"
     record = {
