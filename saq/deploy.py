@@ -9,8 +9,8 @@ asymmetric [0, 255] grid, zero-points too, so the dequantized values are unchang
 DequantizeLinear. ONNX Runtime's graph optimizer then fuses DQ -> MatMul into MatMulIntegerToFloat (u8 x s8 int8
 GEMM). What stays float: everything saq does not quantize (norms, softmax, GELU, patch embedding, upscaling, heads),
 the neck's convolutions (ONNX Runtime has no int8 convolution with a float output), and softmax * V, whose
-post-softmax operand uses AGQ's log2 codes: they have no ONNX int8 operator, so the log2 rounding is computed in
-float ops (the same values as saq's fake quantization) and that matmul runs in float.
+post-softmax operand uses AGQ's log2 codes: they have no ONNX int8 operator, so that matmul runs in float, its
+post-softmax operand left unquantized (default) or log2-rounded in float ops (--softmax log2; see SOFTMAX_MODES).
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ FLOAT_COMPUTE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul", "
                      "NchwcConv"}
 # ONNX Runtime fuses MatMul + Add into Gemm before its QDQ fusion sees the MatMul; with it on, no linear goes int8.
 DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
+# What becomes of softmax * V's post-softmax operand, whose AGQ log2 codes no ONNX int8 operator takes:
+# float: left unquantized (the fast choice; the deployed model is then slightly closer to FP than saq's W8A8);
+# log2: saq's log2 rounding computed in float ops (the same values as saq's fake quant; costs a pass of 10 ops over
+# every attention map, which on ViT-B's global attention is slower than the int8 GEMMs save).
+SOFTMAX_MODES = ("float", "log2")
 
 
 # -- export modules: the calibrated quantizers, written so that torch.onnx emits Q/DQ ----------------------------------
@@ -128,6 +133,15 @@ class Log2Float(nn.Module):
         return torch.where(code < self.levels, a_hat, torch.zeros_like(a_hat))
 
 
+class Unquantized(nn.Module):
+    """An operand the deployed graph leaves in float."""
+
+    uses_partner = False
+
+    def forward(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
 class DeployLinear(nn.Module):
     """QuantLinear as DQ(x) @ DQ(int8 Wᵀ) + b: the pattern ONNX Runtime turns into MatMulIntegerToFloat."""
 
@@ -164,9 +178,9 @@ class DeployConv2d(nn.Module):
                                     self.dilation, self.groups)
 
 
-def export_quantizer(quantizer: Quantizer) -> nn.Module:
+def export_quantizer(quantizer: Quantizer, softmax: str = "float") -> nn.Module:
     if isinstance(quantizer, Log2AGQQuantizer):
-        return Log2Float(quantizer)
+        return Log2Float(quantizer) if softmax == "log2" else Unquantized()
     if isinstance(quantizer, UniformQuantizer) and quantizer.ch_axis is None:
         return QDQ(quantizer)
     raise SaqError(f"cannot deploy {quantizer.name}: only per-tensor uniform activation quantizers map onto "
@@ -186,8 +200,10 @@ def check_deployable(qmodel: nn.Module) -> None:
                        "calibrated run's saved model")
 
 
-def export_graph_modules(qmodel: nn.Module) -> nn.Module:
+def export_graph_modules(qmodel: nn.Module, softmax: str = "float") -> nn.Module:
     """A copy of the calibrated model whose quantized layers and quantizers emit Q/DQ when exported."""
+    if softmax not in SOFTMAX_MODES:
+        raise SaqError(f"softmax={softmax!r} unknown; expected one of {list(SOFTMAX_MODES)}")
     check_deployable(qmodel)
     model = copy.deepcopy(qmodel).cpu().eval()
     for parent in list(model.modules()):
@@ -197,8 +213,8 @@ def export_graph_modules(qmodel: nn.Module) -> nn.Module:
             elif isinstance(child, QuantConv2d):
                 setattr(parent, name, DeployConv2d(child))
             elif isinstance(child, QuantMatMul):
-                child.a_quantizer = export_quantizer(child.a_quantizer)
-                child.b_quantizer = export_quantizer(child.b_quantizer)
+                child.a_quantizer = export_quantizer(child.a_quantizer, softmax)
+                child.b_quantizer = export_quantizer(child.b_quantizer, softmax)
     return model
 
 
@@ -222,15 +238,13 @@ def _export(module: nn.Module, inputs: tuple, path: Path, names: list[str], outp
                           dynamic_axes=dynamic, do_constant_folding=True, dynamo=False)
 
 
-def export_onnx(qmodel: nn.Module, directory: str | Path, progress: bool = True) -> dict:
-    """Write the int8 ONNX encoder and decoder of a calibrated model into `directory`; returns the operator report."""
+def export_graphs(model: nn.Module, directory: str | Path) -> None:
+    """Write a SAM's image encoder and mask decoder as ONNX (float, or int8 after export_graph_modules)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = export_graph_modules(qmodel)
     size = model.image_encoder.img_size
     emb = model.prompt_encoder.image_embedding_size
     dim = model.prompt_encoder.embed_dim
-    start = time.perf_counter()
     _export(model.image_encoder, (torch.zeros(1, 3, size, size),), directory / ENCODER_FILE, ["image"],
             ["image_embeddings"], {})
     prompts = 3
@@ -240,7 +254,15 @@ def export_onnx(qmodel: nn.Module, directory: str | Path, progress: bool = True)
             ["image_embeddings", "image_pe", "sparse", "dense"], ["masks", "iou_predictions"],
             {"sparse": {0: "prompts", 1: "tokens"}, "dense": {0: "prompts"}, "masks": {0: "prompts"},
              "iou_predictions": {0: "prompts"}})
-    report = {"export_s": round(time.perf_counter() - start, 1), "opset": OPSET}
+
+
+def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float") -> dict:
+    """Write the int8 ONNX encoder and decoder of a calibrated model into `directory`; returns the operator report."""
+    directory = Path(directory)
+    model = export_graph_modules(qmodel, softmax)
+    start = time.perf_counter()
+    export_graphs(model, directory)
+    report = {"export_s": round(time.perf_counter() - start, 1), "opset": OPSET, "softmax": softmax}
     for key, name in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
         report[key] = operator_report(directory / name)
     (directory / REPORT_FILE).write_text(json.dumps(report, indent=2))
@@ -285,7 +307,9 @@ def operator_report(path: Path) -> dict:
 
 
 def format_report(report: dict) -> str:
-    lines = []
+    how = {"float": "post-softmax operand left float (AGQ's log2 codes have no ONNX int8 operator)",
+           "log2": "post-softmax operand log2-rounded in float ops (saq's AGQ values; no ONNX int8 operator)"}
+    lines = [f"softmax * V: float MatMul, {how[report.get('softmax', 'float')]}"]
     for part in ("encoder", "decoder"):
         r = report[part]
         int8 = ", ".join(f"{n} {op}" for op, n in sorted(r["int8_ops"].items())) or "none"
@@ -348,7 +372,7 @@ def evaluate_deployed(qmodel: nn.Module, run_dir: str | Path, task, decode_batch
     from saq.sam.segmenter import Segmenter
 
     directory = Path(run_dir) / DEPLOY_DIR
-    report = export_onnx(qmodel, directory, progress)
+    report = export_onnx(qmodel, directory)
     print(format_report(report))
     metrics = task.evaluate(Segmenter(deployed_sam(qmodel, directory), decode_batch_size), progress=progress)
     return {**metrics, "onnx_ops": report}
@@ -362,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m saq.deploy", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run directory that saved its quantized model (or its quantized_model/)")
     parser.add_argument("--out", help="where the ONNX files go (default RUN_DIR/deployed)")
+    parser.add_argument("--softmax", choices=SOFTMAX_MODES, default="float",
+                        help="softmax * V's post-softmax operand: float (default, fast) or log2 (saq's exact values)")
     args = parser.parse_args(argv)
     try:
         directory = saved_dir(args.run_dir)
@@ -370,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SaqError(f"{directory} does not say which model it quantized (recipe extra.model)")
         qmodel = load_quantized(build_sam(extra["model"], extra.get("checkpoint")), directory)
         out = Path(args.out) if args.out else Path(args.run_dir) / DEPLOY_DIR
-        report = export_onnx(qmodel, out)
+        report = export_onnx(qmodel, out, args.softmax)
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -35,7 +35,7 @@ def calibrated(synthetic_root):
 
 def test_cli_exports_int8_graphs_close_to_fake_quant(calibrated, synthetic_root, tmp_path):
     export_quantized(calibrated, tmp_path / "run" / "quantized_model", extra={"model": "sam_tiny", "checkpoint": None})
-    assert deploy.main([str(tmp_path / "run")]) == 0
+    assert deploy.main([str(tmp_path / "run"), "--softmax", "log2"]) == 0  # saq's own values everywhere
     out = tmp_path / "run" / deploy.DEPLOY_DIR
     report = json.loads((out / deploy.REPORT_FILE).read_text())
     # every encoder linear (4 per block) and q·kᵀ go int8; softmax·V (log2 codes) and the neck convs stay float
@@ -52,6 +52,17 @@ def test_cli_exports_int8_graphs_close_to_fake_quant(calibrated, synthetic_root,
     masks_fake, masks_onnx = fake.predict(boxes=BOXES).masks, onnx.predict(boxes=BOXES).masks
     iou = (masks_fake & masks_onnx).flatten(1).sum(1) / (masks_fake | masks_onnx).flatten(1).sum(1)
     assert iou.mean() > 0.93  # measured 0.96; the fake-quant masks themselves are at 0.86-0.97 IoU from FP here
+
+    # the default leaves softmax·V's post-softmax operand float: the same int8 kernels, and no worse against FP
+    report = deploy.export_onnx(calibrated, tmp_path / "float")
+    assert report["softmax"] == "float" and report["encoder"]["int8_ops"] == {"MatMulIntegerToFloat": 6 * 5}
+    fp = Segmenter(build_sam("sam_tiny"))
+    fast = Segmenter(deploy.deployed_sam(calibrated, tmp_path / "float"))
+    for segmenter in (fp, fast):
+        segmenter.set_image(image)
+    masks_fp, masks_fast = fp.predict(boxes=BOXES).masks, fast.predict(boxes=BOXES).masks
+    mean_iou = lambda a, b: ((a & b).flatten(1).sum(1) / (a | b).flatten(1).sum(1)).mean()  # noqa: E731
+    assert mean_iou(masks_fast, masks_fp) >= mean_iou(masks_fake, masks_fp) - 0.02
 
 
 def test_uncalibrated_or_low_bit_models_are_refused(tmp_path):
