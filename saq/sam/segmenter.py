@@ -101,12 +101,18 @@ def decode_tokens(decoder: MaskDecoder, image_embeddings: torch.Tensor, image_pe
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
     tokens = torch.cat((output_tokens, sparse), dim=1)
-    src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0) + dense
-    pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
-    b, c, h, w = src.shape
+    if image_embeddings.shape[0] == 1 and dense.stride(0) == 0:
+        # Without mask prompts every prompt's dense embedding is the same (an expanded view): the image tokens enter
+        # the transformer identical for all prompts. Passed once, the first block's image-side projections run once
+        # and broadcast against the prompts' tokens; the image->token attention makes them per prompt.
+        src, pos_src = image_embeddings + dense[:1], image_pe
+    else:
+        src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0) + dense
+        pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
+    _, c, h, w = src.shape
     hs, src = decoder.transformer(src, pos_src, tokens)
     iou_pred = decoder.iou_prediction_head(hs[:, 0, :])
-    return hs[:, 1:(1 + decoder.num_mask_tokens), :], src.transpose(1, 2).view(b, c, h, w), iou_pred
+    return hs[:, 1:(1 + decoder.num_mask_tokens), :], src.transpose(1, 2).view(-1, c, h, w), iou_pred
 
 
 def decode_token_masks(decoder: MaskDecoder, mask_tokens_out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
