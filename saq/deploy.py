@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from saq.errors import SaqError
+from saq.quant.config import QuantConfig
 from saq.quant.model import iter_quantizers, quant_config
 from saq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
 from saq.quant.quantizers import Log2AGQQuantizer, Quantizer, UniformQuantizer
@@ -187,13 +188,20 @@ def export_quantizer(quantizer: Quantizer, softmax: str = "float") -> nn.Module:
                    "ONNX QuantizeLinear here (set quant.*.act.granularity=per_tensor)")
 
 
-def check_deployable(qmodel: nn.Module) -> None:
-    """SaqError (one line) unless the model is a calibrated 8-bit-activation saq model."""
-    cfg = quant_config(qmodel)
+def check_deploy_config(quant_cfg) -> None:
+    """SaqError (one line) unless a quant config (QuantConfig or the `quant` mapping; None for FP) is W8A8."""
+    if quant_cfg is None:
+        raise SaqError("deploy=true needs a quantized W8A8 model: set quant=w8a8 (or quant.load=RUN_DIR of one)")
+    cfg = QuantConfig.from_cfg(quant_cfg)
     for part in ("encoder", "decoder"):
         if cfg.part(part).enabled and (cfg.bits(part, "act") != 8 or cfg.bits(part, "weight") != 8):
             raise SaqError(f"cannot deploy: int8 kernels need W8A8, the {part} is W{cfg.bits(part, 'weight')}"
                            f"A{cfg.bits(part, 'act')} (quant=w8a8)")
+
+
+def check_deployable(qmodel: nn.Module) -> None:
+    """SaqError (one line) unless the model is a calibrated W8A8 saq model."""
+    check_deploy_config(quant_config(qmodel))
     never = [q.name for q in iter_quantizers(qmodel) if not bool(q.calibrated)]
     if never:
         raise SaqError(f"cannot deploy: {len(never)} quantizers were never calibrated (first: {never[0]}); deploy a "

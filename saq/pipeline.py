@@ -57,10 +57,39 @@ def source_digest() -> str:
 
 
 def fp_cache_path(cfg: DictConfig, task) -> Path:
-    """Where the FP metrics of this model, data, prompts, seed, device and metric code are cached."""
-    # The device is in the key because the cached metrics include timings (semantic task).
-    key = f"{checkpoint_fingerprint(cfg.model)}|{task.fingerprint()}|{cfg.seed}|{cfg.device}|{source_digest()}"
+    """Where the FP metrics of this model, data (file contents by size and mtime), prompts, seed, decoding, device,
+    threads, package versions and metric code are cached."""
+    # device, threads and versions are in the key because the cached metrics include timings (semantic task)
+    key = (f"{checkpoint_fingerprint(cfg.model)}|{task.fingerprint()}|{cfg.seed}|{cfg.model.decode_batch_size}|"
+           f"{cfg.device}|{cfg.threads}|{sorted(package_versions().items())}|{source_digest()}")
     return FP_CACHE_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def validate(cfg: DictConfig):
+    """Check every knob that would otherwise fail late (after minutes of FP evaluation on a real model) and return
+    the validated quant config and clip strategy (None for an FP run)."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SaqError("device=cuda but no CUDA device is available; use device=cpu")
+    if cfg.device not in ("cpu", "cuda"):
+        raise SaqError(f"device={cfg.device!r} is unknown; expected cpu or cuda")
+    if cfg.quant.get("load"):  # the saved model exists and fits this run
+        from saq.saved import check_load
+
+        check_load(cfg)
+    if cfg.get("deploy"):  # int8 kernels need a W8A8 model
+        from saq.deploy import check_deploy_config
+
+        check_deploy_config(None if cfg.quant.name == "fp" else cfg.quant)
+    if cfg.quant.name == "fp":
+        return None, None
+    from saq.clipping import build_range_strategy
+    from saq.quant import QuantConfig
+    from saq.quant.config import check_range_owner
+
+    quant_cfg = QuantConfig.from_cfg(cfg.quant)
+    strategy = build_range_strategy(cfg.clip)
+    check_range_owner(quant_cfg, None if strategy is None else strategy.name)
+    return quant_cfg, strategy
 
 
 def fp_metrics(cfg: DictConfig, model, task) -> tuple[dict, str | None]:
@@ -96,25 +125,28 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SaqError("device=cuda but no CUDA device is available; use device=cpu")
+    quant_cfg, strategy = validate(cfg)  # before anything is computed
 
     model = build_sam(cfg.model.name, cfg.model.checkpoint).to(cfg.device)
     task = build_task(cfg)
     fp, fp_cache_file = fp_metrics(cfg, model, task)
     metrics = {"fp": fp}
+    calibration = None
 
     saved_model = None  # where the quantized model was saved to or loaded from
-    if cfg.quant.name != "fp" or cfg.quant.get("load"):
+    if quant_cfg is not None:
         from saq.quant import calibrate, quant_summary, quantize
         from saq.saved import load_run, save_run
 
         if cfg.quant.get("load"):  # a model an earlier run calibrated: no calibration here
             qmodel, saved_model = load_run(model, cfg), str(cfg.quant.load)
         else:
-            qmodel = quantize(model, cfg.quant)
-            samples = task.calibration_samples(cfg.quant.calib_images)
-            calibrate(qmodel, samples, cfg.quant, cfg.clip, progress=cfg.progress)
+            qmodel = quantize(model, quant_cfg)
+            samples = task.calibration_samples(quant_cfg.calib_images)
+            report = calibrate(qmodel, samples, quant_cfg, strategy, progress=cfg.progress)
+            calibration = {"prompts": task.calibration_prompts, "images": report.images,
+                           "prompt_count": report.prompts, "image_ids": [s.image_id for s in samples],
+                           "seconds": round(report.seconds, 2)}
             if cfg.quant.get("save", True):  # before evaluation: a later failure keeps the calibrated model
                 saved_model = str(save_run(qmodel, run_dir, cfg))
         print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau
@@ -133,6 +165,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "quant": cfg.quant.name,
         "seed": cfg.seed,
         "metrics": metrics,
+        "calibration": calibration,  # None for an FP run
         "fp_from_cache": fp_cache_file,  # the FP row was computed by an earlier run with the same key
         "quantized_model": saved_model,  # saved to (quant.save) or loaded from (quant.load)
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -79,8 +79,13 @@ def check_recipe(recipe: dict, cfg: DictConfig, where: Path) -> None:
                            f"{value!r}; use its preset (quant={preset}) and the same overrides")
 
 
-def load_run(model: nn.Module, cfg: DictConfig) -> nn.Module:
-    """The quantized model saved by an earlier run (quant.load), rebuilt on `model`'s architecture, every quantizer on."""
+def check_load(cfg: DictConfig) -> Path:
+    """The export folder quant.load names, after checking that its recipe fits this run (SaqError otherwise)."""
     directory = saved_dir(cfg.quant.load)
     check_recipe(read_recipe(directory), cfg, Path(cfg.quant.load))
-    return load_quantized(model, directory)
+    return directory
+
+
+def load_run(model: nn.Module, cfg: DictConfig) -> nn.Module:
+    """The quantized model saved by an earlier run (quant.load), rebuilt on `model`'s architecture, every quantizer on."""
+    return load_quantized(model, check_load(cfg))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -19,6 +21,7 @@ class Task(ABC):
     """A dataset plus a metric. A task sees the model only through a Segmenter."""
 
     name: str = "task"
+    calibration_prompts: str = "-"  # what prompted the calibration images (set by calibration_samples; results.json)
 
     @abstractmethod
     def calibration_samples(self, n: int) -> list[PromptedImage]:
@@ -31,6 +34,16 @@ class Task(ABC):
     def fingerprint(self) -> str:
         """What identifies this task's evaluation data and prompts (used to cache FP metrics)."""
         return self.name
+
+
+def files_digest(paths: Iterable[Path]) -> str:
+    """A short hash of each file's name, size and modification time: replacing any file in place changes it."""
+    digest = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        st = path.stat() if path.is_file() else None
+        digest.update(f"{path.resolve()}:{st and st.st_size}:{st and st.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

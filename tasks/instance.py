@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import Task, read_rgb, require_dir, require_file
+from tasks.base import Task, files_digest, read_rgb, require_dir, require_file
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
 from tasks.synthetic import ensure_dataset
 
@@ -94,6 +94,9 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1)
 
 
+CALIB_ORDERS = ("file", "official")  # official: file order with images 0 and 8 swapped, as the paper's code does
+
+
 class InstanceTask(Task):
     """Box prompts (ground truth, jittered, or detections) → single-mask SAM outputs → COCO mask AP."""
 
@@ -108,6 +111,9 @@ class InstanceTask(Task):
         self.img_dir = self.root / data["img_dir"]
         self.calib_ann_path = self.root / calib["ann_file"]
         self.calib_img_dir = self.root / calib["img_dir"]
+        self.calib_order = calib.get("order", "file")
+        if self.calib_order not in CALIB_ORDERS:
+            raise SaqError(f"task.calib.order={self.calib_order!r} is unknown; expected one of {list(CALIB_ORDERS)}")
         self.prompts = prompts or GroundTruthBoxes()
         if max_images is not None and max_images < 1:
             raise SaqError(f"task.max_images must be >= 1 or null, got {max_images}")
@@ -121,25 +127,34 @@ class InstanceTask(Task):
         return ids[: self.max_images] if self.max_images else ids
 
     def fingerprint(self) -> str:
-        st = self.ann_path.stat()
-        return (f"instance|{self.ann_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.img_dir.resolve()}|"
-                f"{self.max_images}|{self.prompts.fingerprint()}")
+        images = [self.img_dir / self.coco.imgs[i]["file_name"] for i in self.image_ids()]
+        return (f"instance|{self.ann_path.resolve()}|{files_digest([self.ann_path, *images])}|{self.max_images}|"
+                f"{self.prompts.fingerprint()}")
 
     def calibration_samples(self, n: int) -> list[PromptedImage]:
-        """First n images of the calibration split (annotation-file order) with their ground-truth boxes."""
+        """The first n calibration images (annotation-file order) that get prompts from the run's prompt source
+        (a detections source uses prompts.calib_file, else ground truth); task.calib.order=official then swaps
+        images 0 and 8 as the paper's code does (so BIG and PCC see the 9th)."""
         coco = load_coco(self.calib_ann_path, "task.calib.ann_file")
+        source, self.calibration_prompts = self.prompts.calibration_source()
+        image_ids = list(coco.imgs)  # insertion order = the order of the annotation file's "images" list
+        source.bind(image_ids, category_ids=coco.getCatIds())
         samples = []
-        for image_id in sorted(coco.getImgIds()):
+        for image_id in image_ids:
             if len(samples) == n:
                 break
             gt, _ = gt_boxes(coco, image_id)
-            if not len(gt):
+            info = coco.imgs[image_id]
+            prompts = source.for_image(image_id, gt, (info["height"], info["width"]))
+            if not len(prompts):
                 continue
-            samples.append(PromptedImage(read_annotated_image(coco, image_id, self.calib_img_dir), boxes=gt.boxes,
-                                         image_id=image_id))
+            samples.append(PromptedImage(read_annotated_image(coco, image_id, self.calib_img_dir),
+                                         boxes=prompts.boxes, image_id=image_id))
         if len(samples) < n:
-            raise SaqError(f"calibration split {self.calib_ann_path} has only {len(samples)} annotated images, "
-                           f"{n} requested (lower quant.calib_images)")
+            raise SaqError(f"calibration split {self.calib_ann_path} has only {len(samples)} images with prompts "
+                           f"({self.calibration_prompts}), {n} requested (lower quant.calib_images)")
+        if self.calib_order == "official" and len(samples) > 8:
+            samples[0], samples[8] = samples[8], samples[0]
         return samples
 
     def evaluate(self, segmenter: Segmenter, progress: bool = True) -> dict:

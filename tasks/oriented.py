@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from tqdm import tqdm
 
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import Task, list_images, read_rgb, require_dir
+from tasks.base import Task, files_digest, list_images, read_rgb, require_dir
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
 from tasks.synthetic import ensure_dataset, oriented_box
 
@@ -229,26 +228,30 @@ class OrientedTask(Task):
         return boxes, objs.polygons, objs.difficult
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for f in self.label_files:
-            st = f.stat()
-            digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-        return f"oriented|{self.ann_dir.resolve()}|{digest.hexdigest()[:16]}|{self.max_images}|{self.classes}|" \
+        digest = files_digest([*self.label_files, *(path for _, path in self.images)])
+        return f"oriented|{self.ann_dir.resolve()}|{digest}|{self.max_images}|{self.classes}|" \
                f"{self.ap_method}|{self.prompts.fingerprint()}"
 
     def calibration_samples(self, n: int) -> list[PromptedImage]:
-        """First n images of the calibration split (by file stem) with objects, with their enclosing boxes."""
+        """First n images of the calibration split (by file stem) that get prompts from the run's prompt source
+        (a detections source uses prompts.calib_file, else the objects' enclosing boxes)."""
         require_dir(self.calib_ann_dir, "calibration DOTA label", "task.calib.ann_dir")
+        images = list_images(self.calib_img_dir, "task.calib.img_dir")
+        source, self.calibration_prompts = self.prompts.calibration_source()
+        source.bind([stem for stem, _ in images], self.classes, drop_unknown=True)
         samples = []
-        for stem, path in list_images(self.calib_img_dir, "task.calib.img_dir"):
+        for stem, path in images:
             if len(samples) == n:
                 break
             objs = read_dota_labels(label_file(self.calib_ann_dir, stem, path))
-            if len(objs):
-                samples.append(PromptedImage(read_rgb(path), boxes=enclosing_boxes(objs.polygons), image_id=stem))
+            gt = BoxPrompts(enclosing_boxes(objs.polygons), np.ones(len(objs), np.float32), np.zeros(len(objs), np.int64))
+            image = read_rgb(path)
+            prompts = source.for_image(stem, gt, image.shape[:2])
+            if len(prompts):
+                samples.append(PromptedImage(image, boxes=prompts.boxes, image_id=stem))
         if len(samples) < n:
-            raise SaqError(f"calibration split {self.calib_img_dir} has only {len(samples)} annotated images, "
-                           f"{n} requested (lower quant.calib_images)")
+            raise SaqError(f"calibration split {self.calib_img_dir} has only {len(samples)} images with prompts "
+                           f"({self.calibration_prompts}), {n} requested (lower quant.calib_images)")
         return samples
 
     def evaluate(self, segmenter: Segmenter, progress: bool = True) -> dict:

@@ -53,6 +53,11 @@ class PromptSource(ABC):
     def fingerprint(self) -> str:
         return self.name
 
+    def calibration_source(self) -> tuple[PromptSource, str]:
+        """The source that prompts the calibration images (paper.md §2.3: the evaluation's own prompt source), and
+        how results.json names it."""
+        return self, self.name
+
 
 class GroundTruthBoxes(PromptSource):
     """The ground-truth boxes, score 1."""
@@ -106,7 +111,8 @@ class DetectionsFile(PromptSource):
 
     name = "detections"
 
-    def __init__(self, file: str | None, score_threshold: float = 0.05, max_per_image: int = 100):
+    def __init__(self, file: str | None, score_threshold: float = 0.05, max_per_image: int = 100,
+                 calib_file: str | None = None):
         if not file:
             raise SaqError("prompts=detections needs a file: set prompts.file=/path/to/detections.json "
                            "(or a folder of DOTA Task1_<class>.txt files)")
@@ -116,6 +122,10 @@ class DetectionsFile(PromptSource):
         if max_per_image < 1:
             raise SaqError(f"prompts.max_per_image must be >= 1, got {max_per_image}")
         self.path, self.score_threshold, self.max_per_image = path, score_threshold, max_per_image
+        if calib_file and not Path(calib_file).exists():
+            raise SaqError(f"calibration detections file not found: {calib_file} (set prompts.calib_file to the "
+                           "detector's results on the calibration images, or null to calibrate on ground-truth boxes)")
+        self.calib_file = calib_file
         if path.is_dir() or path.suffix.lower() == ".txt":
             self._by_image = self._read_dota(path)
         else:
@@ -228,6 +238,14 @@ class DetectionsFile(PromptSource):
             return BoxPrompts.empty()
         arr = np.asarray(dets, np.float64)
         return BoxPrompts(arr[:, :4].astype(np.float32), arr[:, 4].astype(np.float32), arr[:, 5].astype(np.int64))
+
+    def calibration_source(self) -> tuple[PromptSource, str]:
+        if not self.calib_file:
+            print("calibration prompts: ground-truth boxes (prompts.calib_file is not set; set it to the detector's "
+                  "results on the calibration images to calibrate as the paper does)")
+            return GroundTruthBoxes(), "gt (fallback: prompts.calib_file not set)"
+        source = DetectionsFile(self.calib_file, self.score_threshold, self.max_per_image)
+        return source, f"detections:{Path(self.calib_file).resolve()}"
 
     def fingerprint(self) -> str:
         # A folder's fingerprint covers every result file in it.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 import zlib
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import Task, list_images, read_rgb, require_dir
+from tasks.base import Task, files_digest, list_images, read_rgb, require_dir
 from tasks.prompts import GroundTruthBoxes, PromptSource
 from tasks.synthetic import ensure_dataset
 
@@ -296,15 +295,11 @@ class SemanticTask(Task):
         return pred.astype(np.int64)
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        files = [label for _, _, label in self.items]
+        files = [path for _, path, _ in self.items] + [label for _, _, label in self.items]
         if self.coarse_dir is not None:
             files += [self.coarse_dir / f"{stem}.png" for stem, _, _ in self.items]
-        for f in files:
-            st = f.stat() if f.is_file() else None
-            digest.update(f"{f}:{st and st.st_size}:{st and st.st_mtime_ns};".encode())
         settings = {**self.amg, **self.coarse, "ignore": self.ignore_index, "reduce": self.reduce_zero_label}
-        return f"semantic|{self.label_dir.resolve()}|{digest.hexdigest()[:16]}|{self.max_images}|{self.classes}|" \
+        return f"semantic|{self.label_dir.resolve()}|{files_digest(files)}|{self.max_images}|{self.classes}|" \
                f"{sorted(settings.items())}"
 
     def calibration_samples(self, n: int) -> list[PromptedImage]:
@@ -313,6 +308,7 @@ class SemanticTask(Task):
         if len(images) < n:
             raise SaqError(f"calibration split {self.calib_img_dir} has only {len(images)} images, {n} requested "
                            "(lower quant.calib_images)")
+        self.calibration_prompts = f"point grid ({self.grid.name})"
         samples = []
         for stem, path in images[:n]:
             image = read_rgb(path)

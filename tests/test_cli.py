@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -60,3 +62,59 @@ def test_error_raised_while_building_the_task_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: prompts=detections needs a file: set prompts.file=/path/to/detections.json "
         "(or a folder of DOTA Task1_<class>.txt files)"], proc.stderr
+
+
+def test_quantized_run_through_the_cli_equals_the_library(synthetic_root, tmp_path):
+    import torch
+
+    from saq.quant import calibrate, quantize
+    from saq.sam.build import build_sam
+    from saq.sam.segmenter import Segmenter
+    from tasks.instance import InstanceTask
+
+    run_dir = tmp_path / "run"
+    proc = saq(f"task.data.root={synthetic_root}", "task.generate=null", "task.max_images=3", "fp_cache=false",
+               "logger=none", "quant=w4a4", "clip=minmax", "quant.calib_images=2", "threads=1",
+               f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((run_dir / "results.json").read_text())
+    assert rec["quant"] == "w4a4" and rec["config"]["clip"]["name"] == "minmax"
+    assert rec["calibration"]["prompts"] == "gt" and rec["calibration"]["images"] == 2
+
+    # the same run through the library, in this process
+    torch.set_num_threads(1)
+    task = InstanceTask({"root": str(synthetic_root), "ann_file": "annotations/instances_val.json",
+                         "img_dir": "val/images"},
+                        {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"}, max_images=3)
+    model = build_sam("sam_tiny")
+    fp = task.evaluate(Segmenter(model), progress=False)
+    samples = task.calibration_samples(2)
+    qmodel = quantize(model, {"name": "w4a4", "w_bits": 4, "a_bits": 4})
+    calibrate(qmodel, samples, None, {"name": "minmax"}, progress=False)
+    quantized = task.evaluate(Segmenter(qmodel), progress=False)
+    assert rec["calibration"]["image_ids"] == [s.image_id for s in samples]
+    for name in ("mask_AP", "mask_AP50", "mask_AP75", "mIoU", "prompts"):
+        assert rec["metrics"]["fp"][name] == pytest.approx(fp[name], abs=1e-9), name
+        assert rec["metrics"]["quantized"][name] == pytest.approx(quantized[name], abs=1e-9), name
+    assert rec["metrics"]["quantized"]["mIoU"] != rec["metrics"]["fp"]["mIoU"]  # quantization really ran
+
+
+def test_activation_observer_set_beside_clip_is_one_line(tmp_path):
+    proc = saq("quant=w8a8", "quant.encoder.act.observer=mse", "clip=minmax", "logger=none",
+               f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: quant.encoder.act.observer=mse conflicts with clip=minmax: clip= alone sets the activation range "
+        "strategy (e.g. clip=mse); leave quant.encoder.act.observer unset"], proc.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("quant.w_bits=0", "error: quant.w_bits=0 is not allowed; expected an integer from 2 to 8"),
+    ("clip.p=-1", "error: clip.p=-1 invalid; expected a positive Lp exponent (paper: 2.4)"),
+])
+def test_bad_quant_or_clip_value_fails_before_model_data_or_fp_evaluation(override, message, tmp_path):
+    # the checkpoint and the data do not exist: had anything been loaded or evaluated first, its error would show
+    proc = saq("model=sam_vit_b", "model.checkpoint=/nonexistent.pth", "task.data.root=/nonexistent",
+               "task.generate=null", "quant=w8a8", override, "logger=none", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [message], proc.stderr

@@ -20,8 +20,12 @@ def options(group: str) -> list[str]:
 def test_every_group_option_composes(group, option):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose(config_name="config", overrides=[f"{group}={option}"])
+    own = OmegaConf.load(CONF / group / f"{option}.yaml")  # the option's own keys land in the composed group
+    own.pop("defaults", None)
+    composed = OmegaConf.to_container(cfg[group], resolve=False)
+    for key, value in OmegaConf.to_container(own, resolve=False).items():
+        assert composed[key] == value, (group, option, key)
     OmegaConf.resolve(cfg)  # interpolations must resolve too
-    assert group in cfg
     for key in ("model", "task", "prompts", "quant", "logger", "seed"):
         assert key in cfg
 

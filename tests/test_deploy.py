@@ -73,3 +73,20 @@ def test_uncalibrated_or_low_bit_models_are_refused(tmp_path):
         deploy.export_onnx(quantize(sam, QuantConfig(name="w4a4", w_bits=4, a_bits=4)), tmp_path)
     assert not list(tmp_path.iterdir())  # refused before writing anything
     assert deploy.main([str(tmp_path / "missing")]) == 1
+
+
+def test_deploy_knob_is_checked_before_compute(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from saq.pipeline import validate
+    from tests.conftest import REPO
+
+    def cfg(*overrides):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+            return compose(config_name="config", overrides=["deploy=true", *overrides])
+
+    with pytest.raises(SaqError, match=r"^deploy=true needs a quantized W8A8 model: set quant=w8a8"):
+        validate(cfg())
+    with pytest.raises(SaqError, match=r"int8 kernels need W8A8, the encoder is W4A4"):
+        validate(cfg("quant=w4a4"))
+    assert validate(cfg("quant=w8a8"))[0].w_bits == 8

@@ -91,8 +91,46 @@ def test_calibration_samples_come_from_the_calibration_split(synthetic_root):
     samples = task_for(synthetic_root).calibration_samples(3)
     assert len(samples) == 3 and all(s.boxes is not None and len(s.boxes) for s in samples)
     assert samples[0].image.shape == (256, 256, 3)
-    with pytest.raises(SaqError, match="only 8 annotated images"):
+    with pytest.raises(SaqError, match=r"only 8 images with prompts \(gt\)"):
         task_for(synthetic_root).calibration_samples(50)
+
+
+def test_calibration_uses_the_detections_on_the_calibration_images(synthetic_root, tmp_path, capsys):
+    calib = load_coco(synthetic_root / CALIB["ann_file"], "k")
+    order = list(calib.imgs)  # annotation-file order
+    # one made-up detection per calibration image, a box that is no ground-truth box
+    dets = [{"image_id": i, "category_id": calib.getCatIds()[0], "bbox": [10 + k, 20, 30, 40], "score": 0.9}
+            for k, i in enumerate(order)]
+    (tmp_path / "calib.json").write_text(json.dumps(dets))
+    (tmp_path / "val.json").write_text("[]")
+    source = DetectionsFile(str(tmp_path / "val.json"), calib_file=str(tmp_path / "calib.json"))
+    task = task_for(synthetic_root, source)
+    samples = task.calibration_samples(3)
+    assert [s.image_id for s in samples] == order[:3]
+    for k, sample in enumerate(samples):
+        assert np.array_equal(sample.boxes, np.array([[10 + k, 20, 40 + k, 60]], np.float32))
+    assert task.calibration_prompts == f"detections:{(tmp_path / 'calib.json').resolve()}"
+    # without calib_file: ground-truth boxes, said in the log and in what the run records
+    fallback = task_for(synthetic_root, DetectionsFile(str(tmp_path / "val.json")))
+    gt_samples = fallback.calibration_samples(2)
+    assert fallback.calibration_prompts == "gt (fallback: prompts.calib_file not set)"
+    assert "prompts.calib_file is not set" in capsys.readouterr().out
+    assert np.array_equal(gt_samples[0].boxes, gt_boxes(calib, order[0])[0].boxes)
+    with pytest.raises(SaqError, match="calibration detections file not found"):
+        DetectionsFile(str(tmp_path / "val.json"), calib_file=str(tmp_path / "missing.json"))
+
+
+def test_official_calibration_order_swaps_images_0_and_8(tmp_path):
+    from tasks.synthetic import ensure_dataset
+
+    root = ensure_dataset(tmp_path / "ten", n_train=10, n_val=1, seed=0, progress=False)
+    file_order = [s.image_id for s in task_for(root).calibration_samples(10)]
+    assert file_order == list(load_coco(root / CALIB["ann_file"], "k").imgs)
+    official = InstanceTask({"root": str(root), **DATA}, {**CALIB, "order": "official"})
+    swapped = [s.image_id for s in official.calibration_samples(10)]
+    assert swapped == [file_order[8], *file_order[1:8], file_order[0], file_order[9]]
+    with pytest.raises(SaqError, match="task.calib.order='random' is unknown"):
+        InstanceTask({"root": str(root), **DATA}, {**CALIB, "order": "random"})
 
 
 @pytest.mark.parametrize("content,match", [

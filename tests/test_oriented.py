@@ -302,7 +302,7 @@ def test_calibration_samples_are_enclosing_boxes(synthetic_root):
     assert [s.image_id for s in samples] == ["000000", "000001", "000002"]
     objs = read_dota_labels(synthetic_root / "train/labelTxt/000000.txt")
     assert np.allclose(samples[0].boxes[:, :2], objs.polygons.min(1))
-    with pytest.raises(SaqError, match="has only 8 annotated images, 50 requested"):
+    with pytest.raises(SaqError, match=r"has only 8 images with prompts \(gt\), 50 requested"):
         task.calibration_samples(50)
 
 
@@ -315,4 +315,7 @@ def test_shipped_sam_tiny_end_to_end(synthetic_root):
     assert set(metrics["AP50_per_class"]) == set(OrientedTask(data, CALIB, max_images=4).classes)
     jittered = OrientedTask(data, CALIB, prompts=JitteredBoxes(0.1, 20, seed=0), max_images=4)
     assert jittered.fingerprint() != OrientedTask(data, CALIB, max_images=4).fingerprint()
-    assert 0.0 <= jittered.evaluate(segmenter, progress=False)["mAP50"] <= 1.0
+    jittered_metrics = jittered.evaluate(segmenter, progress=False)
+    # the masks still find most objects from noisy boxes; the boxes differ, so do the rotated boxes
+    assert jittered_metrics["mAP50"] > 0.5 and jittered_metrics["rbox_mIoU"] > 0.5
+    assert jittered_metrics["rbox_mIoU"] != metrics["rbox_mIoU"]

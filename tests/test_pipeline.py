@@ -25,7 +25,7 @@ class CountingTask:
 
 def config(ckpt, **overrides):
     base = {"model": {"name": "sam_tiny", "checkpoint": str(ckpt), "decode_batch_size": 8}, "seed": 0,
-            "device": "cpu", "fp_cache": True, "progress": False}
+            "device": "cpu", "threads": None, "fp_cache": True, "progress": False}
     return OmegaConf.merge(base, overrides)
 
 
@@ -48,11 +48,43 @@ def test_fp_metrics_are_reused_and_the_reuse_is_recorded(tmp_path, ckpt, monkeyp
     assert source is None and fresh["runs"] == 2
 
 
-def test_fp_cache_key_covers_device_seed_and_metric_code(ckpt, monkeypatch):
+def test_fp_cache_key_covers_device_seed_decoding_threads_versions_and_metric_code(ckpt, monkeypatch):
     task = CountingTask()
     path = pipeline.fp_cache_path(config(ckpt), task)
     assert pipeline.fp_cache_path(config(ckpt), task) == path
     assert pipeline.fp_cache_path(config(ckpt, device="cuda"), task) != path  # cached timings are per device
     assert pipeline.fp_cache_path(config(ckpt, seed=1), task) != path
+    assert pipeline.fp_cache_path(config(ckpt, threads=1), task) != path
+    assert pipeline.fp_cache_path(config(ckpt, model={"decode_batch_size": 16}), task) != path
+    versions = pipeline.package_versions()
+    monkeypatch.setattr(pipeline, "package_versions", lambda: {**versions, "torch": "0.0.0"})
+    assert pipeline.fp_cache_path(config(ckpt), task) != path
+    monkeypatch.setattr(pipeline, "package_versions", lambda: versions)
     monkeypatch.setattr(pipeline, "source_digest", lambda: "edited-metric-code")
     assert pipeline.fp_cache_path(config(ckpt), task) != path
+
+
+def test_replacing_an_image_or_label_in_place_invalidates_the_fp_cache(synthetic_root, tmp_path):
+    import os
+    import shutil
+
+    from tasks.instance import InstanceTask
+    from tasks.oriented import OrientedTask
+    from tasks.semantic import SemanticTask
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    instance = lambda: InstanceTask({"root": str(root), "ann_file": "annotations/instances_val.json",  # noqa: E731
+                                     "img_dir": "val/images"},
+                                    {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"})
+    oriented = lambda: OrientedTask({"root": str(root), "img_dir": "val/images", "ann_dir": "val/labelTxt"},  # noqa: E731
+                                    {"img_dir": "train/images", "ann_dir": "train/labelTxt"})
+    semantic = lambda: SemanticTask({"root": str(root), "img_dir": "val/images", "label_dir": "val/labels"},  # noqa: E731
+                                    {"img_dir": "train/images"}, classes=9)
+    before = {name: make().fingerprint() for name, make in (("i", instance), ("o", oriented), ("s", semantic))}
+    image = sorted((root / "val" / "images").iterdir())[0]
+    stat = image.stat()
+    image.write_bytes(sorted((root / "val" / "images").iterdir())[1].read_bytes())  # another image, same name
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    after = {name: make().fingerprint() for name, make in (("i", instance), ("o", oriented), ("s", semantic))}
+    assert all(after[k] != before[k] for k in before), (before, after)

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+import pytest
 import torch
 
 from saq.quant import Log2AGQQuantizer, QuantMatMul, QuantState, UniformQuantizer, make_observer
@@ -9,6 +11,67 @@ from saq.quant.grid import log2_fake_quant
 from saq.quant.observers import AGQObserver, agq_search_bounds
 
 torch.set_num_threads(1)
+
+
+def reference_log2_quant(a: np.ndarray, s: float, tau: float, bits: int) -> np.ndarray:
+    """PTQ4SAM's log2 quantizer written out independently in float64: code = round(-τ·log2(a/s)); codes >= 2^b
+    flush to 0, the others clamp to [0, 2^b - 1]; â = s·2^(-code/τ)."""
+    code = np.round(-tau * np.log2(np.maximum(a, 1e-300) / s))
+    a_hat = s * np.exp2(-np.clip(code, 0, 2**bits - 1) / tau)
+    a_hat[code >= 2**bits] = 0.0
+    return a_hat
+
+
+def reference_error(a: np.ndarray, v: np.ndarray, s: float, tau: float, bits: int, p: float = 2.4) -> float:
+    return float(np.mean(np.abs(reference_log2_quant(a, s, tau, bits) @ v - a @ v) ** p))
+
+
+def dense_search_error(a: np.ndarray, v: np.ndarray, bits: int, points: int) -> float:
+    """The least reference error over τ in {1, 2, 4} and `points` log-spaced scales in the spec's interval."""
+    lower, upper = min(0.1, 0.01 * float(a.max())), float(a.max())
+    return min(reference_error(a, v, s, tau, bits) for tau in (1, 2, 4)
+               for s in np.logspace(np.log10(lower), np.log10(upper), points))
+
+
+def decoder_like_maps(groups: int, kind: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(groups, 8, 7, 4096) softmax maps, a SAM-B token->image attention: rows of mixed temperatures, or a few sharp
+    rows among flat ones (the case a few evenly spaced sample rows miss), and V of (groups, 8, 4096, 16)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(groups, 8, 7, 4096, generator=gen, dtype=torch.float64)
+    if kind == "mixed":
+        temperature = torch.exp(torch.rand(groups, 8, 7, 1, generator=gen, dtype=torch.float64) * math.log(40))
+    else:
+        temperature = torch.ones(groups, 8, 7, 1, dtype=torch.float64)
+        temperature.view(-1)[[5, 23, 41]] = 60.0
+    return torch.softmax(logits * temperature, -1), torch.randn(groups, 8, 4096, 16, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["mixed", "sharp"])
+@pytest.mark.parametrize("bits", [4, 6])
+def test_agq_on_a_full_size_decoder_map_is_within_5_percent_of_a_dense_search(kind, bits):
+    a, v = decoder_like_maps(1, kind)
+    observer = AGQObserver()
+    observer.observe(a.float(), v.float(), bits)
+    tau, scale = observer.choose()
+    a_np, v_np = a.numpy(), v.numpy()
+    assert reference_error(a_np, v_np, scale, tau, bits) <= 1.05 * dense_search_error(a_np, v_np, bits, 120)
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_agq_on_a_map_too_large_to_score_whole_keeps_its_sharp_rows(bits):
+    # 4 prompts' maps (917,504 values) exceed max_elements: scored on the sharpest rows plus a random sample, with
+    # the search interval from the whole map
+    a, v = decoder_like_maps(4, "sharp", seed=1)
+    observer = AGQObserver()
+    assert a.numel() > observer.max_elements
+    scored, _, weights = observer.rows(a.float(), v.float())
+    sharp_row_max = a.reshape(-1, 4096).amax(1).topk(12).values.min()
+    assert int((scored.amax(-1).flatten() >= sharp_row_max.float()).sum()) == 12  # all 12 sharp rows are scored
+    assert math.isclose(float(weights.sum()), 4 * 8 * 7, rel_tol=1e-6)  # weights stand for every row
+    observer.observe(a.float(), v.float(), bits)
+    tau, scale = observer.choose()
+    a_np, v_np = a.numpy(), v.numpy()
+    assert reference_error(a_np, v_np, scale, tau, bits) <= 1.05 * dense_search_error(a_np, v_np, bits, 60)
 
 
 def _error(a, v, scale, tau, bits, p=2.4):
@@ -81,8 +144,12 @@ def test_agq_quantizer_in_a_matmul():
     for q in (matmul.a_quantizer, matmul.b_quantizer):
         q.set_state(QuantState.QUANT)
     tau, scale = matmul.a_quantizer.tau_value, float(matmul.a_quantizer.scale.detach())
-    expected = log2_fake_quant(a, torch.tensor(scale), tau, 4, ste=False) @ matmul.b_quantizer(v)
-    assert torch.allclose(matmul(a, v), expected)
+    v_lo, v_hi = float(v.min()), float(v.max())  # the min/max grid of V, written out: 8 bits, asymmetric
+    v_step = (v_hi - v_lo) / 255
+    v_zero = np.clip(-np.round(v_lo / v_step), 0, 255)
+    v_hat = (np.clip(np.round(v.double().numpy() / v_step) + v_zero, 0, 255) - v_zero) * v_step
+    expected = reference_log2_quant(a.double().numpy(), scale, tau, 4) @ v_hat
+    assert np.allclose(matmul(a, v).detach().double().numpy(), expected, atol=1e-5)
     assert not torch.equal(matmul(a, v), a @ v)
     # the scale is learnable through STE rounding
     s = matmul.a_quantizer.scale

@@ -117,6 +117,20 @@ def test_calibrate_ends_with_every_quantizer_quantizing_even_after_evaluation(ca
         assert torch.isfinite(prediction.low_res_logits).all()
     assert all(q.state is QuantState.QUANT for q in iter_quantizers(qmodel))
     assert_fully_quantized(qmodel)
+    # every single quantizer changes what passes through it (one left pass-through would go unnoticed otherwise)
+    changed: dict[str, bool] = {}
+
+    def record(module, inputs, output):
+        changed[module.name] = changed.get(module.name, False) or not torch.equal(output, inputs[0])
+
+    handles = [q.register_forward_hook(record) for q in iter_quantizers(qmodel)]
+    try:
+        _predict(qmodel, samples[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(changed) == len(list(iter_quantizers(qmodel)))
+    assert [name for name, was_changed in changed.items() if not was_changed] == []
     fp = _predict(tiny, samples[0])
     assert not torch.allclose(first.low_res_logits, fp.low_res_logits, atol=1e-3)  # quantization is really on
     assert torch.equal(_predict(qmodel, samples[0]).low_res_logits, first.low_res_logits)  # and deterministic
@@ -195,10 +209,42 @@ def test_calibration_misuse_is_reported(tiny):
 
 
 def test_calibrate_with_mse_clipping_sets_the_activation_strategy(tiny):
-    qmodel = quantize(tiny, {"name": "w8a8", "w_bits": 8, "a_bits": 8, "big": False})
-    calibrate(qmodel, _samples(1, seed=3), None, {"_target_": "saq.clipping.MSEClipping", "name": "mse"},
-              progress=False)
+    from saq.clipping import MSEClipping
+    from saq.quant.grid import qparams_from_range
+
+    qmodel = quantize(tiny, {"name": "w4a4", "w_bits": 4, "a_bits": 4, "big": False})
+    # capture what two activation quantizers see: each sees exactly one batch from one image with one prompt chunk
+    probes = {"encoder": qmodel.image_encoder.blocks[0].attn.qkv.input_quantizer,
+              "decoder": qmodel.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.input_quantizer}
+    seen: dict[str, list[torch.Tensor]] = {k: [] for k in probes}
+    handles = [q.register_forward_hook(lambda m, i, o, k=k: seen[k].append(i[0].detach().clone()))
+               for k, q in probes.items()]
+    try:
+        calibrate(qmodel, _samples(1, seed=3), None, {"_target_": "saq.clipping.MSEClipping", "name": "mse"},
+                  progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for key, quantizer in probes.items():
+        assert len(seen[key]) == 1, key
+        lo, hi = MSEClipping().batch_range(seen[key][0], quantizer.grid, None)
+        full_lo, full_hi = torch.aminmax(seen[key][0])
+        assert float(hi - lo) < 0.9 * float(full_hi - full_lo), key  # 4-bit MSE really clips
+        scale, zero_point = qparams_from_range(lo, hi, quantizer.grid)
+        assert torch.equal(quantizer.scale.detach(), scale) and torch.equal(quantizer.zero_point, zero_point), key
     names = {q.observer.name for q in iter_quantizers(qmodel, "act") if not isinstance(q, Log2AGQQuantizer)}
     assert names == {"avg_mse(p=2.4)"}
     assert {q.observer.name for q in iter_quantizers(qmodel, "weight")} == {"mse"}
     assert_fully_quantized(qmodel)
+
+
+def test_activation_observer_beside_clip_is_one_error_naming_both(tiny):
+    cfg = {"name": "w8a8", "encoder": {"act": {"observer": "mse"}}}
+    qmodel = quantize(tiny, cfg)
+    with pytest.raises(SaqError) as err:
+        calibrate(qmodel, _samples(1), cfg, {"name": "minmax"}, progress=False)
+    assert str(err.value) == ("quant.encoder.act.observer=mse conflicts with clip=minmax: clip= alone sets the "
+                              "activation range strategy (e.g. clip=mse); leave quant.encoder.act.observer unset")
+    # without a clip strategy (library use) the observer named in the config is the one that measures
+    calibrate(qmodel, _samples(1), cfg, None, progress=False)
+    assert qmodel.image_encoder.blocks[0].attn.qkv.input_quantizer.observer.name == "mse"

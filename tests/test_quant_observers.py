@@ -173,8 +173,8 @@ def test_build_range_strategy_from_config():
                       MSEClipping)
     assert isinstance(build_range_strategy({"name": "percentile"}), PercentileClipping)
     assert build_range_strategy(None) is None
-    with pytest.raises(SaqError, match="clip.name='pcc' is unknown"):
-        build_range_strategy({"name": "pcc"})
+    with pytest.raises(SaqError, match="clip.name='kl' is unknown"):
+        build_range_strategy({"name": "kl"})
     with pytest.raises(SaqError, match="cannot be imported"):
         build_range_strategy({"_target_": "saq.clipping.Nope"})
     with pytest.raises(SaqError, match="clip.percentiles"):

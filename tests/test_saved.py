@@ -21,7 +21,7 @@ def run_config(synthetic_root, *overrides):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         return compose(config_name="config", overrides=[
             f"task.data.root={synthetic_root}", "task.generate=null", "task.max_images=2", "logger=none",
-            "fp_cache=false", "progress=false", "threads=1", "quant=w8a8", "quant.calib_images=1",
+            "fp_cache=false", "progress=false", "threads=1", "quant=w8a8", "clip=minmax", "quant.calib_images=1",
             "quant.encoder.weight.observer=minmax", "quant.decoder.weight.observer=minmax", *overrides])
 
 
@@ -78,3 +78,8 @@ def test_load_paths_and_run_keys_are_checked(tmp_path):
         QuantConfig.from_cfg({"save": "yes"})
     with pytest.raises(SaqError, match=r"quant\.load=3 invalid"):
         QuantConfig.from_cfg({"load": 3})
+
+
+def test_quant_load_is_checked_before_compute(synthetic_root, tmp_path):
+    with pytest.raises(SaqError, match=r"quant\.load=.*nope: no such directory"):
+        pipeline.validate(run_config(synthetic_root, f"quant.load={tmp_path / 'nope'}"))

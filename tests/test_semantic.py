@@ -256,7 +256,8 @@ def test_shipped_sam_tiny_end_to_end(synthetic_root):
     cm = sum(confusion_matrix(task.coarse_labels(stem, task.ground_truth(label, (256, 256))),
                               task.ground_truth(label, (256, 256)), 9, 255) for stem, _, label in task.items)
     assert metrics["coarse_mIoU"] == pytest.approx(mean_iou(cm))
-    assert abs(metrics["mIoU"] - metrics["coarse_mIoU"]) < 0.1  # filtered masks refine, they do not wreck
+    assert metrics["masks_per_image"] >= 2  # masks survive the filters: the metric below is SAM's doing
+    assert metrics["mIoU"] >= metrics["coarse_mIoU"]  # the kept masks refine the coarse prior
     # Unfiltered, the grid yields many distinct masks: non-empty, and no two boxes overlapping beyond the NMS IoU.
     segmenter.set_image(read_rgb(task.items[0][1]))
     packed, areas, shape, _ = generate_masks(segmenter, point_grid(8, 256, 256), 0.0, 0.0, 1.0, 0.7)

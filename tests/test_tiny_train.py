@@ -25,6 +25,11 @@ def test_short_training_run_writes_checkpoint_and_card(synthetic_root, tmp_path)
     card = train(cfg)
     assert [h["step"] for h in card["history"]] == [1, 2]
     assert all(0.0 <= h["val_box_mIoU"] <= 1.0 for h in card["history"])
+    # the recorded metric is the written checkpoint's own: re-measure it independently of the training loop
+    from saq.sam.tiny.train import box_prompt_miou, load_coco_split
+
+    val = load_coco_split(synthetic_root, cfg.data.val_ann, cfg.data.val_img_dir, 2)
+    assert card["history"][-1]["val_box_mIoU"] == round(box_prompt_miou(build_sam("sam_tiny", out), val), 4)
     written = json.loads(out.with_suffix(".json").read_text())
     assert written["steps_done"] == 2
     assert written["train_images"] == 8  # data.n_train=null: every scene of the fixture's train split

@@ -1,4 +1,4 @@
-"""Clip-range strategies (minmax | percentile | mse; PCC comes later) and building one from the `clip` config."""
+"""Clip-range strategies (minmax | percentile | mse | pcc) and building one from the `clip` config."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ from collections.abc import Mapping
 from saq.clipping.base import RangeStrategy, WeightedValues, error_sample
 from saq.clipping.minmax import MinMaxClipping
 from saq.clipping.mse import MSEClipping
+from saq.clipping.pcc import PerceptualConsistencyClipping
 from saq.clipping.percentile import PercentileClipping
 from saq.errors import SaqError
 
-CLIPPING = {"minmax": MinMaxClipping, "percentile": PercentileClipping, "mse": MSEClipping}
+CLIPPING = {"minmax": MinMaxClipping, "percentile": PercentileClipping, "mse": MSEClipping,
+            "pcc": PerceptualConsistencyClipping}
+REDUCTIONS = ("mean", "extreme")
 
-__all__ = ["CLIPPING", "MSEClipping", "MinMaxClipping", "PercentileClipping", "RangeStrategy", "WeightedValues",
+__all__ = ["CLIPPING", "MSEClipping", "MinMaxClipping", "PercentileClipping", "PerceptualConsistencyClipping",
+           "RangeStrategy", "WeightedValues",
            "build_range_strategy", "error_sample"]
 
 
@@ -37,6 +41,9 @@ def build_range_strategy(clip_cfg) -> RangeStrategy | None:
     kwargs = dict(clip_cfg)
     name = kwargs.pop("name", None)
     target = kwargs.pop("_target_", None)
+    reduction = kwargs.pop("reduction", RangeStrategy.reduction)
+    if reduction not in REDUCTIONS:
+        raise SaqError(f"clip.reduction={reduction!r} is unknown; expected one of {list(REDUCTIONS)}")
     if target is None:
         if name not in CLIPPING:
             raise SaqError(f"clip.name={name!r} is unknown; expected one of {sorted(CLIPPING)}")
@@ -44,9 +51,11 @@ def build_range_strategy(clip_cfg) -> RangeStrategy | None:
     else:
         cls = _resolve_target(target)
     try:
-        return cls(**kwargs)
+        strategy = cls(**kwargs)
     except TypeError as exc:
         raise SaqError(f"clip config for {cls.__name__} has a bad key: {exc}") from None
+    strategy.reduction = reduction
+    return strategy
 
 
 def _resolve_target(target: str) -> type[RangeStrategy]:

@@ -18,6 +18,7 @@ class RangeStrategy(ABC):
     """
 
     name: str = "range"
+    reduction: str = "mean"  # how an observer combines per-batch ranges: mean (PTQ4SAM's Avg*) | extreme (running)
 
     @abstractmethod
     def batch_range(self, x: torch.Tensor, grid: QuantGrid, ch_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:

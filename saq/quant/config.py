@@ -22,6 +22,7 @@ from saq.quant.quantizers import (
 WEIGHT_QUANTIZERS = {"adaround": AdaRoundQuantizer, "lsq": LSQQuantizer, "uniform": UniformQuantizer}
 ACT_QUANTIZERS = {"lsq": LSQQuantizer, "uniform": UniformQuantizer}
 GRANULARITIES = ("per_tensor", "per_channel")
+DEFAULT_ACT_OBSERVER = "avg_minmax"
 PARTS = ("encoder", "decoder")
 # Keys of the `quant` config group that say what a run does with its quantized model, not how it quantizes: checked
 # here, read by the pipeline (saq/saved.py), never part of a QuantConfig or of a saved recipe.
@@ -36,7 +37,7 @@ class TensorSpec:
     granularity: str
     ch_axis: int
     symmetric: bool
-    observer: str
+    observer: str | None  # activations: None, because clip= owns their range strategy (see check_range_owner)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class PartSpec:
     w_bits: int | None = None  # None: quant.w_bits
     a_bits: int | None = None  # None: quant.a_bits
     weight: TensorSpec = field(default_factory=lambda: TensorSpec("adaround", "per_channel", 0, False, "mse"))
-    act: TensorSpec = field(default_factory=lambda: TensorSpec("lsq", "per_tensor", -1, False, "avg_minmax"))
+    act: TensorSpec = field(default_factory=lambda: TensorSpec("lsq", "per_tensor", -1, False, None))
 
 
 @dataclass(frozen=True)
@@ -189,9 +190,21 @@ def _tensor(data, where: str, base: TensorSpec, quantizers: Mapping) -> TensorSp
         raise SaqError(f"{where}.ch_axis={values['ch_axis']!r} invalid; expected an integer axis")
     if "symmetric" in values:
         _bool(values["symmetric"], f"{where}.symmetric")
-    if "observer" in values and values["observer"] not in OBSERVERS:
+    if values.get("observer") is not None and values["observer"] not in OBSERVERS:
         raise SaqError(f"{where}.observer={values['observer']!r} is unknown; expected one of {sorted(OBSERVERS)}")
     return replace(base, **values)
+
+
+def check_range_owner(cfg: QuantConfig, clip_name: str | None) -> None:
+    """clip= is the one home of the activation range strategy: an activation observer set beside it is an error."""
+    if clip_name is None:
+        return
+    for part in PARTS:
+        observer = cfg.part(part).act.observer
+        if observer is not None:
+            raise SaqError(f"quant.{part}.act.observer={observer} conflicts with clip={clip_name}: clip= alone sets the "
+                           f"activation range strategy (e.g. clip={observer.removeprefix('avg_')}); "
+                           f"leave quant.{part}.act.observer unset")
 
 
 class QuantizerFactory:
@@ -229,8 +242,10 @@ class QuantizerFactory:
     def _build(self, classes: dict, spec, part: str, kind: str, ch_axis: int | None) -> Quantizer:
         """One quantizer of `kind` ('weight' | 'act') from its validated spec."""
         key = f"quant.{part}.{kind}"
-        quantizer = classes[spec.quantizer](self._bits(part, kind), make_observer(spec.observer, f"{key}.observer"),
-                                            spec.symmetric, ch_axis, config_key=key)
+        # an activation observer left unset keeps the running mean of per-batch ranges; calibrate() gives it clip='s
+        # range strategy
+        observer = make_observer(spec.observer or DEFAULT_ACT_OBSERVER, f"{key}.observer")
+        quantizer = classes[spec.quantizer](self._bits(part, kind), observer, spec.symmetric, ch_axis, config_key=key)
         quantizer.kind = kind
         return quantizer
 

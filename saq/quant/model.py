@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from saq.errors import SaqError
 from saq.quant.big import BigResult, apply_big
-from saq.quant.config import QuantConfig, QuantizerFactory
+from saq.quant.config import QuantConfig, QuantizerFactory, check_range_owner
 from saq.quant.modules import QuantConv2d, QuantLayer, QuantLinear, QuantMatMul
 from saq.quant.quantizers import Quantizer, QuantState, UniformQuantizer
 
@@ -87,6 +87,7 @@ class CalibrationReport:
     seconds: float
     big: list[BigResult] = field(default_factory=list)
     states: dict = field(default_factory=dict)
+    clipping: object = None  # a point search's report (saq.clipping.pcc.ClippingReport), when the strategy ran one
 
 
 def calibrate(qmodel: nn.Module, samples: Sequence, quant_cfg=None, clip_cfg=None,
@@ -102,6 +103,7 @@ def calibrate(qmodel: nn.Module, samples: Sequence, quant_cfg=None, clip_cfg=Non
 
     cfg = QuantConfig.from_cfg(quant_cfg) if quant_cfg is not None else quant_config(qmodel)
     strategy = build_range_strategy(clip_cfg)
+    check_range_owner(cfg, None if strategy is None else strategy.name)
     samples = list(samples)
     if not samples:
         raise SaqError("calibration needs at least one sample (quant.calib_images >= 1)")
@@ -126,18 +128,43 @@ def calibrate(qmodel: nn.Module, samples: Sequence, quant_cfg=None, clip_cfg=Non
         first = next(s for s in samples if s.num_prompts)
         big = apply_big(qmodel, lambda: run(first))
 
+    # a strategy with a point search (PCC) fixes its points' ranges after BIG and before the other activations are
+    # observed, which then see the clipped q/k path (paper.md §3.3)
+    clipping, frozen = None, set()
+    if strategy is not None and hasattr(strategy, "search"):
+        from saq.sam.attention import decoder_attention_probes
+
+        prompted = [s for s in samples if s.num_prompts]
+        current = {"sample": None}
+
+        def decoder_for(sample):
+            def decode() -> None:
+                if current["sample"] is not sample:  # the encoder is FP during the search: embed each image once
+                    segmenter.set_image(sample.image)
+                    current["sample"] = sample
+                for _ in segmenter.predict_chunks(sample.boxes, sample.points, sample.point_labels):
+                    pass
+            return decode
+
+        clipping = strategy.search(decoder_attention_probes(qmodel), [decoder_for(s) for s in prompted],
+                                   progress=progress)
+        frozen = {id(q) for q in clipping.frozen}
+
     if strategy is not None:
         for quantizer in iter_quantizers(qmodel, "act"):
-            if isinstance(quantizer, UniformQuantizer):
+            if isinstance(quantizer, UniformQuantizer) and id(quantizer) not in frozen:
                 quantizer.observer.use_strategy(strategy)
-    set_quant_state(qmodel, QuantState.OBSERVE, kind="act")
+    for quantizer in iter_quantizers(qmodel, "act"):
+        if id(quantizer) not in frozen:
+            quantizer.set_state(QuantState.OBSERVE)
     prompts = 0
     for sample in tqdm(samples, desc="calibrate", disable=not progress, leave=False):
         prompts += run(sample)
     calibrate_weights(qmodel)
     set_quant_state(qmodel, QuantState.QUANT)
     assert_fully_quantized(qmodel)
-    return CalibrationReport(len(samples), prompts, time.perf_counter() - start, big, dict(quant_states(qmodel)))
+    return CalibrationReport(len(samples), prompts, time.perf_counter() - start, big, dict(quant_states(qmodel)),
+                             clipping)
 
 
 @torch.no_grad()

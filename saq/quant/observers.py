@@ -7,7 +7,7 @@ import math
 import torch
 
 from saq.errors import SaqError
-from saq.quant.grid import abs_pow_, bounded_minimize, log2_fake_quant
+from saq.quant.grid import abs_pow_, bounded_minimize
 
 
 class Observer:
@@ -37,8 +37,9 @@ class Observer:
         return self._name or f"{prefix}{self.strategy.describe()}"
 
     def use_strategy(self, strategy) -> None:
-        """Swap the range strategy (the `clip` choice); the name then says reduction + strategy."""
+        """Swap the range strategy (the `clip` choice, with its reduction); the name then says reduction + strategy."""
         self.strategy = strategy
+        self.reduction = getattr(strategy, "reduction", self.reduction)
         self._name = None
         self.reset()
 
@@ -126,14 +127,20 @@ class AGQObserver:
     2^(1/τ), refined by Brent's bounded search around the best grid point. (The paper's code runs Brent alone over
     the whole interval; the objective ripples with that period, so Brent alone stops in whichever dip it meets.)
     Per-τ scales are averaged over batches and per-τ errors summed; choose() returns the τ with the least total.
-    Maps larger than max_elements are scored on an evenly spaced subset of their rows (rows are independent in A·V).
+
+    The interval always comes from the whole map's maximum (paper.md §2.2). Maps up to max_elements are scored on
+    every row. Larger ones (a ViT-B global attention, a decoder map with many prompts) are scored on the rows with the
+    largest maxima (sharp rows decide the upper end of the scale, so they are never sampled away) plus a seeded
+    random sample of the other rows, weighted to their count; rows are independent in A·V.
     """
 
-    def __init__(self, taus=(1, 2, 4), p: float = 2.4, points_per_period: int = 2, max_elements: int = 1 << 14):
+    def __init__(self, taus=(1, 2, 4), p: float = 2.4, points_per_period: int = 2, max_elements: int = 1 << 18,
+                 seed: int = 0):
         self.taus = tuple(float(t) for t in taus)
         self.p = float(p)
         self.points_per_period = int(points_per_period)
         self.max_elements = int(max_elements)
+        self.seed = int(seed)
         self.reset()
 
     @property
@@ -149,49 +156,83 @@ class AGQObserver:
     def seen(self) -> bool:
         return self.batches > 0
 
-    def rows(self, a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A as (G, Nq, Nk) and V as (G, Nk, d), rows of A subsampled evenly when A is large."""
+    def rows(self, a: torch.Tensor, v: torch.Tensor, max_elements: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A as (G, Nq, Nk), V as (G, Nk, d) and row weights: None (every row, weight 1) or, for maps over
+        max_elements, (K,) weights of K scored rows returned as (K, 1, Nk) with their V as (K, Nk, d)."""
+        max_elements = self.max_elements if max_elements is None else max_elements
         a3 = a.detach().float().reshape(-1, a.shape[-2], a.shape[-1])
         v3 = v.detach().float().expand(*a.shape[:-2], *v.shape[-2:]).reshape(-1, v.shape[-2], v.shape[-1])
-        if a3.numel() > self.max_elements:
-            g, nq, nk = a3.shape
-            keep_rows = max(1, self.max_elements // nk)
-            if keep_rows < g * nq:
-                flat_rows = torch.linspace(0, g * nq - 1, keep_rows, device=a3.device).round().long()
-                group, row = flat_rows // nq, flat_rows % nq
-                a3 = a3[group, row][:, None, :]
-                v3 = v3[group]
-        return a3, v3
+        g, nq, nk = a3.shape
+        total = g * nq
+        keep = max(2, max_elements // nk)
+        if a3.numel() <= max_elements or keep >= total:
+            return a3, v3, None
+        flat = a3.reshape(total, nk)
+        n_top = keep // 2
+        top = torch.topk(flat.amax(1), n_top).indices
+        rest = torch.ones(total, dtype=torch.bool, device=flat.device)
+        rest[top] = False
+        rest = torch.nonzero(rest).flatten()
+        gen = torch.Generator().manual_seed(self.seed)
+        picked = rest[torch.randperm(rest.numel(), generator=gen)[: keep - n_top].to(rest.device)]
+        index = torch.cat([top, picked])
+        weights = torch.cat([torch.ones(n_top, device=flat.device),
+                             torch.full((picked.numel(),), (total - n_top) / picked.numel(), device=flat.device)])
+        return flat[index][:, None, :], v3[index // nq], weights
 
-    def errors(self, a3, v3, target, scales: torch.Tensor, tau: float, bits: int) -> torch.Tensor:
-        """The stated error for each scale, in batches of scales (one tensor op per batch, not per scale)."""
-        per_batch = max(1, (1 << 21) // a3.numel())
+    def errors(self, scored: tuple, scales: torch.Tensor, tau: float, bits: int) -> torch.Tensor:
+        """The stated error for each scale, in batches of scales (one tensor op per batch, not per scale).
+
+        scored = (log_codes, v3, target, weights) from prepare(): the codes -τ·log2(a) are computed once per τ, so a
+        candidate costs a shift, a rounding and an exp2 (the same arithmetic as log2_fake_quant)."""
+        log_codes, v3, target, weights = scored
+        levels = 2**bits
+        per_batch = max(1, (1 << 21) // log_codes.numel())
         out = []
         for chunk in scales.split(per_batch):
-            a_hat = log2_fake_quant(a3[None], chunk.to(a3)[:, None, None, None], tau, bits, ste=False)
-            out.append(abs_pow_(a_hat @ v3 - target, self.p).flatten(1).mean(1))
+            chunk = chunk.to(log_codes)[:, None, None, None]
+            code = (log_codes[None] + tau * torch.log2(chunk)).round_()
+            flushed = code >= levels
+            a_hat = code.clamp_(0, levels - 1).div_(-tau).exp2_().mul_(chunk).masked_fill_(flushed, 0.0)
+            per_row = abs_pow_(a_hat @ v3 - target, self.p).mean(-1).flatten(1)  # (scales, rows)
+            out.append(per_row.mean(1) if weights is None else per_row @ weights / weights.sum())
         return torch.cat(out)
 
+    @staticmethod
+    def prepare(a3, v3, weights, tau: float) -> tuple:
+        tiny = torch.finfo(a3.dtype).tiny  # log2(0) would give inf codes
+        return -tau * torch.log2(torch.clamp(a3, min=tiny)), v3, a3 @ v3, weights
+
     def batch_best(self, a: torch.Tensor, v: torch.Tensor, bits: int) -> dict[float, tuple[float, float]]:
-        """{τ: (best scale, its error)} for one batch."""
-        a3, v3 = self.rows(a, v)
-        target = a3 @ v3
-        lower, upper = agq_search_bounds(float(a3.max()))
+        """{τ: (best scale, its error)} for one batch.
+
+        The grid and Brent's refinement score a quarter of the rows budget (the sharpest rows plus a sample); the
+        three best grid points and the refined scale are then scored on the full budget, which picks the winner."""
+        lower, upper = agq_search_bounds(float(a.detach().max()))
+        full = self.rows(a, v)
+        coarse = self.rows(a, v, max(1, self.max_elements // 4))
         out = {}
         for tau in self.taus:
-            def err(s: float, tau=tau) -> float:
-                return float(self.errors(a3, v3, target, torch.tensor([s]), tau, bits)[0])
-
+            scored, coarse_scored = self.prepare(*full, tau), self.prepare(*coarse, tau)
             if not upper > lower:
-                out[tau] = (upper, err(upper))
+                out[tau] = (upper, float(self.errors(scored, torch.tensor([upper], dtype=torch.float64), tau, bits)))
                 continue
             n = max(2, math.ceil(math.log2(upper / lower) * tau * self.points_per_period) + 1)
             grid = torch.logspace(math.log10(lower), math.log10(upper), n, dtype=torch.float64)
-            errors = self.errors(a3, v3, target, grid, tau, bits).tolist()
-            grid = grid.tolist()
-            i = min(range(n), key=errors.__getitem__)
-            s, e = bounded_minimize(err, grid[max(i - 1, 0)], grid[min(i + 1, n - 1)], xatol=1e-4 * grid[i])
-            out[tau] = (s, e) if e <= errors[i] else (grid[i], errors[i])
+            coarse_errors = self.errors(coarse_scored, grid, tau, bits)
+            i = int(coarse_errors.argmin())
+
+            def coarse_err(s: float, tau=tau, coarse_scored=coarse_scored) -> float:
+                return float(self.errors(coarse_scored, torch.tensor([s], dtype=torch.float64), tau, bits)[0])
+
+            s, _ = bounded_minimize(coarse_err, float(grid[max(i - 1, 0)]), float(grid[min(i + 1, n - 1)]),
+                                    xatol=1e-3 * float(grid[i]))
+            finalists = torch.cat([grid[torch.topk(-coarse_errors, min(3, n)).indices],
+                                   torch.tensor([s], dtype=torch.float64)])
+            errors = self.errors(scored, finalists, tau, bits)
+            best = int(errors.argmin())
+            out[tau] = (float(finalists[best]), float(errors[best]))
         return out
 
     def observe(self, a: torch.Tensor, v: torch.Tensor, bits: int) -> None:

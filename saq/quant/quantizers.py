@@ -152,6 +152,13 @@ class UniformQuantizer(Quantizer):
             self.scale.data = scale.to(self.scale.device, self.scale.dtype).clone()
             self.zero_point.data = zero_point.to(self.zero_point.device, self.zero_point.dtype).clone()
 
+    def freeze_range(self, lo, hi) -> None:
+        """Quantize with [lo, hi] from now on: a range chosen by a search rather than observed (calibrate() then
+        leaves this quantizer out of observing)."""
+        self.set_range(lo, hi)
+        self.calibrated.fill_(True)
+        self._state = QuantState.QUANT
+
     def current_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The [lo, hi] the current scale and zero-point represent."""
         scale, zp = self.scale.detach(), self.zero_point.detach()

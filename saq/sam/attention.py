@@ -12,6 +12,7 @@ from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 from torch import nn
 
 from saq.errors import SaqError
+from saq.quant.quantizers import Quantizer
 
 
 class QuantEncoderAttention(sam_encoder.Attention):
@@ -69,19 +70,46 @@ class QuantDecoderAttention(sam_transformer.Attention):
         """The (query, key) projections whose output channels BIG may flip together."""
         return self.q_proj, self.k_proj
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attention_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ/√d) per head, (B, heads, Nq, Nk), through the q/k quantizers as they are set: the map the
+        clipping search compares with FP."""
         q = self._separate_heads(self.q_proj(q), self.num_heads)
         k = self._separate_heads(self.k_proj(k), self.num_heads)
-        v = self._separate_heads(self.v_proj(v), self.num_heads)
         _, _, _, c_per_head = q.shape
         attn = self.qk_matmul(q, k.permute(0, 1, 3, 2))
         attn = attn / math.sqrt(c_per_head)
-        attn = torch.softmax(attn, dim=-1)
+        return torch.softmax(attn, dim=-1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        attn = self.attention_probs(q, k)
+        v = self._separate_heads(self.v_proj(v), self.num_heads)
         out = self._recombine_heads(self.av_matmul(attn, v))
         return self.out_proj(out)
 
+    def qk_points(self) -> dict[str, Quantizer]:
+        """The quantization points on the q·kᵀ path, in the order the clipping search visits them (paper.md §3.3):
+        the inputs of the q and k projections, then their outputs (the operands of q·kᵀ)."""
+        return {"q_in": self.q_proj.input_quantizer, "k_in": self.k_proj.input_quantizer,
+                "q_out": self.qk_matmul.a_quantizer, "k_out": self.qk_matmul.b_quantizer}
+
 
 DECODER_ATTENTIONS = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
+
+
+def decoder_attentions(sam: Sam) -> dict[str, nn.Module]:
+    """The two-way transformer's attentions in forward order, named by their path inside it (layers.0.self_attn, ...,
+    final_attn_token_to_image): 7 for every SAM size."""
+    transformer = sam.mask_decoder.transformer
+    out = {}
+    for i, layer in enumerate(transformer.layers):
+        for name in DECODER_ATTENTIONS:
+            out[f"layers.{i}.{name}"] = getattr(layer, name)
+    out["final_attn_token_to_image"] = transformer.final_attn_token_to_image
+    return out
+
+
+def decoder_attention_names(sam: Sam) -> list[str]:
+    return list(decoder_attentions(sam))
 
 
 def quantize_sam_modules(sam: Sam, factory) -> None:
@@ -112,3 +140,62 @@ def quantize_sam_modules(sam: Sam, factory) -> None:
             layer.mlp.lin2 = factory.linear(layer.mlp.lin2, "decoder")
         transformer.final_attn_token_to_image = QuantDecoderAttention.from_float(
             transformer.final_attn_token_to_image, factory, big_sign_fold=True)
+
+
+class AttentionRecording:
+    """What one decoder attention saw during forwards: its (q, k) inputs and its softmax maps, one entry per call."""
+
+    def __init__(self):
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.maps: list[torch.Tensor] = []
+
+
+class AttentionProbe:
+    """One decoder attention as the clipping search sees it: a name, its q·kᵀ quantization points, recording of its
+    inputs and maps during a forward, and its map recomputed from recorded inputs. The search needs nothing else of
+    SAM."""
+
+    def __init__(self, name: str, module: QuantDecoderAttention):
+        self.name = name
+        self.module = module
+
+    @property
+    def points(self) -> dict[str, Quantizer]:
+        return self.module.qk_points()
+
+    def attention_map(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return self.module.attention_probs(q, k)
+
+    def record(self):
+        """A context manager yielding an AttentionRecording filled by the forwards run inside it."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def recording():
+            rec = AttentionRecording()
+
+            def keep_inputs(module, args, kwargs):
+                q = kwargs["q"] if "q" in kwargs else args[0]
+                k = kwargs["k"] if "k" in kwargs else args[1]
+                rec.inputs.append((q.detach(), k.detach()))
+
+            def keep_map(module, args):
+                rec.maps.append(args[0].detach())
+
+            handles = [self.module.register_forward_pre_hook(keep_inputs, with_kwargs=True),
+                       self.module.av_matmul.register_forward_pre_hook(keep_map)]
+            try:
+                yield rec
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        return recording()
+
+
+def decoder_attention_probes(sam: Sam) -> list[AttentionProbe]:
+    """Probes of the quantized decoder attentions, in forward order (the order a greedy search visits them)."""
+    probes = [AttentionProbe(name, m) for name, m in decoder_attentions(sam).items()]
+    if not all(isinstance(p.module, QuantDecoderAttention) for p in probes):
+        raise SaqError("the mask decoder is not quantized (quant.decoder.enabled=false?); the clipping search needs it")
+    return probes
