@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 SHELL := /bin/bash
 
-.PHONY: help setup demo test lint data tiny-sam tiny-card sweep clean
+.PHONY: help setup demo test lint data tiny-sam tiny-card sweep report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,8 +37,13 @@ tiny-card: setup  ## evaluate the shipped sam_tiny on the synthetic val split an
 	$(PY) -m saq.sam.tiny.card outputs/tiny-card/results.json
 
 SWEEP ?= quant_baselines
-sweep: setup  ## run a sweep preset from sweeps/ (SWEEP=name; default quant_baselines)
-	$(PY) -m saq -m +sweeps=$(SWEEP)
+ARGS ?=
+sweep: setup  ## run sweeps/SWEEP.yaml (ARGS='key=value ...' overrides any key); ends by printing its report table
+	$(PY) -m saq -m +sweeps=$(SWEEP) $(ARGS)
+
+RUNS ?= outputs/sweeps
+report: setup  ## report.md/csv/tex and plots from the results.json under RUNS=PATH
+	$(PY) -m saq.report $(RUNS)
 
 clean:  ## remove run outputs and generated data (keeps .venv)
 	rm -rf outputs data

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saq.errors import SaqError
@@ -15,9 +16,16 @@ from saq.errors import SaqError
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from saq.pipeline import run
+    from saq.sweep import check_preset_found, run_sweep_job
 
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        check_preset_found(cfg)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # resume, and a failed job recorded without stopping the others
+            run_sweep_job(cfg, run_dir, run, list(hydra_cfg.overrides.task))
+            return
+        run(cfg, run_dir)
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -54,6 +54,28 @@ def write_results(run_dir: Path, record: dict) -> Path:
     return path
 
 
+def _has_number(metrics) -> bool:
+    return isinstance(metrics, dict) and any(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             for v in metrics.values())
+
+
+def record_problem(record) -> str | None:
+    """Why a parsed results.json is not a finished saq run record (report and resume skip it), or None when it is."""
+    if not isinstance(record, dict):
+        return "not a saq run record (not a JSON object)"
+    missing = [k for k in ("model", "task", "quant", "metrics", "config") if k not in record]
+    if missing:
+        return f"not a saq run record (missing {', '.join(missing)})"
+    metrics, config = record["metrics"], record["config"]
+    if not isinstance(config, dict) or not isinstance(metrics, dict):
+        return "not a saq run record (metrics or config is not an object)"
+    if not _has_number(metrics.get("fp")):
+        return "partial run: no FP metrics"
+    if record["quant"] != "fp" and not _has_number(metrics.get("quantized")):
+        return "partial run: no quantized metrics"
+    return None
+
+
 def _flatten(prefix: str, value, out: dict) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -62,8 +84,71 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = value
 
 
+def method_label(config: dict) -> str:
+    """A run's method as a table row names it: the method preset, else the clipping (+ reconstruction when on)."""
+    method = config.get("method")
+    if isinstance(method, dict) and method.get("name"):
+        return str(method["name"])
+    clip = config.get("clip")
+    label = str(clip.get("name", "?")) if isinstance(clip, dict) else "?"
+    recon = config.get("recon")
+    if isinstance(recon, dict) and recon.get("name") not in (None, "none"):
+        label += f"+{recon['name']}"
+    return label
+
+
+def bits_label(config: dict) -> str:
+    """w<W>a<A> from the bit-widths actually set (so quant.w_bits=5 on w4a4 is not labelled w4a4), or 'fp'."""
+    quant = config.get("quant") if isinstance(config.get("quant"), dict) else {}
+    if quant.get("name", "fp") == "fp":
+        return "fp"
+    w_bits, a_bits = quant.get("w_bits"), quant.get("a_bits")
+    if isinstance(w_bits, int) and isinstance(a_bits, int):
+        return f"w{w_bits}a{a_bits}"
+    return str(quant.get("name"))
+
+
+def wandb_run_options(logger_cfg: dict, record: dict, sweep_group: str | None = None) -> dict:
+    """wandb.init's arguments: group = the sweep, job_type = the method, tags model/bits/method/task, the resolved config."""
+    config = record.get("config") or {}
+    bits = bits_label(config)
+    method = "fp" if bits == "fp" else method_label(config)
+    tags = [*(logger_cfg.get("tags") or []), f"model:{record.get('model')}", f"bits:{bits}", f"method:{method}",
+            f"task:{record.get('task')}"]
+    name = record.get("run_name") if method == "fp" else f"{record.get('run_name')}-{method}"
+    return {
+        "project": logger_cfg.get("project", "saq"),
+        "entity": logger_cfg.get("entity"),
+        "group": logger_cfg.get("group") or sweep_group,
+        "job_type": method,
+        "tags": [t[:64] for t in tags],  # W&B's limit per tag
+        "mode": logger_cfg.get("mode", "offline"),
+        "name": name,
+        "config": config,
+    }
+
+
+def run_figures(run_dir: Path) -> list[Path]:
+    """PNG figures a run wrote in its directory (not W&B's own files)."""
+    run_dir = Path(run_dir)
+    return sorted(p for p in run_dir.rglob("*.png") if "wandb" not in p.relative_to(run_dir).parts[:-1])
+
+
+def _multirun_sweep_dir() -> str | None:
+    """The sweep directory when this process runs a Hydra multirun job (the default W&B group), else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return str(HydraConfig.get().sweep.dir)
+    except Exception:  # outside Hydra (scripts, tests)
+        return None
+    return None
+
+
 def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
-    """Send the run's config and metrics to W&B. Any failure is a warning: results.json is already on disk."""
+    """Send the run's config, metrics and figures to W&B. Any failure is a warning: results.json is already on disk."""
     if not logger_cfg or logger_cfg.get("name") in (None, "none") or logger_cfg.get("mode") == "disabled":
         return None
     try:
@@ -71,21 +156,18 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
 
         os.environ.setdefault("WANDB_INIT_TIMEOUT", str(logger_cfg.get("init_timeout_s", 30)))
         os.environ.setdefault("WANDB_SILENT", "true")
-        run = wandb.init(
-            project=logger_cfg.get("project", "saq"),
-            entity=logger_cfg.get("entity"),
-            group=logger_cfg.get("group"),
-            tags=list(logger_cfg.get("tags") or []),
-            mode=logger_cfg.get("mode", "offline"),
-            dir=str(run_dir),
-            name=record.get("run_name"),
-            config=record.get("config"),
-            reinit=True,
-        )
+        run = wandb.init(dir=str(run_dir), reinit=True, **wandb_run_options(logger_cfg, record, _multirun_sweep_dir()))
         flat: dict = {}
         _flatten("", record.get("metrics", {}), flat)
         run.summary.update(flat)
         run.summary["wall_time_s"] = record.get("wall_time_s")
+        figures = {f"figures/{p.stem}": wandb.Image(str(p)) for p in run_figures(run_dir)}
+        if figures:
+            run.log(figures)
+        points = (record.get("clipping") or {}).get("points") or []
+        if points:  # a point search's ranges (clip=pcc), one row per searched quantizer
+            columns = list(points[0])
+            run.log({"clipping/ranges": wandb.Table(columns=columns, data=[[p.get(c) for c in columns] for p in points])})
         url = getattr(run, "url", None)
         run.finish()
         return url or str(run_dir / "wandb")

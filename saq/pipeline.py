@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def seed_everything(seed: int) -> None:
 def checkpoint_fingerprint(cfg_model: DictConfig) -> str:
     path = Path(cfg_model.checkpoint) if cfg_model.checkpoint else TINY_CHECKPOINT
     st = path.stat()
-    return f"{cfg_model.name}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    outliers = OmegaConf.to_container(cfg_model.outliers, resolve=True) if cfg_model.get("outliers") else None
+    return f"{cfg_model.name}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{outliers}"
 
 
 def build_task(cfg: DictConfig):
@@ -80,6 +82,10 @@ def validate(cfg: DictConfig):
         from saq.deploy import check_deploy_config
 
         check_deploy_config(None if cfg.quant.name == "fp" else cfg.quant)
+    if cfg.model.get("outliers"):
+        from saq.sam.outliers import OutlierSpec
+
+        OutlierSpec.from_cfg(cfg.model.outliers)
     if cfg.quant.name == "fp":
         return None, None
     from saq.clipping import build_range_strategy
@@ -128,10 +134,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     quant_cfg, strategy = validate(cfg)  # before anything is computed
 
     model = build_sam(cfg.model.name, cfg.model.checkpoint).to(cfg.device)
+    if strategy is not None and hasattr(strategy, "check_targets"):
+        from saq.sam.attention import decoder_attention_names
+
+        strategy.check_targets(decoder_attention_names(model))
     task = build_task(cfg)
+    planted = None
+    if cfg.model.get("outliers"):
+        from saq.sam.outliers import OutlierSpec, plant_key_outliers
+
+        spec = OutlierSpec.from_cfg(cfg.model.outliers)
+        planted = plant_key_outliers(model, task.calibration_samples(spec.calib_images), spec)
     fp, fp_cache_file = fp_metrics(cfg, model, task)
     metrics = {"fp": fp}
-    calibration = None
+    calibration = clipping = None
 
     saved_model = None  # where the quantized model was saved to or loaded from
     if quant_cfg is not None:
@@ -147,6 +163,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             calibration = {"prompts": task.calibration_prompts, "images": report.images,
                            "prompt_count": report.prompts, "image_ids": [s.image_id for s in samples],
                            "seconds": round(report.seconds, 2)}
+            clipping = report.clipping
             if cfg.quant.get("save", True):  # before evaluation: a later failure keeps the calibrated model
                 saved_model = str(save_run(qmodel, run_dir, cfg))
         print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau
@@ -166,6 +183,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "seed": cfg.seed,
         "metrics": metrics,
         "calibration": calibration,  # None for an FP run
+        "clipping": clipping.record() if clipping is not None else None,  # a point search's ranges (clip=pcc)
+        "planted_outliers": planted,  # sam_tiny_outliers: the key offsets planted at load time
         "fp_from_cache": fp_cache_file,  # the FP row was computed by an earlier run with the same key
         "quantized_model": saved_model,  # saved to (quant.save) or loaded from (quant.load)
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -178,5 +197,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     print(format_table(cfg.model.name, task.name, prompts_name,
                        {prec: scalar_metrics(m) for prec, m in metrics.items()}))
     print(f"results: {path}")
+    if clipping is not None and cfg.get("figures", True):
+        try:  # figures are optional: results.json is already written
+            from saq.plots import clipping_figures
+
+            for figure in clipping_figures(clipping, run_dir):
+                print(f"figure: {figure}")
+        except Exception as exc:
+            print(f"warning: figures failed ({type(exc).__name__}: {exc}); results are in {path}", file=sys.stderr)
     log_to_wandb(OmegaConf.to_container(cfg.logger, resolve=True), record, run_dir)
     return record

@@ -48,25 +48,116 @@ def test_unknown_option_is_rejected():
             compose(config_name="config", overrides=["model=sam_vit_x"])
 
 
-def sweep_combinations() -> list[tuple[str, list[str]]]:
-    """Every override list that each sweep preset in sweeps/ expands to (cartesian product of its params)."""
+def preset_group_defaults(path) -> list[tuple[str, str]]:
+    """(group, option) pairs a sweep preset selects in its defaults list (`- override /clip: pcc`)."""
+    pairs = []
+    for item in OmegaConf.load(path).get("defaults") or []:
+        for key, option in dict(item).items():
+            pairs.append((key.replace("override", "").strip().lstrip("/"), str(option)))
+    return pairs
+
+
+def sweep_jobs() -> list[tuple[str, list[str]]]:
+    """Every job (override list) each sweep preset in sweeps/ launches, expanded by Hydra's own override parser."""
     import itertools
 
-    combos = []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    jobs = []
     for path in sorted((REPO / "sweeps").glob("*.yaml")):
-        params = OmegaConf.load(path).hydra.sweeper.params
-        keys = list(params)
-        values = [str(params[k]).split(",") for k in keys]
-        for choice in itertools.product(*values):
-            combos.append((path.stem, [f"{k}={v}" for k, v in zip(keys, choice)]))
-    return combos
+        params = OmegaConf.to_container(OmegaConf.load(path).hydra.sweeper.params)
+        overrides = parser.parse_overrides([f"{k}={v}" for k, v in params.items()])
+        axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+                else [o.input_line] for o in overrides]
+        jobs += [(path.stem, list(choice)) for choice in itertools.product(*axes)]
+    return jobs
 
 
-@pytest.mark.parametrize("sweep,overrides", sweep_combinations())
-def test_every_sweep_combination_composes(sweep, overrides, monkeypatch):
+def missing_option(sweep: str, overrides: list[str]) -> str | None:
+    """The first group option a job names that has no YAML in conf/ on this branch (added by another issue)."""
+    plain_keys = set(OmegaConf.load(CONF / "config.yaml")) - {"defaults", "hydra"}
+    pairs = preset_group_defaults(REPO / "sweeps" / f"{sweep}.yaml") + [tuple(o.split("=", 1)) for o in overrides]
+    for group, option in pairs:
+        if "." in group or group in plain_keys:  # a value override (clip.theta=0.3, seed=1), not a group choice
+            continue
+        if not (CONF / group / f"{option}.yaml").is_file():
+            return f"conf/{group}/{option}.yaml"
+    return None
+
+
+def test_every_sweep_file_launches_jobs():
+    counts = {}
+    for sweep, _ in sweep_jobs():
+        counts[sweep] = counts.get(sweep, 0) + 1
+    assert counts == {"bits": 9, "clip_ablation": 8, "quant_baselines": 9, "recon_ablation": 6, "seeds": 3,
+                      "table_instance": 24, "table_oriented": 24, "table_semantic": 12, "theta": 10}
+
+
+@pytest.mark.parametrize("sweep,overrides", sweep_jobs())
+def test_every_sweep_job_composes(sweep, overrides, monkeypatch):
+    """A dry run of every job every sweep file launches; options other issues add are skipped until they land."""
+    missing = missing_option(sweep, overrides)
+    if missing:
+        pytest.skip(f"{missing} is not on this branch yet")
     monkeypatch.chdir(REPO)  # sweep presets are found through the repo-root search path
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(config_name="config", overrides=[f"+sweeps={sweep}", *overrides])
+        cfg = compose(config_name="config", overrides=[f"+sweeps={sweep}", *overrides], return_hydra_config=True)
     for override in overrides:
-        group, option = override.split("=")
-        assert cfg[group].name == option
+        key, value = override.split("=", 1)
+        node = OmegaConf.select(cfg, key)
+        if (CONF / key).is_dir():
+            assert node.name == value, override
+        else:
+            assert str(node) == value, override
+    assert cfg.hydra.sweep.dir == f"outputs/sweeps/{sweep}"  # deterministic: a rerun resumes
+    assert cfg.logger.group == sweep
+    OmegaConf.resolve(cfg.model)
+    OmegaConf.resolve(cfg.task)
+    assert cfg.quant.name != "fp" and "calib_images" in cfg.quant
+
+
+def test_sweep_dir_and_any_key_can_be_overridden(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["+sweeps=clip_ablation", "hydra.sweep.dir=/tmp/elsewhere", "quant.calib_images=4"])
+    assert cfg.hydra.sweep.dir == "/tmp/elsewhere" and cfg.quant.calib_images == 4
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local", "submitit_slurm", "slurm"])
+def test_launchers_compose(launcher, monkeypatch):
+    monkeypatch.chdir(REPO)
+    overrides = ["+sweeps=bits", f"hydra/launcher={launcher}"]
+    if launcher in ("slurm", "submitit_slurm"):
+        overrides += ["hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2", "hydra.launcher.timeout_min=600",
+                      "hydra.launcher.array_parallelism=8"]
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    launcher_cfg = cfg.hydra.launcher
+    assert launcher_cfg._target_.startswith("hydra_plugins.hydra_")
+    if launcher in ("slurm", "submitit_slurm"):
+        assert launcher_cfg._target_.endswith("SlurmLauncher")
+        assert (launcher_cfg.partition, launcher_cfg.gpus_per_node, launcher_cfg.timeout_min,
+                launcher_cfg.array_parallelism) == ("gpu", 2, 600, 8)
+    if launcher == "slurm":  # saq's defaults on top of the plugin's
+        with initialize_config_dir(config_dir=str(CONF), version_base=None):
+            plain = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        assert (plain.hydra.launcher.gpus_per_node, plain.hydra.launcher.cpus_per_task) == (1, 8)
+
+
+def test_wandb_sweep_files_launch_the_same_jobs_as_the_hydra_presets():
+    import itertools
+
+    hydra_jobs: dict[str, set] = {}
+    for sweep, overrides in sweep_jobs():
+        hydra_jobs.setdefault(sweep, set()).add(frozenset(overrides))
+    for sweep, jobs in hydra_jobs.items():
+        spec = OmegaConf.to_container(OmegaConf.load(REPO / "sweeps" / "wandb" / f"{sweep}.yaml"))
+        assert spec["method"] == "grid" and f"+sweeps={sweep}" in spec["command"]
+        assert spec["command"][-1] == "${args_no_hyphens}"
+        keys = list(spec["parameters"])
+        wandb_jobs = {frozenset(f"{k}={v}" for k, v in zip(keys, combo))
+                      for combo in itertools.product(*(spec["parameters"][k]["values"] for k in keys))}
+        assert wandb_jobs == jobs, sweep
+    assert sorted(p.stem for p in (REPO / "sweeps" / "wandb").glob("*.yaml")) == sorted(hydra_jobs)

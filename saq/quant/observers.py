@@ -7,7 +7,7 @@ import math
 import torch
 
 from saq.errors import SaqError
-from saq.quant.grid import abs_pow_, bounded_minimize
+from saq.quant.grid import abs_pow_, bounded_minimize, log2_fake_quant
 
 
 class Observer:
@@ -182,27 +182,16 @@ class AGQObserver:
         return flat[index][:, None, :], v3[index // nq], weights
 
     def errors(self, scored: tuple, scales: torch.Tensor, tau: float, bits: int) -> torch.Tensor:
-        """The stated error for each scale, in batches of scales (one tensor op per batch, not per scale).
-
-        scored = (log_codes, v3, target, weights) from prepare(): the codes -τ·log2(a) are computed once per τ, so a
-        candidate costs a shift, a rounding and an exp2 (the same arithmetic as log2_fake_quant)."""
-        log_codes, v3, target, weights = scored
-        levels = 2**bits
-        per_batch = max(1, (1 << 21) // log_codes.numel())
+        """The stated error for each scale, in batches of scales (one tensor op per batch, not per scale);
+        scored = (A, V, A·V, row weights) from rows()."""
+        a3, v3, target, weights = scored
+        per_batch = max(1, (1 << 21) // a3.numel())
         out = []
         for chunk in scales.split(per_batch):
-            chunk = chunk.to(log_codes)[:, None, None, None]
-            code = (log_codes[None] + tau * torch.log2(chunk)).round_()
-            flushed = code >= levels
-            a_hat = code.clamp_(0, levels - 1).div_(-tau).exp2_().mul_(chunk).masked_fill_(flushed, 0.0)
+            a_hat = log2_fake_quant(a3[None], chunk.to(a3)[:, None, None, None], tau, bits, ste=False)
             per_row = abs_pow_(a_hat @ v3 - target, self.p).mean(-1).flatten(1)  # (scales, rows)
             out.append(per_row.mean(1) if weights is None else per_row @ weights / weights.sum())
         return torch.cat(out)
-
-    @staticmethod
-    def prepare(a3, v3, weights, tau: float) -> tuple:
-        tiny = torch.finfo(a3.dtype).tiny  # log2(0) would give inf codes
-        return -tau * torch.log2(torch.clamp(a3, min=tiny)), v3, a3 @ v3, weights
 
     def batch_best(self, a: torch.Tensor, v: torch.Tensor, bits: int) -> dict[float, tuple[float, float]]:
         """{τ: (best scale, its error)} for one batch.
@@ -210,11 +199,12 @@ class AGQObserver:
         The grid and Brent's refinement score a quarter of the rows budget (the sharpest rows plus a sample); the
         three best grid points and the refined scale are then scored on the full budget, which picks the winner."""
         lower, upper = agq_search_bounds(float(a.detach().max()))
-        full = self.rows(a, v)
-        coarse = self.rows(a, v, max(1, self.max_elements // 4))
+        a3, v3, weights = self.rows(a, v)
+        scored = (a3, v3, a3 @ v3, weights)
+        a3, v3, weights = self.rows(a, v, max(1, self.max_elements // 4))
+        coarse_scored = (a3, v3, a3 @ v3, weights)
         out = {}
         for tau in self.taus:
-            scored, coarse_scored = self.prepare(*full, tau), self.prepare(*coarse, tau)
             if not upper > lower:
                 out[tau] = (upper, float(self.errors(scored, torch.tensor([upper], dtype=torch.float64), tau, bits)))
                 continue

@@ -61,6 +61,9 @@ ARCHITECTURES: dict[str, SamArchitecture] = {
     ),
 }
 
+# Models built from another's architecture and weights, changed at load time (saq/sam/outliers.py).
+VARIANTS = {"sam_tiny_outliers": "sam_tiny"}
+
 # Which official model an encoder width belongs to, to name the size of a mismatched checkpoint.
 _SIZE_BY_WIDTH = {a.encoder_embed_dim: name for name, a in ARCHITECTURES.items()}
 
@@ -148,8 +151,9 @@ def build_sam(name: str, checkpoint: str | Path | None = None, config_key: str =
     checkpoint=None is allowed for the official sizes only when explicitly asked for random weights through
     build_random_sam; here a missing path is an error, because a run on random weights is a silent wrong result.
     """
+    name = VARIANTS.get(name, name)
     if name not in ARCHITECTURES:
-        raise SaqError(f"unknown model {name!r}; expected one of {sorted(ARCHITECTURES)}")
+        raise SaqError(f"unknown model {name!r}; expected one of {sorted(ARCHITECTURES) + sorted(VARIANTS)}")
     if checkpoint in (None, ""):
         if name != "sam_tiny":
             raise SaqError(f"model {name} needs a checkpoint: set {config_key}=/path/to/{name}.pth")

@@ -1,0 +1,581 @@
+"""Sweep reports: the results.json under a folder as paper-layout tables (report.md/csv/tex) and PNG plots.
+
+`python -m saq.report PATH [--out DIR]` (or `make report RUNS=PATH`). Rows are methods, columns model × bit-width,
+one table per task, prompt source and metric; FP on top; values in % with mean ± std over seeds; the best quantized
+cell of each column in bold; the paper's published numbers (saq/paper_results.py) as a separate, labelled block.
+A corrupt, partial or foreign results.json is listed and skipped; failed sweep jobs (failure.json) are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from saq.errors import SaqError
+from saq.log import RESULTS_FILE, bits_label, method_label, record_problem
+from saq.paper_results import PAPER_MODEL, paper_row, paper_table
+from saq.sweep import FAILURE_FILE, RESUME_IGNORED_KEYS
+
+FP_ROW = "FP"
+# Metric order per task (the first is the task's main metric); other scalar metrics follow in the order found.
+METRIC_ORDER = {"instance": ["mask_AP", "mask_AP50", "mask_AP75", "mIoU"], "oriented": ["mAP50", "rbox_mIoU"],
+                "semantic": ["mIoU", "aAcc"]}
+NOT_TABLE_METRICS = {"images", "prompts", "empty_masks", "masks_per_image"}  # counts, not scores
+MODEL_ORDER = ["sam_tiny", "sam_tiny_outliers", "sam_vit_b", "sam_vit_l", "sam_vit_h"]
+METHOD_ORDER = ["minmax", "percentile", "mse", "pcc", "ptq4sam_s", "saq_sam_star", "qdrop", "ptq4sam_l", "saq_sam"]
+REPORT_FILES = ("report.md", "report.csv", "report.tex")
+
+
+def is_table_metric(name: str, value) -> bool:
+    """A score to tabulate: a number that is not a count, a timing (*_s) or the semantic task's coarse prior."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and name not in NOT_TABLE_METRICS
+            and not name.endswith("_s") and not name.startswith("coarse_"))
+
+
+def flatten(config, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    if isinstance(config, dict):
+        for k, v in config.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = config
+    return out
+
+
+@dataclass
+class Entry:
+    """One row-cell sample: a run's FP or quantized metrics with what places it in a table."""
+
+    task: str
+    prompts: str
+    model: str
+    bits: str  # "fp" for FP entries
+    label: str  # method label (FP_ROW for FP entries), before splitting by other config differences
+    seed: object
+    metrics: dict
+    flat: dict
+    path: Path
+    mtime: float
+    paper_row: str | None = None  # the published row this run corresponds to (paper_results.paper_row)
+    row: str = ""
+
+
+@dataclass
+class Cell:
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values)
+
+    @property
+    def std(self) -> float:
+        if len(self.values) < 2:
+            return 0.0
+        m = self.mean
+        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (len(self.values) - 1))
+
+
+@dataclass
+class Table:
+    task: str
+    prompts: str
+    metric: str
+    columns: list[tuple[str, str]]
+    rows: list[str]
+    row_label: dict[str, str]  # row -> its method label (FP_ROW for FP rows)
+    row_paper: dict[str, str | None]  # row -> the paper's row it corresponds to, if any
+    cells: dict[tuple[str, tuple[str, str]], Cell]
+    seeds: dict[tuple[str, tuple[str, str]], list]
+
+    def best(self, column: tuple[str, str]) -> set[str]:
+        """Quantized rows with the highest mean in this column (none when fewer than two rows compete)."""
+        scored = {r: self.cells[(r, column)].mean for r in self.rows
+                  if self.row_label[r] != FP_ROW and (r, column) in self.cells}
+        if len(scored) < 2:
+            return set()
+        top = max(scored.values())
+        return {r for r, v in scored.items() if v >= top - 1e-12}
+
+
+@dataclass
+class Report:
+    root: Path
+    runs: list[dict] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    duplicates: list[Path] = field(default_factory=list)
+
+
+def load_runs(root: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Every usable results.json under root (with its path), and the skipped ones with the reason."""
+    runs, skipped = [], []
+    for path in sorted(root.rglob(RESULTS_FILE)):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            skipped.append((path, f"unreadable JSON ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"))
+            continue
+        reason = record_problem(record)
+        if reason:
+            skipped.append((path, reason))
+            continue
+        runs.append({**record, "_path": path, "_mtime": path.stat().st_mtime})
+    return runs, skipped
+
+
+def load_failures(root: Path) -> list[dict]:
+    failures = []
+    for path in sorted(root.rglob(FAILURE_FILE)):
+        try:
+            record = json.loads(path.read_text())
+            failures.append({"path": path, "error": str(record.get("error", "?")),
+                             "overrides": list(record.get("overrides") or [])})
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            failures.append({"path": path, "error": "unreadable failure.json", "overrides": []})
+    return failures
+
+
+def entries_of(run: dict) -> list[Entry]:
+    config = run["config"]
+    flat = flatten(config)
+    common = dict(task=str(run["task"]), prompts=str(run.get("prompts", "-")), model=str(run["model"]),
+                  seed=run.get("seed"), flat=flat, path=run["_path"], mtime=run["_mtime"])
+    out = [Entry(bits="fp", label=FP_ROW, metrics=run["metrics"]["fp"], paper_row=FP_ROW, **common)]
+    if run["quant"] != "fp":
+        out.append(Entry(bits=bits_label(config), label=method_label(config), metrics=run["metrics"]["quantized"],
+                         paper_row=paper_row(config), **common))
+    return out
+
+
+def _row_key_relevant(key: str, fp: bool) -> bool:
+    """Whether a config key that differs between runs of one cell makes them different rows (seeds never do)."""
+    top, last = key.split(".")[0], key.split(".")[-1]
+    if top in RESUME_IGNORED_KEYS or last == "seed":
+        return False
+    if fp:  # FP depends on the model, the data and the prompts only
+        return top in ("model", "task", "prompts", "device")
+    return True
+
+
+def _fmt_value(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def assign_rows(entries: list[Entry]) -> None:
+    """Row = method label, plus `key=value` for config keys that differ within one cell apart from the seed."""
+    groups: dict[tuple, list[Entry]] = defaultdict(list)
+    for e in entries:
+        groups[(e.task, e.prompts, e.model, e.bits, e.label)].append(e)
+    for group in groups.values():
+        keys = sorted({k for e in group for k in e.flat})
+        varying = [k for k in keys if _row_key_relevant(k, group[0].label == FP_ROW)
+                   and len({_fmt_value(e.flat.get(k)) for e in group}) > 1]
+        for e in group:
+            suffix = ", ".join(f"{k}={_fmt_value(e.flat.get(k))}" for k in varying)
+            e.row = f"{e.label} {suffix}" if suffix else e.label
+
+
+def _bits_order(bits: str) -> tuple:
+    found = re.fullmatch(r"w(\d+)a(\d+)", bits)
+    return (0, -int(found.group(1)) - int(found.group(2)), bits) if found else (1, 0, bits)
+
+
+def _model_order(model: str) -> tuple:
+    return (MODEL_ORDER.index(model), model) if model in MODEL_ORDER else (len(MODEL_ORDER), model)
+
+
+def _natural(text: str) -> list:
+    return [(0, float(t), "") if re.fullmatch(r"-?\d+(\.\d+)?", t) else (1, 0.0, t) for t in re.split(r"=|, ", text)]
+
+
+def _row_order(row: str, label: str) -> tuple:
+    rank = -1 if label == FP_ROW else (METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER))
+    return (rank, label, _natural(row))
+
+
+def build_tables(entries: list[Entry], duplicates: list[Path]) -> list[Table]:
+    assign_rows(entries)
+    # One sample per seed in each cell: the same run found twice (merged sweep folders) counts once, the newest.
+    chosen: dict[tuple, Entry] = {}
+    for e in sorted(entries, key=lambda e: e.mtime):
+        key = (e.task, e.prompts, e.row, e.model, e.bits, json.dumps(e.seed))
+        if key in chosen and e.label != FP_ROW:
+            duplicates.append(chosen[key].path)
+        chosen[key] = e
+    by_table: dict[tuple[str, str], list[Entry]] = defaultdict(list)
+    for e in chosen.values():
+        by_table[(e.task, e.prompts)].append(e)
+
+    tables = []
+    for (task, prompts), group in sorted(by_table.items()):
+        quantized = [e for e in group if e.label != FP_ROW]
+        columns = sorted({(e.model, e.bits) for e in quantized}, key=lambda c: (_model_order(c[0]), _bits_order(c[1])))
+        fp_only = sorted({e.model for e in group} - {m for m, _ in columns}, key=_model_order)
+        columns += [(m, "fp") for m in fp_only]
+        found: list[str] = []
+        for e in sorted(group, key=lambda e: str(e.path)):
+            found += [k for k, v in e.metrics.items() if is_table_metric(k, v) and k not in found]
+        order = METRIC_ORDER.get(task, [])
+        metrics = [m for m in order if m in found] + [m for m in found if m not in order]
+        row_label = {e.row: e.label for e in group}
+        row_paper = {e.row: e.paper_row for e in group}
+        rows = sorted(row_label, key=lambda r: _row_order(r, row_label[r]))
+        for metric in metrics:
+            cells: dict = {}
+            seeds: dict = {}
+            for e in group:
+                value = e.metrics.get(metric)
+                if not is_table_metric(metric, value):
+                    continue
+                targets = [c for c in columns if c[0] == e.model] if e.label == FP_ROW else [(e.model, e.bits)]
+                for col in targets:
+                    cells.setdefault((e.row, col), Cell([])).values.append(float(value))
+                    seeds.setdefault((e.row, col), []).append(e.seed)
+            used_rows = [r for r in rows if any((r, c) in cells for c in columns)]
+            tables.append(Table(task, prompts, metric, columns, used_rows, row_label, row_paper, cells, seeds))
+    return tables
+
+
+def build_report(root: Path) -> Report:
+    root = Path(root)
+    if not root.is_dir():
+        raise SaqError(f"report: no such folder: {root} (give the folder of a sweep or of runs holding results.json)")
+    report = Report(root)
+    report.runs, report.skipped = load_runs(root)
+    report.failures = load_failures(root)
+    entries = [e for run in report.runs for e in entries_of(run)]
+    report.tables = build_tables(entries, report.duplicates)
+    return report
+
+
+# ---------------------------------------------------------------- rendering
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def cell_text(cell: Cell | None) -> str:
+    if cell is None:
+        return "–"
+    return pct(cell.mean) + (f" ± {pct(cell.std)}" if cell.n > 1 else "")
+
+
+def column_title(column: tuple[str, str]) -> str:
+    model, bits = column
+    return f"{model} {bits.upper()}"
+
+
+def table_title(table: Table) -> str:
+    return f"{table.task} (prompts {table.prompts}): {table.metric}"
+
+
+def markdown_table(table: Table) -> str:
+    head = ["method", *(column_title(c) for c in table.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = {c: table.best(c) for c in table.columns}
+    for row in table.rows:
+        cells = []
+        for col in table.columns:
+            text = cell_text(table.cells.get((row, col)))
+            cells.append(f"**{text}**" if row in best[col] else text)
+        lines.append("| " + " | ".join([row, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def paper_block(table: Table) -> tuple[dict, list[tuple[str, str]], list[tuple[str, str]]] | None:
+    """The published table matching ours, its (paper row, our row label) pairs and its matching columns."""
+    published = paper_table(table.task, table.metric)
+    if published is None:
+        return None
+    pairs: list[tuple[str, str]] = []
+    for row in table.rows:
+        name = table.row_paper.get(row)
+        if name in published["rows"] and name not in [p for p, _ in pairs]:
+            pairs.append((name, table.row_label[row]))
+    paper_columns = list(next(iter(published["rows"].values())))
+    ours = [c for c in table.columns if c in paper_columns]
+    if not ours:  # our models are not the paper's: show its columns at our bit-widths
+        bits = {b for _, b in table.columns}
+        ours = [c for c in paper_columns if c[1] in bits]
+    if not pairs or not ours:
+        return None
+    return published, pairs, ours
+
+
+def paper_title(column: tuple[str, str]) -> str:
+    return f"{PAPER_MODEL.get(column[0], column[0])} {column[1].upper()}"
+
+
+def paper_markdown(table: Table) -> str:
+    block = paper_block(table)
+    if block is None:
+        return ""
+    published, pairs, columns = block
+    lines = [f"Published, not our runs — {published['source']}, in %; {published['note']}."]
+    if not any(c in table.columns for c in columns):
+        lines.append("Our models are not in the paper: its columns at the same bit-widths, for orientation.")
+    head = ["paper row (our label)", *(paper_title(c) for c in columns)]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, label in pairs:
+        values = [published["rows"][name].get(c) for c in columns]
+        cells = ["–" if v is None else str(v) for v in values]
+        lines.append("| " + " | ".join([f"{name} ({label})", *cells]) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: Report, plots: list[Path]) -> str:
+    out = [f"# Report: {report.root}", "",
+           f"{len(report.runs)} runs; {len(report.skipped)} results.json skipped; {len(report.failures)} failed jobs. "
+           "Values in % (metric × 100), mean ± std over seeds where several ran; the best quantized cell per column "
+           "in bold. report.csv holds the same cells as fractions, with n and seeds.", ""]
+    for table in report.tables:
+        out += [f"## {table_title(table)}", "", markdown_table(table), ""]
+        paper = paper_markdown(table)
+        if paper:
+            out += [paper, ""]
+    if report.failures:
+        out += ["## Failed jobs", ""]
+        out += [f"- `{f['path'].parent}`: {f['error']}" + (f" (`{' '.join(f['overrides'])}`)" if f["overrides"] else "")
+                for f in report.failures]
+        out.append("")
+    if report.skipped:
+        out += ["## Skipped results.json", ""] + [f"- `{p}`: {why}" for p, why in report.skipped] + [""]
+    if report.duplicates:
+        out += ["## Duplicates", "", "Same cell and seed found more than once; the newest counted, these not:", ""]
+        out += [f"- `{p}`" for p in report.duplicates] + [""]
+    if plots:
+        out += ["## Plots", ""] + [f"- `{p}`" for p in plots] + [""]
+    return "\n".join(out)
+
+
+def write_csv(report: Report, path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["source", "task", "prompts", "metric", "row", "model", "bits", "mean", "std", "n", "seeds"])
+        for table in report.tables:
+            for row in table.rows:
+                for col in table.columns:
+                    cell = table.cells.get((row, col))
+                    if cell is not None:
+                        writer.writerow(["ours", table.task, table.prompts, table.metric, row, col[0], col[1],
+                                         repr(cell.mean), repr(cell.std), cell.n,
+                                         " ".join(str(s) for s in table.seeds[(row, col)])])
+            block = paper_block(table)
+            if block:
+                published, pairs, columns = block
+                for name, _ in pairs:
+                    for col in columns:
+                        value = published["rows"][name].get(col)
+                        if value is not None:
+                            writer.writerow(["paper", table.task, "", table.metric, name, col[0], col[1],
+                                             repr(round(value / 100, 6)), "", "", ""])
+
+
+def tex_escape(text: str) -> str:
+    return (text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+            .replace("#", r"\#").replace("★", r"$\star$").replace("±", r"$\pm$").replace("–", "--"))
+
+
+def render_tex(report: Report) -> str:
+    out = [f"% saq report of {tex_escape(str(report.root))}; needs \\usepackage{{booktabs}}", ""]
+    for table in report.tables:
+        best = {c: table.best(c) for c in table.columns}
+        out += [r"\begin{table}[t]", r"\centering", r"\caption{" + tex_escape(table_title(table)) + r" (\%)}",
+                r"\begin{tabular}{l" + "c" * len(table.columns) + "}", r"\toprule",
+                " & ".join(["Method", *(tex_escape(column_title(c)) for c in table.columns)]) + r" \\", r"\midrule"]
+        for i, row in enumerate(table.rows):
+            if i and table.row_label[table.rows[i - 1]] == FP_ROW and table.row_label[row] != FP_ROW:
+                out.append(r"\midrule")
+            cells = []
+            for col in table.columns:
+                text = tex_escape(cell_text(table.cells.get((row, col))))
+                cells.append(r"\textbf{" + text + "}" if row in best[col] else text)
+            out.append(" & ".join([tex_escape(row), *cells]) + r" \\")
+        out += [r"\bottomrule", r"\end{tabular}"]
+        block = paper_block(table)
+        if block:
+            published, pairs, columns = block
+            out += [r"\par\medskip", r"\begin{tabular}{l" + "c" * len(columns) + "}", r"\toprule",
+                    " & ".join(["Published: " + tex_escape(published["source"]),
+                                *(tex_escape(paper_title(c)) for c in columns)]) + r" \\", r"\midrule"]
+            for name, label in pairs:
+                values = [published["rows"][name].get(c) for c in columns]
+                out.append(" & ".join([tex_escape(f"{name} ({label})"),
+                                       *("--" if v is None else str(v) for v in values)]) + r" \\")
+            out += [r"\bottomrule", r"\end{tabular}"]
+        out += [r"\end{table}", ""]
+    return "\n".join(out)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_")
+
+
+def plot_metric_vs_bits(report: Report, out_dir: Path) -> list[Path]:
+    """Per task, prompt source and model: the main metric against bit-width, one line per method, FP dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    main_tables = [t for t in report.tables if t.metric == main_metric(report, t.task, t.prompts)]
+    for table in main_tables:
+        for model in dict.fromkeys(m for m, _ in table.columns):
+            bits = [b for m, b in table.columns if m == model and b != "fp"]
+            if not bits:
+                continue
+            fig, ax = plt.subplots(figsize=(5.5, 3.8))
+            x = list(range(len(bits)))
+            for row in table.rows:
+                cells = [table.cells.get((row, (model, b))) for b in bits]
+                if table.row_label[row] == FP_ROW:
+                    fp = next((c for c in cells if c is not None), None)
+                    if fp is not None:
+                        ax.axhline(100 * fp.mean, color="black", linestyle="--", linewidth=1, label=row)
+                    continue
+                points = [(i, c) for i, c in zip(x, cells) if c is not None]
+                if points:
+                    ax.errorbar([i for i, _ in points], [100 * c.mean for _, c in points],
+                                yerr=[100 * c.std for _, c in points], marker="o", capsize=3, label=row)
+            ax.set_xticks(x, [b.upper() for b in bits])
+            ax.set_xlabel("bit-width")
+            ax.set_ylabel(f"{table.metric} (%)")
+            ax.set_title(f"{model}, {table.task} ({table.prompts})")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out_dir / f"{_safe(f'{table.task}_{table.prompts}_{table.metric}_{model}')}_vs_bits.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def short_names(names: list[str]) -> list[str]:
+    """Quantizer names without the prefix they all share (up to a dot) and the `_quantizer` suffix."""
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    prefix = prefix[:prefix.rfind(".") + 1]
+    return [n[len(prefix):].removesuffix("_quantizer") for n in names]
+
+
+CLIP_POINT_KEYS = ("name", "fp_min", "fp_max", "mse_lo", "mse_hi", "pcc_lo", "pcc_hi")
+
+
+def plot_clip_ranges(report: Report, out_dir: Path) -> list[Path]:
+    """Per run with a `clipping` section: each searched point's FP range against the MSE and PCC ranges."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written, seen = [], set()
+    for run in report.runs:
+        clipping = run.get("clipping")
+        points = clipping.get("points") if isinstance(clipping, dict) else None
+        if not isinstance(points, list):
+            continue
+        points = [p for p in points if isinstance(p, dict) and all(
+            isinstance(p.get(k), (int, float)) for k in CLIP_POINT_KEYS[1:])]
+        if not points:
+            continue
+        config = run["config"]
+        name = _safe(f"clip_ranges_{run['model']}_{bits_label(config)}_{method_label(config)}_seed{run.get('seed')}")
+        if name in seen:
+            continue
+        seen.add(name)
+        fig, ax = plt.subplots(figsize=(8, 0.3 * len(points) + 1.5))
+        for i, p in enumerate(points):
+            ax.plot([p["fp_min"], p["fp_max"]], [i, i], color="0.7", linewidth=6, solid_capstyle="butt",
+                    label="FP range" if i == 0 else None)
+            ax.plot([p["mse_lo"], p["mse_hi"]], [i + 0.15, i + 0.15], color="tab:blue", linewidth=2,
+                    label="MSE" if i == 0 else None)
+            ax.plot([p["pcc_lo"], p["pcc_hi"]], [i - 0.15, i - 0.15], color="tab:red", linewidth=2,
+                    label="PCC" if i == 0 else None)
+        ax.set_yticks(range(len(points)), short_names([str(p.get("name", i)) for i, p in enumerate(points)]), fontsize=7)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("activation range (symlog)")
+        ax.set_title(f"clip ranges: {run['model']} {bits_label(config).upper()} {method_label(config)}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3, axis="x")
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main_metric(report: Report, task: str, prompts: str) -> str | None:
+    """The first metric tabulated for a task and prompt source (mask_AP, mAP50, mIoU)."""
+    return next((t.metric for t in report.tables if t.task == task and t.prompts == prompts), None)
+
+
+def write_report(report: Report, out_dir: Path) -> list[Path]:
+    """report.md, report.csv, report.tex and plots/*.png in out_dir; returns the written paths."""
+    out_dir = Path(out_dir)
+    plot_dir = out_dir / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    plots: list[Path] = []
+    try:
+        plots = plot_metric_vs_bits(report, plot_dir) + plot_clip_ranges(report, plot_dir)
+    except Exception as exc:  # a plotting failure must not cost the tables
+        print(f"warning: plots failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+    md, csv_path, tex = (out_dir / name for name in REPORT_FILES)
+    md.write_text(render_markdown(report, [p.relative_to(out_dir) for p in plots]))
+    write_csv(report, csv_path)
+    tex.write_text(render_tex(report))
+    return [md, csv_path, tex, *plots]
+
+
+def print_summary(report: Report, written: list[Path]) -> None:
+    """What a sweep prints at its end: the main table per task, the failures, and where the report is."""
+    print(f"\n=== sweep report: {report.root} — {len(report.runs)} runs, {len(report.failures)} failed, "
+          f"{len(report.skipped)} skipped results.json")
+    for table in report.tables:
+        if table.metric == main_metric(report, table.task, table.prompts):
+            print(f"\n{table_title(table)} (%)\n\n{markdown_table(table)}")
+    if report.failures:
+        print(f"\n{len(report.failures)} failed jobs:")
+        for failure in report.failures:
+            print(f"  {failure['path'].parent}: {failure['error']}")
+    for path, why in report.skipped:
+        print(f"skipped {path}: {why}")
+    if written:
+        print(f"\nreport: {', '.join(str(p) for p in written[:3])} (+{len(written) - 3} plots)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m saq.report", description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path, help="folder searched recursively for results.json (a sweep dir)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: PATH)")
+    args = parser.parse_args(argv)
+    try:
+        report = build_report(args.path)
+        if not report.runs:
+            raise SaqError(f"report: no usable results.json under {args.path} ({len(report.skipped)} skipped, "
+                           f"{len(report.failures)} failed jobs)")
+        written = write_report(report, args.out or args.path)
+    except SaqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(report, written)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

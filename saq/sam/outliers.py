@@ -1,0 +1,119 @@
+"""sam_tiny_outliers: SAM-B-like outliers planted in the mask decoder's keys in a way that leaves the FP model exact.
+
+Adding one constant vector b to every key of an attention adds q_i·b to every logit of query row i, and softmax is
+blind to a per-row constant: the FP outputs do not change (up to float rounding). A per-tensor quantizer of the keys,
+though, must now cover |b|. Constant per-channel key offsets are what PTQ4SAM describes in SAM's token->image keys
+and what the "massive activations" literature finds in few channels of trained transformers. The offset of each chosen
+channel is `magnitude` times the unplanted key projection's own p99 |k|, measured on calibration images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from segment_anything.modeling import Sam
+
+from saq.errors import SaqError
+from saq.sam.attention import decoder_attentions
+from saq.sam.segmenter import PromptedImage, Segmenter
+
+SIGNS = ("alternate", "positive", "negative")
+
+
+@dataclass(frozen=True)
+class OutlierSpec:
+    """What to plant (the model.outliers config)."""
+
+    attentions: str | tuple[str, ...] = "all"  # decoder attention names (layers.0.self_attn, ...) or all
+    heads: int = 1  # heads per attention that carry an offset
+    channels_per_head: int = 1  # offset channels in each of those heads
+    sign: str = "alternate"  # alternate (+, -, +, ... over attentions in forward order) | positive | negative
+    magnitude: float = 150.0  # offset as a multiple of the unplanted keys' p99 |k| (paper: [-167, 177] vs ~[-1, 1])
+    calib_images: int = 4  # calibration images the p99 is measured on
+    seed: int = 0  # which heads and channels
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping) -> OutlierSpec:
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(cfg, DictConfig):
+                cfg = OmegaConf.to_container(cfg, resolve=True)
+        except ImportError:
+            pass
+        unknown = set(cfg) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SaqError(f"model.outliers.{sorted(unknown)[0]} is not a known key; expected one of "
+                           f"{sorted(cls.__dataclass_fields__)}")
+        values = dict(cfg)
+        if not isinstance(values.get("attentions", "all"), str):
+            values["attentions"] = tuple(values["attentions"])
+        elif values.get("attentions", "all") != "all":
+            raise SaqError(f"model.outliers.attentions={values['attentions']!r} invalid; expected all or a list")
+        spec = cls(**values)
+        for key in ("heads", "channels_per_head", "calib_images"):
+            value = getattr(spec, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SaqError(f"model.outliers.{key}={value!r} invalid; expected an integer >= 1")
+        if spec.sign not in SIGNS:
+            raise SaqError(f"model.outliers.sign={spec.sign!r} is unknown; expected one of {list(SIGNS)}")
+        if not spec.magnitude > 0:
+            raise SaqError(f"model.outliers.magnitude={spec.magnitude!r} invalid; expected a positive multiple of p99")
+        return spec
+
+
+@torch.no_grad()
+def key_p99(sam: Sam, samples: Sequence[PromptedImage], names: Sequence[str]) -> dict[str, float]:
+    """p99 of |k_proj output| of each named decoder attention over the samples' prompts."""
+    from saq.clipping.percentile import tail_quantiles
+
+    attentions = decoder_attentions(sam)
+    values: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [attentions[name].k_proj.register_forward_hook(
+        lambda _m, _i, out, name=name: values[name].append(out.detach().abs().flatten().float())) for name in names]
+    try:
+        segmenter = Segmenter(sam)
+        for sample in samples:
+            segmenter.run(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not all(values.values()):
+        raise SaqError("the calibration samples reached no decoder attention (no prompts?)")
+    return {name: float(tail_quantiles(torch.cat(chunks), [0.99])[0]) for name, chunks in values.items()}
+
+
+@torch.no_grad()
+def plant_key_outliers(sam: Sam, samples: Sequence[PromptedImage], spec: OutlierSpec) -> list[dict]:
+    """Add the offsets to the chosen key-projection biases in place; returns what was planted, per attention."""
+    attentions = decoder_attentions(sam)
+    names = list(attentions) if spec.attentions == "all" else list(spec.attentions)
+    for name in names:
+        if name not in attentions:
+            raise SaqError(f"model.outliers.attentions names {name!r}, which is not a decoder attention; expected "
+                           f"some of {list(attentions)}")
+    p99 = key_p99(sam, samples, names)
+    gen = torch.Generator().manual_seed(spec.seed)
+    planted = []
+    for index, name in enumerate(names):
+        attn = attentions[name]
+        per_head = attn.internal_dim // attn.num_heads
+        if spec.heads > attn.num_heads or spec.channels_per_head > per_head:
+            raise SaqError(f"model.outliers: {name} has {attn.num_heads} heads of {per_head} channels; asked for "
+                           f"{spec.heads} heads x {spec.channels_per_head} channels")
+        heads = torch.randperm(attn.num_heads, generator=gen)[: spec.heads]
+        channels = sorted(int(h) * per_head + int(c) for h in heads
+                          for c in torch.randperm(per_head, generator=gen)[: spec.channels_per_head])
+        sign = {"positive": 1.0, "negative": -1.0}.get(spec.sign, 1.0 if index % 2 == 0 else -1.0)
+        offset = sign * spec.magnitude * p99[name]
+        if attn.k_proj.bias is None:
+            raise SaqError(f"{name}.k_proj has no bias to carry the offset")
+        attn.k_proj.bias[channels] += offset
+        planted.append({"attention": name, "channels": channels, "offset": offset, "p99": p99[name]})
+    return planted
+
+
+def spec_record(spec: OutlierSpec) -> dict:
+    return asdict(spec)

@@ -1,0 +1,200 @@
+"""Sweep jobs: skip a job already finished with the same config, isolate a failed job, report at the end of a multirun."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from saq.errors import SaqError
+from saq.log import RESULTS_FILE, record_problem, write_json_atomic
+
+FAILURE_FILE = "failure.json"
+# Keys that change how a run is logged or shown, not what it computes: a finished run still counts when they differ.
+RESUME_IGNORED_KEYS = ("logger", "progress", "threads", "fp_cache", "resume", "figures")
+
+
+def job_dirname(overrides: str, max_len: int = 160) -> str:
+    """A job's folder name from its overrides (Hydra's override_dirname): one path component, stable across reruns.
+
+    Slashes in values (paths) become '_' so a job is never nested; a long name keeps its start plus a hash of the whole.
+    """
+    name = re.sub(r"[/\\\x00]", "_", overrides) or "default"
+    if len(name) > max_len:
+        name = f"{name[:max_len]}-{hashlib.sha256(overrides.encode()).hexdigest()[:10]}"
+    return name
+
+
+def register_resolvers() -> None:
+    """${saq_dirname:...}, used by conf/config.yaml's hydra.sweep.subdir (registered when saq is imported)."""
+    if not OmegaConf.has_resolver("saq_dirname"):
+        OmegaConf.register_new_resolver("saq_dirname", job_dirname)
+
+
+def check_preset_found(cfg: DictConfig) -> None:
+    """`+sweeps=NAME` run outside the repository root adds a plain string instead of the preset: refuse it."""
+    if isinstance(cfg.get("sweeps"), str):
+        raise SaqError(f"sweep preset '{cfg.sweeps}' not found: run from the repository root (sweeps/ is searched "
+                       f"there), where sweeps/{cfg.sweeps}.yaml must exist")
+
+
+def comparable_config(config: dict) -> dict:
+    """The config as results.json stores it (JSON round trip), without the keys that do not change results."""
+    plain = json.loads(json.dumps(config, default=str))
+    return {k: v for k, v in plain.items() if k not in RESUME_IGNORED_KEYS}
+
+
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (missing on one side counts)."""
+    keys = sorted(set(a) | set(b), key=str)
+    out: list[str] = []
+    for k in keys:
+        path = f"{prefix}{k}"
+        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_differences(va, vb, path + ".")
+        elif va != vb:
+            out.append(path)
+    return out
+
+
+def finished_record(run_dir: Path) -> dict | None:
+    """The record in run_dir/results.json if it is a finished run (FP, and quantized unless FP-only), else None."""
+    try:
+        record = json.loads((Path(run_dir) / RESULTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return None if record_problem(record) else record
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a results file we are about to replace, so no earlier result is ever lost."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.{stamp}.{why}")
+    path.replace(target)
+    return target
+
+
+def should_skip(cfg: DictConfig, run_dir: Path) -> bool:
+    """True when run_dir already holds a finished run of this config (resume); sets aside what cannot be resumed."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.exists():
+        return False
+    record = finished_record(run_dir)
+    if record is None:
+        print(f"{path}: not a finished run (corrupt or partial), recomputing; kept as {set_aside(path, 'unfinished')}")
+        return False
+    if not cfg.get("resume", True):
+        print(f"{path}: resume=false, recomputing; kept as {set_aside(path, 'previous')}")
+        return False
+    diff = config_differences(comparable_config(record["config"]),
+                              comparable_config(OmegaConf.to_container(cfg, resolve=True)))
+    if diff:
+        shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
+        print(f"{path}: holds a run of another config (differs at {shown}), recomputing; "
+              f"kept as {set_aside(path, 'other-config')}")
+        return False
+    return True
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: saq's own message as it is, anything else prefixed with its type."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, SaqError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def write_failure(run_dir: Path, cfg: DictConfig, exc: BaseException, overrides: list[str]) -> Path:
+    """failure.json in the job's directory: the one-line error, the traceback and the job's overrides."""
+    path = Path(run_dir) / FAILURE_FILE
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an unresolvable config may be the failure itself
+        config = None
+    write_json_atomic(path, {
+        "status": "failed",
+        "error": one_line(exc),
+        "error_type": type(exc).__name__,
+        "overrides": overrides,
+        "traceback": "".join(traceback.format_exception(exc)),
+        "config": config,
+        "run_dir": str(run_dir),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    })
+    return path
+
+
+def run_sweep_job(cfg: DictConfig, run_dir: Path, run: Callable[[DictConfig, Path], dict],
+                  overrides: list[str]) -> dict | None:
+    """One multirun job: skipped when finished before; any error is recorded in failure.json and never raised."""
+    run_dir = Path(run_dir)
+    if should_skip(cfg, run_dir):
+        print(f"skipped: {run_dir / RESULTS_FILE} already holds this finished run (resume=false recomputes)")
+        (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+        return None
+    try:
+        record = run(cfg, run_dir)
+    except Exception as exc:  # one failed job must not stop the sweep; the summary lists it
+        path = write_failure(run_dir, cfg, exc, overrides)
+        if not isinstance(exc, SaqError):
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"error: {one_line(exc)} (job {' '.join(overrides)}; {path})", file=sys.stderr)
+        return None
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this job is now fixed
+    return record
+
+
+def sweep_job_overrides(config: DictConfig) -> list[list[str]] | None:
+    """The override list of every job the basic sweeper will launch (preset params, then the command line's)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def jobs_that_do_not_compose(config: DictConfig) -> list[tuple[list[str], str]]:
+    """Each job whose config cannot be composed, with Hydra's reason: checked before any job runs."""
+    from hydra import compose
+
+    problems = []
+    for job in sweep_job_overrides(config) or []:
+        try:
+            compose(config_name=config.hydra.job.config_name, overrides=job)
+        except Exception as exc:  # Hydra's composition errors: missing option, bad key, bad value
+            problems.append((job, " ".join(str(exc).split()).split(" Config search path:")[0]))
+    return problems
+
+
+class SweepReport(Callback):
+    """Before a multirun: every job must compose. After it: the sweep's report, its main tables, the failed jobs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        problems = jobs_that_do_not_compose(config)
+        if problems:
+            for job, why in problems:
+                print(f"error: job {' '.join(job)}: {why}", file=sys.stderr)
+            print(f"error: {len(problems)} jobs of this sweep do not compose; nothing was run", file=sys.stderr)
+            sys.exit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from saq.report import build_report, print_summary, write_report
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        report = build_report(sweep_dir)
+        written = write_report(report, sweep_dir) if report.runs else []
+        print_summary(report, written)
+        sys.stdout.flush()
+        if report.failures:
+            sys.exit(1)  # after the report: the sweep's exit status says some job failed

@@ -1,0 +1,184 @@
+"""Perceptual-Consistency Clipping: the focus metric, the search on planted outliers, the outlier testbed, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything.modeling.transformer import Attention
+
+from saq.clipping import MSEClipping, PerceptualConsistencyClipping, build_range_strategy
+from saq.clipping.pcc import focus_iou, focus_mask, pcc_distance
+from saq.errors import SaqError
+from saq.quant import QuantConfig, QuantizerFactory, QuantState, calibrate, iter_quantizers, quantize
+from saq.quant.grid import qparams_from_range
+from saq.sam.attention import AttentionProbe, QuantDecoderAttention, decoder_attention_probes, decoder_attentions
+from saq.sam.build import build_random_sam, build_sam
+from saq.sam.outliers import OutlierSpec, plant_key_outliers
+from saq.sam.segmenter import PromptedImage, Segmenter
+from tests.test_cli import saq
+
+torch.set_num_threads(1)
+
+
+def test_focus_mask_and_distance_by_hand():
+    # one prompt, one head, two query rows over four keys
+    a = torch.tensor([[[[0.1, 0.5, 0.3, 0.1], [0.4, 0.4, 0.1, 0.1]]]])
+    b = torch.tensor([[[[0.5, 0.1, 0.3, 0.1], [0.4, 0.1, 0.4, 0.1]]]])
+    # theta 0.5, row max: a's masks {1, 2} and {0, 1}; b's {0, 2} and {0, 2}
+    assert focus_mask(a, 0.5).int().tolist() == [[[[0, 1, 1, 0], [1, 1, 0, 0]]]]
+    # intersection: {2} and {0} = 2 entries; union: {0, 1, 2} and {0, 1, 2} = 6 entries
+    assert float(focus_iou(a, b, 0.5)) == pytest.approx(2 / 6, abs=1e-6)
+    assert pcc_distance([a], [b], 0.5) == pytest.approx(1 - 2 / 6, abs=1e-6)
+    assert pcc_distance([a], [a.clone()], 0.5) == pytest.approx(0.0, abs=1e-6)
+    disjoint = torch.tensor([[[[0.5, 0.0, 0.0, 0.5], [0.0, 0.0, 0.5, 0.5]]]])
+    assert pcc_distance([a], [disjoint], 0.5) == pytest.approx(1.0, abs=1e-6)
+    # the map-wide max: a's peak 0.5 gives the mask {0.5, 0.3, 0.4, 0.4} >= 0.25 ... strictly greater
+    assert focus_mask(a, 0.5, "map").int().tolist() == [[[[0, 1, 1, 0], [1, 1, 0, 0]]]]
+    assert focus_mask(a, 0.7, "map").int().tolist() == [[[[0, 1, 0, 0], [1, 1, 0, 0]]]]
+
+
+def _planted_attention(seed=0):
+    """A 64-dim, 4-head decoder attention whose key channel 5 carries a constant offset 150x the bulk."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    attn = Attention(64, 4)
+    with torch.no_grad():
+        attn.k_proj.bias[5] += 150.0 * 3.0
+    quant = QuantDecoderAttention.from_float(attn, QuantizerFactory(QuantConfig.from_cfg({"name": "w6a6", "w_bits": 6,
+                                                                                         "a_bits": 6})))
+    for name, module in quant.named_modules():
+        if hasattr(module, "set_state"):
+            module.name = name
+    q = torch.randn(3, 7, 64, generator=gen)
+    k = torch.randn(3, 200, 64, generator=gen)
+    return attn, quant, q, k
+
+
+def test_pcc_clips_planted_key_outliers_far_tighter_than_mse_and_keeps_the_focus():
+    attn, quant, q, k = _planted_attention()
+    probe = AttentionProbe("toy", quant)
+    pcc = PerceptualConsistencyClipping(sweeps=1)
+    report = pcc.search([probe], [lambda: quant(q=q, k=k, v=k)], progress=False)
+    k_out = next(p for p in report.points if p.point == "k_out")
+    assert k_out.fp_max > 400  # the planted channel
+    assert k_out.mse_hi > 0.9 * k_out.fp_max  # MSE keeps the outliers
+    assert k_out.pcc_hi < 0.05 * k_out.fp_max and k_out.clip_ratio > 20  # PCC clips them hard
+    assert k_out.dist_pcc < k_out.dist_mse - 0.2
+    # the chosen ranges are in force: the focus of the quantized map is close to FP's
+    fp_map = attn.q_proj(q).reshape(3, 7, 4, 16).transpose(1, 2) @ attn.k_proj(k).reshape(3, 200, 4, 16).permute(0, 2, 3, 1)
+    fp_map = torch.softmax(fp_map / 4.0, -1)
+    with torch.no_grad():
+        assert pcc_distance([fp_map], [quant.attention_probs(q, k)], 0.5) == pytest.approx(report.points[-1].dist_pcc)
+    assert all(point.state is QuantState.QUANT for point in probe.points.values())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_random_sam("sam_tiny", seed=0)
+
+
+def _sample(seed=0, size=(200, 240)):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    boxes = np.array([[20, 30, 120, 150], [5, 5, 230, 190], [100, 40, 200, 100]], np.float32)
+    return PromptedImage(image, boxes=boxes)
+
+
+def test_search_touches_only_its_points_and_calibration_keeps_their_ranges(tiny):
+    qmodel = quantize(tiny, {"name": "w4a4", "w_bits": 4, "a_bits": 4})
+    pcc = build_range_strategy({"name": "pcc", "attentions": ["layers.0.cross_attn_token_to_image",
+                                                              "final_attn_token_to_image"], "sweeps": 1})
+    searched = {id(q) for p in decoder_attention_probes(qmodel) if p.name in pcc.attentions
+                for q in p.points.values()}
+    assert len(searched) == 8
+    sample = _sample()
+    segmenter = Segmenter(qmodel)
+    segmenter.set_image(sample.image)
+    report = pcc.search(decoder_attention_probes(qmodel), [lambda: segmenter.predict(sample.boxes)],
+                        progress=False)
+    for quantizer in iter_quantizers(qmodel):
+        if id(quantizer) in searched:
+            assert quantizer.state is QuantState.QUANT
+        else:
+            assert quantizer.state is QuantState.OFF and not bool(quantizer.calibrated), quantizer.name
+    # through calibrate(): the searched ranges survive the general activation calibration unchanged
+    qmodel = quantize(tiny, {"name": "w4a4", "w_bits": 4, "a_bits": 4})
+    result = calibrate(qmodel, [sample, _sample(1)], None, {"name": "pcc", "attentions": pcc.attentions,
+                                                             "sweeps": 1}, progress=False)
+    report = result.clipping
+    assert {p.name for p in report.points} == {q.name for q in report.frozen} and len(report.points) == 8
+    for point, quantizer in zip(report.points, report.frozen):
+        assert point.name == quantizer.name
+        scale, zero_point = qparams_from_range(point.pcc_lo, point.pcc_hi, quantizer.grid)
+        assert torch.equal(quantizer.scale.detach(), scale) and torch.equal(quantizer.zero_point, zero_point)
+    # every other activation got its range from MSE (SAQ-SAM*'s observer)
+    others = [q for q in iter_quantizers(qmodel, "act") if q.name not in {p.name for p in report.points}
+              and hasattr(q, "grid")]
+    assert others and all(q.observer.strategy.name == "pcc" and isinstance(q.observer.strategy.others, MSEClipping)
+                          for q in others)
+
+
+def test_outlier_model_is_exact_in_fp_and_carries_the_planted_magnitude():
+    base = build_sam("sam_tiny")
+    planted_model = build_sam("sam_tiny_outliers")
+    samples = [_sample(0, (256, 256)), _sample(1, (256, 256))]
+    planted = plant_key_outliers(planted_model, samples[:1], OutlierSpec())
+    assert len(planted) == 7 and [p["offset"] > 0 for p in planted] == [True, False] * 3 + [True]
+    for sample in samples:
+        fp, out = Segmenter(base).run(sample), Segmenter(planted_model).run(sample)
+        assert torch.equal(fp.masks, out.masks)
+        assert torch.allclose(fp.iou_scores, out.iou_scores, atol=1e-5)
+    # the keys carry the planted offset: max|k| / p99|k| of the planting image is about the magnitude
+    keys: dict[str, torch.Tensor] = {}
+    attentions = decoder_attentions(planted_model)
+    handles = [attentions[p["attention"]].k_proj.register_forward_hook(
+        lambda _m, _i, out, name=p["attention"]: keys.setdefault(name, out.detach())) for p in planted]
+    Segmenter(planted_model).run(samples[0])
+    for handle in handles:
+        handle.remove()
+    for p in planted:
+        k = keys[p["attention"]]
+        assert float(k[..., p["channels"]].abs().min()) > 100 * p["p99"]
+        assert float(k.abs().max()) == pytest.approx(abs(p["offset"]), rel=0.05)
+    assert 0.0 < len(planted[0]["channels"]) / attentions["layers.0.self_attn"].internal_dim <= 0.02
+
+
+def test_pcc_runs_on_sam_vit_b_shapes():
+    vit_b = build_random_sam("sam_vit_b", seed=0)
+    qmodel = quantize(vit_b, {"name": "w4a4", "w_bits": 4, "a_bits": 4})
+    sample = PromptedImage(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8),
+                           boxes=np.array([[4, 4, 40, 50], [10, 20, 60, 60]], np.float32))
+    segmenter = Segmenter(qmodel)
+    segmenter.set_image(sample.image)
+    pcc = PerceptualConsistencyClipping(sweeps=1, candidates=[0.9, 0.99, 0.999])
+    report = pcc.search(decoder_attention_probes(qmodel), [lambda: segmenter.predict(sample.boxes)], progress=False)
+    assert len(report.points) == 28 and len(report.frozen) == 28
+    assert all(p.pcc_lo <= p.pcc_hi and p.percentile in (0.9, 0.99, 0.999) for p in report.points)
+    assert report.heatmaps is not None and np.asarray(report.heatmaps["fp"]).shape == (64, 64)  # ViT-B's token grid
+
+
+@pytest.mark.parametrize("cfg,message", [
+    ({"theta": 1.5}, "clip.theta=1.5 invalid; expected a number in (0, 1) (paper: 0.5)"),
+    ({"theta": 0}, "clip.theta=0 invalid"),
+    ({"candidates": []}, "clip.candidates=[] invalid"),
+    ({"points": ["q_in", "v_in"]}, "clip.points=['q_in', 'v_in'] invalid"),
+    ({"others": "pcc"}, "clip.others='pcc' is unknown"),
+])
+def test_bad_pcc_settings_are_named(cfg, message):
+    with pytest.raises(SaqError) as err:
+        build_range_strategy({"name": "pcc", **cfg})
+    assert str(err.value).startswith(message)
+
+
+def test_bad_pcc_values_fail_in_one_line_before_any_compute(tmp_path):
+    proc = saq("quant=w6a6", "clip=pcc", "clip.theta=1.5", "task.data.root=/nonexistent", "task.generate=null",
+               "logger=none", f"hydra.run.dir={tmp_path / 'a'}")
+    assert proc.stderr.strip().splitlines() == ["error: clip.theta=1.5 invalid; expected a number in (0, 1) "
+                                                "(paper: 0.5)"], proc.stderr
+    proc = saq("quant=w6a6", "clip=pcc", "clip.attentions=[layers.0.nope]", "task.data.root=/nonexistent",
+               "task.generate=null", "logger=none", f"hydra.run.dir={tmp_path / 'b'}")
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: clip.attentions names 'layers.0.nope', which is not a decoder "
+                                               "attention"), proc.stderr

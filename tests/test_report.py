@@ -1,0 +1,183 @@
+"""saq.report on hand-made results.json folders: layout, seeds, bold, paper block, bad files, plots, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from saq.report import build_report, main, markdown_table, write_report
+from tests.conftest import REPO
+
+
+def record(model="sam_tiny", bits=4, clip="mse", ap=0.5, fp_ap=0.8, seed=0, method=None, recon=None, task="instance",
+           extra: dict | None = None, **top) -> dict:
+    quant = {"name": f"w{bits}a{bits}", "w_bits": bits, "a_bits": bits} if bits else {"name": "fp"}
+    config = {"model": {"name": model}, "quant": quant, "clip": {"name": clip, **(extra or {})}, "seed": seed,
+              "task": {"max_images": None, "coarse": {"seed": seed}}, "logger": {"name": "none"}}
+    if method:
+        config["method"] = {"name": method}
+    if recon:
+        config["recon"] = {"name": recon}
+    metrics = {"fp": {"mask_AP": fp_ap, "mIoU": 0.9, "images": 6, "prompts": 20}}
+    if bits:
+        metrics["quantized"] = {"mask_AP": ap, "mIoU": ap + 0.1, "images": 6, "prompts": 20}
+    return {"run_name": "r", "model": model, "task": task, "prompts": "gt", "quant": quant["name"], "seed": seed,
+            "metrics": metrics, "config": config, **top}
+
+
+def put(root: Path, name: str, rec) -> Path:
+    path = root / name / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rec if isinstance(rec, str) else json.dumps(rec))
+    return path
+
+
+def ours(report_dir: Path, metric="mask_AP") -> dict[tuple[str, str, str], dict]:
+    rows = csv.DictReader((report_dir / "report.csv").open())
+    return {(r["row"], r["model"], r["bits"]): r for r in rows if r["source"] == "ours" and r["metric"] == metric}
+
+
+def test_layout_fp_on_top_methods_by_bits_and_best_in_bold(tmp_path):
+    put(tmp_path, "a", record(bits=6, clip="minmax", ap=0.70))
+    put(tmp_path, "b", record(bits=6, clip="mse", ap=0.75))
+    put(tmp_path, "c", record(bits=4, clip="minmax", ap=0.40))
+    put(tmp_path, "d", record(bits=4, clip="mse", ap=0.60))
+    report = build_report(tmp_path)
+    table = next(t for t in report.tables if t.metric == "mask_AP")
+    assert table.columns == [("sam_tiny", "w6a6"), ("sam_tiny", "w4a4")]
+    assert markdown_table(table).splitlines() == [
+        "| method | sam_tiny W6A6 | sam_tiny W4A4 |",
+        "|---|---|---|",
+        "| FP | 80.00 | 80.00 |",
+        "| minmax | 70.00 | 40.00 |",
+        "| mse | **75.00** | **60.00** |",
+    ]
+    assert [t.metric for t in report.tables] == ["mask_AP", "mIoU"]  # counts (images, prompts) are not tables
+
+
+def test_seeds_give_mean_and_sample_std_and_seed_keys_do_not_split_rows(tmp_path):
+    for seed, ap in enumerate([0.50, 0.60, 0.70]):
+        put(tmp_path, f"s{seed}", record(seed=seed, ap=ap))
+    write_report(build_report(tmp_path), tmp_path)
+    cell = ours(tmp_path)[("mse", "sam_tiny", "w4a4")]
+    assert float(cell["mean"]) == pytest.approx(0.6) and float(cell["std"]) == pytest.approx(0.1)
+    assert cell["n"] == "3" and cell["seeds"] == "0 1 2"
+    assert "| mse | 60.00 ± 10.00 |" in (tmp_path / "report.md").read_text()
+    assert ours(tmp_path)[("FP", "sam_tiny", "w4a4")]["n"] == "3"  # FP per seed, here identical
+
+
+def test_a_knob_that_differs_within_a_cell_splits_the_row(tmp_path):
+    for theta, ap in [(0.3, 0.55), (0.5, 0.65)]:
+        put(tmp_path, f"t{theta}", record(clip="pcc", ap=ap, extra={"theta": theta}))
+    write_report(build_report(tmp_path), tmp_path)
+    cells = ours(tmp_path)
+    assert float(cells[("pcc clip.theta=0.3", "sam_tiny", "w4a4")]["mean"]) == 0.55
+    assert float(cells[("pcc clip.theta=0.5", "sam_tiny", "w4a4")]["mean"]) == 0.65
+
+
+def test_the_same_run_found_twice_counts_once(tmp_path):
+    put(tmp_path, "first", record(ap=0.5))
+    put(tmp_path, "merged/copy", record(ap=0.5))
+    report = build_report(tmp_path)
+    write_report(report, tmp_path)
+    assert ours(tmp_path)[("mse", "sam_tiny", "w4a4")]["n"] == "1"
+    assert len(report.duplicates) == 1
+
+
+def test_row_labels_from_method_preset_or_clip_plus_recon(tmp_path):
+    put(tmp_path, "a", record(method="saq_sam", clip="pcc", recon="par", ap=0.7))
+    put(tmp_path, "b", record(clip="mse", recon="qdrop", ap=0.6))
+    put(tmp_path, "c", record(clip="mse", recon="none", ap=0.5))
+    write_report(build_report(tmp_path), tmp_path)
+    assert {k[0] for k in ours(tmp_path)} == {"FP", "saq_sam", "mse+qdrop", "mse"}
+
+
+def test_bad_files_are_listed_and_skipped_and_failures_listed(tmp_path):
+    put(tmp_path, "good", record(ap=0.5))
+    put(tmp_path, "corrupt", "{ not json")
+    put(tmp_path, "foreign", json.dumps({"accuracy": 0.9}))
+    partial = record()
+    del partial["metrics"]["quantized"]
+    put(tmp_path, "partial", partial)
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "failure.json").write_text(json.dumps({"error": "checkpoint not found: /x.pth",
+                                                                  "overrides": ["model.checkpoint=/x.pth"]}))
+    report = build_report(tmp_path)
+    assert len(report.runs) == 1
+    reasons = {p.parent.name: why for p, why in report.skipped}
+    assert reasons["corrupt"].startswith("unreadable JSON")
+    assert reasons["foreign"] == "not a saq run record (missing model, task, quant, metrics, config)"
+    assert reasons["partial"] == "partial run: no quantized metrics"
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "checkpoint not found: /x.pth" in md and "model.checkpoint=/x.pth" in md
+    assert "`" + str(tmp_path / "corrupt" / "results.json") + "`: unreadable JSON" in md
+    assert "| mse | 50.00 |" in md
+
+
+def test_paper_block_for_matching_rows_and_columns(tmp_path):
+    for bits, ap in [(6, 0.41), (4, 0.30)]:
+        put(tmp_path, f"saq{bits}", record(model="sam_vit_b", bits=bits, method="saq_sam", clip="pcc", ap=ap))
+        put(tmp_path, f"pct{bits}", record(model="sam_vit_b", bits=bits, clip="percentile", ap=ap - 0.1))
+    report = build_report(tmp_path)
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    block = md.split("## instance (prompts gt): mask_AP\n")[1].split("## ")[0]
+    assert "Published, not our runs — SAQ-SAM paper, COCO val2017 mask AP, DINO detector prompts (paper.md §9.1)" in block
+    assert "| paper row (our label) | SAM-B W6A6 | SAM-B W4A4 |" in block
+    assert "| FP (FP) | 44.5 | 44.5 |" in block and "| SAQ-SAM (saq_sam) | 42.4 | 33.8 |" in block
+    assert "percentile" not in block.split("Published")[1]  # no published row for it
+    paper = [r for r in csv.DictReader((tmp_path / "report.csv").open()) if r["source"] == "paper"]
+    assert {(r["row"], r["bits"], r["mean"]) for r in paper if r["row"] == "SAQ-SAM"} == {
+        ("SAQ-SAM", "w6a6", "0.424"), ("SAQ-SAM", "w4a4", "0.338")}
+    tex = (tmp_path / "report.tex").read_text()
+    assert r"\textbf{41.00}" in tex and "SAQ-SAM (saq\\_sam) & 42.4 & 33.8" in tex
+
+
+def test_plots_metric_vs_bits_and_clip_ranges_when_present(tmp_path):
+    points = [{"name": f"layers.{i}.k_proj", "fp_min": -150.0, "fp_max": 160.0, "mse_lo": -140.0, "mse_hi": 150.0,
+               "pcc_lo": -1.0, "pcc_hi": 1.2, "clip_ratio": 0.01, "dist_before": 0.6, "dist_after": 0.1}
+              for i in range(3)]
+    put(tmp_path, "pcc", record(clip="pcc", ap=0.6, clipping={"points": points}))
+    put(tmp_path, "mse6", record(bits=6, clip="mse", ap=0.7))
+    put(tmp_path, "broken", record(bits=6, clip="pcc", ap=0.7, clipping={"points": "oops"}))
+    written = write_report(build_report(tmp_path), tmp_path)
+    names = sorted(p.name for p in written if p.suffix == ".png")
+    assert names == ["clip_ranges_sam_tiny_w4a4_pcc_seed0.png", "instance_gt_mask_AP_sam_tiny_vs_bits.png"]
+    for path in written:
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_writes_reports_and_rejects_a_missing_folder(tmp_path, capsys):
+    put(tmp_path, "a", record(ap=0.5))
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plots", "report.csv", "report.md", "report.tex"]
+    assert "| mse | 50.00 |" in capsys.readouterr().out
+    assert main([str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: report: no such folder: {tmp_path / 'nope'} (give the folder of a sweep or of runs holding "
+        "results.json)")
+
+
+def test_python_m_saq_report_runs(tmp_path):
+    put(tmp_path, "a", record(ap=0.5))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "-m", "saq.report", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "report.md").is_file()
+
+
+def test_clip_plot_names_drop_the_shared_prefix_and_quantizer_suffix():
+    from saq.report import short_names
+
+    names = ["mask_decoder.transformer.layers.0.self_attn.k_proj.input_quantizer",
+             "mask_decoder.transformer.final_attn_token_to_image.qk_matmul.b_quantizer"]
+    assert short_names(names) == ["layers.0.self_attn.k_proj.input", "final_attn_token_to_image.qk_matmul.b"]

@@ -1,0 +1,284 @@
+"""Real multiruns (joblib, submitit_local, basic): results, report numbers, resume, failure isolation, W&B options."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import REPO
+
+# 2 x 2 jobs: bit-width x clipping, on 2 images with 2 calibration images. `++` because Hydra composes a multirun's
+# first config without the swept groups (quant=fp there has no calib_images); sweep presets set a quantizing default.
+SWEEP_2X2 = ["quant=w6a6,w4a4", "clip=minmax,mse", "++quant.calib_images=2"]
+
+
+def multirun(sweep_dir: Path, *overrides: str, data: Path, cwd: Path, images: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true", "MPLBACKEND": "Agg"}
+    args = [sys.executable, "-m", "saq", "-m", f"task.data.root={data}", "task.generate=null",
+            f"task.max_images={images}", "logger=none", "threads=1", "progress=false", f"hydra.sweep.dir={sweep_dir}",
+            *overrides]
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def results_in(sweep_dir: Path) -> dict[Path, dict]:
+    return {p: json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("results.json"))}
+
+
+def assert_report_equals_results(sweep_dir: Path, results: dict[Path, dict]) -> None:
+    """Every quantized mask AP in report.csv is exactly a results.json value, and the markdown shows it in %."""
+    rows = list(csv.DictReader((sweep_dir / "report.csv").open()))
+    ours = {(r["row"], r["bits"]): r for r in rows if r["source"] == "ours" and r["metric"] == "mask_AP"}
+    assert len(results) == 4
+    md = (sweep_dir / "report.md").read_text()
+    for rec in results.values():
+        clip, bits = rec["config"]["clip"]["name"], rec["quant"]
+        cell = ours[(clip, bits)]
+        assert float(cell["mean"]) == rec["metrics"]["quantized"]["mask_AP"]
+        assert cell["n"] == "1" and cell["seeds"] == "0"
+        assert f"{100 * rec['metrics']['quantized']['mask_AP']:.2f}" in md
+        assert float(ours[("FP", bits)]["mean"]) == rec["metrics"]["fp"]["mask_AP"]
+    assert {k[0] for k in ours} == {"FP", "minmax", "mse"}
+    assert {k[1] for k in ours} == {"w6a6", "w4a4"}
+
+
+@pytest.fixture(scope="module")
+def joblib_sweep(synthetic_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The 2 x 2 sweep under joblib (its folder is copied by the resume test)."""
+    work = tmp_path_factory.mktemp("joblib")
+    sweep_dir = work / "sweep"
+    proc = multirun(sweep_dir, *SWEEP_2X2, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                    data=synthetic_root, cwd=work)
+    return sweep_dir, proc
+
+
+def test_joblib_multirun_writes_four_results_and_a_report_with_their_numbers(joblib_sweep):
+    sweep_dir, proc = joblib_sweep
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in proc.stderr + proc.stdout
+    assert_report_equals_results(sweep_dir, results_in(sweep_dir))
+    for name in ("report.md", "report.csv", "report.tex", "plots/instance_gt_mask_AP_sam_tiny_vs_bits.png"):
+        assert (sweep_dir / name).is_file(), name
+    # The callback printed the main table at the end of the multirun.
+    assert "| method | sam_tiny W6A6 | sam_tiny W4A4 |" in proc.stdout
+
+
+def test_job_folders_are_named_by_their_overrides_without_nesting(joblib_sweep, synthetic_root):
+    sweep_dir, _ = joblib_sweep
+    names = sorted(p.parent.name for p in sweep_dir.rglob("results.json"))
+    data = str(synthetic_root).replace("/", "_")
+    assert names == sorted(f"++quant.calib_images=2,clip={c},quant={q},task.data.root={data},task.generate=null,"
+                           f"task.max_images=2" for c in ("minmax", "mse") for q in ("w4a4", "w6a6"))
+    assert all(p.parent.parent == sweep_dir for p in sweep_dir.rglob("results.json"))
+
+
+def test_resume_skips_finished_jobs_and_recomputes_only_a_deleted_one(joblib_sweep, synthetic_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(joblib_sweep[0], sweep_dir)
+    before = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("results.json")}
+
+    proc = multirun(sweep_dir, *SWEEP_2X2, data=synthetic_root, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("skipped: ") == 4
+    assert {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("results.json")} == before
+
+    deleted = sorted(before)[1]
+    deleted.unlink()
+    proc = multirun(sweep_dir, *SWEEP_2X2, data=synthetic_root, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("skipped: ") == 3
+    after = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("results.json")}
+    assert set(after) == set(before)
+    assert [p for p in after if after[p] != before.get(p)] == [deleted]
+
+
+def test_submitit_local_multirun_writes_four_results_and_a_matching_report(synthetic_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # One image each: four processes start at once, and most of their time is importing torch.
+    proc = multirun(sweep_dir, *SWEEP_2X2, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+                    data=synthetic_root, cwd=tmp_path, images=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((sweep_dir / ".submitit").iterdir()), "jobs went through submitit"
+    assert_report_equals_results(sweep_dir, results_in(sweep_dir))
+
+
+def test_a_failed_job_is_recorded_and_listed_without_stopping_the_others(synthetic_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = multirun(sweep_dir, "model.checkpoint=/nonexistent.pth,null", data=synthetic_root, cwd=tmp_path, images=1)
+    assert proc.returncode == 1, "a sweep with a failed job ends with exit status 1, after its report"
+    results = results_in(sweep_dir)
+    assert len(results) == 1 and next(iter(results.values()))["config"]["model"]["checkpoint"] is None
+    failures = list(sweep_dir.rglob("failure.json"))
+    assert len(failures) == 1
+    failure = json.loads(failures[0].read_text())
+    line = "checkpoint not found: /nonexistent.pth (set model.checkpoint to the path of a SAM .pth file)"
+    assert failure["error"] == line and "model.checkpoint=/nonexistent.pth" in failure["overrides"]
+    assert "1 failed jobs:" in proc.stdout and line in proc.stdout
+    assert line in (sweep_dir / "report.md").read_text()
+
+
+def test_a_job_that_does_not_compose_stops_the_sweep_before_any_job_runs(synthetic_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = multirun(sweep_dir, "quant=w4a4", "clip=minmax,pcc_not_here", data=synthetic_root, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "error: 1 jobs of this sweep do not compose; nothing was run"
+    assert "clip=pcc_not_here" in lines[-2] and "Could not find 'clip/pcc_not_here'" in lines[-2]
+    assert not list(sweep_dir.rglob("results.json"))
+
+
+def test_sweep_preset_outside_the_repository_root_is_one_clear_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "saq", "+sweeps=bits", "logger=none"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: sweep preset 'bits' not found: run from the repository root (sweeps/ is searched there), "
+        "where sweeps/bits.yaml must exist"]
+
+
+# ------------------------------------------------------------------ resume rules, without running SAM
+
+def finished(config: dict, quant: str = "w4a4") -> dict:
+    metrics = {"fp": {"mask_AP": 0.5}} | ({} if quant == "fp" else {"quantized": {"mask_AP": 0.4}})
+    return {"model": "sam_tiny", "task": "instance", "quant": quant, "metrics": metrics, "config": config}
+
+
+def test_should_skip_only_a_finished_run_of_the_same_config_and_never_loses_a_file(tmp_path):
+    from saq.sweep import should_skip
+
+    cfg = OmegaConf.create({"seed": 0, "quant": {"name": "w4a4"}, "logger": {"name": "none"}, "progress": True})
+    same_but_logging = {"seed": 0, "quant": {"name": "w4a4"}, "logger": {"name": "wandb"}, "progress": False}
+    path = tmp_path / "results.json"
+    assert not should_skip(cfg, tmp_path)  # nothing there
+
+    path.write_text(json.dumps(finished(same_but_logging)))
+    assert should_skip(cfg, tmp_path)  # logging knobs do not change results
+
+    path.write_text(json.dumps(finished({"seed": 1, "quant": {"name": "w4a4"}})))
+    assert not should_skip(cfg, tmp_path)
+    assert not path.exists() and len(list(tmp_path.glob("results.json.*.other-config"))) == 1
+
+    path.write_text("{ half a file")
+    assert not should_skip(cfg, tmp_path)
+    assert len(list(tmp_path.glob("results.json.*.unfinished"))) == 1
+
+    partial = finished(same_but_logging)
+    del partial["metrics"]["quantized"]
+    path.write_text(json.dumps(partial))
+    assert not should_skip(cfg, tmp_path)  # quantized metrics missing: not finished
+
+
+def test_resume_false_recomputes_and_keeps_the_previous_result(tmp_path):
+    from saq.sweep import should_skip
+
+    cfg = OmegaConf.create({"seed": 0, "resume": False})
+    (tmp_path / "results.json").write_text(json.dumps(finished({"seed": 0, "resume": True})))
+    assert not should_skip(cfg, tmp_path)
+    assert len(list(tmp_path.glob("results.json.*.previous"))) == 1
+
+
+def test_job_dirname_is_one_safe_component_and_bounded():
+    from saq.sweep import job_dirname
+
+    assert job_dirname("clip=mse,quant=w4a4") == "clip=mse,quant=w4a4"
+    assert job_dirname("model.checkpoint=/ckpt/sam_vit_b.pth") == "model.checkpoint=_ckpt_sam_vit_b.pth"
+    assert job_dirname("") == "default"
+    long_a, long_b = "a=" + "x" * 300, "a=" + "x" * 299 + "y"
+    assert len(job_dirname(long_a)) <= 171 and job_dirname(long_a) != job_dirname(long_b)
+
+
+# ------------------------------------------------------------------ W&B conventions
+
+def test_wandb_options_group_job_type_tags_and_config():
+    from saq.log import wandb_run_options
+
+    config = {"clip": {"name": "mse"}, "quant": {"name": "w4a4", "w_bits": 4, "a_bits": 4}, "seed": 0}
+    record = {"run_name": "sam_tiny-instance-w4a4", "model": "sam_tiny", "task": "instance", "config": config}
+    opts = wandb_run_options({"project": "p", "group": None, "tags": ["mine"], "mode": "offline"}, record,
+                             sweep_group="outputs/sweeps/bits")
+    assert opts["group"] == "outputs/sweeps/bits" and opts["job_type"] == "mse" and opts["project"] == "p"
+    assert opts["tags"] == ["mine", "model:sam_tiny", "bits:w4a4", "method:mse", "task:instance"]
+    assert opts["config"] is config and opts["name"] == "sam_tiny-instance-w4a4-mse"
+    # A preset's group wins over the sweep folder; a method preset and reconstruction name the job type.
+    config = {**config, "recon": {"name": "par"}}
+    assert wandb_run_options({"group": "bits"}, {**record, "config": config}, "x")["group"] == "bits"
+    assert wandb_run_options({}, {**record, "config": config})["job_type"] == "mse+par"
+    config = {**config, "method": {"name": "saq_sam"}}
+    assert wandb_run_options({}, {**record, "config": config})["job_type"] == "saq_sam"
+
+
+def test_wandb_logs_summary_config_and_run_figures(tmp_path, monkeypatch):
+    """With a stand-in wandb module: metrics go to the summary and every PNG in the run dir is logged as an image."""
+    import types
+
+    from saq.log import log_to_wandb
+
+    calls: dict = {"logged": {}}
+
+    class FakeRun:
+        summary: dict = {}
+        url = None
+
+        def log(self, data):
+            calls["logged"].update(data)
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return FakeRun()
+
+    fake = types.SimpleNamespace(init=init, Image=lambda path: ("image", Path(path).name))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    (tmp_path / "figs").mkdir()
+    for name in ("figs/hist_q.png", "attention.png", "wandb/media/skip.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"png")
+    record = {"run_name": "r", "model": "sam_tiny", "task": "instance", "wall_time_s": 1.0,
+              "metrics": {"fp": {"mask_AP": 0.5}, "quantized": {"mask_AP": 0.4}},
+              "config": {"clip": {"name": "mse"}, "quant": {"name": "w4a4", "w_bits": 4, "a_bits": 4}}}
+    log_to_wandb({"name": "wandb", "mode": "offline", "group": "g"}, record, tmp_path)
+    assert calls["init"]["group"] == "g" and calls["init"]["job_type"] == "mse"
+    assert calls["init"]["config"] == record["config"]
+    assert FakeRun.summary["quantized/mask_AP"] == 0.4 and FakeRun.summary["fp/mask_AP"] == 0.5
+    assert calls["logged"] == {"figures/hist_q": ("image", "hist_q.png"), "figures/attention": ("image", "attention.png")}
+    assert calls["finished"]
+
+
+def test_wandb_logs_the_clipping_ranges_as_a_table(tmp_path, monkeypatch):
+    import types
+
+    from saq.log import log_to_wandb
+
+    logged: dict = {}
+
+    class FakeRun:
+        summary: dict = {}
+        url = None
+
+        def log(self, data):
+            logged.update(data)
+
+        def finish(self):
+            pass
+
+    fake = types.SimpleNamespace(init=lambda **kw: FakeRun(), Image=lambda path: path,
+                                 Table=lambda columns, data: ("table", columns, data))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    points = [{"name": "a.k", "pcc_lo": -1.0, "pcc_hi": 2.0}, {"name": "a.q", "pcc_lo": -3.0, "pcc_hi": 3.0}]
+    record = {"run_name": "r", "model": "sam_tiny", "task": "instance", "metrics": {"fp": {"mask_AP": 0.5}},
+              "config": {"clip": {"name": "pcc"}, "quant": {"name": "w6a6", "w_bits": 6, "a_bits": 6}},
+              "clipping": {"method": "pcc", "points": points}}
+    log_to_wandb({"name": "wandb", "mode": "offline"}, record, tmp_path)
+    assert logged["clipping/ranges"] == ("table", ["name", "pcc_lo", "pcc_hi"],
+                                         [["a.k", -1.0, 2.0], ["a.q", -3.0, 3.0]])
