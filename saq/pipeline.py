@@ -74,6 +74,14 @@ def validate(cfg: DictConfig):
         raise SaqError("device=cuda but no CUDA device is available; use device=cpu")
     if cfg.device not in ("cpu", "cuda"):
         raise SaqError(f"device={cfg.device!r} is unknown; expected cpu or cuda")
+    if cfg.quant.get("load"):  # the saved model exists and fits this run
+        from saq.saved import check_load
+
+        check_load(cfg)
+    if cfg.get("deploy"):  # int8 kernels need a W8A8 model
+        from saq.deploy import check_deploy_config
+
+        check_deploy_config(None if cfg.quant.name == "fp" else cfg.quant)
     if cfg.model.get("outliers"):
         from saq.sam.outliers import OutlierSpec
 
@@ -157,18 +165,30 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     metrics = {"fp": fp}
     calibration = clipping = recon = None
 
+    saved_model = None  # where the quantized model was saved to or loaded from
     if quant_cfg is not None:
         from saq.quant import calibrate, quant_summary, quantize
+        from saq.saved import load_run, save_run
 
-        qmodel = quantize(model, quant_cfg)
-        samples = task.calibration_samples(quant_cfg.calib_images)
-        report = calibrate(qmodel, samples, quant_cfg, strategy, progress=cfg.progress)
-        calibration = {"prompts": task.calibration_prompts, "images": report.images, "prompt_count": report.prompts,
-                       "image_ids": [s.image_id for s in samples], "seconds": round(report.seconds, 2)}
-        clipping = report.clipping
-        recon = reconstruct_for_run(cfg, qmodel, model, samples, task)
+        if cfg.quant.get("load"):  # a model an earlier run calibrated: no calibration here
+            qmodel, saved_model = load_run(model, cfg), str(cfg.quant.load)
+        else:
+            qmodel = quantize(model, quant_cfg)
+            samples = task.calibration_samples(quant_cfg.calib_images)
+            report = calibrate(qmodel, samples, quant_cfg, strategy, progress=cfg.progress)
+            calibration = {"prompts": task.calibration_prompts, "images": report.images,
+                           "prompt_count": report.prompts, "image_ids": [s.image_id for s in samples],
+                           "seconds": round(report.seconds, 2)}
+            clipping = report.clipping
+            recon = reconstruct_for_run(cfg, qmodel, model, samples, task)
+            if cfg.quant.get("save", True):  # before evaluation: a later failure keeps the calibrated model
+                saved_model = str(save_run(qmodel, run_dir, cfg))
         print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau
         metrics["quantized"] = task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=cfg.progress)
+        if cfg.get("deploy"):  # the same model as int8 ONNX Runtime graphs, through the same task code
+            from saq.deploy import evaluate_deployed
+
+            metrics["deployed"] = evaluate_deployed(qmodel, run_dir, task, cfg.model.decode_batch_size, cfg.progress)
 
     prompts_name = getattr(task.prompts, "name", "-") if hasattr(task, "prompts") else "-"
     record = {
@@ -185,6 +205,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "clipping": clipping.record() if clipping is not None else None,  # a point search's ranges (clip=pcc)
         "planted_outliers": planted,  # sam_tiny_outliers: the key offsets planted at load time
         "fp_from_cache": fp_cache_file,  # the FP row was computed by an earlier run with the same key
+        "quantized_model": saved_model,  # saved to (quant.save) or loaded from (quant.load)
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_commit": git_commit(),
         "versions": package_versions(),

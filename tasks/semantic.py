@@ -6,6 +6,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -23,7 +24,7 @@ from tasks.synthetic import ensure_dataset
 
 # segment_anything.SamAutomaticMaskGenerator's defaults (its crop layers and small-region removal are not used).
 AMG_DEFAULTS = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
-                "stability_score_offset": 1.0, "box_nms_thresh": 0.7}
+                "stability_score_offset": 1.0, "box_nms_thresh": 0.7, "points_per_batch": 16}
 COARSE_DEFAULTS = {"dir": None, "downsample": 8, "blur_sigma": 1.0, "mislabel_fraction": 0.05, "seed": 0}
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 
@@ -122,26 +123,34 @@ def point_grid(points_per_side: int, height: int, width: int) -> np.ndarray:
     return (build_point_grid(points_per_side) * np.array([[width, height]])).astype(np.float32)
 
 
+class AutoMaskSet(NamedTuple):
+    """The masks automatic mask generation keeps, best score first."""
+
+    packed: np.ndarray  # K x ceil(H*W/8) uint8: np.packbits of each flattened mask
+    areas: np.ndarray  # K pixel counts
+    shape: tuple | None  # (H, W); None when no point was decoded
+    scores: np.ndarray  # K predicted IoUs
+
+
 @torch.no_grad()
 def generate_masks(segmenter: Segmenter, points: np.ndarray, pred_iou_thresh: float, stability_score_thresh: float,
-                   stability_score_offset: float, box_nms_thresh: float) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """SamAutomaticMaskGenerator's single-crop path over the image set on the segmenter.
+                   stability_score_offset: float, box_nms_thresh: float,
+                   points_per_batch: int | None = None) -> AutoMaskSet:
+    """SamAutomaticMaskGenerator's single-crop path over the image set on the segmenter, keeping the same masks.
 
-    Each point gives three masks (multimask output); masks are filtered by predicted IoU and stability score,
-    then box NMS. Decoding goes through segmenter.predict_chunks (decode_batch_size prompts at a time); the masks
-    that pass the filters are kept bit-packed on the CPU (H*W/8 bytes each), so memory is bounded by the point
-    count, not by the logits. Returns the NMS survivors (packed, best score first), their areas, and (H, W).
+    Each point gives three masks (multimask output); masks are filtered by predicted IoU, then by stability score,
+    then box NMS. The IoU filter runs inside the segmenter before any mask is upscaled (segment_anything upscales
+    all of them first), points_per_batch prompts per decoder call. The masks that pass the filters are kept
+    bit-packed on the CPU (H*W/8 bytes each), so memory is bounded by the point count, not by the logits. Returns
+    the NMS survivors (packed, best score first), their areas, (H, W) and their predicted IoUs.
     """
-    packed, boxes, scores, areas, shape = [], [], [], [], None
+    packed, boxes, scores, areas = [], [], [], []
+    shape = None
     foreground = np.ones((len(points), 1), np.int64)
-    for chunk in segmenter.predict_chunks(points=points[:, None], point_labels=foreground, multimask_output=True,
-                                          return_logits=True):
-        logits = chunk.masks.flatten(0, 1)
-        iou = chunk.iou_scores.flatten(0, 1).float()
+    for chunk in segmenter.predict_above_iou(points[:, None], foreground, pred_iou_thresh, points_per_batch):
+        logits, iou = chunk.logits, chunk.iou_scores.float()
         shape = tuple(logits.shape[-2:])
-        keep = iou > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
-        logits, iou = logits[keep], iou[keep]
-        if stability_score_thresh > 0:
+        if stability_score_thresh > 0 and len(logits):
             keep = calculate_stability_score(logits, segmenter.mask_threshold, stability_score_offset) \
                 >= stability_score_thresh
             logits, iou = logits[keep], iou[keep]
@@ -155,10 +164,10 @@ def generate_masks(segmenter: Segmenter, points: np.ndarray, pred_iou_thresh: fl
         areas.append(area.cpu())
         packed.append(np.packbits(masks.flatten(1).cpu().numpy(), axis=1))
     if shape is None or not boxes:
-        return np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), shape
+        return AutoMaskSet(np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), shape, np.zeros(0, np.float32))
     boxes, scores, area = torch.cat(boxes), torch.cat(scores), torch.cat(areas)
     keep = batched_nms(boxes, scores, torch.zeros(len(boxes), dtype=torch.int64), box_nms_thresh).numpy()
-    return np.concatenate(packed)[keep], area.numpy()[keep], shape
+    return AutoMaskSet(np.concatenate(packed)[keep], area.numpy()[keep], shape, scores.numpy()[keep])
 
 
 def vote_labels(coarse: np.ndarray, packed: np.ndarray, areas: np.ndarray, num_classes: int) -> np.ndarray:
@@ -233,6 +242,8 @@ class SemanticTask(Task):
         self.amg = self._settings(amg, AMG_DEFAULTS, "task.amg")
         if int(self.amg["points_per_side"]) < 1:
             raise SaqError(f"task.amg.points_per_side must be >= 1, got {self.amg['points_per_side']}")
+        if int(self.amg["points_per_batch"]) < 1:
+            raise SaqError(f"task.amg.points_per_batch must be >= 1, got {self.amg['points_per_batch']}")
         self.grid = PointGrid(int(self.amg["points_per_side"]))
         self.prompts = self.grid  # what the run records as this task's prompts
         self.coarse = self._settings(coarse, COARSE_DEFAULTS, "task.coarse")
@@ -311,7 +322,8 @@ class SemanticTask(Task):
         encoder0, decoder0 = segmenter.timings.encoder_s, segmenter.timings.decoder_s
         filter_s = vote_s = 0.0
         n_masks = n_prompts = 0
-        amg = {key: float(v) for key, v in self.amg.items() if key != "points_per_side"}
+        amg = {key: float(v) for key, v in self.amg.items() if key not in ("points_per_side", "points_per_batch")}
+        amg["points_per_batch"] = int(self.amg["points_per_batch"])
         for stem, path, label_path in tqdm(self.items, desc="semantic eval", disable=not progress, leave=False):
             image = read_rgb(path)
             gt = self.ground_truth(label_path, image.shape[:2])
@@ -319,7 +331,7 @@ class SemanticTask(Task):
             segmenter.set_image(image)
             points = point_grid(self.grid.points_per_side, *image.shape[:2])
             start, decoded = time.perf_counter(), segmenter.timings.decoder_s
-            packed, areas, _ = generate_masks(segmenter, points, **amg)
+            packed, areas, _, _ = generate_masks(segmenter, points, **amg)
             # Filtering, NMS and packing only: the decoder's own time is in segmenter.timings.
             filter_s += time.perf_counter() - start - (segmenter.timings.decoder_s - decoded)
             start = time.perf_counter()
@@ -345,3 +357,50 @@ class SemanticTask(Task):
             "IoU_per_class": iou_by_class(cm_refined, self.classes),
             "coarse_IoU_per_class": iou_by_class(cm_coarse, self.classes),
         }
+
+
+def reference_masks(segmenter: Segmenter, image: np.ndarray, points_per_side: int, pred_iou_thresh: float,
+                    stability_score_thresh: float, stability_score_offset: float, box_nms_thresh: float,
+                    points_per_batch: int = 64) -> AutoMaskSet:
+    """segment_anything.SamAutomaticMaskGenerator's masks for the image (one crop, same thresholds), as an AutoMaskSet:
+    the reference generate_masks must match. It runs the segmenter's SAM directly, image encoder included."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    generator = SamAutomaticMaskGenerator(
+        segmenter.sam, points_per_side=points_per_side, points_per_batch=points_per_batch,
+        pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+        stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh)
+    records = generator.generate(image)
+    shape = tuple(image.shape[:2])
+    if not records:
+        return AutoMaskSet(np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), shape, np.zeros(0, np.float32))
+    masks = np.stack([r["segmentation"] for r in records]).reshape(len(records), -1)
+    return AutoMaskSet(np.packbits(masks, axis=1), np.array([r["area"] for r in records], np.int64), shape,
+                       np.array([r["predicted_iou"] for r in records], np.float32))
+
+
+def mask_set_differences(ours: AutoMaskSet, reference: AutoMaskSet, score_atol: float = 1e-5) -> list[str]:
+    """Why two kept-mask sets differ (empty when they hold the same masks, areas, boxes, and scores within score_atol).
+
+    Masks are matched by their exact pixels, so the order of the two sets does not matter.
+    """
+    if len(ours.areas) != len(reference.areas):
+        return [f"{len(ours.areas)} masks against {len(reference.areas)}"]
+    problems = []
+    by_pixels = {row.tobytes(): i for i, row in enumerate(reference.packed)}
+    h, w = reference.shape
+    for i, row in enumerate(ours.packed):
+        j = by_pixels.get(row.tobytes())
+        if j is None:
+            problems.append(f"mask {i} (area {ours.areas[i]}) has no identical mask in the reference")
+            continue
+        if ours.areas[i] != reference.areas[j]:
+            problems.append(f"mask {i}: area {ours.areas[i]} against {reference.areas[j]}")
+        if abs(float(ours.scores[i]) - float(reference.scores[j])) > score_atol:
+            problems.append(f"mask {i}: predicted IoU {ours.scores[i]:.7f} against {reference.scores[j]:.7f}")
+    if not problems and len(ours.areas):  # identical pixels give identical boxes; check the box code path too
+        unpack = lambda s: torch.as_tensor(np.unpackbits(s.packed, axis=1, count=h * w).reshape(-1, h, w) > 0)  # noqa: E731
+        order = [by_pixels[row.tobytes()] for row in ours.packed]
+        if not torch.equal(batched_mask_to_box(unpack(ours)), batched_mask_to_box(unpack(reference))[order]):
+            problems.append("boxes differ")
+    return problems

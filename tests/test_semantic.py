@@ -12,7 +12,7 @@ from torchvision.ops import box_iou
 
 from saq.errors import SaqError
 from saq.sam.build import build_sam
-from saq.sam.segmenter import Prediction, Segmenter, Timings
+from saq.sam.segmenter import AutoMasks, Prediction, Segmenter, Timings
 from tasks.base import read_rgb
 from tasks.prompts import DetectionsFile, GroundTruthBoxes, JitteredBoxes
 from tasks.semantic import (
@@ -21,8 +21,10 @@ from tasks.semantic import (
     confusion_matrix,
     degraded_labels,
     generate_masks,
+    mask_set_differences,
     mean_iou,
     point_grid,
+    reference_masks,
     vote_labels,
 )
 from tasks.synthetic import CATEGORIES
@@ -97,6 +99,13 @@ class RegionSegmenter:
             logits = torch.as_tensor(np.where(masks, 10.0, -10.0), dtype=torch.float32)
             self.timings.decoder_s += 0.5
             yield Prediction(logits, torch.full(logits.shape[:2], 0.95), logits[..., :4, :4])
+
+    def predict_above_iou(self, points, point_labels, pred_iou_thresh, batch_size=None):
+        """Segmenter.predict_above_iou's contract on top of predict_chunks (the fake keeps its own chunk size)."""
+        for start, chunk in zip(range(0, len(points), self.decode_batch_size), self.predict_chunks(points, point_labels)):
+            keep = chunk.iou_scores > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(chunk.iou_scores) > 0
+            prompt_index, output_index = keep.nonzero(as_tuple=True)
+            yield AutoMasks(chunk.masks[keep], chunk.iou_scores[keep], prompt_index + start, output_index)
 
 
 def test_out_of_range_label_names_the_file_and_value(tmp_path):
@@ -181,7 +190,7 @@ def test_generate_masks_filters_dedups_and_does_not_depend_on_chunking():
     for batch in (1, 3, 64):
         seg = RegionSegmenter([labels], decode_batch_size=batch)
         seg.set_image(None)
-        packed, areas, shape = generate_masks(seg, points, pred_iou_thresh=0.9, stability_score_thresh=0.95,
+        packed, areas, shape, _ = generate_masks(seg, points, pred_iou_thresh=0.9, stability_score_thresh=0.95,
                                               stability_score_offset=1.0, box_nms_thresh=0.7)
         results.append((packed.tolist(), sorted(areas.tolist()), shape))
     assert results[0] == results[1] == results[2]
@@ -251,7 +260,7 @@ def test_shipped_sam_tiny_end_to_end(synthetic_root):
     assert metrics["mIoU"] >= metrics["coarse_mIoU"]  # the kept masks refine the coarse prior
     # Unfiltered, the grid yields many distinct masks: non-empty, and no two boxes overlapping beyond the NMS IoU.
     segmenter.set_image(read_rgb(task.items[0][1]))
-    packed, areas, shape = generate_masks(segmenter, point_grid(8, 256, 256), 0.0, 0.0, 1.0, 0.7)
+    packed, areas, shape, _ = generate_masks(segmenter, point_grid(8, 256, 256), 0.0, 0.0, 1.0, 0.7)
     assert shape == (256, 256) and len(areas) >= 5 and (areas > 0).all()
     masks = torch.as_tensor(np.unpackbits(packed, axis=1, count=256 * 256).reshape(-1, 256, 256).astype(bool))
     assert (masks.flatten(1).sum(1).numpy() == areas).all()
@@ -260,3 +269,23 @@ def test_shipped_sam_tiny_end_to_end(synthetic_root):
     samples = task.calibration_samples(2)
     assert samples[0].points.shape == (64, 1, 2) and samples[0].point_labels.shape == (64, 1)
     assert samples[0].image_id == "000000" and samples[0].num_prompts == 64
+
+
+def test_fast_amg_keeps_exactly_segment_anythings_masks(synthetic_root):
+    sam = build_sam("sam_tiny")
+    image = read_rgb(sorted((synthetic_root / "val/images").iterdir())[0])
+    thresholds = {"pred_iou_thresh": 0.7, "stability_score_thresh": 0.9, "stability_score_offset": 1.0,
+                  "box_nms_thresh": 0.7}
+    reference = reference_masks(Segmenter(sam), image, 8, **thresholds)
+    assert len(reference.areas) >= 3  # the comparison has something to compare
+    for batch in (5, 16):  # a short last chunk, and the task's default
+        segmenter = Segmenter(sam)
+        segmenter.set_image(image)
+        ours = generate_masks(segmenter, point_grid(8, 256, 256), **thresholds, points_per_batch=batch)
+        assert mask_set_differences(ours, reference) == []
+    # the comparison itself can fail: one mask changed by a pixel, one score moved
+    changed = ours.packed.copy()
+    changed[0, 0] ^= 1
+    assert mask_set_differences(ours._replace(packed=changed), reference)
+    assert mask_set_differences(ours._replace(scores=ours.scores + 1e-4), reference)
+    assert mask_set_differences(ours._replace(areas=ours.areas[1:], packed=ours.packed[1:]), reference)

@@ -24,6 +24,9 @@ ACT_QUANTIZERS = {"lsq": LSQQuantizer, "uniform": UniformQuantizer}
 GRANULARITIES = ("per_tensor", "per_channel")
 DEFAULT_ACT_OBSERVER = "avg_minmax"
 PARTS = ("encoder", "decoder")
+# Keys of the `quant` config group that say what a run does with its quantized model, not how it quantizes: checked
+# here, read by the pipeline (saq/saved.py), never part of a QuantConfig or of a saved recipe.
+RUN_KEYS = ("save", "load")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class QuantConfig:
         if not isinstance(data, Mapping):
             raise SaqError(f"quant config must be a mapping, got {type(data).__name__}")
         base = cls()
+        check_run_keys(data)
+        data = {k: v for k, v in data.items() if k not in RUN_KEYS}
         _check_keys(data, cls, "quant")
         values = {}
         for key in ("name",):
@@ -113,6 +118,16 @@ class QuantConfig:
             if part in data:
                 values[part] = _part(data[part], f"quant.{part}", getattr(base, part))
         return replace(base, **values)
+
+
+def check_run_keys(data: Mapping) -> None:
+    """quant.save must be true/false and quant.load null or a path (a run directory or a model export)."""
+    if "save" in data:
+        _bool(data["save"], "quant.save")
+    load = data.get("load")
+    if load is not None and (not isinstance(load, str) or not load.strip()):
+        raise SaqError(f"quant.load={load!r} invalid; expected null or the path of a run directory that saved its "
+                       "quantized model")
 
 
 def _plain(cfg):

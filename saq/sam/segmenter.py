@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from segment_anything.modeling import Sam
+from segment_anything.modeling import MaskDecoder, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from saq.errors import SaqError
@@ -79,6 +79,49 @@ def decode_prompts(
     per_prompt = image_embeddings[image_index] + dense
     zero = torch.zeros_like(image_embeddings[:1])
     return sam.mask_decoder(zero, sam.prompt_encoder.get_dense_pe(), sparse, per_prompt, multimask_output)
+
+
+@dataclass
+class AutoMasks:
+    """Multimask outputs of point prompts that passed the predicted-IoU filter, as logits at the original resolution."""
+
+    logits: torch.Tensor  # K x H x W float
+    iou_scores: torch.Tensor  # K
+    prompt_index: torch.Tensor  # K: which prompt of the chunk each mask came from
+    output_index: torch.Tensor  # K: which of the three multimask outputs (0..2)
+
+
+def decode_tokens(decoder: MaskDecoder, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                  dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first half of MaskDecoder.predict_masks: the two-way transformer and the IoU head.
+
+    Returns the mask-token outputs, the updated image tokens (B x C x h x w) and the IoU predictions of all outputs;
+    decode_token_masks turns the first two into masks, for any subset of the prompts.
+    """
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
+    tokens = torch.cat((output_tokens, sparse), dim=1)
+    if image_embeddings.shape[0] == 1 and dense.stride(0) == 0:
+        # Without mask prompts every prompt's dense embedding is the same (an expanded view): the image tokens enter
+        # the transformer identical for all prompts. Passed once, the first block's image-side projections run once
+        # and broadcast against the prompts' tokens; the image->token attention makes them per prompt.
+        src, pos_src = image_embeddings + dense[:1], image_pe
+    else:
+        src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0) + dense
+        pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
+    _, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos_src, tokens)
+    iou_pred = decoder.iou_prediction_head(hs[:, 0, :])
+    return hs[:, 1:(1 + decoder.num_mask_tokens), :], src.transpose(1, 2).view(-1, c, h, w), iou_pred
+
+
+def decode_token_masks(decoder: MaskDecoder, mask_tokens_out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """The second half of MaskDecoder.predict_masks: upscale the image tokens, low-res logits of every mask token."""
+    upscaled = decoder.output_upscaling(src)
+    hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
+                            for i in range(decoder.num_mask_tokens)], dim=1)
+    b, c, h, w = upscaled.shape
+    return (hyper_in @ upscaled.view(b, c, h * w)).view(b, hyper_in.shape[1], h, w)
 
 
 class Segmenter:
@@ -159,6 +202,46 @@ class Segmenter:
             self.timings.decoder_s += self.timings.clock(self.device) - t0
             self.timings.prompts += sparse.shape[0]
             yield Prediction(masks, iou, low_res)
+
+    @torch.no_grad()
+    def predict_above_iou(self, points, point_labels, pred_iou_thresh: float,
+                          batch_size: int | None = None) -> Iterator[AutoMasks]:
+        """Automatic-mask decoding: the three multimask outputs of each point prompt, only those whose predicted IoU
+        is above pred_iou_thresh (all when it is <= 0), upscaled to the original resolution as logits.
+
+        The same logits as predict_chunks(multimask_output=True, return_logits=True) followed by the filter, without
+        upscaling or upsampling the masks the filter drops (the IoU head does not need them). batch_size prompts
+        per decoder call (default decode_batch_size): on a CPU small batches keep the image tokens in cache.
+        """
+        if self._features is None:
+            raise SaqError("call set_image() before predict()")
+        _, coords_t, labels_t = self._prompt_tensors(None, points, point_labels)
+        batch_size = batch_size or self.decode_batch_size
+        if batch_size < 1:
+            raise SaqError(f"batch_size must be >= 1, got {batch_size}")
+        decoder = self.sam.mask_decoder
+        for start in range(0, len(coords_t), batch_size):
+            sl = slice(start, start + batch_size)
+            t0 = self.timings.clock(self.device)
+            sparse, dense = self.sam.prompt_encoder(points=(coords_t[sl], labels_t[sl]), boxes=None, masks=None)
+            image_pe = self.sam.prompt_encoder.get_dense_pe()
+            if isinstance(decoder, MaskDecoder):
+                mask_tokens, src, iou = decode_tokens(decoder, self._features, image_pe, sparse, dense)
+                keep = iou[:, 1:] > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(iou[:, 1:], dtype=bool)
+                rows = keep.any(1)
+                low_res = decode_token_masks(decoder, mask_tokens[rows], src[rows])[:, 1:][keep[rows]]
+            else:  # a decoder that only offers the whole forward (e.g. a deployed ONNX one)
+                low_res, iou = decoder.predict_masks(self._features, image_pe, sparse, dense)
+                keep = iou[:, 1:] > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(iou[:, 1:], dtype=bool)
+                low_res = low_res[:, 1:][keep]
+            prompt_index, output_index = keep.nonzero(as_tuple=True)
+            if len(low_res):
+                logits = self.sam.postprocess_masks(low_res[:, None], self._input_size, self._original_size)[:, 0]
+            else:
+                logits = low_res.new_zeros((0, *self._original_size))
+            self.timings.decoder_s += self.timings.clock(self.device) - t0
+            self.timings.prompts += sparse.shape[0]
+            yield AutoMasks(logits, iou[:, 1:][keep], prompt_index + start, output_index)
 
     def predict(self, boxes=None, points=None, point_labels=None, multimask_output: bool = False,
                 return_logits: bool = False) -> Prediction:

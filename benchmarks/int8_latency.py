@@ -1,0 +1,150 @@
+"""Prints encoder and decoder latency of torch FP32, ONNX Runtime FP32 and ONNX Runtime int8 (saq.deploy), and the
+mask IoU of int8 against FP.
+
+Models: the shipped sam_tiny (W8A8 calibrated on synthetic train images, the w8a8 preset with clip=minmax) and a
+random-init sam_vit_b at 1024 px (calibrated on one synthetic image with minmax weight observers: timing only). The
+decoder is timed on a batch of box prompts. Mask IoU: sam_tiny with ground-truth boxes on val images, int8 ONNX
+masks against FP torch masks (and saq's fake-quant masks against FP, for reference).
+Usage: python benchmarks/int8_latency.py [threads=2] [repeats=3] [prompts=16] [val_images=50] [calib_images=8]
+       [vit_b=yes|no] [root=data/synthetic]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from saq import deploy
+from saq.pipeline import build_task
+from saq.quant import calibrate, quantize
+from saq.sam.build import build_random_sam, build_sam
+from saq.sam.segmenter import PromptedImage, Segmenter
+from tasks.instance import gt_boxes, read_annotated_image
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name="config", overrides=["quant=w8a8", "clip=minmax", *overrides])
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_image(size: int, prompts: int, seed: int = 0) -> PromptedImage:
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, size * 0.6, (prompts, 2))
+    wh = rng.uniform(size * 0.1, size * 0.4, (prompts, 2))
+    return PromptedImage(rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+                         boxes=np.concatenate([xy, xy + wh], 1).astype(np.float32))
+
+
+def latencies(name: str, fp, qmodel, workdir: Path, threads: int, repeats: int, prompts: int) -> list[tuple]:
+    """(model, part, torch fp32 s, ort fp32 s, ort int8 s) for the encoder and the decoder."""
+    deploy.export_graphs(fp, workdir / "fp")
+    report = deploy.export_onnx(qmodel, workdir / "int8")
+    print(f"{name}: {deploy.format_report(report)}")
+    sample = random_image(fp.image_encoder.img_size, prompts, seed=1)
+    segmenter = Segmenter(fp, decode_batch_size=prompts)
+    segmenter.set_image(sample.image)
+    image = fp.preprocess(torch.as_tensor(segmenter.transform.apply_image(sample.image)).permute(2, 0, 1)[None])
+    boxes = segmenter.transform.apply_boxes_torch(torch.as_tensor(sample.boxes), sample.image.shape[:2])
+    with torch.no_grad():
+        sparse, dense = fp.prompt_encoder(points=None, boxes=boxes, masks=None)
+        decoder_inputs = (segmenter._features, fp.prompt_encoder.get_dense_pe(), sparse, dense)
+    rows = []
+    sessions = {precision: (deploy.OnnxImageEncoder(workdir / precision / deploy.ENCODER_FILE,
+                                                    fp.image_encoder.img_size, threads),
+                            deploy.OnnxMaskDecoder(workdir / precision / deploy.DECODER_FILE,
+                                                   fp.mask_decoder.num_mask_tokens, threads))
+                for precision in ("fp", "int8")}
+    with torch.no_grad():
+        rows.append((name, "encoder", timed(lambda: fp.image_encoder(image), repeats),
+                     timed(lambda: sessions["fp"][0](image), repeats),
+                     timed(lambda: sessions["int8"][0](image), repeats)))
+        rows.append((name, f"decoder ({prompts} boxes)", timed(lambda: fp.mask_decoder.predict_masks(*decoder_inputs),
+                                                               repeats),
+                     timed(lambda: sessions["fp"][1].predict_masks(*decoder_inputs), repeats),
+                     timed(lambda: sessions["int8"][1].predict_masks(*decoder_inputs), repeats)))
+    return rows
+
+
+def mask_ious(fp, qmodel, int8_dir: Path, task, n_images: int, threads: int) -> tuple[float, float, int]:
+    """Mean IoU against FP masks of the int8 ONNX masks and of saq's fake-quant masks, over GT-box prompts."""
+    segmenters = {"fp": Segmenter(fp), "fake": Segmenter(qmodel),
+                  "int8": Segmenter(deploy.deployed_sam(qmodel, int8_dir, threads))}
+    ious = {"fake": [], "int8": []}
+    for image_id in task.image_ids()[:n_images]:
+        image = read_annotated_image(task.coco, image_id, task.img_dir)
+        prompts, _ = gt_boxes(task.coco, image_id)
+        if not len(prompts.boxes):
+            continue
+        masks = {}
+        for key, segmenter in segmenters.items():
+            segmenter.set_image(image)
+            masks[key] = segmenter.predict(boxes=prompts.boxes).masks[:, 0]
+        for key in ious:
+            inter = (masks[key] & masks["fp"]).flatten(1).sum(1).float()
+            union = (masks[key] | masks["fp"]).flatten(1).sum(1).float()
+            ious[key] += torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).tolist()
+    return float(np.mean(ious["int8"])), float(np.mean(ious["fake"])), len(ious["int8"])
+
+
+def main(args: dict[str, str]) -> None:
+    threads, repeats = int(args.get("threads", 2)), int(args.get("repeats", 3))
+    prompts, val_images = int(args.get("prompts", 16)), int(args.get("val_images", 50))
+    torch.set_num_threads(threads)
+    root = args.get("root", "data/synthetic")
+    cfg = compose_cfg(f"task.data.root={root}", f"quant.calib_images={args.get('calib_images', 8)}")
+    task = build_task(cfg)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="saq_int8_") as tmp, torch.no_grad():
+        tmp = Path(tmp)
+        tiny = build_sam("sam_tiny")
+        start = time.perf_counter()
+        tiny_q = quantize(tiny, cfg.quant)
+        calibrate(tiny_q, task.calibration_samples(cfg.quant.calib_images), cfg.quant, cfg.clip, progress=False)
+        print(f"sam_tiny: calibrated on {cfg.quant.calib_images} train images in {time.perf_counter() - start:.0f} s")
+        rows += latencies("sam_tiny", tiny, tiny_q, tmp / "tiny", threads, repeats, prompts)
+        iou_int8, iou_fake, n_masks = mask_ious(tiny, tiny_q, tmp / "tiny" / "int8", task, val_images, threads)
+        if args.get("vit_b", "yes") == "yes":
+            vit_b = build_random_sam("sam_vit_b", seed=0)
+            quick = compose_cfg("quant.encoder.weight.observer=minmax", "quant.decoder.weight.observer=minmax").quant
+            vit_b_q = quantize(vit_b, quick)
+            calibrate(vit_b_q, [random_image(1024, 4)], quick, {"name": "minmax"}, progress=False)
+            rows += latencies("sam_vit_b", vit_b, vit_b_q, tmp / "vit_b", threads, repeats, prompts)
+    print(f"latency, median of {repeats} after a warm-up, {threads} threads (torch and ONNX Runtime), "
+          f"onnxruntime {__import__('onnxruntime').__version__}")
+    print(f"{'model':10s} {'part':20s} {'torch fp32 ms':>14s} {'ort fp32 ms':>12s} {'ort int8 ms':>12s} "
+          f"{'int8 vs torch':>14s}")
+    for name, part, torch_s, ort_s, int8_s in rows:
+        print(f"{name:10s} {part:20s} {torch_s * 1e3:14.1f} {ort_s * 1e3:12.1f} {int8_s * 1e3:12.1f} "
+              f"{torch_s / int8_s:13.2f}x")
+    print(f"sam_tiny masks vs FP over {n_masks} GT-box prompts on {val_images} val images: int8 ONNX mean IoU "
+          f"{iou_int8:.3f}, saq fake-quant W8A8 mean IoU {iou_fake:.3f}")
+    encoder = {name: torch_s / int8_s for name, part, torch_s, _, int8_s in rows if part == "encoder"}
+    if "sam_vit_b" in encoder:
+        print(f"int8 encoder speedup vs torch fp32 (sam_vit_b): {encoder['sam_vit_b']:.2f}x")
+    print(f"int8 mask IoU vs fp (sam_tiny): {iou_int8:.3f}")
+
+
+if __name__ == "__main__":
+    main(dict(arg.split("=", 1) for arg in sys.argv[1:]))

@@ -1,0 +1,417 @@
+"""int8 deployment of a calibrated W8A8 model: ONNX encoder and decoder with saq's own Q/DQ parameters, and a runner.
+
+`python -m saq.deploy RUN_DIR` reads the quantized model a run saved (quant.save), writes RUN_DIR/deployed/
+{image_encoder,mask_decoder}.onnx and deploy.json, and prints which operators ONNX Runtime runs in int8.
+
+How the graph is made: every activation quantizer becomes a QuantizeLinear/DequantizeLinear pair with its calibrated
+scale and zero-point (per tensor, uint8), every weight an int8 initializer (codes shifted by 128 from saq's
+asymmetric [0, 255] grid, zero-points too, so the dequantized values are unchanged) behind a per-channel
+DequantizeLinear. ONNX Runtime's graph optimizer then fuses DQ -> MatMul into MatMulIntegerToFloat (u8 x s8 int8
+GEMM). What stays float: everything saq does not quantize (norms, softmax, GELU, patch embedding, upscaling, heads),
+the neck's convolutions (ONNX Runtime has no int8 convolution with a float output), and softmax * V, whose
+post-softmax operand uses AGQ's log2 codes: they have no ONNX int8 operator, so that matmul runs in float, its
+post-softmax operand left unquantized (default) or log2-rounded in float ops (--softmax log2; see SOFTMAX_MODES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from saq.errors import SaqError
+from saq.quant.config import QuantConfig
+from saq.quant.model import iter_quantizers, quant_config
+from saq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
+from saq.quant.quantizers import Log2AGQQuantizer, Quantizer, UniformQuantizer
+
+DEPLOY_DIR = "deployed"
+ENCODER_FILE, DECODER_FILE, REPORT_FILE = "image_encoder.onnx", "mask_decoder.onnx", "deploy.json"
+OPSET = 17
+# Optimized-graph operators that compute in integers, and float operators that do the heavy work.
+INT8_OPS = {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger", "QGemm",
+            "DynamicQuantizeMatMul", "QAttention", "QLinearAdd"}
+FLOAT_COMPUTE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul", "FusedGemm", "FusedConv", "Einsum",
+                     "NchwcConv"}
+# ONNX Runtime fuses MatMul + Add into Gemm before its QDQ fusion sees the MatMul; with it on, no linear goes int8.
+DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
+# What becomes of softmax * V's post-softmax operand, whose AGQ log2 codes no ONNX int8 operator takes:
+# float: left unquantized (the fast choice; the deployed model is then slightly closer to FP than saq's W8A8);
+# log2: saq's log2 rounding computed in float ops (the same values as saq's fake quant; costs a pass of 10 ops over
+# every attention map, which on ViT-B's global attention is slower than the int8 GEMMs save).
+SOFTMAX_MODES = ("float", "log2")
+
+
+# -- export modules: the calibrated quantizers, written so that torch.onnx emits Q/DQ ----------------------------------
+class _QuantDequant(torch.autograd.Function):
+    """x -> DequantizeLinear(QuantizeLinear(x)), per tensor; forward computes the same (x / s, as ONNX does)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point):
+        info = torch.iinfo(zero_point.dtype)
+        z = zero_point.float()
+        return (torch.clamp(torch.round(x / scale) + z, info.min, info.max) - z) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point):
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
+
+
+class _Dequant(torch.autograd.Function):
+    """int8 codes -> DequantizeLinear along `axis` (per channel) or per tensor."""
+
+    @staticmethod
+    def forward(ctx, codes, scale, zero_point, axis):
+        shape = [1] * codes.ndim
+        if scale.ndim:
+            shape[axis] = -1
+        return (codes.float() - zero_point.float().reshape(shape)) * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero_point, axis):
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
+
+
+def _int8_codes(quantizer: UniformQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """saq's weight codes as int8 (and per-channel scale and int8 zero-point), from the quantizer's own output.
+
+    Reading the codes back from ŵ covers every rounding saq has (nearest, AdaRound's learned, LSQ's step).
+    """
+    axis = quantizer.axis_for(weight)
+    shape = [1] * weight.ndim
+    if axis is not None:
+        shape[axis] = -1
+    scale = quantizer.scale.detach().float().reshape(shape)
+    zero_point = quantizer.zero_point.detach().float().reshape(shape)
+    with torch.no_grad():
+        codes = torch.round(quantizer.quantize(weight.detach()) / scale + zero_point)
+    shift = 0 if quantizer.grid.symmetric else 128  # [0, 255] -> [-128, 127]; (q - z) is unchanged
+    codes, zero_point = codes - shift, zero_point - shift
+    if codes.min() < -128 or codes.max() > 127:
+        raise SaqError(f"cannot deploy {quantizer.name}: its weight codes do not fit int8")
+    return codes.to(torch.int8), scale.flatten() if axis is not None else scale.reshape(()), \
+        zero_point.flatten().to(torch.int8) if axis is not None else zero_point.reshape(()).to(torch.int8)
+
+
+class QDQ(nn.Module):
+    """A calibrated per-tensor 8-bit activation quantizer as a QuantizeLinear/DequantizeLinear pair."""
+
+    uses_partner = False
+
+    def __init__(self, quantizer: UniformQuantizer):
+        super().__init__()
+        dtype = torch.int8 if quantizer.grid.symmetric else torch.uint8
+        self.register_buffer("scale", quantizer.scale.detach().float().reshape(()).clone())
+        self.register_buffer("zero_point", quantizer.zero_point.detach().reshape(()).to(dtype).clone())
+
+    def forward(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> torch.Tensor:
+        return _QuantDequant.apply(x, self.scale, self.zero_point)
+
+
+class Log2Float(nn.Module):
+    """AGQ's log2 quantizer in float ops (ONNX has no log2-coded int8 operator): the values saq's fake quant gives."""
+
+    uses_partner = False
+
+    def __init__(self, quantizer: Log2AGQQuantizer):
+        super().__init__()
+        self.register_buffer("scale", quantizer.scale.detach().float().reshape(()).clone())
+        self.tau, self.levels = float(quantizer.tau_value), 2**quantizer.bits
+
+    def forward(self, a: torch.Tensor, partner: torch.Tensor | None = None) -> torch.Tensor:
+        tiny = torch.finfo(torch.float32).tiny
+        code = torch.round(torch.log(torch.clamp(a, min=tiny) / self.scale) * (-self.tau / math.log(2.0)))
+        a_hat = self.scale * torch.pow(2.0, torch.clamp(code, 0, self.levels - 1) / -self.tau)
+        return torch.where(code < self.levels, a_hat, torch.zeros_like(a_hat))
+
+
+class Unquantized(nn.Module):
+    """An operand the deployed graph leaves in float."""
+
+    uses_partner = False
+
+    def forward(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
+class DeployLinear(nn.Module):
+    """QuantLinear as DQ(x) @ DQ(int8 Wᵀ) + b: the pattern ONNX Runtime turns into MatMulIntegerToFloat."""
+
+    def __init__(self, layer: QuantLinear):
+        super().__init__()
+        codes, scale, zero_point = _int8_codes(layer.weight_quantizer, layer.weight)
+        self.register_buffer("codes_t", codes.t().contiguous())  # in x out: per-channel axis 1
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.input_quantizer = export_quantizer(layer.input_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(self.input_quantizer(x), _Dequant.apply(self.codes_t, self.scale, self.zero_point, 1))
+        return out if self.bias is None else out + self.bias
+
+
+class DeployConv2d(nn.Module):
+    """QuantConv2d as conv(DQ(x), DQ(int8 W)); ONNX Runtime keeps it float (no int8 conv with a float output)."""
+
+    def __init__(self, layer: QuantConv2d):
+        super().__init__()
+        codes, scale, zero_point = _int8_codes(layer.weight_quantizer, layer.weight)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+        self.input_quantizer = export_quantizer(layer.input_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _Dequant.apply(self.codes, self.scale, self.zero_point, 0)
+        return nn.functional.conv2d(self.input_quantizer(x), weight, self.bias, self.stride, self.padding,
+                                    self.dilation, self.groups)
+
+
+def export_quantizer(quantizer: Quantizer, softmax: str = "float") -> nn.Module:
+    if isinstance(quantizer, Log2AGQQuantizer):
+        return Log2Float(quantizer) if softmax == "log2" else Unquantized()
+    if isinstance(quantizer, UniformQuantizer) and quantizer.ch_axis is None:
+        return QDQ(quantizer)
+    raise SaqError(f"cannot deploy {quantizer.name}: only per-tensor uniform activation quantizers map onto "
+                   "ONNX QuantizeLinear here (set quant.*.act.granularity=per_tensor)")
+
+
+def check_deploy_config(quant_cfg) -> None:
+    """SaqError (one line) unless a quant config (QuantConfig or the `quant` mapping; None for FP) is W8A8."""
+    if quant_cfg is None:
+        raise SaqError("deploy=true needs a quantized W8A8 model: set quant=w8a8 (or quant.load=RUN_DIR of one)")
+    cfg = QuantConfig.from_cfg(quant_cfg)
+    for part in ("encoder", "decoder"):
+        if cfg.part(part).enabled and (cfg.bits(part, "act") != 8 or cfg.bits(part, "weight") != 8):
+            raise SaqError(f"cannot deploy: int8 kernels need W8A8, the {part} is W{cfg.bits(part, 'weight')}"
+                           f"A{cfg.bits(part, 'act')} (quant=w8a8)")
+
+
+def check_deployable(qmodel: nn.Module) -> None:
+    """SaqError (one line) unless the model is a calibrated W8A8 saq model."""
+    check_deploy_config(quant_config(qmodel))
+    never = [q.name for q in iter_quantizers(qmodel) if not bool(q.calibrated)]
+    if never:
+        raise SaqError(f"cannot deploy: {len(never)} quantizers were never calibrated (first: {never[0]}); deploy a "
+                       "calibrated run's saved model")
+
+
+def export_graph_modules(qmodel: nn.Module, softmax: str = "float") -> nn.Module:
+    """A copy of the calibrated model whose quantized layers and quantizers emit Q/DQ when exported."""
+    if softmax not in SOFTMAX_MODES:
+        raise SaqError(f"softmax={softmax!r} unknown; expected one of {list(SOFTMAX_MODES)}")
+    check_deployable(qmodel)
+    model = copy.deepcopy(qmodel).cpu().eval()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantLinear):
+                setattr(parent, name, DeployLinear(child))
+            elif isinstance(child, QuantConv2d):
+                setattr(parent, name, DeployConv2d(child))
+            elif isinstance(child, QuantMatMul):
+                child.a_quantizer = export_quantizer(child.a_quantizer, softmax)
+                child.b_quantizer = export_quantizer(child.b_quantizer, softmax)
+    return model
+
+
+class _DecoderGraph(nn.Module):
+    """The mask decoder as one graph: all four mask outputs and IoU predictions for a batch of prompts."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, image_embeddings, image_pe, sparse, dense):
+        return self.decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
+
+
+def _export(module: nn.Module, inputs: tuple, path: Path, names: list[str], outputs: list[str], dynamic: dict) -> None:
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(module, inputs, str(path), opset_version=OPSET, input_names=names, output_names=outputs,
+                          dynamic_axes=dynamic, do_constant_folding=True, dynamo=False)
+
+
+def export_graphs(model: nn.Module, directory: str | Path) -> None:
+    """Write a SAM's image encoder and mask decoder as ONNX (float, or int8 after export_graph_modules)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    size = model.image_encoder.img_size
+    emb = model.prompt_encoder.image_embedding_size
+    dim = model.prompt_encoder.embed_dim
+    _export(model.image_encoder, (torch.zeros(1, 3, size, size),), directory / ENCODER_FILE, ["image"],
+            ["image_embeddings"], {})
+    prompts = 3
+    decoder_inputs = (torch.zeros(1, dim, *emb), torch.zeros(1, dim, *emb), torch.zeros(prompts, 2, dim),
+                      torch.zeros(prompts, dim, *emb))
+    _export(_DecoderGraph(model.mask_decoder), decoder_inputs, directory / DECODER_FILE,
+            ["image_embeddings", "image_pe", "sparse", "dense"], ["masks", "iou_predictions"],
+            {"sparse": {0: "prompts", 1: "tokens"}, "dense": {0: "prompts"}, "masks": {0: "prompts"},
+             "iou_predictions": {0: "prompts"}})
+
+
+def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float") -> dict:
+    """Write the int8 ONNX encoder and decoder of a calibrated model into `directory`; returns the operator report."""
+    directory = Path(directory)
+    model = export_graph_modules(qmodel, softmax)
+    start = time.perf_counter()
+    export_graphs(model, directory)
+    report = {"export_s": round(time.perf_counter() - start, 1), "opset": OPSET, "softmax": softmax}
+    for key, name in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
+        report[key] = operator_report(directory / name)
+    (directory / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None):
+    """An ONNX Runtime CPU session with QDQ fusion enabled (and MatMul + Add fusion off, see DISABLED_OPTIMIZERS)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=DISABLED_OPTIMIZERS)
+
+
+def _layer_of(node_name: str) -> str:
+    """'/blocks.0/attn/qkv/MatMul' -> 'attn.qkv'-like label: the module path without indices and the op."""
+    parts = [p for p in node_name.strip("/").split("/")[:-1] if not p.replace(".", "").isdigit()]
+    parts = [p.split(".")[0] if p.split(".")[-1].isdigit() else p for p in parts]
+    return ".".join(parts[-2:]) or node_name
+
+
+def operator_report(path: Path) -> dict:
+    """Which compute operators ONNX Runtime runs in int8 and which stay float, from its optimized graph."""
+    import onnx
+
+    optimized = path.with_suffix(".optimized.onnx")
+    session(path, 1, optimized)
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    int8 = Counter(n.op_type for n in graph.node if n.op_type in INT8_OPS)
+    floats = Counter(f"{_layer_of(n.name)} ({n.op_type})" for n in graph.node if n.op_type in FLOAT_COMPUTE_OPS)
+    optimized.unlink()
+    for extra in path.parent.glob(optimized.name + "*"):
+        extra.unlink()
+    return {"int8_ops": dict(int8), "float_ops": dict(floats)}
+
+
+def format_report(report: dict) -> str:
+    how = {"float": "post-softmax operand left float (AGQ's log2 codes have no ONNX int8 operator)",
+           "log2": "post-softmax operand log2-rounded in float ops (saq's AGQ values; no ONNX int8 operator)"}
+    lines = [f"softmax * V: float MatMul, {how[report.get('softmax', 'float')]}"]
+    for part in ("encoder", "decoder"):
+        r = report[part]
+        int8 = ", ".join(f"{n} {op}" for op, n in sorted(r["int8_ops"].items())) or "none"
+        floats = ", ".join(f"{n} {op}" for op, n in sorted(r["float_ops"].items())) or "none"
+        lines.append(f"{part}: int8 kernels: {int8}")
+        lines.append(f"{part}: float compute left: {floats}")
+    return "\n".join(lines)
+
+
+# -- the runner: a Sam whose encoder and decoder are ONNX Runtime sessions ----------------------------------------------
+class OnnxImageEncoder(nn.Module):
+    """Stands in for sam.image_encoder: preprocessed 1 x 3 x S x S image -> embedding, through ONNX Runtime."""
+
+    def __init__(self, path: str | Path, img_size: int, threads: int | None = None):
+        super().__init__()
+        self.session, self.img_size = session(path, threads), img_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {"image": x.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+class OnnxMaskDecoder(nn.Module):
+    """Stands in for sam.mask_decoder (forward and predict_masks), through ONNX Runtime."""
+
+    def __init__(self, path: str | Path, num_mask_tokens: int, threads: int | None = None):
+        super().__init__()
+        self.session, self.num_mask_tokens = session(path, threads), num_mask_tokens
+
+    def predict_masks(self, image_embeddings, image_pe, sparse, dense):
+        feed = {"image_embeddings": image_embeddings, "image_pe": image_pe, "sparse": sparse, "dense": dense}
+        masks, iou = self.session.run(None, {k: np.ascontiguousarray(v.detach().cpu().float().numpy())
+                                             for k, v in feed.items()})
+        return torch.from_numpy(masks).to(dense.device), torch.from_numpy(iou).to(dense.device)
+
+    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                multimask_output: bool):
+        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        keep = slice(1, None) if multimask_output else slice(0, 1)  # as segment_anything's MaskDecoder.forward
+        return masks[:, keep], iou[:, keep]
+
+
+def deployed_sam(qmodel: nn.Module, directory: str | Path, threads: int | None = None) -> nn.Module:
+    """The quantized model with its encoder and decoder replaced by the ONNX sessions in `directory`: a Segmenter
+    runs it like any SAM (prompt encoder, pre- and post-processing stay the model's own)."""
+    directory = Path(directory)
+    for name in (ENCODER_FILE, DECODER_FILE):
+        if not (directory / name).is_file():
+            raise SaqError(f"{directory / name} is missing; run python -m saq.deploy on the run first")
+    sam = copy.copy(qmodel)  # shallow: shares the FP prompt encoder and buffers; swaps two submodules
+    sam._modules = dict(qmodel._modules)
+    sam.image_encoder = OnnxImageEncoder(directory / ENCODER_FILE, qmodel.image_encoder.img_size, threads)
+    sam.mask_decoder = OnnxMaskDecoder(directory / DECODER_FILE, qmodel.mask_decoder.num_mask_tokens, threads)
+    return sam
+
+
+def evaluate_deployed(qmodel: nn.Module, run_dir: str | Path, task, decode_batch_size: int,
+                      progress: bool = True) -> dict:
+    """Export the calibrated model into <run_dir>/deployed and evaluate the ONNX models through the task."""
+    from saq.sam.segmenter import Segmenter
+
+    directory = Path(run_dir) / DEPLOY_DIR
+    report = export_onnx(qmodel, directory)
+    print(format_report(report))
+    metrics = task.evaluate(Segmenter(deployed_sam(qmodel, directory), decode_batch_size), progress=progress)
+    return {**metrics, "onnx_ops": report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from saq.quant.export import load_quantized
+    from saq.sam.build import build_sam
+    from saq.saved import read_recipe, saved_dir
+
+    parser = argparse.ArgumentParser(prog="python -m saq.deploy", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a run directory that saved its quantized model (or its quantized_model/)")
+    parser.add_argument("--out", help="where the ONNX files go (default RUN_DIR/deployed)")
+    parser.add_argument("--softmax", choices=SOFTMAX_MODES, default="float",
+                        help="softmax * V's post-softmax operand: float (default, fast) or log2 (saq's exact values)")
+    args = parser.parse_args(argv)
+    try:
+        directory = saved_dir(args.run_dir)
+        extra = read_recipe(directory).get("extra", {})
+        if "model" not in extra:
+            raise SaqError(f"{directory} does not say which model it quantized (recipe extra.model)")
+        qmodel = load_quantized(build_sam(extra["model"], extra.get("checkpoint")), directory)
+        out = Path(args.out) if args.out else Path(args.run_dir) / DEPLOY_DIR
+        report = export_onnx(qmodel, out, args.softmax)
+    except SaqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    print(f"wrote {out / ENCODER_FILE}, {out / DECODER_FILE} and {out / REPORT_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""A run's quantized model on disk: quant.save writes it into the run directory, quant.load evaluates it again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from saq.errors import SaqError
+from saq.quant.config import RUN_KEYS, QuantConfig
+from saq.quant.export import RECIPE_FILE, export_quantized, load_quantized
+
+SAVED_DIR = "quantized_model"  # inside a run directory
+# Settings that change how a model is calibrated, not what the calibrated model computes: free to differ on load.
+CALIBRATION_ONLY = ("name", "calib_images", "calib_decode_batch")
+
+
+def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
+    """Export the calibrated model to <run_dir>/quantized_model; the recipe's `extra` says what produced it."""
+    extra = {
+        "model": cfg.model.name,
+        "checkpoint": cfg.model.checkpoint,
+        "quant_preset": cfg.quant.name,
+        "clip": OmegaConf.to_container(cfg.clip, resolve=True) if "clip" in cfg else None,
+        "recon": OmegaConf.to_container(cfg.recon, resolve=True) if "recon" in cfg else None,
+        "task": cfg.task.get("_target_") if "task" in cfg else None,
+        "calib_images": cfg.quant.get("calib_images"),
+        "seed": cfg.get("seed"),
+    }
+    return export_quantized(qmodel, Path(run_dir) / SAVED_DIR, extra=extra)
+
+
+def saved_dir(path: str | Path) -> Path:
+    """The export folder of quant.load=PATH: PATH itself when it holds a recipe, else PATH/quantized_model."""
+    path = Path(path)
+    for candidate in (path, path / SAVED_DIR):
+        if (candidate / RECIPE_FILE).is_file():
+            return candidate
+    if not path.exists():
+        raise SaqError(f"quant.load={path}: no such directory")
+    raise SaqError(f"quant.load={path} holds no saved quantized model ({RECIPE_FILE} in it or in {SAVED_DIR}/); "
+                   "runs save one unless quant.save=false")
+
+
+def read_recipe(directory: Path) -> dict:
+    try:
+        return json.loads((directory / RECIPE_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise SaqError(f"{directory / RECIPE_FILE} is not valid JSON: {exc}") from None
+
+
+def _flat(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def check_recipe(recipe: dict, cfg: DictConfig, where: Path) -> None:
+    """SaqError (one line) unless the saved recipe fits this run's model and quant settings."""
+    saved_model = recipe.get("extra", {}).get("model")
+    preset = recipe.get("extra", {}).get("quant_preset") or recipe.get("quant", {}).get("name", "?")
+    if saved_model is not None and saved_model != cfg.model.name:
+        raise SaqError(f"quant.load={where} holds a {saved_model} model; this run builds model={cfg.model.name} "
+                       f"(use model={saved_model})")
+    if cfg.quant.name == "fp":
+        raise SaqError(f"quant.load={where} needs the quantizing preset it was saved with (quant={preset}); "
+                       "quant=fp means no quantization")
+    wanted = _flat(QuantConfig.from_cfg({k: v for k, v in OmegaConf.to_container(cfg.quant, resolve=True).items()
+                                         if k not in RUN_KEYS}).to_dict())
+    saved = _flat(QuantConfig.from_cfg(recipe["quant"]).to_dict())
+    for key, value in wanted.items():
+        if key.split(".")[0] not in CALIBRATION_ONLY and saved.get(key) != value:
+            raise SaqError(f"quant.load={where} was saved with quant.{key}={saved.get(key)!r} but this run sets "
+                           f"{value!r}; use its preset (quant={preset}) and the same overrides")
+
+
+def check_load(cfg: DictConfig) -> Path:
+    """The export folder quant.load names, after checking that its recipe fits this run (SaqError otherwise)."""
+    directory = saved_dir(cfg.quant.load)
+    check_recipe(read_recipe(directory), cfg, Path(cfg.quant.load))
+    return directory
+
+
+def load_run(model: nn.Module, cfg: DictConfig) -> nn.Module:
+    """The quantized model saved by an earlier run (quant.load), rebuilt on `model`'s architecture, every quantizer on."""
+    return load_quantized(model, check_load(cfg))

@@ -1,0 +1,85 @@
+"""quant.save / quant.load: a run's calibrated model round-trips through its run directory; mismatches are one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from saq import pipeline
+from saq.errors import SaqError
+from saq.quant import QuantConfig
+from saq.saved import SAVED_DIR, check_recipe, read_recipe, saved_dir
+from tests.conftest import REPO
+
+torch.set_num_threads(1)
+
+
+def run_config(synthetic_root, *overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose(config_name="config", overrides=[
+            f"task.data.root={synthetic_root}", "task.generate=null", "task.max_images=2", "logger=none",
+            "fp_cache=false", "progress=false", "threads=1", "quant=w8a8", "clip=minmax", "quant.calib_images=1",
+            "quant.encoder.weight.observer=minmax", "quant.decoder.weight.observer=minmax", *overrides])
+
+
+def test_saved_run_loads_to_the_same_metrics_without_calibrating(synthetic_root, tmp_path, monkeypatch):
+    first = pipeline.run(run_config(synthetic_root), tmp_path / "first")
+    export = tmp_path / "first" / SAVED_DIR
+    assert first["quantized_model"] == str(export)
+    recipe = read_recipe(export)
+    assert recipe["extra"]["model"] == "sam_tiny" and recipe["extra"]["clip"]["name"] == "minmax"
+    assert "save" not in recipe["quant"] and "load" not in recipe["quant"]  # run keys stay out of the recipe
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("quant.load must not calibrate")
+
+    monkeypatch.setattr("saq.quant.calibrate", no_calibration)
+    second = pipeline.run(run_config(synthetic_root, f"quant.load={tmp_path / 'first'}"), tmp_path / "second")
+    assert second["metrics"]["quantized"] == first["metrics"]["quantized"]
+    assert second["quantized_model"] == str(tmp_path / "first")
+    assert not (tmp_path / "second" / SAVED_DIR).exists()  # a loaded model is not saved again
+    saved = json.loads((tmp_path / "second" / "results.json").read_text())
+    assert saved["config"]["quant"]["load"] == str(tmp_path / "first")
+
+    # quant.save=false: nothing written
+    monkeypatch.undo()
+    third = pipeline.run(run_config(synthetic_root, "quant.save=false", "task.max_images=1"), tmp_path / "third")
+    assert third["quantized_model"] is None and not (tmp_path / "third" / SAVED_DIR).exists()
+
+    # mismatches: one line each, naming what to use instead
+    def check(*overrides):
+        check_recipe(recipe, run_config(synthetic_root, *overrides), tmp_path / "first")
+
+    check()  # the same settings pass, and calibration-only settings may differ
+    check("quant.calib_images=4")
+    with pytest.raises(SaqError, match=r"saved with quant\.a_bits=8 but this run sets 4; use its preset \(quant=w8a8"):
+        check("quant.a_bits=4")
+    with pytest.raises(SaqError, match=r"quant\.decoder\.weight\.quantizer='adaround' but this run sets 'uniform'"):
+        check("quant.decoder.weight.quantizer=uniform")
+    with pytest.raises(SaqError, match=r"holds a sam_tiny model; this run builds model=sam_vit_b \(use model=sam_tiny\)"):
+        check("model=sam_vit_b")
+    fp_run = run_config(synthetic_root)
+    fp_run.quant.name = "fp"
+    with pytest.raises(SaqError, match=r"needs the quantizing preset it was saved with \(quant=w8a8\)"):
+        check_recipe(recipe, fp_run, tmp_path / "first")
+
+
+def test_load_paths_and_run_keys_are_checked(tmp_path):
+    with pytest.raises(SaqError, match=r"quant\.load=.*nope: no such directory"):
+        saved_dir(tmp_path / "nope")
+    with pytest.raises(SaqError, match=r"holds no saved quantized model .*quant\.save=false"):
+        saved_dir(tmp_path)
+    cfg = QuantConfig.from_cfg({"name": "w8a8", "save": False, "load": "outputs/run"})
+    assert cfg == QuantConfig(name="w8a8")  # run keys are checked, then left out of the quant config
+    with pytest.raises(SaqError, match=r"quant\.save='yes' invalid; expected true or false"):
+        QuantConfig.from_cfg({"save": "yes"})
+    with pytest.raises(SaqError, match=r"quant\.load=3 invalid"):
+        QuantConfig.from_cfg({"load": 3})
+
+
+def test_quant_load_is_checked_before_compute(synthetic_root, tmp_path):
+    with pytest.raises(SaqError, match=r"quant\.load=.*nope: no such directory"):
+        pipeline.validate(run_config(synthetic_root, f"quant.load={tmp_path / 'nope'}"))
