@@ -144,6 +144,7 @@ def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples, task) -> dict |
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole story of one run; returns the record written to results.json."""
     start = time.time()
+    commit = git_commit()  # the code that runs, read before it runs (the tree may change during a long run)
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -207,7 +208,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "fp_from_cache": fp_cache_file,  # the FP row was computed by an earlier run with the same key
         "quantized_model": saved_model,  # saved to (quant.save) or loaded from (quant.load)
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "versions": package_versions(),
         "wall_time_s": round(time.time() - start, 2),
         "run_dir": str(run_dir),
