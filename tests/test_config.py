@@ -99,7 +99,7 @@ def test_every_sweep_file_launches_jobs():
     counts = {}
     for sweep, _ in sweep_jobs():
         counts[sweep] = counts.get(sweep, 0) + 1
-    assert counts == {"bits": 9, "clip_ablation": 8, "quant_baselines": 9, "recon_ablation": 6, "seeds": 3,
+    assert counts == {"bits": 9, "clip_ablation": 16, "quant_baselines": 9, "recon_ablation": 6, "seeds": 3,
                       "table_instance": 24, "table_oriented": 24, "table_semantic": 12, "theta": 10}
 
 
