@@ -23,11 +23,12 @@ from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.quant_overhead import sample as random_image
 from saq import deploy
 from saq.pipeline import build_task
 from saq.quant import calibrate, quantize
 from saq.sam.build import build_random_sam, build_sam
-from saq.sam.segmenter import PromptedImage, Segmenter
+from saq.sam.segmenter import Segmenter
 from tasks.instance import gt_boxes, read_annotated_image
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -47,14 +48,6 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def random_image(size: int, prompts: int, seed: int = 0) -> PromptedImage:
-    rng = np.random.default_rng(seed)
-    xy = rng.uniform(0, size * 0.6, (prompts, 2))
-    wh = rng.uniform(size * 0.1, size * 0.4, (prompts, 2))
-    return PromptedImage(rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-                         boxes=np.concatenate([xy, xy + wh], 1).astype(np.float32))
 
 
 def latencies(name: str, fp, qmodel, workdir: Path, threads: int, repeats: int, prompts: int) -> list[tuple]:
