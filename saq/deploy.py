@@ -10,12 +10,11 @@ DequantizeLinear. ONNX Runtime's graph optimizer then fuses DQ -> MatMul into Ma
 GEMM). What stays float: everything saq does not quantize (norms, softmax, GELU, patch embedding, upscaling, heads),
 the neck's convolutions (ONNX Runtime has no int8 convolution with a float output), and softmax * V, whose
 post-softmax operand uses AGQ's log2 codes: they have no ONNX int8 operator, so that matmul runs in float, its
-post-softmax operand left unquantized (default) or log2-rounded in float ops (--softmax log2; see SOFTMAX_MODES).
+post-softmax operand left unquantized (default) or log2-rounded in float ops (softmax=log2; see SOFTMAX_MODES).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -387,24 +386,24 @@ def evaluate_deployed(qmodel: nn.Module, run_dir: str | Path, task, decode_batch
 
 
 def main(argv: list[str] | None = None) -> int:
+    from saq.cli import tool_args
     from saq.quant.export import load_quantized
     from saq.sam.build import build_sam
     from saq.saved import read_recipe, saved_dir
 
-    parser = argparse.ArgumentParser(prog="python -m saq.deploy", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a run directory that saved its quantized model (or its quantized_model/)")
-    parser.add_argument("--out", help="where the ONNX files go (default RUN_DIR/deployed)")
-    parser.add_argument("--softmax", choices=SOFTMAX_MODES, default="float",
-                        help="softmax * V's post-softmax operand: float (default, fast) or log2 (saq's exact values)")
-    args = parser.parse_args(argv)
     try:
-        directory = saved_dir(args.run_dir)
+        run_dir, options = tool_args(
+            sys.argv[1:] if argv is None else argv,
+            "python -m saq.deploy RUN_DIR [out=DIR] [softmax=float|log2]  (RUN_DIR: a run that saved its quantized "
+            "model; out: default RUN_DIR/deployed; softmax: softmax*V's operand, float (fast) or log2 (saq's values))",
+            {"out": None, "softmax": tuple(SOFTMAX_MODES)})
+        directory = saved_dir(run_dir)
         extra = read_recipe(directory).get("extra", {})
         if "model" not in extra:
             raise SaqError(f"{directory} does not say which model it quantized (recipe extra.model)")
         qmodel = load_quantized(build_sam(extra["model"], extra.get("checkpoint")), directory)
-        out = Path(args.out) if args.out else Path(args.run_dir) / DEPLOY_DIR
-        report = export_onnx(qmodel, out, args.softmax)
+        out = Path(options["out"]) if "out" in options else Path(run_dir) / DEPLOY_DIR
+        report = export_onnx(qmodel, out, options.get("softmax", "float"))
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """Sweep reports: the results.json under a folder as paper-layout tables (report.md/csv/tex) and PNG plots.
 
-`python -m saq.report PATH [--out DIR]` (or `make report RUNS=PATH`). Rows are methods, columns model × bit-width,
+`python -m saq.report PATH [out=DIR]` (or `make report RUNS=PATH`). Rows are methods, columns model × bit-width,
 one table per task, prompt source and metric; FP on top; values in % with mean ± std over seeds; the best quantized
 cell of each column in bold; the paper's published numbers (saq/paper_results.py) as a separate, labelled block.
 A corrupt, partial or foreign results.json is listed and skipped; failed sweep jobs (failure.json) are listed.
@@ -8,7 +8,6 @@ A corrupt, partial or foreign results.json is listed and skipped; failed sweep j
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -560,16 +559,18 @@ def print_summary(report: Report, written: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m saq.report", description=__doc__.splitlines()[0])
-    parser.add_argument("path", type=Path, help="folder searched recursively for results.json (a sweep dir)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: PATH)")
-    args = parser.parse_args(argv)
+    from saq.cli import tool_args
+
     try:
-        report = build_report(args.path)
+        path, options = tool_args(sys.argv[1:] if argv is None else argv,
+                                  "python -m saq.report PATH [out=DIR]  (PATH: a folder searched for results.json)",
+                                  {"out": None})
+        path = Path(path)
+        report = build_report(path)
         if not report.runs:
-            raise SaqError(f"report: no usable results.json under {args.path} ({len(report.skipped)} skipped, "
+            raise SaqError(f"report: no usable results.json under {path} ({len(report.skipped)} skipped, "
                            f"{len(report.failures)} failed jobs)")
-        written = write_report(report, args.out or args.path)
+        written = write_report(report, Path(options.get("out", path)))
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

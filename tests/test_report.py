@@ -157,7 +157,7 @@ def test_plots_metric_vs_bits_and_clip_ranges_when_present(tmp_path):
 
 def test_cli_writes_reports_and_rejects_a_missing_folder(tmp_path, capsys):
     put(tmp_path, "a", record(ap=0.5))
-    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert main([str(tmp_path), f"out={tmp_path / 'out'}"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plots", "report.csv", "report.md", "report.tex"]
     assert "| mse | 50.00 |" in capsys.readouterr().out
     assert main([str(tmp_path / "nope")]) == 2
@@ -181,3 +181,18 @@ def test_clip_plot_names_drop_the_shared_prefix_and_quantizer_suffix():
     names = ["mask_decoder.transformer.layers.0.self_attn.k_proj.input_quantizer",
              "mask_decoder.transformer.final_attn_token_to_image.qk_matmul.b_quantizer"]
     assert short_names(names) == ["layers.0.self_attn.k_proj.input", "final_attn_token_to_image.qk_matmul.b"]
+
+
+def test_report_arguments_are_a_path_and_key_value_options(tmp_path, capsys):
+    from saq.report import main
+
+    assert main([]) == 2 and "usage: python -m saq.report PATH [out=DIR]" in capsys.readouterr().err
+    assert main([str(tmp_path), "format=tex"]) == 2
+    assert "unknown option 'format'" in capsys.readouterr().err
+
+
+def test_deploy_refuses_an_unknown_softmax_mode(tmp_path, capsys):
+    from saq import deploy
+
+    assert deploy.main([str(tmp_path), "softmax=int4"]) == 1
+    assert "softmax='int4' is not allowed; expected one of ['float', 'log2']" in capsys.readouterr().err

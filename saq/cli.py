@@ -1,0 +1,26 @@
+"""Arguments of saq's small tools (`python -m saq.report PATH out=DIR`): one path, then key=value options."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from saq.errors import SaqError
+
+
+def tool_args(argv: Sequence[str], usage: str, options: dict[str, tuple[str, ...] | None]) -> tuple[str, dict]:
+    """(the positional path, {option: value}) from `PATH key=value ...`; options maps each key to its allowed
+    values (None: any). A missing path, an unknown key or a value outside the allowed ones is a SaqError."""
+    paths = [a for a in argv if "=" not in a]
+    if len(paths) != 1:
+        raise SaqError(f"usage: {usage}")
+    values = {}
+    for arg in argv:
+        if "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        if key not in options:
+            raise SaqError(f"unknown option {key!r}; usage: {usage}")
+        if options[key] is not None and value not in options[key]:
+            raise SaqError(f"{key}={value!r} is not allowed; expected one of {list(options[key])}")
+        values[key] = value
+    return paths[0], values
