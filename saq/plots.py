@@ -8,13 +8,23 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (no display here; files only)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display here; files only
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 110, layout: dict | None = None) -> Path:
+    """Lay out (tight_layout with `layout`; None skips it), write and close a figure; returns its path."""
+    if layout is not None:
+        fig.tight_layout(**layout)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
 
 
 def _grid(n: int, cols: int = 4) -> tuple[int, int]:
@@ -23,7 +33,7 @@ def _grid(n: int, cols: int = 4) -> tuple[int, int]:
 
 def clip_range_histograms(report, path: Path) -> Path:
     """Per searched point: its input's histogram (log counts) with the MinMax, MSE and PCC ranges (paper's Fig. 1)."""
-    plt = _pyplot()
+    plt = pyplot()
     points = [p for p in report.points if p.histogram is not None]
     rows, cols = _grid(len(points))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
@@ -42,15 +52,12 @@ def clip_range_histograms(report, path: Path) -> Path:
     if points:
         axes.flat[0].legend(fontsize=6)
     fig.suptitle("q/k activations and the clip ranges of MinMax, MSE and PCC", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, layout={"rect": (0, 0, 1, 0.97)})
 
 
 def attention_heatmaps(heatmaps: dict, path: Path) -> Path:
     """One prompt's token->image attention over the image grid: FP, MSE-clipped, PCC-clipped (paper's Fig. 3)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
     maps = [np.asarray(heatmaps[k]) for k in ("fp", "mse", "pcc")]
     vmax = max(float(m.max()) for m in maps)
@@ -60,14 +67,12 @@ def attention_heatmaps(heatmaps: dict, path: Path) -> Path:
         ax.axis("off")
     fig.colorbar(image, ax=list(axes), shrink=0.8)
     fig.suptitle(f"{heatmaps['attention']}: mask token of prompt {heatmaps['prompt']} (heads averaged)", fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def pcc_distance_curves(report, path: Path) -> Path:
     """PCC distance against candidate percentile for each searched point (last sweep)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for point in report.points:
         if point.curve:
@@ -77,10 +82,7 @@ def pcc_distance_curves(report, path: Path) -> Path:
     ax.set_xlabel("candidate percentile p (range [q(1-p), q(p)])")
     ax.set_ylabel("PCC distance (1 - focus IoU)")
     ax.legend(fontsize=5, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, layout={})
 
 
 def clipping_figures(report, run_dir: Path) -> list[Path]:

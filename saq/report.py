@@ -426,10 +426,9 @@ def _safe(text: str) -> str:
 
 def plot_metric_vs_bits(report: Report, out_dir: Path) -> list[Path]:
     """Per task, prompt source and model: the main metric against bit-width, one line per method, FP dashed."""
-    import matplotlib
+    from saq.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     written = []
     main_tables = [t for t in report.tables if t.metric == main_metric(report, t.task, t.prompts)]
@@ -457,11 +456,8 @@ def plot_metric_vs_bits(report: Report, out_dir: Path) -> list[Path]:
             ax.set_title(f"{model}, {table.task} ({table.prompts})")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-            fig.tight_layout()
             path = out_dir / f"{_safe(f'{table.task}_{table.prompts}_{table.metric}_{model}')}_vs_bits.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+            written.append(save_figure(fig, path, dpi=120, layout={}))
     return written
 
 
@@ -477,10 +473,9 @@ CLIP_POINT_KEYS = ("name", "fp_min", "fp_max", "mse_lo", "mse_hi", "pcc_lo", "pc
 
 def plot_clip_ranges(report: Report, out_dir: Path) -> list[Path]:
     """Per run with a `clipping` section: each searched point's FP range against the MSE and PCC ranges."""
-    import matplotlib
+    from saq.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     written, seen = [], set()
     for run in report.runs:
@@ -511,11 +506,7 @@ def plot_clip_ranges(report: Report, out_dir: Path) -> list[Path]:
         ax.set_title(f"clip ranges: {run['model']} {bits_label(config).upper()} {method_label(config)}", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3, axis="x")
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"{name}.png", dpi=120, layout={}))
     return written
 
 

@@ -182,3 +182,16 @@ def test_bad_pcc_values_fail_in_one_line_before_any_compute(tmp_path):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: clip.attentions names 'layers.0.nope', which is not a decoder "
                                                "attention"), proc.stderr
+
+
+def test_pcc_figures_are_written_as_png(tmp_path):
+    from saq.plots import clipping_figures
+
+    _, quant, q, k = _planted_attention()
+    report = PerceptualConsistencyClipping(sweeps=1).search([AttentionProbe("toy", quant)],
+                                                            [lambda: quant(q=q, k=k, v=k)], progress=False)
+    report.heatmaps = {"attention": "toy", "prompt": 0, "fp": np.eye(4).tolist(), "mse": np.zeros((4, 4)).tolist(),
+                       "pcc": np.eye(4).tolist()}
+    paths = clipping_figures(report, tmp_path)
+    assert [p.name for p in paths] == ["pcc_clip_ranges.png", "pcc_distance_curves.png", "pcc_attention_heatmaps.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
