@@ -172,7 +172,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         from saq.saved import load_run, save_run
 
         if cfg.quant.get("load"):  # a model an earlier run calibrated: no calibration here
-            qmodel, saved_model = load_run(model, cfg), str(cfg.quant.load)
+            (qmodel, recon), saved_model = load_run(model, cfg), str(cfg.quant.load)
         else:
             qmodel = quantize(model, quant_cfg)
             samples = task.calibration_samples(quant_cfg.calib_images)

@@ -81,11 +81,21 @@ def check_recipe(recipe: dict, cfg: DictConfig, where: Path) -> None:
 
 def check_load(cfg: DictConfig) -> Path:
     """The export folder quant.load names, after checking that its recipe fits this run (SaqError otherwise)."""
+    from saq.recon import check_loaded_recon
+
     directory = saved_dir(cfg.quant.load)
-    check_recipe(read_recipe(directory), cfg, Path(cfg.quant.load))
+    recipe = read_recipe(directory)
+    check_recipe(recipe, cfg, Path(cfg.quant.load))
+    check_loaded_recon(recipe.get("extra", {}).get("recon"), cfg.get("recon"), cfg.quant.load)
     return directory
 
 
-def load_run(model: nn.Module, cfg: DictConfig) -> nn.Module:
-    """The quantized model saved by an earlier run (quant.load), rebuilt on `model`'s architecture, every quantizer on."""
-    return load_quantized(model, check_load(cfg))
+def load_run(model: nn.Module, cfg: DictConfig) -> tuple[nn.Module, dict]:
+    """The quantized model saved by an earlier run (quant.load), rebuilt on `model`'s architecture, and its `recon`
+    record: evaluated fully quantized, or with recon.paper_eval_compat as the official code evaluates."""
+    from saq.recon import loaded_evaluation
+
+    directory = check_load(cfg)
+    qmodel = load_quantized(model, directory)
+    saved_recon = read_recipe(directory).get("extra", {}).get("recon")
+    return qmodel, loaded_evaluation(qmodel, saved_recon, cfg.get("recon"), cfg.quant.load)

@@ -3,6 +3,7 @@ a fully quantized model (or exactly the documented paper-compatible one), config
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -14,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from saq.quant import QuantLayer, QuantState, assert_fully_quantized, calibrate, iter_quantizers, quantize
+from saq.quant import LSQQuantizer, QuantLayer, QuantState, assert_fully_quantized, calibrate, iter_quantizers, quantize
 from saq.recon import EVAL_FULL, EVAL_PAPER, ReconConfig, reconstruct
 from saq.recon.config import PAR_OFFICIAL_ITERS, ParLoss, RoundingRegularizer
 from saq.sam.build import ARCHITECTURES, build_sam, make_sam
@@ -118,7 +119,27 @@ def test_par_leaves_every_quantizer_hard_and_on(tiny):
     assert any(moved)
 
 
-def test_paper_eval_compat_leaves_exactly_the_linear_inputs_dropping(tiny):
+def test_agq_scale_is_learned_only_with_its_own_lr(tiny):
+    """recon.softmax_scale_lr=0 (par's default) keeps AGQ's searched post-softmax scales while the LSQ steps learn;
+    a positive one learns them."""
+    from saq.quant.quantizers import Log2AGQQuantizer
+
+    cal = samples(1)
+    stage0 = {"name": "par", "iters": {"stage": 20, "neck": 0, "decoder_layer": 0, "final_attn": 0},
+              "best_state": False}
+    start = calibrated(tiny, cal)
+    scales = lambda m, agq: {n: float(q.scale.detach()) for n, q in m.named_modules()  # noqa: E731
+                             if isinstance(q, Log2AGQQuantizer if agq else LSQQuantizer) and "blocks.2" in n}
+    assert scales(start, True) and scales(start, False)
+    frozen = copy.deepcopy(start)
+    reconstruct(frozen, tiny, cal, stage0, seed=0, progress=False)
+    assert scales(frozen, True) == scales(start, True) and scales(frozen, False) != scales(start, False)
+    learned = copy.deepcopy(start)
+    reconstruct(learned, tiny, cal, dict(stage0, softmax_scale_lr=0.002), seed=0, progress=False)
+    assert all(scales(learned, True)[n] != s for n, s in scales(start, True).items())
+
+
+def test_paper_eval_compat_leaves_exactly_the_linear_inputs_dropping(tiny, tmp_path):
     cal = samples(1)
     qmodel = calibrated(tiny, cal)
     report = reconstruct(qmodel, tiny, cal, {"name": "qdrop", "granularity": "block", "loss": "mse",
@@ -131,6 +152,25 @@ def test_paper_eval_compat_leaves_exactly_the_linear_inputs_dropping(tiny):
     with pytest.raises(Exception, match="drop"):
         assert_fully_quantized(qmodel)
     assert_fully_quantized(qmodel, allow_dropped_inputs=True)
+    # quant.load of the saved model: the same quantizers dropping, from the recipe's recon, without reconstructing
+    from saq.quant.export import export_quantized, load_quantized
+    from saq.recon import loaded_evaluation
+    from saq.errors import SaqError
+
+    saved_recon = {"name": "qdrop", "granularity": "block", "loss": "mse", "drop_prob": 0.5}
+    directory = export_quantized(qmodel, Path(tmp_path) / "saved")
+    names = lambda m: sorted(n for n, q in m.named_modules() if getattr(q, "drop_prob", 1.0) != 1.0)  # noqa: E731
+    full = load_quantized(tiny, directory)
+    assert loaded_evaluation(full, saved_recon, None, directory) == {"method": "qdrop", "eval_mode": EVAL_FULL,
+                                                                      "loaded_from": str(directory)}
+    assert names(full) == [] and names(qmodel)
+    compat = load_quantized(tiny, directory)
+    record = loaded_evaluation(compat, saved_recon, dict(saved_recon, paper_eval_compat=True), directory)
+    assert record["eval_mode"] == EVAL_PAPER and names(compat) == names(qmodel)
+    with pytest.raises(SaqError, match="reconstructed with recon=qdrop; this run sets recon=par"):
+        loaded_evaluation(compat, saved_recon, {"name": "par"}, directory)
+    with pytest.raises(SaqError, match="was not reconstructed"):
+        loaded_evaluation(compat, {"name": "none"}, {"name": "qdrop", "paper_eval_compat": True}, directory)
 
 
 def _recon_yaml(name: str) -> dict:
@@ -233,3 +273,4 @@ def test_pipeline_records_the_method_and_the_evaluation_mode(synthetic_root, tmp
             "task.max_images=2", "fp_cache=false", "logger=none", "progress=false", f"quant.load={tmp_path / 'run'}"])
     loaded = pipeline.run(load, tmp_path / "loaded")
     assert loaded["metrics"]["quantized"] == record["metrics"]["quantized"]
+    assert loaded["recon"] == {"method": "qdrop", "eval_mode": EVAL_FULL, "loaded_from": str(tmp_path / "run")}

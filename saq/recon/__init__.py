@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
+from saq.errors import SaqError
 from saq.recon.config import PAR_OFFICIAL_ITERS, ReconConfig
 from saq.recon.loop import (
     EVAL_FULL,
@@ -20,7 +21,8 @@ from saq.recon.loop import (
 )
 
 __all__ = ["EVAL_FULL", "EVAL_PAPER", "PAR_OFFICIAL_ITERS", "ReconConfig", "ReconReport", "Reconstructor",
-           "UnitReport", "apply_paper_eval_compat", "checkpoint_path", "reconstruct", "reconstruction_state"]
+           "UnitReport", "apply_paper_eval_compat", "checkpoint_path", "loaded_evaluation", "reconstruct",
+           "reconstruction_state"]
 
 
 def checkpoint_path(cfg: ReconConfig, key: str) -> Path:
@@ -49,3 +51,38 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, samples, recon_cfg, seed
         apply_paper_eval_compat(reconstructor.learned_modules, cfg.drop_prob)
         report.eval_mode = EVAL_PAPER
     return report
+
+
+def _learned(recon_cfg) -> ReconConfig | None:
+    return None if not recon_cfg or recon_cfg.get("name", "none") == "none" else ReconConfig.from_cfg(recon_cfg)
+
+
+def check_loaded_recon(saved_recon, run_recon, where) -> None:
+    """quant.load evaluates what the saved model learned and reconstructs nothing: this run's `recon` may be none or
+    the saved one (to set recon.paper_eval_compat), anything else is one SaqError line."""
+    saved, run = _learned(saved_recon), _learned(run_recon)
+    if run is None:
+        return
+    if saved is None:
+        raise SaqError(f"quant.load={where} was not reconstructed (recon=none), so recon={run.name} has nothing to "
+                       "evaluate; leave recon unset")
+    if run.name != saved.name:
+        raise SaqError(f"quant.load={where} was reconstructed with recon={saved.name}; this run sets recon={run.name} "
+                       f"(quant.load reconstructs nothing: use recon={saved.name} or leave it unset)")
+
+
+def loaded_evaluation(qmodel: nn.Module, saved_recon, run_recon, where) -> dict:
+    """The `recon` record of a quant.load run: the reconstruction the saved model went through (its recipe) and the
+    evaluation mode. recon.paper_eval_compat=true puts the saved units' linear/conv inputs back at drop_prob, as
+    reconstruct() does, so both evaluation modes of one learned model cost an evaluation each, not a calibration."""
+    check_loaded_recon(saved_recon, run_recon, where)
+    saved, run = _learned(saved_recon), _learned(run_recon)
+    record = {"method": saved.name if saved else "none", "eval_mode": EVAL_FULL, "loaded_from": str(where)}
+    if saved is not None and run is not None and run.paper_eval_compat:
+        from saq.sam.units import build_chain
+
+        modules = [m for step in build_chain(qmodel, saved.granularity) if step.learnable
+                   for m in step.modules(qmodel)]
+        apply_paper_eval_compat(modules, saved.drop_prob)
+        record["eval_mode"] = EVAL_PAPER
+    return record

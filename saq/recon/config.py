@@ -51,6 +51,7 @@ class ReconConfig:
     max_prompts: int = 16
     weight_lr: float = 1e-3
     scale_lr: float = 2e-3
+    softmax_scale_lr: float = 0.0
     scale_lr_schedule: str = "cosine"
     round_reg: RoundingRegularizer = field(default_factory=RoundingRegularizer)
     par_loss: ParLoss = field(default_factory=ParLoss)
@@ -87,7 +88,7 @@ class ReconConfig:
             p = _number(values["drop_prob"], "recon.drop_prob", float, 0.0)
             if not 0.0 < p <= 1.0:
                 raise SaqError(f"recon.drop_prob={p!r} invalid; expected 0 < p <= 1 (QDrop: 0.5; 1 = no dropping)")
-        for key in ("weight_lr", "scale_lr"):
+        for key in ("weight_lr", "scale_lr", "softmax_scale_lr"):
             if key in values:
                 _number(values[key], f"recon.{key}", float, 0.0)
         for key in ("max_prompts", "log_every"):

@@ -19,7 +19,7 @@ from saq.errors import SaqError
 from saq.quant.grid import keep_mask, mix
 from saq.quant.model import iter_quantizers
 from saq.quant.modules import QuantLayer
-from saq.quant.quantizers import AdaRoundQuantizer, Quantizer
+from saq.quant.quantizers import AdaRoundQuantizer, Log2AGQQuantizer, Quantizer
 from saq.recon.config import ReconConfig
 from saq.recon.losses import rounding_regularizer, unit_loss
 from saq.sam.units import SampleData, build_chain, encode_sample, probe_image_tokens
@@ -205,7 +205,7 @@ class Reconstructor:
             return unit
         torch.manual_seed(self.seed + 7919 * index)
         start, cpu_start = time.perf_counter(), time.process_time()
-        rounding, alphas, scales = [], [], []
+        rounding, alphas, scales, softmax_scales = [], [], [], []
         for module in modules:
             for layer in module.modules():
                 if isinstance(layer, QuantLayer) and isinstance(layer.weight_quantizer, AdaRoundQuantizer):
@@ -215,15 +215,24 @@ class Reconstructor:
         for q in quantizers:
             scale = getattr(q, "scale", None)
             if isinstance(scale, nn.Parameter):
-                scales.append(scale)
+                # AGQ's log2 scale has its own lr (recon.softmax_scale_lr): entries flushed to zero below its grid give
+                # no gradient, so nothing stops a large lr from raising it until much of the map is flushed
+                (softmax_scales if isinstance(q, Log2AGQQuantizer) else scales).append(scale)
             if q.kind == "act":
                 q.drop_prob = cfg.drop_prob
-        for p in alphas + scales:
-            p.requires_grad_(True)
-        groups = [g for g in ({"params": alphas, "lr": cfg.weight_lr}, {"params": scales, "lr": cfg.scale_lr})
-                  if g["params"]]
-        optimizer = torch.optim.Adam(groups) if groups else None
         cosine = cfg.scale_lr_schedule == "cosine"
+        groups, schedules = [], []  # steps decay by cosine to 0 over the unit's iterations; rounding keeps its lr
+        for params, lr, decay in ((alphas, cfg.weight_lr, False), (scales, cfg.scale_lr, cosine),
+                                  (softmax_scales, cfg.softmax_scale_lr, cosine)):
+            if params and lr > 0:
+                groups.append({"params": params, "lr": lr})
+                schedules.append((lambda k: 0.5 * (1 + math.cos(math.pi * k / iters))) if decay
+                                 else (lambda k: 1.0))
+        learned = [p for g in groups for p in g["params"]]
+        for p in learned:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(groups) if groups else None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules) if optimizer is not None else None
         picks = torch.randint(len(data), (iters,), generator=torch.Generator().manual_seed(self.seed + index))
         mixing = cfg.input_mix and cfg.drop_prob < 1.0
         bar = tqdm(range(iters), desc=f"recon {step.name}", disable=not self.progress, leave=False)
@@ -244,8 +253,7 @@ class Reconstructor:
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
-                if cosine and scales:  # LSQ steps: cosine decay to 0 over the unit's iterations
-                    optimizer.param_groups[-1]["lr"] = cfg.scale_lr * 0.5 * (1 + math.cos(math.pi * (it + 1) / iters))
+                scheduler.step()
             losses.append(float(loss.detach()))
             if (it + 1) % window == 0 or it + 1 == iters:
                 recent = sum(losses[-window:]) / len(losses[-window:])
@@ -253,7 +261,7 @@ class Reconstructor:
                 unit.loss_last = recent
                 bar.set_postfix(loss=f"{recent:.4g}")
         bar.close()
-        for p in alphas + scales:
+        for p in learned:
             p.requires_grad_(False)
         for q in quantizers:
             q.drop_prob = 1.0
