@@ -77,24 +77,3 @@ def test_predict_before_set_image_and_bad_prompts():
         seg.predict()
     with pytest.raises(SaqError, match="H x W x 3"):
         seg.set_image(np.zeros((32, 48), np.uint8))
-
-
-def test_short_key_softmax_is_the_decoders_attention_in_another_layout():
-    from segment_anything.modeling.transformer import Attention
-
-    from saq.sam.attention import decoder_attentions, scaled_softmax, short_key_softmax
-
-    torch.manual_seed(0)
-    q, k = torch.randn(2, 4, 300, 8), torch.randn(2, 4, 7, 8)
-    for a, b in ((q, k), (k, q)):  # few keys (transposed layout) and many keys (segment_anything's)
-        expected = torch.softmax(a @ b.transpose(-1, -2) / 8 ** 0.5, dim=-1)
-        assert torch.allclose(scaled_softmax(a, b), expected, atol=1e-6)
-    sam = build_random_sam("sam_tiny", seed=0)
-    image_to_token = sam.mask_decoder.transformer.layers[1].cross_attn_image_to_token
-    image, tokens = torch.randn(3, 1024, 128), torch.randn(3, 7, 128)
-    stock = image_to_token(image, tokens, tokens)
-    with short_key_softmax(sam):
-        assert all("forward" in vars(a) for a in decoder_attentions(sam).values())
-        fast = image_to_token(image, tokens, tokens)
-    assert not any("forward" in vars(a) for a in decoder_attentions(sam).values())  # restored on leaving
-    assert type(image_to_token) is Attention and torch.allclose(fast, stock, atol=1e-5)

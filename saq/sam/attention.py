@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from segment_anything.modeling import Sam
@@ -48,41 +46,6 @@ class QuantEncoderAttention(sam_encoder.Attention):
         attn = attn.softmax(dim=-1)
         x = self.av_matmul(attn, v).view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
         return self.proj(x)
-
-
-def scaled_softmax(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√d) over the keys, (B, heads, Nq, Nk). With fewer keys than queries (the image→token attention:
-    ~7 prompt tokens for every image token) the scores are computed as k·qᵀ and normalised along the other axis, and
-    a transposed view is returned: the same values to float rounding, but torch's CPU softmax over a last axis of 7
-    runs ~6x slower than over one of thousands."""
-    scale = math.sqrt(q.shape[-1])
-    if k.shape[-2] < q.shape[-2]:
-        return torch.softmax((k @ q.transpose(-1, -2)) / scale, dim=-2).transpose(-1, -2)
-    return torch.softmax((q @ k.transpose(-1, -2)) / scale, dim=-1)
-
-
-def _decoder_attention_forward(attn: sam_transformer.Attention, q: torch.Tensor, k: torch.Tensor,
-                               v: torch.Tensor) -> torch.Tensor:
-    """segment_anything's decoder Attention.forward (its own projections and head split) with scaled_softmax."""
-    q = attn._separate_heads(attn.q_proj(q), attn.num_heads)
-    k = attn._separate_heads(attn.k_proj(k), attn.num_heads)
-    v = attn._separate_heads(attn.v_proj(v), attn.num_heads)
-    return attn.out_proj(attn._recombine_heads(scaled_softmax(q, k) @ v))
-
-
-@contextlib.contextmanager
-def short_key_softmax(sam: Sam) -> Iterator[None]:
-    """Within the block, the FP two-way transformer's attentions take their softmax in the fast layout (saq's own
-    decoding paths use it; segment_anything's predictor and generator keep their own forward). Quantized attentions
-    are left as they are: their quantizers and probes see the maps in segment_anything's layout."""
-    patched = [a for a in decoder_attentions(sam).values() if type(a) is sam_transformer.Attention]
-    for attn in patched:
-        attn.forward = _decoder_attention_forward.__get__(attn)
-    try:
-        yield
-    finally:
-        for attn in patched:
-            del attn.forward
 
 
 class QuantDecoderAttention(sam_transformer.Attention):

@@ -12,7 +12,6 @@ from segment_anything.modeling import MaskDecoder, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from saq.errors import SaqError
-from saq.sam.attention import short_key_softmax
 
 
 @dataclass
@@ -227,8 +226,7 @@ class Segmenter:
             sparse, dense = self.sam.prompt_encoder(points=(coords_t[sl], labels_t[sl]), boxes=None, masks=None)
             image_pe = self.sam.prompt_encoder.get_dense_pe()
             if isinstance(decoder, MaskDecoder):
-                with short_key_softmax(self.sam):
-                    mask_tokens, src, iou = decode_tokens(decoder, self._features, image_pe, sparse, dense)
+                mask_tokens, src, iou = decode_tokens(decoder, self._features, image_pe, sparse, dense)
                 keep = iou[:, 1:] > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(iou[:, 1:], dtype=bool)
                 rows = keep.any(1)
                 low_res = decode_token_masks(decoder, mask_tokens[rows], src[rows])[:, 1:][keep[rows]]
