@@ -84,11 +84,18 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = value
 
 
+def method_preset(config: dict) -> str | None:
+    """The paper-row preset a run was composed with (method=..., conf/method), or None for a custom run."""
+    method = config.get("method")
+    if isinstance(method, dict):
+        method = method.get("name")
+    return str(method) if method and method != "custom" else None
+
+
 def method_label(config: dict) -> str:
     """A run's method as a table row names it: the method preset, else the clipping (+ reconstruction when on)."""
-    method = config.get("method")
-    if isinstance(method, dict) and method.get("name"):
-        return str(method["name"])
+    if method_preset(config):
+        return method_preset(config)
     clip = config.get("clip")
     label = str(clip.get("name", "?")) if isinstance(clip, dict) else "?"
     recon = config.get("recon")

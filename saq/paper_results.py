@@ -61,9 +61,10 @@ PAPER_TABLES = [
 
 def paper_row(config: dict) -> str | None:
     """The paper's row a run's config corresponds to, or None (FP rows are matched by the report itself)."""
-    method = config.get("method")
-    if isinstance(method, dict) and method.get("name"):
-        return PAPER_ROW.get(str(method["name"]))
+    from saq.log import method_preset
+
+    if method_preset(config):
+        return PAPER_ROW.get(method_preset(config))
     clip, recon = config.get("clip"), config.get("recon")
     no_recon = not isinstance(recon, dict) or recon.get("name") in (None, "none")
     if isinstance(clip, dict) and clip.get("name") == "pcc" and no_recon:

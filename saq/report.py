@@ -155,7 +155,10 @@ def entries_of(run: dict) -> list[Entry]:
                   seed=run.get("seed"), flat=flat, path=run["_path"], mtime=run["_mtime"])
     out = [Entry(bits="fp", label=FP_ROW, metrics=run["metrics"]["fp"], paper_row=FP_ROW, **common)]
     if run["quant"] != "fp":
-        out.append(Entry(bits=bits_label(config), label=method_label(config), metrics=run["metrics"]["quantized"],
+        label = method_label(config)
+        if str((run.get("recon") or {}).get("eval_mode", "")).startswith("paper_compat"):
+            label += " (paper-compat eval)"  # the official evaluation, half the linear inputs unquantized (§7)
+        out.append(Entry(bits=bits_label(config), label=label, metrics=run["metrics"]["quantized"],
                          paper_row=paper_row(config), **common))
     return out
 
@@ -163,8 +166,8 @@ def entries_of(run: dict) -> list[Entry]:
 def _row_key_relevant(key: str, fp: bool) -> bool:
     """Whether a config key that differs between runs of one cell makes them different rows (seeds never do)."""
     top, last = key.split(".")[0], key.split(".")[-1]
-    if top in RESUME_IGNORED_KEYS or last == "seed":
-        return False
+    if top in RESUME_IGNORED_KEYS or last == "seed" or key in ("quant.load", "recon.paper_eval_compat"):
+        return False  # a loaded model is the model that was saved; the evaluation mode is in the row label
     if fp:  # FP depends on the model, the data and the prompts only
         return top in ("model", "task", "prompts", "device")
     return True

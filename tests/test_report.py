@@ -21,7 +21,7 @@ def record(model="sam_tiny", bits=4, clip="mse", ap=0.5, fp_ap=0.8, seed=0, meth
     config = {"model": {"name": model}, "quant": quant, "clip": {"name": clip, **(extra or {})}, "seed": seed,
               "task": {"max_images": None, "coarse": {"seed": seed}}, "logger": {"name": "none"}}
     if method:
-        config["method"] = {"name": method}
+        config["method"] = method  # as the conf/method presets write it (a root string)
     if recon:
         config["recon"] = {"name": recon}
     metrics = {"fp": {"mask_AP": fp_ap, "mIoU": 0.9, "images": 6, "prompts": 20}}
@@ -96,6 +96,17 @@ def test_row_labels_from_method_preset_or_clip_plus_recon(tmp_path):
     put(tmp_path, "c", record(clip="mse", recon="none", ap=0.5))
     write_report(build_report(tmp_path), tmp_path)
     assert {k[0] for k in ours(tmp_path)} == {"FP", "saq_sam", "mse+qdrop", "mse"}
+    # the same saved model evaluated the official way (quant.load + recon.paper_eval_compat): its own, labelled row
+    compat = record(method="saq_sam", clip="pcc", recon="par", ap=0.72,
+                    recon_record={"method": "par", "eval_mode": "paper_compat: linear/conv inputs left at drop_prob"})
+    compat["recon"] = compat.pop("recon_record")
+    compat["config"]["quant"]["load"] = str(tmp_path / "a")
+    compat["config"]["recon"]["paper_eval_compat"] = True
+    put(tmp_path, "a-paper", compat)
+    write_report(build_report(tmp_path), tmp_path)
+    rows = ours(tmp_path)
+    assert float(rows[("saq_sam", "sam_tiny", "w4a4")]["mean"]) == pytest.approx(0.70)
+    assert float(rows[("saq_sam (paper-compat eval)", "sam_tiny", "w4a4")]["mean"]) == pytest.approx(0.72)
 
 
 def test_bad_files_are_listed_and_skipped_and_failures_listed(tmp_path):
