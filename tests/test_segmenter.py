@@ -77,3 +77,26 @@ def test_predict_before_set_image_and_bad_prompts():
         seg.predict()
     with pytest.raises(SaqError, match="H x W x 3"):
         seg.set_image(np.zeros((32, 48), np.uint8))
+
+
+def test_token_to_image_by_head_is_the_stock_attention_bit_for_bit():
+    from segment_anything.modeling.transformer import Attention
+
+    from saq.sam.attention import decoder_attentions, token_to_image_by_head_forward
+
+    sam = build_sam("sam_tiny")
+    transformer = sam.mask_decoder.transformer
+    torch.manual_seed(0)
+    tokens, image = torch.randn(5, 7, 128), torch.randn(5, 1024, 128)
+    with torch.no_grad():
+        for attn, keys in ((transformer.layers[1].cross_attn_token_to_image, image),  # a prompt's own image tokens
+                           (transformer.final_attn_token_to_image, image[:1])):  # image tokens shared by all prompts
+            stock = attn(tokens, keys, keys)
+            with token_to_image_by_head_forward(sam):
+                patched = [n for n, a in decoder_attentions(sam).items() if "forward" in vars(a)]
+                by_head = attn(tokens, keys, keys)
+            assert torch.equal(by_head, stock)
+            assert patched == ["layers.0.cross_attn_token_to_image", "layers.1.cross_attn_token_to_image",
+                               "final_attn_token_to_image"]
+    assert not any("forward" in vars(a) for a in decoder_attentions(sam).values())  # restored on leaving
+    assert all(type(a) is Attention for a in decoder_attentions(sam).values())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from segment_anything.modeling import Sam
@@ -106,6 +108,43 @@ def decoder_attentions(sam: Sam) -> dict[str, nn.Module]:
             out[f"layers.{i}.{name}"] = getattr(layer, name)
     out["final_attn_token_to_image"] = transformer.final_attn_token_to_image
     return out
+
+
+def token_to_image_by_head(attn: sam_transformer.Attention, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor) -> torch.Tensor:
+    """segment_anything's decoder Attention.forward computed one head at a time, for the token→image attentions.
+
+    Each head's q·kᵀ, softmax and softmax·v are the same products over the same operands, so the values match the
+    stock forward bit for bit (tests/test_segmenter.py checks it), but the image-side keys and values are used as
+    strided slices instead of being copied into head-major layout: on a CPU that copy of thousands of image tokens
+    per prompt costs more than the matmuls. (Taking the image→token attention this way changes its float rounding,
+    so it keeps the stock forward.)
+    """
+    q, k, v = attn.q_proj(q), attn.k_proj(k), attn.v_proj(v)
+    width = q.shape[-1] // attn.num_heads
+    scale = math.sqrt(width)
+    heads = []
+    for h in range(attn.num_heads):
+        cols = slice(h * width, (h + 1) * width)
+        weights = torch.softmax(torch.matmul(q[..., cols], k[..., cols].transpose(-1, -2)) / scale, dim=-1)
+        heads.append(torch.matmul(weights, v[..., cols]))
+    return attn.out_proj(torch.cat(heads, dim=-1))
+
+
+@contextlib.contextmanager
+def token_to_image_by_head_forward(sam: Sam) -> Iterator[None]:
+    """Within the block, the FP two-way transformer's token→image attentions run token_to_image_by_head (saq's own
+    decoding paths use it; segment_anything's predictor and generator keep the stock forward). Quantized attentions
+    are left alone: their quantizers and probes see the operands in segment_anything's layout."""
+    patched = [a for name, a in decoder_attentions(sam).items()
+               if name.endswith("token_to_image") and type(a) is sam_transformer.Attention]
+    for attn in patched:
+        attn.forward = token_to_image_by_head.__get__(attn)
+    try:
+        yield
+    finally:
+        for attn in patched:
+            del attn.forward
 
 
 def decoder_attention_names(sam: Sam) -> list[str]:

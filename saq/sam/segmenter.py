@@ -12,6 +12,7 @@ from segment_anything.modeling import MaskDecoder, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from saq.errors import SaqError
+from saq.sam.attention import token_to_image_by_head_forward
 
 
 @dataclass
@@ -104,8 +105,11 @@ def decode_tokens(decoder: MaskDecoder, image_embeddings: torch.Tensor, image_pe
     if image_embeddings.shape[0] == 1 and dense.stride(0) == 0:
         # Without mask prompts every prompt's dense embedding is the same (an expanded view): the image tokens enter
         # the transformer identical for all prompts. Passed once, the first block's image-side projections run once
-        # and broadcast against the prompts' tokens; the image->token attention makes them per prompt.
-        src, pos_src = image_embeddings + dense[:1], image_pe
+        # and broadcast against the prompts' tokens; the image->token attention makes them per prompt. Channels-last,
+        # the transformer's flatten + permute gives contiguous tokens, so the per-prompt image tokens the first block
+        # makes are contiguous too (otherwise each block's layer norm copies them): same values, less memory traffic.
+        src = (image_embeddings + dense[:1]).contiguous(memory_format=torch.channels_last)
+        pos_src = image_pe.contiguous(memory_format=torch.channels_last)
     else:
         src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0) + dense
         pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
@@ -226,7 +230,8 @@ class Segmenter:
             sparse, dense = self.sam.prompt_encoder(points=(coords_t[sl], labels_t[sl]), boxes=None, masks=None)
             image_pe = self.sam.prompt_encoder.get_dense_pe()
             if isinstance(decoder, MaskDecoder):
-                mask_tokens, src, iou = decode_tokens(decoder, self._features, image_pe, sparse, dense)
+                with token_to_image_by_head_forward(self.sam):
+                    mask_tokens, src, iou = decode_tokens(decoder, self._features, image_pe, sparse, dense)
                 keep = iou[:, 1:] > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(iou[:, 1:], dtype=bool)
                 rows = keep.any(1)
                 low_res = decode_token_masks(decoder, mask_tokens[rows], src[rows])[:, 1:][keep[rows]]
