@@ -153,9 +153,9 @@ def test_paper_eval_compat_leaves_exactly_the_linear_inputs_dropping(tiny, tmp_p
         assert_fully_quantized(qmodel)
     assert_fully_quantized(qmodel, allow_dropped_inputs=True)
     # quant.load of the saved model: the same quantizers dropping, from the recipe's recon, without reconstructing
+    from saq.errors import SaqError
     from saq.quant.export import export_quantized, load_quantized
     from saq.recon import loaded_evaluation
-    from saq.errors import SaqError
 
     saved_recon = {"name": "qdrop", "granularity": "block", "loss": "mse", "drop_prob": 0.5}
     directory = export_quantized(qmodel, Path(tmp_path) / "saved")
