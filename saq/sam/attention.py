@@ -133,9 +133,10 @@ def token_to_image_by_head(attn: sam_transformer.Attention, q: torch.Tensor, k: 
 
 @contextlib.contextmanager
 def token_to_image_by_head_forward(sam: Sam) -> Iterator[None]:
-    """Within the block, the FP two-way transformer's token→image attentions run token_to_image_by_head (saq's own
-    decoding paths use it; segment_anything's predictor and generator keep the stock forward). Quantized attentions
-    are left alone: their quantizers and probes see the operands in segment_anything's layout."""
+    """Within the block, the FP two-way transformer's token→image attentions run token_to_image_by_head (automatic
+    mask decoding, Segmenter.predict_above_iou, runs under it; segment_anything's predictor and generator keep the
+    stock forward). Quantized attentions are left alone: their quantizers and probes see the operands in
+    segment_anything's layout."""
     patched = [a for name, a in decoder_attentions(sam).items()
                if name.endswith("token_to_image") and type(a) is sam_transformer.Attention]
     for attn in patched:
