@@ -83,3 +83,28 @@ def test_load_paths_and_run_keys_are_checked(tmp_path):
 def test_quant_load_is_checked_before_compute(synthetic_root, tmp_path):
     with pytest.raises(SaqError, match=r"quant\.load=.*nope: no such directory"):
         pipeline.validate(run_config(synthetic_root, f"quant.load={tmp_path / 'nope'}"))
+
+
+def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, capsys):
+    from saq.sam.build import build_sam
+    from saq.sensitivity import FULL, default_parts, main, sensitivity
+
+    first = pipeline.run(run_config(synthetic_root, "quant=w4a4", "task.max_images=1"), tmp_path / "first")
+    rows = sensitivity(tmp_path / "first", ["", "mask_decoder"], report=lambda line: None)
+    assert rows[FULL] == first["metrics"]["quantized"]  # rebuilt as quant.load does, fully quantized
+    assert rows[FULL]["mIoU"] != rows[""]["mIoU"]
+    assert rows[""]["mIoU"] == pytest.approx(first["metrics"]["fp"]["mIoU"], abs=1e-6)  # every quantizer off = FP
+    assert rows["mask_decoder"]["mIoU"] != rows[FULL]["mIoU"]  # W4A4 decoder error is gone, the encoder's is not
+    assert rows["mask_decoder"]["mIoU"] != rows[""]["mIoU"]
+
+    parts = default_parts(build_sam("sam_tiny"))
+    assert parts[:3] == ["image_encoder", "mask_decoder", "mask_decoder.transformer.layers.0"]
+    assert "mask_decoder.transformer.layers.1.cross_attn_image_to_token" in parts
+    assert parts[-1] == "mask_decoder.transformer.final_attn_token_to_image" and not any("norm" in p for p in parts)
+
+    assert main([str(tmp_path / "first"), "parts=mask_decoder.nope"]) == 2
+    assert "no module 'mask_decoder.nope' in sam_tiny" in capsys.readouterr().err
+    assert main([str(tmp_path), "parts=image_encoder"]) == 2
+    assert "results.json not found" in capsys.readouterr().err
+    assert main([str(tmp_path / "first"), "max_images=two"]) == 2
+    assert "whole numbers" in capsys.readouterr().err

@@ -1,0 +1,103 @@
+"""Quantization sensitivity of a saved run: its task metrics fully quantized, then with one part's quantizers off.
+
+`python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=2]`. The run is rebuilt as `quant.load`
+would (the config in its results.json, evaluated fully quantized). Parts are module paths of the SAM
+(`image_encoder`, `mask_decoder.transformer.layers.0.cross_attn_image_to_token`, ...); by default the encoder, the
+decoder, each two-way layer, each of its sub-blocks and the final token->image attention. A part that gains when its
+quantizers are off holds quantization error; one that loses had learned to make up for error elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from saq.errors import SaqError
+from saq.log import RESULTS_FILE
+
+USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=2]"
+FULL = "(fully quantized)"
+
+
+def default_parts(sam) -> list[str]:
+    """The encoder, the decoder, each two-way layer and its sub-blocks (not its norms), the final attention."""
+    transformer = "mask_decoder.transformer"
+    parts = ["image_encoder", "mask_decoder"]
+    for i, layer in enumerate(sam.mask_decoder.transformer.layers):
+        parts.append(f"{transformer}.layers.{i}")
+        parts += [f"{transformer}.layers.{i}.{name}" for name, _ in layer.named_children() if not name.startswith("norm")]
+    return parts + [f"{transformer}.final_attn_token_to_image"]
+
+
+def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_images: int | None = None,
+                report=print) -> dict[str, dict]:
+    """{FULL or part: scalar task metrics} for the saved run in `run_dir`; `report(line)` gets one line per row."""
+    from saq.pipeline import build_task, scalar_metrics
+    from saq.quant import set_quant_state
+    from saq.sam.build import build_sam
+    from saq.sam.segmenter import Segmenter
+    from saq.saved import load_run
+
+    results = Path(run_dir) / RESULTS_FILE
+    if not results.is_file():
+        raise SaqError(f"sensitivity: {results} not found; give the directory of a finished quantized run")
+    record = json.loads(results.read_text())
+    cfg = OmegaConf.create(record["config"])
+    if cfg.quant.name == "fp":
+        raise SaqError(f"sensitivity: {run_dir} is an FP run; give a quantized run's directory")
+    cfg.quant.load = str(run_dir)
+    if max_images is not None:
+        cfg.task.max_images = max_images
+    model = build_sam(cfg.model.name, cfg.model.checkpoint)
+    names = list(parts) if parts is not None else default_parts(model)
+    known = {name for name, _ in model.named_modules()}
+    unknown = [p for p in names if p not in known]
+    if unknown:
+        raise SaqError(f"sensitivity: no module {unknown[0]!r} in {cfg.model.name}; parts are module paths such as "
+                       f"{', '.join(default_parts(model)[:3])}")
+    task = build_task(cfg)
+    rows = {}
+    for part in [None, *names]:
+        qmodel, _ = load_run(model, cfg)
+        if part is not None:
+            set_quant_state(qmodel.get_submodule(part), "off")
+        start = time.perf_counter()
+        metrics = scalar_metrics(task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=False))
+        label = FULL if part is None else part
+        rows[label] = metrics
+        shown = "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+        report(f"{label if part is None else (part or '(whole model)') + ' in FP':<66} {shown}  "
+               f"({time.perf_counter() - start:.0f} s)")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from saq.cli import tool_args
+
+    try:
+        path, options = tool_args(sys.argv[1:] if argv is None else argv, USAGE,
+                                  {"parts": None, "max_images": None, "threads": None})
+        try:
+            threads = int(options.get("threads", 2))
+            max_images = int(options["max_images"]) if "max_images" in options else None
+        except ValueError:
+            raise SaqError(f"threads and max_images take whole numbers; usage: {USAGE}") from None
+        torch.set_num_threads(threads)
+        parts = options["parts"].split(",") if "parts" in options else None
+        print(f"{path}: one part's quantizers off at a time, {max_images or 'all'} val images")
+        sensitivity(path, parts, max_images, report=lambda line: print(line, flush=True))
+    except SaqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
