@@ -1,10 +1,12 @@
 """Quantization sensitivity of a saved run: its task metrics fully quantized, then with one part's quantizers off.
 
-`python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=2]`. The run is rebuilt as `quant.load`
-would (the config in its results.json, evaluated fully quantized). Parts are module paths of the SAM
-(`image_encoder`, `mask_decoder.transformer.layers.0.cross_attn_image_to_token`, ...); by default the encoder, the
-decoder, each two-way layer, each of its sub-blocks and the final token->image attention. A part that gains when its
-quantizers are off holds quantization error; one that loses had learned to make up for error elsewhere.
+`python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N]`. The run is rebuilt as `quant.load`
+would (the config in its results.json, evaluated fully quantized) with the run's own torch thread count unless
+threads= is given: float sums differ in the last bits between thread counts, which can move mask AP by 0.01-0.02.
+Parts are module paths of the SAM (`image_encoder`, `mask_decoder.transformer.layers.0.cross_attn_image_to_token`,
+...); by default the encoder, the decoder, each two-way layer, each of its sub-blocks and the final token->image
+attention. A part that gains when its quantizers are off holds quantization error; one that loses had learned to make
+up for error elsewhere.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from saq.errors import SaqError
 from saq.log import RESULTS_FILE
 
-USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=2]"
+USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N]"
 FULL = "(fully quantized)"
 
 
@@ -35,7 +38,7 @@ def default_parts(sam) -> list[str]:
 
 
 def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_images: int | None = None,
-                report=print) -> dict[str, dict]:
+                threads: int | None = None, report=print) -> dict[str, dict]:
     """{FULL or part: scalar task metrics} for the saved run in `run_dir`; `report(line)` gets one line per row."""
     from saq.pipeline import build_task, scalar_metrics
     from saq.quant import set_quant_state
@@ -51,6 +54,8 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     if cfg.quant.name == "fp":
         raise SaqError(f"sensitivity: {run_dir} is an FP run; give a quantized run's directory")
     cfg.quant.load = str(run_dir)
+    if threads or cfg.get("threads"):
+        torch.set_num_threads(threads or cfg.threads)
     if max_images is not None:
         cfg.task.max_images = max_images
     model = build_sam(cfg.model.name, cfg.model.checkpoint)
@@ -77,22 +82,19 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
     from saq.cli import tool_args
 
     try:
         path, options = tool_args(sys.argv[1:] if argv is None else argv, USAGE,
                                   {"parts": None, "max_images": None, "threads": None})
         try:
-            threads = int(options.get("threads", 2))
+            threads = int(options["threads"]) if "threads" in options else None
             max_images = int(options["max_images"]) if "max_images" in options else None
         except ValueError:
             raise SaqError(f"threads and max_images take whole numbers; usage: {USAGE}") from None
-        torch.set_num_threads(threads)
         parts = options["parts"].split(",") if "parts" in options else None
         print(f"{path}: one part's quantizers off at a time, {max_images or 'all'} val images")
-        sensitivity(path, parts, max_images, report=lambda line: print(line, flush=True))
+        sensitivity(path, parts, max_images, threads, report=lambda line: print(line, flush=True))
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
