@@ -4,9 +4,9 @@
 would (the config in its results.json, evaluated fully quantized) with the run's own torch thread count unless
 threads= is given: float sums differ in the last bits between thread counts, which can move mask AP by 0.01-0.02.
 Parts are module paths of the SAM (`image_encoder`, `mask_decoder.transformer.layers.0.cross_attn_image_to_token`,
-...); by default the encoder, the decoder, each two-way layer, each of its sub-blocks and the final token->image
-attention. A part that gains when its quantizers are off holds quantization error; one that loses had learned to make
-up for error elsewhere.
+...); by default saq.sam.units.model_parts (encoder, decoder, each two-way layer and its sub-blocks, final attention).
+A part that gains when its quantizers are off holds quantization error; one that loses had learned to make up for
+error elsewhere.
 """
 
 from __future__ import annotations
@@ -27,16 +27,6 @@ USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threa
 FULL = "(fully quantized)"
 
 
-def default_parts(sam) -> list[str]:
-    """The encoder, the decoder, each two-way layer and its sub-blocks (not its norms), the final attention."""
-    transformer = "mask_decoder.transformer"
-    parts = ["image_encoder", "mask_decoder"]
-    for i, layer in enumerate(sam.mask_decoder.transformer.layers):
-        parts.append(f"{transformer}.layers.{i}")
-        parts += [f"{transformer}.layers.{i}.{name}" for name, _ in layer.named_children() if not name.startswith("norm")]
-    return parts + [f"{transformer}.final_attn_token_to_image"]
-
-
 def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_images: int | None = None,
                 threads: int | None = None, report=print) -> dict[str, dict]:
     """{FULL or part: scalar task metrics} for the saved run in `run_dir`; `report(line)` gets one line per row."""
@@ -44,6 +34,7 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     from saq.quant import set_quant_state
     from saq.sam.build import build_sam
     from saq.sam.segmenter import Segmenter
+    from saq.sam.units import model_parts
     from saq.saved import load_run
 
     results = Path(run_dir) / RESULTS_FILE
@@ -59,12 +50,12 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     if max_images is not None:
         cfg.task.max_images = max_images
     model = build_sam(cfg.model.name, cfg.model.checkpoint)
-    names = list(parts) if parts is not None else default_parts(model)
+    names = list(parts) if parts is not None else model_parts(model)
     known = {name for name, _ in model.named_modules()}
     unknown = [p for p in names if p not in known]
     if unknown:
         raise SaqError(f"sensitivity: no module {unknown[0]!r} in {cfg.model.name}; parts are module paths such as "
-                       f"{', '.join(default_parts(model)[:3])}")
+                       f"{', '.join(model_parts(model)[:3])}")
     task = build_task(cfg)
     rows = {}
     for part in [None, *names]:
@@ -73,11 +64,10 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
             set_quant_state(qmodel.get_submodule(part), "off")
         start = time.perf_counter()
         metrics = scalar_metrics(task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=False))
-        label = FULL if part is None else part
-        rows[label] = metrics
+        rows[FULL if part is None else part] = metrics
+        label = FULL if part is None else f"{part or '(whole model)'} in FP"
         shown = "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if isinstance(v, float))
-        report(f"{label if part is None else (part or '(whole model)') + ' in FP':<66} {shown}  "
-               f"({time.perf_counter() - start:.0f} s)")
+        report(f"{label:<66} {shown}  ({time.perf_counter() - start:.0f} s)")
     return rows
 
 

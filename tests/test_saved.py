@@ -87,7 +87,8 @@ def test_quant_load_is_checked_before_compute(synthetic_root, tmp_path):
 
 def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, capsys):
     from saq.sam.build import build_sam
-    from saq.sensitivity import FULL, default_parts, main, sensitivity
+    from saq.sam.units import model_parts
+    from saq.sensitivity import FULL, main, sensitivity
 
     first = pipeline.run(run_config(synthetic_root, "quant=w4a4", "task.max_images=1"), tmp_path / "first")
     rows = sensitivity(tmp_path / "first", ["", "mask_decoder"], report=lambda line: None)
@@ -97,7 +98,7 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
     assert rows["mask_decoder"]["mIoU"] != rows[FULL]["mIoU"]  # W4A4 decoder error is gone, the encoder's is not
     assert rows["mask_decoder"]["mIoU"] != rows[""]["mIoU"]
 
-    parts = default_parts(build_sam("sam_tiny"))
+    parts = model_parts(build_sam("sam_tiny"))
     assert parts[:3] == ["image_encoder", "mask_decoder", "mask_decoder.transformer.layers.0"]
     assert "mask_decoder.transformer.layers.1.cross_attn_image_to_token" in parts
     assert parts[-1] == "mask_decoder.transformer.final_attn_token_to_image" and not any("norm" in p for p in parts)

@@ -262,6 +262,17 @@ def encoder_stages(sam: Sam) -> list[range]:
     return [range(s, e + 1) for s, e in zip(starts, ends)]
 
 
+def model_parts(sam: Sam) -> list[str]:
+    """Module paths of the parts a sensitivity analysis switches to FP one at a time: the encoder, the decoder, each
+    two-way layer and its sub-blocks in forward order (not its norms), the final token→image attention."""
+    transformer = "mask_decoder.transformer"
+    parts = ["image_encoder", "mask_decoder"]
+    for i, layer in enumerate(sam.mask_decoder.transformer.layers):
+        parts.append(f"{transformer}.layers.{i}")
+        parts += [f"{transformer}.layers.{i}.{name}" for name, _ in layer.named_children() if not name.startswith("norm")]
+    return parts + [f"{transformer}.final_attn_token_to_image"]
+
+
 def build_chain(sam: Sam, granularity: str) -> list[Step]:
     """The steps from image to decoder tokens, with units at `granularity`:
     stage: encoder stages, neck, decoder layers, final attention (SAQ-SAM's PAR);
