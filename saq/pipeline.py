@@ -87,6 +87,13 @@ def validate(cfg: DictConfig):
 
         OutlierSpec.from_cfg(cfg.model.outliers)
     if cfg.quant.name == "fp":
+        # a method preset or a reconstruction asked for on an FP run would otherwise run FP under its label
+        asked = [f"method={cfg.method}"] if cfg.get("method", "custom") != "custom" else []
+        recon_name = (cfg.get("recon") or {}).get("name", "none")
+        asked += [f"recon={recon_name}"] if recon_name != "none" and not asked else []
+        if asked:
+            raise SaqError(f"{asked[0]} quantizes the model but quant=fp runs it in full precision; "
+                           "add a bit-width: quant=w4a4, quant=w6a6 or quant=w8a8")
         return None, None
     from saq.clipping import build_range_strategy
     from saq.quant import QuantConfig

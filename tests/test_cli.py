@@ -111,10 +111,16 @@ def test_activation_observer_set_beside_clip_is_one_line(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("quant.w_bits=0", "error: quant.w_bits=0 is not allowed; expected an integer from 2 to 8"),
     ("clip.p=-1", "error: clip.p=-1 invalid; expected a positive Lp exponent (paper: 2.4)"),
+    # a paper row or a reconstruction on the FP default would otherwise run FP under the method's label
+    ("quant=fp method=saq_sam", "error: method=saq_sam quantizes the model but quant=fp runs it in full precision; "
+                                "add a bit-width: quant=w4a4, quant=w6a6 or quant=w8a8"),
+    ("quant=fp recon=qdrop", "error: recon=qdrop quantizes the model but quant=fp runs it in full precision; "
+                             "add a bit-width: quant=w4a4, quant=w6a6 or quant=w8a8"),
 ])
 def test_bad_quant_or_clip_value_fails_before_model_data_or_fp_evaluation(override, message, tmp_path):
     # the checkpoint and the data do not exist: had anything been loaded or evaluated first, its error would show
     proc = saq("model=sam_vit_b", "model.checkpoint=/nonexistent.pth", "task.data.root=/nonexistent",
-               "task.generate=null", "quant=w8a8", override, "logger=none", f"hydra.run.dir={tmp_path / 'r'}")
+               "task.generate=null", *(() if override.startswith("quant=") else ("quant=w8a8",)), *override.split(),
+               "logger=none", f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [message], proc.stderr
