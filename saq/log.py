@@ -69,6 +69,8 @@ def record_problem(record) -> str | None:
     metrics, config = record["metrics"], record["config"]
     if not isinstance(config, dict) or not isinstance(metrics, dict):
         return "not a saq run record (metrics or config is not an object)"
+    if not isinstance(record.get("recon") or {}, dict):
+        return "not a saq run record (recon is not an object)"
     if not _has_number(metrics.get("fp")):
         return "partial run: no FP metrics"
     if record["quant"] != "fp" and not _has_number(metrics.get("quantized")):

@@ -65,9 +65,10 @@ def paper_row(config: dict) -> str | None:
 
     if method_preset(config):
         return PAPER_ROW.get(method_preset(config))
-    clip, recon = config.get("clip"), config.get("recon")
+    clip, recon, quant = config.get("clip"), config.get("recon"), config.get("quant")
     no_recon = not isinstance(recon, dict) or recon.get("name") in (None, "none")
-    if isinstance(clip, dict) and clip.get("name") == "pcc" and no_recon:
+    big_agq = isinstance(quant, dict) and bool(quant.get("big")) and bool(quant.get("agq"))  # SAQ-SAM★ builds on both
+    if isinstance(clip, dict) and clip.get("name") == "pcc" and no_recon and big_agq:
         return "SAQ-SAM★"
     return None
 

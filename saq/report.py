@@ -14,7 +14,7 @@ import math
 import os
 import re
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ NOT_TABLE_METRICS = {"images", "prompts", "empty_masks", "masks_per_image"}  # c
 MODEL_ORDER = ["sam_tiny", "sam_tiny_outliers", "sam_vit_b", "sam_vit_l", "sam_vit_h"]
 METHOD_ORDER = ["minmax", "percentile", "mse", "pcc", "ptq4sam_s", "saq_sam_star", "qdrop", "ptq4sam_l", "saq_sam"]
 REPORT_FILES = ("report.md", "report.csv", "report.tex")
+PAPER_COMPAT_SUFFIX = " (paper-compat eval)"  # row label of learned runs evaluated as the official code does
 
 
 def is_table_metric(name: str, value) -> bool:
@@ -101,8 +102,9 @@ class Table:
 
     def best(self, column: tuple[str, str]) -> set[str]:
         """Quantized rows with the highest mean in this column (none when fewer than two rows compete)."""
-        scored = {r: self.cells[(r, column)].mean for r in self.rows
-                  if self.row_label[r] != FP_ROW and (r, column) in self.cells}
+        scored = {r: self.cells[(r, column)].mean for r in self.rows  # FP and paper-compat rows do not compete
+                  if self.row_label[r] != FP_ROW and not self.row_label[r].endswith(PAPER_COMPAT_SUFFIX)
+                  and (r, column) in self.cells}
         if len(scored) < 2:
             return set()
         top = max(scored.values())
@@ -117,6 +119,7 @@ class Report:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     duplicates: list[Path] = field(default_factory=list)
+    row_of: dict[Path, str] = field(default_factory=dict)  # a quantized run's results.json -> its table row
 
 
 def load_runs(root: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
@@ -157,19 +160,29 @@ def entries_of(run: dict) -> list[Entry]:
     if run["quant"] != "fp":
         label = method_label(config)
         if str((run.get("recon") or {}).get("eval_mode", "")).startswith("paper_compat"):
-            label += " (paper-compat eval)"  # the official evaluation, half the linear inputs unquantized (§7)
+            label += PAPER_COMPAT_SUFFIX  # the official evaluation, half the linear inputs unquantized (§7)
         out.append(Entry(bits=bits_label(config), label=label, metrics=run["metrics"]["quantized"],
                          paper_row=paper_row(config), **common))
     return out
 
 
+# Seeds of one part that default to the run's seed (null or ${seed}): set to anything else they are a knob.
+SEED_FOLLOWERS = ("prompts.seed", "task.coarse.seed", "recon.seed")
+# Keys that name a table column (model, bit-width) rather than a row, and keys that change where or how a run
+# works but not its numbers.
+COLUMN_KEYS = ("quant.name", "quant.w_bits", "quant.a_bits")
+NO_EFFECT_KEYS = ("seed", "quant.load", "quant.save", "recon.paper_eval_compat", "recon.state_dir", "recon.resume",
+                  "recon.cache_device", "recon.log_every")
+
+
 def _row_key_relevant(key: str, fp: bool) -> bool:
-    """Whether a config key that differs between runs of one cell makes them different rows (seeds never do)."""
-    top, last = key.split(".")[0], key.split(".")[-1]
-    if top in RESUME_IGNORED_KEYS or last == "seed" or key in ("quant.load", "recon.paper_eval_compat"):
+    """Whether a config key that differs between runs of one method makes them different rows (the seed never does;
+    seeds of the data or the planted outliers do)."""
+    top = key.split(".")[0]
+    if top in RESUME_IGNORED_KEYS or key in NO_EFFECT_KEYS or key in COLUMN_KEYS:
         return False  # a loaded model is the model that was saved; the evaluation mode is in the row label
-    if fp:  # FP depends on the model, the data and the prompts only
-        return top in ("model", "task", "prompts", "device")
+    if fp:  # FP depends on the model, the evaluation data and the prompts only
+        return top in ("model", "task", "prompts", "device") and not key.startswith("task.calib.")
     return True
 
 
@@ -177,17 +190,38 @@ def _fmt_value(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def _row_value(e: Entry, key: str) -> str:
+    value = e.flat.get(key)
+    if key in SEED_FOLLOWERS and (value is None or value == e.seed):
+        return "seed"  # follows the run's seed, so it varies with the seed and is no knob
+    return _fmt_value(value)
+
+
 def assign_rows(entries: list[Entry]) -> None:
-    """Row = method label, plus `key=value` for config keys that differ within one cell apart from the seed."""
+    """Row = method label, plus `key=value` for the config keys in which a run differs from the other runs of its
+    label in one table, apart from the seed and the column keys. Compared across columns too, so one row never mixes
+    settings; model keys only between runs of one model (another model is another column). A key is named where a
+    run leaves its most common value, and on every run when no value is most common (a swept knob)."""
     groups: dict[tuple, list[Entry]] = defaultdict(list)
     for e in entries:
-        groups[(e.task, e.prompts, e.model, e.bits, e.label)].append(e)
+        groups[(e.task, e.prompts, e.label)].append(e)
     for group in groups.values():
-        keys = sorted({k for e in group for k in e.flat})
-        varying = [k for k in keys if _row_key_relevant(k, group[0].label == FP_ROW)
-                   and len({_fmt_value(e.flat.get(k)) for e in group}) > 1]
+        fp = group[0].label == FP_ROW
+        shown: dict[int, list[str]] = defaultdict(list)  # id(entry) -> the keys its label names
+        for k in sorted({k for e in group for k in e.flat if _row_key_relevant(k, fp)}):
+            scopes: dict = defaultdict(list)
+            for e in group:
+                scopes[e.model if k.startswith("model.") else None].append(e)
+            for members in scopes.values():
+                counts = Counter(_row_value(e, k) for e in members)
+                if len(counts) < 2:
+                    continue
+                (common, n), (_, n_next) = counts.most_common(2)
+                for e in members:
+                    if n == n_next or _row_value(e, k) != common:
+                        shown[id(e)].append(k)
         for e in group:
-            suffix = ", ".join(f"{k}={_fmt_value(e.flat.get(k))}" for k in varying)
+            suffix = ", ".join(f"{k}={_row_value(e, k)}" for k in shown[id(e)])
             e.row = f"{e.label} {suffix}" if suffix else e.label
 
 
@@ -261,6 +295,7 @@ def build_report(root: Path) -> Report:
     report.failures = load_failures(root)
     entries = [e for run in report.runs for e in entries_of(run)]
     report.tables = build_tables(entries, report.duplicates)
+    report.row_of = {e.path: e.row for e in entries if e.label != FP_ROW}
     return report
 
 
@@ -387,9 +422,14 @@ def write_csv(report: Report, path: Path) -> None:
                                              repr(round(value / 100, 6)), "", "", ""])
 
 
+TEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
+               "}": r"\}", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}", "★": r"$\star$", "±": r"$\pm$",
+               "–": "--"}
+
+
 def tex_escape(text: str) -> str:
-    return (text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
-            .replace("#", r"\#").replace("★", r"$\star$").replace("±", r"$\pm$").replace("–", "--"))
+    """Text for a LaTeX table cell: every character LaTeX treats specially, escaped in one pass."""
+    return "".join(TEX_SPECIAL.get(ch, ch) for ch in text)
 
 
 def render_tex(report: Report) -> str:
@@ -491,7 +531,8 @@ def plot_clip_ranges(report: Report, out_dir: Path) -> list[Path]:
         if not points:
             continue
         config = run["config"]
-        name = _safe(f"clip_ranges_{run['model']}_{bits_label(config)}_{method_label(config)}_seed{run.get('seed')}")
+        row = report.row_of.get(run["_path"], method_label(config))  # the row names the knobs its runs differ in
+        name = _safe(f"clip_ranges_{run['model']}_{bits_label(config)}_{row}_seed{run.get('seed')}")
         if name in seen:
             continue
         seen.add(name)
@@ -506,7 +547,8 @@ def plot_clip_ranges(report: Report, out_dir: Path) -> list[Path]:
         ax.set_yticks(range(len(points)), short_names([str(p.get("name", i)) for i, p in enumerate(points)]), fontsize=7)
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel("activation range (symlog)")
-        ax.set_title(f"clip ranges: {run['model']} {bits_label(config).upper()} {method_label(config)}", fontsize=9)
+        ax.set_title(f"clip ranges: {run['model']} {bits_label(config).upper()} {row}, seed {run.get('seed')}",
+                     fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3, axis="x")
         written.append(save_figure(fig, out_dir / f"{name}.png", dpi=120, layout={}))

@@ -81,6 +81,35 @@ def test_a_knob_that_differs_within_a_cell_splits_the_row(tmp_path):
     assert float(cells[("pcc clip.theta=0.5", "sam_tiny", "w4a4")]["mean"]) == 0.65
 
 
+def test_rows_never_mix_settings_across_columns_and_only_the_run_seed_is_a_seed(tmp_path):
+    def run(bits=4, seed=0, ap=0.5, recon=None, task=None):
+        rec = record(bits=bits, seed=seed, ap=ap, method="saq_sam", clip="pcc", recon="par")
+        rec["config"]["recon"].update(recon or {})
+        rec["config"]["task"].update(task or {})
+        return rec
+
+    # one setting per bit-width: without labels the row would join W6A6's drop_prob=1 to W4A4's 0.5
+    put(tmp_path, "cols/w6", run(bits=6, ap=0.7, recon={"drop_prob": 1.0}))
+    put(tmp_path, "cols/w4", run(bits=4, ap=0.5, recon={"drop_prob": 0.5}))
+    write_report(build_report(tmp_path / "cols"), tmp_path / "cols")
+    assert set(ours(tmp_path / "cols")) - {("FP", "sam_tiny", "w6a6"), ("FP", "sam_tiny", "w4a4")} == {
+        ("saq_sam recon.drop_prob=1.0", "sam_tiny", "w6a6"), ("saq_sam recon.drop_prob=0.5", "sam_tiny", "w4a4")}
+    # the seed of the data is a knob (another dataset, another FP), a recon.seed that follows the run seed is not,
+    # and a run that leaves the common setting is named by what it changed
+    for seed in (0, 1, 2):
+        put(tmp_path, f"mix/default{seed}", run(seed=seed, ap=0.5 + seed / 100, recon={"seed": None}))
+    put(tmp_path, "mix/recon_seed7", run(ap=0.4, recon={"seed": 7}))
+    put(tmp_path, "mix/data1", run(ap=0.3, task={"generate": {"seed": 1}}))
+    report = build_report(tmp_path / "mix")
+    write_report(report, tmp_path / "mix")
+    cells = ours(tmp_path / "mix")
+    assert report.duplicates == []
+    assert {row for row, _, _ in cells} == {"FP", "FP task.generate.seed=1", "saq_sam", "saq_sam recon.seed=7",
+                                            "saq_sam task.generate.seed=1"}
+    assert cells[("saq_sam", "sam_tiny", "w4a4")]["seeds"] == "0 1 2"
+    assert float(cells[("saq_sam recon.seed=7", "sam_tiny", "w4a4")]["mean"]) == pytest.approx(0.4)
+
+
 def test_the_same_run_found_twice_counts_once(tmp_path):
     put(tmp_path, "first", record(ap=0.5))
     put(tmp_path, "merged/copy", record(ap=0.5))
@@ -107,6 +136,9 @@ def test_row_labels_from_method_preset_or_clip_plus_recon(tmp_path):
     rows = ours(tmp_path)
     assert float(rows[("saq_sam", "sam_tiny", "w4a4")]["mean"]) == pytest.approx(0.70)
     assert float(rows[("saq_sam (paper-compat eval)", "sam_tiny", "w4a4")]["mean"]) == pytest.approx(0.72)
+    # half its linear inputs are unquantized: it does not compete for the best quantized cell
+    md = (tmp_path / "report.md").read_text()
+    assert "| saq_sam | **70.00** |" in md and "| saq_sam (paper-compat eval) | 72.00 |" in md
 
 
 def test_bad_files_are_listed_and_skipped_and_failures_listed(tmp_path):
@@ -116,6 +148,7 @@ def test_bad_files_are_listed_and_skipped_and_failures_listed(tmp_path):
     partial = record()
     del partial["metrics"]["quantized"]
     put(tmp_path, "partial", partial)
+    put(tmp_path, "hand-edited", record(recon="par") | {"recon": "par"})
     (tmp_path / "failed").mkdir()
     (tmp_path / "failed" / "failure.json").write_text(json.dumps({"error": "checkpoint not found: /x.pth",
                                                                   "overrides": ["model.checkpoint=/x.pth"]}))
@@ -125,6 +158,7 @@ def test_bad_files_are_listed_and_skipped_and_failures_listed(tmp_path):
     assert reasons["corrupt"].startswith("unreadable JSON")
     assert reasons["foreign"] == "not a saq run record (missing model, task, quant, metrics, config)"
     assert reasons["partial"] == "partial run: no quantized metrics"
+    assert reasons["hand-edited"] == "not a saq run record (recon is not an object)"
     write_report(report, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "checkpoint not found: /x.pth" in md and "model.checkpoint=/x.pth" in md
@@ -155,12 +189,14 @@ def test_plots_metric_vs_bits_and_clip_ranges_when_present(tmp_path):
     points = [{"name": f"layers.{i}.k_proj", "fp_min": -150.0, "fp_max": 160.0, "mse_lo": -140.0, "mse_hi": 150.0,
                "pcc_lo": -1.0, "pcc_hi": 1.2, "clip_ratio": 0.01, "dist_before": 0.6, "dist_after": 0.1}
               for i in range(3)]
-    put(tmp_path, "pcc", record(clip="pcc", ap=0.6, clipping={"points": points}))
+    for theta in (0.3, 0.5):  # one plot per row: a theta sweep must not keep only its first run's ranges
+        put(tmp_path, f"pcc{theta}", record(clip="pcc", ap=0.6, clipping={"points": points}, extra={"theta": theta}))
     put(tmp_path, "mse6", record(bits=6, clip="mse", ap=0.7))
-    put(tmp_path, "broken", record(bits=6, clip="pcc", ap=0.7, clipping={"points": "oops"}))
+    put(tmp_path, "broken", record(bits=6, clip="pcc", ap=0.7, clipping={"points": "oops"}, extra={"theta": 0.4}))
     written = write_report(build_report(tmp_path), tmp_path)
     names = sorted(p.name for p in written if p.suffix == ".png")
-    assert names == ["clip_ranges_sam_tiny_w4a4_pcc_seed0.png", "instance_gt_mask_AP_sam_tiny_vs_bits.png"]
+    assert names == ["clip_ranges_sam_tiny_w4a4_pcc_clip.theta=0.3_seed0.png",
+                     "clip_ranges_sam_tiny_w4a4_pcc_clip.theta=0.5_seed0.png", "instance_gt_mask_AP_sam_tiny_vs_bits.png"]
     for path in written:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -184,6 +220,22 @@ def test_python_m_saq_report_runs(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "report.md").is_file()
+
+
+def test_tex_escapes_every_special_character_of_a_row_name():
+    from saq.report import tex_escape
+
+    assert tex_escape("pcc task.data.root=/d/coco_$HOME^2 {a} ~ 50% & #1 \\") == (
+        r"pcc task.data.root=/d/coco\_\$HOME\textasciicircum{}2 \{a\} \textasciitilde{} 50\% \& \#1 \textbackslash{}")
+
+
+def test_a_custom_pcc_run_is_paired_with_saq_sam_star_only_with_big_and_agq():
+    from saq.paper_results import paper_row
+
+    config = record(clip="pcc")["config"]
+    assert paper_row(config) is None
+    config["quant"].update(big=True, agq=True)
+    assert paper_row(config) == "SAQ-SAM★"
 
 
 def test_clip_plot_names_drop_the_shared_prefix_and_quantizer_suffix():
