@@ -117,11 +117,29 @@ def bits_label(config: dict) -> str:
     return str(quant.get("name"))
 
 
+def labelled_config(record: dict) -> dict:
+    """The config a run is labelled by: its own, except that a quant.load run takes the method, clipping and
+    reconstruction of the run that produced the model it loaded (its recon keeps this run's paper_eval_compat)."""
+    config = dict(record.get("config") or {})
+    loaded = record.get("loaded_model")
+    if not isinstance(loaded, dict):
+        return config
+    if loaded.get("method") is not None:
+        config["method"] = loaded["method"]
+    if isinstance(loaded.get("clip"), dict):
+        config["clip"] = loaded["clip"]
+    if isinstance(loaded.get("recon"), dict):
+        own = config.get("recon") if isinstance(config.get("recon"), dict) else {}
+        config["recon"] = {**loaded["recon"], "paper_eval_compat": bool(own.get("paper_eval_compat", False))}
+    return config
+
+
 def wandb_run_options(logger_cfg: dict, record: dict, sweep_group: str | None = None) -> dict:
     """wandb.init's arguments: group = the sweep, job_type = the method, tags model/bits/method/task, the resolved config."""
     config = record.get("config") or {}
+    labels = labelled_config(record)
     bits = bits_label(config)
-    method = "fp" if bits == "fp" else method_label(config)
+    method = "fp" if bits == "fp" else method_label(labels)
     tags = [*(logger_cfg.get("tags") or []), f"model:{record.get('model')}", f"bits:{bits}", f"method:{method}",
             f"task:{record.get('task')}"]
     name = record.get("run_name") if method == "fp" else f"{record.get('run_name')}-{method}"

@@ -176,7 +176,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     saved_model = None  # where the quantized model was saved to or loaded from
     if quant_cfg is not None:
         from saq.quant import calibrate, quant_summary, quantize
-        from saq.saved import load_run, save_run
+        from saq.saved import load_run, loaded_provenance, save_run
 
         if cfg.quant.get("load"):  # a model an earlier run calibrated: no calibration here
             (qmodel, recon), saved_model = load_run(model, cfg), str(cfg.quant.load)
@@ -214,6 +214,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "planted_outliers": planted,  # sam_tiny_outliers: the key offsets planted at load time
         "fp_from_cache": fp_cache_file,  # the FP row was computed by an earlier run with the same key
         "quantized_model": saved_model,  # saved to (quant.save) or loaded from (quant.load)
+        "loaded_model": loaded_provenance(cfg) if cfg.quant.get("load") else None,  # what made a loaded model
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_commit": commit,
         "versions": package_versions(),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saq.errors import SaqError
-from saq.log import RESULTS_FILE, bits_label, method_label, record_problem
+from saq.log import RESULTS_FILE, bits_label, labelled_config, method_label, record_problem
 from saq.paper_results import PAPER_MODEL, paper_row, paper_table
 from saq.sweep import FAILURE_FILE, RESUME_IGNORED_KEYS
 
@@ -152,7 +152,7 @@ def load_failures(root: Path) -> list[dict]:
 
 
 def entries_of(run: dict) -> list[Entry]:
-    config = run["config"]
+    config = labelled_config(run)  # a loaded model sits in the row of the run that produced it
     flat = flatten(config)
     common = dict(task=str(run["task"]), prompts=str(run.get("prompts", "-")), model=str(run["model"]),
                   seed=run.get("seed"), flat=flat, path=run["_path"], mtime=run["_mtime"])
@@ -530,7 +530,7 @@ def plot_clip_ranges(report: Report, out_dir: Path) -> list[Path]:
             isinstance(p.get(k), (int, float)) for k in CLIP_POINT_KEYS[1:])]
         if not points:
             continue
-        config = run["config"]
+        config = labelled_config(run)
         row = report.row_of.get(run["_path"], method_label(config))  # the row names the knobs its runs differ in
         name = _safe(f"clip_ranges_{run['model']}_{bits_label(config)}_{row}_seed{run.get('seed')}")
         if name in seen:

@@ -28,6 +28,7 @@ def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
         "task": cfg.task.get("_target_") if "task" in cfg else None,
         "calib_images": cfg.quant.get("calib_images"),
         "seed": cfg.get("seed"),
+        "method": cfg.get("method", "custom"),
     }
     return export_quantized(qmodel, Path(run_dir) / SAVED_DIR, extra=extra)
 
@@ -70,6 +71,15 @@ def check_recipe(recipe: dict, cfg: DictConfig, where: Path) -> None:
     if cfg.quant.name == "fp":
         raise SaqError(f"quant.load={where} needs the quantizing preset it was saved with (quant={preset}); "
                        "quant=fp means no quantization")
+    # the loaded model is reported under its own seed and method: this run may not claim others
+    saved_seed, saved_method = recipe.get("extra", {}).get("seed"), recipe.get("extra", {}).get("method")
+    if saved_seed is not None and saved_seed != cfg.get("seed"):
+        raise SaqError(f"quant.load={where} was calibrated with seed={saved_seed}; this run sets seed={cfg.get('seed')} "
+                       f"(use seed={saved_seed}: a loaded model is reported under the seed that made it)")
+    run_method = cfg.get("method", "custom")
+    if saved_method not in (None, "custom") and run_method not in ("custom", saved_method):
+        raise SaqError(f"quant.load={where} holds a method={saved_method} model; this run sets method={run_method} "
+                       f"(use method={saved_method})")
     wanted = _flat(QuantConfig.from_cfg({k: v for k, v in OmegaConf.to_container(cfg.quant, resolve=True).items()
                                          if k not in RUN_KEYS}).to_dict())
     saved = _flat(QuantConfig.from_cfg(recipe["quant"]).to_dict())
@@ -88,6 +98,13 @@ def check_load(cfg: DictConfig) -> Path:
     check_recipe(recipe, cfg, Path(cfg.quant.load))
     check_loaded_recon(recipe.get("extra", {}).get("recon"), cfg.get("recon"), cfg.quant.load)
     return directory
+
+
+def loaded_provenance(cfg: DictConfig) -> dict:
+    """What produced the model quant.load names (results.json's `loaded_model`): the method, clipping,
+    reconstruction and seed of the run that saved it, by which reports and W&B label this run."""
+    extra = read_recipe(saved_dir(cfg.quant.load)).get("extra", {})
+    return {key: extra.get(key) for key in ("method", "clip", "recon", "seed")}
 
 
 def load_run(model: nn.Module, cfg: DictConfig) -> tuple[nn.Module, dict]:

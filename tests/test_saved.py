@@ -65,6 +65,28 @@ def test_saved_run_loads_to_the_same_metrics_without_calibrating(synthetic_root,
     fp_run.quant.name = "fp"
     with pytest.raises(SaqError, match=r"needs the quantizing preset it was saved with \(quant=w8a8\)"):
         check_recipe(recipe, fp_run, tmp_path / "first")
+    # a loaded model is reported under the seed and method that made it: a run claiming others is stopped
+    with pytest.raises(SaqError, match=r"calibrated with seed=0; this run sets seed=3 \(use seed=0"):
+        check("seed=3")
+    with pytest.raises(SaqError, match=r"holds a method=ptq4sam_s model; this run sets method=saq_sam "
+                                       r"\(use method=ptq4sam_s\)"):
+        check_recipe(dict(recipe, extra={**recipe["extra"], "method": "ptq4sam_s"}),
+                     run_config(synthetic_root, "method=saq_sam"), tmp_path / "first")
+
+
+def test_a_loaded_model_is_labelled_by_the_run_that_made_it(synthetic_root, tmp_path):
+    from saq.log import wandb_run_options
+    from saq.report import build_report
+
+    pipeline.run(run_config(synthetic_root, "task.max_images=1"), tmp_path / "runs" / "made")
+    # clip=mse only labels this run (a loaded model is not calibrated again): reports must not call it mse
+    loaded = pipeline.run(run_config(synthetic_root, "task.max_images=1", "clip=mse",
+                                     f"quant.load={tmp_path / 'runs' / 'made'}"), tmp_path / "runs" / "loaded")
+    assert loaded["loaded_model"]["clip"]["name"] == "minmax" and loaded["loaded_model"]["seed"] == 0
+    assert wandb_run_options({}, loaded)["job_type"] == "minmax"
+    report = build_report(tmp_path / "runs")
+    assert {row for table in report.tables for row in table.rows} == {"FP", "minmax"}
+    assert len(report.duplicates) == 1  # the same model on the same images: one sample, not two
 
 
 def test_load_paths_and_run_keys_are_checked(tmp_path):
