@@ -48,11 +48,15 @@ def build_task(cfg: DictConfig):
         raise
 
 
-def source_digest() -> str:
-    """A hash of the code that produces FP metrics (saq/sam and tasks/), so edits there invalidate the cache."""
+FP_SOURCES = ("saq/sam", "tasks")  # the code that produces FP metrics
+RECON_SOURCES = (*FP_SOURCES, "saq/quant", "saq/clipping", "saq/recon")  # ... and a reconstructed unit
+
+
+def source_digest(parts: tuple[str, ...] = FP_SOURCES) -> str:
+    """A hash of the code under `parts` (folders of the repository), so edits there invalidate a cache."""
     root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for path in sorted([*(root / "saq" / "sam").rglob("*.py"), *(root / "tasks").rglob("*.py")]):
+    for path in sorted(p for part in parts for p in (root / part).rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -136,13 +140,26 @@ def format_table(model: str, task: str, prompts: str, rows: dict[str, dict]) -> 
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def samples_digest(samples) -> str:
+    """A hash of the calibration samples themselves (ids, pixels, prompts): the calibration data a unit learned
+    from, whichever files, order or prompt source produced it."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(repr(sample.image_id).encode())
+        for array in (sample.image, sample.boxes, sample.points, sample.point_labels):
+            digest.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples, task) -> dict | None:
     """recon=... on the calibrated model (saq.recon), then the check that evaluation runs fully quantized."""
     from saq.quant import assert_fully_quantized
     from saq.recon import reconstruct
 
     recon_cfg = cfg.get("recon") or {"name": "none"}
-    key = f"{checkpoint_fingerprint(cfg.model)}|{task.fingerprint()}|{cfg.quant}|{cfg.clip}|{cfg.seed}|{cfg.device}"
+    # a saved unit is reused (recon.resume) only with the same model, calibration data, settings and code
+    key = (f"{checkpoint_fingerprint(cfg.model)}|{samples_digest(samples)}|{cfg.quant}|{cfg.clip}|{cfg.seed}|"
+           f"{cfg.device}|{source_digest(RECON_SOURCES)}")
     report = reconstruct(qmodel, model, samples, recon_cfg, cfg.seed, key, progress=cfg.progress)
     assert_fully_quantized(qmodel, allow_dropped_inputs=report is not None and report.eval_mode != "fully_quantized")
     return report.as_dict() if report is not None else {"method": "none", "eval_mode": "fully_quantized"}

@@ -88,3 +88,25 @@ def test_replacing_an_image_or_label_in_place_invalidates_the_fp_cache(synthetic
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     after = {name: make().fingerprint() for name, make in (("i", instance), ("o", oriented), ("s", semantic))}
     assert all(after[k] != before[k] for k in before), (before, after)
+
+
+def test_a_saved_recon_unit_is_reused_only_with_the_same_calibration_data_and_code(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from saq.sam.segmenter import PromptedImage
+
+    ckpt = tmp_path / "sam.pth"
+    torch.save(build_random_sam("sam_tiny").state_dict(), ckpt)
+    cfg = config(ckpt, quant={"name": "w4a4"}, clip={"name": "mse"}, recon={"name": "par"})
+    keys = []
+    monkeypatch.setattr("saq.recon.reconstruct", lambda *args, **kwargs: keys.append(args[5]))
+    monkeypatch.setattr("saq.quant.assert_fully_quantized", lambda *args, **kwargs: None)
+    image = lambda i: np.full((8, 8, 3), i, np.uint8)  # noqa: E731
+    samples = [PromptedImage(image(i), boxes=np.array([[0, 0, 4, 4]], np.float32), image_id=i) for i in range(3)]
+    moved = [PromptedImage(image(0), boxes=np.array([[1, 0, 4, 4]], np.float32), image_id=0), *samples[1:]]
+    for calibration in (samples, samples, samples[::-1], moved):  # same; another order; one prompt moved
+        pipeline.reconstruct_for_run(cfg, None, None, calibration, CountingTask())
+    monkeypatch.setattr(pipeline, "source_digest", lambda *parts: "edited-recon-code")
+    pipeline.reconstruct_for_run(cfg, None, None, samples, CountingTask())
+    assert keys[0] == keys[1] and len(set(keys)) == 4

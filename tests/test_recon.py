@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -110,6 +111,56 @@ def test_best_state_restore_keeps_the_start_when_learning_hurts():
     assert report.units[0].kept == "start" and report.units[0].eval_after > report.units[0].eval_before
     after = qmodel.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k in after and before[k].numel())
+
+
+class DivergingBlock(Block):
+    """Block whose training loss is NaN (as after an overflow); evaluation, without gradients, is finite."""
+
+    def run(self, model, state, data):
+        out = super().run(model, state, data)
+        return (out[0] * float("nan"),) if torch.is_grad_enabled() else out
+
+
+def test_best_state_restore_keeps_the_start_when_learning_diverges_to_nan():
+    fp, qmodel, data = toy_models()
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    report = Reconstructor(qmodel, fp, recon_cfg(iters={"block": 5}), seed=0, progress=False,
+                           chain=[Feed(), DivergingBlock()]).run(data=data)
+    unit = report.units[0]
+    assert unit.kept == "start" and math.isnan(unit.eval_after) and math.isfinite(unit.eval_before)
+    after = qmodel.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k in after and before[k].numel())
+    assert math.isfinite(block_error(qmodel, fp, data))
+    with pytest.raises(SaqError, match=r"recon\.scale_lr=inf invalid"):
+        recon_cfg(scale_lr=float("inf"))
+
+
+def test_weight_lr_0_learns_steps_against_the_round_to_nearest_weights():
+    fp, qmodel, data = toy_models()
+    nearest = {k: v.clone() for k, v in qmodel.state_dict().items() if k.endswith("weight")}
+
+    class RecordingBlock(Block):
+        seen: list = []
+
+        def run(self, model, state, data):
+            self.seen += [q.mode for q in iter_quantizers(model, "weight")]
+            return super().run(model, state, data)
+
+    Reconstructor(qmodel, fp, recon_cfg(weight_lr=0.0, iters={"block": 3}, best_state=False), seed=0, progress=False,
+                  chain=[Feed(), RecordingBlock()]).run(data=data)
+    assert RecordingBlock.seen and set(RecordingBlock.seen) == {"nearest"}
+    assert all(torch.equal(v, qmodel.state_dict()[k]) for k, v in nearest.items())
+
+
+def test_reconstruction_leaves_the_global_rng_as_it_found_it():
+    # a paper-compat evaluation draws its dropping masks from it: a resumed run must draw the same ones
+    fp, qmodel, data = toy_models()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    Reconstructor(qmodel, fp, recon_cfg(iters={"block": 3}), seed=0, progress=False,
+                  chain=[Feed(), Block()]).run(data=data)
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_the_context_manager_restores_the_evaluation_state_after_an_exception():

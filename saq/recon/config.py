@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
@@ -141,7 +142,7 @@ def _check_keys(data: Mapping, cls, where: str) -> None:
 
 
 def _number(value, key: str, kind: type, minimum: float):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if kind is int:
         ok = ok and float(value).is_integer()
     if not ok or value < minimum:

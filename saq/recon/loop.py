@@ -164,7 +164,10 @@ class Reconstructor:
         if not data:
             raise SaqError("reconstruction needs calibration images with prompts; none has any")
         q_states = fp_states = [()] * len(data)
-        with reconstruction_state(self.qmodel, self.fp_model):
+        # units reseed the global RNG; leave it as found, so what follows (the paper-compat evaluation's dropping
+        # masks) does not depend on how many units were learned here rather than resumed
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), reconstruction_state(self.qmodel, self.fp_model):
             for index, step in enumerate(self.chain):
                 if self.cfg.target_input == "quantized_encoder" and step.part == "encoder":
                     fp_states = q_states  # SAQ-SAM's code: the FP twin runs on the reconstructed encoder's output
@@ -205,11 +208,15 @@ class Reconstructor:
             return unit
         torch.manual_seed(self.seed + 7919 * index)
         start, cpu_start = time.perf_counter(), time.process_time()
-        rounding, alphas, scales, softmax_scales = [], [], [], []
+        rounding, alphas, scales, softmax_scales, soft_layers = [], [], [], [], []
         for module in modules:
             for layer in module.modules():
-                if isinstance(layer, QuantLayer) and isinstance(layer.weight_quantizer, AdaRoundQuantizer):
+                # weight_lr=0 learns no rounding: the weights stay round-to-nearest (soft rounding would let the
+                # steps learn against near-FP weights that hardening then takes away)
+                if (cfg.weight_lr > 0 and isinstance(layer, QuantLayer)
+                        and isinstance(layer.weight_quantizer, AdaRoundQuantizer)):
                     layer.weight_quantizer.init_soft(layer.weight)
+                    soft_layers.append(layer)
                     rounding.append(layer.weight_quantizer)
                     alphas.append(layer.weight_quantizer.alpha)
         for q in quantizers:
@@ -265,14 +272,13 @@ class Reconstructor:
             p.requires_grad_(False)
         for q in quantizers:
             q.drop_prob = 1.0
-        for module in modules:
-            for layer in module.modules():
-                if isinstance(layer, QuantLayer) and isinstance(layer.weight_quantizer, AdaRoundQuantizer):
-                    layer.harden_weight()
+        for layer in soft_layers:
+            layer.harden_weight()
         unit.seconds, unit.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         if cfg.best_state:
             unit.eval_after = evaluate()
-            if unit.eval_after > unit.eval_before:  # learning made this unit worse on the whole calibration set
+            # learning made this unit worse on the whole calibration set, or diverged (a NaN compares False)
+            if not math.isfinite(unit.eval_after) or unit.eval_after > unit.eval_before:
                 for module, state in zip(modules, snapshot):
                     module.load_state_dict(state)
                 unit.kept = "start"
