@@ -35,10 +35,19 @@ def load_coco(ann_path: Path, config_key: str) -> COCO:
     for i, info in enumerate(data["images"]):
         if not isinstance(info, dict) or not all(k in info for k in ("id", "file_name", "height", "width")):
             raise SaqError(f"annotation file {ann_path}: images[{i}] lacks one of id, file_name, height, width")
+    seen_ids = set()
     for i, ann in enumerate(data["annotations"]):
-        if not all(k in ann for k in ("image_id", "category_id", "bbox", "segmentation")):
+        if not isinstance(ann, dict) or not all(k in ann for k in ("id", "image_id", "category_id", "bbox",
+                                                                   "segmentation", "area")):
             raise SaqError(f"annotation file {ann_path}: annotation {i} lacks one of "
-                           "image_id, category_id, bbox, segmentation")
+                           "id, image_id, category_id, bbox, segmentation, area")
+        # COCOeval reads an object id of 0 as 'unmatched' and its index keeps one object per id: either would
+        # score correct masks as misses without a word
+        ann_id = ann["id"]
+        if isinstance(ann_id, bool) or not isinstance(ann_id, int) or ann_id < 1 or ann_id in seen_ids:
+            raise SaqError(f"annotation file {ann_path}: annotation {i} has id {ann_id!r}; ids must be unique "
+                           "integers >= 1")
+        seen_ids.add(ann_id)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):

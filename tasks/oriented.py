@@ -110,9 +110,9 @@ def polygon_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def average_precision(recall: np.ndarray, precision: np.ndarray, method: str) -> float:
     """AP from a PR curve: VOC07 11-point interpolation or the area under the interpolated curve."""
     if method == "voc07":
-        # Thresholds as exact tenths: the devkit's np.arange(0, 1.1, 0.1) holds 0.30000000000000004 and misses
-        # a recall of exactly 0.3.
-        return float(sum(precision[recall >= t].max(initial=0.0) for t in np.arange(11) / 10.0) / 11.0)
+        # The DOTA devkit's and mmrotate's thresholds, float error included (np.arange gives 0.30000000000000004,
+        # so a recall of exactly 0.3 misses that point), so our AP matches theirs digit for digit.
+        return float(sum(precision[recall >= t].max(initial=0.0) for t in np.arange(0.0, 1.1, 0.1)) / 11.0)
     mrec = np.concatenate([[0.0], recall, [1.0]])
     mpre = np.concatenate([[0.0], precision, [0.0]])
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
@@ -285,7 +285,9 @@ class OrientedTask(Task):
             n_prompts += len(prompts)
         metrics = rotated_map(detections, ground_truth, self.classes, self.ap_method)
         # Prompted object's rotated box vs its own polygon: a quantization-sensitive signal beside mAP.
-        metrics["rbox_mIoU"] = float(np.mean(box_ious)) if box_ious else 0.0
+        # Only ground-truth prompts pair a mask with its object; other prompt sources leave the metric out.
+        if self.prompts.from_ground_truth:
+            metrics["rbox_mIoU"] = float(np.mean(box_ious)) if box_ious else 0.0
         metrics["images"] = len(self.images)
         metrics["prompts"] = n_prompts
         metrics["empty_masks"] = empty

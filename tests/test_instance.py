@@ -133,6 +133,11 @@ def test_official_calibration_order_swaps_images_0_and_8(tmp_path):
         InstanceTask({"root": str(root), **DATA}, {**CALIB, "order": "random"})
 
 
+def _ann(ann_id: int) -> str:
+    return (f'{{"id": {ann_id}, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "area": 4, '
+            '"segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]]}')
+
+
 @pytest.mark.parametrize("content,match", [
     ("not json", "not valid JSON"),
     ('{"images": []}', "not COCO instance format"),
@@ -140,6 +145,12 @@ def test_official_calibration_order_swaps_images_0_and_8(tmp_path):
     ('{"images": [{"id": 1}], "annotations": [], "categories": []}', r"images\[0\] lacks one of id, file_name"),
     ('{"images": [{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}], "annotations": [{"id": 1}], '
      '"categories": []}', "annotation 0 lacks"),
+    *((f'{{"images": [{{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}}], "annotations": [{a}, {b}], '
+       '"categories": [{"id": 1, "name": "x"}]}', match)
+      for a, b, match in [
+          (_ann(1), _ann(0), r"annotation 1 has id 0; ids must be unique integers >= 1"),  # COCOeval: 'unmatched'
+          (_ann(1), _ann(1), r"annotation 1 has id 1; ids must be unique"),  # one object would vanish
+          (_ann(1), _ann(2).replace('"area": 4, ', ""), r"annotation 1 lacks one of id, .*area")]),
 ])
 def test_malformed_annotations_give_clear_errors(tmp_path, content, match):
     path = tmp_path / "bad.json"
