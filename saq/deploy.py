@@ -193,6 +193,11 @@ def check_deploy_config(quant_cfg) -> None:
         raise SaqError("deploy=true needs a quantized W8A8 model: set quant=w8a8 (or quant.load=RUN_DIR of one)")
     cfg = QuantConfig.from_cfg(quant_cfg)
     for part in ("encoder", "decoder"):
+        weight = cfg.part(part).weight
+        if cfg.part(part).enabled and weight.granularity == "per_channel" and weight.ch_axis != 0:
+            # the int8 layers dequantize per output channel (axis 0); another axis would need other kernels
+            raise SaqError(f"cannot deploy: quant.{part}.weight.ch_axis={weight.ch_axis}; int8 export needs per-output-"
+                           "channel weights (ch_axis=0) or per_tensor")
         if cfg.part(part).enabled and (cfg.bits(part, "act") != 8 or cfg.bits(part, "weight") != 8):
             raise SaqError(f"cannot deploy: int8 kernels need W8A8, the {part} is W{cfg.bits(part, 'weight')}"
                            f"A{cfg.bits(part, 'act')} (quant=w8a8)")

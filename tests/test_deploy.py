@@ -71,6 +71,8 @@ def test_uncalibrated_or_low_bit_models_are_refused(tmp_path):
         deploy.export_onnx(quantize(sam, W8A8), tmp_path)
     with pytest.raises(SaqError, match=r"int8 kernels need W8A8, the encoder is W4A4 \(quant=w8a8\)"):
         deploy.export_onnx(quantize(sam, QuantConfig(name="w4a4", w_bits=4, a_bits=4)), tmp_path)
+    with pytest.raises(SaqError, match=r"quant\.decoder\.weight\.ch_axis=1; int8 export needs per-output-channel"):
+        deploy.check_deploy_config(QuantConfig.from_cfg({"name": "w8a8", "decoder": {"weight": {"ch_axis": 1}}}))
     assert not list(tmp_path.iterdir())  # refused before writing anything
     assert deploy.main([str(tmp_path / "missing")]) == 1
 

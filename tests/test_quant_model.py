@@ -99,6 +99,21 @@ def test_parts_can_stay_fp(tiny):
     assert _count(qmodel, QuantLinear) == 32 and _count(qmodel, QuantConv2d) == 0
 
 
+def test_per_channel_activations_are_linear_inputs_only_matmul_operands_stay_per_tensor(tiny):
+    # a transposed key's channels are not on one axis: per channel there would quantize per key token
+    act = {"granularity": "per_channel", "ch_axis": -1}
+    qmodel = quantize(tiny, {**W4A4, "encoder": {"act": act}, "decoder": {"act": act}})
+    matmuls = [m for m in qmodel.modules() if isinstance(m, QuantMatMul)]
+    linears = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
+    assert matmuls and all(getattr(q, "ch_axis", None) is None for m in matmuls for q in (m.a_quantizer, m.b_quantizer))
+    assert linears and all(m.input_quantizer.ch_axis == -1 for m in linears)
+    samples = _samples(1)
+    calibrate(qmodel, samples, W4A4, {"name": "minmax"}, progress=False)
+    segmenter = Segmenter(qmodel)
+    segmenter.set_image(samples[0].image)  # other prompt counts than calibration saw: no shape error
+    segmenter.predict(boxes=np.array([[5, 5, 60, 60], [10, 20, 90, 80], [0, 0, 30, 30]], np.float32))
+
+
 @pytest.fixture(scope="module")
 def calibrated(tiny):
     samples = _samples(2)

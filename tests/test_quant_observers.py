@@ -68,11 +68,12 @@ def test_percentile_picks_the_candidate_with_the_lowest_error(size, clips):
 
 
 def _brute_force_channel_grid(w, grid, num=100, p=2.4):
-    """The paper's MSEObserver written as plain loops: every range i·xrange/num, every zero-point."""
+    """The paper's MSEObserver written as plain loops: every range i·xrange/num, every zero-point (xrange from
+    min(x_min, 0) to max(x_max, 0), as the official code clamps a channel on one side of zero)."""
     levels = grid.qmax - grid.qmin
     best = []
     for row in w:
-        x_min, x_max = float(row.min()), float(row.max())
+        x_min, x_max = min(float(row.min()), 0.0), max(float(row.max()), 0.0)
         best_err = math.inf
         for i in range(1, num + 1):
             r = (x_max - x_min) * i / num
@@ -90,6 +91,7 @@ def test_mse_channel_grid_equals_brute_force(bits):
     w = torch.randn(6, 120, generator=_gen(2)) * torch.linspace(0.1, 2.0, 6)[:, None]
     w[1, 0], w[3, 5] = 6.0, -9.0  # channels with an outlier
     w[4] = w[4].abs() - 0.05  # mostly positive channel
+    w[2] = w[2].abs() + 0.3  # wholly positive channel in a two-sided tensor: its range must still reach its max
     # heavy tails on both sides: the best window is narrower than the data and sits inside it, away from either end
     w[5] = torch.sign(w[5]) * torch.empty(120).exponential_(generator=_gen(9)) ** 2
     lo, hi = MSEClipping(num_ranges=30).batch_range(w, grid, 0)

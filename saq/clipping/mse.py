@@ -105,8 +105,8 @@ class MSEClipping(RangeStrategy):
             span = x_max
         elif negative:
             span = -x_min
-        else:
-            span = x_max - x_min
+        else:  # a channel on one side of zero still spans to 0: every candidate range holds 0 (lo <= 0 <= hi)
+            span = x_max.clamp(min=0) - x_min.clamp(max=0)
         levels = grid.qmax - grid.qmin
         rows = torch.arange(w.shape[0], device=w.device)
         for i in range(self.num_ranges, 0, -1):

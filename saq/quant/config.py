@@ -234,9 +234,12 @@ class QuantizerFactory:
             ch_axis = spec.ch_axis % ndim
         return self._build(WEIGHT_QUANTIZERS, spec, part, "weight", ch_axis)
 
-    def act_quantizer(self, part: str) -> Quantizer:
+    def act_quantizer(self, part: str, operand: bool = False) -> Quantizer:
+        """A linear/conv input quantizer, or (operand=True) one for an operand of an attention matmul: those stay
+        per-tensor, since a transposed key or a head-split tensor keeps no channel on one fixed axis."""
         spec = self.cfg.part(part).act
-        ch_axis = spec.ch_axis if spec.granularity == "per_channel" else None  # checked against each input
+        per_channel = spec.granularity == "per_channel" and not operand
+        ch_axis = spec.ch_axis if per_channel else None  # checked against each input
         return self._build(ACT_QUANTIZERS, spec, part, "act", ch_axis)
 
     def _build(self, classes: dict, spec, part: str, kind: str, ch_axis: int | None) -> Quantizer:
@@ -252,7 +255,7 @@ class QuantizerFactory:
     def softmax_quantizer(self, part: str) -> Quantizer:
         """The post-softmax operand of attn·v: AGQ log2 (quant.agq) or a uniform activation quantizer."""
         if not self.cfg.agq:
-            return self.act_quantizer(part)
+            return self.act_quantizer(part, operand=True)
         quantizer = Log2AGQQuantizer(self._bits(part, "act"), self.cfg.agq_taus, config_key=f"quant.{part}.act")
         quantizer.kind = "act"
         return quantizer
@@ -267,8 +270,8 @@ class QuantizerFactory:
 
     def matmul(self, part: str) -> QuantMatMul:
         """Activation × activation, e.g. q·kᵀ."""
-        return QuantMatMul(self.act_quantizer(part), self.act_quantizer(part))
+        return QuantMatMul(self.act_quantizer(part, operand=True), self.act_quantizer(part, operand=True))
 
     def softmax_matmul(self, part: str) -> QuantMatMul:
         """softmax(...)·v: the left operand is a probability map."""
-        return QuantMatMul(self.softmax_quantizer(part), self.act_quantizer(part))
+        return QuantMatMul(self.softmax_quantizer(part), self.act_quantizer(part, operand=True))
