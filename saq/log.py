@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -47,9 +48,23 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a results file or folder we are about to replace, so no earlier result is ever lost."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.{stamp}.{why}")
+    n = 1
+    while target.exists():  # two in one second
+        target, n = path.with_name(f"{path.name}.{stamp}-{n}.{why}"), n + 1
+    path.replace(target)
+    return target
+
+
 def write_results(run_dir: Path, record: dict) -> Path:
-    """Write results.json; the shape scripts rely on is record['metrics']['fp' | 'quantized'][name]."""
+    """Write results.json (an earlier run's in the same folder is kept, renamed); the shape scripts rely on is
+    record['metrics']['fp' | 'quantized'][name]."""
     path = Path(run_dir) / RESULTS_FILE
+    if path.exists():
+        print(f"{path} held an earlier run; kept as {set_aside(path, 'previous')}")
     write_json_atomic(path, record)
     return path
 

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from saq.errors import SaqError
+from saq.log import set_aside
 from saq.quant.config import RUN_KEYS, QuantConfig
 from saq.quant.export import RECIPE_FILE, export_quantized, load_quantized
 
@@ -30,7 +31,10 @@ def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
         "seed": cfg.get("seed"),
         "method": cfg.get("method", "custom"),
     }
-    return export_quantized(qmodel, Path(run_dir) / SAVED_DIR, extra=extra)
+    target = Path(run_dir) / SAVED_DIR
+    if target.exists():  # an earlier run in the same folder saved its model here: keep it
+        print(f"{target} held an earlier run's model; kept as {set_aside(target, 'previous')}")
+    return export_quantized(qmodel, target, extra=extra)
 
 
 def saved_dir(path: str | Path) -> Path:

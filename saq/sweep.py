@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from saq.errors import SaqError
-from saq.log import RESULTS_FILE, record_problem, write_json_atomic
+from saq.log import RESULTS_FILE, record_problem, set_aside, write_json_atomic
 
 FAILURE_FILE = "failure.json"
 # Keys that change how a run is logged or shown, not what it computes: a finished run still counts when they differ.
@@ -73,14 +73,6 @@ def finished_record(run_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return None if record_problem(record) else record
-
-
-def set_aside(path: Path, why: str) -> Path:
-    """Rename a results file we are about to replace, so no earlier result is ever lost."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = path.with_name(f"{path.name}.{stamp}.{why}")
-    path.replace(target)
-    return target
 
 
 def should_skip(cfg: DictConfig, run_dir: Path) -> bool:

@@ -74,6 +74,16 @@ def test_saved_run_loads_to_the_same_metrics_without_calibrating(synthetic_root,
                      run_config(synthetic_root, "method=saq_sam"), tmp_path / "first")
 
 
+def test_a_run_into_a_used_folder_keeps_the_earlier_results_and_model(synthetic_root, tmp_path):
+    cfg = run_config(synthetic_root, "task.max_images=1")
+    first = pipeline.run(cfg, tmp_path / "run")
+    pipeline.run(cfg, tmp_path / "run")
+    kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".previous"))
+    assert [k.split(".")[0] for k in kept] == ["quantized_model", "results"]
+    earlier = json.loads((tmp_path / "run" / kept[1]).read_text())
+    assert earlier["wall_time_s"] == first["wall_time_s"] and (tmp_path / "run" / kept[0] / "recipe.json").is_file()
+
+
 def test_a_loaded_model_is_labelled_by_the_run_that_made_it(synthetic_root, tmp_path):
     from saq.log import wandb_run_options
     from saq.report import build_report
