@@ -242,11 +242,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     print(format_table(cfg.model.name, task.name, prompts_name,
                        {prec: scalar_metrics(m) for prec, m in metrics.items()}))
     print(f"results: {path}")
-    if clipping is not None and cfg.get("figures", True):
+    if cfg.get("figures", True) and (clipping is not None or recon is not None):
         try:  # figures are optional: results.json is already written
-            from saq.plots import clipping_figures
+            from saq.plots import clipping_figures, reconstruction_curves
 
-            for figure in clipping_figures(clipping, run_dir):
+            figures = clipping_figures(clipping, run_dir) if clipping is not None else []
+            figures.append(reconstruction_curves(recon, run_dir / "recon_units.png"))
+            for figure in filter(None, figures):
                 print(f"figure: {figure}")
         except Exception as exc:
             print(f"warning: figures failed ({type(exc).__name__}: {exc}); results are in {path}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Figures of one run (matplotlib, headless): the clip ranges a point search chose, and what they do to attention."""
+"""Figures of one run (matplotlib, headless): the clip ranges a point search chose, what they do to attention, and
+how each reconstruction unit learned."""
 
 from __future__ import annotations
 
@@ -93,3 +94,33 @@ def clipping_figures(report, run_dir: Path) -> list[Path]:
     if report.heatmaps:
         paths.append(attention_heatmaps(report.heatmaps, run_dir / "pcc_attention_heatmaps.png"))
     return paths
+
+
+def reconstruction_curves(recon: dict, path: Path) -> Path | None:
+    """Per reconstruction unit: its training loss against iteration (QDrop dropping, soft rounding), with the unit's
+    loss over all calibration samples before and after learning (hard rounding, fully quantized). None when no unit
+    has a curve (recon=none, or only units resumed from a run that recorded none)."""
+    units = [u for u in (recon or {}).get("units", []) if u.get("loss_curve")]
+    if not units:
+        return None
+    plt = pyplot()
+    rows, cols = _grid(len(units), cols=3)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
+    for ax, unit in zip(axes.flat, units):
+        its, losses = zip(*unit["loss_curve"])
+        ax.plot(its, losses, lw=1, color="tab:blue", label="training loss")
+        for key, style, label in (("eval_before", "--", "all samples, before"), ("eval_after", "-", "after")):
+            if isinstance(unit.get(key), (int, float)) and math.isfinite(unit[key]):
+                ax.axhline(unit[key], color="tab:red", ls=style, lw=1, label=label)
+        if min(losses) > 0:
+            ax.set_yscale("log")
+        kept = "" if unit.get("kept") in (None, "learned") else f" [{unit['kept']}]"
+        ax.set_title(f"{unit['name']} ({unit['kind']}){kept}", fontsize=7)
+        ax.set_xlabel("iteration", fontsize=7)
+        ax.tick_params(which="both", labelsize=6)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(units):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(f"reconstruction ({recon.get('method')}): unit loss while learning", fontsize=9)
+    return save_figure(fig, path, layout={})

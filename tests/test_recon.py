@@ -102,6 +102,24 @@ def test_reconstruction_lowers_the_block_error_against_round_to_nearest(reg):
     assert all(q.mode == "nearest" for q in iter_quantizers(qmodel, "weight"))
 
 
+def test_each_unit_keeps_a_short_loss_curve_and_the_run_draws_it(tmp_path):
+    from saq.plots import reconstruction_curves
+
+    fp, qmodel, data = toy_models()
+    report = Reconstructor(qmodel, fp, recon_cfg(iters={"block": 150}), seed=0, progress=False,
+                           chain=[Feed(), Block("a"), Block("b")]).run(data=data)
+    curve = report.units[0].loss_curve
+    assert [it for it, _ in curve] == list(range(10, 151, 10))  # every log_every iterations, up to the last
+    assert curve[0][1] == pytest.approx(report.units[0].loss_first) and curve[-1][1] == pytest.approx(
+        report.units[0].loss_last)
+    many = Reconstructor(*toy_models()[1::-1], recon_cfg(iters={"block": 1001}, log_every=1), seed=0,
+                         progress=False, chain=[Feed(), Block()]).run(data=data)
+    assert 100 < len(many.units[0].loss_curve) <= 201 and many.units[0].loss_curve[-1][0] == 1001  # ~200 at most
+    path = reconstruction_curves(report.as_dict(), tmp_path / "recon_units.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert reconstruction_curves({"method": "none", "units": []}, tmp_path / "none.png") is None
+
+
 def test_best_state_restore_keeps_the_start_when_learning_hurts():
     fp, qmodel, data = toy_models()
     before = {k: v.clone() for k, v in qmodel.state_dict().items()}

@@ -265,6 +265,7 @@ def test_pipeline_records_the_method_and_the_evaluation_mode(synthetic_root, tmp
     assert record["recon"]["eval_mode"] == EVAL_FULL and len(record["recon"]["units"]) == 22
     saved = json.loads(Path(tmp_path / "run" / "results.json").read_text())
     assert saved["recon"]["eval_mode"] == EVAL_FULL and 0.0 <= saved["metrics"]["quantized"]["mask_AP"] <= 1.0
+    assert (tmp_path / "run" / "recon_units.png").is_file()  # every unit's loss curve, beside results.json
     # the saved model holds what reconstruction learned: loading it reproduces the metrics, reconstructing nothing
     monkeypatch.setattr("saq.recon.reconstruct", lambda *a, **k: pytest.fail("quant.load must not reconstruct"))
     with initialize_config_dir(str(REPO / "conf"), version_base=None):

@@ -24,6 +24,7 @@ from saq.recon.config import ReconConfig
 from saq.recon.losses import rounding_regularizer, unit_loss
 from saq.sam.units import SampleData, build_chain, encode_sample, probe_image_tokens
 
+CURVE_POINTS = 200  # loss-curve points kept per unit in results.json (a figure's worth, not every iteration)
 EVAL_FULL = "fully_quantized"
 EVAL_PAPER = "paper_compat: linear/conv inputs left at drop_prob (official SAQ-SAM / PTQ4SAM evaluation, paper.md §7)"
 
@@ -42,6 +43,7 @@ class UnitReport:
     eval_before: float | None = None  # unit loss over all samples, hard and undropped, before learning
     eval_after: float | None = None  # ... after learning and hardening
     kept: str = "learned"  # learned | start (best-state restore kept the starting state) | resumed
+    loss_curve: list = field(default_factory=list)  # [iteration, mean training loss since the previous point], <= 200
 
     @property
     def it_per_s(self) -> float:
@@ -244,6 +246,7 @@ class Reconstructor:
         mixing = cfg.input_mix and cfg.drop_prob < 1.0
         bar = tqdm(range(iters), desc=f"recon {step.name}", disable=not self.progress, leave=False)
         window, losses = cfg.log_every, []
+        curve_every = max(window, math.ceil(iters / CURVE_POINTS))
         for it in bar:
             i = int(picks[it])
             d = data[i].to(self.device)
@@ -267,6 +270,9 @@ class Reconstructor:
                 unit.loss_first = recent if unit.loss_first is None else unit.loss_first
                 unit.loss_last = recent
                 bar.set_postfix(loss=f"{recent:.4g}")
+            if (it + 1) % curve_every == 0 or it + 1 == iters:
+                points = losses[-((it % curve_every) + 1):]  # since the previous curve point
+                unit.loss_curve.append([it + 1, sum(points) / len(points)])
         bar.close()
         for p in learned:
             p.requires_grad_(False)
