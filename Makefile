@@ -39,7 +39,7 @@ tiny-card: setup  ## evaluate the shipped sam_tiny on the synthetic val split an
 SWEEP ?= quant_baselines
 ARGS ?=
 sweep: setup  ## run sweeps/SWEEP.yaml (ARGS='key=value ...' overrides any key); ends by printing its report table
-	$(PY) -m saq -m +sweeps=$(SWEEP) $(ARGS)
+	$(PY) -m saq -m +sweeps=$(SWEEP) $(subst $$,\$$,$(value ARGS))
 
 RUNS ?= outputs/sweeps
 report: setup  ## report.md/csv/tex and plots from the results.json under RUNS=PATH

@@ -43,7 +43,7 @@ def package_versions() -> dict[str, str | None]:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel jobs may write the same file (FP cache)
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
 

@@ -145,9 +145,9 @@ def load_failures(root: Path) -> list[dict]:
         try:
             record = json.loads(path.read_text())
             failures.append({"path": path, "error": str(record.get("error", "?")),
-                             "overrides": list(record.get("overrides") or [])})
+                             "overrides": list(record.get("overrides") or []), "mtime": path.stat().st_mtime})
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            failures.append({"path": path, "error": "unreadable failure.json", "overrides": []})
+            failures.append({"path": path, "error": "unreadable failure.json", "overrides": [], "mtime": 0.0})
     return failures
 
 
@@ -577,21 +577,31 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
     return [md, csv_path, tex, *plots]
 
 
-def print_summary(report: Report, written: list[Path]) -> None:
-    """What a sweep prints at its end: the main table per task, the failures, and where the report is."""
+def print_summary(report: Report, written: list[Path], since: float | None = None) -> list[dict]:
+    """What a sweep prints at its end: the main table per task, the failures, and where the report is. Failures
+    written before `since` (the sweep's start) are jobs of earlier sweeps that this one did not run: listed apart.
+    Returns this sweep's failures."""
     print(f"\n=== sweep report: {report.root} — {len(report.runs)} runs, {len(report.failures)} failed, "
           f"{len(report.skipped)} skipped results.json")
     for table in report.tables:
         if table.metric == main_metric(report, table.task, table.prompts):
             print(f"\n{table_title(table)} (%)\n\n{markdown_table(table)}")
-    if report.failures:
-        print(f"\n{len(report.failures)} failed jobs:")
-        for failure in report.failures:
+    current = [f for f in report.failures if since is None or f["mtime"] >= since]
+    earlier = [f for f in report.failures if f not in current]
+    if current:
+        print(f"\n{len(current)} failed jobs:")
+        for failure in current:
+            print(f"  {failure['path'].parent}: {failure['error']}")
+    if earlier:
+        print(f"\n{len(earlier)} failure.json from earlier sweeps, in jobs this one did not run (delete them once "
+              "settled):")
+        for failure in earlier:
             print(f"  {failure['path'].parent}: {failure['error']}")
     for path, why in report.skipped:
         print(f"skipped {path}: {why}")
     if written:
         print(f"\nreport: {', '.join(str(p) for p in written[:3])} (+{len(written) - 3} plots)")
+    return current
 
 
 def main(argv: list[str] | None = None) -> int:

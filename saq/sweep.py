@@ -173,6 +173,7 @@ class SweepReport(Callback):
     """Before a multirun: every job must compose. After it: the sweep's report, its main tables, the failed jobs."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.time() - 1.0  # failure.json written before this belongs to an earlier sweep
         problems = jobs_that_do_not_compose(config)
         if problems:
             for job, why in problems:
@@ -186,7 +187,7 @@ class SweepReport(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         report = build_report(sweep_dir)
         written = write_report(report, sweep_dir) if report.runs else []
-        print_summary(report, written)
+        failed_now = print_summary(report, written, since=getattr(self, "started", None))
         sys.stdout.flush()
-        if report.failures:
-            sys.exit(1)  # after the report: the sweep's exit status says some job failed
+        if failed_now:
+            sys.exit(1)  # after the report: the sweep's exit status says some job of this sweep failed

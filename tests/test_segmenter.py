@@ -75,6 +75,11 @@ def test_predict_before_set_image_and_bad_prompts():
     seg.set_image(np.zeros((32, 48, 3), np.uint8))
     with pytest.raises(SaqError, match="box or point"):
         seg.predict()
+    none = seg.predict(boxes=np.zeros((0, 4)), multimask_output=True)  # no prompts: empty, of the usual shapes
+    some = seg.predict(boxes=np.array([[2, 2, 20, 20]]), multimask_output=True)
+    for empty, full in zip((none.masks, none.iou_scores, none.low_res_logits),
+                           (some.masks, some.iou_scores, some.low_res_logits)):
+        assert empty.shape == (0, *full.shape[1:]) and empty.dtype == full.dtype
     with pytest.raises(SaqError, match="H x W x 3"):
         seg.set_image(np.zeros((32, 48), np.uint8))
 

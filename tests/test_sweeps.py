@@ -123,6 +123,10 @@ def test_a_failed_job_is_recorded_and_listed_without_stopping_the_others(synthet
     assert failure["error"] == line and "model.checkpoint=/nonexistent.pth" in failure["overrides"]
     assert "1 failed jobs:" in proc.stdout and line in proc.stdout
     assert line in (sweep_dir / "report.md").read_text()
+    # the user drops the bad job: its old failure is listed apart and no longer fails the sweep
+    again = multirun(sweep_dir, "model.checkpoint=null", data=synthetic_root, cwd=tmp_path, images=1)
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert "1 failure.json from earlier sweeps" in again.stdout and "failed jobs:" not in again.stdout
 
 
 def test_a_job_that_does_not_compose_stops_the_sweep_before_any_job_runs(synthetic_root, tmp_path):
@@ -282,3 +286,13 @@ def test_wandb_logs_the_clipping_ranges_as_a_table(tmp_path, monkeypatch):
     log_to_wandb({"name": "wandb", "mode": "offline"}, record, tmp_path)
     assert logged["clipping/ranges"] == ("table", ["name", "pcc_lo", "pcc_hi"],
                                          [["a.k", -1.0, 2.0], ["a.q", -3.0, 3.0]])
+
+
+def test_make_sweep_passes_interpolations_in_args_through_to_hydra():
+    # make would expand ${model.name} itself (to nothing); the shell must see it escaped
+    proc = subprocess.run(["make", "-n", "-o", ".venv/.installed", "sweep", "SWEEP=bits",
+                           "ARGS=model.checkpoint=/ckpt/${model.name}.pth seed=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].endswith(
+        r"-m saq -m +sweeps=bits model.checkpoint=/ckpt/\${model.name}.pth seed=1")

@@ -250,8 +250,16 @@ class Segmenter:
 
     def predict(self, boxes=None, points=None, point_labels=None, multimask_output: bool = False,
                 return_logits: bool = False) -> Prediction:
-        """All prompts at once (concatenated chunks)."""
+        """All prompts at once (concatenated chunks); no prompts give empty tensors of the usual shapes."""
         parts = list(self.predict_chunks(boxes, points, point_labels, multimask_output, return_logits))
+        if not parts:
+            if self._original_size is None:
+                raise SaqError("Segmenter.predict: call set_image first")
+            c, device = 3 if multimask_output else 1, self.sam.device
+            low = self.sam.prompt_encoder.mask_input_size
+            return Prediction(torch.zeros((0, c, *self._original_size), dtype=torch.float32 if return_logits else
+                                          torch.bool, device=device),
+                              torch.zeros((0, c), device=device), torch.zeros((0, c, *low), device=device))
         return Prediction(*(torch.cat([getattr(p, f) for p in parts]) for f in ("masks", "iou_scores",
                                                                                  "low_res_logits")))
 
