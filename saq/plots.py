@@ -19,11 +19,12 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path, dpi: int = 110, layout: dict | None = None) -> Path:
-    """Lay out (tight_layout with `layout`; None skips it), write and close a figure; returns its path."""
+def save_figure(fig, path: Path, dpi: int = 110, layout: dict | None = None, bbox_inches: str | None = None) -> Path:
+    """Lay out (tight_layout with `layout`; None skips it), write and close a figure; returns its path.
+    bbox_inches="tight" grows the image to hold what sits outside the axes (a legend beside them)."""
     if layout is not None:
         fig.tight_layout(**layout)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches=bbox_inches)
     pyplot().close(fig)
     return path
 

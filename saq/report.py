@@ -482,6 +482,8 @@ def plot_metric_vs_bits(report: Report, out_dir: Path) -> list[Path]:
                 continue
             fig, ax = plt.subplots(figsize=(5.5, 3.8))
             x = list(range(len(bits)))
+            colors, markers = plt.get_cmap("tab20"), "osD^vPX<>"  # many rows (trials) stay distinguishable
+            drawn = 0
             for row in table.rows:
                 cells = [table.cells.get((row, (model, b))) for b in bits]
                 if table.row_label[row] == FP_ROW:
@@ -492,15 +494,17 @@ def plot_metric_vs_bits(report: Report, out_dir: Path) -> list[Path]:
                 points = [(i, c) for i, c in zip(x, cells) if c is not None]
                 if points:
                     ax.errorbar([i for i, _ in points], [100 * c.mean for _, c in points],
-                                yerr=[100 * c.std for _, c in points], marker="o", capsize=3, label=row)
+                                yerr=[100 * c.std for _, c in points], marker=markers[drawn % len(markers)],
+                                color=colors(drawn % 20), capsize=3, label=row)
+                    drawn += 1
             ax.set_xticks(x, [b.upper() for b in bits])
             ax.set_xlabel("bit-width")
             ax.set_ylabel(f"{table.metric} (%)")
             ax.set_title(f"{model}, {table.task} ({table.prompts})")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # beside the axes
             path = out_dir / f"{_safe(f'{table.task}_{table.prompts}_{table.metric}_{model}')}_vs_bits.png"
-            written.append(save_figure(fig, path, dpi=120, layout={}))
+            written.append(save_figure(fig, path, dpi=120, bbox_inches="tight"))
     return written
 
 
