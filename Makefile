@@ -37,9 +37,11 @@ tiny-card: setup  ## evaluate the shipped sam_tiny on the synthetic val split an
 	$(PY) -m saq.sam.tiny.card outputs/tiny-card/results.json
 
 SWEEP ?= quant_baselines
+# ARGS reaches the shell as written (make does not expand it): quote an interpolation for the shell,
+# e.g. ARGS="'model.checkpoint=/ckpt/\${model.name}.pth'"
 ARGS ?=
 sweep: setup  ## run sweeps/SWEEP.yaml (ARGS='key=value ...' overrides any key); ends by printing its report table
-	$(PY) -m saq -m +sweeps=$(SWEEP) $(subst $$,\$$,$(value ARGS))
+	$(PY) -m saq -m +sweeps=$(SWEEP) $(value ARGS)
 
 RUNS ?= outputs/sweeps
 report: setup  ## report.md/csv/tex and plots from the results.json under RUNS=PATH

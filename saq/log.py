@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -43,7 +44,8 @@ def package_versions() -> dict[str, str | None]:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel jobs may write the same file (FP cache)
+    # a temp file of its own: parallel jobs, on one host or several, may write the same file (the FP cache)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
 
@@ -133,8 +135,9 @@ def bits_label(config: dict) -> str:
 
 
 def labelled_config(record: dict) -> dict:
-    """The config a run is labelled by: its own, except that a quant.load run takes the method, clipping and
-    reconstruction of the run that produced the model it loaded (its recon keeps this run's paper_eval_compat)."""
+    """The config a run is labelled by: its own, except that a quant.load run takes the method, clipping,
+    reconstruction and calibration data of the run that produced the model it loaded (its recon keeps this run's
+    paper_eval_compat)."""
     config = dict(record.get("config") or {})
     loaded = record.get("loaded_model")
     if not isinstance(loaded, dict):
@@ -146,6 +149,11 @@ def labelled_config(record: dict) -> dict:
     if isinstance(loaded.get("recon"), dict):
         own = config.get("recon") if isinstance(config.get("recon"), dict) else {}
         config["recon"] = {**loaded["recon"], "paper_eval_compat": bool(own.get("paper_eval_compat", False))}
+    calib = {k: loaded[k] for k in ("calib_images", "calib_decode_batch") if loaded.get(k) is not None}
+    if calib and isinstance(config.get("quant"), dict):  # the calibration data that made the model
+        config["quant"] = {**config["quant"], **calib}
+    if isinstance(loaded.get("task_calib"), dict) and isinstance(config.get("task"), dict):
+        config["task"] = {**config["task"], "calib": loaded["task_calib"]}
     return config
 
 

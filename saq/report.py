@@ -213,6 +213,8 @@ def assign_rows(entries: list[Entry]) -> None:
             for e in group:
                 scopes[e.model if k.startswith("model.") else None].append(e)
             for members in scopes.values():
+                if len({_fmt_value(e.flat.get(k)) for e in members}) < 2:
+                    continue  # one value everywhere (a seed fixed for all runs included): no knob here
                 counts = Counter(_row_value(e, k) for e in members)
                 if len(counts) < 2:
                     continue

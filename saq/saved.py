@@ -28,6 +28,9 @@ def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
         "recon": OmegaConf.to_container(cfg.recon, resolve=True) if "recon" in cfg else None,
         "task": cfg.task.get("_target_") if "task" in cfg else None,
         "calib_images": cfg.quant.get("calib_images"),
+        "calib_decode_batch": cfg.quant.get("calib_decode_batch"),
+        "task_calib": (OmegaConf.to_container(OmegaConf.select(cfg, "task.calib"), resolve=True)
+                       if OmegaConf.select(cfg, "task.calib") is not None else None),  # which images, in what order
         "seed": cfg.get("seed"),
         "method": cfg.get("method", "custom"),
     }
@@ -106,9 +109,10 @@ def check_load(cfg: DictConfig) -> Path:
 
 def loaded_provenance(cfg: DictConfig) -> dict:
     """What produced the model quant.load names (results.json's `loaded_model`): the method, clipping,
-    reconstruction and seed of the run that saved it, by which reports and W&B label this run."""
+    reconstruction, calibration data and seed of the run that saved it, by which reports and W&B label this run."""
     extra = read_recipe(saved_dir(cfg.quant.load)).get("extra", {})
-    return {key: extra.get(key) for key in ("method", "clip", "recon", "seed")}
+    return {key: extra.get(key) for key in ("method", "clip", "recon", "seed", "calib_images", "calib_decode_batch",
+                                            "task_calib")}
 
 
 def load_run(model: nn.Module, cfg: DictConfig) -> tuple[nn.Module, dict]:

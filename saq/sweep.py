@@ -19,6 +19,7 @@ from saq.log import RESULTS_FILE, record_problem, set_aside, write_json_atomic
 
 FAILURE_FILE = "failure.json"
 # Keys that change how a run is logged or shown, not what it computes: a finished run still counts when they differ.
+SWEEP_STARTED = ".sweep_started"  # touched in the sweep folder when a multirun starts
 RESUME_IGNORED_KEYS = ("logger", "progress", "threads", "fp_cache", "resume", "figures")
 
 
@@ -173,7 +174,10 @@ class SweepReport(Callback):
     """Before a multirun: every job must compose. After it: the sweep's report, its main tables, the failed jobs."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.started = time.time() - 1.0  # failure.json written before this belongs to an earlier sweep
+        # failure.json older than this marker belongs to an earlier sweep (file times: one clock, the file server's)
+        marker = Path(str(config.hydra.sweep.dir)) / SWEEP_STARTED
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
         problems = jobs_that_do_not_compose(config)
         if problems:
             for job, why in problems:
@@ -187,7 +191,8 @@ class SweepReport(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         report = build_report(sweep_dir)
         written = write_report(report, sweep_dir) if report.runs else []
-        failed_now = print_summary(report, written, since=getattr(self, "started", None))
+        marker = sweep_dir / SWEEP_STARTED
+        failed_now = print_summary(report, written, since=marker.stat().st_mtime if marker.exists() else None)
         sys.stdout.flush()
         if failed_now:
             sys.exit(1)  # after the report: the sweep's exit status says some job of this sweep failed

@@ -20,8 +20,9 @@ from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
 from tasks.synthetic import ensure_dataset
 
 
-def load_coco(ann_path: Path, config_key: str) -> COCO:
-    """Load a COCO annotation file, or raise SaqError saying what is wrong with it."""
+def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
+    """Load a COCO annotation file, or raise SaqError saying what is wrong with it. scored: COCOeval will score
+    against it, so every annotation needs an `area` (calibration files only give prompts)."""
     require_file(ann_path, "COCO annotation file", config_key)
     try:
         data = json.loads(ann_path.read_text())
@@ -37,10 +38,9 @@ def load_coco(ann_path: Path, config_key: str) -> COCO:
             raise SaqError(f"annotation file {ann_path}: images[{i}] lacks one of id, file_name, height, width")
     seen_ids = set()
     for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or not all(k in ann for k in ("id", "image_id", "category_id", "bbox",
-                                                                   "segmentation", "area")):
-            raise SaqError(f"annotation file {ann_path}: annotation {i} lacks one of "
-                           "id, image_id, category_id, bbox, segmentation, area")
+        needed = ("id", "image_id", "category_id", "bbox", "segmentation", *(("area",) if scored else ()))
+        if not isinstance(ann, dict) or not all(k in ann for k in needed):
+            raise SaqError(f"annotation file {ann_path}: annotation {i} lacks one of {', '.join(needed)}")
         # COCOeval reads an object id of 0 as 'unmatched' and its index keeps one object per id: either would
         # score correct masks as misses without a word
         ann_id = ann["id"]
@@ -144,7 +144,7 @@ class InstanceTask(Task):
         """The first n calibration images (annotation-file order) that get prompts from the run's prompt source
         (a detections source uses prompts.calib_file, else ground truth); task.calib.order=official then swaps
         images 0 and 8 as the paper's code does (so BIG and PCC see the 9th)."""
-        coco = load_coco(self.calib_ann_path, "task.calib.ann_file")
+        coco = load_coco(self.calib_ann_path, "task.calib.ann_file", scored=False)
         source, self.calibration_prompts = self.prompts.calibration_source()
         image_ids = list(coco.imgs)  # insertion order = the order of the annotation file's "images" list
         source.bind(image_ids, category_ids=coco.getCatIds())

@@ -105,7 +105,6 @@ def test_voc07_and_area_ap_differ_as_defined():
     recall, precision = np.array([0.5, 0.5, 1.0]), np.array([1.0, 0.5, 2 / 3])
     assert average_precision(recall, precision, "voc07") == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
     assert average_precision(recall, precision, "area") == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
-    # Recall of exactly 0.3 reaches the 0.3 threshold (the devkit's float arange would miss it).
     # the devkit's thresholds: np.arange's 0.30000000000000004 is not reached by a recall of exactly 0.3
     assert average_precision(np.array([0.3]), np.array([1.0]), "voc07") == pytest.approx(3 / 11)
     with pytest.raises(SaqError, match="ap_method"):

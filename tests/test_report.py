@@ -108,6 +108,11 @@ def test_rows_never_mix_settings_across_columns_and_only_the_run_seed_is_a_seed(
                                             "saq_sam task.generate.seed=1"}
     assert cells[("saq_sam", "sam_tiny", "w4a4")]["seeds"] == "0 1 2"
     assert float(cells[("saq_sam recon.seed=7", "sam_tiny", "w4a4")]["mean"]) == pytest.approx(0.4)
+    # a follower fixed for every run (here to 0, which is also seed 0's value) is one setting, not two rows
+    for seed in (0, 1, 2):
+        put(tmp_path, f"fixed/s{seed}", run(seed=seed, ap=0.5, recon={"seed": 0}))
+    write_report(build_report(tmp_path / "fixed"), tmp_path / "fixed")
+    assert ours(tmp_path / "fixed")[("saq_sam", "sam_tiny", "w4a4")]["seeds"] == "0 1 2"
 
 
 def test_the_same_run_found_twice_counts_once(tmp_path):

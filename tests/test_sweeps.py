@@ -288,11 +288,11 @@ def test_wandb_logs_the_clipping_ranges_as_a_table(tmp_path, monkeypatch):
                                          [["a.k", -1.0, 2.0], ["a.q", -3.0, 3.0]])
 
 
-def test_make_sweep_passes_interpolations_in_args_through_to_hydra():
-    # make would expand ${model.name} itself (to nothing); the shell must see it escaped
+def test_make_sweep_passes_args_to_the_shell_as_written():
+    # make would expand ${model.name} itself (to nothing); quoted for the shell it reaches Hydra intact
     proc = subprocess.run(["make", "-n", "-o", ".venv/.installed", "sweep", "SWEEP=bits",
-                           "ARGS=model.checkpoint=/ckpt/${model.name}.pth seed=1"],
+                           "ARGS='model.checkpoint=/ckpt/${model.name}.pth' seed=1"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1].endswith(
-        r"-m saq -m +sweeps=bits model.checkpoint=/ckpt/\${model.name}.pth seed=1")
+        "-m saq -m +sweeps=bits 'model.checkpoint=/ckpt/${model.name}.pth' seed=1")
