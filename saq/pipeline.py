@@ -92,11 +92,11 @@ def validate(cfg: DictConfig):
         OutlierSpec.from_cfg(cfg.model.outliers)
     if cfg.quant.name == "fp":
         # a method preset or a reconstruction asked for on an FP run would otherwise run FP under its label
-        asked = [f"method={cfg.method}"] if cfg.get("method", "custom") != "custom" else []
         recon_name = (cfg.get("recon") or {}).get("name", "none")
-        asked += [f"recon={recon_name}"] if recon_name != "none" and not asked else []
+        asked = (f"method={cfg.method}" if cfg.get("method", "custom") != "custom"
+                 else f"recon={recon_name}" if recon_name != "none" else None)
         if asked:
-            raise SaqError(f"{asked[0]} quantizes the model but quant=fp runs it in full precision; "
+            raise SaqError(f"{asked} quantizes the model but quant=fp runs it in full precision; "
                            "add a bit-width: quant=w4a4, quant=w6a6 or quant=w8a8")
         return None, None
     from saq.clipping import build_range_strategy
@@ -151,7 +151,7 @@ def samples_digest(samples) -> str:
     return digest.hexdigest()[:16]
 
 
-def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples, task) -> dict | None:
+def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples) -> dict | None:
     """recon=... on the calibrated model (saq.recon), then the check that evaluation runs fully quantized."""
     from saq.quant import assert_fully_quantized
     from saq.recon import reconstruct
@@ -205,7 +205,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                            "prompt_count": report.prompts, "image_ids": [s.image_id for s in samples],
                            "seconds": round(report.seconds, 2)}
             clipping = report.clipping
-            recon = reconstruct_for_run(cfg, qmodel, model, samples, task)
+            recon = reconstruct_for_run(cfg, qmodel, model, samples)
             if cfg.quant.get("save", True):  # before evaluation: a later failure keeps the calibrated model
                 saved_model = str(save_run(qmodel, run_dir, cfg))
         print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau

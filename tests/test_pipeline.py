@@ -106,7 +106,7 @@ def test_a_saved_recon_unit_is_reused_only_with_the_same_calibration_data_and_co
     samples = [PromptedImage(image(i), boxes=np.array([[0, 0, 4, 4]], np.float32), image_id=i) for i in range(3)]
     moved = [PromptedImage(image(0), boxes=np.array([[1, 0, 4, 4]], np.float32), image_id=0), *samples[1:]]
     for calibration in (samples, samples, samples[::-1], moved):  # same; another order; one prompt moved
-        pipeline.reconstruct_for_run(cfg, None, None, calibration, CountingTask())
+        pipeline.reconstruct_for_run(cfg, None, None, calibration)
     monkeypatch.setattr(pipeline, "source_digest", lambda *parts: "edited-recon-code")
-    pipeline.reconstruct_for_run(cfg, None, None, samples, CountingTask())
+    pipeline.reconstruct_for_run(cfg, None, None, samples)
     assert keys[0] == keys[1] and len(set(keys)) == 4
