@@ -290,9 +290,11 @@ def test_wandb_logs_the_clipping_ranges_as_a_table(tmp_path, monkeypatch):
 
 def test_make_sweep_passes_args_to_the_shell_as_written():
     # make would expand ${model.name} itself (to nothing); quoted for the shell it reaches Hydra intact
-    proc = subprocess.run(["make", "-n", "-o", ".venv/.installed", "sweep", "SWEEP=bits",
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}  # under make test
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "sweep", "SWEEP=bits",
                            "ARGS='model.checkpoint=/ckpt/${model.name}.pth' seed=1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+                          cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1].endswith(
-        "-m saq -m +sweeps=bits 'model.checkpoint=/ckpt/${model.name}.pth' seed=1")
+    command = [line for line in proc.stdout.splitlines() if " -m saq -m " in line]
+    assert len(command) == 1 and command[0].endswith(
+        "-m saq -m +sweeps=bits 'model.checkpoint=/ckpt/${model.name}.pth' seed=1"), proc.stdout
