@@ -412,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # an out= folder that cannot be written
+        print(f"error: cannot write the ONNX models: {exc}", file=sys.stderr)
+        return 1
     print(format_report(report))
     print(f"wrote {out / ENCODER_FILE}, {out / DECODER_FILE} and {out / REPORT_FILE}")
     return 0

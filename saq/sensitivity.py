@@ -40,8 +40,11 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     results = Path(run_dir) / RESULTS_FILE
     if not results.is_file():
         raise SaqError(f"sensitivity: {results} not found; give the directory of a finished quantized run")
-    record = json.loads(results.read_text())
-    cfg = OmegaConf.create(record["config"])
+    try:
+        record = json.loads(results.read_text())
+        cfg = OmegaConf.create(record["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SaqError(f"sensitivity: {results} is not a saq run record ({type(exc).__name__}: {exc})") from None
     if cfg.quant.name == "fp":
         raise SaqError(f"sensitivity: {run_dir} is an FP run; give a quantized run's directory")
     cfg.quant.load = str(run_dir)
@@ -49,6 +52,7 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
         torch.set_num_threads(threads or cfg.threads)
     if max_images is not None:
         cfg.task.max_images = max_images
+    report(f"{run_dir}: one part's quantizers off at a time, {cfg.task.get('max_images') or 'all'} val images")
     model = build_sam(cfg.model.name, cfg.model.checkpoint)
     names = list(parts) if parts is not None else model_parts(model)
     known = {name for name, _ in model.named_modules()}
@@ -82,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             max_images = int(options["max_images"]) if "max_images" in options else None
         except ValueError:
             raise SaqError(f"threads and max_images take whole numbers; usage: {USAGE}") from None
+        if (threads is not None and threads < 1) or (max_images is not None and max_images < 1):
+            raise SaqError(f"threads and max_images must be >= 1; usage: {USAGE}")
         parts = options["parts"].split(",") if "parts" in options else None
-        print(f"{path}: one part's quantizers off at a time, {max_images or 'all'} val images")
         sensitivity(path, parts, max_images, threads, report=lambda line: print(line, flush=True))
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -144,3 +144,13 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
     assert "results.json not found" in capsys.readouterr().err
     assert main([str(tmp_path / "first"), "max_images=two"]) == 2
     assert "whole numbers" in capsys.readouterr().err
+    assert main([str(tmp_path / "first"), "threads=-1"]) == 2
+    assert "threads and max_images must be >= 1" in capsys.readouterr().err
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{ half")
+    assert main([str(tmp_path / "broken")]) == 2
+    assert "is not a saq run record (JSONDecodeError" in capsys.readouterr().err
+    # the header names the image count that runs: the run's own limit (1) when max_images= is not given
+    lines = []
+    sensitivity(tmp_path / "first", ["mask_decoder"], report=lines.append)
+    assert lines[0].endswith("one part's quantizers off at a time, 1 val images")

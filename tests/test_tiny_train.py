@@ -18,6 +18,8 @@ from tests.conftest import REPO
 
 def test_short_training_run_writes_checkpoint_and_card(synthetic_root, tmp_path):
     out = tmp_path / "tiny.pt"
+    # an evaluation of the weights this run replaces must not survive into the new card
+    out.with_suffix(".json").write_text(json.dumps({"evaluation": {"metrics": {"mIoU": 0.9}}}))
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="train_tiny", overrides=[
             f"data.root={synthetic_root}", f"output={out}", "steps=2", "batch_size=2", "prompts_per_image=2",
@@ -31,7 +33,8 @@ def test_short_training_run_writes_checkpoint_and_card(synthetic_root, tmp_path)
     val = load_coco_split(synthetic_root, cfg.data.val_ann, cfg.data.val_img_dir, 2)
     assert card["history"][-1]["val_box_mIoU"] == round(box_prompt_miou(build_sam("sam_tiny", out), val), 4)
     written = json.loads(out.with_suffix(".json").read_text())
-    assert written["steps_done"] == 2
+    assert written["steps_done"] == 2 and "evaluation" not in written
+    assert written["training"]["warmup_steps"] == 1 and written["training"]["eval_every"] == 1  # every knob kept
     assert written["train_images"] == 8  # data.n_train=null: every scene of the fixture's train split
     trained = build_sam("sam_tiny", out)  # validated against the registered architecture
     assert not torch.equal(trained.image_encoder.pos_embed, make_sam(ARCHITECTURES["sam_tiny"]).image_encoder.pos_embed)
@@ -83,3 +86,17 @@ def test_box_jitter_scales_with_the_box_and_respects_the_cap():
     edge = jitter_boxes(torch.tensor([[0.0, 0.0, 256.0, 256.0]]).repeat(100, 1), torch.Generator(), 256)
     assert edge.min() >= 0 and edge.max() <= 256  # clamped to the image
     assert torch.equal(jitter_boxes(small, torch.Generator(), 256, scale=0.0), small)
+
+
+def test_the_card_takes_only_a_whole_val_evaluation_of_the_shipped_checkpoint(tmp_path):
+    from saq.sam.tiny.card import record_evaluation
+
+    run = {"model": "sam_tiny", "task": "instance", "prompts": "gt", "metrics": {"fp": {"mask_AP": 0.5}},
+           "config": {"model": {"checkpoint": None}, "task": {"max_images": 2, "data": {"ann_file": "a.json"}}}}
+    (tmp_path / "results.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit, match="another checkpoint or a subset"):
+        record_evaluation(tmp_path / "results.json", tmp_path / "card.json")
+    run["config"]["task"]["max_images"] = None
+    (tmp_path / "results.json").write_text(json.dumps(run))
+    assert record_evaluation(tmp_path / "results.json", tmp_path / "card.json")["evaluation"]["metrics"] == {
+        "mask_AP": 0.5}

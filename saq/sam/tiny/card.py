@@ -14,6 +14,11 @@ def record_evaluation(results_path: Path, card_path: Path | None = None) -> dict
     results = json.loads(Path(results_path).read_text())
     if results.get("model") != "sam_tiny":
         raise SystemExit(f"{results_path} is a run of {results.get('model')}, not sam_tiny")
+    config = results.get("config") or {}
+    if (config.get("model") or {}).get("checkpoint") or (config.get("task") or {}).get("max_images"):
+        # the card describes the shipped checkpoint on the whole val split, nothing else
+        raise SystemExit(f"{results_path} evaluated another checkpoint or a subset (model.checkpoint / "
+                         "task.max_images set); the card needs the shipped sam_tiny on all val images")
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
     card["evaluation"] = {
         "task": results["task"],

@@ -263,8 +263,8 @@ def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_r
         "parameters": params,
         "data": OmegaConf.to_container(cfg.data),
         "train_images": train_images,  # data.n_train may be null (all), and `make data` has grown between rounds
-        "training": {k: cfg[k] for k in ("seed", "steps", "batch_size", "prompts_per_image", "lr", "point_every",
-                                         "box_noise", "box_noise_max_px", "init_checkpoint")},
+        # every training knob, so a round can be rerun from its card alone
+        "training": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("hydra", "data")},
         "steps_done": history[-1]["step"] if history else 0,
         "wall_time_minutes": round((time.time() - start) / 60, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -273,8 +273,7 @@ def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_r
     card_path = out.with_suffix(".json")
     if prior_rounds:
         card["earlier_rounds"] = prior_rounds
-    elif card_path.exists():  # keep evaluation results added by `make tiny-card`
-        card = {**{k: v for k, v in json.loads(card_path.read_text()).items() if k == "evaluation"}, **card}
+    # no evaluation is carried over: it described the weights this file replaced (`make tiny-card` adds the new one)
     card_path.write_text(json.dumps(card, indent=1, default=list))
     return card
 
