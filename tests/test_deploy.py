@@ -36,6 +36,8 @@ def calibrated(synthetic_root):
 def test_cli_exports_int8_graphs_close_to_fake_quant(calibrated, synthetic_root, tmp_path):
     export_quantized(calibrated, tmp_path / "run" / "quantized_model", extra={"model": "sam_tiny", "checkpoint": None})
     assert deploy.main([str(tmp_path / "run"), "softmax=log2"]) == 0  # saq's own values everywhere
+    (tmp_path / "a_file").write_text("")
+    assert deploy.main([str(tmp_path / "run"), f"out={tmp_path / 'a_file' / 'deployed'}"]) == 1  # one line, no trace
     out = tmp_path / "run" / deploy.DEPLOY_DIR
     report = json.loads((out / deploy.REPORT_FILE).read_text())
     # every encoder linear (4 per block) and q·kᵀ go int8; softmax·V (log2 codes) and the neck convs stay float
