@@ -20,6 +20,7 @@ CALIBRATION_ONLY = ("name", "calib_images", "calib_decode_batch")
 
 def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
     """Export the calibrated model to <run_dir>/quantized_model; the recipe's `extra` says what produced it."""
+    calib = OmegaConf.select(cfg, "task.calib")  # which calibration images, in what order
     extra = {
         "model": cfg.model.name,
         "checkpoint": cfg.model.checkpoint,
@@ -29,8 +30,7 @@ def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
         "task": cfg.task.get("_target_") if "task" in cfg else None,
         "calib_images": cfg.quant.get("calib_images"),
         "calib_decode_batch": cfg.quant.get("calib_decode_batch"),
-        "task_calib": (OmegaConf.to_container(OmegaConf.select(cfg, "task.calib"), resolve=True)
-                       if OmegaConf.select(cfg, "task.calib") is not None else None),  # which images, in what order
+        "task_calib": OmegaConf.to_container(calib, resolve=True) if calib is not None else None,
         "seed": cfg.get("seed"),
         "method": cfg.get("method", "custom"),
     }

@@ -18,8 +18,8 @@ from saq.errors import SaqError
 from saq.log import RESULTS_FILE, record_problem, set_aside, write_json_atomic
 
 FAILURE_FILE = "failure.json"
-# Keys that change how a run is logged or shown, not what it computes: a finished run still counts when they differ.
 SWEEP_STARTED = ".sweep_started"  # touched in the sweep folder when a multirun starts
+# Keys that change how a run is logged or shown, not what it computes: a finished run still counts when they differ.
 RESUME_IGNORED_KEYS = ("logger", "progress", "threads", "fp_cache", "resume", "figures")
 
 
