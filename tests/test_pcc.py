@@ -112,11 +112,14 @@ def test_search_touches_only_its_points_and_calibration_keeps_their_ranges(tiny)
         assert point.name == quantizer.name
         scale, zero_point = qparams_from_range(point.pcc_lo, point.pcc_hi, quantizer.grid)
         assert torch.equal(quantizer.scale.detach(), scale) and torch.equal(quantizer.zero_point, zero_point)
-    # every other activation got its range from MSE (SAQ-SAM*'s observer)
+        # the quant summary names the search, with the percentile it chose, as what set this range
+        assert quantizer.observer.name == f"pcc(theta=0.5,pct={point.percentile:g})"
+    # every other activation got its range from MSE (SAQ-SAM*'s observer), and says so in the quant summary
     others = [q for q in iter_quantizers(qmodel, "act") if q.name not in {p.name for p in report.points}
               and hasattr(q, "grid")]
     assert others and all(q.observer.strategy.name == "pcc" and isinstance(q.observer.strategy.others, MSEClipping)
                           for q in others)
+    assert {q.observer.name for q in others} == {"avg_mse(p=2.4)"}
 
 
 def test_outlier_model_is_exact_in_fp_and_carries_the_planted_magnitude():

@@ -139,7 +139,9 @@ class PerceptualConsistencyClipping(RangeStrategy):
         self.others = CLIPPING[others]()
 
     def describe(self) -> str:
-        return f"pcc(theta={self.theta:g})+{self.others.describe()}"
+        # observers holding this strategy are the non-searched activations: their batches get `others`' ranges
+        # (the searched points are relabelled when their range is fixed)
+        return self.others.describe()
 
     def batch_range(self, x: torch.Tensor, grid, ch_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.others.batch_range(x, grid, ch_axis)
@@ -230,6 +232,7 @@ class PerceptualConsistencyClipping(RangeStrategy):
             counts, edges = np.histogram(flat.numpy(), bins=200)
             result.histogram = (counts.tolist(), edges.tolist())
         quantizer.freeze_range(lows[best], highs[best])
+        quantizer.observer.relabel(f"pcc(theta={self.theta:g},pct={self.candidates[best]:g})")
         return result
 
     @staticmethod

@@ -43,6 +43,10 @@ class Observer:
         self._name = None
         self.reset()
 
+    def relabel(self, name: str) -> None:
+        """Name what set the range when something other than this observer did (a point search)."""
+        self._name = name
+
     def reset(self) -> None:
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
