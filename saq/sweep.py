@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -170,10 +171,25 @@ def jobs_that_do_not_compose(config: DictConfig) -> list[tuple[list[str], str]]:
     return problems
 
 
+def missing_slurm_commands(config: DictConfig) -> list[str]:
+    """The Slurm commands a Slurm launcher needs but PATH lacks (submitit fails on them only at launch, deep inside)."""
+    if not str(config.hydra.launcher.get("_target_", "")).endswith("SlurmLauncher"):
+        return []
+    return [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]
+
+
 class SweepReport(Callback):
     """Before a multirun: every job must compose. After it: the sweep's report, its main tables, the failed jobs."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        missing = missing_slurm_commands(config)
+        if missing:
+            launcher = config.hydra.runtime.choices.get("hydra/launcher")
+            verb = "are" if len(missing) > 1 else "is"
+            print(f"error: hydra/launcher={launcher} submits to Slurm, but {' and '.join(missing)} {verb} not on PATH: "
+                  "run the sweep on the cluster's login node, or here with hydra/launcher=joblib (parallel local "
+                  "jobs) or hydra/launcher=submitit_local; nothing was run", file=sys.stderr)
+            sys.exit(2)
         # failure.json older than this marker belongs to an earlier sweep (file times: one clock, the file server's)
         marker = Path(str(config.hydra.sweep.dir)) / SWEEP_STARTED
         marker.parent.mkdir(parents=True, exist_ok=True)

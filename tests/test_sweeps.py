@@ -139,6 +139,20 @@ def test_a_job_that_does_not_compose_stops_the_sweep_before_any_job_runs(synthet
     assert not list(sweep_dir.rglob("results.json"))
 
 
+def test_slurm_launcher_without_slurm_is_one_line_and_runs_nothing(synthetic_root, tmp_path, monkeypatch):
+    # PATH holds only this Python's folder: no sbatch/srun, as on any machine outside a cluster
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    sweep_dir = tmp_path / "sweep"
+    proc = multirun(sweep_dir, "quant=w4a4", "clip=minmax,mse", "hydra/launcher=slurm", data=synthetic_root,
+                    cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: hydra/launcher=slurm submits to Slurm, but sbatch and srun are not on PATH: run the sweep on the "
+        "cluster's login node, or here with hydra/launcher=joblib (parallel local jobs) or "
+        "hydra/launcher=submitit_local; nothing was run"]
+    assert not sweep_dir.exists() or not any(sweep_dir.rglob("*"))
+
+
 def test_sweep_preset_outside_the_repository_root_is_one_clear_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "saq", "+sweeps=bits", "logger=none"], cwd=tmp_path,
