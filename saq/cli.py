@@ -7,9 +7,19 @@ from collections.abc import Sequence
 from saq.errors import SaqError
 
 
-def tool_args(argv: Sequence[str], usage: str, options: dict[str, tuple[str, ...] | None]) -> tuple[str, dict]:
+def tool_args(argv: Sequence[str], usage: str, options: dict[str, tuple[str, ...] | None],
+              about: str | None = None) -> tuple[str, dict]:
     """(the positional path, {option: value}) from `PATH key=value ...`; options maps each key to its allowed
-    values (None: any). A missing path, an unknown key or a value outside the allowed ones is a SaqError."""
+    values (None: any). A missing path, an unknown key or a value outside the allowed ones is a SaqError.
+    -h/--help prints the usage and `about` (the tool's docstring) and exits 0."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: {usage}")
+        if about:
+            print(f"\n{about.strip()}")
+        raise SystemExit(0)
+    flags = [a for a in argv if a.startswith("-") and "=" not in a]
+    if flags:
+        raise SaqError(f"unknown flag {flags[0]!r} (options are key=value); usage: {usage}")
     paths = [a for a in argv if "=" not in a]
     if len(paths) != 1:
         raise SaqError(f"usage: {usage}")

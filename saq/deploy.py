@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] if argv is None else argv,
             "python -m saq.deploy RUN_DIR [out=DIR] [softmax=float|log2]  (RUN_DIR: a run that saved its quantized "
             "model; out: default RUN_DIR/deployed; softmax: softmax*V's operand, float (fast) or log2 (saq's values))",
-            {"out": None, "softmax": tuple(SOFTMAX_MODES)})
+            {"out": None, "softmax": tuple(SOFTMAX_MODES)}, about=__doc__)
         directory = saved_dir(run_dir)
         extra = read_recipe(directory).get("extra", {})
         if "model" not in extra:

@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path, options = tool_args(sys.argv[1:] if argv is None else argv,
                                   "python -m saq.report PATH [out=DIR]  (PATH: a folder searched for results.json)",
-                                  {"out": None})
+                                  {"out": None}, about=__doc__)
         path = Path(path)
         report = build_report(path)
         if not report.runs:

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         path, options = tool_args(sys.argv[1:] if argv is None else argv, USAGE,
-                                  {"parts": None, "max_images": None, "threads": None})
+                                  {"parts": None, "max_images": None, "threads": None}, about=__doc__)
         try:
             threads = int(options["threads"]) if "threads" in options else None
             max_images = int(options["max_images"]) if "max_images" in options else None

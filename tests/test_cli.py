@@ -124,3 +124,17 @@ def test_bad_quant_or_clip_value_fails_before_model_data_or_fp_evaluation(overri
                "logger=none", f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [message], proc.stderr
+
+
+@pytest.mark.parametrize("tool", ["saq.report", "saq.deploy", "saq.sensitivity"])
+def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsys):
+    import importlib
+
+    main = importlib.import_module(tool).main
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m {tool} ") and importlib.import_module(tool).__doc__.strip() in out
+    assert main(["somewhere", "--verbose"]) != 0
+    assert "unknown flag '--verbose' (options are key=value); usage: python -m " in capsys.readouterr().err
