@@ -84,7 +84,10 @@ def check_recipe(recipe: dict, cfg: DictConfig, where: Path) -> None:
         raise SaqError(f"quant.load={where} was calibrated with seed={saved_seed}; this run sets seed={cfg.get('seed')} "
                        f"(use seed={saved_seed}: a loaded model is reported under the seed that made it)")
     run_method = cfg.get("method", "custom")
-    if saved_method not in (None, "custom") and run_method not in ("custom", saved_method):
+    if saved_method is not None and run_method not in ("custom", saved_method):
+        if saved_method == "custom":
+            raise SaqError(f"quant.load={where} holds a model made without a method preset; this run sets "
+                           f"method={run_method} (leave method unset: the report names it by its clip and recon)")
         raise SaqError(f"quant.load={where} holds a method={saved_method} model; this run sets method={run_method} "
                        f"(use method={saved_method})")
     wanted = _flat(QuantConfig.from_cfg({k: v for k, v in OmegaConf.to_container(cfg.quant, resolve=True).items()

@@ -68,6 +68,10 @@ def test_saved_run_loads_to_the_same_metrics_without_calibrating(synthetic_root,
     # a loaded model is reported under the seed and method that made it: a run claiming others is stopped
     with pytest.raises(SaqError, match=r"calibrated with seed=0; this run sets seed=3 \(use seed=0"):
         check("seed=3")
+    assert recipe["extra"]["method"] == "custom"  # saved without a preset: a run may not claim one either
+    with pytest.raises(SaqError, match=r"holds a model made without a method preset; this run sets method=ptq4sam_s "
+                                       r"\(leave method unset"):
+        check("method=ptq4sam_s")
     with pytest.raises(SaqError, match=r"holds a method=ptq4sam_s model; this run sets method=saq_sam "
                                        r"\(use method=ptq4sam_s\)"):
         check_recipe(dict(recipe, extra={**recipe["extra"], "method": "ptq4sam_s"}),

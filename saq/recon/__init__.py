@@ -65,7 +65,7 @@ def check_loaded_recon(saved_recon, run_recon, where) -> None:
         return
     if saved is None:
         raise SaqError(f"quant.load={where} was not reconstructed (recon=none), so recon={run.name} has nothing to "
-                       "evaluate; leave recon unset")
+                       "evaluate; leave recon unset (and any method= preset that sets it)")
     if run.name != saved.name:
         raise SaqError(f"quant.load={where} was reconstructed with recon={saved.name}; this run sets recon={run.name} "
                        f"(quant.load reconstructs nothing: use recon={saved.name} or leave it unset)")
