@@ -126,6 +126,8 @@ def test_every_sweep_job_composes(sweep, overrides, monkeypatch):
     OmegaConf.resolve(cfg.model)
     OmegaConf.resolve(cfg.task)
     assert cfg.quant.name != "fp" and "calib_images" in cfg.quant
+    if sweep == "seeds":  # its default cell must be one that varies with the seed: a learned method
+        assert cfg.recon.name != "none" and cfg.method == "saq_sam"
 
 
 def test_sweep_dir_and_any_key_can_be_overridden(monkeypatch):
