@@ -73,18 +73,25 @@ def attention_heatmaps(heatmaps: dict, path: Path) -> Path:
 
 
 def pcc_distance_curves(report, path: Path) -> Path:
-    """PCC distance against candidate percentile for each searched point (last sweep)."""
+    """PCC distance against candidate percentile for each searched point (last sweep), its chosen percentile dotted.
+    x is -log10(1 - p), so the candidates packed near 1 (0.99 ... 0.99999), where the curves move, get room."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for point in report.points:
-        if point.curve:
-            ax.plot(report.candidates, point.curve, lw=1, label=f"{point.attention} {point.point}")
-    ax.set_xscale("function", functions=(lambda p: -np.log10(np.maximum(1 - p, 1e-9)),
-                                         lambda y: 1 - 10.0 ** (-y)))
-    ax.set_xlabel("candidate percentile p (range [q(1-p), q(p)])")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colours = plt.get_cmap("tab20").colors
+    tail = lambda p: -np.log10(np.maximum(1 - np.asarray(p, dtype=float), 1e-12))  # noqa: E731
+    for i, point in enumerate(p for p in report.points if p.curve):
+        colour = colours[i % len(colours)]
+        ax.plot(tail(report.candidates), point.curve, lw=1, color=colour, ls="-" if i < len(colours) else "--",
+                label=f"{point.attention} {point.point}")
+        ax.plot(tail(point.percentile), point.dist_pcc, "o", ms=3, color=colour)
+    ticks = [t for t in (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
+             if min(report.candidates) <= t <= max(report.candidates)]
+    ax.set_xticks(tail(ticks), [f"{t:g}" for t in ticks])
+    ax.set_xlabel("candidate percentile p (range [q(1-p), q(p)]); dots: the chosen p")
     ax.set_ylabel("PCC distance (1 - focus IoU)")
-    ax.legend(fontsize=5, ncol=2)
-    return save_figure(fig, path, layout={})
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return save_figure(fig, path, layout=None, bbox_inches="tight")
 
 
 def clipping_figures(report, run_dir: Path) -> list[Path]:
