@@ -270,8 +270,13 @@ def export_graphs(model: nn.Module, directory: str | Path) -> None:
 
 def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float") -> dict:
     """Write the int8 ONNX encoder and decoder of a calibrated model into `directory`; returns the operator report."""
+    from saq.log import set_aside
+
     directory = Path(directory)
     model = export_graph_modules(qmodel, softmax)
+    for name in (ENCODER_FILE, DECODER_FILE, REPORT_FILE):  # an earlier deployment here is kept, not overwritten
+        if (directory / name).exists():
+            print(f"{directory / name} held an earlier deployment; kept as {set_aside(directory / name, 'previous')}")
     start = time.perf_counter()
     export_graphs(model, directory)
     report = {"export_s": round(time.perf_counter() - start, 1), "opset": OPSET, "softmax": softmax}

@@ -66,6 +66,13 @@ def test_cli_exports_int8_graphs_close_to_fake_quant(calibrated, synthetic_root,
     mean_iou = lambda a, b: ((a & b).flatten(1).sum(1) / (a | b).flatten(1).sum(1)).mean()  # noqa: E731
     assert mean_iou(masks_fast, masks_fp) >= mean_iou(masks_fake, masks_fp) - 0.02
 
+    # deploying again into the same folder keeps the earlier deployment's files
+    deploy.export_onnx(calibrated, tmp_path / "float", softmax="log2")
+    kept = {p.name.split(".")[0]: p for p in (tmp_path / "float").glob("*.previous")}
+    assert sorted(kept) == ["deploy", "image_encoder", "mask_decoder"]
+    assert json.loads(kept["deploy"].read_text())["softmax"] == "float"
+    assert json.loads((tmp_path / "float" / deploy.REPORT_FILE).read_text())["softmax"] == "log2"
+
 
 def test_uncalibrated_or_low_bit_models_are_refused(tmp_path):
     sam = build_sam("sam_tiny")
