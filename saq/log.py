@@ -219,8 +219,15 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
             columns = list(points[0])
             run.log({"clipping/ranges": wandb.Table(columns=columns, data=[[p.get(c) for c in columns] for p in points])})
         url = getattr(run, "url", None)
+        sync_dir = getattr(getattr(run, "settings", None), "sync_dir", None)
         run.finish()
-        return url or str(run_dir / "wandb")
+        if url:
+            print(f"W&B: {url}")
+            return url
+        # offline (the default): say where the run went and how to upload it
+        where = sync_dir or str(run_dir / "wandb")
+        print(f"W&B: offline run in {where} (upload: wandb sync {where})")
+        return where
     except Exception as exc:  # a logging backend must never cost the user their results
         warnings.warn(f"W&B logging failed ({type(exc).__name__}: {exc}); results are in {run_dir / RESULTS_FILE}",
                       stacklevel=2)

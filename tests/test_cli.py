@@ -32,7 +32,9 @@ def test_run_writes_results_json_and_wandb_offline(synthetic_root, tmp_path):
     assert rec["config"]["task"]["max_images"] == 3
     assert rec["versions"]["torch"] and rec["wall_time_s"] > 0
     assert "mask_AP" in proc.stdout and "sam_tiny" in proc.stdout
-    assert list((run_dir / "wandb").glob("offline-run-*")), "an offline W&B run is recorded"
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline, "an offline W&B run is recorded"
+    assert f"W&B: offline run in {offline[0]} (upload: wandb sync {offline[0]})" in proc.stdout
 
 
 def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
