@@ -162,7 +162,10 @@ class InstanceTask(Task):
         if len(samples) < n:
             raise SaqError(f"calibration split {self.calib_ann_path} has only {len(samples)} images with prompts "
                            f"({self.calibration_prompts}), {n} requested (lower quant.calib_images)")
-        if self.calib_order == "official" and len(samples) > 8:
+        if self.calib_order == "official":
+            if n < 9:  # the swap would silently do nothing
+                raise SaqError(f"task.calib.order=official swaps calibration images 0 and 8, so it needs "
+                               f"quant.calib_images >= 9 (got {n}); use task.calib.order=file")
             samples[0], samples[8] = samples[8], samples[0]
         return samples
 

@@ -129,6 +129,9 @@ def test_official_calibration_order_swaps_images_0_and_8(tmp_path):
     official = InstanceTask({"root": str(root), **DATA}, {**CALIB, "order": "official"})
     swapped = [s.image_id for s in official.calibration_samples(10)]
     assert swapped == [file_order[8], *file_order[1:8], file_order[0], file_order[9]]
+    with pytest.raises(SaqError, match=r"task.calib.order=official swaps calibration images 0 and 8, so it needs "
+                                       r"quant.calib_images >= 9 \(got 8\); use task.calib.order=file"):
+        official.calibration_samples(8)
     with pytest.raises(SaqError, match="task.calib.order='random' is unknown"):
         InstanceTask({"root": str(root), **DATA}, {**CALIB, "order": "random"})
 

@@ -92,14 +92,15 @@ def test_a_loaded_model_is_labelled_by_the_run_that_made_it(synthetic_root, tmp_
     from saq.log import wandb_run_options
     from saq.report import build_report
 
-    pipeline.run(run_config(synthetic_root, "task.max_images=1", "task.calib.order=official"),
+    pipeline.run(run_config(synthetic_root, "task.max_images=1", "task.calib.ann_file=annotations/instances_val.json",
+                            "task.calib.img_dir=val/images"),
                  tmp_path / "runs" / "made")
     # clip=mse and the calibration settings only label this run (a loaded model is not calibrated again): reports
     # must file it under what made it
     loaded = pipeline.run(run_config(synthetic_root, "task.max_images=1", "clip=mse", "quant.calib_images=8",
                                      f"quant.load={tmp_path / 'runs' / 'made'}"), tmp_path / "runs" / "loaded")
     assert loaded["loaded_model"]["clip"]["name"] == "minmax" and loaded["loaded_model"]["seed"] == 0
-    assert loaded["loaded_model"]["calib_images"] == 1 and loaded["loaded_model"]["task_calib"]["order"] == "official"
+    assert loaded["loaded_model"]["calib_images"] == 1 and loaded["loaded_model"]["task_calib"]["img_dir"] == "val/images"
     assert wandb_run_options({}, loaded)["job_type"] == "minmax"
     report = build_report(tmp_path / "runs")
     assert {row for table in report.tables for row in table.rows} == {"FP", "minmax"}
