@@ -28,9 +28,8 @@ lint: setup  ## ruff
 data: setup  ## generate the synthetic dataset used to train sam_tiny (data/synthetic: 12,000 train scenes, about 5 min)
 	$(PY) -m tasks.synthetic --out data/synthetic --n-train 12000 --n-val 500 --seed 0
 
-tiny-sam: data  ## train sam_tiny (about an hour on 2 cores) and refresh its card
-	$(PY) -m saq.sam.tiny.train
-	$(MAKE) tiny-card
+tiny-sam: data  ## train one sam_tiny round into outputs/train_tiny/ (ARGS='knob=value ...'; about 2.5 h on 2 cores)
+	$(PY) -m saq.sam.tiny.train $(value ARGS)
 
 tiny-card: setup  ## evaluate the shipped sam_tiny on the synthetic val split and record it in its card
 	$(PY) -m saq logger=none fp_cache=false hydra.run.dir=outputs/tiny-card

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,12 @@ def test_the_card_takes_only_a_whole_val_evaluation_of_the_shipped_checkpoint(tm
     (tmp_path / "results.json").write_text(json.dumps(run))
     assert record_evaluation(tmp_path / "results.json", tmp_path / "card.json")["evaluation"]["metrics"] == {
         "mask_AP": 0.5}
+
+
+def test_a_default_training_round_never_writes_over_the_shipped_checkpoint():
+    from saq.sam.build import TINY_CHECKPOINT
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="train_tiny")
+    assert cfg.output and Path(cfg.output).resolve() != TINY_CHECKPOINT.resolve()
+    assert Path(cfg.output).parts[0] == "outputs"  # git-ignored: a retrained round is the user's to ship or not

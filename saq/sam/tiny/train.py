@@ -252,7 +252,7 @@ def earlier_rounds(cfg: DictConfig) -> list[dict]:
 def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_rounds: list[dict],
          train_images: int) -> dict:
     """Write the checkpoint and its card (architecture, data seed, steps, wall time, val metrics)."""
-    out = Path(cfg.output) if cfg.output else TINY_CHECKPOINT
+    out = Path(cfg.output) if cfg.output else TINY_CHECKPOINT  # output=null: the shipped checkpoint, as asked
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     torch.save({k: v.detach().clone() for k, v in sam.state_dict().items()}, tmp)
@@ -283,6 +283,10 @@ def main(cfg: DictConfig) -> None:
     card = train(cfg)
     print(f"sam_tiny: {card['parameters']:,} parameters, {card['wall_time_minutes']} min, "
           f"last val box mIoU {card['history'][-1]['val_box_mIoU'] if card['history'] else 'n/a'}")
+    out = Path(cfg.output) if cfg.output else TINY_CHECKPOINT
+    if out.resolve() != TINY_CHECKPOINT.resolve():
+        print(f"wrote {out} and its card; evaluate it with `python -m saq model.checkpoint={out}`; to ship it, copy both "
+              f"files over {TINY_CHECKPOINT} and its .json, then `make tiny-card`")
 
 
 if __name__ == "__main__":
