@@ -197,34 +197,54 @@ def _row_value(e: Entry, key: str) -> str:
     return _fmt_value(value)
 
 
+def _name_departures(members: list[Entry], key: str, shown: dict[int, list[str]]) -> None:
+    """Add `key` to the label of each member that leaves the members' most common value (all of them when no value
+    is most common, a swept knob). A run whose config lacks the key (made before the knob existed, or a task
+    without it) has no say and is not labelled by it: absent is not a different setting."""
+    members = [e for e in members if key in e.flat]
+    if len({_fmt_value(e.flat.get(key)) for e in members}) < 2:
+        return  # one value everywhere (a seed fixed for all runs included): no knob here
+    counts = Counter(_row_value(e, key) for e in members)
+    if len(counts) < 2:
+        return
+    (common, n), (_, n_next) = counts.most_common(2)
+    for e in members:
+        if (n == n_next or _row_value(e, key) != common) and key not in shown[id(e)]:
+            shown[id(e)].append(key)
+
+
+def _evaluation_key(key: str) -> bool:
+    """Keys that choose what a run is evaluated on (images, prompts): cells side by side must share them."""
+    return key.split(".")[0] in ("task", "prompts") and not key.startswith("task.calib.") and _row_key_relevant(key, True)
+
+
 def assign_rows(entries: list[Entry]) -> None:
     """Row = method label, plus `key=value` for the config keys in which a run differs from the other runs of its
     label in one table, apart from the seed and the column keys. Compared across columns too, so one row never mixes
     settings; model keys only between runs of one model (another model is another column). A key is named where a
-    run leaves its most common value, and on every run when no value is most common (a swept knob)."""
+    run leaves its most common value, and on every run when no value is most common (a swept knob). What a run is
+    evaluated on (task.max_images, the data, the prompts) is compared across the whole table, so a row evaluated on
+    other images than the FP row says so even when its method has a single run."""
+    shown: dict[int, list[str]] = defaultdict(list)  # id(entry) -> the keys its label names
     groups: dict[tuple, list[Entry]] = defaultdict(list)
+    tables: dict[tuple, list[Entry]] = defaultdict(list)
     for e in entries:
         groups[(e.task, e.prompts, e.label)].append(e)
+        tables[(e.task, e.prompts)].append(e)
     for group in groups.values():
         fp = group[0].label == FP_ROW
-        shown: dict[int, list[str]] = defaultdict(list)  # id(entry) -> the keys its label names
         for k in sorted({k for e in group for k in e.flat if _row_key_relevant(k, fp)}):
             scopes: dict = defaultdict(list)
             for e in group:
                 scopes[e.model if k.startswith("model.") else None].append(e)
             for members in scopes.values():
-                if len({_fmt_value(e.flat.get(k)) for e in members}) < 2:
-                    continue  # one value everywhere (a seed fixed for all runs included): no knob here
-                counts = Counter(_row_value(e, k) for e in members)
-                if len(counts) < 2:
-                    continue
-                (common, n), (_, n_next) = counts.most_common(2)
-                for e in members:
-                    if n == n_next or _row_value(e, k) != common:
-                        shown[id(e)].append(k)
-        for e in group:
-            suffix = ", ".join(f"{k}={_row_value(e, k)}" for k in shown[id(e)])
-            e.row = f"{e.label} {suffix}" if suffix else e.label
+                _name_departures(members, k, shown)
+    for table in tables.values():
+        for k in sorted({k for e in table for k in e.flat if _evaluation_key(k)}):
+            _name_departures(table, k, shown)
+    for e in entries:
+        suffix = ", ".join(f"{k}={_row_value(e, k)}" for k in sorted(shown[id(e)]))
+        e.row = f"{e.label} {suffix}" if suffix else e.label
 
 
 def _bits_order(bits: str) -> tuple:

@@ -85,7 +85,7 @@ def test_rows_never_mix_settings_across_columns_and_only_the_run_seed_is_a_seed(
     def run(bits=4, seed=0, ap=0.5, recon=None, task=None):
         rec = record(bits=bits, seed=seed, ap=ap, method="saq_sam", clip="pcc", recon="par")
         rec["config"]["recon"].update(recon or {})
-        rec["config"]["task"].update(task or {})
+        rec["config"]["task"].update({"generate": {"seed": 0}, **(task or {})})  # every real run records its data seed
         return rec
 
     # one setting per bit-width: without labels the row would join W6A6's drop_prob=1 to W4A4's 0.5
@@ -264,3 +264,24 @@ def test_deploy_refuses_an_unknown_softmax_mode(tmp_path, capsys):
 
     assert deploy.main([str(tmp_path), "softmax=int4"]) == 1
     assert "softmax='int4' is not allowed; expected one of ['float', 'log2']" in capsys.readouterr().err
+
+
+def test_a_row_evaluated_on_other_images_than_the_table_says_so_even_alone(tmp_path):
+    small = lambda rec: rec | {"config": rec["config"] | {"task": {"max_images": 2, "coarse": {"seed": 0}}}}  # noqa: E731
+    put(tmp_path, "minmax", small(record(clip="minmax", ap=0.4)))
+    put(tmp_path, "mse", small(record(clip="mse", ap=0.6)))
+    put(tmp_path, "pcc", record(clip="pcc", ap=0.7, fp_ap=0.75))  # its only run, on all images
+    report = build_report(tmp_path)
+    table = next(t for t in report.tables if t.metric == "mask_AP")
+    assert set(table.rows) == {"FP", "FP task.max_images=None", "minmax", "mse", "pcc task.max_images=None"}
+
+
+def test_a_key_a_run_does_not_record_is_no_setting_of_its_own(tmp_path):
+    # runs made before a knob existed (or of a task without it) lack the key: they are not split off or labelled
+    old = record(clip="pcc", bits=6, ap=0.7)
+    new = record(clip="pcc", bits=4, ap=0.5)
+    new["config"] |= {"deploy": False, "recon": {"name": "none"}}
+    put(tmp_path, "old", old)
+    put(tmp_path, "new", new)
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    assert table.rows == ["FP", "pcc"]
