@@ -13,6 +13,8 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
+from saq.errors import SaqError
+
 RESULTS_FILE = "results.json"
 _PACKAGES = ("torch", "torchvision", "segment-anything", "hydra-core", "omegaconf", "numpy", "pycocotools", "wandb")
 
@@ -46,8 +48,12 @@ def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # a temp file of its own: parallel jobs, on one host or several, may write the same file (the FP cache)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no stray temp file
+        raise
 
 
 def set_aside(path: Path, why: str) -> Path:
@@ -65,9 +71,12 @@ def write_results(run_dir: Path, record: dict) -> Path:
     """Write results.json (an earlier run's in the same folder is kept, renamed); the shape scripts rely on is
     record['metrics']['fp' | 'quantized'][name]."""
     path = Path(run_dir) / RESULTS_FILE
-    if path.exists():
-        print(f"{path} held an earlier run; kept as {set_aside(path, 'previous')}")
-    write_json_atomic(path, record)
+    try:
+        if path.exists():
+            print(f"{path} held an earlier run; kept as {set_aside(path, 'previous')}")
+        write_json_atomic(path, record)
+    except OSError as exc:
+        raise SaqError(f"cannot write {path} ({exc.strerror or exc}); the run's metrics are printed above") from None
     return path
 
 

@@ -71,9 +71,38 @@ def fp_cache_path(cfg: DictConfig, task) -> Path:
     return FP_CACHE_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
+MODEL_KEYS = ("name", "checkpoint", "decode_batch_size", "outliers")  # every key of conf/model/*.yaml
+FP_QUANT_KEYS = ("name", "save", "load")  # conf/quant/fp.yaml
+LOGGER_MODES = ("offline", "online", "disabled")
+
+
+def _whole(value, key: str, allow_none: bool = False, minimum: int | None = 1) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise SaqError(f"{key}={value!r} invalid; expected a whole number{bound}" + (" or null" if allow_none else ""))
+
+
+def check_run_knobs(cfg: DictConfig) -> None:
+    """The run-level knobs (seed, threads, image count, batch size, model keys, logger mode): checked
+    before anything uses them, so a typo or a wrong type is one line rather than a torch or numpy traceback."""
+    _whole(cfg.get("seed"), "seed", minimum=None)
+    _whole(cfg.get("threads"), "threads", allow_none=True)
+    _whole(cfg.task.get("max_images"), "task.max_images", allow_none=True)
+    _whole(cfg.model.get("decode_batch_size", 64), "model.decode_batch_size")
+    unknown = sorted(set(cfg.model) - set(MODEL_KEYS))
+    if unknown:
+        raise SaqError(f"model.{unknown[0]} is not a model setting; expected one of {list(MODEL_KEYS)}")
+    logger = cfg.get("logger") or {}
+    if logger.get("name") == "wandb" and logger.get("mode") not in LOGGER_MODES:
+        raise SaqError(f"logger.mode={logger.get('mode')!r} is unknown; expected one of {list(LOGGER_MODES)}")
+
+
 def validate(cfg: DictConfig):
     """Check every knob that would otherwise fail late (after minutes of FP evaluation on a real model) and return
     the validated quant config and clip strategy (None for an FP run)."""
+    check_run_knobs(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SaqError("device=cuda but no CUDA device is available; use device=cpu")
     if cfg.device not in ("cpu", "cuda"):
@@ -98,12 +127,19 @@ def validate(cfg: DictConfig):
         if asked:
             raise SaqError(f"{asked} quantizes the model but quant=fp runs it in full precision; "
                            "add a bit-width: quant=w4a4, quant=w6a6 or quant=w8a8")
+        unknown = sorted(set(cfg.quant) - set(FP_QUANT_KEYS))
+        if unknown:
+            raise SaqError(f"quant=fp has no quant.{unknown[0]}: it runs the model in full precision; choose a "
+                           "quantizing preset (quant=w4a4, quant=w6a6 or quant=w8a8) to set quant knobs")
         return None, None
     from saq.clipping import build_range_strategy
     from saq.quant import QuantConfig
     from saq.quant.config import check_range_owner
 
     quant_cfg = QuantConfig.from_cfg(cfg.quant)
+    if not (quant_cfg.encoder.enabled or quant_cfg.decoder.enabled):
+        raise SaqError("quant.encoder.enabled and quant.decoder.enabled are both false: nothing would be quantized; "
+                       "enable one, or use quant=fp")
     strategy = build_range_strategy(cfg.clip)
     check_range_owner(quant_cfg, None if strategy is None else strategy.name)
     if cfg.get("recon") is not None:
@@ -117,8 +153,15 @@ def fp_metrics(cfg: DictConfig, model, task) -> tuple[dict, str | None]:
     """FP metrics, and the cache file they came from when this evaluation was done before (else None)."""
     cache = fp_cache_path(cfg, task)
     if cfg.fp_cache and cache.is_file():
-        print(f"FP metrics from cache {cache}")
-        return json.loads(cache.read_text()), str(cache)
+        try:
+            cached = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            cached = None
+        if isinstance(cached, dict) and scalar_metrics(cached):
+            print(f"FP metrics from cache {cache}")
+            return cached, str(cache)
+        # derived data only: a broken entry (a full disk, a killed writer) is recomputed and replaced
+        print(f"warning: FP cache entry {cache} is unreadable or empty; evaluating FP again", file=sys.stderr)
     metrics = task.evaluate(Segmenter(model, cfg.model.decode_batch_size), progress=cfg.progress)
     if cfg.fp_cache:
         write_json_atomic(cache, metrics)
@@ -169,6 +212,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole story of one run; returns the record written to results.json."""
     start = time.time()
     commit = git_commit()  # the code that runs, read before it runs (the tree may change during a long run)
+    check_run_knobs(cfg)  # seed and threads are used right away
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -238,9 +282,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "wall_time_s": round(time.time() - start, 2),
         "run_dir": str(run_dir),
     }
-    path = write_results(run_dir, record)  # before anything optional
+    # the table first: should results.json fail to write (a full disk), the numbers are still on screen
     print(format_table(cfg.model.name, task.name, prompts_name,
                        {prec: scalar_metrics(m) for prec, m in metrics.items()}))
+    path = write_results(run_dir, record)  # before anything optional
     print(f"results: {path}")
     if cfg.get("figures", True) and (clipping is not None or recon is not None):
         try:  # figures are optional: results.json is already written

@@ -118,6 +118,9 @@ def test_activation_observer_set_beside_clip_is_one_line(tmp_path):
                                 "add a bit-width: quant=w4a4, quant=w6a6 or quant=w8a8"),
     ("quant=fp recon=qdrop", "error: recon=qdrop quantizes the model but quant=fp runs it in full precision; "
                              "add a bit-width: quant=w4a4, quant=w6a6 or quant=w8a8"),
+    # Hydra's own hint for a key the FP preset lacks is `+quant.w_bits=4`: followed, it must not run FP silently
+    ("quant=fp +quant.w_bits=4", "error: quant=fp has no quant.w_bits: it runs the model in full precision; choose a "
+                                 "quantizing preset (quant=w4a4, quant=w6a6 or quant=w8a8) to set quant knobs"),
 ])
 def test_bad_quant_or_clip_value_fails_before_model_data_or_fp_evaluation(override, message, tmp_path):
     # the checkpoint and the data do not exist: had anything been loaded or evaluated first, its error would show
@@ -140,3 +143,38 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
     assert out.startswith(f"usage: python -m {tool} ") and importlib.import_module(tool).__doc__.strip() in out
     assert main(["somewhere", "--verbose"]) != 0
     assert "unknown flag '--verbose' (options are key=value); usage: python -m " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["+model.chekpoint=/x.pth"], "model.chekpoint is not a model setting; expected one of"),
+    (["seed=abc"], "seed='abc' invalid; expected a whole number"),
+    (["threads=0"], "threads=0 invalid; expected a whole number >= 1 or null"),
+    (["threads=two"], "threads='two' invalid"),
+    (["task.max_images=2.5"], "task.max_images=2.5 invalid; expected a whole number >= 1 or null"),
+    (["task.max_images=true"], "task.max_images=True invalid"),
+    (["model.decode_batch_size=abc"], "model.decode_batch_size='abc' invalid"),
+    (["logger=wandb", "logger.mode=bogus"], "logger.mode='bogus' is unknown; expected one of"),
+    (["quant=w8a8", "quant.encoder.enabled=false", "quant.decoder.enabled=false"],
+     "quant.encoder.enabled and quant.decoder.enabled are both false: nothing would be quantized"),
+    (["model=sam_tiny_outliers", "model.outliers.magnitude=abc"], "model.outliers.magnitude='abc' invalid"),
+])
+def test_run_knobs_of_the_wrong_kind_are_one_line_before_anything_runs(overrides, message):
+    from hydra import compose, initialize_config_dir
+
+    from saq.errors import SaqError
+    from saq.pipeline import validate
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["logger=none", *overrides])
+    with pytest.raises(SaqError) as err:
+        validate(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_model_preset_key_is_a_known_model_setting():
+    from omegaconf import OmegaConf
+
+    from saq.pipeline import MODEL_KEYS
+
+    for path in sorted((REPO / "conf" / "model").glob("*.yaml")):
+        assert set(OmegaConf.load(path)) <= set(MODEL_KEYS), path.name

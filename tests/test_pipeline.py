@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -46,6 +48,13 @@ def test_fp_metrics_are_reused_and_the_reuse_is_recorded(tmp_path, ckpt, monkeyp
     assert source == str(pipeline.fp_cache_path(cfg, task))
     fresh, source = pipeline.fp_metrics(config(ckpt, fp_cache=False), model, task)
     assert source is None and fresh["runs"] == 2
+    # a broken entry (truncated, or no metrics) is evaluated again and replaced, never used or fatal
+    for broken in ('{"mIoU": 0.', "{}"):
+        pipeline.fp_cache_path(cfg, task).write_text(broken)
+        runs = task.runs
+        metrics, source = pipeline.fp_metrics(cfg, model, task)
+        assert source is None and metrics["runs"] == runs + 1
+        assert json.loads(pipeline.fp_cache_path(cfg, task).read_text()) == metrics
 
 
 def test_fp_cache_key_covers_device_seed_decoding_threads_versions_and_metric_code(ckpt, monkeypatch):
@@ -110,3 +119,19 @@ def test_a_saved_recon_unit_is_reused_only_with_the_same_calibration_data_and_co
     monkeypatch.setattr(pipeline, "source_digest", lambda *parts: "edited-recon-code")
     pipeline.reconstruct_for_run(cfg, None, None, samples)
     assert keys[0] == keys[1] and len(set(keys)) == 4
+
+
+def test_results_that_cannot_be_written_are_one_line_and_leave_no_stray_file(tmp_path, monkeypatch):
+    import errno
+
+    from saq import log
+    from saq.errors import SaqError
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(log.os, "replace", full_disk)
+    with pytest.raises(SaqError, match=r"cannot write .*results.json \(No space left on device\); the run's metrics "
+                                       r"are printed above"):
+        log.write_results(tmp_path, {"metrics": {}})
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone too

@@ -59,7 +59,7 @@ class OutlierSpec:
                 raise SaqError(f"model.outliers.{key}={value!r} invalid; expected an integer >= 1")
         if spec.sign not in SIGNS:
             raise SaqError(f"model.outliers.sign={spec.sign!r} is unknown; expected one of {list(SIGNS)}")
-        if not spec.magnitude > 0:
+        if isinstance(spec.magnitude, bool) or not isinstance(spec.magnitude, (int, float)) or not spec.magnitude > 0:
             raise SaqError(f"model.outliers.magnitude={spec.magnitude!r} invalid; expected a positive multiple of p99")
         return spec
 
