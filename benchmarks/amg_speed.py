@@ -72,4 +72,6 @@ def main(args: dict[str, str]) -> None:
 
 
 if __name__ == "__main__":
-    main(dict(arg.split("=", 1) for arg in sys.argv[1:]))
+    from saq.cli import run_script
+
+    sys.exit(run_script(main, __doc__, {"images": int, "model": str, "threads": int, "root": str}))

@@ -78,4 +78,6 @@ def main(args: dict[str, str]) -> None:
 
 
 if __name__ == "__main__":
-    main(dict(a.split("=", 1) for a in sys.argv[1:]))
+    from saq.cli import run_script
+
+    sys.exit(run_script(main, __doc__, {"model": str, "checkpoint": str, "data": str, "images": int, "threads": int}))

@@ -140,4 +140,8 @@ def main(args: dict[str, str]) -> None:
 
 
 if __name__ == "__main__":
-    main(dict(arg.split("=", 1) for arg in sys.argv[1:]))
+    from saq.cli import run_script
+
+    kinds = {"threads": int, "repeats": int, "prompts": int, "val_images": int, "calib_images": int, "root": str,
+             "vit_b": str}
+    sys.exit(run_script(main, __doc__, kinds))

@@ -99,4 +99,6 @@ def main(args: dict[str, str]) -> None:
 
 
 if __name__ == "__main__":
-    main(dict(arg.split("=", 1) for arg in sys.argv[1:]))
+    from saq.cli import run_script
+
+    sys.exit(run_script(main, __doc__, {"quant": str, "repeats": int, "prompts": int, "threads": int, "vit_b": str}))

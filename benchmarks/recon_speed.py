@@ -140,4 +140,8 @@ def main(args: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(dict(arg.split("=", 1) for arg in sys.argv[1:]))
+    from saq.cli import run_script
+
+    kinds = {"model": str, "device": str, "threads": int, "iters": int, "images": int, "prompts": int, "data": str,
+             "quant": str, "recon": str, "calib_images": int}
+    sys.exit(run_script(main, __doc__, kinds))

@@ -34,3 +34,36 @@ def tool_args(argv: Sequence[str], usage: str, options: dict[str, tuple[str, ...
             raise SaqError(f"{key}={value!r} is not allowed; expected one of {list(options[key])}")
         values[key] = value
     return paths[0], values
+
+
+def script_args(argv: Sequence[str], doc: str, kinds: dict[str, type]) -> dict:
+    """{key: value} from a benchmark script's `key=value` arguments, each converted to its kind (int or str).
+    -h/--help prints the script's docstring and exits 0; an argument that is not key=value, an unknown key or a
+    value of the wrong kind is a SaqError naming it, with the usage line."""
+    usage = next((line.strip() for line in doc.splitlines() if line.strip().startswith("Usage:")), "")
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc.strip())
+        raise SystemExit(0)
+    values = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in kinds:
+            raise SaqError(f"{arg!r} is not one of this script's key=value options {sorted(kinds)}; {usage}")
+        try:
+            values[key] = kinds[key](value)
+        except ValueError:
+            raise SaqError(f"{key}={value!r} invalid; expected {'a whole number' if kinds[key] is int else 'text'}; "
+                           f"{usage}") from None
+    return values
+
+
+def run_script(main, doc: str, kinds: dict[str, type], argv: Sequence[str] | None = None) -> int:
+    """A benchmark script's entry: main(script_args(...)), with a SaqError printed as one line (exit status 2)."""
+    import sys
+
+    try:
+        main(script_args(sys.argv[1:] if argv is None else argv, doc, kinds))
+    except SaqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

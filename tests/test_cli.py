@@ -178,3 +178,35 @@ def test_every_model_preset_key_is_a_known_model_setting():
 
     for path in sorted((REPO / "conf" / "model").glob("*.yaml")):
         assert set(OmegaConf.load(path)) <= set(MODEL_KEYS), path.name
+
+
+def test_benchmark_arguments_are_checked_and_every_key_a_script_reads_is_accepted(capsys):
+    import ast
+    import re
+
+    from saq.cli import run_script, script_args
+    from saq.errors import SaqError
+
+    doc = "Times things.\n\nUsage: python benchmarks/x.py [images=4] [model=sam_tiny]\n"
+    kinds = {"images": int, "model": str}
+    assert script_args(["images=8", "model=sam_vit_b"], doc, kinds) == {"images": 8, "model": "sam_vit_b"}
+    for argv, message in ((["images"], "'images' is not one of this script's key=value options"),
+                          (["run=/x"], "'run=/x' is not one of this script's key=value options"),
+                          (["images=abc"], "images='abc' invalid; expected a whole number")):
+        with pytest.raises(SaqError, match=re.escape(message)):
+            script_args(argv, doc, kinds)
+    assert run_script(lambda args: None, doc, kinds, ["images=abc"]) == 2
+    assert "Usage: python benchmarks/x.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script_args(["--help"], doc, kinds)
+    assert capsys.readouterr().out.startswith("Times things.")
+    # each script accepts exactly the keys its main reads
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        source = path.read_text()
+        read = set(re.findall(r"""args(?:\.get\(|\[)["']([a-z_0-9]+)["']""", source))
+        accepted = None
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Dict) and node.keys and all(isinstance(v, ast.Name) and v.id in ("int", "str")
+                                                                 for v in node.values):
+                accepted = {k.value for k in node.keys}
+        assert accepted == read, path.name
