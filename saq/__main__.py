@@ -11,6 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saq.errors import SaqError
+from saq.log import RUN_LOG, tee_run_log
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -20,15 +21,16 @@ def main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    try:
-        check_preset_found(cfg)
-        if hydra_cfg.mode == RunMode.MULTIRUN:  # resume, and a failed job recorded without stopping the others
-            run_sweep_job(cfg, run_dir, run, list(hydra_cfg.overrides.task))
-            return
-        run(cfg, run_dir)
-    except SaqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    with tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *sys.argv[1:]])):
+        try:
+            check_preset_found(cfg)
+            if hydra_cfg.mode == RunMode.MULTIRUN:  # resume, and a failed job recorded without stopping the others
+                run_sweep_job(cfg, run_dir, run, list(hydra_cfg.overrides.task))
+                return
+            run(cfg, run_dir)
+        except SaqError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -65,6 +66,45 @@ def set_aside(path: Path, why: str) -> Path:
         target, n = path.with_name(f"{path.name}.{stamp}-{n}.{why}"), n + 1
     path.replace(target)
     return target
+
+
+RUN_LOG = "run.log"
+
+
+class _TeeStream:
+    """A text stream that also appends to the run log; progress-bar redraws (carriage returns) stay on screen only."""
+
+    def __init__(self, stream, log, keep_redraws: bool):
+        self._stream, self._log, self._keep_redraws = stream, log, keep_redraws
+
+    def write(self, text: str) -> int:
+        if text and (self._keep_redraws or ("\r" not in text and text.strip())):
+            self._log.write(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+        self._log.flush()
+
+    def __getattr__(self, name):  # isatty, encoding, fileno ... of the real stream (tqdm asks)
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def tee_run_log(path: Path, command: str = ""):
+    """Everything a run prints (stdout, and stderr's lines without progress bars) also goes to `path`, appended
+    under a dated header, so the run folder keeps what the run said."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {command}".rstrip() + "\n")
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _TeeStream(out, log, True), _TeeStream(err, log, False)
+        try:
+            yield path
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdout, sys.stderr = out, err
 
 
 def write_results(run_dir: Path, record: dict) -> Path:

@@ -32,6 +32,9 @@ def test_run_writes_results_json_and_wandb_offline(synthetic_root, tmp_path):
     assert rec["config"]["task"]["max_images"] == 3
     assert rec["versions"]["torch"] and rec["wall_time_s"] > 0
     assert "mask_AP" in proc.stdout and "sam_tiny" in proc.stdout
+    log = (run_dir / "run.log").read_text()
+    assert "mask_AP" in log and f"results: {run_dir / 'results.json'}" in log and "W&B: offline run in" in log
+    assert not (run_dir / "__main__.log").exists()  # Hydra's empty job log is gone
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline, "an offline W&B run is recorded"
     assert f"W&B: offline run in {offline[0]} (upload: wandb sync {offline[0]})" in proc.stdout
@@ -45,6 +48,9 @@ def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
     assert err == ["error: checkpoint not found: /nonexistent.pth (set model.checkpoint to the path of a SAM "
                    ".pth file)"], proc.stderr
     assert "Traceback" not in proc.stderr
+    log = (tmp_path / "r" / "run.log").read_text().splitlines()  # the run folder keeps what the run said
+    assert log[0].endswith("python -m saq model=sam_vit_b model.checkpoint=/nonexistent.pth logger=none "
+                           f"hydra.run.dir={tmp_path / 'r'}") and log[-1] == err[0]
 
 
 def test_wandb_failure_keeps_local_results(synthetic_root, tmp_path):
