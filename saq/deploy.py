@@ -397,7 +397,7 @@ def evaluate_deployed(qmodel: nn.Module, run_dir: str | Path, task, decode_batch
 
 def main(argv: list[str] | None = None) -> int:
     from saq.cli import tool_args
-    from saq.quant.export import load_quantized
+    from saq.quant.export import RECIPE_FILE, load_quantized
     from saq.sam.build import build_sam
     from saq.saved import read_recipe, saved_dir
 
@@ -407,11 +407,17 @@ def main(argv: list[str] | None = None) -> int:
             "python -m saq.deploy RUN_DIR [out=DIR] [softmax=float|log2]  (RUN_DIR: a run that saved its quantized "
             "model; out: default RUN_DIR/deployed; softmax: softmax*V's operand, float (fast) or log2 (saq's values))",
             {"out": None, "softmax": tuple(SOFTMAX_MODES)}, about=__doc__)
-        directory = saved_dir(run_dir)
+        directory = saved_dir(run_dir, "RUN_DIR ")
         extra = read_recipe(directory).get("extra", {})
         if "model" not in extra:
             raise SaqError(f"{directory} does not say which model it quantized (recipe extra.model)")
-        qmodel = load_quantized(build_sam(extra["model"], extra.get("checkpoint")), directory)
+        checkpoint = extra.get("checkpoint")
+        if checkpoint and not Path(checkpoint).expanduser().is_file():  # deploy has no setting to point elsewhere
+            raise SaqError(f"RUN_DIR {run_dir}: its model was made from checkpoint {checkpoint}, which is not there "
+                           f"any more ({directory / RECIPE_FILE} extra.checkpoint); deploy needs it back at that path")
+        qmodel = load_quantized(build_sam(extra["model"], checkpoint,
+                                          config_key=f"the checkpoint in {directory / RECIPE_FILE} (extra.checkpoint)"),
+                                directory)
         out = Path(options["out"]) if "out" in options else Path(run_dir) / DEPLOY_DIR
         report = export_onnx(qmodel, out, options.get("softmax", "float"))
     except SaqError as exc:

@@ -590,16 +590,25 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
     """report.md, report.csv, report.tex and plots/*.png in out_dir; returns the written paths."""
     out_dir = Path(out_dir)
     plot_dir = out_dir / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SaqError(f"report: out={out_dir} is a file; give a folder for report.md, report.csv, report.tex and plots/")
+    try:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SaqError(f"report: cannot create the report folder out={out_dir} ({exc.strerror or exc}); give a folder "
+                       "that can be written") from None
     plots: list[Path] = []
     try:
         plots = plot_metric_vs_bits(report, plot_dir) + plot_clip_ranges(report, plot_dir)
     except Exception as exc:  # a plotting failure must not cost the tables
         print(f"warning: plots failed ({type(exc).__name__}: {exc})", file=sys.stderr)
     md, csv_path, tex = (out_dir / name for name in REPORT_FILES)
-    md.write_text(render_markdown(report, [p.relative_to(out_dir) for p in plots]))
-    write_csv(report, csv_path)
-    tex.write_text(render_tex(report))
+    try:
+        md.write_text(render_markdown(report, [p.relative_to(out_dir) for p in plots]))
+        write_csv(report, csv_path)
+        tex.write_text(render_tex(report))
+    except OSError as exc:
+        raise SaqError(f"report: cannot write the report into out={out_dir} ({exc.strerror or exc})") from None
     return [md, csv_path, tex, *plots]
 
 
@@ -640,8 +649,10 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(path)
         report = build_report(path)
         if not report.runs:
+            shown = "; ".join(f"{p}: {why}" for p, why in report.skipped[:3])
+            more = f"; and {len(report.skipped) - 3} more" if len(report.skipped) > 3 else ""
             raise SaqError(f"report: no usable results.json under {path} ({len(report.skipped)} skipped, "
-                           f"{len(report.failures)} failed jobs)")
+                           f"{len(report.failures)} failed jobs)" + (f"; skipped {shown}{more}" if shown else ""))
         written = write_report(report, Path(options.get("out", path)))
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)

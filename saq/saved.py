@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -11,7 +10,7 @@ from torch import nn
 from saq.errors import SaqError
 from saq.log import set_aside
 from saq.quant.config import RUN_KEYS, QuantConfig
-from saq.quant.export import RECIPE_FILE, export_quantized, load_quantized
+from saq.quant.export import RECIPE_FILE, check_state_file, export_quantized, load_quantized, read_recipe
 
 SAVED_DIR = "quantized_model"  # inside a run directory
 # Settings that change how a model is calibrated, not what the calibrated model computes: free to differ on load.
@@ -40,23 +39,26 @@ def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
     return export_quantized(qmodel, target, extra=extra)
 
 
-def saved_dir(path: str | Path) -> Path:
-    """The export folder of quant.load=PATH: PATH itself when it holds a recipe, else PATH/quantized_model."""
+def saved_dir(path: str | Path, setting: str = "quant.load=") -> Path:
+    """The export folder of quant.load=PATH: PATH itself when it holds a recipe, else PATH/quantized_model.
+    `setting` names PATH in errors (a tool names its own argument, e.g. "RUN_DIR ")."""
     path = Path(path)
     for candidate in (path, path / SAVED_DIR):
         if (candidate / RECIPE_FILE).is_file():
             return candidate
     if not path.exists():
-        raise SaqError(f"quant.load={path}: no such directory")
-    raise SaqError(f"quant.load={path} holds no saved quantized model ({RECIPE_FILE} in it or in {SAVED_DIR}/); "
+        raise SaqError(f"{setting}{path}: no such directory")
+    raise SaqError(f"{setting}{path} holds no saved quantized model ({RECIPE_FILE} in it or in {SAVED_DIR}/); "
                    "runs save one unless quant.save=false")
 
 
-def read_recipe(directory: Path) -> dict:
-    try:
-        return json.loads((directory / RECIPE_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise SaqError(f"{directory / RECIPE_FILE} is not valid JSON: {exc}") from None
+def _checkpoint(model: str, checkpoint) -> Path | None:
+    """The file a model.checkpoint value loads (None or "": sam_tiny's shipped one), resolved for comparison."""
+    from saq.sam.build import TINY_CHECKPOINT, VARIANTS
+
+    if checkpoint in (None, ""):
+        return TINY_CHECKPOINT.resolve() if VARIANTS.get(model, model) == "sam_tiny" else None
+    return Path(checkpoint).expanduser().resolve()
 
 
 def _flat(data, prefix: str = "") -> dict:
@@ -75,6 +77,16 @@ def check_recipe(recipe: dict, cfg: DictConfig, where: Path) -> None:
     if saved_model is not None and saved_model != cfg.model.name:
         raise SaqError(f"quant.load={where} holds a {saved_model} model; this run builds model={cfg.model.name} "
                        f"(use model={saved_model})")
+    saved_checkpoint = recipe.get("extra", {}).get("checkpoint")
+    run_checkpoint = cfg.model.get("checkpoint")
+    if ("checkpoint" in recipe.get("extra", {}) and saved_checkpoint != run_checkpoint
+            and _checkpoint(cfg.model.name, saved_checkpoint) != _checkpoint(cfg.model.name, run_checkpoint)):
+        # the FP row would come from another model than the one quantized: two models side by side
+        made_from = saved_checkpoint or f"the shipped {cfg.model.name} one (model.checkpoint unset)"
+        use = f"use model.checkpoint={saved_checkpoint}" if saved_checkpoint else "leave model.checkpoint unset"
+        sets = f"model.checkpoint={run_checkpoint}" if run_checkpoint else "the shipped one (model.checkpoint unset)"
+        raise SaqError(f"quant.load={where} holds a model made from checkpoint {made_from}; this run's FP model is "
+                       f"{sets} ({use}: the FP row must be of the model that was quantized)")
     if cfg.quant.name == "fp":
         raise SaqError(f"quant.load={where} needs the quantizing preset it was saved with (quant={preset}); "
                        "quant=fp means no quantization")
@@ -107,6 +119,7 @@ def check_load(cfg: DictConfig) -> Path:
     recipe = read_recipe(directory)
     check_recipe(recipe, cfg, Path(cfg.quant.load))
     check_loaded_recon(recipe.get("extra", {}).get("recon"), cfg.get("recon"), cfg.quant.load)
+    check_state_file(directory)  # a missing or truncated state file fails now, not after the FP evaluation
     return directory
 
 

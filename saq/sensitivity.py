@@ -12,6 +12,7 @@ error elsewhere.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -45,6 +46,10 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
         cfg = OmegaConf.create(record["config"])
     except (ValueError, KeyError, TypeError) as exc:
         raise SaqError(f"sensitivity: {results} is not a saq run record ({type(exc).__name__}: {exc})") from None
+    missing = [key for key in ("model.name", "quant.name", "task._target_") if OmegaConf.select(cfg, key) is None]
+    if missing:
+        raise SaqError(f"sensitivity: {results} is not a saq run record (config.{missing[0]} missing); give the "
+                       "directory of a finished quantized run")
     if cfg.quant.name == "fp":
         raise SaqError(f"sensitivity: {run_dir} is an FP run; give a quantized run's directory")
     cfg.quant.load = str(run_dir)
@@ -52,15 +57,25 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
         torch.set_num_threads(threads or cfg.threads)
     if max_images is not None:
         cfg.task.max_images = max_images
+    # the run is rebuilt as it was: what it read must be where it had it (this tool has no settings to move it)
+    checkpoint = cfg.model.get("checkpoint")
+    if checkpoint and not Path(checkpoint).expanduser().is_file():
+        raise SaqError(f"sensitivity: {run_dir} was run on checkpoint {checkpoint}, which is not there any more; "
+                       "the run's checkpoint must be where the run had it")
+    try:
+        task = build_task(cfg)
+    except SaqError as exc:  # its "(set task.data...)" hint names settings this tool does not have
+        why = re.sub(r" \(set [^)]*\)$", "", str(exc))
+        raise SaqError(f"sensitivity: cannot rebuild the task of {run_dir}: {why}; the run's data must be where the "
+                       f"run had it (config.task.data in {results})") from None
     report(f"{run_dir}: one part's quantizers off at a time, {cfg.task.get('max_images') or 'all'} val images")
-    model = build_sam(cfg.model.name, cfg.model.checkpoint)
+    model = build_sam(cfg.model.name, checkpoint)
     names = list(parts) if parts is not None else model_parts(model)
     known = {name for name, _ in model.named_modules()}
     unknown = [p for p in names if p not in known]
     if unknown:
         raise SaqError(f"sensitivity: no module {unknown[0]!r} in {cfg.model.name}; parts are module paths such as "
                        f"{', '.join(model_parts(model)[:3])}")
-    task = build_task(cfg)
     rows = {}
     for part in [None, *names]:
         qmodel, _ = load_run(model, cfg)

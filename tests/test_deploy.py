@@ -101,3 +101,33 @@ def test_deploy_knob_is_checked_before_compute(tmp_path):
     with pytest.raises(SaqError, match=r"int8 kernels need W8A8, the encoder is W4A4"):
         validate(cfg("quant=w4a4"))
     assert validate(cfg("quant=w8a8"))[0].w_bits == 8
+
+
+def test_cli_errors_name_its_own_argument(tmp_path, capsys):
+    assert deploy.main([str(tmp_path / "nonexist")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: RUN_DIR {tmp_path / 'nonexist'}: no such directory"
+    assert deploy.main([str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip().startswith(f"error: RUN_DIR {tmp_path} holds no saved quantized model")
+    export = tmp_path / "run" / "quantized_model"
+    export.mkdir(parents=True)
+    gone = tmp_path / "gone.pth"
+    (export / "recipe.json").write_text(json.dumps({"format": 1, "quant": W8A8,
+                                                    "extra": {"model": "sam_tiny", "checkpoint": str(gone)}}))
+    torch.save({}, export / "quantized_state.pt")
+    assert deploy.main([str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: RUN_DIR {tmp_path / 'run'}: its model was made from checkpoint {gone}, which is not there "
+                   f"any more ({export / 'recipe.json'} extra.checkpoint); deploy needs it back at that path")
+    # a broken saved model: one line naming the file
+    (export / "recipe.json").write_text(json.dumps({"format": 1, "quant": W8A8,
+                                                    "extra": {"model": "sam_tiny", "checkpoint": None}}))
+    (export / "quantized_state.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert deploy.main([str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {export / 'quantized_state.pt'} is truncated or not a PyTorch file; save the model again (a run "
+        "with quant.save)")
+    (export / "recipe.json").write_text("[]")
+    assert deploy.main([str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {export / 'recipe.json'} is not a quantized-model recipe: a JSON list, not an object")
+    assert not (tmp_path / "run" / deploy.DEPLOY_DIR).exists()

@@ -285,3 +285,30 @@ def test_a_key_a_run_does_not_record_is_no_setting_of_its_own(tmp_path):
     put(tmp_path, "new", new)
     table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
     assert table.rows == ["FP", "pcc"]
+
+
+def test_an_unwritable_out_folder_is_one_line(tmp_path, capsys):
+    put(tmp_path / "runs", "a", record(ap=0.5))
+    (tmp_path / "a_file").write_text("kept")
+    assert main([str(tmp_path / "runs"), f"out={tmp_path / 'a_file'}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: report: out={tmp_path / 'a_file'} is a file; give a folder for report.md, report.csv, report.tex "
+        "and plots/")
+    assert main([str(tmp_path / "runs"), f"out={tmp_path / 'a_file' / 'report'}"]) == 2  # a folder under a file
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: report: cannot create the report folder out={tmp_path / 'a_file' / 'report'} (")
+    assert "\n" not in err and (tmp_path / "a_file").read_text() == "kept"
+
+
+def test_no_usable_results_lists_the_skipped_files_and_why(tmp_path, capsys):
+    put(tmp_path, "a", {"config": {}})
+    put(tmp_path, "b", "{ half")
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: report: no usable results.json under {tmp_path} (2 skipped, 0 failed jobs); "
+                          f"skipped {tmp_path / 'a' / 'results.json'}: not a saq run record (missing model")
+    assert f"; {tmp_path / 'b' / 'results.json'}: unreadable JSON (JSONDecodeError" in err and "\n" not in err
+    for name in "cdef":
+        put(tmp_path, name, [])
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith("; and 3 more")

@@ -159,3 +159,122 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
     lines = []
     sensitivity(tmp_path / "first", ["mask_decoder"], report=lines.append)
     assert lines[0].endswith("one part's quantizers off at a time, 1 val images")
+
+
+def fitting_export(directory, cfg, **extra):
+    """An export folder whose recipe fits `cfg` (a state file of no tensors: enough for the up-front checks)."""
+    from omegaconf import OmegaConf
+
+    from saq.quant.config import RUN_KEYS
+
+    quant = QuantConfig.from_cfg({k: v for k, v in OmegaConf.to_container(cfg.quant, resolve=True).items()
+                                  if k not in RUN_KEYS}).to_dict()
+    directory.mkdir(parents=True)
+    (directory / "recipe.json").write_text(json.dumps(
+        {"format": 1, "quant": quant, "extra": {"model": "sam_tiny", "checkpoint": None, "seed": 0, **extra}}))
+    torch.save({}, directory / "quantized_state.pt")
+    return directory
+
+
+def test_a_saved_model_loads_only_with_the_checkpoint_it_was_made_from(synthetic_root, tmp_path):
+    from saq.sam.build import TINY_CHECKPOINT
+
+    cfg = run_config(synthetic_root)
+    recipe = read_recipe(fitting_export(tmp_path / "run" / SAVED_DIR, cfg))
+    other = tmp_path / "other.pth"
+    with pytest.raises(SaqError, match=r"quant\.load=.*run holds a model made from checkpoint the shipped sam_tiny one "
+                                       r"\(model\.checkpoint unset\); this run's FP model is model\.checkpoint=.*"
+                                       r"other\.pth \(leave model\.checkpoint unset"):
+        check_recipe(recipe, run_config(synthetic_root, f"model.checkpoint={other}"), tmp_path / "run")
+    made = dict(recipe, extra={**recipe["extra"], "checkpoint": str(other)})
+    with pytest.raises(SaqError, match=r"made from checkpoint .*other\.pth; this run's FP model is the shipped one "
+                                       r"\(model\.checkpoint unset\) \(use model\.checkpoint=.*other\.pth"):
+        check_recipe(made, cfg, tmp_path / "run")
+    check_recipe(made, run_config(synthetic_root, f"model.checkpoint={tmp_path}/./other.pth"), tmp_path / "run")
+    check_recipe(recipe, run_config(synthetic_root, f"model.checkpoint={TINY_CHECKPOINT}"), tmp_path / "run")
+    with pytest.raises(SaqError, match=r"made from checkpoint"):  # and before any compute
+        pipeline.validate(run_config(synthetic_root, f"model.checkpoint={other}", f"quant.load={tmp_path / 'run'}"))
+
+
+def test_a_broken_saved_model_is_one_line_naming_the_file_before_compute(synthetic_root, tmp_path):
+    from saq.quant.export import load_quantized
+    from saq.sam.build import build_sam
+
+    cfg = run_config(synthetic_root)
+    cases = {
+        "list": (lambda d: (d / "recipe.json").write_text("[1, 2]"),
+                 r"recipe\.json is not a quantized-model recipe: a JSON list, not an object"),
+        "no_quant": (lambda d: (d / "recipe.json").write_text(json.dumps({"format": 1, "extra": {}})),
+                     r"recipe\.json is not a quantized-model recipe: no \"quant\" settings object"),
+        "truncated": (lambda d: (d / "quantized_state.pt").write_bytes((d / "quantized_state.pt").read_bytes()[:200]),
+                      r"quantized_state\.pt is truncated or not a PyTorch file"),
+        "no_state": (lambda d: (d / "quantized_state.pt").unlink(),
+                     r"not a quantized-model export: .*no_state/quantized_model/quantized_state\.pt is missing"),
+    }
+    for name, (break_it, message) in cases.items():
+        directory = fitting_export(tmp_path / name / SAVED_DIR, cfg)
+        break_it(directory)
+        with pytest.raises(SaqError, match=message):
+            pipeline.validate(run_config(synthetic_root, f"quant.load={tmp_path / name}"))
+        with pytest.raises(SaqError, match=message):
+            load_quantized(build_sam("sam_tiny"), directory)
+
+
+def test_export_writes_through_a_temporary_file(tmp_path, monkeypatch):
+    from saq.quant import quantize
+    from saq.quant.export import export_quantized, load_quantized
+    from saq.quant.model import iter_quantizers
+    from saq.sam.build import build_sam
+
+    qmodel = quantize(build_sam("sam_tiny"), QuantConfig(name="w8a8"))
+    for quantizer in iter_quantizers(qmodel):
+        quantizer.calibrated.fill_(True)
+    export_quantized(qmodel, tmp_path / "export", extra={"model": "sam_tiny"})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()}
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a file")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/12: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SaqError, match=r"^cannot save the quantized model into .*export: \[enforce fail.*"
+                                       r"file write failed$"):
+        export_quantized(qmodel, tmp_path / "export", extra={"model": "other"})
+    # the earlier export is whole, and no temporary file is left behind
+    assert {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()} == before
+    with pytest.raises(SaqError, match=r"cannot save the quantized model into .*fresh"):
+        export_quantized(qmodel, tmp_path / "fresh")
+    assert list((tmp_path / "fresh").iterdir()) == []  # no truncated quantized_state.pt to be loaded later
+    monkeypatch.setattr(torch, "save", real_save)
+    load_quantized(build_sam("sam_tiny"), tmp_path / "export")
+
+
+def test_sensitivity_names_what_it_needs_not_settings_it_lacks(synthetic_root, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from saq.sensitivity import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "results.json").write_text(json.dumps({"config": {}}))
+    assert main([str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: sensitivity: {tmp_path / 'empty' / 'results.json'} is not a saq run record (config.model.name "
+        "missing); give the directory of a finished quantized run")
+    config = OmegaConf.to_container(run_config(synthetic_root, f"task.data.root={tmp_path / 'moved'}"), resolve=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"config": config}))
+    assert main([str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: sensitivity: cannot rebuild the task of {tmp_path / 'run'}: ")
+    assert err.endswith(f"; the run's data must be where the run had it (config.task.data in "
+                        f"{tmp_path / 'run' / 'results.json'})")
+    assert "set task.data" not in err and "\n" not in err
+    config["model"]["checkpoint"] = str(tmp_path / "gone.pth")
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"config": config}))
+    assert main([str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: sensitivity: {tmp_path / 'run'} was run on checkpoint {tmp_path / 'gone.pth'}, which is not there "
+        "any more; the run's checkpoint must be where the run had it")

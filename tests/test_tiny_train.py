@@ -89,18 +89,70 @@ def test_box_jitter_scales_with_the_box_and_respects_the_cap():
     assert torch.equal(jitter_boxes(small, torch.Generator(), 256, scale=0.0), small)
 
 
+def whole_val_run() -> dict:
+    """A results.json of the shipped sam_tiny on all of the shipped synthetic val split, as the card needs."""
+    return {"model": "sam_tiny", "task": "instance", "prompts": "gt",
+            "metrics": {"fp": {"mask_AP": 0.5, "images": 500}},
+            "config": {"model": {"checkpoint": None},
+                       "task": {"max_images": None, "generate": {"n_train": 64, "n_val": 500, "seed": 0},
+                                "data": {"root": "data/synthetic", "ann_file": "annotations/instances_val.json",
+                                         "img_dir": "val/images"}}}}
+
+
 def test_the_card_takes_only_a_whole_val_evaluation_of_the_shipped_checkpoint(tmp_path):
+    from saq.sam.build import TINY_CHECKPOINT
     from saq.sam.tiny.card import record_evaluation
 
-    run = {"model": "sam_tiny", "task": "instance", "prompts": "gt", "metrics": {"fp": {"mask_AP": 0.5}},
-           "config": {"model": {"checkpoint": None}, "task": {"max_images": 2, "data": {"ann_file": "a.json"}}}}
-    (tmp_path / "results.json").write_text(json.dumps(run))
+    shipped_card = TINY_CHECKPOINT.with_suffix(".json")
+    before = shipped_card.read_bytes()
+    card = tmp_path / "card.json"  # a copy: the shipped card is never written by tests
+    card.write_bytes(before)
+
+    def record(run):
+        (tmp_path / "results.json").write_text(json.dumps(run))
+        return record_evaluation(tmp_path / "results.json", card)
+
+    run = whole_val_run()
+    run["config"]["task"]["max_images"] = 2
     with pytest.raises(SystemExit, match="another checkpoint or a subset"):
-        record_evaluation(tmp_path / "results.json", tmp_path / "card.json")
-    run["config"]["task"]["max_images"] = None
-    (tmp_path / "results.json").write_text(json.dumps(run))
-    assert record_evaluation(tmp_path / "results.json", tmp_path / "card.json")["evaluation"]["metrics"] == {
-        "mask_AP": 0.5}
+        record(run)
+    # a whole-val run of other data: a 3-image dataset elsewhere, or fewer images than the shipped val split
+    run = whole_val_run()
+    run["config"]["task"]["data"]["root"] = str(tmp_path / "tiny_data")
+    with pytest.raises(SystemExit, match=r"task\.data\.root=.*tiny_data; the card's data is data/synthetic"):
+        record(run)
+    run = whole_val_run()
+    run["config"]["task"]["generate"]["n_val"] = 3
+    run["metrics"]["fp"]["images"] = 3
+    with pytest.raises(SystemExit, match=r"task\.generate\.n_val=3; the shipped synthetic data has n_val=500"):
+        record(run)
+    run = whole_val_run()
+    run["metrics"]["fp"]["images"] = 3
+    with pytest.raises(SystemExit, match=r"evaluated 3 images \(metrics\.fp\.images\); .* has 500"):
+        record(run)
+    run = whole_val_run()
+    run["config"]["task"]["data"]["ann_file"] = "annotations/instances_train.json"
+    with pytest.raises(SystemExit, match=r"task\.data\.ann_file=annotations/instances_train\.json; the card's"):
+        record(run)
+    # an oriented or semantic run has no ann_file: one line, not a KeyError
+    run = whole_val_run()
+    run["task"] = "semantic"
+    run["config"]["task"]["data"] = {"root": "data/synthetic", "img_dir": "val/images"}
+    with pytest.raises(SystemExit, match=r"a run of task 'semantic'; the card records the instance task"):
+        record(run)
+    # missing, corrupt and non-object files: one line each
+    with pytest.raises(SystemExit, match=r"nope\.json: no such file"):
+        record_evaluation(tmp_path / "nope.json", card)
+    (tmp_path / "bad.json").write_text("{ half")
+    with pytest.raises(SystemExit, match=r"bad\.json is not readable JSON \(JSONDecodeError"):
+        record_evaluation(tmp_path / "bad.json", card)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match=r"list\.json is not a saq run record \(a JSON list, not an object\)"):
+        record_evaluation(tmp_path / "list.json", card)
+    assert json.loads(card.read_bytes()) == json.loads(before)  # nothing refused was written
+    assert record(whole_val_run())["evaluation"]["metrics"] == {"mask_AP": 0.5, "images": 500}
+    assert json.loads(card.read_text())["training"] == json.loads(before)["training"]  # the rest of the card kept
+    assert shipped_card.read_bytes() == before
 
 
 def test_a_default_training_round_never_writes_over_the_shipped_checkpoint():

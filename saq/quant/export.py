@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import uuid
+import zipfile
 from pathlib import Path
 
 import torch
@@ -26,13 +29,55 @@ def export_quantized(qmodel: nn.Module, directory: str | Path, extra: dict | Non
     uncalibrated = [q.name for q in iter_quantizers(qmodel) if not bool(q.calibrated)]
     if uncalibrated:
         raise SaqError(f"cannot export: {len(uncalibrated)} quantizers are not calibrated (first: {uncalibrated[0]})")
+    from saq.log import write_json_atomic
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in qmodel.state_dict().items()}
-    torch.save(state, directory / STATE_FILE)
     recipe = {"format": FORMAT_VERSION, "quant": cfg.to_dict(), "extra": extra or {}}
-    (directory / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
+    # through a temporary file and a rename (as write_json_atomic): a full disk leaves no truncated state file
+    tmp = directory / f".{STATE_FILE}.{uuid.uuid4().hex}.tmp"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, directory / STATE_FILE)
+        write_json_atomic(directory / RECIPE_FILE, recipe)  # last: a folder with a recipe holds a whole model
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SaqError(f"cannot save the quantized model into {directory}: {reason}") from None
     return directory
+
+
+def read_recipe(directory: str | Path) -> dict:
+    """directory/recipe.json, checked to be an export's recipe (SaqError naming the file otherwise)."""
+    path = Path(directory) / RECIPE_FILE
+    if not path.is_file():
+        raise SaqError(f"not a quantized-model export: {path} is missing")
+    try:
+        recipe = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SaqError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from None
+    except json.JSONDecodeError as exc:
+        raise SaqError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(recipe, dict):
+        raise SaqError(f"{path} is not a quantized-model recipe: a JSON {type(recipe).__name__}, not an object")
+    if recipe.get("format") != FORMAT_VERSION:
+        raise SaqError(f"{path} has format {recipe.get('format')!r}; this version reads {FORMAT_VERSION}")
+    if not isinstance(recipe.get("quant"), dict):
+        raise SaqError(f"{path} is not a quantized-model recipe: no \"quant\" settings object")
+    if not isinstance(recipe.get("extra", {}), dict):
+        raise SaqError(f"{path} is not a quantized-model recipe: \"extra\" is not an object")
+    return recipe
+
+
+def check_state_file(directory: str | Path) -> Path:
+    """directory/quantized_state.pt, checked to exist and to be a whole PyTorch (zip) file without reading it."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise SaqError(f"not a quantized-model export: {path} is missing")
+    if not zipfile.is_zipfile(path):  # a truncated file has lost the zip directory at its end
+        raise SaqError(f"{path} is truncated or not a PyTorch file; save the model again (a run with quant.save)")
+    return path
 
 
 def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
@@ -40,19 +85,16 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
 
     The FP model's weights are not used (the export holds the quantized model's own, e.g. after BIG folding).
     """
-    directory = Path(directory)
-    recipe_path, state_path = directory / RECIPE_FILE, directory / STATE_FILE
-    for path in (recipe_path, state_path):
-        if not path.is_file():
-            raise SaqError(f"not a quantized-model export: {path} is missing")
-    try:
-        recipe = json.loads(recipe_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SaqError(f"{recipe_path} is not valid JSON: {exc}") from None
-    if recipe.get("format") != FORMAT_VERSION:
-        raise SaqError(f"{recipe_path} has format {recipe.get('format')!r}; this version reads {FORMAT_VERSION}")
+    recipe = read_recipe(directory)
+    state_path = check_state_file(directory)
     qmodel = quantize(model, recipe["quant"])
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files; all mean the same to the user
+        raise SaqError(f"{state_path} is not a readable PyTorch file ({type(exc).__name__}); save the model "
+                       "again (a run with quant.save)") from None
+    if not isinstance(state, dict):
+        raise SaqError(f"{state_path} is not a state dict of tensors (found {type(state).__name__})")
     try:
         missing, unexpected = qmodel.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches: an export of another architecture
