@@ -54,7 +54,35 @@ def read_rgb(path: str | Path) -> np.ndarray:
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise SaqError(f"cannot decode image {path}: the file is corrupt or not an image")
+    if _truncated_jpeg(path):
+        raise SaqError(f"cannot decode image {path}: the JPEG file is truncated")
     return np.ascontiguousarray(bgr[..., ::-1])
+
+
+def _truncated_jpeg(path: Path) -> bool:
+    """Whether a JPEG file ends before its image data does (OpenCV decodes what is there with only a warning)."""
+    with path.open("rb") as f:
+        head = f.read(2)
+        f.seek(-2, 2)
+        tail = f.read(2)
+    if head != b"\xff\xd8" or tail == b"\xff\xd9":  # not a JPEG, or one that ends with its end-of-image marker
+        return False
+    from PIL import Image  # bytes after the end marker are allowed: only a full decode tells them from truncation
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except OSError:
+        return True
+    return False
+
+
+def read_text(path: Path, what: str) -> str:
+    """A text file's contents, or SaqError naming the file when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SaqError(f"{what} {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})") from None
 
 
 def require_dir(path: str | Path, what: str, config_key: str) -> Path:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, read_rgb, require_dir, require_file
-from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
+from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource, box_problem
 from tasks.synthetic import ensure_dataset
 
 
@@ -33,9 +33,23 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
                        "(needs 'images', 'annotations' and 'categories')")
     if not data["images"]:
         raise SaqError(f"annotation file {ann_path} lists no images")
+    images = {}  # id -> (height, width)
     for i, info in enumerate(data["images"]):
         if not isinstance(info, dict) or not all(k in info for k in ("id", "file_name", "height", "width")):
             raise SaqError(f"annotation file {ann_path}: images[{i}] lacks one of id, file_name, height, width")
+        if not _is_int(info["id"]) or info["id"] in images:
+            raise SaqError(f"annotation file {ann_path}: images[{i}] has id {info['id']!r}; image ids must be "
+                           "unique integers")
+        if not (_is_int(info["height"]) and _is_int(info["width"]) and info["height"] > 0 and info["width"] > 0):
+            raise SaqError(f"annotation file {ann_path}: image {info['id']} has height {info['height']!r} and width "
+                           f"{info['width']!r}; they must be integers > 0")
+        images[info["id"]] = (info["height"], info["width"])
+    categories = set()
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or cat["id"] in categories:
+            raise SaqError(f"annotation file {ann_path}: categories[{i}] needs an id, an integer unique among "
+                           "the categories")
+        categories.add(cat["id"])
     seen_ids = set()
     for i, ann in enumerate(data["annotations"]):
         needed = ("id", "image_id", "category_id", "bbox", "segmentation", *(("area",) if scored else ()))
@@ -44,15 +58,80 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
         # COCOeval reads an object id of 0 as 'unmatched' and its index keeps one object per id: either would
         # score correct masks as misses without a word
         ann_id = ann["id"]
-        if isinstance(ann_id, bool) or not isinstance(ann_id, int) or ann_id < 1 or ann_id in seen_ids:
+        if not _is_int(ann_id) or ann_id < 1 or ann_id in seen_ids:
             raise SaqError(f"annotation file {ann_path}: annotation {i} has id {ann_id!r}; ids must be unique "
                            "integers >= 1")
         seen_ids.add(ann_id)
+        where = f"annotation file {ann_path}: annotation {ann_id}"
+        if not _is_int(ann["image_id"]) or ann["image_id"] not in images:
+            raise SaqError(f"{where} has image_id {ann['image_id']!r}, which no entry of 'images' has")
+        if not _is_int(ann["category_id"]) or ann["category_id"] not in categories:
+            raise SaqError(f"{where} has category_id {ann['category_id']!r}, which 'categories' does not define")
+        bbox = ann["bbox"]
+        numbers = isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+        problem = box_problem([bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]]) if numbers else \
+            "it must be 4 numbers [x, y, w, h]"
+        if problem:
+            raise SaqError(f"{where} has bbox {bbox!r}: {problem}")
+        problem = _segmentation_problem(ann["segmentation"], images[ann["image_id"]])
+        if problem:
+            raise SaqError(f"{where} (image {ann['image_id']}) has a bad segmentation: {problem}")
+    if not categories:
+        raise SaqError(f"annotation file {ann_path} defines no categories")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _segmentation_problem(seg, size: tuple[int, int]) -> str | None:
+    """Why a COCO segmentation (polygons, or RLE of the image's size) cannot be decoded, or None."""
+    if isinstance(seg, list):
+        if not seg:
+            return "an empty polygon list"
+        for poly in seg:
+            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0
+                    and all(_is_number(v) for v in poly) and np.isfinite(poly).all()):
+                return (f"polygon {str(poly)[:40]!r} is not a list of x, y numbers (at least 3 points); "
+                        "expected [[x1, y1, x2, y2, x3, y3, ...], ...] or RLE {size, counts}")
+        return None
+    if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
+        return f"{str(seg)[:40]!r} is neither polygons [[x1, y1, ...], ...] nor RLE {{size, counts}}"
+    if not isinstance(seg["size"], list) or seg["size"] != list(size):
+        return f"RLE size {seg['size']!r} is not the image's [height, width] {list(size)}"
+    try:
+        counts = _rle_counts(seg["counts"]) if isinstance(seg["counts"], str) else seg["counts"]
+        ok = isinstance(counts, list) and all(_is_int(c) and c >= 0 for c in counts) \
+            and sum(counts) == size[0] * size[1]
+    except IndexError:
+        ok = False
+    return None if ok else f"RLE counts do not describe a {size[0]}x{size[1]} mask"
+
+
+def _rle_counts(text: str) -> list[int]:
+    """The run lengths of a compressed RLE string (pycocotools' rleFrString, which does not check them)."""
+    counts, p = [], 0
+    while p < len(text):
+        x = k = 0
+        more = True
+        while more:
+            c = ord(text[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        counts.append(x + counts[-2] if len(counts) > 2 else x)
+    return counts
 
 
 def gt_boxes(coco: COCO, image_id: int) -> tuple[BoxPrompts, list[dict]]:
@@ -172,6 +251,7 @@ class InstanceTask(Task):
     def evaluate(self, segmenter: Segmenter, progress: bool = True) -> dict:
         results, prompt_ious = [], []
         ids = self.image_ids()
+        self.prompts.require_prompts(ids)
         for image_id in tqdm(ids, desc="instance eval", disable=not progress, leave=False):
             image = read_annotated_image(self.coco, image_id, self.img_dir)
             gt, anns = gt_boxes(self.coco, image_id)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import Task, files_digest, list_images, read_rgb, require_dir
+from tasks.base import Task, files_digest, list_images, read_rgb, read_text, require_dir
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
 from tasks.synthetic import ensure_dataset, oriented_box
 
@@ -50,8 +50,8 @@ def read_dota_labels(path: Path) -> DotaObjects:
 
     The difficulty column may be missing (then 0); a malformed line raises SaqError naming the file and line.
     """
-    polygons, names, difficult = [], [], []
-    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+    polygons, names, difficult, linenos = [], [], [], []
+    for lineno, raw in enumerate(read_text(path, "DOTA label file").splitlines(), 1):
         line = raw.strip()
         if not line or line.lower().startswith(HEADER_PREFIXES):
             continue
@@ -66,9 +66,20 @@ def read_dota_labels(path: Path) -> DotaObjects:
         except ValueError:
             raise SaqError(f"DOTA label file {path}, line {lineno}: expected "
                            f"'x1 y1 x2 y2 x3 y3 x4 y4 class difficult', got {line!r}") from None
+        if len(parts) == 9 and parts[8].lstrip("-").isdigit():  # the difficulty column, with the class missing
+            raise SaqError(f"DOTA label file {path}, line {lineno}: no class name after the 8 coordinates, "
+                           f"got {line!r}")
         polygons.append(np.asarray(coords, np.float64).reshape(4, 2))
         names.append(parts[8])
         difficult.append(hard != 0)
+        linenos.append(lineno)
+    if polygons:
+        # A polygon of zero area (corners on a line or repeated) can match nothing: a broken label, not an object.
+        flat = shapely.area(_shapes(np.asarray(polygons))) <= 0
+        if flat.any():
+            i = int(np.argmax(flat))
+            raise SaqError(f"DOTA label file {path}, line {linenos[i]}: the polygon "
+                           f"{polygons[i].reshape(-1).tolist()} has zero area")
     return DotaObjects(np.asarray(polygons, np.float64).reshape(-1, 4, 2), names, np.asarray(difficult, bool))
 
 
@@ -257,6 +268,7 @@ class OrientedTask(Task):
     def evaluate(self, segmenter: Segmenter, progress: bool = True) -> dict:
         detections, ground_truth, box_ious = [], {}, []
         n_prompts = empty = 0
+        self.prompts.require_prompts([stem for stem, _ in self.images])
         for stem, path in tqdm(self.images, desc="oriented eval", disable=not progress, leave=False):
             gt, polygons, difficult = self.ground_truth(stem)
             ground_truth[stem] = (polygons, gt.labels, difficult)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from saq.errors import SaqError
+from tasks.base import read_text
 
 
 @dataclass
@@ -49,6 +50,9 @@ class PromptSource(ABC):
         detections of other classes (the task inferred its classes from the evaluated images) instead of refusing.
         Ground-truth sources need none of it; a detections file checks that it names the task's images and classes.
         """
+
+    def require_prompts(self, image_keys: Sequence) -> None:
+        """Raise SaqError when none of these images (the ones a task evaluates) would get a prompt."""
 
     def fingerprint(self) -> str:
         return self.name
@@ -119,8 +123,11 @@ class DetectionsFile(PromptSource):
         path = Path(file)
         if not path.exists():
             raise SaqError(f"detections file not found: {path} (set prompts.file)")
-        if max_per_image < 1:
-            raise SaqError(f"prompts.max_per_image must be >= 1, got {max_per_image}")
+        if isinstance(max_per_image, bool) or not isinstance(max_per_image, int) or max_per_image < 1:
+            raise SaqError(f"prompts.max_per_image must be a whole number >= 1, got {max_per_image!r}")
+        if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)) \
+                or not 0 <= score_threshold <= 1:  # detector scores are in [0, 1]: a threshold outside keeps all or none
+            raise SaqError(f"prompts.score_threshold must be a number in [0, 1], got {score_threshold!r}")
         self.path, self.score_threshold, self.max_per_image = path, score_threshold, max_per_image
         if calib_file and not Path(calib_file).exists():
             raise SaqError(f"calibration detections file not found: {calib_file} (set prompts.calib_file to the "
@@ -144,21 +151,27 @@ class DetectionsFile(PromptSource):
         by_image: dict = {}
         for i, det in enumerate(entries):
             try:
+                if not isinstance(det.get("bbox", det.get("poly")), list):
+                    raise TypeError
                 if "bbox" in det:
                     x, y, w, h = (float(v) for v in det["bbox"])
-                    box = (x, y, x + w, y + h)
+                    box, given = (x, y, x + w, y + h), f"bbox {det['bbox']}"
                 else:
-                    box = _enclosing_box([float(v) for v in det["poly"]])
+                    box, given = _enclosing_box([float(v) for v in det["poly"]]), f"poly {det['poly']}"
                 key = det["image_id"]
                 # COCO ids are numbers; DOTA images are keyed by their file stem, kept as a string.
                 key = key if isinstance(key, str) else int(key)
                 label = det["category_id"]
                 label = label if isinstance(label, str) else int(label)
                 item = (*box, float(det["score"]), label)
-            except (KeyError, TypeError, ValueError):
+            except (AttributeError, KeyError, TypeError, ValueError):
                 raise SaqError(f"detections file {path}: entry {i} is not a result "
                                "({image_id, category_id, bbox: [x, y, w, h] or poly: [x1, y1, ..., x4, y4], "
                                "score})") from None
+            problem = box_problem(box) or score_problem(item[4])
+            if problem:
+                raise SaqError(f"detections file {path}: entry {i} (image {key!r}, {given}, score {item[4]}): "
+                               f"{problem}")
             by_image.setdefault(key, []).append(item)
         return by_image
 
@@ -172,7 +185,7 @@ class DetectionsFile(PromptSource):
             if not file.name.startswith("Task1_"):
                 raise SaqError(f"DOTA result file {file} must be named Task1_<class>.txt")
             category = file.stem[len("Task1_"):]
-            for lineno, line in enumerate(file.read_text().splitlines(), 1):
+            for lineno, line in enumerate(read_text(file, "DOTA result file").splitlines(), 1):
                 parts = line.split()
                 if not parts:
                     continue
@@ -185,7 +198,11 @@ class DetectionsFile(PromptSource):
                 except ValueError:
                     raise SaqError(f"DOTA result file {file}, line {lineno}: expected "
                                    f"'image_stem score x1 y1 x2 y2 x3 y3 x4 y4', got {line.strip()!r}") from None
-                by_image.setdefault(parts[0], []).append((*_enclosing_box(coords), score, category))
+                box = _enclosing_box(coords)
+                problem = box_problem(box) or score_problem(score)
+                if problem:
+                    raise SaqError(f"DOTA result file {file}, line {lineno}: {problem}, got {line.strip()!r}")
+                by_image.setdefault(parts[0], []).append((*box, score, category))
         return by_image
 
     def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,
@@ -239,6 +256,13 @@ class DetectionsFile(PromptSource):
         arr = np.asarray(dets, np.float64)
         return BoxPrompts(arr[:, :4].astype(np.float32), arr[:, 4].astype(np.float32), arr[:, 5].astype(np.int64))
 
+    def require_prompts(self, image_keys: Sequence) -> None:
+        scores = [d[4] for key in image_keys for d in self._by_image.get(key, [])]
+        if not any(s >= self.score_threshold for s in scores):
+            found = f"the highest score is {max(scores):.3g}" if scores else "the file has none for them"
+            raise SaqError(f"detections file {self.path}: no detection on the {len(image_keys)} evaluated images "
+                           f"reaches prompts.score_threshold={self.score_threshold} ({found})")
+
     def calibration_source(self) -> tuple[PromptSource, str]:
         if not self.calib_file:
             print("calibration prompts: ground-truth boxes (prompts.calib_file is not set; set it to the detector's "
@@ -252,6 +276,20 @@ class DetectionsFile(PromptSource):
         files = sorted(self.path.glob("Task1_*.txt")) if self.path.is_dir() else [self.path]
         stats = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
         return f"detections-{self.path.resolve()}-{stats}-{self.score_threshold}-{self.max_per_image}"
+
+
+def box_problem(box: Sequence[float]) -> str | None:
+    """Why an xyxy box cannot be a prompt or an object (a non-finite value, no width or height), or None."""
+    if not np.isfinite(box).all():
+        return "the box has a non-finite value"
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return "the box needs width and height > 0"
+    return None
+
+
+def score_problem(score: float) -> str | None:
+    """Why a detection score is not a detector's confidence (a finite number in [0, 1]), or None."""
+    return None if 0 <= score <= 1 else "the score must be in [0, 1]"
 
 
 def _enclosing_box(coords: list[float]) -> tuple[float, float, float, float]:

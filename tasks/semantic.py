@@ -341,7 +341,11 @@ class SemanticTask(Task):
             cm_coarse += confusion_matrix(coarse, gt, k, self.ignore_index)
             n_masks += len(areas)
             n_prompts += len(points)
-        total = max(int(cm_refined.sum()), 1)
+        if not cm_refined.sum():  # every class IoU would be undefined, and mIoU read as 0
+            raise SaqError(f"the label maps of the {len(self.items)} evaluated images are all ignore_index "
+                           f"{self.ignore_index}{' or 0 (reduce_zero_label)' if self.reduce_zero_label else ''}, "
+                           f"so mIoU is undefined (check {self.label_dir} and task.max_images)")
+        total = int(cm_refined.sum())
         return {
             "mIoU": mean_iou(cm_refined),
             "coarse_mIoU": mean_iou(cm_coarse),

@@ -11,6 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from saq.errors import SaqError
+
 # Bump when rendering changes: cached datasets are keyed on it.
 GENERATOR_VERSION = 2
 
@@ -233,21 +235,61 @@ def write_split(root: Path, split: str, n: int, seed: int, progress: bool = True
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
 
 
+# What write_split writes into each split folder (name pattern: 6-digit index): the only files regeneration deletes.
+SPLIT_FILES = {"images": ".jpg", "labelTxt": ".txt", "labels": ".png"}
+
+
+def _generated_files(root: Path) -> list[Path]:
+    """The files an earlier generation wrote under root (meta.json aside), or SaqError naming a file it did not."""
+    files = [root / "annotations" / f"instances_{split}.json" for split in ("train", "val")]
+    for split in ("train", "val"):
+        for sub, suffix in SPLIT_FILES.items():
+            folder = root / split / sub
+            for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+                if not (path.is_file() and path.suffix == suffix and len(path.stem) == 6 and path.stem.isdigit()):
+                    raise SaqError(f"cannot regenerate the synthetic dataset in {root}: {path} was not written by "
+                                   "the generator (move it away, or use another folder)")
+                files.append(path)
+    return [f for f in files if f.is_file()]
+
+
 def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progress: bool = True) -> Path:
-    """Generate the dataset under root unless a complete one with the same parameters is already there."""
+    """Generate the dataset under root unless a complete one with the same parameters is already there.
+
+    root must be missing, empty, or hold a synthetic dataset (its meta.json): a dataset made with other
+    parameters is replaced (only the files the generator writes are deleted); any other non-empty folder is
+    refused, so a real dataset is never written into.
+    """
     root = Path(root)
     meta_path = root / "meta.json"
     meta = {"generator_version": GENERATOR_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
             "categories": list(CATEGORIES)}
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
+    if meta_path.is_file():
+        try:
+            old = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict) or "generator_version" not in old:
+            raise SaqError(f"{meta_path} is not a synthetic dataset's meta.json; refusing to generate into {root} "
+                           "(set task.generate=null for real data, or use another folder)")
         same = all(old.get(k) == meta[k] for k in ("generator_version", "seed", "categories"))
         # Scenes depend only on (seed, split, index): a larger set already holds the smaller one's scenes.
-        if same and old.get("n_train", 0) >= n_train and old.get("n_val", 0) >= n_val:
+        # complete is false while a generation is under way (files of an interrupted one are not reused).
+        if same and old.get("complete", True) and old.get("n_train", 0) >= n_train and old.get("n_val", 0) >= n_val:
             return root
+        stale = _generated_files(root)
+        meta_path.write_text(json.dumps({**meta, "complete": False}, indent=1))
+        for path in stale:  # else a smaller or reseeded set would leave the old scenes beside the new ones
+            path.unlink()
+    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise SaqError(f"{root} is not empty and holds no synthetic dataset (meta.json): refusing to generate "
+                       "into it (set task.generate=null for real data, or use a new or empty folder)")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps({**meta, "complete": False}, indent=1))
     for split, n in (("train", n_train), ("val", n_val)):
         write_split(root, split, n, seed, progress)
-    meta_path.write_text(json.dumps(meta, indent=1))
+    meta_path.write_text(json.dumps({**meta, "complete": True}, indent=1))
     return root
 
 
@@ -261,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n_train < 0 or args.n_val < 0:
         parser.error("--n-train and --n-val must be >= 0")
-    root = ensure_dataset(args.out, args.n_train, args.n_val, args.seed)
+    try:
+        root = ensure_dataset(args.out, args.n_train, args.n_val, args.seed)
+    except SaqError as exc:
+        parser.exit(1, f"error: {exc}\n")
     print(f"wrote {args.n_train} train and {args.n_val} val scenes to {root}")
     return 0
 

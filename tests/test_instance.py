@@ -221,11 +221,11 @@ def test_detections_must_name_the_datasets_images_and_categories(synthetic_root,
 
 
 def test_image_whose_size_disagrees_with_its_annotation_is_named(synthetic_root, tmp_path):
-    def swap_first_image_sides(data):
-        data["images"][0]["height"] = 300
+    import cv2
 
-    root = copy_with_annotations(synthetic_root, tmp_path, swap_first_image_sides)
-    with pytest.raises(SaqError, match=r"000000.jpg is 256x256 \(w x h\) but its annotation entry .* says 256x300"):
+    root = copy_with_annotations(synthetic_root, tmp_path, lambda data: None)
+    cv2.imwrite(str(root / "val" / "images" / "000000.jpg"), np.zeros((300, 256, 3), np.uint8))
+    with pytest.raises(SaqError, match=r"000000.jpg is 256x300 \(w x h\) but its annotation entry .* says 256x256"):
         task_for(root).evaluate(Segmenter(build_sam("sam_tiny")), progress=False)
 
 
@@ -253,3 +253,92 @@ def test_detection_on_an_image_without_objects_counts_as_iou_zero(synthetic_root
         sam, progress=False)
     assert both["prompts"] == n1 + n2
     assert both["mIoU"] == pytest.approx(base["mIoU"] * n1 / (n1 + n2))
+
+
+def _coco(anns: str = "", images: str | None = None, categories: str = '[{"id": 1, "name": "x"}]') -> str:
+    images = images or '[{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}]'
+    return f'{{"images": {images}, "annotations": [{anns}], "categories": {categories}}}'
+
+
+def _ann_with(**fields) -> str:
+    ann = json.loads(_ann(1))
+    ann.update(fields)
+    return json.dumps(ann)
+
+
+@pytest.mark.parametrize("content,match", [
+    (_coco(_ann_with(bbox=[0, 0, -2, 2])), r"annotation 1 has bbox \[0, 0, -2, 2\]: the box needs width and height"),
+    (_coco(_ann_with(bbox=[0, 0, 2, 0])), r"annotation 1 has bbox \[0, 0, 2, 0\]: the box needs width and height"),
+    (_coco(_ann_with(bbox=[0, 0, float("nan"), 2])), r"annotation 1 has bbox \[0, 0, nan, 2\]: .*non-finite"),
+    (_coco(_ann_with(bbox=[0, 0, 2])), r"annotation 1 has bbox \[0, 0, 2\]: it must be 4 numbers"),
+    (_coco(_ann_with(bbox="0 0 2 2")), r"annotation 1 has bbox '0 0 2 2': it must be 4 numbers"),
+    (_coco(_ann_with(category_id=7)), r"annotation 1 has category_id 7, which 'categories' does not define"),
+    (_coco(_ann(1), categories="[]"), r"annotation 1 has category_id 1, which 'categories' does not define"),
+    (_coco(categories="[]"), r"defines no categories"),
+    (_coco(_ann_with(image_id=9)), r"annotation 1 has image_id 9, which no entry of 'images' has"),
+    (_coco(images='[{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}, '
+                  '{"id": 1, "file_name": "b.jpg", "height": 4, "width": 4}]'),
+     r"images\[1\] has id 1; image ids must be unique integers"),
+    (_coco(images='[{"id": "1", "file_name": "a.jpg", "height": 4, "width": 4}]'),
+     r"images\[0\] has id '1'; image ids must be unique integers"),
+    (_coco(_ann_with(segmentation="abc")), r"annotation 1 \(image 1\) has a bad segmentation: 'abc' is neither"),
+    (_coco(_ann_with(segmentation=[0, 0, 2, 0, 2, 2])), r"annotation 1 \(image 1\) has a bad segmentation: polygon"),
+    (_coco(_ann_with(segmentation=[[1, 2, 3]])), r"annotation 1 \(image 1\) has a bad segmentation: polygon '\[1, 2, 3\]'"),
+    (_coco(_ann_with(segmentation=[])), r"annotation 1 \(image 1\) has a bad segmentation: an empty polygon list"),
+    (_coco(_ann_with(segmentation={"size": [4, 4], "counts": "zzzz"})), r"RLE counts do not describe a 4x4"),
+    (_coco(_ann_with(segmentation={"size": [4, 4], "counts": [3, 2]})), r"RLE counts do not describe a 4x4"),
+    (_coco(_ann_with(segmentation={"size": [8, 8], "counts": [64]})), r"RLE size \[8, 8\] is not the image's .* \[4, 4\]"),
+])
+def test_annotation_fields_are_checked(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(SaqError, match=r"annotation file .*bad\.json.*" + match):
+        load_coco(path, "task.data.ann_file")
+    good = tmp_path / "good.json"  # the same file, fixed, loads
+    good.write_text(_coco(_ann_with(segmentation={"size": [4, 4], "counts": [5, 2, 9]})))
+    assert len(load_coco(good, "k").anns) == 1
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"score": float("nan")}, r"entry 0 \(image 1, bbox .*, score nan\): the score must be in \[0, 1\]"),
+    ({"score": -0.5}, r"entry 0 .*score -0\.5\): the score must be in \[0, 1\]"),
+    ({"score": 3.0}, r"entry 0 .*score 3\.0\): the score must be in \[0, 1\]"),
+    ({"bbox": [0, 0, -4, 5]}, r"entry 0 \(image 1, bbox \[0, 0, -4, 5\].*\): the box needs width and height > 0"),
+    ({"bbox": [0, 0, float("inf"), 5]}, r"entry 0 \(image 1, bbox \[0, 0, inf, 5\].*\): the box has a non-finite"),
+    ({"bbox": "1234"}, r"entry 0 is not a result"),
+])
+def test_bad_detection_scores_and_boxes_name_the_entry(synthetic_root, tmp_path, override, match):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    with pytest.raises(SaqError, match=r"detections file .*d\.json: " + match):
+        write_detections(tmp_path / "d.json", coco, [1], **override)
+
+
+def test_detections_that_prompt_nothing_are_an_error(synthetic_root, tmp_path):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    for bad in (1.5, "abc"):
+        with pytest.raises(SaqError, match=rf"prompts.score_threshold must be a number in \[0, 1\], got {bad!r}"):
+            DetectionsFile(str(write_detections(tmp_path / "d.json", coco, [1]).path), score_threshold=bad)
+    with pytest.raises(SaqError, match=r"prompts.max_per_image must be a whole number >= 1, got 2.5"):
+        DetectionsFile(str(write_detections(tmp_path / "d.json", coco, [1]).path), max_per_image=2.5)
+    low = write_detections(tmp_path / "low.json", coco, [1, 2], score=0.01)
+    with pytest.raises(SaqError, match=r"low\.json: no detection on the 6 evaluated images reaches "
+                                       r"prompts.score_threshold=0.05 \(the highest score is 0.01\)"):
+        task_for(synthetic_root, low).evaluate(None, progress=False)  # refused before any inference
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(SaqError, match=r"empty\.json: no detection on the 1 evaluated images .*the file has none"):
+        task_for(synthetic_root, DetectionsFile(str(tmp_path / "empty.json")), max_images=1).evaluate(None)
+    # detections only on images that are not evaluated
+    on_third = write_detections(tmp_path / "third.json", coco, [3])
+    with pytest.raises(SaqError, match="no detection on the 2 evaluated images"):
+        task_for(synthetic_root, on_third, max_images=2).evaluate(None)
+
+
+def test_truncated_jpeg_is_named(synthetic_root, tmp_path):
+    from tasks.base import read_rgb
+
+    whole = (synthetic_root / "val" / "images" / "000001.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[:2000])
+    with pytest.raises(SaqError, match=r"cannot decode image .*cut\.jpg: the JPEG file is truncated"):
+        read_rgb(tmp_path / "cut.jpg")
+    (tmp_path / "padded.jpg").write_bytes(whole + b"\0\0trailer")  # bytes after the end marker are allowed
+    assert np.array_equal(read_rgb(tmp_path / "padded.jpg"), read_rgb(synthetic_root / "val/images/000001.jpg"))

@@ -325,3 +325,46 @@ def test_shipped_sam_tiny_end_to_end(synthetic_root):
     # the masks still find most objects from noisy boxes; the boxes differ, so do the rotated boxes
     assert jittered_metrics["mAP50"] > 0.5 and jittered_metrics["rbox_mIoU"] > 0.5
     assert jittered_metrics["rbox_mIoU"] != metrics["rbox_mIoU"]
+
+
+def test_non_utf8_label_and_result_files_are_named(tmp_path):
+    label = tmp_path / "P1.txt"
+    label.write_bytes(b"1 1 9 1 9 9 1 9 sh\xe9p 0\n" * 50)
+    with pytest.raises(SaqError, match=r"^DOTA label file .*P1\.txt is not UTF-8 text \(byte 18 is 0xe9\)$"):
+        read_dota_labels(label)
+    result = tmp_path / "res" / "Task1_ship.txt"
+    result.parent.mkdir()
+    result.write_bytes(b"P1 0.9 1 1 9 1 9 9 1 9\n\xff\n")
+    with pytest.raises(SaqError, match=r"^DOTA result file .*Task1_ship\.txt is not UTF-8 text"):
+        DetectionsFile(str(result.parent))
+
+
+@pytest.mark.parametrize("line,match", [
+    ("1 2 30 2 30 40 1 40 0", r"line 2: no class name after the 8 coordinates, got '1 2 30 2 30 40 1 40 0'"),
+    ("1 2 30 2 30 2 1 2 plane 0", r"line 2: the polygon \[1\.0, 2\.0, 30\.0, 2\.0, .*\] has zero area"),
+    ("5 5 5 5 5 5 5 5 plane", r"line 2: the polygon .* has zero area"),
+])
+def test_dota_line_without_class_or_area_is_an_error(tmp_path, line, match):
+    f = write(tmp_path / "bad.txt", f"1 1 5 1 5 5 1 5 ship 0\n{line}\n")
+    with pytest.raises(SaqError, match=r"DOTA label file .*bad\.txt, " + match):
+        read_dota_labels(f)
+
+
+@pytest.mark.parametrize("line,match", [
+    ("P1 1.5 1 1 9 1 9 9 1 9", "the score must be in"),
+    ("P1 -0.1 1 1 9 1 9 9 1 9", "the score must be in"),
+    ("P1 0.9 1 1 1 1 1 9 1 9", "the box needs width and height > 0"),
+])
+def test_bad_dota_result_lines_are_errors(tmp_path, line, match):
+    f = write(tmp_path / "Task1_ship.txt", f"P1 0.5 1 1 9 1 9 9 1 9\n{line}\n")
+    with pytest.raises(SaqError, match=r"Task1_ship\.txt, line 2: " + match):
+        DetectionsFile(str(f))
+
+
+def test_result_folder_of_empty_files_is_an_error(tmp_path):
+    data = dota_dataset(tmp_path, {"P1": "1 1 9 1 9 9 1 9 ship 0\n"})
+    write(tmp_path / "res" / "Task1_ship.txt", "")
+    write(tmp_path / "res" / "Task1_plane.txt", "\n")
+    task = OrientedTask(data, CALIB, prompts=DetectionsFile(str(tmp_path / "res")))
+    with pytest.raises(SaqError, match=r"res: no detection on the 1 evaluated images reaches prompts.score_threshold"):
+        task.evaluate(None, progress=False)

@@ -289,3 +289,14 @@ def test_fast_amg_keeps_exactly_segment_anythings_masks(synthetic_root):
     assert mask_set_differences(ours._replace(packed=changed), reference)
     assert mask_set_differences(ours._replace(scores=ours.scores + 1e-4), reference)
     assert mask_set_differences(ours._replace(areas=ours.areas[1:], packed=ours.packed[1:]), reference)
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+def test_label_maps_that_are_all_ignored_are_an_error(tmp_path, reduce):
+    fill = 0 if reduce else 255
+    data = label_dataset(tmp_path, {"a": np.full((8, 8), fill), "b": np.full((8, 8), 255)})
+    task = SemanticTask(data, CALIB, classes=CLASSES, coarse={"mislabel_fraction": 0}, amg={"points_per_side": 2},
+                        reduce_zero_label=reduce)
+    with pytest.raises(SaqError, match=r"the label maps of the 2 evaluated images are all ignore_index 255.*"
+                                       r"mIoU is undefined"):
+        task.evaluate(RegionSegmenter([np.zeros((8, 8), np.int64)] * 2), progress=False)

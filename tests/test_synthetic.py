@@ -6,6 +6,7 @@ import json
 
 import cv2
 import numpy as np
+import pytest
 from pycocotools.coco import COCO
 
 from tasks.synthetic import CATEGORIES, ensure_dataset, render_scene
@@ -54,3 +55,39 @@ def test_ensure_dataset_reuses_a_larger_set(synthetic_root):
     ensure_dataset(synthetic_root, n_train=4, n_val=3, seed=0, progress=False)
     assert (synthetic_root / "meta.json").stat().st_mtime_ns == before
     assert json.loads((synthetic_root / "meta.json").read_text())["n_val"] == 6
+
+
+def test_generation_refuses_a_folder_that_holds_other_data(tmp_path):
+    from saq.errors import SaqError
+    from tasks.instance import InstanceTask
+
+    real = tmp_path / "coco"
+    (real / "annotations").mkdir(parents=True)
+    (real / "annotations" / "instances_val2017.json").write_text("{}")
+    data = {"root": str(real), "ann_file": "annotations/instances_val2017.json", "img_dir": "val2017"}
+    with pytest.raises(SaqError, match=r"coco is not empty and holds no synthetic dataset .*task.generate=null"):
+        InstanceTask(data, {}, generate={"n_train": 1, "n_val": 1, "seed": 0})
+    assert sorted(p.name for p in real.rglob("*")) == ["annotations", "instances_val2017.json"]
+    # an empty folder is fine
+    assert (ensure_dataset(tmp_path / "empty", 1, 1, 0, progress=False) / "meta.json").is_file()
+
+
+def test_regenerating_with_other_parameters_leaves_no_old_scene(tmp_path):
+    from saq.errors import SaqError
+
+    root = ensure_dataset(tmp_path / "d", n_train=3, n_val=3, seed=0, progress=False)
+    ensure_dataset(root, n_train=2, n_val=1, seed=5, progress=False)
+    for split, n in (("train", 2), ("val", 1)):
+        for sub in ("images", "labelTxt", "labels"):
+            assert len(list((root / split / sub).iterdir())) == n, (split, sub)
+        coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+        assert len(coco["images"]) == n and coco["info"]["seed"] == 5
+    meta = json.loads((root / "meta.json").read_text())
+    assert (meta["seed"], meta["n_train"], meta["n_val"], meta["complete"]) == (5, 2, 1, True)
+    assert np.array_equal(cv2.imread(str(root / "val/labels/000000.png"), cv2.IMREAD_UNCHANGED),
+                          render_scene(5, "val", 0).label_map())
+    # a file the generator did not write is never deleted
+    (root / "train" / "images" / "mine.jpg").write_bytes(b"x")
+    with pytest.raises(SaqError, match=r"mine\.jpg was not written by the generator"):
+        ensure_dataset(root, n_train=1, n_val=1, seed=6, progress=False)
+    assert (root / "train" / "images" / "mine.jpg").is_file()
