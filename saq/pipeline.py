@@ -224,12 +224,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
         strategy.check_targets(decoder_attention_names(model))
     task = build_task(cfg)
+    if quant_cfg is not None and not cfg.quant.get("load"):
+        task.check_calibration_split()  # before the FP evaluation, which on real data takes long
     planted = None
     if cfg.model.get("outliers"):
         from saq.sam.outliers import OutlierSpec, plant_key_outliers
 
         spec = OutlierSpec.from_cfg(cfg.model.outliers)
-        planted = plant_key_outliers(model, task.calibration_samples(spec.calib_images), spec)
+        planted = plant_key_outliers(model, task.calibration_samples(spec.calib_images, "model.outliers.calib_images"),
+                                     spec)
     fp, fp_cache_file = fp_metrics(cfg, model, task)
     metrics = {"fp": fp}
     calibration = clipping = recon = None

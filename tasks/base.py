@@ -24,8 +24,13 @@ class Task(ABC):
     calibration_prompts: str = "-"  # what prompted the calibration images (set by calibration_samples; results.json)
 
     @abstractmethod
-    def calibration_samples(self, n: int) -> list[PromptedImage]:
-        """The first n images of the calibration split with the prompts the task would give them."""
+    def calibration_samples(self, n: int, knob: str = "quant.calib_images") -> list[PromptedImage]:
+        """The first n images of the calibration split with the prompts the task would give them (`knob`: the
+        setting that asked for n, named when the split is too small)."""
+
+    def check_calibration_split(self) -> None:
+        """SaqError now when the calibration split's files are missing: a quantized run checks before the FP
+        evaluation, which on real data takes long (an FP run never reads the split)."""
 
     @abstractmethod
     def evaluate(self, segmenter: Segmenter, progress: bool = True) -> dict:

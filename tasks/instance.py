@@ -219,7 +219,11 @@ class InstanceTask(Task):
         return (f"instance|{self.ann_path.resolve()}|{files_digest([self.ann_path, *images])}|{self.max_images}|"
                 f"{self.prompts.fingerprint()}")
 
-    def calibration_samples(self, n: int) -> list[PromptedImage]:
+    def check_calibration_split(self) -> None:
+        require_file(self.calib_ann_path, "COCO calibration annotation file", "task.calib.ann_file")
+        require_dir(self.calib_img_dir, "calibration image", "task.calib.img_dir")
+
+    def calibration_samples(self, n: int, knob: str = "quant.calib_images") -> list[PromptedImage]:
         """The first n calibration images (annotation-file order) that get prompts from the run's prompt source
         (a detections source uses prompts.calib_file, else ground truth); task.calib.order=official then swaps
         images 0 and 8 as the paper's code does (so BIG and PCC see the 9th)."""
@@ -240,7 +244,7 @@ class InstanceTask(Task):
                                          boxes=prompts.boxes, image_id=image_id))
         if len(samples) < n:
             raise SaqError(f"calibration split {self.calib_ann_path} has only {len(samples)} images with prompts "
-                           f"({self.calibration_prompts}), {n} requested (lower quant.calib_images)")
+                           f"({self.calibration_prompts}), {n} requested (lower {knob})")
         if self.calib_order == "official":
             if n < 9:  # the swap would silently do nothing
                 raise SaqError(f"task.calib.order=official swaps calibration images 0 and 8, so it needs "

@@ -243,7 +243,11 @@ class OrientedTask(Task):
         return f"oriented|{self.ann_dir.resolve()}|{digest}|{self.max_images}|{self.classes}|" \
                f"{self.ap_method}|{self.prompts.fingerprint()}"
 
-    def calibration_samples(self, n: int) -> list[PromptedImage]:
+    def check_calibration_split(self) -> None:
+        require_dir(self.calib_ann_dir, "calibration DOTA label", "task.calib.ann_dir")
+        require_dir(self.calib_img_dir, "calibration image", "task.calib.img_dir")
+
+    def calibration_samples(self, n: int, knob: str = "quant.calib_images") -> list[PromptedImage]:
         """First n images of the calibration split (by file stem) that get prompts from the run's prompt source
         (a detections source uses prompts.calib_file, else the objects' enclosing boxes)."""
         require_dir(self.calib_ann_dir, "calibration DOTA label", "task.calib.ann_dir")
@@ -262,7 +266,7 @@ class OrientedTask(Task):
                 samples.append(PromptedImage(image, boxes=prompts.boxes, image_id=stem))
         if len(samples) < n:
             raise SaqError(f"calibration split {self.calib_img_dir} has only {len(samples)} images with prompts "
-                           f"({self.calibration_prompts}), {n} requested (lower quant.calib_images)")
+                           f"({self.calibration_prompts}), {n} requested (lower {knob})")
         return samples
 
     def evaluate(self, segmenter: Segmenter, progress: bool = True) -> dict:

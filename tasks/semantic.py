@@ -302,12 +302,15 @@ class SemanticTask(Task):
         return f"semantic|{self.label_dir.resolve()}|{files_digest(files)}|{self.max_images}|{self.classes}|" \
                f"{sorted(settings.items())}"
 
-    def calibration_samples(self, n: int) -> list[PromptedImage]:
+    def check_calibration_split(self) -> None:
+        require_dir(self.calib_img_dir, "calibration image", "task.calib.img_dir")
+
+    def calibration_samples(self, n: int, knob: str = "quant.calib_images") -> list[PromptedImage]:
         """First n images (by file stem) of the calibration split, each with the point grid as its prompts."""
         images = list_images(self.calib_img_dir, "task.calib.img_dir")
         if len(images) < n:
             raise SaqError(f"calibration split {self.calib_img_dir} has only {len(images)} images, {n} requested "
-                           "(lower quant.calib_images)")
+                           f"(lower {knob})")
         self.calibration_prompts = f"point grid ({self.grid.name})"
         samples = []
         for stem, path in images[:n]:

@@ -55,9 +55,11 @@ def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
 
 def test_wandb_failure_keeps_local_results(synthetic_root, tmp_path):
     run_dir = tmp_path / "run"
-    # An invalid mode makes wandb.init raise: the run must still succeed and keep results.json.
+    # A file where W&B's folder goes makes wandb.init raise: the run must still succeed and keep results.json.
+    run_dir.mkdir()
+    (run_dir / "wandb").write_text("")
     proc = saq(f"task.data.root={synthetic_root}", "task.generate=null", "task.max_images=1", "fp_cache=false",
-               "logger=wandb", "logger.mode=not-a-mode", f"hydra.run.dir={run_dir}")
+               "logger=wandb", "logger.mode=offline", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "W&B logging failed" in proc.stderr
     assert json.loads((run_dir / "results.json").read_text())["metrics"]["fp"]["images"] == 1

@@ -1,4 +1,5 @@
-"""The FP-metrics cache: reused only for the same model, data, prompts, seed, device and metric code."""
+"""The FP-metrics cache (reused only for the same model, data, prompts, seed, device and metric code) and what a run
+checks before it evaluates anything."""
 
 from __future__ import annotations
 
@@ -135,3 +136,32 @@ def test_results_that_cannot_be_written_are_one_line_and_leave_no_stray_file(tmp
                                        r"are printed above"):
         log.write_results(tmp_path, {"metrics": {}})
     assert list(tmp_path.iterdir()) == []  # the temporary file is gone too
+
+
+def _run_config(synthetic_root, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose(config_name="config", overrides=[
+            f"task.data.root={synthetic_root}", "task.generate=null", "task.max_images=1", "logger=none",
+            "fp_cache=false", "progress=false", "threads=1", *overrides])
+
+
+@pytest.mark.parametrize("task", ["instance", "oriented", "semantic"])
+def test_a_missing_calibration_split_fails_before_the_fp_evaluation(task, synthetic_root, tmp_path, monkeypatch):
+    from saq.errors import SaqError
+
+    monkeypatch.setattr(pipeline, "fp_metrics", lambda *args: pytest.fail("the FP evaluation ran first"))
+    cfg = _run_config(synthetic_root, f"task={task}", "quant=w8a8", "task.calib.img_dir=nope")
+    with pytest.raises(SaqError, match=r"calibration image folder not found: .*nope \(set task.calib.img_dir\)"):
+        pipeline.run(cfg, tmp_path / "run")
+
+
+def test_too_few_images_to_plant_outliers_names_the_outlier_knob(synthetic_root, tmp_path):
+    from saq.errors import SaqError
+
+    cfg = _run_config(synthetic_root, "model=sam_tiny_outliers", "model.outliers.calib_images=100")
+    with pytest.raises(SaqError, match=r"100 requested \(lower model.outliers.calib_images\)"):
+        pipeline.run(cfg, tmp_path / "run")
