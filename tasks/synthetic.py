@@ -253,14 +253,29 @@ def _generated_files(root: Path) -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
+def generation_lock(root: Path) -> Path:
+    """The lock file beside root that one generation at a time holds (beside it: root may not exist yet)."""
+    return root.parent / f".{root.name}.generate.lock"
+
+
 def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progress: bool = True) -> Path:
     """Generate the dataset under root unless a complete one with the same parameters is already there.
 
     root must be missing, empty, or hold a synthetic dataset (its meta.json): a dataset made with other
     parameters is replaced (only the files the generator writes are deleted); any other non-empty folder is
-    refused, so a real dataset is never written into.
+    refused, so a real dataset is never written into. Parallel sweep jobs on a fresh root take turns (a file lock):
+    the first generates, the others then find its complete dataset.
     """
+    import fcntl
+
     root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(generation_lock(root), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _ensure_dataset_locked(root, n_train, n_val, seed, progress)
+
+
+def _ensure_dataset_locked(root: Path, n_train: int, n_val: int, seed: int, progress: bool) -> Path:
     meta_path = root / "meta.json"
     meta = {"generator_version": GENERATOR_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
             "categories": list(CATEGORIES)}

@@ -91,3 +91,20 @@ def test_regenerating_with_other_parameters_leaves_no_old_scene(tmp_path):
     with pytest.raises(SaqError, match=r"mine\.jpg was not written by the generator"):
         ensure_dataset(root, n_train=1, n_val=1, seed=6, progress=False)
     assert (root / "train" / "images" / "mine.jpg").is_file()
+
+
+def test_generation_waits_for_a_parallel_one_and_then_reuses_it(tmp_path):
+    import fcntl
+    import threading
+
+    from tasks.synthetic import ensure_dataset, generation_lock
+
+    root = tmp_path / "fresh"
+    done = threading.Event()
+    with open(generation_lock(root), "a") as held:  # another sweep job is generating here
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: (ensure_dataset(root, 2, 1, 0, progress=False), done.set()))
+        worker.start()
+        assert not done.wait(1.0) and not root.exists()  # it waits instead of generating into the same folder
+    worker.join(120)
+    assert done.is_set() and json.loads((root / "meta.json").read_text())["complete"] is True
