@@ -21,10 +21,13 @@ def main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    with tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *sys.argv[1:]])):
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    # a sweep job's log names the job's own overrides, not the whole sweep's command line
+    arguments = list(hydra_cfg.overrides.task) if multirun else sys.argv[1:]
+    with tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])):
         try:
             check_preset_found(cfg)
-            if hydra_cfg.mode == RunMode.MULTIRUN:  # resume, and a failed job recorded without stopping the others
+            if multirun:  # resume, and a failed job recorded without stopping the others
                 run_sweep_job(cfg, run_dir, run, list(hydra_cfg.overrides.task))
                 return
             run(cfg, run_dir)

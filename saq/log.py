@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -78,7 +79,7 @@ class _TeeStream:
         self._stream, self._log, self._keep_redraws = stream, log, keep_redraws
 
     def write(self, text: str) -> int:
-        if text and (self._keep_redraws or ("\r" not in text and text.strip())):
+        if text and (self._keep_redraws or "\r" not in text):  # print() sends its newline as a write of its own
             self._log.write(text)
         return self._stream.write(text)
 
@@ -101,6 +102,9 @@ def tee_run_log(path: Path, command: str = ""):
         sys.stdout, sys.stderr = _TeeStream(out, log, True), _TeeStream(err, log, False)
         try:
             yield path
+        except Exception:  # a crash: the log keeps its traceback too (the caller's handler prints it to the screen)
+            log.write(traceback.format_exc())
+            raise
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -285,10 +285,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "wall_time_s": round(time.time() - start, 2),
         "run_dir": str(run_dir),
     }
-    # the table first: should results.json fail to write (a full disk), the numbers are still on screen
-    print(format_table(cfg.model.name, task.name, prompts_name,
-                       {prec: scalar_metrics(m) for prec, m in metrics.items()}))
-    path = write_results(run_dir, record)  # before anything optional
+    table = format_table(cfg.model.name, task.name, prompts_name,
+                         {prec: scalar_metrics(m) for prec, m in metrics.items()})
+    try:
+        path = write_results(run_dir, record)  # before anything optional, printing included
+    except SaqError:
+        print(table)  # a full disk: the numbers are at least on screen
+        raise
+    print(table)
     print(f"results: {path}")
     if cfg.get("figures", True) and (clipping is not None or recon is not None):
         try:  # figures are optional: results.json is already written

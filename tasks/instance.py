@@ -16,7 +16,7 @@ from tqdm import tqdm
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, read_rgb, require_dir, require_file
-from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource, box_problem
+from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
 from tasks.synthetic import ensure_dataset
 
 
@@ -69,11 +69,14 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
             raise SaqError(f"{where} has category_id {ann['category_id']!r}, which 'categories' does not define")
         bbox = ann["bbox"]
         numbers = isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
-        problem = box_problem([bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]]) if numbers else \
-            "it must be 4 numbers [x, y, w, h]"
+        # zero width or height is allowed: COCO train2017 itself holds such boxes (e.g. annotation 918)
+        problem = ("it must be 4 numbers [x, y, w, h]" if not numbers
+                   else "it has a non-finite value" if not np.isfinite(bbox).all()
+                   else "its width and height must be >= 0" if bbox[2] < 0 or bbox[3] < 0 else None)
         if problem:
             raise SaqError(f"{where} has bbox {bbox!r}: {problem}")
-        problem = _segmentation_problem(ann["segmentation"], images[ann["image_id"]])
+        # masks are decoded only from files that are scored (calibration files give box prompts only)
+        problem = _segmentation_problem(ann["segmentation"], images[ann["image_id"]]) if scored else None
         if problem:
             raise SaqError(f"{where} (image {ann['image_id']}) has a bad segmentation: {problem}")
     if not categories:
@@ -99,9 +102,10 @@ def _segmentation_problem(seg, size: tuple[int, int]) -> str | None:
         if not seg:
             return "an empty polygon list"
         for poly in seg:
-            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0
+            # two-point polygons occur in real COCO files; pycocotools decodes them
+            if not (isinstance(poly, list) and len(poly) >= 4 and len(poly) % 2 == 0
                     and all(_is_number(v) for v in poly) and np.isfinite(poly).all()):
-                return (f"polygon {str(poly)[:40]!r} is not a list of x, y numbers (at least 3 points); "
+                return (f"polygon {str(poly)[:40]!r} is not a list of x, y numbers (at least 2 points); "
                         "expected [[x1, y1, x2, y2, x3, y3, ...], ...] or RLE {size, counts}")
         return None
     if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
@@ -246,10 +250,11 @@ class InstanceTask(Task):
             raise SaqError(f"calibration split {self.calib_ann_path} has only {len(samples)} images with prompts "
                            f"({self.calibration_prompts}), {n} requested (lower {knob})")
         if self.calib_order == "official":
-            if n < 9:  # the swap would silently do nothing
+            if n >= 9:
+                samples[0], samples[8] = samples[8], samples[0]
+            elif knob == "quant.calib_images":  # the swap would silently do nothing to the calibration set
                 raise SaqError(f"task.calib.order=official swaps calibration images 0 and 8, so it needs "
-                               f"quant.calib_images >= 9 (got {n}); use task.calib.order=file")
-            samples[0], samples[8] = samples[8], samples[0]
+                               f"{knob} >= 9 (got {n}); use task.calib.order=file")
         return samples
 
     def evaluate(self, segmenter: Segmenter, progress: bool = True) -> dict:

@@ -269,37 +269,60 @@ def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progre
     import fcntl
 
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(generation_lock(root), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        return _ensure_dataset_locked(root, n_train, n_val, seed, progress)
-
-
-def _ensure_dataset_locked(root: Path, n_train: int, n_val: int, seed: int, progress: bool) -> Path:
-    meta_path = root / "meta.json"
     meta = {"generator_version": GENERATOR_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
             "categories": list(CATEGORIES)}
-    if meta_path.is_file():
-        try:
-            old = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            old = None
-        if not isinstance(old, dict) or "generator_version" not in old:
-            raise SaqError(f"{meta_path} is not a synthetic dataset's meta.json; refusing to generate into {root} "
-                           "(set task.generate=null for real data, or use another folder)")
-        same = all(old.get(k) == meta[k] for k in ("generator_version", "seed", "categories"))
-        # Scenes depend only on (seed, split, index): a larger set already holds the smaller one's scenes.
-        # complete is false while a generation is under way (files of an interrupted one are not reused).
-        if same and old.get("complete", True) and old.get("n_train", 0) >= n_train and old.get("n_val", 0) >= n_val:
+    if _holds_dataset(root, meta):  # the common case, without a lock: a read-only copy of the data works too
+        return root
+    _refuse_other_data(root)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(generation_lock(root), "a")
+    except OSError as exc:
+        raise SaqError(f"cannot generate the synthetic dataset into {root}: {exc.strerror or exc} (give a writable "
+                       "task.data.root, or task.generate=null for a dataset that is already there)") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if _holds_dataset(root, meta):  # a parallel job made it while this one waited
             return root
+        return _generate_locked(root, meta, progress)
+
+
+def _holds_dataset(root: Path, meta: dict) -> bool:
+    """Whether root holds a complete synthetic dataset that covers `meta` (SaqError when its meta.json is not ours)."""
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        old = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        old = None
+    if not isinstance(old, dict) or "generator_version" not in old:
+        raise SaqError(f"{meta_path} is not a synthetic dataset's meta.json; refusing to generate into {root} "
+                       "(set task.generate=null for real data, or use another folder)")
+    same = all(old.get(k) == meta[k] for k in ("generator_version", "seed", "categories"))
+    # Scenes depend only on (seed, split, index): a larger set already holds the smaller one's scenes.
+    # complete is false while a generation is under way (files of an interrupted one are not reused).
+    return bool(same and old.get("complete", True) and old.get("n_train", 0) >= meta["n_train"]
+                and old.get("n_val", 0) >= meta["n_val"])
+
+
+def _refuse_other_data(root: Path) -> None:
+    """SaqError when root is a file or a non-empty folder without a synthetic dataset's meta.json (real data)."""
+    if not (root / "meta.json").is_file() and root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise SaqError(f"{root} is not empty and holds no synthetic dataset (meta.json): refusing to generate "
+                       "into it (set task.generate=null for real data, or use a new or empty folder)")
+
+
+def _generate_locked(root: Path, meta: dict, progress: bool) -> Path:
+    n_train, n_val, seed = meta["n_train"], meta["n_val"], meta["seed"]
+    meta_path = root / "meta.json"
+    if meta_path.is_file():  # a dataset of other parameters, or an interrupted generation: replaced
         stale = _generated_files(root)
         meta_path.write_text(json.dumps({**meta, "complete": False}, indent=1))
         for path in stale:  # else a smaller or reseeded set would leave the old scenes beside the new ones
             path.unlink()
-    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise SaqError(f"{root} is not empty and holds no synthetic dataset (meta.json): refusing to generate "
-                       "into it (set task.generate=null for real data, or use a new or empty folder)")
     else:
+        _refuse_other_data(root)
         root.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps({**meta, "complete": False}, indent=1))
     for split, n in (("train", n_train), ("val", n_val)):

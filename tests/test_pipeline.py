@@ -165,3 +165,24 @@ def test_too_few_images_to_plant_outliers_names_the_outlier_knob(synthetic_root,
     cfg = _run_config(synthetic_root, "model=sam_tiny_outliers", "model.outliers.calib_images=100")
     with pytest.raises(SaqError, match=r"100 requested \(lower model.outliers.calib_images\)"):
         pipeline.run(cfg, tmp_path / "run")
+
+
+def test_run_log_keeps_lines_and_tracebacks_but_not_progress_redraws(tmp_path):
+    import sys
+
+    from saq.log import tee_run_log
+
+    out, err = sys.stdout, sys.stderr
+    with pytest.raises(RuntimeError, match="boom"):
+        with tee_run_log(tmp_path / "run.log", command="python -m saq x=1"):
+            print("warning: a", file=sys.stderr)
+            print("warning: b", file=sys.stderr)
+            sys.stderr.write("\rcalibrate:  50%|#####     | 1/2")  # a progress bar redraw
+            print("table")
+            raise RuntimeError("boom")
+    assert (sys.stdout, sys.stderr) == (out, err)  # the real streams are back, after a crash too
+    lines = (tmp_path / "run.log").read_text().splitlines()
+    assert lines[0].endswith(" python -m saq x=1")
+    assert lines[1:4] == ["warning: a", "warning: b", "table"]
+    assert lines[4] == "Traceback (most recent call last):" and lines[-1] == "RuntimeError: boom"
+    assert "calibrate" not in "".join(lines)

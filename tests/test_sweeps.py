@@ -78,6 +78,11 @@ def test_job_folders_are_named_by_their_overrides_without_nesting(joblib_sweep, 
     assert names == sorted(f"++quant.calib_images=2,clip={c},quant={q},task.data.root={data},task.generate=null,"
                            f"task.max_images=2" for c in ("minmax", "mse") for q in ("w4a4", "w6a6"))
     assert all(p.parent.parent == sweep_dir for p in sweep_dir.rglob("results.json"))
+    # each job keeps its own log, headed by its own overrides (not the sweep's comma lists)
+    for results in sweep_dir.rglob("results.json"):
+        record = json.loads(results.read_text())
+        header = (results.parent / "run.log").read_text().splitlines()[0]
+        assert f"clip={record['config']['clip']['name']}" in header and "," not in header.split("clip=")[1]
 
 
 def test_resume_skips_finished_jobs_and_recomputes_only_a_deleted_one(joblib_sweep, synthetic_root, tmp_path):

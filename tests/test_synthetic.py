@@ -108,3 +108,6 @@ def test_generation_waits_for_a_parallel_one_and_then_reuses_it(tmp_path):
         assert not done.wait(1.0) and not root.exists()  # it waits instead of generating into the same folder
     worker.join(120)
     assert done.is_set() and json.loads((root / "meta.json").read_text())["complete"] is True
+    # a complete dataset is used without the lock, so data on a read-only mount (no lock file possible) works
+    generation_lock(root).unlink()
+    assert ensure_dataset(root, 2, 1, 0, progress=False) == root and not generation_lock(root).exists()
