@@ -397,8 +397,8 @@ def evaluate_deployed(qmodel: nn.Module, run_dir: str | Path, task, decode_batch
 
 def main(argv: list[str] | None = None) -> int:
     from saq.cli import tool_args
-    from saq.quant.export import RECIPE_FILE, load_quantized
-    from saq.sam.build import build_sam
+    from saq.quant.export import load_quantized
+    from saq.sam.build import VARIANTS, build_random_sam
     from saq.saved import read_recipe, saved_dir
 
     try:
@@ -411,13 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = read_recipe(directory).get("extra", {})
         if "model" not in extra:
             raise SaqError(f"{directory} does not say which model it quantized (recipe extra.model)")
-        checkpoint = extra.get("checkpoint")
-        if checkpoint and not Path(checkpoint).expanduser().is_file():  # deploy has no setting to point elsewhere
-            raise SaqError(f"RUN_DIR {run_dir}: its model was made from checkpoint {checkpoint}, which is not there "
-                           f"any more ({directory / RECIPE_FILE} extra.checkpoint); deploy needs it back at that path")
-        qmodel = load_quantized(build_sam(extra["model"], checkpoint,
-                                          config_key=f"the checkpoint in {directory / RECIPE_FILE} (extra.checkpoint)"),
-                                directory)
+        # load_quantized loads every tensor from the export (strictly), so the FP checkpoint is not needed: a
+        # random model of the same architecture is only the frame the saved weights go into
+        qmodel = load_quantized(build_random_sam(VARIANTS.get(extra["model"], extra["model"])), directory)
         out = Path(options["out"]) if "out" in options else Path(run_dir) / DEPLOY_DIR
         report = export_onnx(qmodel, out, options.get("softmax", "float"))
     except SaqError as exc:
