@@ -30,6 +30,16 @@ def test_shipped_tiny_checkpoint_loads():
     assert not sam.training
 
 
+@pytest.mark.parametrize("wrap", [lambda sd: {"model": sd}, lambda sd: {"state_dict": sd, "epoch": 3},
+                                  lambda sd: {f"module.{k}": v for k, v in sd.items()}])
+def test_training_script_checkpoints_load_as_the_plain_state_dict(tmp_path, wrap):
+    # what fine-tuning scripts save: the weights under "model" or "state_dict", or with DDP's "module." prefix
+    plain = torch.load(TINY_CHECKPOINT, map_location="cpu", weights_only=True)
+    torch.save(wrap(plain), tmp_path / "ft.pth")
+    loaded = build_sam("sam_tiny", tmp_path / "ft.pth").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in plain.items())
+
+
 def test_missing_checkpoint_names_the_config_key(tmp_path):
     with pytest.raises(SaqError, match=r"checkpoint not found: .*nope\.pth.*model\.checkpoint"):
         build_sam("sam_vit_b", tmp_path / "nope.pth")

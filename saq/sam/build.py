@@ -119,11 +119,16 @@ def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
     except Exception as exc:  # torch raises many types for corrupt files; all mean the same to the user
         raise SaqError(f"checkpoint {path} is not a readable PyTorch file ({type(exc).__name__}); "
                        f"{config_key} must point to a SAM state dict (.pth)") from None
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
+    # training scripts wrap the weights ({"model": ...} or {"state_dict": ...}) and DDP prefixes every key "module."
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SaqError(f"checkpoint {path} is not a state dict of tensors (found {type(obj).__name__}); "
                        f"{config_key} must point to a SAM state dict (.pth)")
+    if all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
 
 
