@@ -66,6 +66,7 @@ class Entry:
     mtime: float
     paper_row: str | None = None  # the published row this run corresponds to (paper_results.paper_row)
     row: str = ""
+    other_evaluation: bool = False  # evaluated on other images or prompts than most of its table
 
 
 @dataclass
@@ -99,12 +100,14 @@ class Table:
     row_paper: dict[str, str | None]  # row -> the paper's row it corresponds to, if any
     cells: dict[tuple[str, tuple[str, str]], Cell]
     seeds: dict[tuple[str, tuple[str, str]], list]
+    other_evaluation: set[str] = field(default_factory=set)  # rows evaluated on other images or prompts
 
     def best(self, column: tuple[str, str]) -> set[str]:
         """Quantized rows with the highest mean in this column (none when fewer than two rows compete)."""
-        scored = {r: self.cells[(r, column)].mean for r in self.rows  # FP and paper-compat rows do not compete
+        # FP, paper-compat and rows evaluated on other data than the table do not compete
+        scored = {r: self.cells[(r, column)].mean for r in self.rows
                   if self.row_label[r] != FP_ROW and not self.row_label[r].endswith(PAPER_COMPAT_SUFFIX)
-                  and (r, column) in self.cells}
+                  and r not in self.other_evaluation and (r, column) in self.cells}
         if len(scored) < 2:
             return set()
         top = max(scored.values())
@@ -197,20 +200,22 @@ def _row_value(e: Entry, key: str) -> str:
     return _fmt_value(value)
 
 
-def _name_departures(members: list[Entry], key: str, shown: dict[int, list[str]]) -> None:
+def _name_departures(members: list[Entry], key: str, shown: dict[int, list[str]]) -> set[int]:
     """Add `key` to the label of each member that leaves the members' most common value (all of them when no value
-    is most common, a swept knob). A run whose config lacks the key (made before the knob existed, or a task
-    without it) has no say and is not labelled by it: absent is not a different setting."""
+    is most common, a swept knob); returns the ids of those members. A run whose config lacks the key (made before
+    the knob existed, or a task without it) has no say and is not labelled by it: absent is not a different setting."""
     members = [e for e in members if key in e.flat]
     if len({_fmt_value(e.flat.get(key)) for e in members}) < 2:
-        return  # one value everywhere (a seed fixed for all runs included): no knob here
+        return set()  # one value everywhere (a seed fixed for all runs included): no knob here
     counts = Counter(_row_value(e, key) for e in members)
     if len(counts) < 2:
-        return
+        return set()
     (common, n), (_, n_next) = counts.most_common(2)
+    departed = {id(e) for e in members if n == n_next or _row_value(e, key) != common}
     for e in members:
-        if (n == n_next or _row_value(e, key) != common) and key not in shown[id(e)]:
+        if id(e) in departed and key not in shown[id(e)]:
             shown[id(e)].append(key)
+    return departed
 
 
 def _evaluation_key(key: str) -> bool:
@@ -240,8 +245,11 @@ def assign_rows(entries: list[Entry]) -> None:
             for members in scopes.values():
                 _name_departures(members, k, shown)
     for table in tables.values():
+        other: set[int] = set()
         for k in sorted({k for e in table for k in e.flat if _evaluation_key(k)}):
-            _name_departures(table, k, shown)
+            other |= _name_departures(table, k, shown)
+        for e in table:  # evaluated on other data than most of the table: it does not compete for a column's best
+            e.other_evaluation = id(e) in other
     for e in entries:
         suffix = ", ".join(f"{k}={_row_value(e, k)}" for k in sorted(shown[id(e)]))
         e.row = f"{e.label} {suffix}" if suffix else e.label
@@ -304,7 +312,8 @@ def build_tables(entries: list[Entry], duplicates: list[Path]) -> list[Table]:
                     cells.setdefault((e.row, col), Cell([])).values.append(float(value))
                     seeds.setdefault((e.row, col), []).append(e.seed)
             used_rows = [r for r in rows if any((r, c) in cells for c in columns)]
-            tables.append(Table(task, prompts, metric, columns, used_rows, row_label, row_paper, cells, seeds))
+            tables.append(Table(task, prompts, metric, columns, used_rows, row_label, row_paper, cells, seeds,
+                                {e.row for e in group if e.other_evaluation}))
     return tables
 
 

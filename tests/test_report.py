@@ -274,6 +274,8 @@ def test_a_row_evaluated_on_other_images_than_the_table_says_so_even_alone(tmp_p
     report = build_report(tmp_path)
     table = next(t for t in report.tables if t.metric == "mask_AP")
     assert set(table.rows) == {"FP", "FP task.max_images=None", "minmax", "mse", "pcc task.max_images=None"}
+    # pcc scores highest, but on other images: the bold best of the column goes to mse
+    assert table.best(("sam_tiny", "w4a4")) == {"mse"}
 
 
 def test_a_key_a_run_does_not_record_is_no_setting_of_its_own(tmp_path):
