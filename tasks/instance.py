@@ -79,6 +79,10 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
         problem = _segmentation_problem(ann["segmentation"], images[ann["image_id"]]) if scored else None
         if problem:
             raise SaqError(f"{where} (image {ann['image_id']}) has a bad segmentation: {problem}")
+        if scored and isinstance(ann["segmentation"], list):
+            # pycocotools reads a polygon of 4 numbers as a box [x, y, w, h] and fails on it; repeating its last
+            # point keeps the same (empty) polygon in a form it decodes
+            ann["segmentation"] = [p + p[-2:] if len(p) == 4 else p for p in ann["segmentation"]]
     if not categories:
         raise SaqError(f"annotation file {ann_path} defines no categories")
     coco = COCO()
@@ -246,6 +250,8 @@ class InstanceTask(Task):
                 continue
             samples.append(PromptedImage(read_annotated_image(coco, image_id, self.calib_img_dir),
                                          boxes=prompts.boxes, image_id=image_id))
+        if not samples:  # a detections file whose scores all fall below the threshold says so
+            source.require_prompts(image_ids, "calibration")
         if len(samples) < n:
             raise SaqError(f"calibration split {self.calib_ann_path} has only {len(samples)} images with prompts "
                            f"({self.calibration_prompts}), {n} requested (lower {knob})")

@@ -264,6 +264,8 @@ class OrientedTask(Task):
             prompts = source.for_image(stem, gt, image.shape[:2])
             if len(prompts):
                 samples.append(PromptedImage(image, boxes=prompts.boxes, image_id=stem))
+        if not samples:  # a detections file whose scores all fall below the threshold says so
+            source.require_prompts([stem for stem, _ in images], "calibration")
         if len(samples) < n:
             raise SaqError(f"calibration split {self.calib_img_dir} has only {len(samples)} images with prompts "
                            f"({self.calibration_prompts}), {n} requested (lower {knob})")

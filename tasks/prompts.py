@@ -51,8 +51,8 @@ class PromptSource(ABC):
         Ground-truth sources need none of it; a detections file checks that it names the task's images and classes.
         """
 
-    def require_prompts(self, image_keys: Sequence) -> None:
-        """Raise SaqError when none of these images (the ones a task evaluates) would get a prompt."""
+    def require_prompts(self, image_keys: Sequence, which: str = "evaluated") -> None:
+        """Raise SaqError when none of these images (the ones a task evaluates, or `which` others) gets a prompt."""
 
     def fingerprint(self) -> str:
         return self.name
@@ -256,11 +256,11 @@ class DetectionsFile(PromptSource):
         arr = np.asarray(dets, np.float64)
         return BoxPrompts(arr[:, :4].astype(np.float32), arr[:, 4].astype(np.float32), arr[:, 5].astype(np.int64))
 
-    def require_prompts(self, image_keys: Sequence) -> None:
+    def require_prompts(self, image_keys: Sequence, which: str = "evaluated") -> None:
         scores = [d[4] for key in image_keys for d in self._by_image.get(key, [])]
         if not any(s >= self.score_threshold for s in scores):
             found = f"the highest score is {max(scores):.3g}" if scores else "the file has none for them"
-            raise SaqError(f"detections file {self.path}: no detection on the {len(image_keys)} evaluated images "
+            raise SaqError(f"detections file {self.path}: no detection on the {len(image_keys)} {which} images "
                            f"reaches prompts.score_threshold={self.score_threshold} ({found})")
 
     def calibration_source(self) -> tuple[PromptSource, str]:

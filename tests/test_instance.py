@@ -305,7 +305,9 @@ def test_what_real_coco_files_hold_still_loads(tmp_path):
     # for their boxes only, so a box-only annotation (segmentation []) is fine there
     path = tmp_path / "real.json"
     path.write_text(_coco(_ann_with(bbox=[1.5, 2.0, 1.03, 0.0], area=0.0, segmentation=[[1.5, 2.0, 2.53, 2.0]])))
-    assert load_coco(path, "task.data.ann_file").anns[1]["bbox"][3] == 0.0
+    coco = load_coco(path, "task.data.ann_file")
+    assert coco.anns[1]["bbox"][3] == 0.0
+    assert coco.annToMask(coco.anns[1]).shape == (4, 4)  # pycocotools took 4 numbers for a box and failed
     path.write_text(_coco(_ann_with(segmentation=[])))
     assert len(load_coco(path, "task.calib.ann_file", scored=False).anns) == 1
 
@@ -338,6 +340,12 @@ def test_detections_that_prompt_nothing_are_an_error(synthetic_root, tmp_path):
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(SaqError, match=r"empty\.json: no detection on the 1 evaluated images .*the file has none"):
         task_for(synthetic_root, DetectionsFile(str(tmp_path / "empty.json")), max_images=1).evaluate(None)
+    # the calibration file too: all below the threshold is said as such, not as "too few images"
+    train = load_coco(synthetic_root / CALIB["ann_file"], "k")
+    low_calib = write_detections(tmp_path / "low_calib.json", train, list(train.imgs), score=0.01).path
+    with pytest.raises(SaqError, match=r"low_calib\.json: no detection on the 8 calibration images reaches "
+                                       r"prompts.score_threshold=0.05 \(the highest score is 0.01\)"):
+        task_for(synthetic_root, DetectionsFile(str(low.path), calib_file=str(low_calib))).calibration_samples(2)
     # detections only on images that are not evaluated
     on_third = write_detections(tmp_path / "third.json", coco, [3])
     with pytest.raises(SaqError, match="no detection on the 2 evaluated images"):
