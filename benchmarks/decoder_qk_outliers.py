@@ -5,7 +5,7 @@ offset) moves the plain p99 into the outlier band, so the bulk is measured on th
 channel is an outlier channel when its median |x| exceeds the p99 |x| of all values. Columns: largest |x|, the
 bulk's p50 and p99 |x|, max/p50 and max/p99 of the bulk, and the number of outlier channels.
 Usage: python benchmarks/decoder_qk_outliers.py [model=sam_tiny|sam_tiny_outliers] [checkpoint=PATH] [images=16]
-       [data=data/synthetic]
+       [data=data/synthetic] [threads=2]
 """
 
 from __future__ import annotations

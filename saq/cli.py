@@ -40,7 +40,14 @@ def script_args(argv: Sequence[str], doc: str, kinds: dict[str, type]) -> dict:
     """{key: value} from a benchmark script's `key=value` arguments, each converted to its kind (int or str).
     -h/--help prints the script's docstring and exits 0; an argument that is not key=value, an unknown key or a
     value of the wrong kind is a SaqError naming it, with the usage line."""
-    usage = next((line.strip() for line in doc.splitlines() if line.strip().startswith("Usage:")), "")
+    lines = doc.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith("Usage:")), len(lines))
+    block = [lines[start]] if start < len(lines) else []
+    for line in lines[start + 1:]:  # continuation lines of the usage, indented under it
+        if not line.startswith(" ") or not line.strip():
+            break
+        block.append(line)
+    usage = " ".join(line.strip() for line in block)
     if any(a in ("-h", "--help") for a in argv):
         print(doc.strip())
         raise SystemExit(0)
@@ -52,8 +59,10 @@ def script_args(argv: Sequence[str], doc: str, kinds: dict[str, type]) -> dict:
         try:
             values[key] = kinds[key](value)
         except ValueError:
-            raise SaqError(f"{key}={value!r} invalid; expected {'a whole number' if kinds[key] is int else 'text'}; "
-                           f"{usage}") from None
+            values[key] = None
+        if values[key] is None or (kinds[key] is int and values[key] < 1):  # counts: images, iterations, threads
+            raise SaqError(f"{key}={value!r} invalid; expected {'a whole number >= 1' if kinds[key] is int else 'text'}"
+                           f"; {usage}")
     return values
 
 

@@ -10,7 +10,6 @@ import sys
 import time
 import traceback
 import uuid
-import warnings
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -282,7 +281,6 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
         print(f"W&B: offline run in {where} (upload: wandb sync {where})")
         return where
     except Exception as exc:  # a logging backend must never cost the user their results
-        warnings.warn(f"W&B logging failed ({type(exc).__name__}: {exc}); results are in {run_dir / RESULTS_FILE}",
-                      stacklevel=2)
-        print(f"warning: W&B logging failed: {exc}", file=sys.stderr)
+        print(f"warning: W&B logging failed ({type(exc).__name__}: {exc}); results are in {run_dir / RESULTS_FILE}",
+              file=sys.stderr)
         return None
