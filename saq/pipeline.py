@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from saq.errors import SaqError
+from saq.errors import SaqError, check_int
 from saq.log import git_commit, log_to_wandb, package_versions, write_json_atomic, write_results
 from saq.sam.build import TINY_CHECKPOINT, build_sam
 from saq.sam.segmenter import Segmenter
@@ -76,21 +76,13 @@ FP_QUANT_KEYS = ("name", "save", "load")  # conf/quant/fp.yaml
 LOGGER_MODES = ("offline", "online", "disabled")
 
 
-def _whole(value, key: str, allow_none: bool = False, minimum: int | None = 1) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise SaqError(f"{key}={value!r} invalid; expected a whole number{bound}" + (" or null" if allow_none else ""))
-
-
 def check_run_knobs(cfg: DictConfig) -> None:
     """The run-level knobs (seed, threads, image count, batch size, model keys, logger mode): checked
     before anything uses them, so a typo or a wrong type is one line rather than a torch or numpy traceback."""
-    _whole(cfg.get("seed"), "seed", minimum=None)
-    _whole(cfg.get("threads"), "threads", allow_none=True)
-    _whole(cfg.task.get("max_images"), "task.max_images", allow_none=True)
-    _whole(cfg.model.get("decode_batch_size", 64), "model.decode_batch_size")
+    check_int(cfg.get("seed"), "seed", minimum=None)
+    check_int(cfg.get("threads"), "threads", allow_none=True)
+    check_int(cfg.task.get("max_images"), "task.max_images", allow_none=True)
+    check_int(cfg.model.get("decode_batch_size", 64), "model.decode_batch_size")
     unknown = sorted(set(cfg.model) - set(MODEL_KEYS))
     if unknown:
         raise SaqError(f"model.{unknown[0]} is not a model setting; expected one of {list(MODEL_KEYS)}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saq.errors import SaqError
+from saq.errors import SaqError, check_int
 from tasks.base import read_text
 
 
@@ -123,8 +123,7 @@ class DetectionsFile(PromptSource):
         path = Path(file)
         if not path.exists():
             raise SaqError(f"detections file not found: {path} (set prompts.file)")
-        if isinstance(max_per_image, bool) or not isinstance(max_per_image, int) or max_per_image < 1:
-            raise SaqError(f"prompts.max_per_image must be a whole number >= 1, got {max_per_image!r}")
+        check_int(max_per_image, "prompts.max_per_image")
         if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)) \
                 or not 0 <= score_threshold <= 1:  # detector scores are in [0, 1]: a threshold outside keeps all or none
             raise SaqError(f"prompts.score_threshold must be a number in [0, 1], got {score_threshold!r}")

@@ -155,10 +155,10 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
 
 @pytest.mark.parametrize("overrides,message", [
     (["+model.chekpoint=/x.pth"], "model.chekpoint is not a model setting; expected one of"),
-    (["seed=abc"], "seed='abc' invalid; expected a whole number"),
-    (["threads=0"], "threads=0 invalid; expected a whole number >= 1 or null"),
+    (["seed=abc"], "seed='abc' invalid; expected an integer"),
+    (["threads=0"], "threads=0 invalid; expected an integer >= 1 or null"),
     (["threads=two"], "threads='two' invalid"),
-    (["task.max_images=2.5"], "task.max_images=2.5 invalid; expected a whole number >= 1 or null"),
+    (["task.max_images=2.5"], "task.max_images=2.5 invalid; expected an integer >= 1 or null"),
     (["task.max_images=true"], "task.max_images=True invalid"),
     (["model.decode_batch_size=abc"], "model.decode_batch_size='abc' invalid"),
     (["logger=wandb", "logger.mode=bogus"], "logger.mode='bogus' is unknown; expected one of"),

@@ -331,7 +331,7 @@ def test_detections_that_prompt_nothing_are_an_error(synthetic_root, tmp_path):
     for bad in (1.5, "abc"):
         with pytest.raises(SaqError, match=rf"prompts.score_threshold must be a number in \[0, 1\], got {bad!r}"):
             DetectionsFile(str(write_detections(tmp_path / "d.json", coco, [1]).path), score_threshold=bad)
-    with pytest.raises(SaqError, match=r"prompts.max_per_image must be a whole number >= 1, got 2.5"):
+    with pytest.raises(SaqError, match=r"prompts.max_per_image=2.5 invalid; expected an integer >= 1"):
         DetectionsFile(str(write_detections(tmp_path / "d.json", coco, [1]).path), max_per_image=2.5)
     low = write_detections(tmp_path / "low.json", coco, [1, 2], score=0.01)
     with pytest.raises(SaqError, match=r"low\.json: no detection on the 6 evaluated images reaches "

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from torch import nn
 
-from saq.errors import SaqError
+from saq.errors import SaqError, check_int
 from saq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
 from saq.quant.observers import OBSERVERS, make_observer
 from saq.quant.quantizers import (
@@ -103,7 +103,7 @@ class QuantConfig:
                 values[key] = check_bits(data[key], f"quant.{key}")
         for key, minimum in (("calib_images", 1), ("calib_decode_batch", 1)):
             if key in data:
-                values[key] = _int(data[key], f"quant.{key}", minimum)
+                values[key] = check_int(data[key], f"quant.{key}", minimum)
         for key in ("big", "agq"):
             if key in data:
                 values[key] = _bool(data[key], f"quant.{key}")
@@ -146,12 +146,6 @@ def _check_keys(data: Mapping, cls, where: str) -> None:
     for key in data:
         if key not in allowed:
             raise SaqError(f"{where}.{key} is not a known key; expected one of {sorted(allowed)}")
-
-
-def _int(value, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SaqError(f"{key}={value!r} invalid; expected an integer >= {minimum}")
-    return value
 
 
 def _bool(value, key: str) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from segment_anything.modeling import Sam
 
-from saq.errors import SaqError
+from saq.errors import SaqError, check_int
 from saq.sam.attention import decoder_attentions
 from saq.sam.segmenter import PromptedImage, Segmenter
 
@@ -54,9 +54,7 @@ class OutlierSpec:
             raise SaqError(f"model.outliers.attentions={values['attentions']!r} invalid; expected all or a list")
         spec = cls(**values)
         for key in ("heads", "channels_per_head", "calib_images"):
-            value = getattr(spec, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SaqError(f"model.outliers.{key}={value!r} invalid; expected an integer >= 1")
+            check_int(getattr(spec, key), f"model.outliers.{key}")
         if spec.sign not in SIGNS:
             raise SaqError(f"model.outliers.sign={spec.sign!r} is unknown; expected one of {list(SIGNS)}")
         if isinstance(spec.magnitude, bool) or not isinstance(spec.magnitude, (int, float)) or not spec.magnitude > 0:
