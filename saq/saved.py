@@ -22,7 +22,8 @@ def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
     calib = OmegaConf.select(cfg, "task.calib")  # which calibration images, in what order
     extra = {
         "model": cfg.model.name,
-        "checkpoint": cfg.model.checkpoint,
+        # absolute: a later quant.load compares it from whatever folder it runs in
+        "checkpoint": str(Path(cfg.model.checkpoint).expanduser().resolve()) if cfg.model.checkpoint else None,
         "quant_preset": cfg.quant.name,
         "clip": OmegaConf.to_container(cfg.clip, resolve=True) if "clip" in cfg else None,
         "recon": OmegaConf.to_container(cfg.recon, resolve=True) if "recon" in cfg else None,

@@ -196,6 +196,20 @@ def test_a_saved_model_loads_only_with_the_checkpoint_it_was_made_from(synthetic
         pipeline.validate(run_config(synthetic_root, f"model.checkpoint={other}", f"quant.load={tmp_path / 'run'}"))
 
 
+def test_the_checkpoint_is_recorded_absolute_so_loading_from_another_folder_matches(synthetic_root, tmp_path,
+                                                                                      monkeypatch):
+    from saq import saved
+
+    monkeypatch.setattr(saved, "export_quantized", lambda qmodel, target, extra: extra)
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    extra = saved.save_run(None, tmp_path / "run", run_config(synthetic_root, "model.checkpoint=ckpt/ft.pth"))
+    assert extra["checkpoint"] == str(tmp_path / "a" / "ckpt" / "ft.pth")
+    monkeypatch.chdir(tmp_path)  # the same file, named from elsewhere
+    recipe = read_recipe(fitting_export(tmp_path / "saved", run_config(synthetic_root), checkpoint=extra["checkpoint"]))
+    check_recipe(recipe, run_config(synthetic_root, "model.checkpoint=a/ckpt/ft.pth"), tmp_path / "saved")
+
+
 def test_a_broken_saved_model_is_one_line_naming_the_file_before_compute(synthetic_root, tmp_path):
     from saq.quant.export import load_quantized
     from saq.sam.build import build_sam
