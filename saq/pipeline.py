@@ -204,11 +204,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole story of one run; returns the record written to results.json."""
     start = time.time()
     commit = git_commit()  # the code that runs, read before it runs (the tree may change during a long run)
-    check_run_knobs(cfg)  # seed and threads are used right away
+    quant_cfg, strategy = validate(cfg)  # before anything is computed, seed and threads included
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    quant_cfg, strategy = validate(cfg)  # before anything is computed
 
     model = build_sam(cfg.model.name, cfg.model.checkpoint).to(cfg.device)
     if strategy is not None and hasattr(strategy, "check_targets"):
