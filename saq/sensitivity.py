@@ -1,16 +1,19 @@
-"""Quantization sensitivity of a saved run: its task metrics fully quantized, then with one part's quantizers off.
+"""Quantization sensitivity of a saved run: its task metrics fully quantized, then with one part at a time in FP.
 
 `python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N]`. The run is rebuilt as `quant.load`
 would (the config in its results.json, evaluated fully quantized) with the run's own torch thread count unless
 threads= is given: float sums differ in the last bits between thread counts, which can move mask AP by 0.01-0.02.
 Parts are module paths of the SAM (`image_encoder`, `mask_decoder.transformer.layers.0.cross_attn_image_to_token`,
-...); by default saq.sam.units.model_parts (encoder, decoder, each two-way layer and its sub-blocks, final attention).
-A part that gains when its quantizers are off holds quantization error; one that loses had learned to make up for
-error elsewhere.
+..., down to one quantizer such as `...cross_attn_image_to_token.q_proj.input_quantizer`); by default
+saq.sam.units.model_parts (encoder, decoder, each two-way layer and its sub-blocks, final attention).
+A part in FP has its quantizers off and its layers' FP weights back (reconstruction writes its learned rounding into
+the weights, so quantizers off alone would keep it). A part that gains holds quantization error; one that loses had
+learned to make up for error elsewhere.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
@@ -68,19 +71,24 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
         why = re.sub(r" \(set [^)]*\)$", "", str(exc))
         raise SaqError(f"sensitivity: cannot rebuild the task of {run_dir}: {why}; the run's data must be where the "
                        f"run had it (config.task.data in {results})") from None
-    report(f"{run_dir}: one part's quantizers off at a time, {cfg.task.get('max_images') or 'all'} val images")
+    report(f"{run_dir}: one part at a time in FP (its quantizers off, its FP weights back), "
+           f"{cfg.task.get('max_images') or 'all'} val images")
     model = build_sam(cfg.model.name, checkpoint)
     names = list(parts) if parts is not None else model_parts(model)
-    known = {name for name, _ in model.named_modules()}
+    saved, _ = load_run(model, cfg)
+    # checked on the quantized model, so a single quantizer (`...q_proj.input_quantizer`) is a part too
+    known = {name for name, _ in saved.named_modules()}
     unknown = [p for p in names if p not in known]
     if unknown:
-        raise SaqError(f"sensitivity: no module {unknown[0]!r} in {cfg.model.name}; parts are module paths such as "
-                       f"{', '.join(model_parts(model)[:3])}")
+        raise SaqError(f"sensitivity: no module {unknown[0]!r} in quantized {cfg.model.name}; parts are module paths "
+                       f"such as {', '.join(model_parts(model)[:3])}, down to single quantizers")
+    reference = fp_reference(model, saved, record, cfg, task, run_dir)
     rows = {}
     for part in [None, *names]:
         qmodel, _ = load_run(model, cfg)
         if part is not None:
             set_quant_state(qmodel.get_submodule(part), "off")
+            restore_fp_weights(qmodel, reference, part)
         start = time.perf_counter()
         metrics = scalar_metrics(task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=False))
         rows[FULL if part is None else part] = metrics
@@ -88,6 +96,51 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
         shown = "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if isinstance(v, float))
         report(f"{label:<66} {shown}  ({time.perf_counter() - start:.0f} s)")
     return rows
+
+
+def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, record: dict, cfg, task, run_dir) -> torch.nn.Module:
+    """The FP model the saved run quantized, in the quantized model's structure with every quantizer off.
+
+    Reconstruction writes its learned rounding into the weights, so switching a part's quantizers off is not FP there:
+    its FP weights must come back. They are the checkpoint's, with what the run changed without changing the FP
+    function done again: the planted outliers (from results.json) and BIG's sign folding (rerun on the run's first
+    calibration image; it is deterministic). Biases are never learned, so each must equal the saved model's: a check
+    that the rebuild is the run's own FP model.
+    """
+    from saq.quant import quant_config, quantize, set_quant_state
+    from saq.quant.model import fold_bimodal_keys
+    from saq.quant.modules import QuantLayer
+    from saq.sam.outliers import add_key_offsets
+    from saq.sam.segmenter import Segmenter
+
+    fp = copy.deepcopy(model)
+    for planted in record.get("planted_outliers") or []:
+        add_key_offsets(fp, planted)
+    qcfg = quant_config(saved)
+    reference = quantize(fp, qcfg)
+    if qcfg.big:
+        samples = task.calibration_samples(cfg.quant.calib_images)
+        fold_bimodal_keys(reference, samples, Segmenter(reference, cfg.quant.calib_decode_batch))
+    set_quant_state(reference, "off")
+    for name, layer in saved.named_modules():
+        if isinstance(layer, QuantLayer) and layer.bias is not None:
+            if not torch.equal(layer.bias, reference.get_submodule(name).bias):
+                raise SaqError(f"sensitivity: cannot rebuild the FP model of {run_dir}: {name}.bias differs from the "
+                               "saved model's (the checkpoint, the planted outliers or the calibration images are not "
+                               "the run's)")
+    return reference
+
+
+@torch.no_grad()
+def restore_fp_weights(qmodel: torch.nn.Module, reference: torch.nn.Module, part: str) -> None:
+    """Write the reference's FP weight into every quantized layer inside `part` (a module path, or a layer's
+    weight_quantizer; "" is the whole model)."""
+    from saq.quant.modules import QuantLayer
+
+    for name, layer in qmodel.named_modules():
+        inside = part == "" or name == part or name.startswith(f"{part}.") or part == f"{name}.weight_quantizer"
+        if inside and isinstance(layer, QuantLayer):
+            layer.weight.copy_(reference.get_submodule(name).weight)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,6 +137,9 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
     assert rows[""]["mIoU"] == pytest.approx(first["metrics"]["fp"]["mIoU"], abs=1e-6)  # every quantizer off = FP
     assert rows["mask_decoder"]["mIoU"] != rows[FULL]["mIoU"]  # W4A4 decoder error is gone, the encoder's is not
     assert rows["mask_decoder"]["mIoU"] != rows[""]["mIoU"]
+    # one quantizer is a part too: it exists only in the quantized model
+    one = "mask_decoder.transformer.layers.0.cross_attn_image_to_token.av_matmul.a_quantizer"
+    assert sensitivity(tmp_path / "first", [one], report=lambda line: None)[one]["mIoU"] != rows[FULL]["mIoU"]
 
     parts = model_parts(build_sam("sam_tiny"))
     assert parts[:3] == ["image_encoder", "mask_decoder", "mask_decoder.transformer.layers.0"]
@@ -144,7 +147,7 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
     assert parts[-1] == "mask_decoder.transformer.final_attn_token_to_image" and not any("norm" in p for p in parts)
 
     assert main([str(tmp_path / "first"), "parts=mask_decoder.nope"]) == 2
-    assert "no module 'mask_decoder.nope' in sam_tiny" in capsys.readouterr().err
+    assert "no module 'mask_decoder.nope' in quantized sam_tiny" in capsys.readouterr().err
     assert main([str(tmp_path), "parts=image_encoder"]) == 2
     assert "results.json not found" in capsys.readouterr().err
     assert main([str(tmp_path / "first"), "max_images=two"]) == 2
@@ -158,7 +161,7 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
     # the header names the image count that runs: the run's own limit (1) when max_images= is not given
     lines = []
     sensitivity(tmp_path / "first", ["mask_decoder"], report=lines.append)
-    assert lines[0].endswith("one part's quantizers off at a time, 1 val images")
+    assert lines[0].endswith("one part at a time in FP (its quantizers off, its FP weights back), 1 val images")
 
 
 def fitting_export(directory, cfg, **extra):
@@ -292,3 +295,55 @@ def test_sensitivity_names_what_it_needs_not_settings_it_lacks(synthetic_root, t
     assert capsys.readouterr().err.strip() == (
         f"error: sensitivity: {tmp_path / 'run'} was run on checkpoint {tmp_path / 'gone.pth'}, which is not there "
         "any more; the run's checkpoint must be where the run had it")
+
+
+def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synthetic_root, tmp_path, capsys):
+    """Reconstruction writes its rounding into the weights, BIG flips q/k signs and the outlier model's keys carry
+    planted offsets: "in FP" must still be the run's own FP model, not its quantizers off over learned weights."""
+    from saq.sensitivity import FULL, sensitivity
+
+    run = tmp_path / "learned"
+    first = pipeline.run(run_config(
+        synthetic_root, "model=sam_tiny_outliers", "method=ptq4sam_l", "quant=w4a4", "quant.calib_images=2",
+        "task.max_images=1", "recon.iters.block=1", "recon.iters.neck=1", "recon.iters.decoder_block=1",
+        "recon.iters.final_attn=1", "recon.best_state=false"), run)
+    assert first["planted_outliers"] and first["metrics"]["quantized"]["mIoU"] != first["metrics"]["fp"]["mIoU"]
+    rows = sensitivity(run, ["", "mask_decoder"], report=lambda line: None)
+    assert rows[FULL] == first["metrics"]["quantized"]
+    for key in ("mIoU", "mask_AP"):  # every quantizer off and every FP weight back: the FP row, to float rounding
+        assert rows[""][key] == pytest.approx(first["metrics"]["fp"][key], abs=1e-6)
+    assert rows["mask_decoder"]["mIoU"] > rows[FULL]["mIoU"] + 0.3  # the outliers only hurt a quantized decoder
+    # a rebuilt FP model that is not the run's (here: other planted offsets) is refused, not evaluated
+    record = json.loads((run / "results.json").read_text())
+    record["planted_outliers"][0]["offset"] *= 2
+    (run / "results.json").write_text(json.dumps(record))
+    with pytest.raises(SaqError, match=r"cannot rebuild the FP model of .*k_proj\.bias differs"):
+        sensitivity(run, [""], report=lambda line: None)
+
+
+def test_restoring_fp_weights_touches_only_the_layers_of_the_part(synthetic_root):
+    import copy
+
+    from saq.quant import quantize
+    from saq.sam.build import build_sam
+    from saq.sensitivity import restore_fp_weights
+
+    reference = quantize(build_sam("sam_tiny"), run_config(synthetic_root).quant)
+    learned = copy.deepcopy(reference)
+    with torch.no_grad():
+        for parameter in learned.parameters():
+            parameter.add_(1.0)
+    attention = "mask_decoder.transformer.layers.0.cross_attn_token_to_image"
+
+    def same(model, name):
+        return torch.equal(model.get_submodule(name).weight, reference.get_submodule(name).weight)
+
+    restore_fp_weights(learned, reference, f"{attention}.q_proj.weight_quantizer")  # one weight quantizer: its layer
+    assert same(learned, f"{attention}.q_proj") and not same(learned, f"{attention}.k_proj")
+    restore_fp_weights(learned, reference, f"{attention}.k_proj.input_quantizer")  # an input quantizer: no weight
+    assert not same(learned, f"{attention}.k_proj")
+    restore_fp_weights(learned, reference, attention)  # a module: every layer in it, and nothing outside
+    assert all(same(learned, f"{attention}.{p}") for p in ("k_proj", "v_proj", "out_proj"))
+    assert not same(learned, "mask_decoder.transformer.layers.0.self_attn.q_proj")
+    assert not torch.equal(learned.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.bias,
+                           reference.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.bias)
