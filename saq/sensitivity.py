@@ -119,7 +119,12 @@ def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, record: dict, c
     qcfg = quant_config(saved)
     reference = quantize(fp, qcfg)
     if qcfg.big:
-        samples = task.calibration_samples(cfg.quant.calib_images)
+        try:
+            samples = task.calibration_samples(cfg.quant.calib_images)
+        except SaqError as exc:  # its "(set ...)"/"(lower ...)" hints name settings this tool does not have
+            why = re.sub(r" \((set|lower) [^)]*\)$", "", str(exc))
+            raise SaqError(f"sensitivity: cannot rebuild the FP model of {run_dir}: BIG reruns on its first "
+                           f"calibration image, but {why}; the run's data must be where the run had it") from None
         fold_bimodal_keys(reference, samples, Segmenter(reference, cfg.quant.calib_decode_batch))
     set_quant_state(reference, "off")
     for name, layer in saved.named_modules():

@@ -315,6 +315,13 @@ def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synth
     assert rows["mask_decoder"]["mIoU"] > rows[FULL]["mIoU"] + 0.3  # the outliers only hurt a quantized decoder
     # a rebuilt FP model that is not the run's (here: other planted offsets) is refused, not evaluated
     record = json.loads((run / "results.json").read_text())
+    calib = record["config"]["task"]["calib"]["ann_file"]
+    record["config"]["task"]["calib"]["ann_file"] = str(tmp_path / "moved.json")
+    (run / "results.json").write_text(json.dumps(record))
+    with pytest.raises(SaqError, match=r"cannot rebuild the FP model of .*BIG reruns on its first calibration image, "
+                                       r"but .*moved\.json.*; the run's data must be where the run had it$"):
+        sensitivity(run, [""], report=lambda line: None)
+    record["config"]["task"]["calib"]["ann_file"] = calib
     record["planted_outliers"][0]["offset"] *= 2
     (run / "results.json").write_text(json.dumps(record))
     with pytest.raises(SaqError, match=r"cannot rebuild the FP model of .*k_proj\.bias differs"):
