@@ -1,5 +1,5 @@
-"""Figures of one run (matplotlib, headless): the clip ranges a point search chose, what they do to attention, and
-how each reconstruction unit learned."""
+"""Figures of one run (matplotlib, headless): the clip ranges a point search chose, what they do to attention,
+how each reconstruction unit learned, and which parts of a saved model lose accuracy when quantized."""
 
 from __future__ import annotations
 
@@ -132,3 +132,30 @@ def reconstruction_curves(recon: dict, path: Path) -> Path | None:
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(f"reconstruction ({recon.get('method')}): unit loss while learning", fontsize=9)
     return save_figure(fig, path, layout={})
+
+
+def sensitivity_bars(rows: dict[str, dict], header: dict, path: Path) -> Path:
+    """saq.sensitivity as bars: per part, what its main metric gains (or loses) when that part runs in FP, against
+    the fully quantized run (the first row); a dashed line marks the whole FP model's gain, all there is to win."""
+    metric = header.get("metric")
+    full_label, *parts = rows
+    full = rows[full_label]
+    if metric not in full:
+        metric = next(k for k, v in full.items() if isinstance(v, float))
+    gains = [100 * (rows[p][metric] - full[metric]) for p in parts]
+    labels = [p or "(whole model)" for p in parts]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(parts) + 1.4))
+    y = np.arange(len(parts))[::-1]
+    ax.barh(y, gains, color=["tab:green" if g >= 0 else "tab:red" for g in gains], height=0.7)
+    ax.set_yticks(y, labels, fontsize=7)
+    fp = (header.get("fp") or {}).get(metric)
+    if isinstance(fp, (int, float)):
+        ax.axvline(100 * (fp - full[metric]), color="k", ls="--", lw=1, label=f"whole model in FP ({100 * fp:.2f})")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel(f"{metric} gain with the part in FP (points; fully quantized {100 * full[metric]:.2f})", fontsize=8)
+    ax.set_title(f"sensitivity: {header.get('model')} {str(header.get('quant')).upper()} {header.get('method')}, "
+                 f"{header.get('images')} val images", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    return save_figure(fig, path, layout={}, bbox_inches="tight")  # long part names sit left of the axes

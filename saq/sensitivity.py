@@ -25,15 +25,18 @@ import torch
 from omegaconf import OmegaConf
 
 from saq.errors import SaqError
-from saq.log import RESULTS_FILE
+from saq.log import RESULTS_FILE, set_aside, write_json_atomic
 
 USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N]"
 FULL = "(fully quantized)"
+SENSITIVITY_FILE = "sensitivity.json"
 
 
 def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_images: int | None = None,
-                threads: int | None = None, report=print) -> dict[str, dict]:
-    """{FULL or part: scalar task metrics} for the saved run in `run_dir`; `report(line)` gets one line per row."""
+                threads: int | None = None, report=print, save: bool = True) -> dict[str, dict]:
+    """{FULL or part: scalar task metrics} for the saved run in `run_dir`; `report(line)` gets one line per row.
+    With `save`, the rows go to RUN_DIR/sensitivity.json as they come and, at the end, to a bar chart beside it
+    (an earlier file is kept aside, never overwritten)."""
     from saq.pipeline import build_task, scalar_metrics
     from saq.quant import set_quant_state
     from saq.sam.build import build_sam
@@ -84,6 +87,7 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
                        f"such as {', '.join(model_parts(model)[:3])}, down to single quantizers")
     reference = fp_reference(model, saved, record, cfg, task, run_dir)
     rows = {}
+    out = SensitivityFile(Path(run_dir), record, cfg, task.name, report) if save else None
     for part in [None, *names]:
         qmodel, _ = load_run(model, cfg)
         if part is not None:
@@ -95,7 +99,58 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
         label = FULL if part is None else f"{part or '(whole model)'} in FP"
         shown = "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if isinstance(v, float))
         report(f"{label:<66} {shown}  ({time.perf_counter() - start:.0f} s)")
+        if out is not None:
+            out.write(rows)
+    if out is not None:
+        out.plot(rows)
     return rows
+
+
+class SensitivityFile:
+    """RUN_DIR/sensitivity.json, rewritten after every row (a killed run keeps what it measured), and the bar chart
+    sensitivity.png. A run directory that cannot be written costs only the files: the rows are printed anyway."""
+
+    def __init__(self, run_dir: Path, record: dict, cfg, task: str, report):
+        from saq.pipeline import scalar_metrics
+        from saq.report import METRIC_ORDER
+
+        self.path, self.report = run_dir / SENSITIVITY_FILE, report
+        self.header = {"run_dir": str(run_dir), "method": record.get("method"), "model": cfg.model.name,
+                       "quant": cfg.quant.name, "task": task, "images": cfg.task.get("max_images") or "all",
+                       "metric": METRIC_ORDER.get(task, [None])[0],
+                       "fp": None}
+        fp = (record.get("metrics") or {}).get("fp")
+        if isinstance(fp, dict) and cfg.task.get("max_images") == record["config"]["task"].get("max_images"):
+            self.header["fp"] = scalar_metrics(fp)  # the run's FP row, on the same images as these rows
+        self.ok = True
+        try:
+            for earlier in (self.path, self.path.with_suffix(".png")):
+                if earlier.exists():
+                    report(f"{earlier} held an earlier sensitivity run; kept as {set_aside(earlier, 'previous')}")
+        except OSError as exc:
+            self.ok = False
+            report(f"warning: cannot write {self.path} ({exc.strerror or exc}); the rows are printed only")
+        self.write({})
+
+    def write(self, rows: dict[str, dict]) -> None:
+        if not self.ok:
+            return
+        try:
+            write_json_atomic(self.path, {**self.header, "rows": rows})
+        except OSError as exc:  # a read-only run directory or a full disk: keep measuring, the rows are printed
+            self.ok = False
+            self.report(f"warning: cannot write {self.path} ({exc.strerror or exc}); the rows are printed only")
+
+    def plot(self, rows: dict[str, dict]) -> None:
+        if not self.ok:
+            return
+        from saq.plots import sensitivity_bars
+
+        self.report(f"results: {self.path}")
+        try:
+            self.report(f"figure: {sensitivity_bars(rows, self.header, self.path.with_suffix('.png'))}")
+        except Exception as exc:  # a figure must not cost the rows, which are written already
+            self.report(f"warning: the sensitivity figure failed ({type(exc).__name__}: {exc}); rows are in {self.path}")
 
 
 def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, record: dict, cfg, task, run_dir) -> torch.nn.Module:

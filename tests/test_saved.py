@@ -137,9 +137,17 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
     assert rows[""]["mIoU"] == pytest.approx(first["metrics"]["fp"]["mIoU"], abs=1e-6)  # every quantizer off = FP
     assert rows["mask_decoder"]["mIoU"] != rows[FULL]["mIoU"]  # W4A4 decoder error is gone, the encoder's is not
     assert rows["mask_decoder"]["mIoU"] != rows[""]["mIoU"]
-    # one quantizer is a part too: it exists only in the quantized model
+    # the rows are kept beside the run, with the run's FP row (same images) for the figure's "all there is" line
+    saved = json.loads((tmp_path / "first" / "sensitivity.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["metric"] == "mask_AP"
+    assert saved["fp"]["mIoU"] == first["metrics"]["fp"]["mIoU"] and saved["images"] == 1
+    assert (tmp_path / "first" / "sensitivity.png").stat().st_size > 0
+    # one quantizer is a part too: it exists only in the quantized model; the earlier rows are kept aside
     one = "mask_decoder.transformer.layers.0.cross_attn_image_to_token.av_matmul.a_quantizer"
     assert sensitivity(tmp_path / "first", [one], report=lambda line: None)[one]["mIoU"] != rows[FULL]["mIoU"]
+    kept = list((tmp_path / "first").glob("sensitivity.json.*.previous"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["rows"] == saved["rows"]
+    assert len(list((tmp_path / "first").glob("sensitivity.png.*.previous"))) == 1
 
     parts = model_parts(build_sam("sam_tiny"))
     assert parts[:3] == ["image_encoder", "mask_decoder", "mask_decoder.transformer.layers.0"]
@@ -162,6 +170,22 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
     lines = []
     sensitivity(tmp_path / "first", ["mask_decoder"], report=lines.append)
     assert lines[0].endswith("one part at a time in FP (its quantizers off, its FP weights back), 1 val images")
+
+
+def test_sensitivity_that_cannot_write_its_file_still_measures(synthetic_root, tmp_path, monkeypatch):
+    from saq.sensitivity import FULL, sensitivity
+
+    pipeline.run(run_config(synthetic_root, "quant=w4a4", "task.max_images=1"), tmp_path / "run")
+
+    def refuse(path, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("saq.sensitivity.write_json_atomic", refuse)
+    lines = []
+    rows = sensitivity(tmp_path / "run", ["mask_decoder"], max_images=1, report=lines.append)
+    assert set(rows) == {FULL, "mask_decoder"} and not (tmp_path / "run" / "sensitivity.json").exists()
+    assert sum("warning: cannot write" in line and "rows are printed only" in line for line in lines) == 1
+    assert any(line.startswith("mask_decoder in FP") for line in lines)
 
 
 def fitting_export(directory, cfg, **extra):
