@@ -13,7 +13,6 @@ learned to make up for error elsewhere.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import sys
@@ -30,6 +29,9 @@ from saq.log import RESULTS_FILE, set_aside, write_json_atomic
 USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N]"
 FULL = "(fully quantized)"
 SENSITIVITY_FILE = "sensitivity.json"
+# ||saved - FP|| / ||FP|| of a layer's weight: at most 0.12 at W4 on sam_tiny, ~0.55 for W2 min/max rounding;
+# an unrelated checkpoint's weights of the same spread give ~1.4
+MAX_WEIGHT_QUANT_ERROR = 0.75
 
 
 def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_images: int | None = None,
@@ -42,7 +44,7 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     from saq.sam.build import build_sam
     from saq.sam.segmenter import Segmenter
     from saq.sam.units import model_parts
-    from saq.saved import load_run
+    from saq.saved import load_run, saved_dir
 
     results = Path(run_dir) / RESULTS_FILE
     if not results.is_file():
@@ -58,7 +60,6 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
                        "directory of a finished quantized run")
     if cfg.quant.name == "fp":
         raise SaqError(f"sensitivity: {run_dir} is an FP run; give a quantized run's directory")
-    cfg.quant.load = str(run_dir)
     if threads or cfg.get("threads"):
         torch.set_num_threads(threads or cfg.threads)
     if max_images is not None:
@@ -74,6 +75,14 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
         why = re.sub(r" \(set [^)]*\)$", "", str(exc))
         raise SaqError(f"sensitivity: cannot rebuild the task of {run_dir}: {why}; the run's data must be where the "
                        f"run had it (config.task.data in {results})") from None
+    # a run that evaluated a model saved by another (quant.load) reads that model where the run did
+    source = cfg.quant.get("load") or run_dir
+    try:
+        saved_dir(source, "")
+    except SaqError:
+        raise SaqError(f"sensitivity: the quantized model of {run_dir} is not there any more ({source} holds no "
+                       "recipe.json, in it or in quantized_model/); it must be where the run had it") from None
+    cfg.quant.load = str(source)
     report(f"{run_dir}: one part at a time in FP (its quantizers off, its FP weights back), "
            f"{cfg.task.get('max_images') or 'all'} val images")
     model = build_sam(cfg.model.name, checkpoint)
@@ -85,7 +94,7 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     if unknown:
         raise SaqError(f"sensitivity: no module {unknown[0]!r} in quantized {cfg.model.name}; parts are module paths "
                        f"such as {', '.join(model_parts(model)[:3])}, down to single quantizers")
-    reference = fp_reference(model, saved, record, cfg, task, run_dir)
+    reference = fp_reference(model, saved, run_dir)
     rows = {}
     out = SensitivityFile(Path(run_dir), record, cfg, task.name, report) if save else None
     for part in [None, *names]:
@@ -153,42 +162,49 @@ class SensitivityFile:
             self.report(f"warning: the sensitivity figure failed ({type(exc).__name__}: {exc}); rows are in {self.path}")
 
 
-def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, record: dict, cfg, task, run_dir) -> torch.nn.Module:
-    """The FP model the saved run quantized, in the quantized model's structure with every quantizer off.
+@torch.no_grad()
+def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, run_dir) -> torch.nn.Module:
+    """The FP weights of the model the saved run quantized, in the quantized model's structure, quantizers off.
 
     Reconstruction writes its learned rounding into the weights, so switching a part's quantizers off is not FP there:
-    its FP weights must come back. They are the checkpoint's, with what the run changed without changing the FP
-    function done again: the planted outliers (from results.json) and BIG's sign folding (rerun on the run's first
-    calibration image; it is deterministic). Biases are never learned, so each must equal the saved model's: a check
-    that the rebuild is the run's own FP model.
+    its FP weights must come back. They are the checkpoint's, with BIG's sign folding read back from the saved model
+    (folded_signs). Biases are never learned (the saved ones, planted outliers included, are the FP ones), so only
+    weights are taken from here. Each saved weight must be a quantization of its FP weight: a check that the
+    checkpoint is the run's.
     """
     from saq.quant import quant_config, quantize, set_quant_state
-    from saq.quant.model import fold_bimodal_keys
+    from saq.quant.big import fold_channel_signs
     from saq.quant.modules import QuantLayer
-    from saq.sam.outliers import add_key_offsets
-    from saq.sam.segmenter import Segmenter
 
-    fp = copy.deepcopy(model)
-    for planted in record.get("planted_outliers") or []:
-        add_key_offsets(fp, planted)
-    qcfg = quant_config(saved)
-    reference = quantize(fp, qcfg)
-    if qcfg.big:
-        try:
-            samples = task.calibration_samples(cfg.quant.calib_images)
-        except SaqError as exc:  # its "(set ...)"/"(lower ...)" hints name settings this tool does not have
-            why = re.sub(r" \((set|lower) [^)]*\)$", "", str(exc))
-            raise SaqError(f"sensitivity: cannot rebuild the FP model of {run_dir}: BIG reruns on its first "
-                           f"calibration image, but {why}; the run's data must be where the run had it") from None
-        fold_bimodal_keys(reference, samples, Segmenter(reference, cfg.quant.calib_decode_batch))
+    reference = quantize(model, quant_config(saved))
     set_quant_state(reference, "off")
+    for name, attention in reference.named_modules():
+        if getattr(attention, "big_sign_fold", False):
+            pair = attention.sign_fold_pair()
+            signs = [folded_signs(saved.get_submodule(f"{name}.{role}").weight, layer.weight)
+                     for role, layer in zip(("q_proj", "k_proj"), pair)]
+            if not torch.equal(*signs):
+                raise SaqError(f"sensitivity: cannot rebuild the FP model of {run_dir}: the signs of {name}'s query "
+                               "and key projections against the checkpoint's do not agree, as BIG's folding leaves "
+                               "them; the run's checkpoint must be where the run had it")
+            fold_channel_signs(*pair, signs[0])
     for name, layer in saved.named_modules():
-        if isinstance(layer, QuantLayer) and layer.bias is not None:
-            if not torch.equal(layer.bias, reference.get_submodule(name).bias):
-                raise SaqError(f"sensitivity: cannot rebuild the FP model of {run_dir}: {name}.bias differs from the "
-                               "saved model's (the checkpoint, the planted outliers or the calibration images are not "
-                               "the run's)")
+        if isinstance(layer, QuantLayer):
+            fp = reference.get_submodule(name).weight
+            off = float((layer.weight - fp).norm() / fp.norm().clamp_min(1e-12))
+            if off > MAX_WEIGHT_QUANT_ERROR:
+                raise SaqError(f"sensitivity: cannot rebuild the FP model of {run_dir}: {name}'s saved weight is no "
+                               f"quantization of the checkpoint's (relative difference {off:.2f}); the run's checkpoint "
+                               "must be where the run had it")
     return reference
+
+
+def folded_signs(saved: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Per output row, -1 where BIG flipped `fp`'s row into `saved`, else +1. Rounding to a grid that holds 0 (and
+    clamping to a range that holds it) keeps each weight's sign or zeroes it, so a saved row's product with its FP row
+    is negative only when the row was flipped (an all-zero row's sign is moot)."""
+    agree = (saved * fp).flatten(1).sum(1)
+    return torch.where(agree < 0, -1.0, 1.0)
 
 
 @torch.no_grad()

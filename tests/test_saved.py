@@ -322,13 +322,17 @@ def test_sensitivity_names_what_it_needs_not_settings_it_lacks(synthetic_root, t
 
 
 def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synthetic_root, tmp_path, capsys):
-    """Reconstruction writes its rounding into the weights, BIG flips q/k signs and the outlier model's keys carry
+    """Reconstruction writes its rounding into the weights, BIG may flip q/k signs and the outlier model's keys carry
     planted offsets: "in FP" must still be the run's own FP model, not its quantizers off over learned weights."""
+    import shutil
+
     from saq.sensitivity import FULL, sensitivity
 
-    run = tmp_path / "learned"
+    run, checkpoint = tmp_path / "learned", tmp_path / "sam_tiny.pt"
+    shutil.copy(REPO / "saq" / "sam" / "tiny" / "sam_tiny.pt", checkpoint)
     first = pipeline.run(run_config(
-        synthetic_root, "model=sam_tiny_outliers", "method=ptq4sam_l", "quant=w4a4", "quant.calib_images=2",
+        synthetic_root, "model=sam_tiny_outliers", f"model.checkpoint={checkpoint}", "method=ptq4sam_l",
+        "quant=w4a4", "quant.calib_images=2",
         "task.max_images=1", "recon.iters.block=1", "recon.iters.neck=1", "recon.iters.decoder_block=1",
         "recon.iters.final_attn=1", "recon.best_state=false"), run)
     assert first["planted_outliers"] and first["metrics"]["quantized"]["mIoU"] != first["metrics"]["fp"]["mIoU"]
@@ -337,19 +341,51 @@ def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synth
     for key in ("mIoU", "mask_AP"):  # every quantizer off and every FP weight back: the FP row, to float rounding
         assert rows[""][key] == pytest.approx(first["metrics"]["fp"][key], abs=1e-6)
     assert rows["mask_decoder"]["mIoU"] > rows[FULL]["mIoU"] + 0.3  # the outliers only hurt a quantized decoder
-    # a rebuilt FP model that is not the run's (here: other planted offsets) is refused, not evaluated
-    record = json.loads((run / "results.json").read_text())
-    calib = record["config"]["task"]["calib"]["ann_file"]
-    record["config"]["task"]["calib"]["ann_file"] = str(tmp_path / "moved.json")
-    (run / "results.json").write_text(json.dumps(record))
-    with pytest.raises(SaqError, match=r"cannot rebuild the FP model of .*BIG reruns on its first calibration image, "
-                                       r"but .*moved\.json.*; the run's data must be where the run had it$"):
+    # a run that evaluated the saved model on another task reads the model where that run did
+    loaded = pipeline.run(run_config(
+        synthetic_root, "model=sam_tiny_outliers", f"model.checkpoint={checkpoint}", "method=ptq4sam_l",
+        "quant=w4a4", "task=semantic",
+        "task.max_images=1", f"quant.load={run}"), tmp_path / "loaded")
+    rows = sensitivity(tmp_path / "loaded", [""], report=lambda line: None)
+    assert rows[FULL]["mIoU"] == loaded["metrics"]["quantized"]["mIoU"]  # semantic metrics carry timings too
+    assert rows[""]["mIoU"] == pytest.approx(loaded["metrics"]["fp"]["mIoU"], abs=1e-6)
+    # a checkpoint replaced since the run (same path, other weights) is refused, not taken for the FP weights
+    weights = torch.load(checkpoint, weights_only=True)
+
+    def replace(prefix):
+        torch.save({k: v.std() * torch.randn_like(v) if k.startswith(prefix) and v.numel() > 1 else v
+                    for k, v in weights.items()}, checkpoint)
+
+    replace("image_encoder.")
+    with pytest.raises(SaqError, match=r"cannot rebuild the FP model of .*: image_encoder\..* saved weight is no "
+                                       r"quantization of the checkpoint's \(relative difference 1\.\d\d\); the "
+                                       r"run's checkpoint must be where the run had it$"):
         sensitivity(run, [""], report=lambda line: None)
-    record["config"]["task"]["calib"]["ann_file"] = calib
-    record["planted_outliers"][0]["offset"] *= 2
-    (run / "results.json").write_text(json.dumps(record))
-    with pytest.raises(SaqError, match=r"cannot rebuild the FP model of .*k_proj\.bias differs"):
+    replace("")  # the decoder too: BIG's query and key signs read back from it no longer agree
+    with pytest.raises(SaqError, match=r"cannot rebuild the FP model of .*the signs of .*query and key projections "
+                                       r"against the checkpoint's do not agree"):
         sensitivity(run, [""], report=lambda line: None)
+    # a saved model that is gone is named as the run's, not as a quant.load setting of this tool
+    (run / SAVED_DIR).rename(tmp_path / "moved")
+    with pytest.raises(SaqError, match=r"the quantized model of .*loaded is not there any more \(.*learned holds no recipe"):
+        sensitivity(tmp_path / "loaded", [""], report=lambda line: None)
+
+
+def test_big_signs_are_read_back_from_a_rounded_saved_layer():
+    from saq.quant.big import fold_channel_signs
+    from saq.sensitivity import folded_signs
+
+    torch.manual_seed(0)
+    fp = torch.nn.Linear(16, 8)
+    saved = torch.nn.Linear(16, 8)
+    saved.load_state_dict(fp.state_dict())
+    gamma = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 1.0, 1.0, -1.0])
+    fold_channel_signs(saved, torch.nn.Linear(16, 8), gamma)
+    with torch.no_grad():  # 3-bit rounding per row, the AdaRound way (floor or ceil): signs kept or zeroed
+        step = saved.weight.abs().amax(1, keepdim=True) / 3
+        saved.weight.copy_(step * torch.where(torch.rand_like(step.expand_as(saved.weight)) < 0.5,
+                                              torch.floor(saved.weight / step), torch.ceil(saved.weight / step)))
+    assert torch.equal(folded_signs(saved.weight, fp.weight), gamma)
 
 
 def test_restoring_fp_weights_touches_only_the_layers_of_the_part(synthetic_root):

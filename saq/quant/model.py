@@ -99,22 +99,6 @@ class CalibrationReport:
     clipping: object = None  # a point search's report (saq.clipping.pcc.ClippingReport), when the strategy ran one
 
 
-def forward_sample(segmenter, sample) -> int:
-    """Run one PromptedImage (its image, then all its prompts in chunks) through a Segmenter; its prompt count."""
-    segmenter.set_image(sample.image)
-    if sample.num_prompts:
-        for _ in segmenter.predict_chunks(sample.boxes, sample.points, sample.point_labels):
-            pass
-    return sample.num_prompts
-
-
-def fold_bimodal_keys(qmodel: nn.Module, samples: Sequence, segmenter) -> list[BigResult]:
-    """BIG as calibration runs it: on the first sample with prompts, through `segmenter` (the model's quantizers off,
-    so the keys are FP). Deterministic, so an FP model folded again gets the same signs as the run did."""
-    first = next(s for s in samples if s.num_prompts)
-    return apply_big(qmodel, lambda: forward_sample(segmenter, first))
-
-
 def calibrate(qmodel: nn.Module, samples: Sequence, quant_cfg=None, clip_cfg=None,
               progress: bool = True) -> CalibrationReport:
     """Set every quantizer's range from calibration samples (list[PromptedImage]) and switch the model on.
@@ -141,10 +125,17 @@ def calibrate(qmodel: nn.Module, samples: Sequence, quant_cfg=None, clip_cfg=Non
     segmenter = Segmenter(qmodel, cfg.calib_decode_batch)
 
     def run(sample) -> int:
-        return forward_sample(segmenter, sample)
+        segmenter.set_image(sample.image)
+        if sample.num_prompts:
+            for _ in segmenter.predict_chunks(sample.boxes, sample.points, sample.point_labels):
+                pass
+        return sample.num_prompts
 
     set_quant_state(qmodel, QuantState.OFF)
-    big = fold_bimodal_keys(qmodel, samples, segmenter) if cfg.big else []
+    big = []
+    if cfg.big:
+        first = next(s for s in samples if s.num_prompts)
+        big = apply_big(qmodel, lambda: run(first))
 
     # a strategy with a point search (PCC) fixes its points' ranges after BIG and before the other activations are
     # observed, which then see the clipped q/k path (paper.md §3.3)

@@ -106,22 +106,11 @@ def plant_key_outliers(sam: Sam, samples: Sequence[PromptedImage], spec: Outlier
                           for c in torch.randperm(per_head, generator=gen)[: spec.channels_per_head])
         sign = {"positive": 1.0, "negative": -1.0}.get(spec.sign, 1.0 if index % 2 == 0 else -1.0)
         offset = sign * spec.magnitude * p99[name]
+        if attn.k_proj.bias is None:
+            raise SaqError(f"{name}.k_proj has no bias to carry the offset")
+        attn.k_proj.bias[channels] += offset
         planted.append({"attention": name, "channels": channels, "offset": offset, "p99": p99[name]})
-        add_key_offsets(sam, planted[-1])
     return planted
-
-
-@torch.no_grad()
-def add_key_offsets(sam: Sam, planted: dict) -> None:
-    """Add one attention's planted offset (an entry of plant_key_outliers' list, as results.json keeps it) to its
-    key-projection bias; again on a freshly built model, it rebuilds the FP model a run quantized."""
-    name = planted["attention"]
-    attn = decoder_attentions(sam).get(name)
-    if attn is None:
-        raise SaqError(f"planted outliers name {name!r}, which is not a decoder attention of this model")
-    if attn.k_proj.bias is None:
-        raise SaqError(f"{name}.k_proj has no bias to carry the offset")
-    attn.k_proj.bias[planted["channels"]] += planted["offset"]
 
 
 def spec_record(spec: OutlierSpec) -> dict:
