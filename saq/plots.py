@@ -140,8 +140,10 @@ def sensitivity_bars(rows: dict[str, dict], header: dict, path: Path) -> Path:
     metric = header.get("metric")
     full_label, *parts = rows
     full = rows[full_label]
-    if metric not in full:
-        metric = next(k for k, v in full.items() if isinstance(v, float))
+    if metric not in full:  # a task without a known main metric: its first score
+        from saq.report import is_table_metric
+
+        metric = next(k for k, v in full.items() if is_table_metric(k, v))
     gains = [100 * (rows[p][metric] - full[metric]) for p in parts]
     labels = [p or "(whole model)" for p in parts]
     plt = pyplot()

@@ -39,8 +39,9 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     """{FULL or part: scalar task metrics} for the saved run in `run_dir`; `report(line)` gets one line per row.
     With `save`, the rows go to RUN_DIR/sensitivity.json as they come and, at the end, to a bar chart beside it
     (an earlier file is kept aside, never overwritten)."""
-    from saq.pipeline import build_task, scalar_metrics
-    from saq.quant import set_quant_state
+    from saq.pipeline import build_task, scalar_metrics, seed_everything
+    from saq.quant import iter_quantizers, set_quant_state
+    from saq.report import is_table_metric
     from saq.sam.build import build_sam
     from saq.sam.segmenter import Segmenter
     from saq.sam.units import model_parts
@@ -77,6 +78,9 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
                        f"run had it (config.task.data in {results})") from None
     # a run that evaluated a model saved by another (quant.load) reads that model where the run did
     source = cfg.quant.get("load") or run_dir
+    if not cfg.quant.get("load") and cfg.quant.get("save") is False:
+        raise SaqError(f"sensitivity: {run_dir} was run with quant.save=false and kept no quantized model; run it "
+                       "again with quant.save=true")
     try:
         saved_dir(source, "")
     except SaqError:
@@ -86,7 +90,7 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     report(f"{run_dir}: one part at a time in FP (its quantizers off, its FP weights back), "
            f"{cfg.task.get('max_images') or 'all'} val images")
     model = build_sam(cfg.model.name, checkpoint)
-    names = list(parts) if parts is not None else model_parts(model)
+    names = list(dict.fromkeys(parts)) if parts is not None else model_parts(model)  # each part once
     saved, _ = load_run(model, cfg)
     # checked on the quantized model, so a single quantizer (`...q_proj.input_quantizer`) is a part too
     known = {name for name, _ in saved.named_modules()}
@@ -94,19 +98,25 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     if unknown:
         raise SaqError(f"sensitivity: no module {unknown[0]!r} in quantized {cfg.model.name}; parts are module paths "
                        f"such as {', '.join(model_parts(model)[:3])}, down to single quantizers")
-    reference = fp_reference(model, saved, run_dir)
+    without = [p for p in names if not any(True for _ in iter_quantizers(saved.get_submodule(p)))]
+    if without:
+        report(f"skipped, no quantizers in them (nothing to switch to FP): {', '.join(without)}")
+        names = [p for p in names if p not in without]
+    fp_weights = fp_reference(model, saved, run_dir)
+    del saved  # one model at a time beside the FP weights (ViT-H is large)
     rows = {}
     out = SensitivityFile(Path(run_dir), record, cfg, task.name, report) if save else None
     for part in [None, *names]:
         qmodel, _ = load_run(model, cfg)
         if part is not None:
             set_quant_state(qmodel.get_submodule(part), "off")
-            restore_fp_weights(qmodel, reference, part)
+            restore_fp_weights(qmodel, fp_weights, part)
+        seed_everything(cfg.seed)  # paper_eval_compat leaves linear inputs randomly dropped: same draws every row
         start = time.perf_counter()
         metrics = scalar_metrics(task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=False))
         rows[FULL if part is None else part] = metrics
         label = FULL if part is None else f"{part or '(whole model)'} in FP"
-        shown = "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+        shown = "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if is_table_metric(k, v))
         report(f"{label:<66} {shown}  ({time.perf_counter() - start:.0f} s)")
         if out is not None:
             out.write(rows)
@@ -163,8 +173,8 @@ class SensitivityFile:
 
 
 @torch.no_grad()
-def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, run_dir) -> torch.nn.Module:
-    """The FP weights of the model the saved run quantized, in the quantized model's structure, quantizers off.
+def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, run_dir) -> dict[str, torch.Tensor]:
+    """The FP weight of each quantized layer of the saved run ({layer path: weight}).
 
     Reconstruction writes its learned rounding into the weights, so switching a part's quantizers off is not FP there:
     its FP weights must come back. They are the checkpoint's, with BIG's sign folding read back from the saved model
@@ -181,13 +191,14 @@ def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, run_dir) -> tor
     for name, attention in reference.named_modules():
         if getattr(attention, "big_sign_fold", False):
             pair = attention.sign_fold_pair()
-            signs = [folded_signs(saved.get_submodule(f"{name}.{role}").weight, layer.weight)
-                     for role, layer in zip(("q_proj", "k_proj"), pair)]
+            q_sign, k_sign = (folded_signs(saved.get_submodule(f"{name}.{role}").weight, layer.weight)
+                              for role, layer in zip(("q_proj", "k_proj"), pair))
+            signs = [torch.where(q_sign == 0, k_sign, q_sign), torch.where(k_sign == 0, q_sign, k_sign)]
             if not torch.equal(*signs):
                 raise SaqError(f"sensitivity: cannot rebuild the FP model of {run_dir}: the signs of {name}'s query "
                                "and key projections against the checkpoint's do not agree, as BIG's folding leaves "
                                "them; the run's checkpoint must be where the run had it")
-            fold_channel_signs(*pair, signs[0])
+            fold_channel_signs(*pair, torch.where(signs[0] == 0, 1.0, signs[0]))
     for name, layer in saved.named_modules():
         if isinstance(layer, QuantLayer):
             fp = reference.get_submodule(name).weight
@@ -196,27 +207,28 @@ def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, run_dir) -> tor
                 raise SaqError(f"sensitivity: cannot rebuild the FP model of {run_dir}: {name}'s saved weight is no "
                                f"quantization of the checkpoint's (relative difference {off:.2f}); the run's checkpoint "
                                "must be where the run had it")
-    return reference
+    return {name: reference.get_submodule(name).weight for name, layer in saved.named_modules()
+            if isinstance(layer, QuantLayer)}
 
 
 def folded_signs(saved: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Per output row, -1 where BIG flipped `fp`'s row into `saved`, else +1. Rounding to a grid that holds 0 (and
-    clamping to a range that holds it) keeps each weight's sign or zeroes it, so a saved row's product with its FP row
-    is negative only when the row was flipped (an all-zero row's sign is moot)."""
-    agree = (saved * fp).flatten(1).sum(1)
-    return torch.where(agree < 0, -1.0, 1.0)
+    """Per output row, -1 where BIG flipped `fp`'s row into `saved`, +1 where not, 0 where the saved row does not say
+    (all rounded to zero: its partner projection's row tells). Rounding to a grid that holds 0 (and clamping to a
+    range that holds it) keeps each weight's sign or zeroes it, so a saved row's product with its FP row is negative
+    only when the row was flipped."""
+    return torch.sign((saved * fp).flatten(1).sum(1))
 
 
 @torch.no_grad()
-def restore_fp_weights(qmodel: torch.nn.Module, reference: torch.nn.Module, part: str) -> None:
-    """Write the reference's FP weight into every quantized layer inside `part` (a module path, or a layer's
+def restore_fp_weights(qmodel: torch.nn.Module, fp_weights: dict[str, torch.Tensor], part: str) -> None:
+    """Write the FP weight (fp_reference's) into every quantized layer inside `part` (a module path, or a layer's
     weight_quantizer; "" is the whole model)."""
     from saq.quant.modules import QuantLayer
 
     for name, layer in qmodel.named_modules():
         inside = part == "" or name == part or name.startswith(f"{part}.") or part == f"{name}.weight_quantizer"
         if inside and isinstance(layer, QuantLayer):
-            layer.weight.copy_(reference.get_submodule(name).weight)
+            layer.weight.copy_(fp_weights[name])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,10 +182,18 @@ def test_sensitivity_that_cannot_write_its_file_still_measures(synthetic_root, t
 
     monkeypatch.setattr("saq.sensitivity.write_json_atomic", refuse)
     lines = []
-    rows = sensitivity(tmp_path / "run", ["mask_decoder"], max_images=1, report=lines.append)
+    # a part without quantizers is named and skipped, not reported as a measured zero; a repeated part runs once
+    rows = sensitivity(tmp_path / "run", ["mask_decoder", "mask_decoder.transformer.norm_final_attn", "mask_decoder"],
+                       max_images=1, report=lines.append)
+    assert "skipped, no quantizers in them (nothing to switch to FP): mask_decoder.transformer.norm_final_attn" in lines
     assert set(rows) == {FULL, "mask_decoder"} and not (tmp_path / "run" / "sensitivity.json").exists()
     assert sum("warning: cannot write" in line and "rows are printed only" in line for line in lines) == 1
-    assert any(line.startswith("mask_decoder in FP") for line in lines)
+    assert sum(line.startswith("mask_decoder in FP") for line in lines) == 1
+
+    pipeline.run(run_config(synthetic_root, "quant=w4a4", "task.max_images=1", "quant.save=false"), tmp_path / "unsaved")
+    with pytest.raises(SaqError, match=r"unsaved was run with quant.save=false and kept no quantized model; run it "
+                                       r"again with quant.save=true"):
+        sensitivity(tmp_path / "unsaved", ["mask_decoder"], report=lines.append)
 
 
 def fitting_export(directory, cfg, **extra):
@@ -349,6 +357,14 @@ def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synth
     rows = sensitivity(tmp_path / "loaded", [""], report=lambda line: None)
     assert rows[FULL]["mIoU"] == loaded["metrics"]["quantized"]["mIoU"]  # semantic metrics carry timings too
     assert rows[""]["mIoU"] == pytest.approx(loaded["metrics"]["fp"]["mIoU"], abs=1e-6)
+    # the paper-compatible evaluation drops linear inputs at random: every row draws the same, so rows compare
+    compat = pipeline.run(run_config(
+        synthetic_root, "model=sam_tiny_outliers", f"model.checkpoint={checkpoint}", "method=ptq4sam_l",
+        "quant=w4a4", "task.max_images=1", f"quant.load={run}", "recon.paper_eval_compat=true"), tmp_path / "compat")
+    assert compat["recon"]["eval_mode"] != first["recon"]["eval_mode"]
+    again = [sensitivity(tmp_path / "compat", ["mask_decoder.transformer.layers.0.mlp"], report=lambda line: None)
+             for _ in range(2)]
+    assert again[0] == again[1]
     # a checkpoint replaced since the run (same path, other weights) is refused, not taken for the FP weights
     weights = torch.load(checkpoint, weights_only=True)
 
@@ -386,16 +402,21 @@ def test_big_signs_are_read_back_from_a_rounded_saved_layer():
         saved.weight.copy_(step * torch.where(torch.rand_like(step.expand_as(saved.weight)) < 0.5,
                                               torch.floor(saved.weight / step), torch.ceil(saved.weight / step)))
     assert torch.equal(folded_signs(saved.weight, fp.weight), gamma)
+    with torch.no_grad():
+        saved.weight[2] = 0.0  # a row rounded to nothing does not say: 0, its partner projection's row tells
+    assert folded_signs(saved.weight, fp.weight)[2] == 0
 
 
 def test_restoring_fp_weights_touches_only_the_layers_of_the_part(synthetic_root):
     import copy
 
     from saq.quant import quantize
+    from saq.quant.modules import QuantLayer
     from saq.sam.build import build_sam
     from saq.sensitivity import restore_fp_weights
 
     reference = quantize(build_sam("sam_tiny"), run_config(synthetic_root).quant)
+    fp_weights = {name: layer.weight for name, layer in reference.named_modules() if isinstance(layer, QuantLayer)}
     learned = copy.deepcopy(reference)
     with torch.no_grad():
         for parameter in learned.parameters():
@@ -405,11 +426,11 @@ def test_restoring_fp_weights_touches_only_the_layers_of_the_part(synthetic_root
     def same(model, name):
         return torch.equal(model.get_submodule(name).weight, reference.get_submodule(name).weight)
 
-    restore_fp_weights(learned, reference, f"{attention}.q_proj.weight_quantizer")  # one weight quantizer: its layer
+    restore_fp_weights(learned, fp_weights, f"{attention}.q_proj.weight_quantizer")  # one weight quantizer: its layer
     assert same(learned, f"{attention}.q_proj") and not same(learned, f"{attention}.k_proj")
-    restore_fp_weights(learned, reference, f"{attention}.k_proj.input_quantizer")  # an input quantizer: no weight
+    restore_fp_weights(learned, fp_weights, f"{attention}.k_proj.input_quantizer")  # an input quantizer: no weight
     assert not same(learned, f"{attention}.k_proj")
-    restore_fp_weights(learned, reference, attention)  # a module: every layer in it, and nothing outside
+    restore_fp_weights(learned, fp_weights, attention)  # a module: every layer in it, and nothing outside
     assert all(same(learned, f"{attention}.{p}") for p in ("k_proj", "v_proj", "out_proj"))
     assert not same(learned, "mask_decoder.transformer.layers.0.self_attn.q_proj")
     assert not torch.equal(learned.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.bias,
