@@ -182,12 +182,11 @@ def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, run_dir) -> dic
     weights are taken from here. Each saved weight must be a quantization of its FP weight: a check that the
     checkpoint is the run's.
     """
-    from saq.quant import quant_config, quantize, set_quant_state
+    from saq.quant import quant_config, quantize
     from saq.quant.big import fold_channel_signs
     from saq.quant.modules import QuantLayer
 
-    reference = quantize(model, quant_config(saved))
-    set_quant_state(reference, "off")
+    reference = quantize(model, quant_config(saved))  # a copy in the saved model's structure (BIG's q/k pairs)
     for name, attention in reference.named_modules():
         if getattr(attention, "big_sign_fold", False):
             pair = attention.sign_fold_pair()
@@ -199,16 +198,16 @@ def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, run_dir) -> dic
                                "and key projections against the checkpoint's do not agree, as BIG's folding leaves "
                                "them; the run's checkpoint must be where the run had it")
             fold_channel_signs(*pair, torch.where(signs[0] == 0, 1.0, signs[0]))
+    weights = {}
     for name, layer in saved.named_modules():
         if isinstance(layer, QuantLayer):
-            fp = reference.get_submodule(name).weight
+            fp = weights[name] = reference.get_submodule(name).weight
             off = float((layer.weight - fp).norm() / fp.norm().clamp_min(1e-12))
             if off > MAX_WEIGHT_QUANT_ERROR:
                 raise SaqError(f"sensitivity: cannot rebuild the FP model of {run_dir}: {name}'s saved weight is no "
                                f"quantization of the checkpoint's (relative difference {off:.2f}); the run's checkpoint "
                                "must be where the run had it")
-    return {name: reference.get_submodule(name).weight for name, layer in saved.named_modules()
-            if isinstance(layer, QuantLayer)}
+    return weights
 
 
 def folded_signs(saved: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
