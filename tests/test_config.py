@@ -126,6 +126,8 @@ def test_every_sweep_job_composes(sweep, overrides, monkeypatch):
     OmegaConf.resolve(cfg.model)
     OmegaConf.resolve(cfg.task)
     assert cfg.quant.name != "fp" and "calib_images" in cfg.quant
+    if sweep == "recon_ablation":  # granularities compare at one cost; official per-unit iters are hours on a CPU
+        assert cfg.recon.budget == "equal"
     if sweep == "seeds":  # its default cell must be one that varies with the seed: a learned method
         assert cfg.recon.name != "none" and cfg.method == "saq_sam"
 
