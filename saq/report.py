@@ -498,8 +498,38 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_")
 
 
+def plot_rows_at_one_width(table: Table, model: str, bits: str, out_dir: Path) -> Path:
+    """One bit-width (an ablation at W4A4, a seed study): each row's main metric as a dot with its spread over seeds,
+    the FP value as a dashed line; a line plot against one bit-width would be a single point per method."""
+    from saq.plots import pyplot, save_figure
+
+    plt = pyplot()
+    rows = [(r, table.cells.get((r, (model, bits)))) for r in table.rows if table.row_label[r] != FP_ROW]
+    rows = [(r, c) for r, c in rows if c is not None]
+    fp = next((table.cells.get((r, (model, b))) for r in table.rows if table.row_label[r] == FP_ROW
+               for b in (bits, "fp") if table.cells.get((r, (model, b))) is not None), None)
+    fig, ax = plt.subplots(figsize=(6.5, 0.4 * len(rows) + 1.4))
+    y = list(range(len(rows)))[::-1]  # table order from the top
+    ax.errorbar([100 * c.mean for _, c in rows], y, xerr=[100 * c.std for _, c in rows], fmt="o", color="tab:blue",
+                capsize=3)
+    for yi, (_, c) in zip(y, rows):
+        ax.annotate(f"{100 * c.mean:.2f}" + (f" ± {100 * c.std:.2f}" if c.std else ""), (100 * c.mean, yi),
+                    xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7)
+    if fp is not None:
+        ax.axvline(100 * fp.mean, color="black", linestyle="--", linewidth=1, label=f"FP {100 * fp.mean:.2f}")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_yticks(y, [r for r, _ in rows], fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel(f"{table.metric} (%)")
+    ax.set_title(f"{model} {bits.upper()}, {table.task} ({table.prompts})", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    path = out_dir / f"{_safe(f'{table.task}_{table.prompts}_{table.metric}_{model}_{bits}')}_rows.png"
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")
+
+
 def plot_metric_vs_bits(report: Report, out_dir: Path) -> list[Path]:
-    """Per task, prompt source and model: the main metric against bit-width, one line per method, FP dashed."""
+    """Per task, prompt source and model: the main metric against bit-width, one line per method, FP dashed; a model
+    with a single bit-width gets a dot per row instead (plot_rows_at_one_width)."""
     from saq.plots import pyplot, save_figure
 
     plt = pyplot()
@@ -510,6 +540,9 @@ def plot_metric_vs_bits(report: Report, out_dir: Path) -> list[Path]:
         for model in dict.fromkeys(m for m, _ in table.columns):
             bits = [b for m, b in table.columns if m == model and b != "fp"]
             if not bits:
+                continue
+            if len(bits) == 1:
+                written.append(plot_rows_at_one_width(table, model, bits[0], out_dir))
                 continue
             fig, ax = plt.subplots(figsize=(5.5, 3.8))
             x = list(range(len(bits)))

@@ -207,6 +207,33 @@ def test_plots_metric_vs_bits_and_clip_ranges_when_present(tmp_path):
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_one_bit_width_plots_a_dot_per_row_with_its_seed_spread(tmp_path, monkeypatch):
+    """An ablation at one bit-width gets rows as dots (mean, std over seeds) against FP, not one-point lines."""
+    import saq.plots
+
+    put(tmp_path, "q0", record(clip="pcc", recon="qdrop", ap=0.70))
+    for seed, ap in ((0, 0.74), (1, 0.72)):
+        put(tmp_path, f"p{seed}", record(clip="pcc", recon="par", ap=ap, seed=seed))
+    figures = {}
+    real_save = saq.plots.save_figure
+
+    def keep(fig, path, **kwargs):
+        figures[path.name] = fig
+        return real_save(fig, path, **kwargs)
+
+    monkeypatch.setattr(saq.plots, "save_figure", keep)
+    written = write_report(build_report(tmp_path), tmp_path)
+    assert "instance_gt_mask_AP_sam_tiny_w4a4_rows.png" in {p.name for p in written}
+    assert not any(p.name.endswith("_vs_bits.png") for p in written)
+    ax = figures["instance_gt_mask_AP_sam_tiny_w4a4_rows.png"].axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    dots = dict(zip(labels, ax.lines[0].get_xdata()))  # the errorbar's data line, rows top to bottom reversed
+    assert dots == pytest.approx({"pcc+par": 73.0, "pcc+qdrop": 70.0})
+    assert ax.lines[-1].get_xdata()[0] == pytest.approx(80.0)  # FP
+    notes = sorted(t.get_text() for t in ax.texts)
+    assert notes == ["70.00", "73.00 ± 1.41"]
+
+
 def test_cli_writes_reports_and_rejects_a_missing_folder(tmp_path, capsys):
     put(tmp_path, "a", record(ap=0.5))
     assert main([str(tmp_path), f"out={tmp_path / 'out'}"]) == 0
