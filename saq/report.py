@@ -506,8 +506,8 @@ def plot_rows_at_one_width(table: Table, model: str, bits: str, out_dir: Path) -
     plt = pyplot()
     rows = [(r, table.cells.get((r, (model, bits)))) for r in table.rows if table.row_label[r] != FP_ROW]
     rows = [(r, c) for r, c in rows if c is not None]
-    fp = next((table.cells.get((r, (model, b))) for r in table.rows if table.row_label[r] == FP_ROW
-               for b in (bits, "fp") if table.cells.get((r, (model, b))) is not None), None)
+    fp = next((table.cells[(r, (model, bits))] for r in table.rows
+               if table.row_label[r] == FP_ROW and (r, (model, bits)) in table.cells), None)
     fig, ax = plt.subplots(figsize=(6.5, 0.4 * len(rows) + 1.4))
     y = list(range(len(rows)))[::-1]  # table order from the top
     ax.errorbar([100 * c.mean for _, c in rows], y, xerr=[100 * c.std for _, c in rows], fmt="o", color="tab:blue",
