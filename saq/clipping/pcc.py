@@ -229,7 +229,7 @@ class PerceptualConsistencyClipping(RangeStrategy):
                                distance(fp_min, fp_max), distance(mse_lo, mse_hi), curve[best],
                                curve if last else [])
         if last:
-            counts, edges = np.histogram(flat.numpy(), bins=200)
+            counts, edges = np.histogram(flat.cpu().numpy(), bins=200)
             result.histogram = (counts.tolist(), edges.tolist())
         quantizer.freeze_range(lows[best], highs[best])
         quantizer.observer.relabel(f"pcc(theta={self.theta:g},pct={self.candidates[best]:g})")

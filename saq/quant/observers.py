@@ -214,7 +214,7 @@ class AGQObserver:
                 continue
             n = max(2, math.ceil(math.log2(upper / lower) * tau * self.points_per_period) + 1)
             grid = torch.logspace(math.log10(lower), math.log10(upper), n, dtype=torch.float64)
-            coarse_errors = self.errors(coarse_scored, grid, tau, bits)
+            coarse_errors = self.errors(coarse_scored, grid, tau, bits).cpu()  # indexes the CPU grid
             i = int(coarse_errors.argmin())
 
             def coarse_err(s: float, tau=tau, coarse_scored=coarse_scored) -> float:
@@ -224,7 +224,7 @@ class AGQObserver:
                                     xatol=1e-3 * float(grid[i]))
             finalists = torch.cat([grid[torch.topk(-coarse_errors, min(3, n)).indices],
                                    torch.tensor([s], dtype=torch.float64)])
-            errors = self.errors(scored, finalists, tau, bits)
+            errors = self.errors(scored, finalists, tau, bits).cpu()
             best = int(errors.argmin())
             out[tau] = (float(finalists[best]), float(errors[best]))
         return out
