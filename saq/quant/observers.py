@@ -187,7 +187,7 @@ class AGQObserver:
 
     def errors(self, scored: tuple, scales: torch.Tensor, tau: float, bits: int) -> torch.Tensor:
         """The stated error for each scale, in batches of scales (one tensor op per batch, not per scale);
-        scored = (A, V, A·V, row weights) from rows()."""
+        scored = (A, V, A·V, row weights) from rows(). On the CPU, like the scale grids it indexes."""
         a3, v3, target, weights = scored
         per_batch = max(1, (1 << 21) // a3.numel())
         out = []
@@ -195,7 +195,7 @@ class AGQObserver:
             a_hat = log2_fake_quant(a3[None], chunk.to(a3)[:, None, None, None], tau, bits, ste=False)
             per_row = abs_pow_(a_hat @ v3 - target, self.p).mean(-1).flatten(1)  # (scales, rows)
             out.append(per_row.mean(1) if weights is None else per_row @ weights / weights.sum())
-        return torch.cat(out)
+        return torch.cat(out).cpu()
 
     def batch_best(self, a: torch.Tensor, v: torch.Tensor, bits: int) -> dict[float, tuple[float, float]]:
         """{τ: (best scale, its error)} for one batch.
@@ -214,7 +214,7 @@ class AGQObserver:
                 continue
             n = max(2, math.ceil(math.log2(upper / lower) * tau * self.points_per_period) + 1)
             grid = torch.logspace(math.log10(lower), math.log10(upper), n, dtype=torch.float64)
-            coarse_errors = self.errors(coarse_scored, grid, tau, bits).cpu()  # indexes the CPU grid
+            coarse_errors = self.errors(coarse_scored, grid, tau, bits)
             i = int(coarse_errors.argmin())
 
             def coarse_err(s: float, tau=tau, coarse_scored=coarse_scored) -> float:
@@ -224,7 +224,7 @@ class AGQObserver:
                                     xatol=1e-3 * float(grid[i]))
             finalists = torch.cat([grid[torch.topk(-coarse_errors, min(3, n)).indices],
                                    torch.tensor([s], dtype=torch.float64)])
-            errors = self.errors(scored, finalists, tau, bits).cpu()
+            errors = self.errors(scored, finalists, tau, bits)
             best = int(errors.argmin())
             out[tau] = (float(finalists[best]), float(errors[best]))
         return out
