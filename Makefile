@@ -19,8 +19,10 @@ setup: $(STAMP)  ## create or refresh .venv (quick when nothing changed)
 demo: setup  ## FP run of sam_tiny on the synthetic instance task: prints mask AP and mIoU
 	$(PY) -m saq logger=none
 
-test: setup  ## run the test suite
-	$(PY) -m pytest tests
+# tests are single-threaded, so one worker per core; loadfile keeps a module's tests (and its fixtures) on one worker
+TEST_WORKERS ?= 2
+test: setup  ## run the test suite (TEST_WORKERS=N parallel workers, default 2)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: setup  ## ruff
 	$(PY) -m ruff check saq tasks tests benchmarks
