@@ -166,18 +166,16 @@ def log2_fake_quant(a: torch.Tensor, scale: torch.Tensor, tau: float, bits: int,
     if ste:
         code = (code - exponent).detach() + exponent
     keep = code.detach() < levels
-    # as in fake_quant: codes equal to a bound count as inside (torch.clamp would pass them no gradient)
-    inside = (code >= 0) & (code <= levels - 1)
-    code = torch.where(inside, code, torch.clamp(code.detach(), 0, levels - 1))
-    a_hat = scale * torch.exp2(code / -tau)
+    a_hat = scale * torch.exp2(torch.clamp(code, 0, levels - 1) / -tau)
     a_hat = torch.where(keep, a_hat, torch.zeros_like(a_hat))
     return a_hat if keep_prob >= 1.0 else mix(a, a_hat, keep_mask(a, keep_prob))
 
 
 class _Log2FakeQuant(torch.autograd.Function):
-    """log2_fake_quant with STE, the gradients of its reference graph in one pass: codes in [0, 2^b - 1] (the bounds
-    included, like LSQ's and the official code's torch.clamp of its day) give dâ/da = â/a and dâ/ds = 0 (â follows
-    a); codes beyond a bound (a > s) give dâ/da = 0 and dâ/ds = â/s; flushed codes give 0."""
+    """log2_fake_quant with STE, the gradients of its reference graph in one pass. torch.clamp passes no gradient
+    at its bounds (since torch 2.14; the official code's older torch passed it: measured worse here, see README), so:
+    codes strictly inside (0, 2^b - 1) give dâ/da = â/a and dâ/ds = 0 (â follows a); codes at or beyond a bound give
+    dâ/da = 0 and dâ/ds = â/s; flushed codes give 0."""
 
     @staticmethod
     def forward(ctx, a, scale, tau, levels, keep_prob):
@@ -185,7 +183,7 @@ class _Log2FakeQuant(torch.autograd.Function):
         clamped = torch.clamp(a, min=tiny)
         code = (clamped / scale).log2_().mul_(-tau).round_()
         flushed = code >= levels
-        inside = (code >= 0) & (code <= levels - 1)
+        inside = (code > 0) & (code < levels - 1)
         power = code.clamp_(0, levels - 1).div_(-tau).exp2_().mul_(~flushed)  # 2^(-code/τ), 0 where flushed
         a_hat = power * scale
         # a_hat / clamped is finite: a_hat <= s, and inputs below tiny are flushed (their a_hat is 0)
