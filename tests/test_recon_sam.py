@@ -18,9 +18,10 @@ from omegaconf import OmegaConf
 from saq.quant import LSQQuantizer, QuantLayer, QuantState, assert_fully_quantized, calibrate, iter_quantizers, quantize
 from saq.recon import EVAL_FULL, EVAL_PAPER, ReconConfig, reconstruct
 from saq.recon.config import PAR_OFFICIAL_ITERS, ParLoss, RoundingRegularizer
+from saq.recon.losses import squared_error, unit_loss
 from saq.sam.build import ARCHITECTURES, build_sam, make_sam
 from saq.sam.segmenter import PromptedImage
-from saq.sam.units import build_chain, encode_sample, encoder_stages, probe_image_tokens
+from saq.sam.units import build_chain, encode_sample, encoder_stages, mask_probabilities, probe_image_tokens
 from tests.conftest import REPO
 
 torch.set_num_threads(1)
@@ -98,6 +99,55 @@ def test_par_probe_is_the_fp_neck_and_two_way_transformer_of_the_stage_output(ti
             tiny.prompt_encoder.get_dense_pe().repeat(prompts, 1, 1, 1), data.tokens)
     assert probe.shape == keys.shape == (16, 32 * 32, 128)
     assert torch.allclose(probe, keys, atol=1e-5)
+
+
+def test_mask_response_is_segment_anythings_box_mask(tiny):
+    """The chain's last state through the mask head equals MaskDecoder's low-resolution mask (multimask off)."""
+    data = encode_sample(tiny, samples(1)[0], 16, torch.Generator().manual_seed(0))
+    chain = build_chain(tiny, "stage")
+    decoder = tiny.mask_decoder
+    with torch.no_grad():
+        masks = mask_probabilities(tiny, run_states(tiny, chain, data, len(chain) - 1), data)
+        sparse = data.tokens[:, 1 + decoder.num_mask_tokens:]
+        logits, _ = decoder(tiny.image_encoder(data.image), tiny.prompt_encoder.get_dense_pe(), sparse, data.dense,
+                            multimask_output=False)
+    assert masks.shape == (3, 128 * 128, 1) and logits.shape == (3, 1, 128, 128)
+    assert torch.allclose(masks, logits.sigmoid().flatten(2).transpose(1, 2), atol=1e-5)
+
+
+def test_mask_weight_adds_the_mask_error_to_every_decoder_unit(tiny):
+    """recon.par_loss.mask_weight=w adds w·‖Δmask‖² to a decoder layer's loss and makes the final attention's
+    loss its hs error + w·‖Δmask‖²; at 0 (the official loss) no mask is computed."""
+    data = encode_sample(tiny, samples(1)[0], 16, torch.Generator().manual_seed(0))
+    chain = build_chain(tiny, "stage")
+    layer0, final = chain.index(next(s for s in chain if s.kind == "decoder_layer")), len(chain) - 1
+    with torch.no_grad():
+        inputs = {i: run_states(tiny, chain, data, i - 1) for i in (layer0, final)}
+    noisy = {i: tuple(t + 0.05 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for t in s)
+             for i, s in inputs.items()}
+
+    def downstream(index, masks):
+        def response(out, d):
+            state = out
+            for step in chain[index + 1:]:
+                state = step.run(tiny, state, d)
+            return (state[0], mask_probabilities(tiny, state, d)) if masks else (state[0],)
+        return response
+
+    with torch.no_grad():
+        for index in (layer0, final):
+            step, target = chain[index], chain[index].run(tiny, inputs[index], data)
+            out = step.run(tiny, noisy[index], data)
+            want, got = downstream(index, True)(target, data), downstream(index, True)(out, data)
+            mask_error = float(squared_error(got[1], want[1]))
+            official = unit_loss(ReconConfig(), step, None, downstream(index, False))
+            with_masks = unit_loss(ReconConfig(par_loss=ParLoss(mask_weight=3.0)), step, None, downstream(index, True))
+            assert mask_error > 0
+            base = float(official(out, target, data, want[:1] if official.uses_response else None))
+            assert float(with_masks(out, target, data, want)) == pytest.approx(base + 3.0 * mask_error, rel=1e-5)
+            if index == final:
+                assert not official.uses_response
+                assert base == pytest.approx(float(squared_error(out[0], target[0])), rel=1e-6)
 
 
 def test_par_leaves_every_quantizer_hard_and_on(tiny):

@@ -29,13 +29,16 @@ class RoundingRegularizer:
 @dataclass(frozen=True)
 class ParLoss:
     """PAR's loss weights (paper.md §4.2): encoder = interaction term (+ output term, 0 in the official code);
-    decoder = beta·(query_weight·‖ΔQ‖² + key_weight·‖ΔK‖²) + alpha·‖Δhs‖²."""
+    decoder = beta·(query_weight·‖ΔQ‖² + key_weight·‖ΔK‖²) + alpha·‖Δhs‖². mask_weight (saq's addition, 0 =
+    official) adds mask_weight·‖Δmask‖² to every decoder unit: the FP mask head's probabilities of the mask a box
+    prompt decodes, per pixel."""
 
     encoder_output_weight: float = 0.0
     query_weight: float = 0.01
     key_weight: float = 1.0
     alpha: float = 1.0
     beta: float = 1.0
+    mask_weight: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from saq.quant.modules import QuantLayer
 from saq.quant.quantizers import AdaRoundQuantizer, Log2AGQQuantizer, Quantizer
 from saq.recon.config import ReconConfig
 from saq.recon.losses import rounding_regularizer, unit_loss
-from saq.sam.units import SampleData, build_chain, encode_sample, probe_image_tokens
+from saq.sam.units import SampleData, build_chain, encode_sample, mask_probabilities, probe_image_tokens
 
 CURVE_POINTS = 200  # loss-curve points kept per unit in results.json (a figure's worth, not every iteration)
 EVAL_FULL = "fully_quantized"
@@ -143,17 +143,20 @@ class Reconstructor:
                 for s, d in zip(states, data)]
 
     def _downstream(self, index: int):
+        """The later FP decoder steps' response to a unit's output: (tokens hs,), and with recon.par_loss.mask_weight
+        the mask head's probabilities too."""
         later = self.chain[index + 1:]
+        masks = self.cfg.par_loss.mask_weight != 0.0
 
-        def response(out: tuple, data: SampleData) -> torch.Tensor:
+        def response(out: tuple, data: SampleData) -> tuple:
             state = out
             for step in later:
                 state = step.run(self.fp_model, state, data)
-            return state[0]
+            return (state[0], mask_probabilities(self.fp_model, state, data)) if masks else (state[0],)
         return response
 
-    def _probe(self, out: tuple, data: SampleData) -> torch.Tensor:
-        return probe_image_tokens(self.fp_model, out[0], data)
+    def _probe(self, out: tuple, data: SampleData) -> tuple:
+        return (probe_image_tokens(self.fp_model, out[0], data),)
 
     # the loop -------------------------------------------------------------------------------------------------------
     def run(self, samples=None, data: list | None = None) -> ReconReport:
@@ -193,14 +196,14 @@ class Reconstructor:
         responses = [None] * len(data)
         if loss_fn.uses_response:
             with torch.no_grad():
-                responses = [loss_fn.response(_to(t, self.device), d.to(self.device)).to(self.cache_device)
+                responses = [_to(loss_fn.response(_to(t, self.device), d.to(self.device)), self.cache_device)
                              for t, d in zip(targets, data)]
 
         def evaluate() -> float:
             with torch.no_grad():
                 return sum(float(loss_fn(step.run(self.qmodel, _to(q, self.device), d.to(self.device)),
                                          _to(t, self.device), d.to(self.device),
-                                         None if r is None else r.to(self.device)))
+                                         None if r is None else _to(r, self.device)))
                            for q, t, d, r in zip(q_states, targets, data, responses)) / len(data)
 
         snapshot = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules] if cfg.best_state else None
@@ -256,7 +259,7 @@ class Reconstructor:
                 q_in = tuple(mix(f, q, keep_mask(q, cfg.drop_prob)) for q, f in zip(q_in, fp_in))
             out = step.run(self.qmodel, q_in, d)
             loss = loss_fn(out, _to(targets[i], self.device), d,
-                           None if responses[i] is None else responses[i].to(self.device))
+                           None if responses[i] is None else _to(responses[i], self.device))
             reg = rounding_regularizer(rounding, cfg.round_reg, it, iters)
             total = loss if reg is None else loss + reg
             if optimizer is not None and total.requires_grad:

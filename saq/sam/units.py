@@ -72,7 +72,8 @@ class Step:
     Learnable steps are reconstruction units: `modules(sam)` hold their quantizers. `kind` names the unit type (the
     iteration budget and the loss are chosen by kind); `compared` lists the outputs a unit-output loss compares and
     `channel_dims` each output's channel axis. `response` says what PAR looks at downstream: 'probe' (the FP neck
-    and two-way transformer, skipping later encoder steps), 'downstream' (the later FP decoder steps) or None.
+    and two-way transformer, skipping later encoder steps), 'downstream' (the later FP decoder steps), 'masks' (only
+    the FP mask head, when recon.par_loss.mask_weight > 0) or None.
     """
 
     learnable = True
@@ -236,20 +237,36 @@ class DecoderSubBlock(Step):
 
 
 class FinalAttention(Step):
-    """The final token→image attention with its residual and norm: (queries, keys) → (tokens hs,). Learned against
-    hs, what the mask head reads, not the attention's raw output as the official code does (README: 73.76 vs 73.19)."""
+    """The final token→image attention with its residual and norm: (queries, keys) → (tokens hs, keys unchanged).
+    Learned against hs, what the mask head reads, not the attention's raw output as the official code does (README:
+    73.76 vs 73.19). Its response ('masks') is the mask head's output, used when recon.par_loss.mask_weight > 0."""
 
     kind = "final_attn"
     part = "decoder"
+    response = "masks"
+    channel_dims = (-1, -1)
 
     def run(self, sam, state, data):
         transformer = sam.mask_decoder.transformer
         queries, keys = state
         out = transformer.final_attn_token_to_image(q=queries + data.tokens, k=keys + data.key_pe, v=keys)
-        return (transformer.norm_final_attn(queries + out),)
+        return transformer.norm_final_attn(queries + out), keys
 
     def modules(self, sam):
         return [sam.mask_decoder.transformer.final_attn_token_to_image]
+
+
+def mask_probabilities(sam: Sam, state: State, data: SampleData) -> torch.Tensor:
+    """The mask head on the two-way transformer's output (tokens hs, image tokens): the first mask output's
+    probabilities, the mask a box prompt decodes (multimask_output=False), as P x pixels x 1. The same numbers as
+    segment_anything's MaskDecoder.predict_masks (its low-resolution logits, mask 0) through a sigmoid."""
+    hs, keys = state
+    decoder = sam.mask_decoder
+    height, width = data.dense.shape[-2:]
+    src = keys.transpose(1, 2).reshape(keys.shape[0], keys.shape[2], height, width)
+    upscaled = decoder.output_upscaling(src).flatten(2)  # P x C' x pixels
+    hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1])  # token 0 is the IoU token, 1 the first mask token
+    return (hyper.unsqueeze(1) @ upscaled).sigmoid().transpose(1, 2)
 
 
 def encoder_stages(sam: Sam) -> list[range]:
