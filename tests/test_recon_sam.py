@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from saq.quant import LSQQuantizer, QuantLayer, QuantState, assert_fully_quantized, calibrate, iter_quantizers, quantize
 from saq.recon import EVAL_FULL, EVAL_PAPER, ReconConfig, reconstruct
 from saq.recon.config import PAR_OFFICIAL_ITERS, ParLoss, RoundingRegularizer
+from saq.recon.loop import Reconstructor
 from saq.recon.losses import squared_error, unit_loss
 from saq.sam.build import ARCHITECTURES, build_sam, make_sam
 from saq.sam.segmenter import PromptedImage
@@ -125,23 +126,19 @@ def test_mask_weight_adds_the_mask_error_to_every_decoder_unit(tiny):
         inputs = {i: run_states(tiny, chain, data, i - 1) for i in (layer0, final)}
     noisy = {i: tuple(t + 0.05 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for t in s)
              for i, s in inputs.items()}
-
-    def downstream(index, masks):
-        def response(out, d):
-            state = out
-            for step in chain[index + 1:]:
-                state = step.run(tiny, state, d)
-            return (state[0], mask_probabilities(tiny, state, d)) if masks else (state[0],)
-        return response
+    official_cfg, masks_cfg = ReconConfig(), ReconConfig(par_loss=ParLoss(mask_weight=3.0))
+    official_run, masks_run = (Reconstructor(tiny, tiny, c, 0, progress=False) for c in (official_cfg, masks_cfg))
 
     with torch.no_grad():
         for index in (layer0, final):
             step, target = chain[index], chain[index].run(tiny, inputs[index], data)
             out = step.run(tiny, noisy[index], data)
-            want, got = downstream(index, True)(target, data), downstream(index, True)(out, data)
+            assert len(official_run._downstream(index)(target, data)) == 1  # no mask computed at weight 0
+            want, got = masks_run._downstream(index)(target, data), masks_run._downstream(index)(out, data)
+            assert torch.equal(want[1], mask_probabilities(tiny, run_states(tiny, chain, data, len(chain) - 1), data))
             mask_error = float(squared_error(got[1], want[1]))
-            official = unit_loss(ReconConfig(), step, None, downstream(index, False))
-            with_masks = unit_loss(ReconConfig(par_loss=ParLoss(mask_weight=3.0)), step, None, downstream(index, True))
+            official = unit_loss(official_cfg, step, None, official_run._downstream(index))
+            with_masks = unit_loss(masks_cfg, step, None, masks_run._downstream(index))
             assert mask_error > 0
             base = float(official(out, target, data, want[:1] if official.uses_response else None))
             assert float(with_masks(out, target, data, want)) == pytest.approx(base + 3.0 * mask_error, rel=1e-5)
