@@ -5,7 +5,9 @@ would (the config in its results.json, evaluated fully quantized) with the run's
 threads= is given: float sums differ in the last bits between thread counts, which can move mask AP by 0.01-0.02.
 Parts are module paths of the SAM (`image_encoder`, `mask_decoder.transformer.layers.0.cross_attn_image_to_token`,
 ..., down to one quantizer such as `...cross_attn_image_to_token.q_proj.input_quantizer`); by default
-saq.sam.units.model_parts (encoder, decoder, each two-way layer and its sub-blocks, final attention).
+saq.sam.units.model_parts (encoder, decoder, each two-way layer and its sub-blocks, final attention), then
+`iou_scores`: the quantized masks with the FP model's predicted IoU scores (box-prompt mAP ranks masks by them, the
+semantic task filters by them), which splits a metric's loss into what the scores cost and what the masks cost.
 A part in FP has its quantizers off and its layers' FP weights back (reconstruction writes its learned rounding into
 the weights, so quantizers off alone would keep it). A part that gains holds quantization error; one that loses had
 learned to make up for error elsewhere.
@@ -28,6 +30,7 @@ from saq.log import RESULTS_FILE, set_aside, write_json_atomic
 
 USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N]"
 FULL = "(fully quantized)"
+IOU_SCORES = "iou_scores"  # not a module: the FP model's predicted IoUs with the quantized model's masks
 SENSITIVITY_FILE = "sensitivity.json"
 # ||saved - FP|| / ||FP|| of a layer's weight: at most 0.12 at W4 on sam_tiny, ~0.55 for W2 min/max rounding;
 # an unrelated checkpoint's weights of the same spread give ~1.4
@@ -43,7 +46,7 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     from saq.quant import iter_quantizers, set_quant_state
     from saq.report import is_table_metric
     from saq.sam.build import build_sam
-    from saq.sam.segmenter import Segmenter
+    from saq.sam.segmenter import ScoreSwapSegmenter, Segmenter
     from saq.sam.units import model_parts
     from saq.saved import load_run, saved_dir
 
@@ -90,15 +93,15 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     report(f"{run_dir}: one part at a time in FP (its quantizers off, its FP weights back), "
            f"{cfg.task.get('max_images') or 'all'} val images")
     model = build_sam(cfg.model.name, checkpoint)
-    names = list(dict.fromkeys(parts)) if parts is not None else model_parts(model)  # each part once
+    names = list(dict.fromkeys(parts)) if parts is not None else [*model_parts(model), IOU_SCORES]  # each once
     saved, _ = load_run(model, cfg)
     # checked on the quantized model, so a single quantizer (`...q_proj.input_quantizer`) is a part too
-    known = {name for name, _ in saved.named_modules()}
+    known = {name for name, _ in saved.named_modules()} | {IOU_SCORES}
     unknown = [p for p in names if p not in known]
     if unknown:
         raise SaqError(f"sensitivity: no module {unknown[0]!r} in quantized {cfg.model.name}; parts are module paths "
-                       f"such as {', '.join(model_parts(model)[:3])}, down to single quantizers")
-    without = [p for p in names if not any(True for _ in iter_quantizers(saved.get_submodule(p)))]
+                       f"such as {', '.join(model_parts(model)[:3])}, down to single quantizers, or {IOU_SCORES}")
+    without = [p for p in names if p != IOU_SCORES and not any(True for _ in iter_quantizers(saved.get_submodule(p)))]
     if without:
         report(f"skipped, no quantizers in them (nothing to switch to FP): {', '.join(without)}")
         names = [p for p in names if p not in without]
@@ -108,12 +111,15 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     out = SensitivityFile(Path(run_dir), record, cfg, task.name, report) if save else None
     for part in [None, *names]:
         qmodel, _ = load_run(model, cfg)
-        if part is not None:
+        segmenter = Segmenter(qmodel, cfg.model.decode_batch_size)
+        if part == IOU_SCORES:  # `model` is the FP SAM (fp_reference reads its weights, nothing changes them)
+            segmenter = ScoreSwapSegmenter(qmodel, model, cfg.model.decode_batch_size)
+        elif part is not None:
             set_quant_state(qmodel.get_submodule(part), "off")
             restore_fp_weights(qmodel, fp_weights, part)
         seed_everything(cfg.seed)  # paper_eval_compat leaves linear inputs randomly dropped: same draws every row
         start = time.perf_counter()
-        metrics = scalar_metrics(task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=False))
+        metrics = scalar_metrics(task.evaluate(segmenter, progress=False))
         rows[FULL if part is None else part] = metrics
         label = FULL if part is None else f"{part or '(whole model)'} in FP"
         shown = "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if is_table_metric(k, v))

@@ -128,7 +128,7 @@ def test_quant_load_is_checked_before_compute(synthetic_root, tmp_path):
 def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, capsys):
     from saq.sam.build import build_sam
     from saq.sam.units import model_parts
-    from saq.sensitivity import FULL, main, sensitivity
+    from saq.sensitivity import FULL, IOU_SCORES, main, sensitivity
 
     first = pipeline.run(run_config(synthetic_root, "quant=w4a4", "task.max_images=1"), tmp_path / "first")
     rows = sensitivity(tmp_path / "first", ["", "mask_decoder"], report=lambda line: None)
@@ -170,6 +170,9 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
     lines = []
     sensitivity(tmp_path / "first", ["mask_decoder"], report=lines.append)
     assert lines[0].endswith("one part at a time in FP (its quantizers off, its FP weights back), 1 val images")
+    # iou_scores: the quantized masks (same mIoU) ranked by the FP model's predicted IoUs (another mask AP)
+    both = sensitivity(tmp_path / "first", [IOU_SCORES], max_images=4, report=lambda line: None)
+    assert both[IOU_SCORES]["mIoU"] == both[FULL]["mIoU"] and both[IOU_SCORES]["mask_AP"] != both[FULL]["mask_AP"]
 
 
 def test_sensitivity_that_cannot_write_its_file_still_measures(synthetic_root, tmp_path, monkeypatch):

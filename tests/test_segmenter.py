@@ -9,7 +9,7 @@ from segment_anything import SamPredictor
 
 from saq.errors import SaqError
 from saq.sam.build import build_random_sam, build_sam
-from saq.sam.segmenter import Segmenter
+from saq.sam.segmenter import ScoreSwapSegmenter, Segmenter
 from tasks.synthetic import render_scene
 
 
@@ -66,6 +66,31 @@ def test_matches_sam_predictor_on_random_vit_b():
     assert out.masks.shape == (2, 1, 240, 320)
     assert torch.equal(out.masks, masks)
     torch.testing.assert_close(out.iou_scores, iou)
+
+
+def test_score_swap_takes_masks_from_one_sam_and_iou_scores_from_the_other(scene):
+    image, boxes = scene
+    masker, scorer = build_random_sam("sam_tiny", seed=3), build_sam("sam_tiny")  # trained IoUs: a positive threshold
+    swap = ScoreSwapSegmenter(masker, scorer, decode_batch_size=1)  # chunk by chunk, the two stay aligned
+    swap.set_image(image)
+    own, other = Segmenter(masker, decode_batch_size=1), Segmenter(scorer, decode_batch_size=1)
+    for seg in (own, other):
+        seg.set_image(image)
+    got, want_masks, want_scores = swap.predict(boxes=boxes), own.predict(boxes=boxes), other.predict(boxes=boxes)
+    assert torch.equal(got.masks, want_masks.masks) and torch.equal(got.low_res_logits, want_masks.low_res_logits)
+    assert torch.equal(got.iou_scores, want_scores.iou_scores)
+    assert not torch.allclose(want_masks.iou_scores, want_scores.iou_scores)  # the two SAMs do score differently
+
+    # automatic masks: the scorer's IoU decides which of the masker's outputs pass
+    points, labels = np.array([[[60.5, 70.5]], [[120.0, 30.0]], [[10.0, 200.0]]], np.float32), np.ones((3, 1), np.int64)
+    every = [list(seg.predict_above_iou(points, labels, 0.0, batch_size=3)) for seg in (own, other)]
+    threshold = float(every[1][0].iou_scores.median())
+    (chunk,) = swap.predict_above_iou(points, labels, threshold, batch_size=3)
+    keep = every[1][0].iou_scores > threshold
+    assert 0 < int(keep.sum()) < len(keep)
+    assert torch.equal(chunk.iou_scores, every[1][0].iou_scores[keep])
+    assert torch.equal(chunk.logits, every[0][0].logits[keep])
+    assert torch.equal(chunk.output_index, every[0][0].output_index[keep])
 
 
 def test_predict_before_set_image_and_bad_prompts():

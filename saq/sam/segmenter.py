@@ -269,3 +269,35 @@ class Segmenter:
         if sample.num_prompts == 0:
             return None
         return self.predict(sample.boxes, sample.points, sample.point_labels, multimask_output)
+
+
+
+class ScoreSwapSegmenter(Segmenter):
+    """Masks from one SAM, predicted IoU scores from another: with a quantized SAM's masks and the FP SAM's scores,
+    a task's metric shows what the quantized IoU head input costs apart from the masks (saq.sensitivity's
+    `iou_scores` part; instance and oriented mAP rank masks by these scores, the semantic task filters by them)."""
+
+    def __init__(self, sam: Sam, scorer: Sam, decode_batch_size: int = 64, mask_threshold: float | None = None):
+        super().__init__(sam, decode_batch_size, mask_threshold)
+        self.scorer = Segmenter(scorer, decode_batch_size, self.mask_threshold)
+
+    def set_image(self, image: np.ndarray) -> None:
+        super().set_image(image)
+        self.scorer.set_image(image)
+
+    def predict_chunks(self, boxes=None, points=None, point_labels=None, multimask_output: bool = False,
+                       return_logits: bool = False) -> Iterator[Prediction]:
+        # the same prompts in the same chunks: chunk k of one is chunk k of the other
+        scored = self.scorer.predict_chunks(boxes, points, point_labels, multimask_output)
+        for own, other in zip(super().predict_chunks(boxes, points, point_labels, multimask_output, return_logits),
+                              scored):
+            yield Prediction(own.masks, other.iou_scores, own.low_res_logits)
+
+    def predict_above_iou(self, points, point_labels, pred_iou_thresh: float,
+                          batch_size: int | None = None) -> Iterator[AutoMasks]:
+        # both keep every output (threshold 0: prompt-major, output-minor order), then the scorer's IoU filters
+        scored = self.scorer.predict_above_iou(points, point_labels, 0.0, batch_size)
+        for own, other in zip(super().predict_above_iou(points, point_labels, 0.0, batch_size), scored):
+            keep = other.iou_scores > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(other.iou_scores,
+                                                                                                   dtype=torch.bool)
+            yield AutoMasks(own.logits[keep], other.iou_scores[keep], own.prompt_index[keep], own.output_index[keep])
