@@ -271,10 +271,9 @@ class Segmenter:
         return self.predict(sample.boxes, sample.points, sample.point_labels, multimask_output)
 
 
-
 class ScoreSwapSegmenter(Segmenter):
     """Masks from one SAM, predicted IoU scores from another: with a quantized SAM's masks and the FP SAM's scores,
-    a task's metric shows what the quantized IoU head input costs apart from the masks (saq.sensitivity's
+    a task's metric shows what the quantized model's IoU predictions cost apart from its masks (saq.sensitivity's
     `iou_scores` part; instance and oriented mAP rank masks by these scores, the semantic task filters by them)."""
 
     def __init__(self, sam: Sam, scorer: Sam, decode_batch_size: int = 64, mask_threshold: float | None = None):
