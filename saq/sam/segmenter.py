@@ -82,6 +82,11 @@ def decode_prompts(
     return sam.mask_decoder(zero, sam.prompt_encoder.get_dense_pe(), sparse, per_prompt, multimask_output)
 
 
+def passes_iou(iou: torch.Tensor, pred_iou_thresh: float) -> torch.Tensor:
+    """Which masks the predicted-IoU filter keeps: those above the threshold, every one when it is <= 0."""
+    return iou > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
+
+
 @dataclass
 class AutoMasks:
     """Multimask outputs of point prompts that passed the predicted-IoU filter, as logits at the original resolution."""
@@ -232,12 +237,12 @@ class Segmenter:
             if isinstance(decoder, MaskDecoder):
                 with token_to_image_by_head_forward(self.sam):
                     mask_tokens, src, iou = decode_tokens(decoder, self._features, image_pe, sparse, dense)
-                keep = iou[:, 1:] > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(iou[:, 1:], dtype=bool)
+                keep = passes_iou(iou[:, 1:], pred_iou_thresh)
                 rows = keep.any(1)
                 low_res = decode_token_masks(decoder, mask_tokens[rows], src[rows])[:, 1:][keep[rows]]
             else:  # a decoder that only offers the whole forward (e.g. a deployed ONNX one)
                 low_res, iou = decoder.predict_masks(self._features, image_pe, sparse, dense)
-                keep = iou[:, 1:] > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(iou[:, 1:], dtype=bool)
+                keep = passes_iou(iou[:, 1:], pred_iou_thresh)
                 low_res = low_res[:, 1:][keep]
             prompt_index, output_index = keep.nonzero(as_tuple=True)
             if len(low_res):
@@ -289,14 +294,13 @@ class ScoreSwapSegmenter(Segmenter):
         # the same prompts in the same chunks: chunk k of one is chunk k of the other
         scored = self.scorer.predict_chunks(boxes, points, point_labels, multimask_output)
         for own, other in zip(super().predict_chunks(boxes, points, point_labels, multimask_output, return_logits),
-                              scored):
+                              scored, strict=True):
             yield Prediction(own.masks, other.iou_scores, own.low_res_logits)
 
     def predict_above_iou(self, points, point_labels, pred_iou_thresh: float,
                           batch_size: int | None = None) -> Iterator[AutoMasks]:
         # both keep every output (threshold 0: prompt-major, output-minor order), then the scorer's IoU filters
         scored = self.scorer.predict_above_iou(points, point_labels, 0.0, batch_size)
-        for own, other in zip(super().predict_above_iou(points, point_labels, 0.0, batch_size), scored):
-            keep = other.iou_scores > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(other.iou_scores,
-                                                                                                   dtype=torch.bool)
+        for own, other in zip(super().predict_above_iou(points, point_labels, 0.0, batch_size), scored, strict=True):
+            keep = passes_iou(other.iou_scores, pred_iou_thresh)
             yield AutoMasks(own.logits[keep], other.iou_scores[keep], own.prompt_index[keep], own.output_index[keep])
