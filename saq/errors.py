@@ -1,5 +1,5 @@
 """The error type for bad user input (the entry point prints its message as one line, without a traceback), and the
-integer check most knobs share."""
+integer and device checks that knobs share."""
 
 
 class SaqError(Exception):
@@ -13,4 +13,15 @@ def check_int(value, key: str, minimum: int | None = 1, allow_none: bool = False
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
         raise SaqError(f"{key}={value!r} invalid; expected an integer{bound}" + (" or null" if allow_none else ""))
+    return value
+
+
+def check_device(value, key: str) -> str:
+    """`value` when it names a device this machine has (cpu or cuda); else a SaqError naming key."""
+    if value not in ("cpu", "cuda"):
+        raise SaqError(f"{key}={value!r} is unknown; expected cpu or cuda")
+    import torch  # only here: the rest of this module is imported by light tools
+
+    if value == "cuda" and not torch.cuda.is_available():
+        raise SaqError(f"{key}=cuda but no CUDA device is available; use {key}=cpu")
     return value

@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from saq.errors import SaqError, check_int
+from saq.errors import SaqError, check_device, check_int
 from saq.log import git_commit, log_to_wandb, package_versions, write_json_atomic, write_results
 from saq.sam.build import TINY_CHECKPOINT, build_sam
 from saq.sam.segmenter import Segmenter
@@ -95,10 +95,7 @@ def validate(cfg: DictConfig):
     """Check every knob that would otherwise fail late (after minutes of FP evaluation on a real model) and return
     the validated quant config and clip strategy (None for an FP run)."""
     check_run_knobs(cfg)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SaqError("device=cuda but no CUDA device is available; use device=cpu")
-    if cfg.device not in ("cpu", "cuda"):
-        raise SaqError(f"device={cfg.device!r} is unknown; expected cpu or cuda")
+    check_device(cfg.device, "device")
     if cfg.quant.get("load"):  # the saved model exists and fits this run
         from saq.saved import check_load
 

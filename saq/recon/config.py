@@ -6,7 +6,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from saq.errors import SaqError
+from saq.errors import SaqError, check_device, check_int
+from saq.sam.units import GRANULARITIES
 
 UNIT_KINDS = ("stage", "layer", "block", "neck", "decoder_layer", "decoder_block", "final_attn")
 LOSSES = ("mse", "par")
@@ -75,7 +76,7 @@ class ReconConfig:
             raise SaqError(f"recon config must be a mapping, got {type(data).__name__}")
         _check_keys(data, cls, "recon")
         values = dict(data)
-        for key, choices in (("granularity", ("stage", "layer", "block")), ("loss", LOSSES), ("budget", BUDGETS),
+        for key, choices in (("granularity", GRANULARITIES), ("loss", LOSSES), ("budget", BUDGETS),
                              ("target_input", TARGET_INPUTS), ("scale_lr_schedule", ("cosine", "constant"))):
             if key in values and values[key] not in choices:
                 raise SaqError(f"recon.{key}={values[key]!r} unknown; expected one of {list(choices)}")
@@ -83,23 +84,25 @@ class ReconConfig:
             iters = values["iters"]
             if not isinstance(iters, Mapping):
                 raise SaqError(f"recon.iters must map unit kinds to iterations, got {iters!r}")
-            for kind, n in iters.items():
+            for kind in iters:
                 if kind not in UNIT_KINDS:
                     raise SaqError(f"recon.iters.{kind} is not a unit kind; expected one of {list(UNIT_KINDS)}")
-                _number(n, f"recon.iters.{kind}", int, 0)
-            values["iters"] = dict(cls().iters, **iters)
+            values["iters"] = dict(cls().iters, **{kind: check_int(n, f"recon.iters.{kind}", 0)
+                                                   for kind, n in iters.items()})
         if "drop_prob" in values:
-            p = _number(values["drop_prob"], "recon.drop_prob", float, 0.0)
+            p = values["drop_prob"] = _number(values["drop_prob"], "recon.drop_prob", 0.0)
             if not 0.0 < p <= 1.0:
                 raise SaqError(f"recon.drop_prob={p!r} invalid; expected 0 < p <= 1 (QDrop: 0.5; 1 = no dropping)")
         for key in ("weight_lr", "scale_lr", "softmax_scale_lr"):
             if key in values:
-                _number(values[key], f"recon.{key}", float, 0.0)
+                values[key] = _number(values[key], f"recon.{key}", 0.0)
         for key in ("max_prompts", "log_every"):
             if key in values:
-                _number(values[key], f"recon.{key}", int, 1)
-        if values.get("seed") is not None:
-            _number(values["seed"], "recon.seed", int, 0)
+                values[key] = check_int(values[key], f"recon.{key}", 1)
+        if "seed" in values:
+            values["seed"] = check_int(values["seed"], "recon.seed", 0, allow_none=True)
+        if values.get("cache_device") is not None:
+            values["cache_device"] = check_device(values["cache_device"], "recon.cache_device")
         for key in ("input_mix", "best_state", "resume", "paper_eval_compat"):
             if key in values and not isinstance(values[key], bool):
                 raise SaqError(f"recon.{key}={values[key]!r} invalid; expected true or false")
@@ -108,9 +111,10 @@ class ReconConfig:
                 if not isinstance(values[key], Mapping):
                     raise SaqError(f"recon.{key} must be a mapping, got {values[key]!r}")
                 _check_keys(values[key], sub, f"recon.{key}")
-                for name, v in values[key].items():
-                    _number(v, f"recon.{key}.{name}", float, 0.0)
-                values[key] = sub(**{k: float(v) for k, v in values[key].items()})
+                values[key] = sub(**{name: _number(v, f"recon.{key}.{name}", 0.0) for name, v in values[key].items()})
+                if key == "round_reg" and not values[key].warm_up < 1.0:
+                    raise SaqError(f"recon.round_reg.warm_up={values[key].warm_up!r} invalid; expected a fraction of "
+                                   "the iterations in [0, 1) (AdaRound: 0.2)")
         return cls(**values)
 
     def unit_iters(self, kinds: list[str], reference_kinds: list[str]) -> list[int]:
@@ -144,10 +148,9 @@ def _check_keys(data: Mapping, cls, where: str) -> None:
             raise SaqError(f"{where}.{key} is not a known key; expected one of {sorted(allowed)}")
 
 
-def _number(value, key: str, kind: type, minimum: float):
+def _number(value, key: str, minimum: float) -> float:
+    """`value` as a float when it is a finite number >= minimum; else a SaqError naming key."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind is int:
-        ok = ok and float(value).is_integer()
     if not ok or value < minimum:
-        raise SaqError(f"{key}={value!r} invalid; expected {'an integer' if kind is int else 'a number'} >= {minimum}")
-    return kind(value)
+        raise SaqError(f"{key}={value!r} invalid; expected a number >= {minimum}")
+    return float(value)
