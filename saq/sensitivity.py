@@ -1,8 +1,9 @@
 """Quantization sensitivity of a saved run: its task metrics fully quantized, then with one part at a time in FP.
 
-`python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N]`. The run is rebuilt as `quant.load`
-would (the config in its results.json, evaluated fully quantized) with the run's own torch thread count unless
-threads= is given: float sums differ in the last bits between thread counts, which can move mask AP by 0.01-0.02.
+`python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N] [device=cpu|cuda]`. The run is rebuilt
+as `quant.load` would (the config in its results.json, evaluated fully quantized) on the run's own device and with
+its own torch thread count unless device= or threads= is given: float sums differ in the last bits between thread
+counts, which can move mask AP by 0.01-0.02.
 Parts are module paths of the SAM (`image_encoder`, `mask_decoder.transformer.layers.0.cross_attn_image_to_token`,
 ..., down to one quantizer such as `...cross_attn_image_to_token.q_proj.input_quantizer`); by default
 saq.sam.units.model_parts (encoder, decoder, each two-way layer and its sub-blocks, final attention), then
@@ -25,10 +26,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from saq.errors import SaqError
+from saq.errors import SaqError, check_device
 from saq.log import RESULTS_FILE, set_aside, write_json_atomic
 
-USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N]"
+USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N] [device=cpu|cuda]"
 FULL = "(fully quantized)"
 IOU_SCORES = "iou_scores"  # not a module: the FP model's predicted IoUs with the quantized model's masks
 SENSITIVITY_FILE = "sensitivity.json"
@@ -38,7 +39,8 @@ MAX_WEIGHT_QUANT_ERROR = 0.75
 
 
 def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_images: int | None = None,
-                threads: int | None = None, report=print, save: bool = True) -> dict[str, dict]:
+                threads: int | None = None, report=print, save: bool = True, device: str | None = None
+                ) -> dict[str, dict]:
     """{FULL or part: scalar task metrics} for the saved run in `run_dir`; `report(line)` gets one line per row.
     With `save`, the rows go to RUN_DIR/sensitivity.json as they come and, at the end, to a bar chart beside it
     (an earlier file is kept aside, never overwritten)."""
@@ -64,6 +66,7 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
                        "directory of a finished quantized run")
     if cfg.quant.name == "fp":
         raise SaqError(f"sensitivity: {run_dir} is an FP run; give a quantized run's directory")
+    device = check_device(device or cfg.get("device") or "cpu", "device")
     if threads or cfg.get("threads"):
         torch.set_num_threads(threads or cfg.threads)
     if max_images is not None:
@@ -92,7 +95,7 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     cfg.quant.load = str(source)
     report(f"{run_dir}: one part at a time in FP (its quantizers off, its FP weights back), "
            f"{cfg.task.get('max_images') or 'all'} val images")
-    model = build_sam(cfg.model.name, checkpoint)
+    model = build_sam(cfg.model.name, checkpoint).to(device)
     names = list(dict.fromkeys(parts)) if parts is not None else [*model_parts(model), IOU_SCORES]  # each once
     saved, _ = load_run(model, cfg)
     # checked on the quantized model, so a single quantizer (`...q_proj.input_quantizer`) is a part too
@@ -241,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         path, options = tool_args(sys.argv[1:] if argv is None else argv, USAGE,
-                                  {"parts": None, "max_images": None, "threads": None}, about=__doc__)
+                                  {"parts": None, "max_images": None, "threads": None, "device": ("cpu", "cuda")},
+                                  about=__doc__)
         try:
             threads = int(options["threads"]) if "threads" in options else None
             max_images = int(options["max_images"]) if "max_images" in options else None
@@ -250,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         if (threads is not None and threads < 1) or (max_images is not None and max_images < 1):
             raise SaqError(f"threads and max_images must be >= 1; usage: {USAGE}")
         parts = options["parts"].split(",") if "parts" in options else None
-        sensitivity(path, parts, max_images, threads, report=lambda line: print(line, flush=True))
+        sensitivity(path, parts, max_images, threads, report=lambda line: print(line, flush=True),
+                    device=options.get("device"))
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -324,6 +324,15 @@ def test_sensitivity_names_what_it_needs_not_settings_it_lacks(synthetic_root, t
     assert err.endswith(f"; the run's data must be where the run had it (config.task.data in "
                         f"{tmp_path / 'run' / 'results.json'})")
     assert "set task.data" not in err and "\n" not in err
+    if not torch.cuda.is_available():  # the run's device is used unless device= names another
+        (tmp_path / "run" / "results.json").write_text(json.dumps({"config": dict(config, device="cuda")}))
+        assert main([str(tmp_path / "run")]) == 2
+        assert capsys.readouterr().err.strip() == (
+            "error: device=cuda but no CUDA device is available; use device=cpu")
+        assert main([str(tmp_path / "run"), "device=cpu"]) == 2
+        assert "cannot rebuild the task" in capsys.readouterr().err
+    assert main([str(tmp_path / "run"), "device=gpu"]) == 2
+    assert "device='gpu' is not allowed; expected one of ['cpu', 'cuda']" in capsys.readouterr().err
     config["model"]["checkpoint"] = str(tmp_path / "gone.pth")
     (tmp_path / "run" / "results.json").write_text(json.dumps({"config": config}))
     assert main([str(tmp_path / "run")]) == 2
