@@ -239,7 +239,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, monkeypat
     cfg = recon_cfg(iters={"block": 8})
     chain = lambda: [Feed(), Block("first"), Block("second")]  # noqa: E731
     fp, whole, data = toy_models()
-    Reconstructor(whole, fp, cfg, seed=0, progress=False, chain=chain()).run(data=data)
+    uninterrupted = Reconstructor(whole, fp, cfg, seed=0, progress=False, chain=chain()).run(data=data)
 
     fp, crashed, data = toy_models()
     checkpoint = tmp_path / "recon.pt"
@@ -259,7 +259,13 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, monkeypat
     resume_cfg = recon_cfg(iters={"block": 8}, resume=True)
     report = Reconstructor(resumed, fp, resume_cfg, seed=0, progress=False, checkpoint=checkpoint,
                            chain=chain()).run(data=data)
-    assert [u.name for u in report.units] == ["first", "second"] and report.units[0].kept == "resumed"
+    assert [u.name for u in report.units] == ["first", "second"]
+    # the resumed unit keeps what the killed run recorded of it (kept, losses) and is marked, its iterations not
+    # counted as this run's
+    assert [u.resumed for u in report.units] == [True, False]
+    assert [u.kept for u in report.units] == [u.kept for u in uninterrupted.units]
+    assert report.units[0].eval_after == uninterrupted.units[0].eval_after
+    assert report.as_dict()["iters"] == report.units[1].iters
     expected, got = whole.state_dict(), resumed.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -42,7 +42,8 @@ class UnitReport:
     loss_last: float | None = None  # ... and over the last
     eval_before: float | None = None  # unit loss over all samples, hard and undropped, before learning
     eval_after: float | None = None  # ... after learning and hardening
-    kept: str = "learned"  # learned | start (best-state restore kept the starting state) | resumed
+    kept: str = "learned"  # learned | start (best-state restore kept the starting state)
+    resumed: bool = False  # learned by the killed run this one resumed (its iterations are not this run's)
     loss_curve: list = field(default_factory=list)  # [iteration, mean training loss since the previous point], <= 200
 
     @property
@@ -62,7 +63,7 @@ class ReconReport:
 
     def as_dict(self) -> dict:
         return {"method": self.method, "eval_mode": self.eval_mode, "seconds": round(self.seconds, 2),
-                "iters": sum(u.iters for u in self.units if u.kept != "resumed"), "resumed_from": self.resumed_from,
+                "iters": sum(u.iters for u in self.units if not u.resumed), "resumed_from": self.resumed_from,
                 "units": [dict(asdict(u), it_per_s=round(u.it_per_s, 2)) for u in self.units]}
 
 
@@ -309,7 +310,7 @@ class Reconstructor:
             return -1
         saved = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
         self.qmodel.load_state_dict(saved["model"])
-        report.units = [UnitReport(**dict(u, kept="resumed")) for u in saved["units"]]
+        report.units = [UnitReport(**dict(u, resumed=True)) for u in saved["units"]]
         report.resumed_from = str(self.checkpoint)
         print(f"recon: resumed after unit {self.chain[saved['done']].name} from {self.checkpoint}")
         return int(saved["done"])
