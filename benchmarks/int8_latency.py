@@ -28,7 +28,7 @@ from saq import deploy
 from saq.pipeline import build_task
 from saq.quant import calibrate, quantize
 from saq.sam.build import build_random_sam, build_sam
-from saq.sam.segmenter import Segmenter
+from saq.sam.segmenter import Segmenter, encoder_input
 from tasks.instance import gt_boxes, read_annotated_image
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -58,7 +58,7 @@ def latencies(name: str, fp, qmodel, workdir: Path, threads: int, repeats: int, 
     sample = random_image(fp.image_encoder.img_size, prompts, seed=1)
     segmenter = Segmenter(fp, decode_batch_size=prompts)
     segmenter.set_image(sample.image)
-    image = fp.preprocess(torch.as_tensor(segmenter.transform.apply_image(sample.image)).permute(2, 0, 1)[None])
+    image = encoder_input(fp, segmenter.transform, sample.image)
     boxes = segmenter.transform.apply_boxes_torch(torch.as_tensor(sample.boxes), sample.image.shape[:2])
     with torch.no_grad():
         sparse, dense = fp.prompt_encoder(points=None, boxes=boxes, masks=None)

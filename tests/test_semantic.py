@@ -12,7 +12,7 @@ from torchvision.ops import box_iou
 
 from saq.errors import SaqError
 from saq.sam.build import build_sam
-from saq.sam.segmenter import AutoMasks, Prediction, Segmenter, Timings
+from saq.sam.segmenter import AutoMasks, Prediction, Segmenter, Timings, passes_iou
 from tasks.base import read_rgb
 from tasks.prompts import DetectionsFile, GroundTruthBoxes, JitteredBoxes
 from tasks.semantic import (
@@ -103,7 +103,7 @@ class RegionSegmenter:
     def predict_above_iou(self, points, point_labels, pred_iou_thresh, batch_size=None):
         """Segmenter.predict_above_iou's contract on top of predict_chunks (the fake keeps its own chunk size)."""
         for start, chunk in zip(range(0, len(points), self.decode_batch_size), self.predict_chunks(points, point_labels)):
-            keep = chunk.iou_scores > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(chunk.iou_scores) > 0
+            keep = passes_iou(chunk.iou_scores, pred_iou_thresh)
             prompt_index, output_index = keep.nonzero(as_tuple=True)
             yield AutoMasks(chunk.masks[keep], chunk.iou_scores[keep], prompt_index + start, output_index)
 

@@ -97,6 +97,41 @@ class AutoMasks:
     output_index: torch.Tensor  # K: which of the three multimask outputs (0..2)
 
 
+def decoder_queries(decoder: MaskDecoder, sparse: torch.Tensor) -> torch.Tensor:
+    """The two-way transformer's queries (P x N x C): the IoU and mask tokens, then each prompt's sparse embeddings."""
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    return torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
+
+
+def encoder_input(sam: Sam, transform: ResizeLongestSide, image: np.ndarray) -> torch.Tensor:
+    """The image encoder's input for an H x W x 3 uint8 RGB image: resized to the longest side, normalised, padded."""
+    resized = transform.apply_image(image)
+    return sam.preprocess(torch.as_tensor(resized, device=sam.device).permute(2, 0, 1).contiguous()[None])
+
+
+def prompt_tensors(transform: ResizeLongestSide, original_size: tuple[int, int], device, boxes=None, points=None,
+                   point_labels=None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Box (B x 4) and point (P x N x 2, labels P x N) prompts of an image of original_size, in the encoder input's
+    coordinates as tensors (None where not given); a SaqError names what does not fit."""
+    boxes_t = coords_t = labels_t = None
+    if boxes is not None:
+        boxes_t = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4), device=device)
+        boxes_t = transform.apply_boxes_torch(boxes_t, original_size)
+    if points is not None:
+        if point_labels is None:
+            raise SaqError("points were given without point_labels")
+        coords_t = torch.as_tensor(np.asarray(points, np.float32), device=device)
+        if coords_t.ndim == 2:
+            coords_t = coords_t[:, None]
+        coords_t = transform.apply_coords_torch(coords_t, original_size)
+        labels_t = torch.as_tensor(np.asarray(point_labels), device=device).reshape(coords_t.shape[:2])
+    if boxes_t is None and coords_t is None:
+        raise SaqError("predict needs box or point prompts")
+    if boxes_t is not None and coords_t is not None and len(boxes_t) != len(coords_t):
+        raise SaqError(f"{len(boxes_t)} boxes but {len(coords_t)} point sets: one of each per prompt")
+    return boxes_t, coords_t, labels_t
+
+
 def decode_tokens(decoder: MaskDecoder, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
                   dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first half of MaskDecoder.predict_masks: the two-way transformer and the IoU head.
@@ -104,9 +139,7 @@ def decode_tokens(decoder: MaskDecoder, image_embeddings: torch.Tensor, image_pe
     Returns the mask-token outputs, the updated image tokens (B x C x h x w) and the IoU predictions of all outputs;
     decode_token_masks turns the first two into masks, for any subset of the prompts.
     """
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
-    tokens = torch.cat((output_tokens, sparse), dim=1)
+    tokens = decoder_queries(decoder, sparse)
     if image_embeddings.shape[0] == 1 and dense.stride(0) == 0:
         # Without mask prompts every prompt's dense embedding is the same (an expanded view): the image tokens enter
         # the transformer identical for all prompts. Passed once, the first block's image-side projections run once
@@ -124,11 +157,13 @@ def decode_tokens(decoder: MaskDecoder, image_embeddings: torch.Tensor, image_pe
     return hs[:, 1:(1 + decoder.num_mask_tokens), :], src.transpose(1, 2).view(-1, c, h, w), iou_pred
 
 
-def decode_token_masks(decoder: MaskDecoder, mask_tokens_out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """The second half of MaskDecoder.predict_masks: upscale the image tokens, low-res logits of every mask token."""
+def decode_token_masks(decoder: MaskDecoder, mask_tokens_out: torch.Tensor, src: torch.Tensor,
+                       count: int | None = None) -> torch.Tensor:
+    """The second half of MaskDecoder.predict_masks: upscale the image tokens, low-res logits of every mask token
+    (or of the first `count`: 1 is the mask a single-mask prompt decodes)."""
     upscaled = decoder.output_upscaling(src)
     hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
-                            for i in range(decoder.num_mask_tokens)], dim=1)
+                            for i in range(count or decoder.num_mask_tokens)], dim=1)
     b, c, h, w = upscaled.shape
     return (hyper_in @ upscaled.view(b, c, h * w)).view(b, hyper_in.shape[1], h, w)
 
@@ -162,32 +197,11 @@ class Segmenter:
             shape = getattr(image, "shape", None)
             raise SaqError(f"set_image expects an H x W x 3 RGB array, got shape {shape}")
         start = self.timings.clock(self.device)
-        resized = self.transform.apply_image(image)
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
         self._original_size = image.shape[:2]
-        self._input_size = tuple(tensor.shape[-2:])
-        self._features = self.sam.image_encoder(self.sam.preprocess(tensor))
+        self._input_size = self.transform.get_preprocess_shape(*image.shape[:2], self.transform.target_length)
+        self._features = self.sam.image_encoder(encoder_input(self.sam, self.transform, image))
         self.timings.encoder_s += self.timings.clock(self.device) - start
         self.timings.images += 1
-
-    def _prompt_tensors(self, boxes, points, point_labels):
-        boxes_t = coords_t = labels_t = None
-        if boxes is not None:
-            boxes_t = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4), device=self.device)
-            boxes_t = self.transform.apply_boxes_torch(boxes_t, self._original_size)
-        if points is not None:
-            if point_labels is None:
-                raise SaqError("points were given without point_labels")
-            coords_t = torch.as_tensor(np.asarray(points, np.float32), device=self.device)
-            if coords_t.ndim == 2:
-                coords_t = coords_t[:, None]
-            coords_t = self.transform.apply_coords_torch(coords_t, self._original_size)
-            labels_t = torch.as_tensor(np.asarray(point_labels), device=self.device).reshape(coords_t.shape[:2])
-        if boxes_t is None and coords_t is None:
-            raise SaqError("predict needs box or point prompts")
-        if boxes_t is not None and coords_t is not None and len(boxes_t) != len(coords_t):
-            raise SaqError(f"{len(boxes_t)} boxes but {len(coords_t)} point sets: one of each per prompt")
-        return boxes_t, coords_t, labels_t
 
     @torch.no_grad()
     def predict_chunks(self, boxes=None, points=None, point_labels=None, multimask_output: bool = False,
@@ -195,7 +209,8 @@ class Segmenter:
         """Decode prompts chunk by chunk (decode_batch_size at a time), so memory stays bounded."""
         if self._features is None:
             raise SaqError("call set_image() before predict()")
-        boxes_t, coords_t, labels_t = self._prompt_tensors(boxes, points, point_labels)
+        boxes_t, coords_t, labels_t = prompt_tensors(self.transform, self._original_size, self.device, boxes, points,
+                                                     point_labels)
         n = len(boxes_t) if boxes_t is not None else len(coords_t)
         for start in range(0, n, self.decode_batch_size):
             sl = slice(start, start + self.decode_batch_size)
@@ -224,7 +239,8 @@ class Segmenter:
         """
         if self._features is None:
             raise SaqError("call set_image() before predict()")
-        _, coords_t, labels_t = self._prompt_tensors(None, points, point_labels)
+        _, coords_t, labels_t = prompt_tensors(self.transform, self._original_size, self.device, None, points,
+                                               point_labels)
         batch_size = batch_size or self.decode_batch_size
         if batch_size < 1:
             raise SaqError(f"batch_size must be >= 1, got {batch_size}")
@@ -257,9 +273,7 @@ class Segmenter:
                 return_logits: bool = False) -> Prediction:
         """All prompts at once (concatenated chunks); no prompts give empty tensors of the usual shapes."""
         parts = list(self.predict_chunks(boxes, points, point_labels, multimask_output, return_logits))
-        if not parts:
-            if self._original_size is None:
-                raise SaqError("Segmenter.predict: call set_image first")
+        if not parts:  # predict_chunks has checked that set_image ran
             c, device = 3 if multimask_output else 1, self.sam.device
             low = self.sam.prompt_encoder.mask_input_size
             return Prediction(torch.zeros((0, c, *self._original_size), dtype=torch.float32 if return_logits else

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
@@ -13,7 +12,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from saq.errors import SaqError
-from saq.sam.segmenter import PromptedImage
+from saq.sam.segmenter import PromptedImage, decode_token_masks, decoder_queries, encoder_input, prompt_tensors
 
 GRANULARITIES = ("stage", "layer", "block")
 State = tuple  # the tensors flowing between steps: (x,) in the encoder, (embedding,) after the neck, (queries, keys)
@@ -39,27 +38,17 @@ def encode_sample(sam: Sam, sample: PromptedImage, max_prompts: int, generator: 
     with `generator` when there are more, as SAQ-SAM's save_sam_inputs does)."""
     if sample.num_prompts == 0:
         raise SaqError(f"calibration image {sample.image_id} has no prompts; reconstruction needs prompted images")
-    device = sam.device
     transform = ResizeLongestSide(sam.image_encoder.img_size)
-    resized = transform.apply_image(sample.image)
-    image = sam.preprocess(torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous()[None])
-    keep = np.arange(sample.num_prompts)
+    image = encoder_input(sam, transform, sample.image)
+    boxes, coords, labels = prompt_tensors(transform, sample.image.shape[:2], sam.device, sample.boxes, sample.points,
+                                           sample.point_labels)
+    keep = torch.arange(sample.num_prompts)
     if sample.num_prompts > max_prompts:
-        keep = np.sort(torch.randperm(sample.num_prompts, generator=generator)[:max_prompts].numpy())
-    size = sample.image.shape[:2]
-    boxes = points = None
-    if sample.boxes is not None:
-        boxes = torch.as_tensor(np.asarray(sample.boxes, np.float32).reshape(-1, 4)[keep], device=device)
-        boxes = transform.apply_boxes_torch(boxes, size)
-    if sample.points is not None:
-        coords = torch.as_tensor(np.asarray(sample.points, np.float32), device=device)
-        coords = coords[:, None] if coords.ndim == 2 else coords
-        labels = torch.as_tensor(np.asarray(sample.point_labels), device=device).reshape(coords.shape[:2])
-        points = (transform.apply_coords_torch(coords[keep], size), labels[keep])
-    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-    decoder = sam.mask_decoder
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse), dim=1)
+        keep = torch.randperm(sample.num_prompts, generator=generator)[:max_prompts].sort().values
+    keep = keep.to(sam.device)
+    sparse, dense = sam.prompt_encoder(points=None if coords is None else (coords[keep], labels[keep]),
+                                       boxes=None if boxes is None else boxes[keep], masks=None)
+    tokens = decoder_queries(sam.mask_decoder, sparse)
     if bool((dense == dense[:1]).all()):
         dense = dense[:1]  # one shared dense embedding: the probe computes the image side of layer 0 once
     key_pe = sam.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)
@@ -261,12 +250,10 @@ def mask_probabilities(sam: Sam, state: State, data: SampleData) -> torch.Tensor
     probabilities, the mask a box prompt decodes (multimask_output=False), as P x pixels x 1. The same numbers as
     segment_anything's MaskDecoder.predict_masks (its low-resolution logits, mask 0) through a sigmoid."""
     hs, keys = state
-    decoder = sam.mask_decoder
     height, width = data.dense.shape[-2:]
     src = keys.transpose(1, 2).reshape(keys.shape[0], keys.shape[2], height, width)
-    upscaled = decoder.output_upscaling(src).flatten(2)  # P x C' x pixels
-    hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1])  # token 0 is the IoU token, 1 the first mask token
-    return (hyper.unsqueeze(1) @ upscaled).sigmoid().transpose(1, 2)
+    # token 0 of hs is the IoU token, the mask tokens follow
+    return decode_token_masks(sam.mask_decoder, hs[:, 1:], src, count=1).sigmoid().flatten(2).transpose(1, 2)
 
 
 def encoder_stages(sam: Sam) -> list[range]:
