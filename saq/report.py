@@ -174,6 +174,8 @@ SEED_FOLLOWERS = ("prompts.seed", "task.coarse.seed", "recon.seed")
 # Keys that name a table column (model, bit-width) rather than a row, and keys that change where or how a run
 # works but not its numbers.
 COLUMN_KEYS = ("quant.name", "quant.w_bits", "quant.a_bits")
+# Keys that only choose what a run calibrates on (the FP model and the evaluation images do not depend on them).
+CALIBRATION_KEYS = ("task.calib.", "prompts.calib_file", "task.generate.n_train")
 NO_EFFECT_KEYS = ("seed", "quant.load", "quant.save", "recon.paper_eval_compat", "recon.state_dir", "recon.resume",
                   "recon.cache_device", "recon.log_every")
 
@@ -185,7 +187,7 @@ def _row_key_relevant(key: str, fp: bool) -> bool:
     if top in RESUME_IGNORED_KEYS or key in NO_EFFECT_KEYS or key in COLUMN_KEYS:
         return False  # a loaded model is the model that was saved; the evaluation mode is in the row label
     if fp:  # FP depends on the model, the evaluation data and the prompts only
-        return top in ("model", "task", "prompts", "device") and not key.startswith("task.calib.")
+        return top in ("model", "task", "prompts", "device") and not key.startswith(CALIBRATION_KEYS)
     return True
 
 
@@ -220,7 +222,7 @@ def _name_departures(members: list[Entry], key: str, shown: dict[int, list[str]]
 
 def _evaluation_key(key: str) -> bool:
     """Keys that choose what a run is evaluated on (images, prompts): cells side by side must share them."""
-    return key.split(".")[0] in ("task", "prompts") and not key.startswith("task.calib.") and _row_key_relevant(key, True)
+    return key.split(".")[0] in ("task", "prompts") and _row_key_relevant(key, True)
 
 
 def assign_rows(entries: list[Entry]) -> None:

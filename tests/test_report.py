@@ -305,6 +305,23 @@ def test_a_row_evaluated_on_other_images_than_the_table_says_so_even_alone(tmp_p
     assert table.best(("sam_tiny", "w4a4")) == {"mse"}
 
 
+def test_calibration_only_keys_split_method_rows_but_not_fp_or_the_evaluation(tmp_path):
+    # the GT-vs-detector calibration ablation (paper.md §2.3): one FP, the same evaluation images everywhere
+    for clip, ap in (("minmax", 0.4), ("mse", 0.6)):
+        for calib, bonus in ((None, 0.0), ("dets_train.json", 0.05)):
+            rec = record(clip=clip, ap=ap + bonus)
+            rec["config"]["prompts"] = {"calib_file": calib}
+            rec["config"]["task"] |= {"generate": {"n_train": 64 if calib else 32, "n_val": 500}}
+            put(tmp_path, f"{clip}-{bool(calib)}", rec)
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    fp_rows = [r for r in table.rows if r.startswith("FP")]
+    assert fp_rows == ["FP"] and len(table.rows) == 5  # FP, and each clip with both calibrations
+    assert any("prompts.calib_file=dets_train.json" in r for r in table.rows)
+    # every row is evaluated on the table's images, so the column has its bold best (mse calibrated on detections)
+    assert table.best(("sam_tiny", "w4a4")) == {next(r for r in table.rows if r.startswith("mse")
+                                                     and "dets_train" in r)}
+
+
 def test_a_key_a_run_does_not_record_is_no_setting_of_its_own(tmp_path):
     # runs made before a knob existed (or of a task without it) lack the key: they are not split off or labelled
     old = record(clip="pcc", bits=6, ap=0.7)
