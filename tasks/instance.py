@@ -17,7 +17,7 @@ from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, read_rgb, require_dir, require_file
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
-from tasks.synthetic import ensure_dataset
+from tasks.synthetic import evaluation_limit
 
 
 def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
@@ -201,8 +201,7 @@ class InstanceTask(Task):
     def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None,
                  generate: dict | None = None):
         self.root = Path(data["root"])
-        if generate:
-            ensure_dataset(self.root, **generate)
+        max_images = evaluation_limit(self.root, generate, max_images)
         self.ann_path = self.root / data["ann_file"]
         self.img_dir = self.root / data["img_dir"]
         self.calib_ann_path = self.root / calib["ann_file"]
@@ -211,8 +210,6 @@ class InstanceTask(Task):
         if self.calib_order not in CALIB_ORDERS:
             raise SaqError(f"task.calib.order={self.calib_order!r} is unknown; expected one of {list(CALIB_ORDERS)}")
         self.prompts = prompts or GroundTruthBoxes()
-        if max_images is not None and max_images < 1:
-            raise SaqError(f"task.max_images must be >= 1 or null, got {max_images}")
         self.max_images = max_images
         self.coco = load_coco(self.ann_path, "task.data.root / task.data.ann_file")
         require_dir(self.img_dir, "image", "task.data.root / task.data.img_dir")

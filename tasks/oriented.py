@@ -14,7 +14,7 @@ from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, list_images, read_rgb, read_text, require_dir
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
-from tasks.synthetic import ensure_dataset, oriented_box
+from tasks.synthetic import evaluation_limit, oriented_box
 
 # DOTA-v1.x label files may open with these metadata lines.
 HEADER_PREFIXES = ("imagesource:", "gsd:")
@@ -199,12 +199,9 @@ class OrientedTask(Task):
     def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None,
                  generate: dict | None = None, classes: Sequence[str] | None = None, ap_method: str = "voc07"):
         self.root = Path(data["root"])
-        if generate:
-            ensure_dataset(self.root, **generate)
+        max_images = evaluation_limit(self.root, generate, max_images)
         self.img_dir, self.ann_dir = self.root / data["img_dir"], self.root / data["ann_dir"]
         self.calib_img_dir, self.calib_ann_dir = self.root / calib["img_dir"], self.root / calib["ann_dir"]
-        if max_images is not None and max_images < 1:
-            raise SaqError(f"task.max_images must be >= 1 or null, got {max_images}")
         if ap_method not in AP_METHODS:
             raise SaqError(f"task.ap_method must be one of {AP_METHODS}, got {ap_method!r}")
         self.max_images, self.ap_method = max_images, ap_method

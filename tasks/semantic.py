@@ -20,7 +20,7 @@ from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, list_images, read_rgb, require_dir
 from tasks.prompts import GroundTruthBoxes, PromptSource
-from tasks.synthetic import ensure_dataset
+from tasks.synthetic import evaluation_limit
 
 # segment_anything.SamAutomaticMaskGenerator's defaults (its crop layers and small-region removal are not used).
 AMG_DEFAULTS = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
@@ -221,8 +221,7 @@ class SemanticTask(Task):
                            f"prompts={getattr(prompts, 'name', type(prompts).__name__)} cannot be used with it: "
                            "use prompts=gt (the default)")
         self.root = Path(data["root"])
-        if generate:
-            ensure_dataset(self.root, **generate)
+        max_images = evaluation_limit(self.root, generate, max_images)
         self.img_dir, self.label_dir = self.root / data["img_dir"], self.root / data["label_dir"]
         self.calib_img_dir = self.root / calib["img_dir"]
         if isinstance(classes, int) and not isinstance(classes, bool):
@@ -236,8 +235,6 @@ class SemanticTask(Task):
             raise SaqError(f"task.ignore_index {ignore_index} is one of the {self.num_classes} class indices; "
                            "use a value outside 0..K-1 (255 is usual)")
         self.ignore_index, self.reduce_zero_label = ignore_index, bool(reduce_zero_label)
-        if max_images is not None and max_images < 1:
-            raise SaqError(f"task.max_images must be >= 1 or null, got {max_images}")
         self.max_images = max_images
         self.amg = self._settings(amg, AMG_DEFAULTS, "task.amg")
         if int(self.amg["points_per_side"]) < 1:

@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from saq.errors import SaqError
+from saq.errors import SaqError, check_int
 
 # Bump when rendering changes: cached datasets are keyed on it.
 GENERATOR_VERSION = 2
@@ -256,6 +256,17 @@ def _generated_files(root: Path) -> list[Path]:
 def generation_lock(root: Path) -> Path:
     """The lock file beside root that one generation at a time holds (beside it: root may not exist yet)."""
     return root.parent / f".{root.name}.generate.lock"
+
+
+def evaluation_limit(root: Path, generate: dict | None, max_images: int | None) -> int | None:
+    """How many validation images a task evaluates: task.max_images (checked), and with task.generate the dataset is
+    made if missing and the count capped at its n_val. A larger synthetic set already there is reused, and its first
+    n_val validation images are the scenes that n_val asks for, so they are what the run evaluates."""
+    check_int(max_images, "task.max_images", allow_none=True)
+    if not generate:
+        return max_images
+    ensure_dataset(root, **generate)
+    return generate["n_val"] if max_images is None else min(max_images, generate["n_val"])
 
 
 def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progress: bool = True) -> Path:

@@ -57,6 +57,26 @@ def test_ensure_dataset_reuses_a_larger_set(synthetic_root):
     assert json.loads((synthetic_root / "meta.json").read_text())["n_val"] == 6
 
 
+def test_tasks_on_a_larger_set_evaluate_the_n_val_scenes_generate_asks_for(synthetic_root):
+    from tasks.instance import InstanceTask
+    from tasks.oriented import OrientedTask
+    from tasks.semantic import SemanticTask
+
+    root = str(synthetic_root)  # 6 val scenes; n_val=3 reuses them, and its scenes are the first 3
+    generate = {"n_train": 4, "n_val": 3, "seed": 0, "progress": False}
+    data = {"root": root, "ann_file": "annotations/instances_val.json", "img_dir": "val/images"}
+    calib = {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"}
+    assert InstanceTask(data, calib, generate=generate).image_ids() == [1, 2, 3]
+    assert len(InstanceTask(data, calib).image_ids()) == 6  # real data (no generate): every image
+    assert InstanceTask(data, calib, generate=generate, max_images=2).image_ids() == [1, 2]
+    oriented = OrientedTask({"root": root, "img_dir": "val/images", "ann_dir": "val/labelTxt"},
+                            {"img_dir": "train/images", "ann_dir": "train/labelTxt"}, generate=generate)
+    assert [stem for stem, _ in oriented.images] == ["000000", "000001", "000002"]
+    semantic = SemanticTask({"root": root, "img_dir": "val/images", "label_dir": "val/labels"},
+                            {"img_dir": "train/images"}, classes=len(CATEGORIES) + 1, generate=generate)
+    assert [stem for stem, *_ in semantic.items] == ["000000", "000001", "000002"]
+
+
 def test_generation_refuses_a_folder_that_holds_other_data(tmp_path):
     from saq.errors import SaqError
     from tasks.instance import InstanceTask
