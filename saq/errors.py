@@ -16,6 +16,17 @@ def check_int(value, key: str, minimum: int | None = 1, allow_none: bool = False
     return value
 
 
+SEED_LIMIT = 2**32  # numpy's and Python's seeding take 0..2**32-1
+
+
+def check_seed(value, key: str, allow_none: bool = False) -> int | None:
+    """`value` when it is an integer seed 0..2**32-1 (or None where allowed); else a SaqError naming key."""
+    check_int(value, key, 0, allow_none)
+    if value is not None and value >= SEED_LIMIT:
+        raise SaqError(f"{key}={value!r} invalid; expected an integer seed in 0..{SEED_LIMIT - 1}")
+    return value
+
+
 def check_device(value, key: str) -> str:
     """`value` when it names a device this machine has (cpu or cuda); else a SaqError naming key."""
     if value not in ("cpu", "cuda"):

@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from saq.errors import SaqError, check_device, check_int
+from saq.errors import SaqError, check_device, check_int, check_seed
 from saq.log import git_commit, log_to_wandb, package_versions, write_json_atomic, write_results
 from saq.sam.build import TINY_CHECKPOINT, build_sam
 from saq.sam.segmenter import Segmenter
@@ -79,7 +79,7 @@ LOGGER_MODES = ("offline", "online", "disabled")
 def check_run_knobs(cfg: DictConfig) -> None:
     """The run-level knobs (seed, threads, image count, batch size, model keys, logger mode): checked
     before anything uses them, so a typo or a wrong type is one line rather than a torch or numpy traceback."""
-    check_int(cfg.get("seed"), "seed", minimum=None)
+    check_seed(cfg.get("seed"), "seed")
     check_int(cfg.get("threads"), "threads", allow_none=True)
     check_int(cfg.task.get("max_images"), "task.max_images", allow_none=True)
     check_int(cfg.model.get("decode_batch_size", 64), "model.decode_batch_size")

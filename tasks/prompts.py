@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saq.errors import SaqError, check_int
+from saq.errors import SaqError, check_int, check_seed
 from tasks.base import read_text
 
 
@@ -80,9 +80,10 @@ class JitteredBoxes(PromptSource):
     from_ground_truth = True
 
     def __init__(self, scale: float = 0.1, max_px: float = 20.0, seed: int = 0):
-        if scale < 0 or max_px < 0:
-            raise SaqError(f"prompts.scale and prompts.max_px must be >= 0, got {scale}, {max_px}")
-        self.scale, self.max_px, self.seed = scale, max_px, seed
+        for key, value in (("scale", scale), ("max_px", max_px)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise SaqError(f"prompts.{key}={value!r} invalid; expected a number >= 0")
+        self.scale, self.max_px, self.seed = scale, max_px, check_seed(seed, "prompts.seed")
 
     def for_image(self, key, gt: BoxPrompts, image_size: tuple[int, int]) -> BoxPrompts:
         # Seeded per image, so results do not depend on evaluation order.

@@ -16,7 +16,7 @@ from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, ca
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
-from saq.errors import SaqError
+from saq.errors import SaqError, check_seed
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, list_images, read_rgb, require_dir
 from tasks.prompts import GroundTruthBoxes, PromptSource
@@ -231,9 +231,13 @@ class SemanticTask(Task):
                            f"got {classes!r}")
         self.classes = [str(c) for c in classes]
         self.num_classes = len(self.classes)
-        if 0 <= ignore_index < self.num_classes:
-            raise SaqError(f"task.ignore_index {ignore_index} is one of the {self.num_classes} class indices; "
-                           "use a value outside 0..K-1 (255 is usual)")
+        # with reduce_zero_label the label maps hold classes as 1..K and the metric sees them as 0..K-1: an ignore
+        # index in either range would silently drop a class
+        top = self.num_classes + bool(reduce_zero_label)
+        if 0 <= ignore_index < top:
+            raise SaqError(f"task.ignore_index {ignore_index} is one of the {self.num_classes} classes' label values "
+                           f"(0..{top - 1}{' with reduce_zero_label' if reduce_zero_label else ''}); use a value "
+                           "outside them (255 is usual)")
         self.ignore_index, self.reduce_zero_label = ignore_index, bool(reduce_zero_label)
         self.max_images = max_images
         self.amg = self._settings(amg, AMG_DEFAULTS, "task.amg")
@@ -244,6 +248,7 @@ class SemanticTask(Task):
         self.grid = PointGrid(int(self.amg["points_per_side"]))
         self.prompts = self.grid  # what the run records as this task's prompts
         self.coarse = self._settings(coarse, COARSE_DEFAULTS, "task.coarse")
+        check_seed(self.coarse["seed"], "task.coarse.seed")
         if self.coarse["dir"]:
             self.coarse_dir = require_dir(self.coarse["dir"], "coarse prediction", "task.coarse.dir")
         else:

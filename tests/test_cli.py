@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -156,6 +157,9 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
 @pytest.mark.parametrize("overrides,message", [
     (["+model.chekpoint=/x.pth"], "model.chekpoint is not a model setting; expected one of"),
     (["seed=abc"], "seed='abc' invalid; expected an integer"),
+    (["seed=-1"], "seed=-1 invalid; expected an integer >= 0"),
+    (["seed=4294967296"], "seed=4294967296 invalid; expected an integer seed in 0..4294967295"),
+    (["method=saq_sam", "quant=w4a4", "recon.seed=-3"], "recon.seed=-3 invalid"),
     (["threads=0"], "threads=0 invalid; expected an integer >= 1 or null"),
     (["threads=two"], "threads='two' invalid"),
     (["task.max_images=2.5"], "task.max_images=2.5 invalid; expected an integer >= 1 or null"),
@@ -177,6 +181,20 @@ def test_run_knobs_of_the_wrong_kind_are_one_line_before_anything_runs(overrides
     with pytest.raises(SaqError) as err:
         validate(cfg)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_task_seeds_and_jitter_sizes_of_the_wrong_kind_are_one_line(synthetic_root):
+    from saq.errors import SaqError
+    from tasks.prompts import JitteredBoxes
+    from tasks.semantic import SemanticTask
+
+    for kwargs, message in (({"seed": -1}, "prompts.seed=-1 invalid"), ({"scale": "abc"}, "prompts.scale='abc' invalid"),
+                            ({"max_px": None}, "prompts.max_px=None invalid; expected a number >= 0")):
+        with pytest.raises(SaqError, match=re.escape(message)):
+            JitteredBoxes(**kwargs)
+    data = {"root": str(synthetic_root), "img_dir": "val/images", "label_dir": "val/labels"}
+    with pytest.raises(SaqError, match=re.escape("task.coarse.seed=-2 invalid; expected an integer >= 0")):
+        SemanticTask(data, {"img_dir": "train/images"}, classes=5, coarse={"seed": -2})
 
 
 def test_every_model_preset_key_is_a_known_model_setting():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -125,8 +127,14 @@ def test_reduce_zero_label_and_ignore_index(tmp_path):
     data = label_dataset(tmp_path, {"x": raw})
     task = SemanticTask(data, CALIB, classes=150, reduce_zero_label=True)
     assert task.ground_truth(tmp_path / "val/labels/x.png", (2, 3)).tolist() == [[255, 0, 149], [255, 1, 2]]
-    with pytest.raises(SaqError, match="ignore_index 3 is one of the 9 class indices"):
+    with pytest.raises(SaqError, match=re.escape("ignore_index 3 is one of the 9 classes' label values (0..8)")):
         SemanticTask(data, CALIB, classes=CLASSES, ignore_index=3)
+    # raw 150 is class 149 under reduce_zero_label, and 0 its reduced class 0: neither may be ignored
+    for ignored in (150, 0):
+        with pytest.raises(SaqError, match=re.escape(f"ignore_index {ignored} is one of the 150 classes' label "
+                                                     "values (0..150 with reduce_zero_label)")):
+            SemanticTask(data, CALIB, classes=150, reduce_zero_label=True, ignore_index=ignored)
+    SemanticTask(data, CALIB, classes=150, reduce_zero_label=False, ignore_index=150)  # 0..149 only: 150 is free
 
 
 def test_missing_label_map_and_bad_label_files_are_clear_errors(tmp_path):

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from saq.errors import SaqError, check_device, check_int
+from saq.errors import SaqError, check_device, check_int, check_seed
 from saq.sam.units import GRANULARITIES
 
 UNIT_KINDS = ("stage", "layer", "block", "neck", "decoder_layer", "decoder_block", "final_attn")
@@ -100,7 +100,7 @@ class ReconConfig:
             if key in values:
                 values[key] = check_int(values[key], f"recon.{key}", 1)
         if "seed" in values:
-            values["seed"] = check_int(values["seed"], "recon.seed", 0, allow_none=True)
+            values["seed"] = check_seed(values["seed"], "recon.seed", allow_none=True)
         if values.get("cache_device") is not None:
             values["cache_device"] = check_device(values["cache_device"], "recon.cache_device")
         for key in ("input_mix", "best_state", "resume", "paper_eval_compat"):
