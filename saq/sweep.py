@@ -27,9 +27,10 @@ RESUME_IGNORED_KEYS = ("logger", "progress", "threads", "fp_cache", "resume", "f
 def job_dirname(overrides: str, max_len: int = 160) -> str:
     """A job's folder name from its overrides (Hydra's override_dirname): one path component, stable across reruns.
 
-    Slashes in values (paths) become '_' so a job is never nested; a long name keeps its start plus a hash of the whole.
+    Slashes in values (paths) are percent-encoded (with '%' itself, so two jobs never share a folder) and a job is
+    never nested; a long name keeps its start plus a hash of the whole.
     """
-    name = re.sub(r"[/\\\x00]", "_", overrides) or "default"
+    name = re.sub(r"[%/\\\x00]", lambda m: f"%{ord(m.group()):02X}", overrides) or "default"
     if len(name) > max_len:
         name = f"{name[:max_len]}-{hashlib.sha256(overrides.encode()).hexdigest()[:10]}"
     return name

@@ -74,7 +74,7 @@ def test_joblib_multirun_writes_four_results_and_a_report_with_their_numbers(job
 def test_job_folders_are_named_by_their_overrides_without_nesting(joblib_sweep, synthetic_root):
     sweep_dir, _ = joblib_sweep
     names = sorted(p.parent.name for p in sweep_dir.rglob("results.json"))
-    data = str(synthetic_root).replace("/", "_")
+    data = str(synthetic_root).replace("/", "%2F")
     assert names == sorted(f"++quant.calib_images=2,clip={c},quant={q},task.data.root={data},task.generate=null,"
                            f"task.max_images=2" for c in ("minmax", "mse") for q in ("w4a4", "w6a6"))
     assert all(p.parent.parent == sweep_dir for p in sweep_dir.rglob("results.json"))
@@ -213,7 +213,10 @@ def test_job_dirname_is_one_safe_component_and_bounded():
     from saq.sweep import job_dirname
 
     assert job_dirname("clip=mse,quant=w4a4") == "clip=mse,quant=w4a4"
-    assert job_dirname("model.checkpoint=/ckpt/sam_vit_b.pth") == "model.checkpoint=_ckpt_sam_vit_b.pth"
+    assert job_dirname("model.checkpoint=/ckpt/sam_vit_b.pth") == "model.checkpoint=%2Fckpt%2Fsam_vit_b.pth"
+    # two paths that differ only where one has a slash and the other an underscore or a '%2F' get their own folders
+    paths = ("task.data.root=/d/coco_2017", "task.data.root=/d/coco/2017", "task.data.root=/d/coco%2F2017")
+    assert len({job_dirname(p) for p in paths}) == 3
     assert job_dirname("") == "default"
     long_a, long_b = "a=" + "x" * 300, "a=" + "x" * 299 + "y"
     assert len(job_dirname(long_a)) <= 171 and job_dirname(long_a) != job_dirname(long_b)
