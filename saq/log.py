@@ -17,7 +17,10 @@ from pathlib import Path
 from saq.errors import SaqError
 
 RESULTS_FILE = "results.json"
-_PACKAGES = ("torch", "torchvision", "segment-anything", "hydra-core", "omegaconf", "numpy", "pycocotools", "wandb")
+# what a run's numbers can depend on (image decoding and resizing, polygon IoU, label maps included): recorded in
+# results.json and part of the FP cache key
+_PACKAGES = ("torch", "torchvision", "segment-anything", "hydra-core", "omegaconf", "numpy", "pycocotools", "wandb",
+             "opencv-python-headless", "shapely", "pillow")
 
 
 def git_commit() -> str | None:

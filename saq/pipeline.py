@@ -50,6 +50,7 @@ def build_task(cfg: DictConfig):
 
 FP_SOURCES = ("saq/sam", "tasks")  # the code that produces FP metrics
 RECON_SOURCES = (*FP_SOURCES, "saq/quant", "saq/clipping", "saq/recon")  # ... and a reconstructed unit
+DEFAULT_THREADS = torch.get_num_threads()  # the process's own (OMP_NUM_THREADS or the cores), for threads=null
 
 
 def source_digest(parts: tuple[str, ...] = FP_SOURCES) -> str:
@@ -203,8 +204,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     commit = git_commit()  # the code that runs, read before it runs (the tree may change during a long run)
     quant_cfg, strategy = validate(cfg)  # before anything is computed, seed and threads included
     seed_everything(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    # threads=null is the process's own default, also after an earlier job of a sweep in this process set another
+    torch.set_num_threads(cfg.threads or DEFAULT_THREADS)
 
     model = build_sam(cfg.model.name, cfg.model.checkpoint).to(cfg.device)
     if strategy is not None and hasattr(strategy, "check_targets"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from saq import pipeline
@@ -157,6 +158,26 @@ def test_a_missing_calibration_split_fails_before_the_fp_evaluation(task, synthe
     cfg = _run_config(synthetic_root, f"task={task}", "quant=w8a8", "task.calib.img_dir=nope")
     with pytest.raises(SaqError, match=r"calibration image folder not found: .*nope \(set task.calib.img_dir\)"):
         pipeline.run(cfg, tmp_path / "run")
+
+
+def test_threads_null_is_the_process_default_after_a_job_that_set_another(synthetic_root, tmp_path, monkeypatch):
+    """Sweep jobs of the basic launcher share one process: threads=null must not inherit an earlier job's count."""
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop  # right after the threads are set: nothing else of the run is needed here
+
+    monkeypatch.setattr(pipeline, "build_sam", stop)
+    monkeypatch.setattr(pipeline, "DEFAULT_THREADS", 3)
+    before = torch.get_num_threads()
+    try:
+        for threads, expected in (("1", 1), ("null", 3)):
+            with pytest.raises(Stop):
+                pipeline.run(_run_config(synthetic_root, f"threads={threads}"), tmp_path / "run")
+            assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_too_few_images_to_plant_outliers_names_the_outlier_knob(synthetic_root, tmp_path):
