@@ -1,16 +1,26 @@
 """The error type for bad user input (the entry point prints its message as one line, without a traceback), and the
-integer and device checks that knobs share."""
+number, integer, seed and device checks that knobs, data files and records share."""
 
 
 class SaqError(Exception):
     """A problem with the user's input (config, checkpoint, data) that they can fix; the message says how."""
 
 
+def is_number(value) -> bool:
+    """An int or float that is not a bool (JSON's true/false are no numbers, Python's bool is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_int(value, key: str, minimum: int | None = 1, allow_none: bool = False) -> int | None:
     """`value` when it is an integer (not a bool) >= minimum, or None where allowed; else a SaqError naming key."""
     if allow_none and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+    if not is_int(value) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
         raise SaqError(f"{key}={value!r} invalid; expected an integer{bound}" + (" or null" if allow_none else ""))
     return value

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from saq.errors import SaqError
+from saq.errors import SaqError, is_number
 
 RESULTS_FILE = "results.json"
 # what a run's numbers can depend on (image decoding and resizing, polygon IoU, label maps included): recorded in
@@ -127,8 +127,7 @@ def write_results(run_dir: Path, record: dict) -> Path:
 
 
 def _has_number(metrics) -> bool:
-    return isinstance(metrics, dict) and any(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                             for v in metrics.values())
+    return isinstance(metrics, dict) and any(is_number(v) for v in metrics.values())
 
 
 def record_problem(record) -> str | None:
@@ -150,12 +149,14 @@ def record_problem(record) -> str | None:
     return None
 
 
-def _flatten(prefix: str, value, out: dict) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        out[prefix] = value
+def flatten(tree, sep: str = ".", prefix: str = "") -> dict[str, object]:
+    """The leaves of nested dicts under their joined keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        out.update(flatten(v, sep, f"{prefix}{sep}{k}" if prefix else str(k)))
+    return out
 
 
 def method_preset(config: dict) -> str | None:
@@ -262,9 +263,7 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
         os.environ.setdefault("WANDB_INIT_TIMEOUT", str(logger_cfg.get("init_timeout_s", 30)))
         os.environ.setdefault("WANDB_SILENT", "true")
         run = wandb.init(dir=str(run_dir), reinit=True, **wandb_run_options(logger_cfg, record, _multirun_sweep_dir()))
-        flat: dict = {}
-        _flatten("", record.get("metrics", {}), flat)
-        run.summary.update(flat)
+        run.summary.update({k: v for k, v in flatten(record.get("metrics", {}), "/").items() if is_number(v)})
         run.summary["wall_time_s"] = record.get("wall_time_s")
         figures = {f"figures/{p.stem}": wandb.Image(str(p)) for p in run_figures(run_dir)}
         if figures:

@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from saq.errors import SaqError, check_device, check_int, check_seed
+from saq.errors import SaqError, check_device, check_int, check_seed, is_number
 from saq.log import git_commit, log_to_wandb, package_versions, write_json_atomic, write_results
 from saq.sam.build import TINY_CHECKPOINT, build_sam
 from saq.sam.segmenter import Segmenter
@@ -159,7 +159,7 @@ def fp_metrics(cfg: DictConfig, model, task) -> tuple[dict, str | None]:
 
 
 def scalar_metrics(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in metrics.items() if is_number(v)}
 
 
 def format_table(model: str, task: str, prompts: str, rows: dict[str, dict]) -> str:

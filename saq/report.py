@@ -18,8 +18,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saq.errors import SaqError
-from saq.log import RESULTS_FILE, bits_label, labelled_config, method_label, record_problem
+from saq.errors import SaqError, is_number
+from saq.log import RESULTS_FILE, bits_label, flatten, labelled_config, method_label, record_problem
 from saq.paper_results import PAPER_MODEL, paper_row, paper_table
 from saq.sweep import FAILURE_FILE, RESUME_IGNORED_KEYS
 
@@ -36,18 +36,8 @@ PAPER_COMPAT_SUFFIX = " (paper-compat eval)"  # row label of learned runs evalua
 
 def is_table_metric(name: str, value) -> bool:
     """A score to tabulate: a number that is not a count, a timing (*_s) or the semantic task's coarse prior."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and name not in NOT_TABLE_METRICS
+    return (is_number(value) and name not in NOT_TABLE_METRICS
             and not name.endswith("_s") and not name.startswith("coarse_"))
-
-
-def flatten(config, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    if isinstance(config, dict):
-        for k, v in config.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    else:
-        out[prefix[:-1]] = config
-    return out
 
 
 @dataclass

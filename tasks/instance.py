@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from saq.errors import SaqError
+from saq.errors import SaqError, is_int, is_number
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, read_rgb, require_dir, require_file
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
@@ -37,16 +37,16 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
     for i, info in enumerate(data["images"]):
         if not isinstance(info, dict) or not all(k in info for k in ("id", "file_name", "height", "width")):
             raise SaqError(f"annotation file {ann_path}: images[{i}] lacks one of id, file_name, height, width")
-        if not _is_int(info["id"]) or info["id"] in images:
+        if not is_int(info["id"]) or info["id"] in images:
             raise SaqError(f"annotation file {ann_path}: images[{i}] has id {info['id']!r}; image ids must be "
                            "unique integers")
-        if not (_is_int(info["height"]) and _is_int(info["width"]) and info["height"] > 0 and info["width"] > 0):
+        if not (is_int(info["height"]) and is_int(info["width"]) and info["height"] > 0 and info["width"] > 0):
             raise SaqError(f"annotation file {ann_path}: image {info['id']} has height {info['height']!r} and width "
                            f"{info['width']!r}; they must be integers > 0")
         images[info["id"]] = (info["height"], info["width"])
     categories = set()
     for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or cat["id"] in categories:
+        if not isinstance(cat, dict) or not is_int(cat.get("id")) or cat["id"] in categories:
             raise SaqError(f"annotation file {ann_path}: categories[{i}] needs an id, an integer unique among "
                            "the categories")
         categories.add(cat["id"])
@@ -58,17 +58,17 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
         # COCOeval reads an object id of 0 as 'unmatched' and its index keeps one object per id: either would
         # score correct masks as misses without a word
         ann_id = ann["id"]
-        if not _is_int(ann_id) or ann_id < 1 or ann_id in seen_ids:
+        if not is_int(ann_id) or ann_id < 1 or ann_id in seen_ids:
             raise SaqError(f"annotation file {ann_path}: annotation {i} has id {ann_id!r}; ids must be unique "
                            "integers >= 1")
         seen_ids.add(ann_id)
         where = f"annotation file {ann_path}: annotation {ann_id}"
-        if not _is_int(ann["image_id"]) or ann["image_id"] not in images:
+        if not is_int(ann["image_id"]) or ann["image_id"] not in images:
             raise SaqError(f"{where} has image_id {ann['image_id']!r}, which no entry of 'images' has")
-        if not _is_int(ann["category_id"]) or ann["category_id"] not in categories:
+        if not is_int(ann["category_id"]) or ann["category_id"] not in categories:
             raise SaqError(f"{where} has category_id {ann['category_id']!r}, which 'categories' does not define")
         bbox = ann["bbox"]
-        numbers = isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+        numbers = isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)
         # zero width or height is allowed: COCO train2017 itself holds such boxes (e.g. annotation 918)
         problem = ("it must be 4 numbers [x, y, w, h]" if not numbers
                    else "it has a non-finite value" if not np.isfinite(bbox).all()
@@ -92,14 +92,6 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
     return coco
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _segmentation_problem(seg, size: tuple[int, int]) -> str | None:
     """Why a COCO segmentation (polygons, or RLE of the image's size) cannot be decoded, or None."""
     if isinstance(seg, list):
@@ -108,7 +100,7 @@ def _segmentation_problem(seg, size: tuple[int, int]) -> str | None:
         for poly in seg:
             # two-point polygons occur in real COCO files; pycocotools decodes them
             if not (isinstance(poly, list) and len(poly) >= 4 and len(poly) % 2 == 0
-                    and all(_is_number(v) for v in poly) and np.isfinite(poly).all()):
+                    and all(is_number(v) for v in poly) and np.isfinite(poly).all()):
                 return (f"polygon {str(poly)[:40]!r} is not a list of x, y numbers (at least 2 points); "
                         "expected [[x1, y1, x2, y2, x3, y3, ...], ...] or RLE {size, counts}")
         return None
@@ -118,7 +110,7 @@ def _segmentation_problem(seg, size: tuple[int, int]) -> str | None:
         return f"RLE size {seg['size']!r} is not the image's [height, width] {list(size)}"
     try:
         counts = _rle_counts(seg["counts"]) if isinstance(seg["counts"], str) else seg["counts"]
-        ok = isinstance(counts, list) and all(_is_int(c) and c >= 0 for c in counts) \
+        ok = isinstance(counts, list) and all(is_int(c) and c >= 0 for c in counts) \
             and sum(counts) == size[0] * size[1]
     except IndexError:
         ok = False

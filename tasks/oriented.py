@@ -13,7 +13,7 @@ from tqdm import tqdm
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, list_images, read_rgb, read_text, require_dir
-from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
+from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource, enclosing_boxes
 from tasks.synthetic import evaluation_limit, oriented_box
 
 # DOTA-v1.x label files may open with these metadata lines.
@@ -90,13 +90,6 @@ def label_file(ann_dir: Path, stem: str, image: Path) -> Path:
         raise SaqError(f"image {image} has no label file {path} (DOTA needs one per image; write an empty file "
                        "for an image with no objects)")
     return path
-
-
-def enclosing_boxes(polygons: np.ndarray) -> np.ndarray:
-    """Horizontal xyxy boxes enclosing N x K x 2 polygons."""
-    if not len(polygons):
-        return np.zeros((0, 4), np.float32)
-    return np.concatenate([polygons.min(1), polygons.max(1)], 1).astype(np.float32)
 
 
 def _shapes(polygons: np.ndarray) -> np.ndarray:

@@ -292,9 +292,15 @@ def score_problem(score: float) -> str | None:
     return None if 0 <= score <= 1 else "the score must be in [0, 1]"
 
 
+def enclosing_boxes(polygons: np.ndarray) -> np.ndarray:
+    """Horizontal xyxy boxes enclosing N x K x 2 polygons."""
+    if not len(polygons):
+        return np.zeros((0, 4), np.float32)
+    return np.concatenate([polygons.min(1), polygons.max(1)], 1).astype(np.float32)
+
+
 def _enclosing_box(coords: list[float]) -> tuple[float, float, float, float]:
     """The horizontal xyxy box enclosing a flat polygon [x1, y1, x2, y2, ...]."""
     if len(coords) < 4 or len(coords) % 2:
         raise ValueError("a polygon needs an even number of coordinates")
-    xs, ys = coords[0::2], coords[1::2]
-    return min(xs), min(ys), max(xs), max(ys)
+    return tuple(enclosing_boxes(np.asarray(coords, np.float64).reshape(1, -1, 2))[0].tolist())

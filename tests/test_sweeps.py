@@ -224,6 +224,37 @@ def test_job_dirname_is_one_safe_component_and_bounded():
 
 # ------------------------------------------------------------------ W&B conventions
 
+def test_wandb_summary_holds_every_metric_by_its_path(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    from saq.log import log_to_wandb
+
+    class Run:
+        summary: dict = {}
+        url = None
+        settings = None
+
+        def log(self, data):
+            pass
+
+        def finish(self):
+            pass
+
+    run = Run()
+    run.summary = {}
+    fake = types.SimpleNamespace(init=lambda **kwargs: run, Image=str, Table=None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    record = {"metrics": {"fp": {"mask_AP": 0.76, "images": 500, "ok": True},
+                          "quantized": {"mask_AP": 0.73, "by_class": {"circle": 0.8}, "note": "x"}},
+              "wall_time_s": 12.5, "config": {}, "model": "sam_tiny", "quant": "w4a4", "task": "instance",
+              "run_name": "r", "seed": 0}
+    assert log_to_wandb({"name": "wandb", "mode": "offline"}, record, tmp_path) == str(tmp_path / "wandb")
+    # numbers only (no bools, no strings), nested dicts joined with '/'
+    assert run.summary == {"fp/mask_AP": 0.76, "fp/images": 500, "quantized/mask_AP": 0.73,
+                           "quantized/by_class/circle": 0.8, "wall_time_s": 12.5}
+
+
 def test_wandb_options_group_job_type_tags_and_config():
     from saq.log import wandb_run_options
 
