@@ -41,6 +41,25 @@ class Task(ABC):
         return self.name
 
 
+def first_prompted(keys: list, n: int, sample_for, source, split, prompts: str, knob: str) -> list[PromptedImage]:
+    """The calibration samples of the first n `keys` (in order) that get prompts: sample_for(key) is the key's
+    PromptedImage, or None when its prompt source gives it none. None at all: the source says why (a detections
+    file whose scores all fall below the threshold); fewer than n: a SaqError naming the split and `knob`."""
+    samples = []
+    for key in keys:
+        if len(samples) == n:
+            break
+        sample = sample_for(key)
+        if sample is not None:
+            samples.append(sample)
+    if not samples:
+        source.require_prompts(keys, "calibration")
+    if len(samples) < n:
+        raise SaqError(f"calibration split {split} has only {len(samples)} images with prompts ({prompts}), {n} "
+                       f"requested (lower {knob})")
+    return samples
+
+
 def files_digest(paths: Iterable[Path]) -> str:
     """A short hash of each file's name, size and modification time: replacing any file in place changes it."""
     digest = hashlib.sha256()

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from saq.errors import SaqError, is_int, is_number
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import Task, files_digest, read_rgb, require_dir, require_file
+from tasks.base import Task, files_digest, first_prompted, read_rgb, require_dir, require_file
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
 from tasks.synthetic import evaluation_limit
 
@@ -228,22 +228,15 @@ class InstanceTask(Task):
         source, self.calibration_prompts = self.prompts.calibration_source()
         image_ids = list(coco.imgs)  # insertion order = the order of the annotation file's "images" list
         source.bind(image_ids, category_ids=coco.getCatIds())
-        samples = []
-        for image_id in image_ids:
-            if len(samples) == n:
-                break
+
+        def sample_for(image_id) -> PromptedImage | None:
             gt, _ = gt_boxes(coco, image_id)
             info = coco.imgs[image_id]
             prompts = source.for_image(image_id, gt, (info["height"], info["width"]))
-            if not len(prompts):
-                continue
-            samples.append(PromptedImage(read_annotated_image(coco, image_id, self.calib_img_dir),
-                                         boxes=prompts.boxes, image_id=image_id))
-        if not samples:  # a detections file whose scores all fall below the threshold says so
-            source.require_prompts(image_ids, "calibration")
-        if len(samples) < n:
-            raise SaqError(f"calibration split {self.calib_ann_path} has only {len(samples)} images with prompts "
-                           f"({self.calibration_prompts}), {n} requested (lower {knob})")
+            return PromptedImage(read_annotated_image(coco, image_id, self.calib_img_dir), boxes=prompts.boxes,
+                                 image_id=image_id) if len(prompts) else None
+
+        samples = first_prompted(image_ids, n, sample_for, source, self.calib_ann_path, self.calibration_prompts, knob)
         if self.calib_order == "official":
             if n >= 9:
                 samples[0], samples[8] = samples[8], samples[0]

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import Task, files_digest, list_images, read_rgb, read_text, require_dir
+from tasks.base import Task, files_digest, first_prompted, list_images, read_rgb, read_text, require_dir
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource, enclosing_boxes
 from tasks.synthetic import evaluation_limit, oriented_box
 
@@ -244,22 +244,16 @@ class OrientedTask(Task):
         images = list_images(self.calib_img_dir, "task.calib.img_dir")
         source, self.calibration_prompts = self.prompts.calibration_source()
         source.bind([stem for stem, _ in images], self.classes, drop_unknown=True)
-        samples = []
-        for stem, path in images:
-            if len(samples) == n:
-                break
-            objs = read_dota_labels(label_file(self.calib_ann_dir, stem, path))
+        paths = dict(images)
+
+        def sample_for(stem: str) -> PromptedImage | None:
+            objs = read_dota_labels(label_file(self.calib_ann_dir, stem, paths[stem]))
             gt = BoxPrompts(enclosing_boxes(objs.polygons), np.ones(len(objs), np.float32), np.zeros(len(objs), np.int64))
-            image = read_rgb(path)
+            image = read_rgb(paths[stem])
             prompts = source.for_image(stem, gt, image.shape[:2])
-            if len(prompts):
-                samples.append(PromptedImage(image, boxes=prompts.boxes, image_id=stem))
-        if not samples:  # a detections file whose scores all fall below the threshold says so
-            source.require_prompts([stem for stem, _ in images], "calibration")
-        if len(samples) < n:
-            raise SaqError(f"calibration split {self.calib_img_dir} has only {len(samples)} images with prompts "
-                           f"({self.calibration_prompts}), {n} requested (lower {knob})")
-        return samples
+            return PromptedImage(image, boxes=prompts.boxes, image_id=stem) if len(prompts) else None
+
+        return first_prompted(list(paths), n, sample_for, source, self.calib_img_dir, self.calibration_prompts, knob)
 
     def evaluate(self, segmenter: Segmenter, progress: bool = True) -> dict:
         detections, ground_truth, box_ious = [], {}, []

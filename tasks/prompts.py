@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from saq.errors import SaqError, check_int, check_seed
-from tasks.base import read_text
+from tasks.base import files_digest, read_text
 
 
 @dataclass
@@ -274,8 +274,7 @@ class DetectionsFile(PromptSource):
     def fingerprint(self) -> str:
         # A folder's fingerprint covers every result file in it.
         files = sorted(self.path.glob("Task1_*.txt")) if self.path.is_dir() else [self.path]
-        stats = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-        return f"detections-{self.path.resolve()}-{stats}-{self.score_threshold}-{self.max_per_image}"
+        return f"detections-{self.path.resolve()}-{files_digest(files)}-{self.score_threshold}-{self.max_per_image}"
 
 
 def box_problem(box: Sequence[float]) -> str | None:
