@@ -107,8 +107,12 @@ def test_per_channel_activations_are_linear_inputs_only_matmul_operands_stay_per
     linears = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
     assert matmuls and all(getattr(q, "ch_axis", None) is None for m in matmuls for q in (m.a_quantizer, m.b_quantizer))
     assert linears and all(m.input_quantizer.ch_axis == -1 for m in linears)
+    convs = [m for m in qmodel.modules() if isinstance(m, QuantConv2d)]
+    assert convs and all(m.input_quantizer.ch_axis == 1 for m in convs)  # NCHW: the channel axis of a conv input
     samples = _samples(1)
     calibrate(qmodel, samples, W4A4, {"name": "minmax"}, progress=False)
+    # one scale per input channel (a conv's, 128 on the tiny neck, not one per image column)
+    assert all(m.input_quantizer.scale.numel() == m.in_channels for m in convs)
     segmenter = Segmenter(qmodel)
     segmenter.set_image(samples[0].image)  # other prompt counts than calibration saw: no shape error
     segmenter.predict(boxes=np.array([[5, 5, 60, 60], [10, 20, 90, 80], [0, 0, 30, 30]], np.float32))

@@ -228,12 +228,14 @@ class QuantizerFactory:
             ch_axis = spec.ch_axis % ndim
         return self._build(WEIGHT_QUANTIZERS, spec, part, "weight", ch_axis)
 
-    def act_quantizer(self, part: str, operand: bool = False) -> Quantizer:
+    def act_quantizer(self, part: str, operand: bool = False, channel_axis: int | None = None) -> Quantizer:
         """A linear/conv input quantizer, or (operand=True) one for an operand of an attention matmul: those stay
-        per-tensor, since a transposed key or a head-split tensor keeps no channel on one fixed axis."""
+        per-tensor, since a transposed key or a head-split tensor keeps no channel on one fixed axis. Per channel,
+        the axis is the config's ch_axis (a linear's input: channels last), or channel_axis where the layer fixes
+        it (a convolution's NCHW input: 1)."""
         spec = self.cfg.part(part).act
         per_channel = spec.granularity == "per_channel" and not operand
-        ch_axis = spec.ch_axis if per_channel else None  # checked against each input
+        ch_axis = (spec.ch_axis if channel_axis is None else channel_axis) if per_channel else None  # checked per input
         return self._build(ACT_QUANTIZERS, spec, part, "act", ch_axis)
 
     def _build(self, classes: dict, spec, part: str, kind: str, ch_axis: int | None) -> Quantizer:
@@ -260,7 +262,7 @@ class QuantizerFactory:
 
     def conv(self, conv: nn.Conv2d, part: str) -> QuantConv2d:
         return QuantConv2d.from_float(conv, self.weight_quantizer(part, tuple(conv.weight.shape)),
-                                      self.act_quantizer(part))
+                                      self.act_quantizer(part, channel_axis=1))
 
     def matmul(self, part: str) -> QuantMatMul:
         """Activation × activation, e.g. q·kᵀ."""
