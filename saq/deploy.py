@@ -198,6 +198,10 @@ def check_deploy_config(quant_cfg) -> None:
             # the int8 layers dequantize per output channel (axis 0); another axis would need other kernels
             raise SaqError(f"cannot deploy: quant.{part}.weight.ch_axis={weight.ch_axis}; int8 export needs per-output-"
                            "channel weights (ch_axis=0) or per_tensor")
+        act = cfg.part(part).act
+        if cfg.part(part).enabled and act.granularity != "per_tensor":
+            raise SaqError(f"cannot deploy: quant.{part}.act.granularity={act.granularity}; ONNX QuantizeLinear "
+                           f"takes per-tensor activations here (set quant.{part}.act.granularity=per_tensor)")
         if cfg.part(part).enabled and (cfg.bits(part, "act") != 8 or cfg.bits(part, "weight") != 8):
             raise SaqError(f"cannot deploy: int8 kernels need W8A8, the {part} is W{cfg.bits(part, 'weight')}"
                            f"A{cfg.bits(part, 'act')} (quant=w8a8)")

@@ -132,6 +132,8 @@ def validate(cfg: DictConfig):
                        "enable one, or use quant=fp")
     strategy = build_range_strategy(cfg.clip)
     check_range_owner(quant_cfg, None if strategy is None else strategy.name)
+    if strategy is not None:
+        strategy.check_quant_config(quant_cfg)
     if cfg.get("recon") is not None:
         from saq.recon import ReconConfig
 

@@ -169,6 +169,12 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
     (["quant=w8a8", "quant.encoder.enabled=false", "quant.decoder.enabled=false"],
      "quant.encoder.enabled and quant.decoder.enabled are both false: nothing would be quantized"),
     (["model=sam_tiny_outliers", "model.outliers.magnitude=abc"], "model.outliers.magnitude='abc' invalid"),
+    (["quant=w8a8", "deploy=true", "quant.encoder.act.granularity=per_channel"],
+     "cannot deploy: quant.encoder.act.granularity=per_channel; ONNX QuantizeLinear takes per-tensor activations"),
+    (["quant=w4a4", "clip=pcc", "quant.decoder.enabled=false"],
+     "clip=pcc searches the quantized mask decoder's attention ranges, but quant.decoder.enabled=false"),
+    (["quant=w4a4", "clip=pcc", "quant.decoder.act.granularity=per_channel"],
+     "clip=pcc searches per-tensor ranges, but quant.decoder.act.granularity=per_channel"),
 ])
 def test_run_knobs_of_the_wrong_kind_are_one_line_before_anything_runs(overrides, message):
     from hydra import compose, initialize_config_dir

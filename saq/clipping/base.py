@@ -27,6 +27,9 @@ class RangeStrategy(ABC):
     def describe(self) -> str:
         return self.name
 
+    def check_quant_config(self, cfg) -> None:
+        """SaqError before any compute when a QuantConfig cannot host this strategy (any can, unless it says)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()})"
 

@@ -152,6 +152,15 @@ class PerceptualConsistencyClipping(RangeStrategy):
                 "others": self.others.describe()}
 
     # -- the search ----------------------------------------------------------------------------------------------
+    def check_quant_config(self, cfg) -> None:
+        """The search runs on the quantized decoder's attentions and sets per-tensor ranges."""
+        if not cfg.decoder.enabled:
+            raise SaqError("clip=pcc searches the quantized mask decoder's attention ranges, but "
+                           "quant.decoder.enabled=false; enable the decoder or choose another clip=")
+        if cfg.decoder.act.granularity != "per_tensor":
+            raise SaqError(f"clip=pcc searches per-tensor ranges, but quant.decoder.act.granularity="
+                           f"{cfg.decoder.act.granularity}; set it to per_tensor or choose another clip=")
+
     def check_targets(self, names: Sequence[str]) -> None:
         """Fail before any compute when clip.attentions names an attention the model does not have."""
         if self.attentions == "all":
