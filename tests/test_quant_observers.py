@@ -113,6 +113,17 @@ def test_mse_channel_grid_one_sided_and_symmetric():
             low = -r if grid.symmetric else torch.zeros_like(r)
             best = torch.minimum(best, _exact_error(w, low, r, grid, dim=1))
         assert torch.allclose(ours, best, rtol=1e-4)
+    # a symmetric grid reaches further below zero than above (-2^(b-1) codes against 2^(b-1) - 1): short rows whose
+    # extreme is negative must not stop scanning early on the positive end's clipping bound
+    w = torch.randn(64, 6, generator=_gen(4))
+    w[::2] = -w[::2].abs() * 3
+    for bits in (2, 3):
+        grid = QuantGrid(bits, symmetric=True)
+        ours = _exact_error(w, *MSEClipping(num_ranges=25).batch_range(w, grid, 0), grid, dim=1)
+        span, best = w.abs().amax(1), torch.full((64,), math.inf)
+        for i in range(1, 26):
+            best = torch.minimum(best, _exact_error(w, -span * i / 25, span * i / 25, grid, dim=1))
+        assert torch.allclose(ours, best, rtol=1e-4), bits
 
 
 @pytest.mark.parametrize("size", [16_000, 300_000])  # exact scoring, and the tails + sample scoring of big tensors

@@ -111,9 +111,15 @@ class MSEClipping(RangeStrategy):
         rows = torch.arange(w.shape[0], device=w.device)
         for i in range(self.num_ranges, 0, -1):
             r_all = span * i / self.num_ranges
-            # clipping error of the extremes alone: both ends share the uncovered span (two-sided), or one end does
-            uncovered = torch.clamp(span - r_all, min=0)
-            bound = (2 * (uncovered / 2) ** self.p if two_sided else uncovered**self.p) / count
+            # clipping error of the extremes alone: both ends share the uncovered span (two-sided), or one end does;
+            # a symmetric grid reaches r·qmax/h above zero and r·|qmin|/h below (h = levels / 2), each end its own
+            if grid.symmetric:
+                reach = r_all / (levels / 2)
+                bound = (torch.clamp(x_max - reach * grid.qmax, min=0) ** self.p
+                         + torch.clamp(-x_min + reach * grid.qmin, min=0) ** self.p) / count
+            else:
+                uncovered = torch.clamp(span - r_all, min=0)
+                bound = (2 * (uncovered / 2) ** self.p if two_sided else uncovered**self.p) / count
             rows = rows[bound[rows] <= best_err[rows]]
             if rows.numel() == 0:
                 break
