@@ -1,5 +1,7 @@
 """quantize() / calibrate() on SAM: what gets wrapped, off-state identity, states after calibration, summary, export."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -195,6 +197,12 @@ def test_export_and_load_reproduce_outputs(calibrated, tmp_path):
     assert_fully_quantized(loaded)
     for sample in samples:
         assert torch.equal(_predict(loaded, sample).low_res_logits, _predict(qmodel, sample).low_res_logits)
+    # what set each range comes back too (a quant.load run prints the same summary as the run that saved it)
+    relabelled = copy.deepcopy(qmodel)
+    next(m for m in relabelled.modules() if getattr(m, "observer", None) is not None).observer.relabel("pcc_search")
+    export_quantized(relabelled, tmp_path / "relabelled")
+    summary = quant_summary(load_quantized(build_random_sam("sam_tiny", seed=5), tmp_path / "relabelled"))
+    assert summary == quant_summary(relabelled) and "pcc_search" in summary
 
 
 def test_export_load_keeps_adaround_rounding(calibrated, tmp_path):

@@ -13,7 +13,7 @@ from torch import nn
 
 from saq.errors import SaqError
 from saq.quant.model import iter_quantizers, quant_config, quantize
-from saq.quant.quantizers import QuantState
+from saq.quant.quantizers import Quantizer, QuantState
 
 RECIPE_FILE = "recipe.json"
 STATE_FILE = "quantized_state.pt"
@@ -33,7 +33,10 @@ def export_quantized(qmodel: nn.Module, directory: str | Path, extra: dict | Non
 
     directory = Path(directory)
     state = {k: v.detach().cpu().clone() for k, v in qmodel.state_dict().items()}
-    recipe = {"format": FORMAT_VERSION, "quant": cfg.to_dict(), "extra": extra or {}}
+    # what set each range (mse, a PCC search point, ...): not in the tensors, and what quant_summary shows
+    observers = {name: q.observer.name for name, q in qmodel.named_modules()
+                 if isinstance(q, Quantizer) and getattr(q, "observer", None) is not None}
+    recipe = {"format": FORMAT_VERSION, "quant": cfg.to_dict(), "extra": extra or {}, "observers": observers}
     # through a temporary file and a rename (as write_json_atomic): a full disk leaves no truncated state file
     tmp = directory / f".{STATE_FILE}.{uuid.uuid4().hex}.tmp"
     try:
@@ -65,8 +68,9 @@ def read_recipe(directory: str | Path) -> dict:
         raise SaqError(f"{path} has format {recipe.get('format')!r}; this version reads {FORMAT_VERSION}")
     if not isinstance(recipe.get("quant"), dict):
         raise SaqError(f"{path} is not a quantized-model recipe: no \"quant\" settings object")
-    if not isinstance(recipe.get("extra", {}), dict):
-        raise SaqError(f"{path} is not a quantized-model recipe: \"extra\" is not an object")
+    for key in ("extra", "observers"):  # observers: absent from exports made before it was recorded
+        if not isinstance(recipe.get(key, {}), dict):
+            raise SaqError(f"{path} is not a quantized-model recipe: \"{key}\" is not an object")
     return recipe
 
 
@@ -107,4 +111,9 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
     qmodel.to(device)
     for quantizer in iter_quantizers(qmodel):
         quantizer.set_state(QuantState.QUANT)  # raises for any quantizer the export did not mark calibrated
+    modules = dict(qmodel.named_modules())
+    for name, label in recipe.get("observers", {}).items():
+        observer = getattr(modules.get(name), "observer", None)
+        if hasattr(observer, "relabel"):  # AGQ's observer names itself from its searched tau
+            observer.relabel(str(label))
     return qmodel
