@@ -27,7 +27,7 @@ def test_find_peaks_height_distance_and_plateaus():
     y = [0, 5, 0, 0, 3, 3, 3, 0, 1, 0, 0, 0, 0, 9, 8, 9, 0]
     assert find_peaks(y, height=0, distance=1) == [1, 5, 8, 13, 15]  # a plateau counts once, at its middle
     assert find_peaks(y, height=2, distance=1) == [1, 5, 13, 15]
-    assert find_peaks(y, height=2, distance=3) == [1, 5, 13]  # 15 is within 3 of the (equal, earlier-kept) 13
+    assert find_peaks(y, height=2, distance=3) == [1, 5, 15]  # 13 is within 3 of the equal 15: scipy keeps the later
     assert find_peaks(y, height=6, distance=1) == [13, 15]
 
 
@@ -109,3 +109,8 @@ def test_kde_and_peaks_match_scipy_when_installed():
     for height, distance in ((0.01 * theirs.sum(), 32), (0.0, 1), (0.0, 5)):
         expected = sorted(scipy_signal.find_peaks(theirs, height=height, distance=distance)[0].tolist())
         assert sorted(find_peaks(theirs.tolist(), height, distance)) == expected
+    # equal peaks closer than the distance: the same one survives
+    ties = [0, 4, 0, 4, 0, 4, 0, 0, 6, 0, 6, 0, 0, 0, 5, 1, 5, 0]
+    for distance in (2, 3, 5):
+        expected = sorted(scipy_signal.find_peaks(np.array(ties, float), height=1, distance=distance)[0].tolist())
+        assert sorted(find_peaks(ties, 1, distance)) == expected, distance

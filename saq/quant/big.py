@@ -45,7 +45,8 @@ def find_peaks(y: list[float], height: float, distance: int) -> list[int]:
         i += 1
     peaks = [p for p in peaks if y[p] >= height]
     keep = [True] * len(peaks)
-    for idx in sorted(range(len(peaks)), key=lambda j: y[peaks[j]], reverse=True):
+    # of equal peaks the later one goes first, as scipy's (stable) ascending priority order walked from its end
+    for idx in sorted(range(len(peaks)), key=lambda j: (y[peaks[j]], j), reverse=True):
         if not keep[idx]:
             continue
         for other in range(len(peaks)):
