@@ -167,6 +167,11 @@ def test_pcc_runs_on_sam_vit_b_shapes():
     ({"candidates": []}, "clip.candidates=[] invalid"),
     ({"points": ["q_in", "v_in"]}, "clip.points=['q_in', 'v_in'] invalid"),
     ({"others": "pcc"}, "clip.others='pcc' is unknown"),
+    # values of the wrong kind are named as such, not reported as a bad key
+    ({"candidates": 0.9}, "clip.candidates=0.9 invalid; expected a non-empty list of percentiles"),
+    ({"points": 3}, "clip.points=3 invalid"),
+    ({"theta": "0.5"}, "clip.theta='0.5' invalid"),
+    ({"sweeps": 1.5}, "clip.sweeps=1.5 invalid; expected an integer >= 1"),
 ])
 def test_bad_pcc_settings_are_named(cfg, message):
     with pytest.raises(SaqError) as err:

@@ -1,6 +1,7 @@
 """Observers and range strategies on known distributions: MinMax, AvgMinMax, Percentile, MSE grid and bounded search."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -192,6 +193,12 @@ def test_build_range_strategy_from_config():
         build_range_strategy({"_target_": "saq.clipping.Nope"})
     with pytest.raises(SaqError, match="clip.percentiles"):
         build_range_strategy({"name": "percentile", "percentiles": [1.5]})
+    for cfg, message in (({"name": "percentile", "percentiles": 0.99}, "clip.percentiles=0.99 invalid"),
+                         ({"name": "mse", "p": "2"}, "clip.p='2' invalid"),
+                         ({"name": "mse", "max_points": "abc"}, "clip.max_points='abc' invalid; expected an integer"),
+                         ({"name": "mse", "num_ranges": 2.5}, "clip.num_ranges=2.5 invalid")):
+        with pytest.raises(SaqError, match=re.escape(message)):
+            build_range_strategy(cfg)
 
 
 def test_bounded_minimize_matches_scipy_when_installed():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saq.errors import SaqError
+from saq.errors import SaqError, check_int, is_number
 from saq.quant.grid import SCALE_EPS, QuantGrid, abs_pow_
 
 
@@ -72,11 +72,16 @@ def scalar_qparams(lo: float, hi: float, grid: QuantGrid) -> tuple[float, float]
 
 def error_settings(p: float, max_points: int) -> tuple[float, int]:
     """Validated (p, max_points) of a strategy that scores ranges by Lp error on an error_sample."""
-    if not p > 0:
-        raise SaqError(f"clip.p={p} invalid; expected a positive Lp exponent (paper: 2.4)")
-    if int(max_points) < 16:
-        raise SaqError(f"clip.max_points={max_points} invalid; expected an integer >= 16")
-    return float(p), int(max_points)
+    if not (is_number(p) and p > 0):
+        raise SaqError(f"clip.p={p!r} invalid; expected a positive Lp exponent (paper: 2.4)")
+    return float(p), check_int(max_points, "clip.max_points", 16)
+
+
+def percentile_list(values, key: str, paper: str) -> list[float]:
+    """A non-empty list of percentiles in (0.5, 1] (the upper tail a range keeps), or a SaqError naming key."""
+    if not (isinstance(values, (list, tuple)) and values and all(is_number(v) and 0.5 < v <= 1 for v in values)):
+        raise SaqError(f"{key}={values!r} invalid; expected a non-empty list of percentiles in (0.5, 1] ({paper})")
+    return [float(v) for v in values]
 
 
 def error_sample(x: torch.Tensor, max_points: int, seed: int = 0) -> WeightedValues:

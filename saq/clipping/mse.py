@@ -7,7 +7,7 @@ from functools import partial
 import torch
 
 from saq.clipping.base import RangeStrategy, channels_first, error_sample, error_settings
-from saq.errors import SaqError
+from saq.errors import SaqError, check_int, is_number
 from saq.quant.grid import SCALE_EPS, QuantGrid, abs_pow_, bounded_minimize, fake_quant_range, lp_error
 
 
@@ -27,11 +27,9 @@ class MSEClipping(RangeStrategy):
 
     def __init__(self, p: float = 2.4, num_ranges: int = 100, max_points: int = 16384, rel_tol: float = 1e-3):
         self.p, self.max_points = error_settings(p, max_points)
-        if int(num_ranges) < 1:
-            raise SaqError(f"clip.num_ranges={num_ranges} invalid; expected an integer >= 1 (paper: 100)")
-        if not 0 < rel_tol < 0.5:
-            raise SaqError(f"clip.rel_tol={rel_tol} invalid; expected a fraction in (0, 0.5)")
-        self.num_ranges = int(num_ranges)
+        self.num_ranges = check_int(num_ranges, "clip.num_ranges")
+        if not (is_number(rel_tol) and 0 < rel_tol < 0.5):
+            raise SaqError(f"clip.rel_tol={rel_tol!r} invalid; expected a fraction in (0, 0.5)")
         self.rel_tol = float(rel_tol)
 
     def describe(self) -> str:

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from saq.clipping.base import RangeStrategy
+from saq.clipping.base import RangeStrategy, percentile_list
 from saq.clipping.percentile import tail_quantiles
-from saq.errors import SaqError
+from saq.errors import SaqError, check_int, is_number
 
 # The official code's 29 percentile levels (paper.md §3.3): candidate ranges are [q(1 - p), q(p)].
 PAPER_CANDIDATES = (0.85, 0.87, 0.88, 0.89, 0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.960, 0.965, 0.970, 0.975, 0.980,
@@ -108,17 +108,15 @@ class PerceptualConsistencyClipping(RangeStrategy):
     def __init__(self, theta: float = 0.5, candidates: Sequence[float] = PAPER_CANDIDATES, focus_max: str = "row",
                  points: Sequence[str] = POINTS, attentions: str | Sequence[str] = "all", sweeps: int = 2,
                  images: int = 1, others: str = "mse"):
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < 1:
+        if not (is_number(theta) and 0 < theta < 1):
             raise SaqError(f"clip.theta={theta!r} invalid; expected a number in (0, 1) (paper: 0.5)")
-        candidates = list(candidates) if candidates is not None else []
-        if not candidates or not all(isinstance(c, (int, float)) and 0.5 < c <= 1 for c in candidates):
-            raise SaqError(f"clip.candidates={candidates} invalid; expected a non-empty list of percentiles in (0.5, 1] "
-                           "(paper: 29 levels from 0.85 to 0.99999)")
+        candidates = percentile_list(candidates, "clip.candidates", "paper: 29 levels from 0.85 to 0.99999")
         if focus_max not in FOCUS_MAX:
             raise SaqError(f"clip.focus_max={focus_max!r} is unknown; expected one of {list(FOCUS_MAX)}")
+        if not (isinstance(points, (list, tuple)) and points and all(p in POINTS for p in points)
+                and len(set(points)) == len(points)):
+            raise SaqError(f"clip.points={points!r} invalid; expected distinct names from {list(POINTS)}")
         points = list(points)
-        if not points or any(p not in POINTS for p in points) or len(set(points)) != len(points):
-            raise SaqError(f"clip.points={points} invalid; expected distinct names from {list(POINTS)}")
         if isinstance(attentions, str):
             if attentions != "all":
                 raise SaqError(f"clip.attentions={attentions!r} invalid; expected 'all' or a list of decoder "
@@ -127,9 +125,8 @@ class PerceptualConsistencyClipping(RangeStrategy):
             attentions = list(attentions)
             if not attentions:
                 raise SaqError("clip.attentions is empty; expected 'all' or a list of decoder attention names")
-        for key, value, paper in (("sweeps", sweeps, 2), ("images", images, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SaqError(f"clip.{key}={value!r} invalid; expected an integer >= 1 (paper: {paper})")
+        for key, value in (("sweeps", sweeps), ("images", images)):
+            check_int(value, f"clip.{key}")
         if others not in OTHER_STRATEGIES:
             raise SaqError(f"clip.others={others!r} is unknown; expected one of {list(OTHER_STRATEGIES)}")
         from saq.clipping import CLIPPING

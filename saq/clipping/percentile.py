@@ -6,8 +6,7 @@ import math
 
 import torch
 
-from saq.clipping.base import RangeStrategy, channels_first, error_sample, error_settings
-from saq.errors import SaqError
+from saq.clipping.base import RangeStrategy, channels_first, error_sample, error_settings, percentile_list
 from saq.quant.grid import QuantGrid, fake_quant_range, lp_error
 
 PAPER_PERCENTILES = (0.99, 0.999, 0.9999, 0.99999)  # PTQ4SAM's PCTObserver candidates (paper.md §2.2)
@@ -40,10 +39,7 @@ class PercentileClipping(RangeStrategy):
     name = "percentile"
 
     def __init__(self, percentiles=PAPER_PERCENTILES, p: float = 2.4, max_points: int = 65536):
-        percentiles = [float(v) for v in percentiles]
-        if not percentiles or not all(0.5 < v <= 1.0 for v in percentiles):
-            raise SaqError(f"clip.percentiles={percentiles} invalid; expected a non-empty list of values in (0.5, 1]")
-        self.percentiles = percentiles
+        self.percentiles = percentile_list(percentiles, "clip.percentiles", "paper: 0.9 to 0.99999")
         self.p, self.max_points = error_settings(p, max_points)
 
     def describe(self) -> str:
