@@ -169,6 +169,8 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
     (["quant=w8a8", "quant.encoder.enabled=false", "quant.decoder.enabled=false"],
      "quant.encoder.enabled and quant.decoder.enabled are both false: nothing would be quantized"),
     (["model=sam_tiny_outliers", "model.outliers.magnitude=abc"], "model.outliers.magnitude='abc' invalid"),
+    (["model=sam_tiny_outliers", "model.outliers.attentions=5"], "model.outliers.attentions=5 invalid"),
+    (["model=sam_tiny_outliers", "model.outliers.seed=x"], "model.outliers.seed='x' invalid; expected an integer"),
     (["quant=w8a8", "deploy=true", "quant.encoder.act.granularity=per_channel"],
      "cannot deploy: quant.encoder.act.granularity=per_channel; ONNX QuantizeLinear takes per-tensor activations"),
     (["quant=w4a4", "clip=pcc", "quant.decoder.enabled=false"],

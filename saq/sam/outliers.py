@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from segment_anything.modeling import Sam
 
-from saq.errors import SaqError, check_int
+from saq.errors import SaqError, check_int, check_seed, is_number
 from saq.sam.attention import decoder_attentions
 from saq.sam.segmenter import PromptedImage, Segmenter
 
@@ -48,16 +48,19 @@ class OutlierSpec:
             raise SaqError(f"model.outliers.{sorted(unknown)[0]} is not a known key; expected one of "
                            f"{sorted(cls.__dataclass_fields__)}")
         values = dict(cfg)
-        if not isinstance(values.get("attentions", "all"), str):
-            values["attentions"] = tuple(values["attentions"])
-        elif values.get("attentions", "all") != "all":
-            raise SaqError(f"model.outliers.attentions={values['attentions']!r} invalid; expected all or a list")
+        attentions = values.get("attentions", "all")
+        if isinstance(attentions, (list, tuple)) and all(isinstance(a, str) for a in attentions):
+            values["attentions"] = tuple(attentions)
+        elif attentions != "all":
+            raise SaqError(f"model.outliers.attentions={attentions!r} invalid; expected all or a list of decoder "
+                           "attention names")
         spec = cls(**values)
         for key in ("heads", "channels_per_head", "calib_images"):
             check_int(getattr(spec, key), f"model.outliers.{key}")
+        check_seed(spec.seed, "model.outliers.seed")
         if spec.sign not in SIGNS:
             raise SaqError(f"model.outliers.sign={spec.sign!r} is unknown; expected one of {list(SIGNS)}")
-        if isinstance(spec.magnitude, bool) or not isinstance(spec.magnitude, (int, float)) or not spec.magnitude > 0:
+        if not (is_number(spec.magnitude) and spec.magnitude > 0):
             raise SaqError(f"model.outliers.magnitude={spec.magnitude!r} invalid; expected a positive multiple of p99")
         return spec
 
