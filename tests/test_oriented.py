@@ -255,7 +255,10 @@ def test_dota_result_files_as_prompts(tmp_path, synthetic_root):
     assert got.boxes.tolist() == [[8, 10, 30, 40], [50, 50, 60, 60]]
     assert [task.classes[i] for i in got.labels] == ["disk", "star"]
     assert got.scores.tolist() == pytest.approx([0.9, 0.8])
-    assert "Task1_disk.txt" in task.fingerprint()
+    # the FP cache key covers every result file of the folder: rewriting one changes it
+    before = task.fingerprint()
+    write(folder / "Task1_star.txt", "000001 0.8 50 50 61 50 61 60 50 60\n000000 0.7 1 2 3 2 3 4 1 4\n")
+    assert task.fingerprint() != before
 
 
 def test_dota_result_json_form_and_errors(tmp_path, synthetic_root):
