@@ -1,6 +1,7 @@
 """quantize() / calibrate() on SAM: what gets wrapped, off-state identity, states after calibration, summary, export."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -203,6 +204,20 @@ def test_export_and_load_reproduce_outputs(calibrated, tmp_path):
     export_quantized(relabelled, tmp_path / "relabelled")
     summary = quant_summary(load_quantized(build_random_sam("sam_tiny", seed=5), tmp_path / "relabelled"))
     assert summary == quant_summary(relabelled) and "pcc_search" in summary
+
+
+def test_a_state_file_from_another_granularity_is_refused(calibrated, tmp_path):
+    from saq.errors import SaqError
+
+    qmodel, _, _ = calibrated
+    export_quantized(qmodel, tmp_path / "export")
+    state = torch.load(tmp_path / "export" / "quantized_state.pt", weights_only=True)
+    key = next(k for k in state if k.endswith("input_quantizer.scale"))
+    state[key] = state[key].reshape(1).repeat(3)  # as a per-channel quantizer would have saved it
+    torch.save(state, tmp_path / "export" / "quantized_state.pt")
+    with pytest.raises(SaqError, match=re.escape(f"does not fit the model: size mismatch for {key}: copying a param "
+                                                 "with shape torch.Size([3])")):
+        load_quantized(build_random_sam("sam_tiny", seed=5), tmp_path / "export")
 
 
 def test_export_load_keeps_adaround_rounding(calibrated, tmp_path):

@@ -118,10 +118,15 @@ class Quantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # calibrated shapes (per-channel scales, AdaRound's α) exist only after calibration: take the saved shape
+        # calibrated shapes (per-channel scales, AdaRound's α) exist only after calibration: take the saved shape,
+        # except where the quantizer's granularity rules it out (a per-tensor scale holds one value: torch then
+        # reports the size mismatch instead of a per-channel state loading silently)
         for name, tensor in list(self._parameters.items()) + list(self._buffers.items()):
             key = prefix + name
             if tensor is not None and key in state_dict and state_dict[key].shape != tensor.shape:
+                if name in ("scale", "zero_point") and getattr(self, "ch_axis", None) is None \
+                        and state_dict[key].numel() != 1:
+                    continue
                 tensor.data = torch.empty_like(state_dict[key], device=tensor.device, dtype=tensor.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
