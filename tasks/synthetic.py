@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from saq.errors import SaqError, check_int
+from saq.errors import SEED_LIMIT, SaqError, check_int, check_seed
 
 # Bump when rendering changes: cached datasets are keyed on it.
 GENERATOR_VERSION = 2
@@ -265,6 +265,12 @@ def evaluation_limit(root: Path, generate: dict | None, max_images: int | None) 
     check_int(max_images, "task.max_images", allow_none=True)
     if not generate:
         return max_images
+    unknown = sorted(set(generate) - {"n_train", "n_val", "seed", "progress"})
+    if unknown:
+        raise SaqError(f"task.generate.{unknown[0]} is not a generation setting; expected n_train, n_val, seed")
+    for key in ("n_train", "n_val"):
+        check_int(generate.get(key), f"task.generate.{key}")
+    check_seed(generate.get("seed"), "task.generate.seed")
     ensure_dataset(root, **generate)
     return generate["n_val"] if max_images is None else min(max_images, generate["n_val"])
 
@@ -352,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n_train < 0 or args.n_val < 0:
         parser.error("--n-train and --n-val must be >= 0")
+    if not 0 <= args.seed < SEED_LIMIT:
+        parser.error(f"--seed must be in 0..{SEED_LIMIT - 1}")
     try:
         root = ensure_dataset(args.out, args.n_train, args.n_val, args.seed)
     except SaqError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -75,6 +76,14 @@ def test_tasks_on_a_larger_set_evaluate_the_n_val_scenes_generate_asks_for(synth
     semantic = SemanticTask({"root": root, "img_dir": "val/images", "label_dir": "val/labels"},
                             {"img_dir": "train/images"}, classes=len(CATEGORIES) + 1, generate=generate)
     assert [stem for stem, *_ in semantic.items] == ["000000", "000001", "000002"]
+    from saq.errors import SaqError
+
+    for bad, message in (({"n_val": 0}, "task.generate.n_val=0 invalid; expected an integer >= 1"),
+                         ({"n_val": -5}, "task.generate.n_val=-5 invalid"),
+                         ({"seed": -1}, "task.generate.seed=-1 invalid"),
+                         ({"n_tain": 3}, "task.generate.n_tain is not a generation setting")):
+        with pytest.raises(SaqError, match=re.escape(message)):
+            InstanceTask(data, calib, generate={**generate, **bad})
 
 
 def test_generation_refuses_a_folder_that_holds_other_data(tmp_path):
