@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from saq.errors import SaqError
 
@@ -20,13 +21,16 @@ def tool_args(argv: Sequence[str], usage: str, options: dict[str, tuple[str, ...
     flags = [a for a in argv if a.startswith("-") and "=" not in a]
     if flags:
         raise SaqError(f"unknown flag {flags[0]!r} (options are key=value); usage: {usage}")
-    paths = [a for a in argv if "=" not in a]
+
+    def is_option(arg: str) -> bool:  # a sweep job's folder (.../clip=mse,quant=w4a4) is a path, not an option
+        return "=" in arg and arg.split("=", 1)[0].isidentifier() and not Path(arg).exists()
+
+    paths = [a for a in argv if not is_option(a)]
     if len(paths) != 1:
-        raise SaqError(f"usage: {usage}")
+        raise SaqError(f"expected one folder, got {len(paths)}{': ' + ', '.join(paths) if paths else ''}; "
+                       f"usage: {usage}")
     values = {}
-    for arg in argv:
-        if "=" not in arg:
-            continue
+    for arg in filter(is_option, argv):
         key, value = arg.split("=", 1)
         if key not in options:
             raise SaqError(f"unknown option {key!r}; usage: {usage}")

@@ -278,12 +278,22 @@ def test_clip_plot_names_drop_the_shared_prefix_and_quantizer_suffix():
     assert short_names(names) == ["layers.0.self_attn.k_proj.input", "final_attn_token_to_image.qk_matmul.b"]
 
 
-def test_report_arguments_are_a_path_and_key_value_options(tmp_path, capsys):
+def test_report_arguments_are_a_path_and_key_value_options(tmp_path, capsys, monkeypatch):
     from saq.report import main
 
     assert main([]) == 2 and "usage: python -m saq.report PATH [out=DIR]" in capsys.readouterr().err
     assert main([str(tmp_path), "format=tex"]) == 2
     assert "unknown option 'format'" in capsys.readouterr().err
+    # a sweep job's folder is named by its overrides: it is the path, not options
+    from saq.cli import tool_args
+
+    job = tmp_path / "sweep" / "clip=mse,quant=w4a4"
+    assert tool_args([str(job), "out=x"], "usage", {"out": None}) == (str(job), {"out": "x"})
+    job.mkdir(parents=True)
+    monkeypatch.chdir(job.parent)  # given relative to the sweep folder, an existing folder is a path too
+    assert tool_args(["clip=mse,quant=w4a4"], "usage", {"out": None}) == ("clip=mse,quant=w4a4", {})
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "expected one folder, got 2: " in capsys.readouterr().err
 
 
 def test_deploy_refuses_an_unknown_softmax_mode(tmp_path, capsys):
