@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saq.errors import SaqError, check_device, check_int, check_seed, is_number
 from saq.log import git_commit, log_to_wandb, package_versions, write_json_atomic, write_results
-from saq.sam.build import TINY_CHECKPOINT, build_sam
+from saq.sam.build import build_sam, checkpoint_path
 from saq.sam.segmenter import Segmenter
 
 FP_CACHE_DIR = Path("outputs/.cache/fp_metrics")
@@ -30,7 +30,7 @@ def seed_everything(seed: int) -> None:
 
 
 def checkpoint_fingerprint(cfg_model: DictConfig) -> str:
-    path = Path(cfg_model.checkpoint) if cfg_model.checkpoint else TINY_CHECKPOINT
+    path = checkpoint_path(cfg_model.name, cfg_model.checkpoint)  # the file build_sam loaded
     st = path.stat()
     outliers = OmegaConf.to_container(cfg_model.outliers, resolve=True) if cfg_model.get("outliers") else None
     return f"{cfg_model.name}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{outliers}"

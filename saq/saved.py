@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from saq.errors import SaqError
-from saq.log import set_aside
+from saq.log import flatten, set_aside
 from saq.quant.config import RUN_KEYS, QuantConfig
 from saq.quant.export import RECIPE_FILE, check_state_file, export_quantized, load_quantized, read_recipe
 
@@ -55,20 +55,10 @@ def saved_dir(path: str | Path, setting: str = "quant.load=") -> Path:
 
 def _checkpoint(model: str, checkpoint) -> Path | None:
     """The file a model.checkpoint value loads (None or "": sam_tiny's shipped one), resolved for comparison."""
-    from saq.sam.build import TINY_CHECKPOINT, VARIANTS
+    from saq.sam.build import checkpoint_path
 
-    if checkpoint in (None, ""):
-        return TINY_CHECKPOINT.resolve() if VARIANTS.get(model, model) == "sam_tiny" else None
-    return Path(checkpoint).expanduser().resolve()
-
-
-def _flat(data, prefix: str = "") -> dict:
-    if isinstance(data, dict):
-        out = {}
-        for key, value in data.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
+    path = checkpoint_path(model, checkpoint)
+    return None if path is None else path.resolve()
 
 
 def check_recipe(recipe: dict, cfg: DictConfig, where: Path) -> None:
@@ -103,9 +93,9 @@ def check_recipe(recipe: dict, cfg: DictConfig, where: Path) -> None:
                            f"method={run_method} (leave method unset: the report names it by its clip and recon)")
         raise SaqError(f"quant.load={where} holds a method={saved_method} model; this run sets method={run_method} "
                        f"(use method={saved_method})")
-    wanted = _flat(QuantConfig.from_cfg({k: v for k, v in OmegaConf.to_container(cfg.quant, resolve=True).items()
+    wanted = flatten(QuantConfig.from_cfg({k: v for k, v in OmegaConf.to_container(cfg.quant, resolve=True).items()
                                          if k not in RUN_KEYS}).to_dict())
-    saved = _flat(QuantConfig.from_cfg(recipe["quant"]).to_dict())
+    saved = flatten(QuantConfig.from_cfg(recipe["quant"]).to_dict())
     for key, value in wanted.items():
         if key.split(".")[0] not in CALIBRATION_ONLY and saved.get(key) != value:
             raise SaqError(f"quant.load={where} was saved with quant.{key}={saved.get(key)!r} but this run sets "

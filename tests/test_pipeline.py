@@ -160,6 +160,20 @@ def test_a_missing_calibration_split_fails_before_the_fp_evaluation(task, synthe
         pipeline.run(cfg, tmp_path / "run")
 
 
+def test_a_home_relative_checkpoint_is_the_same_file_everywhere(tmp_path, monkeypatch):
+    """model.checkpoint=~/... (the shell leaves a ~ after '=' alone): loading, the FP cache key and quant.load's
+    checks all read the file under $HOME."""
+    from saq.sam.build import TINY_CHECKPOINT, build_sam
+    from saq.saved import _checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tiny.pt").write_bytes(TINY_CHECKPOINT.read_bytes())
+    build_sam("sam_tiny", "~/tiny.pt")
+    key = pipeline.checkpoint_fingerprint(OmegaConf.create({"name": "sam_tiny", "checkpoint": "~/tiny.pt"}))
+    assert f"|{(tmp_path / 'tiny.pt').resolve()}|" in key
+    assert _checkpoint("sam_tiny", "~/tiny.pt") == (tmp_path / "tiny.pt").resolve()
+
+
 def test_threads_null_is_the_process_default_after_a_job_that_set_another(synthetic_root, tmp_path, monkeypatch):
     """Sweep jobs of the basic launcher share one process: threads=null must not inherit an earlier job's count."""
     class Stop(Exception):

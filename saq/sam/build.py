@@ -159,16 +159,22 @@ def build_sam(name: str, checkpoint: str | Path | None = None, config_key: str =
     name = VARIANTS.get(name, name)
     if name not in ARCHITECTURES:
         raise SaqError(f"unknown model {name!r}; expected one of {sorted(ARCHITECTURES) + sorted(VARIANTS)}")
-    if checkpoint in (None, ""):
-        if name != "sam_tiny":
-            raise SaqError(f"model {name} needs a checkpoint: set {config_key}=/path/to/{name}.pth")
-        checkpoint = TINY_CHECKPOINT
-    path = Path(checkpoint).expanduser()
+    path = checkpoint_path(name, checkpoint)
+    if path is None:
+        raise SaqError(f"model {name} needs a checkpoint: set {config_key}=/path/to/{name}.pth")
     state = read_state_dict(path, config_key)
     model = make_sam(ARCHITECTURES[name])
     check_state_dict(model, state, name, path)
     model.load_state_dict(state)
     return model.eval()
+
+
+def checkpoint_path(name: str, checkpoint) -> Path | None:
+    """The file a model.checkpoint value names, ~ expanded; None or "" is sam_tiny's shipped one (and None, no file,
+    for the other sizes)."""
+    if checkpoint in (None, ""):
+        return TINY_CHECKPOINT if VARIANTS.get(name, name) == "sam_tiny" else None
+    return Path(checkpoint).expanduser()
 
 
 def build_random_sam(name: str, seed: int = 0) -> Sam:
