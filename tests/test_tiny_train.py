@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,34 @@ from saq.errors import SaqError
 from saq.sam.build import ARCHITECTURES, SamArchitecture, build_sam, make_sam
 from saq.sam.tiny.train import jitter_boxes, resized_state_dict, train
 from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval_every=0", "eval_every=0 invalid; expected an integer >= 1"),
+    ("point_every=0", "point_every=0 invalid"),
+    ("threads=null", "threads=None invalid"),
+    ("seed=-1", "seed=-1 invalid"),
+    ("batch_size=9", "batch_size=9 is more than the 8 training images; lower batch_size or raise data.n_train"),
+])
+def test_bad_training_knobs_are_one_line_naming_the_knob(override, message, synthetic_root, tmp_path):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="train_tiny", overrides=[f"data.root={synthetic_root}", f"output={tmp_path / 'x.pt'}",
+                                                            "data.n_val=2", override])
+    with pytest.raises(SaqError, match=re.escape(message)):
+        train(cfg)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_the_training_command_prints_a_user_error_as_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "saq.sam.tiny.train", f"data.root={tmp_path / 'none'}",
+                           f"hydra.run.dir={tmp_path / 'run'}", f"output={tmp_path / 'x.pt'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: annotation file not found"), proc.stderr[-2000:]
 
 
 def test_short_training_run_writes_checkpoint_and_card(synthetic_root, tmp_path):

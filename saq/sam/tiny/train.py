@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from saq.errors import SaqError
+from saq.errors import SaqError, check_int, check_seed
 from saq.sam.build import ARCHITECTURES, TINY_CHECKPOINT, build_random_sam, read_state_dict
 from saq.sam.segmenter import decode_prompts
 
@@ -173,8 +174,19 @@ def resized_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.
     return out
 
 
+def check_train_knobs(cfg: DictConfig) -> None:
+    """Every count and seed of the recipe, before any data is read (one line naming the knob, not a deep error)."""
+    check_seed(cfg.seed, "seed")
+    for key in ("threads", "steps", "batch_size", "prompts_per_image", "point_every", "eval_every"):
+        check_int(cfg.get(key), key)
+    check_int(cfg.warmup_steps, "warmup_steps", 0)
+    check_int(cfg.data.n_train, "data.n_train", allow_none=True)
+    check_int(cfg.data.n_val, "data.n_val")
+
+
 def train(cfg: DictConfig) -> dict:
     """The training loop; returns the card written beside the checkpoint."""
+    check_train_knobs(cfg)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
@@ -182,6 +194,9 @@ def train(cfg: DictConfig) -> dict:
     root = Path(cfg.data.root)
     train_data = load_coco_split(root, cfg.data.train_ann, cfg.data.train_img_dir, cfg.data.n_train)
     val_data = load_coco_split(root, cfg.data.val_ann, cfg.data.val_img_dir, cfg.data.n_val)
+    if cfg.batch_size > len(train_data.images):
+        raise SaqError(f"batch_size={cfg.batch_size} is more than the {len(train_data.images)} training images; "
+                       "lower batch_size or raise data.n_train")
     arch = ARCHITECTURES["sam_tiny"]
     if train_data.images.shape[1:3] != (arch.image_size, arch.image_size):
         raise SaqError(f"sam_tiny trains on {arch.image_size}px square images, found {train_data.images.shape[1:3]}")
@@ -280,7 +295,11 @@ def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_r
 
 @hydra.main(version_base=None, config_path="../../../conf", config_name="train_tiny")
 def main(cfg: DictConfig) -> None:
-    card = train(cfg)
+    try:
+        card = train(cfg)
+    except SaqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(f"sam_tiny: {card['parameters']:,} parameters, {card['wall_time_minutes']} min, "
           f"last val box mIoU {card['history'][-1]['val_box_mIoU'] if card['history'] else 'n/a'}")
     out = Path(cfg.output) if cfg.output else TINY_CHECKPOINT
