@@ -47,7 +47,7 @@ def clip_range_histograms(report, path: Path) -> Path:
                                      (point.pcc_lo, point.pcc_hi, "tab:red", "pcc")):
             ax.axvline(lo, color=color, lw=1, label=label)
             ax.axvline(hi, color=color, lw=1)
-        ax.set_title(f"{point.attention}\n{point.point}  (clip {point.clip_ratio:.0f}x)", fontsize=7)
+        ax.set_title(f"{point.attention}\n{point.point}  (clip {point.clip_ratio:.3g}x)", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(points):]:
         ax.axis("off")
