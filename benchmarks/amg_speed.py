@@ -4,7 +4,10 @@ Same model, point grid, thresholds, single crop, same images, one process; each 
 first), image encoder included in both times. The kept mask sets are compared exactly (count, pixels, areas, boxes,
 predicted IoU within 1e-5). segment_anything's generator runs with its default points_per_batch (64) for the headline
 ratio and, for transparency, also with ours (the batch size alone accounts for part of the gap on a CPU).
-Usage: python benchmarks/amg_speed.py [images=16] [model=sam_tiny] [threads=1] [root=data/synthetic]
+Usage: python benchmarks/amg_speed.py [images=16] [model=sam_tiny] [checkpoint=PATH] [threads=1]
+       [root=data/synthetic]
+(model: sam_tiny, or sam_vit_b/l/h with checkpoint= its weights; the outlier testbed differs from sam_tiny only once
+quantized, so it is no model of its own here)
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def main(args: dict[str, str]) -> None:
     if not (root / conf.data.img_dir).is_dir():
         ensure_dataset(root, **OmegaConf.to_container(conf.generate))
     images = [read_rgb(path) for _, path in list_images(root / conf.data.img_dir, "root")[:n_images]]
-    sam = build_sam(args.get("model", "sam_tiny"))
+    sam = build_sam(args.get("model", "sam_tiny"), args.get("checkpoint"), config_key="checkpoint")
     thresholds = {k: float(amg[k]) for k in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
                                              "box_nms_thresh")}
     ours_batch = int(amg["points_per_batch"])
@@ -74,4 +77,5 @@ def main(args: dict[str, str]) -> None:
 if __name__ == "__main__":
     from saq.cli import run_script
 
-    sys.exit(run_script(main, __doc__, {"images": int, "model": str, "threads": int, "root": str}))
+    sys.exit(run_script(main, __doc__, {"images": int, "model": ("sam_tiny", "sam_vit_b", "sam_vit_l", "sam_vit_h"),
+                                                 "checkpoint": str, "threads": int, "root": str}))

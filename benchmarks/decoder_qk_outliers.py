@@ -47,7 +47,8 @@ def main(args: dict[str, str]) -> None:
     root = args.get("data", "data/synthetic")
     task = InstanceTask({"root": root, "ann_file": "annotations/instances_val.json", "img_dir": "val/images"},
                         {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"},
-                        generate={"n_train": 64, "n_val": 500, "seed": 0} if root == "data/synthetic" else None)
+                        generate=OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "task" / "instance.yaml").generate)
+                        if root == "data/synthetic" else None)  # the instance task's own synthetic set
     model_cfg = REPO / "conf" / "model" / f"{name}.yaml"
     outliers = OmegaConf.load(model_cfg).get("outliers") if model_cfg.is_file() else None
     if outliers:  # the same planting as a run of this model (saq/pipeline.py)

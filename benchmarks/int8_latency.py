@@ -11,7 +11,6 @@ Usage: python benchmarks/int8_latency.py [threads=2] [repeats=3] [prompts=16] [v
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from hydra import compose, initialize_config_dir
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.quant_overhead import sample as random_image
+from benchmarks.quant_overhead import timed
 from saq import deploy
 from saq.pipeline import build_task
 from saq.quant import calibrate, quantize
@@ -37,17 +37,6 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 def compose_cfg(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose(config_name="config", overrides=["quant=w8a8", "clip=minmax", *overrides])
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over `repeats` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def latencies(name: str, fp, qmodel, workdir: Path, threads: int, repeats: int, prompts: int) -> list[tuple]:
@@ -80,16 +69,18 @@ def latencies(name: str, fp, qmodel, workdir: Path, threads: int, repeats: int, 
     return rows
 
 
-def mask_ious(fp, qmodel, int8_dir: Path, task, n_images: int, threads: int) -> tuple[float, float, int]:
-    """Mean IoU against FP masks of the int8 ONNX masks and of saq's fake-quant masks, over GT-box prompts."""
+def mask_ious(fp, qmodel, int8_dir: Path, task, n_images: int, threads: int) -> tuple[float, float, int, int]:
+    """Mean IoU against FP masks of the int8 ONNX masks and of saq's fake-quant masks, over GT-box prompts; then
+    the mask and image counts they cover (images without objects give no prompts)."""
     segmenters = {"fp": Segmenter(fp), "fake": Segmenter(qmodel),
                   "int8": Segmenter(deploy.deployed_sam(qmodel, int8_dir, threads))}
-    ious = {"fake": [], "int8": []}
+    ious, images = {"fake": [], "int8": []}, 0
     for image_id in task.image_ids()[:n_images]:
         image = read_annotated_image(task.coco, image_id, task.img_dir)
         prompts, _ = gt_boxes(task.coco, image_id)
         if not len(prompts.boxes):
             continue
+        images += 1
         masks = {}
         for key, segmenter in segmenters.items():
             segmenter.set_image(image)
@@ -98,7 +89,7 @@ def mask_ious(fp, qmodel, int8_dir: Path, task, n_images: int, threads: int) -> 
             inter = (masks[key] & masks["fp"]).flatten(1).sum(1).float()
             union = (masks[key] | masks["fp"]).flatten(1).sum(1).float()
             ious[key] += torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).tolist()
-    return float(np.mean(ious["int8"])), float(np.mean(ious["fake"])), len(ious["int8"])
+    return float(np.mean(ious["int8"])), float(np.mean(ious["fake"])), len(ious["int8"]), images
 
 
 def main(args: dict[str, str]) -> None:
@@ -117,7 +108,7 @@ def main(args: dict[str, str]) -> None:
         calibrate(tiny_q, task.calibration_samples(cfg.quant.calib_images), cfg.quant, cfg.clip, progress=False)
         print(f"sam_tiny: calibrated on {cfg.quant.calib_images} train images in {time.perf_counter() - start:.0f} s")
         rows += latencies("sam_tiny", tiny, tiny_q, tmp / "tiny", threads, repeats, prompts)
-        iou_int8, iou_fake, n_masks = mask_ious(tiny, tiny_q, tmp / "tiny" / "int8", task, val_images, threads)
+        iou_int8, iou_fake, n_masks, n_images = mask_ious(tiny, tiny_q, tmp / "tiny" / "int8", task, val_images, threads)
         if args.get("vit_b", "yes") == "yes":
             vit_b = build_random_sam("sam_vit_b", seed=0)
             quick = compose_cfg("quant.encoder.weight.observer=minmax", "quant.decoder.weight.observer=minmax").quant
@@ -131,7 +122,7 @@ def main(args: dict[str, str]) -> None:
     for name, part, torch_s, ort_s, int8_s in rows:
         print(f"{name:10s} {part:20s} {torch_s * 1e3:14.1f} {ort_s * 1e3:12.1f} {int8_s * 1e3:12.1f} "
               f"{torch_s / int8_s:13.2f}x")
-    print(f"sam_tiny masks vs FP over {n_masks} GT-box prompts on {val_images} val images: int8 ONNX mean IoU "
+    print(f"sam_tiny masks vs FP over {n_masks} GT-box prompts on {n_images} val images: int8 ONNX mean IoU "
           f"{iou_int8:.3f}, saq fake-quant W8A8 mean IoU {iou_fake:.3f}")
     encoder = {name: torch_s / int8_s for name, part, torch_s, _, int8_s in rows if part == "encoder"}
     if "sam_vit_b" in encoder:
@@ -143,5 +134,5 @@ if __name__ == "__main__":
     from saq.cli import run_script
 
     kinds = {"threads": int, "repeats": int, "prompts": int, "val_images": int, "calib_images": int, "root": str,
-             "vit_b": str}
+             "vit_b": ("yes", "no")}
     sys.exit(run_script(main, __doc__, kinds))

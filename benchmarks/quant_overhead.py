@@ -39,16 +39,17 @@ def sample(size: int, prompts: int, seed: int = 0) -> PromptedImage:
                          boxes=np.concatenate([xy, xy + wh], 1).astype(np.float32))
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of fn() over `repeats` runs, after one warm-up."""
+def timed(fn, repeats: int, device: torch.device | None = None) -> float:
+    """Median seconds of fn() over `repeats` runs, after one warm-up (on a CUDA device, with its work finished)."""
     fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -67,9 +68,9 @@ def measure(name: str, device: torch.device, quant: str, repeats: int, prompts: 
             seg = Segmenter(model, decode_batch_size=prompts)
             seg.set_image(image.image)
             if part == "encoder":
-                seconds.append(timed(lambda seg=seg: seg.set_image(image.image), device, repeats))
+                seconds.append(timed(lambda seg=seg: seg.set_image(image.image), repeats, device))
             else:
-                seconds.append(timed(lambda seg=seg: seg.predict(boxes=image.boxes), device, repeats))
+                seconds.append(timed(lambda seg=seg: seg.predict(boxes=image.boxes), repeats, device))
         rows.append((name, device.type, part, seconds[0] * 1e3, seconds[1] * 1e3, seconds[1] / seconds[0]))
     return rows
 
@@ -101,4 +102,5 @@ def main(args: dict[str, str]) -> None:
 if __name__ == "__main__":
     from saq.cli import run_script
 
-    sys.exit(run_script(main, __doc__, {"quant": str, "repeats": int, "prompts": int, "threads": int, "vit_b": str}))
+    sys.exit(run_script(main, __doc__, {"quant": str, "repeats": int, "prompts": int, "threads": int,
+                                        "vit_b": ("auto", "yes", "no")}))

@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.quant_overhead import sample
 from saq.quant import calibrate, quantize
 from saq.recon import ReconConfig, Reconstructor
 from saq.recon.config import UNIT_KINDS
 from saq.sam.build import build_random_sam, build_sam
-from saq.sam.segmenter import PromptedImage
 from saq.sam.units import build_chain, encode_sample, probe_image_tokens
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -40,14 +40,6 @@ def compose_group(group: str, name: str):
 
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return OmegaConf.to_container(compose(config_name=None, overrides=[f"+{group}={name}"])[group], resolve=True)
-
-
-def sample(size: int, prompts: int, seed: int) -> PromptedImage:
-    rng = np.random.default_rng(seed)
-    xy = rng.uniform(0, size * 0.6, (prompts, 2))
-    wh = rng.uniform(size * 0.1, size * 0.4, (prompts, 2))
-    return PromptedImage(rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-                         boxes=np.concatenate([xy, xy + wh], 1).astype(np.float32))
 
 
 def peak_memory_mb(device: str) -> float:

@@ -41,7 +41,8 @@ def tool_args(argv: Sequence[str], usage: str, options: dict[str, tuple[str, ...
 
 
 def script_args(argv: Sequence[str], doc: str, kinds: dict[str, type]) -> dict:
-    """{key: value} from a benchmark script's `key=value` arguments, each converted to its kind (int or str).
+    """{key: value} from a benchmark script's `key=value` arguments, each converted to its kind (int or str, or a
+    tuple of the allowed words).
     -h/--help prints the script's docstring and exits 0; an argument that is not key=value, an unknown key or a
     value of the wrong kind is a SaqError naming it, with the usage line."""
     lines = doc.splitlines()
@@ -60,6 +61,11 @@ def script_args(argv: Sequence[str], doc: str, kinds: dict[str, type]) -> dict:
         key, sep, value = arg.partition("=")
         if not sep or key not in kinds:
             raise SaqError(f"{arg!r} is not one of this script's key=value options {sorted(kinds)}; {usage}")
+        if isinstance(kinds[key], tuple):
+            if value not in kinds[key]:
+                raise SaqError(f"{key}={value!r} is not allowed; expected one of {list(kinds[key])}; {usage}")
+            values[key] = value
+            continue
         try:
             values[key] = kinds[key](value)
         except ValueError:

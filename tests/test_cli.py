@@ -222,9 +222,11 @@ def test_benchmark_arguments_are_checked_and_every_key_a_script_reads_is_accepte
     from saq.errors import SaqError
 
     doc = "Times things.\n\nUsage: python benchmarks/x.py [images=4]\n       [model=sam_tiny]\n"
-    kinds = {"images": int, "model": str}
-    assert script_args(["images=8", "model=sam_vit_b"], doc, kinds) == {"images": 8, "model": "sam_vit_b"}
+    kinds = {"images": int, "model": str, "vit_b": ("yes", "no")}
+    assert script_args(["images=8", "model=sam_vit_b", "vit_b=no"], doc, kinds) == {"images": 8, "model": "sam_vit_b",
+                                                                                   "vit_b": "no"}
     for argv, message in ((["images"], "'images' is not one of this script's key=value options"),
+                          (["vit_b=true"], "vit_b='true' is not allowed; expected one of ['yes', 'no']"),
                           (["run=/x"], "'run=/x' is not one of this script's key=value options"),
                           (["images=abc"], "images='abc' invalid; expected a whole number >= 1"),
                           (["images=0"], "images='0' invalid; expected a whole number >= 1; Usage: python "
@@ -242,8 +244,10 @@ def test_benchmark_arguments_are_checked_and_every_key_a_script_reads_is_accepte
         read = set(re.findall(r"""args(?:\.get\(|\[)["']([a-z_0-9]+)["']""", source))
         accepted = None
         for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.Dict) and node.keys and all(isinstance(v, ast.Name) and v.id in ("int", "str")
-                                                                 for v in node.values):
+            if isinstance(node, ast.Dict) and node.keys and all(
+                    (isinstance(v, ast.Name) and v.id in ("int", "str"))
+                    or (isinstance(v, ast.Tuple) and all(isinstance(e, ast.Constant) for e in v.elts))
+                    for v in node.values):
                 accepted = {k.value for k in node.keys}
         assert accepted == read, path.name
         usage = ast.get_docstring(ast.parse(source)).split("Usage:")[1].split("\n\n")[0]
