@@ -28,13 +28,16 @@ def test_shipped_tiny_checkpoint_loads():
     assert TINY_CHECKPOINT.is_file()
     sam = build_sam("sam_tiny")
     assert not sam.training
+    shipped = torch.load(TINY_CHECKPOINT, map_location="cpu", weights_only=True)
+    loaded = sam.state_dict()
+    assert loaded.keys() == shipped.keys() and all(torch.equal(loaded[k], v) for k, v in shipped.items())
 
 
 @pytest.mark.parametrize("wrap", [lambda sd: {"model": sd}, lambda sd: {"state_dict": sd, "epoch": 3},
                                   lambda sd: {f"module.{k}": v for k, v in sd.items()}])
 def test_training_script_checkpoints_load_as_the_plain_state_dict(tmp_path, wrap):
     # what fine-tuning scripts save: the weights under "model" or "state_dict", or with DDP's "module." prefix
-    plain = torch.load(TINY_CHECKPOINT, map_location="cpu", weights_only=True)
+    plain = build_random_sam("sam_tiny", seed=7).state_dict()  # not the shipped weights: this file is what loads
     torch.save(wrap(plain), tmp_path / "ft.pth")
     loaded = build_sam("sam_tiny", tmp_path / "ft.pth").state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in plain.items())
@@ -68,12 +71,12 @@ def test_checkpoint_of_another_size_names_expected_and_found_shapes(tmp_path):
     # A ViT-L file for sam_vit_b: the first tensor that differs is the positional embedding's width.
     arch_l = ARCHITECTURES["sam_vit_l"]
     state = {"image_encoder.pos_embed": torch.zeros(1, 64, 64, arch_l.encoder_embed_dim)}
-    path = tmp_path / "sam_vit_l.pth"
+    path = tmp_path / "weights.pth"  # a name that does not give the size away
     torch.save(state, path)
     with pytest.raises(SaqError) as err:
         build_sam("sam_vit_b", path)
     msg = str(err.value)
-    assert "(1, 64, 64, 768)" in msg and "(1, 64, 64, 1024)" in msg and "sam_vit_l" in msg
+    assert "(1, 64, 64, 768)" in msg and "(1, 64, 64, 1024)" in msg and "It looks like a sam_vit_l checkpoint" in msg
 
 
 def test_tiny_checkpoint_for_vit_b_is_rejected(tmp_path):
