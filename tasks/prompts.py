@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saq.errors import SaqError, check_int, check_seed
+from saq.errors import SaqError, check_int, check_seed, is_number
 from tasks.base import files_digest, read_text
 
 
@@ -81,7 +81,7 @@ class JitteredBoxes(PromptSource):
 
     def __init__(self, scale: float = 0.1, max_px: float = 20.0, seed: int = 0):
         for key, value in (("scale", scale), ("max_px", max_px)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            if not (is_number(value) and value >= 0):
                 raise SaqError(f"prompts.{key}={value!r} invalid; expected a number >= 0")
         self.scale, self.max_px, self.seed = scale, max_px, check_seed(seed, "prompts.seed")
 
@@ -125,8 +125,8 @@ class DetectionsFile(PromptSource):
         if not path.exists():
             raise SaqError(f"detections file not found: {path} (set prompts.file)")
         check_int(max_per_image, "prompts.max_per_image")
-        if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)) \
-                or not 0 <= score_threshold <= 1:  # detector scores are in [0, 1]: a threshold outside keeps all or none
+        # detector scores are in [0, 1]: a threshold outside keeps all or none
+        if not (is_number(score_threshold) and 0 <= score_threshold <= 1):
             raise SaqError(f"prompts.score_threshold must be a number in [0, 1], got {score_threshold!r}")
         self.path, self.score_threshold, self.max_per_image = path, score_threshold, max_per_image
         if calib_file and not Path(calib_file).exists():

@@ -16,7 +16,7 @@ from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, ca
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
-from saq.errors import SaqError, check_seed
+from saq.errors import SaqError, check_seed, is_int
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, list_images, read_rgb, require_dir
 from tasks.prompts import GroundTruthBoxes, PromptSource
@@ -224,7 +224,7 @@ class SemanticTask(Task):
         max_images = evaluation_limit(self.root, generate, max_images)
         self.img_dir, self.label_dir = self.root / data["img_dir"], self.root / data["label_dir"]
         self.calib_img_dir = self.root / calib["img_dir"]
-        if isinstance(classes, int) and not isinstance(classes, bool):
+        if is_int(classes):
             classes = [f"class_{i}" for i in range(classes)]
         if not classes or isinstance(classes, (str, bool)):
             raise SaqError(f"task.classes must be a list of class names (index order) or a class count, "

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from torch import nn
 
-from saq.errors import SaqError, check_int
+from saq.errors import SaqError, check_int, is_int
 from saq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
 from saq.quant.observers import OBSERVERS, make_observer
 from saq.quant.quantizers import (
@@ -110,7 +110,7 @@ class QuantConfig:
         if "agq_taus" in data:
             taus = data["agq_taus"]
             if not isinstance(taus, (list, tuple)) or not taus or not all(
-                    isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in taus):
+                    is_int(t) and t >= 1 for t in taus):
                 raise SaqError(f"quant.agq_taus={taus!r} invalid; expected a non-empty list of integers >= 1 "
                                "(paper: [1, 2, 4])")
             values["agq_taus"] = tuple(taus)
@@ -180,7 +180,7 @@ def _tensor(data, where: str, base: TensorSpec, quantizers: Mapping) -> TensorSp
     if "granularity" in values and values["granularity"] not in GRANULARITIES:
         raise SaqError(f"{where}.granularity={values['granularity']!r} is unknown; expected one of "
                        f"{list(GRANULARITIES)}")
-    if "ch_axis" in values and (isinstance(values["ch_axis"], bool) or not isinstance(values["ch_axis"], int)):
+    if "ch_axis" in values and not is_int(values["ch_axis"]):
         raise SaqError(f"{where}.ch_axis={values['ch_axis']!r} invalid; expected an integer axis")
     if "symmetric" in values:
         _bool(values["symmetric"], f"{where}.symmetric")

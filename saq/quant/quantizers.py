@@ -8,7 +8,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from saq.errors import SaqError
+from saq.errors import SaqError, is_int
 from saq.quant.grid import (
     QuantGrid,
     channel_view,
@@ -34,7 +34,7 @@ class QuantState(str, Enum):
 
 def check_bits(bits, config_key: str = "bits") -> int:
     """bits as an int in [MIN_BITS, MAX_BITS], or SaqError naming config_key."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    if not is_int(bits) or not MIN_BITS <= bits <= MAX_BITS:
         raise SaqError(f"{config_key}={bits!r} is not allowed; expected an integer from {MIN_BITS} to {MAX_BITS}")
     return bits
 
