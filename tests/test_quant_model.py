@@ -220,6 +220,30 @@ def test_a_state_file_from_another_granularity_is_refused(calibrated, tmp_path):
         load_quantized(build_random_sam("sam_tiny", seed=5), tmp_path / "export")
 
 
+def test_a_saved_quantizer_layout_other_than_the_built_one_is_refused(calibrated, tmp_path):
+    import json
+
+    from saq.errors import SaqError
+
+    qmodel, _, _ = calibrated
+    export_quantized(qmodel, tmp_path / "export")
+    recipe_path = tmp_path / "export" / "recipe.json"
+    recipe = json.loads(recipe_path.read_text())
+    name = "image_encoder.neck.0.input_quantizer"
+    assert recipe["quantizers"][name] == {"quantizer": "lsq/asym", "bits": 4, "granularity": "per_tensor"}
+    assert len(recipe["quantizers"]) == len(list(iter_quantizers(qmodel)))
+    # as a version that quantized the neck's inputs per channel would have saved it: same config, other grid
+    recipe["quantizers"][name]["granularity"] = "per_channel(1)"
+    recipe_path.write_text(json.dumps(recipe))
+    with pytest.raises(SaqError, match=re.escape(f"quantizer {name} was saved as {{'quantizer': 'lsq/asym', 'bits': 4, "
+                                                 "'granularity': 'per_channel(1)'} and is built here as")):
+        load_quantized(build_random_sam("sam_tiny", seed=5), tmp_path / "export")
+    # an export from before the layout was recorded loads on its tensor shapes alone
+    del recipe["quantizers"]
+    recipe_path.write_text(json.dumps(recipe))
+    assert_fully_quantized(load_quantized(build_random_sam("sam_tiny", seed=5), tmp_path / "export"))
+
+
 def test_export_load_keeps_adaround_rounding(calibrated, tmp_path):
     qmodel, _, _ = calibrated
     layer = qmodel.mask_decoder.transformer.layers[0].mlp.lin1

@@ -36,7 +36,8 @@ def export_quantized(qmodel: nn.Module, directory: str | Path, extra: dict | Non
     # what set each range (mse, a PCC search point, ...): not in the tensors, and what quant_summary shows
     observers = {name: q.observer.name for name, q in qmodel.named_modules()
                  if isinstance(q, Quantizer) and getattr(q, "observer", None) is not None}
-    recipe = {"format": FORMAT_VERSION, "quant": cfg.to_dict(), "extra": extra or {}, "observers": observers}
+    recipe = {"format": FORMAT_VERSION, "quant": cfg.to_dict(), "extra": extra or {}, "observers": observers,
+              "quantizers": quantizer_layout(qmodel)}
     # through a temporary file and a rename (as write_json_atomic): a full disk leaves no truncated state file
     tmp = directory / f".{STATE_FILE}.{uuid.uuid4().hex}.tmp"
     try:
@@ -49,6 +50,15 @@ def export_quantized(qmodel: nn.Module, directory: str | Path, extra: dict | Non
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SaqError(f"cannot save the quantized model into {directory}: {reason}") from None
     return directory
+
+
+def quantizer_layout(qmodel: nn.Module) -> dict[str, dict]:
+    """Each quantizer's type, bits and granularity, by module path: what the tensors were made for.
+
+    Loading rebuilds the quantizers from the recipe's config, so a code change in how a config maps to quantizers
+    (another channel axis, another quantizer type) would otherwise load the saved tensors into the wrong grid.
+    """
+    return {q.name: {k: v for k, v in q.describe().items() if k != "observer"} for q in iter_quantizers(qmodel)}
 
 
 def read_recipe(directory: str | Path) -> dict:
@@ -68,7 +78,7 @@ def read_recipe(directory: str | Path) -> dict:
         raise SaqError(f"{path} has format {recipe.get('format')!r}; this version reads {FORMAT_VERSION}")
     if not isinstance(recipe.get("quant"), dict):
         raise SaqError(f"{path} is not a quantized-model recipe: no \"quant\" settings object")
-    for key in ("extra", "observers"):  # observers: absent from exports made before it was recorded
+    for key in ("extra", "observers", "quantizers"):  # the last two: absent from exports made before they were kept
         if not isinstance(recipe.get(key, {}), dict):
             raise SaqError(f"{path} is not a quantized-model recipe: \"{key}\" is not an object")
     return recipe
@@ -82,6 +92,18 @@ def check_state_file(directory: str | Path) -> Path:
     if not zipfile.is_zipfile(path):  # a truncated file has lost the zip directory at its end
         raise SaqError(f"{path} is truncated or not a PyTorch file; save the model again (a run with quant.save)")
     return path
+
+
+def check_layout(qmodel: nn.Module, saved: dict | None, directory: str | Path) -> None:
+    """SaqError naming the first quantizer whose saved type/bits/granularity differs from the one rebuilt here."""
+    if saved is None:  # an export made before the layout was recorded: only tensor shapes were checked
+        return
+    built = quantizer_layout(qmodel)
+    for name in sorted(set(saved) | set(built)):
+        if saved.get(name) != built.get(name):
+            raise SaqError(f"{directory} does not fit this version of saq: quantizer {name} was saved as "
+                           f"{saved.get(name, 'absent')} and is built here as {built.get(name, 'absent')}; "
+                           "save the model again (a run with quant.save)")
 
 
 def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
@@ -107,6 +129,7 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
         first = (missing or unexpected)[0]
         raise SaqError(f"{state_path} does not fit the model: {len(missing)} tensors missing, {len(unexpected)} "
                        f"unexpected (first: {first})")
+    check_layout(qmodel, recipe.get("quantizers"), directory)
     device = next(model.parameters()).device
     qmodel.to(device)
     for quantizer in iter_quantizers(qmodel):
