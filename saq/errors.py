@@ -1,6 +1,8 @@
 """The error type for bad user input (the entry point prints its message as one line, without a traceback), and the
 number, integer, seed and device checks that knobs, data files and records share."""
 
+import math
+
 
 class SaqError(Exception):
     """A problem with the user's input (config, checkpoint, data) that they can fix; the message says how."""
@@ -9,6 +11,16 @@ class SaqError(Exception):
 def is_number(value) -> bool:
     """An int or float that is not a bool (JSON's true/false are no numbers, Python's bool is an int)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A number (as is_number) that is finite; JSON integers too large for a float count as not finite."""
+    if not is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range (a JSON file can hold a 400-digit one)
+        return False
 
 
 def is_int(value) -> bool:

@@ -75,7 +75,9 @@ def read_rgb(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise SaqError(f"image not found: {path}")
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    # the stored pixel order, not the EXIF-rotated one: annotation sizes, masks and label maps (read by PIL)
+    # describe the stored pixels, and a rotated square image would misalign with its masks without any error
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise SaqError(f"cannot decode image {path}: the file is corrupt or not an image")
     if _truncated_jpeg(path):
@@ -102,9 +104,10 @@ def _truncated_jpeg(path: Path) -> bool:
 
 
 def read_text(path: Path, what: str) -> str:
-    """A text file's contents, or SaqError naming the file when it is not UTF-8."""
+    """A text file's contents (without a leading byte-order mark), or SaqError naming the file when it is not UTF-8."""
     try:
-        return path.read_text(encoding="utf-8")
+        # utf-8-sig: a BOM some Windows editors write would otherwise glue itself to the first image name or key
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise SaqError(f"{what} {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})") from None
 

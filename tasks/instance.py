@@ -13,9 +13,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from saq.errors import SaqError, is_int, is_number
+from saq.errors import SaqError, is_finite_number, is_int
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import Task, files_digest, first_prompted, read_rgb, require_dir, require_file
+from tasks.base import Task, files_digest, first_prompted, read_rgb, read_text, require_dir, require_file
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
 from tasks.synthetic import evaluation_limit
 
@@ -25,12 +25,15 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
     against it, so every annotation needs an `area` (calibration files only give prompts)."""
     require_file(ann_path, "COCO annotation file", config_key)
     try:
-        data = json.loads(ann_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(read_text(ann_path, "annotation file"))
+    except json.JSONDecodeError as exc:
         raise SaqError(f"annotation file {ann_path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
         raise SaqError(f"annotation file {ann_path} is not COCO instance format "
                        "(needs 'images', 'annotations' and 'categories')")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise SaqError(f"annotation file {ann_path}: '{key}' must be a list (found {type(data[key]).__name__})")
     if not data["images"]:
         raise SaqError(f"annotation file {ann_path} lists no images")
     images = {}  # id -> (height, width)
@@ -40,6 +43,9 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
         if not is_int(info["id"]) or info["id"] in images:
             raise SaqError(f"annotation file {ann_path}: images[{i}] has id {info['id']!r}; image ids must be "
                            "unique integers")
+        if not isinstance(info["file_name"], str) or not info["file_name"]:
+            raise SaqError(f"annotation file {ann_path}: image {info['id']} has file_name {info['file_name']!r}; "
+                           "expected the image's path under task.data.img_dir")
         if not (is_int(info["height"]) and is_int(info["width"]) and info["height"] > 0 and info["width"] > 0):
             raise SaqError(f"annotation file {ann_path}: image {info['id']} has height {info['height']!r} and width "
                            f"{info['width']!r}; they must be integers > 0")
@@ -67,11 +73,17 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
             raise SaqError(f"{where} has image_id {ann['image_id']!r}, which no entry of 'images' has")
         if not is_int(ann["category_id"]) or ann["category_id"] not in categories:
             raise SaqError(f"{where} has category_id {ann['category_id']!r}, which 'categories' does not define")
+        # COCOeval skips a crowd region's matches and the object itself: a truthy string would hide it silently
+        if not (is_int(ann.get("iscrowd", 0)) and ann.get("iscrowd", 0) in (0, 1)):
+            raise SaqError(f"{where} has iscrowd {ann['iscrowd']!r}; expected 0 or 1")
+        # COCOeval ignores objects whose area lies outside [0, 1e10] (its 'all' range): they would drop out of AP
+        if scored and not (is_finite_number(ann["area"]) and 0 <= ann["area"] <= 1e10):
+            raise SaqError(f"{where} has area {ann['area']!r}; expected a number from 0 to 1e10 (the mask's "
+                           "pixel count)")
         bbox = ann["bbox"]
-        numbers = isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)
+        numbers = isinstance(bbox, list) and len(bbox) == 4 and all(is_finite_number(v) for v in bbox)
         # zero width or height is allowed: COCO train2017 itself holds such boxes (e.g. annotation 918)
-        problem = ("it must be 4 numbers [x, y, w, h]" if not numbers
-                   else "it has a non-finite value" if not np.isfinite(bbox).all()
+        problem = ("it must be 4 finite numbers [x, y, w, h]" if not numbers
                    else "its width and height must be >= 0" if bbox[2] < 0 or bbox[3] < 0 else None)
         if problem:
             raise SaqError(f"{where} has bbox {bbox!r}: {problem}")
@@ -100,7 +112,7 @@ def _segmentation_problem(seg, size: tuple[int, int]) -> str | None:
         for poly in seg:
             # two-point polygons occur in real COCO files; pycocotools decodes them
             if not (isinstance(poly, list) and len(poly) >= 4 and len(poly) % 2 == 0
-                    and all(is_number(v) for v in poly) and np.isfinite(poly).all()):
+                    and all(is_finite_number(v) for v in poly)):
                 return (f"polygon {str(poly)[:40]!r} is not a list of x, y numbers (at least 2 points); "
                         "expected [[x1, y1, x2, y2, x3, y3, ...], ...] or RLE {size, counts}")
         return None

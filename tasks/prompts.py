@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saq.errors import SaqError, check_int, check_seed, is_number
+from saq.errors import SaqError, check_int, check_seed, is_int, is_number
 from tasks.base import files_digest, read_text
 
 
@@ -142,8 +142,8 @@ class DetectionsFile(PromptSource):
     @staticmethod
     def _read(path: Path) -> dict:
         try:
-            entries = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            entries = json.loads(read_text(path, "detections file"))
+        except json.JSONDecodeError as exc:
             raise SaqError(f"detections file {path} is not valid JSON: {exc}") from None
         if not isinstance(entries, list):
             raise SaqError(f"detections file {path} must be a JSON list of COCO results "
@@ -153,18 +153,20 @@ class DetectionsFile(PromptSource):
             try:
                 if not isinstance(det.get("bbox", det.get("poly")), list):
                     raise TypeError
+                # numbers as JSON numbers, ids as integers or names: float()/int() would take "5", true or 1.7
+                if not all(is_number(v) for v in [*det.get("bbox", det.get("poly")), det["score"]]):
+                    raise TypeError
                 if "bbox" in det:
                     x, y, w, h = (float(v) for v in det["bbox"])
                     box, given = (x, y, x + w, y + h), f"bbox {det['bbox']}"
                 else:
                     box, given = _enclosing_box([float(v) for v in det["poly"]]), f"poly {det['poly']}"
-                key = det["image_id"]
                 # COCO ids are numbers; DOTA images are keyed by their file stem, kept as a string.
-                key = key if isinstance(key, str) else int(key)
-                label = det["category_id"]
-                label = label if isinstance(label, str) else int(label)
+                key, label = det["image_id"], det["category_id"]
+                if not all(isinstance(v, str) or is_int(v) for v in (key, label)):
+                    raise TypeError
                 item = (*box, float(det["score"]), label)
-            except (AttributeError, KeyError, TypeError, ValueError):
+            except (AttributeError, KeyError, TypeError, ValueError, OverflowError):  # Overflow: a 400-digit int
                 raise SaqError(f"detections file {path}: entry {i} is not a result "
                                "({image_id, category_id, bbox: [x, y, w, h] or poly: [x1, y1, ..., x4, y4], "
                                "score})") from None
@@ -211,6 +213,16 @@ class DetectionsFile(PromptSource):
         if self._by_image and keys and not keys & set(self._by_image):
             raise SaqError(f"detections file {self.path} names none of the task's images "
                            f"(it has {next(iter(self._by_image))!r}; the images are keyed like {next(iter(keys))!r})")
+        key_types = {type(key) for key in keys}
+        odd = [key for key in self._by_image if type(key) not in key_types]
+        if keys and odd:  # e.g. "2" among integer ids: its detections would never reach image 2
+            wanted = "integer ids" if int in key_types else "file stems (strings)"
+            raise SaqError(f"detections file {self.path}: image_id {odd[0]!r} is a {type(odd[0]).__name__}; the "
+                           f"task's images are keyed by {wanted}, like {next(iter(keys))!r}")
+        unknown = [key for key in self._by_image if key not in keys]
+        if keys and unknown:
+            print(f"detections file {self.path}: {sum(len(self._by_image[k]) for k in unknown)} detections on "
+                  f"{len(unknown)} images the task does not have (first: {unknown[0]!r}) are not used")
         if category_ids is not None:
             known = set(category_ids)
             for key, dets in self._by_image.items():

@@ -156,7 +156,22 @@ def _ann(ann_id: int) -> str:
       for a, b, match in [
           (_ann(1), _ann(0), r"annotation 1 has id 0; ids must be unique integers >= 1"),  # COCOeval: 'unmatched'
           (_ann(1), _ann(1), r"annotation 1 has id 1; ids must be unique"),  # one object would vanish
-          (_ann(1), _ann(2).replace('"area": 4, ', ""), r"annotation 1 lacks one of id, .*area")]),
+          (_ann(1), _ann(2).replace('"area": 4, ', ""), r"annotation 1 lacks one of id, .*area"),
+          # COCOeval ignores an object outside its area range and fails late on a string area
+          (_ann(1), _ann(2).replace('"area": 4', '"area": -1'), r"annotation 2 has area -1; expected a number"),
+          (_ann(1), _ann(2).replace('"area": 4', '"area": "4"'), r"annotation 2 has area '4'; expected a number"),
+          # a truthy string would make the object a crowd region: no prompt, not scored
+          (_ann(1), _ann(2).replace('"area": 4', '"area": 4, "iscrowd": "0"'),
+           r"annotation 2 has iscrowd '0'; expected 0 or 1"),
+          (_ann(1), _ann(2).replace("[0, 0, 2, 2]", "[0, 0, 2, 1" + "0" * 400 + "]"),
+           r"annotation 2 has bbox .*it must be 4 finite numbers"),
+          (_ann(1), _ann(2).replace("[[0, 0, 2, 0,", "[[0, 0, 1" + "0" * 400 + ", 0,"),
+           r"annotation 2 \(image 1\) has a bad segmentation: polygon")]),
+    ('{"images": 5, "annotations": [], "categories": []}', r"'images' must be a list \(found int\)"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}], "annotations": null, '
+     '"categories": []}', r"'annotations' must be a list \(found NoneType\)"),
+    ('{"images": [{"id": 1, "file_name": 123, "height": 4, "width": 4}], "annotations": [], "categories": []}',
+     r"image 1 has file_name 123; expected the image's path"),
 ])
 def test_malformed_annotations_give_clear_errors(tmp_path, content, match):
     path = tmp_path / "bad.json"
@@ -212,7 +227,7 @@ def write_detections(path, coco, image_ids, **override):
     return DetectionsFile(str(path))
 
 
-def test_detections_must_name_the_datasets_images_and_categories(synthetic_root, tmp_path):
+def test_detections_must_name_the_datasets_images_and_categories(synthetic_root, tmp_path, capsys):
     coco = load_coco(synthetic_root / DATA["ann_file"], "k")
     by_stem = write_detections(tmp_path / "stems.json", coco, [1], image_id="000001")
     with pytest.raises(SaqError, match="names none of the task's images"):
@@ -221,6 +236,20 @@ def test_detections_must_name_the_datasets_images_and_categories(synthetic_root,
     contiguous = write_detections(tmp_path / "labels.json", coco, [1], category_id=0)
     with pytest.raises(SaqError, match="category_id 0, which the annotation file does not define"):
         task_for(synthetic_root, contiguous)
+    # a string id among integer ones would never reach its image; ids the dataset lacks are named, not dropped silently
+    write_detections(tmp_path / "mixed.json", coco, [1, 2])
+    entries = json.loads((tmp_path / "mixed.json").read_text())
+    (tmp_path / "mixed.json").write_text(json.dumps([{**d, "image_id": str(d["image_id"])} if d["image_id"] == 2
+                                                     else d for d in entries]))
+    with pytest.raises(SaqError, match=r"image_id '2' is a str; the task's images are keyed by integer ids"):
+        task_for(synthetic_root, DetectionsFile(str(tmp_path / "mixed.json")))
+    (tmp_path / "extra.json").write_text(json.dumps(entries + [{**entries[0], "image_id": 99999}]))
+    task_for(synthetic_root, DetectionsFile(str(tmp_path / "extra.json")))
+    assert "1 detections on 1 images the task does not have (first: 99999) are not used" in capsys.readouterr().out
+    # a byte-order mark (some Windows editors write one) is not part of the JSON
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "extra.json").read_bytes())
+    bom = DetectionsFile(str(tmp_path / "bom.json"))
+    assert bom._by_image == DetectionsFile(str(tmp_path / "extra.json"))._by_image
 
 
 def test_image_whose_size_disagrees_with_its_annotation_is_named(synthetic_root, tmp_path):
@@ -320,6 +349,13 @@ def test_what_real_coco_files_hold_still_loads(tmp_path):
     ({"bbox": [0, 0, -4, 5]}, r"entry 0 \(image 1, bbox \[0, 0, -4, 5\].*\): the box needs width and height > 0"),
     ({"bbox": [0, 0, float("inf"), 5]}, r"entry 0 \(image 1, bbox \[0, 0, inf, 5\].*\): the box has a non-finite"),
     ({"bbox": "1234"}, r"entry 0 is not a result"),
+    # int()/float() would have taken these: image 1.7 read as image 1, true as 1, strings as numbers
+    ({"image_id": 1.7}, r"entry 0 is not a result"),
+    ({"image_id": True}, r"entry 0 is not a result"),
+    ({"category_id": 2.9}, r"entry 0 is not a result"),
+    ({"score": True}, r"entry 0 is not a result"),
+    ({"bbox": ["0", "0", "5", "5"]}, r"entry 0 is not a result"),
+    ({"bbox": [0, 0, 10**400, 5]}, r"entry 0 is not a result"),
 ])
 def test_bad_detection_scores_and_boxes_name_the_entry(synthetic_root, tmp_path, override, match):
     coco = load_coco(synthetic_root / DATA["ann_file"], "k")
@@ -362,3 +398,19 @@ def test_truncated_jpeg_is_named(synthetic_root, tmp_path):
         read_rgb(tmp_path / "cut.jpg")
     (tmp_path / "padded.jpg").write_bytes(whole + b"\0\0trailer")  # bytes after the end marker are allowed
     assert np.array_equal(read_rgb(tmp_path / "padded.jpg"), read_rgb(synthetic_root / "val/images/000001.jpg"))
+
+
+def test_exif_orientation_is_not_applied(tmp_path):
+    from PIL import Image
+
+    from tasks.base import read_rgb
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = 255  # a white band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.fromarray(stored).save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    image = read_rgb(tmp_path / "rotated.jpg")
+    # annotation sizes, masks and label maps describe the stored pixels, not the displayed ones
+    assert image.shape == (20, 40, 3)
+    assert image[:, :10].mean() > 200 and image[:, 20:].mean() < 50

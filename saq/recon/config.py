@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from saq.errors import SaqError, check_device, check_int, check_seed, is_number
+from saq.errors import SaqError, check_device, check_int, check_seed, is_finite_number
 from saq.sam.units import GRANULARITIES
 
 UNIT_KINDS = ("stage", "layer", "block", "neck", "decoder_layer", "decoder_block", "final_attn")
@@ -150,7 +149,6 @@ def _check_keys(data: Mapping, cls, where: str) -> None:
 
 def _number(value, key: str, minimum: float) -> float:
     """`value` as a float when it is a finite number >= minimum; else a SaqError naming key."""
-    ok = is_number(value) and math.isfinite(value)
-    if not ok or value < minimum:
+    if not is_finite_number(value) or value < minimum:
         raise SaqError(f"{key}={value!r} invalid; expected a number >= {minimum}")
     return float(value)
