@@ -34,6 +34,8 @@ def tool_args(argv: Sequence[str], usage: str, options: dict[str, tuple[str, ...
         key, value = arg.split("=", 1)
         if key not in options:
             raise SaqError(f"unknown option {key!r}; usage: {usage}")
+        if not value:  # `out=` would become Path("") = the current folder
+            raise SaqError(f"{key}= is empty; give it a value (usage: {usage})")
         if options[key] is not None and value not in options[key]:
             raise SaqError(f"{key}={value!r} is not allowed; expected one of {list(options[key])}")
         values[key] = value

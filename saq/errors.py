@@ -38,6 +38,17 @@ def check_int(value, key: str, minimum: int | None = 1, allow_none: bool = False
     return value
 
 
+def check_number(value, key: str, minimum: float | None = None, maximum: float | None = None) -> float:
+    """`value` as a float when it is a finite number in [minimum, maximum] (None: unbounded on that side); else a
+    SaqError naming key."""
+    if not is_finite_number(value) or (minimum is not None and value < minimum) \
+            or (maximum is not None and value > maximum):
+        bound = (f" in [{minimum}, {maximum}]" if minimum is not None and maximum is not None
+                 else f" >= {minimum}" if minimum is not None else f" <= {maximum}" if maximum is not None else "")
+        raise SaqError(f"{key}={value!r} invalid; expected a {'' if bound else 'finite '}number{bound}")
+    return float(value)
+
+
 SEED_LIMIT = 2**32  # numpy's and Python's seeding take 0..2**32-1
 
 

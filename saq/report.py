@@ -312,7 +312,8 @@ def build_tables(entries: list[Entry], duplicates: list[Path]) -> list[Table]:
 def build_report(root: Path) -> Report:
     root = Path(root)
     if not root.is_dir():
-        raise SaqError(f"report: no such folder: {root} (give the folder of a sweep or of runs holding results.json)")
+        what = f"{root} is a file" if root.is_file() else f"no such folder: {root}"
+        raise SaqError(f"report: {what} (give the folder of a sweep or of runs holding results.json)")
     report = Report(root)
     report.runs, report.skipped = load_runs(root)
     report.failures = load_failures(root)

@@ -57,9 +57,12 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
         raise SaqError(f"sensitivity: {results} not found; give the directory of a finished quantized run")
     try:
         record = json.loads(results.read_text())
-        cfg = OmegaConf.create(record["config"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, OSError) as exc:
         raise SaqError(f"sensitivity: {results} is not a saq run record ({type(exc).__name__}: {exc})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise SaqError(f"sensitivity: {results} is not a saq run record (no \"config\" object); give the directory "
+                       "of a finished quantized run")
+    cfg = OmegaConf.create(record["config"])
     missing = [key for key in ("model.name", "quant.name", "task._target_") if OmegaConf.select(cfg, key) is None]
     if missing:
         raise SaqError(f"sensitivity: {results} is not a saq run record (config.{missing[0]} missing); give the "

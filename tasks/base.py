@@ -14,7 +14,7 @@ import numpy as np
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
 class Task(ABC):
@@ -130,6 +130,11 @@ def list_images(img_dir: Path, config_key: str) -> list[tuple[str, Path]]:
     """(file stem, path) of every image in a folder, sorted by stem."""
     require_dir(img_dir, "image", config_key)
     images = sorted((p.stem, p) for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    others = sorted(p.name for p in img_dir.iterdir() if p.suffix.lower() not in IMAGE_SUFFIXES
+                    and not p.name.startswith(".") and p.is_file())
+    if others:  # said, so that an image in another format does not leave the evaluation set silently
+        print(f"{img_dir}: left out {len(others)} files that are not {'/'.join(IMAGE_SUFFIXES)} images "
+              f"(first: {others[0]})")
     if not images:
         raise SaqError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {img_dir} (set {config_key})")
     for (a, _), (b, _) in itertools.pairwise(images):

@@ -207,6 +207,10 @@ class OrientedTask(Task):
         if classes is None:
             self.classes = found
         else:
+            # names as the label files write them; a count (as task=semantic takes) cannot say which names
+            if isinstance(classes, str) or not isinstance(classes, Sequence) or not classes:
+                raise SaqError(f"task.classes must be a list of class names as the DOTA label files write them "
+                               f"(e.g. [plane, ship]) or null to take them from the files, got {classes!r}")
             self.classes = [str(c) for c in classes]
             known = set(self.classes)
             for (stem, _), f in zip(self.images, self.label_files):

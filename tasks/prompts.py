@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saq.errors import SaqError, check_int, check_seed, is_int, is_number
+from saq.errors import SaqError, check_int, check_number, check_seed, is_int, is_number
 from tasks.base import files_digest, read_text
 
 
@@ -81,8 +81,7 @@ class JitteredBoxes(PromptSource):
 
     def __init__(self, scale: float = 0.1, max_px: float = 20.0, seed: int = 0):
         for key, value in (("scale", scale), ("max_px", max_px)):
-            if not (is_number(value) and value >= 0):
-                raise SaqError(f"prompts.{key}={value!r} invalid; expected a number >= 0")
+            check_number(value, f"prompts.{key}", 0)
         self.scale, self.max_px, self.seed = scale, max_px, check_seed(seed, "prompts.seed")
 
     def for_image(self, key, gt: BoxPrompts, image_size: tuple[int, int]) -> BoxPrompts:
@@ -118,9 +117,9 @@ class DetectionsFile(PromptSource):
 
     def __init__(self, file: str | None, score_threshold: float = 0.05, max_per_image: int = 100,
                  calib_file: str | None = None):
-        if not file:
-            raise SaqError("prompts=detections needs a file: set prompts.file=/path/to/detections.json "
-                           "(or a folder of DOTA Task1_<class>.txt files)")
+        if not file or not isinstance(file, str):
+            raise SaqError(f"prompts=detections needs a file: set prompts.file=/path/to/detections.json "
+                           f"(or a folder of DOTA Task1_<class>.txt files), got {file!r}")
         path = Path(file)
         if not path.exists():
             raise SaqError(f"detections file not found: {path} (set prompts.file)")
@@ -129,6 +128,8 @@ class DetectionsFile(PromptSource):
         if not (is_number(score_threshold) and 0 <= score_threshold <= 1):
             raise SaqError(f"prompts.score_threshold must be a number in [0, 1], got {score_threshold!r}")
         self.path, self.score_threshold, self.max_per_image = path, score_threshold, max_per_image
+        if calib_file is not None and not isinstance(calib_file, str):
+            raise SaqError(f"prompts.calib_file={calib_file!r} invalid; expected a path or null")
         if calib_file and not Path(calib_file).exists():
             raise SaqError(f"calibration detections file not found: {calib_file} (set prompts.calib_file to the "
                            "detector's results on the calibration images, or null to calibrate on ground-truth boxes)")

@@ -16,7 +16,7 @@ from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, ca
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
-from saq.errors import SaqError, check_seed, is_int
+from saq.errors import SaqError, check_int, check_number, check_seed, is_int
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, list_images, read_rgb, require_dir
 from tasks.prompts import GroundTruthBoxes, PromptSource
@@ -226,14 +226,18 @@ class SemanticTask(Task):
         self.calib_img_dir = self.root / calib["img_dir"]
         if is_int(classes):
             classes = [f"class_{i}" for i in range(classes)]
-        if not classes or isinstance(classes, (str, bool)):
+        if not classes or isinstance(classes, str) or not isinstance(classes, Sequence):
             raise SaqError(f"task.classes must be a list of class names (index order) or a class count, "
                            f"got {classes!r}")
         self.classes = [str(c) for c in classes]
         self.num_classes = len(self.classes)
+        # a string "false" would be truthy and shift every class by one
+        if not isinstance(reduce_zero_label, bool):
+            raise SaqError(f"task.reduce_zero_label must be true or false, got {reduce_zero_label!r}")
+        check_int(ignore_index, "task.ignore_index", minimum=None)
         # with reduce_zero_label the label maps hold classes as 1..K and the metric sees them as 0..K-1: an ignore
         # index in either range would silently drop a class
-        top = self.num_classes + bool(reduce_zero_label)
+        top = self.num_classes + reduce_zero_label
         if 0 <= ignore_index < top:
             raise SaqError(f"task.ignore_index {ignore_index} is one of the {self.num_classes} classes' label values "
                            f"(0..{top - 1}{' with reduce_zero_label' if reduce_zero_label else ''}); use a value "
@@ -241,11 +245,13 @@ class SemanticTask(Task):
         self.ignore_index, self.reduce_zero_label = ignore_index, bool(reduce_zero_label)
         self.max_images = max_images
         self.amg = self._settings(amg, AMG_DEFAULTS, "task.amg")
-        if int(self.amg["points_per_side"]) < 1:
-            raise SaqError(f"task.amg.points_per_side must be >= 1, got {self.amg['points_per_side']}")
-        if int(self.amg["points_per_batch"]) < 1:
-            raise SaqError(f"task.amg.points_per_batch must be >= 1, got {self.amg['points_per_batch']}")
-        self.grid = PointGrid(int(self.amg["points_per_side"]))
+        check_int(self.amg["points_per_side"], "task.amg.points_per_side")
+        check_int(self.amg["points_per_batch"], "task.amg.points_per_batch")
+        # thresholds outside these ranges keep no mask (or all), and mIoU would quietly equal the coarse prior's
+        for key, low, high in (("pred_iou_thresh", 0, 1), ("stability_score_thresh", 0, 1),
+                               ("box_nms_thresh", 0, 1), ("stability_score_offset", 0, None)):
+            check_number(self.amg[key], f"task.amg.{key}", low, high)
+        self.grid = PointGrid(self.amg["points_per_side"])
         self.prompts = self.grid  # what the run records as this task's prompts
         self.coarse = self._settings(coarse, COARSE_DEFAULTS, "task.coarse")
         check_seed(self.coarse["seed"], "task.coarse.seed")
@@ -253,9 +259,11 @@ class SemanticTask(Task):
             self.coarse_dir = require_dir(self.coarse["dir"], "coarse prediction", "task.coarse.dir")
         else:
             self.coarse_dir = None
-            if int(self.coarse["downsample"]) < 1 or not 0 <= float(self.coarse["mislabel_fraction"]) < 1:
-                raise SaqError("task.coarse.downsample must be >= 1 and task.coarse.mislabel_fraction in [0, 1), "
-                               f"got {self.coarse['downsample']} and {self.coarse['mislabel_fraction']}")
+            check_int(self.coarse["downsample"], "task.coarse.downsample")
+            check_number(self.coarse["blur_sigma"], "task.coarse.blur_sigma", 0, None)
+            check_number(self.coarse["mislabel_fraction"], "task.coarse.mislabel_fraction", 0, 1)
+            if self.coarse["mislabel_fraction"] == 1:
+                raise SaqError("task.coarse.mislabel_fraction=1 leaves no correct label; expected a number in [0, 1)")
         require_dir(self.label_dir, "label map", "task.data.root / task.data.label_dir")
         images = list_images(self.img_dir, "task.data.root / task.data.img_dir")
         images = images[:max_images] if max_images else images
@@ -293,6 +301,12 @@ class SemanticTask(Task):
         pred = read_label_map(path, "coarse prediction")
         check_labels(pred, self.num_classes, -1, path, zero_is_ignore=False)
         if pred.shape != gt.shape:
+            # a prediction at another resolution (SegFormer writes 1/4) is scaled up; one of another shape
+            # (transposed, cropped) would be stretched into a wrong map
+            sy, sx = gt.shape[0] / pred.shape[0], gt.shape[1] / pred.shape[1]
+            if abs(sy - sx) > 0.1 * max(sy, sx):
+                raise SaqError(f"coarse prediction {path} is {pred.shape[1]}x{pred.shape[0]} (w x h), its image is "
+                               f"{gt.shape[1]}x{gt.shape[0]}: another aspect ratio, so not a scaled prediction of it")
             pred = cv2.resize(pred.astype(np.uint16), gt.shape[::-1], interpolation=cv2.INTER_NEAREST)
         return pred.astype(np.int64)
 

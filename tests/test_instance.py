@@ -185,6 +185,10 @@ def test_missing_annotation_file_and_bad_detections(tmp_path):
         load_coco(tmp_path / "none.json", "task.data.ann_file")
     with pytest.raises(SaqError, match="needs a file"):
         DetectionsFile(None)
+    with pytest.raises(SaqError, match="needs a file: .*, got 123"):  # prompts.file=123 reaches us as an int
+        DetectionsFile(123)
+    with pytest.raises(SaqError, match=r"prompts.calib_file=7 invalid; expected a path or null"):
+        DetectionsFile(str(tmp_path), calib_file=7)
     bad = tmp_path / "d.json"
     bad.write_text('[{"image_id": 1, "bbox": [0, 0, 1]}]')
     with pytest.raises(SaqError, match="entry 0 is not a result"):

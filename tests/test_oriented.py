@@ -198,6 +198,9 @@ def test_unknown_class_and_empty_dataset_are_clear_errors(tmp_path):
     data = dota_dataset(tmp_path / "a", {"P1": "1 1 9 1 9 9 1 9 ship 0\n"})
     with pytest.raises(SaqError, match=r"P1\.txt has class 'ship', not in task\.classes"):
         OrientedTask(data, CALIB, classes=["plane"])
+    for classes in (5, "plane"):  # a count cannot name DOTA's classes; a string is not split into letters
+        with pytest.raises(SaqError, match=rf"task\.classes must be a list of class names .* got {classes!r}"):
+            OrientedTask(data, CALIB, classes=classes)
     data = dota_dataset(tmp_path / "b", {"P1": "gsd:1\n"})
     with pytest.raises(SaqError, match="hold no objects"):
         OrientedTask(data, CALIB)
@@ -371,3 +374,15 @@ def test_result_folder_of_empty_files_is_an_error(tmp_path):
     task = OrientedTask(data, CALIB, prompts=DetectionsFile(str(tmp_path / "res")))
     with pytest.raises(SaqError, match=r"res: no detection on the 1 evaluated images reaches prompts.score_threshold"):
         task.evaluate(None, progress=False)
+
+
+def test_files_that_are_no_images_are_named_and_a_bom_is_not_part_of_a_name(tmp_path, capsys):
+    data = dota_dataset(tmp_path, {"P1": "\ufeff1 1 9 1 9 9 1 9 ship 0\n"})
+    (tmp_path / "val/images/P2.gif").write_bytes(b"GIF89a")  # a format the loader does not read
+    task = OrientedTask(data, CALIB)
+    assert "val/images: left out 1 files that are not .png/.jpg" in capsys.readouterr().out
+    assert [stem for stem, _ in task.images] == ["P1"] and task.classes == ["ship"]
+    # a result file saved with a byte-order mark keys its first line by the real stem
+    (tmp_path / "dets").mkdir()
+    (tmp_path / "dets/Task1_ship.txt").write_bytes("\ufeffP1 0.9 1 1 9 1 9 9 1 9\n".encode())
+    assert list(DetectionsFile(str(tmp_path / "dets"))._by_image) == ["P1"]

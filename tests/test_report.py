@@ -243,6 +243,11 @@ def test_cli_writes_reports_and_rejects_a_missing_folder(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"error: report: no such folder: {tmp_path / 'nope'} (give the folder of a sweep or of runs holding "
         "results.json)")
+    results = next(tmp_path.rglob("results.json"))
+    assert main([str(results)]) == 2
+    assert f"error: report: {results} is a file (give the folder" in capsys.readouterr().err
+    assert main([str(tmp_path), "out="]) == 2  # Path("") would write into the current folder
+    assert "error: out= is empty; give it a value" in capsys.readouterr().err
 
 
 def test_python_m_saq_report_runs(tmp_path):

@@ -315,6 +315,12 @@ def test_sensitivity_names_what_it_needs_not_settings_it_lacks(synthetic_root, t
     assert capsys.readouterr().err.strip() == (
         f"error: sensitivity: {tmp_path / 'empty' / 'results.json'} is not a saq run record (config.model.name "
         "missing); give the directory of a finished quantized run")
+    for record in ({"config": []}, [1]):
+        (tmp_path / "empty" / "results.json").write_text(json.dumps(record))
+        assert main([str(tmp_path / "empty")]) == 2
+        assert 'is not a saq run record (no "config" object)' in capsys.readouterr().err
+    assert main([str(tmp_path / "empty"), "parts="]) == 2
+    assert "error: parts= is empty; give it a value" in capsys.readouterr().err
     config = OmegaConf.to_container(run_config(synthetic_root, f"task.data.root={tmp_path / 'moved'}"), resolve=True)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text(json.dumps({"config": config}))

@@ -155,6 +155,29 @@ def test_missing_label_map_and_bad_label_files_are_clear_errors(tmp_path):
         SemanticTask(data, CALIB, classes=CLASSES, amg={"points": 3})
 
 
+
+@pytest.mark.parametrize("settings,match", [
+    # a threshold no predicted IoU reaches keeps no mask: mIoU would equal the coarse prior's without a word
+    ({"amg": {"pred_iou_thresh": 88}}, r"task\.amg\.pred_iou_thresh=88 invalid; expected a number in \[0, 1\]"),
+    ({"amg": {"stability_score_thresh": 1.5}}, r"task\.amg\.stability_score_thresh=1\.5 invalid"),
+    ({"amg": {"pred_iou_thresh": "high"}}, r"task\.amg\.pred_iou_thresh='high' invalid"),
+    ({"amg": {"points_per_side": 16.7}}, r"task\.amg\.points_per_side=16\.7 invalid; expected an integer >= 1"),
+    ({"amg": {"points_per_side": "abc"}}, r"task\.amg\.points_per_side='abc' invalid"),
+    ({"coarse": {"blur_sigma": -3}}, r"task\.coarse\.blur_sigma=-3 invalid; expected a number >= 0"),
+    ({"coarse": {"downsample": "x"}}, r"task\.coarse\.downsample='x' invalid"),
+    ({"coarse": {"mislabel_fraction": 1}}, r"mislabel_fraction=1 leaves no correct label"),
+    ({"reduce_zero_label": "false"}, r"task\.reduce_zero_label must be true or false, got 'false'"),  # truthy
+    ({"ignore_index": "255"}, r"task\.ignore_index='255' invalid; expected an integer"),
+    ({"ignore_index": None}, r"task\.ignore_index=None invalid; expected an integer"),
+    ({"classes": 3.0}, r"task\.classes must be a list of class names .* got 3\.0"),
+    ({"classes": "plane"}, r"task\.classes must be a list of class names .* got 'plane'"),
+])
+def test_bad_semantic_settings_are_named_before_any_work(tmp_path, settings, match):
+    data = label_dataset(tmp_path, {"a": np.zeros((8, 8))})
+    with pytest.raises(SaqError, match=match):
+        SemanticTask(data, CALIB, **{"classes": CLASSES, **settings})
+
+
 def test_box_prompt_sources_are_refused(tmp_path, synthetic_root):
     data = {"root": str(synthetic_root), **DATA}
     # The default ground-truth source is accepted (and unused): the prompts are the point grid.
@@ -248,6 +271,9 @@ def test_coarse_predictions_from_a_folder(tmp_path):
     assert metrics["coarse_IoU_per_class"] == {"bg": 0.0, "box": pytest.approx(16 / 64)}
     save_png(tmp_path / "coarse/a.png", np.full((8, 8), 2))
     with pytest.raises(SaqError, match=r"coarse/a\.png holds value 2, outside the 2 classes"):
+        task.evaluate(RegionSegmenter([gt]), progress=False)
+    save_png(tmp_path / "coarse/a.png", np.ones((8, 4)))  # transposed-like: another aspect ratio, not a scaling
+    with pytest.raises(SaqError, match=r"coarse/a\.png is 4x8 \(w x h\), its image is 8x8: another aspect ratio"):
         task.evaluate(RegionSegmenter([gt]), progress=False)
     with pytest.raises(SaqError, match="coarse prediction folder not found"):
         SemanticTask(data, CALIB, classes=["bg", "box"], coarse={"dir": str(tmp_path / "nope")})

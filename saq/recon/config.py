@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from saq.errors import SaqError, check_device, check_int, check_seed, is_finite_number
+from saq.errors import SaqError, check_device, check_int, check_number, check_seed
 from saq.sam.units import GRANULARITIES
 
 UNIT_KINDS = ("stage", "layer", "block", "neck", "decoder_layer", "decoder_block", "final_attn")
@@ -89,12 +89,12 @@ class ReconConfig:
             values["iters"] = dict(cls().iters, **{kind: check_int(n, f"recon.iters.{kind}", 0)
                                                    for kind, n in iters.items()})
         if "drop_prob" in values:
-            p = values["drop_prob"] = _number(values["drop_prob"], "recon.drop_prob", 0.0)
+            p = values["drop_prob"] = check_number(values["drop_prob"], "recon.drop_prob", 0.0)
             if not 0.0 < p <= 1.0:
                 raise SaqError(f"recon.drop_prob={p!r} invalid; expected 0 < p <= 1 (QDrop: 0.5; 1 = no dropping)")
         for key in ("weight_lr", "scale_lr", "softmax_scale_lr"):
             if key in values:
-                values[key] = _number(values[key], f"recon.{key}", 0.0)
+                values[key] = check_number(values[key], f"recon.{key}", 0.0)
         for key in ("max_prompts", "log_every"):
             if key in values:
                 values[key] = check_int(values[key], f"recon.{key}", 1)
@@ -110,7 +110,7 @@ class ReconConfig:
                 if not isinstance(values[key], Mapping):
                     raise SaqError(f"recon.{key} must be a mapping, got {values[key]!r}")
                 _check_keys(values[key], sub, f"recon.{key}")
-                values[key] = sub(**{name: _number(v, f"recon.{key}.{name}", 0.0) for name, v in values[key].items()})
+                values[key] = sub(**{name: check_number(v, f"recon.{key}.{name}", 0.0) for name, v in values[key].items()})
                 if key == "round_reg" and not values[key].warm_up < 1.0:
                     raise SaqError(f"recon.round_reg.warm_up={values[key].warm_up!r} invalid; expected a fraction of "
                                    "the iterations in [0, 1) (AdaRound: 0.2)")
@@ -146,9 +146,3 @@ def _check_keys(data: Mapping, cls, where: str) -> None:
         if key not in allowed:
             raise SaqError(f"{where}.{key} is not a known key; expected one of {sorted(allowed)}")
 
-
-def _number(value, key: str, minimum: float) -> float:
-    """`value` as a float when it is a finite number >= minimum; else a SaqError naming key."""
-    if not is_finite_number(value) or value < minimum:
-        raise SaqError(f"{key}={value!r} invalid; expected a number >= {minimum}")
-    return float(value)
