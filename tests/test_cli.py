@@ -116,7 +116,7 @@ def test_activation_observer_set_beside_clip_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: quant.encoder.act.observer=mse conflicts with clip=minmax: clip= alone sets the activation range "
-        "strategy (e.g. clip=mse); leave quant.encoder.act.observer unset"], proc.stderr
+        "strategy (the same as this observer: clip=mse); leave quant.encoder.act.observer unset"], proc.stderr
 
 
 @pytest.mark.parametrize("override,message", [

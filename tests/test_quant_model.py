@@ -310,7 +310,12 @@ def test_activation_observer_beside_clip_is_one_error_naming_both(tiny):
     with pytest.raises(SaqError) as err:
         calibrate(qmodel, _samples(1), cfg, {"name": "minmax"}, progress=False)
     assert str(err.value) == ("quant.encoder.act.observer=mse conflicts with clip=minmax: clip= alone sets the "
-                              "activation range strategy (e.g. clip=mse); leave quant.encoder.act.observer unset")
+                              "activation range strategy (the same as this observer: clip=mse); leave "
+                              "quant.encoder.act.observer unset")
+    # the running-extreme observer is clip=minmax with the extreme reduction, not clip=minmax's default mean
+    minmax = {"name": "w8a8", "encoder": {"act": {"observer": "minmax"}}}
+    with pytest.raises(SaqError, match=r"\(the same as this observer: clip=minmax clip.reduction=extreme\)"):
+        calibrate(quantize(tiny, minmax), _samples(1), minmax, {"name": "mse"}, progress=False)
     # without a clip strategy (library use) the observer named in the config is the one that measures
     calibrate(qmodel, _samples(1), cfg, None, progress=False)
     assert qmodel.image_encoder.blocks[0].attn.qkv.input_quantizer.observer.name == "mse"

@@ -24,6 +24,7 @@ from tests.conftest import REPO
     ("threads=null", "threads=None invalid"),
     ("seed=-1", "seed=-1 invalid"),
     ("batch_size=9", "batch_size=9 is more than the 8 training images; lower batch_size or raise data.n_train"),
+    ("output=null", "output=None invalid; give the checkpoint path to write"),  # would overwrite the shipped weights
 ])
 def test_bad_training_knobs_are_one_line_naming_the_knob(override, message, synthetic_root, tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

@@ -39,7 +39,7 @@ class PercentileClipping(RangeStrategy):
     name = "percentile"
 
     def __init__(self, percentiles=PAPER_PERCENTILES, p: float = 2.4, max_points: int = 65536):
-        self.percentiles = percentile_list(percentiles, "clip.percentiles", "paper: 0.9 to 0.99999")
+        self.percentiles = percentile_list(percentiles, "clip.percentiles", "paper: 0.99, 0.999, 0.9999, 0.99999")
         self.p, self.max_points = error_settings(p, max_points)
 
     def describe(self) -> str:

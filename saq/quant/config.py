@@ -196,8 +196,11 @@ def check_range_owner(cfg: QuantConfig, clip_name: str | None) -> None:
     for part in PARTS:
         observer = cfg.part(part).act.observer
         if observer is not None:
+            # the minmax observer keeps the widest range seen; clip=minmax averages per-batch ranges unless told
+            same = "clip=minmax clip.reduction=extreme" if observer == "minmax" \
+                else f"clip={observer.removeprefix('avg_')}"
             raise SaqError(f"quant.{part}.act.observer={observer} conflicts with clip={clip_name}: clip= alone sets the "
-                           f"activation range strategy (e.g. clip={observer.removeprefix('avg_')}); "
+                           f"activation range strategy (the same as this observer: {same}); "
                            f"leave quant.{part}.act.observer unset")
 
 

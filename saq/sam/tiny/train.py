@@ -182,6 +182,9 @@ def check_train_knobs(cfg: DictConfig) -> None:
     check_int(cfg.warmup_steps, "warmup_steps", 0)
     check_int(cfg.data.n_train, "data.n_train", allow_none=True)
     check_int(cfg.data.n_val, "data.n_val")
+    if not isinstance(cfg.output, str) or not cfg.output:  # the shipped weights are replaced only when named
+        raise SaqError(f"output={cfg.output!r} invalid; give the checkpoint path to write (output={TINY_CHECKPOINT} "
+                       "to replace the shipped one)")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -267,7 +270,7 @@ def earlier_rounds(cfg: DictConfig) -> list[dict]:
 def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_rounds: list[dict],
          train_images: int) -> dict:
     """Write the checkpoint and its card (architecture, data seed, steps, wall time, val metrics)."""
-    out = Path(cfg.output) if cfg.output else TINY_CHECKPOINT  # output=null: the shipped checkpoint, as asked
+    out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     torch.save({k: v.detach().clone() for k, v in sam.state_dict().items()}, tmp)
@@ -302,7 +305,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     print(f"sam_tiny: {card['parameters']:,} parameters, {card['wall_time_minutes']} min, "
           f"last val box mIoU {card['history'][-1]['val_box_mIoU'] if card['history'] else 'n/a'}")
-    out = Path(cfg.output) if cfg.output else TINY_CHECKPOINT
+    out = Path(cfg.output)
     if out.resolve() != TINY_CHECKPOINT.resolve():
         print(f"wrote {out} and its card; evaluate it with `python -m saq model.checkpoint={out}`; to ship it, copy both "
               f"files over {TINY_CHECKPOINT} and its .json, then `make tiny-card`")
