@@ -186,18 +186,16 @@ def samples_digest(samples) -> str:
     return digest.hexdigest()[:16]
 
 
-def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples) -> dict | None:
-    """recon=... on the calibrated model (saq.recon), then the check that evaluation runs fully quantized."""
-    from saq.quant import assert_fully_quantized
-    from saq.recon import reconstruct
+def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples) -> dict:
+    """recon=... on the calibrated model (saq.recon); its record says which evaluation mode follows."""
+    from saq.recon import EVAL_FULL, reconstruct
 
     recon_cfg = cfg.get("recon") or {"name": "none"}
     # a saved unit is reused (recon.resume) only with the same model, calibration data, settings and code
     key = (f"{checkpoint_fingerprint(cfg.model)}|{samples_digest(samples)}|{cfg.quant}|{cfg.clip}|{cfg.seed}|"
            f"{cfg.device}|{source_digest(RECON_SOURCES)}")
     report = reconstruct(qmodel, model, samples, recon_cfg, cfg.seed, key, progress=cfg.progress)
-    assert_fully_quantized(qmodel, allow_dropped_inputs=report is not None and report.eval_mode != "fully_quantized")
-    return report.as_dict() if report is not None else {"method": "none", "eval_mode": "fully_quantized"}
+    return report.as_dict() if report is not None else {"method": "none", "eval_mode": EVAL_FULL}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -230,7 +228,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     saved_model = None  # where the quantized model was saved to or loaded from
     if quant_cfg is not None:
-        from saq.quant import calibrate, quant_summary, quantize
+        from saq.quant import assert_fully_quantized, calibrate, quant_summary, quantize
+        from saq.recon import EVAL_FULL
         from saq.saved import load_run, loaded_provenance, save_run
 
         if cfg.quant.get("load"):  # a model an earlier run calibrated: no calibration here
@@ -246,6 +245,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             recon = reconstruct_for_run(cfg, qmodel, model, samples)
             if cfg.quant.get("save", True):  # before evaluation: a later failure keeps the calibrated model
                 saved_model = str(save_run(qmodel, run_dir, cfg))
+        # calibrated, learned or loaded: every quantizer hard and on (inputs dropping only in the labelled
+        # paper-compatible evaluation)
+        assert_fully_quantized(qmodel, allow_dropped_inputs=recon["eval_mode"] != EVAL_FULL)
         print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau
         metrics["quantized"] = task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=cfg.progress)
         if cfg.get("deploy"):  # the same model as int8 ONNX Runtime graphs, through the same task code

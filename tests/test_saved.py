@@ -78,6 +78,31 @@ def test_saved_run_loads_to_the_same_metrics_without_calibrating(synthetic_root,
                      run_config(synthetic_root, "method=saq_sam"), tmp_path / "first")
 
 
+def test_evaluation_refuses_a_model_that_is_not_fully_quantized(synthetic_root, tmp_path, monkeypatch):
+    from saq.quant.model import iter_quantizers
+
+    def reconstruct_leaving_a_dropping_input(qmodel, *args, **kwargs):
+        next(iter_quantizers(qmodel, "act")).drop_prob = 0.5
+        return None  # as recon=none, so the run must evaluate fully quantized
+
+    monkeypatch.setattr("saq.recon.reconstruct", reconstruct_leaving_a_dropping_input)
+    with pytest.raises(SaqError, match="1 quantizers still drop quantization"):
+        pipeline.run(run_config(synthetic_root, "task.max_images=1"), tmp_path / "dropping")
+    monkeypatch.undo()
+    # a loaded model is checked too: a saved AdaRound weight still rounding softly is not evaluated
+    pipeline.run(run_config(synthetic_root, "task.max_images=1"), tmp_path / "made")
+    state_file = tmp_path / "made" / SAVED_DIR / "quantized_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    key = next(k for k in state if k.endswith("weight_quantizer.mode_index"))
+    state[key] = torch.tensor(1)  # soft
+    state[key.replace("mode_index", "alpha")] = torch.zeros_like(state[key.replace("weight_quantizer.mode_index",
+                                                                                   "weight")])
+    torch.save(state, state_file)
+    with pytest.raises(SaqError, match="1 weight quantizers still round softly"):
+        pipeline.run(run_config(synthetic_root, "task.max_images=1", f"quant.load={tmp_path / 'made'}"),
+                     tmp_path / "loaded")
+
+
 def test_a_run_into_a_used_folder_keeps_the_earlier_results_and_model(synthetic_root, tmp_path):
     cfg = run_config(synthetic_root, "task.max_images=1")
     first = pipeline.run(cfg, tmp_path / "run")
