@@ -73,6 +73,33 @@ def test_pcc_clips_planted_key_outliers_far_tighter_than_mse_and_keeps_the_focus
     assert all(point.state is QuantState.QUANT for point in probe.points.values())
 
 
+def test_search_uses_its_first_images_and_runs_every_sweep():
+    _, quant, q, k = _planted_attention()
+    calls = {"first": 0}
+
+    def first():
+        calls["first"] += 1
+        quant(q=q, k=k, v=k)
+
+    def second():
+        raise AssertionError("clip.images=1 searches on the first calibration image only")
+
+    counts, reports = [], []
+    for sweeps in (1, 2):
+        calls["first"] = 0
+        pcc = PerceptualConsistencyClipping(sweeps=sweeps, images=1)
+        reports.append(pcc.search([AttentionProbe("toy", quant)], [first, second], progress=False))
+        counts.append(calls["first"])
+        for point in quant.modules():  # the next search starts from FP again
+            if hasattr(point, "set_state"):
+                point.set_state("off")
+    assert counts[1] == counts[0] + 1  # one more recording of the attention's inputs: the second sweep ran
+    # the distance curve over the candidates is kept from the last sweep, one value per candidate
+    assert all(len(point.curve) == len(reports[1].candidates) for point in reports[1].points)
+    # in the second sweep each point is searched with the others already at their PCC ranges
+    assert [p.dist_pcc for p in reports[1].points] != [p.dist_pcc for p in reports[0].points]
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return build_random_sam("sam_tiny", seed=0)
@@ -203,3 +230,21 @@ def test_pcc_figures_are_written_as_png(tmp_path):
     paths = clipping_figures(report, tmp_path)
     assert [p.name for p in paths] == ["pcc_clip_ranges.png", "pcc_distance_curves.png", "pcc_attention_heatmaps.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_a_pcc_run_records_its_search_and_draws_it(synthetic_root, tmp_path):
+    import json
+
+    from saq import pipeline
+    from tests.test_saved import run_config
+
+    cfg = run_config(synthetic_root, "quant=w6a6", "clip=pcc", "clip.candidates=[0.9,0.99]", "task.max_images=1")
+    record = pipeline.run(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    points = saved["clipping"]["points"]
+    assert len(points) == 28  # sam_tiny's 7 decoder attentions x q_in, k_in, q_out, k_out
+    assert all(p["percentile"] in (0.9, 0.99) and len(p["curve"]) == 2 for p in points)
+    assert saved["clipping"]["settings"]["sweeps"] == 2  # the default: each point searched again after the others
+    assert record["metrics"]["quantized"]["mask_AP"] > 0
+    for name in ("pcc_clip_ranges.png", "pcc_distance_curves.png", "pcc_attention_heatmaps.png"):
+        assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

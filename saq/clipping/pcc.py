@@ -73,7 +73,7 @@ class SearchedPoint:
     def record(self) -> dict:
         out = {k: getattr(self, k) for k in ("name", "attention", "point", "fp_min", "fp_max", "mse_lo", "mse_hi",
                                              "pcc_lo", "pcc_hi", "percentile", "dist_minmax", "dist_mse",
-                                             "dist_pcc")}
+                                             "dist_pcc", "curve")}  # curve: distance per candidate, last sweep
         out["clip_ratio"] = self.clip_ratio
         return out
 
