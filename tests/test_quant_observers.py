@@ -208,3 +208,17 @@ def test_bounded_minimize_matches_scipy_when_installed():
         ours, _ = bounded_minimize(f, lo, hi)
         theirs = optimize.minimize_scalar(f, bounds=(lo, hi), method="bounded").x
         assert abs(ours - theirs) < 1e-4
+
+
+@pytest.mark.parametrize("reduction", ["mean", "extreme"])
+def test_clip_reduction_combines_different_batches_as_named(reduction):
+    grid = QuantGrid(8)
+    narrow, wide = torch.linspace(-1, 2, 100), torch.linspace(-3, 6, 100)
+    observer = AvgMinMaxObserver()
+    observer.use_strategy(build_range_strategy({"name": "minmax", "reduction": reduction}))
+    observer.observe(narrow, grid, None)
+    observer.observe(wide, grid, None)
+    lo, hi = observer.range()
+    expected = (-2.0, 4.0) if reduction == "mean" else (-3.0, 6.0)  # averaged per-batch ranges, or the widest seen
+    assert (float(lo), float(hi)) == pytest.approx(expected)
+    assert observer.name == ("avg_minmax" if reduction == "mean" else "minmax")

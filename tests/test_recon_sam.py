@@ -323,6 +323,22 @@ def test_pipeline_records_the_method_and_the_evaluation_mode(synthetic_root, tmp
             "task.max_images=2", "quant.calib_images=2", "fp_cache=false", "logger=none", "progress=false",
             "recon.iters.block=1", "recon.iters.neck=1", "recon.iters.decoder_block=1", "recon.iters.final_attn=1",
             "recon.best_state=false"])
+    import saq.saved
+
+    models = {}
+    save_run, load_run = saq.saved.save_run, saq.saved.load_run
+
+    def keep_saved(qmodel, *args):
+        models["saved"] = {k: v.detach().clone() for k, v in qmodel.state_dict().items()}
+        return save_run(qmodel, *args)
+
+    def keep_loaded(*args):
+        qmodel, recon = load_run(*args)
+        models["loaded"] = qmodel.state_dict()
+        return qmodel, recon
+
+    monkeypatch.setattr(saq.saved, "save_run", keep_saved)
+    monkeypatch.setattr(saq.saved, "load_run", keep_loaded)
     record = pipeline.run(cfg, tmp_path / "run")
     assert record["method"] == "ptq4sam_l" and record["recon"]["method"] == "qdrop"
     assert record["recon"]["eval_mode"] == EVAL_FULL and len(record["recon"]["units"]) == 22
@@ -338,3 +354,6 @@ def test_pipeline_records_the_method_and_the_evaluation_mode(synthetic_root, tmp
     loaded = pipeline.run(load, tmp_path / "loaded")
     assert loaded["metrics"]["quantized"] == record["metrics"]["quantized"]
     assert loaded["recon"] == {"method": "qdrop", "eval_mode": EVAL_FULL, "loaded_from": str(tmp_path / "run")}
+    # tensor for tensor, not only metrics (a few iterations leave the rounding close to nearest)
+    assert models["saved"].keys() == models["loaded"].keys()
+    assert [k for k in models["saved"] if not torch.equal(models["saved"][k], models["loaded"][k])] == []
