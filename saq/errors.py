@@ -38,14 +38,18 @@ def check_int(value, key: str, minimum: int | None = 1, allow_none: bool = False
     return value
 
 
-def check_number(value, key: str, minimum: float | None = None, maximum: float | None = None) -> float:
-    """`value` as a float when it is a finite number in [minimum, maximum] (None: unbounded on that side); else a
-    SaqError naming key."""
-    if not is_finite_number(value) or (minimum is not None and value < minimum) \
-            or (maximum is not None and value > maximum):
-        bound = (f" in [{minimum}, {maximum}]" if minimum is not None and maximum is not None
-                 else f" >= {minimum}" if minimum is not None else f" <= {maximum}" if maximum is not None else "")
-        raise SaqError(f"{key}={value!r} invalid; expected a {'' if bound else 'finite '}number{bound}")
+def check_number(value, key: str, minimum: float | None = None, maximum: float | None = None,
+                 open_max: bool = False) -> float:
+    """`value` as a float when it is a finite number in [minimum, maximum] (None: unbounded on that side; open_max:
+    maximum itself excluded); else a SaqError naming key."""
+    above = maximum is not None and (value >= maximum if open_max else value > maximum) \
+        if is_finite_number(value) else False
+    if not is_finite_number(value) or (minimum is not None and value < minimum) or above:
+        close = ")" if open_max else "]"
+        bound = (f" in [{minimum}, {maximum}{close}" if minimum is not None and maximum is not None
+                 else f" >= {minimum}" if minimum is not None
+                 else f" {'<' if open_max else '<='} {maximum}" if maximum is not None else "")
+        raise SaqError(f"{key}={value!r} invalid; expected a finite number{bound}")
     return float(value)
 
 

@@ -243,11 +243,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                            "seconds": round(report.seconds, 2)}
             clipping = report.clipping
             recon = reconstruct_for_run(cfg, qmodel, model, samples)
-            if cfg.quant.get("save", True):  # before evaluation: a later failure keeps the calibrated model
-                saved_model = str(save_run(qmodel, run_dir, cfg))
         # calibrated, learned or loaded: every quantizer hard and on (inputs dropping only in the labelled
-        # paper-compatible evaluation)
+        # paper-compatible evaluation), before the model is saved or evaluated
         assert_fully_quantized(qmodel, allow_dropped_inputs=recon["eval_mode"] != EVAL_FULL)
+        if not cfg.quant.get("load") and cfg.quant.get("save", True):  # before evaluation: a later failure keeps it
+            saved_model = str(save_run(qmodel, run_dir, cfg))
         print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau
         metrics["quantized"] = task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=cfg.progress)
         if cfg.get("deploy"):  # the same model as int8 ONNX Runtime graphs, through the same task code

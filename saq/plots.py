@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from saq.errors import is_finite_number
+
 
 def pyplot():
     """matplotlib.pyplot on the headless Agg backend (no display here; files only)."""
@@ -118,7 +120,7 @@ def reconstruction_curves(recon: dict, path: Path) -> Path | None:
         its, losses = zip(*unit["loss_curve"])
         ax.plot(its, losses, lw=1, color="tab:blue", label="training loss")
         for key, style, label in (("eval_before", "--", "all samples, before"), ("eval_after", "-", "after")):
-            if isinstance(unit.get(key), (int, float)) and math.isfinite(unit[key]):
+            if is_finite_number(unit.get(key)):
                 ax.axhline(unit[key], color="tab:red", ls=style, lw=1, label=label)
         if min(losses) > 0:
             ax.set_yscale("log")
@@ -152,7 +154,7 @@ def sensitivity_bars(rows: dict[str, dict], header: dict, path: Path) -> Path:
     ax.barh(y, gains, color=["tab:green" if g >= 0 else "tab:red" for g in gains], height=0.7)
     ax.set_yticks(y, labels, fontsize=7)
     fp = (header.get("fp") or {}).get(metric)
-    if isinstance(fp, (int, float)):
+    if is_finite_number(fp):
         ax.axvline(100 * (fp - full[metric]), color="k", ls="--", lw=1, label=f"whole model in FP ({100 * fp:.2f})")
         ax.legend(fontsize=7, loc="lower right")
     ax.axvline(0, color="k", lw=0.8)

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from saq.errors import SaqError, is_finite_number, is_int
+from saq.errors import SaqError, is_finite_number, is_int, is_number
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, first_prompted, read_rgb, read_text, require_dir, require_file
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
@@ -74,16 +74,17 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
         if not is_int(ann["category_id"]) or ann["category_id"] not in categories:
             raise SaqError(f"{where} has category_id {ann['category_id']!r}, which 'categories' does not define")
         # COCOeval skips a crowd region's matches and the object itself: a truthy string would hide it silently
-        if not (is_int(ann.get("iscrowd", 0)) and ann.get("iscrowd", 0) in (0, 1)):
+        if not (isinstance(ann.get("iscrowd", 0), int) and ann.get("iscrowd", 0) in (0, 1)):  # 0/1 or false/true
             raise SaqError(f"{where} has iscrowd {ann['iscrowd']!r}; expected 0 or 1")
         # COCOeval ignores objects whose area lies outside [0, 1e10] (its 'all' range): they would drop out of AP
         if scored and not (is_finite_number(ann["area"]) and 0 <= ann["area"] <= 1e10):
             raise SaqError(f"{where} has area {ann['area']!r}; expected a number from 0 to 1e10 (the mask's "
                            "pixel count)")
         bbox = ann["bbox"]
-        numbers = isinstance(bbox, list) and len(bbox) == 4 and all(is_finite_number(v) for v in bbox)
+        numbers = isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)
         # zero width or height is allowed: COCO train2017 itself holds such boxes (e.g. annotation 918)
-        problem = ("it must be 4 finite numbers [x, y, w, h]" if not numbers
+        problem = ("it must be 4 numbers [x, y, w, h]" if not numbers
+                   else "it has a non-finite value" if not all(is_finite_number(v) for v in bbox)
                    else "its width and height must be >= 0" if bbox[2] < 0 or bbox[3] < 0 else None)
         if problem:
             raise SaqError(f"{where} has bbox {bbox!r}: {problem}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Sequence
@@ -117,18 +118,19 @@ class DetectionsFile(PromptSource):
 
     def __init__(self, file: str | None, score_threshold: float = 0.05, max_per_image: int = 100,
                  calib_file: str | None = None):
-        if not file or not isinstance(file, str):
-            raise SaqError(f"prompts=detections needs a file: set prompts.file=/path/to/detections.json "
-                           f"(or a folder of DOTA Task1_<class>.txt files), got {file!r}")
+        if not file:
+            raise SaqError("prompts=detections needs a file: set prompts.file=/path/to/detections.json "
+                           "(or a folder of DOTA Task1_<class>.txt files)")
+        if not isinstance(file, (str, os.PathLike)):  # prompts.file=123 reaches here as an int
+            raise SaqError(f"prompts.file={file!r} invalid; expected the path of a detections file or folder")
         path = Path(file)
         if not path.exists():
             raise SaqError(f"detections file not found: {path} (set prompts.file)")
         check_int(max_per_image, "prompts.max_per_image")
         # detector scores are in [0, 1]: a threshold outside keeps all or none
-        if not (is_number(score_threshold) and 0 <= score_threshold <= 1):
-            raise SaqError(f"prompts.score_threshold must be a number in [0, 1], got {score_threshold!r}")
+        check_number(score_threshold, "prompts.score_threshold", 0, 1)  # detector scores are in [0, 1]
         self.path, self.score_threshold, self.max_per_image = path, score_threshold, max_per_image
-        if calib_file is not None and not isinstance(calib_file, str):
+        if calib_file is not None and not isinstance(calib_file, (str, os.PathLike)):
             raise SaqError(f"prompts.calib_file={calib_file!r} invalid; expected a path or null")
         if calib_file and not Path(calib_file).exists():
             raise SaqError(f"calibration detections file not found: {calib_file} (set prompts.calib_file to the "
@@ -163,9 +165,11 @@ class DetectionsFile(PromptSource):
                 else:
                     box, given = _enclosing_box([float(v) for v in det["poly"]]), f"poly {det['poly']}"
                 # COCO ids are numbers; DOTA images are keyed by their file stem, kept as a string.
-                key, label = det["image_id"], det["category_id"]
-                if not all(isinstance(v, str) or is_int(v) for v in (key, label)):
-                    raise TypeError
+                key, label = _result_id(det["image_id"]), _result_id(det["category_id"])
+                for field, value in (("image_id", key), ("category_id", label)):
+                    if value is None:
+                        raise SaqError(f"detections file {path}: entry {i} has {field} {det[field]!r}; expected an "
+                                       "integer (or a name: DOTA's file stems and class names)")
                 item = (*box, float(det["score"]), label)
             except (AttributeError, KeyError, TypeError, ValueError, OverflowError):  # Overflow: a 400-digit int
                 raise SaqError(f"detections file {path}: entry {i} is not a result "
@@ -288,6 +292,16 @@ class DetectionsFile(PromptSource):
         # A folder's fingerprint covers every result file in it.
         files = sorted(self.path.glob("Task1_*.txt")) if self.path.is_dir() else [self.path]
         return f"detections-{self.path.resolve()}-{files_digest(files)}-{self.score_threshold}-{self.max_per_image}"
+
+
+def _result_id(value):
+    """A detection's image or category id as the dataset keys it: a string, an int, or an int written as a float
+    (1.0, from labels passed through float arrays); None for anything else (1.7, true)."""
+    if isinstance(value, str) or is_int(value):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def box_problem(box: Sequence[float]) -> str | None:

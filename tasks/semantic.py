@@ -261,9 +261,8 @@ class SemanticTask(Task):
             self.coarse_dir = None
             check_int(self.coarse["downsample"], "task.coarse.downsample")
             check_number(self.coarse["blur_sigma"], "task.coarse.blur_sigma", 0, None)
-            check_number(self.coarse["mislabel_fraction"], "task.coarse.mislabel_fraction", 0, 1)
-            if self.coarse["mislabel_fraction"] == 1:
-                raise SaqError("task.coarse.mislabel_fraction=1 leaves no correct label; expected a number in [0, 1)")
+            # 1 would leave no correct label
+            check_number(self.coarse["mislabel_fraction"], "task.coarse.mislabel_fraction", 0, 1, open_max=True)
         require_dir(self.label_dir, "label map", "task.data.root / task.data.label_dir")
         images = list_images(self.img_dir, "task.data.root / task.data.img_dir")
         images = images[:max_images] if max_images else images

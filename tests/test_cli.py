@@ -121,7 +121,8 @@ def test_activation_observer_set_beside_clip_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("quant.w_bits=0", "error: quant.w_bits=0 is not allowed; expected an integer from 2 to 8"),
-    ("clip.p=-1", "error: clip.p=-1 invalid; expected a positive Lp exponent (paper: 2.4)"),
+    ("clip.p=-1", "error: clip.p=-1 invalid; expected a positive finite Lp exponent (paper: 2.4)"),
+    ("clip.p=inf", "error: clip.p=inf invalid; expected a positive finite Lp exponent (paper: 2.4)"),
     # a paper row or a reconstruction on the FP default would otherwise run FP under the method's label
     ("quant=fp method=saq_sam", "error: method=saq_sam quantizes the model but quant=fp runs it in full precision; "
                                 "add a bit-width: quant=w4a4, quant=w6a6 or quant=w8a8"),
@@ -169,6 +170,8 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
     (["quant=w8a8", "quant.encoder.enabled=false", "quant.decoder.enabled=false"],
      "quant.encoder.enabled and quant.decoder.enabled are both false: nothing would be quantized"),
     (["model=sam_tiny_outliers", "model.outliers.magnitude=abc"], "model.outliers.magnitude='abc' invalid"),
+    (["model=sam_tiny_outliers", "model.outliers.magnitude=inf"], "model.outliers.magnitude=inf invalid"),
+    (["quant=w4a4", "method=saq_sam", "recon.weight_lr=inf"], "recon.weight_lr=inf invalid; expected a finite number"),
     (["model=sam_tiny_outliers", "model.outliers.attentions=5"], "model.outliers.attentions=5 invalid"),
     (["model=sam_tiny_outliers", "model.outliers.seed=x"], "model.outliers.seed='x' invalid; expected an integer"),
     (["quant=w8a8", "deploy=true", "quant.encoder.act.granularity=per_channel"],
@@ -197,7 +200,7 @@ def test_task_seeds_and_jitter_sizes_of_the_wrong_kind_are_one_line(synthetic_ro
     from tasks.semantic import SemanticTask
 
     for kwargs, message in (({"seed": -1}, "prompts.seed=-1 invalid"), ({"scale": "abc"}, "prompts.scale='abc' invalid"),
-                            ({"max_px": None}, "prompts.max_px=None invalid; expected a number >= 0")):
+                            ({"max_px": None}, "prompts.max_px=None invalid; expected a finite number >= 0")):
         with pytest.raises(SaqError, match=re.escape(message)):
             JitteredBoxes(**kwargs)
     data = {"root": str(synthetic_root), "img_dir": "val/images", "label_dir": "val/labels"}

@@ -164,7 +164,7 @@ def _ann(ann_id: int) -> str:
           (_ann(1), _ann(2).replace('"area": 4', '"area": 4, "iscrowd": "0"'),
            r"annotation 2 has iscrowd '0'; expected 0 or 1"),
           (_ann(1), _ann(2).replace("[0, 0, 2, 2]", "[0, 0, 2, 1" + "0" * 400 + "]"),
-           r"annotation 2 has bbox .*it must be 4 finite numbers"),
+           r"annotation 2 has bbox .*it has a non-finite value"),
           (_ann(1), _ann(2).replace("[[0, 0, 2, 0,", "[[0, 0, 1" + "0" * 400 + ", 0,"),
            r"annotation 2 \(image 1\) has a bad segmentation: polygon")]),
     ('{"images": 5, "annotations": [], "categories": []}', r"'images' must be a list \(found int\)"),
@@ -185,7 +185,7 @@ def test_missing_annotation_file_and_bad_detections(tmp_path):
         load_coco(tmp_path / "none.json", "task.data.ann_file")
     with pytest.raises(SaqError, match="needs a file"):
         DetectionsFile(None)
-    with pytest.raises(SaqError, match="needs a file: .*, got 123"):  # prompts.file=123 reaches us as an int
+    with pytest.raises(SaqError, match="prompts.file=123 invalid; expected the path"):  # hydra gives an int
         DetectionsFile(123)
     with pytest.raises(SaqError, match=r"prompts.calib_file=7 invalid; expected a path or null"):
         DetectionsFile(str(tmp_path), calib_file=7)
@@ -344,6 +344,14 @@ def test_what_real_coco_files_hold_still_loads(tmp_path):
     assert coco.annToMask(coco.anns[1]).shape == (4, 4)  # pycocotools took 4 numbers for a box and failed
     path.write_text(_coco(_ann_with(segmentation=[])))
     assert len(load_coco(path, "task.calib.ann_file", scored=False).anns) == 1
+    # a crowd region as COCO writes it (RLE counts as a list, a float area, a 12-digit id), and iscrowd as a JSON
+    # boolean (some exporters write one; pycocotools reads int(iscrowd))
+    crowd = {"id": 900100581904, "image_id": 1, "category_id": 1, "iscrowd": 1, "area": 6.0, "bbox": [0, 0, 3, 2],
+             "segmentation": {"size": [4, 4], "counts": [0, 2, 2, 2, 2, 2, 6]}}
+    path.write_text(_coco(f"{_ann_with(area=4.5, iscrowd=False)}, {json.dumps(crowd)}"))
+    coco = load_coco(path, "task.data.ann_file")
+    assert coco.annToMask(coco.anns[900100581904]).sum() == 6 and coco.anns[900100581904]["area"] == 6.0
+    assert [a["id"] for a in gt_boxes(coco, 1)[1]] == [1]  # the crowd region prompts nothing
 
 
 @pytest.mark.parametrize("override,match", [
@@ -354,9 +362,9 @@ def test_what_real_coco_files_hold_still_loads(tmp_path):
     ({"bbox": [0, 0, float("inf"), 5]}, r"entry 0 \(image 1, bbox \[0, 0, inf, 5\].*\): the box has a non-finite"),
     ({"bbox": "1234"}, r"entry 0 is not a result"),
     # int()/float() would have taken these: image 1.7 read as image 1, true as 1, strings as numbers
-    ({"image_id": 1.7}, r"entry 0 is not a result"),
-    ({"image_id": True}, r"entry 0 is not a result"),
-    ({"category_id": 2.9}, r"entry 0 is not a result"),
+    ({"image_id": 1.7}, r"entry 0 has image_id 1\.7; expected an integer"),
+    ({"image_id": True}, r"entry 0 has image_id True; expected an integer"),
+    ({"category_id": 2.9}, r"entry 0 has category_id 2\.9; expected an integer"),
     ({"score": True}, r"entry 0 is not a result"),
     ({"bbox": ["0", "0", "5", "5"]}, r"entry 0 is not a result"),
     ({"bbox": [0, 0, 10**400, 5]}, r"entry 0 is not a result"),
@@ -370,7 +378,8 @@ def test_bad_detection_scores_and_boxes_name_the_entry(synthetic_root, tmp_path,
 def test_detections_that_prompt_nothing_are_an_error(synthetic_root, tmp_path):
     coco = load_coco(synthetic_root / DATA["ann_file"], "k")
     for bad in (1.5, "abc"):
-        with pytest.raises(SaqError, match=rf"prompts.score_threshold must be a number in \[0, 1\], got {bad!r}"):
+        with pytest.raises(SaqError, match=rf"prompts.score_threshold={bad!r} invalid; expected a finite number in "
+                                           r"\[0, 1\]"):
             DetectionsFile(str(write_detections(tmp_path / "d.json", coco, [1]).path), score_threshold=bad)
     with pytest.raises(SaqError, match=r"prompts.max_per_image=2.5 invalid; expected an integer >= 1"):
         DetectionsFile(str(write_detections(tmp_path / "d.json", coco, [1]).path), max_per_image=2.5)
@@ -418,3 +427,14 @@ def test_exif_orientation_is_not_applied(tmp_path):
     # annotation sizes, masks and label maps describe the stored pixels, not the displayed ones
     assert image.shape == (20, 40, 3)
     assert image[:, :10].mean() > 200 and image[:, 20:].mean() < 50
+
+
+def test_integer_ids_written_as_floats_are_read_as_integers(synthetic_root, tmp_path):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    as_ints = write_detections(tmp_path / "ints.json", coco, [1])
+    entries = json.loads((tmp_path / "ints.json").read_text())
+    (tmp_path / "floats.json").write_text(json.dumps([{**d, "image_id": float(d["image_id"]),
+                                                       "category_id": float(d["category_id"])} for d in entries]))
+    as_floats = DetectionsFile(str(tmp_path / "floats.json"))  # labels passed through float arrays: 1.0, not 1.7
+    assert as_floats._by_image == as_ints._by_image
+    assert all(type(d[5]) is int for d in as_floats._by_image[1]) and list(as_floats._by_image) == [1]

@@ -88,6 +88,7 @@ def test_evaluation_refuses_a_model_that_is_not_fully_quantized(synthetic_root, 
     monkeypatch.setattr("saq.recon.reconstruct", reconstruct_leaving_a_dropping_input)
     with pytest.raises(SaqError, match="1 quantizers still drop quantization"):
         pipeline.run(run_config(synthetic_root, "task.max_images=1"), tmp_path / "dropping")
+    assert not (tmp_path / "dropping" / SAVED_DIR).exists()  # checked before it is saved
     monkeypatch.undo()
     # a loaded model is checked too: a saved AdaRound weight still rounding softly is not evaluated
     pipeline.run(run_config(synthetic_root, "task.max_images=1"), tmp_path / "made")

@@ -158,14 +158,14 @@ def test_missing_label_map_and_bad_label_files_are_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("settings,match", [
     # a threshold no predicted IoU reaches keeps no mask: mIoU would equal the coarse prior's without a word
-    ({"amg": {"pred_iou_thresh": 88}}, r"task\.amg\.pred_iou_thresh=88 invalid; expected a number in \[0, 1\]"),
+    ({"amg": {"pred_iou_thresh": 88}}, r"task\.amg\.pred_iou_thresh=88 invalid; expected a finite number in \[0, 1\]"),
     ({"amg": {"stability_score_thresh": 1.5}}, r"task\.amg\.stability_score_thresh=1\.5 invalid"),
     ({"amg": {"pred_iou_thresh": "high"}}, r"task\.amg\.pred_iou_thresh='high' invalid"),
     ({"amg": {"points_per_side": 16.7}}, r"task\.amg\.points_per_side=16\.7 invalid; expected an integer >= 1"),
     ({"amg": {"points_per_side": "abc"}}, r"task\.amg\.points_per_side='abc' invalid"),
-    ({"coarse": {"blur_sigma": -3}}, r"task\.coarse\.blur_sigma=-3 invalid; expected a number >= 0"),
+    ({"coarse": {"blur_sigma": -3}}, r"task\.coarse\.blur_sigma=-3 invalid; expected a finite number >= 0"),
     ({"coarse": {"downsample": "x"}}, r"task\.coarse\.downsample='x' invalid"),
-    ({"coarse": {"mislabel_fraction": 1}}, r"mislabel_fraction=1 leaves no correct label"),
+    ({"coarse": {"mislabel_fraction": 1}}, r"mislabel_fraction=1 invalid; expected a finite number in \[0, 1\)"),
     ({"reduce_zero_label": "false"}, r"task\.reduce_zero_label must be true or false, got 'false'"),  # truthy
     ({"ignore_index": "255"}, r"task\.ignore_index='255' invalid; expected an integer"),
     ({"ignore_index": None}, r"task\.ignore_index=None invalid; expected an integer"),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saq.errors import SaqError, check_int, is_number
+from saq.errors import SaqError, check_int, is_finite_number, is_number
 from saq.quant.grid import SCALE_EPS, QuantGrid, abs_pow_
 
 
@@ -72,8 +72,8 @@ def scalar_qparams(lo: float, hi: float, grid: QuantGrid) -> tuple[float, float]
 
 def error_settings(p: float, max_points: int) -> tuple[float, int]:
     """Validated (p, max_points) of a strategy that scores ranges by Lp error on an error_sample."""
-    if not (is_number(p) and p > 0):
-        raise SaqError(f"clip.p={p!r} invalid; expected a positive Lp exponent (paper: 2.4)")
+    if not (is_finite_number(p) and p > 0):
+        raise SaqError(f"clip.p={p!r} invalid; expected a positive finite Lp exponent (paper: 2.4)")
     return float(p), check_int(max_points, "clip.max_points", 16)
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from segment_anything.modeling import Sam
 
-from saq.errors import SaqError, check_int, check_seed, is_number
+from saq.errors import SaqError, check_int, check_seed, is_finite_number
 from saq.sam.attention import decoder_attentions
 from saq.sam.segmenter import PromptedImage, Segmenter
 
@@ -60,8 +60,9 @@ class OutlierSpec:
         check_seed(spec.seed, "model.outliers.seed")
         if spec.sign not in SIGNS:
             raise SaqError(f"model.outliers.sign={spec.sign!r} is unknown; expected one of {list(SIGNS)}")
-        if not (is_number(spec.magnitude) and spec.magnitude > 0):
-            raise SaqError(f"model.outliers.magnitude={spec.magnitude!r} invalid; expected a positive multiple of p99")
+        if not (is_finite_number(spec.magnitude) and spec.magnitude > 0):
+            raise SaqError(f"model.outliers.magnitude={spec.magnitude!r} invalid; expected a positive finite multiple "
+                           "of p99")
         return spec
 
 
