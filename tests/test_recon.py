@@ -291,6 +291,24 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, monkeypat
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_a_damaged_checkpoint_is_learned_again_not_a_crash(tmp_path, capsys):
+    cfg = recon_cfg(iters={"block": 5}, resume=True)
+    chain = lambda: [Feed(), Block("first", "lin1"), Block("second", "lin2")]  # noqa: E731
+    fp, fresh, data = toy_models()
+    expected = Reconstructor(fresh, fp, recon_cfg(iters={"block": 5}), seed=0, progress=False,
+                             chain=chain()).run(data=data)
+    checkpoint = tmp_path / "recon.pt"
+    checkpoint.write_bytes(b"PK\x03\x04 half a file")  # a kill mid-write of another process's file
+    fp, qmodel, data = toy_models()
+    report = Reconstructor(qmodel, fp, cfg, seed=0, progress=False, checkpoint=checkpoint, chain=chain()).run(data=data)
+    assert "cannot resume from" in capsys.readouterr().err
+    assert [u.resumed for u in report.units] == [False, False]
+    assert [u.eval_after for u in report.units] == [u.eval_after for u in expected.units]
+    # the checkpoint is whole again, written through a temporary file of its own that is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recon.pt"]
+    assert torch.load(checkpoint, weights_only=True)["done"] == 2
+
+
 def test_the_resume_key_ignores_only_what_does_not_change_the_learned_model():
     from saq.recon import checkpoint_path
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -299,18 +301,31 @@ class Reconstructor:
         if self.checkpoint is None:
             return
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_suffix(".tmp")
-        torch.save({"done": index, "units": [asdict(u) for u in report.units],
-                    "model": {k: v.detach().cpu() for k, v in self.qmodel.state_dict().items()}}, tmp)
-        os.replace(tmp, self.checkpoint)
+        # a name of its own: two jobs of a sweep can share a checkpoint key (settings that do not change learning)
+        tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            torch.save({"done": index, "units": [asdict(u) for u in report.units],
+                        "model": {k: v.detach().cpu() for k, v in self.qmodel.state_dict().items()}}, tmp)
+            os.replace(tmp, self.checkpoint)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _resume(self, report: ReconReport) -> int:
         """Index of the last finished unit restored from the checkpoint (-1: start from the first unit)."""
         if not (self.cfg.resume and self.checkpoint is not None and self.checkpoint.is_file()):
             return -1
-        saved = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+            done = int(saved["done"])
+            units = [UnitReport(**dict(u, resumed=True)) for u in saved["units"]]
+            if not 0 <= done < len(self.chain):
+                raise ValueError(f"unit {done} of a chain of {len(self.chain)}")
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file; all mean "start afresh"
+            print(f"recon: warning: cannot resume from {self.checkpoint} ({type(exc).__name__}); learning every unit "
+                  "again", file=sys.stderr)
+            return -1
         self.qmodel.load_state_dict(saved["model"])
-        report.units = [UnitReport(**dict(u, resumed=True)) for u in saved["units"]]
+        report.units = units
         report.resumed_from = str(self.checkpoint)
-        print(f"recon: resumed after unit {self.chain[saved['done']].name} from {self.checkpoint}")
-        return int(saved["done"])
+        print(f"recon: resumed after unit {self.chain[done].name} from {self.checkpoint}")
+        return done
