@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -120,6 +121,9 @@ def write_results(run_dir: Path, record: dict) -> Path:
     try:
         if path.exists():
             print(f"{path} held an earlier run; kept as {set_aside(path, 'previous')}")
+            # its figures go with it: this run's would replace only some, and W&B uploads every PNG in the folder
+            for figure in run_figures(run_dir):
+                set_aside(figure, "previous")
         write_json_atomic(path, record)
     except OSError as exc:
         raise SaqError(f"cannot write {path} ({exc.strerror or exc}); the run's metrics are printed above") from None
@@ -257,6 +261,7 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
     """Send the run's config, metrics and figures to W&B. Any failure is a warning: results.json is already on disk."""
     if not logger_cfg or logger_cfg.get("name") in (None, "none") or logger_cfg.get("mode") == "disabled":
         return None
+    run = None
     try:
         import wandb
 
@@ -269,8 +274,8 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
         if figures:
             run.log(figures)
         points = (record.get("clipping") or {}).get("points") or []
-        if points:  # a point search's ranges (clip=pcc), one row per searched quantizer
-            columns = list(points[0])
+        if points:  # a point search's ranges (clip=pcc), one row per searched quantizer (its curve stays in the file)
+            columns = [c for c in points[0] if not isinstance(points[0][c], list)]
             run.log({"clipping/ranges": wandb.Table(columns=columns, data=[[p.get(c) for c in columns] for p in points])})
         url = getattr(run, "url", None)
         sync_dir = getattr(getattr(run, "settings", None), "sync_dir", None)
@@ -285,4 +290,7 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
     except Exception as exc:  # a logging backend must never cost the user their results
         print(f"warning: W&B logging failed ({type(exc).__name__}: {exc}); results are in {run_dir / RESULTS_FILE}",
               file=sys.stderr)
+        if run is not None:  # closed as failed, not left for the next job's init (or the exit hook) to end as normal
+            with contextlib.suppress(Exception):
+                run.finish(exit_code=1)
         return None

@@ -138,6 +138,21 @@ def test_results_that_cannot_be_written_are_one_line_and_leave_no_stray_file(tmp
     assert list(tmp_path.iterdir()) == []  # the temporary file is gone too
 
 
+def test_an_earlier_runs_figures_are_set_aside_with_its_results(tmp_path):
+    from saq import log
+
+    log.write_results(tmp_path, {"metrics": {"fp": {"mask_AP": 0.5}}})
+    (tmp_path / "pcc_clip_ranges.png").write_bytes(b"earlier")
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "media.png").write_bytes(b"W&B's own")
+    log.write_results(tmp_path, {"metrics": {"fp": {"mask_AP": 0.6}}})
+    # a rerun that draws no PCC figure must not show (or upload) the earlier run's
+    assert log.run_figures(tmp_path) == []  # (W&B's own files are never counted)
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".previous"))
+    assert len(kept) == 2 and kept[0].startswith("pcc_clip_ranges.png.") and kept[1].startswith("results.json.")
+    assert (tmp_path / "wandb" / "media.png").read_bytes() == b"W&B's own"
+
+
 def _run_config(synthetic_root, *overrides):
     from hydra import compose, initialize_config_dir
 

@@ -236,14 +236,20 @@ def test_wandb_summary_holds_every_metric_by_its_path(tmp_path, monkeypatch, cap
         settings = None
 
         def log(self, data):
-            pass
+            logged.append(data)
 
-        def finish(self):
-            pass
+        def finish(self, exit_code=0):
+            finished.append(exit_code)
 
+    logged, finished, tables = [], [], []
     run = Run()
     run.summary = {}
-    fake = types.SimpleNamespace(init=lambda **kwargs: run, Image=str, Table=None)
+
+    def table(columns, data):
+        tables.append(columns)
+        return columns
+
+    fake = types.SimpleNamespace(init=lambda **kwargs: run, Image=str, Table=table)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     record = {"metrics": {"fp": {"mask_AP": 0.76, "images": 500, "ok": True},
                           "quantized": {"mask_AP": 0.73, "by_class": {"circle": 0.8}, "note": "x"}},
@@ -253,6 +259,17 @@ def test_wandb_summary_holds_every_metric_by_its_path(tmp_path, monkeypatch, cap
     # numbers only (no bools, no strings), nested dicts joined with '/'
     assert run.summary == {"fp/mask_AP": 0.76, "fp/images": 500, "quantized/mask_AP": 0.73,
                            "quantized/by_class/circle": 0.8, "wall_time_s": 12.5}
+    assert finished == [0]
+    # a point search's table leaves the per-candidate curve (a list) in results.json
+    points = [{"name": "q", "pcc_hi": 1.0, "curve": [0.1, 0.2]}]
+    log_to_wandb({"name": "wandb", "mode": "offline"}, {**record, "clipping": {"points": points}}, tmp_path)
+    assert tables == [["name", "pcc_hi"]]
+    # a failure after the run started: a warning, and the run closed as failed (not left open for the next job)
+    fake.Image = lambda path: (_ for _ in ()).throw(OSError("disk full"))
+    (tmp_path / "figure.png").write_bytes(b"")
+    assert log_to_wandb({"name": "wandb", "mode": "offline"}, record, tmp_path) is None
+    assert "warning: W&B logging failed (OSError: disk full)" in capsys.readouterr().err
+    assert finished == [0, 0, 1]
 
 
 def test_wandb_options_group_job_type_tags_and_config():
