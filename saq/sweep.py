@@ -172,6 +172,24 @@ def jobs_that_do_not_compose(config: DictConfig) -> list[tuple[list[str], str]]:
     return problems
 
 
+def jobs_sharing_a_folder(config: DictConfig) -> list[tuple[list[str], list[str]]]:
+    """Pairs of jobs whose folders would be one: they differ only in keys that job folder names leave out
+    (hydra.job.config.override_dirname.exclude_keys, e.g. threads), so the second would be skipped or overwrite."""
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", "")
+    if "override_dirname" not in str(subdir):  # another folder scheme (e.g. ${hydra.job.num}) names each job apart
+        return []
+    excluded = set(config.hydra.job.config.override_dirname.get("exclude_keys") or [])
+    seen: dict[frozenset, list[str]] = {}
+    clashes = []
+    for job in sweep_job_overrides(config) or []:
+        named = frozenset(o for o in job if o.split("=", 1)[0].lstrip("+~") not in excluded)
+        if named in seen:
+            clashes.append((seen[named], job))
+        else:
+            seen[named] = job
+    return clashes
+
+
 def missing_slurm_commands(config: DictConfig) -> list[str]:
     """The Slurm commands a Slurm launcher needs but PATH lacks (submitit fails on them only at launch, deep inside)."""
     if not str(config.hydra.launcher.get("_target_", "")).endswith("SlurmLauncher"):
@@ -200,6 +218,14 @@ class SweepReport(Callback):
             for job, why in problems:
                 print(f"error: job {' '.join(job)}: {why}", file=sys.stderr)
             print(f"error: {len(problems)} jobs of this sweep do not compose; nothing was run", file=sys.stderr)
+            sys.exit(2)
+        clashes = jobs_sharing_a_folder(config)
+        if clashes:
+            first, second = clashes[0]
+            only = [" ".join(o for o in job if o not in other) for job, other in ((first, second), (second, first))]
+            print(f"error: the jobs with {only[0]} and with {only[1]} would share one job folder: job folder names "
+                  "leave those keys out; sweep those values into separate hydra.sweep.dir folders, or name jobs by "
+                  "number (hydra.sweep.subdir='${hydra.job.num}'); nothing was run", file=sys.stderr)
             sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:

@@ -368,3 +368,15 @@ def test_make_sweep_passes_args_to_the_shell_as_written():
     command = [line for line in proc.stdout.splitlines() if " -m saq -m " in line]
     assert len(command) == 1 and command[0].endswith(
         "-m saq -m +sweeps=bits 'model.checkpoint=/ckpt/${model.name}.pth' seed=1"), proc.stdout
+
+
+def test_jobs_that_would_share_a_folder_stop_the_sweep_before_any_job_runs(synthetic_root, tmp_path):
+    # threads is left out of job folder names (it changes no result's meaning), so threads=1,2 is one folder twice
+    sweep_dir = tmp_path / "sweep"
+    proc = multirun(sweep_dir, "quant=w4a4", "threads=1,2", data=synthetic_root, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: the jobs with threads=1 and with threads=2 would share one job folder: job folder names leave those "
+        "keys out; sweep those values into separate hydra.sweep.dir folders, or name jobs by number "
+        "(hydra.sweep.subdir='${hydra.job.num}'); nothing was run")
+    assert not list(sweep_dir.rglob("results.json"))
