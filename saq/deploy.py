@@ -16,7 +16,6 @@ post-softmax operand left unquantized (default) or log2-rounded in float ops (so
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from saq.errors import SaqError
+from saq.log import write_json_atomic
 from saq.quant.config import QuantConfig
 from saq.quant.model import iter_quantizers, quant_config
 from saq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
@@ -286,7 +286,7 @@ def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float"
     report = {"export_s": round(time.perf_counter() - start, 1), "opset": OPSET, "softmax": softmax}
     for key, name in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
         report[key] = operator_report(directory / name)
-    (directory / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    write_json_atomic(directory / REPORT_FILE, report)
     return report
 
 

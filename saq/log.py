@@ -50,11 +50,16 @@ def package_versions() -> dict[str, str | None]:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename: readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # a temp file of its own: parallel jobs, on one host or several, may write the same file (the FP cache)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no stray temp file

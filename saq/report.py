@@ -9,6 +9,7 @@ A corrupt, partial or foreign results.json is listed and skipped; failed sweep j
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -19,7 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saq.errors import SaqError, is_number
-from saq.log import RESULTS_FILE, bits_label, flatten, labelled_config, method_label, record_problem
+from saq.log import (
+    RESULTS_FILE,
+    bits_label,
+    flatten,
+    labelled_config,
+    method_label,
+    record_problem,
+    write_text_atomic,
+)
 from saq.paper_results import PAPER_MODEL, paper_row, paper_table
 from saq.sweep import FAILURE_FILE, RESUME_IGNORED_KEYS
 
@@ -424,26 +433,27 @@ def render_markdown(report: Report, plots: list[Path]) -> str:
 
 
 def write_csv(report: Report, path: Path) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["source", "task", "prompts", "metric", "row", "model", "bits", "mean", "std", "n", "seeds"])
-        for table in report.tables:
-            for row in table.rows:
-                for col in table.columns:
-                    cell = table.cells.get((row, col))
-                    if cell is not None:
-                        writer.writerow(["ours", table.task, table.prompts, table.metric, row, col[0], col[1],
-                                         repr(cell.mean), repr(cell.std), cell.n,
-                                         " ".join(str(s) for s in table.seeds[(row, col)])])
-            block = paper_block(table)
-            if block:
-                published, pairs, columns = block
-                for name, _ in pairs:
-                    for col in columns:
-                        value = published["rows"][name].get(col)
-                        if value is not None:
-                            writer.writerow(["paper", table.task, "", table.metric, name, col[0], col[1],
-                                             repr(round(value / 100, 6)), "", "", ""])
+    fh = io.StringIO(newline="")
+    writer = csv.writer(fh)
+    writer.writerow(["source", "task", "prompts", "metric", "row", "model", "bits", "mean", "std", "n", "seeds"])
+    for table in report.tables:
+        for row in table.rows:
+            for col in table.columns:
+                cell = table.cells.get((row, col))
+                if cell is not None:
+                    writer.writerow(["ours", table.task, table.prompts, table.metric, row, col[0], col[1],
+                                     repr(cell.mean), repr(cell.std), cell.n,
+                                     " ".join(str(s) for s in table.seeds[(row, col)])])
+        block = paper_block(table)
+        if block:
+            published, pairs, columns = block
+            for name, _ in pairs:
+                for col in columns:
+                    value = published["rows"][name].get(col)
+                    if value is not None:
+                        writer.writerow(["paper", table.task, "", table.metric, name, col[0], col[1],
+                                         repr(round(value / 100, 6)), "", "", ""])
+    write_text_atomic(path, fh.getvalue())
 
 
 TEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
@@ -639,9 +649,10 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
         print(f"warning: plots failed ({type(exc).__name__}: {exc})", file=sys.stderr)
     md, csv_path, tex = (out_dir / name for name in REPORT_FILES)
     try:
-        md.write_text(render_markdown(report, [p.relative_to(out_dir) for p in plots]))
+        # whole files or none: a sweep's report may be rewritten while another reads it, or killed mid-write
+        write_text_atomic(md, render_markdown(report, [p.relative_to(out_dir) for p in plots]))
         write_csv(report, csv_path)
-        tex.write_text(render_tex(report))
+        write_text_atomic(tex, render_tex(report))
     except OSError as exc:
         raise SaqError(f"report: cannot write the report into out={out_dir} ({exc.strerror or exc})") from None
     return [md, csv_path, tex, *plots]

@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from saq.errors import SaqError
 from saq.log import RESULTS_FILE, record_problem, set_aside, write_json_atomic
 
 FAILURE_FILE = "failure.json"
-SWEEP_STARTED = ".sweep_started"  # touched in the sweep folder when a multirun starts
+SWEEP_STARTED = ".sweep_started"  # .sweep_started.<id>: touched in the sweep folder while a multirun runs
 # Keys that change how a run is logged or shown, not what it computes: a finished run still counts when they differ.
 RESUME_IGNORED_KEYS = ("logger", "progress", "threads", "fp_cache", "resume", "figures")
 
@@ -209,10 +210,6 @@ class SweepReport(Callback):
                   "run the sweep on the cluster's login node, or here with hydra/launcher=joblib (parallel local "
                   "jobs) or hydra/launcher=submitit_local; nothing was run", file=sys.stderr)
             sys.exit(2)
-        # failure.json older than this marker belongs to an earlier sweep (file times: one clock, the file server's)
-        marker = Path(str(config.hydra.sweep.dir)) / SWEEP_STARTED
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
         problems = jobs_that_do_not_compose(config)
         if problems:
             for job, why in problems:
@@ -227,6 +224,12 @@ class SweepReport(Callback):
                   "leave those keys out; sweep those values into separate hydra.sweep.dir folders, or name jobs by "
                   "number (hydra.sweep.subdir='${hydra.job.num}'); nothing was run", file=sys.stderr)
             sys.exit(2)
+        # failure.json older than this marker belongs to an earlier sweep (file times: one clock, the file server's);
+        # one marker per multirun, so a second multirun into the same folder does not move this one's start
+        marker = Path(str(config.hydra.sweep.dir)) / f"{SWEEP_STARTED}.{uuid.uuid4().hex}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        self.marker = marker
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from saq.report import build_report, print_summary, write_report
@@ -234,8 +237,11 @@ class SweepReport(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         report = build_report(sweep_dir)
         written = write_report(report, sweep_dir) if report.runs else []
-        marker = sweep_dir / SWEEP_STARTED
-        failed_now = print_summary(report, written, since=marker.stat().st_mtime if marker.exists() else None)
+        marker = getattr(self, "marker", None)
+        since = marker.stat().st_mtime if marker is not None and marker.exists() else None
+        failed_now = print_summary(report, written, since=since)
+        if marker is not None:
+            marker.unlink(missing_ok=True)
         sys.stdout.flush()
         if failed_now:
             sys.exit(1)  # after the report: the sweep's exit status says some job of this sweep failed

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from saq.errors import SEED_LIMIT, SaqError, check_int, check_seed
+from saq.log import write_json_atomic
 
 # Bump when rendering changes: cached datasets are keyed on it.
 GENERATOR_VERSION = 2
@@ -335,16 +336,16 @@ def _generate_locked(root: Path, meta: dict, progress: bool) -> Path:
     meta_path = root / "meta.json"
     if meta_path.is_file():  # a dataset of other parameters, or an interrupted generation: replaced
         stale = _generated_files(root)
-        meta_path.write_text(json.dumps({**meta, "complete": False}, indent=1))
+        write_json_atomic(meta_path, {**meta, "complete": False})
         for path in stale:  # else a smaller or reseeded set would leave the old scenes beside the new ones
             path.unlink()
     else:
         _refuse_other_data(root)
         root.mkdir(parents=True, exist_ok=True)
-        meta_path.write_text(json.dumps({**meta, "complete": False}, indent=1))
+        write_json_atomic(meta_path, {**meta, "complete": False})
     for split, n in (("train", n_train), ("val", n_val)):
         write_split(root, split, n, seed, progress)
-    meta_path.write_text(json.dumps({**meta, "complete": True}, indent=1))
+    write_json_atomic(meta_path, {**meta, "complete": True})  # readers without the lock see whole files only
     return root
 
 

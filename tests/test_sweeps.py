@@ -132,6 +132,8 @@ def test_a_failed_job_is_recorded_and_listed_without_stopping_the_others(synthet
     again = multirun(sweep_dir, "model.checkpoint=null", data=synthetic_root, cwd=tmp_path, images=1)
     assert again.returncode == 0, again.stdout[-2000:]
     assert "1 failure.json from earlier sweeps" in again.stdout and "failed jobs:" not in again.stdout
+    # each multirun keeps its own start marker while it runs (another multirun into the folder cannot move it)
+    assert not list(sweep_dir.glob(".sweep_started*"))
 
 
 def test_a_job_that_does_not_compose_stops_the_sweep_before_any_job_runs(synthetic_root, tmp_path):
