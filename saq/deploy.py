@@ -45,7 +45,7 @@ FLOAT_COMPUTE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul", "
 DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
 # What becomes of softmax * V's post-softmax operand, whose AGQ log2 codes no ONNX int8 operator takes:
 # float: left unquantized (the fast choice; the deployed model is then slightly closer to FP than saq's W8A8);
-# log2: saq's log2 rounding computed in float ops (the same values as saq's fake quant; costs a pass of 10 ops over
+# log2: saq's log2 rounding computed in float ops (saq's fake-quant formula; costs a pass of 10 ops over
 # every attention map, which on ViT-B's global attention is slower than the int8 GEMMs save).
 SOFTMAX_MODES = ("float", "log2")
 
@@ -117,7 +117,7 @@ class QDQ(nn.Module):
 
 
 class Log2Float(nn.Module):
-    """AGQ's log2 quantizer in float ops (ONNX has no log2-coded int8 operator): the values saq's fake quant gives."""
+    """AGQ's log2 quantizer in float ops (ONNX has no log2-coded int8 operator): saq's fake-quant formula."""
 
     uses_partner = False
 
