@@ -105,6 +105,10 @@ def validate(cfg: DictConfig):
         from saq.deploy import check_deploy_config
 
         check_deploy_config(None if cfg.quant.name == "fp" else cfg.quant)
+        if (cfg.get("recon") or {}).get("paper_eval_compat"):  # metrics.quantized would keep inputs FP, deployed not
+            raise SaqError("deploy=true evaluates the int8 graph fully quantized, but recon.paper_eval_compat=true "
+                           "evaluates the model with half its linear inputs in FP: the two would not compare; deploy "
+                           "the saved model from a fully quantized evaluation (drop recon.paper_eval_compat)")
     if cfg.model.get("outliers"):
         from saq.sam.outliers import OutlierSpec
 

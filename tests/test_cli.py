@@ -176,6 +176,8 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
     (["model=sam_tiny_outliers", "model.outliers.seed=x"], "model.outliers.seed='x' invalid; expected an integer"),
     (["quant=w8a8", "deploy=true", "quant.encoder.act.granularity=per_channel"],
      "cannot deploy: quant.encoder.act.granularity=per_channel; ONNX QuantizeLinear takes per-tensor activations"),
+    (["quant=w8a8", "deploy=true", "method=saq_sam", "recon.paper_eval_compat=true"],
+     "deploy=true evaluates the int8 graph fully quantized, but recon.paper_eval_compat=true evaluates the model"),
     (["quant=w4a4", "clip=pcc", "quant.decoder.enabled=false"],
      "clip=pcc searches the quantized mask decoder's attention ranges, but quant.decoder.enabled=false"),
     (["quant=w4a4", "clip=pcc", "quant.decoder.act.granularity=per_channel"],

@@ -234,6 +234,23 @@ def test_dropping_quantizes_the_asked_share_of_the_elements_and_only_when_asked(
     assert prob - 0.05 < share < prob + 0.05
 
 
+def test_a_dropping_quantizer_switched_off_leaves_the_later_masks_as_they_were():
+    # the paper-compatible evaluation drops inputs at random; a sensitivity row puts one part in FP, and the parts
+    # after it must still draw the masks they draw in the fully quantized row (same seed)
+    fp, qmodel, data = toy_models()
+    for layer in (qmodel.lin1, qmodel.lin2):
+        layer.input_quantizer.drop_prob = 0.5
+    states = []
+    hook = qmodel.lin2.input_quantizer.register_forward_pre_hook(lambda *_: states.append(torch.get_rng_state()))
+    for lin1_state in ("quant", "off"):
+        qmodel.lin1.input_quantizer.set_state(lin1_state)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            qmodel(data[0].x)
+    hook.remove()
+    assert torch.equal(states[0], states[1])
+
+
 def test_rounding_regularizer_is_off_in_warm_up_then_anneals():
     fp, qmodel, data = toy_models()
     ada = qmodel.lin1.weight_quantizer

@@ -82,6 +82,8 @@ class Quantizer(nn.Module):
 
     def forward(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> torch.Tensor:
         if self._state is QuantState.OFF:
+            if self.drop_prob < 1.0:  # draw the mask it would have drawn: the quantizers after it keep theirs
+                keep_mask(x, self.drop_prob)  # (a sensitivity row with this part in FP compares with the full one)
             return x
         if self._state is QuantState.OBSERVE:
             with torch.no_grad():
