@@ -30,7 +30,7 @@ from saq.log import (
     write_text_atomic,
 )
 from saq.paper_results import PAPER_MODEL, paper_row, paper_table
-from saq.sweep import FAILURE_FILE, RESUME_IGNORED_KEYS
+from saq.sweep import FAILURE_FILE, RESUME_IGNORED_KEYS, RUNNING_FILE
 
 FP_ROW = "FP"
 # Metric order per task (the first is the task's main metric); other scalar metrics follow in the order found.
@@ -150,6 +150,17 @@ def load_failures(root: Path) -> list[dict]:
                              "overrides": list(record.get("overrides") or []), "mtime": path.stat().st_mtime})
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             failures.append({"path": path, "error": "unreadable failure.json", "overrides": [], "mtime": 0.0})
+    for path in sorted(root.rglob(RUNNING_FILE)):  # a job that started and never ended, nor failed
+        if (path.parent / FAILURE_FILE).exists():
+            continue
+        try:
+            record = json.loads(path.read_text())
+            started = f"started {record.get('time', '?')}, pid {record.get('pid', '?')} on {record.get('host', '?')}"
+            overrides = list(record.get("overrides") or [])
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            started, overrides = "unreadable running.json", []
+        failures.append({"path": path, "error": f"did not finish: killed, or still running ({started})",
+                         "overrides": overrides, "mtime": path.stat().st_mtime})
     return failures
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import re
 import shutil
 import sys
@@ -20,6 +22,7 @@ from saq.errors import SaqError
 from saq.log import RESULTS_FILE, record_problem, set_aside, write_json_atomic
 
 FAILURE_FILE = "failure.json"
+RUNNING_FILE = "running.json"  # while a sweep job runs; left behind only when its process was killed
 SWEEP_STARTED = ".sweep_started"  # .sweep_started.<id>: touched in the sweep folder while a multirun runs
 # Keys that change how a run is logged or shown, not what it computes: a finished run still counts when they differ.
 RESUME_IGNORED_KEYS = ("logger", "progress", "threads", "fp_cache", "resume", "figures")
@@ -135,7 +138,12 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, run: Callable[[DictConfig, Pat
         print(f"skipped: {run_dir / RESULTS_FILE} already holds this finished run (resume=false recomputes)")
         (run_dir / FAILURE_FILE).unlink(missing_ok=True)
         return None
+    # a job whose worker is killed (out of memory, a parallel launcher tearing its pool down) writes nothing else:
+    # this file makes the report list it as unfinished instead of leaving it out
+    running = run_dir / RUNNING_FILE
     try:
+        write_json_atomic(running, {"status": "running", "pid": os.getpid(), "host": platform.node(),
+                                    "overrides": overrides, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         record = run(cfg, run_dir)
     except Exception as exc:  # one failed job must not stop the sweep; the summary lists it
         path = write_failure(run_dir, cfg, exc, overrides)
@@ -143,6 +151,8 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, run: Callable[[DictConfig, Pat
             traceback.print_exception(exc, file=sys.stderr)
         print(f"error: {one_line(exc)} (job {' '.join(overrides)}; {path})", file=sys.stderr)
         return None
+    finally:
+        running.unlink(missing_ok=True)
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this job is now fixed
     return record
 

@@ -373,3 +373,28 @@ def test_no_usable_results_lists_the_skipped_files_and_why(tmp_path, capsys):
         put(tmp_path, name, [])
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().endswith("; and 3 more")
+
+
+def test_a_sweep_job_killed_midway_is_listed_as_unfinished(tmp_path):
+    from omegaconf import OmegaConf
+
+    from saq.sweep import RUNNING_FILE, run_sweep_job
+
+    seen = []
+
+    def run(cfg, run_dir):
+        seen.append(json.loads((run_dir / RUNNING_FILE).read_text()))  # marked while it runs
+        return put(run_dir.parent, run_dir.name, record(ap=0.5)) and {}
+
+    cfg = OmegaConf.create({"resume": False})
+    run_sweep_job(cfg, tmp_path / "done", run, ["clip=mse"])
+    assert seen[0]["overrides"] == ["clip=mse"] and seen[0]["pid"] == os.getpid()
+    assert not (tmp_path / "done" / RUNNING_FILE).exists()  # finished: the mark is gone
+    # a worker killed mid-run (SIGKILL, out of memory) leaves only its mark: listed, not left out
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / RUNNING_FILE).write_text(json.dumps({"pid": 42, "host": "node1", "time": "T",
+                                                                "overrides": ["clip=pcc"]}))
+    report = build_report(tmp_path)
+    assert len(report.runs) == 1
+    assert [(f["path"].parent.name, f["error"], f["overrides"]) for f in report.failures] == [
+        ("killed", "did not finish: killed, or still running (started T, pid 42 on node1)", ["clip=pcc"])]
