@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saq.errors import SaqError
-from saq.log import RUN_LOG, tee_run_log
+from saq.log import RUN_LOG, claim_run_dir, tee_run_log
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -27,10 +27,11 @@ def main(cfg: DictConfig) -> None:
     with tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])):
         try:
             check_preset_found(cfg)
-            if multirun:  # resume, and a failed job recorded without stopping the others
-                run_sweep_job(cfg, run_dir, run, list(hydra_cfg.overrides.task))
-                return
-            run(cfg, run_dir)
+            with claim_run_dir(run_dir):
+                if multirun:  # resume, and a failed job recorded without stopping the others
+                    run_sweep_job(cfg, run_dir, run, list(hydra_cfg.overrides.task))
+                    return
+                run(cfg, run_dir)
         except SaqError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)

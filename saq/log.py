@@ -11,6 +11,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -117,6 +118,29 @@ def tee_run_log(path: Path, command: str = ""):
             sys.stdout.flush()
             sys.stderr.flush()
             sys.stdout, sys.stderr = out, err
+
+
+RUN_LOCK = ".saq.lock"
+
+
+@contextmanager
+def claim_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder for this process: a second run into it (two runs started in the same second share
+    Hydra's outputs/<date>/<time> folder) stops with one line instead of renaming this run's model and results.
+    An OS lock (flock), so a killed run never leaves the folder held."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / RUN_LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SaqError(f"another saq run is writing into {run_dir}; give this one its own folder "
+                           "(hydra.run.dir=...)") from None
+        except OSError:  # a file system without locks (some network mounts): run unguarded, as before
+            pass
+        yield  # released when the file closes
 
 
 def write_results(run_dir: Path, record: dict) -> Path:

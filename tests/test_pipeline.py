@@ -235,3 +235,27 @@ def test_run_log_keeps_lines_and_tracebacks_but_not_progress_redraws(tmp_path):
     assert lines[1:4] == ["warning: a", "warning: b", "table"]
     assert lines[4] == "Traceback (most recent call last):" and lines[-1] == "RuntimeError: boom"
     assert "calibrate" not in "".join(lines)
+
+
+def test_a_second_run_into_a_held_folder_stops_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from saq.errors import SaqError
+    from saq.log import claim_run_dir
+    from tests.conftest import REPO
+
+    with claim_run_dir(tmp_path / "run"):
+        # another process (two runs started in the same second share Hydra's folder)
+        code = ("import sys; from saq.log import claim_run_dir\n"
+                f"try:\n    claim_run_dir({str(tmp_path / 'run')!r}).__enter__()\n"
+                "except Exception as exc:\n    print(type(exc).__name__, exc); sys.exit(3)")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert proc.returncode == 3 and proc.stdout.strip() == (
+            f"SaqError another saq run is writing into {tmp_path / 'run'}; give this one its own folder "
+            "(hydra.run.dir=...)")
+    with claim_run_dir(tmp_path / "run"):  # released when the run ends (a killed one releases it too: an OS lock)
+        pass
+    with pytest.raises(SaqError, match="another saq run is writing into"), claim_run_dir(tmp_path / "x"):
+        with claim_run_dir(tmp_path / "x"):  # flock is per open file: a second claim in one process is refused too
+            pass
