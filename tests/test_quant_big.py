@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from saq.quant import apply_big, quantize
-from saq.quant.big import count_modes, find_peaks, gaussian_kde
+from saq.quant.big import count_modes, gaussian_kde
 from saq.sam.build import build_random_sam
 from saq.sam.segmenter import PromptedImage, Segmenter
 
@@ -21,14 +21,6 @@ def test_gaussian_kde_uses_scotts_bandwidth():
     bandwidth = math.sqrt(0.5) * 2 ** (-1 / 5)  # std (ddof 1) · n^(-1/5)
     expected = math.exp(-0.5 * (0.5 / bandwidth) ** 2) / (bandwidth * math.sqrt(2 * math.pi))
     assert math.isclose(float(gaussian_kde(samples, torch.tensor([0.5]))[0]), expected, rel_tol=1e-9)
-
-
-def test_find_peaks_height_distance_and_plateaus():
-    y = [0, 5, 0, 0, 3, 3, 3, 0, 1, 0, 0, 0, 0, 9, 8, 9, 0]
-    assert find_peaks(y, height=0, distance=1) == [1, 5, 8, 13, 15]  # a plateau counts once, at its middle
-    assert find_peaks(y, height=2, distance=1) == [1, 5, 13, 15]
-    assert find_peaks(y, height=2, distance=3) == [1, 5, 15]  # 13 is within 3 of the equal 15: scipy keeps the later
-    assert find_peaks(y, height=6, distance=1) == [13, 15]
 
 
 def test_count_modes_on_known_mixtures():
@@ -97,20 +89,12 @@ def test_big_leaves_unimodal_keys_alone(planted):
     assert all(torch.equal(v, qmodel.state_dict()[k]) for k, v in weights.items())
 
 
-def test_kde_and_peaks_match_scipy_when_installed():
-    scipy_stats = pytest.importorskip("scipy.stats")
-    scipy_signal = pytest.importorskip("scipy.signal")
+def test_kde_matches_scipy():
+    from scipy import stats
+
     gen = torch.Generator().manual_seed(3)
     values = torch.cat([torch.randn(3000, generator=gen) - 3, torch.randn(1000, generator=gen) * 0.5 + 2])
     points = torch.linspace(float(values.min()), float(values.max()), 128)
     ours = gaussian_kde(values, points).numpy()
-    theirs = scipy_stats.gaussian_kde(values.double().numpy())(points.double().numpy())
+    theirs = stats.gaussian_kde(values.double().numpy())(points.double().numpy())
     assert np.allclose(ours, theirs, rtol=1e-6)
-    for height, distance in ((0.01 * theirs.sum(), 32), (0.0, 1), (0.0, 5)):
-        expected = sorted(scipy_signal.find_peaks(theirs, height=height, distance=distance)[0].tolist())
-        assert sorted(find_peaks(theirs.tolist(), height, distance)) == expected
-    # equal peaks closer than the distance: the same one survives
-    ties = [0, 4, 0, 4, 0, 4, 0, 0, 6, 0, 6, 0, 0, 0, 5, 1, 5, 0]
-    for distance in (2, 3, 5):
-        expected = sorted(scipy_signal.find_peaks(np.array(ties, float), height=1, distance=distance)[0].tolist())
-        assert sorted(find_peaks(ties, 1, distance)) == expected, distance

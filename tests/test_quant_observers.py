@@ -201,15 +201,6 @@ def test_build_range_strategy_from_config():
             build_range_strategy(cfg)
 
 
-def test_bounded_minimize_matches_scipy_when_installed():
-    optimize = pytest.importorskip("scipy.optimize")
-    for f, lo, hi in ((lambda v: (v - 0.3) ** 2, -2.0, 5.0), (lambda v: math.sin(3 * v) + 0.1 * v, 0.0, 4.0),
-                      (lambda v: abs(v - 1.7) ** 2.4, 0.0, 10.0)):
-        ours, _ = bounded_minimize(f, lo, hi)
-        theirs = optimize.minimize_scalar(f, bounds=(lo, hi), method="bounded").x
-        assert abs(ours - theirs) < 1e-4
-
-
 @pytest.mark.parametrize("reduction", ["mean", "extreme"])
 def test_clip_reduction_combines_different_batches_as_named(reduction):
     grid = QuantGrid(8)

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,31 +31,6 @@ def gaussian_kde(samples: torch.Tensor, points: torch.Tensor, chunk: int = 16) -
     return torch.cat(out) / (bandwidth * math.sqrt(2 * math.pi))
 
 
-def find_peaks(y: list[float], height: float, distance: int) -> list[int]:
-    """Indices of local maxima with y >= height, at least `distance` apart, higher peaks first
-    (scipy.signal.find_peaks with height and distance; plateaus count once, at their middle)."""
-    peaks, i, last = [], 1, len(y) - 1
-    while i < last:
-        if y[i - 1] < y[i]:
-            ahead = i + 1
-            while ahead < last and y[ahead] == y[i]:
-                ahead += 1
-            if y[ahead] < y[i]:
-                peaks.append((i + ahead - 1) // 2)
-                i = ahead
-        i += 1
-    peaks = [p for p in peaks if y[p] >= height]
-    keep = [True] * len(peaks)
-    # of equal peaks the later one goes first, as scipy's (stable) ascending priority order walked from its end
-    for idx in sorted(range(len(peaks)), key=lambda j: (y[peaks[j]], j), reverse=True):
-        if not keep[idx]:
-            continue
-        for other in range(len(peaks)):
-            if other != idx and keep[other] and abs(peaks[other] - peaks[idx]) < distance:
-                keep[other] = False
-    return [p for p, k in zip(peaks, keep) if k]
-
-
 def count_modes(values: torch.Tensor) -> int:
     """Number of KDE peaks of the flattened values, with PTQ4SAM's constants."""
     values = values.detach().reshape(-1).float()
@@ -62,7 +38,10 @@ def count_modes(values: torch.Tensor) -> int:
     if not hi > lo:
         return 1
     density = gaussian_kde(values, torch.linspace(lo, hi, GLOBAL_NUM, device=values.device)).tolist()
-    return len(find_peaks(density, PEAK_HEIGHT * sum(density), PEAK_DISTANCE))
+    from scipy.signal import find_peaks  # here: scipy is slow to import and most tools never count modes
+
+    peaks, _ = find_peaks(np.asarray(density), height=PEAK_HEIGHT * sum(density), distance=PEAK_DISTANCE)
+    return len(peaks)
 
 
 @torch.no_grad()

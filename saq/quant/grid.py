@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -226,72 +225,15 @@ def lp_error(x_hat: torch.Tensor, x: torch.Tensor, p: float, dim=None) -> torch.
     return err.mean() if dim is None else err.mean(dim)
 
 
-_GOLDEN = 0.5 * (3.0 - math.sqrt(5.0))
-_SQRT_EPS = math.sqrt(2.2e-16)
-
-
 def bounded_minimize(f: Callable[[float], float], lower: float, upper: float, xatol: float = 1e-5,
                      max_evals: int = 500) -> tuple[float, float]:
-    """Brent's bounded scalar minimisation (scipy's minimize_scalar(method='bounded')); returns (x, f(x)).
+    """The minimum of f on [lower, upper] by Brent's bounded search (scipy's minimize_scalar, method 'bounded': the
+    search the paper's observers use); returns (x, f(x)). f gets python floats."""
+    from scipy.optimize import minimize_scalar
 
-    Written out because the paper's observers use exactly this search and scipy is not a dependency.
-    """
     a, b = float(lower), float(upper)
     if not b > a:
         return a, f(a)
-    fulc = a + _GOLDEN * (b - a)
-    nfc = xf = fulc
-    rat = e = 0.0
-    fx = f(xf)
-    evals = 1
-    ffulc = fnfc = fx
-    xm = 0.5 * (a + b)
-    tol1 = _SQRT_EPS * abs(xf) + xatol / 3.0
-    tol2 = 2.0 * tol1
-    while abs(xf - xm) > (tol2 - 0.5 * (b - a)) and evals < max_evals:
-        golden = True
-        if abs(e) > tol1:  # try a parabolic step through the three best points
-            golden = False
-            r = (xf - nfc) * (fx - ffulc)
-            q = (xf - fulc) * (fx - fnfc)
-            p = (xf - fulc) * q - (xf - nfc) * r
-            q = 2.0 * (q - r)
-            if q > 0.0:
-                p = -p
-            q = abs(q)
-            r, e = e, rat
-            if abs(p) < abs(0.5 * q * r) and q * (a - xf) < p < q * (b - xf):
-                rat = p / q
-                x = xf + rat
-                if (x - a) < tol2 or (b - x) < tol2:
-                    rat = tol1 if xm >= xf else -tol1
-            else:
-                golden = True
-        if golden:
-            e = (a - xf) if xf >= xm else (b - xf)
-            rat = _GOLDEN * e
-        x = xf + (1.0 if rat >= 0 else -1.0) * max(abs(rat), tol1)
-        fu = f(x)
-        evals += 1
-        if fu <= fx:
-            if x >= xf:
-                a = xf
-            else:
-                b = xf
-            fulc, ffulc = nfc, fnfc
-            nfc, fnfc = xf, fx
-            xf, fx = x, fu
-        else:
-            if x < xf:
-                a = x
-            else:
-                b = x
-            if fu <= fnfc or nfc == xf:
-                fulc, ffulc = nfc, fnfc
-                nfc, fnfc = x, fu
-            elif fu <= ffulc or fulc == xf or fulc == nfc:
-                fulc, ffulc = x, fu
-        xm = 0.5 * (a + b)
-        tol1 = _SQRT_EPS * abs(xf) + xatol / 3.0
-        tol2 = 2.0 * tol1
-    return xf, fx
+    result = minimize_scalar(lambda x: f(float(x)), bounds=(a, b), method="bounded",
+                             options={"xatol": xatol, "maxiter": max_evals})
+    return float(result.x), float(result.fun)
