@@ -2,7 +2,7 @@
 mask IoU of int8 against FP.
 
 Models: the shipped sam_tiny (W8A8 calibrated on synthetic train images, the w8a8 preset with clip=minmax) and a
-random-init sam_vit_b at 1024 px (calibrated on one synthetic image with minmax weight observers: timing only). The
+random-init sam_vit_b at 1024 px (calibrated on one random image with minmax weight observers: timing only). The
 decoder is timed on a batch of box prompts. Mask IoU: sam_tiny with ground-truth boxes on val images, int8 ONNX
 masks against FP torch masks (and saq's fake-quant masks against FP, for reference).
 Usage: python benchmarks/int8_latency.py [threads=2] [repeats=3] [prompts=16] [val_images=50] [calib_images=8]

@@ -102,5 +102,5 @@ def main(args: dict[str, str]) -> None:
 if __name__ == "__main__":
     from saq.cli import run_script
 
-    sys.exit(run_script(main, __doc__, {"quant": str, "repeats": int, "prompts": int, "threads": int,
+    sys.exit(run_script(main, __doc__, {"quant": ("w8a8", "w6a6", "w4a4"), "repeats": int, "prompts": int, "threads": int,
                                         "vit_b": ("auto", "yes", "no")}))

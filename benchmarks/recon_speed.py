@@ -14,6 +14,7 @@ Usage: python benchmarks/recon_speed.py [model=sam_tiny] [device=cpu] [threads=1
 
 from __future__ import annotations
 
+import copy
 import resource
 import sys
 import time
@@ -24,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.quant_overhead import sample
+from benchmarks.quant_overhead import sample, timed
+from saq.errors import SaqError, check_device
 from saq.quant import calibrate, quantize
 from saq.recon import ReconConfig, Reconstructor
 from saq.recon.config import UNIT_KINDS
@@ -42,10 +44,11 @@ def compose_group(group: str, name: str):
         return OmegaConf.to_container(compose(config_name=None, overrides=[f"+{group}={name}"])[group], resolve=True)
 
 
-def peak_memory_mb(device: str) -> float:
+def peak_memory(device: str) -> str:
+    """The peak since the last reset: GPU memory torch allocated, or (CPU) the process's peak resident size."""
     if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        return f"peak GPU memory allocated during reconstruction {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    return f"peak resident memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
 
 
 def layer_skipping_saving(model, data, repeats: int = 3) -> tuple[float, float]:
@@ -65,31 +68,35 @@ def layer_skipping_saving(model, data, repeats: int = 3) -> tuple[float, float]:
             state = step.run(model, state, data)
         probe_image_tokens(model, state[0], data).square().mean().backward()
 
-    out = []
-    for fn in (skip, full):
-        fn()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        out.append((time.perf_counter() - start) / repeats * 1000)
-    return out[0], out[1]
+    device = x.device
+    return timed(skip, repeats, device) * 1000, timed(full, repeats, device) * 1000
 
 
 def main(args: dict) -> None:
     model_name = args.get("model", "sam_tiny")
-    device = args.get("device", "cuda" if model_name != "sam_tiny" and torch.cuda.is_available() else "cpu")
+    device = check_device(args.get("device", "cuda" if model_name != "sam_tiny" and torch.cuda.is_available()
+                                   else "cpu"), "device")
+    if "data" in args and "prompts" in args:
+        raise SaqError("prompts= sets the random images' box count; with data= the images bring their own boxes")
     torch.set_num_threads(int(args.get("threads", 1)))
     iters, images, prompts = int(args.get("iters", 20)), int(args.get("images", 4)), int(args.get("prompts", 16))
     model = (build_sam(model_name) if model_name == "sam_tiny" else build_random_sam(model_name)).to(device)
     size = model.image_encoder.img_size
     if "data" in args:
+        from omegaconf import OmegaConf
+
         from tasks.instance import InstanceTask
 
+        if not Path(args["data"]).is_dir() and args["data"] != "data/synthetic":
+            raise SaqError(f"data={args['data']} is not a folder; give a COCO-format dataset root (data/synthetic is "
+                           "generated when missing)")
+        generate = (OmegaConf.to_container(OmegaConf.load(CONF / "task" / "instance.yaml").generate)
+                    if args["data"] == "data/synthetic" else None)  # the instance task's own synthetic set
         task = InstanceTask({"root": args["data"], "ann_file": "annotations/instances_val.json",
                              "img_dir": "val/images"},
-                            {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"})
+                            {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"},
+                            generate=generate)
         samples = task.calibration_samples(images)
-        prompts = min(16, max(s.num_prompts for s in samples))
         described = f"{images} images of {args['data']} (mean {np.mean([s.num_prompts for s in samples]):.1f} boxes)"
     else:
         samples = [sample(size, prompts, seed) for seed in range(images)]
@@ -100,8 +107,17 @@ def main(args: dict) -> None:
     official = ReconConfig.from_cfg(compose_group("recon", args.get("recon", "par")))
     cfg = ReconConfig.from_cfg({**compose_group("recon", args.get("recon", "par")), "best_state": False,
                                 "iters": {k: iters for k in UNIT_KINDS}})
+    # one untimed iteration per unit first, on a copy: the first call of each kernel (most of all on CUDA) is slow
+    warm_up = ReconConfig.from_cfg({**compose_group("recon", args.get("recon", "par")), "best_state": False,
+                                    "iters": {k: 1 for k in UNIT_KINDS}})
+    Reconstructor(copy.deepcopy(qmodel), model, warm_up, seed=0, progress=False).run(samples)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # the peak of the timed reconstruction, not of building/calibrating
     start = time.perf_counter()
     report = Reconstructor(qmodel, model, cfg, seed=0, progress=False).run(samples)
+    if device == "cuda":
+        torch.cuda.synchronize()
     wall = time.perf_counter() - start
     learned = sum(u.seconds for u in report.units)
     setup_per_unit = (wall - learned) / len(report.units) / images * int(args.get("calib_images", 32))
@@ -124,7 +140,7 @@ def main(args: dict) -> None:
         print(f"{kind:<15}{len(values):>6}{rate:>9.2f}{1000 / rate:>9.1f}{n_iters:>16}{seconds:>13.0f}")
     setup = setup_per_unit * len(units)
     print(f"projected official schedule: {total:.0f} s learning + {setup:.0f} s caching ({args.get('calib_images', 32)}"
-          f" images) = {(total + setup) / 60:.1f} min; peak memory {peak_memory_mb(device):.0f} MiB")
+          f" images) = {(total + setup) / 60:.1f} min; {peak_memory(device)}")
     data = encode_sample(model, max(samples, key=lambda s: s.num_prompts), 16, torch.Generator().manual_seed(0))
     skip, full = layer_skipping_saving(model, data)
     print(f"layer skipping (stage 0 -> neck -> two-way transformer), fwd+bwd: {skip:.1f} ms, against {full:.1f} ms "
@@ -134,6 +150,7 @@ def main(args: dict) -> None:
 if __name__ == "__main__":
     from saq.cli import run_script
 
-    kinds = {"model": str, "device": str, "threads": int, "iters": int, "images": int, "prompts": int, "data": str,
-             "quant": str, "recon": str, "calib_images": int}
+    kinds = {"model": ("sam_tiny", "sam_vit_b", "sam_vit_l", "sam_vit_h"), "device": ("cpu", "cuda"), "threads": int,
+             "iters": int, "images": int, "prompts": int, "data": str, "quant": ("w8a8", "w6a6", "w4a4"),
+             "recon": ("par", "qdrop"), "calib_images": int}
     sys.exit(run_script(main, __doc__, kinds))
