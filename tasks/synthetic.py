@@ -206,8 +206,10 @@ def write_split(root: Path, split: str, n: int, seed: int, progress: bool = True
         scene = render_scene(seed, split, idx)
         name = f"{idx:06d}"
         h, w = scene.image.shape[:2]
-        cv2.imwrite(str(img_dir / f"{name}.jpg"), scene.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
-        cv2.imwrite(str(label_dir / f"{name}.png"), scene.label_map())
+        # cv2.imwrite reports a failure (a full disk, no permission) by returning False, not by raising
+        if not (cv2.imwrite(str(img_dir / f"{name}.jpg"), scene.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+                and cv2.imwrite(str(label_dir / f"{name}.png"), scene.label_map())):
+            raise SaqError(f"cannot write scene {name} into {root / split}; check free space and permissions")
         images.append({"id": idx + 1, "file_name": f"{name}.jpg", "height": h, "width": w})
         dota_lines = ["imagesource:saq-synthetic", "gsd:null"]
         for mask, cat, diff in zip(scene.masks, scene.categories, scene.difficult):
@@ -357,15 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-val", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.n_train < 0 or args.n_val < 0:
-        parser.error("--n-train and --n-val must be >= 0")
+    if args.n_train < 1 or args.n_val < 1:  # as task.generate: an empty split has nothing to calibrate or score
+        parser.error("--n-train and --n-val must be >= 1")
     if not 0 <= args.seed < SEED_LIMIT:
         parser.error(f"--seed must be in 0..{SEED_LIMIT - 1}")
     try:
         root = ensure_dataset(args.out, args.n_train, args.n_val, args.seed)
     except SaqError as exc:
         parser.exit(1, f"error: {exc}\n")
-    print(f"wrote {args.n_train} train and {args.n_val} val scenes to {root}")
+    print(f"{root} holds the {args.n_train} train and {args.n_val} val scenes of seed {args.seed} (made now, or "
+          "found complete and reused)")
     return 0
 
 

@@ -140,3 +140,24 @@ def test_generation_waits_for_a_parallel_one_and_then_reuses_it(tmp_path):
     # a complete dataset is used without the lock, so data on a read-only mount (no lock file possible) works
     generation_lock(root).unlink()
     assert ensure_dataset(root, 2, 1, 0, progress=False) == root and not generation_lock(root).exists()
+
+
+def test_an_image_that_cannot_be_written_is_an_error_not_a_complete_set(tmp_path, monkeypatch):
+    import cv2
+
+    from saq.errors import SaqError
+    from tasks.synthetic import ensure_dataset
+
+    monkeypatch.setattr(cv2, "imwrite", lambda *args, **kwargs: False)  # as on a full disk: no exception
+    with pytest.raises(SaqError, match=r"cannot write scene 000000 into .*train; check free space"):
+        ensure_dataset(tmp_path / "full", 1, 1, 0, progress=False)
+    assert json.loads((tmp_path / "full" / "meta.json").read_text())["complete"] is False
+
+
+def test_the_generator_command_refuses_empty_splits(tmp_path, capsys):
+    from tasks.synthetic import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "d"), "--n-train", "0", "--n-val", "1"])
+    assert "--n-train and --n-val must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
