@@ -120,6 +120,19 @@ def tee_run_log(path: Path, command: str = ""):
             sys.stdout, sys.stderr = out, err
 
 
+SENSITIVITY_FILE = "sensitivity.json"  # saq.sensitivity's rows for a run, beside its results.json
+
+
+def set_aside_run(run_dir: Path, why: str) -> Path:
+    """Set an earlier run's results.json aside with what belongs to it: its figures (this run's would replace only
+    some, and W&B uploads every PNG in the folder) and a sensitivity analysis of it. Returns results.json's new path."""
+    run_dir = Path(run_dir)
+    for path in [*run_figures(run_dir), run_dir / SENSITIVITY_FILE]:
+        if path.exists():
+            set_aside(path, why)
+    return set_aside(run_dir / RESULTS_FILE, why)
+
+
 RUN_LOCK = ".saq.lock"
 
 
@@ -149,10 +162,7 @@ def write_results(run_dir: Path, record: dict) -> Path:
     path = Path(run_dir) / RESULTS_FILE
     try:
         if path.exists():
-            print(f"{path} held an earlier run; kept as {set_aside(path, 'previous')}")
-            # its figures go with it: this run's would replace only some, and W&B uploads every PNG in the folder
-            for figure in run_figures(run_dir):
-                set_aside(figure, "previous")
+            print(f"{path} held an earlier run; kept as {set_aside_run(run_dir, 'previous')}")
         write_json_atomic(path, record)
     except OSError as exc:
         raise SaqError(f"cannot write {path} ({exc.strerror or exc}); the run's metrics are printed above") from None

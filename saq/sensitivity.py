@@ -27,12 +27,11 @@ import torch
 from omegaconf import OmegaConf
 
 from saq.errors import SaqError, check_device
-from saq.log import RESULTS_FILE, set_aside, write_json_atomic
+from saq.log import RESULTS_FILE, SENSITIVITY_FILE, set_aside, write_json_atomic
 
 USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N] [device=cpu|cuda]"
 FULL = "(fully quantized)"
 IOU_SCORES = "iou_scores"  # not a module: the FP model's predicted IoUs with the quantized model's masks
-SENSITIVITY_FILE = "sensitivity.json"
 # ||saved - FP|| / ||FP|| of a layer's weight: at most 0.12 at W4 on sam_tiny, ~0.55 for W2 min/max rounding;
 # an unrelated checkpoint's weights of the same spread give ~1.4
 MAX_WEIGHT_QUANT_ERROR = 0.75

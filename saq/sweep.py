@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from saq.errors import SaqError
-from saq.log import RESULTS_FILE, record_problem, set_aside, write_json_atomic
+from saq.log import RESULTS_FILE, record_problem, set_aside_run, write_json_atomic
 
 FAILURE_FILE = "failure.json"
 RUNNING_FILE = "running.json"  # while a sweep job runs; left behind only when its process was killed
@@ -89,17 +89,18 @@ def should_skip(cfg: DictConfig, run_dir: Path) -> bool:
         return False
     record = finished_record(run_dir)
     if record is None:
-        print(f"{path}: not a finished run (corrupt or partial), recomputing; kept as {set_aside(path, 'unfinished')}")
+        print(f"{path}: not a finished run (corrupt or partial), recomputing; kept as "
+              f"{set_aside_run(run_dir, 'unfinished')}")
         return False
     if not cfg.get("resume", True):
-        print(f"{path}: resume=false, recomputing; kept as {set_aside(path, 'previous')}")
+        print(f"{path}: resume=false, recomputing; kept as {set_aside_run(run_dir, 'previous')}")
         return False
     diff = config_differences(comparable_config(record["config"]),
                               comparable_config(OmegaConf.to_container(cfg, resolve=True)))
     if diff:
         shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
         print(f"{path}: holds a run of another config (differs at {shown}), recomputing; "
-              f"kept as {set_aside(path, 'other-config')}")
+              f"kept as {set_aside_run(run_dir, 'other-config')}")
         return False
     return True
 

@@ -141,16 +141,26 @@ def test_results_that_cannot_be_written_are_one_line_and_leave_no_stray_file(tmp
 def test_an_earlier_runs_figures_are_set_aside_with_its_results(tmp_path):
     from saq import log
 
+    from omegaconf import OmegaConf
+
+    from saq.sweep import should_skip
+
     log.write_results(tmp_path, {"metrics": {"fp": {"mask_AP": 0.5}}})
     (tmp_path / "pcc_clip_ranges.png").write_bytes(b"earlier")
+    (tmp_path / "sensitivity.json").write_text("{}")  # an analysis of the earlier run's model
     (tmp_path / "wandb").mkdir()
     (tmp_path / "wandb" / "media.png").write_bytes(b"W&B's own")
     log.write_results(tmp_path, {"metrics": {"fp": {"mask_AP": 0.6}}})
     # a rerun that draws no PCC figure must not show (or upload) the earlier run's
     assert log.run_figures(tmp_path) == []  # (W&B's own files are never counted)
-    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".previous"))
-    assert len(kept) == 2 and kept[0].startswith("pcc_clip_ranges.png.") and kept[1].startswith("results.json.")
+    kept = sorted(p.name.split(".")[0] for p in tmp_path.iterdir() if p.name.endswith(".previous"))
+    assert kept == ["pcc_clip_ranges", "results", "sensitivity"]
     assert (tmp_path / "wandb" / "media.png").read_bytes() == b"W&B's own"
+    # a sweep job recomputed (resume=false, another config, a partial file) sets its earlier figures aside the same way
+    (tmp_path / "recon_units.png").write_bytes(b"earlier")
+    assert not should_skip(OmegaConf.create({"resume": False}), tmp_path)
+    assert log.run_figures(tmp_path) == [] and not (tmp_path / "results.json").exists()
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("recon_units.png.")]) == 1
 
 
 def _run_config(synthetic_root, *overrides):
