@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
@@ -11,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saq.errors import SaqError
-from saq.log import RUN_LOG, claim_run_dir, tee_run_log
+from saq.log import RUN_LOG, RunDirHeld, claim_run_dir, tee_run_log
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -24,14 +25,22 @@ def main(cfg: DictConfig) -> None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     # a sweep job's log names the job's own overrides, not the whole sweep's command line
     arguments = list(hydra_cfg.overrides.task) if multirun else sys.argv[1:]
-    with tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])):
+    with ExitStack() as stack:
+        try:  # the folder first: a run turned away must not write into another one's log
+            stack.enter_context(claim_run_dir(run_dir))
+        except RunDirHeld as exc:
+            if multirun:  # another multirun into the same sweep folder runs this job now: leave it to that one
+                print(f"skipped: {exc}")
+                return
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        stack.enter_context(tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])))
         try:
             check_preset_found(cfg)
-            with claim_run_dir(run_dir):
-                if multirun:  # resume, and a failed job recorded without stopping the others
-                    run_sweep_job(cfg, run_dir, run, list(hydra_cfg.overrides.task))
-                    return
-                run(cfg, run_dir)
+            if multirun:  # resume, and a failed job recorded without stopping the others
+                run_sweep_job(cfg, run_dir, run, list(hydra_cfg.overrides.task))
+                return
+            run(cfg, run_dir)
         except SaqError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)

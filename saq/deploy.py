@@ -20,6 +20,7 @@ import math
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from saq.errors import SaqError
-from saq.log import write_json_atomic
+from saq.log import claim_run_dir, write_json_atomic
 from saq.quant.config import QuantConfig
 from saq.quant.model import iter_quantizers, quant_config
 from saq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
@@ -412,14 +413,16 @@ def main(argv: list[str] | None = None) -> int:
             "model; out: default RUN_DIR/deployed; softmax: softmax*V's operand, float (fast) or log2 (saq's values))",
             {"out": None, "softmax": tuple(SOFTMAX_MODES)}, about=__doc__)
         directory = saved_dir(run_dir, "RUN_DIR ")
-        extra = read_recipe(directory).get("extra", {})
-        if "model" not in extra:
-            raise SaqError(f"{directory} does not say which model it quantized (recipe extra.model)")
-        # load_quantized loads every tensor from the export (strictly), so the FP checkpoint is not needed: a
-        # random model of the same architecture is only the frame the saved weights go into
-        qmodel = load_quantized(build_random_sam(VARIANTS.get(extra["model"], extra["model"])), directory)
-        out = Path(options["out"]) if "out" in options else Path(run_dir) / DEPLOY_DIR
-        report = export_onnx(qmodel, out, options.get("softmax", "float"))
+        # the run's folder is held while its model is read: a run into it would set the model aside mid-read
+        with claim_run_dir(run_dir) if Path(run_dir).is_dir() else nullcontext():
+            extra = read_recipe(directory).get("extra", {})
+            if "model" not in extra:
+                raise SaqError(f"{directory} does not say which model it quantized (recipe extra.model)")
+            # load_quantized loads every tensor from the export (strictly), so the FP checkpoint is not needed: a
+            # random model of the same architecture is only the frame the saved weights go into
+            qmodel = load_quantized(build_random_sam(VARIANTS.get(extra["model"], extra["model"])), directory)
+            out = Path(options["out"]) if "out" in options else Path(run_dir) / DEPLOY_DIR
+            report = export_onnx(qmodel, out, options.get("softmax", "float"))
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

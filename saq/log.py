@@ -136,6 +136,10 @@ def set_aside_run(run_dir: Path, why: str) -> Path:
 RUN_LOCK = ".saq.lock"
 
 
+class RunDirHeld(SaqError):
+    """Another process holds the run folder (claim_run_dir)."""
+
+
 @contextmanager
 def claim_run_dir(run_dir: Path) -> Iterator[None]:
     """Hold the run folder for this process: a second run into it (two runs started in the same second share
@@ -149,8 +153,8 @@ def claim_run_dir(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SaqError(f"another saq run is writing into {run_dir}; give this one its own folder "
-                           "(hydra.run.dir=...)") from None
+            raise RunDirHeld(f"another saq process is writing into {run_dir}; give this one its own folder "
+                             "(hydra.run.dir=...), or wait for it to finish") from None
         except OSError:  # a file system without locks (some network mounts): run unguarded, as before
             pass
         yield  # released when the file closes

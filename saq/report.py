@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import platform
 import re
 import sys
 from collections import Counter, defaultdict
@@ -150,18 +151,41 @@ def load_failures(root: Path) -> list[dict]:
                              "overrides": list(record.get("overrides") or []), "mtime": path.stat().st_mtime})
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             failures.append({"path": path, "error": "unreadable failure.json", "overrides": [], "mtime": 0.0})
-    for path in sorted(root.rglob(RUNNING_FILE)):  # a job that started and never ended, nor failed
-        if (path.parent / FAILURE_FILE).exists():
+    for path in sorted(root.rglob(RUNNING_FILE)):  # a job that started and never ended
+        # a later record of the folder tells what became of it: a finished run, or a failure.json of its own (an
+        # older failure.json is an earlier attempt's, which this killed one replaces)
+        failed, results = path.parent / FAILURE_FILE, path.parent / RESULTS_FILE
+        if results.exists() and results.stat().st_mtime >= path.stat().st_mtime:
             continue
+        if failed.exists():
+            if failed.stat().st_mtime >= path.stat().st_mtime:
+                continue
+            failures = [f for f in failures if f["path"] != failed]
         try:
             record = json.loads(path.read_text())
             started = f"started {record.get('time', '?')}, pid {record.get('pid', '?')} on {record.get('host', '?')}"
             overrides = list(record.get("overrides") or [])
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            started, overrides = "unreadable running.json", []
-        failures.append({"path": path, "error": f"did not finish: killed, or still running ({started})",
-                         "overrides": overrides, "mtime": path.stat().st_mtime})
+            record, started, overrides = {}, "unreadable running.json", []
+        alive = _process_alive(record)
+        what = ("still running" if alive else "did not finish: killed" if alive is False
+                else "did not finish: killed, or still running on another host")
+        failures.append({"path": path, "error": f"{what} ({started})", "overrides": overrides,
+                         "mtime": path.stat().st_mtime, "running": bool(alive)})
     return failures
+
+
+def _process_alive(record: dict) -> bool | None:
+    """Whether the process a running.json names still runs: True/False on this host, None when it ran elsewhere."""
+    if record.get("host") != platform.node() or not isinstance(record.get("pid"), int):
+        return None
+    try:
+        os.kill(record["pid"], 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def entries_of(run: dict) -> list[Entry]:
@@ -678,8 +702,14 @@ def print_summary(report: Report, written: list[Path], since: float | None = Non
     for table in report.tables:
         if table.metric == main_metric(report, table.task, table.prompts):
             print(f"\n{table_title(table)} (%)\n\n{markdown_table(table)}")
-    current = [f for f in report.failures if since is None or f["mtime"] >= since]
-    earlier = [f for f in report.failures if f not in current]
+    # a job another multirun (or process) still runs is neither this sweep's failure nor an earlier one
+    running = [f for f in report.failures if f.get("running")]
+    current = [f for f in report.failures if (since is None or f["mtime"] >= since) and f not in running]
+    earlier = [f for f in report.failures if f not in current and f not in running]
+    if running:
+        print(f"\n{len(running)} jobs still running in another process:")
+        for job in running:
+            print(f"  {job['path'].parent}: {job['error']}")
     if current:
         print(f"\n{len(current)} failed jobs:")
         for failure in current:

@@ -21,13 +21,14 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from saq.errors import SaqError, check_device
-from saq.log import RESULTS_FILE, SENSITIVITY_FILE, set_aside, write_json_atomic
+from saq.log import RESULTS_FILE, SENSITIVITY_FILE, claim_run_dir, set_aside, write_json_atomic
 
 USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N] [device=cpu|cuda]"
 FULL = "(fully quantized)"
@@ -256,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         if (threads is not None and threads < 1) or (max_images is not None and max_images < 1):
             raise SaqError(f"threads and max_images must be >= 1; usage: {USAGE}")
         parts = options["parts"].split(",") if "parts" in options else None
-        sensitivity(path, parts, max_images, threads, report=lambda line: print(line, flush=True),
-                    device=options.get("device"))
+        # the run's folder is held while its model is read and its rows written: a run into it would set them aside
+        with claim_run_dir(path) if Path(path).is_dir() else nullcontext():
+            sensitivity(path, parts, max_images, threads, report=lambda line: print(line, flush=True),
+                        device=options.get("device"))
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -138,6 +138,7 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, run: Callable[[DictConfig, Pat
     if should_skip(cfg, run_dir):
         print(f"skipped: {run_dir / RESULTS_FILE} already holds this finished run (resume=false recomputes)")
         (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+        (run_dir / RUNNING_FILE).unlink(missing_ok=True)  # an attempt killed after it wrote its results
         return None
     # a job whose worker is killed (out of memory, a parallel launcher tearing its pool down) writes nothing else:
     # this file makes the report list it as unfinished instead of leaving it out
@@ -231,9 +232,13 @@ class SweepReport(Callback):
         if clashes:
             first, second = clashes[0]
             only = [" ".join(o for o in job if o not in other) for job, other in ((first, second), (second, first))]
-            print(f"error: the jobs with {only[0]} and with {only[1]} would share one job folder: job folder names "
-                  "leave those keys out; sweep those values into separate hydra.sweep.dir folders, or name jobs by "
-                  "number (hydra.sweep.subdir='${hydra.job.num}'); nothing was run", file=sys.stderr)
+            if not any(only):  # seed=0,0: one job twice
+                print(f"error: the job {' '.join(first)} is in this sweep twice (a value repeated in a swept list); "
+                      "nothing was run", file=sys.stderr)
+            else:
+                print(f"error: the jobs with {only[0]} and with {only[1]} would share one job folder: job folder names "
+                      "leave those keys out; sweep those values into separate hydra.sweep.dir folders, or name jobs "
+                      "by number (hydra.sweep.subdir='${hydra.job.num}'); nothing was run", file=sys.stderr)
             sys.exit(2)
         # failure.json older than this marker belongs to an earlier sweep (file times: one clock, the file server's);
         # one marker per multirun, so a second multirun into the same folder does not move this one's start

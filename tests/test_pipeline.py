@@ -139,10 +139,9 @@ def test_results_that_cannot_be_written_are_one_line_and_leave_no_stray_file(tmp
 
 
 def test_an_earlier_runs_figures_are_set_aside_with_its_results(tmp_path):
-    from saq import log
-
     from omegaconf import OmegaConf
 
+    from saq import log
     from saq.sweep import should_skip
 
     log.write_results(tmp_path, {"metrics": {"fp": {"mask_AP": 0.5}}})
@@ -252,20 +251,21 @@ def test_a_second_run_into_a_held_folder_stops_in_one_line(tmp_path):
     import sys
 
     from saq.errors import SaqError
-    from saq.log import claim_run_dir
+    from saq.log import RUN_LOG, claim_run_dir
     from tests.conftest import REPO
 
-    with claim_run_dir(tmp_path / "run"):
-        # another process (two runs started in the same second share Hydra's folder)
-        code = ("import sys; from saq.log import claim_run_dir\n"
-                f"try:\n    claim_run_dir({str(tmp_path / 'run')!r}).__enter__()\n"
-                "except Exception as exc:\n    print(type(exc).__name__, exc); sys.exit(3)")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
-        assert proc.returncode == 3 and proc.stdout.strip() == (
-            f"SaqError another saq run is writing into {tmp_path / 'run'}; give this one its own folder "
-            "(hydra.run.dir=...)")
-    with claim_run_dir(tmp_path / "run"):  # released when the run ends (a killed one releases it too: an OS lock)
+    held = tmp_path / "run"
+    with claim_run_dir(held):
+        (held / RUN_LOG).write_text("the first run's log\n")
+        # another process: `python -m saq` into the folder (two runs started in the same second share Hydra's)
+        proc = subprocess.run([sys.executable, "-m", "saq", "logger=none", f"hydra.run.dir={held}"],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: another saq process is writing into {held}; give this one its own folder (hydra.run.dir=...), "
+            "or wait for it to finish"], proc.stderr[-2000:]
+        assert (held / RUN_LOG).read_text() == "the first run's log\n"  # turned away before it wrote a line there
+    with claim_run_dir(held):  # released when the run ends (a killed one releases it too: an OS lock)
         pass
-    with pytest.raises(SaqError, match="another saq run is writing into"), claim_run_dir(tmp_path / "x"):
+    with pytest.raises(SaqError, match="another saq process is writing into"), claim_run_dir(tmp_path / "x"):
         with claim_run_dir(tmp_path / "x"):  # flock is per open file: a second claim in one process is refused too
             pass

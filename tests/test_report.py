@@ -394,7 +394,26 @@ def test_a_sweep_job_killed_midway_is_listed_as_unfinished(tmp_path):
     (tmp_path / "killed").mkdir()
     (tmp_path / "killed" / RUNNING_FILE).write_text(json.dumps({"pid": 42, "host": "node1", "time": "T",
                                                                 "overrides": ["clip=pcc"]}))
+    # killed after writing its results (during figures or W&B): a finished run, not an unfinished one
+    put(tmp_path, "late", record(ap=0.6, clip="minmax"))
+    (tmp_path / "late" / RUNNING_FILE).write_text("{}")
+    os.utime(tmp_path / "late" / RUNNING_FILE, (1, 1))
+    # an earlier attempt failed, a rerun was then killed: the rerun's fate is what the report says
+    (tmp_path / "retried").mkdir()
+    (tmp_path / "retried" / "failure.json").write_text(json.dumps({"error": "old error", "overrides": []}))
+    os.utime(tmp_path / "retried" / "failure.json", (1, 1))
+    (tmp_path / "retried" / RUNNING_FILE).write_text(json.dumps({"time": "T2", "pid": 7, "host": "h"}))
+    # on this host the process is looked up: a live one is another multirun's job, not a failure of anyone's
+    import platform
+
+    for name, pid in (("dead_here", 2**22 + 7), ("alive_here", os.getpid())):  # 2**22 + 7: above Linux's pid limit
+        (tmp_path / name).mkdir()
+        (tmp_path / name / RUNNING_FILE).write_text(json.dumps({"time": "T3", "pid": pid, "host": platform.node()}))
     report = build_report(tmp_path)
-    assert len(report.runs) == 1
-    assert [(f["path"].parent.name, f["error"], f["overrides"]) for f in report.failures] == [
-        ("killed", "did not finish: killed, or still running (started T, pid 42 on node1)", ["clip=pcc"])]
+    assert len(report.runs) == 2
+    assert [(f["path"].parent.name, f["error"].split(" (")[0], f["running"]) for f in report.failures] == [
+        ("alive_here", "still running", True), ("dead_here", "did not finish: killed", False),
+        ("killed", "did not finish: killed, or still running on another host", False),
+        ("retried", "did not finish: killed, or still running on another host", False)]
+    assert report.failures[2]["error"].endswith("(started T, pid 42 on node1)")
+    assert report.failures[2]["overrides"] == ["clip=pcc"]

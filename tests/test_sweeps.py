@@ -382,3 +382,5 @@ def test_jobs_that_would_share_a_folder_stop_the_sweep_before_any_job_runs(synth
         "keys out; sweep those values into separate hydra.sweep.dir folders, or name jobs by number "
         "(hydra.sweep.subdir='${hydra.job.num}'); nothing was run")
     assert not list(sweep_dir.rglob("results.json"))
+    again = multirun(sweep_dir, "quant=w4a4", "seed=0,0", data=synthetic_root, cwd=tmp_path)
+    assert again.returncode == 2 and "seed=0 is in this sweep twice" in again.stderr.strip().splitlines()[-1]
