@@ -25,6 +25,10 @@ from tests.conftest import REPO
     ("seed=-1", "seed=-1 invalid"),
     ("batch_size=9", "batch_size=9 is more than the 8 training images; lower batch_size or raise data.n_train"),
     ("output=null", "output=None invalid; give the checkpoint path to write"),  # would overwrite the shipped weights
+    ("output=x.json", "invalid; give a checkpoint file name ending in .pt or .pth"),  # its card would overwrite it
+    ("lr=0", "lr=0 invalid; expected a positive learning rate"),
+    ("box_noise=-0.1", "box_noise=-0.1 invalid; expected a finite number >= 0"),
+    ("min_lr_ratio=2", "min_lr_ratio=2 invalid; expected a finite number in [0, 1]"),
 ])
 def test_bad_training_knobs_are_one_line_naming_the_knob(override, message, synthetic_root, tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
@@ -155,6 +159,10 @@ def test_the_card_takes_only_a_whole_val_evaluation_of_the_shipped_checkpoint(tm
     run["config"]["task"]["generate"]["n_val"] = 3
     run["metrics"]["fp"]["images"] = 3
     with pytest.raises(SystemExit, match=r"task\.generate\.n_val=3; the shipped synthetic data has n_val=500"):
+        record(run)
+    run = whole_val_run()
+    run["prompts"] = "jittered"
+    with pytest.raises(SystemExit, match=r"prompted with 'jittered' boxes; the card records ground-truth boxes"):
         record(run)
     run = whole_val_run()
     run["metrics"]["fp"]["images"] = 3

@@ -51,6 +51,9 @@ def check_evaluation(results: dict, results_path: Path, card: dict) -> None:
             or "ann_file" not in task_cfg["data"]:
         raise SystemExit(f"{results_path} is a run of task {results.get('task')!r}; the card records the instance "
                          "task (task=instance) on the synthetic val split")
+    if results.get("prompts") != "gt":  # the card's box-prompt figures are for ground-truth boxes
+        raise SystemExit(f"{results_path} prompted with {results.get('prompts')!r} boxes; the card records ground-truth "
+                         "boxes (prompts=gt)")
     metrics = results.get("metrics") if isinstance(results.get("metrics"), dict) else {}
     fp = metrics.get("fp")
     if not isinstance(fp, dict) or not fp:

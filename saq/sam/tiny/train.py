@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from saq.errors import SaqError, check_int, check_seed
+from saq.errors import SaqError, check_int, check_number, check_seed
 from saq.sam.build import ARCHITECTURES, TINY_CHECKPOINT, build_random_sam, read_state_dict
 from saq.sam.segmenter import decode_prompts
 
@@ -185,6 +185,15 @@ def check_train_knobs(cfg: DictConfig) -> None:
     if not isinstance(cfg.output, str) or not cfg.output:  # the shipped weights are replaced only when named
         raise SaqError(f"output={cfg.output!r} invalid; give the checkpoint path to write (output={TINY_CHECKPOINT} "
                        "to replace the shipped one)")
+    if Path(cfg.output).suffix not in (".pt", ".pth"):  # the card goes to output with .json: it must not be the same
+        raise SaqError(f"output={cfg.output} invalid; give a checkpoint file name ending in .pt or .pth")
+    # the optimiser's numbers: a positive lr, fractions and factors that are finite and not negative
+    check_number(cfg.lr, "lr", 0)
+    if cfg.lr == 0:
+        raise SaqError("lr=0 invalid; expected a positive learning rate")
+    for key in ("box_noise", "box_noise_max_px", "weight_decay", "grad_clip", "iou_loss_weight"):
+        check_number(cfg[key], key, 0)
+    check_number(cfg.min_lr_ratio, "min_lr_ratio", 0, 1)
 
 
 def train(cfg: DictConfig) -> dict:
