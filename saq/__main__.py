@@ -18,7 +18,7 @@ from saq.log import RUN_LOG, RunDirHeld, claim_run_dir, tee_run_log
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from saq.pipeline import run
-    from saq.sweep import check_preset_found, run_sweep_job
+    from saq.sweep import RUNNING_FILE, check_preset_found, run_sweep_job, write_failure
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -29,10 +29,14 @@ def main(cfg: DictConfig) -> None:
         try:  # the folder first: a run turned away must not write into another one's log
             stack.enter_context(claim_run_dir(run_dir))
         except RunDirHeld as exc:
-            if multirun:  # another multirun into the same sweep folder runs this job now: leave it to that one
-                print(f"skipped: {exc}")
+            if multirun and (run_dir / RUNNING_FILE).exists():  # another multirun into the sweep folder runs it
+                print(f"skipped: {run_dir} is being computed by another sweep's process")
                 return
+            if multirun:  # held by a tool (sensitivity, deploy): this job's failure, and the sweep goes on
+                write_failure(run_dir, cfg, exc, list(hydra_cfg.overrides.task))
             print(f"error: {exc}", file=sys.stderr)
+            if multirun:
+                return
             sys.exit(2)
         stack.enter_context(tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])))
         try:

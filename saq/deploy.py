@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     from saq.cli import tool_args
     from saq.quant.export import load_quantized
     from saq.sam.build import VARIANTS, build_random_sam
-    from saq.saved import read_recipe, saved_dir
+    from saq.saved import SAVED_DIR, read_recipe, saved_dir
 
     try:
         run_dir, options = tool_args(
@@ -414,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             {"out": None, "softmax": tuple(SOFTMAX_MODES)}, about=__doc__)
         directory = saved_dir(run_dir, "RUN_DIR ")
         # the run's folder is held while its model is read: a run into it would set the model aside mid-read
-        with claim_run_dir(run_dir) if Path(run_dir).is_dir() else nullcontext():
+        # (RUN_DIR may name the saved model's own folder; the run is the folder around it)
+        run_folder = directory.parent if directory.name == SAVED_DIR else Path(run_dir)
+        with claim_run_dir(run_folder) if run_folder.is_dir() else nullcontext():
             extra = read_recipe(directory).get("extra", {})
             if "model" not in extra:
                 raise SaqError(f"{directory} does not say which model it quantized (recipe extra.model)")

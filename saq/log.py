@@ -56,15 +56,24 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary file and a rename: readers see the old file or the whole new one."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write the whole file to; renamed over `path` when the block ends, removed
+    when it fails (a full disk or a kill leaves no half file and no stray temporary one)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a temp file of its own: parallel jobs, on one host or several, may write the same file (the FP cache)
+    # a name of its own: parallel jobs, on one host or several, may write the same file (the FP cache, a recon
+    # checkpoint shared by two sweep jobs)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no stray temp file
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def set_aside(path: Path, why: str) -> Path:
@@ -141,23 +150,60 @@ class RunDirHeld(SaqError):
 
 
 @contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An OS lock (flock) on `path` for the block, released when it ends or the process dies. Yields True when held;
+    False when the file cannot be made or the file system has no locks (the block then runs unguarded). With
+    wait=False a lock another process holds raises BlockingIOError at once."""
+    import fcntl
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError:  # a read-only folder: nothing can be written there for a lock to protect
+        yield False
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise
+        except OSError:  # some network mounts have no locks
+            yield False
+            return
+        yield True
+
+
+def folder_in_use(run_dir: Path) -> bool:
+    """Whether some process holds run_dir's run lock now (claim_run_dir), asked without creating anything."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / RUN_LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also releases the probe's own shared lock
+    return False
+
+
+@contextmanager
 def claim_run_dir(run_dir: Path) -> Iterator[None]:
     """Hold the run folder for this process: a second run into it (two runs started in the same second share
     Hydra's outputs/<date>/<time> folder) stops with one line instead of renaming this run's model and results.
-    An OS lock (flock), so a killed run never leaves the folder held."""
-    import fcntl
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / RUN_LOCK, "a+") as lock:
+    An OS lock, so a killed run never leaves the folder held."""
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stack.enter_context(file_lock(Path(run_dir) / RUN_LOCK, wait=False))
         except BlockingIOError:
             raise RunDirHeld(f"another saq process is writing into {run_dir}; give this one its own folder "
                              "(hydra.run.dir=...), or wait for it to finish") from None
-        except OSError:  # a file system without locks (some network mounts): run unguarded, as before
-            pass
-        yield  # released when the file closes
+        yield
 
 
 def write_results(run_dir: Path, record: dict) -> Path:

@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import platform
 import re
 import sys
 from collections import Counter, defaultdict
@@ -25,6 +24,7 @@ from saq.log import (
     RESULTS_FILE,
     bits_label,
     flatten,
+    folder_in_use,
     labelled_config,
     method_label,
     record_problem,
@@ -166,26 +166,11 @@ def load_failures(root: Path) -> list[dict]:
             started = f"started {record.get('time', '?')}, pid {record.get('pid', '?')} on {record.get('host', '?')}"
             overrides = list(record.get("overrides") or [])
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            record, started, overrides = {}, "unreadable running.json", []
-        alive = _process_alive(record)
-        what = ("still running" if alive else "did not finish: killed" if alive is False
-                else "did not finish: killed, or still running on another host")
-        failures.append({"path": path, "error": f"{what} ({started})", "overrides": overrides,
-                         "mtime": path.stat().st_mtime, "running": bool(alive)})
+            started, overrides = "unreadable running.json", []
+        alive = folder_in_use(path.parent)  # its run lock is held while the job's process lives, on any host
+        failures.append({"path": path, "error": f"{'still running' if alive else 'did not finish: killed'} ({started})",
+                         "overrides": overrides, "mtime": path.stat().st_mtime, "running": alive})
     return failures
-
-
-def _process_alive(record: dict) -> bool | None:
-    """Whether the process a running.json names still runs: True/False on this host, None when it ran elsewhere."""
-    if record.get("host") != platform.node() or not isinstance(record.get("pid"), int):
-        return None
-    try:
-        os.kill(record["pid"], 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 def entries_of(run: dict) -> list[Entry]:

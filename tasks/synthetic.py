@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import cv2
 import numpy as np
 
 from saq.errors import SEED_LIMIT, SaqError, check_int, check_seed
-from saq.log import write_json_atomic
+from saq.log import file_lock, write_json_atomic
 
 # Bump when rendering changes: cached datasets are keyed on it.
 GENERATOR_VERSION = 2
@@ -286,22 +287,16 @@ def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progre
     refused, so a real dataset is never written into. Parallel sweep jobs on a fresh root take turns (a file lock):
     the first generates, the others then find its complete dataset.
     """
-    import fcntl
-
     root = Path(root)
     meta = {"generator_version": GENERATOR_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
             "categories": list(CATEGORIES)}
     if _holds_dataset(root, meta):  # the common case, without a lock: a read-only copy of the data works too
         return root
     _refuse_other_data(root)
-    try:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(generation_lock(root), "a")
-    except OSError as exc:
-        raise SaqError(f"cannot generate the synthetic dataset into {root}: {exc.strerror or exc} (give a writable "
-                       "task.data.root, or task.generate=null for a dataset that is already there)") from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with file_lock(generation_lock(root)) as held:
+        if not held and not (root.parent.is_dir() and os.access(root.parent, os.W_OK)):
+            raise SaqError(f"cannot generate the synthetic dataset into {root}: its folder cannot be written (give a "
+                           "writable task.data.root, or task.generate=null for a dataset that is already there)")
         if _holds_dataset(root, meta):  # a parallel job made it while this one waited
             return root
         return _generate_locked(root, meta, progress)

@@ -403,17 +403,16 @@ def test_a_sweep_job_killed_midway_is_listed_as_unfinished(tmp_path):
     (tmp_path / "retried" / "failure.json").write_text(json.dumps({"error": "old error", "overrides": []}))
     os.utime(tmp_path / "retried" / "failure.json", (1, 1))
     (tmp_path / "retried" / RUNNING_FILE).write_text(json.dumps({"time": "T2", "pid": 7, "host": "h"}))
-    # on this host the process is looked up: a live one is another multirun's job, not a failure of anyone's
-    import platform
+    # a job whose process still holds its folder's run lock is another multirun's, not a failure of anyone's
+    from saq.log import claim_run_dir
 
-    for name, pid in (("dead_here", 2**22 + 7), ("alive_here", os.getpid())):  # 2**22 + 7: above Linux's pid limit
-        (tmp_path / name).mkdir()
-        (tmp_path / name / RUNNING_FILE).write_text(json.dumps({"time": "T3", "pid": pid, "host": platform.node()}))
-    report = build_report(tmp_path)
+    (tmp_path / "alive").mkdir()
+    (tmp_path / "alive" / RUNNING_FILE).write_text(json.dumps({"time": "T3", "pid": 1, "host": "h"}))
+    with claim_run_dir(tmp_path / "alive"):
+        report = build_report(tmp_path)
     assert len(report.runs) == 2
-    assert [(f["path"].parent.name, f["error"].split(" (")[0], f["running"]) for f in report.failures] == [
-        ("alive_here", "still running", True), ("dead_here", "did not finish: killed", False),
-        ("killed", "did not finish: killed, or still running on another host", False),
-        ("retried", "did not finish: killed, or still running on another host", False)]
-    assert report.failures[2]["error"].endswith("(started T, pid 42 on node1)")
-    assert report.failures[2]["overrides"] == ["clip=pcc"]
+    assert [(f["path"].parent.name, f["error"], f["running"]) for f in report.failures] == [
+        ("alive", "still running (started T3, pid 1 on h)", True),
+        ("killed", "did not finish: killed (started T, pid 42 on node1)", False),
+        ("retried", "did not finish: killed (started T2, pid 7 on h)", False)]
+    assert report.failures[1]["overrides"] == ["clip=pcc"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -29,7 +27,7 @@ def export_quantized(qmodel: nn.Module, directory: str | Path, extra: dict | Non
     uncalibrated = [q.name for q in iter_quantizers(qmodel) if not bool(q.calibrated)]
     if uncalibrated:
         raise SaqError(f"cannot export: {len(uncalibrated)} quantizers are not calibrated (first: {uncalibrated[0]})")
-    from saq.log import write_json_atomic
+    from saq.log import atomic_path, write_json_atomic
 
     directory = Path(directory)
     state = {k: v.detach().cpu().clone() for k, v in qmodel.state_dict().items()}
@@ -38,15 +36,11 @@ def export_quantized(qmodel: nn.Module, directory: str | Path, extra: dict | Non
                  if isinstance(q, Quantizer) and getattr(q, "observer", None) is not None}
     recipe = {"format": FORMAT_VERSION, "quant": cfg.to_dict(), "extra": extra or {}, "observers": observers,
               "quantizers": quantizer_layout(qmodel)}
-    # through a temporary file and a rename (as write_json_atomic): a full disk leaves no truncated state file
-    tmp = directory / f".{STATE_FILE}.{uuid.uuid4().hex}.tmp"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, directory / STATE_FILE)
+        with atomic_path(directory / STATE_FILE) as tmp:  # a full disk leaves no truncated state file
+            torch.save(state, tmp)
         write_json_atomic(directory / RECIPE_FILE, recipe)  # last: a folder with a recipe holds a whole model
     except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as RuntimeError
-        tmp.unlink(missing_ok=True)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SaqError(f"cannot save the quantized model into {directory}: {reason}") from None
     return directory

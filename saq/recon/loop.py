@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -300,15 +298,11 @@ class Reconstructor:
     def _save(self, index: int, report: ReconReport) -> None:
         if self.checkpoint is None:
             return
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        # a name of its own: two jobs of a sweep can share a checkpoint key (settings that do not change learning)
-        tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{uuid.uuid4().hex}.tmp")
-        try:
+        from saq.log import atomic_path
+
+        with atomic_path(self.checkpoint) as tmp:  # two sweep jobs can share a checkpoint key
             torch.save({"done": index, "units": [asdict(u) for u in report.units],
                         "model": {k: v.detach().cpu() for k, v in self.qmodel.state_dict().items()}}, tmp)
-            os.replace(tmp, self.checkpoint)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def _resume(self, report: ReconReport) -> int:
         """Index of the last finished unit restored from the checkpoint (-1: start from the first unit)."""

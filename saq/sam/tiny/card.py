@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from saq.log import write_text_atomic
 from saq.sam.build import TINY_CHECKPOINT
 
 REPO = Path(__file__).resolve().parents[3]
@@ -92,7 +93,7 @@ def record_evaluation(results_path: Path, card_path: Path | None = None) -> dict
         "metrics": results["metrics"]["fp"],
         "git_commit": results.get("git_commit"),
     }
-    card_path.write_text(json.dumps(card, indent=1))
+    write_text_atomic(card_path, json.dumps(card, indent=1))
     return card
 
 

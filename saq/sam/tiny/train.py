@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from saq.errors import SaqError, check_int, check_number, check_seed
+from saq.log import atomic_path, write_text_atomic
 from saq.sam.build import ARCHITECTURES, TINY_CHECKPOINT, build_random_sam, read_state_dict
 from saq.sam.segmenter import decode_prompts
 
@@ -280,10 +281,8 @@ def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_r
          train_images: int) -> dict:
     """Write the checkpoint and its card (architecture, data seed, steps, wall time, val metrics)."""
     out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save({k: v.detach().clone() for k, v in sam.state_dict().items()}, tmp)
-    tmp.replace(out)  # never leave a half-written checkpoint behind
+    with atomic_path(out) as tmp:  # never leave a half-written checkpoint behind
+        torch.save({k: v.detach().clone() for k, v in sam.state_dict().items()}, tmp)
     card = {
         "model": "sam_tiny",
         "architecture": ARCHITECTURES["sam_tiny"].__dict__,
@@ -301,7 +300,7 @@ def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_r
     if prior_rounds:
         card["earlier_rounds"] = prior_rounds
     # no evaluation is carried over: it described the weights this file replaced (`make tiny-card` adds the new one)
-    card_path.write_text(json.dumps(card, indent=1, default=list))
+    write_text_atomic(card_path, json.dumps(card, indent=1, default=list))
     return card
 
 
