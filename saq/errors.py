@@ -39,16 +39,20 @@ def check_int(value, key: str, minimum: int | None = 1, allow_none: bool = False
 
 
 def check_number(value, key: str, minimum: float | None = None, maximum: float | None = None,
-                 open_max: bool = False) -> float:
-    """`value` as a float when it is a finite number in [minimum, maximum] (None: unbounded on that side; open_max:
-    maximum itself excluded); else a SaqError naming key."""
-    above = maximum is not None and (value >= maximum if open_max else value > maximum) \
-        if is_finite_number(value) else False
-    if not is_finite_number(value) or (minimum is not None and value < minimum) or above:
-        close = ")" if open_max else "]"
-        bound = (f" in [{minimum}, {maximum}{close}" if minimum is not None and maximum is not None
-                 else f" >= {minimum}" if minimum is not None
-                 else f" {'<' if open_max else '<='} {maximum}" if maximum is not None else "")
+                 open_min: bool = False, open_max: bool = False) -> float:
+    """`value` as a float when it is a finite number between minimum and maximum (None: unbounded on that side;
+    open_min / open_max: that bound itself excluded); else a SaqError naming key."""
+    ok = is_finite_number(value)
+    if ok and minimum is not None:
+        ok = value > minimum if open_min else value >= minimum
+    if ok and maximum is not None:
+        ok = value < maximum if open_max else value <= maximum
+    if not ok:
+        low = None if minimum is None else f"{'(' if open_min else '['}{minimum}"
+        high = None if maximum is None else f"{maximum}{')' if open_max else ']'}"
+        bound = (f" in {low}, {high}" if low and high
+                 else f" {'>' if open_min else '>='} {minimum}" if low
+                 else f" {'<' if open_max else '<='} {maximum}" if high else "")
         raise SaqError(f"{key}={value!r} invalid; expected a finite number{bound}")
     return float(value)
 

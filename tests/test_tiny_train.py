@@ -26,7 +26,7 @@ from tests.conftest import REPO
     ("batch_size=9", "batch_size=9 is more than the 8 training images; lower batch_size or raise data.n_train"),
     ("output=null", "output=None invalid; give the checkpoint path to write"),  # would overwrite the shipped weights
     ("output=x.json", "invalid; give a checkpoint file name ending in .pt or .pth"),  # its card would overwrite it
-    ("lr=0", "lr=0 invalid; expected a positive learning rate"),
+    ("lr=0", "lr=0 invalid; expected a finite number > 0"),
     ("box_noise=-0.1", "box_noise=-0.1 invalid; expected a finite number >= 0"),
     ("min_lr_ratio=2", "min_lr_ratio=2 invalid; expected a finite number in [0, 1]"),
 ])

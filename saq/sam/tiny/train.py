@@ -189,9 +189,7 @@ def check_train_knobs(cfg: DictConfig) -> None:
     if Path(cfg.output).suffix not in (".pt", ".pth"):  # the card goes to output with .json: it must not be the same
         raise SaqError(f"output={cfg.output} invalid; give a checkpoint file name ending in .pt or .pth")
     # the optimiser's numbers: a positive lr, fractions and factors that are finite and not negative
-    check_number(cfg.lr, "lr", 0)
-    if cfg.lr == 0:
-        raise SaqError("lr=0 invalid; expected a positive learning rate")
+    check_number(cfg.lr, "lr", 0, open_min=True)
     for key in ("box_noise", "box_noise_max_px", "weight_decay", "grad_clip", "iou_loss_weight"):
         check_number(cfg[key], key, 0)
     check_number(cfg.min_lr_ratio, "min_lr_ratio", 0, 1)
