@@ -1,5 +1,7 @@
-"""The error type for bad user input (the entry point prints its message as one line, without a traceback), and the
-number, integer, seed and device checks that knobs, data files and records share."""
+"""SaqError for bad user input, and the number, integer, seed and device checks that knobs and files share.
+
+The entry points print a SaqError's message as one line, without a traceback.
+"""
 
 import math
 

@@ -1,4 +1,8 @@
-"""Run records: results.json in the run directory (always, first) and the same to Weights & Biases (optional)."""
+"""Run-folder files: results.json (first) and W&B, run.log, the folder lock, set-aside and whole-file writes.
+
+results.json is written before anything optional (W&B, figures), so a failing backend never costs the results; an
+earlier run's files are renamed, never overwritten; every file is written through a temporary file and a rename.
+"""
 
 from __future__ import annotations
 

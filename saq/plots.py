@@ -1,5 +1,8 @@
-"""Figures of one run (matplotlib, headless): the clip ranges a point search chose, what they do to attention,
-how each reconstruction unit learned, and which parts of a saved model lose accuracy when quantized."""
+"""Figures of one run (matplotlib, headless): PCC's ranges and attention, reconstruction curves, sensitivity.
+
+The clip ranges a point search chose and what they do to attention, how each reconstruction unit learned, and which
+parts of a saved model lose accuracy when quantized.
+"""
 
 from __future__ import annotations
 

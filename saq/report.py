@@ -3,7 +3,8 @@
 `python -m saq.report PATH [out=DIR]` (or `make report RUNS=PATH`). Rows are methods, columns model × bit-width,
 one table per task, prompt source and metric; FP on top; values in % with mean ± std over seeds; the best quantized
 cell of each column in bold; the paper's published numbers (saq/paper_results.py) as a separate, labelled block.
-A corrupt, partial or foreign results.json is listed and skipped; failed sweep jobs (failure.json) are listed.
+A corrupt, partial or foreign results.json is listed and skipped; failed sweep jobs (failure.json) and jobs that
+never finished (running.json left by a killed process, or one still running) are listed.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Task adapters (instance, oriented, semantic) around the engine; no quantization code here."""

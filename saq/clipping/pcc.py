@@ -1,5 +1,8 @@
-"""Perceptual-Consistency Clipping (SAQ-SAM, paper.md §3): q/k clip ranges chosen by how well the quantized
-attention keeps the FP attention's focus, searched greedily over percentile pairs on one calibration image."""
+"""Perceptual-Consistency Clipping (SAQ-SAM, paper.md §3): decoder q/k ranges that keep the FP attention's focus.
+
+Clip ranges are chosen by how well the quantized attention keeps the FP attention's focus, searched greedily over
+percentile candidates on the first calibration image(s).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""The reconstruction loop: one loop over the units of a chain, with cached inputs/targets, QDrop, AdaRound, LSQ,
-best-state restore and resume after a finished unit; plus the context manager that restores the evaluation state."""
+"""The reconstruction loop over a chain's units, and the context manager that restores the evaluation state.
+
+One loop for every unit kind: cached inputs/targets, QDrop, AdaRound, LSQ, best-state restore, resume after a finished
+unit.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""SAM knowledge: building the models, which attention is which, reconstruction units, the segmenter."""

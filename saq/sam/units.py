@@ -1,5 +1,7 @@
-"""SAM's reconstruction units: the chain of steps (encoder stages / layers / blocks, neck, decoder layers / blocks,
-final token→image attention), the per-image prompt data they need, and PAR's prompt probe (layer skipping)."""
+"""SAM's reconstruction units: the chain of steps, the per-image prompt data, and PAR's probe (layer skipping).
+
+Steps: encoder stages / layers / blocks, the neck, decoder layers / blocks, the final token→image attention.
+"""
 
 from __future__ import annotations
 

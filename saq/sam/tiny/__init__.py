@@ -1,0 +1,1 @@
+"""sam_tiny: the small SAM this project trains and ships (training recipe, card)."""
