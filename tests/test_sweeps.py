@@ -384,3 +384,23 @@ def test_jobs_that_would_share_a_folder_stop_the_sweep_before_any_job_runs(synth
     assert not list(sweep_dir.rglob("results.json"))
     again = multirun(sweep_dir, "quant=w4a4", "seed=0,0", data=synthetic_root, cwd=tmp_path)
     assert again.returncode == 2 and "seed=0 is in this sweep twice" in again.stderr.strip().splitlines()[-1]
+
+
+def test_a_job_folder_held_by_another_process_is_a_failure_or_left_to_its_sweep(synthetic_root, tmp_path):
+    from saq.log import claim_run_dir
+    from saq.sweep import RUNNING_FILE
+
+    sweep_dir = tmp_path / "sweep"
+    held = sweep_dir / "held"
+    with claim_run_dir(held):  # as saq.sensitivity or saq.deploy on that job's folder
+        proc = multirun(sweep_dir, "quant=w4a4", "hydra.sweep.subdir=held", data=synthetic_root, cwd=tmp_path)
+        assert proc.returncode == 1, proc.stderr[-2000:]  # the job failed; the sweep ended and reported it
+        failure = json.loads((held / "failure.json").read_text())
+        assert failure["error"].startswith(f"another saq process is writing into {held}")
+        # another multirun into the same sweep folder computes it (its running.json is there): left to that one
+        (held / "failure.json").unlink()
+        (held / RUNNING_FILE).write_text(json.dumps({"time": "T", "pid": 1, "host": "h"}))
+        again = multirun(sweep_dir, "quant=w4a4", "hydra.sweep.subdir=held", data=synthetic_root, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert "is being computed by another sweep's process" in again.stdout
+        assert "1 jobs still running in another process" in again.stdout and not (held / "failure.json").exists()
