@@ -169,7 +169,7 @@ def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+        except BlockingIOError:  # held elsewhere (wait=False); an OSError too, so named before the next line
             raise
         except OSError:  # some network mounts have no locks
             yield False
