@@ -29,15 +29,15 @@ def main(cfg: DictConfig) -> None:
         try:  # the folder first: a run turned away must not write into another one's log
             stack.enter_context(claim_run_dir(run_dir))
         except RunDirHeld as exc:
-            if multirun and (run_dir / RUNNING_FILE).exists():  # another multirun into the sweep folder runs it
+            if not multirun:
+                print(f"error: {exc}", file=sys.stderr)
+                sys.exit(2)
+            if (run_dir / RUNNING_FILE).exists():  # another multirun into the sweep folder computes this job
                 print(f"skipped: {run_dir} is being computed by another sweep's process")
-                return
-            if multirun:  # held by a tool (sensitivity, deploy): this job's failure, and the sweep goes on
+            else:  # held by a tool (sensitivity, deploy): this job's failure, and the sweep goes on
                 write_failure(run_dir, cfg, exc, list(hydra_cfg.overrides.task))
-            print(f"error: {exc}", file=sys.stderr)
-            if multirun:
-                return
-            sys.exit(2)
+                print(f"error: {exc}", file=sys.stderr)
+            return
         stack.enter_context(tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])))
         try:
             check_preset_found(cfg)
