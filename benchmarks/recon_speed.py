@@ -104,11 +104,12 @@ def main(args: dict) -> None:
     quant = compose_group("quant", args.get("quant", "w4a4"))
     qmodel = quantize(model, quant)
     calibrate(qmodel, samples[:1], quant, progress=False)
-    official = ReconConfig.from_cfg(compose_group("recon", args.get("recon", "par")))
-    cfg = ReconConfig.from_cfg({**compose_group("recon", args.get("recon", "par")), "best_state": False,
+    recon = compose_group("recon", args.get("recon", "par"))
+    official = ReconConfig.from_cfg(recon)
+    cfg = ReconConfig.from_cfg({**recon, "best_state": False,
                                 "iters": {k: iters for k in UNIT_KINDS}})
     # one untimed iteration per unit first, on a copy: the first call of each kernel (most of all on CUDA) is slow
-    warm_up = ReconConfig.from_cfg({**compose_group("recon", args.get("recon", "par")), "best_state": False,
+    warm_up = ReconConfig.from_cfg({**recon, "best_state": False,
                                     "iters": {k: 1 for k in UNIT_KINDS}})
     Reconstructor(copy.deepcopy(qmodel), model, warm_up, seed=0, progress=False).run(samples)
     if device == "cuda":

@@ -384,7 +384,8 @@ def test_a_sweep_job_killed_midway_is_listed_as_unfinished(tmp_path):
 
     def run(cfg, run_dir):
         seen.append(json.loads((run_dir / RUNNING_FILE).read_text()))  # marked while it runs
-        return put(run_dir.parent, run_dir.name, record(ap=0.5)) and {}
+        put(run_dir.parent, run_dir.name, record(ap=0.5))
+        return {}
 
     cfg = OmegaConf.create({"resume": False})
     run_sweep_job(cfg, tmp_path / "done", run, ["clip=mse"])
