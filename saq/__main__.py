@@ -9,10 +9,22 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from saq.errors import SaqError
-from saq.log import RUN_LOG, RunDirHeld, claim_run_dir, tee_run_log
+from saq.log import RUN_LOG, RunDirHeld, claim_run_dir, tee_run_log, write_text_atomic
+
+HYDRA_RECORD_DIR = ".hydra"  # where Hydra itself would keep a run's composed config, hydra config and overrides
+
+
+def write_hydra_record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+    """Hydra's record of the run, written once saq holds the folder: Hydra's own (hydra.output_subdir, off in
+    conf/config.yaml) is written before the job starts, so a run turned away would overwrite the holder's."""
+    record = run_dir / HYDRA_RECORD_DIR
+    record.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
+                       ("overrides.yaml", hydra_cfg.overrides.task)):
+        write_text_atomic(record / name, OmegaConf.to_yaml(node))
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -38,6 +50,7 @@ def main(cfg: DictConfig) -> None:
                 write_failure(run_dir, cfg, exc, list(hydra_cfg.overrides.task))
                 print(f"error: {exc}", file=sys.stderr)
             return
+        write_hydra_record(run_dir, cfg, hydra_cfg)
         stack.enter_context(tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])))
         try:
             check_preset_found(cfg)

@@ -36,6 +36,11 @@ def test_run_writes_results_json_and_wandb_offline(synthetic_root, tmp_path):
     log = (run_dir / "run.log").read_text()
     assert "mask_AP" in log and f"results: {run_dir / 'results.json'}" in log and "W&B: offline run in" in log
     assert not (run_dir / "__main__.log").exists()  # Hydra's empty job log is gone
+    # Hydra's record of the run, written by saq once it holds the folder
+    from omegaconf import OmegaConf
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").task.max_images == 3
+    assert "task.max_images=3" in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+    assert OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.output_dir == str(run_dir)
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline, "an offline W&B run is recorded"
     assert f"W&B: offline run in {offline[0]} (upload: wandb sync {offline[0]})" in proc.stdout

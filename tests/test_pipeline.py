@@ -257,6 +257,8 @@ def test_a_second_run_into_a_held_folder_stops_in_one_line(tmp_path):
     held = tmp_path / "run"
     with claim_run_dir(held):
         (held / RUN_LOG).write_text("the first run's log\n")
+        (held / ".hydra").mkdir()
+        (held / ".hydra" / "config.yaml").write_text("the first run's config\n")
         # another process: `python -m saq` into the folder (two runs started in the same second share Hydra's)
         proc = subprocess.run([sys.executable, "-m", "saq", "logger=none", f"hydra.run.dir={held}"],
                               capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -264,6 +266,7 @@ def test_a_second_run_into_a_held_folder_stops_in_one_line(tmp_path):
             f"error: another saq process is writing into {held}; give this one its own folder (hydra.run.dir=...), "
             "or wait for it to finish"], proc.stderr[-2000:]
         assert (held / RUN_LOG).read_text() == "the first run's log\n"  # turned away before it wrote a line there
+        assert (held / ".hydra" / "config.yaml").read_text() == "the first run's config\n"  # nor Hydra's record
     with claim_run_dir(held):  # released when the run ends (a killed one releases it too: an OS lock)
         pass
     with pytest.raises(SaqError, match="another saq process is writing into"), claim_run_dir(tmp_path / "x"):
