@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from saq.errors import SaqError, is_number
+from saq.errors import SaqError, is_finite_number, is_number
 
 RESULTS_FILE = "results.json"
 # what a run's numbers can depend on (image decoding and resizing, polygon IoU, label maps included): recorded in
@@ -239,6 +239,10 @@ def record_problem(record) -> str | None:
         return "not a saq run record (metrics or config is not an object)"
     if not isinstance(record.get("recon") or {}, dict):
         return "not a saq run record (recon is not an object)"
+    for part, values in metrics.items():  # json reads a 400-digit integer, which no table or float can hold
+        for key, value in (values.items() if isinstance(values, dict) else ()):
+            if is_number(value) and not isinstance(value, float) and not is_finite_number(value):
+                return f"metrics.{part}.{key} is an integer beyond float range"
     if not _has_number(metrics.get("fp")):
         return "partial run: no FP metrics"
     if record["quant"] != "fp" and not _has_number(metrics.get("quantized")):

@@ -27,10 +27,12 @@ def pyplot():
 def save_figure(fig, path: Path, dpi: int = 110, layout: dict | None = None, bbox_inches: str | None = None) -> Path:
     """Lay out (tight_layout with `layout`; None skips it), write and close a figure; returns its path.
     bbox_inches="tight" grows the image to hold what sits outside the axes (a legend beside them)."""
-    if layout is not None:
-        fig.tight_layout(**layout)
-    fig.savefig(path, dpi=dpi, bbox_inches=bbox_inches)
-    pyplot().close(fig)
+    try:
+        if layout is not None:
+            fig.tight_layout(**layout)
+        fig.savefig(path, dpi=dpi, bbox_inches=bbox_inches)
+    finally:  # closed when saving fails too: a sweep's report draws many figures in one process
+        pyplot().close(fig)
     return path
 
 

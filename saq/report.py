@@ -32,7 +32,7 @@ from saq.log import (
     write_text_atomic,
 )
 from saq.paper_results import PAPER_MODEL, paper_row, paper_table
-from saq.sweep import FAILURE_FILE, RESUME_IGNORED_KEYS, RUNNING_FILE
+from saq.sweep import FAILURE_FILE, RESUME_IGNORED_KEYS, RUNNING_FILE, bounded_name
 
 FP_ROW = "FP"
 # Metric order per task (the first is the task's main metric); other scalar metrics follow in the order found.
@@ -109,6 +109,7 @@ class Table:
         scored = {r: self.cells[(r, column)].mean for r in self.rows
                   if self.row_label[r] != FP_ROW and not self.row_label[r].endswith(PAPER_COMPAT_SUFFIX)
                   and r not in self.other_evaluation and (r, column) in self.cells}
+        scored = {r: v for r, v in scored.items() if math.isfinite(v)}  # a NaN mean would hide every best (shown)
         if len(scored) < 2:
             return set()
         top = max(scored.values())
@@ -146,6 +147,9 @@ def load_runs(root: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
 def load_failures(root: Path) -> list[dict]:
     failures = []
     for path in sorted(root.rglob(FAILURE_FILE)):
+        results = path.parent / RESULTS_FILE
+        if results.exists() and results.stat().st_mtime >= path.stat().st_mtime:
+            continue  # an earlier attempt's: the job has finished since (rerun, or run by hand into its folder)
         try:
             record = json.loads(path.read_text())
             failures.append({"path": path, "error": str(record.get("error", "?")),
@@ -196,7 +200,7 @@ SEED_FOLLOWERS = ("prompts.seed", "task.coarse.seed", "recon.seed")
 COLUMN_KEYS = ("quant.name", "quant.w_bits", "quant.a_bits")
 # Keys that only choose what a run calibrates on (the FP model and the evaluation images do not depend on them).
 CALIBRATION_KEYS = ("task.calib.", "prompts.calib_file", "task.generate.n_train")
-NO_EFFECT_KEYS = ("seed", "quant.load", "quant.save", "recon.paper_eval_compat", "recon.state_dir", "recon.resume",
+NO_EFFECT_KEYS = ("seed", "deploy", "quant.load", "quant.save", "recon.paper_eval_compat", "recon.state_dir", "recon.resume",
                   "recon.cache_device", "recon.log_every")
 
 
@@ -428,9 +432,19 @@ def paper_markdown(table: Table) -> str:
     return "\n".join(lines)
 
 
+def running_jobs(report: Report) -> list[dict]:
+    """Jobs whose process still lives (another multirun's): neither failed nor finished."""
+    return [f for f in report.failures if f.get("running")]
+
+
+def failed_jobs(report: Report) -> list[dict]:
+    return [f for f in report.failures if not f.get("running")]
+
+
 def render_markdown(report: Report, plots: list[Path]) -> str:
     out = [f"# Report: {report.root}", "",
-           f"{len(report.runs)} runs; {len(report.skipped)} results.json skipped; {len(report.failures)} failed jobs. "
+           f"{len(report.runs)} runs; {len(report.skipped)} results.json skipped; {len(failed_jobs(report))} failed jobs"
+           + (f"; {len(running_jobs(report))} jobs still running" if running_jobs(report) else "") + ". "
            "Values in % (metric × 100), mean ± std over seeds where several ran; the best quantized cell per column "
            "in bold. report.csv holds the same cells as fractions, with n and seeds.", ""]
     for table in report.tables:
@@ -438,11 +452,12 @@ def render_markdown(report: Report, plots: list[Path]) -> str:
         paper = paper_markdown(table)
         if paper:
             out += [paper, ""]
-    if report.failures:
-        out += ["## Failed jobs", ""]
-        out += [f"- `{f['path'].parent}`: {f['error']}" + (f" (`{' '.join(f['overrides'])}`)" if f["overrides"] else "")
-                for f in report.failures]
-        out.append("")
+    for title, jobs in (("Failed jobs", failed_jobs(report)), ("Still running", running_jobs(report))):
+        if jobs:
+            out += [f"## {title}", ""]
+            out += [f"- `{f['path'].parent}`: {f['error']}" + (f" (`{' '.join(f['overrides'])}`)" if f["overrides"]
+                                                                 else "") for f in jobs]
+            out.append("")
     if report.skipped:
         out += ["## Skipped results.json", ""] + [f"- `{p}`: {why}" for p, why in report.skipped] + [""]
     if report.duplicates:
@@ -519,7 +534,22 @@ def render_tex(report: Report) -> str:
 
 
 def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_")
+    """A figure's file name stem from its title parts: safe characters, bounded (a row can name long paths)."""
+    return bounded_name(re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_"), text, 150)
+
+
+PLOT_PATTERNS = ("*_rows.png", "*_vs_bits.png", "clip_ranges_*.png")  # the figures write_report owns in plots/
+
+
+def _draw_each(jobs) -> list[Path]:
+    """Call each figure's drawing function; one that fails is a warning and costs only that figure."""
+    written = []
+    for what, draw in jobs:
+        try:
+            written.append(draw())
+        except Exception as exc:  # a figure must never cost the tables or the other figures
+            print(f"warning: plot {what} failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+    return written
 
 
 def plot_rows_at_one_width(table: Table, model: str, bits: str, out_dir: Path) -> Path:
@@ -554,46 +584,48 @@ def plot_rows_at_one_width(table: Table, model: str, bits: str, out_dir: Path) -
 def plot_metric_vs_bits(report: Report, out_dir: Path) -> list[Path]:
     """Per task, prompt source and model: the main metric against bit-width, one line per method, FP dashed; a model
     with a single bit-width gets a dot per row instead (plot_rows_at_one_width)."""
-    from saq.plots import pyplot, save_figure
-
-    plt = pyplot()
-
-    written = []
+    jobs = []
     main_tables = [t for t in report.tables if t.metric == main_metric(report, t.task, t.prompts)]
     for table in main_tables:
         for model in dict.fromkeys(m for m, _ in table.columns):
             bits = [b for m, b in table.columns if m == model and b != "fp"]
-            if not bits:
-                continue
+            what = f"{table.task} {table.prompts} {model}"
             if len(bits) == 1:
-                written.append(plot_rows_at_one_width(table, model, bits[0], out_dir))
-                continue
-            fig, ax = plt.subplots(figsize=(5.5, 3.8))
-            x = list(range(len(bits)))
-            colors, markers = plt.get_cmap("tab20"), "osD^vPX<>"  # many rows (trials) stay distinguishable
-            drawn = 0
-            for row in table.rows:
-                cells = [table.cells.get((row, (model, b))) for b in bits]
-                if table.row_label[row] == FP_ROW:
-                    fp = next((c for c in cells if c is not None), None)
-                    if fp is not None:
-                        ax.axhline(100 * fp.mean, color="black", linestyle="--", linewidth=1, label=row)
-                    continue
-                points = [(i, c) for i, c in zip(x, cells) if c is not None]
-                if points:
-                    ax.errorbar([i for i, _ in points], [100 * c.mean for _, c in points],
-                                yerr=[100 * c.std for _, c in points], marker=markers[drawn % len(markers)],
-                                color=colors(drawn % 20), capsize=3, label=row)
-                    drawn += 1
-            ax.set_xticks(x, [b.upper() for b in bits])
-            ax.set_xlabel("bit-width")
-            ax.set_ylabel(f"{table.metric} (%)")
-            ax.set_title(f"{model}, {table.task} ({table.prompts})")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # beside the axes
-            path = out_dir / f"{_safe(f'{table.task}_{table.prompts}_{table.metric}_{model}')}_vs_bits.png"
-            written.append(save_figure(fig, path, dpi=120, bbox_inches="tight"))
-    return written
+                jobs.append((what, lambda t=table, m=model, b=bits[0]: plot_rows_at_one_width(t, m, b, out_dir)))
+            elif bits:
+                jobs.append((what, lambda t=table, m=model, b=bits: plot_one_model_vs_bits(t, m, b, out_dir)))
+    return _draw_each(jobs)
+
+
+def plot_one_model_vs_bits(table: Table, model: str, bits: list[str], out_dir: Path) -> Path:
+    from saq.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    x = list(range(len(bits)))
+    colors, markers = plt.get_cmap("tab20"), "osD^vPX<>"  # many rows (trials) stay distinguishable
+    drawn = 0
+    for row in table.rows:
+        cells = [table.cells.get((row, (model, b))) for b in bits]
+        if table.row_label[row] == FP_ROW:
+            fp = next((c for c in cells if c is not None), None)
+            if fp is not None:
+                ax.axhline(100 * fp.mean, color="black", linestyle="--", linewidth=1, label=row)
+            continue
+        points = [(i, c) for i, c in zip(x, cells) if c is not None]
+        if points:
+            ax.errorbar([i for i, _ in points], [100 * c.mean for _, c in points],
+                        yerr=[100 * c.std for _, c in points], marker=markers[drawn % len(markers)],
+                        color=colors(drawn % 20), capsize=3, label=row)
+            drawn += 1
+    ax.set_xticks(x, [b.upper() for b in bits])
+    ax.set_xlabel("bit-width")
+    ax.set_ylabel(f"{table.metric} (%)")
+    ax.set_title(f"{model}, {table.task} ({table.prompts})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # beside the axes
+    path = out_dir / f"{_safe(f'{table.task}_{table.prompts}_{table.metric}_{model}')}_vs_bits.png"
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def short_names(names: list[str]) -> list[str]:
@@ -608,15 +640,12 @@ CLIP_POINT_KEYS = ("name", "fp_min", "fp_max", "mse_lo", "mse_hi", "pcc_lo", "pc
 
 def plot_clip_ranges(report: Report, out_dir: Path) -> list[Path]:
     """Per run with a `clipping` section: each searched point's FP range against the MSE and PCC ranges."""
-    from saq.plots import pyplot, save_figure
-
-    plt = pyplot()
-
-    written, seen = [], set()
+    jobs, seen = [], set()
+    duplicates = set(report.duplicates)  # the table counts the newest of a cell's repeated runs; so does its figure
     for run in report.runs:
         clipping = run.get("clipping")
         points = clipping.get("points") if isinstance(clipping, dict) else None
-        if not isinstance(points, list):
+        if not isinstance(points, list) or run["_path"] in duplicates:
             continue
         points = [p for p in points if isinstance(p, dict) and all(
             isinstance(p.get(k), (int, float)) for k in CLIP_POINT_KEYS[1:])]
@@ -624,27 +653,36 @@ def plot_clip_ranges(report: Report, out_dir: Path) -> list[Path]:
             continue
         config = labelled_config(run)
         row = report.row_of.get(run["_path"], method_label(config))  # the row names the knobs its runs differ in
-        name = _safe(f"clip_ranges_{run['model']}_{bits_label(config)}_{row}_seed{run.get('seed')}")
+        # the table's coordinates: task and prompt source, model, bit-width, row, seed
+        name = _safe(f"clip_ranges_{run['task']}_{run.get('prompts', '-')}_{run['model']}_{bits_label(config)}_{row}"
+                     f"_seed{run.get('seed')}")
         if name in seen:
             continue
         seen.add(name)
-        fig, ax = plt.subplots(figsize=(8, 0.3 * len(points) + 1.5))
-        for i, p in enumerate(points):
-            ax.plot([p["fp_min"], p["fp_max"]], [i, i], color="0.7", linewidth=6, solid_capstyle="butt",
-                    label="FP range" if i == 0 else None)
-            ax.plot([p["mse_lo"], p["mse_hi"]], [i + 0.15, i + 0.15], color="tab:blue", linewidth=2,
-                    label="MSE" if i == 0 else None)
-            ax.plot([p["pcc_lo"], p["pcc_hi"]], [i - 0.15, i - 0.15], color="tab:red", linewidth=2,
-                    label="PCC" if i == 0 else None)
-        ax.set_yticks(range(len(points)), short_names([str(p.get("name", i)) for i, p in enumerate(points)]), fontsize=7)
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlabel("activation range (symlog)")
-        ax.set_title(f"clip ranges: {run['model']} {bits_label(config).upper()} {row}, seed {run.get('seed')}",
-                     fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-        ax.grid(alpha=0.3, axis="x")
-        written.append(save_figure(fig, out_dir / f"{name}.png", dpi=120, layout={}))
-    return written
+        title = f"clip ranges: {run['model']} {bits_label(config).upper()} {row}, seed {run.get('seed')}"
+        jobs.append((name, lambda p=points, t=title, n=name: plot_one_clip_ranges(p, t, out_dir / f"{n}.png")))
+    return _draw_each(jobs)
+
+
+def plot_one_clip_ranges(points: list[dict], title: str, path: Path) -> Path:
+    from saq.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(points) + 1.5))
+    for i, p in enumerate(points):
+        ax.plot([p["fp_min"], p["fp_max"]], [i, i], color="0.7", linewidth=6, solid_capstyle="butt",
+                label="FP range" if i == 0 else None)
+        ax.plot([p["mse_lo"], p["mse_hi"]], [i + 0.15, i + 0.15], color="tab:blue", linewidth=2,
+                label="MSE" if i == 0 else None)
+        ax.plot([p["pcc_lo"], p["pcc_hi"]], [i - 0.15, i - 0.15], color="tab:red", linewidth=2,
+                label="PCC" if i == 0 else None)
+    ax.set_yticks(range(len(points)), short_names([str(p.get("name", i)) for i, p in enumerate(points)]), fontsize=7)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("activation range (symlog)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
+    return save_figure(fig, path, dpi=120, layout={})
 
 
 def main_metric(report: Report, task: str, prompts: str) -> str | None:
@@ -663,11 +701,9 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
     except OSError as exc:
         raise SaqError(f"report: cannot create the report folder out={out_dir} ({exc.strerror or exc}); give a folder "
                        "that can be written") from None
-    plots: list[Path] = []
-    try:
-        plots = plot_metric_vs_bits(report, plot_dir) + plot_clip_ranges(report, plot_dir)
-    except Exception as exc:  # a plotting failure must not cost the tables
-        print(f"warning: plots failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+    plots = plot_metric_vs_bits(report, plot_dir) + plot_clip_ranges(report, plot_dir)
+    for stale in {p for pattern in PLOT_PATTERNS for p in plot_dir.glob(pattern)} - set(plots):
+        stale.unlink(missing_ok=True)  # an earlier report's figure of a row or run this one no longer has
     md, csv_path, tex = (out_dir / name for name in REPORT_FILES)
     try:
         # whole files or none: a sweep's report may be rewritten while another reads it, or killed mid-write
@@ -683,13 +719,13 @@ def print_summary(report: Report, written: list[Path], since: float | None = Non
     """What a sweep prints at its end: the main table per task, the failures, and where the report is. Failures
     written before `since` (the sweep's start) are jobs of earlier sweeps that this one did not run: listed apart.
     Returns this sweep's failures."""
-    print(f"\n=== sweep report: {report.root} — {len(report.runs)} runs, {len(report.failures)} failed, "
+    print(f"\n=== sweep report: {report.root} — {len(report.runs)} runs, {len(failed_jobs(report))} failed, "
           f"{len(report.skipped)} skipped results.json")
     for table in report.tables:
         if table.metric == main_metric(report, table.task, table.prompts):
             print(f"\n{table_title(table)} (%)\n\n{markdown_table(table)}")
     # a job another multirun (or process) still runs is neither this sweep's failure nor an earlier one
-    running = [f for f in report.failures if f.get("running")]
+    running = running_jobs(report)
     current = [f for f in report.failures if (since is None or f["mtime"] >= since) and f not in running]
     earlier = [f for f in report.failures if f not in current and f not in running]
     if running:
@@ -724,8 +760,11 @@ def main(argv: list[str] | None = None) -> int:
         if not report.runs:
             shown = "; ".join(f"{p}: {why}" for p, why in report.skipped[:3])
             more = f"; and {len(report.skipped) - 3} more" if len(report.skipped) > 3 else ""
+            failed = failed_jobs(report)
+            why = (failed[0]["error"].splitlines() or [""])[0] if failed else ""
+            first = f"; first failure {failed[0]['path'].parent}: {why}" if failed else ""
             raise SaqError(f"report: no usable results.json under {path} ({len(report.skipped)} skipped, "
-                           f"{len(report.failures)} failed jobs)" + (f"; skipped {shown}{more}" if shown else ""))
+                           f"{len(failed)} failed jobs)" + (f"; skipped {shown}{more}" if shown else "") + first)
         written = write_report(report, Path(options.get("out", path)))
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -35,8 +35,14 @@ def job_dirname(overrides: str, max_len: int = 160) -> str:
     never nested; a long name keeps its start plus a hash of the whole.
     """
     name = re.sub(r"[%/\\\x00]", lambda m: f"%{ord(m.group()):02X}", overrides) or "default"
+    return bounded_name(name, overrides, max_len)
+
+
+def bounded_name(name: str, source: str, max_len: int) -> str:
+    """name when it fits in max_len characters, else its start plus a hash of source (what it was made from), so
+    names made from different sources stay different (file systems refuse components over 255 bytes)."""
     if len(name) > max_len:
-        name = f"{name[:max_len]}-{hashlib.sha256(overrides.encode()).hexdigest()[:10]}"
+        name = f"{name[:max_len]}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
     return name
 
 

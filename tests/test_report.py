@@ -200,8 +200,9 @@ def test_plots_metric_vs_bits_and_clip_ranges_when_present(tmp_path):
     put(tmp_path, "broken", record(bits=6, clip="pcc", ap=0.7, clipping={"points": "oops"}, extra={"theta": 0.4}))
     written = write_report(build_report(tmp_path), tmp_path)
     names = sorted(p.name for p in written if p.suffix == ".png")
-    assert names == ["clip_ranges_sam_tiny_w4a4_pcc_clip.theta=0.3_seed0.png",
-                     "clip_ranges_sam_tiny_w4a4_pcc_clip.theta=0.5_seed0.png", "instance_gt_mask_AP_sam_tiny_vs_bits.png"]
+    assert names == ["clip_ranges_instance_gt_sam_tiny_w4a4_pcc_clip.theta=0.3_seed0.png",
+                     "clip_ranges_instance_gt_sam_tiny_w4a4_pcc_clip.theta=0.5_seed0.png",
+                     "instance_gt_mask_AP_sam_tiny_vs_bits.png"]
     for path in written:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -373,6 +374,12 @@ def test_no_usable_results_lists_the_skipped_files_and_why(tmp_path, capsys):
         put(tmp_path, name, [])
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().endswith("; and 3 more")
+    only_failed = tmp_path / "only_failed"
+    (only_failed / "job").mkdir(parents=True)
+    (only_failed / "job" / "failure.json").write_text(json.dumps({"error": "CUDA out of memory\nmore", "overrides": []}))
+    assert main([str(only_failed)]) == 2  # every job failed: the error says why, not only how many
+    assert capsys.readouterr().err.strip() == (f"error: report: no usable results.json under {only_failed} (0 skipped, "
+                                               f"1 failed jobs); first failure {only_failed / 'job'}: CUDA out of memory")
 
 
 def test_a_sweep_job_killed_midway_is_listed_as_unfinished(tmp_path):
@@ -417,3 +424,99 @@ def test_a_sweep_job_killed_midway_is_listed_as_unfinished(tmp_path):
         ("killed", "did not finish: killed (started T, pid 42 on node1)", False),
         ("retried", "did not finish: killed (started T2, pid 7 on h)", False)]
     assert report.failures[1]["overrides"] == ["clip=pcc"]
+    from saq.report import render_markdown
+
+    md = render_markdown(report, [])
+    assert "2 runs; 0 results.json skipped; 2 failed jobs; 1 jobs still running." in md  # a live job is no failure
+    assert md.index("## Failed jobs") < md.index("`" + str(tmp_path / "killed")) < md.index("## Still running") < \
+        md.index("`" + str(tmp_path / "alive"))
+
+
+def test_plots_of_rows_a_later_report_no_longer_has_are_removed(tmp_path):
+    put(tmp_path, "w6", record(bits=6, ap=0.7))
+    put(tmp_path, "w4", record(bits=4, ap=0.6))
+    first = write_report(build_report(tmp_path), tmp_path)
+    assert [p.name for p in first if p.suffix == ".png"] == ["instance_gt_mask_AP_sam_tiny_vs_bits.png"]
+    (tmp_path / "mine.png").write_bytes(b"")  # not the report's: kept
+    (tmp_path / "plots" / "notes.png").write_bytes(b"")
+    (tmp_path / "w6" / "results.json").unlink()  # now one bit-width: a dot per row instead of a line
+    second = write_report(build_report(tmp_path), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(
+        [p.name for p in second if p.suffix == ".png"] + ["notes.png"]) == [
+        "instance_gt_mask_AP_sam_tiny_w4a4_rows.png", "notes.png"]
+    assert (tmp_path / "mine.png").exists()
+
+
+def test_a_row_named_by_long_paths_keeps_its_plots_and_one_failing_figure_costs_only_itself(tmp_path, monkeypatch,
+                                                                                           capsys):
+    import saq.report
+
+    points = [{"name": "k_proj", "fp_min": -1.0, "fp_max": 1.0, "mse_lo": -0.9, "mse_hi": 0.9, "pcc_lo": -0.5,
+               "pcc_hi": 0.5}]
+    for i in range(2):  # rows that differ in a long calibration path: names far over a file system's 255 bytes
+        calib = f"/datasets/{'very_long_folder_name/' * 12}calib_{i}.json"
+        rec = record(clip="pcc", ap=0.6 + i / 10, clipping={"points": points})
+        rec["config"]["prompts"] = {"calib_file": calib}
+        put(tmp_path, f"r{i}", rec)
+    written = write_report(build_report(tmp_path), tmp_path)
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert len(pngs) == 3 and all(p.exists() and len(p.name) < 200 for p in pngs)  # 2 clip-range plots + the rows
+    assert len({p.name for p in pngs}) == 3  # the hashed tails keep the two rows apart
+    real = saq.report.plot_one_clip_ranges
+
+    def fail_first(points, title, path):
+        if "calib_0" in title:
+            raise RuntimeError("boom")
+        return real(points, title, path)
+
+    monkeypatch.setattr(saq.report, "plot_one_clip_ranges", fail_first)
+    again = write_report(build_report(tmp_path), tmp_path)
+    assert len([p for p in again if p.suffix == ".png"]) == 2 and "RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_clip_range_plots_of_other_prompt_sources_are_both_drawn(tmp_path):
+    points = [{"name": "k_proj", "fp_min": -1.0, "fp_max": 1.0, "mse_lo": -0.9, "mse_hi": 0.9, "pcc_lo": -0.5,
+               "pcc_hi": 0.5}]
+    for prompts in ("gt", "jittered"):
+        rec = record(clip="pcc", clipping={"points": points})
+        rec["prompts"] = prompts
+        put(tmp_path, prompts, rec)
+    written = write_report(build_report(tmp_path), tmp_path)
+    assert sorted(p.name for p in written if p.name.startswith("clip_ranges")) == [
+        "clip_ranges_instance_gt_sam_tiny_w4a4_pcc_seed0.png", "clip_ranges_instance_jittered_sam_tiny_w4a4_pcc_seed0.png"]
+
+
+def test_a_nan_cell_is_shown_and_the_best_finite_cell_stays_bold(tmp_path):
+    put(tmp_path, "a", record(clip="minmax", ap=float("nan")))
+    put(tmp_path, "b", record(clip="mse", ap=0.5))
+    put(tmp_path, "c", record(clip="pcc", ap=0.6))
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    assert markdown_table(table).splitlines()[3:] == ["| minmax | nan |", "| mse | 50.00 |", "| pcc | **60.00** |"]
+
+
+def test_an_integer_beyond_float_range_is_skipped_with_its_name(tmp_path):
+    put(tmp_path, "ok", record(ap=0.5))
+    put(tmp_path, "huge", json.dumps(record(ap=0.5)).replace('"mIoU": 0.6', '"mIoU": ' + "9" * 400))
+    report = build_report(tmp_path)
+    assert len(report.runs) == 1
+    assert [(p.parent.name, why) for p, why in report.skipped] == [
+        ("huge", "metrics.quantized.mIoU is an integer beyond float range")]
+
+
+def test_a_failure_older_than_the_finished_run_is_not_listed(tmp_path):
+    path = put(tmp_path, "job", record(ap=0.5))
+    (tmp_path / "job" / "failure.json").write_text(json.dumps({"error": "old error", "overrides": []}))
+    os.utime(tmp_path / "job" / "failure.json", (1, 1))  # failed once, then finished (a rerun into the folder)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "failure.json").write_text(json.dumps({"error": "new error", "overrides": []}))
+    report = build_report(tmp_path)
+    assert [f["error"] for f in report.failures] == ["new error"] and report.runs[0]["_path"] == path
+
+
+def test_deploy_does_not_split_a_row(tmp_path):
+    for seed, (ap, deploy) in enumerate(((0.70, False), (0.72, True))):  # deploy only adds metrics.deployed
+        rec = record(seed=seed, ap=ap)
+        rec["config"]["deploy"] = deploy
+        put(tmp_path, f"s{seed}", rec)
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    assert markdown_table(table).splitlines()[3:] == ["| mse | 71.00 ± 1.41 |"]
