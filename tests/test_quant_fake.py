@@ -68,6 +68,17 @@ def test_qparams_asymmetric_rule():
     assert math.isclose(float(scale), 3.0 / 15, rel_tol=1e-6) and float(zp) == 0.0
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_calibration_input_is_named_not_a_nan_model(bad):
+    q = UniformQuantizer(4, make_observer("minmax"))
+    q.name = "blocks.0.attn.qkv.input_quantizer"
+    q.set_state(QuantState.OBSERVE)
+    q(torch.tensor([-1.0, 0.5]))
+    with pytest.raises(SaqError, match=r"^quantizer blocks.0.attn.qkv.input_quantizer: its calibration input holds "
+                                       r"NaN or inf"):
+        q(torch.tensor([-1.0, 0.5, bad]))
+
+
 def test_straight_through_gradient():
     q = UniformQuantizer(4, make_observer("minmax"))
     q.set_range(-1.0, 1.0)

@@ -131,6 +131,22 @@ def test_best_state_restore_keeps_the_start_when_learning_hurts():
     assert all(torch.equal(before[k], after[k]) for k in before if k in after and before[k].numel())
 
 
+def test_learned_steps_stay_positive():
+    from saq.quant.grid import SCALE_EPS
+    from saq.quant.quantizers import LSQQuantizer
+
+    fp, qmodel, data = toy_models()
+    with torch.no_grad():  # steps far too coarse: learning shrinks them, and Adam's first move is about lr
+        for q in iter_quantizers(qmodel, "act"):
+            q.scale.mul_(10.0)
+    # an lr larger than the steps: that first move takes them past zero, where every value would quantize to the
+    # zero point
+    cfg = recon_cfg(scale_lr=20.0, weight_lr=0.0, iters={"block": 3}, scale_lr_schedule="constant", best_state=False)
+    Reconstructor(qmodel, fp, cfg, seed=0, progress=False, chain=[Feed(), Block()]).run(data=data)
+    steps = [float(q.scale.detach().min()) for q in iter_quantizers(qmodel) if isinstance(q, LSQQuantizer)]
+    assert steps and min(steps) >= SCALE_EPS
+
+
 class DivergingBlock(Block):
     """Block whose training loss is NaN (as after an overflow); evaluation, without gradients, is finite."""
 

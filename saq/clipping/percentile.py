@@ -53,7 +53,7 @@ class PercentileClipping(RangeStrategy):
             lows = tail_quantiles(flat, [1.0 - v for v in self.percentiles])
             sample = error_sample(flat, self.max_points)
             errors = [sample.error(lo, hi, grid, self.p) for lo, hi in zip(lows, highs)]
-            best = min(range(len(errors)), key=errors.__getitem__)  # first of equals: the widest clip wins ties
+            best = min(range(len(errors)), key=errors.__getitem__)  # ties: the first candidate (0.99: the narrowest range)
             return lows[best], highs[best]
         rows = channels_first(x, ch_axis)
         probs = torch.tensor(self.percentiles + [1.0 - v for v in self.percentiles], device=rows.device)

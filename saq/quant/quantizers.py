@@ -87,6 +87,10 @@ class Quantizer(nn.Module):
             return x
         if self._state is QuantState.OBSERVE:
             with torch.no_grad():
+                if not bool(torch.isfinite(x).all()):  # one inf would make the range, and every later output, NaN
+                    raise SaqError(f"quantizer {self.name or self.config_key}: its calibration input holds NaN or "
+                                   "inf, so no range can be set (the FP model produces them there: check the "
+                                   "checkpoint and the calibration images)")
                 self.observe(x, partner)
             return x
         if self.drop_prob < 1.0:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from saq.errors import SaqError
-from saq.quant.grid import keep_mask, mix
+from saq.quant.grid import SCALE_EPS, keep_mask, mix
 from saq.quant.model import iter_quantizers
 from saq.quant.modules import QuantLayer
 from saq.quant.quantizers import AdaRoundQuantizer, Log2AGQQuantizer, Quantizer
@@ -271,6 +271,9 @@ class Reconstructor:
                 total.backward()
                 optimizer.step()
                 scheduler.step()
+                with torch.no_grad():  # a step at or below zero quantizes everything to the zero point
+                    for scale in scales + softmax_scales:
+                        scale.clamp_(min=SCALE_EPS)
             losses.append(float(loss.detach()))
             if (it + 1) % window == 0 or it + 1 == iters:
                 recent = sum(losses[-window:]) / len(losses[-window:])
