@@ -181,7 +181,7 @@ def rotated_map(detections: Sequence[RotatedDetection], ground_truth: dict[str, 
 
 class OrientedTask(Task):
     """Horizontal box prompts (ground-truth enclosing boxes, jittered, or detections) → single-mask SAM outputs →
-    minimum-area rotated rectangles of each mask's largest region (as MMRotate-SAM does) → DOTA mAP@0.5.
+    minimum-area rotated rectangles of each mask's pixels (as MMRotate-SAM does) → DOTA mAP@0.5.
 
     Images are keyed by file stem. Every image needs a label file (empty for no objects); label files without an
     image are ignored. A mask that comes out empty gives no detection (counted in `empty_masks`).
@@ -220,6 +220,9 @@ class OrientedTask(Task):
                                    f"{self.classes}")
         if not self.classes:
             raise SaqError(f"the label files in {self.ann_dir} hold no objects; nothing to evaluate")
+        if not any((~objs.difficult).any() for objs in self.objects.values()):  # DOTA's mAP scores none
+            raise SaqError(f"the label files in {self.ann_dir} hold only difficult objects (or none), which DOTA's "
+                           "mAP does not count; nothing to evaluate")
         self.class_index = {name: i for i, name in enumerate(self.classes)}
         self.prompts = prompts or GroundTruthBoxes()
         # Classes inferred from the evaluated labels: a detector's other classes have no objects here to score.

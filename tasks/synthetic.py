@@ -175,14 +175,19 @@ def render_scene(seed: int, split: str, index: int, size: int = IMAGE_SIZE) -> S
     return Scene(image, masks, categories, difficult)
 
 
-def oriented_box(mask: np.ndarray) -> np.ndarray:
-    """The minimum-area rotated rectangle of a mask's largest region, as 4 corner points (x, y)."""
-    mask_u8 = mask.astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask_u8, connectivity=8)
-    if n <= 1:
-        raise ValueError("oriented_box: the mask is empty")
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    ys, xs = np.nonzero(labels == largest)
+def oriented_box(mask: np.ndarray, largest_region: bool = False) -> np.ndarray:
+    """The minimum-area rotated rectangle of a mask's pixels (cv2.minAreaRect on their indices, i.e. through pixel
+    centres, as MMRotate-SAM fits predicted masks), as 4 corner points (x, y); with largest_region, of its largest
+    8-connected region only (how the generator labels an occluded object)."""
+    if largest_region:
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+        if n <= 1:
+            raise ValueError("oriented_box: the mask is empty")
+        ys, xs = np.nonzero(labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])))
+    else:
+        ys, xs = np.nonzero(mask)
+        if not len(xs):
+            raise ValueError("oriented_box: the mask is empty")
     rect = cv2.minAreaRect(np.stack([xs, ys], 1).astype(np.float32))
     return cv2.boxPoints(rect)
 
@@ -227,7 +232,7 @@ def write_split(root: Path, split: str, n: int, seed: int, progress: bool = True
                     "iscrowd": 0,
                 }
             )
-            corners = " ".join(f"{v:.1f}" for v in oriented_box(mask).reshape(-1))
+            corners = " ".join(f"{v:.1f}" for v in oriented_box(mask, largest_region=True).reshape(-1))
             dota_lines.append(f"{corners} {CATEGORIES[cat]} {int(diff)}")
         (dota_dir / f"{name}.txt").write_text("\n".join(dota_lines) + "\n")
     coco = {

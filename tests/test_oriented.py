@@ -143,14 +143,29 @@ def test_rectangle_from_rasterised_rotated_mask(angle):
     u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
     v = -(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)
     mask = (np.abs(u) <= length / 2) & (np.abs(v) <= width / 2)
-    mask[5:9, 5:9] = True  # a speck elsewhere: only the largest region counts
-    long, short, direction = long_side_and_angle(oriented_box(mask).astype(np.float64))
+    mask[5:9, 5:9] = True  # a speck elsewhere: only the largest region counts (the generator's labels)
+    long, short, direction = long_side_and_angle(oriented_box(mask, largest_region=True).astype(np.float64))
     # Pixel centres inside the rectangle span it to within one pixel (a diagonal step at worst).
     assert length - np.sqrt(2) <= long <= length + 1e-3
     assert width - np.sqrt(2) <= short <= width + 1e-3
     assert abs((direction - angle + 90) % 180 - 90) < 1.0
-    centre = oriented_box(mask).mean(0)
+    centre = oriented_box(mask, largest_region=True).mean(0)
     assert np.allclose(centre, [cx, cy], atol=0.75)
+
+
+def test_a_predicted_mask_in_pieces_gets_the_box_of_all_its_pixels():
+    """As MMRotate-SAM (cv2.minAreaRect on every nonzero pixel): a mask split by a one-pixel gap keeps its extent;
+    only the generator's labels of occluded objects take the largest piece."""
+    mask = np.zeros((64, 64), bool)
+    mask[10:30, 10:50] = True
+    mask[:, 30] = False  # the left piece (20 columns) is larger than the right one (19)
+    xs = oriented_box(mask)[:, 0]
+    assert (xs.min(), xs.max()) == (10, 49)  # pixel centres of the first and last columns
+    largest = oriented_box(mask, largest_region=True)[:, 0]
+    assert (largest.min(), largest.max()) == (10, 29)
+    for pieces in (True, False):
+        with pytest.raises(ValueError, match="the mask is empty"):
+            oriented_box(np.zeros((4, 4), bool), largest_region=pieces)
 
 
 def write(path, text):
@@ -204,15 +219,21 @@ def test_unknown_class_and_empty_dataset_are_clear_errors(tmp_path):
     data = dota_dataset(tmp_path / "b", {"P1": "gsd:1\n"})
     with pytest.raises(SaqError, match="hold no objects"):
         OrientedTask(data, CALIB)
+    with pytest.raises(SaqError, match="hold only difficult objects \\(or none\\)"):  # named classes, empty files
+        OrientedTask(data, CALIB, classes=["plane"])
+    hard = dota_dataset(tmp_path / "c", {"P1": "1 1 9 1 9 9 1 9 plane 1\n", "P2": ""})
+    with pytest.raises(SaqError, match=r"c/val/labelTxt hold only difficult objects"):  # mAP would read 0.0
+        OrientedTask(hard, CALIB)
     with pytest.raises(SaqError, match="no images"):
         OrientedTask({"root": str(tmp_path / "b"), "img_dir": "val/labelTxt", "ann_dir": "val/labelTxt"}, CALIB)
 
 
 class MaskSegmenter:
-    """Stands in for SAM: the mask of a box prompt is the filled rotated polygon it was drawn from."""
+    """Stands in for SAM: the mask of a box prompt is the filled rotated polygon it was drawn from; prompts come
+    back `chunk` at a time, as Segmenter's decode batches."""
 
-    def __init__(self, polygons_by_box: dict, iou: float = 0.8):
-        self.polygons_by_box, self.iou = polygons_by_box, iou
+    def __init__(self, polygons_by_box: dict, iou: float = 0.8, chunk: int = 1000):
+        self.polygons_by_box, self.iou, self.chunk = polygons_by_box, iou, chunk
 
     def set_image(self, image):
         self.shape = image.shape[:2]
@@ -226,7 +247,37 @@ class MaskSegmenter:
                 cv2.fillPoly(m, [np.round(poly).astype(np.int32)], 1)
             masks.append(m.astype(bool))
         masks = torch.as_tensor(np.stack(masks))[:, None]
-        yield Prediction(masks, torch.full((len(masks), 1), self.iou), torch.zeros(len(masks), 1, 4, 4))
+        for start in range(0, len(masks), self.chunk):
+            part = masks[start:start + self.chunk]
+            yield Prediction(part, torch.full((len(part), 1), self.iou), torch.zeros(len(part), 1, 4, 4))
+
+
+def test_prompts_decoded_in_several_chunks_keep_their_class_and_object(tmp_path):
+    # five objects of two classes, decoded two at a time: each mask must meet its own class and polygon
+    # (classes not in a period of the chunk size: an index within the chunk would read another object's class)
+    shapes = [(square(12, 12, 10), "plane"), (square(40, 14, 12, 30), "ship"), (square(14, 44, 14, 10), "ship"),
+              (square(46, 46, 10), "plane"), (rect(26, 28, 34, 36), "plane")]
+    text = "".join(" ".join(f"{v:.1f}" for v in poly.reshape(-1)) + f" {name} 0\n" for poly, name in shapes)
+    task = OrientedTask(dota_dataset(tmp_path, {"P1": text}), CALIB)
+    boxes, polygons, _ = task.ground_truth("P1")
+    # the third object's mask is drawn from the first one's polygon: the wrong place, so one miss in class ship
+    drawn = [polygons[0] if k == 2 else polygons[k] for k in range(5)]
+    segmenter = MaskSegmenter({tuple(np.round(b, 1)): p for b, p in zip(boxes.boxes, drawn)}, chunk=2)
+    metrics = task.evaluate(segmenter, progress=False)
+    assert metrics["AP50_per_class"] == {"plane": pytest.approx(1.0), "ship": pytest.approx(6 / 11)}
+    fitted = [float(polygon_iou(oriented_box(m)[None].astype(np.float64), polygons[k:k + 1])[0, 0])
+              for k, m in enumerate(np.stack([cv2.fillPoly(np.zeros((64, 64), np.uint8),
+                                                           [np.round(p).astype(np.int32)], 1) for p in drawn]))]
+    assert metrics["rbox_mIoU"] == pytest.approx(np.mean(fitted)) and fitted[2] == 0.0 and min(
+        fitted[:2] + fitted[3:]) > 0.5
+
+
+def test_a_detection_whose_best_object_is_taken_is_a_false_positive(method="voc07"):
+    """The DOTA devkit matches each detection to its single best-overlapping object; when that one is taken it is a
+    false positive, even if another object overlaps it enough (COCO-style matching would take that one)."""
+    gt = {"a": (np.stack([rect(0, 0, 10, 10), rect(2, 0, 12, 10)]), np.array([0, 0]), np.array([False, False]))}
+    dets = [RotatedDetection("a", 0, 0.9, rect(0, 0, 10, 10)), RotatedDetection("a", 0, 0.8, rect(0.5, 0, 10.5, 10))]
+    assert rotated_map(dets, gt, ["plane"], method)["mAP50"] == pytest.approx(6 / 11)  # recall 0.5 at precision 1
 
 
 def test_evaluate_with_perfect_masks_and_an_image_without_objects(tmp_path):
