@@ -26,7 +26,7 @@ from tasks.synthetic import evaluation_limit
 AMG_DEFAULTS = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
                 "stability_score_offset": 1.0, "box_nms_thresh": 0.7, "points_per_batch": 16}
 COARSE_DEFAULTS = {"dir": None, "downsample": 8, "blur_sigma": 1.0, "mislabel_fraction": 0.05, "seed": 0}
-LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
+LABEL_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")  # "1": a two-class map saved as 1-bit
 
 
 def read_label_map(path: Path, what: str) -> np.ndarray:
@@ -43,15 +43,20 @@ def read_label_map(path: Path, what: str) -> np.ndarray:
         raise SaqError(f"cannot read {what} {path}: {exc}") from None
 
 
-def check_labels(labels: np.ndarray, num_classes: int, ignore_index: int, path: Path, zero_is_ignore: bool) -> None:
+def check_labels(labels: np.ndarray, num_classes: int, ignore_index: int, path: Path, zero_is_ignore: bool,
+                 what: str = "label map") -> None:
     """Raise SaqError naming the file and the first value outside the class list (and not the ignore index)."""
     values = np.unique(labels)
     low = 1 if zero_is_ignore else 0
     high = num_classes + low  # exclusive
     bad = values[((values < 0) | (values >= high)) & (values != ignore_index)]
     if len(bad):
-        hint = " (is reduce_zero_label needed?)" if not zero_is_ignore and bad[0] == num_classes else ""
-        raise SaqError(f"label map {path} holds value {int(bad[0])}, outside the {num_classes} classes "
+        hint = ""
+        if not zero_is_ignore and bad[0] == num_classes:  # classes written 1..K
+            hint = (" (is reduce_zero_label needed?)" if what == "label map" else
+                    f" (a coarse prediction holds class indices 0..{num_classes - 1}: one written as 1..K, as "
+                    "mmsegmentation's submission format does, needs 1 subtracted)")
+        raise SaqError(f"{what} {path} holds value {int(bad[0])}, outside the {num_classes} classes "
                        f"({low}..{high - 1}) and not the ignore index {ignore_index}{hint}")
 
 
@@ -273,6 +278,10 @@ class SemanticTask(Task):
                 raise SaqError(f"image {path} has no label map {label_path} (label maps are <image stem>.png "
                                "in task.data.label_dir)")
             self.items.append((stem, path, label_path))
+            coarse_path = None if self.coarse_dir is None else self.coarse_dir / f"{stem}.png"
+            if coarse_path is not None and not coarse_path.is_file():
+                raise SaqError(f"image {path} has no coarse prediction {coarse_path} (coarse predictions are "
+                               "<image stem>.png in task.coarse.dir)")
 
     @staticmethod
     def _settings(given: dict | None, defaults: dict, key: str) -> dict:
@@ -298,12 +307,14 @@ class SemanticTask(Task):
                                    float(self.coarse["blur_sigma"]), float(self.coarse["mislabel_fraction"]))
         path = self.coarse_dir / f"{stem}.png"
         pred = read_label_map(path, "coarse prediction")
-        check_labels(pred, self.num_classes, -1, path, zero_is_ignore=False)
+        check_labels(pred, self.num_classes, -1, path, zero_is_ignore=False, what="coarse prediction")
         if pred.shape != gt.shape:
             # a prediction at another resolution (SegFormer writes 1/4) is scaled up; one of another shape
             # (transposed, cropped) would be stretched into a wrong map
+            # one scale for both sides, each off by at most a pixel of rounding (a 1/4 map of 683 px is 171)
             sy, sx = gt.shape[0] / pred.shape[0], gt.shape[1] / pred.shape[1]
-            if abs(sy - sx) > 0.1 * max(sy, sx):
+            if abs(pred.shape[1] * sy - gt.shape[1]) > max(sy, 1.0) or abs(pred.shape[0] * sx - gt.shape[0]) > max(
+                    sx, 1.0):
                 raise SaqError(f"coarse prediction {path} is {pred.shape[1]}x{pred.shape[0]} (w x h), its image is "
                                f"{gt.shape[1]}x{gt.shape[0]}: another aspect ratio, so not a scaled prediction of it")
             pred = cv2.resize(pred.astype(np.uint16), gt.shape[::-1], interpolation=cv2.INTER_NEAREST)

@@ -26,6 +26,7 @@ from tasks.semantic import (
     mask_set_differences,
     mean_iou,
     point_grid,
+    read_label_map,
     reference_masks,
     vote_labels,
 )
@@ -264,19 +265,52 @@ def test_sam_masks_lift_the_coarse_prior_and_time_is_split(synthetic_root):
 def test_coarse_predictions_from_a_folder(tmp_path):
     gt = np.zeros((8, 8), np.int64)
     gt[2:6, 2:6] = 1
-    data = label_dataset(tmp_path, {"a": gt}, coarse={"a": np.ones((4, 4))})  # half-size: resized
-    task = SemanticTask(data, CALIB, classes=["bg", "box"], coarse={"dir": str(tmp_path / "coarse")},
+    # a quarter-size prediction, left half bg and right half 'other': scaled up by nearest neighbour, it keeps its
+    # two classes (linear interpolation would put 'box', the value between them, along the seam)
+    data = label_dataset(tmp_path, {"a": gt}, coarse={"a": np.array([[0, 2], [0, 2]])})
+    task = SemanticTask(data, CALIB, classes=["bg", "box", "other"], coarse={"dir": str(tmp_path / "coarse")},
                         amg={"points_per_side": 4})
     metrics = task.evaluate(RegionSegmenter([gt]), progress=False)
-    assert metrics["coarse_IoU_per_class"] == {"bg": 0.0, "box": pytest.approx(16 / 64)}
-    save_png(tmp_path / "coarse/a.png", np.full((8, 8), 2))
-    with pytest.raises(SaqError, match=r"coarse/a\.png holds value 2, outside the 2 classes"):
+    # bg: 48 true pixels, 32 predicted (the left half), 24 of them right; box never predicted; other never true
+    assert metrics["coarse_IoU_per_class"] == {"bg": pytest.approx(24 / 56), "box": 0.0, "other": 0.0}
+    save_png(tmp_path / "coarse/a.png", np.full((8, 8), 3))
+    with pytest.raises(SaqError, match=r"coarse prediction .*coarse/a\.png holds value 3, outside the 3 classes "
+                                       r"\(0\.\.2\) and not the ignore index -1 \(a coarse prediction holds class "
+                                       r"indices 0\.\.2: one written as 1\.\.K"):
         task.evaluate(RegionSegmenter([gt]), progress=False)
     save_png(tmp_path / "coarse/a.png", np.ones((8, 4)))  # transposed-like: another aspect ratio, not a scaling
     with pytest.raises(SaqError, match=r"coarse/a\.png is 4x8 \(w x h\), its image is 8x8: another aspect ratio"):
         task.evaluate(RegionSegmenter([gt]), progress=False)
     with pytest.raises(SaqError, match="coarse prediction folder not found"):
         SemanticTask(data, CALIB, classes=["bg", "box"], coarse={"dir": str(tmp_path / "nope")})
+    (tmp_path / "coarse/a.png").unlink()  # found before any inference, not at that image
+    with pytest.raises(SaqError, match=r"image .*a\.png has no coarse prediction .*coarse/a\.png"):
+        SemanticTask(data, CALIB, classes=["bg", "box"], coarse={"dir": str(tmp_path / "coarse")})
+
+
+@pytest.mark.parametrize(("image", "shape", "scaled"), [((64, 64), (64, 60), False), ((64, 64), (16, 16), True),
+                                                       ((66, 64), (17, 16), True)])  # 66 / 4 rounded up
+def test_a_coarse_prediction_must_be_a_scaled_copy_of_its_image(tmp_path, image, shape, scaled):
+    """One scale for both sides, within a pixel of rounding: 64x60 for a 64x64 image is cropped or padded, and
+    stretching it would move every boundary (a 10% aspect tolerance let it through)."""
+    gt = np.zeros(image, np.int64)
+    data = label_dataset(tmp_path, {"a": gt}, coarse={"a": np.zeros(shape)})
+    task = SemanticTask(data, CALIB, classes=["bg", "box"], coarse={"dir": str(tmp_path / "coarse")},
+                        amg={"points_per_side": 4})
+    if scaled:
+        assert task.coarse_labels("a", gt).shape == image
+    else:
+        with pytest.raises(SaqError, match=r"coarse/a\.png is 60x64 \(w x h\), its image is 64x64: another aspect"):
+            task.coarse_labels("a", gt)
+
+
+def test_one_bit_label_maps_are_read(tmp_path):
+    gt = np.zeros((8, 8), np.uint8)
+    gt[2:6, 2:6] = 1
+    path = tmp_path / "a.png"
+    Image.fromarray(gt * 255).convert("1").save(path)
+    assert Image.open(path).mode == "1"
+    assert np.array_equal(read_label_map(path, "label map"), gt)
 
 
 def test_shipped_sam_tiny_end_to_end(synthetic_root):
