@@ -175,6 +175,25 @@ def test_error_sample_is_exact_when_small_and_close_when_large():
     assert math.isclose(approx, exact, rel_tol=0.05)  # the clipped outliers dominate and are kept exactly
 
 
+def test_error_sample_counts_values_tied_at_the_extremes():
+    """A ReLU output: most values are exactly 0, the minimum. They must keep their weight (exact, error 0 on a grid
+    from 0), not hand it to the sampled positive values, which would make the search clip too hard."""
+    grid = QuantGrid(4)
+    relu = torch.relu(torch.randn(400_000, generator=_gen(8)) - 0.4)  # ~66% zeros
+    sample = error_sample(relu, 8192)
+    assert sample.total == pytest.approx(relu.numel())
+    for hi in (1.0, 2.5, 4.0):
+        assert math.isclose(sample.error(0.0, hi, grid, 2.0), float(_exact_error(relu, 0.0, hi, grid, p=2.0)), rel_tol=0.05)
+    tied_top = torch.cat([torch.randn(300_000, generator=_gen(9)).clamp(max=1.0), torch.ones(100_000)])
+    assert math.isclose(error_sample(tied_top, 8192).error(-3.0, 0.8, grid, 2.0),  # a saturated output's top
+                        float(_exact_error(tied_top, -3.0, 0.8, grid, p=2.0)), rel_tol=0.05)
+    constant = torch.full((100_000,), 0.5)
+    assert error_sample(constant, 8192).total == pytest.approx(constant.numel())
+    searched = MSEClipping(max_points=8192).search_tensor(relu, grid)
+    exact = MSEClipping(max_points=10**7).search_tensor(relu, grid)
+    assert abs(searched[1] - exact[1]) < 0.05 * exact[1]
+
+
 def test_bounded_minimize_finds_the_minimum():
     x, fx = bounded_minimize(lambda v: (v - 0.3) ** 2 + 1.0, -2.0, 5.0)
     assert abs(x - 0.3) < 1e-4 and abs(fx - 1.0) < 1e-8

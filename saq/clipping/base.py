@@ -86,7 +86,9 @@ def percentile_list(values, key: str, paper: str) -> list[float]:
 
 def error_sample(x: torch.Tensor, max_points: int, seed: int = 0) -> WeightedValues:
     """The tensor itself when small; otherwise its max_points/4 lowest and highest values exactly (outliers decide
-    clipping errors, so they are never sampled away) plus a seeded random sample of the rest, weighted to its count."""
+    clipping errors, so they are never sampled away), the values tied with the edges of those two sets exactly (a
+    ReLU output's zeros: one entry each, weighted by its count), and a seeded random sample of the values strictly
+    between them, weighted to their count."""
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
     if n <= max_points:
@@ -94,12 +96,21 @@ def error_sample(x: torch.Tensor, max_points: int, seed: int = 0) -> WeightedVal
     k = max(1, max_points // 4)
     top = torch.topk(flat, k).values
     bottom = -torch.topk(-flat, k).values
+    low_edge, high_edge = bottom[-1], top[-1]
     gen = torch.Generator(device=flat.device).manual_seed(seed)
     sample = flat[torch.randint(n, (max(1, max_points // 2),), generator=gen, device=flat.device)]
-    inner = sample[(sample > bottom[-1]) & (sample < top[-1])]
-    if inner.numel() == 0:  # heavily tied data: the sample is as good a stand-in for the middle as any
-        inner = sample
-    bulk_weight = max(n - 2 * k, 0) / inner.numel()
-    values = torch.cat([bottom, top, inner])
-    weights = torch.cat([torch.ones(2 * k, device=flat.device), torch.full_like(inner, bulk_weight)])
+    inner = sample[(sample > low_edge) & (sample < high_edge)]
+    middle = int(((flat > low_edge) & (flat < high_edge)).sum())
+    if inner.numel() == 0 and middle:  # the sample missed a small middle: it is small enough to keep whole
+        inner = flat[(flat > low_edge) & (flat < high_edge)]
+    if low_edge == high_edge:  # every value outside the two sets equals the edge
+        tied = [(low_edge, n - 2 * k)]
+    else:  # the edge values beyond the k of each set that topk kept
+        tied = [(low_edge, int((flat == low_edge).sum() - (bottom == low_edge).sum())),
+                (high_edge, int((flat == high_edge).sum() - (top == high_edge).sum()))]
+    tied = [(v, c) for v, c in tied if c > 0]
+    values = torch.cat([bottom, top, inner, *(v.reshape(1) for v, _ in tied)])
+    weights = torch.cat([torch.ones(2 * k, device=flat.device),
+                         torch.full_like(inner, middle / max(inner.numel(), 1)),
+                         torch.tensor([float(c) for _, c in tied], device=flat.device)])
     return WeightedValues(values, weights)
