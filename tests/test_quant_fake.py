@@ -68,6 +68,18 @@ def test_qparams_asymmetric_rule():
     assert math.isclose(float(scale), 3.0 / 15, rel_tol=1e-6) and float(zp) == 0.0
 
 
+def test_qparams_symmetric_rule():
+    grid = QuantGrid(4, symmetric=True)  # codes -8..7: the scale spans the larger side over 7.5 codes (torch's rule)
+    assert (grid.qmin, grid.qmax) == (-8, 7)
+    scale, zp = qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), grid)
+    assert math.isclose(float(scale), 3.0 / 7.5, rel_tol=1e-6) and float(zp) == 0.0
+    scale, _ = qparams_from_range(torch.tensor(-6.0), torch.tensor(0.5), grid)
+    assert math.isclose(float(scale), 6.0 / 7.5, rel_tol=1e-6)
+    x = torch.tensor([-6.0, -0.4, 0.0, 0.5, 6.0])
+    # codes -7.5 → -8 and -0.5 → 0 (half to even), 7.5 → 8 clamped to 7
+    assert torch.allclose(fake_quant(x, scale, torch.zeros(()), grid), torch.tensor([-6.4, 0.0, 0.0, 0.8, 5.6]))
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_a_non_finite_calibration_input_is_named_not_a_nan_model(bad):
     q = UniformQuantizer(4, make_observer("minmax"))
