@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,7 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
         # COCOeval skips a crowd region's matches and the object itself: a truthy string would hide it silently
         if not (isinstance(ann.get("iscrowd", 0), int) and ann.get("iscrowd", 0) in (0, 1)):  # 0/1 or false/true
             raise SaqError(f"{where} has iscrowd {ann['iscrowd']!r}; expected 0 or 1")
+        ann.setdefault("iscrowd", 0)  # many converters leave it out; COCOeval reads it for every object
         # COCOeval ignores objects whose area lies outside [0, 1e10] (its 'all' range): they would drop out of AP
         if scored and not (is_finite_number(ann["area"]) and 0 <= ann["area"] <= 1e10):
             raise SaqError(f"{where} has area {ann['area']!r}; expected a number from 0 to 1e10 (the mask's "
@@ -169,21 +171,34 @@ def read_annotated_image(coco: COCO, image_id: int, img_dir: Path) -> np.ndarray
 
 
 def mask_ap(coco_gt: COCO, results: list[dict], image_ids: list[int]) -> dict:
-    """COCO mask AP, AP50, AP75 (fractions) over the given images."""
+    """COCO mask AP, AP50, AP75 (fractions) over the given images, area 'all', with every result an image has per
+    category scored (COCOeval keeps only the top 100 by default: an image with more prompted objects of one class
+    would lose the rest as misses)."""
     if not any(not a.get("iscrowd", 0) for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_ids))):
         # COCOeval would report its -1 sentinel: AP is undefined without ground-truth objects.
         raise SaqError(f"the {len(image_ids)} evaluated images have no ground-truth objects, so mask AP is "
                        "undefined (check the annotation file or task.max_images)")
     if not results:
         return {"mask_AP": 0.0, "mask_AP50": 0.0, "mask_AP75": 0.0}
+    per_image_class = Counter((r["image_id"], r["category_id"]) for r in results)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, iouType="segm")
         ev.params.imgIds = image_ids
+        ev.params.maxDets = [1, 10, max(100, *per_image_class.values())]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    return {"mask_AP": float(ev.stats[0]), "mask_AP50": float(ev.stats[1]), "mask_AP75": float(ev.stats[2])}
+    # what COCOeval.summarize() prints as AP, AP50, AP75, at the largest maxDets (its stats assume exactly 100)
+    precision = ev.eval["precision"][:, :, :, ev.params.areaRngLbl.index("all"), -1]  # T x R x K
+
+    def ap(thresholds) -> float:
+        values = precision[thresholds]
+        values = values[values > -1]
+        return float(values.mean()) if values.size else -1.0
+
+    iou_thresholds = ev.params.iouThrs
+    return {"mask_AP": ap(slice(None)), "mask_AP50": ap(np.isclose(iou_thresholds, 0.5)),
+            "mask_AP75": ap(np.isclose(iou_thresholds, 0.75))}
 
 
 def mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:

@@ -43,6 +43,34 @@ def test_ap_is_one_for_ground_truth_masks_and_lower_when_shifted(synthetic_root)
     assert shifted["mask_AP50"] >= shifted["mask_AP75"]
 
 
+def test_mask_ap_is_cocoevals_summary_and_scores_every_result_of_a_crowded_image(synthetic_root, tmp_path):
+    import contextlib
+    import io
+
+    from pycocotools.cocoeval import COCOeval
+
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    ids = coco.getImgIds()
+    results = results_from_masks(coco, shift=3)
+    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval's own summary, at its default maxDets
+        ev = COCOeval(coco, coco.loadRes(results_from_masks(coco, shift=3)), iouType="segm")  # loadRes edits them
+        ev.params.imgIds = ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert mask_ap(coco, results, ids) == {"mask_AP": ev.stats[0], "mask_AP50": ev.stats[1], "mask_AP75": ev.stats[2]}
+    # 120 objects of one class on one image (and no iscrowd field, as many converters write): their perfect masks
+    # score 1.0 (COCOeval's default keeps the top 100 results per image and class: 0.83)
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": [(i % 12) * 5, (i // 12) * 5, 4, 4], "area": 16,
+             "segmentation": [[(i % 12) * 5, (i // 12) * 5, (i % 12) * 5 + 4, (i // 12) * 5, (i % 12) * 5 + 4,
+                               (i // 12) * 5 + 4, (i % 12) * 5, (i // 12) * 5 + 4]]} for i in range(120)]
+    path = tmp_path / "crowded.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "height": 64, "width": 64}],
+                                "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    crowded = load_coco(path, "k")
+    assert mask_ap(crowded, results_from_masks(crowded), [1]) == {"mask_AP": 1.0, "mask_AP50": 1.0, "mask_AP75": 1.0}
+
+
 def test_shipped_sam_tiny_segments_with_gt_boxes(synthetic_root):
     metrics = task_for(synthetic_root).evaluate(Segmenter(build_sam("sam_tiny")), progress=False)
     assert metrics["images"] == 6 and metrics["prompts"] > 10
