@@ -40,6 +40,13 @@ def check_int(value, key: str, minimum: int | None = 1, allow_none: bool = False
     return value
 
 
+def check_bool(value, key: str) -> bool:
+    """`value` when it is true or false; else a SaqError naming key ('no' or 'off' would be a truthy string)."""
+    if not isinstance(value, bool):
+        raise SaqError(f"{key}={value!r} invalid; expected true or false")
+    return value
+
+
 def check_number(value, key: str, minimum: float | None = None, maximum: float | None = None,
                  open_min: bool = False, open_max: bool = False) -> float:
     """`value` as a float when it is a finite number between minimum and maximum (None: unbounded on that side;

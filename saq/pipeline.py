@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from saq.errors import SaqError, check_device, check_int, check_seed, is_number
+from saq.errors import SaqError, check_bool, check_device, check_int, check_seed, is_number
 from saq.log import git_commit, log_to_wandb, package_versions, write_json_atomic, write_results
 from saq.sam.build import build_sam, checkpoint_path
 from saq.sam.segmenter import Segmenter
@@ -38,13 +39,19 @@ def checkpoint_fingerprint(cfg_model: DictConfig) -> str:
 
 def build_task(cfg: DictConfig):
     """Instantiate the task (tasks.<name>) with its prompt source, both from config `_target_`s."""
+    group = "prompts"
     try:
         prompts = instantiate(cfg.prompts, _convert_="all")
+        group = "task"
         return instantiate(cfg.task, prompts=prompts, _convert_="all")
     except InstantiationException as exc:
         # Hydra wraps constructor errors; a user-input error keeps its own one-line message.
         if isinstance(exc.__cause__, SaqError):
             raise exc.__cause__ from None
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(exc.__cause__))
+        if isinstance(exc.__cause__, TypeError) and unexpected:  # a key added with + that the class does not take
+            raise SaqError(f"{group}.{unexpected.group(1)} is not a setting of {cfg[group].get('_target_', group)} "
+                           f"(conf/{group}/ lists the settings it takes)") from None
         raise
 
 
@@ -75,11 +82,56 @@ def fp_cache_path(cfg: DictConfig, task) -> Path:
 MODEL_KEYS = ("name", "checkpoint", "decode_batch_size", "outliers")  # every key of conf/model/*.yaml
 FP_QUANT_KEYS = ("name", "save", "load")  # conf/quant/fp.yaml
 LOGGER_MODES = ("offline", "online", "disabled")
+LOGGER_KEYS = ("name", "mode", "project", "entity", "group", "tags", "init_timeout_s")  # conf/logger/wandb.yaml
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_GROUPS = ("model", "task", "prompts", "quant", "clip", "recon", "logger", "method")  # conf/config.yaml defaults
+SWITCHES = ("fp_cache", "progress", "deploy", "figures", "resume")  # run-level true/false knobs
+
+
+def run_keys() -> set[str]:
+    """The top-level keys a run may have: conf/config.yaml's own, its groups, and a sweep preset's name."""
+    return (set(OmegaConf.load(CONF_DIR / "config.yaml")) - {"defaults", "hydra"}) | set(CONFIG_GROUPS) | {"sweeps"}
+
+
+def check_resolves(cfg: DictConfig) -> None:
+    """Every ${...} resolves: a broken one in a key read only at the end (logger.group) would otherwise cost the
+    finished run its results.json."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SaqError(f"{getattr(exc, 'full_key', None) or 'the config'} cannot be resolved: {message}") from None
+
+
+def check_method_preset(cfg: DictConfig) -> None:
+    """A method= preset names a paper row by its clipping and reconstruction: a run that swaps either is another
+    method and must not be reported (and matched to the paper) under the preset's label."""
+    method = cfg.get("method", "custom")
+    path = CONF_DIR / "method" / f"{method}.yaml"
+    if method == "custom" or not path.is_file():
+        return
+    for entry in OmegaConf.load(path).get("defaults") or []:
+        for key, preset_choice in (entry.items() if isinstance(entry, DictConfig) else ()):
+            group = key.removeprefix("override /")
+            chosen = (cfg.get(group) or {}).get("name")
+            if group in ("clip", "recon") and chosen != preset_choice:
+                raise SaqError(f"method={method} is {group}={preset_choice}; this run sets {group}={chosen}, so it "
+                               f"is not {method} and would be reported as it: drop method= and set the switches "
+                               f"yourself (clip=..., recon=..., quant.big/quant.agq), or use the preset as it is")
 
 
 def check_run_knobs(cfg: DictConfig) -> None:
     """The run-level knobs (seed, threads, image count, batch size, model keys, logger mode): checked
     before anything uses them, so a typo or a wrong type is one line rather than a torch or numpy traceback."""
+    check_resolves(cfg)
+    unknown = sorted(set(cfg) - run_keys())
+    if unknown:  # a key added with + (a typo such as +thread=1) would be ignored
+        raise SaqError(f"{unknown[0]} is not a run setting; expected one of {sorted(run_keys() - {'sweeps'})}")
+    for key in SWITCHES:
+        if key in cfg:
+            check_bool(cfg[key], key)
     check_seed(cfg.get("seed"), "seed")
     check_int(cfg.get("threads"), "threads", allow_none=True)
     check_int(cfg.task.get("max_images"), "task.max_images", allow_none=True)
@@ -88,6 +140,9 @@ def check_run_knobs(cfg: DictConfig) -> None:
     if unknown:
         raise SaqError(f"model.{unknown[0]} is not a model setting; expected one of {list(MODEL_KEYS)}")
     logger = cfg.get("logger") or {}
+    unknown = sorted(set(logger) - set(LOGGER_KEYS))
+    if unknown:
+        raise SaqError(f"logger.{unknown[0]} is not a logger setting; expected one of {list(LOGGER_KEYS)}")
     if logger.get("name") == "wandb" and logger.get("mode") not in LOGGER_MODES:
         raise SaqError(f"logger.mode={logger.get('mode')!r} is unknown; expected one of {list(LOGGER_MODES)}")
 
@@ -97,6 +152,7 @@ def validate(cfg: DictConfig):
     the validated quant config and clip strategy (None for an FP run)."""
     check_run_knobs(cfg)
     check_device(cfg.device, "device")
+    check_method_preset(cfg)
     if cfg.quant.get("load"):  # the saved model exists and fits this run
         from saq.saved import check_load
 
@@ -138,6 +194,10 @@ def validate(cfg: DictConfig):
     check_range_owner(quant_cfg, None if strategy is None else strategy.name)
     if strategy is not None:
         strategy.check_quant_config(quant_cfg)
+        images = getattr(strategy, "images", None)
+        if is_number(images) and images > quant_cfg.calib_images and not cfg.quant.get("load"):
+            raise SaqError(f"clip.images={images} scores more images than calibration has (quant.calib_images="
+                           f"{quant_cfg.calib_images}); lower clip.images or raise quant.calib_images")
     if cfg.get("recon") is not None:
         from saq.recon import ReconConfig
 

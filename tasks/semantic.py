@@ -16,7 +16,7 @@ from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, ca
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
-from saq.errors import SaqError, check_int, check_number, check_seed, is_int
+from saq.errors import SaqError, check_bool, check_int, check_number, check_seed, is_int
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, list_images, read_rgb, require_dir
 from tasks.prompts import GroundTruthBoxes, PromptSource
@@ -237,8 +237,7 @@ class SemanticTask(Task):
         self.classes = [str(c) for c in classes]
         self.num_classes = len(self.classes)
         # a string "false" would be truthy and shift every class by one
-        if not isinstance(reduce_zero_label, bool):
-            raise SaqError(f"task.reduce_zero_label must be true or false, got {reduce_zero_label!r}")
+        check_bool(reduce_zero_label, "task.reduce_zero_label")
         check_int(ignore_index, "task.ignore_index", minimum=None)
         # with reduce_zero_label the label maps hold classes as 1..K and the metric sees them as 0..K-1: an ignore
         # index in either range would silently drop a class

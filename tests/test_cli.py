@@ -187,6 +187,21 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
      "clip=pcc searches the quantized mask decoder's attention ranges, but quant.decoder.enabled=false"),
     (["quant=w4a4", "clip=pcc", "quant.decoder.act.granularity=per_channel"],
      "clip=pcc searches per-tensor ranges, but quant.decoder.act.granularity=per_channel"),
+    # a broken interpolation in a key read only at the end of a run (it cost a finished run its results.json)
+    (["quant=w4a4", "logger=wandb", "logger.group=${quant.nam}"], "logger.group cannot be resolved"),
+    # on/off switches: 'no' is a truthy string
+    *(([f"{key}=no"], f"{key}='no' invalid; expected true or false") for key in
+      ("deploy", "fp_cache", "figures", "progress", "resume")),
+    # keys added with + that nothing reads
+    (["+thread=1"], "thread is not a run setting; expected one of"),
+    (["logger=wandb", "+logger.modee=online"], "logger.modee is not a logger setting"),
+    # a method preset with its clipping or reconstruction swapped is another method
+    (["quant=w4a4", "method=minmax", "clip=mse"], "method=minmax is clip=minmax; this run sets clip=mse, so it is not"),
+    (["quant=w4a4", "method=saq_sam", "recon=none"], "method=saq_sam is recon=par; this run sets recon=none"),
+    (["quant=w4a4", "+recon.drop_prob=0.2"], "recon=none learns nothing, so recon.drop_prob would have no effect"),
+    (["quant=w4a4", "recon=par", "recon.name=none"], "recon=none learns nothing, so recon.best_state"),
+    (["quant=w4a4", "recon=par", "recon.name=foo"], "recon.name='foo' unknown; expected one of ['none', 'qdrop', "),
+    (["quant=w4a4", "clip=pcc", "clip.images=64"], "clip.images=64 scores more images than calibration has"),
 ])
 def test_run_knobs_of_the_wrong_kind_are_one_line_before_anything_runs(overrides, message):
     from hydra import compose, initialize_config_dir
@@ -262,3 +277,20 @@ def test_benchmark_arguments_are_checked_and_every_key_a_script_reads_is_accepte
         assert accepted == read, path.name
         usage = ast.get_docstring(ast.parse(source)).split("Usage:")[1].split("\n\n")[0]
         assert all(f"[{key}=" in usage for key in accepted), path.name  # the usage line names every option
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["+task.max_image=3"], "task.max_image is not a setting of tasks.instance.InstanceTask"),
+    (["prompts=jittered", "+prompts.sead=3"], "prompts.sead is not a setting of tasks.prompts.JitteredBoxes"),
+])
+def test_a_key_added_with_plus_that_the_task_does_not_take_is_one_line(synthetic_root, overrides, message):
+    from hydra import compose, initialize_config_dir
+
+    from saq.errors import SaqError
+    from saq.pipeline import build_task
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["logger=none", f"task.data.root={synthetic_root}",
+                                                       "task.generate=null", *overrides])
+    with pytest.raises(SaqError, match=re.escape(message)):
+        build_task(cfg)

@@ -128,6 +128,9 @@ def test_every_sweep_job_composes(sweep, overrides, monkeypatch):
         assert cfg.recon.budget == "equal"
     if sweep == "seeds":  # its default cell must be one that varies with the seed: a learned method
         assert cfg.recon.name != "none" and cfg.method == "saq_sam"
+    from saq.pipeline import validate
+
+    validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))  # what a run checks before computing
 
 
 def test_sweep_dir_and_any_key_can_be_overridden(monkeypatch):

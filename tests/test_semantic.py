@@ -167,7 +167,7 @@ def test_missing_label_map_and_bad_label_files_are_clear_errors(tmp_path):
     ({"coarse": {"blur_sigma": -3}}, r"task\.coarse\.blur_sigma=-3 invalid; expected a finite number >= 0"),
     ({"coarse": {"downsample": "x"}}, r"task\.coarse\.downsample='x' invalid"),
     ({"coarse": {"mislabel_fraction": 1}}, r"mislabel_fraction=1 invalid; expected a finite number in \[0, 1\)"),
-    ({"reduce_zero_label": "false"}, r"task\.reduce_zero_label must be true or false, got 'false'"),  # truthy
+    ({"reduce_zero_label": "false"}, r"task\.reduce_zero_label=.false. invalid; expected true or false"),  # truthy
     ({"ignore_index": "255"}, r"task\.ignore_index='255' invalid; expected an integer"),
     ({"ignore_index": None}, r"task\.ignore_index=None invalid; expected an integer"),
     ({"classes": 3.0}, r"task\.classes must be a list of class names .* got 3\.0"),

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from torch import nn
 
-from saq.errors import SaqError, check_int, is_int
+from saq.errors import SaqError, check_bool, check_int, is_int
 from saq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
 from saq.quant.observers import OBSERVERS, make_observer
 from saq.quant.quantizers import (
@@ -106,7 +106,7 @@ class QuantConfig:
                 values[key] = check_int(data[key], f"quant.{key}", minimum)
         for key in ("big", "agq"):
             if key in data:
-                values[key] = _bool(data[key], f"quant.{key}")
+                values[key] = check_bool(data[key], f"quant.{key}")
         if "agq_taus" in data:
             taus = data["agq_taus"]
             if not isinstance(taus, (list, tuple)) or not taus or not all(
@@ -123,7 +123,7 @@ class QuantConfig:
 def check_run_keys(data: Mapping) -> None:
     """quant.save must be true/false and quant.load null or a path (a run directory or a model export)."""
     if "save" in data:
-        _bool(data["save"], "quant.save")
+        check_bool(data["save"], "quant.save")
     load = data.get("load")
     if load is not None and (not isinstance(load, str) or not load.strip()):
         raise SaqError(f"quant.load={load!r} invalid; expected null or the path of a run directory that saved its "
@@ -148,19 +148,13 @@ def _check_keys(data: Mapping, cls, where: str) -> None:
             raise SaqError(f"{where}.{key} is not a known key; expected one of {sorted(allowed)}")
 
 
-def _bool(value, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise SaqError(f"{key}={value!r} invalid; expected true or false")
-    return value
-
-
 def _part(data, where: str, base: PartSpec) -> PartSpec:
     if not isinstance(data, Mapping):
         raise SaqError(f"{where} must be a mapping, got {data!r}")
     _check_keys(data, PartSpec, where)
     values = {}
     if "enabled" in data:
-        values["enabled"] = _bool(data["enabled"], f"{where}.enabled")
+        values["enabled"] = check_bool(data["enabled"], f"{where}.enabled")
     for key in ("w_bits", "a_bits"):
         if data.get(key) is not None:
             values[key] = check_bits(data[key], f"{where}.{key}")
@@ -183,7 +177,7 @@ def _tensor(data, where: str, base: TensorSpec, quantizers: Mapping) -> TensorSp
     if "ch_axis" in values and not is_int(values["ch_axis"]):
         raise SaqError(f"{where}.ch_axis={values['ch_axis']!r} invalid; expected an integer axis")
     if "symmetric" in values:
-        _bool(values["symmetric"], f"{where}.symmetric")
+        check_bool(values["symmetric"], f"{where}.symmetric")
     if values.get("observer") is not None and values["observer"] not in OBSERVERS:
         raise SaqError(f"{where}.observer={values['observer']!r} is unknown; expected one of {sorted(OBSERVERS)}")
     return replace(base, **values)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from saq.errors import SaqError, check_device, check_int, check_number, check_seed
+from saq.errors import SaqError, check_bool, check_device, check_int, check_number, check_seed
 from saq.sam.units import GRANULARITIES
 
 UNIT_KINDS = ("stage", "layer", "block", "neck", "decoder_layer", "decoder_block", "final_attn")
+RECON_NAMES = ("none", "qdrop", "par")  # conf/recon/*.yaml
 LOSSES = ("mse", "par")
 BUDGETS = ("official", "equal")
 TARGET_INPUTS = ("fp", "quantized_encoder")
@@ -75,6 +76,13 @@ class ReconConfig:
             raise SaqError(f"recon config must be a mapping, got {type(data).__name__}")
         _check_keys(data, cls, "recon")
         values = dict(data)
+        name = values.get("name", cls.name)
+        if name not in RECON_NAMES:  # the name decides whether anything is learned: no free-form labels
+            raise SaqError(f"recon.name={name!r} unknown; expected one of {list(RECON_NAMES)} (choose the preset "
+                           "with recon=...)")
+        if name == "none" and set(values) - {"name"}:
+            raise SaqError(f"recon=none learns nothing, so recon.{sorted(set(values) - {'name'})[0]} would have no "
+                           "effect; choose recon=qdrop or recon=par (or a method= preset that learns)")
         for key, choices in (("granularity", GRANULARITIES), ("loss", LOSSES), ("budget", BUDGETS),
                              ("target_input", TARGET_INPUTS), ("scale_lr_schedule", ("cosine", "constant"))):
             if key in values and values[key] not in choices:
@@ -103,8 +111,8 @@ class ReconConfig:
         if values.get("cache_device") is not None:
             values["cache_device"] = check_device(values["cache_device"], "recon.cache_device")
         for key in ("input_mix", "best_state", "resume", "paper_eval_compat"):
-            if key in values and not isinstance(values[key], bool):
-                raise SaqError(f"recon.{key}={values[key]!r} invalid; expected true or false")
+            if key in values:
+                check_bool(values[key], f"recon.{key}")
         for key, sub in (("round_reg", RoundingRegularizer), ("par_loss", ParLoss)):
             if key in values:
                 if not isinstance(values[key], Mapping):
