@@ -17,13 +17,23 @@ SAVED_DIR = "quantized_model"  # inside a run directory
 CALIBRATION_ONLY = ("name", "calib_images", "calib_decode_batch")
 
 
+def _outliers(cfg: DictConfig) -> dict | None:
+    """The planted-outlier settings of the run's model (sam_tiny_outliers), None for a plain model."""
+    outliers = cfg.model.get("outliers")
+    return OmegaConf.to_container(outliers, resolve=True) if outliers else None
+
+
 def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
     """Export the calibrated model to <run_dir>/quantized_model; the recipe's `extra` says what produced it."""
+    from saq.sam.build import checkpoint_digest
+
     calib = OmegaConf.select(cfg, "task.calib")  # which calibration images, in what order
     extra = {
         "model": cfg.model.name,
         # absolute: a later quant.load compares it from whatever folder it runs in
         "checkpoint": str(Path(cfg.model.checkpoint).expanduser().resolve()) if cfg.model.checkpoint else None,
+        "checkpoint_sha256": checkpoint_digest(cfg.model.name, cfg.model.checkpoint),
+        "outliers": _outliers(cfg),  # the FP model the run evaluates beside it plants the same ones
         "quant_preset": cfg.quant.name,
         "clip": OmegaConf.to_container(cfg.clip, resolve=True) if "clip" in cfg else None,
         "recon": OmegaConf.to_container(cfg.recon, resolve=True) if "recon" in cfg else None,
@@ -78,6 +88,17 @@ def check_recipe(recipe: dict, cfg: DictConfig, where: Path) -> None:
         sets = f"model.checkpoint={run_checkpoint}" if run_checkpoint else "the shipped one (model.checkpoint unset)"
         raise SaqError(f"quant.load={where} holds a model made from checkpoint {made_from}; this run's FP model is "
                        f"{sets} ({use}: the FP row must be of the model that was quantized)")
+    extra = recipe.get("extra", {})
+    if extra.get("checkpoint_sha256"):  # recipes of earlier versions lack it
+        from saq.sam.build import checkpoint_digest
+
+        if checkpoint_digest(cfg.model.name, run_checkpoint) != extra["checkpoint_sha256"]:
+            raise SaqError(f"quant.load={where} was made from another version of the checkpoint file "
+                           f"{_checkpoint(cfg.model.name, run_checkpoint)} (it has changed since: retrained or "
+                           "replaced); the FP row would be of another model than the one quantized")
+    if "outliers" in extra and extra["outliers"] != _outliers(cfg):
+        raise SaqError(f"quant.load={where} holds a model with planted outliers {extra['outliers']}; this run plants "
+                       f"{_outliers(cfg)} (use the model preset and model.outliers settings it was saved with)")
     if cfg.quant.name == "fp":
         raise SaqError(f"quant.load={where} needs the quantizing preset it was saved with (quant={preset}); "
                        "quant=fp means no quantization")

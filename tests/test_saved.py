@@ -260,6 +260,35 @@ def test_a_saved_model_loads_only_with_the_checkpoint_it_was_made_from(synthetic
         pipeline.validate(run_config(synthetic_root, f"model.checkpoint={other}", f"quant.load={tmp_path / 'run'}"))
 
 
+def test_a_checkpoint_file_changed_since_saving_or_other_planted_outliers_are_refused(synthetic_root, tmp_path,
+                                                                                       monkeypatch):
+    import shutil
+
+    from saq import saved
+    from saq.sam.build import TINY_CHECKPOINT, checkpoint_digest
+
+    weights = tmp_path / "ft.pth"
+    shutil.copy(TINY_CHECKPOINT, weights)
+    monkeypatch.setattr(saved, "export_quantized", lambda qmodel, target, extra: extra)
+    cfg = run_config(synthetic_root, f"model.checkpoint={weights}")
+    extra = saved.save_run(None, tmp_path / "run", cfg)
+    assert extra["checkpoint_sha256"] == checkpoint_digest("sam_tiny", None) and extra["outliers"] is None
+    recipe = read_recipe(fitting_export(tmp_path / "saved", cfg, **extra))
+    check_recipe(recipe, cfg, tmp_path / "saved")
+    with weights.open("ab") as fh:  # retrained or replaced at the same path
+        fh.write(b"\0")
+    with pytest.raises(SaqError, match=r"was made from another version of the checkpoint file .*ft\.pth"):
+        check_recipe(recipe, cfg, tmp_path / "saved")
+    outliers = run_config(synthetic_root, "model=sam_tiny_outliers")
+    planted = saved.save_run(None, tmp_path / "run2", outliers)
+    assert planted["outliers"]["magnitude"] == outliers.model.outliers.magnitude
+    recipe = read_recipe(fitting_export(tmp_path / "saved2", outliers, **{**planted, "model": "sam_tiny_outliers"}))
+    check_recipe(recipe, outliers, tmp_path / "saved2")
+    with pytest.raises(SaqError, match=r"holds a model with planted outliers .*; this run plants .*'seed': 5"):
+        check_recipe(recipe, run_config(synthetic_root, "model=sam_tiny_outliers", "model.outliers.seed=5"),
+                     tmp_path / "saved2")
+
+
 def test_the_checkpoint_is_recorded_absolute_so_loading_from_another_folder_matches(synthetic_root, tmp_path,
                                                                                       monkeypatch):
     from saq import saved
@@ -417,6 +446,12 @@ def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synth
                     for k, v in weights.items()}, checkpoint)
 
     replace("image_encoder.")
+    with pytest.raises(SaqError, match=r"was made from another version of the checkpoint file"):  # its recipe's hash
+        sensitivity(run, [""], report=lambda line: None)
+    recipe_path = run / SAVED_DIR / "recipe.json"  # a recipe of an earlier version, without the hash: the weights tell
+    recipe = json.loads(recipe_path.read_text())
+    del recipe["extra"]["checkpoint_sha256"]
+    recipe_path.write_text(json.dumps(recipe))
     with pytest.raises(SaqError, match=r"cannot rebuild the FP model of .*: image_encoder\..* saved weight is no "
                                        r"quantization of the checkpoint's \(relative difference 1\.\d\d\); the "
                                        r"run's checkpoint must be where the run had it$"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -175,6 +176,19 @@ def checkpoint_path(name: str, checkpoint) -> Path | None:
     if checkpoint in (None, ""):
         return TINY_CHECKPOINT if VARIANTS.get(name, name) == "sam_tiny" else None
     return Path(checkpoint).expanduser()
+
+
+def checkpoint_digest(name: str, checkpoint) -> str | None:
+    """SHA-256 of the checkpoint file a model.checkpoint value loads (None without a file): what a saved quantized
+    model was made from, whatever its path or modification time (a retrained file at the same path differs)."""
+    path = checkpoint_path(name, checkpoint)
+    if path is None or not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def build_random_sam(name: str, seed: int = 0) -> Sam:
