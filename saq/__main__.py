@@ -30,7 +30,7 @@ def write_hydra_record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) ->
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from saq.pipeline import run
-    from saq.sweep import RUNNING_FILE, check_preset_found, run_sweep_job, write_failure
+    from saq.sweep import RUNNING_FILE, check_preset_found, check_single_run_of_a_sweep, run_sweep_job, write_failure
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -54,6 +54,8 @@ def main(cfg: DictConfig) -> None:
         stack.enter_context(tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])))
         try:
             check_preset_found(cfg)
+            if not multirun:
+                check_single_run_of_a_sweep(hydra_cfg)
             if multirun:  # resume, and a failed job recorded without stopping the others
                 run_sweep_job(cfg, run_dir, run, list(hydra_cfg.overrides.task))
                 return

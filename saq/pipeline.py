@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from saq.errors import SaqError, check_bool, check_device, check_int, check_seed, is_number
-from saq.log import git_commit, log_to_wandb, package_versions, write_json_atomic, write_results
+from saq.log import bits_label, git_commit, log_to_wandb, package_versions, write_json_atomic, write_results
 from saq.sam.build import build_sam, checkpoint_path
 from saq.sam.segmenter import Segmenter
 
@@ -277,8 +277,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
         strategy.check_targets(decoder_attention_names(model))
     task = build_task(cfg)
+    samples = None
     if quant_cfg is not None and not cfg.quant.get("load"):
-        task.check_calibration_split()  # before the FP evaluation, which on real data takes long
+        # before the FP evaluation, which on real data takes long: a missing split, too few images with prompts or
+        # an order the images cannot take fail now
+        task.check_calibration_split()
+        samples = task.calibration_samples(quant_cfg.calib_images)
     planted = None
     if cfg.model.get("outliers"):
         from saq.sam.outliers import OutlierSpec, plant_key_outliers
@@ -300,7 +304,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             (qmodel, recon), saved_model = load_run(model, cfg), str(cfg.quant.load)
         else:
             qmodel = quantize(model, quant_cfg)
-            samples = task.calibration_samples(quant_cfg.calib_images)
             report = calibrate(qmodel, samples, quant_cfg, strategy, progress=cfg.progress)
             calibration = {"prompts": task.calibration_prompts, "images": report.images,
                            "prompt_count": report.prompts, "image_ids": [s.image_id for s in samples],
@@ -320,12 +323,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             metrics["deployed"] = evaluate_deployed(qmodel, run_dir, task, cfg.model.decode_batch_size, cfg.progress)
 
     prompts_name = getattr(task.prompts, "name", "-") if hasattr(task, "prompts") else "-"
+    bits = bits_label(OmegaConf.to_container(cfg, resolve=True))  # the bit-widths that ran (quant.w_bits=8 on w4a4)
     record = {
-        "run_name": f"{cfg.model.name}-{task.name}-{cfg.quant.name}",
+        "run_name": f"{cfg.model.name}-{task.name}-{bits}",
         "model": cfg.model.name,
         "task": task.name,
         "prompts": prompts_name,
-        "quant": cfg.quant.name,
+        "quant": bits,
         "method": cfg.get("method", "custom"),  # the paper row preset (conf/method), or custom
         "recon": recon,  # method, eval_mode (fully quantized or the labelled paper-compatible mode), per-unit figures
         "seed": cfg.seed,

@@ -59,6 +59,18 @@ def check_preset_found(cfg: DictConfig) -> None:
                        f"there), where sweeps/{cfg.sweeps}.yaml must exist")
 
 
+def check_single_run_of_a_sweep(hydra_cfg) -> None:
+    """`python -m saq +sweeps=NAME` without -m runs one job: fine when the overrides give every swept key a value (a
+    W&B agent's runs), otherwise -m was forgotten and the job would run none of the sweep's values."""
+    params = hydra_cfg.sweeper.get("params") or {}
+    given = {override.split("=", 1)[0].lstrip("+~") for override in hydra_cfg.overrides.task}
+    missing = [key for key in params if key not in given]
+    if missing:
+        raise SaqError(f"this sweep preset sweeps {', '.join(params)}, but without -m one job runs with none of "
+                       f"their values ({missing[0]} unset): add -m (python -m saq -m +sweeps=...), or give each "
+                       "swept key one value")
+
+
 def comparable_config(config: dict) -> dict:
     """The config as results.json stores it (JSON round trip), without the keys that do not change results."""
     plain = json.loads(json.dumps(config, default=str))

@@ -183,6 +183,25 @@ def test_a_missing_calibration_split_fails_before_the_fp_evaluation(task, synthe
         pipeline.run(cfg, tmp_path / "run")
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["quant.calib_images=1000"], r"has only \d+ images with prompts \(gt\), 1000 requested"),
+    (["quant.calib_images=4", "task.calib.order=official"], r"task.calib.order=official"),
+])
+def test_too_few_calibration_images_fail_before_the_fp_evaluation(synthetic_root, tmp_path, monkeypatch, overrides,
+                                                                    message):
+    from saq.errors import SaqError
+
+    monkeypatch.setattr(pipeline, "fp_metrics", lambda *args: pytest.fail("the FP evaluation ran first"))
+    with pytest.raises(SaqError, match=message):
+        pipeline.run(_run_config(synthetic_root, "quant=w8a8", *overrides), tmp_path / "run")
+
+
+def test_the_record_names_the_bit_widths_that_ran(synthetic_root, tmp_path):
+    record = pipeline.run(_run_config(synthetic_root, "quant=w8a8", "quant.w_bits=6", "quant.calib_images=1",
+                                      "clip=minmax"), tmp_path / "run")
+    assert record["quant"] == "w6a8" and record["run_name"] == "sam_tiny-instance-w6a8"
+
+
 def test_a_home_relative_checkpoint_is_the_same_file_everywhere(tmp_path, monkeypatch):
     """model.checkpoint=~/... (the shell leaves a ~ after '=' alone): loading, the FP cache key and quant.load's
     checks all read the file under $HOME."""

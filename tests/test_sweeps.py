@@ -170,6 +170,29 @@ def test_sweep_preset_outside_the_repository_root_is_one_clear_line(tmp_path):
         "where sweeps/bits.yaml must exist"]
 
 
+def test_a_sweep_preset_without_dash_m_runs_only_when_every_swept_key_has_a_value(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from saq.errors import SaqError
+    from saq.sweep import check_single_run_of_a_sweep
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "saq", "+sweeps=seeds", "logger=none",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: this sweep preset sweeps method, seed, but without -m one job runs with none of their values "
+        "(method unset): add -m (python -m saq -m +sweeps=...), or give each swept key one value"], proc.stderr
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        # a W&B agent's run: every swept key given (as sweeps/wandb/seeds.yaml's command does)
+        agent = compose(config_name="config", overrides=["+sweeps=seeds", "method=saq_sam", "seed=1"],
+                        return_hydra_config=True)
+        partial = compose(config_name="config", overrides=["+sweeps=seeds", "seed=1"], return_hydra_config=True)
+    check_single_run_of_a_sweep(agent.hydra)
+    with pytest.raises(SaqError, match=r"\(method unset\)"):
+        check_single_run_of_a_sweep(partial.hydra)
+
+
 # ------------------------------------------------------------------ resume rules, without running SAM
 
 def finished(config: dict, quant: str = "w4a4") -> dict:
