@@ -152,6 +152,7 @@ class DetectionsFile(PromptSource):
             raise SaqError(f"detections file {path} must be a JSON list of COCO results "
                            "({image_id, category_id, bbox: [x, y, w, h], score})")
         by_image: dict = {}
+        flat = 0
         for i, det in enumerate(entries):
             try:
                 if not isinstance(det.get("bbox", det.get("poly")), list):
@@ -175,11 +176,15 @@ class DetectionsFile(PromptSource):
                 raise SaqError(f"detections file {path}: entry {i} is not a result "
                                "({image_id, category_id, bbox: [x, y, w, h] or poly: [x1, y1, ..., x4, y4], "
                                "score})") from None
+            if _flat(box):
+                flat += 1
+                continue
             problem = box_problem(box) or score_problem(item[4])
             if problem:
                 raise SaqError(f"detections file {path}: entry {i} (image {key!r}, {given}, score {item[4]}): "
                                f"{problem}")
             by_image.setdefault(key, []).append(item)
+        _say_flat(path, flat)
         return by_image
 
     @staticmethod
@@ -188,6 +193,7 @@ class DetectionsFile(PromptSource):
         if not files:
             raise SaqError(f"detections folder {path} holds no DOTA result files (Task1_<class>.txt)")
         by_image: dict = {}
+        flat = 0
         for file in files:
             if not file.name.startswith("Task1_"):
                 raise SaqError(f"DOTA result file {file} must be named Task1_<class>.txt")
@@ -206,10 +212,14 @@ class DetectionsFile(PromptSource):
                     raise SaqError(f"DOTA result file {file}, line {lineno}: expected "
                                    f"'image_stem score x1 y1 x2 y2 x3 y3 x4 y4', got {line.strip()!r}") from None
                 box = _enclosing_box(coords)
+                if _flat(box):
+                    flat += 1
+                    continue
                 problem = box_problem(box) or score_problem(score)
                 if problem:
                     raise SaqError(f"DOTA result file {file}, line {lineno}: {problem}, got {line.strip()!r}")
                 by_image.setdefault(parts[0], []).append((*box, score, category))
+        _say_flat(path, flat)
         return by_image
 
     def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,
@@ -271,6 +281,12 @@ class DetectionsFile(PromptSource):
         if not dets:
             return BoxPrompts.empty()
         arr = np.asarray(dets, np.float64)
+        h, w = image_size
+        outside = (arr[:, 0] >= w) | (arr[:, 1] >= h) | (arr[:, 2] <= 0) | (arr[:, 3] <= 0)
+        if outside.any():  # a detector run at another resolution, or on other images under the same ids
+            box = [round(float(v), 1) for v in arr[int(np.argmax(outside)), :4]]
+            raise SaqError(f"detections file {self.path}: image {key!r} has box {box} (x1, y1, x2, y2), wholly "
+                           f"outside the {w}x{h} image; detections must be in the image's own pixel coordinates")
         return BoxPrompts(arr[:, :4].astype(np.float32), arr[:, 4].astype(np.float32), arr[:, 5].astype(np.int64))
 
     def require_prompts(self, image_keys: Sequence, which: str = "evaluated") -> None:
@@ -302,6 +318,17 @@ def _result_id(value):
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return None
+
+
+def _flat(box: Sequence[float]) -> bool:
+    """A finite box without width or height: a detector's box clipped to a line at the image edge."""
+    return bool(np.isfinite(box).all() and box[2] >= box[0] and box[3] >= box[1]
+                and (box[2] == box[0] or box[3] == box[1]))
+
+
+def _say_flat(path: Path, count: int) -> None:
+    if count:
+        print(f"detections file {path}: left out {count} detections without width or height (nothing to prompt)")
 
 
 def box_problem(box: Sequence[float]) -> str | None:

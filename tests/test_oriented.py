@@ -410,12 +410,30 @@ def test_dota_line_without_class_or_area_is_an_error(tmp_path, line, match):
 @pytest.mark.parametrize("line,match", [
     ("P1 1.5 1 1 9 1 9 9 1 9", "the score must be in"),
     ("P1 -0.1 1 1 9 1 9 9 1 9", "the score must be in"),
-    ("P1 0.9 1 1 1 1 1 9 1 9", "the box needs width and height > 0"),
 ])
 def test_bad_dota_result_lines_are_errors(tmp_path, line, match):
     f = write(tmp_path / "Task1_ship.txt", f"P1 0.5 1 1 9 1 9 9 1 9\n{line}\n")
     with pytest.raises(SaqError, match=r"Task1_ship\.txt, line 2: " + match):
         DetectionsFile(str(f))
+
+
+def test_flat_detections_are_left_out_and_boxes_outside_the_image_refused(tmp_path, capsys):
+    # a box clipped to a line at the image edge has nothing to prompt: left out, counted, the rest of the file kept
+    f = write(tmp_path / "Task1_ship.txt", "P1 0.5 1 1 9 1 9 9 1 9\nP1 0.9 1 1 1 1 1 9 1 9\n")
+    source = DetectionsFile(str(f))
+    assert "left out 1 detections without width or height" in capsys.readouterr().out
+    source.bind(["P1"], ["ship"], drop_unknown=False)
+    assert source.for_image("P1", None, (64, 64)).boxes.tolist() == [[1, 1, 9, 9]]
+    js = write(tmp_path / "dets.json", json.dumps([
+        {"image_id": "P1", "category_id": "ship", "bbox": [10, 10, 0, 5], "score": 0.9},
+        {"image_id": "P1", "category_id": "ship", "bbox": [100, 10, 20, 5], "score": 0.8}]))
+    source = DetectionsFile(str(js))
+    assert "left out 1 detections without width or height" in capsys.readouterr().out
+    source.bind(["P1"], ["ship"], drop_unknown=False)
+    with pytest.raises(SaqError, match=r"image 'P1' has box \[100\.0, 10\.0, 120\.0, 15\.0\] \(x1, y1, x2, y2\), "
+                                       r"wholly outside the 64x64 image"):  # detections at another resolution
+        source.for_image("P1", None, (64, 64))
+    assert len(source.for_image("P1", None, (128, 128))) == 1
 
 
 def test_result_folder_of_empty_files_is_an_error(tmp_path):
