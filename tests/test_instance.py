@@ -59,6 +59,9 @@ def test_mask_ap_is_cocoevals_summary_and_scores_every_result_of_a_crowded_image
         ev.accumulate()
         ev.summarize()
     assert mask_ap(coco, results, ids) == {"mask_AP": ev.stats[0], "mask_AP50": ev.stats[1], "mask_AP75": ev.stats[2]}
+    subset = [r for r in results_from_masks(coco) if r["image_id"] in ids[:2]]  # scored on the given images only
+    assert mask_ap(coco, subset, ids[:2])["mask_AP"] == pytest.approx(1.0)
+    assert mask_ap(coco, [r for r in results_from_masks(coco) if r["image_id"] in ids[:2]], ids)["mask_AP"] < 0.9
     # 120 objects of one class on one image (and no iscrowd field, as many converters write): their perfect masks
     # score 1.0 (COCOeval's default keeps the top 100 results per image and class: 0.83)
     anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": [(i % 12) * 5, (i // 12) * 5, 4, 4], "area": 16,
@@ -73,6 +76,9 @@ def test_mask_ap_is_cocoevals_summary_and_scores_every_result_of_a_crowded_image
 
 def test_shipped_sam_tiny_segments_with_gt_boxes(synthetic_root):
     metrics = task_for(synthetic_root).evaluate(Segmenter(build_sam("sam_tiny")), progress=False)
+    # prompts decoded two at a time: every mask still meets its own object and score
+    assert task_for(synthetic_root).evaluate(Segmenter(build_sam("sam_tiny"), decode_batch_size=2),
+                                             progress=False) == pytest.approx(metrics, abs=1e-6)
     assert metrics["images"] == 6 and metrics["prompts"] > 10
     # The shipped checkpoint (round 5) measures mIoU 0.873 and AP 0.836 on these 6 images (round 4: 0.875 and 0.825;
     # round 3: 0.861 and 0.815; the patch-16 round 1: 0.757 and 0.576); an untrained model is near 0.
@@ -97,12 +103,15 @@ def test_detections_file_prompts(synthetic_root, tmp_path):
     by_row = lambda boxes: boxes[np.lexsort(boxes.T[::-1])]  # noqa: E731  whole boxes in one order, not per column
     assert np.allclose(by_row(got.boxes), by_row(gt.boxes))
     assert (got.scores == np.float32(0.9)).all()
+    assert sorted(got.labels.tolist()) == sorted(gt.labels.tolist())  # each box keeps its detector class
     capped = DetectionsFile(str(path), score_threshold=0.0, max_per_image=2).for_image(1, gt, (256, 256))
     assert len(capped) == 2 and (capped.scores == np.float32(0.9)).all()
     metrics = task_for(synthetic_root, source, max_images=2).evaluate(
         Segmenter(build_sam("sam_tiny")), progress=False)
     assert metrics["prompts"] == sum(len(coco.getAnnIds(imgIds=i)) for i in (1, 2))
-
+    # the detections are the ground-truth boxes with their classes: the same masks and AP as ground-truth prompts
+    assert metrics["mask_AP"] == pytest.approx(task_for(synthetic_root, max_images=2).evaluate(
+        Segmenter(build_sam("sam_tiny")), progress=False)["mask_AP"])
 
 def test_jittered_boxes_are_seeded_and_stay_in_the_image(synthetic_root):
     coco = load_coco(synthetic_root / DATA["ann_file"], "k")
@@ -114,6 +123,13 @@ def test_jittered_boxes_are_seeded_and_stay_in_the_image(synthetic_root):
     assert not np.array_equal(a.boxes, gt.boxes)
     assert (a.boxes >= 0).all() and (a.boxes <= 256).all()
     assert (a.boxes[:, 2] >= a.boxes[:, 0]).all()
+    # a wide image: x clipped to its width, y to its height (a swap would cut boxes at 100 px across)
+    wide = JitteredBoxes(0.5, 200, seed=3).for_image(2, gt, (100, 400))
+    assert wide.boxes[:, [0, 2]].max() > 100 and (wide.boxes[:, [0, 2]] <= 400).all()
+    assert (wide.boxes[:, [1, 3]] <= 100).all()
+    # each image has noise of its own (seeded by its key, not only by the seed)
+    other = JitteredBoxes(0.1, 20, seed=3).for_image(7, gt, (256, 256))
+    assert not np.array_equal(a.boxes, other.boxes)
 
 
 def test_calibration_samples_come_from_the_calibration_split(synthetic_root):
