@@ -34,7 +34,10 @@ def test_shipped_tiny_checkpoint_loads():
 
 
 @pytest.mark.parametrize("wrap", [lambda sd: {"model": sd}, lambda sd: {"state_dict": sd, "epoch": 3},
-                                  lambda sd: {f"module.{k}": v for k, v in sd.items()}])
+                                  lambda sd: {f"module.{k}": v for k, v in sd.items()},
+                                  # a Lightning module holding SAM as `model`, or a wrapper's `sam.`
+                                  lambda sd: {"state_dict": {f"model.{k}": v for k, v in sd.items()}},
+                                  lambda sd: {f"sam.{k}": v for k, v in sd.items()}])
 def test_training_script_checkpoints_load_as_the_plain_state_dict(tmp_path, wrap):
     # what fine-tuning scripts save: the weights under "model" or "state_dict", or with DDP's "module." prefix
     plain = build_random_sam("sam_tiny", seed=7).state_dict()  # not the shipped weights: this file is what loads
@@ -89,3 +92,32 @@ def test_tiny_checkpoint_for_vit_b_is_rejected(tmp_path):
 def test_unknown_model_name():
     with pytest.raises(SaqError, match="unknown model 'sam_vit_x'"):
         build_sam("sam_vit_x", None)
+
+
+def test_a_checkpoint_with_python_objects_names_them_and_how_to_resave(tmp_path):
+    import argparse
+
+    path = tmp_path / "ft.pth"
+    torch.save({"model": build_random_sam("sam_tiny").state_dict(), "args": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(SaqError, match=r"ft\.pth holds Python objects beside its tensors \(argparse\.Namespace\), "
+                                       r"which saq does not unpickle .*re-save its weights alone"):
+        build_sam("sam_tiny", path)
+
+
+def test_a_state_dict_that_is_not_sams_or_a_quantized_export_is_named(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "fc.bias": torch.zeros(1)}, path)
+    with pytest.raises(SaqError, match=r"resnet\.pth is not a SAM checkpoint: none of its 2 tensors is one of "
+                                       r"sam_tiny's \(e\.g\. conv1\.weight\)"):
+        build_sam("sam_tiny", path)
+    state = build_random_sam("sam_tiny").state_dict()
+    torch.save({**state, "image_encoder.blocks.0.attn.qkv.input_quantizer.scale": torch.ones(())}, path)
+    with pytest.raises(SaqError, match=r"is a saq quantized model .*quant\.load=RUN_DIR"):
+        build_sam("sam_tiny", path)
+    torch.save({**state, "extra.weight": torch.ones(())}, path)  # one tensor too many: named, without "(and 0 more)"
+    with pytest.raises(SaqError, match=r"unexpected tensor extra\.weight\.$"):
+        build_sam("sam_tiny", path)
+    del state["mask_decoder.iou_token.weight"]
+    torch.save(state, path)
+    with pytest.raises(SaqError, match=r"tensor mask_decoder\.iou_token\.weight is missing"):
+        build_sam("sam_tiny", path)

@@ -54,6 +54,30 @@ def test_matches_sam_predictor_on_sam_tiny_boxes_and_points(scene):
     assert seg.timings.images == 1 and seg.timings.prompts == 5
 
 
+def test_matches_sam_predictor_on_a_resized_non_square_image(scene):
+    """sam_tiny's input is 256 px like the synthetic images: a 173 x 411 image makes points and boxes go through the
+    resize (original size against input size), for prompts and for the automatic-mask path."""
+    import cv2
+
+    image = cv2.resize(scene[0], (411, 173), interpolation=cv2.INTER_LINEAR)
+    sam = build_sam("sam_tiny")
+    seg = Segmenter(sam, decode_batch_size=2)
+    seg.set_image(image)
+    points = np.array([[[100.5, 60.5]], [[300.0, 30.0]], [[20.0, 150.0]]], np.float32)
+    labels = np.ones((3, 1), np.int64)
+    out = seg.predict(points=points, point_labels=labels, multimask_output=True)
+    masks, iou, _ = reference(sam, image, points=points, labels=labels, multimask=True)
+    assert out.masks.shape == (3, 3, 173, 411) and torch.equal(out.masks, masks)
+    torch.testing.assert_close(out.iou_scores, iou)
+    boxes = np.array([[30, 20, 200, 150], [250, 10, 400, 120]], np.float32)
+    assert torch.equal(seg.predict(boxes=boxes).masks, reference(sam, image, boxes=boxes)[0])
+    (auto,) = seg.predict_above_iou(points, labels, 0.0, batch_size=3)  # every output kept, as logits at full size
+    _, _, low = reference(sam, image, points=points, labels=labels, multimask=True)
+    assert auto.logits.shape == (9, 173, 411)
+    expected = sam.postprocess_masks(low, seg._input_size, image.shape[:2]).reshape(9, 173, 411)
+    torch.testing.assert_close(auto.logits, expected, atol=1e-4, rtol=0)
+
+
 def test_matches_sam_predictor_on_random_vit_b():
     sam = build_random_sam("sam_vit_b", seed=0)
     rng = np.random.default_rng(0)
@@ -107,6 +131,23 @@ def test_predict_before_set_image_and_bad_prompts():
         assert empty.shape == (0, *full.shape[1:]) and empty.dtype == full.dtype
     with pytest.raises(SaqError, match="H x W x 3"):
         seg.set_image(np.zeros((32, 48), np.uint8))
+    with pytest.raises(SaqError, match="expects uint8 pixels"):  # a float 0..255 image would be rescaled into garbage
+        seg.set_image(np.zeros((40, 40, 3), np.float32))
+    encoder = seg.sam.image_encoder.forward
+    seg.sam.image_encoder.forward = lambda x: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    with pytest.raises(RuntimeError):
+        seg.set_image(np.zeros((64, 20, 3), np.uint8))
+    seg.sam.image_encoder.forward = encoder
+    with pytest.raises(SaqError, match="set_image"):  # the failed image's size is not paired with the old features
+        seg.predict(boxes=np.zeros((1, 4)))
+    seg.set_image(np.zeros((32, 48, 3), np.uint8))
+    for kwargs, message in (({"boxes": np.zeros(5)}, r"boxes must be B x 4 .*shape \(5,\)"),
+                            ({"points": np.zeros((2, 2)), "point_labels": np.ones(3)},
+                             r"points must be P x N x 2 .*points \(2, 2\) and point_labels \(3,\)"),
+                            ({"points": np.zeros((2, 3, 2)), "point_labels": np.ones((3, 2))},
+                             r"point_labels \(3, 2\)")):
+        with pytest.raises(SaqError, match=message):
+            seg.predict(**kwargs)
 
 
 def test_token_to_image_by_head_is_the_stock_attention_bit_for_bit():

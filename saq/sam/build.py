@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -117,6 +118,18 @@ def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
         raise SaqError(f"checkpoint not found: {path} (set {config_key} to the path of a SAM .pth file)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # readable, but it holds Python objects beside the tensors (training metadata)
+        try:
+            objects = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # not a zip checkpoint at all: a corrupt or foreign file
+            objects = []
+        if not objects:
+            raise SaqError(f"checkpoint {path} is not a readable PyTorch file; {config_key} must point to a SAM "
+                           "state dict (.pth)") from None
+        raise SaqError(f"checkpoint {path} holds Python objects beside its tensors ({', '.join(objects[:3])}"
+                       f"{', ...' if len(objects) > 3 else ''}), which saq does not unpickle (that could run code); "
+                       f"re-save its weights alone: torch.save(torch.load(PATH, weights_only=False)['model'], "
+                       "'sam.pth'), with the key that holds them") from None
     except Exception as exc:  # torch raises many types for corrupt files; all mean the same to the user
         raise SaqError(f"checkpoint {path} is not a readable PyTorch file ({type(exc).__name__}); "
                        f"{config_key} must point to a SAM state dict (.pth)") from None
@@ -128,14 +141,35 @@ def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SaqError(f"checkpoint {path} is not a state dict of tensors (found {type(obj).__name__}); "
                        f"{config_key} must point to a SAM state dict (.pth)")
-    if all(isinstance(k, str) and k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+    return _strip_prefix(obj)
+
+
+SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+def _strip_prefix(state: dict) -> dict:
+    """Keys under one common prefix before SAM's own (DDP's "module.", a wrapper's "model." or "sam.") lose it."""
+    prefixes = set()
+    for key in state:
+        at = min((i for i in (str(key).find(part) for part in SAM_PARTS) if i >= 0), default=-1)
+        if at < 0:
+            return state  # not every tensor is SAM's: left as it is, and named by check_state_dict
+        prefixes.add(str(key)[:at])
+    if len(prefixes) != 1 or prefixes == {""}:
+        return state
+    (prefix,) = prefixes
+    return {k[len(prefix):]: v for k, v in state.items()}
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
     """Raise SaqError naming the first mismatching tensor when `state` was not saved from a `name` model."""
     expected = model.state_dict()
+    if any("_quantizer." in str(k) for k in state):
+        raise SaqError(f"checkpoint {path} is a saq quantized model (quantizer tensors), not SAM's FP weights: "
+                       "evaluate it with quant.load=RUN_DIR and model.checkpoint= the checkpoint it was made from")
+    if not set(state) & set(expected):
+        raise SaqError(f"checkpoint {path} is not a SAM checkpoint: none of its {len(state)} tensors is one of "
+                       f"{name}'s (e.g. {sorted(state)[0]})")
     width = state.get("image_encoder.pos_embed")
     found_size = _SIZE_BY_WIDTH.get(int(width.shape[-1])) if width is not None and width.ndim == 4 else None
     hint = f" It looks like a {found_size} checkpoint." if found_size and found_size != name else ""
@@ -147,8 +181,8 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], nam
                            f"found {tuple(state[key].shape)}.{hint}")
     extra = sorted(set(state) - set(expected))
     if extra:
-        raise SaqError(f"checkpoint {path} does not fit {name}: unexpected tensor {extra[0]} "
-                       f"(and {len(extra) - 1} more).{hint}")
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise SaqError(f"checkpoint {path} does not fit {name}: unexpected tensor {extra[0]}{more}.{hint}")
 
 
 def build_sam(name: str, checkpoint: str | Path | None = None, config_key: str = "model.checkpoint") -> Sam:

@@ -112,10 +112,14 @@ def encoder_input(sam: Sam, transform: ResizeLongestSide, image: np.ndarray) -> 
 def prompt_tensors(transform: ResizeLongestSide, original_size: tuple[int, int], device, boxes=None, points=None,
                    point_labels=None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Box (B x 4) and point (P x N x 2, labels P x N) prompts of an image of original_size, in the encoder input's
-    coordinates as tensors (None where not given); a SaqError names what does not fit."""
+    coordinates as tensors (None where not given); a SaqError names what does not fit. Points given as P x 2 (labels
+    P) are P prompts of one point each, not SamPredictor's one prompt of P points."""
     boxes_t = coords_t = labels_t = None
     if boxes is not None:
-        boxes_t = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4), device=device)
+        boxes = np.asarray(boxes, np.float32)
+        if boxes.shape[-1:] != (4,) or boxes.ndim > 2:
+            raise SaqError(f"boxes must be B x 4 (x1, y1, x2, y2), got shape {boxes.shape}")
+        boxes_t = torch.as_tensor(boxes.reshape(-1, 4), device=device)
         boxes_t = transform.apply_boxes_torch(boxes_t, original_size)
     if points is not None:
         if point_labels is None:
@@ -123,8 +127,13 @@ def prompt_tensors(transform: ResizeLongestSide, original_size: tuple[int, int],
         coords_t = torch.as_tensor(np.asarray(points, np.float32), device=device)
         if coords_t.ndim == 2:
             coords_t = coords_t[:, None]
+        labels = np.asarray(point_labels)
+        if coords_t.ndim != 3 or coords_t.shape[-1] != 2 or labels.size != coords_t.shape[0] * coords_t.shape[1] or (
+                labels.ndim > 1 and labels.shape != tuple(coords_t.shape[:2])):
+            raise SaqError(f"points must be P x N x 2 (or P x 2) with point_labels P x N (or P), got points "
+                           f"{tuple(np.shape(points))} and point_labels {labels.shape}")
         coords_t = transform.apply_coords_torch(coords_t, original_size)
-        labels_t = torch.as_tensor(np.asarray(point_labels), device=device).reshape(coords_t.shape[:2])
+        labels_t = torch.as_tensor(labels, device=device).reshape(coords_t.shape[:2])
     if boxes_t is None and coords_t is None:
         raise SaqError("predict needs box or point prompts")
     if boxes_t is not None and coords_t is not None and len(boxes_t) != len(coords_t):
@@ -196,7 +205,10 @@ class Segmenter:
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             shape = getattr(image, "shape", None)
             raise SaqError(f"set_image expects an H x W x 3 RGB array, got shape {shape}")
+        if image.dtype != np.uint8:  # torchvision's resize would scale a float 0..255 image by 255 and wrap it
+            raise SaqError(f"set_image expects uint8 pixels (0..255), got {image.dtype}")
         start = self.timings.clock(self.device)
+        self._features = None  # a failure below must not leave the previous image's features for the new size
         self._original_size = image.shape[:2]
         self._input_size = self.transform.get_preprocess_shape(*image.shape[:2], self.transform.target_length)
         self._features = self.sam.image_encoder(encoder_input(self.sam, self.transform, image))
