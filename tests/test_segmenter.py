@@ -171,3 +171,15 @@ def test_token_to_image_by_head_is_the_stock_attention_bit_for_bit():
                                "final_attn_token_to_image"]
     assert not any("forward" in vars(a) for a in decoder_attentions(sam).values())  # restored on leaving
     assert all(type(a) is Attention for a in decoder_attentions(sam).values())
+
+
+def test_non_finite_iou_scores_are_counted_and_said_once(capsys):
+    sam = build_random_sam("sam_tiny")
+    with torch.no_grad():
+        sam.mask_decoder.iou_prediction_head.layers[-1].bias.fill_(float("nan"))  # as a model that overflows
+    seg = Segmenter(sam, decode_batch_size=1)
+    seg.set_image(np.zeros((32, 48, 3), np.uint8))
+    seg.predict(boxes=np.array([[2, 2, 20, 20], [4, 4, 30, 30]], np.float32))
+    assert seg.nonfinite_scores == 2
+    err = capsys.readouterr().err
+    assert err.count("warning: the model predicted 1 non-finite IoU scores (NaN or inf) on image 1") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -190,6 +191,7 @@ class Segmenter:
         self.decode_batch_size = decode_batch_size
         self.mask_threshold = sam.mask_threshold if mask_threshold is None else mask_threshold
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.nonfinite_scores = 0  # predicted IoUs that came out NaN or inf (a model that overflows)
         self.timings = Timings()
         self._features: torch.Tensor | None = None
         self._original_size: tuple[int, int] | None = None
@@ -237,6 +239,7 @@ class Segmenter:
                 masks = masks > self.mask_threshold
             self.timings.decoder_s += self.timings.clock(self.device) - t0
             self.timings.prompts += sparse.shape[0]
+            self._check_scores(iou)
             yield Prediction(masks, iou, low_res)
 
     @torch.no_grad()
@@ -279,7 +282,17 @@ class Segmenter:
                 logits = low_res.new_zeros((0, *self._original_size))
             self.timings.decoder_s += self.timings.clock(self.device) - t0
             self.timings.prompts += sparse.shape[0]
+            self._check_scores(iou)
             yield AutoMasks(logits, iou[:, 1:][keep], prompt_index + start, output_index)
+
+    def _check_scores(self, iou: torch.Tensor) -> None:
+        """Count non-finite predicted IoUs and say so once: they rank masks in mAP (NaN last) and filter automatic
+        masks (NaN never passes), so a model that overflows would otherwise score low without a word why."""
+        bad = int((~torch.isfinite(iou)).sum())
+        if bad and not self.nonfinite_scores:
+            print(f"warning: the model predicted {bad} non-finite IoU scores (NaN or inf) on image {self.timings.images}"
+                  "; it overflows somewhere (such masks rank last, or are dropped by IoU filters)", file=sys.stderr)
+        self.nonfinite_scores += bad
 
     def predict(self, boxes=None, points=None, point_labels=None, multimask_output: bool = False,
                 return_logits: bool = False) -> Prediction:
