@@ -48,7 +48,12 @@ def clip_range_histograms(report, path: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
     for ax, point in zip(axes.flat, points):
         counts, edges = (np.asarray(v) for v in point.histogram)
-        ax.bar(edges[:-1], np.maximum(counts, 0.8), width=np.diff(edges), align="edge", color="0.6", log=True)
+        filled = counts > 0  # empty bins drawn at all would look like a count of one on the log axis: a lone
+        # outlier, which is what this figure is for, must stand apart from nothing
+        ax.bar(edges[:-1][filled], counts[filled], width=np.diff(edges)[filled], align="edge", color="0.6", log=True)
+        ax.set_ylim(bottom=0.5)
+        ax.set_xlabel("activation", fontsize=6)
+        ax.set_ylabel("count (log)", fontsize=6)
         for lo, hi, color, label in ((point.fp_min, point.fp_max, "k", "minmax"), (point.mse_lo, point.mse_hi, "tab:blue",
                                                                                     "mse"),
                                      (point.pcc_lo, point.pcc_hi, "tab:red", "pcc")):
@@ -86,13 +91,16 @@ def pcc_distance_curves(report, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4))
     colours = plt.get_cmap("tab20").colors
     tail = lambda p: -np.log10(np.maximum(1 - np.asarray(p, dtype=float), 1e-12))  # noqa: E731
+    order = np.argsort(report.candidates)  # clip.candidates may be listed in any order: drawn left to right
     for i, point in enumerate(p for p in report.points if p.curve):
         colour = colours[i % len(colours)]
-        ax.plot(tail(report.candidates), point.curve, lw=1, color=colour, ls="-" if i < len(colours) else "--",
-                label=f"{point.attention} {point.point}")
+        ax.plot(tail(np.asarray(report.candidates)[order]), np.asarray(point.curve)[order], lw=1, color=colour,
+                ls="-" if i < len(colours) else "--", label=f"{point.attention} {point.point}")
         ax.plot(tail(point.percentile), point.dist_pcc, "o", ms=3, color=colour)
     ticks = [t for t in (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
              if min(report.candidates) <= t <= max(report.candidates)]
+    if len(ticks) < 2:  # candidates between the round levels: the candidates themselves are the ticks
+        ticks = sorted(report.candidates)
     ax.set_xticks(tail(ticks), [f"{t:g}" for t in ticks])
     ax.set_xlabel("candidate percentile p (range [q(1-p), q(p)]); dots: the chosen p")
     ax.set_ylabel("PCC distance (1 - focus IoU)")
@@ -123,7 +131,7 @@ def reconstruction_curves(recon: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
     for ax, unit in zip(axes.flat, units):
         its, losses = zip(*unit["loss_curve"])
-        ax.plot(its, losses, lw=1, color="tab:blue", label="training loss")
+        ax.plot(its, losses, lw=1, color="tab:blue", marker="o" if len(its) == 1 else None, label="training loss")
         for key, style, label in (("eval_before", "--", "all samples, before"), ("eval_after", "-", "after")):
             if is_finite_number(unit.get(key)):
                 ax.axhline(unit[key], color="tab:red", ls=style, lw=1, label=label)
@@ -132,13 +140,14 @@ def reconstruction_curves(recon: dict, path: Path) -> Path | None:
         kept = "" if unit.get("kept") in (None, "learned") else f" [{unit['kept']}]"
         ax.set_title(f"{unit['name']} ({unit['kind']}){kept}", fontsize=7)
         ax.set_xlabel("iteration", fontsize=7)
+        ax.set_ylabel("unit loss", fontsize=7)
         ax.tick_params(which="both", labelsize=6)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(units):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(f"reconstruction ({recon.get('method')}): unit loss while learning", fontsize=9)
-    return save_figure(fig, path, layout={})
+    return save_figure(fig, path, layout={"rect": (0, 0, 1, 0.98)})  # room for the title above the panels
 
 
 def sensitivity_bars(rows: dict[str, dict], header: dict, path: Path) -> Path:

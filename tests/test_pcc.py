@@ -248,3 +248,26 @@ def test_a_pcc_run_records_its_search_and_draws_it(synthetic_root, tmp_path):
     assert record["metrics"]["quantized"]["mask_AP"] > 0
     for name in ("pcc_clip_ranges.png", "pcc_distance_curves.png", "pcc_attention_heatmaps.png"):
         assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_pcc_figures_draw_what_they_say(tmp_path, monkeypatch):
+    """Read back what the figures drew: empty histogram bins are not drawn (on a log axis they would look like a
+    count of one, hiding a lone outlier), distance curves run left to right whatever the candidates' order."""
+    from types import SimpleNamespace
+
+    import saq.plots
+
+    drawn = {}
+    monkeypatch.setattr(saq.plots, "save_figure", lambda fig, path, **kw: drawn.setdefault(path.name, fig) and path)
+    point = SimpleNamespace(histogram=([0, 5, 0, 0, 1], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]), fp_min=0.0, fp_max=5.0,
+                            mse_lo=0.0, mse_hi=3.0, pcc_lo=0.0, pcc_hi=4.5, attention="layers.0.cross_attn",
+                            point="k_out", clip_ratio=1.1, curve=[0.3, 0.1, 0.2], percentile=0.97, dist_pcc=0.1)
+    report = SimpleNamespace(points=[point], candidates=[0.98, 0.95, 0.97], heatmaps=None)
+    saq.plots.clipping_figures(report, tmp_path)
+    histogram = drawn["pcc_clip_ranges.png"].axes[0]
+    assert [bar.get_height() for bar in histogram.patches] == [5, 1]
+    assert histogram.get_yscale() == "log" and histogram.get_ylabel() == "count (log)"
+    curves = drawn["pcc_distance_curves.png"].axes[0]
+    x, y = curves.lines[0].get_data()
+    assert bool((np.diff(x) > 0).all()) and list(y) == [0.1, 0.2, 0.3]  # at 0.95, 0.97, 0.98
+    assert len(curves.get_xticks()) == 3
