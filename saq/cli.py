@@ -38,6 +38,8 @@ def tool_args(argv: Sequence[str], usage: str, options: dict[str, tuple[str, ...
             raise SaqError(f"{key}= is empty; give it a value (usage: {usage})")
         if options[key] is not None and value not in options[key]:
             raise SaqError(f"{key}={value!r} is not allowed; expected one of {list(options[key])}")
+        if key in values:  # the first would be dropped without a word
+            raise SaqError(f"{key}= is given twice ({values[key]!r} and {value!r}); give it once")
         values[key] = value
     return paths[0], values
 

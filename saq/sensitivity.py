@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SaqError(f"threads and max_images take whole numbers; usage: {USAGE}") from None
         if (threads is not None and threads < 1) or (max_images is not None and max_images < 1):
             raise SaqError(f"threads and max_images must be >= 1; usage: {USAGE}")
-        parts = options["parts"].split(",") if "parts" in options else None
+        # "a, b" and a trailing comma name a and b (an empty name would be the whole model, asked for by no one)
+        parts = [n.strip() for n in options["parts"].split(",") if n.strip()] if "parts" in options else None
         # the run's folder is held while its model is read and its rows written: a run into it would set them aside
         with claim_run_dir(path) if Path(path).is_dir() else nullcontext():
             sensitivity(path, parts, max_images, threads, report=lambda line: print(line, flush=True),

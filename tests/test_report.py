@@ -298,6 +298,10 @@ def test_report_arguments_are_a_path_and_key_value_options(tmp_path, capsys, mon
     job.mkdir(parents=True)
     monkeypatch.chdir(job.parent)  # given relative to the sweep folder, an existing folder is a path too
     assert tool_args(["clip=mse,quant=w4a4"], "usage", {"out": None}) == ("clip=mse,quant=w4a4", {})
+    from saq.errors import SaqError
+
+    with pytest.raises(SaqError, match=r"out= is given twice \('a' and 'b'\); give it once"):
+        tool_args([str(job), "out=a", "out=b"], "usage", {"out": None})
     assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "expected one folder, got 2: " in capsys.readouterr().err
 

@@ -182,6 +182,8 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
 
     assert main([str(tmp_path / "first"), "parts=mask_decoder.nope"]) == 2
     assert "no module 'mask_decoder.nope' in quantized sam_tiny" in capsys.readouterr().err
+    assert main([str(tmp_path / "first"), "parts=mask_decoder.nope, ,"]) == 2  # spaces and empty names dropped
+    assert "no module 'mask_decoder.nope' in quantized sam_tiny" in capsys.readouterr().err
     assert main([str(tmp_path), "parts=image_encoder"]) == 2
     assert "results.json not found" in capsys.readouterr().err
     assert main([str(tmp_path / "first"), "max_images=two"]) == 2
