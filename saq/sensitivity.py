@@ -21,7 +21,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -44,13 +44,11 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     """{FULL or part: scalar task metrics} for the saved run in `run_dir`; `report(line)` gets one line per row.
     With `save`, the rows go to RUN_DIR/sensitivity.json as they come and, at the end, to a bar chart beside it
     (an earlier file is kept aside, never overwritten)."""
-    from saq.pipeline import build_task, scalar_metrics, seed_everything
-    from saq.quant import iter_quantizers, set_quant_state
-    from saq.report import is_table_metric
+    from saq.pipeline import build_task
+    from saq.quant import iter_quantizers
     from saq.sam.build import build_sam
-    from saq.sam.segmenter import ScoreSwapSegmenter, Segmenter
     from saq.sam.units import model_parts
-    from saq.saved import load_run, saved_dir
+    from saq.saved import SAVED_DIR, load_run, saved_dir
 
     results = Path(run_dir) / RESULTS_FILE
     if not results.is_file():
@@ -115,6 +113,25 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     del saved  # one model at a time beside the FP weights (ViT-H is large)
     rows = {}
     out = SensitivityFile(Path(run_dir), record, cfg, task.name, report) if save else None
+    with ExitStack() as held:
+        if cfg.quant.get("load") and Path(source).resolve() != Path(run_dir).resolve():
+            # every row reloads the saved model: the run that saved it must not rewrite it meanwhile
+            owner = Path(source) if (Path(source) / SAVED_DIR).is_dir() else Path(source).parent
+            held.enter_context(claim_run_dir(owner))
+        _rows(rows, names, model, cfg, task, fp_weights, out, report)
+    if out is not None:
+        out.plot(rows)
+    return rows
+
+
+def _rows(rows, names, model, cfg, task, fp_weights, out, report) -> None:
+    """Evaluate the fully quantized model, then each part in FP, into `rows` (and `out`) as they come."""
+    from saq.pipeline import scalar_metrics, seed_everything
+    from saq.quant import set_quant_state
+    from saq.report import is_table_metric
+    from saq.sam.segmenter import ScoreSwapSegmenter, Segmenter
+    from saq.saved import load_run
+
     for part in [None, *names]:
         qmodel, _ = load_run(model, cfg)
         segmenter = Segmenter(qmodel, cfg.model.decode_batch_size)
@@ -132,9 +149,6 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
         report(f"{label:<66} {shown}  ({time.perf_counter() - start:.0f} s)")
         if out is not None:
             out.write(rows)
-    if out is not None:
-        out.plot(rows)
-    return rows
 
 
 class SensitivityFile:

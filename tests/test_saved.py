@@ -431,6 +431,10 @@ def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synth
         "task.max_images=1", f"quant.load={run}"), tmp_path / "loaded")
     rows = sensitivity(tmp_path / "loaded", [""], report=lambda line: None)
     assert rows[FULL]["mIoU"] == loaded["metrics"]["quantized"]["mIoU"]  # semantic metrics carry timings too
+    from saq.log import claim_run_dir
+
+    with claim_run_dir(run), pytest.raises(SaqError, match="another saq process is writing into"):
+        sensitivity(tmp_path / "loaded", [""], report=lambda line: None, save=False)  # its model may change
     assert rows[""]["mIoU"] == pytest.approx(loaded["metrics"]["fp"]["mIoU"], abs=1e-6)
     # the paper-compatible evaluation drops linear inputs at random: every row draws the same, so rows compare
     compat = pipeline.run(run_config(
