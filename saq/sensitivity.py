@@ -216,14 +216,12 @@ def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, run_dir) -> dic
     for name, attention in reference.named_modules():
         if getattr(attention, "big_sign_fold", False):
             pair = attention.sign_fold_pair()
-            q_sign, k_sign = (folded_signs(saved.get_submodule(f"{name}.{role}").weight, layer.weight)
-                              for role, layer in zip(("q_proj", "k_proj"), pair))
-            signs = [torch.where(q_sign == 0, k_sign, q_sign), torch.where(k_sign == 0, q_sign, k_sign)]
-            if not torch.equal(*signs):
+            sign = pair_signs([saved.get_submodule(f"{name}.{role}") for role in ("q_proj", "k_proj")], pair)
+            if sign is None:
                 raise SaqError(f"sensitivity: cannot rebuild the FP model of {run_dir}: the signs of {name}'s query "
                                "and key projections against the checkpoint's do not agree, as BIG's folding leaves "
                                "them; the run's checkpoint must be where the run had it")
-            fold_channel_signs(*pair, torch.where(signs[0] == 0, 1.0, signs[0]))
+            fold_channel_signs(*pair, sign)
     weights = {}
     for name, layer in saved.named_modules():
         if isinstance(layer, QuantLayer):
@@ -234,6 +232,21 @@ def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, run_dir) -> dic
                                f"quantization of the checkpoint's (relative difference {off:.2f}); the run's checkpoint "
                                "must be where the run had it")
     return weights
+
+
+def pair_signs(saved_pair, fp_pair) -> torch.Tensor | None:
+    """BIG's per-channel signs (±1) of a saved q/k projection pair against its FP pair: from the weight rows; where
+    both rounded to zero, from the biases (never learned: the FP ones times the sign); else +1. None when the q and
+    k rows disagree (the checkpoint is not the run's)."""
+    q_sign, k_sign = (folded_signs(s.weight, f.weight) for s, f in zip(saved_pair, fp_pair))
+    signs = [torch.where(q_sign == 0, k_sign, q_sign), torch.where(k_sign == 0, q_sign, k_sign)]
+    if not torch.equal(*signs):
+        return None
+    sign = signs[0]
+    for s, f in zip(saved_pair, fp_pair):
+        if s.bias is not None and f.bias is not None:
+            sign = torch.where(sign == 0, torch.sign(s.bias * f.bias), sign)
+    return torch.where(sign == 0, 1.0, sign)
 
 
 def folded_signs(saved: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

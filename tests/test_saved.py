@@ -492,6 +492,27 @@ def test_big_signs_are_read_back_from_a_rounded_saved_layer():
     assert folded_signs(saved.weight, fp.weight)[2] == 0
 
 
+def test_big_signs_of_a_pair_fall_back_on_the_biases_when_both_rows_rounded_to_zero():
+    from saq.quant.big import fold_channel_signs
+    from saq.sensitivity import pair_signs
+
+    torch.manual_seed(1)
+    fp = [torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)]
+    saved = [torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)]
+    for s, f in zip(saved, fp):
+        s.load_state_dict(f.state_dict())
+    gamma = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    fold_channel_signs(*saved, gamma)
+    assert torch.equal(pair_signs(saved, fp), gamma)
+    with torch.no_grad():
+        for s in saved:
+            s.weight[1] = 0.0  # channel 1 rounded to nothing in both projections: its biases still tell
+    assert torch.equal(pair_signs(saved, fp), gamma)
+    with torch.no_grad():
+        saved[0].weight[3] *= -1  # the q row says flipped, the k row not: not the run's checkpoint
+    assert pair_signs(saved, fp) is None
+
+
 def test_restoring_fp_weights_touches_only_the_layers_of_the_part(synthetic_root):
     import copy
 
