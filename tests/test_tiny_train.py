@@ -29,14 +29,28 @@ from tests.conftest import REPO
     ("lr=0", "lr=0 invalid; expected a finite number > 0"),
     ("box_noise=-0.1", "box_noise=-0.1 invalid; expected a finite number >= 0"),
     ("min_lr_ratio=2", "min_lr_ratio=2 invalid; expected a finite number in [0, 1]"),
+    ("grad_clip=0", "grad_clip=0 invalid; expected a finite number > 0"),  # clipping to 0 zeroes every gradient
+    ("warmup_steps=200", "warmup_steps=200 is more than steps=100"),  # the lr would never reach its peak
+    ("init_checkpoint=/nope/round1.pt", "init_checkpoint=/nope/round1.pt not found"),
+    ("output=saq/sam/tiny/sam_tiny.pth", "its card would be the shipped sam_tiny.json"),
 ])
 def test_bad_training_knobs_are_one_line_naming_the_knob(override, message, synthetic_root, tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="train_tiny", overrides=[f"data.root={synthetic_root}", f"output={tmp_path / 'x.pt'}",
-                                                            "data.n_val=2", override])
+                                                            "data.n_val=2", "steps=100", "warmup_steps=10", override])
     with pytest.raises(SaqError, match=re.escape(message)):
         train(cfg)
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_round_never_writes_over_an_earlier_rounds_checkpoint(synthetic_root, tmp_path):
+    (tmp_path / "round1.pt").write_bytes(b"weights")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="train_tiny", overrides=[f"data.root={synthetic_root}", "data.n_val=2",
+                                                            f"output={tmp_path / 'round1.pt'}"])
+    with pytest.raises(SaqError, match=r"round1\.pt already holds a checkpoint .*give this round a file of its own"):
+        train(cfg)
+    assert (tmp_path / "round1.pt").read_bytes() == b"weights"
 
 
 def test_the_training_command_prints_a_user_error_as_one_line(tmp_path):
@@ -109,6 +123,12 @@ def test_refit_refuses_other_mismatches():
         resized_state_dict(old, make_sam(ARCHITECTURES["sam_tiny"]).state_dict())
     with pytest.raises(SaqError, match="not a sam_tiny checkpoint"):
         resized_state_dict({}, make_sam(ARCHITECTURES["sam_tiny"]).state_dict())
+    deeper = make_sam(dataclasses.replace(ARCHITECTURES["sam_tiny"], decoder_depth=3)).state_dict()
+    with pytest.raises(SaqError, match="that sam_tiny lacks: it is another architecture"):  # its tensors were dropped
+        resized_state_dict(deeper, make_sam(ARCHITECTURES["sam_tiny"]).state_dict())
+    window = make_sam(dataclasses.replace(ARCHITECTURES["sam_tiny"], window_size=4)).state_dict()
+    with pytest.raises(SaqError, match="with the same patch grid"):  # tables resized although the grid is the same
+        resized_state_dict(window, make_sam(ARCHITECTURES["sam_tiny"]).state_dict())
 
 
 def test_box_jitter_scales_with_the_box_and_respects_the_cap():

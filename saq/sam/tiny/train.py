@@ -154,6 +154,12 @@ def resized_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.
     is area-pooled (and scaled to keep its response to flat regions), the absolute position grid is resampled
     bilinearly and the relative-position tables linearly. Any other mismatch is an error.
     """
+    extra = sorted(set(source) - set(target))
+    if extra:  # another depth or decoder: its tensors would be dropped without a word
+        raise SaqError(f"init_checkpoint has {extra[0]} (and {len(extra) - 1} more tensors) that sam_tiny lacks: it is "
+                       "another architecture; only the patch grid may differ between rounds")
+    patch = "image_encoder.patch_embed.proj.weight"
+    regrid = patch in source and patch in target and source[patch].shape != target[patch].shape
     out = {}
     for name, want in target.items():
         if name not in source:
@@ -161,6 +167,9 @@ def resized_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.
         have = source[name]
         if have.shape == want.shape:
             out[name] = have
+        elif not regrid:  # the grid is the same: a window or table of another size is another architecture
+            raise SaqError(f"init_checkpoint's {name} has shape {tuple(have.shape)}, the architecture needs "
+                           f"{tuple(want.shape)} with the same patch grid; only the patch grid may differ between rounds")
         elif name.endswith("patch_embed.proj.weight") and have.shape[:2] == want.shape[:2]:
             out[name] = F.adaptive_avg_pool2d(have, want.shape[-2:]) * (have[0, 0].numel() / want[0, 0].numel())
         elif name.endswith("pos_embed") and have.shape[-1] == want.shape[-1]:
@@ -188,11 +197,24 @@ def check_train_knobs(cfg: DictConfig) -> None:
                        "to replace the shipped one)")
     if Path(cfg.output).suffix not in (".pt", ".pth"):  # the card goes to output with .json: it must not be the same
         raise SaqError(f"output={cfg.output} invalid; give a checkpoint file name ending in .pt or .pth")
+    out, shipped = Path(cfg.output).resolve(), TINY_CHECKPOINT.resolve()
+    if out != shipped and out.with_suffix(".json") == shipped.with_suffix(".json"):  # sam_tiny.pth
+        raise SaqError(f"output={cfg.output}: its card would be the shipped {shipped.with_suffix('.json').name} while "
+                       "the shipped weights stay; give another name (or the shipped checkpoint itself to replace both)")
+    if out != shipped and out.exists():  # the first save would replace an earlier round's weights and card
+        raise SaqError(f"output={cfg.output} already holds a checkpoint (an earlier round's or run's); give this round "
+                       "a file of its own (output=...), or move that one away")
+    if cfg.init_checkpoint and not Path(cfg.init_checkpoint).expanduser().is_file():
+        raise SaqError(f"init_checkpoint={cfg.init_checkpoint} not found; give the checkpoint of an earlier round")
     # the optimiser's numbers: a positive lr, fractions and factors that are finite and not negative
     check_number(cfg.lr, "lr", 0, open_min=True)
-    for key in ("box_noise", "box_noise_max_px", "weight_decay", "grad_clip", "iou_loss_weight"):
+    for key in ("box_noise", "box_noise_max_px", "weight_decay", "iou_loss_weight"):
         check_number(cfg[key], key, 0)
+    check_number(cfg.grad_clip, "grad_clip", 0, open_min=True)  # clipping to a norm of 0 zeroes every gradient
     check_number(cfg.min_lr_ratio, "min_lr_ratio", 0, 1)
+    if cfg.warmup_steps > cfg.steps:
+        raise SaqError(f"warmup_steps={cfg.warmup_steps} is more than steps={cfg.steps}: the lr would never reach "
+                       "its peak; lower warmup_steps")
 
 
 def train(cfg: DictConfig) -> dict:
