@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saq.errors import SaqError, check_bool, check_device, check_int, check_seed, is_number
 from saq.log import bits_label, git_commit, log_to_wandb, package_versions, write_json_atomic, write_results
-from saq.sam.build import build_sam, checkpoint_path
+from saq.sam.build import build_sam, checkpoint_digest, checkpoint_path
 from saq.sam.segmenter import Segmenter
 
 FP_CACHE_DIR = Path("outputs/.cache/fp_metrics")
@@ -327,6 +327,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     record = {
         "run_name": f"{cfg.model.name}-{task.name}-{bits}",
         "model": cfg.model.name,
+        "checkpoint_sha256": checkpoint_digest(cfg.model.name, cfg.model.checkpoint),  # the weights, whatever path
         "task": task.name,
         "prompts": prompts_name,
         "quant": bits,

@@ -30,6 +30,8 @@ def test_run_writes_results_json_and_wandb_offline(synthetic_root, tmp_path):
         assert 0.0 <= fp[name] <= 1.0
     assert fp["images"] == 3
     assert rec["model"] == "sam_tiny" and rec["seed"] == 0
+    from saq.sam.build import checkpoint_digest
+    assert rec["checkpoint_sha256"] == checkpoint_digest("sam_tiny", None)  # the weights, whatever their path
     assert rec["config"]["task"]["max_images"] == 3
     assert rec["versions"]["torch"] and rec["wall_time_s"] > 0
     assert "mask_AP" in proc.stdout and "sam_tiny" in proc.stdout

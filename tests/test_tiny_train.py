@@ -145,7 +145,10 @@ def test_box_jitter_scales_with_the_box_and_respects_the_cap():
 
 def whole_val_run() -> dict:
     """A results.json of the shipped sam_tiny on all of the shipped synthetic val split, as the card needs."""
-    return {"model": "sam_tiny", "task": "instance", "prompts": "gt",
+    from saq.sam.build import checkpoint_digest
+
+    return {"model": "sam_tiny", "checkpoint_sha256": checkpoint_digest("sam_tiny", None), "task": "instance",
+            "prompts": "gt",
             "metrics": {"fp": {"mask_AP": 0.5, "images": 500}},
             "config": {"model": {"checkpoint": None},
                        "task": {"max_images": None, "generate": {"n_train": 64, "n_val": 500, "seed": 0},
@@ -180,6 +183,11 @@ def test_the_card_takes_only_a_whole_val_evaluation_of_the_shipped_checkpoint(tm
     run["metrics"]["fp"]["images"] = 3
     with pytest.raises(SystemExit, match=r"task\.generate\.n_val=3; the shipped synthetic data has n_val=500"):
         record(run)
+    for sha in ("0" * 64, None):  # a run of earlier weights (before a retraining), or of a version without the hash
+        run = whole_val_run()
+        run["checkpoint_sha256"] = sha
+        with pytest.raises(SystemExit, match="evaluated other weights than today's shipped sam_tiny checkpoint"):
+            record(run)
     run = whole_val_run()
     run["prompts"] = "jittered"
     with pytest.raises(SystemExit, match=r"prompted with 'jittered' boxes; the card records ground-truth boxes"):

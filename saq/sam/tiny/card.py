@@ -55,6 +55,11 @@ def check_evaluation(results: dict, results_path: Path, card: dict) -> None:
     if results.get("prompts") != "gt":  # the card's box-prompt figures are for ground-truth boxes
         raise SystemExit(f"{results_path} prompted with {results.get('prompts')!r} boxes; the card records ground-truth "
                          "boxes (prompts=gt)")
+    from saq.sam.build import checkpoint_digest
+
+    if results.get("checkpoint_sha256") != checkpoint_digest("sam_tiny", None):  # e.g. a run before a retraining
+        raise SystemExit(f"{results_path} evaluated other weights than today's shipped sam_tiny checkpoint (its "
+                         "checkpoint_sha256 differs or is missing); evaluate it again: make tiny-card")
     metrics = results.get("metrics") if isinstance(results.get("metrics"), dict) else {}
     fp = metrics.get("fp")
     if not isinstance(fp, dict) or not fp:
