@@ -51,6 +51,28 @@ def test_formats_load(synthetic_root):
     assert np.array_equal(label, scene.label_map())
 
 
+def test_every_object_agrees_across_the_three_formats(synthetic_root):
+    """Object by object: the COCO category, the DOTA class name and the label-map value name the same class, and
+    the DOTA polygon holds the object's largest visible piece."""
+    from shapely import Point, Polygon
+
+    coco = COCO(str(synthetic_root / "annotations" / "instances_val.json"))
+    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    for image_id, stem in ((1, "000000"), (2, "000001")):
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        dota = [ln.split() for ln in (synthetic_root / "val" / "labelTxt" / f"{stem}.txt").read_text().splitlines()[2:]]
+        label = cv2.imread(str(synthetic_root / "val" / "labels" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert len(anns) == len(dota) > 0
+        for ann, obj in zip(anns, dota):
+            mask = coco.annToMask(ann).astype(bool)
+            assert names[ann["category_id"]] == obj[8]
+            assert (label[mask] == CATEGORIES.index(obj[8]) + 1).all()
+            polygon = Polygon(np.asarray(obj[:8], float).reshape(4, 2)).buffer(1e-3)
+            _, pieces, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+            ys, xs = np.nonzero(pieces == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])))
+            assert all(polygon.contains(Point(x, y)) for x, y in zip(xs, ys))  # its pixel centres, every one
+
+
 def test_ensure_dataset_reuses_a_larger_set(synthetic_root):
     before = (synthetic_root / "meta.json").stat().st_mtime_ns
     ensure_dataset(synthetic_root, n_train=4, n_val=3, seed=0, progress=False)
