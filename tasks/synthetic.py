@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from saq.errors import SEED_LIMIT, SaqError, check_int, check_seed
+from saq.errors import SEED_LIMIT, SaqError, check_int, check_seed, is_int
 from saq.log import file_lock, write_json_atomic
 
 # Bump when rendering changes: cached datasets are keyed on it.
@@ -304,7 +304,19 @@ def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progre
                            "writable task.data.root, or task.generate=null for a dataset that is already there)")
         if _holds_dataset(root, meta):  # a parallel job made it while this one waited
             return root
-        return _generate_locked(root, meta, progress)
+        return _generate_locked(root, _grown(root, meta), progress)
+
+
+def _grown(root: Path, meta: dict) -> dict:
+    """meta with each split at least as large as the scenes of the same seed already there: a run that needs more
+    val scenes must not shrink the train split another run (or a training round) made larger."""
+    try:
+        old = json.loads((root / "meta.json").read_text())
+    except (OSError, ValueError):
+        return meta
+    if not isinstance(old, dict) or any(old.get(k) != meta[k] for k in ("generator_version", "seed", "categories")):
+        return meta
+    return {**meta, **{k: max(meta[k], old[k]) for k in ("n_train", "n_val") if is_int(old.get(k))}}
 
 
 def _holds_dataset(root: Path, meta: dict) -> bool:

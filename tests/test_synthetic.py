@@ -144,6 +144,14 @@ def test_regenerating_with_other_parameters_leaves_no_old_scene(tmp_path):
     assert (root / "train" / "images" / "mine.jpg").is_file()
 
 
+def test_more_val_scenes_keep_the_larger_train_split_of_the_same_seed(tmp_path):
+    root = ensure_dataset(tmp_path / "d", n_train=4, n_val=1, seed=0, progress=False)
+    ensure_dataset(root, n_train=2, n_val=3, seed=0, progress=False)  # needs more val: regenerated, train kept at 4
+    meta = json.loads((root / "meta.json").read_text())
+    assert (meta["n_train"], meta["n_val"], meta["complete"]) == (4, 3, True)
+    assert len(list((root / "train" / "images").iterdir())) == 4
+
+
 def test_generation_waits_for_a_parallel_one_and_then_reuses_it(tmp_path):
     import fcntl
     import threading
