@@ -65,7 +65,7 @@ def test_the_training_command_prints_a_user_error_as_one_line(tmp_path):
     assert len(err) == 1 and err[0].startswith("error: annotation file not found"), proc.stderr[-2000:]
 
 
-def test_short_training_run_writes_checkpoint_and_card(synthetic_root, tmp_path):
+def test_short_training_run_writes_checkpoint_and_card(synthetic_root, tmp_path, capsys):
     out = tmp_path / "tiny.pt"
     # an evaluation of the weights this run replaces must not survive into the new card
     out.with_suffix(".json").write_text(json.dumps({"evaluation": {"metrics": {"mIoU": 0.9}}}))
@@ -74,6 +74,7 @@ def test_short_training_run_writes_checkpoint_and_card(synthetic_root, tmp_path)
             f"data.root={synthetic_root}", f"output={out}", "steps=2", "batch_size=2", "prompts_per_image=2",
             "point_every=2", "eval_every=1", "data.n_val=2", "warmup_steps=1"])
     card = train(cfg)
+    assert f"training on 8 train scenes of {synthetic_root} (2 val scenes" in capsys.readouterr().out
     assert [h["step"] for h in card["history"]] == [1, 2]
     assert all(0.0 <= h["val_box_mIoU"] <= 1.0 for h in card["history"])
     # the recorded metric is the written checkpoint's own: re-measure it independently of the training loop

@@ -233,6 +233,9 @@ def train(cfg: DictConfig) -> dict:
     arch = ARCHITECTURES["sam_tiny"]
     if train_data.images.shape[1:3] != (arch.image_size, arch.image_size):
         raise SaqError(f"sam_tiny trains on {arch.image_size}px square images, found {train_data.images.shape[1:3]}")
+    # whatever `make data` (or a run's task.generate) left in data.root: said, and recorded in the card
+    print(f"training on {len(train_data.images)} train scenes of {root} ({len(val_data.images)} val scenes for the "
+          "mIoU curve)")
     prior_rounds = earlier_rounds(cfg)  # read before this run's first save can overwrite that card
     sam = build_random_sam("sam_tiny", cfg.seed)
     if cfg.init_checkpoint:  # continue from an earlier run's weights (optimiser state starts fresh)
