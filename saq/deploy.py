@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 import sys
 import time
+import uuid
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
@@ -279,15 +281,25 @@ def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float"
 
     directory = Path(directory)
     model = export_graph_modules(qmodel, softmax)
-    for name in (ENCODER_FILE, DECODER_FILE, REPORT_FILE):  # an earlier deployment here is kept, not overwritten
-        if (directory / name).exists():
-            print(f"{directory / name} held an earlier deployment; kept as {set_aside(directory / name, 'previous')}")
-    start = time.perf_counter()
-    export_graphs(model, directory)
-    report = {"export_s": round(time.perf_counter() - start, 1), "opset": OPSET, "softmax": softmax}
-    for key, name in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
-        report[key] = operator_report(directory / name)
-    write_json_atomic(directory / REPORT_FILE, report)
+    # built whole in a folder of its own, then moved in: a failed or killed export leaves the earlier deployment
+    # as it was, never a new encoder beside an old decoder
+    staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.partial")
+    staging.mkdir(parents=True)
+    try:
+        start = time.perf_counter()
+        export_graphs(model, staging)
+        report = {"export_s": round(time.perf_counter() - start, 1), "opset": OPSET, "softmax": softmax}
+        for key, name in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
+            report[key] = operator_report(staging / name)
+        write_json_atomic(staging / REPORT_FILE, report)
+        directory.mkdir(parents=True, exist_ok=True)
+        for built in sorted(staging.iterdir()):  # an earlier deployment here is kept, not overwritten
+            if (directory / built.name).exists():
+                kept = set_aside(directory / built.name, "previous")
+                print(f"{directory / built.name} held an earlier deployment; kept as {kept}")
+            built.replace(directory / built.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 
@@ -378,7 +390,7 @@ def deployed_sam(qmodel: nn.Module, directory: str | Path, threads: int | None =
     """The quantized model with its encoder and decoder replaced by the ONNX sessions in `directory`: a Segmenter
     runs it like any SAM (prompt encoder, pre- and post-processing stay the model's own)."""
     directory = Path(directory)
-    for name in (ENCODER_FILE, DECODER_FILE):
+    for name in (ENCODER_FILE, DECODER_FILE, REPORT_FILE):  # deploy.json is written last: without it, not whole
         if not (directory / name).is_file():
             raise SaqError(f"{directory / name} is missing; run python -m saq.deploy on the run first")
     sam = copy.copy(qmodel)  # shallow: shares the FP prompt encoder and buffers; swaps two submodules
@@ -423,13 +435,21 @@ def main(argv: list[str] | None = None) -> int:
             # load_quantized loads every tensor from the export (strictly), so the FP checkpoint is not needed: a
             # random model of the same architecture is only the frame the saved weights go into
             qmodel = load_quantized(build_random_sam(VARIANTS.get(extra["model"], extra["model"])), directory)
-            out = Path(options["out"]) if "out" in options else Path(run_dir) / DEPLOY_DIR
+            out = Path(options["out"]) if "out" in options else run_folder / DEPLOY_DIR  # beside the run's model
             report = export_onnx(qmodel, out, options.get("softmax", "float"))
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # an out= folder that cannot be written
         print(f"error: cannot write the ONNX models: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:
+        print(f"error: saq.deploy needs onnx and onnxruntime ({exc}); install the project with pip install -e .",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # torch.onnx export or ONNX Runtime refusing the graph
+        print(f"error: the ONNX export failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}",
+              file=sys.stderr)
         return 1
     print(format_report(report))
     print(f"wrote {out / ENCODER_FILE}, {out / DECODER_FILE} and {out / REPORT_FILE}")

@@ -161,6 +161,12 @@ def validate(cfg: DictConfig):
         from saq.deploy import check_deploy_config
 
         check_deploy_config(None if cfg.quant.name == "fp" else cfg.quant)
+        try:  # found now, not after the FP and quantized evaluations
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise SaqError(f"deploy=true needs onnx and onnxruntime ({exc}); install the project with "
+                           "pip install -e .") from None
         if (cfg.get("recon") or {}).get("paper_eval_compat"):  # metrics.quantized would keep inputs FP, deployed not
             raise SaqError("deploy=true evaluates the int8 graph fully quantized, but recon.paper_eval_compat=true "
                            "evaluates the model with half its linear inputs in FP: the two would not compare; deploy "
@@ -295,6 +301,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     calibration = clipping = recon = None
 
     saved_model = None  # where the quantized model was saved to or loaded from
+    deploy_error = None
     if quant_cfg is not None:
         from saq.quant import assert_fully_quantized, calibrate, quant_summary, quantize
         from saq.recon import EVAL_FULL
@@ -320,7 +327,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if cfg.get("deploy"):  # the same model as int8 ONNX Runtime graphs, through the same task code
             from saq.deploy import evaluate_deployed
 
-            metrics["deployed"] = evaluate_deployed(qmodel, run_dir, task, cfg.model.decode_batch_size, cfg.progress)
+            try:
+                metrics["deployed"] = evaluate_deployed(qmodel, run_dir, task, cfg.model.decode_batch_size,
+                                                        cfg.progress)
+            except Exception as exc:  # the FP and quantized metrics (hours on a large model) are still written
+                deploy_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                metrics["deployed"] = {"error": deploy_error}
 
     prompts_name = getattr(task.prompts, "name", "-") if hasattr(task, "prompts") else "-"
     bits = bits_label(OmegaConf.to_container(cfg, resolve=True))  # the bit-widths that ran (quant.w_bits=8 on w4a4)
@@ -367,4 +379,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         except Exception as exc:
             print(f"warning: figures failed ({type(exc).__name__}: {exc}); results are in {path}", file=sys.stderr)
     log_to_wandb(OmegaConf.to_container(cfg.logger, resolve=True), record, run_dir)
+    if deploy_error:
+        raise SaqError(f"deploy=true failed ({deploy_error}); the FP and quantized metrics are in {path}")
     return record

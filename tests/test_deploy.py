@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +81,31 @@ def test_cli_exports_int8_graphs_close_to_fake_quant(calibrated, synthetic_root,
     assert sorted(kept) == ["deploy", "image_encoder", "mask_decoder"]
     assert json.loads(kept["deploy"].read_text())["softmax"] == "float"
     assert json.loads((tmp_path / "float" / deploy.REPORT_FILE).read_text())["softmax"] == "log2"
+    # the decoder graph takes any number of prompts (exported at 3)
+    for n in (1, 5):
+        boxes = np.concatenate([BOXES, BOXES[:2] + 7])[:n]
+        assert fast.predict(boxes=boxes).masks.shape == (n, 1, *image.shape[:2])
+
+    # an export that fails midway leaves the earlier deployment whole, and no half-built folder
+    def broken(model, directory):
+        (Path(directory) / deploy.ENCODER_FILE).write_bytes(b"half")
+        raise RuntimeError("killed")
+
+    real = deploy.export_graphs
+    deploy.export_graphs = broken
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            deploy.export_onnx(calibrated, tmp_path / "float")
+    finally:
+        deploy.export_graphs = real
+    assert json.loads((tmp_path / "float" / deploy.REPORT_FILE).read_text())["softmax"] == "log2"
+    assert (tmp_path / "float" / deploy.ENCODER_FILE).read_bytes() != b"half"
+    assert not list(tmp_path.glob(".float.*.partial"))
+
+    # RUN_DIR/quantized_model given: the deployment still goes beside the model, into RUN_DIR/deployed
+    (out / deploy.REPORT_FILE).unlink()
+    assert deploy.main([str(tmp_path / "run" / "quantized_model")]) == 0
+    assert (out / deploy.REPORT_FILE).is_file() and not (tmp_path / "run" / "quantized_model" / "deployed").exists()
 
 
 def test_uncalibrated_or_low_bit_models_are_refused(tmp_path):
@@ -163,3 +189,25 @@ def test_every_exported_linear_computes_its_fake_quant_layer(calibrated, synthet
                 deploy._export(deploy.DeployLinear(layer), (x,), tmp_path / "layer.onnx", ["x"], ["y"], {})
                 got = torch.as_tensor(deploy.session(tmp_path / "layer.onnx").run(None, {"x": x.numpy()})[0])
                 assert rel(got, want) < 0.1 * missing, name
+
+
+def test_a_failed_deployment_inside_a_run_keeps_its_metrics(synthetic_root, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from saq import pipeline
+    from saq.errors import SaqError
+    from tests.conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=[
+            f"task.data.root={synthetic_root}", "task.generate=null", "task.max_images=1", "logger=none",
+            "fp_cache=false", "progress=false", "threads=1", "quant=w8a8", "clip=minmax", "quant.calib_images=1",
+            "deploy=true"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / deploy.DEPLOY_DIR).write_text("")  # a file where the deployment goes: the export cannot be moved in
+    with pytest.raises(SaqError, match=r"deploy=true failed \(FileExistsError: .*\); the FP and quantized metrics are"):
+        pipeline.run(cfg, run)
+    record = json.loads((run / "results.json").read_text())
+    assert record["metrics"]["quantized"]["images"] == 1 and record["metrics"]["deployed"]["error"].startswith(
+        "FileExistsError")
