@@ -262,8 +262,9 @@ def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples) -> dict:
 
     recon_cfg = cfg.get("recon") or {"name": "none"}
     # a saved unit is reused (recon.resume) only with the same model, calibration data, settings and code
+    # torch's version and the thread count change the numbers too (a clamp's gradient; float sums at 4 bits)
     key = (f"{checkpoint_fingerprint(cfg.model)}|{samples_digest(samples)}|{cfg.quant}|{cfg.clip}|{cfg.seed}|"
-           f"{cfg.device}|{source_digest(RECON_SOURCES)}")
+           f"{cfg.device}|{source_digest(RECON_SOURCES)}|torch {torch.__version__}|{torch.get_num_threads()} threads")
     report = reconstruct(qmodel, model, samples, recon_cfg, cfg.seed, key, progress=cfg.progress)
     return report.as_dict() if report is not None else {"method": "none", "eval_mode": EVAL_FULL}
 
