@@ -147,6 +147,37 @@ def test_learned_steps_stay_positive():
     assert steps and min(steps) >= SCALE_EPS
 
 
+class RecordingBlock(Block):
+    """Notes, at every forward, the activation quantizers' drop probability and whether its input is what the
+    quantized chain fed it (QDrop input mixing swaps about half the elements for the FP chain's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def run(self, model, state, data):
+        drops = {q.drop_prob for q in iter_quantizers(model, "act")}
+        self.calls.append((drops, torch.is_grad_enabled(), state[0]))
+        return super().run(model, state, data)
+
+
+def test_learning_drops_and_mixes_while_scoring_does_neither():
+    fp, qmodel, data = toy_models()
+    block = RecordingBlock()
+    # the second unit's inputs: the first one's quantized outputs, and its FP targets (target_input=fp keeps them)
+    cfg = recon_cfg(iters={"block": 6}, target_input="fp", drop_prob=0.5, input_mix=True)
+    Reconstructor(qmodel, fp, cfg, seed=0, progress=False, chain=[Feed(), Block("a"), block]).run(data=data)
+    learning = [c for c in block.calls if c[1]]
+    # the quantized model without grad: best-state scoring before and after, the next unit's inputs (the FP twin's
+    # forwards, which have no quantizers, make the targets)
+    scoring = [c for c in block.calls if not c[1] and c[0]]
+    assert len(learning) == 6 and all(drops == {0.5} for drops, _, _ in learning)
+    assert scoring and all(drops == {1.0} for drops, _, _ in scoring)
+    quantized_inputs = {float(x.sum()) for _, _, x in scoring}  # scored on the quantized chain's own inputs
+    assert not any(float(x.sum()) in quantized_inputs for _, _, x in learning)  # learned on mixed ones
+    assert all(q.drop_prob == 1.0 for q in iter_quantizers(qmodel, "act"))
+
+
 class DivergingBlock(Block):
     """Block whose training loss is NaN (as after an overflow); evaluation, without gradients, is finite."""
 
