@@ -380,3 +380,17 @@ def test_the_resume_key_ignores_only_what_does_not_change_the_learned_model():
     assert checkpoint_path(recon_cfg(resume=True, paper_eval_compat=True, log_every=3), "model|data") == base
     assert checkpoint_path(recon_cfg(drop_prob=0.25), "model|data") != base
     assert checkpoint_path(recon_cfg(), "model|other-data") != base
+
+
+def test_pars_decoder_loss_is_a_hundredth_of_the_queries_plus_the_keys_plus_the_tokens():
+    from types import SimpleNamespace
+
+    from saq.recon.losses import unit_loss
+
+    step = SimpleNamespace(compared=(0, 1), channel_dims=(-1, -1), response="downstream")  # a two-way layer
+    hs = torch.tensor([[3.0, 0.0]])
+    loss = unit_loss(ReconConfig.from_cfg({"name": "par"}), step, None, lambda out, data: (out[0] * 0 + hs,))
+    queries, keys = torch.zeros(1, 2), torch.zeros(1, 2)
+    out = (queries + torch.tensor([[2.0, 0.0]]), keys + torch.tensor([[0.0, 1.0]]))  # errors 4 (queries), 1 (keys)
+    value = loss(out, (queries, keys), None, (torch.zeros(1, 2),))  # hs error 9
+    assert float(value) == pytest.approx(0.01 * 4 + 1.0 * 1 + 1.0 * 9)
