@@ -114,6 +114,9 @@ def test_uncalibrated_or_low_bit_models_are_refused(tmp_path):
         deploy.export_onnx(quantize(sam, W8A8), tmp_path)
     with pytest.raises(SaqError, match=r"int8 kernels need W8A8, the encoder is W4A4 \(quant=w8a8\)"):
         deploy.export_onnx(quantize(sam, QuantConfig(name="w4a4", w_bits=4, a_bits=4)), tmp_path)
+    with pytest.raises(SaqError, match=r"quant.decoder.act.symmetric=true; ONNX Runtime fuses its int8 GEMMs for "
+                                       r"uint8 \(asymmetric\) activations only"):
+        deploy.check_deploy_config({**W8A8, "decoder": {**W8A8["decoder"], "act": {"symmetric": True}}})
     with pytest.raises(SaqError, match=r"quant\.decoder\.weight\.ch_axis=1; int8 export needs per-output-channel"):
         deploy.check_deploy_config(QuantConfig.from_cfg({"name": "w8a8", "decoder": {"weight": {"ch_axis": 1}}}))
     assert not list(tmp_path.iterdir())  # refused before writing anything
