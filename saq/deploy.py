@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write the ONNX models: {exc}", file=sys.stderr)
         return 1
     except ImportError as exc:
-        print(f"error: saq.deploy needs onnx and onnxruntime ({exc}); install the project with pip install -e .",
+        print(f"error: saq.deploy needs onnx and onnxruntime ({exc}); install the project (make setup)",
               file=sys.stderr)
         return 1
     except RuntimeError as exc:  # torch.onnx export or ONNX Runtime refusing the graph

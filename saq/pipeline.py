@@ -165,8 +165,8 @@ def validate(cfg: DictConfig):
             import onnx  # noqa: F401
             import onnxruntime  # noqa: F401
         except ImportError as exc:
-            raise SaqError(f"deploy=true needs onnx and onnxruntime ({exc}); install the project with "
-                           "pip install -e .") from None
+            raise SaqError(f"deploy=true needs onnx and onnxruntime ({exc}); install the project "
+                           "(make setup)") from None
         if (cfg.get("recon") or {}).get("paper_eval_compat"):  # metrics.quantized would keep inputs FP, deployed not
             raise SaqError("deploy=true evaluates the int8 graph fully quantized, but recon.paper_eval_compat=true "
                            "evaluates the model with half its linear inputs in FP: the two would not compare; deploy "
