@@ -109,6 +109,9 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     if without:
         report(f"skipped, no quantizers in them (nothing to switch to FP): {', '.join(without)}")
         names = [p for p in names if p not in without]
+        if not names:  # the fully quantized row alone would compare nothing (and draw an empty chart)
+            raise SaqError(f"sensitivity: none of the parts has quantizers ({', '.join(without)}); name modules "
+                           f"that are quantized, such as {', '.join(model_parts(model)[:3])}")
     fp_weights = fp_reference(model, saved, run_dir)
     del saved  # one model at a time beside the FP weights (ViT-H is large)
     rows = {}

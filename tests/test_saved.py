@@ -220,6 +220,8 @@ def test_sensitivity_that_cannot_write_its_file_still_measures(synthetic_root, t
     assert set(rows) == {FULL, "mask_decoder"} and not (tmp_path / "run" / "sensitivity.json").exists()
     assert sum("warning: cannot write" in line and "rows are printed only" in line for line in lines) == 1
     assert sum(line.startswith("mask_decoder in FP") for line in lines) == 1
+    with pytest.raises(SaqError, match=r"none of the parts has quantizers \(mask_decoder.transformer.norm_final_attn\)"):
+        sensitivity(tmp_path / "run", ["mask_decoder.transformer.norm_final_attn"], max_images=1, report=lines.append)
 
     pipeline.run(run_config(synthetic_root, "quant=w4a4", "task.max_images=1", "quant.save=false"), tmp_path / "unsaved")
     with pytest.raises(SaqError, match=r"unsaved was run with quant.save=false and kept no quantized model; run it "
