@@ -54,12 +54,11 @@ def main(cfg: DictConfig) -> None:
         stack.enter_context(tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])))
         try:
             check_preset_found(cfg)
-            if not multirun:
-                check_single_run_of_a_sweep(hydra_cfg)
             if multirun:  # resume, and a failed job recorded without stopping the others
                 run_sweep_job(cfg, run_dir, run, list(hydra_cfg.overrides.task))
-                return
-            run(cfg, run_dir)
+            else:
+                check_single_run_of_a_sweep(hydra_cfg)
+                run(cfg, run_dir)
         except SaqError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
