@@ -178,6 +178,22 @@ def test_learning_drops_and_mixes_while_scoring_does_neither():
     assert all(q.drop_prob == 1.0 for q in iter_quantizers(qmodel, "act"))
 
 
+@pytest.mark.parametrize("response_input", ["mixed", "quantized"])
+def test_pars_decoder_response_comes_from_the_mixed_or_the_unmixed_quantized_input(response_input):
+    fp, qmodel, data = toy_models()
+    unit = RecordingBlock()
+    unit.response = "downstream"  # a decoder layer: PAR adds what the later FP steps make of its output
+    cfg = recon_cfg(name="par", loss="par", iters={"block": 5}, target_input="fp", drop_prob=0.5,
+                    response_input=response_input)
+    Reconstructor(qmodel, fp, cfg, seed=0, progress=False, chain=[Feed(), Block("a"), unit, Block("b")]).run(data=data)
+    quantized_inputs = {float(x.sum()) for drops, grad, x in unit.calls if not grad and drops == {1.0}}
+    learning = [float(x.sum()) for _, grad, x in unit.calls if grad]
+    mixed = [x for x in learning if x not in quantized_inputs]
+    assert len(mixed) == 5  # the unit's own error is always learned on the mixed input
+    # the official response (paper.md §4.2) runs the unit once more per iteration, on its quantized input as is
+    assert len(learning) - len(mixed) == (5 if response_input == "quantized" else 0)
+
+
 class DivergingBlock(Block):
     """Block whose training loss is NaN (as after an overflow); evaluation, without gradients, is finite."""
 

@@ -13,6 +13,7 @@ RECON_NAMES = ("none", "qdrop", "par")  # conf/recon/*.yaml
 LOSSES = ("mse", "par")
 BUDGETS = ("official", "equal")
 TARGET_INPUTS = ("fp", "quantized_encoder")
+RESPONSE_INPUTS = ("mixed", "quantized")
 # PAR's official schedule (paper.md §4.2): the total that recon.budget=equal gives every learned method.
 PAR_OFFICIAL_ITERS = {"stage": 2000, "neck": 2000, "decoder_layer": 2000, "final_attn": 10000}
 
@@ -61,6 +62,7 @@ class ReconConfig:
     round_reg: RoundingRegularizer = field(default_factory=RoundingRegularizer)
     par_loss: ParLoss = field(default_factory=ParLoss)
     target_input: str = "quantized_encoder"
+    response_input: str = "mixed"
     best_state: bool = True
     cache_device: str | None = None
     seed: int | None = None
@@ -84,7 +86,8 @@ class ReconConfig:
             raise SaqError(f"recon=none learns nothing, so recon.{sorted(set(values) - {'name'})[0]} would have no "
                            "effect; choose recon=qdrop or recon=par (or a method= preset that learns)")
         for key, choices in (("granularity", GRANULARITIES), ("loss", LOSSES), ("budget", BUDGETS),
-                             ("target_input", TARGET_INPUTS), ("scale_lr_schedule", ("cosine", "constant"))):
+                             ("target_input", TARGET_INPUTS), ("response_input", RESPONSE_INPUTS),
+                             ("scale_lr_schedule", ("cosine", "constant"))):
             if key in values and values[key] not in choices:
                 raise SaqError(f"recon.{key}={values[key]!r} unknown; expected one of {list(choices)}")
         if "iters" in values:

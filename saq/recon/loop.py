@@ -251,19 +251,23 @@ class Reconstructor:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules) if optimizer is not None else None
         picks = torch.randint(len(data), (iters,), generator=torch.Generator().manual_seed(self.seed + index))
         mixing = cfg.input_mix and cfg.drop_prob < 1.0
+        unmixed_response = loss_fn.uses_response and step.response != "probe" and cfg.response_input == "quantized"
         bar = tqdm(range(iters), desc=f"recon {step.name}", disable=not self.progress, leave=False)
         window, losses = cfg.log_every, []
         curve_every = max(window, math.ceil(iters / CURVE_POINTS))
         for it in bar:
             i = int(picks[it])
             d = data[i].to(self.device)
-            q_in = _to(q_states[i], self.device)
+            q_in = unmixed = _to(q_states[i], self.device)
             if mixing and fp_states[i] is not q_states[i]:
                 fp_in = _to(fp_states[i], self.device)
                 q_in = tuple(mix(f, q, keep_mask(q, cfg.drop_prob)) for q, f in zip(q_in, fp_in))
             out = step.run(self.qmodel, q_in, d)
+            # the official decoder response runs the unit again on its quantized input, unmixed (paper.md §4.2)
+            response_from = (step.run(self.qmodel, unmixed, d) if unmixed_response and q_in is not unmixed
+                             else None)
             loss = loss_fn(out, _to(targets[i], self.device), d,
-                           None if responses[i] is None else _to(responses[i], self.device))
+                           None if responses[i] is None else _to(responses[i], self.device), response_from)
             reg = rounding_regularizer(rounding, cfg.round_reg, it, iters)
             total = loss if reg is None else loss + reg
             if optimizer is not None and total.requires_grad:

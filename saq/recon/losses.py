@@ -38,12 +38,16 @@ class UnitLoss:
     def uses_response(self) -> bool:
         return self.response is not None and any(w != 0.0 for w in self.response_weights)
 
-    def __call__(self, out: tuple, target: tuple, data, response_target: tuple | None) -> torch.Tensor:
+    def __call__(self, out: tuple, target: tuple, data, response_target: tuple | None,
+                 response_from: tuple | None = None) -> torch.Tensor:
+        """`response_from`: the unit output the response is computed from, when not `out` (recon.response_input)."""
         loss = out[0].new_zeros(())
         for i, weight in self.output_weights.items():
             loss = loss + self.beta * weight * squared_error(out[i], target[i], self.channel_dims[i])
         if self.uses_response:
-            for weight, got, want in zip(self.response_weights, self.response(out, data), response_target):
+            for weight, got, want in zip(self.response_weights,
+                                         self.response(out if response_from is None else response_from, data),
+                                         response_target):
                 if weight != 0.0:
                     loss = loss + weight * squared_error(got, want)
         return loss
