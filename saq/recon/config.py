@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
@@ -137,7 +138,13 @@ class ReconConfig:
         weight = sum(official)
         if weight == 0:
             return official
-        return [round(total * n / weight) for n in official]
+        # largest remainders: the shares add up to exactly the total (rounding each alone missed it by a few)
+        exact = [total * n / weight for n in official]
+        shares = [math.floor(x) for x in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda i: (shares[i] - exact[i], i))
+        for i in by_remainder[:total - sum(shares)]:
+            shares[i] += 1
+        return shares
 
 
 def _plain(cfg):
