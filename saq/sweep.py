@@ -26,6 +26,10 @@ RUNNING_FILE = "running.json"  # while a sweep job runs; left behind only when i
 SWEEP_STARTED = ".sweep_started"  # .sweep_started.<id>: touched in the sweep folder while a multirun runs
 # Keys that change how a run is logged or shown, not what it computes: a finished run still counts when they differ.
 RESUME_IGNORED_KEYS = ("logger", "progress", "threads", "fp_cache", "resume", "figures")
+# Knobs added after runs were made, with the value that does what those runs did: a finished run whose stored
+# config lacks one ran with that value (a new knob's default keeps the old behaviour), so reruns of old sweeps still
+# skip it, unless the knob is now set otherwise.
+KNOBS_ADDED_SINCE = {"recon.response_input": "mixed"}
 
 
 def job_dirname(overrides: str, max_len: int = 160) -> str:
@@ -91,6 +95,23 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def with_knobs_added_since(stored: dict, current: dict) -> dict:
+    """A stored config with each knob of KNOBS_ADDED_SINCE it lacks (and the current config has) set to the value
+    that does what it ran."""
+    stored = json.loads(json.dumps(stored))
+    for dotted, value in KNOBS_ADDED_SINCE.items():
+        *parents, leaf = dotted.split(".")
+        old, new = stored, current
+        for part in parents:
+            old, new = old.get(part), new.get(part) if isinstance(new, dict) else None
+            if not isinstance(old, dict):
+                break
+        else:
+            if isinstance(new, dict) and leaf in new and leaf not in old:
+                old[leaf] = value
+    return stored
+
+
 def finished_record(run_dir: Path) -> dict | None:
     """The record in run_dir/results.json if it is a finished run (FP, and quantized unless FP-only), else None."""
     try:
@@ -113,8 +134,8 @@ def should_skip(cfg: DictConfig, run_dir: Path) -> bool:
     if not cfg.get("resume", True):
         print(f"{path}: resume=false, recomputing; kept as {set_aside_run(run_dir, 'previous')}")
         return False
-    diff = config_differences(comparable_config(record["config"]),
-                              comparable_config(OmegaConf.to_container(cfg, resolve=True)))
+    current = comparable_config(OmegaConf.to_container(cfg, resolve=True))
+    diff = config_differences(with_knobs_added_since(comparable_config(record["config"]), current), current)
     if diff:
         shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
         print(f"{path}: holds a run of another config (differs at {shown}), recomputing; "

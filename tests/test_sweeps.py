@@ -225,6 +225,31 @@ def test_should_skip_only_a_finished_run_of_the_same_config_and_never_loses_a_fi
     assert not should_skip(cfg, tmp_path)  # quantized metrics missing: not finished
 
 
+def test_a_run_made_before_a_knob_existed_counts_as_that_knobs_old_behaviour(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from saq.sweep import KNOBS_ADDED_SINCE, should_skip
+
+    assert KNOBS_ADDED_SINCE["recon.response_input"] == "mixed"
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        for dotted, value in KNOBS_ADDED_SINCE.items():  # a knob's default keeps what runs without it did
+            group = dotted.split(".")[0]
+            presets = [p.stem for p in (REPO / "conf" / group).glob("*.yaml")]
+            found = [OmegaConf.select(compose(config_name="config", overrides=[f"{group}={name}"]), dotted)
+                     for name in presets]
+            assert {f for f in found if f is not None} == {value}, dotted
+    before = {"seed": 0, "recon": {"name": "par", "drop_prob": 0.5}}  # stored by a run made before the knob
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(finished(before)))
+    now = OmegaConf.create({"seed": 0, "recon": {"name": "par", "drop_prob": 0.5, "response_input": "mixed"}})
+    assert should_skip(now, tmp_path)  # it ran what the knob's default does
+    other = OmegaConf.create({"seed": 0, "recon": {"name": "par", "drop_prob": 0.5, "response_input": "quantized"}})
+    assert not should_skip(other, tmp_path)  # set otherwise now: that run did something else
+    assert len(list(tmp_path.glob("results.json.*.other-config"))) == 1
+    path.write_text(json.dumps(finished({"seed": 0, "recon": {"name": "par", "drop_prob": 0.25}})))
+    assert not should_skip(now, tmp_path)  # other knobs still count
+
+
 def test_resume_false_recomputes_and_keeps_the_previous_result(tmp_path):
     from saq.sweep import should_skip
 
