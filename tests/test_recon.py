@@ -410,3 +410,18 @@ def test_pars_decoder_loss_is_a_hundredth_of_the_queries_plus_the_keys_plus_the_
     out = (queries + torch.tensor([[2.0, 0.0]]), keys + torch.tensor([[0.0, 1.0]]))  # errors 4 (queries), 1 (keys)
     value = loss(out, (queries, keys), None, (torch.zeros(1, 2),))  # hs error 9
     assert float(value) == pytest.approx(0.01 * 4 + 1.0 * 1 + 1.0 * 9)
+
+
+def test_mse_sums_over_the_channels_or_like_qdrops_official_loss_over_dim_1():
+    from types import SimpleNamespace
+
+    from saq.recon.losses import unit_loss
+
+    step = SimpleNamespace(compared=(0,), channel_dims=(-1,), response=None)  # a ViT half-block: 1 x rows x cols x C
+    out, target = (torch.ones(1, 3, 5, 4),), (torch.zeros(1, 3, 5, 4),)
+    channels = unit_loss(recon_cfg(), step, None, None)
+    official = unit_loss(recon_cfg(mse_sum="dim1"), step, None, None)
+    assert float(channels(out, target, None, None)) == 4.0  # summed over the 4 channels
+    assert float(official(out, target, None, None)) == 3.0  # summed over the 3 rows, as QDrop's lp_loss does
+    with pytest.raises(SaqError, match="recon.mse_sum"):
+        recon_cfg(mse_sum="rows")

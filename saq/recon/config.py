@@ -15,6 +15,7 @@ LOSSES = ("mse", "par")
 BUDGETS = ("official", "equal")
 TARGET_INPUTS = ("fp", "quantized_encoder")
 RESPONSE_INPUTS = ("mixed", "quantized")
+MSE_SUMS = ("channels", "dim1")
 # PAR's official schedule (paper.md §4.2): the total that recon.budget=equal gives every learned method.
 PAR_OFFICIAL_ITERS = {"stage": 2000, "neck": 2000, "decoder_layer": 2000, "final_attn": 10000}
 
@@ -51,6 +52,7 @@ class ReconConfig:
     name: str = "par"
     granularity: str = "stage"
     loss: str = "par"
+    mse_sum: str = "channels"
     iters: dict = field(default_factory=lambda: dict(PAR_OFFICIAL_ITERS, layer=2000, block=2000, decoder_block=2000))
     budget: str = "official"
     drop_prob: float = 0.5
@@ -86,7 +88,7 @@ class ReconConfig:
         if name == "none" and set(values) - {"name"}:
             raise SaqError(f"recon=none learns nothing, so recon.{sorted(set(values) - {'name'})[0]} would have no "
                            "effect; choose recon=qdrop or recon=par (or a method= preset that learns)")
-        for key, choices in (("granularity", GRANULARITIES), ("loss", LOSSES), ("budget", BUDGETS),
+        for key, choices in (("granularity", GRANULARITIES), ("loss", LOSSES), ("mse_sum", MSE_SUMS), ("budget", BUDGETS),
                              ("target_input", TARGET_INPUTS), ("response_input", RESPONSE_INPUTS),
                              ("scale_lr_schedule", ("cosine", "constant"))):
             if key in values and values[key] not in choices:

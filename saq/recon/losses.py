@@ -58,14 +58,16 @@ def unit_loss(cfg: ReconConfig, step, probe: Response, downstream: Response | No
     skipping probe), unit + response loss on decoder layers, output MSE on the neck and the final attention (plus the
     mask response with recon.par_loss.mask_weight). `downstream` gives (hs,) or, with mask_weight, (hs, masks)."""
     dims = step.channel_dims
-    mse = UnitLoss({i: 1.0 for i in step.compared}, dims)
+    # QDrop's official loss sums over dim 1 whatever it holds (a ViT block's rows of tokens, a decoder unit's tokens)
+    mse_dims = (1,) * len(dims) if cfg.mse_sum == "dim1" else dims
+    mse = UnitLoss({i: 1.0 for i in step.compared}, mse_dims)
     par = cfg.par_loss
     if cfg.loss == "mse" or step.response is None or (step.response == "masks" and par.mask_weight == 0.0):
         return mse
     if step.response == "probe":
         return UnitLoss({0: par.encoder_output_weight}, dims, probe, (par.alpha,), par.beta)
     if step.response == "masks":  # the unit's output is hs itself: compare it once, as an output
-        return UnitLoss(mse.output_weights, dims, downstream, (0.0, par.mask_weight))
+        return UnitLoss(mse.output_weights, mse_dims, downstream, (0.0, par.mask_weight))
     weights = {0: par.query_weight, 1: par.key_weight}
     return UnitLoss({i: weights[i] for i in step.compared}, dims, downstream, (par.alpha, par.mask_weight), par.beta)
 
