@@ -32,7 +32,7 @@ from saq.log import (
     write_text_atomic,
 )
 from saq.paper_results import PAPER_MODEL, paper_row, paper_table
-from saq.sweep import FAILURE_FILE, RESUME_IGNORED_KEYS, RUNNING_FILE, bounded_name
+from saq.sweep import FAILURE_FILE, RESUME_IGNORED_KEYS, RUNNING_FILE, bounded_name, with_knobs_added_since
 
 FP_ROW = "FP"
 # Metric order per task (the first is the task's main metric); other scalar metrics follow in the order found.
@@ -180,7 +180,7 @@ def load_failures(root: Path) -> list[dict]:
 
 def entries_of(run: dict) -> list[Entry]:
     config = labelled_config(run)  # a loaded model sits in the row of the run that produced it
-    flat = flatten(config)
+    flat = flatten(with_knobs_added_since(config))  # a run made before a knob existed ran its old behaviour
     common = dict(task=str(run["task"]), prompts=str(run.get("prompts", "-")), model=str(run["model"]),
                   seed=run.get("seed"), flat=flat, path=run["_path"], mtime=run["_mtime"])
     out = [Entry(bits="fp", label=FP_ROW, metrics=run["metrics"]["fp"], paper_row=FP_ROW, **common)]

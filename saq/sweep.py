@@ -95,9 +95,9 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def with_knobs_added_since(stored: dict, current: dict) -> dict:
-    """A stored config with each knob of KNOBS_ADDED_SINCE it lacks (and the current config has) set to the value
-    that does what it ran."""
+def with_knobs_added_since(stored: dict, current: dict | None = None) -> dict:
+    """A stored config with each knob of KNOBS_ADDED_SINCE it lacks set to the value that does what it ran: where
+    the current config has the knob, or (no current config) wherever the knob's parent group is there."""
     stored = json.loads(json.dumps(stored))
     for dotted, value in KNOBS_ADDED_SINCE.items():
         *parents, leaf = dotted.split(".")
@@ -107,7 +107,7 @@ def with_knobs_added_since(stored: dict, current: dict) -> dict:
             if not isinstance(old, dict):
                 break
         else:
-            if isinstance(new, dict) and leaf in new and leaf not in old:
+            if leaf not in old and (current is None or (isinstance(new, dict) and leaf in new)):
                 old[leaf] = value
     return stored
 

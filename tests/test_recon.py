@@ -398,6 +398,20 @@ def test_the_resume_key_ignores_only_what_does_not_change_the_learned_model():
     assert checkpoint_path(recon_cfg(), "model|other-data") != base
 
 
+def test_a_recon_checkpoint_saved_before_a_knob_existed_still_resumes():
+    import hashlib
+    import json
+
+    from saq.recon import checkpoint_path
+
+    cfg = recon_cfg(name="par", loss="par")
+    before = {k: v for k, v in vars(cfg).items()  # the key as it was made before response_input and mse_sum
+              if k not in ("resume", "log_every", "paper_eval_compat", "state_dir", "response_input", "mse_sum")}
+    digest = hashlib.sha256(f"m|{json.dumps(before, sort_keys=True, default=str)}".encode()).hexdigest()[:24]
+    assert checkpoint_path(cfg, "m").name == f"{digest}.pt"
+    assert checkpoint_path(recon_cfg(name="par", loss="par", response_input="quantized"), "m").name != f"{digest}.pt"
+
+
 def test_pars_decoder_loss_is_a_hundredth_of_the_queries_plus_the_keys_plus_the_tokens():
     from types import SimpleNamespace
 
@@ -425,3 +439,17 @@ def test_mse_sums_over_the_channels_or_like_qdrops_official_loss_over_dim_1():
     assert float(official(out, target, None, None)) == 3.0  # summed over the 3 rows, as QDrop's lp_loss does
     with pytest.raises(SaqError, match="recon.mse_sum"):
         recon_cfg(mse_sum="rows")
+
+
+def test_the_response_is_computed_from_response_from_when_given():
+    from types import SimpleNamespace
+
+    from saq.recon.losses import unit_loss
+
+    step = SimpleNamespace(compared=(0, 1), channel_dims=(-1, -1), response="downstream")
+    loss = unit_loss(ReconConfig.from_cfg({"name": "par"}), step, None, lambda out, data: (out[0],))
+    zero = torch.zeros(1, 2)
+    out = (zero, zero)  # no unit error; the response (here the queries themselves) decides the loss
+    unmixed = (torch.tensor([[0.0, 2.0]]), zero)
+    assert float(loss(out, (zero, zero), None, (zero,))) == 0.0
+    assert float(loss(out, (zero, zero), None, (zero,), unmixed)) == 4.0  # hs error of the unmixed pass

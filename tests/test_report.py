@@ -81,6 +81,21 @@ def test_a_knob_that_differs_within_a_cell_splits_the_row(tmp_path):
     assert float(cells[("pcc clip.theta=0.5", "sam_tiny", "w4a4")]["mean"]) == 0.65
 
 
+def test_a_run_made_before_a_knob_existed_sits_in_the_row_of_the_knobs_old_behaviour(tmp_path):
+    old = record(clip="pcc", method="saq_sam", recon="par", ap=0.60, seed=0)  # no recon.response_input: mixed
+    new = record(clip="pcc", method="saq_sam", recon="par", ap=0.70, seed=1)
+    new["config"]["recon"]["response_input"] = "quantized"
+    same = record(clip="pcc", method="saq_sam", recon="par", ap=0.64, seed=2)
+    same["config"]["recon"]["response_input"] = "mixed"
+    for name, rec in (("old", old), ("new", new), ("same", same)):
+        put(tmp_path, name, rec)
+    write_report(build_report(tmp_path), tmp_path)
+    cells = ours(tmp_path)
+    mixed = cells[("saq_sam", "sam_tiny", "w4a4")]  # the most common setting names no knob
+    assert mixed["seeds"] == "0 2" and float(mixed["mean"]) == pytest.approx(0.62)  # never averaged with quantized
+    assert float(cells[("saq_sam recon.response_input=quantized", "sam_tiny", "w4a4")]["mean"]) == 0.70
+
+
 def test_rows_never_mix_settings_across_columns_and_only_the_run_seed_is_a_seed(tmp_path):
     def run(bits=4, seed=0, ap=0.5, recon=None, task=None):
         rec = record(bits=bits, seed=seed, ap=ap, method="saq_sam", clip="pcc", recon="par")

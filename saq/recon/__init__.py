@@ -28,7 +28,12 @@ __all__ = ["EVAL_FULL", "EVAL_PAPER", "PAR_OFFICIAL_ITERS", "ReconConfig", "Reco
 def checkpoint_path(cfg: ReconConfig, key: str) -> Path:
     """Where the finished units of this run are kept: recon.state_dir / hash(key + every recon knob that changes what
     is learned; resume, logging and the evaluation mode do not, so a paper_eval_compat rerun resumes a finished run)."""
-    knobs = {k: v for k, v in vars(cfg).items() if k not in ("resume", "log_every", "paper_eval_compat", "state_dir")}
+    from saq.sweep import KNOBS_ADDED_SINCE
+
+    # a knob added since, at the value that does what runs before it did, leaves their checkpoints resumable
+    old_behaviour = {k.split(".", 1)[1]: v for k, v in KNOBS_ADDED_SINCE.items() if k.startswith("recon.")}
+    knobs = {k: v for k, v in vars(cfg).items() if k not in ("resume", "log_every", "paper_eval_compat", "state_dir")
+             and not (k in old_behaviour and v == old_behaviour[k])}
     digest = hashlib.sha256(f"{key}|{json.dumps(knobs, sort_keys=True, default=str)}".encode()).hexdigest()[:24]
     return Path(cfg.state_dir) / f"{digest}.pt"
 
