@@ -138,8 +138,13 @@ def _rows(rows, names, model, cfg, task, fp_weights, out, report) -> None:
     for part in [None, *names]:
         qmodel, _ = load_run(model, cfg)
         segmenter = Segmenter(qmodel, cfg.model.decode_batch_size)
-        if part == IOU_SCORES:  # `model` is the FP SAM (fp_reference reads its weights, nothing changes them)
-            segmenter = ScoreSwapSegmenter(qmodel, model, cfg.model.decode_batch_size)
+        if part == IOU_SCORES:
+            # the run's FP model: the saved one with every quantizer off and its FP weights back, so the planted
+            # outliers (biases, never learned) and BIG's exact sign folding are there as in the run
+            scorer, _ = load_run(model, cfg)
+            set_quant_state(scorer, "off")
+            restore_fp_weights(scorer, fp_weights, "")
+            segmenter = ScoreSwapSegmenter(qmodel, scorer, cfg.model.decode_batch_size)
         elif part is not None:
             set_quant_state(qmodel.get_submodule(part), "off")
             restore_fp_weights(qmodel, fp_weights, part)

@@ -203,6 +203,29 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
     assert both[IOU_SCORES]["mIoU"] == both[FULL]["mIoU"] and both[IOU_SCORES]["mask_AP"] != both[FULL]["mask_AP"]
 
 
+def test_sensitivity_scores_ious_with_the_runs_own_fp_model_planted_outliers_included(synthetic_root, tmp_path,
+                                                                                       monkeypatch):
+    from saq.quant.model import quant_states
+    from saq.sam.attention import decoder_attentions
+    from saq.sam.build import build_sam
+    from saq.sam.segmenter import ScoreSwapSegmenter
+    from saq.sensitivity import IOU_SCORES, sensitivity
+
+    pipeline.run(run_config(synthetic_root, "model=sam_tiny_outliers", "quant=w4a4", "task.max_images=1"),
+                 tmp_path / "run")
+    scorers = []
+    swap = ScoreSwapSegmenter.__init__
+    monkeypatch.setattr(ScoreSwapSegmenter, "__init__",
+                        lambda self, sam, scorer, *a, **k: scorers.append(scorer) or swap(self, sam, scorer, *a, **k))
+    sensitivity(tmp_path / "run", [IOU_SCORES], report=lambda line: None, save=False)
+    scorer, plain = scorers[0], build_sam("sam_tiny")
+    assert set(quant_states(scorer)) == {"off"}
+    ours = decoder_attentions(scorer)
+    planted = [name for name, attention in decoder_attentions(plain).items()
+               if not torch.allclose(ours[name].k_proj.bias.abs(), attention.k_proj.bias.abs())]
+    assert len(planted) == 7  # the planted key offsets (|bias|: BIG may flip a channel's sign) score the IoUs
+
+
 def test_sensitivity_that_cannot_write_its_file_still_measures(synthetic_root, tmp_path, monkeypatch):
     from saq.sensitivity import FULL, sensitivity
 
