@@ -121,3 +121,21 @@ def test_a_state_dict_that_is_not_sams_or_a_quantized_export_is_named(tmp_path):
     torch.save(state, path)
     with pytest.raises(SaqError, match=r"tensor mask_decoder\.iou_token\.weight is missing"):
         build_sam("sam_tiny", path)
+
+
+def test_a_checkpoint_is_hashed_once_until_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from saq.sam.build import checkpoint_digest
+
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"first")
+    reads = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: reads.append(1) or real(*a))
+    assert checkpoint_digest("sam_vit_b", str(path)) == real(b"first").hexdigest()
+    assert checkpoint_digest("sam_vit_b", str(path)) == real(b"first").hexdigest() and len(reads) == 1
+    path.write_bytes(b"other")  # retrained in place: same size, a later modification time
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert checkpoint_digest("sam_vit_b", str(path)) == real(b"other").hexdigest() and len(reads) == 2

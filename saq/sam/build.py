@@ -218,11 +218,18 @@ def checkpoint_digest(name: str, checkpoint) -> str | None:
     path = checkpoint_path(name, checkpoint)
     if path is None or not path.is_file():
         return None
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    stat = path.stat()
+    seen = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if seen not in _DIGESTS:  # a saving run asks twice (results.json, the saved recipe); ViT-H is 2.5 GB
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+        _DIGESTS[seen] = digest.hexdigest()
+    return _DIGESTS[seen]
+
+
+_DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime) -> SHA-256: a file rewritten since is hashed again
 
 
 def build_random_sam(name: str, seed: int = 0) -> Sam:
