@@ -43,7 +43,7 @@ def main(args: dict[str, str]) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(int(args.get("threads", 2)))
     name = args.get("model", "sam_tiny")
-    model = build_sam(name, args.get("checkpoint"))
+    model = build_sam(name, args.get("checkpoint"), config_key="checkpoint")
     root = args.get("data", "data/synthetic")
     task = InstanceTask({"root": root, "ann_file": "annotations/instances_val.json", "img_dir": "val/images"},
                         {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"},

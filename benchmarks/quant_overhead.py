@@ -1,7 +1,8 @@
 """Prints the fake-quantized forward time over the FP forward time: sam_tiny on CPU, and sam_vit_b when CUDA exists.
 
 Encoder (one image) and decoder (a batch of box prompts) are timed separately, median of `repeats` runs each, with
-every quantizer on after a one-image calibration (ranges do not change the cost). Random weights: timing only.
+every quantizer on after a one-image calibration (ranges do not change the cost); the networks alone, without the
+image resizing, prompt encoding and mask upscaling that cost FP and quantized the same. Random weights: timing only.
 Usage: python benchmarks/quant_overhead.py [quant=w4a4] [repeats=5] [prompts=16] [threads=N] [vit_b=auto|yes|no]
 """
 
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from saq.quant import assert_fully_quantized, calibrate, quantize
 from saq.sam.build import build_random_sam
-from saq.sam.segmenter import PromptedImage, Segmenter
+from saq.sam.segmenter import PromptedImage, Segmenter, decode_prompts, encoder_input, prompt_tensors
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -61,18 +62,18 @@ def measure(name: str, device: torch.device, quant: str, repeats: int, prompts: 
     image = sample(fp.image_encoder.img_size, prompts)
     calibrate(qmodel, [image], None, {"name": "minmax"}, progress=False)
     assert_fully_quantized(qmodel)
-    rows = []
-    for part in ("encoder", "decoder"):
-        seconds = []
-        for model in (fp, qmodel):
-            seg = Segmenter(model, decode_batch_size=prompts)
-            seg.set_image(image.image)
-            if part == "encoder":
-                seconds.append(timed(lambda seg=seg: seg.set_image(image.image), repeats, device))
-            else:
-                seconds.append(timed(lambda seg=seg: seg.predict(boxes=image.boxes), repeats, device))
-        rows.append((name, device.type, part, seconds[0] * 1e3, seconds[1] * 1e3, seconds[1] / seconds[0]))
-    return rows
+    # the networks alone, on inputs made once: resizing, prompt encoding and mask upscaling cost both the same
+    transform = Segmenter(fp).transform
+    x = encoder_input(fp, transform, image.image)
+    boxes, _, _ = prompt_tensors(transform, image.image.shape[:2], device, image.boxes)
+    sparse, dense = fp.prompt_encoder(points=None, boxes=boxes, masks=None)
+    seconds = {"encoder": [], "decoder": []}
+    for model in (fp, qmodel):
+        features = model.image_encoder(x)
+        seconds["encoder"].append(timed(lambda m=model: m.image_encoder(x), repeats, device))
+        seconds["decoder"].append(timed(lambda m=model, f=features: decode_prompts(m, f, sparse, dense), repeats,
+                                        device))
+    return [(name, device.type, part, fp_s * 1e3, q_s * 1e3, q_s / fp_s) for part, (fp_s, q_s) in seconds.items()]
 
 
 def main(args: dict[str, str]) -> None:

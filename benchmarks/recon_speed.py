@@ -45,10 +45,13 @@ def compose_group(group: str, name: str):
 
 
 def peak_memory(device: str) -> str:
-    """The peak since the last reset: GPU memory torch allocated, or (CPU) the process's peak resident size."""
+    """GPU memory torch allocated since the last reset, or (CPU) the process's peak resident size since it started
+    (model building and calibration included: it cannot be reset)."""
     if device == "cuda":
         return f"peak GPU memory allocated during reconstruction {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
-    return f"peak resident memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    mib = peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    return f"peak resident memory of the process {mib:.0f} MiB"
 
 
 def layer_skipping_saving(model, data, repeats: int = 3) -> tuple[float, float]:
@@ -69,7 +72,14 @@ def layer_skipping_saving(model, data, repeats: int = 3) -> tuple[float, float]:
         probe_image_tokens(model, state[0], data).square().mean().backward()
 
     device = x.device
-    return timed(skip, repeats, device) * 1000, timed(full, repeats, device) * 1000
+    learnable = [p for p in model.parameters() if p.requires_grad]
+    for p in learnable:  # the FP model is frozen while units learn: only the input's gradient is computed
+        p.requires_grad_(False)
+    try:
+        return timed(skip, repeats, device) * 1000, timed(full, repeats, device) * 1000
+    finally:
+        for p in learnable:
+            p.requires_grad_(True)
 
 
 def main(args: dict) -> None:
@@ -80,6 +90,9 @@ def main(args: dict) -> None:
         raise SaqError("prompts= sets the random images' box count; with data= the images bring their own boxes")
     torch.set_num_threads(int(args.get("threads", 1)))
     iters, images, prompts = int(args.get("iters", 20)), int(args.get("images", 4)), int(args.get("prompts", 16))
+    if prompts > 16:
+        raise SaqError(f"prompts={prompts}: reconstruction keeps at most 16 prompts per image (PAR's cap, "
+                       "recon.max_prompts); give 1..16")
     model = (build_sam(model_name) if model_name == "sam_tiny" else build_random_sam(model_name)).to(device)
     size = model.image_encoder.img_size
     if "data" in args:
@@ -125,23 +138,25 @@ def main(args: dict) -> None:
     units = [s for s in build_chain(model, official.granularity) if s.learnable]
     reference = [s.kind for s in build_chain(model, "stage") if s.learnable]
     schedule = dict(zip((s.name for s in units), official.unit_iters([s.kind for s in units], reference)))
-    speed: dict[str, list[float]] = {}
     single = torch.get_num_threads() == 1 and device == "cpu"
+    clock = "CPU" if single else "wall"
+    per_kind: dict[str, list] = {}
     for unit in report.units:
-        speed.setdefault(unit.kind, []).append(unit.iters / (unit.cpu_seconds if single else unit.seconds))
+        per_kind.setdefault(unit.kind, []).append(unit)
     print(f"{model_name} on {device}, {torch.get_num_threads()} thread(s), recon={official.name}, {described}, "
-          f"{iters} iterations per unit, {'CPU' if single else 'wall'} time")
+          f"{iters} iterations per unit, {clock} time")
     print(f"{'unit kind':<15}{'units':>6}{'it/s':>9}{'ms/it':>9}{'official iters':>16}{'projected s':>13}")
     total = 0.0
-    for kind, values in speed.items():
-        rate = sum(values) / len(values)
-        n_iters = sum(schedule[u.name] for u in report.units if u.kind == kind)
-        seconds = n_iters / rate
+    for kind, members in per_kind.items():
+        spent = [(u.cpu_seconds if single else u.seconds) / u.iters for u in members]  # seconds per iteration
+        n_iters = sum(schedule[u.name] for u in members)
+        seconds = sum(schedule[u.name] * t for u, t in zip(members, spent))  # each unit at its own speed
         total += seconds
-        print(f"{kind:<15}{len(values):>6}{rate:>9.2f}{1000 / rate:>9.1f}{n_iters:>16}{seconds:>13.0f}")
+        rate = len(members) / sum(spent)  # iterations per second, averaged over the kind's units
+        print(f"{kind:<15}{len(members):>6}{rate:>9.2f}{1000 / rate:>9.1f}{n_iters:>16}{seconds:>13.0f}")
     setup = setup_per_unit * len(units)
-    print(f"projected official schedule: {total:.0f} s learning + {setup:.0f} s caching ({args.get('calib_images', 32)}"
-          f" images) = {(total + setup) / 60:.1f} min; {peak_memory(device)}")
+    print(f"projected official schedule: {total:.0f} s learning ({clock} time) + {setup:.0f} s caching (wall time, "
+          f"{args.get('calib_images', 32)} images) = {(total + setup) / 60:.1f} min; {peak_memory(device)}")
     data = encode_sample(model, max(samples, key=lambda s: s.num_prompts), 16, torch.Generator().manual_seed(0))
     skip, full = layer_skipping_saving(model, data)
     print(f"layer skipping (stage 0 -> neck -> two-way transformer), fwd+bwd: {skip:.1f} ms, against {full:.1f} ms "

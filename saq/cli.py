@@ -65,6 +65,10 @@ def script_args(argv: Sequence[str], doc: str, kinds: dict[str, type]) -> dict:
         key, sep, value = arg.partition("=")
         if not sep or key not in kinds:
             raise SaqError(f"{arg!r} is not one of this script's key=value options {sorted(kinds)}; {usage}")
+        if not value:  # `data=` would be the current folder
+            raise SaqError(f"{key}= is empty; give it a value; {usage}")
+        if key in values:  # the first would be dropped without a word
+            raise SaqError(f"{key}= is given twice; give it once; {usage}")
         if isinstance(kinds[key], tuple):
             if value not in kinds[key]:
                 raise SaqError(f"{key}={value!r} is not allowed; expected one of {list(kinds[key])}; {usage}")

@@ -257,7 +257,9 @@ def test_benchmark_arguments_are_checked_and_every_key_a_script_reads_is_accepte
                           (["run=/x"], "'run=/x' is not one of this script's key=value options"),
                           (["images=abc"], "images='abc' invalid; expected a whole number >= 1"),
                           (["images=0"], "images='0' invalid; expected a whole number >= 1; Usage: python "
-                                         "benchmarks/x.py [images=4] [model=sam_tiny]")):
+                                         "benchmarks/x.py [images=4] [model=sam_tiny]"),
+                          (["model="], "model= is empty"),
+                          (["images=2", "images=3"], "images= is given twice")):
         with pytest.raises(SaqError, match=re.escape(message)):
             script_args(argv, doc, kinds)
     assert run_script(lambda args: None, doc, kinds, ["images=abc"]) == 2
