@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,18 +143,10 @@ class DetectionsFile(PromptSource):
             self._by_image = self._read(path)
         self._named_labels = any(isinstance(d[5], str) for dets in self._by_image.values() for d in dets)
 
-    @staticmethod
-    def _read(path: Path) -> dict:
-        try:
-            entries = json.loads(read_text(path, "detections file"))
-        except json.JSONDecodeError as exc:
-            raise SaqError(f"detections file {path} is not valid JSON: {exc}") from None
-        if not isinstance(entries, list):
-            raise SaqError(f"detections file {path} must be a JSON list of COCO results "
-                           "({image_id, category_id, bbox: [x, y, w, h], score})")
+    def _read(self, path: Path) -> dict:
         by_image: dict = {}
         flat = 0
-        for i, det in enumerate(entries):
+        for i, det in enumerate(_json_list(path)):
             try:
                 if not isinstance(det.get("bbox", det.get("poly")), list):
                     raise TypeError
@@ -185,10 +178,9 @@ class DetectionsFile(PromptSource):
                                f"{problem}")
             by_image.setdefault(key, []).append(item)
         _say_flat(path, flat)
-        return by_image
+        return self._keep_usable(by_image)
 
-    @staticmethod
-    def _read_dota(path: Path) -> dict:
+    def _read_dota(self, path: Path) -> dict:
         files = sorted(path.glob("Task1_*.txt")) if path.is_dir() else [path]
         if not files:
             raise SaqError(f"detections folder {path} holds no DOTA result files (Task1_<class>.txt)")
@@ -220,7 +212,18 @@ class DetectionsFile(PromptSource):
                     raise SaqError(f"DOTA result file {file}, line {lineno}: {problem}, got {line.strip()!r}")
                 by_image.setdefault(parts[0], []).append((*box, score, category))
         _say_flat(path, flat)
-        return by_image
+        return self._keep_usable(by_image)
+
+    def _keep_usable(self, by_image: dict) -> dict:
+        """Each image's detections at or above the score threshold, highest first (ties in file order), at most
+        max_per_image: all a run can use, so a detector's 300 boxes per image are not all held. The best score of
+        each image is kept apart, for require_prompts' message."""
+        self._best_score = {key: max(d[4] for d in dets) for key, dets in by_image.items()}
+        kept = {}
+        for key, dets in by_image.items():
+            usable = sorted((d for d in dets if d[4] >= self.score_threshold), key=lambda d: -d[4])
+            kept[key] = usable[: self.max_per_image]
+        return kept
 
     def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,
              category_ids: Collection[int] | None = None, drop_unknown: bool = False) -> None:
@@ -275,9 +278,7 @@ class DetectionsFile(PromptSource):
         if self._named_labels:
             raise SaqError(f"detections file {self.path} names classes by name; this task needs numeric "
                            "category_id values")
-        dets = [d for d in self._by_image.get(key, []) if d[4] >= self.score_threshold]
-        dets.sort(key=lambda d: -d[4])
-        dets = dets[: self.max_per_image]
+        dets = self._by_image.get(key, [])  # above the threshold, highest first, capped (_keep_usable)
         if not dets:
             return BoxPrompts.empty()
         arr = np.asarray(dets, np.float64)
@@ -290,8 +291,8 @@ class DetectionsFile(PromptSource):
         return BoxPrompts(arr[:, :4].astype(np.float32), arr[:, 4].astype(np.float32), arr[:, 5].astype(np.int64))
 
     def require_prompts(self, image_keys: Sequence, which: str = "evaluated") -> None:
-        scores = [d[4] for key in image_keys for d in self._by_image.get(key, [])]
-        if not any(s >= self.score_threshold for s in scores):
+        if not any(self._by_image.get(key) for key in image_keys):
+            scores = [self._best_score[key] for key in image_keys if key in self._best_score]
             found = f"the highest score is {max(scores):.3g}" if scores else "the file has none for them"
             raise SaqError(f"detections file {self.path}: no detection on the {len(image_keys)} {which} images "
                            f"reaches prompts.score_threshold={self.score_threshold} ({found})")
@@ -308,6 +309,32 @@ class DetectionsFile(PromptSource):
         # A folder's fingerprint covers every result file in it.
         files = sorted(self.path.glob("Task1_*.txt")) if self.path.is_dir() else [self.path]
         return f"detections-{self.path.resolve()}-{files_digest(files)}-{self.score_threshold}-{self.max_per_image}"
+
+
+def _json_list(path: Path) -> Iterator:
+    """The entries of a JSON list file one at a time: a detector's results on a whole training set (millions of
+    entries) are never all decoded at once."""
+    text = read_text(path, "detections file")
+    decoder, blank = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+    at = blank.match(text).end()
+    if not text.startswith("[", at):
+        raise SaqError(f"detections file {path} must be a JSON list of COCO results "
+                       "({image_id, category_id, bbox: [x, y, w, h], score})")
+    at = blank.match(text, at + 1).end()
+    first = True
+    try:
+        while not text.startswith("]", at):
+            if not first:
+                if not text.startswith(",", at):
+                    raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
+                at = blank.match(text, at + 1).end()
+            entry, at = decoder.raw_decode(text, at)
+            yield entry
+            at, first = blank.match(text, at).end(), False
+        if blank.match(text, at + 1).end() != len(text):
+            raise json.JSONDecodeError("Extra data", text, at + 1)
+    except json.JSONDecodeError as exc:
+        raise SaqError(f"detections file {path} is not valid JSON: {exc}") from None
 
 
 def _result_id(value):

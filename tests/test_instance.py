@@ -12,7 +12,7 @@ from saq.errors import SaqError
 from saq.sam.build import build_sam
 from saq.sam.segmenter import Segmenter
 from tasks.instance import InstanceTask, gt_boxes, load_coco, mask_ap
-from tasks.prompts import DetectionsFile, GroundTruthBoxes, JitteredBoxes
+from tasks.prompts import BoxPrompts, DetectionsFile, GroundTruthBoxes, JitteredBoxes
 
 DATA = {"ann_file": "annotations/instances_val.json", "img_dir": "val/images"}
 CALIB = {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"}
@@ -482,3 +482,30 @@ def test_integer_ids_written_as_floats_are_read_as_integers(synthetic_root, tmp_
     as_floats = DetectionsFile(str(tmp_path / "floats.json"))  # labels passed through float arrays: 1.0, not 1.7
     assert as_floats._by_image == as_ints._by_image
     assert all(type(d[5]) is int for d in as_floats._by_image[1]) and list(as_floats._by_image) == [1]
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"image_id": 1}', "must be a JSON list"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 0.9} {"a": 1}]', "Expecting ',' delimiter"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 0.9},', "Expecting value"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 0.9}] x', "Extra data"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 0.9}', "Expecting ',' delimiter"),
+])
+def test_a_detections_file_is_read_entry_by_entry_and_bad_json_is_named(tmp_path, text, match):
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    with pytest.raises(SaqError, match=rf"detections file .*d\.json .*{match}"):
+        DetectionsFile(str(path))
+
+
+def test_only_the_detections_a_run_can_use_are_kept(tmp_path):
+    entries = [{"image_id": 1, "category_id": 1, "bbox": [i, i, 4, 4], "score": s}
+               for i, s in enumerate([0.2, 0.01, 0.9, 0.5, 0.9, 0.7])]
+    path = tmp_path / "d.json"
+    path.write_text("\n [ \r\n" + ",\n\t".join(json.dumps(e) for e in entries) + "\n ] \n")  # any JSON whitespace
+    source = DetectionsFile(str(path), score_threshold=0.1, max_per_image=3)
+    kept = source._by_image[1]
+    # above the threshold, best first (the two 0.9s in file order), capped: what for_image hands out, nothing more
+    assert [(d[0], d[4]) for d in kept] == [(2.0, 0.9), (4.0, 0.9), (5.0, 0.7)]
+    got = source.for_image(1, BoxPrompts.empty(), (100, 100))
+    assert got.boxes[:, 0].tolist() == [2.0, 4.0, 5.0] and got.scores.tolist() == pytest.approx([0.9, 0.9, 0.7])
