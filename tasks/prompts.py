@@ -7,7 +7,7 @@ import os
 import re
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +44,14 @@ class PromptSource(ABC):
         ...
 
     def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,
-             category_ids: Collection[int] | None = None, drop_unknown: bool = False) -> None:
+             category_ids: Collection[int] | None = None, drop_unknown: bool = False,
+             image_sizes: Mapping | None = None) -> None:
         """Called by a task before for_image: its image keys, and what its labels may be.
 
         category_names: class names when labels are class indices (names are mapped to indices);
         category_ids: the dataset's numeric category ids when labels are those ids; drop_unknown: leave out
-        detections of other classes (the task inferred its classes from the evaluated images) instead of refusing.
+        detections of other classes (the task inferred its classes from the evaluated images) instead of refusing;
+        image_sizes: {key: (height, width)} where the task knows them before reading images (COCO).
         Ground-truth sources need none of it; a detections file checks that it names the task's images and classes.
         """
 
@@ -226,8 +228,12 @@ class DetectionsFile(PromptSource):
         return kept
 
     def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,
-             category_ids: Collection[int] | None = None, drop_unknown: bool = False) -> None:
+             category_ids: Collection[int] | None = None, drop_unknown: bool = False,
+             image_sizes: Mapping | None = None) -> None:
         keys = set(image_keys)
+        for key, size in (image_sizes or {}).items():  # before any inference: a box off its image is a wrong file
+            if self._by_image.get(key):
+                self._check_inside(key, np.asarray([d[:4] for d in self._by_image[key]], np.float64), size)
         if self._by_image and keys and not keys & set(self._by_image):
             raise SaqError(f"detections file {self.path} names none of the task's images "
                            f"(it has {next(iter(self._by_image))!r}; the images are keyed like {next(iter(keys))!r})")
@@ -282,13 +288,16 @@ class DetectionsFile(PromptSource):
         if not dets:
             return BoxPrompts.empty()
         arr = np.asarray(dets, np.float64)
+        self._check_inside(key, arr[:, :4], image_size)
+        return BoxPrompts(arr[:, :4].astype(np.float32), arr[:, 4].astype(np.float32), arr[:, 5].astype(np.int64))
+
+    def _check_inside(self, key, boxes: np.ndarray, image_size: tuple[int, int]) -> None:
         h, w = image_size
-        outside = (arr[:, 0] >= w) | (arr[:, 1] >= h) | (arr[:, 2] <= 0) | (arr[:, 3] <= 0)
+        outside = (boxes[:, 0] >= w) | (boxes[:, 1] >= h) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)
         if outside.any():  # a detector run at another resolution, or on other images under the same ids
-            box = [round(float(v), 1) for v in arr[int(np.argmax(outside)), :4]]
+            box = [round(float(v), 1) for v in boxes[int(np.argmax(outside))]]
             raise SaqError(f"detections file {self.path}: image {key!r} has box {box} (x1, y1, x2, y2), wholly "
                            f"outside the {w}x{h} image; detections must be in the image's own pixel coordinates")
-        return BoxPrompts(arr[:, :4].astype(np.float32), arr[:, 4].astype(np.float32), arr[:, 5].astype(np.int64))
 
     def require_prompts(self, image_keys: Sequence, which: str = "evaluated") -> None:
         if not any(self._by_image.get(key) for key in image_keys):

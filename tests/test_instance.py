@@ -509,3 +509,15 @@ def test_only_the_detections_a_run_can_use_are_kept(tmp_path):
     assert [(d[0], d[4]) for d in kept] == [(2.0, 0.9), (4.0, 0.9), (5.0, 0.7)]
     got = source.for_image(1, BoxPrompts.empty(), (100, 100))
     assert got.boxes[:, 0].tolist() == [2.0, 4.0, 5.0] and got.scores.tolist() == pytest.approx([0.9, 0.9, 0.7])
+
+
+def test_a_detection_off_its_image_is_refused_when_the_task_is_built_not_mid_evaluation(synthetic_root, tmp_path):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    last = sorted(coco.getImgIds())[-1]  # the last image evaluated: reached only after every other one
+    height, width = coco.imgs[last]["height"], coco.imgs[last]["width"]
+    dets = json.loads(write_detections(tmp_path / "d.json", coco, [1]).path.read_text())
+    dets.append({"image_id": last, "category_id": dets[0]["category_id"], "bbox": [width + 10, 5, 20, 20],
+                 "score": 0.9})  # a detector run at twice the resolution
+    (tmp_path / "d.json").write_text(json.dumps(dets))
+    with pytest.raises(SaqError, match=rf"image {last} has box .* wholly outside the {width}x{height} image"):
+        task_for(synthetic_root, DetectionsFile(str(tmp_path / "d.json")))
