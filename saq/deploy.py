@@ -190,6 +190,15 @@ def export_quantizer(quantizer: Quantizer, softmax: str = "float") -> nn.Module:
                    "ONNX QuantizeLinear here (set quant.*.act.granularity=per_tensor)")
 
 
+def require_onnx(what: str) -> None:
+    """SaqError unless onnx and onnxruntime import: said before any compute, not when the export starts."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise SaqError(f"{what} needs onnx and onnxruntime ({exc}); install the project (make setup)") from None
+
+
 def check_deploy_config(quant_cfg) -> None:
     """SaqError (one line) unless a quant config (QuantConfig or the `quant` mapping; None for FP) is W8A8."""
     if quant_cfg is None:
@@ -427,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             "python -m saq.deploy RUN_DIR [out=DIR] [softmax=float|log2]  (RUN_DIR: a run that saved its quantized "
             "model; out: default RUN_DIR/deployed; softmax: softmax*V's operand, float (fast) or log2 (saq's values))",
             {"out": None, "softmax": tuple(SOFTMAX_MODES)}, about=__doc__)
+        require_onnx("saq.deploy")
         directory = saved_dir(run_dir, "RUN_DIR ")
         # the run's folder is held while its model is read: a run into it would set the model aside mid-read
         # (RUN_DIR may name the saved model's own folder; the run is the folder around it)
@@ -446,13 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # an out= folder that cannot be written
         print(f"error: cannot write the ONNX models: {exc}", file=sys.stderr)
         return 1
-    except ImportError as exc:
-        print(f"error: saq.deploy needs onnx and onnxruntime ({exc}); install the project (make setup)",
-              file=sys.stderr)
-        return 1
     except RuntimeError as exc:  # torch.onnx export or ONNX Runtime refusing the graph
-        print(f"error: the ONNX export failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}",
-              file=sys.stderr)
+        from saq.sweep import one_line
+
+        print(f"error: the ONNX export failed: {one_line(exc)}", file=sys.stderr)
         return 1
     print(format_report(report))
     print(f"wrote {out / ENCODER_FILE}, {out / DECODER_FILE} and {out / REPORT_FILE}")

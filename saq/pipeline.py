@@ -158,15 +158,10 @@ def validate(cfg: DictConfig):
 
         check_load(cfg)
     if cfg.get("deploy"):  # int8 kernels need a W8A8 model
-        from saq.deploy import check_deploy_config
+        from saq.deploy import check_deploy_config, require_onnx
 
         check_deploy_config(None if cfg.quant.name == "fp" else cfg.quant)
-        try:  # found now, not after the FP and quantized evaluations
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise SaqError(f"deploy=true needs onnx and onnxruntime ({exc}); install the project "
-                           "(make setup)") from None
+        require_onnx("deploy=true")  # found now, not after the FP and quantized evaluations
         if (cfg.get("recon") or {}).get("paper_eval_compat"):  # metrics.quantized would keep inputs FP, deployed not
             raise SaqError("deploy=true evaluates the int8 graph fully quantized, but recon.paper_eval_compat=true "
                            "evaluates the model with half its linear inputs in FP: the two would not compare; deploy "
@@ -332,7 +327,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 metrics["deployed"] = evaluate_deployed(qmodel, run_dir, task, cfg.model.decode_batch_size,
                                                         cfg.progress)
             except Exception as exc:  # the FP and quantized metrics (hours on a large model) are still written
-                deploy_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                from saq.sweep import one_line
+
+                deploy_error = one_line(exc)
                 metrics["deployed"] = {"error": deploy_error}
 
     prompts_name = getattr(task.prompts, "name", "-") if hasattr(task, "prompts") else "-"
