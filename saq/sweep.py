@@ -29,7 +29,7 @@ RESUME_IGNORED_KEYS = ("logger", "progress", "threads", "fp_cache", "resume", "f
 # Knobs added after runs were made, with the value that does what those runs did: a finished run whose stored
 # config lacks one ran with that value (a new knob's default keeps the old behaviour), so reruns of old sweeps still
 # skip it, unless the knob is now set otherwise.
-KNOBS_ADDED_SINCE = {"recon.response_input": "mixed", "recon.mse_sum": "channels"}
+KNOBS_ADDED_SINCE = {"recon.response_input": "mixed", "recon.mse_sum": "channels", "prompts.class_names": None}
 
 
 def job_dirname(overrides: str, max_len: int = 160) -> str:

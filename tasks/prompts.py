@@ -1,9 +1,12 @@
-"""Where box prompts come from: ground truth, jittered ground truth, or a detector's results (COCO json or DOTA txt)."""
+"""Where box prompts come from: ground truth, jittered ground truth, or a detector's results (COCO json, DOTA txt or
+an mmdetection / mmrotate results pickle)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import re
 import zlib
 from abc import ABC, abstractmethod
@@ -113,14 +116,19 @@ class DetectionsFile(PromptSource):
     "poly": [x1, y1, ..., x4, y4] may stand in for bbox.
     DOTA (what the DOTA devkit and mmrotate write for Task 1): one file per class, Task1_<class>.txt, lines
     "image_stem score x1 y1 x2 y2 x3 y3 x4 y4"; file may be that folder or one such file.
-    A polygon's enclosing horizontal box is the prompt. Keeps detections with score >= score_threshold, at most
-    max_per_image per image, highest scores first.
+    pkl (what mmdetection 3.x / mmrotate 1.x `tools/test.py --out results.pkl` writes): one entry per image with
+    img_id and pred_instances {bboxes, scores, labels}; boxes xyxy, rotated (cx, cy, w, h, angle in radians) or
+    quadrilaterals. Its labels are the detector's class indices: class_names lists the detector's classes in that
+    order (needed for DOTA-style tasks); without it a COCO task takes index i as the annotation file's i-th category,
+    as mmdetection's CocoDataset numbers them.
+    A polygon's or rotated box's enclosing horizontal box is the prompt. Keeps detections with score >=
+    score_threshold, at most max_per_image per image, highest scores first.
     """
 
     name = "detections"
 
     def __init__(self, file: str | None, score_threshold: float = 0.05, max_per_image: int = 100,
-                 calib_file: str | None = None):
+                 calib_file: str | None = None, class_names: Sequence[str] | None = None):
         if not file:
             raise SaqError("prompts=detections needs a file: set prompts.file=/path/to/detections.json "
                            "(or a folder of DOTA Task1_<class>.txt files)")
@@ -139,8 +147,22 @@ class DetectionsFile(PromptSource):
             raise SaqError(f"calibration detections file not found: {calib_file} (set prompts.calib_file to the "
                            "detector's results on the calibration images, or null to calibrate on ground-truth boxes)")
         self.calib_file = calib_file
+        is_pickle = not path.is_dir() and _is_pickle(path)
+        if class_names is not None:
+            if isinstance(class_names, str) or not isinstance(class_names, Sequence) or not class_names \
+                    or not all(isinstance(c, str) and c for c in class_names):
+                raise SaqError(f"prompts.class_names={class_names!r} invalid; expected the detector's class names in "
+                               "its label order (e.g. [plane, ship]) or null")
+            if not is_pickle:
+                raise SaqError(f"prompts.class_names is for .pkl results (their labels are class indices); {path} "
+                               "names its classes itself: set prompts.class_names=null")
+            class_names = [str(c) for c in class_names]
+        self.class_names = class_names
+        self._label_indices = False  # True while labels are a pickle's class indices, not mapped to the task's yet
         if path.is_dir() or path.suffix.lower() == ".txt":
             self._by_image = self._read_dota(path)
+        elif is_pickle:
+            self._by_image = self._read_pickle(path)
         else:
             self._by_image = self._read(path)
         self._named_labels = any(isinstance(d[5], str) for dets in self._by_image.values() for d in dets)
@@ -216,6 +238,55 @@ class DetectionsFile(PromptSource):
         _say_flat(path, flat)
         return self._keep_usable(by_image)
 
+    def _read_pickle(self, path: Path) -> dict:
+        results = _load_results_pickle(path)
+        if not isinstance(results, list) or not results:
+            raise SaqError(f"detections file {path} must hold a non-empty list of per-image results, as mmdetection's "
+                           f"tools/test.py --out writes (it holds {type(results).__name__})")
+        if not isinstance(results[0], Mapping):  # mmdetection 2.x: per-class arrays in dataset order, no image ids
+            raise SaqError(f"detections file {path} is not mmdetection 3.x results (a dict per image with img_id and "
+                           "pred_instances); for mmdetection 2.x write COCO json instead (tools/test.py --format-only "
+                           "--options jsonfile_prefix=dets) and set prompts.file to dets.bbox.json")
+        by_image: dict = {}
+        flat = 0
+        for i, entry in enumerate(results):
+            where = f"detections file {path}: entry {i}"
+            preds = _field(entry, "pred_instances") if isinstance(entry, Mapping) else None
+            if preds is None:
+                raise SaqError(f"{where} has no pred_instances (expected a dict per image with img_id and "
+                               "pred_instances {bboxes, scores, labels})")
+            key = _result_id(_plain(_field(entry, "img_id")))
+            if key is None and isinstance(_field(entry, "img_path"), str):
+                key = Path(_field(entry, "img_path")).stem  # DOTA patches are keyed by file stem
+            if key is None:
+                raise SaqError(f"{where} has neither an integer or string img_id nor an img_path")
+            boxes, scores, labels = (_array(_field(preds, name), f"{where}: pred_instances.{name}")
+                                     for name in ("bboxes", "scores", "labels"))
+            if boxes.ndim != 2 or boxes.shape[1] not in (4, 5, 8) or not len(scores) == len(labels) == len(boxes):
+                raise SaqError(f"{where} has bboxes of shape {list(boxes.shape)} with {len(scores)} scores and "
+                               f"{len(labels)} labels; expected N x 4 (x1, y1, x2, y2), N x 5 (cx, cy, w, h, angle) "
+                               "or N x 8 (quadrilaterals), one score and label each")
+            if len(labels) and (not np.isfinite(labels).all() or (labels != np.round(labels)).any()
+                                or labels.min() < 0):
+                raise SaqError(f"{where}: labels must be class indices (integers >= 0), got {labels[:5].tolist()}")
+            for box, score, label in zip(horizontal_boxes(boxes), scores.tolist(), labels.astype(np.int64).tolist()):
+                if _flat(box):
+                    flat += 1
+                    continue
+                problem = box_problem(box) or score_problem(score)
+                if problem:
+                    raise SaqError(f"{where} (image {key!r}, box {[round(v, 2) for v in box]}, score {score}): "
+                                   f"{problem}")
+                if self.class_names is not None:
+                    if label >= len(self.class_names):
+                        raise SaqError(f"{where} (image {key!r}) has label {label}; prompts.class_names lists "
+                                       f"{len(self.class_names)} classes ({self.class_names})")
+                    label = self.class_names[label]
+                by_image.setdefault(key, []).append((*box, float(score), label))
+        _say_flat(path, flat)
+        self._label_indices = self.class_names is None
+        return self._keep_usable(by_image)
+
     def _keep_usable(self, by_image: dict) -> dict:
         """Each image's detections at or above the score threshold, highest first (ties in file order), at most
         max_per_image: all a run can use, so a detector's 300 boxes per image are not all held. The best score of
@@ -247,6 +318,12 @@ class DetectionsFile(PromptSource):
         if keys and unknown:
             print(f"detections file {self.path}: {sum(len(self._by_image[k]) for k in unknown)} detections on "
                   f"{len(unknown)} images the task does not have (first: {unknown[0]!r}) are not used")
+        if self._label_indices:
+            self._map_label_indices(category_ids)
+        elif category_ids is not None and self.class_names is not None:
+            raise SaqError(f"prompts.class_names is for tasks whose classes are names (DOTA); this task's categories "
+                           f"are the annotation file's ids, and {self.path}'s labels index them in file order, as "
+                           "mmdetection's CocoDataset does: set prompts.class_names=null")
         if category_ids is not None:
             known = set(category_ids)
             for key, dets in self._by_image.items():
@@ -280,7 +357,26 @@ class DetectionsFile(PromptSource):
                   f"labelled object in the evaluated images: {sorted(dropped)}")
         self._named_labels = False
 
+    def _map_label_indices(self, category_ids: Collection[int] | None) -> None:
+        """A pickle's class indices as the task's category ids: index i is the annotation file's i-th category."""
+        if category_ids is None:  # the task's classes are names: which index is which class only the detector knows
+            raise SaqError(f"detections file {self.path} labels its boxes by class index; set prompts.class_names to "
+                           "the detector's classes in its label order (mmrotate's DOTA v1.0: [plane, baseball-diamond, "
+                           "bridge, ground-track-field, small-vehicle, large-vehicle, ship, tennis-court, "
+                           "basketball-court, storage-tank, soccer-ball-field, roundabout, harbor, swimming-pool, "
+                           "helicopter])")
+        ids = list(category_ids)
+        for key, dets in self._by_image.items():
+            for j, det in enumerate(dets):
+                if det[5] >= len(ids):
+                    raise SaqError(f"detections file {self.path}: image {key!r} has label {det[5]}, but the "
+                                   f"annotation file defines {len(ids)} categories (label i is its i-th)")
+                dets[j] = (*det[:5], ids[det[5]])
+        self._label_indices = False
+
     def for_image(self, key, gt: BoxPrompts, image_size: tuple[int, int]) -> BoxPrompts:
+        if self._label_indices:
+            raise SaqError(f"detections file {self.path} was not bound to a task (its labels are class indices)")
         if self._named_labels:
             raise SaqError(f"detections file {self.path} names classes by name; this task needs numeric "
                            "category_id values")
@@ -311,13 +407,118 @@ class DetectionsFile(PromptSource):
             print("calibration prompts: ground-truth boxes (prompts.calib_file is not set; set it to the detector's "
                   "results on the calibration images to calibrate as the paper does)")
             return GroundTruthBoxes(), "gt (fallback: prompts.calib_file not set)"
-        source = DetectionsFile(self.calib_file, self.score_threshold, self.max_per_image)
+        source = DetectionsFile(self.calib_file, self.score_threshold, self.max_per_image,
+                                class_names=self.class_names if _is_pickle(Path(self.calib_file)) else None)
         return source, f"detections:{Path(self.calib_file).resolve()}"
 
     def fingerprint(self) -> str:
         # A folder's fingerprint covers every result file in it.
         files = sorted(self.path.glob("Task1_*.txt")) if self.path.is_dir() else [self.path]
-        return f"detections-{self.path.resolve()}-{files_digest(files)}-{self.score_threshold}-{self.max_per_image}"
+        names = f"-{self.class_names}" if self.class_names is not None else ""
+        return (f"detections-{self.path.resolve()}-{files_digest(files)}-{self.score_threshold}-{self.max_per_image}"
+                f"{names}")
+
+
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+
+
+def _is_pickle(path: Path) -> bool:
+    return path.suffix.lower() in PICKLE_SUFFIXES
+
+
+class _PickledObject:
+    """Stands in for a class of the OpenMMLab stack (mmdet's box types, mmengine's data elements) in a results
+    pickle, so it loads without mmdet or mmrotate installed: its attributes are kept, nothing of it runs."""
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple):  # (dict, slots)
+            state = {k: v for part in state if isinstance(part, dict) for k, v in part.items()}
+        self.__dict__.update(state if isinstance(state, dict) else {})
+
+
+class _ResultsUnpickler(pickle.Unpickler):
+    """Loads a results pickle with only what such a file holds: builtins data, numpy arrays, torch tensors and
+    stand-ins for OpenMMLab classes; any other global (code a pickle could run) is refused by name."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        module = {"__builtin__": "builtins"}.get(module, module)  # Python 2 names, which protocol 2 writes
+        if module.split(".")[0] in ("mmdet", "mmrotate", "mmengine", "mmcv"):
+            return _PickledObject
+        if (module, name) == ("torch.storage", "_load_from_bytes"):  # a tensor's storage: load it tensors-only
+            return lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        allowed = {("torch._utils", "_rebuild_tensor_v2"), ("torch", "Size"), ("torch", "device"),
+                   ("collections", "OrderedDict"), ("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype"),
+                   ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "bytes"),
+                   ("builtins", "bytearray")}
+        numpy_core = module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct",
+                                                                                                  "scalar")
+        torch_type = module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype))
+        if (module, name) in allowed or numpy_core or torch_type:
+            return super().find_class(module, name)
+        raise SaqError(f"detections file {self.path} holds a {module}.{name}, which a detector's results do not; "
+                       "saq loads only mmdetection / mmrotate results pickles (tensors, arrays, lists and dicts)")
+
+
+def _load_results_pickle(path: Path):
+    try:
+        with open(path, "rb") as f:
+            return _ResultsUnpickler(f, path).load()
+    except SaqError:
+        raise
+    except OSError as exc:
+        raise SaqError(f"detections file {path} cannot be read: {exc.strerror or exc}") from None
+    except Exception as exc:  # a truncated or foreign file fails inside pickle in many ways
+        raise SaqError(f"detections file {path} is not a readable results pickle ({type(exc).__name__}: "
+                       f"{str(exc)[:120]})") from None
+
+
+def _field(item, name: str):
+    """A field of a results entry: a dict key, or an attribute of a stand-in object (mmengine keeps some under a
+    leading underscore, e.g. _pred_instances)."""
+    if isinstance(item, Mapping):
+        return item.get(name, item.get(f"_{name}"))
+    if isinstance(item, _PickledObject):
+        return item.__dict__.get(name, item.__dict__.get(f"_{name}"))
+    return None
+
+
+def _plain(value):
+    """A 0-d tensor or numpy number as a Python number; anything else unchanged."""
+    if hasattr(value, "ndim") and hasattr(value, "tolist") and value.ndim == 0:
+        return value.tolist()
+    return value
+
+
+def _array(value, what: str) -> np.ndarray:
+    """A tensor, array or mmdet box object (its .tensor) as a float64 numpy array."""
+    if isinstance(value, _PickledObject):
+        value = _field(value, "tensor")
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray):
+        raise SaqError(f"{what} is {type(value).__name__}; expected a tensor or array")
+    return value.astype(np.float64)
+
+
+def horizontal_boxes(boxes: np.ndarray) -> list[tuple[float, float, float, float]]:
+    """The horizontal xyxy boxes enclosing N x 4 (xyxy), N x 5 (cx, cy, w, h, angle in radians, any of mmrotate's
+    angle conventions) or N x 8 (quadrilateral) boxes."""
+    if boxes.shape[1] == 4:
+        return [tuple(b) for b in boxes.tolist()]
+    if boxes.shape[1] == 5:
+        cx, cy, w, h, angle = boxes.T
+        cos, sin = np.abs(np.cos(angle)), np.abs(np.sin(angle))
+        half_x, half_y = (w * cos + h * sin) / 2, (w * sin + h * cos) / 2
+        return [tuple(b) for b in np.stack([cx - half_x, cy - half_y, cx + half_x, cy + half_y], 1).tolist()]
+    corners = boxes.reshape(len(boxes), 4, 2)
+    return [tuple(b) for b in np.concatenate([corners.min(1), corners.max(1)], 1).tolist()]
 
 
 def _json_list(path: Path) -> Iterator:

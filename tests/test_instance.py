@@ -521,3 +521,76 @@ def test_a_detection_off_its_image_is_refused_when_the_task_is_built_not_mid_eva
     (tmp_path / "d.json").write_text(json.dumps(dets))
     with pytest.raises(SaqError, match=rf"image {last} has box .* wholly outside the {width}x{height} image"):
         task_for(synthetic_root, DetectionsFile(str(tmp_path / "d.json")))
+
+
+def mm_entries(coco, image_ids, score=0.9):
+    """mmdetection 3.x results for these images: their ground-truth boxes (xyxy), labels as the detector's class
+    indices (the annotation file's category order), plus one box below the score threshold each."""
+    import torch
+
+    order = coco.getCatIds()
+    entries = []
+    for image_id in image_ids:
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)] + [[1, 1, 9, 9]]
+        entries.append({"img_id": image_id, "img_path": f"/data/val/{image_id:06d}.png", "ori_shape": (256, 256),
+                        "pred_instances": {"bboxes": torch.tensor(boxes, dtype=torch.float32),
+                                           "scores": torch.tensor([score] * len(anns) + [0.01]),
+                                           "labels": torch.tensor([order.index(a["category_id"]) for a in anns] + [0]),
+                                           "masks": [{"size": [256, 256], "counts": b"PPYo1"}] * (len(anns) + 1)}})
+    return entries
+
+
+def test_mmdetection_results_pickle_gives_the_same_prompts_as_its_json(synthetic_root, tmp_path, mm_results):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    from_pickle = DetectionsFile(str(mm_results(tmp_path / "results.pkl", mm_entries(coco, [1, 2]))))
+    from_json = write_detections(tmp_path / "dets.json", coco, [1, 2])
+    task_for(synthetic_root, from_pickle), task_for(synthetic_root, from_json)  # binding maps the class indices
+    for image_id in (1, 2):
+        got, want = from_pickle.for_image(image_id, None, (256, 256)), from_json.for_image(image_id, None, (256, 256))
+        order = lambda p: np.lexsort(p.boxes.T[::-1])  # noqa: E731
+        assert np.allclose(got.boxes[order(got)], want.boxes[order(want)], atol=1e-4)
+        assert got.labels[order(got)].tolist() == want.labels[order(want)].tolist()  # dataset category ids
+        assert len(got) == len(coco.getAnnIds(imgIds=image_id))  # the 0.01 box is below the threshold
+    assert from_pickle.fingerprint() != from_json.fingerprint()
+
+
+def test_a_results_pickle_never_runs_code_and_bad_ones_are_named(synthetic_root, tmp_path, mm_results):
+    import os
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps([{"img_id": 1, "x": Payload()}], protocol=2))
+    with pytest.raises(SaqError, match=r"holds a posix\.system, which a detector's results do not"):
+        DetectionsFile(str(tmp_path / "evil.pkl"))
+    assert not marker.exists()
+    # mmdetection 2.x: per-class arrays in dataset order, no image ids
+    (tmp_path / "v2.pkl").write_bytes(pickle.dumps([[np.zeros((0, 5), np.float32)] * 8], protocol=2))
+    with pytest.raises(SaqError, match="not mmdetection 3.x results.*write COCO json instead"):
+        DetectionsFile(str(tmp_path / "v2.pkl"))
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    good = mm_results(tmp_path / "good.pkl", mm_entries(coco, [1]))
+    (tmp_path / "cut.pkl").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(SaqError, match="cut.pkl is not a readable results pickle"):
+        DetectionsFile(str(tmp_path / "cut.pkl"))
+    entries = mm_entries(coco, [1])
+    entries[0]["pred_instances"]["labels"][0] = 8  # the annotation file defines 8 categories: indices 0-7
+    with pytest.raises(SaqError, match="has label 8, but the annotation file defines 8 categories"):
+        task_for(synthetic_root, DetectionsFile(str(mm_results(tmp_path / "label.pkl", entries))))
+    entries = mm_entries(coco, [1])
+    del entries[0]["pred_instances"]["scores"]
+    with pytest.raises(SaqError, match=r"entry 0: pred_instances\.scores is NoneType; expected a tensor or array"):
+        DetectionsFile(str(mm_results(tmp_path / "noscores.pkl", entries)))
+    # class names are for tasks that name classes (DOTA), and only a pickle's labels are indices
+    with pytest.raises(SaqError, match="prompts.class_names is for tasks whose classes are names"):
+        task_for(synthetic_root, DetectionsFile(str(good), class_names=["disk"] * 8))
+    write_detections(tmp_path / "d.json", coco, [1])
+    with pytest.raises(SaqError, match="prompts.class_names is for .pkl results"):
+        DetectionsFile(str(tmp_path / "d.json"), class_names=["disk"])
+    with pytest.raises(SaqError, match=r"prompts.class_names='disk' invalid"):
+        DetectionsFile(str(good), class_names="disk")

@@ -455,3 +455,36 @@ def test_files_that_are_no_images_are_named_and_a_bom_is_not_part_of_a_name(tmp_
     (tmp_path / "dets").mkdir()
     (tmp_path / "dets/Task1_ship.txt").write_bytes("\ufeffP1 0.9 1 1 9 1 9 9 1 9\n".encode())
     assert list(DetectionsFile(str(tmp_path / "dets"))._by_image) == ["P1"]
+
+
+def test_mmrotate_results_pickle_as_prompts(tmp_path, synthetic_root, mm_results):
+    """mmrotate 1.x writes rotated boxes (cx, cy, w, h, angle in radians) as its RotatedBoxes objects and labels as
+    class indices; a DOTA task needs the detector's class order to name them."""
+    data = {"root": str(synthetic_root), **DATA}
+    rotated = {"img_id": "000001", "pred_instances": {
+        "bboxes": torch.tensor([[40.0, 50.0, 20.0, 10.0, np.pi / 2], [100.0, 100.0, 10.0, 10.0, np.pi / 4]]),
+        "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([3, 0])}}
+    quads = {"img_path": "/dota/val/images/000002.png", "pred_instances": {  # no img_id: keyed by the file stem
+        "bboxes": torch.tensor([[1.0, 2.0, 9.0, 2.0, 9.0, 7.0, 1.0, 7.0]]), "scores": torch.tensor([0.7]),
+        "labels": torch.tensor([6])}}
+    path = mm_results(tmp_path / "rotated.pkl", [rotated, quads],
+                      box_class="mmrotate.structures.bbox.rotated_boxes.RotatedBoxes")
+    assert "mmrotate" not in __import__("sys").modules
+    source = DetectionsFile(str(path), class_names=list(CATEGORIES))
+    task = OrientedTask(data, CALIB, prompts=source, classes=CATEGORIES)
+    got = source.for_image("000001", None, (256, 256))
+    half = 5 * np.sqrt(2)  # a 10 x 10 square turned 45 degrees
+    assert np.allclose(got.boxes, [[35, 40, 45, 60], [100 - half, 100 - half, 100 + half, 100 + half]], atol=1e-4)
+    assert [task.classes[i] for i in got.labels] == ["star", "disk"]
+    second = source.for_image("000002", None, (256, 256))
+    assert second.boxes.tolist() == [[1, 2, 9, 7]] and [task.classes[i] for i in second.labels] == ["ring"]
+    # without the detector's class order the indices cannot be named: refused when the task is built
+    with pytest.raises(SaqError, match="labels its boxes by class index; set prompts.class_names"):
+        OrientedTask(data, CALIB, prompts=DetectionsFile(str(path)), classes=CATEGORIES)
+    # the calibration images' results (prompts.calib_file) are read with the same class order
+    calibration, _ = DetectionsFile(str(path), class_names=list(CATEGORIES), calib_file=str(path)).calibration_source()
+    calibration.bind(["000001"], CATEGORIES, drop_unknown=True)
+    assert [CATEGORIES[i] for i in calibration.for_image("000001", None, (256, 256)).labels] == ["star", "disk"]
+    with pytest.raises(SaqError, match=r"entry 0 \(image .000001.\) has label 3; prompts.class_names lists 3 "
+                                       r"classes \(\[.disk., .rectangle., .triangle.\]\)"):
+        DetectionsFile(str(path), class_names=["disk", "rectangle", "triangle"])

@@ -235,9 +235,10 @@ def test_a_run_made_before_a_knob_existed_counts_as_that_knobs_old_behaviour(tmp
         for dotted, value in KNOBS_ADDED_SINCE.items():  # a knob's default keeps what runs without it did
             group = dotted.split(".")[0]
             presets = [p.stem for p in (REPO / "conf" / group).glob("*.yaml")]
-            found = [OmegaConf.select(compose(config_name="config", overrides=[f"{group}={name}"]), dotted)
-                     for name in presets]
-            assert {f for f in found if f is not None} == {value}, dotted
+            absent = object()
+            found = [OmegaConf.select(compose(config_name="config", overrides=[f"{group}={name}"]), dotted,
+                                      default=absent) for name in presets]
+            assert {f for f in found if f is not absent} == {value}, dotted
     before = {"seed": 0, "recon": {"name": "par", "drop_prob": 0.5}}  # stored by a run made before the knob
     path = tmp_path / "results.json"
     path.write_text(json.dumps(finished(before)))
