@@ -364,7 +364,9 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
 
         os.environ.setdefault("WANDB_INIT_TIMEOUT", str(logger_cfg.get("init_timeout_s", 30)))
         os.environ.setdefault("WANDB_SILENT", "true")
-        run = wandb.init(dir=str(run_dir), reinit=True, **wandb_run_options(logger_cfg, record, _multirun_sweep_dir()))
+        # one run per job: a multirun in one process (basic launcher) finishes the previous job's run first
+        run = wandb.init(dir=str(run_dir), reinit="finish_previous",
+                         **wandb_run_options(logger_cfg, record, _multirun_sweep_dir()))
         run.summary.update({k: v for k, v in flatten(record.get("metrics", {}), "/").items() if is_number(v)})
         run.summary["wall_time_s"] = record.get("wall_time_s")
         figures = {f"figures/{p.stem}": wandb.Image(str(p)) for p in run_figures(run_dir)}
