@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import cv2
@@ -101,6 +101,36 @@ def _truncated_jpeg(path: Path) -> bool:
     except OSError:
         return True
     return False
+
+
+class HeaderSizes(Mapping):
+    """{key: (height, width)} of image files, each read from the file's header when first asked for (no pixels are
+    decoded); an image whose header cannot be read is missing (reading the image later names its problem)."""
+
+    def __init__(self, paths: Mapping):
+        self.paths, self._sizes = dict(paths), {}
+
+    def __getitem__(self, key) -> tuple[int, int]:
+        if key not in self._sizes:
+            from PIL import Image
+
+            try:
+                with Image.open(self.paths[key]) as img:  # the stored pixels' size, as read_rgb decodes them
+                    width, height = img.size
+                self._sizes[key] = (height, width)
+            except KeyError:
+                raise
+            except Exception:  # not an image, corrupt, or over PIL's pixel limit: no size known before reading
+                self._sizes[key] = None
+        if self._sizes[key] is None:
+            raise KeyError(key)
+        return self._sizes[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
 def read_text(path: Path, what: str) -> str:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import Task, files_digest, first_prompted, list_images, read_rgb, read_text, require_dir
+from tasks.base import HeaderSizes, Task, files_digest, first_prompted, list_images, read_rgb, read_text, require_dir
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource, enclosing_boxes
 from tasks.synthetic import evaluation_limit, oriented_box
 
@@ -226,7 +226,8 @@ class OrientedTask(Task):
         self.class_index = {name: i for i, name in enumerate(self.classes)}
         self.prompts = prompts or GroundTruthBoxes()
         # Classes inferred from the evaluated labels: a detector's other classes have no objects here to score.
-        self.prompts.bind([stem for stem, _ in all_images], self.classes, drop_unknown=classes is None)
+        self.prompts.bind([stem for stem, _ in all_images], self.classes, drop_unknown=classes is None,
+                          image_sizes=HeaderSizes(all_images))
 
     def ground_truth(self, stem: str) -> tuple[BoxPrompts, np.ndarray, np.ndarray]:
         """An image's enclosing boxes as prompts (score 1, class index), with its polygons and difficult flags."""
@@ -250,7 +251,7 @@ class OrientedTask(Task):
         require_dir(self.calib_ann_dir, "calibration DOTA label", "task.calib.ann_dir")
         images = list_images(self.calib_img_dir, "task.calib.img_dir")
         source, self.calibration_prompts = self.prompts.calibration_source()
-        source.bind([stem for stem, _ in images], self.classes, drop_unknown=True)
+        source.bind([stem for stem, _ in images], self.classes, drop_unknown=True, image_sizes=HeaderSizes(images))
         paths = dict(images)
 
         def sample_for(stem: str) -> PromptedImage | None:

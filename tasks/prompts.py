@@ -54,7 +54,8 @@ class PromptSource(ABC):
         category_names: class names when labels are class indices (names are mapped to indices);
         category_ids: the dataset's numeric category ids when labels are those ids; drop_unknown: leave out
         detections of other classes (the task inferred its classes from the evaluated images) instead of refusing;
-        image_sizes: {key: (height, width)} where the task knows them before reading images (COCO).
+        image_sizes: {key: (height, width)} where the task knows them before reading images (COCO's annotation
+        file, DOTA's image headers); a key it lacks is checked when its image is read.
         Ground-truth sources need none of it; a detections file checks that it names the task's images and classes.
         """
 
@@ -302,9 +303,10 @@ class DetectionsFile(PromptSource):
              category_ids: Collection[int] | None = None, drop_unknown: bool = False,
              image_sizes: Mapping | None = None) -> None:
         keys = set(image_keys)
-        for key, size in (image_sizes or {}).items():  # before any inference: a box off its image is a wrong file
-            if self._by_image.get(key):
-                self._check_inside(key, np.asarray([d[:4] for d in self._by_image[key]], np.float64), size)
+        for key, dets in self._by_image.items():  # before any inference: a box off its image is a wrong file
+            size = image_sizes.get(key) if image_sizes is not None and dets else None
+            if size is not None:
+                self._check_inside(key, np.asarray([d[:4] for d in dets], np.float64), size)
         if self._by_image and keys and not keys & set(self._by_image):
             raise SaqError(f"detections file {self.path} names none of the task's images "
                            f"(it has {next(iter(self._by_image))!r}; the images are keyed like {next(iter(keys))!r})")

@@ -488,3 +488,29 @@ def test_mmrotate_results_pickle_as_prompts(tmp_path, synthetic_root, mm_results
     with pytest.raises(SaqError, match=r"entry 0 \(image .000001.\) has label 3; prompts.class_names lists 3 "
                                        r"classes \(\[.disk., .rectangle., .triangle.\]\)"):
         DetectionsFile(str(path), class_names=["disk", "rectangle", "triangle"])
+
+
+def test_a_detection_off_its_image_is_refused_when_the_task_is_built(tmp_path, synthetic_root):
+    """Image sizes come from the image files' headers, so a wrong detections file stops the run before any
+    calibration or evaluation; an image whose header cannot be read is checked when it is read, as before."""
+    import shutil
+
+    from tasks.base import HeaderSizes
+
+    data = {"root": str(synthetic_root), **DATA}
+    images = {p.stem: p for p in (synthetic_root / DATA["img_dir"]).iterdir()}
+    stems = sorted(images)
+    last = stems[-1]  # reached only after every other image is evaluated
+    off = write(tmp_path / "off" / "Task1_disk.txt", f"{stems[0]} 0.9 10 10 30 12 28 40 8 38\n"
+                                                     f"{last} 0.9 300 10 320 10 320 30 300 30\n")
+    with pytest.raises(SaqError, match=rf"image '{last}' has box \[300.0, 10.0, 320.0, 30.0\] .* wholly outside "
+                                       r"the 256x256 image"):
+        OrientedTask(data, CALIB, prompts=DetectionsFile(str(off.parent)), classes=CATEGORIES)
+    sizes = HeaderSizes({"a": images[last], "b": tmp_path / "off.png"})
+    (tmp_path / "off.png").write_bytes(b"not an image")
+    assert sizes.get("a") == (256, 256) and sizes.get("b") is None and sizes.get("c") is None
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_root, copy)
+    (copy / DATA["img_dir"] / images[last].name).write_bytes(b"corrupt")
+    # a corrupt image is no reason to refuse the detections: its own read names it
+    OrientedTask({"root": str(copy), **DATA}, CALIB, prompts=DetectionsFile(str(off.parent)), classes=CATEGORIES)
