@@ -294,9 +294,16 @@ class DetectionsFile(PromptSource):
         each image is kept apart, for require_prompts' message."""
         self._best_score = {key: max(d[4] for d in dets) for key, dets in by_image.items()}
         kept = {}
+        repeated, first = 0, None
         for key, dets in by_image.items():
             usable = sorted((d for d in dets if d[4] >= self.score_threshold), key=lambda d: -d[4])
             kept[key] = usable[: self.max_per_image]
+            extra = len(kept[key]) - len(set(kept[key]))
+            repeated, first = repeated + extra, first if first is not None or not extra else key
+        if repeated:  # a detector never repeats a box exactly: results written twice make every box a false positive
+            print(f"detections file {self.path}: {repeated} detections repeat another exactly (same image, box, score "
+                  f"and class; first on image {first!r}); they are kept as given: is the file two result files "
+                  "joined?")
         return kept
 
     def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,

@@ -594,3 +594,15 @@ def test_a_results_pickle_never_runs_code_and_bad_ones_are_named(synthetic_root,
         DetectionsFile(str(tmp_path / "d.json"), class_names=["disk"])
     with pytest.raises(SaqError, match=r"prompts.class_names='disk' invalid"):
         DetectionsFile(str(good), class_names="disk")
+
+
+def test_detections_repeated_exactly_are_named(synthetic_root, tmp_path, capsys):
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    write_detections(tmp_path / "once.json", coco, [1, 2])
+    assert "repeat another exactly" not in capsys.readouterr().out
+    entries = json.loads((tmp_path / "once.json").read_text())
+    (tmp_path / "twice.json").write_text(json.dumps(entries + entries))  # two result files joined
+    twice = DetectionsFile(str(tmp_path / "twice.json"))
+    assert f"{len(entries)} detections repeat another exactly (same image, box, score and class; first on image 1)" \
+        in capsys.readouterr().out
+    assert len(twice.for_image(1, None, (256, 256))) == 2 * len(coco.getAnnIds(imgIds=1))  # kept as given
