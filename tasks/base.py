@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -103,34 +103,25 @@ def _truncated_jpeg(path: Path) -> bool:
     return False
 
 
-class HeaderSizes(Mapping):
-    """{key: (height, width)} of image files, each read from the file's header when first asked for (no pixels are
-    decoded); an image whose header cannot be read is missing (reading the image later names its problem)."""
+class HeaderSizes:
+    """get(key) -> (height, width) of an image file, read from the file's header when first asked for (no pixels
+    are decoded); None for a key it lacks or an image whose header cannot be read (reading the image later names
+    its problem)."""
 
-    def __init__(self, paths: Mapping):
+    def __init__(self, paths: Iterable[tuple]):
         self.paths, self._sizes = dict(paths), {}
 
-    def __getitem__(self, key) -> tuple[int, int]:
-        if key not in self._sizes:
+    def get(self, key) -> tuple[int, int] | None:
+        if key not in self._sizes and key in self.paths:
             from PIL import Image
 
             try:
                 with Image.open(self.paths[key]) as img:  # the stored pixels' size, as read_rgb decodes them
                     width, height = img.size
                 self._sizes[key] = (height, width)
-            except KeyError:
-                raise
             except Exception:  # not an image, corrupt, or over PIL's pixel limit: no size known before reading
                 self._sizes[key] = None
-        if self._sizes[key] is None:
-            raise KeyError(key)
-        return self._sizes[key]
-
-    def __iter__(self) -> Iterator:
-        return iter(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
+        return self._sizes.get(key)
 
 
 def read_text(path: Path, what: str) -> str:

@@ -149,6 +149,11 @@ def _rle_counts(text: str) -> list[int]:
     return counts
 
 
+def category_names(coco: COCO) -> dict[int, str | None]:
+    """{category id: name} in annotation-file order (the order mmdetection numbers a detector's classes in)."""
+    return {cat["id"]: cat.get("name") for cat in coco.dataset.get("categories", [])}
+
+
 def image_sizes(coco: COCO) -> dict[int, tuple[int, int]]:
     """{image id: (height, width)} from the annotation file (load_coco checked both)."""
     return {image_id: (info["height"], info["width"]) for image_id, info in coco.imgs.items()}
@@ -238,7 +243,8 @@ class InstanceTask(Task):
         self.max_images = max_images
         self.coco = load_coco(self.ann_path, "task.data.root / task.data.ann_file")
         require_dir(self.img_dir, "image", "task.data.root / task.data.img_dir")
-        self.prompts.bind(self.coco.getImgIds(), category_ids=self.coco.getCatIds(), image_sizes=image_sizes(self.coco))
+        self.prompts.bind(self.coco.getImgIds(), category_ids=category_names(self.coco),
+                          image_sizes=image_sizes(self.coco))
 
     def image_ids(self) -> list[int]:
         ids = sorted(self.coco.getImgIds())
@@ -260,7 +266,7 @@ class InstanceTask(Task):
         coco = load_coco(self.calib_ann_path, "task.calib.ann_file", scored=False)
         source, self.calibration_prompts = self.prompts.calibration_source()
         image_ids = list(coco.imgs)  # insertion order = the order of the annotation file's "images" list
-        source.bind(image_ids, category_ids=coco.getCatIds(), image_sizes=image_sizes(coco))
+        source.bind(image_ids, category_ids=category_names(coco), image_sizes=image_sizes(coco))
 
         def sample_for(image_id) -> PromptedImage | None:
             gt, _ = gt_boxes(coco, image_id)

@@ -48,14 +48,15 @@ class PromptSource(ABC):
 
     def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,
              category_ids: Collection[int] | None = None, drop_unknown: bool = False,
-             image_sizes: Mapping | None = None) -> None:
+             image_sizes=None) -> None:
         """Called by a task before for_image: its image keys, and what its labels may be.
 
         category_names: class names when labels are class indices (names are mapped to indices);
-        category_ids: the dataset's numeric category ids when labels are those ids; drop_unknown: leave out
+        category_ids: the dataset's numeric category ids when labels are those ids, in annotation-file order (a
+        {id: name} mapping names them: a results pickle's class indices are mapped through it); drop_unknown: leave out
         detections of other classes (the task inferred its classes from the evaluated images) instead of refusing;
-        image_sizes: {key: (height, width)} where the task knows them before reading images (COCO's annotation
-        file, DOTA's image headers); a key it lacks is checked when its image is read.
+        image_sizes: .get(key) -> (height, width) or None, where the task knows sizes before reading images (COCO's
+        annotation file, DOTA's image headers); a key without one is checked when its image is read.
         Ground-truth sources need none of it; a detections file checks that it names the task's images and classes.
         """
 
@@ -149,12 +150,13 @@ class DetectionsFile(PromptSource):
                            "detector's results on the calibration images, or null to calibrate on ground-truth boxes)")
         self.calib_file = calib_file
         is_pickle = not path.is_dir() and _is_pickle(path)
+        calib_pickle = bool(calib_file) and not Path(calib_file).is_dir() and _is_pickle(Path(calib_file))
         if class_names is not None:
             if isinstance(class_names, str) or not isinstance(class_names, Sequence) or not class_names \
                     or not all(isinstance(c, str) and c for c in class_names):
                 raise SaqError(f"prompts.class_names={class_names!r} invalid; expected the detector's class names in "
                                "its label order (e.g. [plane, ship]) or null")
-            if not is_pickle:
+            if not (is_pickle or calib_pickle):
                 raise SaqError(f"prompts.class_names is for .pkl results (their labels are class indices); {path} "
                                "names its classes itself: set prompts.class_names=null")
             class_names = [str(c) for c in class_names]
@@ -244,15 +246,17 @@ class DetectionsFile(PromptSource):
         if not isinstance(results, list) or not results:
             raise SaqError(f"detections file {path} must hold a non-empty list of per-image results, as mmdetection's "
                            f"tools/test.py --out writes (it holds {type(results).__name__})")
-        if not isinstance(results[0], Mapping):  # mmdetection 2.x: per-class arrays in dataset order, no image ids
-            raise SaqError(f"detections file {path} is not mmdetection 3.x results (a dict per image with img_id and "
-                           "pred_instances); for mmdetection 2.x write COCO json instead (tools/test.py --format-only "
-                           "--options jsonfile_prefix=dets) and set prompts.file to dets.bbox.json")
+        if not isinstance(results[0], (Mapping, _PickledObject)):  # 2.x: per-class arrays in dataset order, no ids
+            raise SaqError(f"detections file {path} is not mmdetection 3.x / mmrotate 1.x results (a dict per image "
+                           "with img_id and pred_instances); from mmdetection 2.x write COCO json instead "
+                           "(tools/test.py CONFIG CKPT --format-only --eval-options jsonfile_prefix=dets, then "
+                           "prompts.file=dets.bbox.json), from mmrotate 0.x DOTA Task1 files (--format-only "
+                           "--eval-options submission_dir=DIR, then prompts.file=DIR)")
         by_image: dict = {}
         flat = 0
         for i, entry in enumerate(results):
             where = f"detections file {path}: entry {i}"
-            preds = _field(entry, "pred_instances") if isinstance(entry, Mapping) else None
+            preds = _field(entry, "pred_instances")
             if preds is None:
                 raise SaqError(f"{where} has no pred_instances (expected a dict per image with img_id and "
                                "pred_instances {bboxes, scores, labels})")
@@ -263,10 +267,11 @@ class DetectionsFile(PromptSource):
                 raise SaqError(f"{where} has neither an integer or string img_id nor an img_path")
             boxes, scores, labels = (_array(_field(preds, name), f"{where}: pred_instances.{name}")
                                      for name in ("bboxes", "scores", "labels"))
-            if boxes.ndim != 2 or boxes.shape[1] not in (4, 5, 8) or not len(scores) == len(labels) == len(boxes):
-                raise SaqError(f"{where} has bboxes of shape {list(boxes.shape)} with {len(scores)} scores and "
-                               f"{len(labels)} labels; expected N x 4 (x1, y1, x2, y2), N x 5 (cx, cy, w, h, angle) "
-                               "or N x 8 (quadrilaterals), one score and label each")
+            if boxes.ndim != 2 or boxes.shape[1] not in (4, 5, 8) or scores.ndim != 1 or labels.ndim != 1 \
+                    or not len(scores) == len(labels) == len(boxes):
+                raise SaqError(f"{where} has bboxes of shape {list(boxes.shape)} with scores of shape "
+                               f"{list(scores.shape)} and labels of shape {list(labels.shape)}; expected N x 4 (x1, y1, "
+                               "x2, y2), N x 5 (cx, cy, w, h, angle) or N x 8 (quadrilaterals), N scores and N labels")
             if len(labels) and (not np.isfinite(labels).all() or (labels != np.round(labels)).any()
                                 or labels.min() < 0):
                 raise SaqError(f"{where}: labels must be class indices (integers >= 0), got {labels[:5].tolist()}")
@@ -278,14 +283,12 @@ class DetectionsFile(PromptSource):
                 if problem:
                     raise SaqError(f"{where} (image {key!r}, box {[round(v, 2) for v in box]}, score {score}): "
                                    f"{problem}")
-                if self.class_names is not None:
-                    if label >= len(self.class_names):
-                        raise SaqError(f"{where} (image {key!r}) has label {label}; prompts.class_names lists "
-                                       f"{len(self.class_names)} classes ({self.class_names})")
-                    label = self.class_names[label]
+                if self.class_names is not None and label >= len(self.class_names):
+                    raise SaqError(f"{where} (image {key!r}) has label {label}; prompts.class_names lists "
+                                   f"{len(self.class_names)} classes ({self.class_names})")
                 by_image.setdefault(key, []).append((*box, float(score), label))
         _say_flat(path, flat)
-        self._label_indices = self.class_names is None
+        self._label_indices = True  # mapped when a task binds the source: to its class names or category ids
         return self._keep_usable(by_image)
 
     def _keep_usable(self, by_image: dict) -> dict:
@@ -308,7 +311,7 @@ class DetectionsFile(PromptSource):
 
     def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,
              category_ids: Collection[int] | None = None, drop_unknown: bool = False,
-             image_sizes: Mapping | None = None) -> None:
+             image_sizes=None) -> None:
         keys = set(image_keys)
         for key, dets in self._by_image.items():  # before any inference: a box off its image is a wrong file
             size = image_sizes.get(key) if image_sizes is not None and dets else None
@@ -329,10 +332,6 @@ class DetectionsFile(PromptSource):
                   f"{len(unknown)} images the task does not have (first: {unknown[0]!r}) are not used")
         if self._label_indices:
             self._map_label_indices(category_ids)
-        elif category_ids is not None and self.class_names is not None:
-            raise SaqError(f"prompts.class_names is for tasks whose classes are names (DOTA); this task's categories "
-                           f"are the annotation file's ids, and {self.path}'s labels index them in file order, as "
-                           "mmdetection's CocoDataset does: set prompts.class_names=null")
         if category_ids is not None:
             known = set(category_ids)
             for key, dets in self._by_image.items():
@@ -366,22 +365,41 @@ class DetectionsFile(PromptSource):
                   f"labelled object in the evaluated images: {sorted(dropped)}")
         self._named_labels = False
 
-    def _map_label_indices(self, category_ids: Collection[int] | None) -> None:
-        """A pickle's class indices as the task's category ids: index i is the annotation file's i-th category."""
-        if category_ids is None:  # the task's classes are names: which index is which class only the detector knows
-            raise SaqError(f"detections file {self.path} labels its boxes by class index; set prompts.class_names to "
-                           "the detector's classes in its label order (mmrotate's DOTA v1.0: [plane, baseball-diamond, "
-                           "bridge, ground-track-field, small-vehicle, large-vehicle, ship, tennis-court, "
-                           "basketball-court, storage-tank, soccer-ball-field, roundabout, harbor, swimming-pool, "
-                           "helicopter])")
-        ids = list(category_ids)
+    def _map_label_indices(self, category_ids: Collection[int] | Mapping[int, str] | None) -> None:
+        """A pickle's class indices as what the task's labels are. Class names (DOTA): the detector's classes,
+        prompts.class_names. Category ids (COCO), as mmdetection's CocoDataset numbers them: index i is the i-th
+        category of the annotation file, in file order, among those the detector has (prompts.class_names, by name;
+        null: all of them)."""
+        if category_ids is None:  # the task's classes are names: which index is which only the detector knows
+            if self.class_names is None:
+                raise SaqError(f"detections file {self.path} labels its boxes by class index; set prompts.class_names "
+                               "to the detector's classes in its label order (mmrotate's DOTA v1.0: [plane, "
+                               "baseball-diamond, bridge, ground-track-field, small-vehicle, large-vehicle, ship, "
+                               "tennis-court, basketball-court, storage-tank, soccer-ball-field, roundabout, harbor, "
+                               "swimming-pool, helicopter])")
+            targets, what = list(self.class_names), "prompts.class_names"
+        else:
+            names = dict(category_ids) if isinstance(category_ids, Mapping) else dict.fromkeys(category_ids)
+            targets, what = list(names), "the annotation file's categories"
+            if self.class_names is not None:  # mmdet: coco.get_cat_ids(cat_names=classes), in the file's order
+                missing = [c for c in self.class_names if c not in names.values()]
+                if missing:
+                    raise SaqError(f"prompts.class_names has {missing[0]!r}, which the annotation file does not name "
+                                   f"(its categories: {list(names.values())[:8]}{' ...' if len(names) > 8 else ''})")
+                targets = [i for i in targets if names[i] in self.class_names]
+                what = "the annotation file's categories named in prompts.class_names"
+            shown = ", ".join(f"{i} → {cat}" + (f" ({names[cat]})" if names[cat] else "")
+                              for i, cat in enumerate(targets[:4]))
+            print(f"detections file {self.path}: class index i is the i-th of {what}, in file order: {shown}"
+                  f"{' ...' if len(targets) > 4 else ''}")
         for key, dets in self._by_image.items():
             for j, det in enumerate(dets):
-                if det[5] >= len(ids):
-                    raise SaqError(f"detections file {self.path}: image {key!r} has label {det[5]}, but the "
-                                   f"annotation file defines {len(ids)} categories (label i is its i-th)")
-                dets[j] = (*det[:5], ids[det[5]])
+                if det[5] >= len(targets):
+                    raise SaqError(f"detections file {self.path}: image {key!r} has label {det[5]}, but there are "
+                                   f"{len(targets)} of {what} (label i is the i-th)")
+                dets[j] = (*det[:5], targets[det[5]])
         self._label_indices = False
+        self._named_labels = category_ids is None
 
     def for_image(self, key, gt: BoxPrompts, image_size: tuple[int, int]) -> BoxPrompts:
         if self._label_indices:
@@ -442,7 +460,9 @@ class _PickledObject:
     def __setstate__(self, state):
         if isinstance(state, tuple):  # (dict, slots)
             state = {k: v for part in state if isinstance(part, dict) for k, v in part.items()}
-        self.__dict__.update(state if isinstance(state, dict) else {})
+        # data only: a dunder key (e.g. __setstate__) would make a later BUILD call what the file names
+        self.__dict__.update({k: v for k, v in (state.items() if isinstance(state, dict) else ())
+                              if isinstance(k, str) and not k.startswith("__")})
 
 
 class _ResultsUnpickler(pickle.Unpickler):
@@ -457,22 +477,35 @@ class _ResultsUnpickler(pickle.Unpickler):
         import torch
 
         module = {"__builtin__": "builtins"}.get(module, module)  # Python 2 names, which protocol 2 writes
+        if "." in name:  # protocol 4 resolves dotted names attribute by attribute: only plain names here
+            raise self._refused(module, name)
         if module.split(".")[0] in ("mmdet", "mmrotate", "mmengine", "mmcv"):
             return _PickledObject
-        if (module, name) == ("torch.storage", "_load_from_bytes"):  # a tensor's storage: load it tensors-only
-            return lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        allowed = {("torch._utils", "_rebuild_tensor_v2"), ("torch", "Size"), ("torch", "device"),
+        if (module, name) == ("torch.storage", "_load_from_bytes"):  # a tensor's storage: tensors only
+            return self._load_storage
+        allowed = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
                    ("collections", "OrderedDict"), ("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype"),
+                   ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                   ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
                    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "bytes"),
                    ("builtins", "bytearray")}
-        numpy_core = module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct",
-                                                                                                  "scalar")
-        torch_type = module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None),
-                                                                                    torch.dtype))
-        if (module, name) in allowed or numpy_core or torch_type:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)  # _rebuild_tensor_v3's
+        if (module, name) in allowed or dtype:
             return super().find_class(module, name)
-        raise SaqError(f"detections file {self.path} holds a {module}.{name}, which a detector's results do not; "
-                       "saq loads only mmdetection / mmrotate results pickles (tensors, arrays, lists and dicts)")
+        raise self._refused(module, name)
+
+    def _refused(self, module: str, name: str) -> SaqError:
+        return SaqError(f"detections file {self.path} holds a {module}.{name}, which a detector's results do not; "
+                        "saq loads only mmdetection / mmrotate results pickles (tensors, arrays, lists and dicts)")
+
+    def _load_storage(self, data: bytes):
+        import torch
+
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise SaqError(f"detections file {self.path} holds a tensor whose storage is not tensor data (it names "
+                           "other objects); saq loads only mmdetection / mmrotate results pickles") from None
 
 
 def _load_results_pickle(path: Path):
@@ -500,19 +533,23 @@ def _field(item, name: str):
 
 def _plain(value):
     """A 0-d tensor or numpy number as a Python number; anything else unchanged."""
-    if hasattr(value, "ndim") and hasattr(value, "tolist") and value.ndim == 0:
-        return value.tolist()
+    import torch
+
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) and value.ndim == 0:
+        return value.item()
     return value
 
 
 def _array(value, what: str) -> np.ndarray:
     """A tensor, array or mmdet box object (its .tensor) as a float64 numpy array."""
+    import torch
+
     if isinstance(value, _PickledObject):
         value = _field(value, "tensor")
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    if not isinstance(value, np.ndarray):
-        raise SaqError(f"{what} is {type(value).__name__}; expected a tensor or array")
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().to(torch.float64).numpy()  # via float64: bfloat16 has no numpy type
+    if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.number):
+        raise SaqError(f"{what} is {type(value).__name__}; expected a tensor or array of numbers")
     return value.astype(np.float64)
 
 

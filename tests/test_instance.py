@@ -541,11 +541,26 @@ def mm_entries(coco, image_ids, score=0.9):
     return entries
 
 
-def test_mmdetection_results_pickle_gives_the_same_prompts_as_its_json(synthetic_root, tmp_path, mm_results):
-    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+def shuffled_categories(data):
+    """The annotation file's categories listed in another order, with ids that have gaps (ids 10, 20, ... 80, listed
+    last first): file order is then neither id order nor label + 1."""
+    for ann in data["annotations"]:
+        ann["category_id"] *= 10
+    data["categories"] = [{**c, "id": c["id"] * 10} for c in reversed(data["categories"])]
+
+
+def test_mmdetection_results_pickle_gives_the_same_prompts_as_its_json(synthetic_root, tmp_path, mm_results, capsys):
+    import torch
+
+    root = copy_with_annotations(synthetic_root, tmp_path, shuffled_categories)
+    coco = load_coco(root / DATA["ann_file"], "k")
+    assert coco.getCatIds() == [80, 70, 60, 50, 40, 30, 20, 10]
     from_pickle = DetectionsFile(str(mm_results(tmp_path / "results.pkl", mm_entries(coco, [1, 2]))))
     from_json = write_detections(tmp_path / "dets.json", coco, [1, 2])
-    task_for(synthetic_root, from_pickle), task_for(synthetic_root, from_json)  # binding maps the class indices
+    task_for(root, from_pickle), task_for(root, from_json)  # binding maps the class indices
+    names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+    assert f"class index i is the i-th of the annotation file's categories, in file order: 0 → 80 ({names[80]}), " \
+           f"1 → 70 ({names[70]})" in capsys.readouterr().out
     for image_id in (1, 2):
         got, want = from_pickle.for_image(image_id, None, (256, 256)), from_json.for_image(image_id, None, (256, 256))
         order = lambda p: np.lexsort(p.boxes.T[::-1])  # noqa: E731
@@ -553,6 +568,18 @@ def test_mmdetection_results_pickle_gives_the_same_prompts_as_its_json(synthetic
         assert got.labels[order(got)].tolist() == want.labels[order(want)].tolist()  # dataset category ids
         assert len(got) == len(coco.getAnnIds(imgIds=image_id))  # the 0.01 box is below the threshold
     assert from_pickle.fingerprint() != from_json.fingerprint()
+    # a detector of some of the classes: index i is the i-th of those in file order, whatever order they are named
+    # in (mmdetection's CocoDataset: coco.get_cat_ids(cat_names=classes))
+    some = [names[20], names[60], names[40]]  # file order: 60, 40, 20
+    entries = mm_entries(coco, [1])
+    labels = entries[0]["pred_instances"]["labels"]
+    labels[:] = torch.arange(len(labels)) % 3
+    subset = DetectionsFile(str(mm_results(tmp_path / "some.pkl", entries)), score_threshold=0, class_names=some)
+    task_for(root, subset)
+    # kept best first: the 0.9 boxes in file order, then the 0.01 one (the last)
+    assert subset.for_image(1, None, (256, 256)).labels.tolist() == [[60, 40, 20][i % 3] for i in range(len(labels))]
+    with pytest.raises(SaqError, match="prompts.class_names has 'zeppelin', which the annotation file does not name"):
+        task_for(root, DetectionsFile(str(tmp_path / "some.pkl"), class_names=[names[20], names[60], "zeppelin"]))
 
 
 def test_a_results_pickle_never_runs_code_and_bad_ones_are_named(synthetic_root, tmp_path, mm_results):
@@ -571,8 +598,25 @@ def test_a_results_pickle_never_runs_code_and_bad_ones_are_named(synthetic_root,
     assert not marker.exists()
     # mmdetection 2.x: per-class arrays in dataset order, no image ids
     (tmp_path / "v2.pkl").write_bytes(pickle.dumps([[np.zeros((0, 5), np.float32)] * 8], protocol=2))
-    with pytest.raises(SaqError, match="not mmdetection 3.x results.*write COCO json instead"):
+    with pytest.raises(SaqError, match=r"not mmdetection 3.x / mmrotate 1.x results .* from mmdetection 2.x write "
+                                       r"COCO json instead .* from mmrotate 0.x DOTA Task1 files"):
         DetectionsFile(str(tmp_path / "v2.pkl"))
+    # the same payload inside a tensor's storage bytes, which a plain tensor pickle hands to torch
+    import torch.storage
+
+    class EvilStorage:
+        def __reduce__(self):
+            return torch.storage._load_from_bytes, (pickle.dumps(Payload(), protocol=2),)
+
+    (tmp_path / "storage.pkl").write_bytes(pickle.dumps([{"img_id": 1, "x": EvilStorage()}], protocol=2))
+    with pytest.raises(SaqError, match="holds a tensor whose storage is not tensor data"):
+        DetectionsFile(str(tmp_path / "storage.pkl"))
+    assert not marker.exists()
+    # protocol 4 looks a dotted name up attribute by attribute: torch + "_refs._isStorage" is not torch's dtype
+    short = lambda text: b"\x8c" + bytes([len(text)]) + text.encode()  # noqa: E731  SHORT_BINUNICODE
+    (tmp_path / "dotted.pkl").write_bytes(b"\x80\x04" + short("torch") + short("_refs._isStorage") + b"\x93.")
+    with pytest.raises(SaqError, match=r"holds a torch\._refs\._isStorage"):
+        DetectionsFile(str(tmp_path / "dotted.pkl"))
     coco = load_coco(synthetic_root / DATA["ann_file"], "k")
     good = mm_results(tmp_path / "good.pkl", mm_entries(coco, [1]))
     (tmp_path / "cut.pkl").write_bytes(good.read_bytes()[:200])
@@ -580,16 +624,15 @@ def test_a_results_pickle_never_runs_code_and_bad_ones_are_named(synthetic_root,
         DetectionsFile(str(tmp_path / "cut.pkl"))
     entries = mm_entries(coco, [1])
     entries[0]["pred_instances"]["labels"][0] = 8  # the annotation file defines 8 categories: indices 0-7
-    with pytest.raises(SaqError, match="has label 8, but the annotation file defines 8 categories"):
+    with pytest.raises(SaqError, match="has label 8, but there are 8 of the annotation file's categories"):
         task_for(synthetic_root, DetectionsFile(str(mm_results(tmp_path / "label.pkl", entries))))
     entries = mm_entries(coco, [1])
     del entries[0]["pred_instances"]["scores"]
     with pytest.raises(SaqError, match=r"entry 0: pred_instances\.scores is NoneType; expected a tensor or array"):
         DetectionsFile(str(mm_results(tmp_path / "noscores.pkl", entries)))
-    # class names are for tasks that name classes (DOTA), and only a pickle's labels are indices
-    with pytest.raises(SaqError, match="prompts.class_names is for tasks whose classes are names"):
-        task_for(synthetic_root, DetectionsFile(str(good), class_names=["disk"] * 8))
+    # only a pickle's labels are indices: names for a json or txt file are refused, unless the calibration's is one
     write_detections(tmp_path / "d.json", coco, [1])
+    DetectionsFile(str(tmp_path / "d.json"), calib_file=str(good), class_names=["disk"])
     with pytest.raises(SaqError, match="prompts.class_names is for .pkl results"):
         DetectionsFile(str(tmp_path / "d.json"), class_names=["disk"])
     with pytest.raises(SaqError, match=r"prompts.class_names='disk' invalid"):

@@ -467,24 +467,29 @@ def test_mmrotate_results_pickle_as_prompts(tmp_path, synthetic_root, mm_results
     quads = {"img_path": "/dota/val/images/000002.png", "pred_instances": {  # no img_id: keyed by the file stem
         "bboxes": torch.tensor([[1.0, 2.0, 9.0, 2.0, 9.0, 7.0, 1.0, 7.0]]), "scores": torch.tensor([0.7]),
         "labels": torch.tensor([6])}}
-    path = mm_results(tmp_path / "rotated.pkl", [rotated, quads],
+    nothing = {"img_id": "000003", "pred_instances": {  # numpy arrays, no detection on this image
+        "bboxes": np.zeros((0, 5), np.float32), "scores": np.zeros(0, np.float32), "labels": np.zeros(0, np.int64)}}
+    path = mm_results(tmp_path / "rotated.pkl", [rotated, quads, nothing],
                       box_class="mmrotate.structures.bbox.rotated_boxes.RotatedBoxes")
     assert "mmrotate" not in __import__("sys").modules
-    source = DetectionsFile(str(path), class_names=list(CATEGORIES))
+    detector_order = list(reversed(CATEGORIES))  # the detector's class order is not the task's
+    source = DetectionsFile(str(path), class_names=detector_order)
     task = OrientedTask(data, CALIB, prompts=source, classes=CATEGORIES)
     got = source.for_image("000001", None, (256, 256))
     half = 5 * np.sqrt(2)  # a 10 x 10 square turned 45 degrees
     assert np.allclose(got.boxes, [[35, 40, 45, 60], [100 - half, 100 - half, 100 + half, 100 + half]], atol=1e-4)
-    assert [task.classes[i] for i in got.labels] == ["star", "disk"]
+    assert [task.classes[i] for i in got.labels] == [detector_order[3], detector_order[0]]
     second = source.for_image("000002", None, (256, 256))
-    assert second.boxes.tolist() == [[1, 2, 9, 7]] and [task.classes[i] for i in second.labels] == ["ring"]
+    assert second.boxes.tolist() == [[1, 2, 9, 7]] and [task.classes[i] for i in second.labels] == [detector_order[6]]
+    assert len(source.for_image("000003", None, (256, 256))) == 0
     # without the detector's class order the indices cannot be named: refused when the task is built
     with pytest.raises(SaqError, match="labels its boxes by class index; set prompts.class_names"):
         OrientedTask(data, CALIB, prompts=DetectionsFile(str(path)), classes=CATEGORIES)
     # the calibration images' results (prompts.calib_file) are read with the same class order
-    calibration, _ = DetectionsFile(str(path), class_names=list(CATEGORIES), calib_file=str(path)).calibration_source()
+    calibration, _ = DetectionsFile(str(path), class_names=detector_order, calib_file=str(path)).calibration_source()
     calibration.bind(["000001"], CATEGORIES, drop_unknown=True)
-    assert [CATEGORIES[i] for i in calibration.for_image("000001", None, (256, 256)).labels] == ["star", "disk"]
+    assert [CATEGORIES[i] for i in calibration.for_image("000001", None, (256, 256)).labels] == \
+        [detector_order[3], detector_order[0]]
     with pytest.raises(SaqError, match=r"entry 0 \(image .000001.\) has label 3; prompts.class_names lists 3 "
                                        r"classes \(\[.disk., .rectangle., .triangle.\]\)"):
         DetectionsFile(str(path), class_names=["disk", "rectangle", "triangle"])
