@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import random
 import re
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from saq.errors import SaqError, check_bool, check_device, check_int, check_seed, is_number
@@ -37,11 +38,21 @@ def checkpoint_fingerprint(cfg_model: DictConfig) -> str:
     return f"{cfg_model.name}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{outliers}"
 
 
+def _progress_kwarg(node: DictConfig, progress: bool) -> dict:
+    """{"progress": ...} for a _target_ that takes it (a prompt source reading a detector's results shows its
+    progress as the run's own bars do), else {}; a target that does not load is left to instantiate's error."""
+    try:
+        takes = "progress" in inspect.signature(get_class(node._target_)).parameters
+    except Exception:
+        return {}
+    return {"progress": progress} if takes else {}
+
+
 def build_task(cfg: DictConfig):
     """Instantiate the task (tasks.<name>) with its prompt source, both from config `_target_`s."""
     group = "prompts"
     try:
-        prompts = instantiate(cfg.prompts, _convert_="all")
+        prompts = instantiate(cfg.prompts, _convert_="all", **_progress_kwarg(cfg.prompts, cfg.get("progress", True)))
         group = "task"
         return instantiate(cfg.task, prompts=prompts, _convert_="all")
     except InstantiationException as exc:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from saq.errors import SaqError, check_int, check_number, check_seed, is_int, is_number
 from tasks.base import files_digest, read_text
@@ -130,7 +131,7 @@ class DetectionsFile(PromptSource):
     name = "detections"
 
     def __init__(self, file: str | None, score_threshold: float = 0.05, max_per_image: int = 100,
-                 calib_file: str | None = None, class_names: Sequence[str] | None = None):
+                 calib_file: str | None = None, class_names: Sequence[str] | None = None, progress: bool = True):
         if not file:
             raise SaqError("prompts=detections needs a file: set prompts.file=/path/to/detections.json "
                            "(or a folder of DOTA Task1_<class>.txt files)")
@@ -160,7 +161,7 @@ class DetectionsFile(PromptSource):
                 raise SaqError(f"prompts.class_names is for .pkl results (their labels are class indices); {path} "
                                "names its classes itself: set prompts.class_names=null")
             class_names = [str(c) for c in class_names]
-        self.class_names = class_names
+        self.class_names, self.progress = class_names, progress
         self._label_indices = False  # True while labels are a pickle's class indices, not mapped to the task's yet
         if path.is_dir() or path.suffix.lower() == ".txt":
             self._by_image = self._read_dota(path)
@@ -173,7 +174,7 @@ class DetectionsFile(PromptSource):
     def _read(self, path: Path) -> dict:
         by_image: dict = {}
         flat = 0
-        for i, det in enumerate(_json_list(path)):
+        for i, det in enumerate(_json_list(path, self.progress)):
             try:
                 if not isinstance(det.get("bbox", det.get("poly")), list):
                     raise TypeError
@@ -242,7 +243,7 @@ class DetectionsFile(PromptSource):
         return self._keep_usable(by_image)
 
     def _read_pickle(self, path: Path) -> dict:
-        results = _load_results_pickle(path)
+        results = _load_results_pickle(path, self.progress)
         if not isinstance(results, list) or not results:
             raise SaqError(f"detections file {path} must hold a non-empty list of per-image results, as mmdetection's "
                            f"tools/test.py --out writes (it holds {type(results).__name__})")
@@ -435,7 +436,8 @@ class DetectionsFile(PromptSource):
                   "results on the calibration images to calibrate as the paper does)")
             return GroundTruthBoxes(), "gt (fallback: prompts.calib_file not set)"
         source = DetectionsFile(self.calib_file, self.score_threshold, self.max_per_image,
-                                class_names=self.class_names if _is_pickle(Path(self.calib_file)) else None)
+                                class_names=self.class_names if _is_pickle(Path(self.calib_file)) else None,
+                                progress=self.progress)
         return source, f"detections:{Path(self.calib_file).resolve()}"
 
     def fingerprint(self) -> str:
@@ -508,10 +510,42 @@ class _ResultsUnpickler(pickle.Unpickler):
                            "other objects); saq loads only mmdetection / mmrotate results pickles") from None
 
 
-def _load_results_pickle(path: Path):
+def _reading_bar(path: Path, size: int, progress: bool) -> tqdm:
+    """A byte-count progress bar for reading a detections file; shown only for large ones (a detector's results on a
+    whole training set take a minute or more to read)."""
+    return tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {path.name}", leave=False,
+                disable=not progress or size < LARGE_RESULTS_FILE)
+
+
+LARGE_RESULTS_FILE = 32 << 20  # bytes
+
+
+class _CountingReader:
+    """A binary file whose reads advance a progress bar (pickle reads through read, readline and readinto)."""
+
+    def __init__(self, file, bar: tqdm):
+        self.file, self.bar = file, bar
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.file.read(n)
+        self.bar.update(len(data))
+        return data
+
+    def readline(self) -> bytes:
+        data = self.file.readline()
+        self.bar.update(len(data))
+        return data
+
+    def readinto(self, buffer) -> int:
+        n = self.file.readinto(buffer)
+        self.bar.update(n or 0)
+        return n
+
+
+def _load_results_pickle(path: Path, progress: bool = True):
     try:
-        with open(path, "rb") as f:
-            return _ResultsUnpickler(f, path).load()
+        with open(path, "rb") as f, _reading_bar(path, path.stat().st_size, progress) as bar:
+            return _ResultsUnpickler(_CountingReader(f, bar), path).load()
     except SaqError:
         raise
     except OSError as exc:
@@ -567,10 +601,15 @@ def horizontal_boxes(boxes: np.ndarray) -> list[tuple[float, float, float, float
     return [tuple(b) for b in np.concatenate([corners.min(1), corners.max(1)], 1).tolist()]
 
 
-def _json_list(path: Path) -> Iterator:
+def _json_list(path: Path, progress: bool = True) -> Iterator:
     """The entries of a JSON list file one at a time: a detector's results on a whole training set (millions of
     entries) are never all decoded at once."""
     text = read_text(path, "detections file")
+    with _reading_bar(path, len(text), progress) as bar:  # counts characters (bytes for ASCII json)
+        yield from _json_entries(path, text, bar)
+
+
+def _json_entries(path: Path, text: str, bar: tqdm) -> Iterator:
     decoder, blank = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
     at = blank.match(text).end()
     if not text.startswith("[", at):
@@ -584,9 +623,11 @@ def _json_list(path: Path) -> Iterator:
                 if not text.startswith(",", at):
                     raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
                 at = blank.match(text, at + 1).end()
-            entry, at = decoder.raw_decode(text, at)
+            entry, end = decoder.raw_decode(text, at)
             yield entry
-            at, first = blank.match(text, at).end(), False
+            if not bar.disable:
+                bar.update(end - at)
+            at, first = blank.match(text, end).end(), False
         if blank.match(text, at + 1).end() != len(text):
             raise json.JSONDecodeError("Extra data", text, at + 1)
     except json.JSONDecodeError as exc:

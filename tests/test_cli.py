@@ -298,3 +298,21 @@ def test_a_key_added_with_plus_that_the_task_does_not_take_is_one_line(synthetic
                                                        "task.generate=null", *overrides])
     with pytest.raises(SaqError, match=re.escape(message)):
         build_task(cfg)
+
+
+def test_the_progress_setting_reaches_a_prompt_source_that_reads_files(synthetic_root, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from saq.pipeline import build_task
+
+    coco = json.loads((synthetic_root / "annotations/instances_val.json").read_text())
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+            for a in coco["annotations"]]
+    (tmp_path / "d.json").write_text(json.dumps(dets))
+    base = ["logger=none", f"task.data.root={synthetic_root}", "task.generate=null"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        for progress in (True, False):
+            cfg = compose(config_name="config", overrides=[*base, "prompts=detections",
+                                                           f"prompts.file={tmp_path / 'd.json'}", f"progress={progress}"])
+            assert build_task(cfg).prompts.progress is progress
+        assert build_task(compose(config_name="config", overrides=[*base, "progress=false"])).prompts.name == "gt"

@@ -649,3 +649,20 @@ def test_detections_repeated_exactly_are_named(synthetic_root, tmp_path, capsys)
     assert f"{len(entries)} detections repeat another exactly (same image, box, score and class; first on image 1)" \
         in capsys.readouterr().out
     assert len(twice.for_image(1, None, (256, 256))) == 2 * len(coco.getAnnIds(imgIds=1))  # kept as given
+
+
+def test_reading_a_large_detections_file_shows_its_progress(synthetic_root, tmp_path, mm_results, capsys,
+                                                            monkeypatch):
+    import tasks.prompts
+
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    write_detections(tmp_path / "d.json", coco, [1, 2])
+    pkl = mm_results(tmp_path / "d.pkl", mm_entries(coco, [1, 2]))
+    DetectionsFile(str(tmp_path / "d.json")), DetectionsFile(str(pkl))
+    assert "reading d." not in capsys.readouterr().err  # small files read at once: no bar
+    monkeypatch.setattr(tasks.prompts, "LARGE_RESULTS_FILE", 0)  # as if they were large
+    for path in (tmp_path / "d.json", pkl):
+        bars = DetectionsFile(str(path))
+        assert f"reading {path.name}" in capsys.readouterr().err
+        quiet = DetectionsFile(str(path), progress=False)  # progress=false: the run's bars are off
+        assert "reading" not in capsys.readouterr().err and quiet._by_image == bars._by_image
