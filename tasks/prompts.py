@@ -511,8 +511,8 @@ class _ResultsUnpickler(pickle.Unpickler):
 
 
 def _reading_bar(path: Path, size: int, progress: bool) -> tqdm:
-    """A byte-count progress bar for reading a detections file; shown only for large ones (a detector's results on a
-    whole training set take a minute or more to read)."""
+    """A byte-count progress bar for reading a detections file; shown only for large ones (600k COCO results, 50 MB
+    of json, take 10 s here; a detector's results on a whole training set several times that)."""
     return tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {path.name}", leave=False,
                 disable=not progress or size < LARGE_RESULTS_FILE)
 
