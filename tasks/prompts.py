@@ -597,8 +597,7 @@ def horizontal_boxes(boxes: np.ndarray) -> list[tuple[float, float, float, float
         cos, sin = np.abs(np.cos(angle)), np.abs(np.sin(angle))
         half_x, half_y = (w * cos + h * sin) / 2, (w * sin + h * cos) / 2
         return [tuple(b) for b in np.stack([cx - half_x, cy - half_y, cx + half_x, cy + half_y], 1).tolist()]
-    corners = boxes.reshape(len(boxes), 4, 2)
-    return [tuple(b) for b in np.concatenate([corners.min(1), corners.max(1)], 1).tolist()]
+    return [tuple(b) for b in enclosing_boxes(boxes.reshape(len(boxes), 4, 2)).tolist()]  # as json polygons
 
 
 def _json_list(path: Path, progress: bool = True) -> Iterator:
