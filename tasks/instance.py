@@ -149,7 +149,7 @@ def _rle_counts(text: str) -> list[int]:
     return counts
 
 
-def category_names(coco: COCO) -> dict[int, str | None]:
+def categories_in_file_order(coco: COCO) -> dict[int, str | None]:
     """{category id: name} in annotation-file order (the order mmdetection numbers a detector's classes in)."""
     return {cat["id"]: cat.get("name") for cat in coco.dataset.get("categories", [])}
 
@@ -243,7 +243,7 @@ class InstanceTask(Task):
         self.max_images = max_images
         self.coco = load_coco(self.ann_path, "task.data.root / task.data.ann_file")
         require_dir(self.img_dir, "image", "task.data.root / task.data.img_dir")
-        self.prompts.bind(self.coco.getImgIds(), category_ids=category_names(self.coco),
+        self.prompts.bind(self.coco.getImgIds(), category_ids=categories_in_file_order(self.coco),
                           image_sizes=image_sizes(self.coco))
 
     def image_ids(self) -> list[int]:
@@ -266,7 +266,7 @@ class InstanceTask(Task):
         coco = load_coco(self.calib_ann_path, "task.calib.ann_file", scored=False)
         source, self.calibration_prompts = self.prompts.calibration_source()
         image_ids = list(coco.imgs)  # insertion order = the order of the annotation file's "images" list
-        source.bind(image_ids, category_ids=category_names(coco), image_sizes=image_sizes(coco))
+        source.bind(image_ids, category_ids=categories_in_file_order(coco), image_sizes=image_sizes(coco))
 
         def sample_for(image_id) -> PromptedImage | None:
             gt, _ = gt_boxes(coco, image_id)

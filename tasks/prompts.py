@@ -150,8 +150,8 @@ class DetectionsFile(PromptSource):
             raise SaqError(f"calibration detections file not found: {calib_file} (set prompts.calib_file to the "
                            "detector's results on the calibration images, or null to calibrate on ground-truth boxes)")
         self.calib_file = calib_file
-        is_pickle = not path.is_dir() and _is_pickle(path)
-        calib_pickle = bool(calib_file) and not Path(calib_file).is_dir() and _is_pickle(Path(calib_file))
+        is_pickle = _is_pickle(path)
+        calib_pickle = bool(calib_file) and _is_pickle(Path(calib_file))
         if class_names is not None:
             if isinstance(class_names, str) or not isinstance(class_names, Sequence) or not class_names \
                     or not all(isinstance(c, str) and c for c in class_names):
@@ -255,42 +255,50 @@ class DetectionsFile(PromptSource):
                            "--eval-options submission_dir=DIR, then prompts.file=DIR)")
         by_image: dict = {}
         flat = 0
-        for i, entry in enumerate(results):
-            where = f"detections file {path}: entry {i}"
-            preds = _field(entry, "pred_instances")
-            if preds is None:
-                raise SaqError(f"{where} has no pred_instances (expected a dict per image with img_id and "
-                               "pred_instances {bboxes, scores, labels})")
-            key = _result_id(_plain(_field(entry, "img_id")))
-            if key is None and isinstance(_field(entry, "img_path"), str):
-                key = Path(_field(entry, "img_path")).stem  # DOTA patches are keyed by file stem
-            if key is None:
-                raise SaqError(f"{where} has neither an integer or string img_id nor an img_path")
-            boxes, scores, labels = (_array(_field(preds, name), f"{where}: pred_instances.{name}")
-                                     for name in ("bboxes", "scores", "labels"))
-            if boxes.ndim != 2 or boxes.shape[1] not in (4, 5, 8) or scores.ndim != 1 or labels.ndim != 1 \
-                    or not len(scores) == len(labels) == len(boxes):
-                raise SaqError(f"{where} has bboxes of shape {list(boxes.shape)} with scores of shape "
-                               f"{list(scores.shape)} and labels of shape {list(labels.shape)}; expected N x 4 (x1, y1, "
-                               "x2, y2), N x 5 (cx, cy, w, h, angle) or N x 8 (quadrilaterals), N scores and N labels")
-            if len(labels) and (not np.isfinite(labels).all() or (labels != np.round(labels)).any()
-                                or labels.min() < 0):
-                raise SaqError(f"{where}: labels must be class indices (integers >= 0), got {labels[:5].tolist()}")
-            for box, score, label in zip(horizontal_boxes(boxes), scores.tolist(), labels.astype(np.int64).tolist()):
-                if _flat(box):
-                    flat += 1
-                    continue
-                problem = box_problem(box) or score_problem(score)
-                if problem:
-                    raise SaqError(f"{where} (image {key!r}, box {[round(v, 2) for v in box]}, score {score}): "
-                                   f"{problem}")
-                if self.class_names is not None and label >= len(self.class_names):
-                    raise SaqError(f"{where} (image {key!r}) has label {label}; prompts.class_names lists "
-                                   f"{len(self.class_names)} classes ({self.class_names})")
-                by_image.setdefault(key, []).append((*box, float(score), label))
+        with _reading_bar(path, len(results), self.progress, unit="entries", what="checking") as bar:
+            for i, entry in enumerate(results):
+                key, detections, skipped = self._pickle_entry(f"detections file {path}: entry {i}", entry)
+                if detections:
+                    by_image.setdefault(key, []).extend(detections)
+                flat += skipped
+                bar.update()
         _say_flat(path, flat)
         self._label_indices = True  # mapped when a task binds the source: to its class names or category ids
         return self._keep_usable(by_image)
+
+    def _pickle_entry(self, where: str, entry) -> tuple:
+        """One image's results in a pickle: (its key, [(x1, y1, x2, y2, score, class index)], boxes left out as flat)."""
+        preds = _field(entry, "pred_instances")
+        if preds is None:
+            raise SaqError(f"{where} has no pred_instances (expected a dict per image with img_id and "
+                           "pred_instances {bboxes, scores, labels})")
+        key = _result_id(_plain(_field(entry, "img_id")))
+        if key is None and isinstance(_field(entry, "img_path"), str):
+            key = Path(_field(entry, "img_path")).stem  # DOTA patches are keyed by file stem
+        if key is None:
+            raise SaqError(f"{where} has neither an integer or string img_id nor an img_path")
+        boxes, scores, labels = (_array(_field(preds, name), f"{where}: pred_instances.{name}")
+                                 for name in ("bboxes", "scores", "labels"))
+        if boxes.ndim != 2 or boxes.shape[1] not in (4, 5, 8) or scores.ndim != 1 or labels.ndim != 1 \
+                or not len(scores) == len(labels) == len(boxes):
+            raise SaqError(f"{where} has bboxes of shape {list(boxes.shape)} with scores of shape "
+                           f"{list(scores.shape)} and labels of shape {list(labels.shape)}; expected N x 4 (x1, y1, "
+                           "x2, y2), N x 5 (cx, cy, w, h, angle) or N x 8 (quadrilaterals), N scores and N labels")
+        if len(labels) and (not np.isfinite(labels).all() or (labels != np.round(labels)).any() or labels.min() < 0):
+            raise SaqError(f"{where}: labels must be class indices (integers >= 0), got {labels[:5].tolist()}")
+        detections, flat = [], 0
+        for box, score, label in zip(horizontal_boxes(boxes), scores.tolist(), labels.astype(np.int64).tolist()):
+            if _flat(box):
+                flat += 1
+                continue
+            problem = box_problem(box) or score_problem(score)
+            if problem:
+                raise SaqError(f"{where} (image {key!r}, box {[round(v, 2) for v in box]}, score {score}): {problem}")
+            if self.class_names is not None and label >= len(self.class_names):
+                raise SaqError(f"{where} (image {key!r}) has label {label}; prompts.class_names lists "
+                               f"{len(self.class_names)} classes ({self.class_names})")
+            detections.append((*box, float(score), label))
+        return key, detections, flat
 
     def _keep_usable(self, by_image: dict) -> dict:
         """Each image's detections at or above the score threshold, highest first (ties in file order), at most
@@ -385,20 +393,24 @@ class DetectionsFile(PromptSource):
             if self.class_names is not None:  # mmdet: coco.get_cat_ids(cat_names=classes), in the file's order
                 missing = [c for c in self.class_names if c not in names.values()]
                 if missing:
-                    raise SaqError(f"prompts.class_names has {missing[0]!r}, which the annotation file does not name "
-                                   f"(its categories: {list(names.values())[:8]}{' ...' if len(names) > 8 else ''})")
+                    listed = [n for n in names.values() if n is not None]
+                    raise SaqError(f"prompts.class_names (for {self.path}) has {missing[0]!r}, which the task's "
+                                   "annotation file does not name " + (f"(its categories: {listed[:8]}"
+                                   f"{' ...' if len(listed) > 8 else ''})" if listed else "(its categories have no "
+                                   "names)"))
                 targets = [i for i in targets if names[i] in self.class_names]
                 what = "the annotation file's categories named in prompts.class_names"
             shown = ", ".join(f"{i} → {cat}" + (f" ({names[cat]})" if names[cat] else "")
                               for i, cat in enumerate(targets[:4]))
             print(f"detections file {self.path}: class index i is the i-th of {what}, in file order: {shown}"
                   f"{' ...' if len(targets) > 4 else ''}")
-        for key, dets in self._by_image.items():
-            for j, det in enumerate(dets):
+        for key, dets in self._by_image.items():  # every label checked before any is changed
+            for det in dets:
                 if det[5] >= len(targets):
                     raise SaqError(f"detections file {self.path}: image {key!r} has label {det[5]}, but there are "
                                    f"{len(targets)} of {what} (label i is the i-th)")
-                dets[j] = (*det[:5], targets[det[5]])
+        for dets in self._by_image.values():
+            dets[:] = [(*det[:5], targets[det[5]]) for det in dets]
         self._label_indices = False
         self._named_labels = category_ids is None
 
@@ -452,7 +464,7 @@ PICKLE_SUFFIXES = (".pkl", ".pickle")
 
 
 def _is_pickle(path: Path) -> bool:
-    return path.suffix.lower() in PICKLE_SUFFIXES
+    return path.suffix.lower() in PICKLE_SUFFIXES and not path.is_dir()
 
 
 class _PickledObject:
@@ -479,13 +491,13 @@ class _ResultsUnpickler(pickle.Unpickler):
         import torch
 
         module = {"__builtin__": "builtins"}.get(module, module)  # Python 2 names, which protocol 2 writes
-        if "." in name:  # protocol 4 resolves dotted names attribute by attribute: only plain names here
-            raise self._refused(module, name)
         if module.split(".")[0] in ("mmdet", "mmrotate", "mmengine", "mmcv"):
             return _PickledObject
+        if "." in name:  # protocol 4 looks dotted names up attribute by attribute; the pairs below are plain names,
+            raise self._refused(module, name)  # so this only keeps a later, looser rule from reaching further
         if (module, name) == ("torch.storage", "_load_from_bytes"):  # a tensor's storage: tensors only
             return self._load_storage
-        allowed = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
+        allowed = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"), ("torch", "Size"),
                    ("collections", "OrderedDict"), ("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype"),
                    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
@@ -505,19 +517,22 @@ class _ResultsUnpickler(pickle.Unpickler):
 
         try:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise SaqError(f"detections file {self.path} holds a tensor whose storage is not tensor data (it names "
-                           "other objects); saq loads only mmdetection / mmrotate results pickles") from None
-
-
-def _reading_bar(path: Path, size: int, progress: bool) -> tqdm:
-    """A byte-count progress bar for reading a detections file; shown only for large ones (600k COCO results, 50 MB
-    of json, take 10 s here; a detector's results on a whole training set several times that)."""
-    return tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {path.name}", leave=False,
-                disable=not progress or size < LARGE_RESULTS_FILE)
+        except pickle.UnpicklingError as exc:  # torch's own text leads with advice to drop weights_only: skip it
+            why = next((line.strip() for line in str(exc).splitlines() if "nsupported" in line), "unreadable")
+            raise SaqError(f"detections file {self.path} holds a tensor storage that is not plain tensor data "
+                           f"({why[:100]}); saq loads only mmdetection / mmrotate results pickles") from None
 
 
 LARGE_RESULTS_FILE = 32 << 20  # bytes
+
+
+def _reading_bar(path: Path, size: int, progress: bool, unit: str = "B", what: str = "reading") -> tqdm:
+    """A progress bar for reading a detections file (size in bytes, or entries with unit="entries"); shown only for
+    large files (600k COCO results, 50 MB of json, take 10 s here; a detector's results on a whole training set
+    several times that)."""
+    large = path.stat().st_size >= LARGE_RESULTS_FILE
+    return tqdm(total=size, unit=unit, unit_scale=unit == "B", desc=f"{what} {path.name}", leave=False,
+                disable=not progress or not large)
 
 
 class _CountingReader:
@@ -541,11 +556,14 @@ class _CountingReader:
         self.bar.update(n or 0)
         return n
 
+    def peek(self, n: int = 0) -> bytes:  # with it the C unpickler reads ahead in blocks, not once per opcode
+        return self.file.peek(n)
+
 
 def _load_results_pickle(path: Path, progress: bool = True):
     try:
         with open(path, "rb") as f, _reading_bar(path, path.stat().st_size, progress) as bar:
-            return _ResultsUnpickler(_CountingReader(f, bar), path).load()
+            return _ResultsUnpickler(f if bar.disable else _CountingReader(f, bar), path).load()
     except SaqError:
         raise
     except OSError as exc:
