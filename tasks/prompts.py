@@ -197,10 +197,10 @@ class DetectionsFile(PromptSource):
                 raise SaqError(f"detections file {path}: entry {i} is not a result "
                                "({image_id, category_id, bbox: [x, y, w, h] or poly: [x1, y1, ..., x4, y4], "
                                "score})") from None
-            if _flat(box):
+            problem = detection_problem(box, item[4])
+            if problem == FLAT:
                 flat += 1
                 continue
-            problem = box_problem(box) or score_problem(item[4])
             if problem:
                 raise SaqError(f"detections file {path}: entry {i} (image {key!r}, {given}, score {item[4]}): "
                                f"{problem}")
@@ -232,10 +232,10 @@ class DetectionsFile(PromptSource):
                     raise SaqError(f"DOTA result file {file}, line {lineno}: expected "
                                    f"'image_stem score x1 y1 x2 y2 x3 y3 x4 y4', got {line.strip()!r}") from None
                 box = _enclosing_box(coords)
-                if _flat(box):
+                problem = detection_problem(box, score)
+                if problem == FLAT:
                     flat += 1
                     continue
-                problem = box_problem(box) or score_problem(score)
                 if problem:
                     raise SaqError(f"DOTA result file {file}, line {lineno}: {problem}, got {line.strip()!r}")
                 by_image.setdefault(parts[0], []).append((*box, score, category))
@@ -288,10 +288,10 @@ class DetectionsFile(PromptSource):
             raise SaqError(f"{where}: labels must be class indices (integers >= 0), got {labels[:5].tolist()}")
         detections, flat = [], 0
         for box, score, label in zip(horizontal_boxes(boxes), scores.tolist(), labels.astype(np.int64).tolist()):
-            if _flat(box):
+            problem = detection_problem(box, score)
+            if problem == FLAT:
                 flat += 1
                 continue
-            problem = box_problem(box) or score_problem(score)
             if problem:
                 raise SaqError(f"{where} (image {key!r}, box {[round(v, 2) for v in box]}, score {score}): {problem}")
             if self.class_names is not None and label >= len(self.class_names):
@@ -665,6 +665,15 @@ def _flat(box: Sequence[float]) -> bool:
     """A finite box without width or height: a detector's box clipped to a line at the image edge."""
     return bool(np.isfinite(box).all() and box[2] >= box[0] and box[3] >= box[1]
                 and (box[2] == box[0] or box[3] == box[1]))
+
+
+FLAT = "flat"  # detection_problem's answer for a box to leave out (and count), not refuse
+
+
+def detection_problem(box: Sequence[float], score: float) -> str | None:
+    """None for a usable detection, FLAT for a box without width or height (a detector's box clipped to a line at
+    the image edge: left out), else why the entry cannot be a detection."""
+    return FLAT if _flat(box) else box_problem(box) or score_problem(score)
 
 
 def _say_flat(path: Path, count: int) -> None:
