@@ -132,6 +132,22 @@ def test_agq_scale_and_tau_average_over_batches():
     assert math.isclose(scale, sum(b[tau][0] for b in bests) / 3, rel_tol=1e-9)
 
 
+def test_agq_pieces_of_one_batch_count_once_weighted_by_size():
+    gen = torch.Generator().manual_seed(5)
+    pieces = [(torch.softmax(torch.randn(n, 10, 30, generator=gen) * 3, -1), torch.randn(n, 30, 8, generator=gen))
+              for n in (3, 1)]  # one image's prompts decoded in a chunk of three and a chunk of one
+    observer = AGQObserver()
+    bests = [observer.batch_best(a, v, 4) for a, v in pieces]
+    observer.begin_batch()
+    for a, v in pieces:
+        observer.observe(a, v, 4)
+    observer.end_batch()
+    assert observer.batches == 1
+    for t in observer.taus:
+        assert math.isclose(observer.scale_sum[t], (3 * bests[0][t][0] + bests[1][t][0]) / 4, rel_tol=1e-9)
+        assert math.isclose(observer.error_sum[t], (3 * bests[0][t][1] + bests[1][t][1]) / 4, rel_tol=1e-9)
+
+
 def test_agq_quantizer_in_a_matmul():
     gen = torch.Generator().manual_seed(3)
     a = torch.softmax(torch.randn(2, 3, 12, 40, generator=gen) * 2, -1)

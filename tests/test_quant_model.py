@@ -319,3 +319,19 @@ def test_activation_observer_beside_clip_is_one_error_naming_both(tiny):
     # without a clip strategy (library use) the observer named in the config is the one that measures
     calibrate(qmodel, _samples(1), cfg, None, progress=False)
     assert qmodel.image_encoder.blocks[0].attn.qkv.input_quantizer.observer.name == "mse"
+
+
+def test_an_image_decoded_in_chunks_is_one_observer_batch(tiny):
+    # paper.md §2.3: each calibration image with all its prompts is one batch; memory chunks must not reweight images
+    samples = _samples(2)
+    whole = quantize(tiny, W4A4)
+    calibrate(whole, samples, W4A4, {"name": "minmax"}, progress=False)
+    chunked_cfg = {**W4A4, "calib_decode_batch": 1}  # three chunks of one prompt per image
+    chunked = quantize(tiny, chunked_cfg)
+    calibrate(chunked, samples, chunked_cfg, {"name": "minmax"}, progress=False)
+    pairs = list(zip(iter_quantizers(whole, "act"), iter_quantizers(chunked, "act")))
+    decoder = [(a, b) for a, b in pairs if a.name.startswith("mask_decoder.") and hasattr(a.observer, "lo")]
+    assert decoder and all(b.observer.batches == a.observer.batches == 2 for a, b in pairs)
+    for a, b in decoder:  # min/max of a whole is that of its pieces: the same ranges however the prompts are chunked
+        torch.testing.assert_close(b.observer.lo, a.observer.lo, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.observer.hi, a.observer.hi, rtol=1e-5, atol=1e-6)

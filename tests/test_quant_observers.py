@@ -232,3 +232,34 @@ def test_clip_reduction_combines_different_batches_as_named(reduction):
     expected = (-2.0, 4.0) if reduction == "mean" else (-3.0, 6.0)  # averaged per-batch ranges, or the widest seen
     assert (float(lo), float(hi)) == pytest.approx(expected)
     assert observer.name == ("avg_minmax" if reduction == "mean" else "minmax")
+
+
+def test_pieces_of_one_batch_reduce_to_one_batch():
+    grid = QuantGrid(4)
+    whole, pieces = torch.tensor([-2.0, 0.0, 1.0, 6.0]), (torch.tensor([-2.0, 0.0, 1.0]), torch.tensor([6.0]))
+    by_extremes = AvgMinMaxObserver()
+    by_extremes.observe(torch.tensor([-4.0, 2.0]), grid, None)  # an earlier image, one batch
+    by_extremes.begin_batch()
+    for piece in pieces:
+        by_extremes.observe(piece, grid, None)
+    by_extremes.end_batch()
+    assert by_extremes.batches == 2
+    assert [float(v) for v in by_extremes.range()] == [(-4 - 2) / 2, (2 + 6) / 2]  # the whole's min/max, averaged
+    # a search's range of a whole is not its pieces' widest: the pieces' ranges weighted by their sizes
+    searched = PercentileObserver()
+    searched.begin_batch()
+    for piece in pieces:
+        searched.observe(piece, grid, None)
+    searched.end_batch()
+    lows, highs = zip(*(PercentileClipping().batch_range(p, grid, None) for p in pieces))
+    assert searched.batches == 1
+    assert math.isclose(float(searched.range()[0]), (3 * float(lows[0]) + float(lows[1])) / 4, rel_tol=1e-6)
+    assert math.isclose(float(searched.range()[1]), (3 * float(highs[0]) + float(highs[1])) / 4, rel_tol=1e-6)
+    dropped = AvgMinMaxObserver()  # a block that failed keeps nothing
+    dropped.begin_batch()
+    dropped.observe(whole, grid, None)
+    dropped.end_batch(commit=False)
+    assert not dropped.seen
+    dropped.observe(whole, grid, None)  # and the observer is back to one batch per observe()
+    dropped.observe(pieces[1], grid, None)
+    assert dropped.batches == 2

@@ -19,6 +19,7 @@ class RangeStrategy(ABC):
 
     name: str = "range"
     reduction: str = "mean"  # how an observer combines per-batch ranges: mean (PTQ4SAM's Avg*) | extreme (running)
+    union_by_extremes: bool = False  # a tensor's range is its pieces' widest (true of min/max, not of a search)
 
     @abstractmethod
     def batch_range(self, x: torch.Tensor, grid: QuantGrid, ch_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:

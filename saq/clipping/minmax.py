@@ -12,6 +12,7 @@ class MinMaxClipping(RangeStrategy):
     """[min(x), max(x)] per tensor or per channel."""
 
     name = "minmax"
+    union_by_extremes = True
 
     def batch_range(self, x: torch.Tensor, grid: QuantGrid, ch_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach().float()

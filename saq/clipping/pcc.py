@@ -146,6 +146,10 @@ class PerceptualConsistencyClipping(RangeStrategy):
     def batch_range(self, x: torch.Tensor, grid, ch_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.others.batch_range(x, grid, ch_axis)
 
+    @property
+    def union_by_extremes(self) -> bool:
+        return self.others.union_by_extremes
+
     def settings(self) -> dict:
         return {"theta": self.theta, "candidates": self.candidates, "focus_max": self.focus_max,
                 "points": self.points, "attentions": self.attentions, "sweeps": self.sweeps, "images": self.images,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections import Counter
@@ -168,12 +169,31 @@ def calibrate(qmodel: nn.Module, samples: Sequence, quant_cfg=None, clip_cfg=Non
             quantizer.set_state(QuantState.OBSERVE)
     prompts = 0
     for sample in tqdm(samples, desc="calibrate", disable=not progress, leave=False):
-        prompts += run(sample)
+        with one_observer_batch(qmodel):  # an image in several decoder chunks is one batch, as in the paper
+            prompts += run(sample)
     calibrate_weights(qmodel)
     set_quant_state(qmodel, QuantState.QUANT)
     assert_fully_quantized(qmodel)
     return CalibrationReport(len(samples), prompts, time.perf_counter() - start, big, dict(quant_states(qmodel)),
                              clipping)
+
+
+@contextlib.contextmanager
+def one_observer_batch(qmodel: nn.Module) -> Iterator[None]:
+    """Every observer counts what it sees inside the block as one batch (see Observer.begin_batch); nothing of a
+    block that raises is kept."""
+    observers = list({id(o): o for q in iter_quantizers(qmodel)
+                      if (o := getattr(q, "observer", None)) is not None}.values())
+    for observer in observers:
+        observer.begin_batch()
+    try:
+        yield
+    except BaseException:
+        for observer in observers:
+            observer.end_batch(commit=False)
+        raise
+    for observer in observers:
+        observer.end_batch()
 
 
 @torch.no_grad()

@@ -51,6 +51,29 @@ class Observer:
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
         self.batches = 0
+        self._pieces: list | None = None
+
+    def begin_batch(self) -> None:
+        """Collect what is observed until end_batch() as the pieces of one batch (an image's prompts decoded in
+        several chunks: paper.md §2.3 averages over images, not over however many forwards memory allows)."""
+        self._pieces = []
+
+    def end_batch(self, commit: bool = True) -> None:
+        """Reduce the pieces since begin_batch() to one batch range: their extremes where the strategy's range of a
+        whole is that of its parts (min/max; exact), else their mean weighted by element count."""
+        pieces, self._pieces = self._pieces, None
+        if not commit or not pieces:
+            return
+        if len(pieces) == 1:
+            lo, hi = pieces[0][:2]
+        elif getattr(self.strategy, "union_by_extremes", False):
+            lo = torch.stack([p[0] for p in pieces]).amin(0)
+            hi = torch.stack([p[1] for p in pieces]).amax(0)
+        else:
+            total = sum(p[2] for p in pieces)
+            lo = sum(p[0] * (p[2] / total) for p in pieces)
+            hi = sum(p[1] * (p[2] / total) for p in pieces)
+        self._add(lo, hi)
 
     @property
     def seen(self) -> bool:
@@ -59,6 +82,12 @@ class Observer:
     def observe(self, x: torch.Tensor, grid, ch_axis: int | None) -> None:
         lo, hi = self.strategy.batch_range(x.detach(), grid, ch_axis)
         lo, hi = lo.float(), hi.float()
+        if self._pieces is not None:
+            self._pieces.append((lo, hi, x.numel()))
+        else:
+            self._add(lo, hi)
+
+    def _add(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         self.batches += 1
         if self.lo is None:
             self.lo, self.hi = lo, hi
@@ -155,6 +184,21 @@ class AGQObserver:
         self.scale_sum = {t: 0.0 for t in self.taus}
         self.error_sum = {t: 0.0 for t in self.taus}
         self.batches = 0
+        self._pieces: list | None = None
+
+    def begin_batch(self) -> None:
+        """As Observer.begin_batch: the maps until end_batch() are the pieces of one batch."""
+        self._pieces = []
+
+    def end_batch(self, commit: bool = True) -> None:
+        """One batch from the pieces: each τ's best scale and error averaged, weighted by the pieces' sizes."""
+        pieces, self._pieces = self._pieces, None
+        if not commit or not pieces:
+            return
+        total = sum(n for _, n in pieces)
+        self._add({t: (sum(best[t][0] * n for best, n in pieces) / total,
+                       sum(best[t][1] * n for best, n in pieces) / total) for t in self.taus}
+                  if len(pieces) > 1 else pieces[0][0])
 
     @property
     def seen(self) -> bool:
@@ -230,7 +274,14 @@ class AGQObserver:
         return out
 
     def observe(self, a: torch.Tensor, v: torch.Tensor, bits: int) -> None:
-        for tau, (s, e) in self.batch_best(a, v, bits).items():
+        best = self.batch_best(a, v, bits)
+        if self._pieces is not None:
+            self._pieces.append((best, a.numel()))
+        else:
+            self._add(best)
+
+    def _add(self, best: dict[float, tuple[float, float]]) -> None:
+        for tau, (s, e) in best.items():
             self.scale_sum[tau] += s
             self.error_sum[tau] += e
         self.batches += 1
