@@ -262,9 +262,11 @@ def samples_digest(samples) -> str:
     return digest.hexdigest()[:16]
 
 
-def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples) -> dict:
-    """recon=... on the calibrated model (saq.recon); its record says which evaluation mode follows."""
-    from saq.recon import EVAL_FULL, reconstruct
+def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples) -> tuple[dict, Path | None]:
+    """recon=... on the calibrated model (saq.recon): its record, which says which evaluation mode follows, and the
+    file its finished units were saved to for recon.resume (None without recon)."""
+    from saq.recon import EVAL_FULL, ReconConfig, reconstruct
+    from saq.recon import checkpoint_path as recon_state_path  # not the SAM checkpoint's
 
     recon_cfg = cfg.get("recon") or {"name": "none"}
     # a saved unit is reused (recon.resume) only with the same model, calibration data, settings and code
@@ -272,7 +274,9 @@ def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples) -> dict:
     key = (f"{checkpoint_fingerprint(cfg.model)}|{samples_digest(samples)}|{cfg.quant}|{cfg.clip}|{cfg.seed}|"
            f"{cfg.device}|{source_digest(RECON_SOURCES)}|torch {torch.__version__}|{torch.get_num_threads()} threads")
     report = reconstruct(qmodel, model, samples, recon_cfg, cfg.seed, key, progress=cfg.progress)
-    return report.as_dict() if report is not None else {"method": "none", "eval_mode": EVAL_FULL}
+    if report is None:
+        return {"method": "none", "eval_mode": EVAL_FULL}, None
+    return report.as_dict(), recon_state_path(ReconConfig.from_cfg(recon_cfg), key)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -305,7 +309,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                      spec)
     fp, fp_cache_file = fp_metrics(cfg, model, task)
     metrics = {"fp": fp}
-    calibration = clipping = recon = None
+    calibration = clipping = recon = recon_state = None
 
     saved_model = None  # where the quantized model was saved to or loaded from
     deploy_error = None
@@ -323,7 +327,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                            "prompt_count": report.prompts, "image_ids": [s.image_id for s in samples],
                            "seconds": round(report.seconds, 2)}
             clipping = report.clipping
-            recon = reconstruct_for_run(cfg, qmodel, model, samples)
+            recon, recon_state = reconstruct_for_run(cfg, qmodel, model, samples)
         # calibrated, learned or loaded: every quantizer hard and on (inputs dropping only in the labelled
         # paper-compatible evaluation), before the model is saved or evaluated
         assert_fully_quantized(qmodel, allow_dropped_inputs=recon["eval_mode"] != EVAL_FULL)
@@ -375,6 +379,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     except SaqError:
         print(table)  # a full disk: the numbers are at least on screen
         raise
+    if recon_state is not None:  # the run is finished and written: its resume file (a whole model per run) goes
+        recon_state.unlink(missing_ok=True)
     print(table)
     print(f"results: {path}")
     if cfg.get("figures", True) and (clipping is not None or recon is not None):

@@ -128,8 +128,9 @@ def test_activation_observer_set_beside_clip_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("quant.w_bits=0", "error: quant.w_bits=0 is not allowed; expected an integer from 2 to 8"),
-    ("clip.p=-1", "error: clip.p=-1 invalid; expected a positive finite Lp exponent (paper: 2.4)"),
-    ("clip.p=inf", "error: clip.p=inf invalid; expected a positive finite Lp exponent (paper: 2.4)"),
+    ("clip.p=-1", "error: clip.p=-1 invalid; expected a finite Lp exponent >= 1 (paper: 2.4)"),
+    ("clip.p=0.5", "error: clip.p=0.5 invalid; expected a finite Lp exponent >= 1 (paper: 2.4)"),
+    ("clip.p=inf", "error: clip.p=inf invalid; expected a finite Lp exponent >= 1 (paper: 2.4)"),
     # a paper row or a reconstruction on the FP default would otherwise run FP under the method's label
     ("quant=fp method=saq_sam", "error: method=saq_sam quantizes the model but quant=fp runs it in full precision; "
                                 "add a bit-width: quant=w4a4, quant=w6a6 or quant=w8a8"),

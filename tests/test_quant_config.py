@@ -1,14 +1,12 @@
 """The quant/clip configs: presets compose and parse, overrides apply, bad values give one clear SaqError line."""
 
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from saq.errors import SaqError
-from saq.quant import QuantConfig, calibrate, quantize
+from saq.quant import QuantConfig, quantize
 from saq.sam.build import build_random_sam
-from saq.sam.segmenter import PromptedImage
 from tests.conftest import REPO
 
 torch.set_num_threads(1)
@@ -81,12 +79,12 @@ def test_weight_channel_axis_out_of_range():
     quantize(sam, {"encoder": {"weight": {"ch_axis": -1}}})  # -1 is the input-channel axis: allowed
 
 
-def test_activation_channel_axis_out_of_range_is_reported_at_calibration():
+@pytest.mark.parametrize("axis", [0, 1, 5])
+def test_an_activation_channel_axis_other_than_the_last_is_refused_up_front(axis):
+    # a decoder linear input is (prompts, tokens, channels): axis 0 would quantize per prompt and fail on another count
     sam = build_random_sam("sam_tiny", 0)
-    qmodel = quantize(sam, {"big": False, "encoder": {"act": {"granularity": "per_channel", "ch_axis": 5}}})
-    sample = PromptedImage(np.zeros((64, 64, 3), np.uint8), boxes=np.array([[0, 0, 30, 30]], np.float32))
     with pytest.raises(SaqError) as info:
-        calibrate(qmodel, [sample], None, progress=False)
+        quantize(sam, {"big": False, "decoder": {"act": {"granularity": "per_channel", "ch_axis": axis}}})
     message = str(info.value)
-    assert message.startswith("quant.encoder.act.ch_axis=5 is out of range for image_encoder.blocks.0.attn.qkv")
+    assert message.startswith(f"quant.decoder.act.ch_axis={axis} invalid; expected -1")
     assert "\n" not in message

@@ -120,6 +120,22 @@ def test_lsq_step_gradient_matches_formula(bits):
     assert torch.allclose(q.scale.grad, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_lsq_quantizes_with_exactly_the_step_it_stores():
+    # the step's gradient scaling must not move the step used forward: the ONNX export takes the stored one
+    x = _data((7, 256), seed=5)
+    moved = 0
+    for i in range(300):
+        q = LSQQuantizer(4, make_observer("minmax"))
+        q.set_range(-1.0 - i * 1e-3, 2.0 + i * 7e-4)
+        q.calibrated.fill_(True)
+        q.set_state(QuantState.QUANT)
+        with torch.no_grad():
+            expected = fake_quant(x, q.scale.detach(), q.zero_point, q.grid)
+            moved += not torch.equal(q.step(x), q.scale)
+            assert torch.equal(q(x), expected), i
+    assert moved == 0
+
+
 def _adaround(bits=4):
     q = AdaRoundQuantizer(bits, make_observer("minmax"), ch_axis=0)
     w = torch.randn((12, 20), generator=torch.Generator().manual_seed(4)) / 3

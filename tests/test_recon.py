@@ -131,6 +131,22 @@ def test_best_state_restore_keeps_the_start_when_learning_hurts():
     assert all(torch.equal(before[k], after[k]) for k in before if k in after and before[k].numel())
 
 
+def test_a_unit_with_nothing_to_learn_is_not_iterated():
+    fp, qmodel, data = toy_models()
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    calls = []
+    block = Block()
+    run = block.run
+    block.run = lambda *args: (calls.append(1), run(*args))[1]
+    cfg = recon_cfg(scale_lr=0.0, weight_lr=0.0, iters={"block": 40})  # every learning rate 0
+    report = Reconstructor(qmodel, fp, cfg, seed=0, progress=False, chain=[Feed(), block]).run(data=data)
+    unit = report.units[0]
+    assert (unit.iters, unit.kept, unit.seconds) == (0, "nothing to learn", 0.0)
+    assert len(calls) == 3 * len(data)  # FP targets, the loss before learning, the outputs handed to the next unit
+    assert all(torch.equal(before[k], v) for k, v in qmodel.state_dict().items())
+    assert_fully_quantized(qmodel)
+
+
 def test_learned_steps_stay_positive():
     from saq.quant.grid import SCALE_EPS
     from saq.quant.quantizers import LSQQuantizer

@@ -326,6 +326,7 @@ def test_pipeline_records_the_method_and_the_evaluation_mode(synthetic_root, tmp
             "task.max_images=2", "quant.calib_images=2", "fp_cache=false", "logger=none", "progress=false",
             "recon.iters.block=1", "recon.iters.neck=1", "recon.iters.decoder_block=1", "recon.iters.final_attn=1",
             "recon.best_state=false"])
+    import saq.recon.loop
     import saq.saved
 
     models = {}
@@ -342,7 +343,14 @@ def test_pipeline_records_the_method_and_the_evaluation_mode(synthetic_root, tmp
 
     monkeypatch.setattr(saq.saved, "save_run", keep_saved)
     monkeypatch.setattr(saq.saved, "load_run", keep_loaded)
+    state_dir = tmp_path / cfg.recon.state_dir
+    saved_units = []
+    save_units = saq.recon.loop.Reconstructor._save
+    monkeypatch.setattr(saq.recon.loop.Reconstructor, "_save",
+                        lambda self, *a: (save_units(self, *a), saved_units.append(self.checkpoint)))
     record = pipeline.run(cfg, tmp_path / "run")
+    # each unit was saved for recon.resume, and the finished run removed the file (a whole model per run)
+    assert len(saved_units) == 22 and (tmp_path / saved_units[0]).parent == state_dir and not list(state_dir.glob("*"))
     assert record["method"] == "ptq4sam_l" and record["recon"]["method"] == "qdrop"
     assert record["recon"]["eval_mode"] == EVAL_FULL and len(record["recon"]["units"]) == 22
     saved = json.loads(Path(tmp_path / "run" / "results.json").read_text())

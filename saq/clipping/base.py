@@ -73,8 +73,9 @@ def scalar_qparams(lo: float, hi: float, grid: QuantGrid) -> tuple[float, float]
 
 def error_settings(p: float, max_points: int) -> tuple[float, int]:
     """Validated (p, max_points) of a strategy that scores ranges by Lp error on an error_sample."""
-    if not (is_finite_number(p) and p > 0):
-        raise SaqError(f"clip.p={p!r} invalid; expected a positive finite Lp exponent (paper: 2.4)")
+    # p >= 1: the searches' pruning bound and their zero-point bisection need an error convex in the range
+    if not (is_finite_number(p) and p >= 1):
+        raise SaqError(f"clip.p={p!r} invalid; expected a finite Lp exponent >= 1 (paper: 2.4)")
     return float(p), check_int(max_points, "clip.max_points", 16)
 
 

@@ -35,7 +35,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     """x forward, gradient multiplied by `factor` backward (LSQ's step-size gradient scaling)."""
     scaled = x * factor
-    return (x - scaled).detach() + scaled
+    return x.detach() + (scaled - scaled.detach())  # exactly x forward ((x - x·f) + x·f can miss it by an ulp)
 
 
 def channel_view(t: torch.Tensor, ndim: int, ch_axis: int | None) -> torch.Tensor:

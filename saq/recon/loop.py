@@ -45,7 +45,7 @@ class UnitReport:
     loss_last: float | None = None  # ... and over the last
     eval_before: float | None = None  # unit loss over all samples, hard and undropped, before learning
     eval_after: float | None = None  # ... after learning and hardening
-    kept: str = "learned"  # learned | start (best-state restore kept the starting state)
+    kept: str = "learned"  # learned | start (best-state restore kept the starting state) | nothing to learn
     resumed: bool = False  # learned by the killed run this one resumed (its iterations are not this run's)
     loss_curve: list = field(default_factory=list)  # [iteration, mean training loss since the previous point], <= 200
 
@@ -244,11 +244,16 @@ class Reconstructor:
                 groups.append({"params": params, "lr": lr})
                 schedules.append((lambda k: 0.5 * (1 + math.cos(math.pi * k / iters))) if decay
                                  else (lambda k: 1.0))
+        if not groups:  # no quantizer here, or every lr 0: iterating would change nothing
+            for q in quantizers:
+                q.drop_prob = 1.0
+            unit.iters, unit.kept = 0, "nothing to learn"
+            return unit
         learned = [p for g in groups for p in g["params"]]
         for p in learned:
             p.requires_grad_(True)
-        optimizer = torch.optim.Adam(groups) if groups else None
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules) if optimizer is not None else None
+        optimizer = torch.optim.Adam(groups)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
         picks = torch.randint(len(data), (iters,), generator=torch.Generator().manual_seed(self.seed + index))
         mixing = cfg.input_mix and cfg.drop_prob < 1.0
         unmixed_response = loss_fn.uses_response and step.response != "probe" and cfg.response_input == "quantized"
@@ -270,7 +275,7 @@ class Reconstructor:
                            None if responses[i] is None else _to(responses[i], self.device), response_from)
             reg = rounding_regularizer(rounding, cfg.round_reg, it, iters)
             total = loss if reg is None else loss + reg
-            if optimizer is not None and total.requires_grad:
+            if total.requires_grad:
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
