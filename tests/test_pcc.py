@@ -174,6 +174,15 @@ def test_outlier_model_is_exact_in_fp_and_carries_the_planted_magnitude():
     assert 0.0 < len(planted[0]["channels"]) / attentions["layers.0.self_attn"].internal_dim <= 0.02
 
 
+@pytest.mark.parametrize("attentions", [[], ["layers.0.self_attn", "layers.0.self_attn"], "layers.0.self_attn"])
+def test_an_outlier_attention_list_that_plants_nothing_or_twice_is_refused(attentions):
+    # an empty list would label an unchanged sam_tiny as the outlier model; a repeat plants two offsets in one key
+    with pytest.raises(SaqError, match=r"model\.outliers\.attentions=.* invalid; expected all or a non-empty list of "
+                                       "distinct decoder attention names"):
+        OutlierSpec.from_cfg({"attentions": attentions})
+    assert OutlierSpec.from_cfg({"attentions": ["layers.0.self_attn"]}).attentions == ("layers.0.self_attn",)
+
+
 def test_pcc_runs_on_sam_vit_b_shapes():
     vit_b = build_random_sam("sam_vit_b", seed=0)
     qmodel = quantize(vit_b, {"name": "w4a4", "w_bits": 4, "a_bits": 4})

@@ -469,3 +469,16 @@ def test_the_response_is_computed_from_response_from_when_given():
     unmixed = (torch.tensor([[0.0, 2.0]]), zero)
     assert float(loss(out, (zero, zero), None, (zero,))) == 0.0
     assert float(loss(out, (zero, zero), None, (zero,), unmixed)) == 4.0  # hs error of the unmixed pass
+
+
+def test_cached_tensors_move_asynchronously_only_towards_a_gpu():
+    from saq.sam.units import move
+
+    class Recorder:  # records how .to() was asked (a real host copy cannot show the race without a GPU)
+        def to(self, device, non_blocking=False):
+            self.device, self.non_blocking = torch.device(device), non_blocking
+            return self
+
+    # a non-blocking copy to the host may be read by the CPU before it is complete
+    assert move(Recorder(), "cpu").non_blocking is False
+    assert move(Recorder(), torch.device("cuda", 0)).non_blocking is True

@@ -214,10 +214,27 @@ def test_paper_eval_compat_leaves_exactly_the_linear_inputs_dropping(tiny, tmp_p
     compat = load_quantized(tiny, directory)
     record = loaded_evaluation(compat, saved_recon, dict(saved_recon, paper_eval_compat=True), directory)
     assert record["eval_mode"] == EVAL_PAPER and names(compat) == names(qmodel)
+    # automatic masks share one image-token tensor among a chunk's prompts; dropping, each prompt gets its own (and
+    # with it its own dropping masks), as segment_anything's decoder repeats them
+    from saq.sam.segmenter import Segmenter
+
+    points = np.array([[10, 10], [40, 30], [60, 50]], np.float32)
+    for model, rows in ((full, 1), (compat, len(points))):
+        seen = []
+        k_proj = model.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj
+        handle = k_proj.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0].shape[0]))
+        segmenter = Segmenter(model)
+        segmenter.set_image(cal[0].image)
+        list(segmenter.predict_above_iou(points, np.ones(len(points), np.int64), 0.0))
+        handle.remove()
+        assert seen == [rows]
     with pytest.raises(SaqError, match="reconstructed with recon=qdrop; this run sets recon=par"):
         loaded_evaluation(compat, saved_recon, {"name": "par"}, directory)
     with pytest.raises(SaqError, match="was not reconstructed"):
         loaded_evaluation(compat, {"name": "none"}, {"name": "qdrop", "paper_eval_compat": True}, directory)
+    with pytest.raises(SaqError, match=r"loads learned with recon\.drop_prob=1\.0, dropping nothing"):
+        loaded_evaluation(load_quantized(tiny, directory), dict(saved_recon, drop_prob=1.0),
+                          dict(saved_recon, paper_eval_compat=True), directory)
 
 
 def _recon_yaml(name: str) -> dict:
@@ -297,6 +314,9 @@ def test_recon_config_errors_name_the_key():
     # numbers come out as the type the loop uses: an integer lr or drop probability is a float
     cfg = ReconConfig.from_cfg({"weight_lr": 1, "drop_prob": 1, "round_reg": {"weight": 1}, "cache_device": "cpu"})
     assert (type(cfg.weight_lr), type(cfg.drop_prob), type(cfg.round_reg.weight)) == (float, float, float)
+    # the paper-compatible evaluation of a model learned without dropping would be the full one under its label
+    with pytest.raises(SaqError, match=r"recon\.paper_eval_compat=true .* but recon\.drop_prob=1\.0 drops nothing"):
+        ReconConfig.from_cfg({"drop_prob": 1.0, "paper_eval_compat": True})
 
 
 def test_saq_sam_reconstructs_the_four_stages_of_a_vit_b():

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from saq.errors import SaqError
-from saq.recon.config import PAR_OFFICIAL_ITERS, ReconConfig
+from saq.recon.config import PAR_OFFICIAL_ITERS, ReconConfig, no_paper_eval
 from saq.recon.loop import (
     EVAL_FULL,
     EVAL_PAPER,
@@ -84,6 +84,9 @@ def loaded_evaluation(qmodel: nn.Module, saved_recon, run_recon, where) -> dict:
     saved, run = _learned(saved_recon), _learned(run_recon)
     record = {"method": saved.name if saved else "none", "eval_mode": EVAL_FULL, "loaded_from": str(where)}
     if saved is not None and run is not None and run.paper_eval_compat:
+        if saved.drop_prob == 1.0:
+            raise SaqError(no_paper_eval(f"the model quant.load={where} loads learned with recon.drop_prob=1.0, "
+                                         "dropping nothing"))
         from saq.sam.units import build_chain
 
         modules = [m for step in build_chain(qmodel, saved.granularity) if step.learnable

@@ -128,7 +128,10 @@ class ReconConfig:
                 if key == "round_reg" and not values[key].warm_up < 1.0:
                     raise SaqError(f"recon.round_reg.warm_up={values[key].warm_up!r} invalid; expected a fraction of "
                                    "the iterations in [0, 1) (AdaRound: 0.2)")
-        return cls(**values)
+        cfg = cls(**values)
+        if cfg.paper_eval_compat and cfg.drop_prob == 1.0:
+            raise SaqError(no_paper_eval("recon.drop_prob=1.0 drops nothing"))
+        return cfg
 
     def unit_iters(self, kinds: list[str], reference_kinds: list[str]) -> list[int]:
         """Iterations of each unit (in chain order). official: recon.iters per kind. equal: the total of PAR's
@@ -147,6 +150,13 @@ class ReconConfig:
         for i in by_remainder[:total - sum(shares)]:
             shares[i] += 1
         return shares
+
+
+def no_paper_eval(reason: str) -> str:
+    """Why recon.paper_eval_compat=true cannot run on a model learned without dropping."""
+    return (f"recon.paper_eval_compat=true leaves linear inputs dropping at recon.drop_prob, but {reason}: the "
+            "evaluation would be the fully quantized one under the paper-compatible label; set "
+            "recon.paper_eval_compat=false")
 
 
 def _plain(cfg):

@@ -25,7 +25,7 @@ from saq.quant.modules import QuantLayer
 from saq.quant.quantizers import AdaRoundQuantizer, Log2AGQQuantizer, Quantizer
 from saq.recon.config import ReconConfig
 from saq.recon.losses import rounding_regularizer, unit_loss
-from saq.sam.units import SampleData, build_chain, encode_sample, mask_probabilities, probe_image_tokens
+from saq.sam.units import SampleData, build_chain, encode_sample, mask_probabilities, move, probe_image_tokens
 
 CURVE_POINTS = 200  # loss-curve points kept per unit in results.json (a figure's worth, not every iteration)
 EVAL_FULL = "fully_quantized"
@@ -113,7 +113,7 @@ def _unique_quantizers(modules: Sequence[nn.Module]) -> list[Quantizer]:
 
 
 def _to(state: tuple, device) -> tuple:
-    return tuple(t.to(device, non_blocking=True) for t in state)
+    return tuple(move(t, device) for t in state)
 
 
 class Reconstructor:

@@ -49,11 +49,12 @@ class OutlierSpec:
                            f"{sorted(cls.__dataclass_fields__)}")
         values = dict(cfg)
         attentions = values.get("attentions", "all")
-        if isinstance(attentions, (list, tuple)) and all(isinstance(a, str) for a in attentions):
+        if (isinstance(attentions, (list, tuple)) and attentions and all(isinstance(a, str) for a in attentions)
+                and len(set(attentions)) == len(attentions)):  # none would plant nothing, a repeat two offsets
             values["attentions"] = tuple(attentions)
         elif attentions != "all":
-            raise SaqError(f"model.outliers.attentions={attentions!r} invalid; expected all or a list of decoder "
-                           "attention names")
+            raise SaqError(f"model.outliers.attentions={attentions!r} invalid; expected all or a non-empty list of "
+                           "distinct decoder attention names")
         spec = cls(**values)
         for key in ("heads", "channels_per_head", "calib_images"):
             check_int(getattr(spec, key), f"model.outliers.{key}")

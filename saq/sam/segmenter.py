@@ -150,7 +150,10 @@ def decode_tokens(decoder: MaskDecoder, image_embeddings: torch.Tensor, image_pe
     decode_token_masks turns the first two into masks, for any subset of the prompts.
     """
     tokens = decoder_queries(decoder, sparse)
-    if image_embeddings.shape[0] == 1 and dense.stride(0) == 0:
+    # a quantizer left dropping (the paper-compatible evaluation) draws a mask per element: shared image tokens would
+    # share it across the prompts, where segment_anything's decoder, repeating them, draws one per prompt
+    dropping = any(getattr(m, "drop_prob", 1.0) < 1.0 for m in decoder.transformer.modules())
+    if image_embeddings.shape[0] == 1 and dense.stride(0) == 0 and not dropping:
         # Without mask prompts every prompt's dense embedding is the same (an expanded view): the image tokens enter
         # the transformer identical for all prompts. Passed once, the first block's image-side projections run once
         # and broadcast against the prompts' tokens; the image->token attention makes them per prompt. Channels-last,

@@ -20,6 +20,11 @@ GRANULARITIES = ("stage", "layer", "block")
 State = tuple  # the tensors flowing between steps: (x,) in the encoder, (embedding,) after the neck, (queries, keys)
 
 
+def move(t: torch.Tensor, device) -> torch.Tensor:
+    """t on device; asynchronous only towards a GPU (a copy to host memory must be complete before the CPU reads it)."""
+    return t.to(device, non_blocking=torch.device(device).type == "cuda")
+
+
 @dataclass
 class SampleData:
     """One calibration image as the reconstruction chain consumes it (prompts already encoded, at most max_prompts)."""
@@ -30,8 +35,7 @@ class SampleData:
     key_pe: torch.Tensor  # 1 x hw x C: the dense positional encoding as token rows
 
     def to(self, device) -> SampleData:
-        return SampleData(*(t.to(device, non_blocking=True) for t in (self.image, self.tokens, self.dense,
-                                                                       self.key_pe)))
+        return SampleData(*(move(t, device) for t in (self.image, self.tokens, self.dense, self.key_pe)))
 
 
 @torch.no_grad()
