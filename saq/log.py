@@ -280,6 +280,14 @@ def method_label(config: dict) -> str:
     return label
 
 
+PAPER_COMPAT_SUFFIX = " (paper-compat eval)"  # label of learned runs evaluated as the official code does (§7)
+
+
+def paper_compat_evaluation(record: dict) -> bool:
+    """Whether the run evaluated in the official code's mode (linear inputs left dropping), not fully quantized."""
+    return str((record.get("recon") or {}).get("eval_mode", "")).startswith("paper_compat")
+
+
 def bits_label(config: dict) -> str:
     """w<W>a<A> from the bit-widths actually set (so quant.w_bits=5 on w4a4 is not labelled w4a4), or 'fp'."""
     quant = config.get("quant") if isinstance(config.get("quant"), dict) else {}
@@ -323,11 +331,15 @@ def wandb_run_options(logger_cfg: dict, record: dict, sweep_group: str | None = 
     tags = [*(logger_cfg.get("tags") or []), f"model:{record.get('model')}", f"bits:{bits}", f"method:{method}",
             f"task:{record.get('task')}"]
     name = record.get("run_name") if method == "fp" else f"{record.get('run_name')}-{method}"
+    job_type = method
+    if paper_compat_evaluation(record):  # half the linear inputs unquantized: never grouped with the full runs
+        tags.append("eval:paper_compat")
+        name, job_type = f"{name}-paper_compat", method + PAPER_COMPAT_SUFFIX
     return {
         "project": logger_cfg.get("project", "saq"),
         "entity": logger_cfg.get("entity"),
         "group": logger_cfg.get("group") or sweep_group,
-        "job_type": method,
+        "job_type": job_type,
         "tags": [t[:64] for t in tags],  # W&B's limit per tag
         "mode": logger_cfg.get("mode", "offline"),
         "name": name,

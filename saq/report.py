@@ -22,17 +22,26 @@ from pathlib import Path
 
 from saq.errors import SaqError, is_number
 from saq.log import (
+    PAPER_COMPAT_SUFFIX,
     RESULTS_FILE,
     bits_label,
     flatten,
     folder_in_use,
     labelled_config,
     method_label,
+    paper_compat_evaluation,
     record_problem,
     write_text_atomic,
 )
 from saq.paper_results import PAPER_MODEL, paper_row, paper_table
-from saq.sweep import FAILURE_FILE, RESUME_IGNORED_KEYS, RUNNING_FILE, bounded_name, with_knobs_added_since
+from saq.sweep import (
+    FAILURE_FILE,
+    RESUME_IGNORED_KEYS,
+    RESUME_IGNORED_NESTED,
+    RUNNING_FILE,
+    bounded_name,
+    with_knobs_added_since,
+)
 
 FP_ROW = "FP"
 # Metric order per task (the first is the task's main metric); other scalar metrics follow in the order found.
@@ -42,7 +51,6 @@ NOT_TABLE_METRICS = {"images", "prompts", "empty_masks", "masks_per_image"}  # c
 MODEL_ORDER = ["sam_tiny", "sam_tiny_outliers", "sam_vit_b", "sam_vit_l", "sam_vit_h"]
 METHOD_ORDER = ["minmax", "percentile", "mse", "pcc", "ptq4sam_s", "saq_sam_star", "qdrop", "ptq4sam_l", "saq_sam"]
 REPORT_FILES = ("report.md", "report.csv", "report.tex")
-PAPER_COMPAT_SUFFIX = " (paper-compat eval)"  # row label of learned runs evaluated as the official code does
 
 
 def is_table_metric(name: str, value) -> bool:
@@ -181,12 +189,14 @@ def load_failures(root: Path) -> list[dict]:
 def entries_of(run: dict) -> list[Entry]:
     config = labelled_config(run)  # a loaded model sits in the row of the run that produced it
     flat = flatten(with_knobs_added_since(config))  # a run made before a knob existed ran its old behaviour
+    if run.get("checkpoint_sha256"):  # the weights themselves: a retrained file at the same path is another model
+        flat["model.weights"] = str(run["checkpoint_sha256"])[:12]
     common = dict(task=str(run["task"]), prompts=str(run.get("prompts", "-")), model=str(run["model"]),
                   seed=run.get("seed"), flat=flat, path=run["_path"], mtime=run["_mtime"])
     out = [Entry(bits="fp", label=FP_ROW, metrics=run["metrics"]["fp"], paper_row=FP_ROW, **common)]
     if run["quant"] != "fp":
         label = method_label(config)
-        if str((run.get("recon") or {}).get("eval_mode", "")).startswith("paper_compat"):
+        if paper_compat_evaluation(run):
             label += PAPER_COMPAT_SUFFIX  # the official evaluation, half the linear inputs unquantized (§7)
         out.append(Entry(bits=bits_label(config), label=label, metrics=run["metrics"]["quantized"],
                          paper_row=paper_row(config), **common))
@@ -200,8 +210,7 @@ SEED_FOLLOWERS = ("prompts.seed", "task.coarse.seed", "recon.seed")
 COLUMN_KEYS = ("quant.name", "quant.w_bits", "quant.a_bits")
 # Keys that only choose what a run calibrates on (the FP model and the evaluation images do not depend on them).
 CALIBRATION_KEYS = ("task.calib.", "prompts.calib_file", "task.generate.n_train")
-NO_EFFECT_KEYS = ("seed", "deploy", "quant.load", "quant.save", "recon.paper_eval_compat", "recon.state_dir", "recon.resume",
-                  "recon.cache_device", "recon.log_every")
+NO_EFFECT_KEYS = ("seed", "deploy", "quant.load", "recon.paper_eval_compat", *RESUME_IGNORED_NESTED)
 
 
 def _row_key_relevant(key: str, fp: bool) -> bool:
@@ -295,8 +304,9 @@ def _natural(text: str) -> list:
 
 
 def _row_order(row: str, label: str) -> tuple:
-    rank = -1 if label == FP_ROW else (METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER))
-    return (rank, label, _natural(row))
+    base = label.removesuffix(PAPER_COMPAT_SUFFIX)  # a method's paper-compat rows follow its own
+    rank = -1 if base == FP_ROW else (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER))
+    return (rank, base, base != label, _natural(row))
 
 
 def build_tables(entries: list[Entry], duplicates: list[Path]) -> list[Table]:
@@ -396,11 +406,14 @@ def paper_block(table: Table) -> tuple[dict, list[tuple[str, str]], list[tuple[s
     published = paper_table(table.task, table.metric)
     if published is None:
         return None
-    pairs: list[tuple[str, str]] = []
+    matched: dict[str, str] = {}  # paper row -> our label, in table order
     for row in table.rows:
-        name = table.row_paper.get(row)
-        if name in published["rows"] and name not in [p for p, _ in pairs]:
-            pairs.append((name, table.row_label[row]))
+        name, label = table.row_paper.get(row), table.row_label[row]
+        # the published learned rows were evaluated with the official code's bug: our paper-compat row is their match
+        if name in published["rows"] and (name not in matched or (
+                label.endswith(PAPER_COMPAT_SUFFIX) and not matched[name].endswith(PAPER_COMPAT_SUFFIX))):
+            matched[name] = label
+    pairs = list(matched.items())
     paper_columns = list(next(iter(published["rows"].values())))
     ours = [c for c in table.columns if c in paper_columns]
     if not ours:  # our models are not the paper's: show its columns at our bit-widths

@@ -26,6 +26,9 @@ RUNNING_FILE = "running.json"  # while a sweep job runs; left behind only when i
 SWEEP_STARTED = ".sweep_started"  # .sweep_started.<id>: touched in the sweep folder while a multirun runs
 # Keys that change how a run is logged or shown, not what it computes: a finished run still counts when they differ.
 RESUME_IGNORED_KEYS = ("logger", "progress", "threads", "fp_cache", "resume", "figures")
+# ... and nested ones: where a run keeps or finds its files, how often it logs (recon.resume=true must continue a
+# killed job without every finished job of the sweep counting as another config)
+RESUME_IGNORED_NESTED = ("quant.save", "recon.resume", "recon.state_dir", "recon.cache_device", "recon.log_every")
 # Knobs added after runs were made, with the value that does what those runs did: a finished run whose stored
 # config lacks one ran with that value (a new knob's default keeps the old behaviour), so reruns of old sweeps still
 # skip it, unless the knob is now set otherwise.
@@ -78,7 +81,15 @@ def check_single_run_of_a_sweep(hydra_cfg) -> None:
 def comparable_config(config: dict) -> dict:
     """The config as results.json stores it (JSON round trip), without the keys that do not change results."""
     plain = json.loads(json.dumps(config, default=str))
-    return {k: v for k, v in plain.items() if k not in RESUME_IGNORED_KEYS}
+    plain = {k: v for k, v in plain.items() if k not in RESUME_IGNORED_KEYS}
+    for dotted in RESUME_IGNORED_NESTED:
+        *parents, leaf = dotted.split(".")
+        node = plain
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return plain
 
 
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -174,15 +185,15 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, run: Callable[[DictConfig, Pat
                   overrides: list[str]) -> dict | None:
     """One multirun job: skipped when finished before; any error is recorded in failure.json and never raised."""
     run_dir = Path(run_dir)
-    if should_skip(cfg, run_dir):
-        print(f"skipped: {run_dir / RESULTS_FILE} already holds this finished run (resume=false recomputes)")
-        (run_dir / FAILURE_FILE).unlink(missing_ok=True)
-        (run_dir / RUNNING_FILE).unlink(missing_ok=True)  # an attempt killed after it wrote its results
-        return None
     # a job whose worker is killed (out of memory, a parallel launcher tearing its pool down) writes nothing else:
     # this file makes the report list it as unfinished instead of leaving it out
     running = run_dir / RUNNING_FILE
     try:
+        if should_skip(cfg, run_dir):  # inside: a config that cannot be compared fails this job, not the sweep
+            print(f"skipped: {run_dir / RESULTS_FILE} already holds this finished run (resume=false recomputes)")
+            (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+            running.unlink(missing_ok=True)  # an attempt killed after it wrote its results
+            return None
         write_json_atomic(running, {"status": "running", "pid": os.getpid(), "host": platform.node(),
                                     "overrides": overrides, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         record = run(cfg, run_dir)

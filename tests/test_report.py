@@ -43,6 +43,19 @@ def ours(report_dir: Path, metric="mask_AP") -> dict[tuple[str, str, str], dict]
     return {(r["row"], r["model"], r["bits"]): r for r in rows if r["source"] == "ours" and r["metric"] == metric}
 
 
+def test_runs_of_other_weights_at_the_same_checkpoint_path_are_other_rows(tmp_path):
+    # a checkpoint retrained in place: its quantized figures must not sit under the other weights' FP row
+    put(tmp_path, "old", record(bits=4, ap=0.60, fp_ap=0.80, checkpoint_sha256="a" * 64))
+    put(tmp_path, "new4", record(bits=4, ap=0.55, fp_ap=0.70, seed=1, checkpoint_sha256="b" * 64))
+    put(tmp_path, "new6", record(bits=6, ap=0.66, fp_ap=0.70, checkpoint_sha256="b" * 64))
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    rows = markdown_table(table).splitlines()[2:]
+    assert rows == ["| FP | 70.00 ± 0.00 | 70.00 ± 0.00 |",  # the most common weights go unnamed
+                    "| FP model.weights=aaaaaaaaaaaa | 80.00 | 80.00 |",
+                    "| mse | 66.00 | 55.00 |",  # not a mean over the two weights' W4A4 runs
+                    "| mse model.weights=aaaaaaaaaaaa | – | **60.00** |"]
+
+
 def test_layout_fp_on_top_methods_by_bits_and_best_in_bold(tmp_path):
     put(tmp_path, "a", record(bits=6, clip="minmax", ap=0.70))
     put(tmp_path, "b", record(bits=6, clip="mse", ap=0.75))
@@ -159,6 +172,11 @@ def test_row_labels_from_method_preset_or_clip_plus_recon(tmp_path):
     # half its linear inputs are unquantized: it does not compete for the best quantized cell
     md = (tmp_path / "report.md").read_text()
     assert "| saq_sam | **70.00** |" in md and "| saq_sam (paper-compat eval) | 72.00 |" in md
+    # it sits right after its method's row, and the published SAQ-SAM row (the official, buggy evaluation) is
+    # paired with it, not with the fully quantized one
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    assert table.rows.index("saq_sam (paper-compat eval)") == table.rows.index("saq_sam") + 1
+    assert "| SAQ-SAM (saq_sam (paper-compat eval)) |" in md and "| SAQ-SAM (saq_sam) |" not in md
 
 
 def test_bad_files_are_listed_and_skipped_and_failures_listed(tmp_path):

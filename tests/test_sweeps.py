@@ -251,6 +251,38 @@ def test_a_run_made_before_a_knob_existed_counts_as_that_knobs_old_behaviour(tmp
     assert not should_skip(now, tmp_path)  # other knobs still count
 
 
+def test_where_a_run_keeps_its_files_does_not_make_another_config(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from saq.sweep import RESUME_IGNORED_NESTED, should_skip
+
+    stored = {"seed": 0, "quant": {"name": "w4a4", "save": True},
+              "recon": {"name": "par", "resume": False, "state_dir": "outputs/.cache/recon", "log_every": 50}}
+    (tmp_path / "results.json").write_text(json.dumps(finished(stored)))
+    # continuing a killed job's reconstruction (recon.resume=true) must not recompute the sweep's finished jobs
+    rerun = OmegaConf.create({"seed": 0, "quant": {"name": "w4a4", "save": False},
+                              "recon": {"name": "par", "resume": True, "state_dir": "/scratch/recon", "log_every": 5,
+                                        "cache_device": "cpu"}})
+    assert should_skip(rerun, tmp_path)
+    rerun.recon.drop_prob = 0.25  # a knob that changes the numbers still counts
+    assert not should_skip(rerun, tmp_path)
+    # nor do those keys name another job folder
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    assert set(RESUME_IGNORED_NESTED) <= set(cfg.hydra.job.config.override_dirname.exclude_keys)
+
+
+def test_a_config_the_resume_check_cannot_read_fails_its_job_not_the_sweep(tmp_path, capsys):
+    from saq.sweep import FAILURE_FILE, run_sweep_job
+
+    (tmp_path / "results.json").write_text(json.dumps(finished({"seed": 0})))
+    cfg = OmegaConf.create({"seed": 0, "logger": {"name": "${nope}"}})  # unresolvable, and only read to compare
+    assert run_sweep_job(cfg, tmp_path, lambda *a: pytest.fail("must not run"), ["logger.name=x"]) is None
+    failure = json.loads((tmp_path / FAILURE_FILE).read_text())
+    assert failure["error_type"] == "InterpolationKeyError" and "nope" in failure["error"]
+    assert "nope" in capsys.readouterr().err
+
+
 def test_resume_false_recomputes_and_keeps_the_previous_result(tmp_path):
     from saq.sweep import should_skip
 
@@ -339,6 +371,10 @@ def test_wandb_options_group_job_type_tags_and_config():
     assert wandb_run_options({}, {**record, "config": config})["job_type"] == "mse+par"
     config = {**config, "method": {"name": "saq_sam"}}
     assert wandb_run_options({}, {**record, "config": config})["job_type"] == "saq_sam"
+    # the official evaluation (half the linear inputs unquantized) is never grouped with the fully quantized runs
+    compat = wandb_run_options({}, {**record, "config": config, "recon": {"eval_mode": "paper_compat (drop 0.5)"}})
+    assert compat["job_type"] == "saq_sam (paper-compat eval)" and "eval:paper_compat" in compat["tags"]
+    assert compat["name"] == "sam_tiny-instance-w4a4-saq_sam-paper_compat"
 
 
 def test_wandb_logs_summary_config_and_run_figures(tmp_path, monkeypatch):
