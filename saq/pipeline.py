@@ -213,7 +213,7 @@ def validate(cfg: DictConfig):
     if cfg.get("recon") is not None:
         from saq.recon import ReconConfig
 
-        ReconConfig.from_cfg(cfg.recon)
+        ReconConfig.from_cfg(cfg.recon).check_evaluation()
     return quant_cfg, strategy
 
 
@@ -265,8 +265,7 @@ def samples_digest(samples) -> str:
 def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples) -> tuple[dict, Path | None]:
     """recon=... on the calibrated model (saq.recon): its record, which says which evaluation mode follows, and the
     file its finished units were saved to for recon.resume (None without recon)."""
-    from saq.recon import EVAL_FULL, ReconConfig, reconstruct
-    from saq.recon import checkpoint_path as recon_state_path  # not the SAM checkpoint's
+    from saq.recon import EVAL_FULL, reconstruct
 
     recon_cfg = cfg.get("recon") or {"name": "none"}
     # a saved unit is reused (recon.resume) only with the same model, calibration data, settings and code
@@ -276,7 +275,7 @@ def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples) -> tuple[dict, 
     report = reconstruct(qmodel, model, samples, recon_cfg, cfg.seed, key, progress=cfg.progress)
     if report is None:
         return {"method": "none", "eval_mode": EVAL_FULL}, None
-    return report.as_dict(), recon_state_path(ReconConfig.from_cfg(recon_cfg), key)
+    return report.as_dict(), report.state_file
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -379,8 +378,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     except SaqError:
         print(table)  # a full disk: the numbers are at least on screen
         raise
-    if recon_state is not None:  # the run is finished and written: its resume file (a whole model per run) goes
-        recon_state.unlink(missing_ok=True)
+    if recon_state is not None and saved_model is not None:  # finished, written and its model saved: the resume
+        recon_state.unlink(missing_ok=True)  # file (a whole model) is not needed (quant.save=false keeps it)
     print(table)
     print(f"results: {path}")
     if cfg.get("figures", True) and (clipping is not None or recon is not None):

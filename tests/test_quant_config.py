@@ -88,3 +88,4 @@ def test_an_activation_channel_axis_other_than_the_last_is_refused_up_front(axis
     message = str(info.value)
     assert message.startswith(f"quant.decoder.act.ch_axis={axis} invalid; expected -1")
     assert "\n" not in message
+    quantize(sam, {"big": False, "decoder": {"act": {"ch_axis": axis}}})  # per tensor the axis is unused: allowed

@@ -263,3 +263,11 @@ def test_pieces_of_one_batch_reduce_to_one_batch():
     dropped.observe(whole, grid, None)  # and the observer is back to one batch per observe()
     dropped.observe(pieces[1], grid, None)
     assert dropped.batches == 2
+    reset = AvgMinMaxObserver()  # a reset inside a batch starts afresh but keeps collecting pieces
+    reset.begin_batch()
+    reset.observe(whole, grid, None)
+    reset.reset()
+    for piece in pieces:
+        reset.observe(piece, grid, None)
+    reset.end_batch()
+    assert reset.batches == 1 and [float(v) for v in reset.range()] == [-2.0, 6.0]

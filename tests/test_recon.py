@@ -482,3 +482,10 @@ def test_cached_tensors_move_asynchronously_only_towards_a_gpu():
     # a non-blocking copy to the host may be read by the CPU before it is complete
     assert move(Recorder(), "cpu").non_blocking is False
     assert move(Recorder(), torch.device("cuda", 0)).non_blocking is True
+    # the loop's cached states and per-image data move through it
+    from saq.recon.loop import _to
+    from saq.sam.units import SampleData
+
+    moved = _to((Recorder(), Recorder()), "cpu") + tuple(vars(SampleData(*(Recorder() for _ in range(4))).to("cpu"))
+                                                        .values())
+    assert len(moved) == 6 and all(r.non_blocking is False and r.device.type == "cpu" for r in moved)

@@ -316,7 +316,9 @@ def test_recon_config_errors_name_the_key():
     assert (type(cfg.weight_lr), type(cfg.drop_prob), type(cfg.round_reg.weight)) == (float, float, float)
     # the paper-compatible evaluation of a model learned without dropping would be the full one under its label
     with pytest.raises(SaqError, match=r"recon\.paper_eval_compat=true .* but recon\.drop_prob=1\.0 drops nothing"):
-        ReconConfig.from_cfg({"drop_prob": 1.0, "paper_eval_compat": True})
+        ReconConfig.from_cfg({"drop_prob": 1.0, "paper_eval_compat": True}).check_evaluation()
+    # ... a run's own config only: a saved recipe that says so still parses, so its model stays loadable
+    assert ReconConfig.from_cfg({"drop_prob": 1.0, "paper_eval_compat": True}).drop_prob == 1.0
 
 
 def test_saq_sam_reconstructs_the_four_stages_of_a_vit_b():

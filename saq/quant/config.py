@@ -162,7 +162,7 @@ def _part(data, where: str, base: PartSpec) -> PartSpec:
         if kind in data:
             values[kind] = _tensor(data[kind], f"{where}.{kind}", getattr(base, kind), choices)
     act = values.get("act", base.act)
-    if act.ch_axis != -1:
+    if act.granularity == "per_channel" and act.ch_axis != -1:
         # linear inputs differ in their leading axes (images, tokens, prompts: a count that changes per image), so
         # any other axis would quantize per prompt or per token
         raise SaqError(f"{where}.act.ch_axis={act.ch_axis} invalid; expected -1: a linear input's channels are its "

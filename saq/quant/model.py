@@ -186,14 +186,19 @@ def one_observer_batch(qmodel: nn.Module) -> Iterator[None]:
                       if (o := getattr(q, "observer", None)) is not None}.values())
     for observer in observers:
         observer.begin_batch()
+    finished = False
     try:
         yield
-    except BaseException:
-        for observer in observers:
-            observer.end_batch(commit=False)
-        raise
-    for observer in observers:
-        observer.end_batch()
+        finished = True
+    finally:
+        failed = None
+        for observer in observers:  # every one leaves batch mode, whatever happens to another
+            try:
+                observer.end_batch(commit=finished)
+            except Exception as exc:  # noqa: BLE001 - raised below, after the others
+                failed = failed or exc
+        if failed is not None and finished:
+            raise failed
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ class Observer:
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
         self.batches = 0
-        self._pieces: list | None = None
+        self._pieces: list | None = [] if getattr(self, "_pieces", None) is not None else None  # a batch stays open
 
     def begin_batch(self) -> None:
         """Collect what is observed until end_batch() as the pieces of one batch (an image's prompts decoded in
@@ -184,7 +184,7 @@ class AGQObserver:
         self.scale_sum = {t: 0.0 for t in self.taus}
         self.error_sum = {t: 0.0 for t in self.taus}
         self.batches = 0
-        self._pieces: list | None = None
+        self._pieces: list | None = [] if getattr(self, "_pieces", None) is not None else None  # a batch stays open
 
     def begin_batch(self) -> None:
         """As Observer.begin_batch: the maps until end_batch() are the pieces of one batch."""

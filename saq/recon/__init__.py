@@ -27,12 +27,14 @@ __all__ = ["EVAL_FULL", "EVAL_PAPER", "PAR_OFFICIAL_ITERS", "ReconConfig", "Reco
 
 def checkpoint_path(cfg: ReconConfig, key: str) -> Path:
     """Where the finished units of this run are kept: recon.state_dir / hash(key + every recon knob that changes what
-    is learned; resume, logging and the evaluation mode do not, so a paper_eval_compat rerun resumes a finished run)."""
+    is learned; resume, logging, where tensors are cached and the evaluation mode do not). A run that finished
+    removes it once its model is saved (quant.load evaluates that model again, in either evaluation mode)."""
     from saq.sweep import KNOBS_ADDED_SINCE
 
     # a knob added since, at the value that does what runs before it did, leaves their checkpoints resumable
     old_behaviour = {k.split(".", 1)[1]: v for k, v in KNOBS_ADDED_SINCE.items() if k.startswith("recon.")}
-    knobs = {k: v for k, v in vars(cfg).items() if k not in ("resume", "log_every", "paper_eval_compat", "state_dir")
+    knobs = {k: v for k, v in vars(cfg).items() if k not in ("resume", "log_every", "paper_eval_compat", "state_dir",
+                                                                  "cache_device")
              and not (k in old_behaviour and v == old_behaviour[k])}
     digest = hashlib.sha256(f"{key}|{json.dumps(knobs, sort_keys=True, default=str)}".encode()).hexdigest()[:24]
     return Path(cfg.state_dir) / f"{digest}.pt"
@@ -49,9 +51,11 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, samples, recon_cfg, seed
     cfg = ReconConfig.from_cfg(recon_cfg)
     if cfg.name == "none":
         return None
+    cfg.check_evaluation()
     checkpoint = checkpoint_path(cfg, key) if key is not None else None
     reconstructor = Reconstructor(qmodel, fp_model, cfg, seed, progress, checkpoint)
     report = reconstructor.run(samples)
+    report.state_file = checkpoint
     if cfg.paper_eval_compat:
         apply_paper_eval_compat(reconstructor.learned_modules, cfg.drop_prob)
         report.eval_mode = EVAL_PAPER

@@ -128,10 +128,13 @@ class ReconConfig:
                 if key == "round_reg" and not values[key].warm_up < 1.0:
                     raise SaqError(f"recon.round_reg.warm_up={values[key].warm_up!r} invalid; expected a fraction of "
                                    "the iterations in [0, 1) (AdaRound: 0.2)")
-        cfg = cls(**values)
-        if cfg.paper_eval_compat and cfg.drop_prob == 1.0:
+        return cls(**values)
+
+    def check_evaluation(self) -> None:
+        """A run's own recon: the paper-compatible evaluation needs inputs that drop (saved recipes are not checked:
+        an old model must stay loadable)."""
+        if self.name != "none" and self.paper_eval_compat and self.drop_prob == 1.0:
             raise SaqError(no_paper_eval("recon.drop_prob=1.0 drops nothing"))
-        return cfg
 
     def unit_iters(self, kinds: list[str], reference_kinds: list[str]) -> list[int]:
         """Iterations of each unit (in chain order). official: recon.iters per kind. equal: the total of PAR's

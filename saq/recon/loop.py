@@ -63,6 +63,7 @@ class ReconReport:
     seconds: float = 0.0
     eval_mode: str = EVAL_FULL
     resumed_from: str | None = None
+    state_file: Path | None = None  # where finished units were saved for recon.resume (not part of results.json)
 
     def as_dict(self) -> dict:
         return {"method": self.method, "eval_mode": self.eval_mode, "seconds": round(self.seconds, 2),
