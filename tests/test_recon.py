@@ -422,10 +422,13 @@ def test_a_recon_checkpoint_saved_before_a_knob_existed_still_resumes():
 
     cfg = recon_cfg(name="par", loss="par")
     before = {k: v for k, v in vars(cfg).items()  # the key as it was made before response_input and mse_sum
-              if k not in ("resume", "log_every", "paper_eval_compat", "state_dir", "response_input", "mse_sum")}
+              if k not in ("resume", "log_every", "paper_eval_compat", "state_dir", "cache_device", "response_input",
+                           "mse_sum")}
     digest = hashlib.sha256(f"m|{json.dumps(before, sort_keys=True, default=str)}".encode()).hexdigest()[:24]
     assert checkpoint_path(cfg, "m").name == f"{digest}.pt"
     assert checkpoint_path(recon_cfg(name="par", loss="par", response_input="quantized"), "m").name != f"{digest}.pt"
+    # where the cached tensors live does not change what is learned: a killed run resumes on another cache device
+    assert checkpoint_path(recon_cfg(name="par", loss="par", cache_device="cpu"), "m").name == f"{digest}.pt"
 
 
 def test_pars_decoder_loss_is_a_hundredth_of_the_queries_plus_the_keys_plus_the_tokens():
