@@ -30,13 +30,12 @@ import torch
 from torch import nn
 
 from saq.errors import SaqError
-from saq.log import claim_run_dir, write_json_atomic
+from saq.log import DEPLOY_DIR, claim_run_dir, write_json_atomic
 from saq.quant.config import QuantConfig
 from saq.quant.model import iter_quantizers, quant_config
 from saq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
 from saq.quant.quantizers import Log2AGQQuantizer, Quantizer, UniformQuantizer
 
-DEPLOY_DIR = "deployed"
 ENCODER_FILE, DECODER_FILE, REPORT_FILE = "image_encoder.onnx", "mask_decoder.onnx", "deploy.json"
 OPSET = 17
 # Optimized-graph operators that compute in integers, and float operators that do the heavy work.
@@ -291,7 +290,7 @@ def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float"
     """Write the int8 ONNX encoder and decoder of a calibrated model into `directory`; returns the operator report."""
     from saq.log import set_aside
 
-    directory = Path(directory)
+    directory = Path(directory).absolute()  # out=. has no name to build the staging folder's from
     model = export_graph_modules(qmodel, softmax)
     # built whole in a folder of its own, then moved in: a failed or killed export leaves the earlier deployment
     # as it was, never a new encoder beside an old decoder
@@ -300,12 +299,21 @@ def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float"
     try:
         start = time.perf_counter()
         export_graphs(model, staging)
-        report = {"export_s": round(time.perf_counter() - start, 1), "opset": OPSET, "softmax": softmax}
+        uses_agq = any(isinstance(q, Log2AGQQuantizer) for q in iter_quantizers(qmodel))
+        # without AGQ (quant.agq=false) the post-softmax operand has a uniform quantizer and goes int8 like the rest
+        report = {"export_s": round(time.perf_counter() - start, 1), "opset": OPSET,
+                  "softmax": softmax if uses_agq else "uniform"}
         for key, name in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
             report[key] = operator_report(staging / name)
         write_json_atomic(staging / REPORT_FILE, report)
         directory.mkdir(parents=True, exist_ok=True)
-        for built in sorted(staging.iterdir()):  # an earlier deployment here is kept, not overwritten
+        # deploy.json marks a whole deployment: the earlier one's leaves first and the new one comes in last, so a
+        # move cut short leaves a folder deployed_sam refuses, not new graphs under an old report or the reverse
+        moves = sorted(staging.iterdir(), key=lambda p: (p.name == REPORT_FILE, p.name))
+        if (directory / REPORT_FILE).exists():
+            kept = set_aside(directory / REPORT_FILE, "previous")
+            print(f"{directory / REPORT_FILE} held an earlier deployment; kept as {kept}")
+        for built in moves:  # an earlier deployment here is kept, not overwritten
             if (directory / built.name).exists():
                 kept = set_aside(directory / built.name, "previous")
                 print(f"{directory / built.name} held an earlier deployment; kept as {kept}")
@@ -353,9 +361,11 @@ def operator_report(path: Path) -> dict:
 
 
 def format_report(report: dict) -> str:
-    how = {"float": "post-softmax operand left float (AGQ's log2 codes have no ONNX int8 operator)",
-           "log2": "post-softmax operand log2-rounded in float ops (saq's AGQ values; no ONNX int8 operator)"}
-    lines = [f"softmax * V: float MatMul, {how[report.get('softmax', 'float')]}"]
+    how = {"float": "float MatMul, post-softmax operand left float (AGQ's log2 codes have no ONNX int8 operator)",
+           "log2": "float MatMul, post-softmax operand log2-rounded in float ops (saq's AGQ values; no ONNX int8 "
+                   "operator)",
+           "uniform": "post-softmax operand uniformly quantized like the other operands (quant.agq=false)"}
+    lines = [f"softmax * V: {how[report.get('softmax', 'float')]}"]
     for part in ("encoder", "decoder"):
         r = report[part]
         int8 = ", ".join(f"{n} {op}" for op, n in sorted(r["int8_ops"].items())) or "none"

@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -134,16 +134,33 @@ def tee_run_log(path: Path, command: str = ""):
 
 
 SENSITIVITY_FILE = "sensitivity.json"  # saq.sensitivity's rows for a run, beside its results.json
+SAVED_DIR = "quantized_model"  # a run's saved quantized model (saq.saved), inside its run directory
+DEPLOY_DIR = "deployed"  # its int8 ONNX Runtime deployment (saq.deploy)
 
 
-def set_aside_run(run_dir: Path, why: str) -> Path:
+def set_aside_run(run_dir: Path, why: str, keep: Sequence[str] = ()) -> Path:
     """Set an earlier run's results.json aside with what belongs to it: its figures (this run's would replace only
-    some, and W&B uploads every PNG in the folder) and a sensitivity analysis of it. Returns results.json's new path."""
+    some, and W&B uploads every PNG in the folder), a sensitivity analysis of it, and its saved model and deployment
+    unless named in `keep` (the run replacing it wrote or read them). Returns results.json's new path."""
     run_dir = Path(run_dir)
-    for path in [*run_figures(run_dir), run_dir / SENSITIVITY_FILE]:
+    folders = [run_dir / name for name in (SAVED_DIR, DEPLOY_DIR) if name not in keep]
+    for path in [*run_figures(run_dir), run_dir / SENSITIVITY_FILE, *folders]:
         if path.exists():
             set_aside(path, why)
     return set_aside(run_dir / RESULTS_FILE, why)
+
+
+def outputs_of(record: dict, run_dir: Path) -> list[str]:
+    """Which of the run folder's model folders a run record made or used: its saved (or loaded) model when that is
+    the one in run_dir, its deployment when it deployed."""
+    own = []
+    saved = record.get("quantized_model")
+    if saved and Path(saved).resolve() in (Path(run_dir).resolve(), (Path(run_dir) / SAVED_DIR).resolve()):
+        own.append(SAVED_DIR)
+    deployed = (record.get("metrics") or {}).get("deployed")
+    if isinstance(deployed, dict) and "error" not in deployed:
+        own.append(DEPLOY_DIR)
+    return own
 
 
 RUN_LOCK = ".saq.lock"
@@ -216,7 +233,8 @@ def write_results(run_dir: Path, record: dict) -> Path:
     path = Path(run_dir) / RESULTS_FILE
     try:
         if path.exists():
-            print(f"{path} held an earlier run; kept as {set_aside_run(run_dir, 'previous')}")
+            kept = set_aside_run(run_dir, "previous", keep=outputs_of(record, run_dir))
+            print(f"{path} held an earlier run; kept as {kept}")
         write_json_atomic(path, record)
     except OSError as exc:
         raise SaqError(f"cannot write {path} ({exc.strerror or exc}); the run's metrics are printed above") from None

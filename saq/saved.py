@@ -8,11 +8,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from saq.errors import SaqError
-from saq.log import flatten, set_aside
+from saq.log import SAVED_DIR, flatten, set_aside
 from saq.quant.config import RUN_KEYS, QuantConfig
 from saq.quant.export import RECIPE_FILE, check_state_file, export_quantized, load_quantized, read_recipe
 
-SAVED_DIR = "quantized_model"  # inside a run directory
 # Settings that change how a model is calibrated, not what the calibrated model computes: free to differ on load.
 CALIBRATION_ONLY = ("name", "calib_images", "calib_decode_batch")
 
@@ -78,24 +77,31 @@ def check_recipe(recipe: dict, cfg: DictConfig, where: Path) -> None:
     if saved_model is not None and saved_model != cfg.model.name:
         raise SaqError(f"quant.load={where} holds a {saved_model} model; this run builds model={cfg.model.name} "
                        f"(use model={saved_model})")
-    saved_checkpoint = recipe.get("extra", {}).get("checkpoint")
-    run_checkpoint = cfg.model.get("checkpoint")
-    if ("checkpoint" in recipe.get("extra", {}) and saved_checkpoint != run_checkpoint
-            and _checkpoint(cfg.model.name, saved_checkpoint) != _checkpoint(cfg.model.name, run_checkpoint)):
+    extra = recipe.get("extra", {})
+    saved_checkpoint, run_checkpoint = extra.get("checkpoint"), cfg.model.get("checkpoint")
+    other_path = ("checkpoint" in extra and saved_checkpoint != run_checkpoint
+                  and _checkpoint(cfg.model.name, saved_checkpoint) != _checkpoint(cfg.model.name, run_checkpoint))
+    changed = False
+    if extra.get("checkpoint_sha256"):  # the weights decide; recipes of earlier versions lack it and go by path
+        from saq.sam.build import checkpoint_digest
+
+        run_file = _checkpoint(cfg.model.name, run_checkpoint)
+        if run_file is not None and not run_file.is_file():
+            raise SaqError(f"checkpoint not found: {run_file} (set model.checkpoint to the file quant.load={where} "
+                           "was made from)")
+        changed = checkpoint_digest(cfg.model.name, run_checkpoint) != extra["checkpoint_sha256"]
+        other_path = other_path and changed  # the same bytes moved or copied elsewhere are the same model
+    if other_path:
         # the FP row would come from another model than the one quantized: two models side by side
         made_from = saved_checkpoint or f"the shipped {cfg.model.name} one (model.checkpoint unset)"
         use = f"use model.checkpoint={saved_checkpoint}" if saved_checkpoint else "leave model.checkpoint unset"
         sets = f"model.checkpoint={run_checkpoint}" if run_checkpoint else "the shipped one (model.checkpoint unset)"
         raise SaqError(f"quant.load={where} holds a model made from checkpoint {made_from}; this run's FP model is "
                        f"{sets} ({use}: the FP row must be of the model that was quantized)")
-    extra = recipe.get("extra", {})
-    if extra.get("checkpoint_sha256"):  # recipes of earlier versions lack it
-        from saq.sam.build import checkpoint_digest
-
-        if checkpoint_digest(cfg.model.name, run_checkpoint) != extra["checkpoint_sha256"]:
-            raise SaqError(f"quant.load={where} was made from another version of the checkpoint file "
-                           f"{_checkpoint(cfg.model.name, run_checkpoint)} (it has changed since: retrained or "
-                           "replaced); the FP row would be of another model than the one quantized")
+    if changed:
+        raise SaqError(f"quant.load={where} was made from another version of the checkpoint file "
+                       f"{_checkpoint(cfg.model.name, run_checkpoint)} (it has changed since: retrained or "
+                       "replaced); the FP row would be of another model than the one quantized")
     if "outliers" in extra and extra["outliers"] != _outliers(cfg):
         raise SaqError(f"quant.load={where} holds a model with planted outliers {extra['outliers']}; this run plants "
                        f"{_outliers(cfg)} (use the model preset and model.outliers settings it was saved with)")

@@ -142,7 +142,7 @@ def _rows(rows, names, model, cfg, task, fp_weights, out, report) -> None:
             # the run's FP model: the saved one with every quantizer off and its FP weights back, so the planted
             # outliers (biases, never learned) and BIG's exact sign folding are there as in the run
             scorer, _ = load_run(model, cfg)
-            set_quant_state(scorer, "off")
+            quiet_fp(scorer)
             restore_fp_weights(scorer, fp_weights, "")
             segmenter = ScoreSwapSegmenter(qmodel, scorer, cfg.model.decode_batch_size)
         elif part is not None:
@@ -266,6 +266,17 @@ def folded_signs(saved: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def quiet_fp(qmodel: torch.nn.Module) -> torch.nn.Module:
+    """Every quantizer off and drawing nothing: as the FP scorer beside the quantized model, a paper-compat run's
+    dropping quantizers would still draw their masks and move the quantized model's draws off the full row's."""
+    from saq.quant import iter_quantizers, set_quant_state
+
+    set_quant_state(qmodel, "off")
+    for quantizer in iter_quantizers(qmodel):
+        quantizer.drop_prob = 1.0
+    return qmodel
+
+
 def restore_fp_weights(qmodel: torch.nn.Module, fp_weights: dict[str, torch.Tensor], part: str) -> None:
     """Write the FP weight (fp_reference's) into every quantized layer inside `part` (a module path, or a layer's
     weight_quantizer; "" is the whole model)."""

@@ -214,3 +214,48 @@ def test_a_failed_deployment_inside_a_run_keeps_its_metrics(synthetic_root, tmp_
     record = json.loads((run / "results.json").read_text())
     assert record["metrics"]["quantized"]["images"] == 1 and record["metrics"]["deployed"]["error"].startswith(
         "FileExistsError")
+
+
+def quick_export(monkeypatch):
+    """export_onnx with stand-in graphs: what it does with files and folders, in milliseconds."""
+    monkeypatch.setattr(deploy, "export_graph_modules", lambda qmodel, softmax: None)
+    monkeypatch.setattr(deploy, "export_graphs", lambda model, directory: [
+        (Path(directory) / name).write_text("new") for name in (deploy.ENCODER_FILE, deploy.DECODER_FILE)])
+    monkeypatch.setattr(deploy, "operator_report", lambda path: {"int8_ops": {}, "float_ops": {}})
+
+
+def test_a_deployment_cut_short_while_moving_in_is_no_deployment(calibrated, tmp_path, monkeypatch):
+    quick_export(monkeypatch)
+    out = tmp_path / "deployed"
+    out.mkdir()
+    for name in (deploy.ENCODER_FILE, deploy.DECODER_FILE, deploy.REPORT_FILE):
+        (out / name).write_text("old")
+    replace = Path.replace
+
+    def killed_at_the_decoder(self, target):
+        if Path(target) == out / deploy.DECODER_FILE:
+            raise OSError("killed")
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", killed_at_the_decoder)
+    with pytest.raises(OSError, match="killed"):
+        deploy.export_onnx(calibrated, out)
+    # a new encoder beside the old decoder, and no deploy.json: deployed_sam refuses the folder
+    assert (out / deploy.ENCODER_FILE).read_text() == "new" and not (out / deploy.REPORT_FILE).exists()
+    with pytest.raises(SaqError):
+        deploy.deployed_sam(calibrated, out)
+    monkeypatch.setattr(Path, "replace", replace)
+    deploy.export_onnx(calibrated, out)  # whole again: the report moves in last
+    assert json.loads((out / deploy.REPORT_FILE).read_text())["softmax"] == "float"
+
+
+def test_deploying_into_the_current_folder_and_without_agq(calibrated, tmp_path, monkeypatch):
+    quick_export(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    deploy.export_onnx(calibrated, ".")  # out=. (a path without a name)
+    assert (tmp_path / deploy.ENCODER_FILE).read_text() == "new" and (tmp_path / deploy.REPORT_FILE).is_file()
+    # without AGQ the post-softmax operand is uniformly quantized: the report must not call it float
+    no_agq = quantize(build_sam("sam_tiny"), {"name": "w8a8", "agq": False})
+    report = deploy.export_onnx(no_agq, tmp_path / "no_agq")
+    assert report["softmax"] == "uniform"
+    assert deploy.format_report(report).startswith("softmax * V: post-softmax operand uniformly quantized")

@@ -168,6 +168,31 @@ def test_an_earlier_runs_figures_are_set_aside_with_its_results(tmp_path):
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("recon_units.png.")]) == 1
 
 
+def test_an_earlier_runs_model_and_deployment_leave_with_it_unless_the_new_run_made_or_read_them(tmp_path):
+    import shutil
+
+    from saq import log
+
+    def earlier_run():
+        log.write_results(tmp_path, {"metrics": {"fp": {"mask_AP": 0.5}}})
+        for folder in ("quantized_model", "deployed"):
+            (tmp_path / folder).mkdir()
+            (tmp_path / folder / "earlier").write_text("")
+
+    # an FP (or quant.save=false) rerun: saq.deploy and quant.load of this folder must not find the earlier model
+    earlier_run()
+    log.write_results(tmp_path, {"metrics": {"fp": {"mask_AP": 0.6}}})
+    assert not (tmp_path / "quantized_model").exists() and not (tmp_path / "deployed").exists()
+    kept = sorted(p.name.split(".")[0] for p in tmp_path.iterdir() if p.name.endswith(".previous"))
+    assert kept == ["deployed", "quantized_model", "results"]
+    for path in tmp_path.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    # a run that evaluated the model in this folder (quant.load=RUN_DIR) and deployed it anew keeps both
+    earlier_run()
+    log.write_results(tmp_path, {"quantized_model": str(tmp_path), "metrics": {"fp": {}, "deployed": {"mask_AP": 1}}})
+    assert (tmp_path / "quantized_model" / "earlier").exists() and (tmp_path / "deployed" / "earlier").exists()
+
+
 def _run_config(synthetic_root, *overrides):
     from hydra import compose, initialize_config_dir
 

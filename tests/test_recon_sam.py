@@ -390,3 +390,23 @@ def test_pipeline_records_the_method_and_the_evaluation_mode(synthetic_root, tmp
     # tensor for tensor, not only metrics (a few iterations leave the rounding close to nearest)
     assert models["saved"].keys() == models["loaded"].keys()
     assert [k for k in models["saved"] if not torch.equal(models["saved"][k], models["loaded"][k])] == []
+
+
+def test_the_fp_scorer_beside_a_paper_compat_model_leaves_its_masks_as_they_were(tiny):
+    # sensitivity's iou_scores row: the quantized masks must be the fully quantized row's, dropping draws included
+    from saq.sam.segmenter import ScoreSwapSegmenter, Segmenter
+    from saq.sensitivity import quiet_fp
+
+    cal = samples(1)
+    qmodel = calibrated(tiny, cal, {"name": "w8a8", "w_bits": 8, "a_bits": 8})
+    for layer in qmodel.modules():
+        if isinstance(layer, QuantLayer):
+            layer.input_quantizer.drop_prob = 0.5  # the paper-compatible evaluation
+    scorer = quiet_fp(copy.deepcopy(qmodel))
+    assert all(q.drop_prob == 1.0 and q.state == QuantState.OFF for q in iter_quantizers(scorer))
+    outputs = []
+    for segmenter in (Segmenter(qmodel), ScoreSwapSegmenter(qmodel, scorer)):
+        torch.manual_seed(0)
+        segmenter.set_image(cal[0].image)
+        outputs.append(segmenter.predict(boxes=cal[0].boxes).low_res_logits)
+    assert torch.equal(outputs[0], outputs[1])

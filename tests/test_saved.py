@@ -302,6 +302,13 @@ def test_a_checkpoint_file_changed_since_saving_or_other_planted_outliers_are_re
     assert extra["checkpoint_sha256"] == checkpoint_digest("sam_tiny", None) and extra["outliers"] is None
     recipe = read_recipe(fitting_export(tmp_path / "saved", cfg, **extra))
     check_recipe(recipe, cfg, tmp_path / "saved")
+    moved = tmp_path / "moved" / "ft.pth"  # the same bytes elsewhere are the same model
+    moved.parent.mkdir()
+    shutil.copy(weights, moved)
+    check_recipe(recipe, run_config(synthetic_root, f"model.checkpoint={moved}"), tmp_path / "saved")
+    moved.unlink()  # gone: named as missing, not as changed
+    with pytest.raises(SaqError, match=r"checkpoint not found: .*moved/ft\.pth \(set model\.checkpoint to the file"):
+        check_recipe(recipe, run_config(synthetic_root, f"model.checkpoint={moved}"), tmp_path / "saved")
     with weights.open("ab") as fh:  # retrained or replaced at the same path
         fh.write(b"\0")
     with pytest.raises(SaqError, match=r"was made from another version of the checkpoint file .*ft\.pth"):
