@@ -32,7 +32,8 @@ RESUME_IGNORED_NESTED = ("quant.save", "recon.resume", "recon.state_dir", "recon
 # Knobs added after runs were made, with the value that does what those runs did: a finished run whose stored
 # config lacks one ran with that value (a new knob's default keeps the old behaviour), so reruns of old sweeps still
 # skip it, unless the knob is now set otherwise.
-KNOBS_ADDED_SINCE = {"recon.response_input": "mixed", "recon.mse_sum": "channels", "prompts.class_names": None}
+KNOBS_ADDED_SINCE = {"recon.response_input": "mixed", "recon.mse_sum": "channels", "prompts.class_names": None,
+                     "task.difficult_above": 0}
 
 
 def job_dirname(overrides: str, max_len: int = 160) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import shapely
 from tqdm import tqdm
 
-from saq.errors import SaqError
+from saq.errors import SaqError, check_int
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import HeaderSizes, Task, files_digest, first_prompted, list_images, read_rgb, read_text, require_dir
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource, enclosing_boxes
@@ -45,10 +45,12 @@ class RotatedDetection:
     polygon: np.ndarray  # 4 x 2
 
 
-def read_dota_labels(path: Path) -> DotaObjects:
-    """Parse a DOTA label file: 'x1 y1 x2 y2 x3 y3 x4 y4 class difficult' lines, after optional header lines.
+def read_dota_labels(path: Path, difficult_above: int = 0) -> DotaObjects:
+    """Parse a DOTA label file: 'x1 y1 x2 y2 x3 y3 x4 y4 class difficulty' lines, after optional header lines.
 
-    The difficulty column may be missing (then 0); a malformed line raises SaqError naming the file and line.
+    An object is difficult (left out of mAP) when its difficulty is above `difficult_above`: 0 as the DOTA devkit
+    (every flagged object), 100 as mmrotate's DOTADataset default diff_thr (none). The difficulty column may be
+    missing (then 0); a malformed line raises SaqError naming the file and line.
     """
     polygons, names, difficult, linenos = [], [], [], []
     for lineno, raw in enumerate(read_text(path, "DOTA label file").splitlines(), 1):
@@ -71,7 +73,7 @@ def read_dota_labels(path: Path) -> DotaObjects:
                            f"got {line!r}")
         polygons.append(np.asarray(coords, np.float64).reshape(4, 2))
         names.append(parts[8])
-        difficult.append(hard != 0)
+        difficult.append(hard > difficult_above)
         linenos.append(lineno)
     if polygons:
         # A polygon of zero area (corners on a line or repeated) can match nothing: a broken label, not an object.
@@ -190,8 +192,10 @@ class OrientedTask(Task):
     name = "oriented"
 
     def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None,
-                 generate: dict | None = None, classes: Sequence[str] | None = None, ap_method: str = "voc07"):
+                 generate: dict | None = None, classes: Sequence[str] | None = None, ap_method: str = "voc07",
+                 difficult_above: int = 0):
         self.root = Path(data["root"])
+        self.difficult_above = check_int(difficult_above, "task.difficult_above", 0)
         max_images = evaluation_limit(self.root, generate, max_images)
         self.img_dir, self.ann_dir = self.root / data["img_dir"], self.root / data["ann_dir"]
         self.calib_img_dir, self.calib_ann_dir = self.root / calib["img_dir"], self.root / calib["ann_dir"]
@@ -202,7 +206,8 @@ class OrientedTask(Task):
         require_dir(self.ann_dir, "DOTA label (labelTxt)", "task.data.root / task.data.ann_dir")
         self.images = all_images[:max_images] if max_images else all_images
         self.label_files = [label_file(self.ann_dir, stem, path) for stem, path in self.images]
-        self.objects = {stem: read_dota_labels(f) for (stem, _), f in zip(self.images, self.label_files)}
+        self.objects = {stem: read_dota_labels(f, self.difficult_above)
+                        for (stem, _), f in zip(self.images, self.label_files)}
         found = sorted({n for objs in self.objects.values() for n in objs.names})
         if classes is None:
             self.classes = found
@@ -222,7 +227,7 @@ class OrientedTask(Task):
             raise SaqError(f"the label files in {self.ann_dir} hold no objects; nothing to evaluate")
         if not any((~objs.difficult).any() for objs in self.objects.values()):  # DOTA's mAP scores none
             raise SaqError(f"the label files in {self.ann_dir} hold only difficult objects (or none), which DOTA's "
-                           "mAP does not count; nothing to evaluate")
+                           f"mAP does not count (task.difficult_above={self.difficult_above}); nothing to evaluate")
         self.class_index = {name: i for i, name in enumerate(self.classes)}
         self.prompts = prompts or GroundTruthBoxes()
         # Classes inferred from the evaluated labels: a detector's other classes have no objects here to score.
@@ -239,7 +244,7 @@ class OrientedTask(Task):
     def fingerprint(self) -> str:
         digest = files_digest([*self.label_files, *(path for _, path in self.images)])
         return f"oriented|{self.ann_dir.resolve()}|{digest}|{self.max_images}|{self.classes}|" \
-               f"{self.ap_method}|{self.prompts.fingerprint()}"
+               f"{self.ap_method}|{self.difficult_above}|{self.prompts.fingerprint()}"
 
     def check_calibration_split(self) -> None:
         require_dir(self.calib_ann_dir, "calibration DOTA label", "task.calib.ann_dir")
@@ -255,7 +260,7 @@ class OrientedTask(Task):
         paths = dict(images)
 
         def sample_for(stem: str) -> PromptedImage | None:
-            objs = read_dota_labels(label_file(self.calib_ann_dir, stem, paths[stem]))
+            objs = read_dota_labels(label_file(self.calib_ann_dir, stem, paths[stem]), self.difficult_above)
             gt = BoxPrompts(enclosing_boxes(objs.polygons), np.ones(len(objs), np.float32), np.zeros(len(objs), np.int64))
             image = read_rgb(paths[stem])
             prompts = source.for_image(stem, gt, image.shape[:2])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from saq.errors import SaqError, check_bool, check_int, check_number, check_seed
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import Task, files_digest, list_images, read_rgb, require_dir
 from tasks.prompts import GroundTruthBoxes, PromptSource
-from tasks.synthetic import evaluation_limit
+from tasks.synthetic import evaluation_limit, is_synthetic_dataset
 
 # segment_anything.SamAutomaticMaskGenerator's defaults (its crop layers and small-region removal are not used).
 AMG_DEFAULTS = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
@@ -263,6 +264,11 @@ class SemanticTask(Task):
             self.coarse_dir = require_dir(self.coarse["dir"], "coarse prediction", "task.coarse.dir")
         else:
             self.coarse_dir = None
+            if not is_synthetic_dataset(self.root):  # the stand-in would score real data against its own labels
+                print(f"warning: task.coarse.dir=null: the coarse prior is {self.label_dir}'s own labels, degraded "
+                      "(the synthetic set's stand-in for a coarse segmenter), so mIoU is not comparable with a real "
+                      "segmenter's; give task.coarse.dir, a folder of its predicted label maps <stem>.png",
+                      file=sys.stderr)
             check_int(self.coarse["downsample"], "task.coarse.downsample")
             check_number(self.coarse["blur_sigma"], "task.coarse.blur_sigma", 0, None)
             # 1 would leave no correct label

@@ -319,6 +319,15 @@ def _grown(root: Path, meta: dict) -> dict:
     return {**meta, **{k: max(meta[k], old[k]) for k in ("n_train", "n_val") if is_int(old.get(k))}}
 
 
+def is_synthetic_dataset(root: Path) -> bool:
+    """Whether root holds a dataset this module generated (its meta.json names a generator version)."""
+    try:
+        meta = json.loads((Path(root) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "generator_version" in meta
+
+
 def _holds_dataset(root: Path, meta: dict) -> bool:
     """Whether root holds a complete synthetic dataset that covers `meta` (SaqError when its meta.json is not ours)."""
     meta_path = root / "meta.json"

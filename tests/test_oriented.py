@@ -181,6 +181,13 @@ def test_dota_reader_skips_headers_and_reads_difficulty(tmp_path):
     assert objs.names == ["plane", "large-vehicle", "ship"]
     assert objs.difficult.tolist() == [False, True, False]
     assert objs.polygons.shape == (3, 4, 2) and objs.polygons[0, 2].tolist() == [11, 12]
+    # patch splitters write 2 for objects cut at a patch border; mmrotate's DOTADataset ignores only difficulty above
+    # its diff_thr (100 by default: none), the devkit every one above 0
+    f = write(tmp_path / "P0002.txt", "1 2 11 2 11 12 1 12 plane 0\n20 20 40 20 40 30 20 30 ship 1\n"
+              "5 5 9 5 9 9 5 9 ship 2\n")
+    assert read_dota_labels(f).difficult.tolist() == [False, True, True]
+    assert read_dota_labels(f, difficult_above=1).difficult.tolist() == [False, False, True]
+    assert read_dota_labels(f, difficult_above=100).difficult.tolist() == [False, False, False]
     assert len(read_dota_labels(write(tmp_path / "empty.txt", "imagesource:x\ngsd:null\n"))) == 0
 
 
@@ -222,8 +229,13 @@ def test_unknown_class_and_empty_dataset_are_clear_errors(tmp_path):
     with pytest.raises(SaqError, match="hold only difficult objects \\(or none\\)"):  # named classes, empty files
         OrientedTask(data, CALIB, classes=["plane"])
     hard = dota_dataset(tmp_path / "c", {"P1": "1 1 9 1 9 9 1 9 plane 1\n", "P2": ""})
-    with pytest.raises(SaqError, match=r"c/val/labelTxt hold only difficult objects"):  # mAP would read 0.0
-        OrientedTask(hard, CALIB)
+    with pytest.raises(SaqError, match=r"c/val/labelTxt hold only difficult objects .*difficult_above=0\)"):
+        OrientedTask(hard, CALIB)  # mAP would read 0.0
+    counted = OrientedTask(hard, CALIB, difficult_above=100)  # mmrotate's default: the object is scored
+    assert counted.ground_truth("P1")[2].tolist() == [False]
+    assert counted.fingerprint() != OrientedTask(hard, CALIB, difficult_above=1).fingerprint()  # other FP metrics
+    with pytest.raises(SaqError, match=r"task\.difficult_above=-1"):
+        OrientedTask(hard, CALIB, difficult_above=-1)
     with pytest.raises(SaqError, match="no images"):
         OrientedTask({"root": str(tmp_path / "b"), "img_dir": "val/labelTxt", "ann_dir": "val/labelTxt"}, CALIB)
 

@@ -262,6 +262,16 @@ def test_sam_masks_lift_the_coarse_prior_and_time_is_split(synthetic_root):
     assert set(metrics["IoU_per_class"]) == set(CLASSES)
 
 
+def test_real_data_without_a_coarse_folder_is_warned_of_the_label_stand_in(tmp_path, synthetic_root, capsys):
+    # the degraded-label prior is the synthetic set's stand-in: on real data it would score labels against themselves
+    data = label_dataset(tmp_path, {"a": np.zeros((8, 8), np.int64)})
+    SemanticTask(data, CALIB, classes=CLASSES)
+    assert "warning: task.coarse.dir=null: the coarse prior is " in capsys.readouterr().err
+    SemanticTask({"root": str(synthetic_root), "img_dir": "val/images", "label_dir": "val/labels"}, CALIB,
+                 classes=CLASSES, max_images=1)
+    assert "task.coarse.dir" not in capsys.readouterr().err  # saq's synthetic set: the stand-in is the documented one
+
+
 def test_coarse_predictions_from_a_folder(tmp_path):
     gt = np.zeros((8, 8), np.int64)
     gt[2:6, 2:6] = 1
