@@ -124,6 +124,26 @@ class HeaderSizes:
         return self._sizes.get(key)
 
 
+def check_image_size(path: Path, size: tuple[int, int], expected: tuple[int, int], says: str) -> None:
+    """SaqError unless an image's (height, width) is what `says` (e.g. "its annotation entry (id 7)") gives; a
+    swapped size on a photo with an EXIF rotation tag is named as that (COCO tools read the stored pixels)."""
+    if tuple(size) == tuple(expected):
+        return
+    hint = ""
+    if tuple(size) == tuple(expected)[::-1]:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+        except Exception:  # noqa: BLE001 - no readable header: no hint
+            rotated = False
+        if rotated:
+            hint = ("; its EXIF orientation tag turns it by 90 degrees, which saq (like pycocotools) does not apply: "
+                    "save the image with the rotation applied, or labels made on the stored pixels")
+    raise SaqError(f"image {path} is {size[1]}x{size[0]} (w x h) but {says} says {expected[1]}x{expected[0]}{hint}")
+
+
 def read_text(path: Path, what: str) -> str:
     """A text file's contents (without a leading byte-order mark), or SaqError naming the file when it is not UTF-8."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 from collections import Counter
@@ -16,7 +17,17 @@ from tqdm import tqdm
 
 from saq.errors import SaqError, is_finite_number, is_int, is_number
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import Task, files_digest, first_prompted, read_rgb, read_text, require_dir, require_file
+from tasks.base import (
+    HeaderSizes,
+    Task,
+    check_image_size,
+    files_digest,
+    first_prompted,
+    read_rgb,
+    read_text,
+    require_dir,
+    require_file,
+)
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
 from tasks.synthetic import evaluation_limit
 
@@ -174,9 +185,7 @@ def read_annotated_image(coco: COCO, image_id: int, img_dir: Path) -> np.ndarray
     info = coco.loadImgs(image_id)[0]
     path = img_dir / info["file_name"]
     image = read_rgb(path)
-    if image.shape[:2] != (info["height"], info["width"]):
-        raise SaqError(f"image {path} is {image.shape[1]}x{image.shape[0]} (w x h) but its annotation entry "
-                       f"(id {image_id}) says {info['width']}x{info['height']}")
+    check_image_size(path, image.shape[:2], (info["height"], info["width"]), f"its annotation entry (id {image_id})")
     return image
 
 
@@ -192,7 +201,7 @@ def mask_ap(coco_gt: COCO, results: list[dict], image_ids: list[int]) -> dict:
         return {"mask_AP": 0.0, "mask_AP50": 0.0, "mask_AP75": 0.0}
     per_image_class = Counter((r["image_id"], r["category_id"]) for r in results)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes adds fields to the dicts it is given
         ev = COCOeval(coco_gt, coco_dt, iouType="segm")
         ev.params.imgIds = image_ids
         ev.params.maxDets = [1, 10, max(100, *per_image_class.values())]
@@ -220,6 +229,13 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1)
 
 
+def paired_mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """IoU of each predicted mask with the ground-truth mask at the same index (N each, same H x W)."""
+    p, g = pred.reshape(len(pred), -1), gt.reshape(len(gt), -1)
+    inter = (p & g).sum(1)
+    return inter / np.maximum(p.sum(1) + g.sum(1) - inter, 1)
+
+
 CALIB_ORDERS = ("file", "official")  # official: file order with images 0 and 8 swapped, as the paper's code does
 
 
@@ -243,6 +259,13 @@ class InstanceTask(Task):
         self.max_images = max_images
         self.coco = load_coco(self.ann_path, "task.data.root / task.data.ann_file")
         require_dir(self.img_dir, "image", "task.data.root / task.data.img_dir")
+        # sizes from the image headers now, not when evaluation reaches an image hours into a run
+        paths = {i: self.img_dir / self.coco.imgs[i]["file_name"] for i in self.image_ids()}
+        headers = HeaderSizes(paths.items())
+        for image_id, path in paths.items():
+            info, size = self.coco.imgs[image_id], headers.get(image_id)
+            if size is not None:
+                check_image_size(path, size, (info["height"], info["width"]), f"its annotation entry (id {image_id})")
         self.prompts.bind(self.coco.getImgIds(), category_ids=categories_in_file_order(self.coco),
                           image_sizes=image_sizes(self.coco))
 
@@ -309,11 +332,10 @@ class InstanceTask(Task):
                 if gt_masks is None:  # a detection on an image without objects matches nothing
                     prompt_ious.extend(np.zeros(len(masks)))
                 else:
-                    ious = mask_iou(masks, gt_masks)
-                    if self.prompts.from_ground_truth:
-                        prompt_ious.extend(ious[np.arange(len(masks)), offset + np.arange(len(masks))])
+                    if self.prompts.from_ground_truth:  # each prompt's own object: pairs, not the whole matrix
+                        prompt_ious.extend(paired_mask_iou(masks, gt_masks[offset:offset + len(masks)]))
                     else:
-                        prompt_ious.extend(ious.max(1))
+                        prompt_ious.extend(mask_iou(masks, gt_masks).max(1))
                 offset += len(masks)
         metrics = mask_ap(self.coco, results, ids)
         metrics["mIoU"] = float(np.mean(prompt_ious)) if prompt_ious else 0.0

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from saq.errors import SaqError, check_bool, check_int, check_number, check_seed, is_int
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import Task, files_digest, list_images, read_rgb, require_dir
+from tasks.base import HeaderSizes, Task, files_digest, list_images, read_rgb, require_dir
 from tasks.prompts import GroundTruthBoxes, PromptSource
 from tasks.synthetic import evaluation_limit, is_synthetic_dataset
 
@@ -190,6 +190,12 @@ def vote_labels(coarse: np.ndarray, packed: np.ndarray, areas: np.ndarray, num_c
     return refined
 
 
+def check_label_size(path: Path, size: tuple[int, int] | None, image_size: tuple[int, int] | None) -> None:
+    """SaqError unless a label map's (height, width) is its image's (either unknown: nothing to compare)."""
+    if size is not None and image_size is not None and tuple(size) != tuple(image_size):
+        raise SaqError(f"label map {path} is {size[1]}x{size[0]}, its image is {image_size[1]}x{image_size[0]}")
+
+
 class PointGrid:
     """The prompts of the semantic task: segment_anything's regular point grid, one foreground point each."""
 
@@ -277,11 +283,14 @@ class SemanticTask(Task):
         images = list_images(self.img_dir, "task.data.root / task.data.img_dir")
         images = images[:max_images] if max_images else images
         self.items = []  # (stem, image, label map), checked up front so a missing one fails before any inference
+        image_sizes = HeaderSizes(images)  # and a label map of another size (sizes from the file headers)
+        label_sizes = HeaderSizes((stem, self.label_dir / f"{stem}.png") for stem, _ in images)
         for stem, path in images:
             label_path = self.label_dir / f"{stem}.png"
             if not label_path.is_file():
                 raise SaqError(f"image {path} has no label map {label_path} (label maps are <image stem>.png "
                                "in task.data.label_dir)")
+            check_label_size(label_path, label_sizes.get(stem), image_sizes.get(stem))
             self.items.append((stem, path, label_path))
             coarse_path = None if self.coarse_dir is None else self.coarse_dir / f"{stem}.png"
             if coarse_path is not None and not coarse_path.is_file():
@@ -298,9 +307,7 @@ class SemanticTask(Task):
     def ground_truth(self, path: Path, shape: tuple[int, int]) -> np.ndarray:
         """The label map as class indices 0..K-1 with ignore_index, checked against the image and the classes."""
         labels = read_label_map(path, "label map")
-        if labels.shape != shape:
-            raise SaqError(f"label map {path} is {labels.shape[1]}x{labels.shape[0]}, its image is "
-                           f"{shape[1]}x{shape[0]}")
+        check_label_size(path, labels.shape, shape)
         check_labels(labels, self.num_classes, self.ignore_index, path, self.reduce_zero_label)
         return reduce_zero_label(labels, self.ignore_index) if self.reduce_zero_label else labels
 

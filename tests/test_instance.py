@@ -33,11 +33,23 @@ def results_from_masks(coco, shift: int = 0) -> list[dict]:
     return out
 
 
+def test_paired_mask_iou_is_the_diagonal_of_the_matrix():
+    from tasks.instance import mask_iou, paired_mask_iou
+
+    rng = np.random.default_rng(0)
+    pred, gt = rng.random((5, 9, 7)) > 0.5, rng.random((5, 9, 7)) > 0.6
+    gt[4] = pred[4] = False  # both empty: 0, as the matrix gives
+    np.testing.assert_allclose(paired_mask_iou(pred, gt), np.diag(mask_iou(pred, gt)), rtol=1e-6)
+
+
 def test_ap_is_one_for_ground_truth_masks_and_lower_when_shifted(synthetic_root):
     coco = load_coco(synthetic_root / DATA["ann_file"], "k")
     ids = coco.getImgIds()
-    perfect = mask_ap(coco, results_from_masks(coco), ids)
+    results = results_from_masks(coco)
+    before = json.dumps(results)
+    perfect = mask_ap(coco, results, ids)
     assert perfect["mask_AP"] == pytest.approx(1.0)
+    assert json.dumps(results) == before and mask_ap(coco, results, ids) == perfect  # its input left as given
     shifted = mask_ap(coco, results_from_masks(coco, shift=6), ids)
     assert shifted["mask_AP"] < 0.9 * perfect["mask_AP"]
     assert shifted["mask_AP50"] >= shifted["mask_AP75"]
@@ -302,11 +314,22 @@ def test_detections_must_name_the_datasets_images_and_categories(synthetic_root,
 
 def test_image_whose_size_disagrees_with_its_annotation_is_named(synthetic_root, tmp_path):
     import cv2
+    from PIL import Image
 
     root = copy_with_annotations(synthetic_root, tmp_path, lambda data: None)
     cv2.imwrite(str(root / "val" / "images" / "000000.jpg"), np.zeros((300, 256, 3), np.uint8))
-    with pytest.raises(SaqError, match=r"000000.jpg is 256x300 \(w x h\) but its annotation entry .* says 256x256"):
-        task_for(root).evaluate(Segmenter(build_sam("sam_tiny")), progress=False)
+    # when the task is built (image headers), not when evaluation reaches the image
+    with pytest.raises(SaqError, match=r"000000.jpg is 256x300 \(w x h\) but its annotation entry .* says 256x256$"):
+        task_for(root)
+    # a photo whose EXIF tag turns it: labelled upright, stored on its side; the message says why
+    from tasks.base import check_image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.zeros((300, 256, 3), np.uint8)).save(photo, exif=exif)
+    with pytest.raises(SaqError, match=r"is 256x300 \(w x h\) but its entry says 300x256; its EXIF orientation tag"):
+        check_image_size(photo, (300, 256), (256, 300), "its entry")
 
 
 def test_ap_without_ground_truth_objects_is_an_error_not_minus_one(synthetic_root):

@@ -150,6 +150,9 @@ def test_missing_label_map_and_bad_label_files_are_clear_errors(tmp_path):
     save_png(tmp_path / "b/val/labels/a.png", np.zeros((4, 8)))
     with pytest.raises(SaqError, match=r"a\.png is 8x4, its image is 8x8"):
         task.evaluate(RegionSegmenter([np.zeros((8, 8), np.int64)]), progress=False)
+    with pytest.raises(SaqError, match=r"a\.png is 8x4, its image is 8x8"):  # found when the task is built
+        SemanticTask(data, CALIB, classes=CLASSES, amg={"points_per_side": 4})
+    save_png(tmp_path / "b/val/labels/a.png", np.zeros((8, 8)))
     with pytest.raises(SaqError, match="task.classes must be a list"):
         SemanticTask(data, CALIB)
     with pytest.raises(SaqError, match="unknown setting task.amg.points"):
