@@ -265,7 +265,6 @@ def folded_signs(saved: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     return torch.sign((saved * fp).flatten(1).sum(1))
 
 
-@torch.no_grad()
 def quiet_fp(qmodel: torch.nn.Module) -> torch.nn.Module:
     """Every quantizer off and drawing nothing: as the FP scorer beside the quantized model, a paper-compat run's
     dropping quantizers would still draw their masks and move the quantized model's draws off the full row's."""
@@ -277,6 +276,7 @@ def quiet_fp(qmodel: torch.nn.Module) -> torch.nn.Module:
     return qmodel
 
 
+@torch.no_grad()
 def restore_fp_weights(qmodel: torch.nn.Module, fp_weights: dict[str, torch.Tensor], part: str) -> None:
     """Write the FP weight (fp_reference's) into every quantized layer inside `part` (a module path, or a layer's
     weight_quantizer; "" is the whole model)."""
