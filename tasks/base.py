@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -151,6 +151,23 @@ def read_text(path: Path, what: str) -> str:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise SaqError(f"{what} {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})") from None
+
+
+def split_paths(node, paths: Sequence[str], key: str, optional: Mapping | None = None) -> dict:
+    """A task's `data` or `calib` setting as a plain dict: each of `paths` a non-empty path, plus the `optional`
+    keys (with their defaults); a missing, null or unknown key (one added with + is read by nothing) is SaqError."""
+    optional = dict(optional or {})
+    if not isinstance(node, Mapping):
+        raise SaqError(f"{key} must be a mapping with {', '.join(paths)}, got {node!r}")
+    unknown = sorted(set(node) - set(paths) - set(optional))
+    if unknown:
+        raise SaqError(f"{key}.{unknown[0]} is not a setting of {key}; expected one of {[*paths, *optional]}")
+    for name in paths:
+        value = node.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise SaqError(f"{key}.{name}={value!r} invalid; expected a path" + (" (relative to task.data.root)"
+                                                                                  if name != "root" else ""))
+    return {**optional, **{name: node[name] for name in node}}
 
 
 def require_dir(path: str | Path, what: str, config_key: str) -> Path:

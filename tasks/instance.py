@@ -27,6 +27,7 @@ from tasks.base import (
     read_text,
     require_dir,
     require_file,
+    split_paths,
 )
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
 from tasks.synthetic import evaluation_limit
@@ -246,13 +247,15 @@ class InstanceTask(Task):
 
     def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None,
                  generate: dict | None = None):
+        data = split_paths(data, ("root", "ann_file", "img_dir"), "task.data")
+        calib = split_paths(calib, ("ann_file", "img_dir"), "task.calib", optional={"order": "file"})
         self.root = Path(data["root"])
         max_images = evaluation_limit(self.root, generate, max_images)
         self.ann_path = self.root / data["ann_file"]
         self.img_dir = self.root / data["img_dir"]
         self.calib_ann_path = self.root / calib["ann_file"]
         self.calib_img_dir = self.root / calib["img_dir"]
-        self.calib_order = calib.get("order", "file")
+        self.calib_order = calib["order"]
         if self.calib_order not in CALIB_ORDERS:
             raise SaqError(f"task.calib.order={self.calib_order!r} is unknown; expected one of {list(CALIB_ORDERS)}")
         self.prompts = prompts or GroundTruthBoxes()

@@ -12,7 +12,17 @@ from tqdm import tqdm
 
 from saq.errors import SaqError, check_int
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import HeaderSizes, Task, files_digest, first_prompted, list_images, read_rgb, read_text, require_dir
+from tasks.base import (
+    HeaderSizes,
+    Task,
+    files_digest,
+    first_prompted,
+    list_images,
+    read_rgb,
+    read_text,
+    require_dir,
+    split_paths,
+)
 from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource, enclosing_boxes
 from tasks.synthetic import evaluation_limit, oriented_box
 
@@ -194,6 +204,8 @@ class OrientedTask(Task):
     def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None,
                  generate: dict | None = None, classes: Sequence[str] | None = None, ap_method: str = "voc07",
                  difficult_above: int = 0):
+        data = split_paths(data, ("root", "img_dir", "ann_dir"), "task.data")
+        calib = split_paths(calib, ("img_dir", "ann_dir"), "task.calib")
         self.root = Path(data["root"])
         self.difficult_above = check_int(difficult_above, "task.difficult_above", 0)
         max_images = evaluation_limit(self.root, generate, max_images)

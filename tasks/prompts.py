@@ -181,6 +181,11 @@ class DetectionsFile(PromptSource):
                 # numbers as JSON numbers, ids as integers or names: float()/int() would take "5", true or 1.7
                 if not all(is_number(v) for v in [*det.get("bbox", det.get("poly")), det["score"]]):
                     raise TypeError
+                if "bbox" in det and len(det["bbox"]) == 5:  # mmrotate 1.x DOTAMetric's json: rotated, class indices
+                    raise SaqError(f"detections file {path}: entry {i} has a rotated bbox {det['bbox']} (cx, cy, w, "
+                                   "h, angle: mmrotate's DOTAMetric json, whose category_id is a class index); give "
+                                   "prompts.file mmrotate's results .pkl (tools/test.py --out) or its Task1 txt "
+                                   "files (DOTAMetric format_only=True, merge_patches=True)")
                 if "bbox" in det:
                     x, y, w, h = (float(v) for v in det["bbox"])
                     box, given = (x, y, x + w, y + h), f"bbox {det['bbox']}"
@@ -301,15 +306,15 @@ class DetectionsFile(PromptSource):
         return key, detections, flat
 
     def _keep_usable(self, by_image: dict) -> dict:
-        """Each image's detections at or above the score threshold, highest first (ties in file order), at most
-        max_per_image: all a run can use, so a detector's 300 boxes per image are not all held. The best score of
-        each image is kept apart, for require_prompts' message."""
+        """Each image's detections at or above the score threshold, highest first (ties in file order); for_image
+        takes the first max_per_image of what bind leaves. The best score of each image is kept apart, for
+        require_prompts' message."""
         self._best_score = {key: max(d[4] for d in dets) for key, dets in by_image.items()}
         kept = {}
         repeated, first = 0, None
         for key, dets in by_image.items():
             usable = sorted((d for d in dets if d[4] >= self.score_threshold), key=lambda d: -d[4])
-            kept[key] = usable[: self.max_per_image]
+            kept[key] = usable
             extra = len(kept[key]) - len(set(kept[key]))
             repeated, first = repeated + extra, first if first is not None or not extra else key
         if repeated:  # a detector never repeats a box exactly: results written twice make every box a false positive
@@ -350,8 +355,16 @@ class DetectionsFile(PromptSource):
                         raise SaqError(f"detections file {self.path}: image {key!r} has category_id {det[5]}, which "
                                        f"the annotation file does not define (its ids: {sorted(known)[:12]}"
                                        f"{' ...' if len(known) > 12 else ''})")
-        if category_names is None:
-            return
+        if category_names is not None:
+            self._bind_names(category_names, drop_unknown)
+        capped = [key for key in keys if len(self._by_image.get(key, ())) > self.max_per_image]
+        if capped:  # after unknown classes are left out: their boxes take no image's places
+            print(f"detections file {self.path}: {len(capped)} images have more than prompts.max_per_image="
+                  f"{self.max_per_image} detections at or above the threshold (first: {capped[0]!r}, "
+                  f"{len(self._by_image[capped[0]])}); each keeps its {self.max_per_image} best")
+
+    def _bind_names(self, category_names: Sequence[str], drop_unknown: bool) -> None:
+        """Class names as the task's label indices; unknown classes refused, or left out with drop_unknown."""
         index = {name: i for i, name in enumerate(category_names)}
         dropped: dict[str, int] = {}
         for key, dets in self._by_image.items():
@@ -420,7 +433,8 @@ class DetectionsFile(PromptSource):
         if self._named_labels:
             raise SaqError(f"detections file {self.path} names classes by name; this task needs numeric "
                            "category_id values")
-        dets = self._by_image.get(key, [])  # above the threshold, highest first, capped (_keep_usable)
+        # above the threshold, highest first (_keep_usable); capped here, after bind left out unknown classes
+        dets = self._by_image.get(key, [])[: self.max_per_image]
         if not dets:
             return BoxPrompts.empty()
         arr = np.asarray(dets, np.float64)

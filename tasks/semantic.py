@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from saq.errors import SaqError, check_bool, check_int, check_number, check_seed, is_int
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import HeaderSizes, Task, files_digest, list_images, read_rgb, require_dir
+from tasks.base import HeaderSizes, Task, files_digest, list_images, read_rgb, require_dir, split_paths
 from tasks.prompts import GroundTruthBoxes, PromptSource
 from tasks.synthetic import evaluation_limit, is_synthetic_dataset
 
@@ -232,6 +232,8 @@ class SemanticTask(Task):
             raise SaqError(f"task=semantic prompts SAM with its own point grid (task.amg.points_per_side); "
                            f"prompts={getattr(prompts, 'name', type(prompts).__name__)} cannot be used with it: "
                            "use prompts=gt (the default)")
+        data = split_paths(data, ("root", "img_dir", "label_dir"), "task.data")
+        calib = split_paths(calib, ("img_dir",), "task.calib")
         self.root = Path(data["root"])
         max_images = evaluation_limit(self.root, generate, max_images)
         self.img_dir, self.label_dir = self.root / data["img_dir"], self.root / data["label_dir"]

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from saq.errors import SEED_LIMIT, SaqError, check_int, check_seed, is_int
-from saq.log import file_lock, write_json_atomic
+from saq.log import file_lock, write_json_atomic, write_text_atomic
 
 # Bump when rendering changes: cached datasets are keyed on it.
 GENERATOR_VERSION = 2
@@ -200,8 +200,10 @@ def _coco_rle(mask: np.ndarray) -> dict:
     return rle
 
 
-def write_split(root: Path, split: str, n: int, seed: int, progress: bool = True) -> None:
-    """Render n scenes and write them in the three formats under root/<split>/ and root/annotations/."""
+def write_split(root: Path, split: str, n: int, seed: int, progress: bool = True, keep_first: int = 0) -> None:
+    """Render n scenes and write them in the three formats under root/<split>/ and root/annotations/ (the
+    annotation file replaced whole). The first keep_first scenes, written by a complete generation of the same
+    seed, are not written again (a scene depends only on seed, split and index; a run may be reading it)."""
     from tqdm import tqdm
 
     img_dir, dota_dir, label_dir = (root / split / d for d in ("images", "labelTxt", "labels"))
@@ -213,7 +215,8 @@ def write_split(root: Path, split: str, n: int, seed: int, progress: bool = True
         name = f"{idx:06d}"
         h, w = scene.image.shape[:2]
         # cv2.imwrite reports a failure (a full disk, no permission) by returning False, not by raising
-        if not (cv2.imwrite(str(img_dir / f"{name}.jpg"), scene.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if idx >= keep_first and not (
+                cv2.imwrite(str(img_dir / f"{name}.jpg"), scene.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
                 and cv2.imwrite(str(label_dir / f"{name}.png"), scene.label_map())):
             raise SaqError(f"cannot write scene {name} into {root / split}; check free space and permissions")
         images.append({"id": idx + 1, "file_name": f"{name}.jpg", "height": h, "width": w})
@@ -234,14 +237,15 @@ def write_split(root: Path, split: str, n: int, seed: int, progress: bool = True
             )
             corners = " ".join(f"{v:.1f}" for v in oriented_box(mask, largest_region=True).reshape(-1))
             dota_lines.append(f"{corners} {CATEGORIES[cat]} {int(diff)}")
-        (dota_dir / f"{name}.txt").write_text("\n".join(dota_lines) + "\n")
+        if idx >= keep_first:
+            (dota_dir / f"{name}.txt").write_text("\n".join(dota_lines) + "\n")
     coco = {
         "info": {"description": f"saq synthetic {split}", "seed": seed, "generator_version": GENERATOR_VERSION},
         "images": images,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CATEGORIES)],
     }
-    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+    write_text_atomic(root / "annotations" / f"instances_{split}.json", json.dumps(coco))  # read whole or not at all
 
 
 # What write_split writes into each split folder (name pattern: 6-digit index): the only files regeneration deletes.
@@ -287,10 +291,11 @@ def evaluation_limit(root: Path, generate: dict | None, max_images: int | None) 
 def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progress: bool = True) -> Path:
     """Generate the dataset under root unless a complete one with the same parameters is already there.
 
-    root must be missing, empty, or hold a synthetic dataset (its meta.json): a dataset made with other
-    parameters is replaced (only the files the generator writes are deleted); any other non-empty folder is
-    refused, so a real dataset is never written into. Parallel sweep jobs on a fresh root take turns (a file lock):
-    the first generates, the others then find its complete dataset.
+    root must be missing, empty, or hold a synthetic dataset (its meta.json): a smaller one of the same seed grows
+    (its scenes are left as they are), a complete one of another seed is refused (runs may be reading it), one of
+    another generator version or an interrupted generation is replaced (only the files the generator writes are
+    deleted); any other non-empty folder is refused, so a real dataset is never written into. Parallel sweep jobs on
+    a fresh root take turns (a file lock): the first generates, the others then find its complete dataset.
     """
     root = Path(root)
     meta = {"generator_version": GENERATOR_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
@@ -304,7 +309,27 @@ def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progre
                            "writable task.data.root, or task.generate=null for a dataset that is already there)")
         if _holds_dataset(root, meta):  # a parallel job made it while this one waited
             return root
+        old = _complete_meta(root)
+        if old is not None and old.get("seed") != seed and _same_generator(old, meta):
+            # replacing it would change the scenes under any run reading them now, and under earlier results
+            raise SaqError(f"{root} holds the synthetic dataset of seed {old.get('seed')}; task.generate.seed={seed} "
+                           f"would replace it under every run that uses it: generate seed {seed} into another "
+                           f"folder (task.data.root={root}_seed{seed}), or delete {root} first")
         return _generate_locked(root, _grown(root, meta), progress)
+
+
+def _complete_meta(root: Path) -> dict | None:
+    """The meta.json of a complete synthetic dataset in root, else None."""
+    try:
+        old = json.loads((root / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) and old.get("complete", True) else None
+
+
+def _same_generator(old: dict, meta: dict) -> bool:
+    """Whether a dataset's meta was written by this generator version with these categories."""
+    return all(old.get(k) == meta[k] for k in ("generator_version", "categories"))
 
 
 def _grown(root: Path, meta: dict) -> dict:
@@ -314,7 +339,7 @@ def _grown(root: Path, meta: dict) -> dict:
         old = json.loads((root / "meta.json").read_text())
     except (OSError, ValueError):
         return meta
-    if not isinstance(old, dict) or any(old.get(k) != meta[k] for k in ("generator_version", "seed", "categories")):
+    if not isinstance(old, dict) or not _same_generator(old, meta) or old.get("seed") != meta["seed"]:
         return meta
     return {**meta, **{k: max(meta[k], old[k]) for k in ("n_train", "n_val") if is_int(old.get(k))}}
 
@@ -357,7 +382,11 @@ def _refuse_other_data(root: Path) -> None:
 def _generate_locked(root: Path, meta: dict, progress: bool) -> Path:
     n_train, n_val, seed = meta["n_train"], meta["n_val"], meta["seed"]
     meta_path = root / "meta.json"
-    if meta_path.is_file():  # a dataset of other parameters, or an interrupted generation: replaced
+    old = _complete_meta(root)
+    # More scenes of the same seed: the ones its meta.json counts stay as they are (runs may be reading them), and
+    # the meta.json stays true of them until the larger set is complete.
+    growing = old is not None and _same_generator(old, meta) and old.get("seed") == seed
+    if meta_path.is_file() and not growing:  # another generator version, or an interrupted generation: replaced
         stale = _generated_files(root)
         write_json_atomic(meta_path, {**meta, "complete": False})
         for path in stale:  # else a smaller or reseeded set would leave the old scenes beside the new ones
@@ -367,7 +396,8 @@ def _generate_locked(root: Path, meta: dict, progress: bool) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(meta_path, {**meta, "complete": False})
     for split, n in (("train", n_train), ("val", n_val)):
-        write_split(root, split, n, seed, progress)
+        kept = old.get(f"n_{split}") if growing and is_int(old.get(f"n_{split}")) else 0
+        write_split(root, split, n, seed, progress, keep_first=kept)
     write_json_atomic(meta_path, {**meta, "complete": True})  # readers without the lock see whole files only
     return root
 

@@ -125,6 +125,35 @@ def test_detections_file_prompts(synthetic_root, tmp_path):
     assert metrics["mask_AP"] == pytest.approx(task_for(synthetic_root, max_images=2).evaluate(
         Segmenter(build_sam("sam_tiny")), progress=False)["mask_AP"])
 
+def test_a_detection_result_scores_the_detector_score_times_the_predicted_iou(synthetic_root, tmp_path, monkeypatch):
+    import tasks.instance as instance
+
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    anns = [a for a in coco.loadAnns(coco.getAnnIds()) if a["image_id"] in (1, 2)]
+    detector = {tuple(a["bbox"]): 0.2 + 0.7 * k / len(anns) for k, a in enumerate(anns)}  # distinct scores
+
+    def scored_results(score_of):
+        path = tmp_path / f"dets{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                                     "score": score_of(a)} for a in anns]))
+        seen = []
+        monkeypatch.setattr(instance, "mask_ap", lambda gt, results, ids: seen.extend(results) or mask_ap(gt, results, ids))
+        task_for(synthetic_root, DetectionsFile(str(path), score_threshold=0.05, max_per_image=100),
+                 max_images=2).evaluate(Segmenter(build_sam("sam_tiny")), progress=False)
+        return {(r["image_id"], r["segmentation"]["counts"]): r for r in seen}
+
+    predicted_iou = scored_results(lambda a: 1.0)  # a detector score of 1: the result's score is SAM's IoU alone
+    scored = scored_results(lambda a: detector[tuple(a["bbox"])])
+    assert len(scored) == len(anns) and scored.keys() == predicted_iou.keys()
+    for key, r in scored.items():  # each mask's own detection: the box its mask's extent matches best
+        own = [a for a in anns if a["image_id"] == r["image_id"]]
+        extent = mask_utils.toBbox(r["segmentation"]).tolist()
+        ious = mask_utils.iou([extent], [a["bbox"] for a in own], [0] * len(own))[0]
+        assert sorted(ious)[-1] > 0.7 > sorted([0, *ious])[-2]  # an unambiguous pairing
+        expected = np.float32(detector[tuple(own[int(np.argmax(ious))]["bbox"])])
+        assert r["score"] / predicted_iou[key]["score"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_jittered_boxes_are_seeded_and_stay_in_the_image(synthetic_root):
     coco = load_coco(synthetic_root / DATA["ann_file"], "k")
     gt, _ = gt_boxes(coco, 2)
@@ -142,6 +171,17 @@ def test_jittered_boxes_are_seeded_and_stay_in_the_image(synthetic_root):
     # each image has noise of its own (seeded by its key, not only by the seed)
     other = JitteredBoxes(0.1, 20, seed=3).for_image(7, gt, (256, 256))
     assert not np.array_equal(a.boxes, other.boxes)
+
+
+def test_jittered_boxes_noise_scales_with_the_box_and_stops_at_the_cap():
+    def noise(box, scale, max_px):
+        gt = BoxPrompts(np.tile(np.float32(box), (4000, 1)), np.ones(4000, np.float32), np.ones(4000, np.int64))
+        return JitteredBoxes(scale, max_px, seed=0).for_image(1, gt, (1000, 1000)).boxes - gt.boxes
+
+    # a 20 x 40 box at 0.1: 2 px across, 4 px down (far from the image edges, so nothing is clipped)
+    assert noise([400, 400, 420, 440], 0.1, 20).std(0) == pytest.approx([2, 4, 2, 4], rel=0.1)
+    assert noise([300, 300, 500, 700], 0.1, 5).std(0) == pytest.approx([5, 5, 5, 5], rel=0.1)  # 20 / 40 px, capped
+    assert not noise([400, 400, 420, 440], 0.0, 20).any()
 
 
 def test_calibration_samples_come_from_the_calibration_split(synthetic_root):
@@ -428,6 +468,8 @@ def test_what_real_coco_files_hold_still_loads(tmp_path):
     ({"bbox": [0, 0, -4, 5]}, r"entry 0 \(image 1, bbox \[0, 0, -4, 5\].*\): the box needs width and height > 0"),
     ({"bbox": [0, 0, float("inf"), 5]}, r"entry 0 \(image 1, bbox \[0, 0, inf, 5\].*\): the box has a non-finite"),
     ({"bbox": "1234"}, r"entry 0 is not a result"),
+    ({"bbox": [50, 50, 20, 10, 0.3]}, r"entry 0 has a rotated bbox \[50, 50, 20, 10, 0.3\] \(cx, cy, w, h, angle: "
+                                    r"mmrotate.s DOTAMetric json.*its Task1 txt files"),
     # int()/float() would have taken these: image 1.7 read as image 1, true as 1, strings as numbers
     ({"image_id": 1.7}, r"entry 0 has image_id 1\.7; expected an integer"),
     ({"image_id": True}, r"entry 0 has image_id True; expected an integer"),
@@ -528,8 +570,8 @@ def test_only_the_detections_a_run_can_use_are_kept(tmp_path):
     path.write_text("\n [ \r\n" + ",\n\t".join(json.dumps(e) for e in entries) + "\n ] \n")  # any JSON whitespace
     source = DetectionsFile(str(path), score_threshold=0.1, max_per_image=3)
     kept = source._by_image[1]
-    # above the threshold, best first (the two 0.9s in file order), capped: what for_image hands out, nothing more
-    assert [(d[0], d[4]) for d in kept] == [(2.0, 0.9), (4.0, 0.9), (5.0, 0.7)]
+    # above the threshold, best first (the two 0.9s in file order); capped when handed out (after bind)
+    assert [(d[0], d[4]) for d in kept] == [(2.0, 0.9), (4.0, 0.9), (5.0, 0.7), (3.0, 0.5), (0.0, 0.2)]
     got = source.for_image(1, BoxPrompts.empty(), (100, 100))
     assert got.boxes[:, 0].tolist() == [2.0, 4.0, 5.0] and got.scores.tolist() == pytest.approx([0.9, 0.9, 0.7])
 

@@ -370,6 +370,21 @@ def test_classes_inferred_from_labels_leave_out_a_detectors_other_classes(tmp_pa
     assert "left out 1 detections" in capsys.readouterr().out
 
 
+def test_the_per_image_cap_counts_only_the_classes_the_task_keeps(tmp_path, synthetic_root, capsys):
+    # Three zeppelin boxes outscore the disk boxes; with a cap of 2 taken before the zeppelins are left out, image
+    # 000001 would keep no prompt at all.
+    folder = tmp_path / "results"
+    write(folder / "Task1_zeppelin.txt", "".join(f"000001 0.9 {50 + k} 50 60 50 60 60 50 60\n" for k in range(3)))
+    write(folder / "Task1_disk.txt", "".join(f"000001 {0.5 - k / 10} {10 + k} 10 30 12 28 40 8 38\n"
+                                             for k in range(3)))
+    source = DetectionsFile(str(folder), max_per_image=2)
+    task = OrientedTask({"root": str(synthetic_root), **DATA}, CALIB, prompts=source)
+    got = source.for_image("000001", None, (256, 256))
+    assert [task.classes[i] for i in got.labels] == ["disk", "disk"]
+    assert got.scores.tolist() == pytest.approx([0.5, 0.4])  # the best two
+    assert "1 images have more than prompts.max_per_image=2 detections" in capsys.readouterr().out
+
+
 def test_calibration_samples_are_enclosing_boxes(synthetic_root):
     task = OrientedTask({"root": str(synthetic_root), **DATA}, CALIB, max_images=2)
     samples = task.calibration_samples(3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import cv2
@@ -117,7 +118,8 @@ def test_generation_refuses_a_folder_that_holds_other_data(tmp_path):
     (real / "annotations" / "instances_val2017.json").write_text("{}")
     data = {"root": str(real), "ann_file": "annotations/instances_val2017.json", "img_dir": "val2017"}
     with pytest.raises(SaqError, match=r"coco is not empty and holds no synthetic dataset .*task.generate=null"):
-        InstanceTask(data, {}, generate={"n_train": 1, "n_val": 1, "seed": 0})
+        InstanceTask(data, {"ann_file": "annotations/instances_train2017.json", "img_dir": "train2017"},
+                     generate={"n_train": 1, "n_val": 1, "seed": 0})
     assert sorted(p.name for p in real.rglob("*")) == ["annotations", "instances_val2017.json"]
     # an empty folder is fine
     assert (ensure_dataset(tmp_path / "empty", 1, 1, 0, progress=False) / "meta.json").is_file()
@@ -127,6 +129,15 @@ def test_regenerating_with_other_parameters_leaves_no_old_scene(tmp_path):
     from saq.errors import SaqError
 
     root = ensure_dataset(tmp_path / "d", n_train=3, n_val=3, seed=0, progress=False)
+    # a complete set of another seed is refused: a run reading it would get other images under its annotations
+    with pytest.raises(SaqError, match=r"holds the synthetic dataset of seed 0; task.generate.seed=5 would replace "
+                                       r"it under every run that uses it: generate seed 5 into another folder "
+                                       r"\(task.data.root=.*d_seed5\), or delete"):
+        ensure_dataset(root, n_train=2, n_val=1, seed=5, progress=False)
+    assert json.loads((root / "meta.json").read_text())["seed"] == 0
+    # an interrupted generation (or another generator version) is replaced, old scenes and all
+    meta = json.loads((root / "meta.json").read_text())
+    (root / "meta.json").write_text(json.dumps({**meta, "complete": False}))
     ensure_dataset(root, n_train=2, n_val=1, seed=5, progress=False)
     for split, n in (("train", 2), ("val", 1)):
         for sub in ("images", "labelTxt", "labels"):
@@ -139,6 +150,7 @@ def test_regenerating_with_other_parameters_leaves_no_old_scene(tmp_path):
                           render_scene(5, "val", 0).label_map())
     # a file the generator did not write is never deleted
     (root / "train" / "images" / "mine.jpg").write_bytes(b"x")
+    (root / "meta.json").write_text(json.dumps({**meta, "complete": False}))
     with pytest.raises(SaqError, match=r"mine\.jpg was not written by the generator"):
         ensure_dataset(root, n_train=1, n_val=1, seed=6, progress=False)
     assert (root / "train" / "images" / "mine.jpg").is_file()
@@ -146,10 +158,20 @@ def test_regenerating_with_other_parameters_leaves_no_old_scene(tmp_path):
 
 def test_more_val_scenes_keep_the_larger_train_split_of_the_same_seed(tmp_path):
     root = ensure_dataset(tmp_path / "d", n_train=4, n_val=1, seed=0, progress=False)
-    ensure_dataset(root, n_train=2, n_val=3, seed=0, progress=False)  # needs more val: regenerated, train kept at 4
+    scenes = sorted(p for p in root.rglob("*") if p.suffix in (".jpg", ".png", ".txt"))
+    written = {p: p.stat().st_mtime_ns for p in scenes}
+    for p in scenes:  # so that a rewrite of the same bytes would show
+        os.utime(p, ns=(1, 1))
+    ensure_dataset(root, n_train=2, n_val=3, seed=0, progress=False)  # needs more val: grown, train kept at 4
     meta = json.loads((root / "meta.json").read_text())
     assert (meta["n_train"], meta["n_val"], meta["complete"]) == (4, 3, True)
-    assert len(list((root / "train" / "images").iterdir())) == 4
+    assert len(list((root / "train" / "images").iterdir())) == 4 and len(list((root / "val" / "images").iterdir())) == 3
+    # the scenes already there are left alone (a run may be reading them); the new ones are the seed's own
+    assert written and all(p.stat().st_mtime_ns == 1 for p in written)
+    assert np.array_equal(cv2.imread(str(root / "val/labels/000002.png"), cv2.IMREAD_UNCHANGED),
+                          render_scene(0, "val", 2).label_map())
+    coco = json.loads((root / "annotations" / "instances_val.json").read_text())
+    assert [i["file_name"] for i in coco["images"]] == ["000000.jpg", "000001.jpg", "000002.jpg"]
 
 
 def test_generation_waits_for_a_parallel_one_and_then_reuses_it(tmp_path):

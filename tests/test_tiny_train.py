@@ -23,7 +23,8 @@ from tests.conftest import REPO
     ("point_every=0", "point_every=0 invalid"),
     ("threads=null", "threads=None invalid"),
     ("seed=-1", "seed=-1 invalid"),
-    ("batch_size=9", "batch_size=9 is more than the 8 training images; lower batch_size or raise data.n_train"),
+    ("batch_size=9", "batch_size=9 is more than the 8 training images with an object (of 8); lower batch_size or "
+                     "raise data.n_train"),
     ("output=null", "output=None invalid; give the checkpoint path to write"),  # would overwrite the shipped weights
     ("output=x.json", "invalid; give a checkpoint file name ending in .pt or .pth"),  # its card would overwrite it
     ("lr=0", "lr=0 invalid; expected a finite number > 0"),
@@ -41,6 +42,26 @@ def test_bad_training_knobs_are_one_line_naming_the_knob(override, message, synt
     with pytest.raises(SaqError, match=re.escape(message)):
         train(cfg)
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_batch_counts_only_the_training_images_with_an_object(synthetic_root, tmp_path):
+    import json
+
+    root = tmp_path / "data"
+    (root / "annotations").mkdir(parents=True)
+    for name in ("train", "val"):
+        (root / name).symlink_to(synthetic_root / name)
+    (root / "annotations" / "instances_val.json").symlink_to(synthetic_root / "annotations" / "instances_val.json")
+    coco = json.loads((synthetic_root / "annotations" / "instances_train.json").read_text())
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != coco["images"][0]["id"]]
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(coco))  # one image without objects
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="train_tiny", overrides=[f"data.root={root}", f"output={tmp_path / 'x.pt'}",
+                                                            "data.n_val=2", "steps=100", "warmup_steps=10",
+                                                            "batch_size=8"])
+    with pytest.raises(SaqError, match=re.escape("batch_size=8 is more than the 7 training images with an object "
+                                                 "(of 8)")):
+        train(cfg)
 
 
 def test_a_round_never_writes_over_an_earlier_rounds_checkpoint(synthetic_root, tmp_path):

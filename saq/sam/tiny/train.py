@@ -227,9 +227,10 @@ def train(cfg: DictConfig) -> dict:
     root = Path(cfg.data.root)
     train_data = load_coco_split(root, cfg.data.train_ann, cfg.data.train_img_dir, cfg.data.n_train)
     val_data = load_coco_split(root, cfg.data.val_ann, cfg.data.val_img_dir, cfg.data.n_val)
-    if cfg.batch_size > len(train_data.images):
-        raise SaqError(f"batch_size={cfg.batch_size} is more than the {len(train_data.images)} training images; "
-                       "lower batch_size or raise data.n_train")
+    usable = int((train_data.counts > 0).sum())  # a batch draws images with an object, without repeats
+    if cfg.batch_size > usable:
+        raise SaqError(f"batch_size={cfg.batch_size} is more than the {usable} training images with an object (of "
+                       f"{len(train_data.images)}); lower batch_size or raise data.n_train")
     arch = ARCHITECTURES["sam_tiny"]
     if train_data.images.shape[1:3] != (arch.image_size, arch.image_size):
         raise SaqError(f"sam_tiny trains on {arch.image_size}px square images, found {train_data.images.shape[1:3]}")
