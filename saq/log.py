@@ -392,10 +392,11 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
     try:
         import wandb
 
-        os.environ.setdefault("WANDB_INIT_TIMEOUT", str(logger_cfg.get("init_timeout_s", 30)))
         os.environ.setdefault("WANDB_SILENT", "true")
-        # one run per job: a multirun in one process (basic launcher) finishes the previous job's run first
+        # one run per job: a multirun in one process (basic launcher) finishes the previous job's run first; the
+        # timeout as a setting of this run (an environment variable set by the first job would hold for every job)
         run = wandb.init(dir=str(run_dir), reinit="finish_previous",
+                         settings=wandb.Settings(init_timeout=float(logger_cfg.get("init_timeout_s", 30))),
                          **wandb_run_options(logger_cfg, record, _multirun_sweep_dir()))
         run.summary.update({k: v for k, v in flatten(record.get("metrics", {}), "/").items() if is_number(v)})
         run.summary["wall_time_s"] = record.get("wall_time_s")

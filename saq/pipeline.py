@@ -17,10 +17,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from saq.errors import SaqError, check_bool, check_device, check_int, check_seed, is_number
+from saq.errors import SaqError, check_bool, check_device, check_int, check_number, check_seed, is_number
 from saq.log import bits_label, git_commit, log_to_wandb, package_versions, write_json_atomic, write_results
 from saq.sam.build import build_sam, checkpoint_digest, checkpoint_path
 from saq.sam.segmenter import Segmenter
+from saq.sam.units import KINDS_AT
 
 FP_CACHE_DIR = Path("outputs/.cache/fp_metrics")
 
@@ -133,6 +134,49 @@ def check_method_preset(cfg: DictConfig) -> None:
                                f"yourself (clip=..., recon=..., quant.big/quant.agq), or use the preset as it is")
 
 
+LABELLED_GROUPS = ("quant", "clip", "recon")  # groups whose `name` is the label their preset gives a run
+
+
+def check_group_labels(cfg: DictConfig, choices: dict | None = None) -> None:
+    """A labelled group's `name` is what its preset calls the run (results.json, report rows, W&B): renamed by hand
+    (quant.name=w4a4 on the FP preset, recon=qdrop recon.name=par) the run would be one preset under another's name.
+    choices: the group presets chosen (Hydra's runtime choices; read from Hydra when it runs the job)."""
+    if choices is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    for group in LABELLED_GROUPS:
+        choice, node = choices.get(group), cfg.get(group)
+        preset = CONF_DIR / group / f"{choice}.yaml"
+        if choice is None or not isinstance(node, DictConfig) or not preset.is_file():
+            continue
+        own, name = OmegaConf.load(preset).get("name"), node.get("name")
+        if own is not None and name != own:
+            hint = (f"choose the preset with {group}={name}" if (CONF_DIR / group / f"{name}.yaml").is_file()
+                    else f"leave {group}.name at the preset's {own!r}")
+            raise SaqError(f"{group}.name={name!r} would label this run, but {group}={choice} sets its knobs: "
+                           f"{hint}")
+
+
+def check_overrides_read(cfg: DictConfig, overrides: list[str] | None = None) -> None:
+    """An override the run would not read is refused: recon.iters of a unit kind the granularity does not make
+    (recon.iters.layer at granularity=stage). Every preset lists every kind, so only the user's overrides can tell.
+    overrides: the command line's (read from Hydra when it runs the job)."""
+    if overrides is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    recon = cfg.get("recon") or {}
+    granularity = recon.get("granularity")
+    if granularity not in KINDS_AT:  # recon=none, or a granularity ReconConfig names as unknown
+        return
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("recon.iters.") and key.removeprefix("recon.iters.") not in KINDS_AT[granularity]:
+            raise SaqError(f"{key} is not read at recon.granularity={granularity}: its units are "
+                           f"{', '.join(KINDS_AT[granularity])} (set recon.iters of one of those)")
+
+
 def check_run_knobs(cfg: DictConfig) -> None:
     """The run-level knobs (seed, threads, image count, batch size, model keys, logger mode): checked
     before anything uses them, so a typo or a wrong type is one line rather than a torch or numpy traceback."""
@@ -156,6 +200,8 @@ def check_run_knobs(cfg: DictConfig) -> None:
         raise SaqError(f"logger.{unknown[0]} is not a logger setting; expected one of {list(LOGGER_KEYS)}")
     if logger.get("name") == "wandb" and logger.get("mode") not in LOGGER_MODES:
         raise SaqError(f"logger.mode={logger.get('mode')!r} is unknown; expected one of {list(LOGGER_MODES)}")
+    if "init_timeout_s" in logger:
+        check_number(logger.init_timeout_s, "logger.init_timeout_s", 1)
 
 
 def validate(cfg: DictConfig):
@@ -163,6 +209,8 @@ def validate(cfg: DictConfig):
     the validated quant config and clip strategy (None for an FP run)."""
     check_run_knobs(cfg)
     check_device(cfg.device, "device")
+    check_group_labels(cfg)
+    check_overrides_read(cfg)
     check_method_preset(cfg)
     if cfg.quant.get("load"):  # the saved model exists and fits this run
         from saq.saved import check_load
@@ -177,7 +225,15 @@ def validate(cfg: DictConfig):
             raise SaqError("deploy=true evaluates the int8 graph fully quantized, but recon.paper_eval_compat=true "
                            "evaluates the model with half its linear inputs in FP: the two would not compare; deploy "
                            "the saved model from a fully quantized evaluation (drop recon.paper_eval_compat)")
-    if cfg.model.get("outliers"):
+    from saq.sam.build import VARIANTS
+
+    variant = cfg.model.name in VARIANTS  # a model that is another's weights with outliers planted at load time
+    if variant != bool(cfg.model.get("outliers")):  # either way the run would be reported as the other model
+        raise SaqError(f"model={cfg.model.name} plants its outliers with model.outliers; it cannot be null"
+                       if variant else f"model.outliers plants outliers in a model named {cfg.model.name}, which is "
+                       f"then not {cfg.model.name}: use model={next(iter(VARIANTS))} (sam_tiny's weights with "
+                       "planted outliers), or leave model.outliers out")
+    if variant:
         from saq.sam.outliers import OutlierSpec
 
         OutlierSpec.from_cfg(cfg.model.outliers)
@@ -213,7 +269,7 @@ def validate(cfg: DictConfig):
     if cfg.get("recon") is not None:
         from saq.recon import ReconConfig
 
-        ReconConfig.from_cfg(cfg.recon).check_evaluation()
+        ReconConfig.from_cfg(cfg.recon).check_run()
     return quant_cfg, strategy
 
 

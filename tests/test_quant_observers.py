@@ -210,6 +210,10 @@ def test_build_range_strategy_from_config():
         build_range_strategy({"name": "kl"})
     with pytest.raises(SaqError, match="cannot be imported"):
         build_range_strategy({"_target_": "saq.clipping.Nope"})
+    # a shipped name on another class: an MSE search reported as PCC
+    with pytest.raises(SaqError, match=r"clip.name='pcc' labels the run as PerceptualConsistencyClipping, but "
+                                       r"clip._target_ builds MSEClipping"):
+        build_range_strategy({"_target_": "saq.clipping.MSEClipping", "name": "pcc"})
     with pytest.raises(SaqError, match="clip.percentiles"):
         build_range_strategy({"name": "percentile", "percentiles": [1.5]})
     for cfg, message in (({"name": "percentile", "percentiles": 0.99}, "clip.percentiles=0.99 invalid"),

@@ -23,7 +23,15 @@ from saq.recon.loop import Reconstructor
 from saq.recon.losses import squared_error, unit_loss
 from saq.sam.build import ARCHITECTURES, build_sam, make_sam
 from saq.sam.segmenter import PromptedImage
-from saq.sam.units import build_chain, encode_sample, encoder_stages, mask_probabilities, probe_image_tokens
+from saq.sam.units import (
+    GRANULARITIES,
+    KINDS_AT,
+    build_chain,
+    encode_sample,
+    encoder_stages,
+    mask_probabilities,
+    probe_image_tokens,
+)
 from tests.conftest import REPO
 
 torch.set_num_threads(1)
@@ -185,6 +193,11 @@ def test_agq_scale_is_learned_only_with_its_own_lr(tiny):
     learned = copy.deepcopy(start)
     reconstruct(learned, tiny, cal, dict(stage0, softmax_scale_lr=0.002), seed=0, progress=False)
     assert all(scales(learned, True)[n] != s for n, s in scales(start, True).items())
+    # and what stage 0 learns lowers its PAR loss over the calibration samples (hard rounding, nothing dropped)
+    report = reconstruct(copy.deepcopy(start), tiny, cal, dict(stage0, best_state=True), seed=0, progress=False)
+    unit = report.units[0]
+    assert unit.kind == "stage" and unit.iters == 20 and unit.kept != "start"
+    assert unit.eval_after < 0.9 * unit.eval_before, (unit.eval_before, unit.eval_after)
 
 
 def test_paper_eval_compat_leaves_exactly_the_linear_inputs_dropping(tiny, tmp_path):
@@ -258,6 +271,12 @@ def test_equal_budget_gives_qdrop_the_total_of_pars_official_schedule(tiny):
     assert official == [20000] * len(kinds)  # QDrop / PTQ4SAM-L's own budget: 20k per block
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_the_unit_kinds_a_granularity_reads_are_those_its_chain_makes(tiny, granularity):
+    # check_overrides_read refuses recon.iters of the other kinds: the list must be the chain's own
+    assert sorted(KINDS_AT[granularity]) == sorted({s.kind for s in build_chain(tiny, granularity) if s.kind})
+
+
 def test_every_recon_key_is_documented_and_consumed():
     fields = {f.name for f in dataclasses.fields(ReconConfig)}
     nested = {"round_reg": {f.name for f in dataclasses.fields(RoundingRegularizer)},
@@ -316,9 +335,16 @@ def test_recon_config_errors_name_the_key():
     assert (type(cfg.weight_lr), type(cfg.drop_prob), type(cfg.round_reg.weight)) == (float, float, float)
     # the paper-compatible evaluation of a model learned without dropping would be the full one under its label
     with pytest.raises(SaqError, match=r"recon\.paper_eval_compat=true .* but recon\.drop_prob=1\.0 drops nothing"):
-        ReconConfig.from_cfg({"drop_prob": 1.0, "paper_eval_compat": True}).check_evaluation()
+        ReconConfig.from_cfg({"drop_prob": 1.0, "paper_eval_compat": True}).check_run()
     # ... a run's own config only: a saved recipe that says so still parses, so its model stays loadable
     assert ReconConfig.from_cfg({"drop_prob": 1.0, "paper_eval_compat": True}).drop_prob == 1.0
+    # PAR's loss knobs with the block MSE: nothing reads them, and the run would be named after them
+    for bad, key in (({"par_loss": {"mask_weight": 2000}}, r"recon\.par_loss\.mask_weight=2000\.0"),
+                     ({"response_input": "quantized"}, r"recon\.response_input='quantized'")):
+        with pytest.raises(SaqError, match=key + " is a knob of PAR's loss, but recon.loss=mse"):
+            ReconConfig.from_cfg({"name": "qdrop", "loss": "mse", **bad}).check_run()
+        ReconConfig.from_cfg({"name": "par", "loss": "par", **bad}).check_run()  # PAR's loss reads them
+    ReconConfig.from_cfg({"name": "qdrop", "loss": "mse", "par_loss": {"alpha": 1.0}}).check_run()  # the default
 
 
 def test_saq_sam_reconstructs_the_four_stages_of_a_vit_b():

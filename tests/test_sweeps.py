@@ -332,7 +332,7 @@ def test_wandb_summary_holds_every_metric_by_its_path(tmp_path, monkeypatch, cap
         tables.append(columns)
         return columns
 
-    fake = types.SimpleNamespace(init=lambda **kwargs: run, Image=str, Table=table)
+    fake = types.SimpleNamespace(init=lambda **kwargs: run, Image=str, Table=table, Settings=dict)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     record = {"metrics": {"fp": {"mask_AP": 0.76, "images": 500, "ok": True},
                           "quantized": {"mask_AP": 0.73, "by_class": {"circle": 0.8}, "note": "x"}},
@@ -399,7 +399,7 @@ def test_wandb_logs_summary_config_and_run_figures(tmp_path, monkeypatch):
         calls["init"] = kwargs
         return FakeRun()
 
-    fake = types.SimpleNamespace(init=init, Image=lambda path: ("image", Path(path).name))
+    fake = types.SimpleNamespace(init=init, Image=lambda path: ("image", Path(path).name), Settings=dict)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     (tmp_path / "figs").mkdir()
     for name in ("figs/hist_q.png", "attention.png", "wandb/media/skip.png"):
@@ -408,8 +408,9 @@ def test_wandb_logs_summary_config_and_run_figures(tmp_path, monkeypatch):
     record = {"run_name": "r", "model": "sam_tiny", "task": "instance", "wall_time_s": 1.0,
               "metrics": {"fp": {"mask_AP": 0.5}, "quantized": {"mask_AP": 0.4}},
               "config": {"clip": {"name": "mse"}, "quant": {"name": "w4a4", "w_bits": 4, "a_bits": 4}}}
-    log_to_wandb({"name": "wandb", "mode": "offline", "group": "g"}, record, tmp_path)
+    log_to_wandb({"name": "wandb", "mode": "offline", "group": "g", "init_timeout_s": 7}, record, tmp_path)
     assert calls["init"]["group"] == "g" and calls["init"]["job_type"] == "mse"
+    assert calls["init"]["settings"] == {"init_timeout": 7.0}  # this run's own, whatever an earlier job set
     assert calls["init"]["config"] == record["config"]
     assert FakeRun.summary["quantized/mask_AP"] == 0.4 and FakeRun.summary["fp/mask_AP"] == 0.5
     assert calls["logged"] == {"figures/hist_q": ("image", "hist_q.png"), "figures/attention": ("image", "attention.png")}
@@ -433,7 +434,7 @@ def test_wandb_logs_the_clipping_ranges_as_a_table(tmp_path, monkeypatch):
         def finish(self):
             pass
 
-    fake = types.SimpleNamespace(init=lambda **kw: FakeRun(), Image=lambda path: path,
+    fake = types.SimpleNamespace(init=lambda **kw: FakeRun(), Image=lambda path: path, Settings=dict,
                                  Table=lambda columns, data: ("table", columns, data))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     points = [{"name": "a.k", "pcc_lo": -1.0, "pcc_hi": 2.0}, {"name": "a.q", "pcc_lo": -3.0, "pcc_hi": 3.0}]

@@ -50,6 +50,9 @@ def build_range_strategy(clip_cfg) -> RangeStrategy | None:
         cls = CLIPPING[name]
     else:
         cls = _resolve_target(target)
+        if name in CLIPPING and CLIPPING[name] is not cls:  # clip=mse clip.name=pcc: MSE reported as PCC
+            raise SaqError(f"clip.name={name!r} labels the run as {CLIPPING[name].__name__}, but clip._target_ "
+                           f"builds {cls.__name__}: choose the preset with clip={name} rather than renaming one")
     try:
         strategy = cls(**kwargs)
     except TypeError as exc:

@@ -51,7 +51,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, samples, recon_cfg, seed
     cfg = ReconConfig.from_cfg(recon_cfg)
     if cfg.name == "none":
         return None
-    cfg.check_evaluation()
+    cfg.check_run()
     checkpoint = checkpoint_path(cfg, key) if key is not None else None
     reconstructor = Reconstructor(qmodel, fp_model, cfg, seed, progress, checkpoint)
     report = reconstructor.run(samples)

@@ -130,11 +130,23 @@ class ReconConfig:
                                    "the iterations in [0, 1) (AdaRound: 0.2)")
         return cls(**values)
 
-    def check_evaluation(self) -> None:
-        """A run's own recon: the paper-compatible evaluation needs inputs that drop (saved recipes are not checked:
-        an old model must stay loadable)."""
-        if self.name != "none" and self.paper_eval_compat and self.drop_prob == 1.0:
+    def check_run(self) -> None:
+        """A run's own recon (saved recipes are not checked: an old model must stay loadable): the paper-compatible
+        evaluation needs inputs that drop, and PAR's loss knobs need PAR's loss (with the block MSE nothing reads
+        them, and the run would be reported under a setting that did nothing)."""
+        if self.name == "none":
+            return
+        if self.paper_eval_compat and self.drop_prob == 1.0:
             raise SaqError(no_paper_eval("recon.drop_prob=1.0 drops nothing"))
+        if self.loss == "mse":
+            unused = [f"par_loss.{f.name}={getattr(self.par_loss, f.name)!r}" for f in fields(ParLoss)
+                      if getattr(self.par_loss, f.name) != getattr(ParLoss(), f.name)]
+            if self.response_input != ReconConfig.response_input:
+                unused.append(f"response_input={self.response_input!r}")
+            if unused:
+                raise SaqError(f"recon.{unused[0]} is a knob of PAR's loss, but recon.loss=mse learns every unit "
+                               "against its own output MSE and would not read it; set recon.loss=par (recon=par) or "
+                               "leave it at its default")
 
     def unit_iters(self, kinds: list[str], reference_kinds: list[str]) -> list[int]:
         """Iterations of each unit (in chain order). official: recon.iters per kind. equal: the total of PAR's

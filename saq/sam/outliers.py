@@ -92,11 +92,12 @@ def key_p99(sam: Sam, samples: Sequence[PromptedImage], names: Sequence[str]) ->
 def plant_key_outliers(sam: Sam, samples: Sequence[PromptedImage], spec: OutlierSpec) -> list[dict]:
     """Add the offsets to the chosen key-projection biases in place; returns what was planted, per attention."""
     attentions = decoder_attentions(sam)
-    names = list(attentions) if spec.attentions == "all" else list(spec.attentions)
-    for name in names:
+    for name in [] if spec.attentions == "all" else spec.attentions:
         if name not in attentions:
             raise SaqError(f"model.outliers.attentions names {name!r}, which is not a decoder attention; expected "
                            f"some of {list(attentions)}")
+    # in forward order whatever order they are listed in: signs and the random heads follow it
+    names = [name for name in attentions if spec.attentions == "all" or name in spec.attentions]
     p99 = key_p99(sam, samples, names)
     gen = torch.Generator().manual_seed(spec.seed)
     planted = []

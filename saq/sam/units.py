@@ -17,6 +17,10 @@ from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, decode_token_masks, decoder_queries, encoder_input, prompt_tensors
 
 GRANULARITIES = ("stage", "layer", "block")
+# The unit kinds build_chain makes at each granularity (the recon.iters keys a run reads).
+KINDS_AT = {"stage": ("stage", "neck", "decoder_layer", "final_attn"),
+            "layer": ("layer", "neck", "decoder_layer", "final_attn"),
+            "block": ("block", "neck", "decoder_block", "final_attn")}
 State = tuple  # the tensors flowing between steps: (x,) in the encoder, (embedding,) after the neck, (queries, keys)
 
 
