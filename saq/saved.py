@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from saq.errors import SaqError
-from saq.log import SAVED_DIR, flatten, set_aside
+from saq.log import RESULTS_FILE, SAVED_DIR, flatten, set_aside, set_aside_run
 from saq.quant.config import RUN_KEYS, QuantConfig
 from saq.quant.export import RECIPE_FILE, check_state_file, export_quantized, load_quantized, read_recipe
 
@@ -44,7 +44,12 @@ def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
         "method": cfg.get("method", "custom"),
     }
     target = Path(run_dir) / SAVED_DIR
-    if target.exists():  # an earlier run in the same folder saved its model here: keep it
+    if (Path(run_dir) / RESULTS_FILE).exists():  # an earlier run's results go aside with its model, before this
+        # run's model is written: were this run to fail, its model would otherwise sit beside their results.json
+        kept = set_aside_run(run_dir, "previous")
+        print(f"{kept.parent / RESULTS_FILE} held an earlier run; kept as {kept} (its model, figures and analyses "
+              "renamed alike)")
+    elif target.exists():  # an earlier run in the same folder saved its model here: keep it
         print(f"{target} held an earlier run's model; kept as {set_aside(target, 'previous')}")
     return export_quantized(qmodel, target, extra=extra)
 

@@ -107,11 +107,33 @@ def test_evaluation_refuses_a_model_that_is_not_fully_quantized(synthetic_root, 
 def test_a_run_into_a_used_folder_keeps_the_earlier_results_and_model(synthetic_root, tmp_path):
     cfg = run_config(synthetic_root, "task.max_images=1")
     first = pipeline.run(cfg, tmp_path / "run")
+    fp, quantized = first["metrics"]["fp"]["mIoU"], first["metrics"]["quantized"]["mIoU"]
+    assert fp - 0.02 < quantized != fp  # W8A8 min/max: quantized, and close to FP (measured 0.9396 against 0.9404)
     pipeline.run(cfg, tmp_path / "run")
     kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".previous"))
     assert [k.split(".")[0] for k in kept] == ["quantized_model", "results"]
     earlier = json.loads((tmp_path / "run" / kept[1]).read_text())
     assert earlier["wall_time_s"] == first["wall_time_s"] and (tmp_path / "run" / kept[0] / "recipe.json").is_file()
+
+
+def test_a_run_failing_after_it_saved_its_model_leaves_no_results_beside_it(synthetic_root, tmp_path, monkeypatch):
+    cfg = run_config(synthetic_root, "task.max_images=1")
+    first = pipeline.run(cfg, tmp_path / "run")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("killed while evaluating")
+
+    monkeypatch.setattr("saq.quant.quant_summary", fail)  # right after the model is saved
+    with pytest.raises(RuntimeError, match="killed while evaluating"):
+        pipeline.run(run_config(synthetic_root, "task.max_images=1", "clip=percentile"), tmp_path / "run")
+    # the new model alone in the folder; the earlier results.json went aside with its own model, not beside this one
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert read_recipe(tmp_path / "run" / SAVED_DIR)["extra"]["clip"]["name"] == "percentile"
+    kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".previous"))
+    assert [k.split(".")[0] for k in kept] == ["quantized_model", "results"]
+    assert kept[0].removeprefix("quantized_model") == kept[1].removeprefix("results.json")  # renamed alike
+    assert json.loads((tmp_path / "run" / kept[1]).read_text())["wall_time_s"] == first["wall_time_s"]
+    assert read_recipe(tmp_path / "run" / kept[0])["extra"]["clip"]["name"] == "minmax"
 
 
 def test_a_loaded_model_is_labelled_by_the_run_that_made_it(synthetic_root, tmp_path):
@@ -163,6 +185,11 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
     assert rows[""]["mIoU"] == pytest.approx(first["metrics"]["fp"]["mIoU"], abs=1e-6)  # every quantizer off = FP
     assert rows["mask_decoder"]["mIoU"] != rows[FULL]["mIoU"]  # W4A4 decoder error is gone, the encoder's is not
     assert rows["mask_decoder"]["mIoU"] != rows[""]["mIoU"]
+    # by another road: a run that never quantized the decoder (its encoder calibrated the same way)
+    encoder_only = pipeline.run(run_config(synthetic_root, "quant=w4a4", "task.max_images=1",
+                                           "quant.decoder.enabled=false"), tmp_path / "encoder_only")
+    for key in ("mIoU", "mask_AP"):
+        assert rows["mask_decoder"][key] == pytest.approx(encoder_only["metrics"]["quantized"][key], abs=1e-6), key
     # the rows are kept beside the run, with the run's FP row (same images) for the figure's "all there is" line
     saved = json.loads((tmp_path / "first" / "sensitivity.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["metric"] == "mask_AP"
@@ -448,7 +475,8 @@ def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synth
     first = pipeline.run(run_config(
         synthetic_root, "model=sam_tiny_outliers", f"model.checkpoint={checkpoint}", "method=ptq4sam_l",
         "quant=w4a4", "quant.calib_images=2",
-        "task.max_images=1", "recon.iters.block=1", "recon.iters.neck=1", "recon.iters.decoder_block=1",
+        "task.max_images=1", f"recon.state_dir={tmp_path / 'recon'}", "recon.iters.block=1", "recon.iters.neck=1",
+        "recon.iters.decoder_block=1",
         "recon.iters.final_attn=1", "recon.best_state=false"), run)
     assert first["planted_outliers"] and first["metrics"]["quantized"]["mIoU"] != first["metrics"]["fp"]["mIoU"]
     rows = sensitivity(run, ["", "mask_decoder"], report=lambda line: None)
