@@ -7,7 +7,8 @@ ratio and, for transparency, also with ours (the batch size alone accounts for p
 Usage: python benchmarks/amg_speed.py [images=16] [model=sam_tiny] [checkpoint=PATH] [threads=1]
        [root=data/synthetic]
 (model: sam_tiny, or sam_vit_b/l/h with checkpoint= its weights; the outlier testbed differs from sam_tiny only once
-quantized, so it is no model of its own here)
+quantized, so it is no model of its own here. Every model runs with conf/task/semantic.yaml's grid and thresholds,
+sam_tiny's, not SAM's defaults for 1024-px inputs; root: images under ROOT/val/images)
 """
 
 from __future__ import annotations

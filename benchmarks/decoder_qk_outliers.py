@@ -6,6 +6,7 @@ channel is an outlier channel when its median |x| exceeds the p99 |x| of all val
 bulk's p50 and p99 |x|, max/p50 and max/p99 of the bulk, and the number of outlier channels.
 Usage: python benchmarks/decoder_qk_outliers.py [model=sam_tiny|sam_tiny_outliers] [checkpoint=PATH] [images=16]
        [data=data/synthetic] [threads=2]
+(data: a COCO-format dataset laid out as data/synthetic is: annotations/instances_{val,train}.json, {val,train}/images)
 """
 
 from __future__ import annotations

@@ -54,10 +54,11 @@ def latencies(name: str, fp, qmodel, workdir: Path, threads: int, repeats: int, 
         sparse, dense = fp.prompt_encoder(points=None, boxes=boxes, masks=None)
         decoder_inputs = (segmenter._features, fp.prompt_encoder.get_dense_pe(), sparse, dense)
     rows = []
+    # the FP32 graph keeps ONNX Runtime's MatMul + Add fusion, which only the int8 graph must go without
     sessions = {precision: (deploy.OnnxImageEncoder(workdir / precision / deploy.ENCODER_FILE,
-                                                    fp.image_encoder.img_size, threads),
+                                                    fp.image_encoder.img_size, threads, int8=precision == "int8"),
                             deploy.OnnxMaskDecoder(workdir / precision / deploy.DECODER_FILE,
-                                                   fp.mask_decoder.num_mask_tokens, threads))
+                                                   fp.mask_decoder.num_mask_tokens, threads, int8=precision == "int8"))
                 for precision in ("fp", "int8")}
     with torch.no_grad():
         rows.append((name, "encoder", timed(lambda: fp.image_encoder(image), repeats),

@@ -5,8 +5,10 @@ Each unit of the chosen model runs `iters` real iterations of the loop (saq.reco
 LSQ, PAR losses), on `images` random images with `prompts` random boxes each (16 = PAR's cap). The projection is
 Σ_units official_iters(kind) / (it/s of its kind), plus the measured per-unit setup (caching inputs and targets).
 sam_tiny uses its shipped weights; sam_vit_b random weights (timing only), on CUDA when one exists.
-data=ROOT takes the first `images` calibration images of a COCO-format dataset (e.g. data/synthetic) with their
-ground-truth boxes instead (capped at 16 prompts). Speeds are per CPU second when single-threaded (the machine may
+data=ROOT takes the first `images` calibration images of a COCO-format dataset laid out as data/synthetic is
+(annotations/instances_train.json, train/images) with their ground-truth boxes instead (capped at 16 prompts).
+The projection leaves out best-state restore's two passes over the calibration samples per unit (recon.best_state,
+off while timing). Speeds are per CPU second when single-threaded (the machine may
 be shared), per wall second otherwise.
 Usage: python benchmarks/recon_speed.py [model=sam_tiny] [device=cpu] [threads=1] [iters=20] [images=4] [prompts=16]
                                         [data=ROOT] [quant=w4a4] [recon=par] [calib_images=32]
@@ -159,8 +161,9 @@ def main(args: dict) -> None:
           f"{args.get('calib_images', 32)} images) = {(total + setup) / 60:.1f} min; {peak_memory(device)}")
     data = encode_sample(model, max(samples, key=lambda s: s.num_prompts), 16, torch.Generator().manual_seed(0))
     skip, full = layer_skipping_saving(model, data)
-    print(f"layer skipping (stage 0 -> neck -> two-way transformer), fwd+bwd: {skip:.1f} ms, against {full:.1f} ms "
-          f"through the later stages ({full / skip:.1f}x)")
+    print(f"layer skipping, the loss path of a stage-0 iteration after the stage itself (fwd+bwd): neck + two-way "
+          f"transformer {skip:.1f} ms, against {full:.1f} ms through the later stages and them ({full / skip:.1f}x; "
+          "the stage's own fwd+bwd, in the stage rows above, is paid either way)")
 
 
 if __name__ == "__main__":

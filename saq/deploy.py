@@ -323,8 +323,10 @@ def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float"
     return report
 
 
-def session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None):
-    """An ONNX Runtime CPU session with QDQ fusion enabled (and MatMul + Add fusion off, see DISABLED_OPTIMIZERS)."""
+def session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None,
+            int8: bool = True):
+    """An ONNX Runtime CPU session with every graph optimization; for an int8 (QDQ) graph MatMul + Add fusion is off
+    (see DISABLED_OPTIMIZERS), for an FP32 one (int8=False) it stays on, so FP32 is timed at its best."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -335,7 +337,7 @@ def session(path: str | Path, threads: int | None = None, optimized_path: str | 
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=DISABLED_OPTIMIZERS)
+                                disabled_optimizers=DISABLED_OPTIMIZERS if int8 else [])
 
 
 def _layer_of(node_name: str) -> str:
@@ -379,9 +381,9 @@ def format_report(report: dict) -> str:
 class OnnxImageEncoder(nn.Module):
     """Stands in for sam.image_encoder: preprocessed 1 x 3 x S x S image -> embedding, through ONNX Runtime."""
 
-    def __init__(self, path: str | Path, img_size: int, threads: int | None = None):
+    def __init__(self, path: str | Path, img_size: int, threads: int | None = None, int8: bool = True):
         super().__init__()
-        self.session, self.img_size = session(path, threads), img_size
+        self.session, self.img_size = session(path, threads, int8=int8), img_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {"image": x.detach().cpu().float().numpy()})[0]
@@ -391,9 +393,9 @@ class OnnxImageEncoder(nn.Module):
 class OnnxMaskDecoder(nn.Module):
     """Stands in for sam.mask_decoder (forward and predict_masks), through ONNX Runtime."""
 
-    def __init__(self, path: str | Path, num_mask_tokens: int, threads: int | None = None):
+    def __init__(self, path: str | Path, num_mask_tokens: int, threads: int | None = None, int8: bool = True):
         super().__init__()
-        self.session, self.num_mask_tokens = session(path, threads), num_mask_tokens
+        self.session, self.num_mask_tokens = session(path, threads, int8=int8), num_mask_tokens
 
     def predict_masks(self, image_embeddings, image_pe, sparse, dense):
         feed = {"image_embeddings": image_embeddings, "image_pe": image_pe, "sparse": sparse, "dense": dense}

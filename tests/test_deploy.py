@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,19 @@ def test_every_exported_linear_computes_its_fake_quant_layer(calibrated, synthet
                 assert rel(got, want) < 0.1 * missing, name
 
 
+def test_an_fp32_session_keeps_matmul_add_fusion_that_an_int8_one_goes_without(tmp_path):
+    import onnx
+
+    linear = torch.nn.Linear(16, 8)
+    deploy._export(linear, (torch.randn(2, 4, 16),), tmp_path / "fp.onnx", ["x"], ["y"], {})  # 3-D: MatMul + Add
+    ops = {}
+    for int8 in (True, False):
+        deploy.session(tmp_path / "fp.onnx", 1, tmp_path / f"opt{int8}.onnx", int8=int8)
+        ops[int8] = {n.op_type for n in onnx.load(str(tmp_path / f"opt{int8}.onnx")).graph.node}
+    assert "Add" in ops[True] and "Gemm" not in ops[True]  # int8: the Add stays apart, for the QDQ MatMul fusion
+    assert "Gemm" in ops[False] and "Add" not in ops[False]  # FP32 at its best: MatMul + Add as one Gemm
+
+
 def test_a_failed_deployment_inside_a_run_keeps_its_metrics(synthetic_root, tmp_path):
     from hydra import compose, initialize_config_dir
 
@@ -242,7 +256,7 @@ def test_a_deployment_cut_short_while_moving_in_is_no_deployment(calibrated, tmp
         deploy.export_onnx(calibrated, out)
     # a new encoder beside the old decoder, and no deploy.json: deployed_sam refuses the folder
     assert (out / deploy.ENCODER_FILE).read_text() == "new" and not (out / deploy.REPORT_FILE).exists()
-    with pytest.raises(SaqError):
+    with pytest.raises(SaqError, match=re.escape(f"{out / deploy.DECODER_FILE} is missing; run python -m saq.deploy")):
         deploy.deployed_sam(calibrated, out)
     monkeypatch.setattr(Path, "replace", replace)
     deploy.export_onnx(calibrated, out)  # whole again: the report moves in last

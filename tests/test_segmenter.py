@@ -135,7 +135,7 @@ def test_predict_before_set_image_and_bad_prompts():
         seg.set_image(np.zeros((40, 40, 3), np.float32))
     encoder = seg.sam.image_encoder.forward
     seg.sam.image_encoder.forward = lambda x: (_ for _ in ()).throw(RuntimeError("out of memory"))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="out of memory"):
         seg.set_image(np.zeros((64, 20, 3), np.uint8))
     seg.sam.image_encoder.forward = encoder
     with pytest.raises(SaqError, match="set_image"):  # the failed image's size is not paired with the old features
