@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from saq.errors import SaqError
-from saq.log import RESULTS_FILE, RUN_LOG, RunDirHeld, claim_run_dir, set_aside, tee_run_log, write_text_atomic
+from saq.log import RUN_LOG, RunDirHeld, claim_run_dir, tee_run_log, write_text_atomic
 
 HYDRA_RECORD_DIR = ".hydra"  # where Hydra itself would keep a run's composed config, hydra config and overrides
 
@@ -21,8 +21,6 @@ def write_hydra_record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) ->
     """Hydra's record of the run, written once saq holds the folder: Hydra's own (hydra.output_subdir, off in
     conf/config.yaml) is written before the job starts, so a run turned away would overwrite the holder's."""
     record = run_dir / HYDRA_RECORD_DIR
-    if record.is_dir() and (run_dir / RESULTS_FILE).exists():  # a finished earlier run's record: kept as its results
-        set_aside(record, "previous")
     record.mkdir(parents=True, exist_ok=True)
     for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
                        ("overrides.yaml", hydra_cfg.overrides.task)):

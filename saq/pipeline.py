@@ -144,7 +144,12 @@ def check_group_labels(cfg: DictConfig, choices: dict | None = None) -> None:
     if choices is None:
         from hydra.core.hydra_config import HydraConfig
 
-        choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+        # the presets compared are this repository's: a run composed from another config tree is not checked
+        ours = HydraConfig.initialized() and any(
+            source.get("provider") == "main"
+            and Path(str(source.get("path", "")).removeprefix("file://")).resolve() == CONF_DIR
+            for source in HydraConfig.get().runtime.config_sources)
+        choices = dict(HydraConfig.get().runtime.choices) if ours else {}
     for group in LABELLED_GROUPS:
         choice, node = choices.get(group), cfg.get(group)
         preset = CONF_DIR / group / f"{choice}.yaml"
@@ -161,11 +166,14 @@ def check_group_labels(cfg: DictConfig, choices: dict | None = None) -> None:
 def check_overrides_read(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     """An override the run would not read is refused: recon.iters of a unit kind the granularity does not make
     (recon.iters.layer at granularity=stage). Every preset lists every kind, so only the user's overrides can tell.
-    overrides: the command line's (read from Hydra when it runs the job)."""
+    overrides: the command line's (read from Hydra when it runs a single job; a sweep's shared overrides may serve
+    jobs of several granularities, as recon.iters.stage=10 recon.iters.block=10 over a table sweep)."""
     if overrides is None:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
-        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        single = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
+        overrides = list(HydraConfig.get().overrides.task) if single else []
     recon = cfg.get("recon") or {}
     granularity = recon.get("granularity")
     if granularity not in KINDS_AT:  # recon=none, or a granularity ReconConfig names as unknown

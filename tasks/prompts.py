@@ -359,7 +359,8 @@ class DetectionsFile(PromptSource):
             self._bind_names(category_names, drop_unknown)
         capped = [key for key in keys if len(self._by_image.get(key, ())) > self.max_per_image]
         if capped:  # after unknown classes are left out: their boxes take no image's places
-            print(f"detections file {self.path}: {len(capped)} images have more than prompts.max_per_image="
+            print(f"detections file {self.path}: {len(capped)} of the dataset's images (evaluated or not) have more "
+                  f"than prompts.max_per_image="
                   f"{self.max_per_image} detections at or above the threshold (first: {capped[0]!r}, "
                   f"{len(self._by_image[capped[0]])}); each keeps its {self.max_per_image} best")
 

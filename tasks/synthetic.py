@@ -386,7 +386,9 @@ def _generate_locked(root: Path, meta: dict, progress: bool) -> Path:
     # More scenes of the same seed: the ones its meta.json counts stay as they are (runs may be reading them), and
     # the meta.json stays true of them until the larger set is complete.
     growing = old is not None and _same_generator(old, meta) and old.get("seed") == seed
-    if meta_path.is_file() and not growing:  # another generator version, or an interrupted generation: replaced
+    if growing:  # no meta.json change until the end: an interrupted growth leaves the smaller set as it was
+        pass
+    elif meta_path.is_file():  # another generator version, or an interrupted generation: replaced
         stale = _generated_files(root)
         write_json_atomic(meta_path, {**meta, "complete": False})
         for path in stale:  # else a smaller or reseeded set would leave the old scenes beside the new ones
@@ -397,7 +399,8 @@ def _generate_locked(root: Path, meta: dict, progress: bool) -> Path:
         write_json_atomic(meta_path, {**meta, "complete": False})
     for split, n in (("train", n_train), ("val", n_val)):
         kept = old.get(f"n_{split}") if growing and is_int(old.get(f"n_{split}")) else 0
-        write_split(root, split, n, seed, progress, keep_first=kept)
+        if n > kept:  # a split already as large is left alone, its annotation file too
+            write_split(root, split, n, seed, progress, keep_first=kept)
     write_json_atomic(meta_path, {**meta, "complete": True})  # readers without the lock see whole files only
     return root
 

@@ -48,22 +48,6 @@ def test_run_writes_results_json_and_wandb_offline(synthetic_root, tmp_path):
     assert f"W&B: offline run in {offline[0]} (upload: wandb sync {offline[0]})" in proc.stdout
 
 
-def test_a_rerun_keeps_the_finished_runs_hydra_record(tmp_path):
-    from omegaconf import OmegaConf
-
-    from saq.__main__ import write_hydra_record
-
-    hydra_cfg = OmegaConf.create({"overrides": {"task": ["seed=1"]}})
-    write_hydra_record(tmp_path, OmegaConf.create({"seed": 1}), hydra_cfg)
-    write_hydra_record(tmp_path, OmegaConf.create({"seed": 1}), hydra_cfg)  # a killed run restarted: no results yet
-    assert [p.name for p in tmp_path.iterdir()] == [".hydra"]
-    (tmp_path / "results.json").write_text("{}")  # the first run finished; a second one with other overrides
-    write_hydra_record(tmp_path, OmegaConf.create({"seed": 2}), OmegaConf.create({"overrides": {"task": ["seed=2"]}}))
-    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".hydra.") and p.name.endswith(".previous")]
-    assert len(kept) == 1 and OmegaConf.load(kept[0] / "overrides.yaml") == ["seed=1"]
-    assert OmegaConf.load(tmp_path / ".hydra" / "overrides.yaml") == ["seed=2"]
-
-
 def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
     proc = saq("model=sam_vit_b", "model.checkpoint=/nonexistent.pth", "logger=none",
                f"hydra.run.dir={tmp_path / 'r'}")

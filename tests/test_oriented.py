@@ -382,7 +382,8 @@ def test_the_per_image_cap_counts_only_the_classes_the_task_keeps(tmp_path, synt
     got = source.for_image("000001", None, (256, 256))
     assert [task.classes[i] for i in got.labels] == ["disk", "disk"]
     assert got.scores.tolist() == pytest.approx([0.5, 0.4])  # the best two
-    assert "1 images have more than prompts.max_per_image=2 detections" in capsys.readouterr().out
+    assert "1 of the dataset's images (evaluated or not) have more than prompts.max_per_image=2 detections" \
+        in capsys.readouterr().out
 
 
 def test_calibration_samples_are_enclosing_boxes(synthetic_root):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -178,15 +180,16 @@ def test_outlier_model_is_exact_in_fp_and_carries_the_planted_magnitude():
     assert 0.0 < len(planted[0]["channels"]) / attentions["layers.0.self_attn"].internal_dim <= 0.02
 
 
-def test_outliers_planted_in_listed_attentions_do_not_depend_on_the_listing_order():
+def test_outliers_are_planted_in_listed_attentions_in_forward_order():
+    # signs alternate and heads are drawn in the listed order: another order of the same set would plant other
+    # outliers under an equal-looking config, so only the forward order is taken
     samples = [_sample(0, (256, 256))]
-    listed = ["final_attn_token_to_image", "layers.0.self_attn"]
-    names = list(decoder_attentions(build_sam("sam_tiny")))
-    records = [plant_key_outliers(build_sam("sam_tiny_outliers"), samples, OutlierSpec.from_cfg({"attentions": order}))
-               for order in (listed, listed[::-1])]
-    assert records[0] == records[1]
-    assert [r["attention"] for r in records[0]] == [n for n in names if n in listed]  # forward order
-    assert [r["offset"] > 0 for r in records[0]] == [True, False]
+    listed = ["layers.0.self_attn", "final_attn_token_to_image"]
+    planted = plant_key_outliers(build_sam("sam_tiny_outliers"), samples, OutlierSpec.from_cfg({"attentions": listed}))
+    assert [r["attention"] for r in planted] == listed and [r["offset"] > 0 for r in planted] == [True, False]
+    with pytest.raises(SaqError, match=re.escape(f"model.outliers.attentions must list the attentions in forward "
+                                                 f"order: {listed}")):
+        plant_key_outliers(build_sam("sam_tiny_outliers"), samples, OutlierSpec.from_cfg({"attentions": listed[::-1]}))
 
 
 @pytest.mark.parametrize("attentions", [[], ["layers.0.self_attn", "layers.0.self_attn"], "layers.0.self_attn"])

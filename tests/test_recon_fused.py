@@ -77,4 +77,5 @@ def test_keep_mask_has_the_asked_probability_for_byte_and_float_paths():
         mask = keep_mask(x, p)
         assert set(mask.unique().tolist()) == {0.0, 1.0} and mask.dtype == x.dtype
         assert abs(float(mask.mean()) - p) < 0.01
+    assert keep_mask(x, 1.0).all() and not keep_mask(x, 0.0).any()  # the ends exactly (1.0 is 256 of 256 bytes)
     assert torch.equal(mix(torch.zeros(3), torch.ones(3), torch.tensor([1.0, 0.0, 1.0])), torch.tensor([1.0, 0, 1]))

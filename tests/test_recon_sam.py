@@ -166,6 +166,9 @@ def test_par_leaves_every_quantizer_hard_and_on(tiny):
     assert report.eval_mode == EVAL_FULL and report.as_dict()["iters"] == 13
     assert all(q.state is QuantState.QUANT and q.drop_prob == 1.0 for q in iter_quantizers(qmodel))
     assert all(q.mode == "nearest" for q in iter_quantizers(qmodel, "weight"))  # hardened into the weights
+    # ... and their rounding variables let go: a weight-sized α per layer would double the saved model
+    assert all(q.alpha.numel() == 0 for q in iter_quantizers(qmodel, "weight"))
+    assert not any(k.endswith(".alpha") and v.numel() for k, v in qmodel.state_dict().items())
     assert_fully_quantized(qmodel)
     assert flags == [p.requires_grad for p in qmodel.parameters()] + [p.requires_grad for p in tiny.parameters()]
     # AdaRound learned something: some weight moved off its round-to-nearest grid point

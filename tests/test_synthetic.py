@@ -174,6 +174,31 @@ def test_more_val_scenes_keep_the_larger_train_split_of_the_same_seed(tmp_path):
     assert [i["file_name"] for i in coco["images"]] == ["000000.jpg", "000001.jpg", "000002.jpg"]
 
 
+
+def test_an_interrupted_growth_leaves_the_smaller_set_in_use(tmp_path, monkeypatch):
+    import tasks.synthetic as synthetic
+
+    root = ensure_dataset(tmp_path / "d", n_train=2, n_val=1, seed=0, progress=False)
+    before = json.loads((root / "meta.json").read_text())
+    write_split = synthetic.write_split
+
+    def killed(root, split, n, seed, progress=True, keep_first=0):
+        write_split(root, split, n - 1, seed, progress, keep_first)  # part of the new scenes, then killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "write_split", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_dataset(root, n_train=2, n_val=4, seed=0, progress=False)
+    # what runs read meanwhile, and afterwards, is still the complete smaller set
+    assert json.loads((root / "meta.json").read_text()) == before
+    assert ensure_dataset(root, n_train=2, n_val=1, seed=0, progress=False) == root
+    assert (root / "val" / "images" / "000000.jpg").is_file() and (root / "train" / "images" / "000001.jpg").is_file()
+    monkeypatch.undo()
+    ensure_dataset(root, n_train=2, n_val=4, seed=0, progress=False)  # grown on the next try
+    assert json.loads((root / "meta.json").read_text())["n_val"] == 4
+    assert len(list((root / "val" / "images").iterdir())) == 4
+
+
 def test_generation_waits_for_a_parallel_one_and_then_reuses_it(tmp_path):
     import fcntl
     import threading

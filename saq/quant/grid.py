@@ -98,7 +98,7 @@ def keep_mask(like: torch.Tensor, prob: float) -> torch.Tensor:
     """QDrop's mask: 1.0 with probability `prob`, else 0.0, shaped and typed like `like`. When prob is a multiple of
     1/256 (QDrop's 0.5) it compares random bytes, 4x faster than torch.rand on CPU; otherwise uniform floats."""
     levels = prob * 256
-    if levels == int(levels):
+    if levels == int(levels) and levels < 256:  # a byte is below 256 always: lt(256) on uint8 would wrap to none
         count = (like.numel() + 7) // 8
         raw = torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, device=like.device).view(torch.uint8)
         return raw[: like.numel()].lt(int(levels)).to(like.dtype).view(like.shape)

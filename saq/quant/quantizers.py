@@ -291,6 +291,7 @@ class AdaRoundQuantizer(UniformQuantizer):
         self.set_mode("hard")
         w_hat = self.quantize(w)
         self.set_mode("nearest")
+        self.alpha.data = self.alpha.data.new_empty(0)  # read no more: not held in memory, nor saved beside the weight
         return w_hat
 
 

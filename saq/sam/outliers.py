@@ -96,8 +96,9 @@ def plant_key_outliers(sam: Sam, samples: Sequence[PromptedImage], spec: Outlier
         if name not in attentions:
             raise SaqError(f"model.outliers.attentions names {name!r}, which is not a decoder attention; expected "
                            f"some of {list(attentions)}")
-    # in forward order whatever order they are listed in: signs and the random heads follow it
     names = [name for name in attentions if spec.attentions == "all" or name in spec.attentions]
+    if spec.attentions != "all" and list(spec.attentions) != names:  # signs and the drawn heads follow the order
+        raise SaqError(f"model.outliers.attentions must list the attentions in forward order: {names}")
     p99 = key_p99(sam, samples, names)
     gen = torch.Generator().manual_seed(spec.seed)
     planted = []
