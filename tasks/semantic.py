@@ -126,7 +126,7 @@ def degraded_labels(gt: np.ndarray, num_classes: int, ignore_index: int, rng: np
 
 def point_grid(points_per_side: int, height: int, width: int) -> np.ndarray:
     """segment_anything's automatic-mask point grid in pixel coordinates: N x 2 (x, y)."""
-    return (build_point_grid(points_per_side) * np.array([[width, height]])).astype(np.float32)
+    return build_point_grid(points_per_side) * np.array([[width, height]])  # float64, as segment_anything keeps it
 
 
 class AutoMaskSet(NamedTuple):

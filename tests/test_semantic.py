@@ -364,6 +364,16 @@ def test_fast_amg_keeps_exactly_segment_anythings_masks(synthetic_root):
         segmenter.set_image(image)
         ours = generate_masks(segmenter, point_grid(8, 256, 256), **thresholds, points_per_batch=batch)
         assert mask_set_differences(ours, reference) == []
+    # an image whose sides do not scale exactly to the input: the grid stays float64 up to the prompt encoder, as
+    # segment_anything keeps it (a float32 copy moves coordinates by an ulp, and logits with them)
+    import cv2
+
+    wide = cv2.resize(image, (500, 375), interpolation=cv2.INTER_LINEAR)
+    segmenter = Segmenter(sam)
+    segmenter.set_image(wide)
+    wide_ours = generate_masks(segmenter, point_grid(16, 375, 500), **thresholds, points_per_batch=16)
+    wide_reference = reference_masks(Segmenter(sam), wide, 16, **thresholds)
+    assert len(wide_reference.areas) >= 3 and mask_set_differences(wide_ours, wide_reference) == []
     # the comparison itself can fail: one mask changed by a pixel, one score moved
     changed = ours.packed.copy()
     changed[0, 0] ^= 1

@@ -125,15 +125,17 @@ def prompt_tensors(transform: ResizeLongestSide, original_size: tuple[int, int],
     if points is not None:
         if point_labels is None:
             raise SaqError("points were given without point_labels")
-        coords_t = torch.as_tensor(np.asarray(points, np.float32), device=device)
-        if coords_t.ndim == 2:
-            coords_t = coords_t[:, None]
+        coords = np.asarray(points, np.float64)
+        if coords.ndim == 2:
+            coords = coords[:, None]
         labels = np.asarray(point_labels)
-        if coords_t.ndim != 3 or coords_t.shape[-1] != 2 or labels.size != coords_t.shape[0] * coords_t.shape[1] or (
-                labels.ndim > 1 and labels.shape != tuple(coords_t.shape[:2])):
+        if coords.ndim != 3 or coords.shape[-1] != 2 or labels.size != coords.shape[0] * coords.shape[1] or (
+                labels.ndim > 1 and labels.shape != tuple(coords.shape[:2])):
             raise SaqError(f"points must be P x N x 2 (or P x 2) with point_labels P x N (or P), got points "
                            f"{tuple(np.shape(points))} and point_labels {labels.shape}")
-        coords_t = transform.apply_coords_torch(coords_t, original_size)
+        # in float64 up to the prompt encoder's own cast, as SamAutomaticMaskGenerator passes its grid: a float32
+        # copy first rounds the coordinates of images whose side does not scale exactly to the input size
+        coords_t = torch.as_tensor(transform.apply_coords(coords, original_size), device=device)
         labels_t = torch.as_tensor(labels, device=device).reshape(coords_t.shape[:2])
     if boxes_t is None and coords_t is None:
         raise SaqError("predict needs box or point prompts")
