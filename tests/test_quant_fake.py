@@ -163,7 +163,9 @@ def test_adaround_hardened_values_are_floor_or_ceil():
     q.init_soft(w)
     with torch.no_grad():
         q.alpha.copy_(torch.randn(q.alpha.shape, generator=torch.Generator().manual_seed(5)))
+    alpha = q.alpha.detach().clone()
     hard = q.harden(w)
+    assert q.alpha.numel() == 0  # read no more once hardened: released
     scale, zp = q.scale[:, None], q.zero_point[:, None]
     codes = hard / scale + zp
     assert torch.allclose(codes, codes.round(), atol=1e-4)
@@ -172,7 +174,7 @@ def test_adaround_hardened_values_are_floor_or_ceil():
     upper = torch.clamp(torch.floor(ws) + 1 + zp, 0, 15)
     is_floor, is_ceil = torch.isclose(codes, lower, atol=1e-4), torch.isclose(codes, upper, atol=1e-4)
     assert bool((is_floor | is_ceil).all())
-    assert torch.equal(is_ceil & ~is_floor, (q.alpha >= 0) & (lower != upper))  # the sign of α decides
+    assert torch.equal(is_ceil & ~is_floor, (alpha >= 0) & (lower != upper))  # the sign of α decides
     assert is_floor.any() and (is_ceil & ~is_floor).any()
     assert q.mode == "nearest" and torch.equal(q(hard), hard)  # written back, the weight stays put
 
