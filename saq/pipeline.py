@@ -178,10 +178,15 @@ def check_overrides_read(cfg: DictConfig, overrides: list[str] | None = None) ->
     granularity = recon.get("granularity")
     if granularity not in KINDS_AT:  # recon=none, or a granularity ReconConfig names as unknown
         return
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key.startswith("recon.iters.") and key.removeprefix("recon.iters.") not in KINDS_AT[granularity]:
-            raise SaqError(f"{key} is not read at recon.granularity={granularity}: its units are "
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key, value = override.key_or_group, override.value()
+        kinds = ([key.removeprefix("recon.iters.")] if key.startswith("recon.iters.")
+                 else list(value) if key == "recon.iters" and isinstance(value, dict) else [])  # {stage: 10, ...}
+        unread = [kind for kind in kinds if kind not in KINDS_AT[granularity]]
+        if unread:
+            raise SaqError(f"recon.iters.{unread[0]} is not read at recon.granularity={granularity}: its units are "
                            f"{', '.join(KINDS_AT[granularity])} (set recon.iters of one of those)")
 
 

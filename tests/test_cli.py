@@ -143,6 +143,9 @@ def test_activation_observer_set_beside_clip_is_one_line(tmp_path):
     # a unit kind the granularity does not make: nothing would read it
     ("recon=par recon.iters.layer=4000", "error: recon.iters.layer is not read at recon.granularity=stage: its units "
                                          "are stage, neck, decoder_layer, final_attn (set recon.iters of one of those)"),
+    ("recon=par recon.iters={stage:100,block:100}", "error: recon.iters.block is not read at recon.granularity=stage: "
+                                                    "its units are stage, neck, decoder_layer, final_attn (set "
+                                                    "recon.iters of one of those)"),
     ("recon=qdrop recon.iters.decoder_layer=100", "error: recon.iters.decoder_layer is not read at "
                                                   "recon.granularity=block: its units are block, neck, decoder_block, "
                                                   "final_attn (set recon.iters of one of those)"),
