@@ -318,13 +318,19 @@ def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progre
         return _generate_locked(root, _grown(root, meta), progress)
 
 
-def _complete_meta(root: Path) -> dict | None:
-    """The meta.json of a complete synthetic dataset in root, else None."""
+def _read_meta(root: Path) -> dict | None:
+    """root's meta.json as a dict, or None when it is missing, unreadable or not a JSON object."""
     try:
-        old = json.loads((root / "meta.json").read_text())
+        meta = json.loads((Path(root) / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    return old if isinstance(old, dict) and old.get("complete", True) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def _complete_meta(root: Path) -> dict | None:
+    """The meta.json of a complete synthetic dataset in root, else None."""
+    old = _read_meta(root)
+    return old if old is not None and old.get("complete", True) else None
 
 
 def _same_generator(old: dict, meta: dict) -> bool:
@@ -335,22 +341,16 @@ def _same_generator(old: dict, meta: dict) -> bool:
 def _grown(root: Path, meta: dict) -> dict:
     """meta with each split at least as large as the scenes of the same seed already there: a run that needs more
     val scenes must not shrink the train split another run (or a training round) made larger."""
-    try:
-        old = json.loads((root / "meta.json").read_text())
-    except (OSError, ValueError):
-        return meta
-    if not isinstance(old, dict) or not _same_generator(old, meta) or old.get("seed") != meta["seed"]:
+    old = _read_meta(root)
+    if old is None or not _same_generator(old, meta) or old.get("seed") != meta["seed"]:
         return meta
     return {**meta, **{k: max(meta[k], old[k]) for k in ("n_train", "n_val") if is_int(old.get(k))}}
 
 
 def is_synthetic_dataset(root: Path) -> bool:
     """Whether root holds a dataset this module generated (its meta.json names a generator version)."""
-    try:
-        meta = json.loads((Path(root) / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "generator_version" in meta
+    meta = _read_meta(root)
+    return meta is not None and "generator_version" in meta
 
 
 def _holds_dataset(root: Path, meta: dict) -> bool:
