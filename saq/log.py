@@ -265,7 +265,16 @@ def record_problem(record) -> str | None:
         return "partial run: no FP metrics"
     if record["quant"] != "fp" and not _has_number(metrics.get("quantized")):
         return "partial run: no quantized metrics"
-    return None
+    return deploy_failure(record)
+
+
+def deploy_failure(record: dict) -> str | None:
+    """Why a deploy=true run has no deployed metrics (its int8 evaluation failed after the quantized one), or None."""
+    metrics, config = record.get("metrics") or {}, record.get("config") or {}
+    if config.get("deploy") is not True or _has_number(metrics.get("deployed")):
+        return None
+    error = metrics["deployed"].get("error") if isinstance(metrics.get("deployed"), dict) else None
+    return f"partial run: deploy=true without deployed metrics{f' ({error})' if error else ''}"
 
 
 def flatten(tree, sep: str = ".", prefix: str = "") -> dict[str, object]:
@@ -346,8 +355,9 @@ def wandb_run_options(logger_cfg: dict, record: dict, sweep_group: str | None = 
     labels = labelled_config(record)
     bits = bits_label(config)
     method = "fp" if bits == "fp" else method_label(labels)
-    tags = [*(logger_cfg.get("tags") or []), f"model:{record.get('model')}", f"bits:{bits}", f"method:{method}",
-            f"task:{record.get('task')}"]
+    own = logger_cfg.get("tags") or []
+    tags = [*([own] if isinstance(own, str) else map(str, own)),  # logger.tags=baseline is one tag
+            f"model:{record.get('model')}", f"bits:{bits}", f"method:{method}", f"task:{record.get('task')}"]
     name = record.get("run_name") if method == "fp" else f"{record.get('run_name')}-{method}"
     job_type = method
     if paper_compat_evaluation(record):  # half the linear inputs unquantized: never grouped with the full runs
@@ -361,7 +371,9 @@ def wandb_run_options(logger_cfg: dict, record: dict, sweep_group: str | None = 
         "tags": [t[:64] for t in tags],  # W&B's limit per tag
         "mode": logger_cfg.get("mode", "offline"),
         "name": name,
-        "config": config,
+        # dotted keys (quant.w_bits): a W&B sweep agent merges its parameters (quant: w6a6, the group choice) into
+        # the config and would replace a nested quant: {...} with that name
+        "config": flatten(config, "."),
     }
 
 
@@ -409,7 +421,10 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
             run.log({"clipping/ranges": wandb.Table(columns=columns, data=[[p.get(c) for c in columns] for p in points])})
         url = getattr(run, "url", None)
         sync_dir = getattr(getattr(run, "settings", None), "sync_dir", None)
-        run.finish()
+        if deploy_failure(record):  # the run raises after this: W&B shows it failed
+            run.finish(exit_code=1)
+        else:
+            run.finish()
         if url:
             print(f"W&B: {url}")
             return url

@@ -328,6 +328,9 @@ def build_tables(entries: list[Entry], duplicates: list[Path]) -> list[Table]:
         columns = sorted({(e.model, e.bits) for e in quantized}, key=lambda c: (_model_order(c[0]), _bits_order(c[1])))
         fp_only = sorted({e.model for e in group} - {m for m, _ in columns}, key=_model_order)
         columns += [(m, "fp") for m in fp_only]
+        column_seeds = defaultdict(set)  # a column's FP cell averages the seeds its own runs ran (jittered prompts
+        for e in quantized:              # and the semantic prior follow the seed, so FP can differ between seeds)
+            column_seeds[(e.model, e.bits)].add(json.dumps(e.seed))
         found: list[str] = []
         for e in sorted(group, key=lambda e: str(e.path)):
             found += [k for k, v in e.metrics.items() if is_table_metric(k, v) and k not in found]
@@ -343,7 +346,9 @@ def build_tables(entries: list[Entry], duplicates: list[Path]) -> list[Table]:
                 value = e.metrics.get(metric)
                 if not is_table_metric(metric, value):
                     continue
-                targets = [c for c in columns if c[0] == e.model] if e.label == FP_ROW else [(e.model, e.bits)]
+                targets = ([c for c in columns if c[0] == e.model and (c[1] == "fp" or json.dumps(e.seed)
+                                                                      in column_seeds[c])]
+                           if e.label == FP_ROW else [(e.model, e.bits)])
                 for col in targets:
                     cells.setdefault((e.row, col), Cell([])).values.append(float(value))
                     seeds.setdefault((e.row, col), []).append(e.seed)

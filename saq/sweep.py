@@ -303,7 +303,7 @@ class SweepReport(Callback):
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         report = build_report(sweep_dir)
-        written = write_report(report, sweep_dir) if report.runs else []
+        written = write_report(report, sweep_dir)  # with no usable run too: an earlier report's tables go
         marker = getattr(self, "marker", None)
         since = marker.stat().st_mtime if marker is not None and marker.exists() else None
         failed_now = print_summary(report, written, since=since)

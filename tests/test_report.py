@@ -50,7 +50,7 @@ def test_runs_of_other_weights_at_the_same_checkpoint_path_are_other_rows(tmp_pa
     put(tmp_path, "new6", record(bits=6, ap=0.66, fp_ap=0.70, checkpoint_sha256="b" * 64))
     table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
     rows = markdown_table(table).splitlines()[2:]
-    assert rows == ["| FP | 70.00 ± 0.00 | 70.00 ± 0.00 |",  # the most common weights go unnamed
+    assert rows == ["| FP | 70.00 | 70.00 ± 0.00 |",  # the most common weights go unnamed; each column its seeds
                     "| FP model.weights=aaaaaaaaaaaa | 80.00 | 80.00 |",
                     "| mse | 66.00 | 55.00 |",  # not a mean over the two weights' W4A4 runs
                     "| mse model.weights=aaaaaaaaaaaa | – | **60.00** |"]
@@ -83,6 +83,20 @@ def test_seeds_give_mean_and_sample_std_and_seed_keys_do_not_split_rows(tmp_path
     assert cell["n"] == "3" and cell["seeds"] == "0 1 2"
     assert "| mse | 60.00 ± 10.00 |" in (tmp_path / "report.md").read_text()
     assert ours(tmp_path)[("FP", "sam_tiny", "w4a4")]["n"] == "3"  # FP per seed, here identical
+
+
+def test_each_columns_fp_cell_averages_the_seeds_of_that_columns_runs(tmp_path):
+    # jittered prompts follow the seed, so FP differs between seeds: W6A6 ran seed 0 only and is compared with
+    # seed 0's FP, not with the mean over W4A4's three seeds
+    for seed in (0, 1, 2):
+        put(tmp_path, f"w4s{seed}", record(bits=4, seed=seed, fp_ap=0.7 + seed / 10, ap=0.65 + seed / 10))
+    put(tmp_path, "w6s0", record(bits=6, seed=0, fp_ap=0.7, ap=0.69))
+    put(tmp_path, "fp_s5", record(bits=None, seed=5, fp_ap=0.5))  # an FP-only run of another seed
+    write_report(build_report(tmp_path), tmp_path)
+    cells = ours(tmp_path)
+    assert cells[("FP", "sam_tiny", "w6a6")]["seeds"] == "0" and float(cells[("FP", "sam_tiny", "w6a6")]["mean"]) == 0.7
+    assert cells[("FP", "sam_tiny", "w4a4")]["seeds"] == "0 1 2"
+    assert float(cells[("FP", "sam_tiny", "w4a4")]["mean"]) == pytest.approx(0.8)
 
 
 def test_a_knob_that_differs_within_a_cell_splits_the_row(tmp_path):
@@ -554,6 +568,18 @@ def test_deploy_does_not_split_a_row(tmp_path):
     for seed, (ap, deploy) in enumerate(((0.70, False), (0.72, True))):  # deploy only adds metrics.deployed
         rec = record(seed=seed, ap=ap)
         rec["config"]["deploy"] = deploy
+        if deploy:
+            rec["metrics"]["deployed"] = {"mask_AP": ap - 0.01}
         put(tmp_path, f"s{seed}", rec)
     table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
     assert markdown_table(table).splitlines()[3:] == ["| mse | 71.00 ± 1.41 |"]
+    # a deploy=true run whose int8 evaluation failed is a failed job (its failure.json is listed), not a result
+    rec = record(seed=2, ap=0.9)
+    rec["config"]["deploy"] = True
+    rec["metrics"]["deployed"] = {"error": "onnxruntime: out of memory"}
+    put(tmp_path, "s2", rec)
+    report = build_report(tmp_path)
+    assert [why for _, why in report.skipped] == [
+        "partial run: deploy=true without deployed metrics (onnxruntime: out of memory)"]
+    assert markdown_table(next(t for t in report.tables if t.metric == "mask_AP")).splitlines()[3:] == [
+        "| mse | 71.00 ± 1.41 |"]

@@ -224,6 +224,35 @@ def test_should_skip_only_a_finished_run_of_the_same_config_and_never_loses_a_fi
     path.write_text(json.dumps(partial))
     assert not should_skip(cfg, tmp_path)  # quantized metrics missing: not finished
 
+    # deploy=true whose int8 evaluation failed: the job raised after writing FP and quantized metrics; a rerun
+    # must deploy again, not skip it as finished (and drop its failure.json)
+    deploying = {**same_but_logging, "deploy": True}
+    failed = finished(deploying)
+    failed["metrics"]["deployed"] = {"error": "onnxruntime: out of memory"}
+    path.write_text(json.dumps(failed))
+    assert not should_skip(OmegaConf.create({**cfg, "deploy": True}), tmp_path)
+    assert len(list(tmp_path.glob("results.json.*.unfinished"))) == 3  # the half file, the partial, this one
+    failed["metrics"]["deployed"] = {"mask_AP": 0.7}
+    path.write_text(json.dumps(failed))
+    assert should_skip(OmegaConf.create({**cfg, "deploy": True}), tmp_path)
+
+
+def test_a_sweep_without_a_usable_run_replaces_the_earlier_report(tmp_path, capsys):
+    from saq.sweep import SweepReport
+
+    (tmp_path / "report.md").write_text("| mse | 72.75 |")  # the tables of runs that are now set aside
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "mask_AP_vs_bits.png").write_bytes(b"png")
+    job = tmp_path / "quant=w4a4"
+    job.mkdir()
+    (job / "failure.json").write_text(json.dumps({"status": "failed", "error": "checkpoint not found: /x.pth"}))
+    with pytest.raises(SystemExit) as stop:
+        SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert stop.value.code == 1
+    report = (tmp_path / "report.md").read_text()
+    assert "72.75" not in report and "0 runs" in report and "checkpoint not found: /x.pth" in report
+    assert not (tmp_path / "plots" / "mask_AP_vs_bits.png").exists()
+
 
 def test_a_run_made_before_a_knob_existed_counts_as_that_knobs_old_behaviour(tmp_path):
     from hydra import compose, initialize_config_dir
@@ -364,7 +393,13 @@ def test_wandb_options_group_job_type_tags_and_config():
                              sweep_group="outputs/sweeps/bits")
     assert opts["group"] == "outputs/sweeps/bits" and opts["job_type"] == "mse" and opts["project"] == "p"
     assert opts["tags"] == ["mine", "model:sam_tiny", "bits:w4a4", "method:mse", "task:instance"]
-    assert opts["config"] is config and opts["name"] == "sam_tiny-instance-w4a4-mse"
+    assert opts["name"] == "sam_tiny-instance-w4a4-mse"
+    # dotted keys: a W&B sweep agent's parameter quant=w4a4 (the group's choice) merged into the run's config must
+    # not replace the run's quant settings
+    assert opts["config"] == {"clip.name": "mse", "quant.name": "w4a4", "quant.w_bits": 4, "quant.a_bits": 4,
+                              "seed": 0}
+    assert wandb_run_options({"tags": "baseline"}, record)["tags"][0] == "baseline"  # one tag, not its letters
+    assert wandb_run_options({"tags": ["w4", 2024]}, record)["tags"][:2] == ["w4", "2024"]
     # A preset's group wins over the sweep folder; a method preset and reconstruction name the job type.
     config = {**config, "recon": {"name": "par"}}
     assert wandb_run_options({"group": "bits"}, {**record, "config": config}, "x")["group"] == "bits"
@@ -392,8 +427,8 @@ def test_wandb_logs_summary_config_and_run_figures(tmp_path, monkeypatch):
         def log(self, data):
             calls["logged"].update(data)
 
-        def finish(self):
-            calls["finished"] = True
+        def finish(self, exit_code=0):
+            calls["finished"] = exit_code
 
     def init(**kwargs):
         calls["init"] = kwargs
@@ -411,10 +446,15 @@ def test_wandb_logs_summary_config_and_run_figures(tmp_path, monkeypatch):
     log_to_wandb({"name": "wandb", "mode": "offline", "group": "g", "init_timeout_s": 7}, record, tmp_path)
     assert calls["init"]["group"] == "g" and calls["init"]["job_type"] == "mse"
     assert calls["init"]["settings"] == {"init_timeout": 7.0}  # this run's own, whatever an earlier job set
-    assert calls["init"]["config"] == record["config"]
+    assert calls["init"]["config"] == {"clip.name": "mse", "quant.name": "w4a4", "quant.w_bits": 4, "quant.a_bits": 4}
     assert FakeRun.summary["quantized/mask_AP"] == 0.4 and FakeRun.summary["fp/mask_AP"] == 0.5
     assert calls["logged"] == {"figures/hist_q": ("image", "hist_q.png"), "figures/attention": ("image", "attention.png")}
-    assert calls["finished"]
+    assert calls["finished"] == 0
+    # deploy=true whose int8 evaluation failed: the run raises after logging, and W&B shows it as failed
+    failed = {**record, "config": {**record["config"], "deploy": True}}
+    failed["metrics"] = {**record["metrics"], "deployed": {"error": "onnxruntime: out of memory"}}
+    log_to_wandb({"name": "wandb", "mode": "offline"}, failed, tmp_path)
+    assert calls["finished"] == 1
 
 
 def test_wandb_logs_the_clipping_ranges_as_a_table(tmp_path, monkeypatch):
