@@ -97,6 +97,7 @@ LOGGER_MODES = ("offline", "online", "disabled")
 LOGGER_KEYS = ("name", "mode", "project", "entity", "group", "tags", "init_timeout_s")  # conf/logger/wandb.yaml
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_GROUPS = ("model", "task", "prompts", "quant", "clip", "recon", "logger", "method")  # conf/config.yaml defaults
+REQUIRED_GROUPS = ("model", "task", "prompts", "quant", "clip", "recon")  # logger and method may be removed
 SWITCHES = ("fp_cache", "progress", "deploy", "figures", "resume")  # run-level true/false knobs
 
 
@@ -194,6 +195,10 @@ def check_run_knobs(cfg: DictConfig) -> None:
     """The run-level knobs (seed, threads, image count, batch size, model keys, logger mode): checked
     before anything uses them, so a typo or a wrong type is one line rather than a torch or numpy traceback."""
     check_resolves(cfg)
+    removed = [g for g in REQUIRED_GROUPS if cfg.get(g) is None]
+    if removed:  # ~model on the command line: every later step reads the group
+        raise SaqError(f"the {removed[0]} group is required (removed with ~{removed[0]}?); choose one with "
+                       f"{removed[0]}=NAME (conf/{removed[0]}/)")
     unknown = sorted(set(cfg) - run_keys())
     if unknown:  # a key added with + (a typo such as +thread=1) would be ignored
         raise SaqError(f"{unknown[0]} is not a run setting; expected one of {sorted(run_keys() - {'sweeps'})}")
@@ -215,6 +220,13 @@ def check_run_knobs(cfg: DictConfig) -> None:
         raise SaqError(f"logger.mode={logger.get('mode')!r} is unknown; expected one of {list(LOGGER_MODES)}")
     if "init_timeout_s" in logger:
         check_number(logger.init_timeout_s, "logger.init_timeout_s", 1)
+    tags = logger.get("tags")
+    if tags is not None and not isinstance(tags, str) and not (
+            OmegaConf.is_list(tags) and all(isinstance(t, (str, int, float)) for t in tags)):
+        raise SaqError(f"logger.tags={tags!r} is not a tag list; expected e.g. logger.tags=[baseline,w4]")
+    for key in ("project", "entity", "group"):
+        if logger.get(key) is not None and not isinstance(logger.get(key), str):
+            raise SaqError(f"logger.{key}={logger.get(key)!r} is not a name; expected text or null")
 
 
 def validate(cfg: DictConfig):
@@ -357,6 +369,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     torch.set_num_threads(cfg.threads or DEFAULT_THREADS)
 
     model = build_sam(cfg.model.name, cfg.model.checkpoint).to(cfg.device)
+    # what the run reads, recorded as it reads it: the file may be replaced by the end of a long run
+    checkpoint_sha256 = checkpoint_digest(cfg.model.name, cfg.model.checkpoint)
     if strategy is not None and hasattr(strategy, "check_targets"):
         from saq.sam.attention import decoder_attention_names
 
@@ -379,7 +393,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     metrics = {"fp": fp}
     calibration = clipping = recon = recon_state = None
 
-    saved_model = None  # where the quantized model was saved to or loaded from
+    saved_model = loaded = None  # where the quantized model was saved to or loaded from; what made a loaded one
     deploy_error = None
     if quant_cfg is not None:
         from saq.quant import assert_fully_quantized, calibrate, quant_summary, quantize
@@ -388,6 +402,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
         if cfg.quant.get("load"):  # a model an earlier run calibrated: no calibration here
             (qmodel, recon), saved_model = load_run(model, cfg), str(cfg.quant.load)
+            loaded = loaded_provenance(cfg)  # now: a run saving into that folder later must not relabel this one
         else:
             qmodel = quantize(model, quant_cfg)
             report = calibrate(qmodel, samples, quant_cfg, strategy, progress=cfg.progress)
@@ -420,7 +435,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     record = {
         "run_name": f"{cfg.model.name}-{task.name}-{bits}",
         "model": cfg.model.name,
-        "checkpoint_sha256": checkpoint_digest(cfg.model.name, cfg.model.checkpoint),  # the weights, whatever path
+        "checkpoint_sha256": checkpoint_sha256,  # the weights, whatever path
         "task": task.name,
         "prompts": prompts_name,
         "quant": bits,
@@ -433,7 +448,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "planted_outliers": planted,  # sam_tiny_outliers: the key offsets planted at load time
         "fp_from_cache": fp_cache_file,  # the FP row was computed by an earlier run with the same key
         "quantized_model": saved_model,  # saved to (quant.save) or loaded from (quant.load)
-        "loaded_model": loaded_provenance(cfg) if cfg.quant.get("load") else None,  # what made a loaded model
+        "loaded_model": loaded,  # what made a loaded model
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_commit": commit,
         "versions": package_versions(),
@@ -461,7 +476,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 print(f"figure: {figure}")
         except Exception as exc:
             print(f"warning: figures failed ({type(exc).__name__}: {exc}); results are in {path}", file=sys.stderr)
-    log_to_wandb(OmegaConf.to_container(cfg.logger, resolve=True), record, run_dir)
+    log_to_wandb(OmegaConf.to_container(cfg.get("logger") or {}, resolve=True), record, run_dir)  # ~logger: none
     if deploy_error:
         raise SaqError(f"deploy=true failed ({deploy_error}); the FP and quantized metrics are in {path}")
     return record

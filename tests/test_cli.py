@@ -221,6 +221,11 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
     (["+thread=1"], "thread is not a run setting; expected one of"),
     (["logger=wandb", "+logger.modee=online"], "logger.modee is not a logger setting"),
     (["logger=wandb", "logger.init_timeout_s=0"], "logger.init_timeout_s=0 invalid; expected a finite number >= 1"),
+    (["logger=wandb", "logger.tags=[[a]]"], "logger.tags=[['a']] is not a tag list; expected e.g. logger.tags="),
+    (["logger=wandb", "logger.project=[a,b]"], "logger.project=['a', 'b'] is not a name; expected text or null"),
+    # a removed group every step reads (the logger may be removed: no W&B)
+    (["~model"], "the model group is required (removed with ~model?); choose one with model=NAME"),
+    (["~recon"], "the recon group is required (removed with ~recon?)"),
     # a method preset with its clipping or reconstruction swapped is another method
     (["quant=w4a4", "method=minmax", "clip=mse"], "method=minmax is clip=minmax; this run sets clip=mse, so it is not"),
     (["quant=w4a4", "method=saq_sam", "recon=none"], "method=saq_sam is recon=par; this run sets recon=none"),
@@ -245,6 +250,19 @@ def test_run_knobs_of_the_wrong_kind_are_one_line_before_anything_runs(overrides
     with pytest.raises(SaqError) as err:
         validate(cfg)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_removed_logger_group_runs_without_wandb():
+    from hydra import compose, initialize_config_dir
+
+    from saq.pipeline import validate
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["~logger"])
+        tagged = compose(config_name="config", overrides=["logger=wandb", "logger.tags=baseline"])
+    assert "logger" not in cfg
+    validate(cfg)  # the end of the run reads cfg.get("logger"): no W&B, no error after the results are written
+    validate(tagged)  # one tag as a plain word
 
 
 def test_task_seeds_and_jitter_sizes_of_the_wrong_kind_are_one_line(synthetic_root):
