@@ -63,8 +63,23 @@ def saved_dir(path: str | Path, setting: str = "quant.load=") -> Path:
             return candidate
     if not path.exists():
         raise SaqError(f"{setting}{path}: no such directory")
+    loaded = _loaded_by(path)
+    if loaded:  # a run that evaluated another run's model saves none of its own
+        raise SaqError(f"{setting}{path} holds no saved quantized model: that run evaluated the one saved in {loaded} "
+                       f"(quant.load); give {loaded}")
     raise SaqError(f"{setting}{path} holds no saved quantized model ({RECIPE_FILE} in it or in {SAVED_DIR}/); "
                    "runs save one unless quant.save=false")
+
+
+def _loaded_by(run_dir: Path) -> str | None:
+    """The quant.load of the run whose results.json is in run_dir, if it has one."""
+    import json
+
+    try:
+        config = json.loads((run_dir / RESULTS_FILE).read_text()).get("config") or {}
+        return (config.get("quant") or {}).get("load") or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _checkpoint(model: str, checkpoint) -> Path | None:

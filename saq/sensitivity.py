@@ -46,9 +46,10 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     (an earlier file is kept aside, never overwritten)."""
     from saq.pipeline import build_task
     from saq.quant import iter_quantizers
+    from saq.quant.export import read_recipe
     from saq.sam.build import build_sam
     from saq.sam.units import model_parts
-    from saq.saved import SAVED_DIR, load_run, saved_dir
+    from saq.saved import SAVED_DIR, load_run, loaded_provenance, saved_dir
 
     results = Path(run_dir) / RESULTS_FILE
     if not results.is_file():
@@ -93,6 +94,13 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     except SaqError:
         raise SaqError(f"sensitivity: the quantized model of {run_dir} is not there any more ({source} holds no "
                        "recipe.json, in it or in quantized_model/); it must be where the run had it") from None
+    if cfg.quant.get("load") and isinstance(record.get("loaded_model"), dict):
+        now = loaded_provenance(cfg)  # a later run saving into that folder sets the evaluated model aside
+        changed = [key for key in record["loaded_model"] if now.get(key) != record["loaded_model"][key]]
+        if changed:
+            raise SaqError(f"sensitivity: {source} now holds another model than the one {run_dir} evaluated (its "
+                           f"{changed[0]} differs); the evaluated one may be beside it as quantized_model.*.previous: "
+                           "run the analysis on a run of the model there now")
     cfg.quant.load = str(source)
     report(f"{run_dir}: one part at a time in FP (its quantizers off, its FP weights back), "
            f"{cfg.task.get('max_images') or 'all'} val images")
@@ -112,14 +120,17 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
         if not names:  # the fully quantized row alone would compare nothing (and draw an empty chart)
             raise SaqError(f"sensitivity: none of the parts has quantizers ({', '.join(without)}); name modules "
                            f"that are quantized, such as {', '.join(model_parts(model)[:3])}")
-    fp_weights = fp_reference(model, saved, run_dir)
+    # a recipe with the checkpoint's SHA-256 was checked against the file on loading; older ones go by the weights
+    hashed = bool(read_recipe(saved_dir(source)).get("extra", {}).get("checkpoint_sha256"))
+    fp_weights = fp_reference(model, saved, run_dir, check_weights=not hashed)
     del saved  # one model at a time beside the FP weights (ViT-H is large)
     rows = {}
     out = SensitivityFile(Path(run_dir), record, cfg, task.name, report) if save else None
     with ExitStack() as held:
-        if cfg.quant.get("load") and Path(source).resolve() != Path(run_dir).resolve():
-            # every row reloads the saved model: the run that saved it must not rewrite it meanwhile
-            owner = Path(source) if (Path(source) / SAVED_DIR).is_dir() else Path(source).parent
+        # every row reloads the saved model: the run that saved it must not rewrite it meanwhile (this run's own
+        # folder, quant.load=RUN_DIR/quantized_model included, is held by main already)
+        owner = Path(source) if (Path(source) / SAVED_DIR).is_dir() else Path(source).parent
+        if cfg.quant.get("load") and owner.resolve() != Path(run_dir).resolve():
             held.enter_context(claim_run_dir(owner))
         _rows(rows, names, model, cfg, task, fp_weights, out, report)
     if out is not None:
@@ -207,14 +218,15 @@ class SensitivityFile:
 
 
 @torch.no_grad()
-def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, run_dir) -> dict[str, torch.Tensor]:
+def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, run_dir, check_weights: bool = True
+                 ) -> dict[str, torch.Tensor]:
     """The FP weight of each quantized layer of the saved run ({layer path: weight}).
 
     Reconstruction writes its learned rounding into the weights, so switching a part's quantizers off is not FP there:
     its FP weights must come back. They are the checkpoint's, with BIG's sign folding read back from the saved model
     (folded_signs). Biases are never learned (the saved ones, planted outliers included, are the FP ones), so only
-    weights are taken from here. Each saved weight must be a quantization of its FP weight: a check that the
-    checkpoint is the run's.
+    weights are taken from here. With `check_weights` each saved weight must be near its FP weight: a check that
+    the checkpoint is the run's where the recipe holds no hash of it (a W2 min/max layer can come near the bound).
     """
     from saq.quant import quant_config, quantize
     from saq.quant.big import fold_channel_signs
@@ -234,7 +246,7 @@ def fp_reference(model: torch.nn.Module, saved: torch.nn.Module, run_dir) -> dic
     for name, layer in saved.named_modules():
         if isinstance(layer, QuantLayer):
             fp = weights[name] = reference.get_submodule(name).weight
-            off = float((layer.weight - fp).norm() / fp.norm().clamp_min(1e-12))
+            off = float((layer.weight - fp).norm() / fp.norm().clamp_min(1e-12)) if check_weights else 0.0
             if off > MAX_WEIGHT_QUANT_ERROR:
                 raise SaqError(f"sensitivity: cannot rebuild the FP model of {run_dir}: {name}'s saved weight is no "
                                f"quantization of the checkpoint's (relative difference {off:.2f}); the run's checkpoint "

@@ -160,6 +160,11 @@ def test_load_paths_and_run_keys_are_checked(tmp_path):
         saved_dir(tmp_path / "nope")
     with pytest.raises(SaqError, match=r"holds no saved quantized model .*quant\.save=false"):
         saved_dir(tmp_path)
+    # a run that evaluated another run's model: the tools (saq.deploy RUN_DIR) are pointed at that one
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"quant": {"load": "outputs/made"}}}))
+    with pytest.raises(SaqError, match=r"that run evaluated the one saved in outputs/made \(quant\.load\); give "
+                                       r"outputs/made$"):
+        saved_dir(tmp_path, "RUN_DIR ")
     cfg = QuantConfig.from_cfg({"name": "w8a8", "save": False, "load": "outputs/run"})
     assert cfg == QuantConfig(name="w8a8")  # run keys are checked, then left out of the quant config
     with pytest.raises(SaqError, match=r"quant\.save='yes' invalid; expected true or false"):
@@ -364,6 +369,21 @@ def test_the_checkpoint_is_recorded_absolute_so_loading_from_another_folder_matc
     check_recipe(recipe, run_config(synthetic_root, "model.checkpoint=a/ckpt/ft.pth"), tmp_path / "saved")
 
 
+def test_sensitivity_of_a_run_that_loaded_its_own_folders_model(synthetic_root, tmp_path):
+    from saq.log import claim_run_dir
+    from saq.sensitivity import FULL, main
+
+    run = tmp_path / "run"
+    pipeline.run(run_config(synthetic_root, "task.max_images=1"), run)
+    loaded = pipeline.run(run_config(synthetic_root, "task.max_images=1", "task=semantic",
+                                     f"quant.load={run / SAVED_DIR}"), run)  # its model stays in the folder
+    assert main([str(run), "parts=mask_decoder"]) == 0  # holds the folder once, not twice (another process)
+    rows = json.loads((run / "sensitivity.json").read_text())["rows"]
+    assert rows[FULL]["mIoU"] == loaded["metrics"]["quantized"]["mIoU"]
+    with claim_run_dir(run):  # ... and another process holding it still stops the tool
+        assert main([str(run), "parts=mask_decoder"]) == 2
+
+
 def test_a_broken_saved_model_is_one_line_naming_the_file_before_compute(synthetic_root, tmp_path):
     from saq.quant.export import load_quantized
     from saq.sam.build import build_sam
@@ -463,7 +483,8 @@ def test_sensitivity_names_what_it_needs_not_settings_it_lacks(synthetic_root, t
         "any more; the run's checkpoint must be where the run had it")
 
 
-def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synthetic_root, tmp_path, capsys):
+def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synthetic_root, tmp_path, capsys,
+                                                                          monkeypatch):
     """Reconstruction writes its rounding into the weights, BIG may flip q/k signs and the outlier model's keys carry
     planted offsets: "in FP" must still be the run's own FP model, not its quantizers off over learned weights."""
     import shutil
@@ -484,6 +505,11 @@ def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synth
     for key in ("mIoU", "mask_AP"):  # every quantizer off and every FP weight back: the FP row, to float rounding
         assert rows[""][key] == pytest.approx(first["metrics"]["fp"][key], abs=1e-6)
     assert rows["mask_decoder"]["mIoU"] > rows[FULL]["mIoU"] + 0.3  # the outliers only hurt a quantized decoder
+    # the recipe holds the checkpoint's hash, checked on loading: how far learned (hardened) weights lie from the
+    # FP ones is no criterion then (a W2 min/max layer comes near the bound an unrelated checkpoint reaches)
+    with monkeypatch.context() as patch:
+        patch.setattr("saq.sensitivity.MAX_WEIGHT_QUANT_ERROR", 0.0)
+        assert sensitivity(run, [""], report=lambda line: None, save=False)[""] == rows[""]
     # a run that evaluated the saved model on another task reads the model where that run did
     loaded = pipeline.run(run_config(
         synthetic_root, "model=sam_tiny_outliers", f"model.checkpoint={checkpoint}", "method=ptq4sam_l",
@@ -504,6 +530,14 @@ def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synth
     again = [sensitivity(tmp_path / "compat", ["mask_decoder.transformer.layers.0.mlp"], report=lambda line: None)
              for _ in range(2)]
     assert again[0] == again[1]
+    # a later run saving into the loaded folder set the evaluated model aside: the model there now is not analysed
+    # under this run's results
+    recipe_path = run / SAVED_DIR / "recipe.json"
+    original = recipe_path.read_text()
+    recipe_path.write_text(json.dumps({**json.loads(original), "extra": {**json.loads(original)["extra"], "seed": 5}}))
+    with pytest.raises(SaqError, match=r"now holds another model than the one .*loaded evaluated \(its seed differs\)"):
+        sensitivity(tmp_path / "loaded", [""], report=lambda line: None, save=False)
+    recipe_path.write_text(original)
     # a checkpoint replaced since the run (same path, other weights) is refused, not taken for the FP weights
     weights = torch.load(checkpoint, weights_only=True)
 
