@@ -403,6 +403,14 @@ def test_a_damaged_checkpoint_is_learned_again_not_a_crash(tmp_path, capsys):
     # the checkpoint is whole again, written through a temporary file of its own that is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recon.pt"]
     assert torch.load(checkpoint, weights_only=True)["done"] == 2
+    # a checkpoint of another layout (a tensor missing) is refused before anything of it is loaded
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["model"].pop(next(iter(saved["model"])))
+    torch.save(saved, checkpoint)
+    fp, qmodel, data = toy_models()
+    report = Reconstructor(qmodel, fp, cfg, seed=0, progress=False, checkpoint=checkpoint, chain=chain()).run(data=data)
+    assert "cannot resume from" in capsys.readouterr().err
+    assert [u.eval_after for u in report.units] == [u.eval_after for u in expected.units]
 
 
 def test_the_resume_key_ignores_only_what_does_not_change_the_learned_model():
@@ -443,6 +451,21 @@ def test_pars_decoder_loss_is_a_hundredth_of_the_queries_plus_the_keys_plus_the_
     out = (queries + torch.tensor([[2.0, 0.0]]), keys + torch.tensor([[0.0, 1.0]]))  # errors 4 (queries), 1 (keys)
     value = loss(out, (queries, keys), None, (torch.zeros(1, 2),))  # hs error 9
     assert float(value) == pytest.approx(0.01 * 4 + 1.0 * 1 + 1.0 * 9)
+
+
+def test_beta_weighs_the_decoder_unit_terms_and_not_the_encoder_output_term():
+    from types import SimpleNamespace
+
+    from saq.recon.losses import unit_loss
+
+    cfg = ReconConfig.from_cfg({"name": "par", "par_loss": {"beta": 3.0, "encoder_output_weight": 0.5}})
+    zero, one = torch.zeros(1, 2), torch.tensor([[1.0, 0.0]])
+    layer = SimpleNamespace(compared=(0, 1), channel_dims=(-1, -1), response="downstream")
+    decoder = unit_loss(cfg, layer, None, lambda out, data: (zero,))
+    assert float(decoder((zero, one), (zero, zero), None, (zero,))) == pytest.approx(3.0 * 1.0)  # β·key error
+    stage = SimpleNamespace(compared=(0,), channel_dims=(-1,), response="probe")
+    encoder = unit_loss(cfg, stage, lambda out, data: (zero,), None)
+    assert float(encoder((one,), (zero,), None, (zero,))) == pytest.approx(0.5 * 1.0)  # the official code has no β here
 
 
 def test_mse_sums_over_the_channels_or_like_qdrops_official_loss_over_dim_1():

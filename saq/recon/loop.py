@@ -330,6 +330,10 @@ class Reconstructor:
             units = [UnitReport(**dict(u, resumed=True)) for u in saved["units"]]
             if not 0 <= done < len(self.chain):
                 raise ValueError(f"unit {done} of a chain of {len(self.chain)}")
+            current = self.qmodel.state_dict()
+            if set(saved["model"]) != set(current) or any(saved["model"][k].shape != v.shape
+                                                            for k, v in current.items()):
+                raise ValueError("another model layout")  # checked first: a failed load would leave a partial model
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file; all mean "start afresh"
             print(f"recon: warning: cannot resume from {self.checkpoint} ({type(exc).__name__}); learning every unit "
                   "again", file=sys.stderr)

@@ -65,7 +65,7 @@ def unit_loss(cfg: ReconConfig, step, probe: Response, downstream: Response | No
     if cfg.loss == "mse" or step.response is None or (step.response == "masks" and par.mask_weight == 0.0):
         return mse
     if step.response == "probe":
-        return UnitLoss({0: par.encoder_output_weight}, dims, probe, (par.alpha,), par.beta)
+        return UnitLoss({0: par.encoder_output_weight}, dims, probe, (par.alpha,))  # β weighs decoder unit terms only
     if step.response == "masks":  # the unit's output is hs itself: compare it once, as an output
         return UnitLoss(mse.output_weights, mse_dims, downstream, (0.0, par.mask_weight))
     weights = {0: par.query_weight, 1: par.key_weight}
