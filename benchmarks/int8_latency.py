@@ -4,7 +4,9 @@ mask IoU of int8 against FP.
 Models: the shipped sam_tiny (W8A8 calibrated on synthetic train images, the w8a8 preset with clip=minmax) and a
 random-init sam_vit_b at 1024 px (calibrated on one random image with minmax weight observers: timing only). The
 decoder is timed on a batch of box prompts. Mask IoU: sam_tiny with ground-truth boxes on val images, int8 ONNX
-masks against FP torch masks (and saq's fake-quant masks against FP, for reference).
+masks against FP torch masks (and saq's fake-quant masks against FP, for reference), and int8 ONNX masks against
+the fake-quant model they were exported from (what the export must reproduce; also exported with softmax=log2,
+saq's own post-softmax codes, where only float rounding should differ).
 Usage: python benchmarks/int8_latency.py [threads=2] [repeats=3] [prompts=16] [val_images=50] [calib_images=8]
        [vit_b=yes|no] [root=data/synthetic]
 """
@@ -71,12 +73,18 @@ def latencies(name: str, fp, qmodel, workdir: Path, threads: int, repeats: int, 
     return rows
 
 
-def mask_ious(fp, qmodel, int8_dir: Path, task, n_images: int, threads: int) -> tuple[float, float, int, int]:
-    """Mean IoU against FP masks of the int8 ONNX masks and of saq's fake-quant masks, over GT-box prompts; then
-    the mask and image counts they cover (images without objects give no prompts)."""
+def mask_ious(fp, qmodel, int8_dir: Path, task, n_images: int, threads: int) -> tuple[dict[str, float], int, int]:
+    """Mean mask IoUs over GT-box prompts ({"int8": int8 ONNX vs FP, "fake": saq's fake-quant vs FP, "int8_vs_fake":
+    int8 ONNX vs the fake-quant model it exports, "log2_vs_fake": the same with softmax*V's operand exported as saq's
+    log2 codes (softmax=log2), which a broken export would lower even where it moved towards FP}); then the mask and
+    image counts they cover (images without objects give no prompts)."""
+    deploy.export_onnx(qmodel, int8_dir.parent / "int8_log2", "log2")
     segmenters = {"fp": Segmenter(fp), "fake": Segmenter(qmodel),
-                  "int8": Segmenter(deploy.deployed_sam(qmodel, int8_dir, threads))}
-    ious, images = {"fake": [], "int8": []}, 0
+                  "int8": Segmenter(deploy.deployed_sam(qmodel, int8_dir, threads)),
+                  "log2": Segmenter(deploy.deployed_sam(qmodel, int8_dir.parent / "int8_log2", threads))}
+    pairs = {"fake": ("fake", "fp"), "int8": ("int8", "fp"), "int8_vs_fake": ("int8", "fake"),
+             "log2_vs_fake": ("log2", "fake")}
+    ious, images = {key: [] for key in pairs}, 0
     for image_id in task.image_ids()[:n_images]:
         image = read_annotated_image(task.coco, image_id, task.img_dir)
         prompts, _ = gt_boxes(task.coco, image_id)
@@ -87,14 +95,14 @@ def mask_ious(fp, qmodel, int8_dir: Path, task, n_images: int, threads: int) -> 
         for key, segmenter in segmenters.items():
             segmenter.set_image(image)
             masks[key] = segmenter.predict(boxes=prompts.boxes).masks[:, 0]
-        for key in ious:
-            inter = (masks[key] & masks["fp"]).flatten(1).sum(1).float()
-            union = (masks[key] | masks["fp"]).flatten(1).sum(1).float()
+        for key, (a, b) in pairs.items():
+            inter = (masks[a] & masks[b]).flatten(1).sum(1).float()
+            union = (masks[a] | masks[b]).flatten(1).sum(1).float()
             ious[key] += torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).tolist()
     if not ious["int8"]:
         raise SaqError(f"none of the first {n_images} val images has ground-truth boxes: no masks to compare; raise "
                        "val_images= or give another root=")
-    return float(np.mean(ious["int8"])), float(np.mean(ious["fake"])), len(ious["int8"]), images
+    return {key: float(np.mean(values)) for key, values in ious.items()}, len(ious["int8"]), images
 
 
 def main(args: dict[str, str]) -> None:
@@ -114,7 +122,7 @@ def main(args: dict[str, str]) -> None:
         calibrate(tiny_q, task.calibration_samples(cfg.quant.calib_images), cfg.quant, cfg.clip, progress=False)
         print(f"sam_tiny: calibrated on {cfg.quant.calib_images} train images in {time.perf_counter() - start:.0f} s")
         rows += latencies("sam_tiny", tiny, tiny_q, tmp / "tiny", threads, repeats, prompts)
-        iou_int8, iou_fake, n_masks, n_images = mask_ious(tiny, tiny_q, tmp / "tiny" / "int8", task, val_images, threads)
+        ious, n_masks, n_images = mask_ious(tiny, tiny_q, tmp / "tiny" / "int8", task, val_images, threads)
         if args.get("vit_b", "yes") == "yes":
             vit_b = build_random_sam("sam_vit_b", seed=0)
             quick = compose_cfg("quant.encoder.weight.observer=minmax", "quant.decoder.weight.observer=minmax").quant
@@ -129,14 +137,16 @@ def main(args: dict[str, str]) -> None:
         print(f"{name:10s} {part:20s} {torch_s * 1e3:14.1f} {ort_s * 1e3:12.1f} {int8_s * 1e3:12.1f} "
               f"{torch_s / int8_s:13.2f}x {ort_s / int8_s:16.2f}x")
     print(f"sam_tiny masks vs FP over {n_masks} GT-box prompts on {n_images} val images: int8 ONNX mean IoU "
-          f"{iou_int8:.3f}, saq fake-quant W8A8 mean IoU {iou_fake:.3f}")
+          f"{ious['int8']:.3f}, saq fake-quant W8A8 mean IoU {ious['fake']:.3f}; int8 ONNX vs the fake-quant model "
+          f"it exports: mean IoU {ious['int8_vs_fake']:.3f} (softmax*V float), {ious['log2_vs_fake']:.3f} (softmax=log2)")
     encoder = {name: (torch_s / int8_s, ort_s / int8_s) for name, part, torch_s, ort_s, int8_s in rows
                if part == "encoder"}
     if "sam_vit_b" in encoder:
         # against ONNX Runtime FP32: the same runtime, so the ratio does not depend on torch's threading
         print(f"int8 encoder speedup (sam_vit_b): {encoder['sam_vit_b'][0]:.2f}x vs torch fp32, "
               f"{encoder['sam_vit_b'][1]:.2f}x vs ONNX Runtime fp32")
-    print(f"int8 mask IoU vs fp (sam_tiny): {iou_int8:.3f}")
+    print(f"int8 mask IoU vs fp (sam_tiny): {ious['int8']:.3f}; vs fake-quant: {ious['int8_vs_fake']:.3f} "
+          f"(softmax=log2 export: {ious['log2_vs_fake']:.3f})")
 
 
 if __name__ == "__main__":
