@@ -179,16 +179,22 @@ def check_overrides_read(cfg: DictConfig, overrides: list[str] | None = None) ->
     granularity = recon.get("granularity")
     if granularity not in KINDS_AT:  # recon=none, or a granularity ReconConfig names as unknown
         return
+    unread = [kind for kind in iters_kinds_set(overrides) if kind not in KINDS_AT[granularity]]
+    if unread:
+        raise SaqError(f"recon.iters.{unread[0]} is not read at recon.granularity={granularity}: its units are "
+                       f"{', '.join(KINDS_AT[granularity])} (set recon.iters of one of those)")
+
+
+def iters_kinds_set(overrides: list[str]) -> list[str]:
+    """The unit kinds whose recon.iters the command-line overrides set: recon.iters.<kind>=N or recon.iters={...}."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    kinds = []
     for override in OverridesParser.create().parse_overrides(overrides):
         key, value = override.key_or_group, override.value()
-        kinds = ([key.removeprefix("recon.iters.")] if key.startswith("recon.iters.")
-                 else list(value) if key == "recon.iters" and isinstance(value, dict) else [])  # {stage: 10, ...}
-        unread = [kind for kind in kinds if kind not in KINDS_AT[granularity]]
-        if unread:
-            raise SaqError(f"recon.iters.{unread[0]} is not read at recon.granularity={granularity}: its units are "
-                           f"{', '.join(KINDS_AT[granularity])} (set recon.iters of one of those)")
+        kinds += ([key.removeprefix("recon.iters.")] if key.startswith("recon.iters.")
+                  else list(value) if key == "recon.iters" and isinstance(value, dict) else [])  # {stage: 10, ...}
+    return kinds
 
 
 def check_run_knobs(cfg: DictConfig) -> None:

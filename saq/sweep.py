@@ -223,17 +223,35 @@ def sweep_job_overrides(config: DictConfig) -> list[list[str]] | None:
     return [list(job) for batch in batches for job in batch]
 
 
-def jobs_that_do_not_compose(config: DictConfig) -> list[tuple[list[str], str]]:
-    """Each job whose config cannot be composed, with Hydra's reason: checked before any job runs."""
+def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]]:
+    """Every job's overrides with its composed config, or Hydra's reason it does not compose."""
     from hydra import compose
 
-    problems = []
+    jobs = []
     for job in sweep_job_overrides(config) or []:
         try:
-            compose(config_name=config.hydra.job.config_name, overrides=job)
+            jobs.append((job, compose(config_name=config.hydra.job.config_name, overrides=job)))
         except Exception as exc:  # Hydra's composition errors: missing option, bad key, bad value
-            problems.append((job, " ".join(str(exc).split()).split(" Config search path:")[0]))
-    return problems
+            jobs.append((job, " ".join(str(exc).split()).split(" Config search path:")[0]))
+    return jobs
+
+
+def recon_iters_no_job_reads(jobs: list[tuple[list[str], DictConfig | str]]) -> list[tuple[str, list[str]]]:
+    """recon.iters.<kind> overrides that no job of the sweep reads, each with the granularities its jobs run (a
+    single run refuses such a key itself; in a sweep one shared override may serve jobs of several granularities)."""
+    from saq.pipeline import iters_kinds_set
+    from saq.sam.units import KINDS_AT
+
+    given, read, granularities = [], set(), []
+    for overrides, cfg in jobs:
+        if isinstance(cfg, str):
+            continue
+        given += [kind for kind in iters_kinds_set(overrides) if kind not in given]
+        granularity = (cfg.get("recon") or {}).get("granularity")
+        if granularity in KINDS_AT:
+            read |= set(KINDS_AT[granularity])
+            granularities += [granularity] if granularity not in granularities else []
+    return [(kind, granularities) for kind in given if granularities and kind not in read]
 
 
 def jobs_sharing_a_folder(config: DictConfig) -> list[tuple[list[str], list[str]]]:
@@ -273,11 +291,16 @@ class SweepReport(Callback):
                   "run the sweep on the cluster's login node, or here with hydra/launcher=joblib (parallel local "
                   "jobs) or hydra/launcher=submitit_local; nothing was run", file=sys.stderr)
             sys.exit(2)
-        problems = jobs_that_do_not_compose(config)
+        jobs = composed_jobs(config)
+        problems = [(job, why) for job, why in jobs if isinstance(why, str)]
         if problems:
             for job, why in problems:
                 print(f"error: job {' '.join(job)}: {why}", file=sys.stderr)
             print(f"error: {len(problems)} jobs of this sweep do not compose; nothing was run", file=sys.stderr)
+            sys.exit(2)
+        for kind, granularities in recon_iters_no_job_reads(jobs):
+            print(f"error: recon.iters.{kind} is read by no job of this sweep (their recon.granularity: "
+                  f"{', '.join(granularities)}); nothing was run", file=sys.stderr)
             sys.exit(2)
         clashes = jobs_sharing_a_folder(config)
         if clashes:

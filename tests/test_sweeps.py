@@ -510,6 +510,14 @@ def test_jobs_that_would_share_a_folder_stop_the_sweep_before_any_job_runs(synth
     assert not list(sweep_dir.rglob("results.json"))
     again = multirun(sweep_dir, "quant=w4a4", "seed=0,0", data=synthetic_root, cwd=tmp_path)
     assert again.returncode == 2 and "seed=0 is in this sweep twice" in again.stderr.strip().splitlines()[-1]
+    # a recon.iters kind that no job's granularity makes would change nothing (a single run refuses it itself);
+    # one that some job reads is fine in a sweep of several granularities
+    unread = multirun(sweep_dir, "quant=w4a4", "method=saq_sam", "recon.granularity=stage,block", "recon.iters.layer=1",
+                      data=synthetic_root, cwd=tmp_path)
+    assert unread.returncode == 2 and unread.stderr.strip().splitlines()[-1] == (
+        "error: recon.iters.layer is read by no job of this sweep (their recon.granularity: stage, block); "
+        "nothing was run")
+    assert not list(sweep_dir.rglob("results.json"))
 
 
 def test_a_job_folder_held_by_another_process_is_a_failure_or_left_to_its_sweep(synthetic_root, tmp_path):
