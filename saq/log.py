@@ -80,9 +80,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def set_aside(path: Path, why: str) -> Path:
-    """Rename a results file or folder we are about to replace, so no earlier result is ever lost."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+def set_aside(path: Path, why: str, stamp: str | None = None) -> Path:
+    """Rename a results file or folder we are about to replace, so no earlier result is ever lost (`stamp`: the time
+    stamp of files set aside together, default now)."""
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
     target = path.with_name(f"{path.name}.{stamp}.{why}")
     n = 1
     while target.exists():  # two in one second
@@ -144,10 +145,11 @@ def set_aside_run(run_dir: Path, why: str, keep: Sequence[str] = ()) -> Path:
     unless named in `keep` (the run replacing it wrote or read them). Returns results.json's new path."""
     run_dir = Path(run_dir)
     folders = [run_dir / name for name in (SAVED_DIR, DEPLOY_DIR) if name not in keep]
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # one for all: a second ticking over must not part them
     for path in [*run_figures(run_dir), run_dir / SENSITIVITY_FILE, *folders]:
         if path.exists():
-            set_aside(path, why)
-    return set_aside(run_dir / RESULTS_FILE, why)
+            set_aside(path, why, stamp)
+    return set_aside(run_dir / RESULTS_FILE, why, stamp)
 
 
 def outputs_of(record: dict, run_dir: Path) -> list[str]:

@@ -14,7 +14,8 @@ from tests.conftest import REPO
 
 
 def saq(*overrides: str, cwd=REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # beside the other test worker on 2 cores
     return subprocess.run([sys.executable, "-m", "saq", *overrides], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=600)
 

@@ -312,6 +312,22 @@ def test_a_config_the_resume_check_cannot_read_fails_its_job_not_the_sweep(tmp_p
     assert "nope" in capsys.readouterr().err
 
 
+def test_files_set_aside_together_share_one_time_stamp(tmp_path, monkeypatch):
+    import itertools
+
+    from saq.log import set_aside_run
+
+    ticks = itertools.count()  # a second ticks over between every two renames
+    monkeypatch.setattr("saq.log.time.strftime", lambda fmt: f"20261202-0000{next(ticks):02d}")
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "quantized_model").mkdir()
+    (tmp_path / "attention.png").write_bytes(b"png")
+    set_aside_run(tmp_path, "previous")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [n.split(".")[0] for n in names] == ["attention", "quantized_model", "results"]
+    assert len({n.split(".")[-2] for n in names}) == 1, names  # one run's files, renamed alike
+
+
 def test_resume_false_recomputes_and_keeps_the_previous_result(tmp_path):
     from saq.sweep import should_skip
 
