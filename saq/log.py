@@ -273,7 +273,8 @@ def record_problem(record) -> str | None:
 def deploy_failure(record: dict) -> str | None:
     """Why a deploy=true run has no deployed metrics (its int8 evaluation failed after the quantized one), or None."""
     metrics, config = record.get("metrics") or {}, record.get("config") or {}
-    if config.get("deploy") is not True or _has_number(metrics.get("deployed")):
+    # FP runs deploy nothing (refused now; runs of 2026-11-29..12-01 with deploy=true simply ran FP)
+    if record.get("quant") == "fp" or config.get("deploy") is not True or _has_number(metrics.get("deployed")):
         return None
     error = metrics["deployed"].get("error") if isinstance(metrics.get("deployed"), dict) else None
     return f"partial run: deploy=true without deployed metrics{f' ({error})' if error else ''}"
@@ -357,8 +358,9 @@ def wandb_run_options(logger_cfg: dict, record: dict, sweep_group: str | None = 
     labels = labelled_config(record)
     bits = bits_label(config)
     method = "fp" if bits == "fp" else method_label(labels)
-    own = logger_cfg.get("tags") or []
-    tags = [*([own] if isinstance(own, str) else map(str, own)),  # logger.tags=baseline is one tag
+    own = logger_cfg.get("tags")
+    own = [] if own is None else [own] if isinstance(own, (str, int, float)) else own  # logger.tags=baseline: one tag
+    tags = [*map(str, own),
             f"model:{record.get('model')}", f"bits:{bits}", f"method:{method}", f"task:{record.get('task')}"]
     name = record.get("run_name") if method == "fp" else f"{record.get('run_name')}-{method}"
     job_type = method
@@ -366,9 +368,9 @@ def wandb_run_options(logger_cfg: dict, record: dict, sweep_group: str | None = 
         tags.append("eval:paper_compat")
         name, job_type = f"{name}-paper_compat", method + PAPER_COMPAT_SUFFIX
     return {
-        "project": logger_cfg.get("project", "saq"),
-        "entity": logger_cfg.get("entity"),
-        "group": logger_cfg.get("group") or sweep_group,
+        "project": str(logger_cfg.get("project") or "saq"),  # names Hydra read as numbers (group=2024) as text
+        "entity": None if logger_cfg.get("entity") is None else str(logger_cfg["entity"]),
+        "group": str(logger_cfg["group"]) if logger_cfg.get("group") not in (None, "") else sweep_group,
         "job_type": job_type,
         "tags": [t[:64] for t in tags],  # W&B's limit per tag
         "mode": logger_cfg.get("mode", "offline"),

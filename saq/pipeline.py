@@ -226,12 +226,12 @@ def check_run_knobs(cfg: DictConfig) -> None:
         raise SaqError(f"logger.mode={logger.get('mode')!r} is unknown; expected one of {list(LOGGER_MODES)}")
     if "init_timeout_s" in logger:
         check_number(logger.init_timeout_s, "logger.init_timeout_s", 1)
-    tags = logger.get("tags")
-    if tags is not None and not isinstance(tags, str) and not (
-            OmegaConf.is_list(tags) and all(isinstance(t, (str, int, float)) for t in tags)):
+    tags, scalar = logger.get("tags"), (str, int, float)  # Hydra reads logger.group=2024 as a number: a name too
+    if tags is not None and not isinstance(tags, scalar) and not (
+            OmegaConf.is_list(tags) and all(isinstance(t, scalar) for t in tags)):
         raise SaqError(f"logger.tags={tags!r} is not a tag list; expected e.g. logger.tags=[baseline,w4]")
     for key in ("project", "entity", "group"):
-        if logger.get(key) is not None and not isinstance(logger.get(key), str):
+        if logger.get(key) is not None and not isinstance(logger.get(key), scalar):
             raise SaqError(f"logger.{key}={logger.get(key)!r} is not a name; expected text or null")
 
 
@@ -482,7 +482,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 print(f"figure: {figure}")
         except Exception as exc:
             print(f"warning: figures failed ({type(exc).__name__}: {exc}); results are in {path}", file=sys.stderr)
-    log_to_wandb(OmegaConf.to_container(cfg.get("logger") or {}, resolve=True), record, run_dir)  # ~logger: none
+    logger = cfg.get("logger")  # removed (~logger): no W&B
+    log_to_wandb(OmegaConf.to_container(logger, resolve=True) if logger is not None else {}, record, run_dir)
     if deploy_error:
         raise SaqError(f"deploy=true failed ({deploy_error}); the FP and quantized metrics are in {path}")
     return record

@@ -626,9 +626,12 @@ def plot_one_model_vs_bits(table: Table, model: str, bits: list[str], out_dir: P
     for row in table.rows:
         cells = [table.cells.get((row, (model, b))) for b in bits]
         if table.row_label[row] == FP_ROW:
-            fp = next((c for c in cells if c is not None), None)
-            if fp is not None:
-                ax.axhline(100 * fp.mean, color="black", linestyle="--", linewidth=1, label=row)
+            fp = [(i, 100 * c.mean) for i, c in zip(x, cells) if c is not None]
+            if len({v for _, v in fp}) == 1:  # one FP for every bit-width: a line across
+                ax.axhline(fp[0][1], color="black", linestyle="--", linewidth=1, label=row)
+            elif fp:  # each column's FP over its own seeds (jittered prompts follow the seed)
+                ax.plot([i for i, _ in fp], [v for _, v in fp], color="black", linestyle="--", marker="_",
+                        markersize=14, linewidth=1, label=row)
             continue
         points = [(i, c) for i, c in zip(x, cells) if c is not None]
         if points:

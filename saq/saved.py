@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -42,6 +43,9 @@ def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
         "task_calib": OmegaConf.to_container(calib, resolve=True) if calib is not None else None,
         "seed": cfg.get("seed"),
         "method": cfg.get("method", "custom"),
+        # this export itself: a later model saved into the folder by the same command is another one (a retrained
+        # checkpoint, other code), which a run that loaded this one must not be analysed on
+        "export_id": uuid.uuid4().hex,
     }
     target = Path(run_dir) / SAVED_DIR
     if (Path(run_dir) / RESULTS_FILE).exists():  # an earlier run's results go aside with its model, before this
@@ -166,7 +170,7 @@ def loaded_provenance(cfg: DictConfig) -> dict:
     reconstruction, calibration data and seed of the run that saved it, by which reports and W&B label this run."""
     extra = read_recipe(saved_dir(cfg.quant.load)).get("extra", {})
     return {key: extra.get(key) for key in ("method", "clip", "recon", "seed", "calib_images", "calib_decode_batch",
-                                            "task_calib")}
+                                            "task_calib", "export_id")}
 
 
 def load_run(model: nn.Module, cfg: DictConfig) -> tuple[nn.Module, dict]:

@@ -98,9 +98,10 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
         now = loaded_provenance(cfg)  # a later run saving into that folder sets the evaluated model aside
         changed = [key for key in record["loaded_model"] if now.get(key) != record["loaded_model"][key]]
         if changed:
-            raise SaqError(f"sensitivity: {source} now holds another model than the one {run_dir} evaluated (its "
-                           f"{changed[0]} differs); the evaluated one may be beside it as quantized_model.*.previous: "
-                           "run the analysis on a run of the model there now")
+            why = "saved later" if changed[0] == "export_id" else f"its {changed[0]} differs"
+            raise SaqError(f"sensitivity: {source} now holds another model than the one {run_dir} evaluated ({why}); "
+                           "the evaluated one may be beside it as quantized_model.*.previous: run the analysis on a "
+                           "run of the model there now")
     cfg.quant.load = str(source)
     report(f"{run_dir}: one part at a time in FP (its quantizers off, its FP weights back), "
            f"{cfg.task.get('max_images') or 'all'} val images")

@@ -537,6 +537,11 @@ def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synth
     recipe_path.write_text(json.dumps({**json.loads(original), "extra": {**json.loads(original)["extra"], "seed": 5}}))
     with pytest.raises(SaqError, match=r"now holds another model than the one .*loaded evaluated \(its seed differs\)"):
         sensitivity(tmp_path / "loaded", [""], report=lambda line: None, save=False)
+    # ... and by the same command (same settings: a retrained checkpoint, other code): another export all the same
+    recipe_path.write_text(json.dumps({**json.loads(original), "extra": {**json.loads(original)["extra"],
+                                                                         "export_id": "0" * 32}}))
+    with pytest.raises(SaqError, match=r"now holds another model than the one .*loaded evaluated \(saved later\)"):
+        sensitivity(tmp_path / "loaded", [""], report=lambda line: None, save=False)
     recipe_path.write_text(original)
     # a checkpoint replaced since the run (same path, other weights) is refused, not taken for the FP weights
     weights = torch.load(checkpoint, weights_only=True)

@@ -235,6 +235,10 @@ def test_should_skip_only_a_finished_run_of_the_same_config_and_never_loses_a_fi
     failed["metrics"]["deployed"] = {"mask_AP": 0.7}
     path.write_text(json.dumps(failed))
     assert should_skip(OmegaConf.create({**cfg, "deploy": True}), tmp_path)
+    # an FP run deploys nothing (runs of 2026-11-29..12-01 took deploy=true and ran FP): finished
+    from saq.log import record_problem
+
+    assert record_problem(finished({**deploying, "quant": {"name": "fp"}}, quant="fp")) is None
 
 
 def test_a_sweep_without_a_usable_run_replaces_the_earlier_report(tmp_path, capsys):
@@ -416,6 +420,8 @@ def test_wandb_options_group_job_type_tags_and_config():
                               "seed": 0}
     assert wandb_run_options({"tags": "baseline"}, record)["tags"][0] == "baseline"  # one tag, not its letters
     assert wandb_run_options({"tags": ["w4", 2024]}, record)["tags"][:2] == ["w4", "2024"]
+    assert wandb_run_options({"tags": 2024, "group": 2024}, record)["tags"][0] == "2024"
+    assert wandb_run_options({"group": 2024}, record)["group"] == "2024"
     # A preset's group wins over the sweep folder; a method preset and reconstruction name the job type.
     config = {**config, "recon": {"name": "par"}}
     assert wandb_run_options({"group": "bits"}, {**record, "config": config}, "x")["group"] == "bits"
