@@ -125,12 +125,13 @@ class DetectionsFile(PromptSource):
     order (needed for DOTA-style tasks); without it a COCO task takes index i as the annotation file's i-th category,
     as mmdetection's CocoDataset numbers them.
     A polygon's or rotated box's enclosing horizontal box is the prompt. Keeps detections with score >=
-    score_threshold, at most max_per_image per image, highest scores first.
+    score_threshold, at most max_per_image per image (None: no cap), highest scores first. The defaults keep the file
+    as the detector's own test settings left it (the paper prompts SAM with every box the detector returned).
     """
 
     name = "detections"
 
-    def __init__(self, file: str | None, score_threshold: float = 0.05, max_per_image: int = 100,
+    def __init__(self, file: str | None, score_threshold: float = 0.0, max_per_image: int | None = None,
                  calib_file: str | None = None, class_names: Sequence[str] | None = None, progress: bool = True):
         if not file:
             raise SaqError("prompts=detections needs a file: set prompts.file=/path/to/detections.json "
@@ -140,7 +141,7 @@ class DetectionsFile(PromptSource):
         path = Path(file)
         if not path.exists():
             raise SaqError(f"detections file not found: {path} (set prompts.file)")
-        check_int(max_per_image, "prompts.max_per_image")
+        check_int(max_per_image, "prompts.max_per_image", allow_none=True)
         # detector scores are in [0, 1]: a threshold outside keeps all or none
         check_number(score_threshold, "prompts.score_threshold", 0, 1)  # detector scores are in [0, 1]
         self.path, self.score_threshold, self.max_per_image = path, score_threshold, max_per_image
@@ -357,7 +358,8 @@ class DetectionsFile(PromptSource):
                                        f"{' ...' if len(known) > 12 else ''})")
         if category_names is not None:
             self._bind_names(category_names, drop_unknown)
-        capped = [key for key in keys if len(self._by_image.get(key, ())) > self.max_per_image]
+        cap = self.max_per_image
+        capped = [key for key in keys if cap is not None and len(self._by_image.get(key, ())) > cap]
         if capped:  # after unknown classes are left out: their boxes take no image's places
             print(f"detections file {self.path}: {len(capped)} of the dataset's images (evaluated or not) have more "
                   f"than prompts.max_per_image="

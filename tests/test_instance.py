@@ -118,6 +118,9 @@ def test_detections_file_prompts(synthetic_root, tmp_path):
     assert sorted(got.labels.tolist()) == sorted(gt.labels.tolist())  # each box keeps its detector class
     capped = DetectionsFile(str(path), score_threshold=0.0, max_per_image=2).for_image(1, gt, (256, 256))
     assert len(capped) == 2 and (capped.scores == np.float32(0.9)).all()
+    # by default the file as the detector's test settings left it: every box, low scores included, no cap
+    every = DetectionsFile(str(path)).for_image(1, gt, (256, 256))
+    assert len(every) == 2 * len(gt) and sorted(set(every.scores.tolist())) == [np.float32(0.01), np.float32(0.9)]
     metrics = task_for(synthetic_root, source, max_images=2).evaluate(
         Segmenter(build_sam("sam_tiny")), progress=False)
     assert metrics["prompts"] == sum(len(coco.getAnnIds(imgIds=i)) for i in (1, 2))
@@ -324,7 +327,7 @@ def write_detections(path, coco, image_ids, **override):
     dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9, **override}
             for a in coco.loadAnns(coco.getAnnIds(imgIds=image_ids))]
     path.write_text(json.dumps(dets))
-    return DetectionsFile(str(path))
+    return DetectionsFile(str(path), score_threshold=0.05)
 
 
 def test_detections_must_name_the_datasets_images_and_categories(synthetic_root, tmp_path, capsys):
@@ -504,7 +507,7 @@ def test_detections_that_prompt_nothing_are_an_error(synthetic_root, tmp_path):
     low_calib = write_detections(tmp_path / "low_calib.json", train, list(train.imgs), score=0.01).path
     with pytest.raises(SaqError, match=r"low_calib\.json: no detection on the 8 calibration images reaches "
                                        r"prompts.score_threshold=0.05 \(the highest score is 0.01\)"):
-        task_for(synthetic_root, DetectionsFile(str(low.path), calib_file=str(low_calib))).calibration_samples(2)
+        task_for(synthetic_root, DetectionsFile(str(low.path), 0.05, calib_file=str(low_calib))).calibration_samples(2)
     # detections only on images that are not evaluated
     on_third = write_detections(tmp_path / "third.json", coco, [3])
     with pytest.raises(SaqError, match="no detection on the 2 evaluated images"):
@@ -620,7 +623,7 @@ def test_mmdetection_results_pickle_gives_the_same_prompts_as_its_json(synthetic
     root = copy_with_annotations(synthetic_root, tmp_path, shuffled_categories)
     coco = load_coco(root / DATA["ann_file"], "k")
     assert coco.getCatIds() == [80, 70, 60, 50, 40, 30, 20, 10]
-    from_pickle = DetectionsFile(str(mm_results(tmp_path / "results.pkl", mm_entries(coco, [1, 2]))))
+    from_pickle = DetectionsFile(str(mm_results(tmp_path / "results.pkl", mm_entries(coco, [1, 2]))), 0.05)
     from_json = write_detections(tmp_path / "dets.json", coco, [1, 2])
     task_for(root, from_pickle), task_for(root, from_json)  # binding maps the class indices
     names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
