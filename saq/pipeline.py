@@ -285,10 +285,7 @@ def validate(cfg: DictConfig):
     from saq.quant import QuantConfig
     from saq.quant.config import check_range_owner
 
-    quant_cfg = QuantConfig.from_cfg(cfg.quant)
-    if not (quant_cfg.encoder.enabled or quant_cfg.decoder.enabled):
-        raise SaqError("quant.encoder.enabled and quant.decoder.enabled are both false: nothing would be quantized; "
-                       "enable one, or use quant=fp")
+    quant_cfg = QuantConfig.from_cfg(cfg.quant)  # both parts disabled is refused there
     strategy = build_range_strategy(cfg.clip)
     check_range_owner(quant_cfg, None if strategy is None else strategy.name)
     if strategy is not None:

@@ -71,12 +71,35 @@ def test_unknown_observer_quantizer_granularity_and_key():
     assert "quant=fp means no quantization" in _error({"name": "fp"})
 
 
-def test_weight_channel_axis_out_of_range():
-    sam = build_random_sam("sam_tiny", 0)
-    with pytest.raises(SaqError) as info:
-        quantize(sam, {"encoder": {"weight": {"ch_axis": 2}}})
-    assert str(info.value).startswith("quant.encoder.weight.ch_axis=2 is out of range for weights with 2 dims")
-    quantize(sam, {"encoder": {"weight": {"ch_axis": -1}}})  # -1 is the input-channel axis: allowed
+def test_weight_channel_axis_is_output_or_input_channels():
+    # the encoder's linears (out, in) and neck convs (out, in, kh, kw) share the spec: -1 would be a linear's input
+    # channels but a conv's kernel width
+    for axis in (2, -1, 5):
+        assert _error({"encoder": {"weight": {"ch_axis": axis}}}).startswith(
+            f"quant.encoder.weight.ch_axis={axis} invalid; expected 0 (output channels) or 1 (input channels)")
+    qmodel = quantize(build_random_sam("sam_tiny", 0), {"encoder": {"weight": {"ch_axis": 1}}})
+    assert qmodel.image_encoder.neck[0].weight_quantizer.ch_axis == 1
+    assert qmodel.image_encoder.blocks[0].attn.qkv.weight_quantizer.ch_axis == 1
+
+
+def test_choices_given_as_lists_or_nothing_and_a_model_that_quantizes_nothing_are_one_line():
+    assert _error({"encoder": {"weight": {"quantizer": ["adaround"]}}}) == (
+        "quant.encoder.weight.quantizer=['adaround'] invalid; expected a name")
+    assert _error({"decoder": {"act": {"granularity": ["per_tensor"]}}}).startswith("quant.decoder.act.granularity=")
+    assert _error({"decoder": {"weight": {"observer": None}}}).startswith(
+        "quant.decoder.weight.observer=None invalid; expected one of")  # not the activations' default, silently
+    assert _error({"encoder": {"enabled": False}, "decoder": {"enabled": False}}).startswith(
+        "quant.encoder.enabled and quant.decoder.enabled are both false: nothing would be quantized")
+
+
+def test_calibrate_refuses_a_config_other_than_the_models():
+    from saq.quant import calibrate, set_quant_state
+
+    qmodel = quantize(build_random_sam("sam_tiny", 0), {"name": "w8a8"})
+    with pytest.raises(SaqError, match=r"calibrate\(\): quant_cfg differs from the config the model was quantized"):
+        calibrate(qmodel, [], {"name": "w4a4", "w_bits": 4, "a_bits": 4}, None, progress=False)
+    with pytest.raises(SaqError, match=r"quantizer state 'on' unknown; expected one of \['off', 'observe', 'quant'\]"):
+        set_quant_state(qmodel, "on")
 
 
 @pytest.mark.parametrize("axis", [0, 1, 5])

@@ -113,7 +113,7 @@ def test_per_channel_activations_are_linear_inputs_only_matmul_operands_stay_per
     convs = [m for m in qmodel.modules() if isinstance(m, QuantConv2d)]
     assert convs and all(m.input_quantizer.ch_axis == 1 for m in convs)  # NCHW: the channel axis of a conv input
     samples = _samples(1)
-    calibrate(qmodel, samples, W4A4, {"name": "minmax"}, progress=False)
+    calibrate(qmodel, samples, None, {"name": "minmax"}, progress=False)  # the config it was quantized with
     # one scale per input channel (a conv's, 128 on the tiny neck, not one per image column)
     assert all(m.input_quantizer.scale.numel() == m.in_channels for m in convs)
     segmenter = Segmenter(qmodel)

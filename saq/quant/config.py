@@ -117,7 +117,11 @@ class QuantConfig:
         for part in PARTS:
             if part in data:
                 values[part] = _part(data[part], f"quant.{part}", getattr(base, part))
-        return replace(base, **values)
+        cfg = replace(base, **values)
+        if not any(cfg.part(part).enabled for part in PARTS):
+            raise SaqError("quant.encoder.enabled and quant.decoder.enabled are both false: nothing would be "
+                           "quantized; enable one, or use quant=fp")
+        return cfg
 
 
 def check_run_keys(data: Mapping) -> None:
@@ -161,6 +165,13 @@ def _part(data, where: str, base: PartSpec) -> PartSpec:
     for kind, choices in (("weight", WEIGHT_QUANTIZERS), ("act", ACT_QUANTIZERS)):
         if kind in data:
             values[kind] = _tensor(data[kind], f"{where}.{kind}", getattr(base, kind), choices)
+    weight = values.get("weight", base.weight)
+    if weight.granularity == "per_channel" and weight.ch_axis not in (0, 1):
+        # a part's linears (out, in) and convs (out, in, kh, kw) share the spec: only these axes mean channels in both
+        raise SaqError(f"{where}.weight.ch_axis={weight.ch_axis} invalid; expected 0 (output channels) or 1 (input "
+                       "channels), the same axes of a linear's and a convolution's weight")
+    if weight.observer is None:  # the activation default (running mean of min/max) would range the weights silently
+        raise SaqError(f"{where}.weight.observer=None invalid; expected one of {sorted(OBSERVERS)} (paper: mse)")
     act = values.get("act", base.act)
     if act.granularity == "per_channel" and act.ch_axis != -1:
         # linear inputs differ in their leading axes (images, tokens, prompts: a count that changes per image), so
@@ -175,6 +186,9 @@ def _tensor(data, where: str, base: TensorSpec, quantizers: Mapping) -> TensorSp
         raise SaqError(f"{where} must be a mapping, got {data!r}")
     _check_keys(data, TensorSpec, where)
     values = dict(data)
+    for key in ("quantizer", "granularity", "observer"):  # a list ([adaround]) would fail the lookups with a TypeError
+        if values.get(key) is not None and not isinstance(values[key], str):
+            raise SaqError(f"{where}.{key}={values[key]!r} invalid; expected a name")
     if "quantizer" in values and values["quantizer"] not in quantizers:
         raise SaqError(f"{where}.quantizer={values['quantizer']!r} is unknown; expected one of {sorted(quantizers)}")
     if "granularity" in values and values["granularity"] not in GRANULARITIES:
@@ -219,16 +233,10 @@ class QuantizerFactory:
     def _bits(self, part: str, kind: str) -> int:
         return self.cfg.bits(part, kind)
 
-    def weight_quantizer(self, part: str, weight_shape: tuple[int, ...]) -> Quantizer:
+    def weight_quantizer(self, part: str) -> Quantizer:
         spec = self.cfg.part(part).weight
-        key = f"quant.{part}.weight"
-        ch_axis = None
-        if spec.granularity == "per_channel":
-            ndim = len(weight_shape)
-            if not -ndim <= spec.ch_axis < ndim:
-                raise SaqError(f"{key}.ch_axis={spec.ch_axis} is out of range for weights with {ndim} dims "
-                               f"(shape {tuple(weight_shape)}; allowed {-ndim}..{ndim - 1})")
-            ch_axis = spec.ch_axis % ndim
+        # 0 or 1 (checked with the config): output or input channels of a linear's and a convolution's weight alike
+        ch_axis = spec.ch_axis if spec.granularity == "per_channel" else None
         return self._build(WEIGHT_QUANTIZERS, spec, part, "weight", ch_axis)
 
     def act_quantizer(self, part: str, operand: bool = False, channel_axis: int | None = None) -> Quantizer:
@@ -260,11 +268,11 @@ class QuantizerFactory:
         return quantizer
 
     def linear(self, linear: nn.Linear, part: str) -> QuantLinear:
-        return QuantLinear.from_float(linear, self.weight_quantizer(part, tuple(linear.weight.shape)),
+        return QuantLinear.from_float(linear, self.weight_quantizer(part),
                                       self.act_quantizer(part))
 
     def conv(self, conv: nn.Conv2d, part: str) -> QuantConv2d:
-        return QuantConv2d.from_float(conv, self.weight_quantizer(part, tuple(conv.weight.shape)),
+        return QuantConv2d.from_float(conv, self.weight_quantizer(part),
                                       self.act_quantizer(part, channel_axis=1))
 
     def matmul(self, part: str) -> QuantMatMul:

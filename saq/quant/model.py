@@ -61,6 +61,10 @@ def set_quant_state(model: nn.Module, state: QuantState | str, kind: str | None 
     """The model-level switch: put every quantizer (or every one of `kind`) in `state`."""
     if kind not in (None, "weight", "act"):
         raise SaqError(f"quantizer kind {kind!r} unknown; expected 'weight', 'act' or None (all)")
+    try:
+        state = QuantState(state)
+    except ValueError:
+        raise SaqError(f"quantizer state {state!r} unknown; expected one of {[s.value for s in QuantState]}") from None
     for quantizer in iter_quantizers(model, kind):
         quantizer.set_state(state)
 
@@ -112,6 +116,10 @@ def calibrate(qmodel: nn.Module, samples: Sequence, quant_cfg=None, clip_cfg=Non
     from saq.sam.segmenter import Segmenter
 
     cfg = QuantConfig.from_cfg(quant_cfg) if quant_cfg is not None else quant_config(qmodel)
+    built = getattr(qmodel, CONFIG_ATTR, None)
+    if built is not None and cfg != built:  # BIG and the batch would follow one config, the quantizers another
+        raise SaqError("calibrate(): quant_cfg differs from the config the model was quantized with; pass that one "
+                       "(or None to use it)")
     strategy = build_range_strategy(clip_cfg)
     check_range_owner(cfg, None if strategy is None else strategy.name)
     samples = list(samples)
