@@ -71,7 +71,8 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
         categories.add(cat["id"])
     seen_ids = set()
     for i, ann in enumerate(data["annotations"]):
-        needed = ("id", "image_id", "category_id", "bbox", "segmentation", *(("area",) if scored else ()))
+        # a calibration file is read for its boxes only (box-only files, as detector training lists, are fine)
+        needed = ("id", "image_id", "category_id", "bbox", *(("segmentation", "area") if scored else ()))
         if not isinstance(ann, dict) or not all(k in ann for k in needed):
             raise SaqError(f"annotation file {ann_path}: annotation {i} lacks one of {', '.join(needed)}")
         # COCOeval reads an object id of 0 as 'unmatched' and its index keeps one object per id: either would
@@ -267,6 +268,9 @@ class InstanceTask(Task):
         headers = HeaderSizes(paths.items())
         for image_id, path in paths.items():
             info, size = self.coco.imgs[image_id], headers.get(image_id)
+            if size is None and not path.is_file():  # found now, not when evaluation reaches it
+                raise SaqError(f"image not found: {path} (annotation entry id {image_id}; the images must be "
+                               "under task.data.root / task.data.img_dir)")
             if size is not None:
                 check_image_size(path, size, (info["height"], info["width"]), f"its annotation entry (id {image_id})")
         self.prompts.bind(self.coco.getImgIds(), category_ids=categories_in_file_order(self.coco),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -738,3 +739,19 @@ def test_reading_a_large_detections_file_shows_its_progress(synthetic_root, tmp_
         assert (f"checking {path.name}" in shown) == (path == pkl)  # a pickle's entries are checked after loading
         quiet = DetectionsFile(str(path), progress=False)  # progress=false: the run's bars are off
         assert "reading" not in capsys.readouterr().err and quiet._by_image == bars._by_image
+
+
+def test_a_missing_image_is_named_when_the_task_is_built_and_calibration_needs_only_boxes(synthetic_root, tmp_path):
+    root = copy_with_annotations(synthetic_root, tmp_path, lambda data: None)
+    coco = load_coco(root / DATA["ann_file"], "k")
+    missing = root / DATA["img_dir"] / coco.imgs[sorted(coco.imgs)[2]]["file_name"]
+    missing.unlink()
+    with pytest.raises(SaqError, match=rf"^image not found: {re.escape(str(missing))} \(annotation entry id "):
+        task_for(root)  # before any evaluation, not when it reaches the image
+    task_for(root, max_images=2)  # an image that is not evaluated may be missing
+    # a calibration file is read for its boxes: one without segmentations (a detector's training list) is fine
+    calib = json.loads((root / CALIB["ann_file"]).read_text())
+    for ann in calib["annotations"]:
+        del ann["segmentation"], ann["area"]
+    (root / CALIB["ann_file"]).write_text(json.dumps(calib))
+    assert task_for(root, max_images=2).calibration_samples(2)[0].num_prompts > 0
