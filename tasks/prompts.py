@@ -144,7 +144,8 @@ class DetectionsFile(PromptSource):
         check_int(max_per_image, "prompts.max_per_image", allow_none=True)
         # detector scores are in [0, 1]: a threshold outside keeps all or none
         check_number(score_threshold, "prompts.score_threshold", 0, 1)  # detector scores are in [0, 1]
-        self.path, self.score_threshold, self.max_per_image = path, score_threshold, max_per_image
+        # a float: score_threshold=0 and the default 0.0 are one setting (cache keys, messages)
+        self.path, self.score_threshold, self.max_per_image = path, float(score_threshold), max_per_image
         if calib_file is not None and not isinstance(calib_file, (str, os.PathLike)):
             raise SaqError(f"prompts.calib_file={calib_file!r} invalid; expected a path or null")
         if calib_file and not Path(calib_file).exists():

@@ -96,8 +96,18 @@ def test_calibrate_refuses_a_config_other_than_the_models():
     from saq.quant import calibrate, set_quant_state
 
     qmodel = quantize(build_random_sam("sam_tiny", 0), {"name": "w8a8"})
-    with pytest.raises(SaqError, match=r"calibrate\(\): quant_cfg differs from the config the model was quantized"):
-        calibrate(qmodel, [], {"name": "w4a4", "w_bits": 4, "a_bits": 4}, None, progress=False)
+    with pytest.raises(SaqError, match=r"calibrate\(\): quant_cfg sets quant.w_bits=4, but the model was quantized "
+                                       r"with 8; pass that config"):
+        calibrate(qmodel, [], {"name": "w4a4", "w_bits": 4, "a_bits": 8}, None, progress=False)
+    # the label and the calibration data's size and batching change no quantizer: accepted (then no samples)
+    with pytest.raises(SaqError, match="calibration needs at least one sample"):
+        calibrate(qmodel, [], {"name": "mine", "calib_decode_batch": 8, "calib_images": 4}, None, progress=False)
+    # a config built by hand is checked like a mapping
+    from saq.quant.config import PartSpec, TensorSpec
+
+    axis = QuantConfig(encoder=PartSpec(weight=TensorSpec("adaround", "per_channel", -1, False, "mse")))
+    with pytest.raises(SaqError, match=r"quant.encoder.weight.ch_axis=-1 invalid"):
+        quantize(build_random_sam("sam_tiny", 0), axis)
     with pytest.raises(SaqError, match=r"quantizer state 'on' unknown; expected one of \['off', 'observe', 'quant'\]"):
         set_quant_state(qmodel, "on")
 

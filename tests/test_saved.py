@@ -640,3 +640,21 @@ def test_restoring_fp_weights_touches_only_the_layers_of_the_part(synthetic_root
     assert not same(learned, "mask_decoder.transformer.layers.0.self_attn.q_proj")
     assert not torch.equal(learned.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.bias,
                            reference.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.bias)
+
+
+def test_recipes_of_the_earlier_weight_axis_minus_one(tmp_path):
+    from saq.quant.export import FORMAT_VERSION
+
+    per_channel = {"quantizer": "adaround", "granularity": "per_channel", "ch_axis": -1, "symmetric": False,
+                   "observer": "mse"}
+    for part, readable in (("decoder", True), ("encoder", False)):
+        (tmp_path / "recipe.json").write_text(json.dumps(
+            {"format": FORMAT_VERSION, "quant": {"name": "w4a4", part: {"weight": per_channel}}}))
+        if readable:  # the decoder has linears only: -1 was their input channels, axis 1
+            quant = read_recipe(tmp_path)["quant"]
+            assert quant["decoder"]["weight"]["ch_axis"] == 1
+            assert QuantConfig.from_cfg(quant).decoder.weight.ch_axis == 1
+        else:  # the encoder's neck convs were quantized per kernel column: not a model this version makes
+            with pytest.raises(SaqError, match=r"recipe.json was saved with quant.encoder.weight.ch_axis=-1, which "
+                                               r"quantized the neck convs per kernel column"):
+                read_recipe(tmp_path)

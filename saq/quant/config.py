@@ -83,8 +83,8 @@ class QuantConfig:
     @classmethod
     def from_cfg(cls, cfg) -> QuantConfig:
         """Validate a mapping (dict or OmegaConf) into a QuantConfig; SaqError names the first bad key."""
-        if isinstance(cfg, QuantConfig):
-            return cfg
+        if isinstance(cfg, QuantConfig):  # built by hand: checked like a mapping (its validation lives here)
+            return cls.from_cfg(cfg.to_dict())
         data = _plain(cfg)
         if not isinstance(data, Mapping):
             raise SaqError(f"quant config must be a mapping, got {type(data).__name__}")

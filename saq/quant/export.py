@@ -75,7 +75,21 @@ def read_recipe(directory: str | Path) -> dict:
     for key in ("extra", "observers", "quantizers"):  # the last two: absent from exports made before they were kept
         if not isinstance(recipe.get(key, {}), dict):
             raise SaqError(f"{path} is not a quantized-model recipe: \"{key}\" is not an object")
+    _read_legacy_weight_axis(recipe["quant"], path)
     return recipe
+
+
+def _read_legacy_weight_axis(quant: dict, path: Path) -> None:
+    """Exports of before 2026-12-02 could have a per-channel weight ch_axis of -1: the decoder's (linears only) meant
+    input channels, 1 now; the encoder's also quantized the neck convs per kernel column, which no config makes now."""
+    for part in ("encoder", "decoder"):
+        weight = (quant.get(part) or {}).get("weight") if isinstance(quant.get(part), dict) else None
+        if not isinstance(weight, dict) or weight.get("ch_axis") != -1 or weight.get("granularity") != "per_channel":
+            continue
+        if part == "encoder":
+            raise SaqError(f"{path} was saved with quant.encoder.weight.ch_axis=-1, which quantized the neck convs "
+                           "per kernel column (no longer allowed: 0 or 1); run it again")
+        weight["ch_axis"] = 1
 
 
 def check_state_file(directory: str | Path) -> Path:

@@ -7,7 +7,7 @@ import copy
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -117,9 +117,16 @@ def calibrate(qmodel: nn.Module, samples: Sequence, quant_cfg=None, clip_cfg=Non
 
     cfg = QuantConfig.from_cfg(quant_cfg) if quant_cfg is not None else quant_config(qmodel)
     built = getattr(qmodel, CONFIG_ATTR, None)
-    if built is not None and cfg != built:  # BIG and the batch would follow one config, the quantizers another
-        raise SaqError("calibrate(): quant_cfg differs from the config the model was quantized with; pass that one "
-                       "(or None to use it)")
+    if built is not None:  # BIG would follow one config, the quantizers another (the label and the calibration
+        # data's size and batching change no quantizer)
+        same = replace(cfg, name=built.name, calib_images=built.calib_images, calib_decode_batch=built.calib_decode_batch)
+        if same != built:
+            from saq.log import flatten
+
+            ours, theirs = flatten(same.to_dict()), flatten(built.to_dict())
+            key = next(k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k))
+            raise SaqError(f"calibrate(): quant_cfg sets quant.{key}={ours.get(key)!r}, but the model was quantized "
+                           f"with {theirs.get(key)!r}; pass that config (or None to use it)")
     strategy = build_range_strategy(clip_cfg)
     check_range_owner(cfg, None if strategy is None else strategy.name)
     samples = list(samples)
