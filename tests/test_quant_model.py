@@ -265,6 +265,13 @@ def test_calibration_misuse_is_reported(tiny):
     qmodel = quantize(tiny, W4A4)
     with pytest.raises(SaqError, match="never calibrated"):
         set_quant_state(qmodel, "quant")
+    # all or none: the weight quantizers, calibrated by hand, did not switch while the activations could not
+    for layer in qmodel.modules():
+        if isinstance(layer, QuantLinear):
+            layer.weight_quantizer.calibrated.fill_(True)
+    with pytest.raises(SaqError, match="never calibrated"):
+        set_quant_state(qmodel, "quant")
+    assert set(quant_states(qmodel)) == {"off"}
     with pytest.raises(SaqError, match="at least one sample"):
         calibrate(qmodel, [], W4A4)
     no_prompts = PromptedImage(np.zeros((32, 32, 3), np.uint8))

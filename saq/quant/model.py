@@ -65,7 +65,12 @@ def set_quant_state(model: nn.Module, state: QuantState | str, kind: str | None 
         state = QuantState(state)
     except ValueError:
         raise SaqError(f"quantizer state {state!r} unknown; expected one of {[s.value for s in QuantState]}") from None
-    for quantizer in iter_quantizers(model, kind):
+    quantizers = list(iter_quantizers(model, kind))
+    if state is QuantState.QUANT:  # all or none: a failure half-way would leave some quantizing, some not
+        problem = next(filter(None, (q.cannot_quantize() for q in quantizers)), None)
+        if problem:
+            raise SaqError(problem)
+    for quantizer in quantizers:
         quantizer.set_state(state)
 
 

@@ -65,19 +65,27 @@ class Quantizer(nn.Module):
     def state(self) -> QuantState:
         return self._state
 
+    def cannot_quantize(self) -> str | None:
+        """Why switching to QUANT now would fail, or None."""
+        if self._state is QuantState.OBSERVE:
+            if not self.observer_seen():
+                return (f"quantizer {self.name or self.config_key} saw no data while observing; the calibration "
+                        "samples never reached it")
+        elif not bool(self.calibrated):
+            return f"quantizer {self.name or self.config_key} cannot quantize: it was never calibrated"
+        return None
+
     def set_state(self, state: QuantState | str) -> None:
         state = QuantState(state)
         if state is QuantState.OBSERVE and self._state is not QuantState.OBSERVE:
             self.reset_observer()
         if state is QuantState.QUANT:
+            problem = self.cannot_quantize()
+            if problem:
+                raise SaqError(problem)
             if self._state is QuantState.OBSERVE:
-                if not self.observer_seen():
-                    raise SaqError(f"quantizer {self.name or self.config_key} saw no data while observing; "
-                                   "the calibration samples never reached it")
                 self.finish_observing()
                 self.calibrated.fill_(True)
-            elif not bool(self.calibrated):
-                raise SaqError(f"quantizer {self.name or self.config_key} cannot quantize: it was never calibrated")
         self._state = state
 
     def forward(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> torch.Tensor:
