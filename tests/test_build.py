@@ -115,7 +115,16 @@ def test_a_state_dict_that_is_not_sams_or_a_quantized_export_is_named(tmp_path):
     with pytest.raises(SaqError, match=r"is a saq quantized model .*quant\.load=RUN_DIR"):
         build_sam("sam_tiny", path)
     torch.save({**state, "extra.weight": torch.ones(())}, path)  # one tensor too many: named, without "(and 0 more)"
-    with pytest.raises(SaqError, match=r"unexpected tensor extra\.weight\.$"):
+    with pytest.raises(SaqError, match=r"unexpected tensor extra\.weight\. Every SAM tensor is there: re-save SAM's "
+                                       r"weights alone, "):
+        build_sam("sam_tiny", path)
+    # an EMA of a DDP model: SAM's tensors lose the prefix, the counter beside them is what is named
+    torch.save({**{f"module.{k}": v for k, v in state.items()}, "n_averaged": torch.tensor(3)}, path)
+    with pytest.raises(SaqError, match=r"unexpected tensor n_averaged\. Every SAM tensor is there"):
+        build_sam("sam_tiny", path)
+    # a tensor inside SAM's modules (an adapter) makes another model: no advice to drop it
+    torch.save({**state, "mask_decoder.adapter.weight": torch.ones(())}, path)
+    with pytest.raises(SaqError, match=r"unexpected tensor mask_decoder\.adapter\.weight\.$"):
         build_sam("sam_tiny", path)
     del state["mask_decoder.iou_token.weight"]
     torch.save(state, path)

@@ -74,6 +74,18 @@ def test_a_round_never_writes_over_an_earlier_rounds_checkpoint(synthetic_root, 
     assert (tmp_path / "round1.pt").read_bytes() == b"weights"
 
 
+def test_home_paths_are_expanded_once_for_every_later_use(synthetic_root, tmp_path, monkeypatch):
+    from saq.sam.tiny.train import check_train_knobs
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # a quoted '~/...' or a sweep file reaches Python unexpanded
+    (tmp_path / "round1.pt").write_bytes(b"weights")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="train_tiny", overrides=[f"data.root={synthetic_root}", "data.n_val=2",
+                                                            "output='~/round2.pt'", "init_checkpoint='~/round1.pt'"])
+    check_train_knobs(cfg)
+    assert cfg.output == str(tmp_path / "round2.pt") and cfg.init_checkpoint == str(tmp_path / "round1.pt")
+
+
 def test_the_training_command_prints_a_user_error_as_one_line(tmp_path):
     import subprocess
     import sys

@@ -148,17 +148,19 @@ SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 
 
 def _strip_prefix(state: dict) -> dict:
-    """Keys under one common prefix before SAM's own (DDP's "module.", a wrapper's "model." or "sam.") lose it."""
+    """SAM's keys under one common prefix (DDP's "module.", a wrapper's "model." or "sam.") lose it; other tensors
+    (an EMA's n_averaged) keep their names, for check_state_dict to name."""
     prefixes = set()
     for key in state:
         at = min((i for i in (str(key).find(part) for part in SAM_PARTS) if i >= 0), default=-1)
-        if at < 0:
-            return state  # not every tensor is SAM's: left as it is, and named by check_state_dict
-        prefixes.add(str(key)[:at])
+        if at >= 0:
+            prefixes.add(str(key)[:at])
     if len(prefixes) != 1 or prefixes == {""}:
         return state
     (prefix,) = prefixes
-    return {k[len(prefix):]: v for k, v in state.items()}
+    return {k[len(prefix):] if str(k).startswith(prefix) and any(str(k)[len(prefix):].startswith(part)
+                                                                  for part in SAM_PARTS) else k: v
+            for k, v in state.items()}
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
@@ -182,7 +184,13 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], nam
     extra = sorted(set(state) - set(expected))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise SaqError(f"checkpoint {path} does not fit {name}: unexpected tensor {extra[0]}{more}.{hint}")
+        outside = [k for k in extra if not str(k).startswith(SAM_PARTS)]
+        # tensors beside SAM's (an EMA's counter, a saved pixel_mean) can go; ones inside SAM's modules (adapters,
+        # extra tokens) make another model, which SAM's weights alone would not be
+        fix = (" Every SAM tensor is there: re-save SAM's weights alone, {k: v for k, v in sd.items() if "
+               "k.startswith(('image_encoder.', 'prompt_encoder.', 'mask_decoder.'))}." if len(outside) == len(extra)
+               else "")
+        raise SaqError(f"checkpoint {path} does not fit {name}: unexpected tensor {extra[0]}{more}.{hint}{fix}")
 
 
 def build_sam(name: str, checkpoint: str | Path | None = None, config_key: str = "model.checkpoint") -> Sam:

@@ -195,6 +195,10 @@ def check_train_knobs(cfg: DictConfig) -> None:
     if not isinstance(cfg.output, str) or not cfg.output:  # the shipped weights are replaced only when named
         raise SaqError(f"output={cfg.output!r} invalid; give the checkpoint path to write (output={TINY_CHECKPOINT} "
                        "to replace the shipped one)")
+    # "~" once here (a quoted value or a sweep file reaches Python unexpanded): every later use reads these
+    cfg.output = str(Path(cfg.output).expanduser())
+    if isinstance(cfg.init_checkpoint, str) and cfg.init_checkpoint:
+        cfg.init_checkpoint = str(Path(cfg.init_checkpoint).expanduser())
     if Path(cfg.output).suffix not in (".pt", ".pth"):  # the card goes to output with .json: it must not be the same
         raise SaqError(f"output={cfg.output} invalid; give a checkpoint file name ending in .pt or .pth")
     out, shipped = Path(cfg.output).resolve(), TINY_CHECKPOINT.resolve()
@@ -204,7 +208,7 @@ def check_train_knobs(cfg: DictConfig) -> None:
     if out != shipped and out.exists():  # the first save would replace an earlier round's weights and card
         raise SaqError(f"output={cfg.output} already holds a checkpoint (an earlier round's or run's); give this round "
                        "a file of its own (output=...), or move that one away")
-    if cfg.init_checkpoint and not Path(cfg.init_checkpoint).expanduser().is_file():
+    if cfg.init_checkpoint and not Path(cfg.init_checkpoint).is_file():
         raise SaqError(f"init_checkpoint={cfg.init_checkpoint} not found; give the checkpoint of an earlier round")
     # the optimiser's numbers: a positive lr, fractions and factors that are finite and not negative
     check_number(cfg.lr, "lr", 0, open_min=True)
