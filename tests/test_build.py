@@ -37,13 +37,30 @@ def test_shipped_tiny_checkpoint_loads():
                                   lambda sd: {f"module.{k}": v for k, v in sd.items()},
                                   # a Lightning module holding SAM as `model`, or a wrapper's `sam.`
                                   lambda sd: {"state_dict": {f"model.{k}": v for k, v in sd.items()}},
-                                  lambda sd: {f"sam.{k}": v for k, v in sd.items()}])
+                                  lambda sd: {f"sam.{k}": v for k, v in sd.items()},
+                                  # the PyTorch tutorial's layout, and a wrapper twice
+                                  lambda sd: {"model_state_dict": sd, "optimizer_state_dict": {"state": {}}},
+                                  lambda sd: {"state_dict": {"model": sd}}])
 def test_training_script_checkpoints_load_as_the_plain_state_dict(tmp_path, wrap):
     # what fine-tuning scripts save: the weights under "model" or "state_dict", or with DDP's "module." prefix
     plain = build_random_sam("sam_tiny", seed=7).state_dict()  # not the shipped weights: this file is what loads
     torch.save(wrap(plain), tmp_path / "ft.pth")
     loaded = build_sam("sam_tiny", tmp_path / "ft.pth").state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in plain.items())
+
+
+def test_a_checkpoint_whose_weights_cannot_be_told_names_its_keys(tmp_path):
+    plain = build_random_sam("sam_tiny", seed=7).state_dict()
+    torch.save({"ema": plain, "student": plain, "epoch": 3}, tmp_path / "two.pth")
+    with pytest.raises(SaqError, match=r"two\.pth holds ema, student, epoch \(SAM's weights under each of ema, "
+                                       r"student\); re-save the weights alone"):
+        build_sam("sam_tiny", tmp_path / "two.pth")
+    torch.save({**plain, "epoch": 3}, tmp_path / "mixed.pth")  # SAM's keys with a number beside them
+    with pytest.raises(SaqError, match=r"mixed\.pth is not a state dict of tensors \('epoch' is int, not a tensor\)"):
+        build_sam("sam_tiny", tmp_path / "mixed.pth")
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "none.pth")
+    with pytest.raises(SaqError, match=r"none\.pth holds epoch, optimizer \(no SAM weights found\)"):
+        build_sam("sam_tiny", tmp_path / "none.pth")
 
 
 def test_missing_checkpoint_names_the_config_key(tmp_path):

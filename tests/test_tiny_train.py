@@ -119,6 +119,9 @@ def test_short_training_run_writes_checkpoint_and_card(synthetic_root, tmp_path,
     assert written["steps_done"] == 2 and "evaluation" not in written
     assert written["training"]["warmup_steps"] == 1 and written["training"]["eval_every"] == 1  # every knob kept
     assert written["train_images"] == 8  # data.n_train=null: every scene of the fixture's train split
+    # which generated set it trained on, not only where it was (another --seed or generator version is other data)
+    meta = json.loads((synthetic_root / "meta.json").read_text())
+    assert written["dataset"] == {"seed": 0, "generator_version": meta["generator_version"], "n_train": 8, "n_val": 6}
     trained = build_sam("sam_tiny", out)  # validated against the registered architecture
     assert not torch.equal(trained.image_encoder.pos_embed, make_sam(ARCHITECTURES["sam_tiny"]).image_encoder.pos_embed)
 

@@ -133,15 +133,37 @@ def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
     except Exception as exc:  # torch raises many types for corrupt files; all mean the same to the user
         raise SaqError(f"checkpoint {path} is not a readable PyTorch file ({type(exc).__name__}); "
                        f"{config_key} must point to a SAM state dict (.pth)") from None
-    # training scripts wrap the weights ({"model": ...} or {"state_dict": ...}) and DDP prefixes every key "module."
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
+    # training scripts wrap the weights ({"model": ...}, {"state_dict": ...}, {"model_state_dict": ...}, nested
+    # twice at most) and DDP prefixes every key "module."
+    for _ in range(2):
+        if not isinstance(obj, dict) or all(isinstance(v, torch.Tensor) for v in obj.values()) or any(
+                part in str(k) for k in obj for part in SAM_PARTS):  # SAM's own keys here: no wrapper to open
             break
+        preferred = [obj[w] for w in ("model", "state_dict") if isinstance(obj.get(w), dict)]
+        holding = [k for k, v in obj.items() if isinstance(v, dict) and _holds_sam(v)]
+        if preferred:
+            obj = preferred[0]
+        elif len(holding) == 1:
+            obj = obj[holding[0]]
+        else:
+            keys = ", ".join(map(str, list(obj)[:6])) + (", ..." if len(obj) > 6 else "")
+            why = f"SAM's weights under each of {', '.join(map(str, holding))}" if holding else "no SAM weights found"
+            raise SaqError(f"checkpoint {path} holds {keys} ({why}); re-save the weights alone: "
+                           "torch.save(torch.load(PATH)[KEY], 'sam.pth') with the key that holds them")
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SaqError(f"checkpoint {path} is not a state dict of tensors (found {type(obj).__name__}); "
-                       f"{config_key} must point to a SAM state dict (.pth)")
+        odd = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None) if isinstance(obj, dict) \
+            else None
+        found = (f"{odd!r} is {type(obj[odd]).__name__}, not a tensor" if odd is not None
+                 else f"found {type(obj).__name__}")
+        raise SaqError(f"checkpoint {path} is not a state dict of tensors ({found}); {config_key} must point to a "
+                       "SAM state dict (.pth)")
     return _strip_prefix(obj)
+
+
+def _holds_sam(tree: dict) -> bool:
+    """Whether a dict holds SAM's tensors, directly or one wrapper further down."""
+    return any(any(part in str(k) for part in SAM_PARTS) or (isinstance(v, dict) and _holds_sam(v))
+               for k, v in tree.items())
 
 
 SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")

@@ -301,8 +301,19 @@ def earlier_rounds(cfg: DictConfig) -> list[dict]:
     if not card_path.exists():
         return [{"init_checkpoint": str(cfg.init_checkpoint), "card": None}]
     card = json.loads(card_path.read_text())
-    keys = ("architecture", "data", "train_images", "training", "steps_done", "wall_time_minutes", "machine", "history")
+    keys = ("architecture", "data", "dataset", "train_images", "training", "steps_done", "wall_time_minutes", "machine",
+            "history")
     return [*card.get("earlier_rounds", []), {k: card[k] for k in keys if k in card}]
+
+
+def _dataset_meta(root: Path) -> dict | None:
+    """The generator's record of the data (`make data` writes root/meta.json: seed, generator version, counts)."""
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None  # real data, or no record: the card's data paths are all there is
+    return {k: meta[k] for k in ("seed", "generator_version", "n_train", "n_val") if k in meta} if isinstance(
+        meta, dict) else None
 
 
 def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_rounds: list[dict],
@@ -316,6 +327,7 @@ def save(sam, cfg: DictConfig, params: int, history: list, start: float, prior_r
         "architecture": ARCHITECTURES["sam_tiny"].__dict__,
         "parameters": params,
         "data": OmegaConf.to_container(cfg.data),
+        "dataset": _dataset_meta(Path(cfg.data.root)),  # which generated set (seed, generator version), not only where
         "train_images": train_images,  # data.n_train may be null (all), and `make data` has grown between rounds
         # every training knob, so a round can be rerun from its card alone
         "training": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("hydra", "data")},
