@@ -83,7 +83,8 @@ def _read_legacy_weight_axis(quant: dict, path: Path) -> None:
     """Exports of before 2026-12-02 could have a per-channel weight ch_axis of -1: the decoder's (linears only) meant
     input channels, 1 now; the encoder's also quantized the neck convs per kernel column, which no config makes now."""
     for part in ("encoder", "decoder"):
-        weight = (quant.get(part) or {}).get("weight") if isinstance(quant.get(part), dict) else None
+        spec = quant.get(part)
+        weight = spec.get("weight") if isinstance(spec, dict) else None
         if not isinstance(weight, dict) or weight.get("ch_axis") != -1 or weight.get("granularity") != "per_channel":
             continue
         if part == "encoder":

@@ -137,7 +137,7 @@ def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
     # twice at most) and DDP prefixes every key "module."
     for _ in range(2):
         if not isinstance(obj, dict) or all(isinstance(v, torch.Tensor) for v in obj.values()) or any(
-                part in str(k) for k in obj for part in SAM_PARTS):  # SAM's own keys here: no wrapper to open
+                _sam_part_at(k) >= 0 for k in obj):  # SAM's own keys here: no wrapper to open
             break
         preferred = [obj[w] for w in ("model", "state_dict") if isinstance(obj.get(w), dict)]
         holding = [k for k, v in obj.items() if isinstance(v, dict) and _holds_sam(v)]
@@ -162,27 +162,25 @@ def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
 
 def _holds_sam(tree: dict) -> bool:
     """Whether a dict holds SAM's tensors, directly or one wrapper further down."""
-    return any(any(part in str(k) for part in SAM_PARTS) or (isinstance(v, dict) and _holds_sam(v))
-               for k, v in tree.items())
+    return any(_sam_part_at(k) >= 0 or (isinstance(v, dict) and _holds_sam(v)) for k, v in tree.items())
 
 
 SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 
 
+def _sam_part_at(key) -> int:
+    """Where SAM's own part of a state-dict key starts (after a wrapper's prefix), or -1 when it has none."""
+    return min((i for i in (str(key).find(part) for part in SAM_PARTS) if i >= 0), default=-1)
+
+
 def _strip_prefix(state: dict) -> dict:
     """SAM's keys under one common prefix (DDP's "module.", a wrapper's "model." or "sam.") lose it; other tensors
     (an EMA's n_averaged) keep their names, for check_state_dict to name."""
-    prefixes = set()
-    for key in state:
-        at = min((i for i in (str(key).find(part) for part in SAM_PARTS) if i >= 0), default=-1)
-        if at >= 0:
-            prefixes.add(str(key)[:at])
+    prefixes = {str(key)[:_sam_part_at(key)] for key in state if _sam_part_at(key) >= 0}
     if len(prefixes) != 1 or prefixes == {""}:
         return state
     (prefix,) = prefixes
-    return {k[len(prefix):] if str(k).startswith(prefix) and any(str(k)[len(prefix):].startswith(part)
-                                                                  for part in SAM_PARTS) else k: v
-            for k, v in state.items()}
+    return {k[len(prefix):] if _sam_part_at(k) == len(prefix) else k: v for k, v in state.items()}
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
