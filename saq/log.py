@@ -290,6 +290,11 @@ def flatten(tree, sep: str = ".", prefix: str = "") -> dict[str, object]:
     return out
 
 
+# conf/method's presets; a custom run whose clipping is named like one is labelled apart from it
+METHOD_PRESETS = ("minmax", "ptq4sam_s", "saq_sam_star", "qdrop", "ptq4sam_l", "saq_sam")
+CUSTOM_SUFFIX = " (custom)"
+
+
 def method_preset(config: dict) -> str | None:
     """The paper-row preset a run was composed with (method=..., conf/method), or None for a custom run."""
     method = config.get("method")
@@ -307,6 +312,8 @@ def method_label(config: dict) -> str:
     recon = config.get("recon")
     if isinstance(recon, dict) and recon.get("name") not in (None, "none"):
         label += f"+{recon['name']}"
+    if label in METHOD_PRESETS:  # clip=minmax alone keeps BIG and AGQ on: not the minmax preset's row
+        label += CUSTOM_SUFFIX
     return label
 
 

@@ -49,7 +49,7 @@ METRIC_ORDER = {"instance": ["mask_AP", "mask_AP50", "mask_AP75", "mIoU"], "orie
                 "semantic": ["mIoU", "aAcc"]}
 NOT_TABLE_METRICS = {"images", "prompts", "empty_masks", "masks_per_image"}  # counts, not scores
 MODEL_ORDER = ["sam_tiny", "sam_tiny_outliers", "sam_vit_b", "sam_vit_l", "sam_vit_h"]
-METHOD_ORDER = ["minmax", "percentile", "mse", "pcc", "ptq4sam_s", "saq_sam_star", "qdrop", "ptq4sam_l", "saq_sam"]
+METHOD_ORDER = ["minmax", "minmax (custom)", "percentile", "mse", "pcc", "ptq4sam_s", "saq_sam_star", "qdrop", "ptq4sam_l", "saq_sam"]
 REPORT_FILES = ("report.md", "report.csv", "report.tex")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from saq.log import METHOD_PRESETS
 from saq.report import build_report, main, markdown_table, write_report
 from tests.conftest import REPO
 
@@ -57,9 +58,9 @@ def test_runs_of_other_weights_at_the_same_checkpoint_path_are_other_rows(tmp_pa
 
 
 def test_layout_fp_on_top_methods_by_bits_and_best_in_bold(tmp_path):
-    put(tmp_path, "a", record(bits=6, clip="minmax", ap=0.70))
+    put(tmp_path, "a", record(bits=6, method="minmax", clip="minmax", ap=0.70))
     put(tmp_path, "b", record(bits=6, clip="mse", ap=0.75))
-    put(tmp_path, "c", record(bits=4, clip="minmax", ap=0.40))
+    put(tmp_path, "c", record(bits=4, method="minmax", clip="minmax", ap=0.40))
     put(tmp_path, "d", record(bits=4, clip="mse", ap=0.60))
     report = build_report(tmp_path)
     table = next(t for t in report.tables if t.metric == "mask_AP")
@@ -191,6 +192,22 @@ def test_row_labels_from_method_preset_or_clip_plus_recon(tmp_path):
     table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
     assert table.rows.index("saq_sam (paper-compat eval)") == table.rows.index("saq_sam") + 1
     assert "| SAQ-SAM (saq_sam (paper-compat eval)) |" in md and "| SAQ-SAM (saq_sam) |" not in md
+
+
+def test_custom_minmax_run_is_not_labelled_as_the_minmax_preset(tmp_path):
+    # clip=minmax alone keeps BIG and AGQ on: another method than the preset, so another row, never set beside
+    # the paper's MinMax
+    put(tmp_path, "preset", record(method="minmax", clip="minmax", ap=0.4))
+    put(tmp_path, "custom", record(clip="minmax", ap=0.5))
+    write_report(build_report(tmp_path), tmp_path)
+    assert {k[0] for k in ours(tmp_path)} == {"FP", "minmax", "minmax (custom)"}
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    assert table.rows.index("minmax (custom)") == table.rows.index("minmax") + 1
+    assert table.row_paper["minmax"] == "MinMax" and table.row_paper["minmax (custom)"] is None
+
+
+def test_method_presets_known_to_the_labels_are_conf_method():
+    assert set(METHOD_PRESETS) == {p.stem for p in (REPO / "conf" / "method").glob("*.yaml")}
 
 
 def test_bad_files_are_listed_and_skipped_and_failures_listed(tmp_path):
@@ -362,7 +379,7 @@ def test_deploy_refuses_an_unknown_softmax_mode(tmp_path, capsys):
 
 def test_a_row_evaluated_on_other_images_than_the_table_says_so_even_alone(tmp_path):
     small = lambda rec: rec | {"config": rec["config"] | {"task": {"max_images": 2, "coarse": {"seed": 0}}}}  # noqa: E731
-    put(tmp_path, "minmax", small(record(clip="minmax", ap=0.4)))
+    put(tmp_path, "minmax", small(record(method="minmax", clip="minmax", ap=0.4)))
     put(tmp_path, "mse", small(record(clip="mse", ap=0.6)))
     put(tmp_path, "pcc", record(clip="pcc", ap=0.7, fp_ap=0.75))  # its only run, on all images
     report = build_report(tmp_path)
@@ -538,7 +555,7 @@ def test_clip_range_plots_of_other_prompt_sources_are_both_drawn(tmp_path):
 
 
 def test_a_nan_cell_is_shown_and_the_best_finite_cell_stays_bold(tmp_path):
-    put(tmp_path, "a", record(clip="minmax", ap=float("nan")))
+    put(tmp_path, "a", record(method="minmax", clip="minmax", ap=float("nan")))
     put(tmp_path, "b", record(clip="mse", ap=0.5))
     put(tmp_path, "c", record(clip="pcc", ap=0.6))
     table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
