@@ -180,6 +180,12 @@ def test_outlier_model_is_exact_in_fp_and_carries_the_planted_magnitude():
     assert 0.0 < len(planted[0]["channels"]) / attentions["layers.0.self_attn"].internal_dim <= 0.02
 
 
+def test_a_magnitude_whose_rounding_changes_fp_masks_is_refused():
+    # the offsets cancel in softmax only up to float rounding: far beyond the paper's ~150x, boundary pixels flip
+    with pytest.raises(SaqError, match=r"model.outliers.magnitude=100000 changes \d+ of the FP model's"):
+        plant_key_outliers(build_sam("sam_tiny_outliers"), [_sample(0, (256, 256))], OutlierSpec(magnitude=1e5))
+
+
 def test_outliers_are_planted_in_listed_attentions_in_forward_order():
     # signs alternate and heads are drawn in the listed order: another order of the same set would plant other
     # outliers under an equal-looking config, so only the forward order is taken

@@ -68,8 +68,10 @@ class OutlierSpec:
 
 
 @torch.no_grad()
-def key_p99(sam: Sam, samples: Sequence[PromptedImage], names: Sequence[str]) -> dict[str, float]:
-    """p99 of |k_proj output| of each named decoder attention over the samples' prompts."""
+def key_p99(sam: Sam, samples: Sequence[PromptedImage], names: Sequence[str],
+            predictions: list | None = None) -> dict[str, float]:
+    """p99 of |k_proj output| of each named decoder attention over the samples' prompts (the samples' predictions
+    are appended to `predictions` when given)."""
     from saq.clipping.percentile import tail_quantiles
 
     attentions = decoder_attentions(sam)
@@ -79,7 +81,9 @@ def key_p99(sam: Sam, samples: Sequence[PromptedImage], names: Sequence[str]) ->
     try:
         segmenter = Segmenter(sam)
         for sample in samples:
-            segmenter.run(sample)
+            prediction = segmenter.run(sample)
+            if predictions is not None:
+                predictions.append(prediction)
     finally:
         for handle in handles:
             handle.remove()
@@ -99,7 +103,8 @@ def plant_key_outliers(sam: Sam, samples: Sequence[PromptedImage], spec: Outlier
     names = [name for name in attentions if spec.attentions == "all" or name in spec.attentions]
     if spec.attentions != "all" and list(spec.attentions) != names:  # signs and the drawn heads follow the order
         raise SaqError(f"model.outliers.attentions must list the attentions in forward order: {names}")
-    p99 = key_p99(sam, samples, names)
+    before: list = []
+    p99 = key_p99(sam, samples, names, before)
     gen = torch.Generator().manual_seed(spec.seed)
     planted = []
     for index, name in enumerate(names):
@@ -117,7 +122,25 @@ def plant_key_outliers(sam: Sam, samples: Sequence[PromptedImage], spec: Outlier
             raise SaqError(f"{name}.k_proj has no bias to carry the offset")
         attn.k_proj.bias[channels] += offset
         planted.append({"attention": name, "channels": channels, "offset": offset, "p99": p99[name]})
+    _check_fp_masks_kept(sam, samples, before, spec)
     return planted
+
+
+@torch.no_grad()
+def _check_fp_masks_kept(sam: Sam, samples: Sequence[PromptedImage], before: list, spec: OutlierSpec) -> None:
+    """The offsets cancel in softmax only up to float rounding, which grows with the magnitude (a logit error of
+    ~5e-3 and a few flipped pixels at 10000 x p99 on sam_tiny): refuse a planting that changes the FP masks."""
+    segmenter = Segmenter(sam)
+    changed = total = 0
+    for sample, old in zip(samples, before):
+        new = segmenter.run(sample)
+        if old is not None:
+            changed += int((old.masks != new.masks).sum())
+            total += old.masks.numel()
+    if changed:
+        raise SaqError(f"model.outliers.magnitude={spec.magnitude:g} changes {changed} of the FP model's {total} mask "
+                       "pixels on the planting images (float rounding of the offset logits); the testbed must keep FP "
+                       "exact: use a smaller magnitude (the default is 150)")
 
 
 def spec_record(spec: OutlierSpec) -> dict:
