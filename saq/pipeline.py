@@ -93,6 +93,7 @@ def fp_cache_path(cfg: DictConfig, task) -> Path:
 
 MODEL_KEYS = ("name", "checkpoint", "decode_batch_size", "outliers")  # every key of conf/model/*.yaml
 FP_QUANT_KEYS = ("name", "save", "load")  # conf/quant/fp.yaml
+DEFAULT_CLIP = "mse"  # conf/config.yaml's clip default: what an FP run carries untouched
 LOGGER_MODES = ("offline", "online", "disabled")
 LOGGER_KEYS = ("name", "mode", "project", "entity", "group", "tags", "init_timeout_s")  # conf/logger/wandb.yaml
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -240,18 +241,34 @@ def validate(cfg: DictConfig):
     the validated quant config and clip strategy (None for an FP run)."""
     check_run_knobs(cfg)
     check_device(cfg.device, "device")
-    check_group_labels(cfg)
-    check_overrides_read(cfg)
-    check_method_preset(cfg)
     if cfg.quant.get("load"):  # the saved model exists and fits this run
+        from saq.quant.config import check_run_keys
         from saq.saved import check_load
 
+        check_run_keys(cfg.quant)  # a number or a boolean is no path
         check_load(cfg)
+    if cfg.get("deploy"):
+        from saq.deploy import require_onnx
+
+        require_onnx("deploy=true")  # found now, not after the FP and quantized evaluations
+    return check_config(cfg)
+
+
+def check_config(cfg: DictConfig, choices: dict | None = None, overrides: list[str] | None = None):
+    """validate's checks that read only the config (no device, saved model or installed package): a sweep runs them
+    on every job before the first starts (choices, overrides: the job's, else read from Hydra's running job).
+    Returns the quant config and clip strategy (None for an FP run)."""
+    check_run_knobs(cfg)
+    if cfg.quant.get("name") == "custom":  # conf/quant/_base.yaml, which Hydra lists beside the presets
+        raise SaqError("quant=_base is the quantizing presets' shared settings, not a preset; choose quant=w4a4, "
+                       "quant=w6a6 or quant=w8a8 (and set quant.w_bits / quant.a_bits for other widths)")
+    check_group_labels(cfg, choices)
+    check_overrides_read(cfg, overrides)
+    check_method_preset(cfg)
     if cfg.get("deploy"):  # int8 kernels need a W8A8 model
-        from saq.deploy import check_deploy_config, require_onnx
+        from saq.deploy import check_deploy_config
 
         check_deploy_config(None if cfg.quant.name == "fp" else cfg.quant)
-        require_onnx("deploy=true")  # found now, not after the FP and quantized evaluations
         if (cfg.get("recon") or {}).get("paper_eval_compat"):  # metrics.quantized would keep inputs FP, deployed not
             raise SaqError("deploy=true evaluates the int8 graph fully quantized, but recon.paper_eval_compat=true "
                            "evaluates the model with half its linear inputs in FP: the two would not compare; deploy "
@@ -280,6 +297,16 @@ def validate(cfg: DictConfig):
         if unknown:
             raise SaqError(f"quant=fp has no quant.{unknown[0]}: it runs the model in full precision; choose a "
                            "quantizing preset (quant=w4a4, quant=w6a6 or quant=w8a8) to set quant knobs")
+        if cfg.quant.get("save"):
+            raise SaqError("quant.save=true with quant=fp: nothing is quantized to save; add a bit-width (quant=w4a4, "
+                           "quant=w6a6 or quant=w8a8)")
+        # clipping is read only when quantizing: an FP run under clip=pcc clip.theta=0.3 would just be FP again
+        default_clip = CONF_DIR / "clip" / f"{DEFAULT_CLIP}.yaml"
+        if (cfg.get("clip") is not None and default_clip.is_file()
+                and OmegaConf.to_container(cfg.clip, resolve=True) != OmegaConf.to_container(OmegaConf.load(default_clip))):
+            raise SaqError(f"clip={cfg.clip.get('name')} (or a clip.* knob) with quant=fp: the ranges of a quantized "
+                           "run are not used in full precision; add a bit-width (quant=w4a4, quant=w6a6 or quant=w8a8) "
+                           "or leave clip at its default")
         return None, None
     from saq.clipping import build_range_strategy
     from saq.quant import QuantConfig
@@ -297,7 +324,12 @@ def validate(cfg: DictConfig):
     if cfg.get("recon") is not None:
         from saq.recon import ReconConfig
 
-        ReconConfig.from_cfg(cfg.recon).check_run()
+        recon = ReconConfig.from_cfg(cfg.recon)
+        recon.check_run()
+        if recon.name != "none" and recon.softmax_scale_lr and not quant_cfg.agq:
+            raise SaqError(f"recon.softmax_scale_lr={recon.softmax_scale_lr:g} learns AGQ's post-softmax scale, but "
+                           "quant.agq=false quantizes post-softmax maps uniformly (their steps learn at "
+                           "recon.scale_lr); set quant.agq=true or leave recon.softmax_scale_lr at 0")
     return quant_cfg, strategy
 
 

@@ -49,7 +49,8 @@ METRIC_ORDER = {"instance": ["mask_AP", "mask_AP50", "mask_AP75", "mIoU"], "orie
                 "semantic": ["mIoU", "aAcc"]}
 NOT_TABLE_METRICS = {"images", "prompts", "empty_masks", "masks_per_image"}  # counts, not scores
 MODEL_ORDER = ["sam_tiny", "sam_tiny_outliers", "sam_vit_b", "sam_vit_l", "sam_vit_h"]
-METHOD_ORDER = ["minmax", "minmax (custom)", "percentile", "mse", "pcc", "ptq4sam_s", "saq_sam_star", "qdrop", "ptq4sam_l", "saq_sam"]
+METHOD_ORDER = ["minmax", "minmax (custom)", "percentile", "mse", "pcc", "ptq4sam_s", "saq_sam_star", "qdrop",
+                "ptq4sam_l", "saq_sam"]
 REPORT_FILES = ("report.md", "report.csv", "report.tex")
 
 
@@ -189,6 +190,8 @@ def load_failures(root: Path) -> list[dict]:
 def entries_of(run: dict) -> list[Entry]:
     config = labelled_config(run)  # a loaded model sits in the row of the run that produced it
     flat = flatten(with_knobs_added_since(config))  # a run made before a knob existed ran its old behaviour
+    if flat.get("recon.name") in (None, "none"):
+        flat.pop("recon.budget", None)  # learned methods' budget: no knob of a run that learns nothing
     if run.get("checkpoint_sha256"):  # the weights themselves: a retrained file at the same path is another model
         flat["model.weights"] = str(run["checkpoint_sha256"])[:12]
     common = dict(task=str(run["task"]), prompts=str(run.get("prompts", "-")), model=str(run["model"]),

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saq.errors import SaqError
 from saq.log import RESULTS_FILE, record_problem, set_aside_run, write_json_atomic
@@ -33,7 +33,7 @@ RESUME_IGNORED_NESTED = ("quant.save", "recon.resume", "recon.state_dir", "recon
 # config lacks one ran with that value (a new knob's default keeps the old behaviour), so reruns of old sweeps still
 # skip it, unless the knob is now set otherwise.
 KNOBS_ADDED_SINCE = {"recon.response_input": "mixed", "recon.mse_sum": "channels", "prompts.class_names": None,
-                     "task.difficult_above": 0}
+                     "task.difficult_above": 0, "recon.budget": "official"}
 
 
 def job_dirname(overrides: str, max_len: int = 160) -> str:
@@ -224,15 +224,28 @@ def sweep_job_overrides(config: DictConfig) -> list[list[str]] | None:
 
 
 def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]]:
-    """Every job's overrides with its composed config, or Hydra's reason it does not compose."""
+    """Every job's overrides with its composed config, or the reason it cannot run: Hydra's (it does not compose) or
+    saq's config checks (pipeline.check_config: a preset whose switches the sweep changes, a knob nothing reads)."""
     from hydra import compose
+
+    from saq.pipeline import check_config
 
     jobs = []
     for job in sweep_job_overrides(config) or []:
         try:
-            jobs.append((job, compose(config_name=config.hydra.job.config_name, overrides=job)))
+            cfg = compose(config_name=config.hydra.job.config_name, overrides=job, return_hydra_config=True)
         except Exception as exc:  # Hydra's composition errors: missing option, bad key, bad value
             jobs.append((job, " ".join(str(exc).split()).split(" Config search path:")[0]))
+            continue
+        choices = dict(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        try:  # the sweep's shared recon.iters overrides are checked across its jobs (recon_iters_no_job_reads)
+            check_config(cfg, choices, overrides=[])
+        except SaqError as exc:
+            jobs.append((job, str(exc)))
+            continue
+        jobs.append((job, cfg))
     return jobs
 
 
@@ -279,6 +292,20 @@ def missing_slurm_commands(config: DictConfig) -> list[str]:
     return [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]
 
 
+# sbatch options that exclude each other: the first of each pair is set by conf/hydra/launcher/slurm.yaml, so
+# following a comment's "alternative" without nulling it would submit both and sbatch refuses the script
+SLURM_EXCLUSIVE = (("mem_gb", "mem_per_gpu"), ("mem_gb", "mem_per_cpu"), ("mem_per_gpu", "mem_per_cpu"),
+                   ("cpus_per_task", "cpus_per_gpu"), ("gpus_per_node", "gres"), ("gpus_per_node", "gpus_per_task"))
+
+
+def slurm_conflicts(config: DictConfig) -> list[tuple[str, str]]:
+    """Pairs of mutually exclusive Slurm launcher options that are both set."""
+    launcher = config.hydra.launcher
+    if not str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+        return []
+    return [(a, b) for a, b in SLURM_EXCLUSIVE if launcher.get(a) is not None and launcher.get(b) is not None]
+
+
 class SweepReport(Callback):
     """Before a multirun: every job must compose. After it: the sweep's report, its main tables, the failed jobs."""
 
@@ -291,12 +318,17 @@ class SweepReport(Callback):
                   "run the sweep on the cluster's login node, or here with hydra/launcher=joblib (parallel local "
                   "jobs) or hydra/launcher=submitit_local; nothing was run", file=sys.stderr)
             sys.exit(2)
+        for a, b in slurm_conflicts(config):
+            print(f"error: hydra.launcher.{a} and hydra.launcher.{b} are both set; Slurm takes one of them: add "
+                  f"hydra.launcher.{a}=null (or {b}=null); nothing was run", file=sys.stderr)
+            sys.exit(2)
         jobs = composed_jobs(config)
         problems = [(job, why) for job, why in jobs if isinstance(why, str)]
         if problems:
             for job, why in problems:
                 print(f"error: job {' '.join(job)}: {why}", file=sys.stderr)
-            print(f"error: {len(problems)} jobs of this sweep do not compose; nothing was run", file=sys.stderr)
+            print(f"error: {len(problems)} jobs of this sweep cannot run (they do not compose, or their settings are "
+                  "refused); nothing was run", file=sys.stderr)
             sys.exit(2)
         for kind, granularities in recon_iters_no_job_reads(jobs):
             print(f"error: recon.iters.{kind} is read by no job of this sweep (their recon.granularity: "

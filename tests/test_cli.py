@@ -160,6 +160,16 @@ def test_activation_observer_set_beside_clip_is_one_line(tmp_path):
     ("quant=fp recon=qdrop", "error: recon=qdrop quantizes the model but quant=fp runs it in full precision; "
                              "add a bit-width: quant=w4a4, quant=w6a6 or quant=w8a8"),
     # Hydra's own hint for a key the FP preset lacks is `+quant.w_bits=4`: followed, it must not run FP silently
+    ("quant=fp clip=pcc", "error: clip=pcc (or a clip.* knob) with quant=fp: the ranges of a quantized run are not "
+                          "used in full precision; add a bit-width (quant=w4a4, quant=w6a6 or quant=w8a8) or leave "
+                          "clip at its default"),
+    ("quant=fp clip.p=3.0", "error: clip=mse (or a clip.* knob) with quant=fp: the ranges of a quantized run are not "
+                            "used in full precision; add a bit-width (quant=w4a4, quant=w6a6 or quant=w8a8) or leave "
+                            "clip at its default"),
+    ("quant=fp quant.save=true", "error: quant.save=true with quant=fp: nothing is quantized to save; add a bit-width "
+                                 "(quant=w4a4, quant=w6a6 or quant=w8a8)"),
+    ("quant=_base", "error: quant=_base is the quantizing presets' shared settings, not a preset; choose quant=w4a4, "
+                    "quant=w6a6 or quant=w8a8 (and set quant.w_bits / quant.a_bits for other widths)"),
     ("quant=fp +quant.w_bits=4", "error: quant=fp has no quant.w_bits: it runs the model in full precision; choose a "
                                  "quantizing preset (quant=w4a4, quant=w6a6 or quant=w8a8) to set quant knobs"),
 ])
@@ -234,6 +244,13 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
     (["quant=w4a4", "recon=par", "recon.name=none"], "recon=none learns nothing, so recon.best_state"),
     (["quant=w4a4", "recon=par", "recon.name=foo"], "recon.name='foo' unknown; expected one of ['none', 'qdrop', "),
     (["quant=w4a4", "clip=pcc", "clip.images=64"], "clip.images=64 scores more images than calibration has"),
+    (["quant=w4a4", "method=saq_sam", "recon.state_dir=null"], "recon.state_dir=None invalid; expected a folder path"),
+    (["quant=w4a4", "recon=par", "recon.round_reg.b_start=10"], "recon.round_reg.b_start=10 shapes AdaRound's rounding "
+                                                                  "regulariser, which is off"),
+    (["quant=w4a4", "recon=par", "quant.agq=false", "recon.softmax_scale_lr=0.002"],
+     "recon.softmax_scale_lr=0.002 learns AGQ's post-softmax scale, but quant.agq=false"),
+    (["quant=w4a4", "quant.load=5"], "quant.load=5 invalid; expected null or the path of a run directory"),
+    (["quant=w4a4", "quant.load=true"], "quant.load=True invalid; expected null or the path of a run directory"),
     # planted outliers make another model: with them off, or on another model, the run would carry the wrong name
     (["model=sam_tiny_outliers", "model.outliers=null"], "model=sam_tiny_outliers plants its outliers with "
                                                          "model.outliers; it cannot be null"),

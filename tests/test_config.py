@@ -133,6 +133,22 @@ def test_every_sweep_job_composes(sweep, overrides, monkeypatch):
     validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))  # what a run checks before computing
 
 
+@pytest.mark.parametrize("sweep", ["table_instance", "table_oriented", "table_semantic"])
+def test_table_sweeps_take_the_equal_budget_the_cpu_tables_ran_at(sweep, monkeypatch):
+    # ARGS='recon.budget=equal' reaches every job, those that learn nothing included (a sweep-wide knob)
+    from saq.pipeline import check_config
+
+    monkeypatch.chdir(REPO)
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        for _, overrides in [job for job in sweep_jobs() if job[0] == sweep]:
+            cfg = compose(config_name="config", overrides=[f"+sweeps={sweep}", *overrides, "recon.budget=equal"],
+                          return_hydra_config=True)
+            choices = dict(cfg.hydra.runtime.choices)
+            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+            assert cfg.recon.budget == "equal"
+            check_config(cfg, choices, overrides=[])
+
+
 def test_sweep_dir_and_any_key_can_be_overridden(monkeypatch):
     monkeypatch.chdir(REPO)
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
@@ -177,3 +193,24 @@ def test_wandb_sweep_files_launch_the_same_jobs_as_the_hydra_presets():
                       for combo in itertools.product(*(spec["parameters"][k]["values"] for k in keys))}
         assert wandb_jobs == jobs, sweep
     assert sorted(p.stem for p in (REPO / "sweeps" / "wandb").glob("*.yaml")) == sorted(hydra_jobs)
+
+
+def test_fp_runs_compare_their_clip_with_the_root_configs_default():
+    from saq.pipeline import DEFAULT_CLIP
+
+    assert {"clip": DEFAULT_CLIP} in OmegaConf.load(CONF / "config.yaml").defaults
+
+
+def test_slurm_options_that_exclude_each_other_are_found_before_submitting(monkeypatch):
+    # the comments' "alternative" keys beside saq's defaults (mem_gb=64, ...) would put both flags in the sbatch script
+    from saq.sweep import slurm_conflicts
+
+    monkeypatch.chdir(REPO)
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        plain = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        both = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.mem_per_gpu=32G",
+                                                        "hydra.launcher.gres=gpu:a100:1"], return_hydra_config=True)
+        chosen = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.mem_per_gpu=32G",
+                                                          "hydra.launcher.mem_gb=null"], return_hydra_config=True)
+    assert slurm_conflicts(plain) == [] and slurm_conflicts(chosen) == []
+    assert slurm_conflicts(both) == [("mem_gb", "mem_per_gpu"), ("gpus_per_node", "gres")]

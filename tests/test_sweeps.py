@@ -141,8 +141,20 @@ def test_a_job_that_does_not_compose_stops_the_sweep_before_any_job_runs(synthet
     proc = multirun(sweep_dir, "quant=w4a4", "clip=minmax,pcc_not_here", data=synthetic_root, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1] == "error: 1 jobs of this sweep do not compose; nothing was run"
+    assert lines[-1] == ("error: 1 jobs of this sweep cannot run (they do not compose, or their settings are "
+                         "refused); nothing was run")
     assert "clip=pcc_not_here" in lines[-2] and "Could not find 'clip/pcc_not_here'" in lines[-2]
+    assert not list(sweep_dir.rglob("results.json"))
+
+
+def test_a_job_whose_settings_a_run_refuses_stops_the_sweep_before_any_job_runs(synthetic_root, tmp_path):
+    # it composes, but method=saq_sam is PCC's clipping: the clip=minmax job would fail alone, after the others ran
+    sweep_dir = tmp_path / "sweep"
+    proc = multirun(sweep_dir, "quant=w4a4", "method=saq_sam", "clip=pcc,minmax", data=synthetic_root, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: 1 jobs of this sweep cannot run")
+    assert "clip=minmax" in lines[-2] and "method=saq_sam is clip=pcc; this run sets clip=minmax" in lines[-2]
     assert not list(sweep_dir.rglob("results.json"))
 
 

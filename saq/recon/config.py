@@ -85,9 +85,10 @@ class ReconConfig:
         if name not in RECON_NAMES:  # the name decides whether anything is learned: no free-form labels
             raise SaqError(f"recon.name={name!r} unknown; expected one of {list(RECON_NAMES)} (choose the preset "
                            "with recon=...)")
-        if name == "none" and set(values) - {"name"}:
-            raise SaqError(f"recon=none learns nothing, so recon.{sorted(set(values) - {'name'})[0]} would have no "
-                           "effect; choose recon=qdrop or recon=par (or a method= preset that learns)")
+        # budget is schedule-wide: a sweep of statistic and learned methods (table_instance) sets it for every job
+        if name == "none" and set(values) - {"name", "budget"}:
+            raise SaqError(f"recon=none learns nothing, so recon.{sorted(set(values) - {'name', 'budget'})[0]} would "
+                           "have no effect; choose recon=qdrop or recon=par (or a method= preset that learns)")
         for key, choices in (("granularity", GRANULARITIES), ("loss", LOSSES), ("mse_sum", MSE_SUMS), ("budget", BUDGETS),
                              ("target_input", TARGET_INPUTS), ("response_input", RESPONSE_INPUTS),
                              ("scale_lr_schedule", ("cosine", "constant"))):
@@ -114,6 +115,9 @@ class ReconConfig:
                 values[key] = check_int(values[key], f"recon.{key}", 1)
         if "seed" in values:
             values["seed"] = check_seed(values["seed"], "recon.seed", allow_none=True)
+        if "state_dir" in values and not (isinstance(values["state_dir"], str) and values["state_dir"].strip()):
+            raise SaqError(f"recon.state_dir={values['state_dir']!r} invalid; expected a folder path (default "
+                           f"{cls.state_dir})")
         if values.get("cache_device") is not None:
             values["cache_device"] = check_device(values["cache_device"], "recon.cache_device")
         for key in ("input_mix", "best_state", "resume", "paper_eval_compat"):
@@ -138,6 +142,13 @@ class ReconConfig:
             return
         if self.paper_eval_compat and self.drop_prob == 1.0:
             raise SaqError(no_paper_eval("recon.drop_prob=1.0 drops nothing"))
+        if self.round_reg.weight == 0:  # the schedule of a regulariser that is off would be reported but unused
+            changed = [f.name for f in fields(RoundingRegularizer) if f.name != "weight"
+                       and getattr(self.round_reg, f.name) != getattr(RoundingRegularizer(), f.name)]
+            if changed:
+                raise SaqError(f"recon.round_reg.{changed[0]}={getattr(self.round_reg, changed[0]):g} shapes AdaRound's "
+                               "rounding regulariser, which is off (recon.round_reg.weight=0); set its weight (PTQ4SAM: "
+                               "0.01) or leave the schedule at its default")
         if self.loss == "mse":
             unused = [f"par_loss.{f.name}={getattr(self.par_loss, f.name)!r}" for f in fields(ParLoss)
                       if getattr(self.par_loss, f.name) != getattr(ParLoss(), f.name)]
