@@ -34,6 +34,9 @@ from tests.conftest import REPO
     ("warmup_steps=200", "warmup_steps=200 is more than steps=100"),  # the lr would never reach its peak
     ("init_checkpoint=/nope/round1.pt", "init_checkpoint=/nope/round1.pt not found"),
     ("output=saq/sam/tiny/sam_tiny.pth", "its card would be the shipped sam_tiny.json"),
+    ("+stpes=100", "stpes is not a training setting; expected one of the keys of conf/train_tiny.yaml"),  # a typo
+    ("+data.n_trian=5", "data.n_trian is not a training setting"),
+    ("init_checkpoint=5", "init_checkpoint=5 invalid; expected null or the path of an earlier round's checkpoint"),
 ])
 def test_bad_training_knobs_are_one_line_naming_the_knob(override, message, synthetic_root, tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

@@ -184,8 +184,29 @@ def resized_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.
     return out
 
 
+RECIPE = Path(__file__).resolve().parents[3] / "conf" / "train_tiny.yaml"
+
+
+def _unknown_keys(given, known, prefix: str = "") -> list[str]:
+    out = []
+    for key in given:
+        if key == "hydra" and not prefix:
+            continue
+        if key not in known:
+            out.append(f"{prefix}{key}")
+        elif isinstance(given[key], DictConfig) and isinstance(known[key], DictConfig):
+            out += _unknown_keys(given[key], known[key], f"{prefix}{key}.")
+    return out
+
+
 def check_train_knobs(cfg: DictConfig) -> None:
     """Every count and seed of the recipe, before any data is read (one line naming the knob, not a deep error)."""
+    unknown = _unknown_keys(cfg, OmegaConf.load(RECIPE))
+    if unknown:  # +stpes=100 would be ignored and the default 2.5 h round run
+        raise SaqError(f"{unknown[0]} is not a training setting; expected one of the keys of conf/train_tiny.yaml")
+    if cfg.init_checkpoint is not None and not isinstance(cfg.init_checkpoint, str):
+        raise SaqError(f"init_checkpoint={cfg.init_checkpoint!r} invalid; expected null or the path of an earlier "
+                       "round's checkpoint")
     check_seed(cfg.seed, "seed")
     for key in ("threads", "steps", "batch_size", "prompts_per_image", "point_every", "eval_every"):
         check_int(cfg.get(key), key)
