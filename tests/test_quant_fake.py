@@ -200,3 +200,22 @@ def test_log2_quantizer_levels_and_flush():
     assert torch.equal(out, torch.tensor([1.0, 0.5, 0.25, 0.0, 0.0, 0.25]))
     out = log2_fake_quant(torch.tensor([0.7]), torch.tensor(1.0), tau=2, bits=4, ste=False)
     assert torch.allclose(out, torch.tensor([2 ** (-1 / 2)]))  # -2·log2(0.7) = 1.03 → code 1 → 2^(-1/2)
+
+
+def test_a_per_channel_quantizer_refuses_a_per_tensor_state():
+    # a fresh per-channel scale is 0-d like a per-tensor one, so torch sees no size mismatch: the layer would load
+    # one step and quantize per tensor under a per-channel recipe
+    per_tensor = UniformQuantizer(4, make_observer("minmax"))
+    per_tensor.set_range(torch.tensor(-1.0), torch.tensor(2.0))
+    per_tensor.calibrated.fill_(True)
+    with pytest.raises(RuntimeError, match=r"scale holds one per-tensor step, but this quantizer is per channel"):
+        UniformQuantizer(4, make_observer("minmax"), ch_axis=0).load_state_dict(per_tensor.state_dict())
+    # an uncalibrated state, and a calibrated one-channel state, still load
+    UniformQuantizer(4, make_observer("minmax"), ch_axis=0).load_state_dict(UniformQuantizer(4, make_observer(
+        "minmax")).state_dict())
+    one = UniformQuantizer(4, make_observer("minmax"), ch_axis=0)
+    one.set_range(torch.tensor([-1.0]), torch.tensor([2.0]))
+    one.calibrated.fill_(True)
+    loaded = UniformQuantizer(4, make_observer("minmax"), ch_axis=0)
+    loaded.load_state_dict(one.state_dict())
+    assert loaded.scale.shape == (1,) and bool(loaded.calibrated)

@@ -83,7 +83,7 @@ def percentile_list(values, key: str, paper: str) -> list[float]:
     """A non-empty list of percentiles in (0.5, 1] (the upper tail a range keeps), or a SaqError naming key."""
     if not (isinstance(values, (list, tuple)) and values and all(is_number(v) and 0.5 < v <= 1 for v in values)):
         raise SaqError(f"{key}={values!r} invalid; expected a non-empty list of percentiles in (0.5, 1] ({paper})")
-    return [float(v) for v in values]
+    return sorted(float(v) for v in values)  # ascending: the searches' ties keep the first, the tightest clip
 
 
 def error_sample(x: torch.Tensor, max_points: int, seed: int = 0) -> WeightedValues:

@@ -132,6 +132,12 @@ class Quantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        saved_scale, calibrated = state_dict.get(prefix + "scale"), state_dict.get(prefix + "calibrated")
+        if (getattr(self, "ch_axis", None) is not None and saved_scale is not None and saved_scale.ndim == 0
+                and calibrated is not None and bool(calibrated)):  # a fresh per-channel scale is 0-d as well
+            error_msgs.append(f"{prefix}scale holds one per-tensor step, but this quantizer is per channel (axis "
+                              f"{self.ch_axis}): the state was saved with another granularity")
+            return
         # calibrated shapes (per-channel scales, AdaRound's α) exist only after calibration: take the saved shape,
         # except where the quantizer's granularity rules it out (a per-tensor scale holds one value: torch then
         # reports the size mismatch instead of a per-channel state loading silently)
