@@ -148,7 +148,8 @@ class _FakeQuant(torch.autograd.Function):
 def log2_fake_quant(a: torch.Tensor, scale: torch.Tensor, tau: float, bits: int, ste: bool = True,
                     keep_prob: float = 1.0) -> torch.Tensor:
     """PTQ4SAM's log quantizer: code = clamp(round(-τ·log2(a/s)), 0, 2^b - 1), â = s·2^(-code/τ); codes that round to
-    2^b or more (tiny values, and zeros) flush to 0. Without autograd the same arithmetic runs in place; with autograd
+    2^b or more (tiny values) flush to 0. A zero is first raised to the smallest normal float, so it flushes at 4-6
+    bits; at 7-8 bits its code can stay below 2^b and â(0) is ~1e-38 instead of 0 (negligible). Without autograd the same arithmetic runs in place; with autograd
     and STE one fused function does it (reconstruction's hot path). keep_prob < 1: QDrop, as in fake_quant."""
     tiny = torch.finfo(a.dtype).tiny  # log2(0) would give inf codes and NaN gradients
     levels = 2**bits
@@ -185,7 +186,8 @@ class _Log2FakeQuant(torch.autograd.Function):
         inside = (code > 0) & (code < levels - 1)
         power = code.clamp_(0, levels - 1).div_(-tau).exp2_().mul_(~flushed)  # 2^(-code/τ), 0 where flushed
         a_hat = power * scale
-        # a_hat / clamped is finite: a_hat <= s, and inputs below tiny are flushed (their a_hat is 0)
+        # a_hat / clamped is finite (clamped >= tiny); inputs below tiny get no gradient, flushed or not (at 7-8 bits
+        # a zero's code can stay below 2^b)
         grad_a = (a_hat / clamped).mul_(inside & (a >= tiny)) if ctx.needs_input_grad[0] else None
         grad_s = power.mul_(~inside) if ctx.needs_input_grad[1] else None  # â/s at the bounds
         if keep_prob < 1.0:
