@@ -149,8 +149,9 @@ def log2_fake_quant(a: torch.Tensor, scale: torch.Tensor, tau: float, bits: int,
                     keep_prob: float = 1.0) -> torch.Tensor:
     """PTQ4SAM's log quantizer: code = clamp(round(-τ·log2(a/s)), 0, 2^b - 1), â = s·2^(-code/τ); codes that round to
     2^b or more (tiny values) flush to 0. A zero is first raised to the smallest normal float, so it flushes at 4-6
-    bits; at 7-8 bits its code can stay below 2^b and â(0) is ~1e-38 instead of 0 (negligible). Without autograd the same arithmetic runs in place; with autograd
-    and STE one fused function does it (reconstruction's hot path). keep_prob < 1: QDrop, as in fake_quant."""
+    bits; at 7-8 bits its code can stay below 2^b and â(0) is ~1e-38 instead of 0 (negligible). Without autograd the
+    same arithmetic runs in place; with autograd and STE one fused function does it (reconstruction's hot path).
+    keep_prob < 1: QDrop, as in fake_quant."""
     tiny = torch.finfo(a.dtype).tiny  # log2(0) would give inf codes and NaN gradients
     levels = 2**bits
     if torch.is_grad_enabled() and (a.requires_grad or scale.requires_grad) and ste:
