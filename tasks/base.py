@@ -170,6 +170,16 @@ def split_paths(node, paths: Sequence[str], key: str, optional: Mapping | None =
     return {**optional, **{name: node[name] for name in node}}
 
 
+def check_class_names(names: list[str], key: str) -> list[str]:
+    """The names, or SaqError naming the first one given twice (a metric keyed by name would keep one of them)."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise SaqError(f"{key} names {name!r} twice ({names}); each class needs its own name")
+        seen.add(name)
+    return names
+
+
 def require_dir(path: str | Path, what: str, config_key: str) -> Path:
     path = Path(path)
     if not path.is_dir():

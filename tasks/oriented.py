@@ -15,6 +15,7 @@ from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import (
     HeaderSizes,
     Task,
+    check_class_names,
     files_digest,
     first_prompted,
     list_images,
@@ -23,7 +24,7 @@ from tasks.base import (
     require_dir,
     split_paths,
 )
-from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource, enclosing_boxes
+from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource, enclosing_boxes, outside_image
 from tasks.synthetic import evaluation_limit, oriented_box
 
 # DOTA-v1.x label files may open with these metadata lines.
@@ -40,6 +41,7 @@ class DotaObjects:
     polygons: np.ndarray  # N x 4 x 2 float64, corners (x, y)
     names: list[str]
     difficult: np.ndarray  # N bool
+    lines: list[int]  # each object's line in its label file, for messages
 
     def __len__(self) -> int:
         return len(self.names)
@@ -92,7 +94,20 @@ def read_dota_labels(path: Path, difficult_above: int = 0) -> DotaObjects:
             i = int(np.argmax(flat))
             raise SaqError(f"DOTA label file {path}, line {linenos[i]}: the polygon "
                            f"{polygons[i].reshape(-1).tolist()} has zero area")
-    return DotaObjects(np.asarray(polygons, np.float64).reshape(-1, 4, 2), names, np.asarray(difficult, bool))
+    return DotaObjects(np.asarray(polygons, np.float64).reshape(-1, 4, 2), names, np.asarray(difficult, bool), linenos)
+
+
+def check_objects_inside(objs: DotaObjects, path: Path, image: Path, size: tuple[int, int] | None) -> None:
+    """SaqError naming the label file and line of a polygon wholly outside its image of (height, width) (labels of
+    another image or resolution); one partly outside stays (patch splitters cut objects at the patch border)."""
+    if size is None or not len(objs):
+        return
+    outside = outside_image(enclosing_boxes(objs.polygons), size)
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise SaqError(f"DOTA label file {path}, line {objs.lines[i]}: the polygon {objs.polygons[i].reshape(-1).tolist()} "
+                       f"lies wholly outside its image {image} ({size[1]}x{size[0]}); labels must be in the image's own "
+                       "pixel coordinates")
 
 
 def label_file(ann_dir: Path, stem: str, image: Path) -> Path:
@@ -208,11 +223,18 @@ class OrientedTask(Task):
         calib = split_paths(calib, ("img_dir", "ann_dir"), "task.calib")
         self.root = Path(data["root"])
         self.difficult_above = check_int(difficult_above, "task.difficult_above", 0)
+        if ap_method not in AP_METHODS:
+            raise SaqError(f"task.ap_method must be one of {AP_METHODS}, got {ap_method!r}")
+        if classes is not None:
+            # names as the label files write them; a count (as task=semantic takes) cannot say which names
+            if isinstance(classes, str) or not isinstance(classes, Sequence) or not classes:
+                raise SaqError(f"task.classes must be a list of class names as the DOTA label files write them "
+                               f"(e.g. [plane, ship]) or null to take them from the files, got {classes!r}")
+            classes = check_class_names([str(c) for c in classes], "task.classes")
+        # after every plain setting is checked: it may generate the synthetic dataset, which takes minutes
         max_images = evaluation_limit(self.root, generate, max_images)
         self.img_dir, self.ann_dir = self.root / data["img_dir"], self.root / data["ann_dir"]
         self.calib_img_dir, self.calib_ann_dir = self.root / calib["img_dir"], self.root / calib["ann_dir"]
-        if ap_method not in AP_METHODS:
-            raise SaqError(f"task.ap_method must be one of {AP_METHODS}, got {ap_method!r}")
         self.max_images, self.ap_method = max_images, ap_method
         all_images = list_images(self.img_dir, "task.data.root / task.data.img_dir")
         require_dir(self.ann_dir, "DOTA label (labelTxt)", "task.data.root / task.data.ann_dir")
@@ -220,15 +242,14 @@ class OrientedTask(Task):
         self.label_files = [label_file(self.ann_dir, stem, path) for stem, path in self.images]
         self.objects = {stem: read_dota_labels(f, self.difficult_above)
                         for (stem, _), f in zip(self.images, self.label_files)}
+        sizes = HeaderSizes(all_images)  # before any inference, as detections are checked (bind, below)
+        for (stem, path), f in zip(self.images, self.label_files):
+            check_objects_inside(self.objects[stem], f, path, sizes.get(stem))
         found = sorted({n for objs in self.objects.values() for n in objs.names})
         if classes is None:
             self.classes = found
         else:
-            # names as the label files write them; a count (as task=semantic takes) cannot say which names
-            if isinstance(classes, str) or not isinstance(classes, Sequence) or not classes:
-                raise SaqError(f"task.classes must be a list of class names as the DOTA label files write them "
-                               f"(e.g. [plane, ship]) or null to take them from the files, got {classes!r}")
-            self.classes = [str(c) for c in classes]
+            self.classes = classes
             known = set(self.classes)
             for (stem, _), f in zip(self.images, self.label_files):
                 unknown = [n for n in self.objects[stem].names if n not in known]
@@ -244,7 +265,7 @@ class OrientedTask(Task):
         self.prompts = prompts or GroundTruthBoxes()
         # Classes inferred from the evaluated labels: a detector's other classes have no objects here to score.
         self.prompts.bind([stem for stem, _ in all_images], self.classes, drop_unknown=classes is None,
-                          image_sizes=HeaderSizes(all_images))
+                          image_sizes=sizes)
 
     def ground_truth(self, stem: str) -> tuple[BoxPrompts, np.ndarray, np.ndarray]:
         """An image's enclosing boxes as prompts (score 1, class index), with its polygons and difficult flags."""
@@ -259,22 +280,32 @@ class OrientedTask(Task):
                f"{self.ap_method}|{self.difficult_above}|{self.prompts.fingerprint()}"
 
     def check_calibration_split(self) -> None:
-        require_dir(self.calib_ann_dir, "calibration DOTA label", "task.calib.ann_dir")
+        if self.prompts.calibration_uses_ground_truth:  # a detector's boxes (prompts.calib_file) need no labels
+            require_dir(self.calib_ann_dir, "calibration DOTA label", "task.calib.ann_dir")
         require_dir(self.calib_img_dir, "calibration image", "task.calib.img_dir")
 
     def calibration_samples(self, n: int, knob: str = "quant.calib_images") -> list[PromptedImage]:
         """First n images of the calibration split (by file stem) that get prompts from the run's prompt source
-        (a detections source uses prompts.calib_file, else the objects' enclosing boxes)."""
-        require_dir(self.calib_ann_dir, "calibration DOTA label", "task.calib.ann_dir")
+        (a detections source uses prompts.calib_file, and then the split needs no label files; else the objects'
+        enclosing boxes)."""
         images = list_images(self.calib_img_dir, "task.calib.img_dir")
         source, self.calibration_prompts = self.prompts.calibration_source()
-        source.bind([stem for stem, _ in images], self.classes, drop_unknown=True, image_sizes=HeaderSizes(images))
+        if source.from_ground_truth:
+            require_dir(self.calib_ann_dir, "calibration DOTA label", "task.calib.ann_dir")
+        # every class kept: calibration prompts with boxes only, and the evaluated images' classes (task.classes=null)
+        # need not be the calibration images'
+        source.bind([stem for stem, _ in images], self.classes, image_sizes=HeaderSizes(images), keep_unknown=True)
         paths = dict(images)
 
         def sample_for(stem: str) -> PromptedImage | None:
-            objs = read_dota_labels(label_file(self.calib_ann_dir, stem, paths[stem]), self.difficult_above)
-            gt = BoxPrompts(enclosing_boxes(objs.polygons), np.ones(len(objs), np.float32), np.zeros(len(objs), np.int64))
             image = read_rgb(paths[stem])
+            gt = BoxPrompts.empty()
+            if source.from_ground_truth:
+                path = label_file(self.calib_ann_dir, stem, paths[stem])
+                objs = read_dota_labels(path, self.difficult_above)
+                check_objects_inside(objs, path, paths[stem], image.shape[:2])
+                gt = BoxPrompts(enclosing_boxes(objs.polygons), np.ones(len(objs), np.float32),
+                                np.zeros(len(objs), np.int64))
             prompts = source.for_image(stem, gt, image.shape[:2])
             return PromptedImage(image, boxes=prompts.boxes, image_id=stem) if len(prompts) else None
 

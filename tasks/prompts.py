@@ -49,13 +49,14 @@ class PromptSource(ABC):
 
     def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,
              category_ids: Collection[int] | None = None, drop_unknown: bool = False,
-             image_sizes=None) -> None:
+             image_sizes=None, keep_unknown: bool = False) -> None:
         """Called by a task before for_image: its image keys, and what its labels may be.
 
         category_names: class names when labels are class indices (names are mapped to indices);
         category_ids: the dataset's numeric category ids when labels are those ids, in annotation-file order (a
         {id: name} mapping names them: a results pickle's class indices are mapped through it); drop_unknown: leave out
         detections of other classes (the task inferred its classes from the evaluated images) instead of refusing;
+        keep_unknown: keep them, numbered after category_names (calibration, which prompts with boxes only);
         image_sizes: .get(key) -> (height, width) or None, where the task knows sizes before reading images (COCO's
         annotation file, DOTA's image headers); a key without one is checked when its image is read.
         Ground-truth sources need none of it; a detections file checks that it names the task's images and classes.
@@ -66,6 +67,12 @@ class PromptSource(ABC):
 
     def fingerprint(self) -> str:
         return self.name
+
+    @property
+    def calibration_uses_ground_truth(self) -> bool:
+        """Whether calibration_source() prompts from the calibration split's labels (a task then needs them); known
+        without reading any file."""
+        return self.from_ground_truth
 
     def calibration_source(self) -> tuple[PromptSource, str]:
         """The source that prompts the calibration images (paper.md §2.3: the evaluation's own prompt source), and
@@ -165,6 +172,7 @@ class DetectionsFile(PromptSource):
             class_names = [str(c) for c in class_names]
         self.class_names, self.progress = class_names, progress
         self._label_indices = False  # True while labels are a pickle's class indices, not mapped to the task's yet
+        self._dropped: dict = {}  # image key -> {class name: detections bind left out as of a class the task lacks}
         if path.is_dir() or path.suffix.lower() == ".txt":
             self._by_image = self._read_dota(path)
         elif is_pickle:
@@ -327,7 +335,7 @@ class DetectionsFile(PromptSource):
 
     def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,
              category_ids: Collection[int] | None = None, drop_unknown: bool = False,
-             image_sizes=None) -> None:
+             image_sizes=None, keep_unknown: bool = False) -> None:
         keys = set(image_keys)
         for key, dets in self._by_image.items():  # before any inference: a box off its image is a wrong file
             size = image_sizes.get(key) if image_sizes is not None and dets else None
@@ -358,7 +366,7 @@ class DetectionsFile(PromptSource):
                                        f"the annotation file does not define (its ids: {sorted(known)[:12]}"
                                        f"{' ...' if len(known) > 12 else ''})")
         if category_names is not None:
-            self._bind_names(category_names, drop_unknown)
+            self._bind_names(category_names, drop_unknown, keep_unknown)
         cap = self.max_per_image
         capped = [key for key in keys if cap is not None and len(self._by_image.get(key, ())) > cap]
         if capped:  # after unknown classes are left out: their boxes take no image's places
@@ -367,8 +375,9 @@ class DetectionsFile(PromptSource):
                   f"{self.max_per_image} detections at or above the threshold (first: {capped[0]!r}, "
                   f"{len(self._by_image[capped[0]])}); each keeps its {self.max_per_image} best")
 
-    def _bind_names(self, category_names: Sequence[str], drop_unknown: bool) -> None:
-        """Class names as the task's label indices; unknown classes refused, or left out with drop_unknown."""
+    def _bind_names(self, category_names: Sequence[str], drop_unknown: bool, keep_unknown: bool = False) -> None:
+        """Class names as the task's label indices; unknown classes refused, left out with drop_unknown (counted per
+        image, for require_prompts' message), or numbered after the task's with keep_unknown."""
         index = {name: i for i, name in enumerate(category_names)}
         dropped: dict[str, int] = {}
         for key, dets in self._by_image.items():
@@ -378,10 +387,14 @@ class DetectionsFile(PromptSource):
                 if not isinstance(label, str):
                     raise SaqError(f"detections file {self.path}: image {key!r} has category_id {label}; this task "
                                    f"needs class names (one of {list(category_names)})")
+                if keep_unknown:
+                    index.setdefault(label, len(index))
                 if label in index:
                     kept.append((*det[:5], index[label]))
                 elif drop_unknown:
                     dropped[label] = dropped.get(label, 0) + 1
+                    on_image = self._dropped.setdefault(key, {})
+                    on_image[label] = on_image.get(label, 0) + 1
                 else:
                     raise SaqError(f"detections file {self.path}: image {key!r} has unknown class {label!r}; "
                                    f"expected one of {list(category_names)}")
@@ -447,7 +460,7 @@ class DetectionsFile(PromptSource):
 
     def _check_inside(self, key, boxes: np.ndarray, image_size: tuple[int, int]) -> None:
         h, w = image_size
-        outside = (boxes[:, 0] >= w) | (boxes[:, 1] >= h) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)
+        outside = outside_image(boxes, image_size)
         if outside.any():  # a detector run at another resolution, or on other images under the same ids
             box = [round(float(v), 1) for v in boxes[int(np.argmax(outside))]]
             raise SaqError(f"detections file {self.path}: image {key!r} has box {box} (x1, y1, x2, y2), wholly "
@@ -455,10 +468,24 @@ class DetectionsFile(PromptSource):
 
     def require_prompts(self, image_keys: Sequence, which: str = "evaluated") -> None:
         if not any(self._by_image.get(key) for key in image_keys):
+            dropped: dict[str, int] = {}
+            for key in image_keys:
+                for name, count in self._dropped.get(key, {}).items():
+                    dropped[name] = dropped.get(name, 0) + count
+            if dropped:  # the threshold let them through: blaming it would send the user the wrong way
+                raise SaqError(f"detections file {self.path}: the {sum(dropped.values())} detections on the "
+                               f"{len(image_keys)} {which} images that reach prompts.score_threshold="
+                               f"{self.score_threshold} are all of classes with no labelled object in the evaluated "
+                               f"images, so left out: {sorted(dropped)} (task.classes=null takes the classes from "
+                               "the label files; name the classes to score in task.classes)")
             scores = [self._best_score[key] for key in image_keys if key in self._best_score]
             found = f"the highest score is {max(scores):.3g}" if scores else "the file has none for them"
             raise SaqError(f"detections file {self.path}: no detection on the {len(image_keys)} {which} images "
                            f"reaches prompts.score_threshold={self.score_threshold} ({found})")
+
+    @property
+    def calibration_uses_ground_truth(self) -> bool:
+        return not self.calib_file
 
     def calibration_source(self) -> tuple[PromptSource, str]:
         if not self.calib_file:
@@ -711,6 +738,12 @@ def box_problem(box: Sequence[float]) -> str | None:
 def score_problem(score: float) -> str | None:
     """Why a detection score is not a detector's confidence (a finite number in [0, 1]), or None."""
     return None if 0 <= score <= 1 else "the score must be in [0, 1]"
+
+
+def outside_image(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """Which N x 4 xyxy boxes lie wholly outside an image of (height, width): no pixel of it to prompt or find."""
+    h, w = image_size
+    return (boxes[:, 0] >= w) | (boxes[:, 1] >= h) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)
 
 
 def enclosing_boxes(polygons: np.ndarray) -> np.ndarray:

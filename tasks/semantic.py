@@ -19,7 +19,16 @@ from tqdm import tqdm
 
 from saq.errors import SaqError, check_bool, check_int, check_number, check_seed, is_int
 from saq.sam.segmenter import PromptedImage, Segmenter
-from tasks.base import HeaderSizes, Task, files_digest, list_images, read_rgb, require_dir, split_paths
+from tasks.base import (
+    HeaderSizes,
+    Task,
+    check_class_names,
+    files_digest,
+    list_images,
+    read_rgb,
+    require_dir,
+    split_paths,
+)
 from tasks.prompts import GroundTruthBoxes, PromptSource
 from tasks.synthetic import evaluation_limit, is_synthetic_dataset
 
@@ -196,6 +205,20 @@ def check_label_size(path: Path, size: tuple[int, int] | None, image_size: tuple
         raise SaqError(f"label map {path} is {size[1]}x{size[0]}, its image is {image_size[1]}x{image_size[0]}")
 
 
+def check_coarse_size(path: Path | None, size: tuple[int, int] | None, image_size: tuple[int, int] | None) -> None:
+    """SaqError unless a coarse prediction's (height, width) is its image's at one scale (either unknown: nothing to
+    compare). A prediction at another resolution (SegFormer writes 1/4) is scaled up; one of another shape
+    (transposed, cropped) would be stretched into a wrong map."""
+    if size is None or image_size is None or tuple(size) == tuple(image_size):
+        return
+    # one scale for both sides, each off by at most a pixel of rounding (a 1/4 map of 683 px is 171)
+    (h, w), (ih, iw) = size, image_size
+    sy, sx = ih / h, iw / w
+    if abs(w * sy - iw) > max(sy, 1.0) or abs(h * sx - ih) > max(sx, 1.0):
+        raise SaqError(f"coarse prediction {path} is {w}x{h} (w x h), its image is {iw}x{ih}: another aspect ratio, "
+                       "so not a scaled prediction of it")
+
+
 class PointGrid:
     """The prompts of the semantic task: segment_anything's regular point grid, one foreground point each."""
 
@@ -235,7 +258,6 @@ class SemanticTask(Task):
         data = split_paths(data, ("root", "img_dir", "label_dir"), "task.data")
         calib = split_paths(calib, ("img_dir",), "task.calib")
         self.root = Path(data["root"])
-        max_images = evaluation_limit(self.root, generate, max_images)
         self.img_dir, self.label_dir = self.root / data["img_dir"], self.root / data["label_dir"]
         self.calib_img_dir = self.root / calib["img_dir"]
         if is_int(classes):
@@ -243,7 +265,7 @@ class SemanticTask(Task):
         if not classes or isinstance(classes, str) or not isinstance(classes, Sequence):
             raise SaqError(f"task.classes must be a list of class names (index order) or a class count, "
                            f"got {classes!r}")
-        self.classes = [str(c) for c in classes]
+        self.classes = check_class_names([str(c) for c in classes], "task.classes")
         self.num_classes = len(self.classes)
         # a string "false" would be truthy and shift every class by one
         check_bool(reduce_zero_label, "task.reduce_zero_label")
@@ -256,7 +278,6 @@ class SemanticTask(Task):
                            f"(0..{top - 1}{' with reduce_zero_label' if reduce_zero_label else ''}); use a value "
                            "outside them (255 is usual)")
         self.ignore_index, self.reduce_zero_label = ignore_index, bool(reduce_zero_label)
-        self.max_images = max_images
         self.amg = self._settings(amg, AMG_DEFAULTS, "task.amg")
         check_int(self.amg["points_per_side"], "task.amg.points_per_side")
         check_int(self.amg["points_per_batch"], "task.amg.points_per_batch")
@@ -272,21 +293,27 @@ class SemanticTask(Task):
             self.coarse_dir = require_dir(self.coarse["dir"], "coarse prediction", "task.coarse.dir")
         else:
             self.coarse_dir = None
-            if not is_synthetic_dataset(self.root):  # the stand-in would score real data against its own labels
-                print(f"warning: task.coarse.dir=null: the coarse prior is {self.label_dir}'s own labels, degraded "
-                      "(the synthetic set's stand-in for a coarse segmenter), so mIoU is not comparable with a real "
-                      "segmenter's; give task.coarse.dir, a folder of its predicted label maps <stem>.png",
-                      file=sys.stderr)
             check_int(self.coarse["downsample"], "task.coarse.downsample")
             check_number(self.coarse["blur_sigma"], "task.coarse.blur_sigma", 0, None)
             # 1 would leave no correct label
             check_number(self.coarse["mislabel_fraction"], "task.coarse.mislabel_fraction", 0, 1, open_max=True)
+        # after every plain setting is checked: it may generate the synthetic dataset, which takes minutes
+        self.max_images = max_images = evaluation_limit(self.root, generate, max_images)
+        # after generation, which makes the root a synthetic set
+        if self.coarse_dir is None and not is_synthetic_dataset(self.root):
+            # the stand-in would score real data against its own labels
+            print(f"warning: task.coarse.dir=null: the coarse prior is {self.label_dir}'s own labels, degraded "
+                  "(the synthetic set's stand-in for a coarse segmenter), so mIoU is not comparable with a real "
+                  "segmenter's; give task.coarse.dir, a folder of its predicted label maps <stem>.png",
+                  file=sys.stderr)
         require_dir(self.label_dir, "label map", "task.data.root / task.data.label_dir")
         images = list_images(self.img_dir, "task.data.root / task.data.img_dir")
         images = images[:max_images] if max_images else images
         self.items = []  # (stem, image, label map), checked up front so a missing one fails before any inference
         image_sizes = HeaderSizes(images)  # and a label map of another size (sizes from the file headers)
         label_sizes = HeaderSizes((stem, self.label_dir / f"{stem}.png") for stem, _ in images)
+        coarse_sizes = HeaderSizes(() if self.coarse_dir is None else
+                                   ((stem, self.coarse_dir / f"{stem}.png") for stem, _ in images))
         for stem, path in images:
             label_path = self.label_dir / f"{stem}.png"
             if not label_path.is_file():
@@ -298,6 +325,7 @@ class SemanticTask(Task):
             if coarse_path is not None and not coarse_path.is_file():
                 raise SaqError(f"image {path} has no coarse prediction {coarse_path} (coarse predictions are "
                                "<image stem>.png in task.coarse.dir)")
+            check_coarse_size(coarse_path, coarse_sizes.get(stem), image_sizes.get(stem) or label_sizes.get(stem))
 
     @staticmethod
     def _settings(given: dict | None, defaults: dict, key: str) -> dict:
@@ -323,14 +351,7 @@ class SemanticTask(Task):
         pred = read_label_map(path, "coarse prediction")
         check_labels(pred, self.num_classes, -1, path, zero_is_ignore=False, what="coarse prediction")
         if pred.shape != gt.shape:
-            # a prediction at another resolution (SegFormer writes 1/4) is scaled up; one of another shape
-            # (transposed, cropped) would be stretched into a wrong map
-            # one scale for both sides, each off by at most a pixel of rounding (a 1/4 map of 683 px is 171)
-            sy, sx = gt.shape[0] / pred.shape[0], gt.shape[1] / pred.shape[1]
-            if abs(pred.shape[1] * sy - gt.shape[1]) > max(sy, 1.0) or abs(pred.shape[0] * sx - gt.shape[0]) > max(
-                    sx, 1.0):
-                raise SaqError(f"coarse prediction {path} is {pred.shape[1]}x{pred.shape[0]} (w x h), its image is "
-                               f"{gt.shape[1]}x{gt.shape[0]}: another aspect ratio, so not a scaled prediction of it")
+            check_coarse_size(path, pred.shape, gt.shape)
             pred = cv2.resize(pred.astype(np.uint16), gt.shape[::-1], interpolation=cv2.INTER_NEAREST)
         return pred.astype(np.int64)
 

@@ -199,14 +199,16 @@ def test_malformed_dota_line_names_file_and_line(tmp_path, line):
         read_dota_labels(f)
 
 
-def dota_dataset(root, labels: dict[str, str | None], size=64):
-    """A small DOTA folder: a grey image per stem, and its label file unless the text is None."""
-    (root / "val/images").mkdir(parents=True, exist_ok=True)
-    (root / "val/labelTxt").mkdir(parents=True, exist_ok=True)
+def dota_dataset(root, labels: dict[str, str | None], size=64, split="val"):
+    """A small DOTA folder: a grey image per stem, and its label file unless the text is None (split="train" for
+    the calibration split, whose labelTxt folder is made only when a label is given)."""
+    (root / f"{split}/images").mkdir(parents=True, exist_ok=True)
+    if split == "val":
+        (root / f"{split}/labelTxt").mkdir(parents=True, exist_ok=True)
     for stem, text in labels.items():
-        cv2.imwrite(str(root / "val/images" / f"{stem}.png"), np.full((size, size, 3), 128, np.uint8))
+        cv2.imwrite(str(root / f"{split}/images" / f"{stem}.png"), np.full((size, size, 3), 128, np.uint8))
         if text is not None:
-            write(root / "val/labelTxt" / f"{stem}.txt", text)
+            write(root / f"{split}/labelTxt" / f"{stem}.txt", text)
     return {"root": str(root), **DATA}
 
 
@@ -238,6 +240,95 @@ def test_unknown_class_and_empty_dataset_are_clear_errors(tmp_path):
         OrientedTask(hard, CALIB, difficult_above=-1)
     with pytest.raises(SaqError, match="no images"):
         OrientedTask({"root": str(tmp_path / "b"), "img_dir": "val/labelTxt", "ann_dir": "val/labelTxt"}, CALIB)
+
+
+def test_repeated_class_names_are_refused(tmp_path):
+    # class_index would send both to the last index, and AP50_per_class keep one entry
+    data = dota_dataset(tmp_path, {"P1": "1 1 9 1 9 9 1 9 plane 0\n"})
+    with pytest.raises(SaqError, match=r"^task\.classes names 'plane' twice \(\['plane', 'ship', 'plane'\]\)"):
+        OrientedTask(data, CALIB, classes=["plane", "ship", "plane"])
+
+
+GENERATE = {"n_train": 1, "n_val": 1, "seed": 0, "progress": False}
+
+
+@pytest.mark.parametrize("settings,match", [({"ap_method": "coco"}, r"task\.ap_method must be one of"),
+                                            ({"classes": ["plane", "plane"]}, "names 'plane' twice"),
+                                            ({"classes": "plane"}, "task.classes must be a list"),
+                                            ({"difficult_above": -1}, r"task\.difficult_above=-1")])
+def test_bad_settings_are_named_before_the_synthetic_set_is_generated(tmp_path, settings, match):
+    root = tmp_path / "empty"
+    root.mkdir()
+    with pytest.raises(SaqError, match=match):
+        OrientedTask({"root": str(root), **DATA}, CALIB, generate=GENERATE, **settings)
+    assert not any(root.iterdir())  # generation takes minutes at full size: a typo must not wait for it
+
+
+def test_a_polygon_wholly_outside_its_image_is_refused_when_the_task_is_built(tmp_path):
+    # labels of another image or resolution; one partly outside stays (patch splitters cut objects at the border)
+    partly = "50 50 80 50 80 80 50 80 plane 0\n"
+    off = "500 500 540 500 540 540 500 540 plane 0\n"
+    data = dota_dataset(tmp_path / "a", {"P1": "1 1 9 1 9 9 1 9 ship 0\n", "P2": f"gsd:1\n{partly}{off}"})
+    with pytest.raises(SaqError, match=r"^DOTA label file .*P2\.txt, line 3: the polygon \[500\.0, 500\.0, 540\.0, "
+                                       r".*\] lies wholly outside its image .*P2\.png \(64x64\)"):
+        OrientedTask(data, CALIB)
+    (tmp_path / "a/val/labelTxt/P2.txt").write_text(partly)
+    task = OrientedTask(data, CALIB)
+    assert task.ground_truth("P2")[0].boxes.tolist() == [[50, 50, 80, 80]]
+    # a calibration image's labels are checked as its image is read
+    dota_dataset(tmp_path / "a", {"C1": off}, split="train")
+    with pytest.raises(SaqError, match=r"C1\.txt, line 1: the polygon .* lies wholly outside its image .*C1\.png"):
+        task.calibration_samples(1)
+
+
+def test_calibration_detections_of_classes_not_evaluated_are_kept(tmp_path):
+    """With task.classes=null the classes are those labelled in the evaluated images; the calibration images'
+    detector boxes prompt whatever their class (calibration scores nothing)."""
+    data = dota_dataset(tmp_path, {"P1": "1 1 9 1 9 9 1 9 plane 0\n"})
+    dota_dataset(tmp_path, {"C1": "20 20 40 20 40 40 20 40 ship 0\n", "C2": ""}, split="train")
+    evaluated = write(tmp_path / "val_dets/Task1_plane.txt", "P1 0.9 1 1 9 1 9 9 1 9\n")
+    calib = write(tmp_path / "train_dets/Task1_ship.txt", "C1 0.8 20 20 40 20 40 40 20 40\n"
+                                                          "C2 0.7 2 2 12 2 12 12 2 12\n")
+    source = DetectionsFile(str(evaluated.parent), calib_file=str(calib.parent))
+    task = OrientedTask(data, CALIB, prompts=source)
+    assert task.classes == ["plane"]
+    samples = task.calibration_samples(2)
+    assert [s.image_id for s in samples] == ["C1", "C2"]
+    assert [s.boxes.tolist() for s in samples] == [[[20, 20, 40, 40]], [[2, 2, 12, 12]]]
+
+
+def test_calibration_on_a_detectors_boxes_needs_no_label_files(tmp_path):
+    data = dota_dataset(tmp_path, {"P1": "1 1 9 1 9 9 1 9 plane 0\n"})
+    dota_dataset(tmp_path, {"C1": None}, split="train")  # no train/labelTxt at all
+    evaluated = write(tmp_path / "val_dets/Task1_plane.txt", "P1 0.9 1 1 9 1 9 9 1 9\n")
+    calib = write(tmp_path / "train_dets/Task1_plane.txt", "C1 0.8 20 20 40 20 40 40 20 40\n")
+    task = OrientedTask(data, CALIB, prompts=DetectionsFile(str(evaluated.parent), calib_file=str(calib.parent)))
+    task.check_calibration_split()
+    assert task.calibration_samples(1)[0].boxes.tolist() == [[20, 20, 40, 40]]
+    # ground-truth calibration still needs them, found before the FP evaluation
+    for prompts in (None, DetectionsFile(str(evaluated.parent))):  # the latter: no calib_file, so ground truth
+        with pytest.raises(SaqError, match=r"calibration DOTA label folder not found: .*train/labelTxt"):
+            OrientedTask(data, CALIB, prompts=prompts).check_calibration_split()
+    (tmp_path / "train/labelTxt").mkdir()
+    with pytest.raises(SaqError, match=r"image .*C1\.png has no label file .*C1\.txt"):
+        OrientedTask(data, CALIB).calibration_samples(1)
+
+
+def test_detections_all_of_classes_left_out_are_named_as_such(tmp_path):
+    # the threshold let the ship through; blaming it ("reaches prompts.score_threshold=0.0") would mislead
+    data = dota_dataset(tmp_path, {"P1": "1 1 9 1 9 9 1 9 plane 0\n", "P2": ""})
+    write(tmp_path / "dets/Task1_ship.txt", "P1 0.9 1 1 9 1 9 9 1 9\nP2 0.5 1 1 9 1 9 9 1 9\n")
+    write(tmp_path / "dets/Task1_car.txt", "P2 0.6 1 1 9 1 9 9 1 9\n")
+    task = OrientedTask(data, CALIB, prompts=DetectionsFile(str(tmp_path / "dets")))
+    with pytest.raises(SaqError, match=r"dets: the 3 detections on the 2 evaluated images that reach "
+                                       r"prompts\.score_threshold=0\.0 are all of classes with no labelled object in "
+                                       r"the evaluated images, so left out: \['car', 'ship'\] \(task\.classes=null"):
+        task.evaluate(None, progress=False)
+    # below the threshold, the threshold is what is named
+    task = OrientedTask(data, CALIB, prompts=DetectionsFile(str(tmp_path / "dets"), score_threshold=0.95))
+    with pytest.raises(SaqError, match=r"no detection on the 2 evaluated images reaches prompts\.score_threshold=0\.95 "
+                                       r"\(the highest score is 0\.9\)"):
+        task.evaluate(None, progress=False)
 
 
 class MaskSegmenter:
@@ -400,10 +491,20 @@ def test_calibration_samples_are_enclosing_boxes(synthetic_root):
 def test_shipped_sam_tiny_end_to_end(synthetic_root):
     data = {"root": str(synthetic_root), **DATA}
     segmenter = Segmenter(build_sam("sam_tiny"), decode_batch_size=3)
-    metrics = OrientedTask(data, CALIB, max_images=4).evaluate(segmenter, progress=False)
+    task = OrientedTask(data, CALIB, max_images=4, classes=[*CATEGORIES, "zeppelin"])  # one class with no object
+    metrics = task.evaluate(segmenter, progress=False)
     assert metrics["images"] == 4 and metrics["prompts"] >= 8
     assert metrics["mAP50"] > 0.5 and metrics["rbox_mIoU"] > 0.6
-    assert set(metrics["AP50_per_class"]) == set(OrientedTask(data, CALIB, max_images=4).classes)
+    # counted from the label files here: each class's count under its own name, and no AP where nothing is scored
+    counts = dict.fromkeys(task.classes, 0)
+    for stem, _ in task.images:
+        objs = read_dota_labels(synthetic_root / DATA["ann_dir"] / f"{stem}.txt")
+        for name, hard in zip(objs.names, objs.difficult):
+            counts[name] += not hard
+    assert metrics["objects_per_class"] == counts and counts["zeppelin"] == 0
+    per_class = metrics["AP50_per_class"]
+    assert [name for name, ap in per_class.items() if ap is None] == [c for c, n in counts.items() if n == 0]
+    assert metrics["mAP50"] == pytest.approx(np.mean([ap for ap in per_class.values() if ap is not None]))
     jittered = OrientedTask(data, CALIB, prompts=JitteredBoxes(0.1, 20, seed=0), max_images=4)
     assert jittered.fingerprint() != OrientedTask(data, CALIB, max_images=4).fingerprint()
     jittered_metrics = jittered.evaluate(segmenter, progress=False)

@@ -175,11 +175,23 @@ def test_missing_label_map_and_bad_label_files_are_clear_errors(tmp_path):
     ({"ignore_index": None}, r"task\.ignore_index=None invalid; expected an integer"),
     ({"classes": 3.0}, r"task\.classes must be a list of class names .* got 3\.0"),
     ({"classes": "plane"}, r"task\.classes must be a list of class names .* got 'plane'"),
+    # IoU_per_class, keyed by name, would lose one of them
+    ({"classes": ["a", "a", "b"]}, r"^task\.classes names 'a' twice \(\['a', 'a', 'b'\]\); each class needs its own"),
+    ({"ignore_index": 3}, r"task\.ignore_index 3 is one of the 9 classes' label values"),
+    ({"coarse": {"seed": -1}}, r"task\.coarse\.seed=-1 invalid"),
+    ({"amg": {"points": 3}}, r"unknown setting task\.amg\.points"),
 ])
 def test_bad_semantic_settings_are_named_before_any_work(tmp_path, settings, match):
-    data = label_dataset(tmp_path, {"a": np.zeros((8, 8))})
+    data = label_dataset(tmp_path / "data", {"a": np.zeros((8, 8))})
     with pytest.raises(SaqError, match=match):
         SemanticTask(data, CALIB, **{"classes": CLASSES, **settings})
+    # before the synthetic set is generated too (minutes at full size)
+    root = tmp_path / "empty"
+    root.mkdir()
+    with pytest.raises(SaqError, match=match):
+        SemanticTask({"root": str(root), **DATA}, CALIB, generate={"n_train": 1, "n_val": 1, "seed": 0, "progress": False},
+                     **{"classes": CLASSES, **settings})
+    assert not any(root.iterdir())
 
 
 def test_box_prompt_sources_are_refused(tmp_path, synthetic_root):
@@ -262,7 +274,23 @@ def test_sam_masks_lift_the_coarse_prior_and_time_is_split(synthetic_root):
     assert metrics["mIoU"] > metrics["coarse_mIoU"] + 0.05  # perfect regions vote the blobs and boundaries away
     assert metrics["encoder_s"] == 3.0 and metrics["decoder_s"] == pytest.approx(0.5 * 3 * np.ceil(256 / 7))
     assert metrics["images"] == 3 and metrics["prompts"] == 3 * 256
-    assert set(metrics["IoU_per_class"]) == set(CLASSES)
+    # each class's IoU under its own name, counted here from the pixels: the prior's maps, and the masks' vote
+    # (a class neither labelled nor predicted is None)
+    amg = {key: float(v) for key, v in task.amg.items() if key not in ("points_per_side", "points_per_batch")}
+    segmenter = RegionSegmenter(maps)
+    inter, union = {"coarse": np.zeros(9), "refined": np.zeros(9)}, {"coarse": np.zeros(9), "refined": np.zeros(9)}
+    for (stem, _, _), gt in zip(task.items, maps):
+        coarse = task.coarse_labels(stem, gt)
+        segmenter.set_image(None)
+        packed, areas, _, _ = generate_masks(segmenter, point_grid(16, *gt.shape), **amg)
+        for name, pred in (("coarse", coarse), ("refined", vote_labels(coarse, packed, areas, 9))):
+            for c in range(9):
+                inter[name][c] += ((pred == c) & (gt == c)).sum()
+                union[name][c] += ((pred == c) | (gt == c)).sum()
+    for name, key in (("coarse", "coarse_IoU_per_class"), ("refined", "IoU_per_class")):
+        expected = {c: None if union[name][i] == 0 else pytest.approx(inter[name][i] / union[name][i])
+                    for i, c in enumerate(CLASSES)}
+        assert metrics[key] == expected
 
 
 def test_real_data_without_a_coarse_folder_is_warned_of_the_label_stand_in(tmp_path, synthetic_root, capsys):
@@ -308,13 +336,13 @@ def test_a_coarse_prediction_must_be_a_scaled_copy_of_its_image(tmp_path, image,
     stretching it would move every boundary (a 10% aspect tolerance let it through)."""
     gt = np.zeros(image, np.int64)
     data = label_dataset(tmp_path, {"a": gt}, coarse={"a": np.zeros(shape)})
-    task = SemanticTask(data, CALIB, classes=["bg", "box"], coarse={"dir": str(tmp_path / "coarse")},
-                        amg={"points_per_side": 4})
+    settings = {"classes": ["bg", "box"], "coarse": {"dir": str(tmp_path / "coarse")}, "amg": {"points_per_side": 4}}
     if scaled:
-        assert task.coarse_labels("a", gt).shape == image
-    else:
-        with pytest.raises(SaqError, match=r"coarse/a\.png is 60x64 \(w x h\), its image is 64x64: another aspect"):
-            task.coarse_labels("a", gt)
+        assert SemanticTask(data, CALIB, **settings).coarse_labels("a", gt).shape == image
+    else:  # found from the file headers when the task is built, not when evaluation reaches the image
+        with pytest.raises(SaqError, match=r"coarse prediction .*coarse/a\.png is 60x64 \(w x h\), its image is "
+                                           r"64x64: another aspect"):
+            SemanticTask(data, CALIB, **settings)
 
 
 def test_one_bit_label_maps_are_read(tmp_path):
