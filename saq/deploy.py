@@ -15,8 +15,12 @@ post-softmax operand left unquantized (default) or log2-rounded in float ops (so
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import math
+import os
+import re
 import shutil
 import sys
 import time
@@ -32,11 +36,17 @@ from torch import nn
 from saq.errors import SaqError
 from saq.log import DEPLOY_DIR, claim_run_dir, write_json_atomic
 from saq.quant.config import QuantConfig
-from saq.quant.model import iter_quantizers, quant_config
+from saq.quant.model import assert_fully_quantized, iter_quantizers, quant_config
 from saq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
 from saq.quant.quantizers import Log2AGQQuantizer, Quantizer, UniformQuantizer
+from saq.saved import EXPORT_ID_ATTR
+from saq.sweep import one_line
 
 ENCODER_FILE, DECODER_FILE, REPORT_FILE = "image_encoder.onnx", "mask_decoder.onnx", "deploy.json"
+DEPLOY_LOCK = ".deploy.lock"  # in the deployment folder: one export at a time moves files into it
+# how far saq's fake-quantized weight may sit from an int8 code (in steps) and still be that code: float rounding of
+# ŵ / s is ~1e-5 steps, while soft AdaRound rounding puts weights anywhere between two codes
+GRID_TOLERANCE = 1e-3
 OPSET = 17
 # Optimized-graph operators that compute in integers, and float operators that do the heavy work.
 INT8_OPS = {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger", "QGemm",
@@ -94,7 +104,12 @@ def _int8_codes(quantizer: UniformQuantizer, weight: torch.Tensor) -> tuple[torc
     scale = quantizer.scale.detach().float().reshape(shape)
     zero_point = quantizer.zero_point.detach().float().reshape(shape)
     with torch.no_grad():
-        codes = torch.round(quantizer.quantize(weight.detach()) / scale + zero_point)
+        exact = quantizer.quantize(weight.detach()) / scale + zero_point
+    codes = torch.round(exact)
+    off = float((exact - codes).abs().max()) if codes.numel() else 0.0
+    if off > GRID_TOLERANCE:  # rounding them here would deploy another model than the one saq evaluates
+        raise SaqError(f"cannot deploy {quantizer.name}: its weights are not on the int8 grid (soft AdaRound rounding?): "
+                       f"up to {off:.3g} of a step off; harden the rounding first")
     shift = 0 if quantizer.grid.symmetric else 128  # [0, 255] -> [-128, 127]; (q - z) is unchanged
     codes, zero_point = codes - shift, zero_point - shift
     if codes.min() < -128 or codes.max() > 127:
@@ -222,12 +237,17 @@ def check_deploy_config(quant_cfg) -> None:
 
 
 def check_deployable(qmodel: nn.Module) -> None:
-    """SaqError (one line) unless the model is a calibrated W8A8 saq model."""
+    """SaqError (one line) unless the model is a calibrated W8A8 saq model that quantizes fully: every quantizer on,
+    rounding hard and quantizing every element, as the exported graph does."""
     check_deploy_config(quant_config(qmodel))
     never = [q.name for q in iter_quantizers(qmodel) if not bool(q.calibrated)]
     if never:
         raise SaqError(f"cannot deploy: {len(never)} quantizers were never calibrated (first: {never[0]}); deploy a "
                        "calibrated run's saved model")
+    try:  # the graph quantizes everything: a quantizer off or dropping would make it another model than saq's
+        assert_fully_quantized(qmodel)
+    except SaqError as exc:
+        raise SaqError(f"cannot deploy: {exc}") from None
 
 
 def export_graph_modules(qmodel: nn.Module, softmax: str = "float") -> nn.Module:
@@ -288,56 +308,92 @@ def export_graphs(model: nn.Module, directory: str | Path) -> None:
 
 def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float") -> dict:
     """Write the int8 ONNX encoder and decoder of a calibrated model into `directory`; returns the operator report."""
-    from saq.log import set_aside
+    from saq.log import file_lock, set_aside
 
-    directory = Path(directory).absolute()  # out=. has no name to build the staging folder's from
+    directory = Path(os.path.abspath(directory))  # out=. or out=a/.. name the folder they mean
+    if not directory.name:  # the staging folder is made beside the target, under a name built from its name
+        raise SaqError(f"cannot deploy into {directory}: a folder without a name (the file system root); give a "
+                       f"folder inside it, e.g. out={directory / DEPLOY_DIR}")
     model = export_graph_modules(qmodel, softmax)
-    # built whole in a folder of its own, then moved in: a failed or killed export leaves the earlier deployment
-    # as it was, never a new encoder beside an old decoder
-    staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.partial")
-    staging.mkdir(parents=True)
-    try:
+    with contextlib.ExitStack() as stack:
+        lock = directory / DEPLOY_LOCK
+        try:
+            held = stack.enter_context(file_lock(lock, wait=False))
+        except BlockingIOError:
+            raise SaqError(f"another process is deploying into {directory} (it holds {lock}); wait for it to "
+                           "finish, or give this one another folder (out=...)") from None
+        if held:  # every export stages under this lock, so a staging folder found now is a killed export's
+            _remove_leftover_staging(directory)
+        # built whole in a folder of its own, then moved in: a failed or killed export leaves the earlier deployment
+        # as it was, never a new encoder beside an old decoder
+        staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.partial")
+        staging.mkdir(parents=True)
+        stack.callback(shutil.rmtree, staging, ignore_errors=True)
         start = time.perf_counter()
         export_graphs(model, staging)
         uses_agq = any(isinstance(q, Log2AGQQuantizer) for q in iter_quantizers(qmodel))
         # without AGQ (quant.agq=false) the post-softmax operand has a uniform quantizer and goes int8 like the rest
         report = {"export_s": round(time.perf_counter() - start, 1), "opset": OPSET,
-                  "softmax": softmax if uses_agq else "uniform"}
+                  "softmax": softmax if uses_agq else "uniform",
+                  # the saved model it was made from (None: one never saved), which deployed_sam checks
+                  "export_id": getattr(qmodel, EXPORT_ID_ATTR, None)}
         for key, name in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
-            report[key] = operator_report(staging / name)
+            report[key] = operator_report(staging / name, directory / name)
         write_json_atomic(staging / REPORT_FILE, report)
         directory.mkdir(parents=True, exist_ok=True)
         # deploy.json marks a whole deployment: the earlier one's leaves first and the new one comes in last, so a
         # move cut short leaves a folder deployed_sam refuses, not new graphs under an old report or the reverse
         moves = sorted(staging.iterdir(), key=lambda p: (p.name == REPORT_FILE, p.name))
-        if (directory / REPORT_FILE).exists():
-            kept = set_aside(directory / REPORT_FILE, "previous")
-            print(f"{directory / REPORT_FILE} held an earlier deployment; kept as {kept}")
-        for built in moves:  # an earlier deployment here is kept, not overwritten
-            if (directory / built.name).exists():
-                kept = set_aside(directory / built.name, "previous")
-                print(f"{directory / built.name} held an earlier deployment; kept as {kept}")
+        stamp = time.strftime("%Y%m%d-%H%M%S")  # one for all the earlier deployment's files: a second ticking over
+        for name in dict.fromkeys([REPORT_FILE, *(b.name for b in moves)]):  # must not part them; kept, not replaced
+            if (directory / name).exists():
+                kept = set_aside(directory / name, "previous", stamp)
+                print(f"{directory / name} held an earlier deployment; kept as {kept}")
+        for built in moves:
             built.replace(directory / built.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 
+def _remove_leftover_staging(directory: Path) -> None:
+    """Remove the staging folders (.<name>.<id>.partial) that exports into `directory` killed midway left."""
+    pattern = re.compile(rf"\.{re.escape(directory.name)}\.[0-9a-f]{{8}}\.partial")
+    for path in directory.parent.iterdir():
+        if pattern.fullmatch(path.name) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by an export into {directory} that was killed")
+
+
+def _onnx_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime (none of whose exceptions is a RuntimeError) and onnx.load (protobuf) raise on a bad graph."""
+    from google.protobuf.message import Error as ProtobufError
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    return (RuntimeError, ProtobufError,
+            *(c for c in vars(ort_state).values() if isinstance(c, type) and issubclass(c, Exception)))
+
+
 def session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None,
-            int8: bool = True):
+            int8: bool = True, shown: str | Path | None = None):
     """An ONNX Runtime CPU session with every graph optimization; for an int8 (QDQ) graph MatMul + Add fusion is off
-    (see DISABLED_OPTIMIZERS), for an FP32 one (int8=False) it stays on, so FP32 is timed at its best."""
+    (see DISABLED_OPTIMIZERS), for an FP32 one (int8=False) it stays on, so FP32 is timed at its best. A graph ONNX
+    Runtime refuses is a SaqError naming `shown` (default `path`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # idle pool threads sleep instead of spinning: torch's OpenMP pool shares the process and its cores, and
+    # spinning ONNX Runtime threads would slow it (and the timings of whichever runs next)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=DISABLED_OPTIMIZERS if int8 else [])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=DISABLED_OPTIMIZERS if int8 else [])
+    except _onnx_errors() as exc:
+        raise SaqError(f"ONNX Runtime cannot load {shown or path}: {one_line(exc)}") from None
 
 
 def _layer_of(node_name: str) -> str:
@@ -347,13 +403,17 @@ def _layer_of(node_name: str) -> str:
     return ".".join(parts[-2:]) or node_name
 
 
-def operator_report(path: Path) -> dict:
-    """Which compute operators ONNX Runtime runs in int8 and which stay float, from its optimized graph."""
+def operator_report(path: Path, shown: Path | None = None) -> dict:
+    """Which compute operators ONNX Runtime runs in int8 and which stay float, from its optimized graph (errors name
+    `shown`, default `path`: the file a staged graph is written to)."""
     import onnx
 
     optimized = path.with_suffix(".optimized.onnx")
-    session(path, 1, optimized)
-    graph = onnx.load(str(optimized), load_external_data=False).graph
+    session(path, 1, optimized, shown=shown)
+    try:
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+    except _onnx_errors() as exc:
+        raise SaqError(f"cannot read ONNX Runtime's optimized graph of {shown or path}: {one_line(exc)}") from None
     int8 = Counter(n.op_type for n in graph.node if n.op_type in INT8_OPS)
     floats = Counter(f"{_layer_of(n.name)} ({n.op_type})" for n in graph.node if n.op_type in FLOAT_COMPUTE_OPS)
     optimized.unlink()
@@ -412,11 +472,24 @@ class OnnxMaskDecoder(nn.Module):
 
 def deployed_sam(qmodel: nn.Module, directory: str | Path, threads: int | None = None) -> nn.Module:
     """The quantized model with its encoder and decoder replaced by the ONNX sessions in `directory`: a Segmenter
-    runs it like any SAM (prompt encoder, pre- and post-processing stay the model's own)."""
+    runs it like any SAM (prompt encoder, pre- and post-processing stay the model's own). A model saved or loaded by
+    saq.saved must be the one the folder was deployed from (deploy.json's export_id)."""
     directory = Path(directory)
     for name in (ENCODER_FILE, DECODER_FILE, REPORT_FILE):  # deploy.json is written last: without it, not whole
         if not (directory / name).is_file():
             raise SaqError(f"{directory / name} is missing; run python -m saq.deploy on the run first")
+    try:
+        report = json.loads((directory / REPORT_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SaqError(f"{directory / REPORT_FILE} cannot be read ({one_line(exc)}); deploy the model again") from None
+    made_from = report.get("export_id") if isinstance(report, dict) else None
+    model_id = getattr(qmodel, EXPORT_ID_ATTR, None)
+    # an in-memory model never saved has no id to compare; a saved one must not run another export's graphs (a
+    # deployment left beside a model saved since)
+    if model_id is not None and made_from != model_id:
+        source = f"export_id {made_from}" if made_from else "no export_id recorded: an unsaved model or an older saq"
+        raise SaqError(f"{directory} was deployed from another model ({source}) than this saved one (export_id "
+                       f"{model_id}); deploy this one again (python -m saq.deploy RUN_DIR)")
     sam = copy.copy(qmodel)  # shallow: shares the FP prompt encoder and buffers; swaps two submodules
     sam._modules = dict(qmodel._modules)
     sam.image_encoder = OnnxImageEncoder(directory / ENCODER_FILE, qmodel.image_encoder.img_size, threads)
@@ -438,9 +511,8 @@ def evaluate_deployed(qmodel: nn.Module, run_dir: str | Path, task, decode_batch
 
 def main(argv: list[str] | None = None) -> int:
     from saq.cli import tool_args
-    from saq.quant.export import load_quantized
     from saq.sam.build import VARIANTS, build_random_sam
-    from saq.saved import SAVED_DIR, read_recipe, saved_dir
+    from saq.saved import SAVED_DIR, load_saved, read_recipe, saved_dir
 
     try:
         run_dir, options = tool_args(
@@ -453,14 +525,16 @@ def main(argv: list[str] | None = None) -> int:
         # the run's folder is held while its model is read: a run into it would set the model aside mid-read
         # (RUN_DIR may name the saved model's own folder; the run is the folder around it)
         run_folder = directory.parent if directory.name == SAVED_DIR else Path(run_dir)
+        out = Path(options["out"]) if "out" in options else run_folder / DEPLOY_DIR  # beside the run's model
         with claim_run_dir(run_folder) if run_folder.is_dir() else nullcontext():
-            extra = read_recipe(directory).get("extra", {})
+            recipe = read_recipe(directory)
+            check_deploy_config(recipe["quant"])  # a W4A4 model is refused before it is built and loaded
+            extra = recipe.get("extra", {})
             if "model" not in extra:
                 raise SaqError(f"{directory} does not say which model it quantized (recipe extra.model)")
-            # load_quantized loads every tensor from the export (strictly), so the FP checkpoint is not needed: a
-            # random model of the same architecture is only the frame the saved weights go into
-            qmodel = load_quantized(build_random_sam(VARIANTS.get(extra["model"], extra["model"])), directory)
-            out = Path(options["out"]) if "out" in options else run_folder / DEPLOY_DIR  # beside the run's model
+            # the export holds every tensor (loaded strictly), so the FP checkpoint is not needed: a random model of
+            # the same architecture is only the frame the saved weights go into; tagged with its export_id
+            qmodel = load_saved(build_random_sam(VARIANTS.get(extra["model"], extra["model"])), directory)
             report = export_onnx(qmodel, out, options.get("softmax", "float"))
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -468,10 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # an out= folder that cannot be written
         print(f"error: cannot write the ONNX models: {exc}", file=sys.stderr)
         return 1
-    except RuntimeError as exc:  # torch.onnx export or ONNX Runtime refusing the graph
-        from saq.sweep import one_line
-
-        print(f"error: the ONNX export failed: {one_line(exc)}", file=sys.stderr)
+    except RuntimeError as exc:  # torch.onnx refusing the model (ONNX Runtime's refusals are SaqErrors)
+        print(f"error: the ONNX export into {out} failed: {one_line(exc)}", file=sys.stderr)
         return 1
     print(format_report(report))
     print(f"wrote {out / ENCODER_FILE}, {out / DECODER_FILE} and {out / REPORT_FILE}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -9,12 +10,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from saq.errors import SaqError
-from saq.log import RESULTS_FILE, SAVED_DIR, flatten, set_aside, set_aside_run
+from saq.log import DEPLOY_DIR, RESULTS_FILE, SAVED_DIR, flatten, set_aside, set_aside_run
 from saq.quant.config import RUN_KEYS, QuantConfig
 from saq.quant.export import RECIPE_FILE, check_state_file, export_quantized, load_quantized, read_recipe
 
 # Settings that change how a model is calibrated, not what the calibrated model computes: free to differ on load.
 CALIBRATION_ONLY = ("name", "calib_images", "calib_decode_batch")
+# On a model saved or loaded here: its recipe's export_id, which a deployment of it records (saq.deploy checks it).
+EXPORT_ID_ATTR = "saq_export_id"
 
 
 def _outliers(cfg: DictConfig) -> dict | None:
@@ -53,9 +56,15 @@ def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
         kept = set_aside_run(run_dir, "previous")
         print(f"{kept.parent / RESULTS_FILE} held an earlier run; kept as {kept} (its model, figures and analyses "
               "renamed alike)")
-    elif target.exists():  # an earlier run in the same folder saved its model here: keep it
-        print(f"{target} held an earlier run's model; kept as {set_aside(target, 'previous')}")
-    return export_quantized(qmodel, target, extra=extra)
+    else:  # an earlier run here saved its model (and maybe deployed it) but wrote no results (killed): both go
+        # aside together, under one stamp, so no deployment of that model stays beside this run's
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path, what in ((target, "model"), (Path(run_dir) / DEPLOY_DIR, "deployment")):
+            if path.exists():
+                print(f"{path} held an earlier run's {what}; kept as {set_aside(path, 'previous', stamp)}")
+    saved = export_quantized(qmodel, target, extra=extra)
+    setattr(qmodel, EXPORT_ID_ATTR, extra["export_id"])  # a deployment made from it now records this export
+    return saved
 
 
 def saved_dir(path: str | Path, setting: str = "quant.load=") -> Path:
@@ -179,6 +188,14 @@ def load_run(model: nn.Module, cfg: DictConfig) -> tuple[nn.Module, dict]:
     from saq.recon import loaded_evaluation
 
     directory = check_load(cfg)
-    qmodel = load_quantized(model, directory)
+    qmodel = load_saved(model, directory)
     saved_recon = read_recipe(directory).get("extra", {}).get("recon")
     return qmodel, loaded_evaluation(qmodel, saved_recon, cfg.get("recon"), cfg.quant.load)
+
+
+def load_saved(model: nn.Module, directory: str | Path) -> nn.Module:
+    """load_quantized, the model tagged with its recipe's export_id (EXPORT_ID_ATTR), so that a deployment of it
+    records, and deployed_sam checks, which saved model it is."""
+    qmodel = load_quantized(model, directory)
+    setattr(qmodel, EXPORT_ID_ATTR, read_recipe(directory).get("extra", {}).get("export_id"))
+    return qmodel

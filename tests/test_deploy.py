@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from saq.errors import SaqError
 from saq.quant import QuantConfig, calibrate, export_quantized, quantize
 from saq.sam.build import build_sam
 from saq.sam.segmenter import PromptedImage, Segmenter
+from saq.saved import EXPORT_ID_ATTR
 from tasks.base import read_rgb
 
 torch.set_num_threads(1)
@@ -38,12 +41,13 @@ def calibrated(synthetic_root):
 def test_cli_exports_int8_graphs_close_to_fake_quant(calibrated, synthetic_root, tmp_path):
     # the checkpoint the model was made from has since gone: deploy needs only the export, which holds every weight
     export_quantized(calibrated, tmp_path / "run" / "quantized_model",
-                     extra={"model": "sam_tiny", "checkpoint": str(tmp_path / "gone.pth")})
+                     extra={"model": "sam_tiny", "checkpoint": str(tmp_path / "gone.pth"), "export_id": "e1"})
     assert deploy.main([str(tmp_path / "run"), "softmax=log2"]) == 0  # saq's formula for every quantized operand
     (tmp_path / "a_file").write_text("")
     assert deploy.main([str(tmp_path / "run"), f"out={tmp_path / 'a_file' / 'deployed'}"]) == 1  # one line, no trace
     out = tmp_path / "run" / deploy.DEPLOY_DIR
     report = json.loads((out / deploy.REPORT_FILE).read_text())
+    assert report["export_id"] == "e1"  # the saved model it was made from
     # every encoder linear (4 per block) and q·kᵀ go int8; softmax·V (log2 codes) and the neck convs stay float
     assert report["encoder"]["int8_ops"] == {"MatMulIntegerToFloat": 6 * 5}
     assert report["encoder"]["float_ops"]["attn.av_matmul (MatMul)"] == 6
@@ -208,7 +212,7 @@ def test_an_fp32_session_keeps_matmul_add_fusion_that_an_int8_one_goes_without(t
     assert "Gemm" in ops[False] and "Add" not in ops[False]  # FP32 at its best: MatMul + Add as one Gemm
 
 
-def test_a_failed_deployment_inside_a_run_keeps_its_metrics(synthetic_root, tmp_path):
+def test_a_failed_deployment_inside_a_run_keeps_its_metrics(synthetic_root, tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from saq import pipeline
@@ -221,13 +225,17 @@ def test_a_failed_deployment_inside_a_run_keeps_its_metrics(synthetic_root, tmp_
             "fp_cache=false", "progress=false", "threads=1", "quant=w8a8", "clip=minmax", "quant.calib_images=1",
             "deploy=true"])
     run = tmp_path / "run"
-    run.mkdir()
-    (run / deploy.DEPLOY_DIR).write_text("")  # a file where the deployment goes: the export cannot be moved in
-    with pytest.raises(SaqError, match=r"deploy=true failed \(FileExistsError: .*\); the FP and quantized metrics are"):
+
+    def refused(model, directory):  # the exporter failing on the model (anything in run/deployed is set aside first)
+        raise RuntimeError("the exporter broke")
+
+    monkeypatch.setattr(deploy, "export_graphs", refused)
+    with pytest.raises(SaqError, match=r"deploy=true failed \(RuntimeError: the exporter broke\); the FP and quantized "
+                                       r"metrics are"):
         pipeline.run(cfg, run)
     record = json.loads((run / "results.json").read_text())
-    assert record["metrics"]["quantized"]["images"] == 1 and record["metrics"]["deployed"]["error"].startswith(
-        "FileExistsError")
+    assert record["metrics"]["quantized"]["images"] == 1
+    assert record["metrics"]["deployed"]["error"] == "RuntimeError: the exporter broke"
 
 
 def quick_export(monkeypatch):
@@ -235,7 +243,7 @@ def quick_export(monkeypatch):
     monkeypatch.setattr(deploy, "export_graph_modules", lambda qmodel, softmax: None)
     monkeypatch.setattr(deploy, "export_graphs", lambda model, directory: [
         (Path(directory) / name).write_text("new") for name in (deploy.ENCODER_FILE, deploy.DECODER_FILE)])
-    monkeypatch.setattr(deploy, "operator_report", lambda path: {"int8_ops": {}, "float_ops": {}})
+    monkeypatch.setattr(deploy, "operator_report", lambda path, shown=None: {"int8_ops": {}, "float_ops": {}})
 
 
 def test_a_deployment_cut_short_while_moving_in_is_no_deployment(calibrated, tmp_path, monkeypatch):
@@ -273,3 +281,130 @@ def test_deploying_into_the_current_folder_and_without_agq(calibrated, tmp_path,
     report = deploy.export_onnx(no_agq, tmp_path / "no_agq")
     assert report["softmax"] == "uniform"
     assert deploy.format_report(report).startswith("softmax * V: post-softmax operand uniformly quantized")
+
+
+def test_a_model_that_does_not_quantize_fully_is_refused(calibrated, tmp_path):
+    from saq.quant import AdaRoundQuantizer
+    from saq.quant.observers import make_observer
+
+    off = copy.deepcopy(calibrated)  # an input quantizer switched off: the graph would quantize what saq does not
+    off.image_encoder.blocks[0].attn.qkv.input_quantizer.set_state("off")
+    with pytest.raises(SaqError, match=r"^cannot deploy: 1 quantizers are not quantizing \(first: image_encoder\.blocks"
+                                       r"\.0\.attn\.qkv\.input_quantizer\)"):
+        deploy.export_onnx(off, tmp_path / "off")
+    dropping = copy.deepcopy(calibrated)
+    dropping.mask_decoder.transformer.layers[0].mlp.lin1.input_quantizer.drop_prob = 0.5
+    with pytest.raises(SaqError, match=r"^cannot deploy: 1 quantizers still drop quantization"):
+        deploy.export_onnx(dropping, tmp_path / "dropping")
+    assert not list(tmp_path.iterdir())  # refused before writing anything
+
+    # soft AdaRound rounding: weights between two codes, which rounding to the nearest code would silently change
+    quantizer, weight = AdaRoundQuantizer(8, make_observer("minmax"), ch_axis=0), torch.randn(16, 32)
+    quantizer.name = "ada"
+    quantizer.set_state("observe")
+    quantizer(weight)
+    quantizer.set_state("quant")
+    codes, scale, zero_point = deploy._int8_codes(quantizer, weight)  # nearest rounding: on the grid
+    assert torch.allclose((codes.float() - zero_point.float()[:, None]) * scale[:, None], quantizer(weight))
+    quantizer.init_soft(weight)
+    with pytest.raises(SaqError, match=r"^cannot deploy ada: its weights are not on the int8 grid \(soft AdaRound "
+                                       r"rounding\?\): up to 0\.\d+ of a step off"):
+        deploy._int8_codes(quantizer, weight)
+
+
+def test_onnx_runtime_and_protobuf_errors_are_one_line_naming_the_file(calibrated, tmp_path, monkeypatch):
+    (tmp_path / "bad.onnx").write_bytes(b"new")  # ONNX Runtime's exceptions are no RuntimeError
+    with pytest.raises(SaqError, match=rf"^ONNX Runtime cannot load {re.escape(str(tmp_path / 'bad.onnx'))}: "
+                                       r"InvalidProtobuf: "):
+        deploy.session(tmp_path / "bad.onnx")
+    operator_report = deploy.operator_report
+    quick_export(monkeypatch)
+    monkeypatch.setattr(deploy, "operator_report", operator_report)  # on the stand-in graphs: refused
+    out = tmp_path / "deployed"
+    # named as the file the export writes, not its staging copy (gone when the error is read)
+    with pytest.raises(SaqError, match=rf"^ONNX Runtime cannot load {re.escape(str(out / deploy.ENCODER_FILE))}: "):
+        deploy.export_onnx(calibrated, out)
+    # a graph ONNX Runtime takes but whose optimized copy onnx.load cannot parse: protobuf's DecodeError
+    monkeypatch.setattr(deploy, "session", lambda path, threads, optimized, shown=None: optimized.write_bytes(b"new"))
+    with pytest.raises(SaqError, match=rf"^cannot read ONNX Runtime's optimized graph of "
+                                       rf"{re.escape(str(out / deploy.ENCODER_FILE))}: DecodeError: "):
+        deploy.export_onnx(calibrated, out)
+    assert not (out / deploy.REPORT_FILE).exists() and not list(tmp_path.glob(".deployed.*.partial"))
+
+
+def test_cli_checks_the_config_first_records_the_export_and_refuses_an_out_without_a_name(calibrated, tmp_path,
+                                                                                        monkeypatch, capsys):
+    export = tmp_path / "run" / "quantized_model"
+    export_quantized(calibrated, export, extra={"model": "sam_tiny", "export_id": "e1"})
+    quick_export(monkeypatch)
+    assert deploy.main([str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / deploy.DEPLOY_DIR / deploy.REPORT_FILE).read_text())["export_id"] == "e1"
+    capsys.readouterr()
+    assert deploy.main([str(tmp_path / "run"), "out=/"]) == 1  # no name to stage the export beside
+    assert capsys.readouterr().err.strip() == ("error: cannot deploy into /: a folder without a name (the file system "
+                                               "root); give a folder inside it, e.g. out=/deployed")
+    # a W4A4 model is refused from its recipe, before it is built and loaded: its broken state file is never read
+    recipe = json.loads((export / "recipe.json").read_text())
+    (export / "recipe.json").write_text(json.dumps({**recipe, "quant": QuantConfig(name="w4a4", w_bits=4,
+                                                                                   a_bits=4).to_dict()}))
+    (export / "quantized_state.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert deploy.main([str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.strip() == ("error: cannot deploy: int8 kernels need W8A8, the encoder is W4A4 "
+                                               "(quant=w8a8)")
+
+
+def test_a_deployment_of_another_saved_model_is_refused(calibrated, tmp_path, monkeypatch):
+    quick_export(monkeypatch)
+    first, second = copy.copy(calibrated), copy.copy(calibrated)
+    setattr(first, EXPORT_ID_ATTR, "aaa")
+    setattr(second, EXPORT_ID_ATTR, "bbb")  # saved later into the same run folder
+    out = tmp_path / "deployed"
+    assert deploy.export_onnx(first, out)["export_id"] == "aaa"
+    with pytest.raises(SaqError, match=rf"^{re.escape(str(out))} was deployed from another model \(export_id aaa\) "
+                                       r"than this saved one \(export_id bbb\); deploy this one again"):
+        deploy.deployed_sam(second, out)
+    # its own model passes the check and gets as far as ONNX Runtime (which refuses the stand-in graphs)
+    with pytest.raises(SaqError, match=r"^ONNX Runtime cannot load .*image_encoder\.onnx"):
+        deploy.deployed_sam(first, out)
+    # a deployment that recorded no export (an unsaved model's) is not that of a saved one
+    deploy.export_onnx(calibrated, out)
+    with pytest.raises(SaqError, match=r"another model \(no export_id recorded: an unsaved model or an older saq\)"):
+        deploy.deployed_sam(first, out)
+
+
+def test_an_export_holds_its_folder_and_removes_what_killed_exports_left(calibrated, tmp_path, monkeypatch):
+    from saq.log import file_lock
+
+    quick_export(monkeypatch)
+    out = tmp_path / "deployed"
+    left = tmp_path / ".deployed.0123abcd.partial"  # an export killed (SIGKILL, OOM) before its cleanup
+    left.mkdir()
+    (left / deploy.ENCODER_FILE).write_text("half")
+    others = [tmp_path / ".deployed_b.0123abcd.partial", tmp_path / ".deployed.notours.partial"]
+    for other in others:
+        other.mkdir()
+    with file_lock(out / deploy.DEPLOY_LOCK):  # another process deploying into the same out=
+        with pytest.raises(SaqError, match=rf"^another process is deploying into {re.escape(str(out))} \(it holds "
+                                           rf"{re.escape(str(out / deploy.DEPLOY_LOCK))}\); wait for it"):
+            deploy.export_onnx(calibrated, out)
+        assert left.is_dir()  # while it runs, a staging folder may be its own
+    deploy.export_onnx(calibrated, out)
+    assert not left.exists() and all(other.is_dir() for other in others)
+    assert (out / deploy.ENCODER_FILE).read_text() == "new"
+
+
+def test_an_earlier_deployment_is_set_aside_under_one_stamp(calibrated, tmp_path, monkeypatch):
+    quick_export(monkeypatch)
+    out = tmp_path / "deployed"
+    deploy.export_onnx(calibrated, out)
+    ticks = iter(range(1000))
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: f"20261202-0000{next(ticks):02d}")  # a second per call
+    deploy.export_onnx(calibrated, out)
+    kept = [p.name for p in out.glob("*.previous")]
+    assert len(kept) == 3 and len({name.split(".")[-2] for name in kept}) == 1, kept
+
+
+def test_sessions_do_not_spin_beside_torchs_thread_pool(tmp_path):
+    deploy._export(torch.nn.Linear(4, 2), (torch.randn(1, 4),), tmp_path / "linear.onnx", ["x"], ["y"], {})
+    options = deploy.session(tmp_path / "linear.onnx", 1).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -136,6 +136,26 @@ def test_a_run_failing_after_it_saved_its_model_leaves_no_results_beside_it(synt
     assert read_recipe(tmp_path / "run" / kept[0])["extra"]["clip"]["name"] == "minmax"
 
 
+def test_a_model_saved_over_a_killed_run_sets_its_deployment_aside_with_it(synthetic_root, tmp_path, monkeypatch):
+    import time
+
+    from saq import saved
+    from saq.log import DEPLOY_DIR
+
+    cfg = run_config(synthetic_root)
+    monkeypatch.setattr(saved, "export_quantized", lambda qmodel, target, extra: extra)
+    run = tmp_path / "run"
+    for folder in (SAVED_DIR, DEPLOY_DIR):  # an earlier run saved and deployed its model, then was killed: no results
+        (run / folder).mkdir(parents=True)
+    ticks = iter(range(1000))
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: f"20261202-0000{next(ticks):02d}")  # a second per call
+    qmodel = torch.nn.Module()
+    extra = saved.save_run(qmodel, run, cfg)
+    kept = sorted(p.name for p in run.iterdir())  # both aside, under one stamp: no old deployment beside the new model
+    assert kept == [f"{DEPLOY_DIR}.20261202-000000.previous", f"{SAVED_DIR}.20261202-000000.previous"], kept
+    assert getattr(qmodel, saved.EXPORT_ID_ATTR) == extra["export_id"]  # what a deployment of it records
+
+
 def test_a_loaded_model_is_labelled_by_the_run_that_made_it(synthetic_root, tmp_path):
     from saq.log import wandb_run_options
     from saq.report import build_report
@@ -149,9 +169,9 @@ def test_a_loaded_model_is_labelled_by_the_run_that_made_it(synthetic_root, tmp_
                                      f"quant.load={tmp_path / 'runs' / 'made'}"), tmp_path / "runs" / "loaded")
     assert loaded["loaded_model"]["clip"]["name"] == "minmax" and loaded["loaded_model"]["seed"] == 0
     assert loaded["loaded_model"]["calib_images"] == 1 and loaded["loaded_model"]["task_calib"]["img_dir"] == "val/images"
-    assert wandb_run_options({}, loaded)["job_type"] == "minmax"
+    assert wandb_run_options({}, loaded)["job_type"] == "minmax (custom)"  # clip=minmax, BIG and AGQ on
     report = build_report(tmp_path / "runs")
-    assert {row for table in report.tables for row in table.rows} == {"FP", "minmax"}
+    assert {row for table in report.tables for row in table.rows} == {"FP", "minmax (custom)"}
     assert len(report.duplicates) == 1  # the same model on the same images: one sample, not two
 
 
@@ -330,7 +350,7 @@ def test_a_checkpoint_file_changed_since_saving_or_other_planted_outliers_are_re
     shutil.copy(TINY_CHECKPOINT, weights)
     monkeypatch.setattr(saved, "export_quantized", lambda qmodel, target, extra: extra)
     cfg = run_config(synthetic_root, f"model.checkpoint={weights}")
-    extra = saved.save_run(None, tmp_path / "run", cfg)
+    extra = saved.save_run(torch.nn.Module(), tmp_path / "run", cfg)
     assert extra["checkpoint_sha256"] == checkpoint_digest("sam_tiny", None) and extra["outliers"] is None
     recipe = read_recipe(fitting_export(tmp_path / "saved", cfg, **extra))
     check_recipe(recipe, cfg, tmp_path / "saved")
@@ -346,7 +366,7 @@ def test_a_checkpoint_file_changed_since_saving_or_other_planted_outliers_are_re
     with pytest.raises(SaqError, match=r"was made from another version of the checkpoint file .*ft\.pth"):
         check_recipe(recipe, cfg, tmp_path / "saved")
     outliers = run_config(synthetic_root, "model=sam_tiny_outliers")
-    planted = saved.save_run(None, tmp_path / "run2", outliers)
+    planted = saved.save_run(torch.nn.Module(), tmp_path / "run2", outliers)
     assert planted["outliers"]["magnitude"] == outliers.model.outliers.magnitude
     recipe = read_recipe(fitting_export(tmp_path / "saved2", outliers, **{**planted, "model": "sam_tiny_outliers"}))
     check_recipe(recipe, outliers, tmp_path / "saved2")
@@ -362,7 +382,7 @@ def test_the_checkpoint_is_recorded_absolute_so_loading_from_another_folder_matc
     monkeypatch.setattr(saved, "export_quantized", lambda qmodel, target, extra: extra)
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")
-    extra = saved.save_run(None, tmp_path / "run", run_config(synthetic_root, "model.checkpoint=ckpt/ft.pth"))
+    extra = saved.save_run(torch.nn.Module(), tmp_path / "run", run_config(synthetic_root, "model.checkpoint=ckpt/ft.pth"))
     assert extra["checkpoint"] == str(tmp_path / "a" / "ckpt" / "ft.pth")
     monkeypatch.chdir(tmp_path)  # the same file, named from elsewhere
     recipe = read_recipe(fitting_export(tmp_path / "saved", run_config(synthetic_root), checkpoint=extra["checkpoint"]))
@@ -417,6 +437,9 @@ def test_export_writes_through_a_temporary_file(tmp_path, monkeypatch):
     qmodel = quantize(build_sam("sam_tiny"), QuantConfig(name="w8a8"))
     for quantizer in iter_quantizers(qmodel):
         quantizer.calibrated.fill_(True)
+        if getattr(quantizer, "ch_axis", None) is not None:  # a calibrated per-channel step is never 0-d
+            quantizer.scale.data, quantizer.zero_point.data = quantizer.scale.data.reshape(1), \
+                quantizer.zero_point.data.reshape(1)
     export_quantized(qmodel, tmp_path / "export", extra={"model": "sam_tiny"})
     before = {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()}
     real_save = torch.save

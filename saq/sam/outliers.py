@@ -126,22 +126,24 @@ def plant_key_outliers(sam: Sam, samples: Sequence[PromptedImage], spec: Outlier
     return planted
 
 
+# Largest change of the FP decoder's mask logits that planting may cause: float rounding of the offset logits grows
+# with the magnitude (sam_tiny, measured: 1e-4 at the default 150x p99, 8e-4 at 1000x, 7e-3 at 10000x, where a few
+# boundary pixels flip); a mask pixel whose logit lies that close to 0 may flip at any magnitude, so pixels are no test
+FP_LOGIT_TOLERANCE = 1e-3
+
+
 @torch.no_grad()
 def _check_fp_masks_kept(sam: Sam, samples: Sequence[PromptedImage], before: list, spec: OutlierSpec) -> None:
-    """The offsets cancel in softmax only up to float rounding, which grows with the magnitude (a logit error of
-    ~5e-3 and a few flipped pixels at 10000 x p99 on sam_tiny): refuse a planting that changes the FP masks."""
+    """The offsets cancel in softmax only up to float rounding: refuse a planting that moves the FP mask logits on
+    the planting images by more than FP_LOGIT_TOLERANCE."""
     segmenter = Segmenter(sam)
-    changed = total = 0
+    change = 0.0
     for sample, old in zip(samples, before):
         new = segmenter.run(sample)
         if old is not None:
-            changed += int((old.masks != new.masks).sum())
-            total += old.masks.numel()
-    if changed:
-        raise SaqError(f"model.outliers.magnitude={spec.magnitude:g} changes {changed} of the FP model's {total} mask "
-                       "pixels on the planting images (float rounding of the offset logits); the testbed must keep FP "
-                       "exact: use a smaller magnitude (the default is 150)")
-
-
-def spec_record(spec: OutlierSpec) -> dict:
-    return asdict(spec)
+            change = max(change, float((new.low_res_logits - old.low_res_logits).abs().max()))
+    if change > FP_LOGIT_TOLERANCE:
+        raise SaqError(f"model.outliers.magnitude={spec.magnitude:g} moves the FP model's mask logits by up to "
+                       f"{change:.2g} on the planting images (float rounding of the offset logits; allowed: "
+                       f"{FP_LOGIT_TOLERANCE:g}); the testbed must keep FP exact: use a smaller magnitude (the default "
+                       "is 150)")
