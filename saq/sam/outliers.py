@@ -10,7 +10,7 @@ channel is `magnitude` times the unplanted key projection's own p99 |k|, measure
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from segment_anything.modeling import Sam
