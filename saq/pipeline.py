@@ -326,7 +326,9 @@ def check_config(cfg: DictConfig, choices: dict | None = None, overrides: list[s
 
         recon = ReconConfig.from_cfg(cfg.recon)
         recon.check_run()
-        if recon.name != "none" and recon.softmax_scale_lr and not quant_cfg.agq:
+        preset = CONF_DIR / "recon" / f"{recon.name}.yaml"  # method=qdrop: its recon preset's lr beside agq=false
+        preset_lr = OmegaConf.load(preset).get("softmax_scale_lr", 0.0) if preset.is_file() else 0.0
+        if recon.name != "none" and recon.softmax_scale_lr != preset_lr and not quant_cfg.agq:
             raise SaqError(f"recon.softmax_scale_lr={recon.softmax_scale_lr:g} learns AGQ's post-softmax scale, but "
                            "quant.agq=false quantizes post-softmax maps uniformly (their steps learn at "
                            "recon.scale_lr); set quant.agq=true or leave recon.softmax_scale_lr at 0")

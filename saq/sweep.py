@@ -303,7 +303,11 @@ def slurm_conflicts(config: DictConfig) -> list[tuple[str, str]]:
     launcher = config.hydra.launcher
     if not str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
         return []
-    return [(a, b) for a, b in SLURM_EXCLUSIVE if launcher.get(a) is not None and launcher.get(b) is not None]
+    def asks_gpus(key: str) -> bool:  # gres=nvme:1 beside gpus_per_node asks for another resource: no conflict
+        return key != "gres" or "gpu" in str(launcher.get(key)).lower()
+
+    return [(a, b) for a, b in SLURM_EXCLUSIVE
+            if launcher.get(a) is not None and launcher.get(b) is not None and asks_gpus(a) and asks_gpus(b)]
 
 
 class SweepReport(Callback):

@@ -212,5 +212,7 @@ def test_slurm_options_that_exclude_each_other_are_found_before_submitting(monke
                                                         "hydra.launcher.gres=gpu:a100:1"], return_hydra_config=True)
         chosen = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.mem_per_gpu=32G",
                                                           "hydra.launcher.mem_gb=null"], return_hydra_config=True)
-    assert slurm_conflicts(plain) == [] and slurm_conflicts(chosen) == []
+        other = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.gres=nvme:1"],
+                        return_hydra_config=True)
+    assert slurm_conflicts(plain) == [] and slurm_conflicts(chosen) == [] and slurm_conflicts(other) == []
     assert slurm_conflicts(both) == [("mem_gb", "mem_per_gpu"), ("gpus_per_node", "gres")]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from saq.log import method_label
 from tests.conftest import REPO
 
 # 2 x 2 jobs: bit-width x clipping, on 2 images with 2 calibration images. `++` because Hydra composes a multirun's
@@ -40,13 +41,13 @@ def assert_report_equals_results(sweep_dir: Path, results: dict[Path, dict]) -> 
     assert len(results) == 4
     md = (sweep_dir / "report.md").read_text()
     for rec in results.values():
-        clip, bits = rec["config"]["clip"]["name"], rec["quant"]
-        cell = ours[(clip, bits)]
+        row, bits = method_label(rec["config"]), rec["quant"]  # clip=minmax alone: "minmax (custom)"
+        cell = ours[(row, bits)]
         assert float(cell["mean"]) == rec["metrics"]["quantized"]["mask_AP"]
         assert cell["n"] == "1" and cell["seeds"] == "0"
         assert f"{100 * rec['metrics']['quantized']['mask_AP']:.2f}" in md
         assert float(ours[("FP", bits)]["mean"]) == rec["metrics"]["fp"]["mask_AP"]
-    assert {k[0] for k in ours} == {"FP", "minmax", "mse"}
+    assert {k[0] for k in ours} == {"FP", "minmax (custom)", "mse"}
     assert {k[1] for k in ours} == {"w6a6", "w4a4"}
 
 

@@ -33,6 +33,7 @@ def checkpoint_path(cfg: ReconConfig, key: str) -> Path:
 
     # a knob added since, at the value that does what runs before it did, leaves their checkpoints resumable
     old_behaviour = {k.split(".", 1)[1]: v for k, v in KNOBS_ADDED_SINCE.items() if k.startswith("recon.")}
+    old_behaviour.pop("budget", None)  # learned runs always had it (it is new to recon=none records): it stays hashed
     knobs = {k: v for k, v in vars(cfg).items() if k not in ("resume", "log_every", "paper_eval_compat", "state_dir",
                                                                   "cache_device")
              and not (k in old_behaviour and v == old_behaviour[k])}
