@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from saq.errors import SaqError
-from saq.log import DEPLOY_DIR, claim_run_dir, write_json_atomic
+from saq.log import DEPLOY_DIR, RunDirHeld, claim_run_dir, write_json_atomic
 from saq.quant.config import QuantConfig
 from saq.quant.model import assert_fully_quantized, iter_quantizers, quant_config
 from saq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
@@ -536,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
             # the same architecture is only the frame the saved weights go into; tagged with its export_id
             qmodel = load_saved(build_random_sam(VARIANTS.get(extra["model"], extra["model"])), directory)
             report = export_onnx(qmodel, out, options.get("softmax", "float"))
+    except RunDirHeld as exc:  # a run writing its model there, or another export or analysis of it
+        print(f"error: another saq process is writing into {exc.folder}; wait for it to finish, then deploy again",
+              file=sys.stderr)
+        return 1
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

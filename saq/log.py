@@ -169,7 +169,12 @@ RUN_LOCK = ".saq.lock"
 
 
 class RunDirHeld(SaqError):
-    """Another process holds the run folder (claim_run_dir)."""
+    """Another process holds the run folder (claim_run_dir); `folder` is that folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        super().__init__(f"another saq process is writing into {folder}; give this one its own folder "
+                         "(hydra.run.dir=...), or wait for it to finish")
 
 
 @contextmanager
@@ -224,8 +229,7 @@ def claim_run_dir(run_dir: Path) -> Iterator[None]:
         try:
             stack.enter_context(file_lock(Path(run_dir) / RUN_LOCK, wait=False))
         except BlockingIOError:
-            raise RunDirHeld(f"another saq process is writing into {run_dir}; give this one its own folder "
-                             "(hydra.run.dir=...), or wait for it to finish") from None
+            raise RunDirHeld(run_dir) from None
         yield
 
 

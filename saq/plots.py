@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from saq.errors import is_finite_number
+from saq.log import atomic_path
 
 
 def pyplot():
@@ -19,6 +20,8 @@ def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
+    # labels are run names and paths: a '$' in one (task.data.root=/d/$HOME) must print as itself, not start mathtext
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
@@ -30,7 +33,8 @@ def save_figure(fig, path: Path, dpi: int = 110, layout: dict | None = None, bbo
     try:
         if layout is not None:
             fig.tight_layout(**layout)
-        fig.savefig(path, dpi=dpi, bbox_inches=bbox_inches)
+        with atomic_path(path) as tmp:  # whole or none: a killed report leaves no truncated PNG for W&B to upload
+            fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches, format=Path(path).suffix.lstrip(".") or "png")
     finally:  # closed when saving fails too: a sweep's report draws many figures in one process
         pyplot().close(fig)
     return path
@@ -165,7 +169,13 @@ def sensitivity_bars(rows: dict[str, dict], header: dict, path: Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(parts) + 1.4))
     y = np.arange(len(parts))[::-1]
-    ax.barh(y, gains, color=["tab:green" if g >= 0 else "tab:red" for g in gains], height=0.7)
+    finite = [is_finite_number(g) for g in gains]
+    ax.barh(y, [g if ok else 0.0 for g, ok in zip(gains, finite)],
+            color=["tab:green" if g >= 0 else "tab:red" for g in gains], height=0.7)
+    for yi, ok in zip(y, finite):  # no bar would read as no change
+        if not ok:
+            ax.annotate("NaN", (0, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7,
+                        color="tab:red")
     ax.set_yticks(y, labels, fontsize=7)
     fp = (header.get("fp") or {}).get(metric)
     if is_finite_number(fp):

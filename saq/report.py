@@ -569,6 +569,9 @@ def _draw_each(jobs) -> list[Path]:
         try:
             written.append(draw())
         except Exception as exc:  # a figure must never cost the tables or the other figures
+            from saq.plots import pyplot
+
+            pyplot().close("all")  # one failed before save_figure closed it; figures are drawn one at a time
             print(f"warning: plot {what} failed ({type(exc).__name__}: {exc})", file=sys.stderr)
     return written
 
@@ -581,17 +584,27 @@ def plot_rows_at_one_width(table: Table, model: str, bits: str, out_dir: Path) -
     plt = pyplot()
     rows = [(r, table.cells.get((r, (model, bits)))) for r in table.rows if table.row_label[r] != FP_ROW]
     rows = [(r, c) for r, c in rows if c is not None]
-    fp = next((table.cells[(r, (model, bits))] for r in table.rows
-               if table.row_label[r] == FP_ROW and (r, (model, bits)) in table.cells), None)
+    # every FP row (runs on other weights or data have their own), each its own line style and name
+    fps = [(r, table.cells[(r, (model, bits))]) for r in table.rows
+           if table.row_label[r] == FP_ROW and (r, (model, bits)) in table.cells]
     fig, ax = plt.subplots(figsize=(6.5, 0.4 * len(rows) + 1.4))
     y = list(range(len(rows)))[::-1]  # table order from the top
-    ax.errorbar([100 * c.mean for _, c in rows], y, xerr=[100 * c.std for _, c in rows], fmt="o", color="tab:blue",
+    drawn = [(yi, c) for yi, (_, c) in zip(y, rows) if math.isfinite(c.mean)]
+    ax.errorbar([100 * c.mean for _, c in drawn], [yi for yi, _ in drawn],
+                xerr=[100 * c.std if math.isfinite(c.std) else 0.0 for _, c in drawn], fmt="o", color="tab:blue",
                 capsize=3)
     for yi, (_, c) in zip(y, rows):
+        if not math.isfinite(c.mean):  # no dot would read as a row not run: the table says nan too
+            ax.annotate("nan", (0, yi), xycoords=("axes fraction", "data"), xytext=(3, 0), textcoords="offset points",
+                        va="center", fontsize=7, color="tab:red")
+            continue
         ax.annotate(f"{100 * c.mean:.2f}" + (f" ± {100 * c.std:.2f}" if c.std else ""), (100 * c.mean, yi),
                     xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7)
-    if fp is not None:
-        ax.axvline(100 * fp.mean, color="black", linestyle="--", linewidth=1, label=f"FP {100 * fp.mean:.2f}")
+    for (row, fp), style in zip(fps, ["--", ":", "-.", (0, (5, 1, 1, 1))] * len(fps)):
+        if math.isfinite(fp.mean):
+            name = "FP" if row == FP_ROW else row
+            ax.axvline(100 * fp.mean, color="black", linestyle=style, linewidth=1, label=f"{name} {100 * fp.mean:.2f}")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
     ax.set_yticks(y, [r for r, _ in rows], fontsize=8)
     ax.set_ylim(-0.7, len(rows) - 0.3)

@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from saq.errors import SaqError, check_device
-from saq.log import RESULTS_FILE, SENSITIVITY_FILE, claim_run_dir, set_aside, write_json_atomic
+from saq.log import RESULTS_FILE, SENSITIVITY_FILE, RunDirHeld, claim_run_dir, set_aside, write_json_atomic
 
 USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N] [device=cpu|cuda]"
 FULL = "(fully quantized)"
@@ -317,10 +317,17 @@ def main(argv: list[str] | None = None) -> int:
             raise SaqError(f"threads and max_images must be >= 1; usage: {USAGE}")
         # "a, b" and a trailing comma name a and b (an empty name would be the whole model, asked for by no one)
         parts = [n.strip() for n in options["parts"].split(",") if n.strip()] if "parts" in options else None
+        if parts == []:  # parts=, would evaluate the fully quantized row alone and draw an empty chart
+            raise SaqError(f"parts={options['parts']} names no module; give module paths such as "
+                           f"parts=image_encoder,mask_decoder (or leave parts out for every part); usage: {USAGE}")
         # the run's folder is held while its model is read and its rows written: a run into it would set them aside
         with claim_run_dir(path) if Path(path).is_dir() else nullcontext():
             sensitivity(path, parts, max_images, threads, report=lambda line: print(line, flush=True),
                         device=options.get("device"))
+    except RunDirHeld as exc:  # a run, saq.deploy or another analysis: this tool has no folder of its own to give
+        print(f"error: another saq process is writing into {exc.folder}; wait for it to finish, then run the "
+              "analysis again", file=sys.stderr)
+        return 2
     except SaqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -600,3 +600,29 @@ def test_deploy_does_not_split_a_row(tmp_path):
         "partial run: deploy=true without deployed metrics (onnxruntime: out of memory)"]
     assert markdown_table(next(t for t in report.tables if t.metric == "mask_AP")).splitlines()[3:] == [
         "| mse | 71.00 ± 1.41 |"]
+
+
+def test_figures_print_dollar_signs_as_text_and_are_written_whole(tmp_path):
+    # a '$' in a run's path or row label would start matplotlib's math markup and fail the figure
+    from saq.plots import pyplot, save_figure
+
+    fig, ax = pyplot().subplots()
+    ax.set_title("task.data.root=/d/$HOME_$x")
+    path = save_figure(fig, tmp_path / "f.png", layout={})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.png"]  # the temporary file it was written through is gone
+
+
+def test_the_one_width_plot_marks_a_nan_row_and_draws_every_fp_row(tmp_path, monkeypatch):
+    from saq.report import plot_rows_at_one_width
+
+    put(tmp_path, "a", record(clip="mse", ap=0.6, fp_ap=0.8, checkpoint_sha256="a" * 64))
+    put(tmp_path, "b", record(clip="pcc", ap=float("nan"), fp_ap=0.66, checkpoint_sha256="b" * 64))
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    figures = []
+    monkeypatch.setattr("saq.plots.save_figure", lambda fig, path, **kw: figures.append(fig) or path)
+    plot_rows_at_one_width(table, "sam_tiny", "w4a4", tmp_path)
+    ax = figures[0].axes[0]
+    fp_lines = [label for label in ax.get_legend_handles_labels()[1] if label.startswith("FP")]
+    assert sorted(fp_lines) == ["FP model.weights=aaaaaaaaaaaa 80.00", "FP model.weights=bbbbbbbbbbbb 66.00"]
+    assert "nan" in [t.get_text() for t in ax.texts]  # a row with no dot would look like one not run

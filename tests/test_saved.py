@@ -681,3 +681,17 @@ def test_recipes_of_the_earlier_weight_axis_minus_one(tmp_path):
             with pytest.raises(SaqError, match=r"recipe.json was saved with quant.encoder.weight.ch_axis=-1, which "
                                                r"quantized the neck convs per kernel column"):
                 read_recipe(tmp_path)
+
+
+def test_sensitivity_command_names_a_held_folder_and_refuses_parts_naming_nothing(tmp_path, capsys):
+    from saq.log import claim_run_dir
+    from saq.sensitivity import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main([str(run), "parts=,"]) == 2  # would evaluate the fully quantized row alone, then draw nothing
+    assert capsys.readouterr().err.startswith("error: parts=, names no module; give module paths")
+    with claim_run_dir(run):  # this tool has no folder of its own to move to: it can only wait
+        assert main([str(run)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: another saq process is writing into {run}; wait for it to "
+                                               "finish, then run the analysis again")
