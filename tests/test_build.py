@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, TwoWayTransformer
@@ -40,7 +42,9 @@ def test_shipped_tiny_checkpoint_loads():
                                   lambda sd: {f"sam.{k}": v for k, v in sd.items()},
                                   # the PyTorch tutorial's layout, and a wrapper twice
                                   lambda sd: {"model_state_dict": sd, "optimizer_state_dict": {"state": {}}},
-                                  lambda sd: {"state_dict": {"model": sd}}])
+                                  lambda sd: {"state_dict": {"model": sd}},
+                                  # "model" a config beside the weights: not opened for lacking SAM's tensors
+                                  lambda sd: {"model": {"type": "sam_tiny", "depth": 6}, "state_dict": sd}])
 def test_training_script_checkpoints_load_as_the_plain_state_dict(tmp_path, wrap):
     # what fine-tuning scripts save: the weights under "model" or "state_dict", or with DDP's "module." prefix
     plain = build_random_sam("sam_tiny", seed=7).state_dict()  # not the shipped weights: this file is what loads
@@ -119,6 +123,16 @@ def test_a_checkpoint_with_python_objects_names_them_and_how_to_resave(tmp_path)
     with pytest.raises(SaqError, match=r"ft\.pth holds Python objects beside its tensors \(argparse\.Namespace\), "
                                        r"which saq does not unpickle .*re-save its weights alone"):
         build_sam("sam_tiny", path)
+    torch.save(build_random_sam("sam_tiny"), path)  # a whole pickled model has no key: its state_dict() is it
+    with pytest.raises(SaqError, match=re.escape("re-save its weights alone: torch.save(torch.load(PATH, "
+                                                 "weights_only=False).state_dict(), 'sam.pth')")):
+        build_sam("sam_tiny", path)
+
+
+def test_a_state_dict_with_keys_of_mixed_types_is_one_line(tmp_path):
+    torch.save({0: torch.zeros(1), "conv.weight": torch.zeros(1)}, tmp_path / "odd.pth")
+    with pytest.raises(SaqError, match=r"odd\.pth is not a SAM checkpoint: none of its 2 tensors"):
+        build_sam("sam_tiny", tmp_path / "odd.pth")
 
 
 def test_a_state_dict_that_is_not_sams_or_a_quantized_export_is_named(tmp_path):

@@ -187,6 +187,7 @@ class PerceptualConsistencyClipping(RangeStrategy):
         start = time.perf_counter()
         reference = self._record(selected, decoders)  # FP maps: nothing is quantizing yet
         reference_maps = {name: rec.maps for name, rec in reference.items()}
+        del reference  # its recorded inputs (every attention's, all prompts) are recorded again per probe below
         found: dict[str, SearchedPoint] = {}
         steps = self.sweeps * len(selected) * len(self.points)
         with tqdm(total=steps, desc="pcc search", disable=not progress, leave=False) as bar:

@@ -126,10 +126,13 @@ def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
         if not objects:
             raise SaqError(f"checkpoint {path} is not a readable PyTorch file; {config_key} must point to a SAM "
                            "state dict (.pth)") from None
+        # a whole pickled model (torch.save(sam)) has no key to index: its state_dict() is the weights
+        whole = any(o.startswith(("segment_anything.modeling", "torch.nn.modules")) for o in objects)
+        resave = ("torch.save(torch.load(PATH, weights_only=False).state_dict(), 'sam.pth')" if whole else
+                  "torch.save(torch.load(PATH, weights_only=False)['model'], 'sam.pth'), with the key that holds them")
         raise SaqError(f"checkpoint {path} holds Python objects beside its tensors ({', '.join(objects[:3])}"
                        f"{', ...' if len(objects) > 3 else ''}), which saq does not unpickle (that could run code); "
-                       f"re-save its weights alone: torch.save(torch.load(PATH, weights_only=False)['model'], "
-                       "'sam.pth'), with the key that holds them") from None
+                       f"re-save its weights alone: {resave}") from None
     except Exception as exc:  # torch raises many types for corrupt files; all mean the same to the user
         raise SaqError(f"checkpoint {path} is not a readable PyTorch file ({type(exc).__name__}); "
                        f"{config_key} must point to a SAM state dict (.pth)") from None
@@ -139,7 +142,8 @@ def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
         if not isinstance(obj, dict) or all(isinstance(v, torch.Tensor) for v in obj.values()) or any(
                 _sam_part_at(k) >= 0 for k in obj):  # SAM's own keys here: no wrapper to open
             break
-        preferred = [obj[w] for w in ("model", "state_dict") if isinstance(obj.get(w), dict)]
+        # "model" may be a config dict beside the weights: a preferred key is opened only when it holds SAM
+        preferred = [obj[w] for w in ("model", "state_dict") if isinstance(obj.get(w), dict) and _holds_sam(obj[w])]
         holding = [k for k, v in obj.items() if isinstance(v, dict) and _holds_sam(v)]
         if preferred:
             obj = preferred[0]
@@ -191,7 +195,7 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], nam
                        "evaluate it with quant.load=RUN_DIR and model.checkpoint= the checkpoint it was made from")
     if not set(state) & set(expected):
         raise SaqError(f"checkpoint {path} is not a SAM checkpoint: none of its {len(state)} tensors is one of "
-                       f"{name}'s (e.g. {sorted(state)[0]})")
+                       f"{name}'s (e.g. {sorted(state, key=str)[0]})")
     width = state.get("image_encoder.pos_embed")
     found_size = _SIZE_BY_WIDTH.get(int(width.shape[-1])) if width is not None and width.ndim == 4 else None
     hint = f" It looks like a {found_size} checkpoint." if found_size and found_size != name else ""
@@ -201,7 +205,7 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], nam
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise SaqError(f"checkpoint {path} does not fit {name}: {key} expected shape {tuple(tensor.shape)}, "
                            f"found {tuple(state[key].shape)}.{hint}")
-    extra = sorted(set(state) - set(expected))
+    extra = sorted(set(state) - set(expected), key=str)
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         outside = [k for k in extra if not str(k).startswith(SAM_PARTS)]

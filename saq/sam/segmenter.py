@@ -287,7 +287,7 @@ class Segmenter:
                 logits = low_res.new_zeros((0, *self._original_size))
             self.timings.decoder_s += self.timings.clock(self.device) - t0
             self.timings.prompts += sparse.shape[0]
-            self._check_scores(iou)
+            self._check_scores(iou[:, 1:])  # output 0 (the single-mask one) is never used here
             yield AutoMasks(logits, iou[:, 1:][keep], prompt_index + start, output_index)
 
     def _check_scores(self, iou: torch.Tensor) -> None:
