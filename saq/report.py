@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -716,10 +717,12 @@ def plot_one_clip_ranges(points: list[dict], title: str, path: Path) -> Path:
     ax.set_yticks(range(len(points)), short_names([str(p.get("name", i)) for i, p in enumerate(points)]), fontsize=7)
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("activation range (symlog)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    # a row named by long paths would run off both sides and lose whose ranges these are: wrapped, and the legend
+    # beside the axes rather than over the bottom point's bars
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, axis="x")
-    return save_figure(fig, path, dpi=120, layout={})
+    return save_figure(fig, path, dpi=120, layout={}, bbox_inches="tight")
 
 
 def main_metric(report: Report, task: str, prompts: str) -> str | None:
