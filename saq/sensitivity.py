@@ -94,45 +94,45 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     except SaqError:
         raise SaqError(f"sensitivity: the quantized model of {run_dir} is not there any more ({source} holds no "
                        "recipe.json, in it or in quantized_model/); it must be where the run had it") from None
-    if cfg.quant.get("load") and isinstance(record.get("loaded_model"), dict):
-        now = loaded_provenance(cfg)  # a later run saving into that folder sets the evaluated model aside
-        changed = [key for key in record["loaded_model"] if now.get(key) != record["loaded_model"][key]]
-        if changed:
-            why = "saved later" if changed[0] == "export_id" else f"its {changed[0]} differs"
-            raise SaqError(f"sensitivity: {source} now holds another model than the one {run_dir} evaluated ({why}); "
-                           "the evaluated one may be beside it as quantized_model.*.previous: run the analysis on a "
-                           "run of the model there now")
-    cfg.quant.load = str(source)
-    report(f"{run_dir}: one part at a time in FP (its quantizers off, its FP weights back), "
-           f"{cfg.task.get('max_images') or 'all'} val images")
-    model = build_sam(cfg.model.name, checkpoint).to(device)
-    names = list(dict.fromkeys(parts)) if parts is not None else [*model_parts(model), IOU_SCORES]  # each once
-    saved, _ = load_run(model, cfg)
-    # checked on the quantized model, so a single quantizer (`...q_proj.input_quantizer`) is a part too
-    known = {name for name, _ in saved.named_modules()} | {IOU_SCORES}
-    unknown = [p for p in names if p not in known]
-    if unknown:
-        raise SaqError(f"sensitivity: no module {unknown[0]!r} in quantized {cfg.model.name}; parts are module paths "
-                       f"such as {', '.join(model_parts(model)[:3])}, down to single quantizers, or {IOU_SCORES}")
-    without = [p for p in names if p != IOU_SCORES and not any(True for _ in iter_quantizers(saved.get_submodule(p)))]
-    if without:
-        report(f"skipped, no quantizers in them (nothing to switch to FP): {', '.join(without)}")
-        names = [p for p in names if p not in without]
-        if not names:  # the fully quantized row alone would compare nothing (and draw an empty chart)
-            raise SaqError(f"sensitivity: none of the parts has quantizers ({', '.join(without)}); name modules "
-                           f"that are quantized, such as {', '.join(model_parts(model)[:3])}")
-    # a recipe with the checkpoint's SHA-256 was checked against the file on loading; older ones go by the weights
-    hashed = bool(read_recipe(saved_dir(source)).get("extra", {}).get("checkpoint_sha256"))
-    fp_weights = fp_reference(model, saved, run_dir, check_weights=not hashed)
-    del saved  # one model at a time beside the FP weights (ViT-H is large)
-    rows = {}
-    out = SensitivityFile(Path(run_dir), record, cfg, task.name, report) if save else None
     with ExitStack() as held:
-        # every row reloads the saved model: the run that saved it must not rewrite it meanwhile (this run's own
-        # folder, quant.load=RUN_DIR/quantized_model included, is held by main already)
+        # the saved model is checked, read and reloaded for every row: the run that saved it must not rewrite it from
+        # here on (this run's own folder, quant.load=RUN_DIR/quantized_model included, is held by main already)
         owner = Path(source) if (Path(source) / SAVED_DIR).is_dir() else Path(source).parent
         if cfg.quant.get("load") and owner.resolve() != Path(run_dir).resolve():
             held.enter_context(claim_run_dir(owner))
+        if cfg.quant.get("load") and isinstance(record.get("loaded_model"), dict):
+            now = loaded_provenance(cfg)  # a later run saving into that folder sets the evaluated model aside
+            changed = [key for key in record["loaded_model"] if now.get(key) != record["loaded_model"][key]]
+            if changed:
+                why = "saved later" if changed[0] == "export_id" else f"its {changed[0]} differs"
+                raise SaqError(f"sensitivity: {source} now holds another model than the one {run_dir} evaluated ({why}); "
+                               "the evaluated one may be beside it as quantized_model.*.previous: run the analysis on a "
+                               "run of the model there now")
+        cfg.quant.load = str(source)
+        report(f"{run_dir}: one part at a time in FP (its quantizers off, its FP weights back), "
+               f"{cfg.task.get('max_images') or 'all'} val images")
+        model = build_sam(cfg.model.name, checkpoint).to(device)
+        names = list(dict.fromkeys(parts)) if parts is not None else [*model_parts(model), IOU_SCORES]  # each once
+        saved, _ = load_run(model, cfg)
+        # checked on the quantized model, so a single quantizer (`...q_proj.input_quantizer`) is a part too
+        known = {name for name, _ in saved.named_modules()} | {IOU_SCORES}
+        unknown = [p for p in names if p not in known]
+        if unknown:
+            raise SaqError(f"sensitivity: no module {unknown[0]!r} in quantized {cfg.model.name}; parts are module paths "
+                           f"such as {', '.join(model_parts(model)[:3])}, down to single quantizers, or {IOU_SCORES}")
+        without = [p for p in names if p != IOU_SCORES and not any(True for _ in iter_quantizers(saved.get_submodule(p)))]
+        if without:
+            report(f"skipped, no quantizers in them (nothing to switch to FP): {', '.join(without)}")
+            names = [p for p in names if p not in without]
+            if not names:  # the fully quantized row alone would compare nothing (and draw an empty chart)
+                raise SaqError(f"sensitivity: none of the parts has quantizers ({', '.join(without)}); name modules "
+                               f"that are quantized, such as {', '.join(model_parts(model)[:3])}")
+        # a recipe with the checkpoint's SHA-256 was checked against the file on loading; older ones go by the weights
+        hashed = bool(read_recipe(saved_dir(source)).get("extra", {}).get("checkpoint_sha256"))
+        fp_weights = fp_reference(model, saved, run_dir, check_weights=not hashed)
+        del saved  # one model at a time beside the FP weights (ViT-H is large)
+        rows = {}
+        out = SensitivityFile(Path(run_dir), record, cfg, task.name, report) if save else None
         _rows(rows, names, model, cfg, task, fp_weights, out, report)
     if out is not None:
         out.plot(rows)
