@@ -267,8 +267,9 @@ def assign_rows(entries: list[Entry]) -> None:
     label in one table, apart from the seed and the column keys. Compared across columns too, so one row never mixes
     settings; model keys only between runs of one model (another model is another column). A key is named where a
     run leaves its most common value, and on every run when no value is most common (a swept knob). What a run is
-    evaluated on (task.max_images, the data, the prompts) is compared across the whole table, so a row evaluated on
-    other images than the FP row says so even when its method has a single run."""
+    evaluated on (task.max_images, the data, the prompts) and the model's weights are compared across the whole
+    table (weights model by model), so a row evaluated on other images, or run on other weights, than the FP row
+    says so even when its method has a single run."""
     shown: dict[int, list[str]] = defaultdict(list)  # id(entry) -> the keys its label names
     groups: dict[tuple, list[Entry]] = defaultdict(list)
     tables: dict[tuple, list[Entry]] = defaultdict(list)
@@ -287,6 +288,14 @@ def assign_rows(entries: list[Entry]) -> None:
         other: set[int] = set()
         for k in sorted({k for e in table for k in e.flat if _evaluation_key(k)}):
             other |= _name_departures(table, k, shown)
+        # the model's weights (model.weights, planted outliers) across methods too, model by model: a method whose
+        # only run used other weights is named, and does not compete for the best cell against the common ones
+        by_model: dict[str, list[Entry]] = defaultdict(list)
+        for e in table:
+            by_model[e.model].append(e)
+        for members in by_model.values():
+            for k in sorted({k for e in members for k in e.flat if k.startswith("model.") and _row_key_relevant(k, True)}):
+                other |= _name_departures(members, k, shown)
         for e in table:  # evaluated on other data than most of the table: it does not compete for a column's best
             e.other_evaluation = id(e) in other
     for e in entries:

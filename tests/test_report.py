@@ -54,7 +54,12 @@ def test_runs_of_other_weights_at_the_same_checkpoint_path_are_other_rows(tmp_pa
     assert rows == ["| FP | 70.00 | 70.00 ± 0.00 |",  # the most common weights go unnamed; each column its seeds
                     "| FP model.weights=aaaaaaaaaaaa | 80.00 | 80.00 |",
                     "| mse | 66.00 | 55.00 |",  # not a mean over the two weights' W4A4 runs
-                    "| mse model.weights=aaaaaaaaaaaa | – | **60.00** |"]
+                    # on other weights than the table's: named, and not competing for the column's best
+                    "| mse model.weights=aaaaaaaaaaaa | – | 60.00 |"]
+    # also a method whose only run used the other weights (compared across methods, not only within one)
+    put(tmp_path, "pcc", record(bits=4, clip="pcc", ap=0.65, fp_ap=0.80, checkpoint_sha256="a" * 64))
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    assert "| pcc model.weights=aaaaaaaaaaaa | – | 65.00 |" in markdown_table(table).splitlines()
 
 
 def test_layout_fp_on_top_methods_by_bits_and_best_in_bold(tmp_path):
