@@ -308,7 +308,7 @@ def export_graphs(model: nn.Module, directory: str | Path) -> None:
 
 def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float") -> dict:
     """Write the int8 ONNX encoder and decoder of a calibrated model into `directory`; returns the operator report."""
-    from saq.log import file_lock, set_aside
+    from saq.log import file_lock, set_aside, set_aside_stamp
 
     directory = Path(os.path.abspath(directory))  # out=. or out=a/.. name the folder they mean
     if not directory.name:  # the staging folder is made beside the target, under a name built from its name
@@ -344,7 +344,7 @@ def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float"
         # deploy.json marks a whole deployment: the earlier one's leaves first and the new one comes in last, so a
         # move cut short leaves a folder deployed_sam refuses, not new graphs under an old report or the reverse
         moves = sorted(staging.iterdir(), key=lambda p: (p.name == REPORT_FILE, p.name))
-        stamp = time.strftime("%Y%m%d-%H%M%S")  # one for all the earlier deployment's files: a second ticking over
+        stamp = set_aside_stamp()  # one for all the earlier deployment's files: a second ticking over
         for name in dict.fromkeys([REPORT_FILE, *(b.name for b in moves)]):  # must not part them; kept, not replaced
             if (directory / name).exists():
                 kept = set_aside(directory / name, "previous", stamp)

@@ -80,10 +80,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def set_aside_stamp() -> str:
+    """The time stamp set-aside names carry; files set aside together take one (a second ticking over must not part
+    them)."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
 def set_aside(path: Path, why: str, stamp: str | None = None) -> Path:
     """Rename a results file or folder we are about to replace, so no earlier result is ever lost (`stamp`: the time
     stamp of files set aside together, default now)."""
-    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    stamp = stamp or set_aside_stamp()
     target = path.with_name(f"{path.name}.{stamp}.{why}")
     n = 1
     while target.exists():  # two in one second
@@ -145,7 +151,7 @@ def set_aside_run(run_dir: Path, why: str, keep: Sequence[str] = ()) -> Path:
     unless named in `keep` (the run replacing it wrote or read them). Returns results.json's new path."""
     run_dir = Path(run_dir)
     folders = [run_dir / name for name in (SAVED_DIR, DEPLOY_DIR) if name not in keep]
-    stamp = time.strftime("%Y%m%d-%H%M%S")  # one for all: a second ticking over must not part them
+    stamp = set_aside_stamp()  # one for all
     for path in [*run_figures(run_dir), run_dir / SENSITIVITY_FILE, *folders]:
         if path.exists():
             set_aside(path, why, stamp)

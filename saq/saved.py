@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from saq.errors import SaqError
-from saq.log import DEPLOY_DIR, RESULTS_FILE, SAVED_DIR, flatten, set_aside, set_aside_run
+from saq.log import DEPLOY_DIR, RESULTS_FILE, SAVED_DIR, flatten, set_aside, set_aside_run, set_aside_stamp
 from saq.quant.config import RUN_KEYS, QuantConfig
 from saq.quant.export import RECIPE_FILE, check_state_file, export_quantized, load_quantized, read_recipe
 
@@ -58,7 +57,7 @@ def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
               "renamed alike)")
     else:  # an earlier run here saved its model (and maybe deployed it) but wrote no results (killed): both go
         # aside together, under one stamp, so no deployment of that model stays beside this run's
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stamp = set_aside_stamp()
         for path, what in ((target, "model"), (Path(run_dir) / DEPLOY_DIR, "deployment")):
             if path.exists():
                 print(f"{path} held an earlier run's {what}; kept as {set_aside(path, 'previous', stamp)}")
