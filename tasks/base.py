@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -73,30 +74,45 @@ def files_digest(paths: Iterable[Path]) -> str:
 def read_rgb(path: str | Path) -> np.ndarray:
     """Read an image file as H x W x 3 uint8 RGB, or raise SaqError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise SaqError(f"image not found: {path}")
-    # the stored pixel order, not the EXIF-rotated one: annotation sizes, masks and label maps (read by PIL)
-    # describe the stored pixels, and a rotated square image would misalign with its masks without any error
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None:
-        raise SaqError(f"cannot decode image {path}: the file is corrupt or not an image")
-    if _truncated_jpeg(path):
+    data = read_bytes(path, "image")
+    if not data:
+        raise SaqError(f"cannot decode image {path}: the file is empty")
+    if _truncated_jpeg(data):  # OpenCV decodes some truncated files with only a warning, and refuses others
         raise SaqError(f"cannot decode image {path}: the JPEG file is truncated")
+    # the stored pixel order, not the EXIF-rotated one: annotation sizes, masks and label maps (read by PIL)
+    # describe the stored pixels, and a rotated square image would misalign with its masks without any error;
+    # ANYDEPTH keeps 16-bit pixels as they are (IMREAD_COLOR alone scales them to 8 bits: a 12-bit image in a
+    # 16-bit PNG would read nearly black), so they can be refused below
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if bgr is None:  # OpenCV cannot turn some deep images (a float TIFF) into colour: their own pixels say why
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if bgr is None or bgr.dtype == np.uint8:
+            raise SaqError(f"cannot decode image {path}: the file is corrupt or not an image")
+    if bgr.dtype != np.uint8:
+        raise SaqError(f"image {path} has {bgr.dtype} pixels; SAM takes 8 bits per channel: convert the image to "
+                       "8-bit (scaling its value range to 0..255)")
     return np.ascontiguousarray(bgr[..., ::-1])
 
 
-def _truncated_jpeg(path: Path) -> bool:
-    """Whether a JPEG file ends before its image data does (OpenCV decodes what is there with only a warning)."""
-    with path.open("rb") as f:
-        head = f.read(2)
-        f.seek(-2, 2)
-        tail = f.read(2)
-    if head != b"\xff\xd8" or tail == b"\xff\xd9":  # not a JPEG, or one that ends with its end-of-image marker
+def read_bytes(path: Path, what: str) -> bytes:
+    """A file's bytes, or SaqError naming it: missing, or unreadable with the OS's reason (e.g. Permission denied)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise SaqError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise SaqError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _truncated_jpeg(data: bytes) -> bool:
+    """Whether a JPEG file's bytes end before its image data does."""
+    if data[:2] != b"\xff\xd8" or data[-2:] == b"\xff\xd9":  # not a JPEG, or one that ends with its end marker
         return False
     from PIL import Image  # bytes after the end marker are allowed: only a full decode tells them from truncation
 
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
     except OSError:
         return True
@@ -106,7 +122,7 @@ def _truncated_jpeg(path: Path) -> bool:
 class HeaderSizes:
     """get(key) -> (height, width) of an image file, read from the file's header when first asked for (no pixels
     are decoded); None for a key it lacks or an image whose header cannot be read (reading the image later names
-    its problem)."""
+    its problem); SaqError for a file without read permission."""
 
     def __init__(self, paths: Iterable[tuple]):
         self.paths, self._sizes = dict(paths), {}
@@ -119,6 +135,8 @@ class HeaderSizes:
                 with Image.open(self.paths[key]) as img:  # the stored pixels' size, as read_rgb decodes them
                     width, height = img.size
                 self._sizes[key] = (height, width)
+            except PermissionError as exc:  # reading the pixels would fail the same way, maybe hours later
+                raise SaqError(f"cannot read {self.paths[key]}: {exc.strerror or exc}") from None
             except Exception:  # not an image, corrupt, or over PIL's pixel limit: no size known before reading
                 self._sizes[key] = None
         return self._sizes.get(key)
@@ -145,12 +163,15 @@ def check_image_size(path: Path, size: tuple[int, int], expected: tuple[int, int
 
 
 def read_text(path: Path, what: str) -> str:
-    """A text file's contents (without a leading byte-order mark), or SaqError naming the file when it is not UTF-8."""
+    """A text file's contents (without a leading byte-order mark), or SaqError naming the file when it cannot be
+    read (with the OS's reason) or is not UTF-8."""
     try:
         # utf-8-sig: a BOM some Windows editors write would otherwise glue itself to the first image name or key
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise SaqError(f"{what} {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})") from None
+    except OSError as exc:  # a folder in the file's place, or one without read permission
+        raise SaqError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def split_paths(node, paths: Sequence[str], key: str, optional: Mapping | None = None) -> dict:
@@ -197,8 +218,12 @@ def require_file(path: str | Path, what: str, config_key: str) -> Path:
 def list_images(img_dir: Path, config_key: str) -> list[tuple[str, Path]]:
     """(file stem, path) of every image in a folder, sorted by stem."""
     require_dir(img_dir, "image", config_key)
-    images = sorted((p.stem, p) for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    others = sorted(p.name for p in img_dir.iterdir() if p.suffix.lower() not in IMAGE_SUFFIXES
+    try:
+        entries = list(img_dir.iterdir())
+    except OSError as exc:  # a folder without read permission
+        raise SaqError(f"cannot list image folder {img_dir}: {exc.strerror or exc} (set {config_key})") from None
+    images = sorted((p.stem, p) for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
+    others = sorted(p.name for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES
                     and not p.name.startswith(".") and p.is_file())
     if others:  # said, so that an image in another format does not leave the evaluation set silently
         print(f"{img_dir}: left out {len(others)} files that are not {'/'.join(IMAGE_SUFFIXES)} images "

@@ -29,7 +29,7 @@ from tasks.base import (
     require_file,
     split_paths,
 )
-from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource
+from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource, outside_image
 from tasks.synthetic import evaluation_limit
 
 
@@ -103,8 +103,12 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
                    else "its width and height must be >= 0" if bbox[2] < 0 or bbox[3] < 0 else None)
         if problem:
             raise SaqError(f"{where} has bbox {bbox!r}: {problem}")
+        size = images[ann["image_id"]]
+        if _box_outside(bbox, size):  # labels of another image or resolution: a prompt with no pixel to segment
+            raise SaqError(f"{where} has bbox {bbox!r} (x, y, w, h), wholly outside its image {ann['image_id']} "
+                           f"({size[1]}x{size[0]}); boxes must be in the image's own pixel coordinates")
         # masks are decoded only from files that are scored (calibration files give box prompts only)
-        problem = _segmentation_problem(ann["segmentation"], images[ann["image_id"]]) if scored else None
+        problem = _segmentation_problem(ann["segmentation"], size) if scored else None
         if problem:
             raise SaqError(f"{where} (image {ann['image_id']}) has a bad segmentation: {problem}")
         if scored and isinstance(ann["segmentation"], list):
@@ -118,6 +122,15 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def _box_outside(bbox: list, size: tuple[int, int]) -> bool:
+    """Whether a COCO [x, y, w, h] box lies wholly outside an image of (height, width). A box without width or height
+    (COCO itself holds some) is outside only when it does not touch the image either."""
+    x, y, w, h = bbox
+    if w > 0 and h > 0:
+        return bool(outside_image(np.asarray([[x, y, x + w, y + h]], np.float64), size)[0])
+    return x > size[1] or y > size[0] or x + w < 0 or y + h < 0
 
 
 def _segmentation_problem(seg, size: tuple[int, int]) -> str | None:
@@ -262,6 +275,7 @@ class InstanceTask(Task):
         self.prompts = prompts or GroundTruthBoxes()
         self.max_images = max_images
         self.coco = load_coco(self.ann_path, "task.data.root / task.data.ann_file")
+        self._require_objects()
         require_dir(self.img_dir, "image", "task.data.root / task.data.img_dir")
         # sizes from the image headers now, not when evaluation reaches an image hours into a run
         paths = {i: self.img_dir / self.coco.imgs[i]["file_name"] for i in self.image_ids()}
@@ -275,6 +289,15 @@ class InstanceTask(Task):
                 check_image_size(path, size, (info["height"], info["width"]), f"its annotation entry (id {image_id})")
         self.prompts.bind(self.coco.getImgIds(), category_ids=categories_in_file_order(self.coco),
                           image_sizes=image_sizes(self.coco))
+
+    def _require_objects(self) -> None:
+        """SaqError now when the evaluated images hold no (non-crowd) object: mask AP would be undefined, found only
+        after the whole evaluation."""
+        ids = self.image_ids()
+        if not any(not a.get("iscrowd", 0) for a in self.coco.loadAnns(self.coco.getAnnIds(imgIds=ids))):
+            limit = f" (the first by id: task.max_images={self.max_images})" if self.max_images else ""
+            raise SaqError(f"annotation file {self.ann_path} has no objects (crowd regions aside) on the {len(ids)} "
+                           f"evaluated images{limit}, so mask AP is undefined; nothing to evaluate")
 
     def image_ids(self) -> list[int]:
         ids = sorted(self.coco.getImgIds())

@@ -49,14 +49,14 @@ def read_label_map(path: Path, what: str) -> np.ndarray:
                 raise SaqError(f"{what} {path} has {img.mode} pixels; a label map must be single-channel "
                                "(8/16-bit grey or palette indices)")
             return np.asarray(img, dtype=np.int64)
-    except (OSError, ValueError) as exc:
-        raise SaqError(f"cannot read {what} {path}: {exc}") from None
+    except (OSError, ValueError) as exc:  # strerror: the OS's reason alone (Permission denied), not the path again
+        raise SaqError(f"cannot read {what} {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def check_labels(labels: np.ndarray, num_classes: int, ignore_index: int, path: Path, zero_is_ignore: bool,
                  what: str = "label map") -> None:
     """Raise SaqError naming the file and the first value outside the class list (and not the ignore index)."""
-    values = np.unique(labels)
+    values = label_values(labels)
     low = 1 if zero_is_ignore else 0
     high = num_classes + low  # exclusive
     bad = values[((values < 0) | (values >= high)) & (values != ignore_index)]
@@ -68,6 +68,14 @@ def check_labels(labels: np.ndarray, num_classes: int, ignore_index: int, path: 
                     "mmsegmentation's submission format does, needs 1 subtracted)")
         raise SaqError(f"{what} {path} holds value {int(bad[0])}, outside the {num_classes} classes "
                        f"({low}..{high - 1}) and not the ignore index {ignore_index}{hint}")
+
+
+def label_values(labels: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of a label map (counted, not sorted, where they fit: every evaluated map is checked
+    when the task is built, and np.unique sorts every pixel, ten times slower)."""
+    if labels.size and 0 <= labels.min() and labels.max() < 1 << 16:
+        return np.flatnonzero(np.bincount(labels.ravel()))
+    return np.unique(labels)
 
 
 def reduce_zero_label(labels: np.ndarray, ignore_index: int) -> np.ndarray:
@@ -326,6 +334,7 @@ class SemanticTask(Task):
                 raise SaqError(f"image {path} has no coarse prediction {coarse_path} (coarse predictions are "
                                "<image stem>.png in task.coarse.dir)")
             check_coarse_size(coarse_path, coarse_sizes.get(stem), image_sizes.get(stem) or label_sizes.get(stem))
+        self._check_label_files()
 
     @staticmethod
     def _settings(given: dict | None, defaults: dict, key: str) -> dict:
@@ -334,8 +343,28 @@ class SemanticTask(Task):
             raise SaqError(f"unknown setting {key}.{unknown[0]}; expected one of {sorted(defaults)}")
         return {**defaults, **(given or {})}
 
-    def ground_truth(self, path: Path, shape: tuple[int, int]) -> np.ndarray:
-        """The label map as class indices 0..K-1 with ignore_index, checked against the image and the classes."""
+    def _check_label_files(self) -> None:
+        """SaqError now, not when evaluation reaches the image hours into automatic mask generation: every evaluated
+        label map (and coarse prediction) is read and checked (single-channel, values in the classes or the ignore
+        index), and the maps must hold some pixel that is not ignored."""
+        scored = False
+        for stem, _, label_path in tqdm(self.items, desc="checking label maps", leave=False, disable=None):
+            gt = self.ground_truth(label_path, None)
+            scored = scored or bool((gt != self.ignore_index).any())
+            if self.coarse_dir is not None:
+                self._coarse_prediction(stem)
+        if not scored:
+            raise self._all_ignored()
+
+    def _all_ignored(self) -> SaqError:
+        """The error for label maps whose pixels are all ignored (every class IoU undefined, mIoU read as 0)."""
+        return SaqError(f"the label maps of the {len(self.items)} evaluated images are all ignore_index "
+                        f"{self.ignore_index}{' or 0 (reduce_zero_label)' if self.reduce_zero_label else ''}, so mIoU "
+                        f"is undefined (check {self.label_dir} and task.max_images)")
+
+    def ground_truth(self, path: Path, shape: tuple[int, int] | None) -> np.ndarray:
+        """The label map as class indices 0..K-1 with ignore_index, checked against the image (shape None: not
+        compared) and the classes."""
         labels = read_label_map(path, "label map")
         check_label_size(path, labels.shape, shape)
         check_labels(labels, self.num_classes, self.ignore_index, path, self.reduce_zero_label)
@@ -347,13 +376,18 @@ class SemanticTask(Task):
             rng = np.random.default_rng([int(self.coarse["seed"]), zlib.crc32(stem.encode())])
             return degraded_labels(gt, self.num_classes, self.ignore_index, rng, int(self.coarse["downsample"]),
                                    float(self.coarse["blur_sigma"]), float(self.coarse["mislabel_fraction"]))
-        path = self.coarse_dir / f"{stem}.png"
-        pred = read_label_map(path, "coarse prediction")
-        check_labels(pred, self.num_classes, -1, path, zero_is_ignore=False, what="coarse prediction")
+        path, pred = self._coarse_prediction(stem)
         if pred.shape != gt.shape:
             check_coarse_size(path, pred.shape, gt.shape)
             pred = cv2.resize(pred.astype(np.uint16), gt.shape[::-1], interpolation=cv2.INTER_NEAREST)
         return pred.astype(np.int64)
+
+    def _coarse_prediction(self, stem: str) -> tuple[Path, np.ndarray]:
+        """An image's file in coarse.dir and its class indices, checked against the classes (at its own size)."""
+        path = self.coarse_dir / f"{stem}.png"
+        pred = read_label_map(path, "coarse prediction")
+        check_labels(pred, self.num_classes, -1, path, zero_is_ignore=False, what="coarse prediction")
+        return path, pred
 
     def fingerprint(self) -> str:
         files = [path for _, path, _ in self.items] + [label for _, _, label in self.items]
@@ -405,10 +439,8 @@ class SemanticTask(Task):
             cm_coarse += confusion_matrix(coarse, gt, k, self.ignore_index)
             n_masks += len(areas)
             n_prompts += len(points)
-        if not cm_refined.sum():  # every class IoU would be undefined, and mIoU read as 0
-            raise SaqError(f"the label maps of the {len(self.items)} evaluated images are all ignore_index "
-                           f"{self.ignore_index}{' or 0 (reduce_zero_label)' if self.reduce_zero_label else ''}, "
-                           f"so mIoU is undefined (check {self.label_dir} and task.max_images)")
+        if not cm_refined.sum():  # checked when the task was built; a label map replaced since is caught here
+            raise self._all_ignored()
         total = int(cm_refined.sum())
         return {
             "mIoU": mean_iou(cm_refined),

@@ -27,6 +27,9 @@ MIN_VISIBLE_PIXELS = 150
 # DOTA-style difficulty: heavily occluded or small objects.
 DIFFICULT_VISIBLE_FRACTION = 0.5
 DIFFICULT_AREA = 300
+# task.data.root as conf/task/*.yaml set it, relative to the working directory: its data/ is git-ignored, so a fresh
+# clone lacks it and generation makes it (any other root's parent must exist, see check_new_root)
+DEFAULT_ROOT = Path("data/synthetic")
 
 
 @dataclass
@@ -284,8 +287,24 @@ def evaluation_limit(root: Path, generate: dict | None, max_images: int | None) 
     for key in ("n_train", "n_val"):
         check_int(generate.get(key), f"task.generate.{key}")
     check_seed(generate.get("seed"), "task.generate.seed")
+    check_new_root(root)
     ensure_dataset(root, **generate)
     return generate["n_val"] if max_images is None else min(max_images, generate["n_val"])
+
+
+def check_new_root(root: Path) -> None:
+    """Say so when task.generate is about to make the synthetic dataset in a root that does not exist (a mistyped
+    path to real data would otherwise give synthetic results without a word), and refuse one whose parent folder is
+    missing too (a path to real data mistyped above its last part), except under the default root's data/."""
+    root = Path(root)
+    if root.exists():
+        return
+    if not root.parent.is_dir() and root.parent.resolve() != DEFAULT_ROOT.parent.resolve():
+        raise SaqError(f"task.data.root={root} does not exist, nor does its folder {root.parent}: refusing to generate "
+                       "the synthetic dataset there (fix the path to the data, or set task.generate=null for real "
+                       "data)")
+    print(f"task.data.root={root} does not exist: generating the synthetic dataset into {root.resolve()} (real data "
+          "needs task.generate=null)")
 
 
 def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progress: bool = True) -> Path:
@@ -362,6 +381,8 @@ def _holds_dataset(root: Path, meta: dict) -> bool:
         old = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         old = None
+    except OSError as exc:  # no read permission: which dataset is there cannot be told
+        raise SaqError(f"cannot read {meta_path}: {exc.strerror or exc}") from None
     if not isinstance(old, dict) or "generator_version" not in old:
         raise SaqError(f"{meta_path} is not a synthetic dataset's meta.json; refusing to generate into {root} "
                        "(set task.generate=null for real data, or use another folder)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -755,3 +756,123 @@ def test_a_missing_image_is_named_when_the_task_is_built_and_calibration_needs_o
         del ann["segmentation"], ann["area"]
     (root / CALIB["ann_file"]).write_text(json.dumps(calib))
     assert task_for(root, max_images=2).calibration_samples(2)[0].num_prompts > 0
+
+
+def test_evaluated_images_without_objects_are_refused_when_the_task_is_built(synthetic_root, tmp_path):
+    # mask AP is undefined without objects: said now, not after every image has been segmented
+    root = copy_with_annotations(synthetic_root, tmp_path, lambda data: data.update(annotations=[]))
+    with pytest.raises(SaqError, match=r"^annotation file .*instances_val\.json has no objects \(crowd regions "
+                                       r"aside\) on the 6 evaluated images, so mask AP is undefined"):
+        task_for(root)
+
+    def crowds_and_an_empty_first_image(data):  # crowd regions are not scored, nor prompted
+        for ann in data["annotations"]:
+            ann["iscrowd"] = int(ann["image_id"] != 3)
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 1]
+
+    root = copy_with_annotations(synthetic_root, tmp_path / "b", crowds_and_an_empty_first_image)
+    with pytest.raises(SaqError, match=r"on the 2 evaluated images \(the first by id: task\.max_images=2\)"):
+        task_for(root, max_images=2)  # only the evaluated images count
+    assert task_for(root, max_images=3).image_ids() == [1, 2, 3]  # image 3 has an object
+
+
+def test_a_ground_truth_box_off_its_image_is_refused(tmp_path):
+    path = tmp_path / "a.json"
+    # labels of another image or resolution; as DOTA polygons, a box only partly inside stays (cut at a border)
+    for bbox in ([4, 0, 2, 2], [0, -3, 2, 3], [-2.5, 1, 2.5, 1], [5, 5, 0, 0]):
+        path.write_text(_coco(_ann_with(id=7, bbox=bbox)))
+        with pytest.raises(SaqError, match=rf"^annotation file .*a\.json: annotation 7 has bbox "
+                                           rf"{re.escape(str(bbox))} \(x, y, w, h\), wholly outside its image 1 "
+                                           r"\(4x4\); boxes must be in the image's own pixel coordinates$"):
+            load_coco(path, "task.data.ann_file")
+    for bbox in ([3, 3, 5, 5], [-1, -1, 2, 2], [4, 0, 0, 2], [0, 0, 0, 0]):  # partly inside, or a flat box on it
+        path.write_text(_coco(_ann_with(bbox=bbox)))
+        assert load_coco(path, "task.data.ann_file").anns[1]["bbox"] == bbox
+    path.write_text(_coco(_ann_with(bbox=[9, 0, 2, 2])))  # calibration files give box prompts: checked too
+    with pytest.raises(SaqError, match="wholly outside its image 1"):
+        load_coco(path, "task.calib.ann_file", scored=False)
+
+
+def test_an_unreadable_file_is_named_with_the_os_reason(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tasks.base import read_rgb, read_text
+
+    # a folder in a file's place: the same error path as a permission problem, and it works as root too
+    (tmp_path / "a.json").mkdir()
+    with pytest.raises(SaqError, match=r"^cannot read annotation file .*a\.json: Is a directory$"):
+        read_text(tmp_path / "a.json", "annotation file")
+    (tmp_path / "b.jpg").mkdir()
+    with pytest.raises(SaqError, match=r"^cannot read image .*b\.jpg: Is a directory$"):
+        read_rgb(tmp_path / "b.jpg")
+    with pytest.raises(SaqError, match=r"^image not found: .*c\.jpg$"):
+        read_rgb(tmp_path / "c.jpg")
+    # an image without read permission is said as that, not as a corrupt file (root reads anything: simulated)
+    (tmp_path / "d.png").write_bytes(b"")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(SaqError, match=r"^cannot read image .*d\.png: Permission denied$"):
+        read_rgb(tmp_path / "d.png")
+    # found from the image headers when the task is built, not when evaluation reaches the image
+    import PIL.Image
+
+    from tasks.base import HeaderSizes
+
+    monkeypatch.setattr(PIL.Image, "open", denied)
+    with pytest.raises(SaqError, match=r"^cannot read .*d\.png: Permission denied$"):
+        HeaderSizes([("d", tmp_path / "d.png")]).get("d")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_a_file_without_read_permission_is_named(tmp_path, synthetic_root):
+    from tasks.base import read_rgb
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes((synthetic_root / "val/images/000000.jpg").read_bytes())
+    ann = tmp_path / "a.json"
+    ann.write_text(_coco())
+    for path in (image, ann):
+        path.chmod(0)
+    try:
+        with pytest.raises(SaqError, match=r"^cannot read image .*a\.jpg: Permission denied$"):
+            read_rgb(image)
+        with pytest.raises(SaqError, match=r"^cannot read annotation file .*a\.json: Permission denied$"):
+            load_coco(ann, "task.data.ann_file")
+        root = copy_with_annotations(synthetic_root, tmp_path, lambda data: None)
+        (root / "val/images/000002.jpg").chmod(0)
+        with pytest.raises(SaqError, match=r"^cannot read .*000002\.jpg: Permission denied$"):
+            task_for(root)  # when the task is built
+    finally:
+        for path in (image, ann, tmp_path / "copy/val/images/000002.jpg"):
+            if path.exists():
+                path.chmod(0o644)
+
+
+def test_grey_rgba_and_palette_images_read_as_rgb_and_deep_ones_are_refused(tmp_path):
+    from PIL import Image
+
+    from tasks.base import read_rgb
+
+    rgb = np.zeros((6, 5, 3), np.uint8)
+    rgb[..., 0], rgb[:3, :, 1], rgb[..., 2] = 200, 90, np.arange(5) * 40
+    grey = rgb[..., 2]
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    np.testing.assert_array_equal(read_rgb(tmp_path / "grey.png"), np.dstack([grey] * 3))
+    Image.fromarray(np.dstack([rgb, np.full((6, 5), 7, np.uint8)]), "RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_rgb(tmp_path / "rgba.png"), rgb)  # the colour, alpha dropped
+    Image.fromarray(rgb).quantize(colors=16).save(tmp_path / "palette.png")
+    assert Image.open(tmp_path / "palette.png").mode == "P"
+    np.testing.assert_array_equal(read_rgb(tmp_path / "palette.png"), rgb)  # the palette's colours, not indices
+    # a 12-bit image in a 16-bit PNG: scaled down to 8 bits it would read nearly black, so it is refused by name
+    deep = (np.arange(30).reshape(6, 5) * 100).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    with pytest.raises(SaqError, match=r"^image .*deep\.png has uint16 pixels; SAM takes 8 bits per channel: "
+                                       r"convert the image to 8-bit"):
+        read_rgb(tmp_path / "deep.png")
+    Image.fromarray(deep.astype(np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(SaqError, match=r"^image .*float\.tif has float32 pixels"):
+        read_rgb(tmp_path / "float.tif")

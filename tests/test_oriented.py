@@ -242,6 +242,40 @@ def test_unknown_class_and_empty_dataset_are_clear_errors(tmp_path):
         OrientedTask({"root": str(tmp_path / "b"), "img_dir": "val/labelTxt", "ann_dir": "val/labelTxt"}, CALIB)
 
 
+def test_an_unreadable_image_folder_or_label_file_is_named_with_the_os_reason(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    data = dota_dataset(tmp_path, {"P1": "1 1 9 1 9 9 1 9 ship 0\n", "P2": ""})
+    (tmp_path / "val/labelTxt/P2.txt").unlink()
+    (tmp_path / "val/labelTxt/P2.txt").mkdir()  # a folder in the label file's place (as root can make it too)
+    with pytest.raises(SaqError, match=r"^image .*P2\.png has no label file .*P2\.txt"):
+        OrientedTask(data, CALIB)
+    (tmp_path / "val/labelTxt/P2.txt").rmdir()
+    write(tmp_path / "val/labelTxt/P2.txt", "")
+    listed = Path.iterdir
+
+    def denied(self):  # a folder without read permission (root lists anything: simulated)
+        if self.name == "images":
+            raise PermissionError(13, "Permission denied", str(self))
+        return listed(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    with pytest.raises(SaqError, match=r"^cannot list image folder .*val/images: Permission denied \(set "
+                                       r"task\.data\.root / task\.data\.img_dir\)$"):
+        OrientedTask(data, CALIB)
+    monkeypatch.undo()
+    read = Path.read_text
+
+    def unreadable(self, *args, **kwargs):
+        if self.name == "P1.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    with pytest.raises(SaqError, match=r"^cannot read DOTA label file .*P1\.txt: Permission denied$"):
+        OrientedTask(data, CALIB)
+
+
 def test_repeated_class_names_are_refused(tmp_path):
     # class_index would send both to the last index, and AP50_per_class keep one entry
     data = dota_dataset(tmp_path, {"P1": "1 1 9 1 9 9 1 9 plane 0\n"})

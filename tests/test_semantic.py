@@ -112,15 +112,18 @@ class RegionSegmenter:
 
 
 def test_out_of_range_label_names_the_file_and_value(tmp_path):
+    # found when the task is built, not when evaluation reaches the image after hours of mask generation
     data = label_dataset(tmp_path, {"a": np.zeros((8, 8)), "b": np.full((8, 8), 12)})
-    task = SemanticTask(data, CALIB, classes=CLASSES, coarse={"mislabel_fraction": 0}, amg={"points_per_side": 4})
     with pytest.raises(SaqError, match=r"label map .*b\.png holds value 12, outside the 9 classes \(0\.\.8\)"):
-        task.evaluate(RegionSegmenter([np.zeros((8, 8), np.int64)] * 2), progress=False)
+        SemanticTask(data, CALIB, classes=CLASSES, coarse={"mislabel_fraction": 0}, amg={"points_per_side": 4})
+    # only the evaluated images' maps are read: b is past task.max_images
+    task = SemanticTask(data, CALIB, classes=CLASSES, max_images=1, amg={"points_per_side": 4})
+    assert [stem for stem, _, _ in task.items] == ["a"]
     # ADE20K's 150 classes in 1..150 without reduce_zero_label: the message points at the option.
     data = label_dataset(tmp_path / "ade", {"x": np.full((8, 8), 150)})
-    task = SemanticTask(data, CALIB, classes=150)
     with pytest.raises(SaqError, match=r"x\.png holds value 150.*reduce_zero_label"):
-        task.ground_truth(tmp_path / "ade/val/labels/x.png", (8, 8))
+        SemanticTask(data, CALIB, classes=150)
+    assert SemanticTask(data, CALIB, classes=150, reduce_zero_label=True).num_classes == 150
 
 
 def test_reduce_zero_label_and_ignore_index(tmp_path):
@@ -135,6 +138,7 @@ def test_reduce_zero_label_and_ignore_index(tmp_path):
         with pytest.raises(SaqError, match=re.escape(f"ignore_index {ignored} is one of the 150 classes' label "
                                                      "values (0..150 with reduce_zero_label)")):
             SemanticTask(data, CALIB, classes=150, reduce_zero_label=True, ignore_index=ignored)
+    data = label_dataset(tmp_path / "b", {"x": np.array([[0, 1, 150], [150, 2, 149]])})
     SemanticTask(data, CALIB, classes=150, reduce_zero_label=False, ignore_index=150)  # 0..149 only: 150 is free
 
 
@@ -143,9 +147,12 @@ def test_missing_label_map_and_bad_label_files_are_clear_errors(tmp_path):
     with pytest.raises(SaqError, match=r"image .*b\.png has no label map .*labels/b\.png"):
         SemanticTask(data, CALIB, classes=CLASSES)
     data = label_dataset(tmp_path / "b", {"a": np.zeros((8, 8))})
-    save_png(tmp_path / "b/val/labels/a.png", np.zeros((8, 8, 3)))  # an RGB "label map"
     task = SemanticTask(data, CALIB, classes=CLASSES, amg={"points_per_side": 4})
-    with pytest.raises(SaqError, match=r"a\.png has RGB pixels; a label map must be single-channel"):
+    save_png(tmp_path / "b/val/labels/a.png", np.zeros((8, 8, 3)))  # an RGB "label map"
+    with pytest.raises(SaqError, match=r"label map .*b/val/labels/a\.png has RGB pixels; a label map must be "
+                                       "single-channel"):  # found when the task is built
+        SemanticTask(data, CALIB, classes=CLASSES, amg={"points_per_side": 4})
+    with pytest.raises(SaqError, match=r"a\.png has RGB pixels"):  # and by a task built before the file changed
         task.evaluate(RegionSegmenter([np.zeros((8, 8), np.int64)]), progress=False)
     save_png(tmp_path / "b/val/labels/a.png", np.zeros((4, 8)))
     with pytest.raises(SaqError, match=r"a\.png is 8x4, its image is 8x8"):
@@ -157,6 +164,11 @@ def test_missing_label_map_and_bad_label_files_are_clear_errors(tmp_path):
         SemanticTask(data, CALIB)
     with pytest.raises(SaqError, match="unknown setting task.amg.points"):
         SemanticTask(data, CALIB, classes=CLASSES, amg={"points": 3})
+    # a folder where the label map should be is no label map
+    (tmp_path / "b/val/labels/a.png").unlink()
+    (tmp_path / "b/val/labels/a.png").mkdir()
+    with pytest.raises(SaqError, match=r"image .*a\.png has no label map .*labels/a\.png"):
+        SemanticTask(data, CALIB, classes=CLASSES)
 
 
 
@@ -315,10 +327,17 @@ def test_coarse_predictions_from_a_folder(tmp_path):
     # bg: 48 true pixels, 32 predicted (the left half), 24 of them right; box never predicted; other never true
     assert metrics["coarse_IoU_per_class"] == {"bg": pytest.approx(24 / 56), "box": 0.0, "other": 0.0}
     save_png(tmp_path / "coarse/a.png", np.full((8, 8), 3))
+    settings = {"classes": ["bg", "box", "other"], "coarse": {"dir": str(tmp_path / "coarse")}}
     with pytest.raises(SaqError, match=r"coarse prediction .*coarse/a\.png holds value 3, outside the 3 classes "
                                        r"\(0\.\.2\) and not the ignore index -1 \(a coarse prediction holds class "
                                        r"indices 0\.\.2: one written as 1\.\.K"):
+        SemanticTask(data, CALIB, **settings)  # found when the task is built, before any mask generation
+    with pytest.raises(SaqError, match=r"coarse/a\.png holds value 3"):  # a task built before the file changed
         task.evaluate(RegionSegmenter([gt]), progress=False)
+    save_png(tmp_path / "coarse/a.png", np.full((8, 8, 3), 1))
+    with pytest.raises(SaqError, match=r"coarse prediction .*coarse/a\.png has RGB pixels; a label map must be "
+                                       "single-channel"):
+        SemanticTask(data, CALIB, **settings)
     save_png(tmp_path / "coarse/a.png", np.ones((8, 4)))  # transposed-like: another aspect ratio, not a scaling
     with pytest.raises(SaqError, match=r"coarse/a\.png is 4x8 \(w x h\), its image is 8x8: another aspect ratio"):
         task.evaluate(RegionSegmenter([gt]), progress=False)
@@ -413,9 +432,13 @@ def test_fast_amg_keeps_exactly_segment_anythings_masks(synthetic_root):
 @pytest.mark.parametrize("reduce", [False, True])
 def test_label_maps_that_are_all_ignored_are_an_error(tmp_path, reduce):
     fill = 0 if reduce else 255
-    data = label_dataset(tmp_path, {"a": np.full((8, 8), fill), "b": np.full((8, 8), 255)})
-    task = SemanticTask(data, CALIB, classes=CLASSES, coarse={"mislabel_fraction": 0}, amg={"points_per_side": 2},
-                        reduce_zero_label=reduce)
-    with pytest.raises(SaqError, match=r"the label maps of the 2 evaluated images are all ignore_index 255.*"
-                                       r"mIoU is undefined"):
-        task.evaluate(RegionSegmenter([np.zeros((8, 8), np.int64)] * 2), progress=False)
+    scored = np.full((8, 8), 255)
+    scored[0, 0] = 1
+    data = label_dataset(tmp_path, {"a": np.full((8, 8), fill), "b": np.full((8, 8), 255), "c": scored})
+    settings = {"classes": CLASSES, "coarse": {"mislabel_fraction": 0}, "amg": {"points_per_side": 2},
+                "reduce_zero_label": reduce}
+    # found when the task is built (every evaluated map is read then), not after the whole evaluation
+    with pytest.raises(SaqError, match=r"^the label maps of the 2 evaluated images are all ignore_index 255.*"
+                                       r"mIoU is undefined \(check .*val/labels and task.max_images\)$"):
+        SemanticTask(data, CALIB, max_images=2, **settings)
+    assert len(SemanticTask(data, CALIB, **settings).items) == 3  # c holds a scored pixel

@@ -238,3 +238,40 @@ def test_the_generator_command_refuses_empty_splits(tmp_path, capsys):
         main(["--out", str(tmp_path / "d"), "--n-train", "0", "--n-val", "1"])
     assert "--n-train and --n-val must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_generating_into_a_new_root_is_said_and_a_mistyped_real_data_path_is_refused(tmp_path, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from saq.errors import SaqError
+    from tasks.instance import InstanceTask
+    from tasks.synthetic import DEFAULT_ROOT
+    from tests.conftest import REPO
+
+    generate = {"n_train": 1, "n_val": 1, "seed": 0, "progress": False}
+    calib = {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"}
+
+    def task(root):
+        return InstanceTask({"root": str(root), "ann_file": "annotations/instances_val.json", "img_dir": "val/images"},
+                            calib, generate=generate)
+
+    # a typo above the last part of a path to real data (/data/coco -> /dta/coco): refused, nothing made
+    with pytest.raises(SaqError, match=r"^task\.data\.root=.*dta/coco does not exist, nor does its folder .*dta: "
+                                       r"refusing .*\(fix the path to the data, or set task\.generate=null"):
+        task(tmp_path / "dta" / "coco")
+    assert not (tmp_path / "dta").exists()
+    # a new root in an existing folder is generated, and the run says so (a typo in the last part shows here)
+    task(tmp_path / "coko")
+    assert f"task.data.root={tmp_path / 'coko'} does not exist: generating the synthetic dataset into " \
+           f"{(tmp_path / 'coko').resolve()} (real data needs task.generate=null)" in capsys.readouterr().out
+    task(tmp_path / "coko")  # found there the next time: nothing to say
+    assert "generating" not in capsys.readouterr().out
+    # the default root on a fresh clone, where the git-ignored data/ does not exist yet, is generated
+    configured = {OmegaConf.load(f).data.root for f in (REPO / "conf" / "task").glob("*.yaml")}
+    assert configured == {str(DEFAULT_ROOT)}
+    (tmp_path / "clone").mkdir()
+    monkeypatch.chdir(tmp_path / "clone")  # a working directory without data/
+    task(DEFAULT_ROOT)
+    assert (tmp_path / "clone" / DEFAULT_ROOT / "meta.json").is_file()
+    assert f"task.data.root={DEFAULT_ROOT} does not exist: generating the synthetic dataset into " \
+           f"{(tmp_path / 'clone' / DEFAULT_ROOT).resolve()}" in capsys.readouterr().out
