@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import sys
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -12,19 +16,74 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from saq.errors import SaqError
-from saq.log import RUN_LOG, RunDirHeld, claim_run_dir, tee_run_log, write_text_atomic
+from saq.log import RUN_LOG, RunDirHeld, claim_run_dir, os_reason, run_folder_error, tee_run_log, write_text_atomic
 
 HYDRA_RECORD_DIR = ".hydra"  # where Hydra itself would keep a run's composed config, hydra config and overrides
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # pipeline.CONF_DIR, not imported: it loads torch
+# Hydra flags after which the command line is not a run of conf/config.yaml (another config, completion, help)
+OTHER_CONFIG_FLAGS = ("config_path", "config_name", "config_dir", "experimental_rerun", "shell_completion", "help",
+                      "hydra_help", "info")
 
 
-def write_hydra_record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
-    """Hydra's record of the run, written once saq holds the folder: Hydra's own (hydra.output_subdir, off in
-    conf/config.yaml) is written before the job starts, so a run turned away would overwrite the holder's."""
+def write_hydra_record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig, folder_key: str) -> None:
+    """Hydra's record of the run, written once saq holds the folder and the run's config passed its checks: Hydra's
+    own (hydra.output_subdir, off in conf/config.yaml) is written before the job starts, so a run turned away would
+    overwrite the record beside an earlier run's results.json. folder_key: the knob that places the folder."""
     record = run_dir / HYDRA_RECORD_DIR
-    record.mkdir(parents=True, exist_ok=True)
-    for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
-                       ("overrides.yaml", hydra_cfg.overrides.task)):
-        write_text_atomic(record / name, OmegaConf.to_yaml(node))
+    try:
+        record.mkdir(parents=True, exist_ok=True)
+        for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
+                           ("overrides.yaml", hydra_cfg.overrides.task)):
+            write_text_atomic(record / name, OmegaConf.to_yaml(node))
+    except OSError as exc:
+        raise run_folder_error(run_dir, os_reason(exc), folder_key) from None
+
+
+def check_group_options(argv: list[str]) -> None:
+    """A config group option on the command line that no search path folder has (quant=w5a5, task=foo, a comma
+    list's member with -m) is one SaqError line listing the options; Hydra's own message spans many lines. Anything
+    this cannot read simply (another config, interpolations, range()/glob() sweeps, hydra/ groups) is left to Hydra,
+    so nothing Hydra accepts is refused."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # Hydra prints its own usage error after this
+            args = get_args_parser().parse_args(argv)
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except (Exception, SystemExit):
+        return
+    if any(getattr(args, flag, None) for flag in OTHER_CONFIG_FLAGS) or any(
+            o.key_or_group.startswith("hydra.searchpath") for o in overrides):
+        return
+    for override in overrides:
+        group, value = override.key_or_group, override.value()
+        # conf/ and, through hydra.searchpath file://., the folder the command runs in (sweeps/ in the repository)
+        folders = [root / group for root in (CONF_DIR, Path.cwd()) if not group.startswith("hydra")
+                   and (root / group).is_dir()]
+        if not folders or override.is_delete():
+            continue
+        if isinstance(value, ChoiceSweep) and args.multirun:  # without -m Hydra itself asks for it
+            values = value.list
+        else:
+            values = [value] if isinstance(value, str) else []
+        for option in values:
+            if isinstance(option, str) and "${" not in option and not any(
+                    (folder / option).exists() or (folder / f"{option}.yaml").is_file() for folder in folders):
+                raise SaqError(unknown_option(group, option, folders))
+
+
+def unknown_option(group: str, option: str, folders: list[Path]) -> str:
+    """The line for an unknown group option: the options there (without _-prefixed shared parts) and, for a
+    bit-width preset that does not exist, the knobs that set any width."""
+    options = sorted({p.stem for folder in folders for p in folder.glob("*.yaml") if not p.stem.startswith("_")})
+    line = f"{group}={option} unknown; options: {', '.join(options) or 'none'}"
+    if group == "quant":  # quant.w_bits / quant.a_bits, conf/quant/_base.yaml: 2-8 on any quantizing preset
+        bits = re.fullmatch(r"[wW](\d+)[aA](\d+)", option)
+        w, a = bits.groups() if bits else ("N", "N")
+        line += f"; other bit-widths: quant=w4a4 quant.w_bits={w} quant.a_bits={a}"
+    return line
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -35,6 +94,7 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     # a sweep job's log names the job's own overrides, not the whole sweep's command line
     arguments = list(hydra_cfg.overrides.task) if multirun else sys.argv[1:]
     with ExitStack() as stack:
@@ -50,19 +110,31 @@ def main(cfg: DictConfig) -> None:
                 write_failure(run_dir, cfg, exc, list(hydra_cfg.overrides.task))
                 print(f"error: {exc}", file=sys.stderr)
             return
-        write_hydra_record(run_dir, cfg, hydra_cfg)
-        stack.enter_context(tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])))
+        try:
+            stack.enter_context(tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])))
+        except OSError as exc:  # a folder Hydra made (or found) that cannot be written
+            print(f"error: {run_folder_error(run_dir, os_reason(exc), folder_key)}", file=sys.stderr)
+            if not multirun:
+                sys.exit(2)
+            return
+        # written once the config passed the run's checks: a refused run leaves an earlier run's record as it was
+        accepted = partial(write_hydra_record, run_dir, cfg, hydra_cfg, folder_key)
         try:
             check_preset_found(cfg)
             if multirun:  # resume, and a failed job recorded without stopping the others
-                run_sweep_job(cfg, run_dir, run, list(hydra_cfg.overrides.task))
+                run_sweep_job(cfg, run_dir, partial(run, accepted=accepted), list(hydra_cfg.overrides.task))
             else:
                 check_single_run_of_a_sweep(hydra_cfg)
-                run(cfg, run_dir)
+                run(cfg, run_dir, accepted=accepted)
         except SaqError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
 
 
 if __name__ == "__main__":
+    try:  # before Hydra composes: its message for an unknown option spans lines
+        check_group_options(sys.argv[1:])
+    except SaqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     main()

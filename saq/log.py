@@ -64,6 +64,32 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def folder_write_problem(folder: Path) -> str | None:
+    """Why files could not be written into `folder` (made first where missing), or None; asked without creating
+    anything, so a run refused for another reason leaves no empty folder behind."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:  # the nearest part that exists decides
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    # os.access also answers for root: a read-only mount is refused to every user
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def run_folder_error(folder: Path, reason: str, key: str) -> SaqError:
+    """The line for a run or sweep folder that cannot be made or written; key: the knob that places it."""
+    return SaqError(f"cannot write the run folder {folder} ({reason}); set {key}=<a writable folder>")
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError as 'reason: file' (its own text where it has no strerror)."""
+    if not exc.strerror:
+        return str(exc)
+    return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` to write the whole file to; renamed over `path` when the block ends, removed

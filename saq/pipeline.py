@@ -9,6 +9,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,16 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from saq.errors import SaqError, check_bool, check_device, check_int, check_number, check_seed, is_number
-from saq.log import bits_label, git_commit, log_to_wandb, package_versions, write_json_atomic, write_results
+from saq.log import (
+    bits_label,
+    folder_write_problem,
+    git_commit,
+    log_to_wandb,
+    os_reason,
+    package_versions,
+    write_json_atomic,
+    write_results,
+)
 from saq.sam.build import build_sam, checkpoint_digest, checkpoint_path
 from saq.sam.segmenter import Segmenter
 from saq.sam.units import KINDS_AT
@@ -64,6 +74,9 @@ def build_task(cfg: DictConfig):
         if isinstance(exc.__cause__, TypeError) and unexpected:  # a key added with + that the class does not take
             raise SaqError(f"{group}.{unexpected.group(1)} is not a setting of {cfg[group].get('_target_', group)} "
                            f"(conf/{group}/ lists the settings it takes)") from None
+        if isinstance(exc.__cause__, OSError):  # Hydra's message keeps only PermissionError(13, ...): no file name
+            raise SaqError(f"the {group} ({cfg[group].get('_target_', group)}) cannot be built: "
+                           f"{os_reason(exc.__cause__)}; check the paths among its {group}.* settings") from None
         raise
 
 
@@ -216,6 +229,9 @@ def check_run_knobs(cfg: DictConfig) -> None:
     check_int(cfg.get("threads"), "threads", allow_none=True)
     check_int(cfg.task.get("max_images"), "task.max_images", allow_none=True)
     check_int(cfg.model.get("decode_batch_size", 64), "model.decode_batch_size")
+    checkpoint = cfg.model.get("checkpoint")
+    if checkpoint is not None and not isinstance(checkpoint, str):  # Path() of a number, a bool or a list fails
+        raise SaqError(f"model.checkpoint={checkpoint!r} invalid; expected null or the path of a SAM .pth file")
     unknown = sorted(set(cfg.model) - set(MODEL_KEYS))
     if unknown:
         raise SaqError(f"model.{unknown[0]} is not a model setting; expected one of {list(MODEL_KEYS)}")
@@ -251,7 +267,23 @@ def validate(cfg: DictConfig):
         from saq.deploy import require_onnx
 
         require_onnx("deploy=true")  # found now, not after the FP and quantized evaluations
-    return check_config(cfg)
+    quant_cfg, strategy = check_config(cfg)
+    check_recon_state_dir(cfg, learns=quant_cfg is not None and not cfg.quant.get("load"))
+    return quant_cfg, strategy
+
+
+def check_recon_state_dir(cfg: DictConfig, learns: bool) -> None:
+    """recon.state_dir can be written when the run learns (it calibrates, so a recon=... saves its units): found
+    now, not after calibration and the first unit. The FP cache is not asked for: a failed write of it only warns."""
+    recon = cfg.get("recon") or {}
+    if learns and recon.get("name", "none") != "none":
+        from saq.recon import ReconConfig
+
+        state_dir = ReconConfig.from_cfg(recon).state_dir  # the default when the preset leaves it out
+        problem = folder_write_problem(Path(state_dir))
+        if problem:  # written at every finished unit, resume or not: a later run may resume from it
+            raise SaqError(f"recon.state_dir={state_dir} cannot be written ({problem}); set recon.state_dir to a "
+                           "writable folder")
 
 
 def check_config(cfg: DictConfig, choices: dict | None = None, overrides: list[str] | None = None):
@@ -350,7 +382,11 @@ def fp_metrics(cfg: DictConfig, model, task) -> tuple[dict, str | None]:
         print(f"warning: FP cache entry {cache} is unreadable or empty; evaluating FP again", file=sys.stderr)
     metrics = task.evaluate(Segmenter(model, cfg.model.decode_batch_size), progress=cfg.progress)
     if cfg.fp_cache:
-        write_json_atomic(cache, metrics)
+        try:
+            write_json_atomic(cache, metrics)
+        except OSError as exc:  # a cache only: the evaluation (hours on a large model) goes on into results.json
+            print(f"warning: cannot write the FP cache {cache} ({os_reason(exc)}); the next run evaluates FP again",
+                  file=sys.stderr)
     return metrics, None
 
 
@@ -396,11 +432,14 @@ def reconstruct_for_run(cfg: DictConfig, qmodel, model, samples) -> tuple[dict, 
     return report.as_dict(), report.state_file
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """The whole story of one run; returns the record written to results.json."""
+def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = None) -> dict:
+    """The whole story of one run; returns the record written to results.json. accepted: called once the config
+    is validated, before anything is computed (the entry point writes the run's .hydra record there)."""
     start = time.time()
     commit = git_commit()  # the code that runs, read before it runs (the tree may change during a long run)
     quant_cfg, strategy = validate(cfg)  # before anything is computed, seed and threads included
+    if accepted is not None:
+        accepted()
     seed_everything(cfg.seed)
     # threads=null is the process's own default, also after an earlier job of a sweep in this process set another
     torch.set_num_threads(cfg.threads or DEFAULT_THREADS)

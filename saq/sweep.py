@@ -19,7 +19,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saq.errors import SaqError
-from saq.log import RESULTS_FILE, record_problem, set_aside_run, write_json_atomic
+from saq.log import (
+    RESULTS_FILE,
+    folder_write_problem,
+    record_problem,
+    run_folder_error,
+    set_aside_run,
+    write_json_atomic,
+)
 
 FAILURE_FILE = "failure.json"
 RUNNING_FILE = "running.json"  # while a sweep job runs; left behind only when its process was killed
@@ -224,11 +231,13 @@ def sweep_job_overrides(config: DictConfig) -> list[list[str]] | None:
 
 
 def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]]:
-    """Every job's overrides with its composed config, or the reason it cannot run: Hydra's (it does not compose) or
-    saq's config checks (pipeline.check_config: a preset whose switches the sweep changes, a knob nothing reads)."""
+    """Every job's overrides with its composed config, or the reason it cannot run: Hydra's (it does not compose),
+    saq's config checks (pipeline.check_config: a preset whose switches the sweep changes, a knob nothing reads) or
+    its model checkpoint file (a job would find it missing only when it starts, hours into the sweep)."""
     from hydra import compose
 
     from saq.pipeline import check_config
+    from saq.sam.build import checkpoint_file
 
     jobs = []
     for job in sweep_job_overrides(config) or []:
@@ -242,6 +251,7 @@ def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]
             del cfg["hydra"]
         try:  # the sweep's shared recon.iters overrides are checked across its jobs (recon_iters_no_job_reads)
             check_config(cfg, choices, overrides=[])
+            checkpoint_file(cfg.model.name, cfg.model.get("checkpoint"))  # every job builds its model first
         except SaqError as exc:
             jobs.append((job, str(exc)))
             continue
@@ -310,6 +320,29 @@ def slurm_conflicts(config: DictConfig) -> list[tuple[str, str]]:
             if launcher.get(a) is not None and launcher.get(b) is not None and asks_gpus(a) and asks_gpus(b)]
 
 
+class RunFolderCheck(Callback):
+    """Before Hydra makes the run (or sweep) folder: one that cannot be made or written is one line, not the
+    traceback of Hydra's own mkdir (which runs before saq's code)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        check_run_folder(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        check_run_folder(config, "hydra.sweep.dir")
+
+
+def check_run_folder(config: DictConfig, key: str) -> None:
+    """Exit 2 with one line when the folder at `key` (hydra.run.dir, hydra.sweep.dir) cannot be made or written."""
+    try:
+        folder = Path(str(OmegaConf.select(config, key)))
+    except Exception:  # an interpolation only the running job resolves: Hydra's mkdir answers for it
+        return
+    problem = folder_write_problem(folder)
+    if problem:
+        print(f"error: {run_folder_error(folder, problem, key)}; nothing was run", file=sys.stderr)
+        sys.exit(2)
+
+
 class SweepReport(Callback):
     """Before a multirun: every job must compose. After it: the sweep's report, its main tables, the failed jobs."""
 
@@ -331,8 +364,8 @@ class SweepReport(Callback):
         if problems:
             for job, why in problems:
                 print(f"error: job {' '.join(job)}: {why}", file=sys.stderr)
-            print(f"error: {len(problems)} jobs of this sweep cannot run (they do not compose, or their settings are "
-                  "refused); nothing was run", file=sys.stderr)
+            print(f"error: {len(problems)} jobs of this sweep cannot run (they do not compose, their settings are "
+                  "refused, or their checkpoint is missing); nothing was run", file=sys.stderr)
             sys.exit(2)
         for kind, granularities in recon_iters_no_job_reads(jobs):
             print(f"error: recon.iters.{kind} is read by no job of this sweep (their recon.granularity: "

@@ -179,3 +179,17 @@ def test_a_checkpoint_is_hashed_once_until_the_file_changes(tmp_path, monkeypatc
     path.write_bytes(b"other")  # retrained in place: same size, a later modification time
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
     assert checkpoint_digest("sam_vit_b", str(path)) == real(b"other").hexdigest() and len(reads) == 2
+
+
+def test_checkpoint_file_is_what_a_sweep_asks_of_every_job_before_the_first():
+    from saq.sam.build import checkpoint_file
+
+    assert checkpoint_file("sam_tiny", None) == TINY_CHECKPOINT == checkpoint_file("sam_tiny_outliers", "")
+    for name, checkpoint, message in (
+            ("sam_vit_b", None, "model sam_vit_b needs a checkpoint: set model.checkpoint=/path/to/sam_vit_b.pth"),
+            ("sam_vit_b", "/nonexistent.pth", "checkpoint not found: /nonexistent.pth (set model.checkpoint to the "
+                                              "path of a SAM .pth file)"),
+            ("sam_vit_x", None, "unknown model 'sam_vit_x'; expected one of")):
+        with pytest.raises(SaqError) as err:
+            checkpoint_file(name, checkpoint)
+        assert str(err.value).startswith(message)

@@ -129,7 +129,7 @@ def test_activation_observer_set_beside_clip_is_one_line(tmp_path):
         "strategy (the same as this observer: clip=mse); leave quant.encoder.act.observer unset"], proc.stderr
 
 
-@pytest.mark.parametrize("override,message", [
+BAD_VALUE_CASES = [
     ("quant.w_bits=0", "error: quant.w_bits=0 is not allowed; expected an integer from 2 to 8"),
     ("clip.p=-1", "error: clip.p=-1 invalid; expected a finite Lp exponent >= 1 (paper: 2.4)"),
     ("clip.p=0.5", "error: clip.p=0.5 invalid; expected a finite Lp exponent >= 1 (paper: 2.4)"),
@@ -172,14 +172,58 @@ def test_activation_observer_set_beside_clip_is_one_line(tmp_path):
                     "quant=w6a6 or quant=w8a8 (and set quant.w_bits / quant.a_bits for other widths)"),
     ("quant=fp +quant.w_bits=4", "error: quant=fp has no quant.w_bits: it runs the model in full precision; choose a "
                                  "quantizing preset (quant=w4a4, quant=w6a6 or quant=w8a8) to set quant knobs"),
-])
-def test_bad_quant_or_clip_value_fails_before_model_data_or_fp_evaluation(override, message, tmp_path):
-    # the checkpoint and the data do not exist: had anything been loaded or evaluated first, its error would show
-    proc = saq("model=sam_vit_b", "model.checkpoint=/nonexistent.pth", "task.data.root=/nonexistent",
-               "task.generate=null", *(() if override.startswith("quant=") else ("quant=w8a8",)), *override.split(),
-               "logger=none", f"hydra.run.dir={tmp_path / 'r'}")
+]
+BAD_VALUE_MESSAGES = dict(BAD_VALUE_CASES)
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUE_CASES)
+def test_bad_quant_or_clip_value_fails_before_model_data_or_fp_evaluation(override, message, tmp_path, monkeypatch):
+    # in-process, as the CLI runs it (Hydra's config of a single run set: the checks read its choices and overrides);
+    # the CLI's own exit status and one line are checked by the subprocess cases below
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from saq import pipeline
+    from saq.errors import SaqError
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model, the data or the FP evaluation was reached before the config was refused")
+
+    for step in ("build_sam", "build_task", "fp_metrics"):
+        monkeypatch.setattr(pipeline, step, never)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=cli_overrides(override, tmp_path), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.RUN
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with open_dict(cfg):
+            del cfg["hydra"]
+        with pytest.raises(SaqError) as err:
+            pipeline.run(cfg, tmp_path / "r")
+    finally:
+        HydraConfig.instance().cfg = None
+    assert f"error: {err.value}" == message
+
+
+def cli_overrides(override: str, tmp_path) -> list[str]:
+    """A bad-value case's command line: the checkpoint and the data do not exist, so had anything been loaded or
+    evaluated first, its error would show."""
+    return ["model=sam_vit_b", "model.checkpoint=/nonexistent.pth", "task.data.root=/nonexistent", "task.generate=null",
+            *(() if override.startswith("quant=") else ("quant=w8a8",)), *override.split(), "logger=none",
+            f"hydra.run.dir={tmp_path / 'r'}"]
+
+
+@pytest.mark.parametrize("override", ["quant=fp quant.name=w4a4", "recon=par recon.iters.layer=4000",
+                                      "quant.w_bits=0"])
+def test_bad_values_through_the_cli_exit_2_with_one_line(override, tmp_path):
+    # the first two need the command's own preset choices and overrides, which only the running CLI gives the checks
+    proc = saq(*cli_overrides(override, tmp_path))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [message], proc.stderr
+    assert proc.stderr.strip().splitlines() == [BAD_VALUE_MESSAGES[override]], proc.stderr
+    assert not (tmp_path / "r" / "results.json").exists()
 
 
 @pytest.mark.parametrize("tool", ["saq.report", "saq.deploy", "saq.sensitivity"])
@@ -250,6 +294,10 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
     (["quant=w4a4", "recon=par", "quant.agq=false", "recon.softmax_scale_lr=0.002"],
      "recon.softmax_scale_lr=0.002 learns AGQ's post-softmax scale, but quant.agq=false"),
     (["quant=w4a4", "quant.load=5"], "quant.load=5 invalid; expected null or the path of a run directory"),
+    # Path() of these is a TypeError traceback
+    *(([f"model.checkpoint={value}"], f"model.checkpoint={shown} invalid; expected null or the path of a SAM .pth "
+                                      "file") for value, shown in (("123", "123"), ("true", "True"),
+                                                                   ("[a.pth,b.pth]", "['a.pth', 'b.pth']"))),
     (["quant=w4a4", "quant.load=true"], "quant.load=True invalid; expected null or the path of a run directory"),
     # planted outliers make another model: with them off, or on another model, the run would carry the wrong name
     (["model=sam_tiny_outliers", "model.outliers=null"], "model=sam_tiny_outliers plants its outliers with "
@@ -395,3 +443,63 @@ def test_the_progress_setting_reaches_a_prompt_source_that_reads_files(synthetic
                                                            f"prompts.file={tmp_path / 'd.json'}", f"progress={progress}"])
             assert build_task(cfg).prompts.progress is progress
         assert build_task(compose(config_name="config", overrides=[*base, "progress=false"])).prompts.name == "gt"
+
+
+@pytest.mark.parametrize("case", ["under a file", "record", "log", "sweep"])
+def test_a_run_folder_that_cannot_be_written_is_one_line(case, tmp_path):
+    # what cannot be written even as root: a folder under a regular file, a file or folder where saq writes the other
+    (tmp_path / "a-file").write_text("")
+    run_dir = tmp_path / "a-file" / "run" if case in ("under a file", "sweep") else tmp_path / "run"
+    if case == "record":  # found once the config passed its checks, before anything is computed
+        run_dir.mkdir()
+        (run_dir / ".hydra").write_text("")
+    if case == "log":
+        (run_dir / "run.log").mkdir(parents=True)
+    key = "hydra.sweep.dir" if case == "sweep" else "hydra.run.dir"
+    proc = saq(*(["-m", "seed=0,1"] if case == "sweep" else []), "logger=none", f"{key}={run_dir}")
+    assert proc.returncode == 2
+    reason = {"record": f"File exists: {run_dir / '.hydra'}", "log": f"Is a directory: {run_dir / 'run.log'}"}.get(
+        case, f"{tmp_path / 'a-file'} is a file, not a folder")
+    line = f"error: cannot write the run folder {run_dir} ({reason}); set {key}=<a writable folder>"
+    assert proc.stderr.strip().splitlines() == [line + ("; nothing was run" if case in ("under a file", "sweep")
+                                                        else "")], proc.stderr
+
+
+def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("the earlier run's config\n")
+    (run_dir / "results.json").write_text('{"the earlier run": "results"}')
+    proc = saq("seed=-1", "logger=none", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2 and "seed=-1 invalid" in proc.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "the earlier run's config\n"
+    assert (run_dir / "results.json").read_text() == '{"the earlier run": "results"}'
+    assert "seed=-1 invalid" in (run_dir / "run.log").read_text()  # the folder keeps what the refused run said
+
+
+@pytest.mark.parametrize(("arguments", "line"), [
+    (["quant=w5a5"], "error: quant=w5a5 unknown; options: fp, w4a4, w6a6, w8a8; other bit-widths: quant=w4a4 "
+                     "quant.w_bits=5 quant.a_bits=5"),
+    (["-m", "task=instance,foo"], "error: task=foo unknown; options: instance, oriented, semantic"),
+])
+def test_an_unknown_group_option_is_one_line_listing_the_options(arguments, line, tmp_path):
+    proc = saq(*arguments, "logger=none", f"hydra.run.dir={tmp_path / 'r'}", f"hydra.sweep.dir={tmp_path / 's'}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_the_group_option_check_leaves_to_hydra_what_it_cannot_read(monkeypatch):
+    from saq.__main__ import check_group_options
+
+    monkeypatch.chdir(REPO)  # sweeps/ is a group from the repository root (hydra.searchpath file://.)
+    for argv in (["quant=w4a4", "+sweeps=bits", "method=null", "~method", "quant=w4a4.yaml"],
+                 ["-m", "quant=w4a4,w8a8", "clip=glob(*)", "seed=range(3)", "quant=choice(w4a4,w6a6)"],
+                 ["quant=w4a4,w5a5"],  # without -m: Hydra's own line asks for -m
+                 ["hydra/launcher=joblib", "task.data.root=x", "model.checkpoint=y"],
+                 ["-cn", "train_tiny", "quant=w5a5"],  # another config: its groups are not conf/config.yaml's
+                 ["hydra.searchpath=[file:///elsewhere]", "quant=w5a5"], ["--unknown-flag"]):
+        check_group_options(argv)
+    from saq.errors import SaqError
+
+    with pytest.raises(SaqError, match=r"^sweeps=nope unknown; options: bits, .*theta$"):
+        check_group_options(["-m", "+sweeps=nope"])

@@ -322,3 +322,47 @@ def test_a_second_run_into_a_held_folder_stops_in_one_line(tmp_path):
     with pytest.raises(SaqError, match="another saq process is writing into"), claim_run_dir(tmp_path / "x"):
         with claim_run_dir(tmp_path / "x"):  # flock is per open file: a second claim in one process is refused too
             pass
+
+
+def test_a_recon_state_dir_that_cannot_be_written_is_one_line_before_anything_runs(synthetic_root, tmp_path,
+                                                                                    monkeypatch):
+    from saq.errors import SaqError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a folder under a regular file cannot be made, even by root
+    learned = ("quant=w4a4", "recon=qdrop", "quant.calib_images=1")
+    # the units are saved at every one, resume or not (a later run may resume): refused before calibration
+    with pytest.raises(SaqError, match=rf"^recon.state_dir={blocker}/recon cannot be written \({blocker} is a "
+                                       r"file, not a folder\); set recon.state_dir to a writable folder$"):
+        pipeline.validate(_run_config(synthetic_root, *learned, f"recon.state_dir={blocker}/recon"))
+    # a folder that can be made passes, and the check makes nothing (a run refused later leaves no empty folder)
+    pipeline.validate(_run_config(synthetic_root, *learned, f"recon.state_dir={tmp_path}/new/recon"))
+    assert not (tmp_path / "new").exists()
+    # an FP cache that cannot be written is no reason to refuse: its write only warns (test below)
+    monkeypatch.setattr(pipeline, "FP_CACHE_DIR", blocker / "fp_metrics")
+    pipeline.validate(_run_config(synthetic_root, "fp_cache=true"))
+
+
+def test_an_fp_cache_that_cannot_be_written_warns_and_keeps_the_metrics(tmp_path, ckpt, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(pipeline, "FP_CACHE_DIR", blocker / "cache")  # made unwritable after the run's checks
+    metrics, source = pipeline.fp_metrics(config(ckpt), build_random_sam("sam_tiny"), CountingTask())
+    assert metrics == {"mIoU": 0.5, "runs": 1} and source is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: cannot write the FP cache {blocker}/cache/")
+    assert err[0].endswith(f"{blocker}/cache); the next run evaluates FP again")
+
+
+def test_a_file_the_prompts_or_task_cannot_read_is_named_in_one_line(synthetic_root, tmp_path):
+    from omegaconf import open_dict
+
+    from saq.errors import SaqError
+
+    cfg = _run_config(synthetic_root)
+    with open_dict(cfg):  # a constructor that opens a folder where a file is expected: IsADirectoryError, even as root
+        cfg.prompts = {"_target_": "builtins.open", "file": str(tmp_path)}
+    with pytest.raises(SaqError) as err:
+        pipeline.build_task(cfg)
+    assert str(err.value) == (f"the prompts (builtins.open) cannot be built: Is a directory: {tmp_path}; check the "
+                              "paths among its prompts.* settings")

@@ -413,6 +413,20 @@ def test_a_damaged_checkpoint_is_learned_again_not_a_crash(tmp_path, capsys):
     assert [u.eval_after for u in report.units] == [u.eval_after for u in expected.units]
 
 
+def test_units_that_cannot_be_saved_warn_once_and_learning_goes_on(tmp_path, capsys):
+    # the run's checks found recon.state_dir writable; a full disk or a folder gone since must not cost the learning
+    chain = lambda: [Feed(), Block("first", "lin1"), Block("second", "lin2")]  # noqa: E731
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    fp, qmodel, data = toy_models()
+    report = Reconstructor(qmodel, fp, recon_cfg(iters={"block": 5}), seed=0, progress=False,
+                           checkpoint=blocker / "recon.pt", chain=chain()).run(data=data)
+    assert [u.kept for u in report.units] == ["learned", "learned"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"recon: warning: cannot save finished units to {blocker}/recon.pt (File exists: {blocker}); "
+                   "this run cannot be resumed"]
+
+
 def test_the_resume_key_ignores_only_what_does_not_change_the_learned_model():
     from saq.recon import checkpoint_path
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from saq.log import method_label
 from tests.conftest import REPO
 
-# 2 x 2 jobs: bit-width x clipping, on 2 images with 2 calibration images. `++` because Hydra composes a multirun's
+# 2 x 2 jobs: bit-width x clipping, with 2 calibration images. `++` because Hydra composes a multirun's
 # first config without the swept groups (quant=fp there has no calib_images); sweep presets set a quantizing default.
 SWEEP_2X2 = ["quant=w6a6,w4a4", "clip=minmax,mse", "++quant.calib_images=2"]
 
@@ -34,11 +34,12 @@ def results_in(sweep_dir: Path) -> dict[Path, dict]:
     return {p: json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("results.json"))}
 
 
-def assert_report_equals_results(sweep_dir: Path, results: dict[Path, dict]) -> None:
-    """Every quantized mask AP in report.csv is exactly a results.json value, and the markdown shows it in %."""
+def assert_report_equals_results(sweep_dir: Path, results: dict[Path, dict], widths=("w6a6", "w4a4")) -> None:
+    """Every quantized mask AP in report.csv is exactly a results.json value, and the markdown shows it in %; the
+    sweep ran minmax and mse at each of `widths`."""
     rows = list(csv.DictReader((sweep_dir / "report.csv").open()))
     ours = {(r["row"], r["bits"]): r for r in rows if r["source"] == "ours" and r["metric"] == "mask_AP"}
-    assert len(results) == 4
+    assert len(results) == 2 * len(widths)
     md = (sweep_dir / "report.md").read_text()
     for rec in results.values():
         row, bits = method_label(rec["config"]), rec["quant"]  # clip=minmax alone: "minmax (custom)"
@@ -48,16 +49,16 @@ def assert_report_equals_results(sweep_dir: Path, results: dict[Path, dict]) -> 
         assert f"{100 * rec['metrics']['quantized']['mask_AP']:.2f}" in md
         assert float(ours[("FP", bits)]["mean"]) == rec["metrics"]["fp"]["mask_AP"]
     assert {k[0] for k in ours} == {"FP", "minmax (custom)", "mse"}
-    assert {k[1] for k in ours} == {"w6a6", "w4a4"}
+    assert {k[1] for k in ours} == set(widths)
 
 
 @pytest.fixture(scope="module")
 def joblib_sweep(synthetic_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The 2 x 2 sweep under joblib (its folder is copied by the resume test)."""
+    """The 2 x 2 sweep under joblib on one image (its folder is copied by the resume test)."""
     work = tmp_path_factory.mktemp("joblib")
     sweep_dir = work / "sweep"
     proc = multirun(sweep_dir, *SWEEP_2X2, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                    data=synthetic_root, cwd=work)
+                    data=synthetic_root, cwd=work, images=1)
     return sweep_dir, proc
 
 
@@ -77,7 +78,7 @@ def test_job_folders_are_named_by_their_overrides_without_nesting(joblib_sweep, 
     names = sorted(p.parent.name for p in sweep_dir.rglob("results.json"))
     data = str(synthetic_root).replace("/", "%2F")
     assert names == sorted(f"++quant.calib_images=2,clip={c},quant={q},task.data.root={data},task.generate=null,"
-                           f"task.max_images=2" for c in ("minmax", "mse") for q in ("w4a4", "w6a6"))
+                           f"task.max_images=1" for c in ("minmax", "mse") for q in ("w4a4", "w6a6"))
     assert all(p.parent.parent == sweep_dir for p in sweep_dir.rglob("results.json"))
     # each job keeps its own log, headed by its own overrides (not the sweep's comma lists)
     for results in sweep_dir.rglob("results.json"):
@@ -91,14 +92,14 @@ def test_resume_skips_finished_jobs_and_recomputes_only_a_deleted_one(joblib_swe
     shutil.copytree(joblib_sweep[0], sweep_dir)
     before = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("results.json")}
 
-    proc = multirun(sweep_dir, *SWEEP_2X2, data=synthetic_root, cwd=tmp_path)
+    proc = multirun(sweep_dir, *SWEEP_2X2, data=synthetic_root, cwd=tmp_path, images=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("skipped: ") == 4
     assert {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("results.json")} == before
 
     deleted = sorted(before)[1]
     deleted.unlink()
-    proc = multirun(sweep_dir, *SWEEP_2X2, data=synthetic_root, cwd=tmp_path)
+    proc = multirun(sweep_dir, *SWEEP_2X2, data=synthetic_root, cwd=tmp_path, images=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("skipped: ") == 3
     after = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("results.json")}
@@ -106,27 +107,31 @@ def test_resume_skips_finished_jobs_and_recomputes_only_a_deleted_one(joblib_swe
     assert [p for p in after if after[p] != before.get(p)] == [deleted]
 
 
-def test_submitit_local_multirun_writes_four_results_and_a_matching_report(synthetic_root, tmp_path):
+def test_submitit_local_multirun_writes_two_results_and_a_matching_report(synthetic_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    # One image each: four processes start at once, and most of their time is importing torch.
-    proc = multirun(sweep_dir, *SWEEP_2X2, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-                    data=synthetic_root, cwd=tmp_path, images=1)
+    # 1 x 2 on one image: the processes start at once on 2 cores, and most of their time is importing torch
+    proc = multirun(sweep_dir, "quant=w4a4", "clip=minmax,mse", "++quant.calib_images=2",
+                    "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", data=synthetic_root, cwd=tmp_path,
+                    images=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list((sweep_dir / ".submitit").iterdir()), "jobs went through submitit"
-    assert_report_equals_results(sweep_dir, results_in(sweep_dir))
+    assert_report_equals_results(sweep_dir, results_in(sweep_dir), widths=("w4a4",))
 
 
 def test_a_failed_job_is_recorded_and_listed_without_stopping_the_others(synthetic_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = multirun(sweep_dir, "model.checkpoint=/nonexistent.pth,null", data=synthetic_root, cwd=tmp_path, images=1)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")  # there (a missing one stops the sweep first), read only by its job
+    proc = multirun(sweep_dir, f"model.checkpoint={broken},null", data=synthetic_root, cwd=tmp_path, images=1)
     assert proc.returncode == 1, "a sweep with a failed job ends with exit status 1, after its report"
     results = results_in(sweep_dir)
     assert len(results) == 1 and next(iter(results.values()))["config"]["model"]["checkpoint"] is None
     failures = list(sweep_dir.rglob("failure.json"))
     assert len(failures) == 1
     failure = json.loads(failures[0].read_text())
-    line = "checkpoint not found: /nonexistent.pth (set model.checkpoint to the path of a SAM .pth file)"
-    assert failure["error"] == line and "model.checkpoint=/nonexistent.pth" in failure["overrides"]
+    line = (f"checkpoint {broken} is not a readable PyTorch file; model.checkpoint must point to a SAM state dict "
+            "(.pth)")
+    assert failure["error"] == line and f"model.checkpoint={broken}" in failure["overrides"]
     assert "1 failed jobs:" in proc.stdout and line in proc.stdout
     assert line in (sweep_dir / "report.md").read_text()
     # the user drops the bad job: its old failure is listed apart and no longer fails the sweep
@@ -138,13 +143,34 @@ def test_a_failed_job_is_recorded_and_listed_without_stopping_the_others(synthet
 
 
 def test_a_job_that_does_not_compose_stops_the_sweep_before_any_job_runs(synthetic_root, tmp_path):
+    # a preset's swept values (the command line's are checked before Hydra starts, in one line of their own)
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "typo.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n    params:\n"
+                                                   "      clip: minmax,pcc_not_here\n")
     sweep_dir = tmp_path / "sweep"
-    proc = multirun(sweep_dir, "quant=w4a4", "clip=minmax,pcc_not_here", data=synthetic_root, cwd=tmp_path)
+    proc = multirun(sweep_dir, "quant=w4a4", "+sweeps=typo", data=synthetic_root, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1] == ("error: 1 jobs of this sweep cannot run (they do not compose, or their settings are "
-                         "refused); nothing was run")
+    assert lines[-1] == ("error: 1 jobs of this sweep cannot run (they do not compose, their settings are refused, "
+                         "or their checkpoint is missing); nothing was run")
     assert "clip=pcc_not_here" in lines[-2] and "Could not find 'clip/pcc_not_here'" in lines[-2]
+    assert not list(sweep_dir.rglob("results.json"))
+
+
+def test_a_jobs_missing_checkpoint_stops_the_sweep_before_any_job_runs(synthetic_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = multirun(sweep_dir, "model=sam_tiny,sam_vit_b", "model.checkpoint=null,/nonexistent.pth",
+                    data=synthetic_root, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("error: job ") for line in lines[:3]), proc.stderr
+    missing = "checkpoint not found: /nonexistent.pth (set model.checkpoint to the path of a SAM .pth file)"
+    assert lines[0].endswith(f"model=sam_tiny model.checkpoint=/nonexistent.pth: {missing}")
+    assert lines[1].endswith("model=sam_vit_b model.checkpoint=null: model sam_vit_b needs a checkpoint: set "
+                             "model.checkpoint=/path/to/sam_vit_b.pth")
+    assert lines[2].endswith(f"model=sam_vit_b model.checkpoint=/nonexistent.pth: {missing}")
+    assert lines[3] == ("error: 3 jobs of this sweep cannot run (they do not compose, their settings are refused, or "
+                        "their checkpoint is missing); nothing was run")
     assert not list(sweep_dir.rglob("results.json"))
 
 

@@ -314,11 +314,19 @@ class Reconstructor:
     def _save(self, index: int, report: ReconReport) -> None:
         if self.checkpoint is None:
             return
-        from saq.log import atomic_path
+        from saq.log import atomic_path, os_reason
 
-        with atomic_path(self.checkpoint) as tmp:  # two sweep jobs can share a checkpoint key
-            torch.save({"done": index, "units": [asdict(u) for u in report.units],
-                        "model": {k: v.detach().cpu() for k, v in self.qmodel.state_dict().items()}}, tmp)
+        try:
+            with atomic_path(self.checkpoint) as tmp:  # two sweep jobs can share a checkpoint key
+                torch.save({"done": index, "units": [asdict(u) for u in report.units],
+                            "model": {k: v.detach().cpu() for k, v in self.qmodel.state_dict().items()}}, tmp)
+        # a full disk after the run's checks: the file only serves a resume, so learning goes on (torch's own
+        # writer reports a failed write as a RuntimeError)
+        except (OSError, RuntimeError) as exc:
+            reason = os_reason(exc) if isinstance(exc, OSError) else (str(exc).strip().splitlines() or ["?"])[0]
+            print(f"recon: warning: cannot save finished units to {self.checkpoint} ({reason}); this run cannot be "
+                  "resumed", file=sys.stderr)
+            self.checkpoint = None
 
     def _resume(self, report: ReconReport) -> int:
         """Index of the last finished unit restored from the checkpoint (-1: start from the first unit)."""

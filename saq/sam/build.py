@@ -115,7 +115,7 @@ def make_sam(arch: SamArchitecture) -> Sam:
 def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
     """Load a checkpoint file as a state dict, or raise SaqError saying what is wrong with it."""
     if not path.is_file():
-        raise SaqError(f"checkpoint not found: {path} (set {config_key} to the path of a SAM .pth file)")
+        raise _not_found(path, config_key)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # readable, but it holds Python objects beside the tensors (training metadata)
@@ -224,16 +224,31 @@ def build_sam(name: str, checkpoint: str | Path | None = None, config_key: str =
     build_random_sam; here a missing path is an error, because a run on random weights is a silent wrong result.
     """
     name = VARIANTS.get(name, name)
-    if name not in ARCHITECTURES:
-        raise SaqError(f"unknown model {name!r}; expected one of {sorted(ARCHITECTURES) + sorted(VARIANTS)}")
-    path = checkpoint_path(name, checkpoint)
-    if path is None:
-        raise SaqError(f"model {name} needs a checkpoint: set {config_key}=/path/to/{name}.pth")
+    path = checkpoint_file(name, checkpoint, config_key)
     state = read_state_dict(path, config_key)
     model = make_sam(ARCHITECTURES[name])
     check_state_dict(model, state, name, path)
     model.load_state_dict(state)
     return model.eval()
+
+
+def checkpoint_file(name: str, checkpoint, config_key: str = "model.checkpoint") -> Path:
+    """The existing file model `name` loads for a model.checkpoint value; else a SaqError (an unknown model, no
+    checkpoint given for an official size, a path that is no file). A sweep asks this of every job before the first."""
+    name = VARIANTS.get(name, name)
+    if name not in ARCHITECTURES:
+        raise SaqError(f"unknown model {name!r}; expected one of {sorted(ARCHITECTURES) + sorted(VARIANTS)}")
+    path = checkpoint_path(name, checkpoint)
+    if path is None:
+        raise SaqError(f"model {name} needs a checkpoint: set {config_key}=/path/to/{name}.pth")
+    if not path.is_file():
+        raise _not_found(path, config_key)
+    return path
+
+
+def _not_found(path: Path, config_key: str) -> SaqError:
+    """The line for a checkpoint path that is no file (read_state_dict and checkpoint_file say the same)."""
+    return SaqError(f"checkpoint not found: {path} (set {config_key} to the path of a SAM .pth file)")
 
 
 def checkpoint_path(name: str, checkpoint) -> Path | None:
