@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic dataset on disk, mmdetection-style results pickles, the repo root."""
+"""Shared fixtures: a small synthetic dataset on disk, mmdetection-style results pickles, the repo root, a random
+ViT-B at a small input."""
 
 from __future__ import annotations
 
@@ -13,6 +14,23 @@ from tasks.synthetic import ensure_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
+
+def random_vit_b(image_size: int = 256, seed: int = 0):
+    """SAM ViT-B's architecture (12 blocks 768 wide, global attention at 2/5/8/11, the same prompt encoder and
+    decoder) with seeded random weights, at a smaller input: 256 px is a 16x16 token grid, which the 14-token windows
+    still pad (to 28), and a forward takes a second instead of a minute at 1024 px. What quantize() wraps depends on
+    the blocks, not on the input size; images of another size still go through the resize, padding and crop."""
+    import dataclasses
+
+    import torch
+
+    from saq.sam.build import ARCHITECTURES, make_sam
+
+    arch = dataclasses.replace(ARCHITECTURES["sam_vit_b"], image_size=image_size)
+    assert arch.embedding_size % arch.window_size != 0, "the windows must still pad the token grid"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return make_sam(arch)
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +70,33 @@ def write_mm_results(path: Path, entries: list[dict], box_class: str | None = No
             del sys.modules[name]
     return path
 
+
+def _made_run(synthetic_root, tmp_path_factory, name, *overrides):
+    from saq import pipeline
+    from tests.test_saved import run_config
+
+    run = tmp_path_factory.mktemp(name) / "run"
+    return run, pipeline.run(run_config(synthetic_root, *overrides), run)
+
+
+@pytest.fixture(scope="module")
+def w8a8_run(synthetic_root, tmp_path_factory):
+    """(folder, record) of one saved W8A8 run on 1 image (tests.test_saved.run_config), made once per test module.
+    Read it as it is; a test that runs into it, rewrites its files or analyses it copies it first (copy_run)."""
+    return _made_run(synthetic_root, tmp_path_factory, "w8a8", "task.max_images=1")
+
+
+@pytest.fixture(scope="module")
+def w4a4_run(synthetic_root, tmp_path_factory):
+    """(folder, record) of one saved W4A4 run on 1 image, made once per test module; copy it before changing it."""
+    return _made_run(synthetic_root, tmp_path_factory, "w4a4", "quant=w4a4", "task.max_images=1")
+
+
+def copy_run(made, target: Path) -> dict:
+    """Copy a made run's folder (w8a8_run, w4a4_run) to `target`, as if the run had written there; its record."""
+    import copy
+    import shutil
+
+    run, record = made
+    shutil.copytree(run, target)
+    return copy.deepcopy(record)

@@ -24,6 +24,27 @@ def assert_keys_land(own: dict, composed: dict, where) -> None:
             assert composed[key] == value, (*where, key)
 
 
+# what the composition test below is parametrised with, read from conf/: a moved or renamed folder would otherwise
+# drop its options from the test silently (a new option is added here as well)
+EXPECTED_OPTIONS = {
+    "clip": ["minmax", "mse", "pcc", "percentile"],
+    "logger": ["none", "wandb"],
+    "method": ["minmax", "ptq4sam_l", "ptq4sam_s", "qdrop", "saq_sam", "saq_sam_star"],
+    "model": ["sam_tiny", "sam_tiny_outliers", "sam_vit_b", "sam_vit_h", "sam_vit_l"],
+    "prompts": ["detections", "gt", "jittered"],
+    "quant": ["fp", "w4a4", "w6a6", "w8a8"],
+    "recon": ["none", "par", "qdrop"],
+    "task": ["instance", "oriented", "semantic"],
+}
+
+
+def test_the_groups_and_options_read_from_conf_are_the_expected_ones():
+    assert {g: options(g) for g in GROUPS} == EXPECTED_OPTIONS
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml").defaults)
+    selected = {key for item in defaults if isinstance(item, dict) for key in item if "/" not in key}
+    assert selected == set(GROUPS)  # the groups the root config selects (hydra/... aside) are the ones tested
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):

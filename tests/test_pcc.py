@@ -18,6 +18,7 @@ from saq.sam.attention import AttentionProbe, QuantDecoderAttention, decoder_att
 from saq.sam.build import build_random_sam, build_sam
 from saq.sam.outliers import OutlierSpec, plant_key_outliers
 from saq.sam.segmenter import PromptedImage, Segmenter
+from tests.conftest import random_vit_b
 from tests.test_cli import saq
 
 torch.set_num_threads(1)
@@ -115,7 +116,10 @@ def _sample(seed=0, size=(200, 240)):
 
 
 def test_search_touches_only_its_points_and_calibration_keeps_their_ranges(tiny):
-    qmodel = quantize(tiny, {"name": "w4a4", "w_bits": 4, "a_bits": 4})
+    # min/max weight ranges: only activation ranges are looked at here, and an MSE weight search takes seconds
+    minmax_weights = {"weight": {"observer": "minmax"}}
+    w4a4 = {"name": "w4a4", "w_bits": 4, "a_bits": 4, "encoder": minmax_weights, "decoder": minmax_weights}
+    qmodel = quantize(tiny, w4a4)
     pcc = build_range_strategy({"name": "pcc", "attentions": ["layers.0.cross_attn_token_to_image",
                                                               "final_attn_token_to_image"], "sweeps": 1})
     searched = {id(q) for p in decoder_attention_probes(qmodel) if p.name in pcc.attentions
@@ -132,7 +136,7 @@ def test_search_touches_only_its_points_and_calibration_keeps_their_ranges(tiny)
         else:
             assert quantizer.state is QuantState.OFF and not bool(quantizer.calibrated), quantizer.name
     # through calibrate(): the searched ranges survive the general activation calibration unchanged
-    qmodel = quantize(tiny, {"name": "w4a4", "w_bits": 4, "a_bits": 4})
+    qmodel = quantize(tiny, w4a4)
     result = calibrate(qmodel, [sample, _sample(1)], None, {"name": "pcc", "attentions": pcc.attentions,
                                                              "sweeps": 1}, progress=False)
     report = result.clipping
@@ -209,7 +213,7 @@ def test_an_outlier_attention_list_that_plants_nothing_or_twice_is_refused(atten
 
 
 def test_pcc_runs_on_sam_vit_b_shapes():
-    vit_b = build_random_sam("sam_vit_b", seed=0)
+    vit_b = random_vit_b()  # ViT-B's decoder (8 heads of 256 wide, 7 attentions) at a 256-px input: a 16x16 grid
     qmodel = quantize(vit_b, {"name": "w4a4", "w_bits": 4, "a_bits": 4})
     sample = PromptedImage(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8),
                            boxes=np.array([[4, 4, 40, 50], [10, 20, 60, 60]], np.float32))
@@ -219,7 +223,9 @@ def test_pcc_runs_on_sam_vit_b_shapes():
     report = pcc.search(decoder_attention_probes(qmodel), [lambda: segmenter.predict(sample.boxes)], progress=False)
     assert len(report.points) == 28 and len(report.frozen) == 28
     assert all(p.pcc_lo <= p.pcc_hi and p.percentile in (0.9, 0.99, 0.999) for p in report.points)
-    assert report.heatmaps is not None and np.asarray(report.heatmaps["fp"]).shape == (64, 64)  # ViT-B's token grid
+    grid = vit_b.prompt_encoder.image_embedding_size
+    assert grid == (16, 16)  # the image token grid this ViT-B's decoder attends over (64 x 64 at 1024 px)
+    assert report.heatmaps is not None and np.asarray(report.heatmaps["fp"]).shape == grid
 
 
 @pytest.mark.parametrize("cfg,message", [

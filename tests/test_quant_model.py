@@ -29,6 +29,7 @@ from saq.quant import (
 from saq.sam.attention import QuantDecoderAttention, QuantEncoderAttention
 from saq.sam.build import build_random_sam
 from saq.sam.segmenter import PromptedImage, Segmenter
+from tests.conftest import random_vit_b
 
 torch.set_num_threads(1)
 
@@ -56,7 +57,7 @@ def _predict(model, sample):
 
 
 def test_sam_vit_b_wraps_what_the_paper_quantizes_and_is_exact_when_off():
-    sam = build_random_sam("sam_vit_b", seed=0)
+    sam = random_vit_b()  # ViT-B's blocks and decoder at a 256-px input: what is wrapped does not depend on the size
     qmodel = quantize(sam, W4A4)
     # paper.md §2.1 for ViT-B: 12 blocks × (qkv, proj, lin1, lin2) = 48 linears, neck = 2 convs; the decoder's
     # 7 attentions × 4 projections + 2 MLPs × 2 = 32 linears; matmuls: 2 per attention, 12 + 7 attentions
@@ -76,7 +77,8 @@ def test_sam_vit_b_wraps_what_the_paper_quantizes_and_is_exact_when_off():
     assert set(quant_states(qmodel)) == {"off"}
     sample = PromptedImage(np.random.default_rng(1).integers(0, 256, (96, 128, 3), dtype=np.uint8),
                            boxes=np.array([[8, 8, 60, 90], [30, 20, 120, 95]], np.float32))
-    fp, off = _predict(sam, sample), _predict(qmodel, sample)  # one 1024² forward each
+    fp, off = _predict(sam, sample), _predict(qmodel, sample)  # one 256² forward each (padded windows included)
+    assert fp.low_res_logits.shape == (2, 1, 64, 64) and torch.isfinite(fp.low_res_logits).all()
     assert torch.equal(fp.low_res_logits, off.low_res_logits)
     assert torch.equal(fp.iou_scores, off.iou_scores)
 
@@ -105,7 +107,9 @@ def test_parts_can_stay_fp(tiny):
 def test_per_channel_activations_are_linear_inputs_only_matmul_operands_stay_per_tensor(tiny):
     # a transposed key's channels are not on one axis: per channel there would quantize per key token
     act = {"granularity": "per_channel", "ch_axis": -1}
-    qmodel = quantize(tiny, {**W4A4, "encoder": {"act": act}, "decoder": {"act": act}})
+    minmax_weights = {"observer": "minmax"}  # the weights' ranges are not what this test is about: no MSE search
+    qmodel = quantize(tiny, {**W4A4, "encoder": {"act": act, "weight": minmax_weights},
+                             "decoder": {"act": act, "weight": minmax_weights}})
     matmuls = [m for m in qmodel.modules() if isinstance(m, QuantMatMul)]
     linears = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
     assert matmuls and all(getattr(q, "ch_axis", None) is None for m in matmuls for q in (m.a_quantizer, m.b_quantizer))
@@ -118,7 +122,9 @@ def test_per_channel_activations_are_linear_inputs_only_matmul_operands_stay_per
     assert all(m.input_quantizer.scale.numel() == m.in_channels for m in convs)
     segmenter = Segmenter(qmodel)
     segmenter.set_image(samples[0].image)  # other prompt counts than calibration saw: no shape error
-    segmenter.predict(boxes=np.array([[5, 5, 60, 60], [10, 20, 90, 80], [0, 0, 30, 30]], np.float32))
+    out = segmenter.predict(boxes=np.array([[5, 5, 60, 60], [10, 20, 90, 80], [0, 0, 30, 30]], np.float32))
+    assert out.masks.shape == (3, 1, *samples[0].image.shape[:2]) and out.low_res_logits.shape == (3, 1, 128, 128)
+    assert torch.isfinite(out.low_res_logits).all() and torch.isfinite(out.iou_scores).all()
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +318,8 @@ def test_calibrate_with_mse_clipping_sets_the_activation_strategy(tiny):
 
 
 def test_activation_observer_beside_clip_is_one_error_naming_both(tiny):
-    cfg = {"name": "w8a8", "encoder": {"act": {"observer": "mse"}}}
+    minmax_weights = {"weight": {"observer": "minmax"}}  # no MSE weight search: the weights are not looked at here
+    cfg = {"name": "w8a8", "encoder": {"act": {"observer": "mse"}, **minmax_weights}, "decoder": minmax_weights}
     qmodel = quantize(tiny, cfg)
     with pytest.raises(SaqError) as err:
         calibrate(qmodel, _samples(1), cfg, {"name": "minmax"}, progress=False)
@@ -328,11 +335,9 @@ def test_activation_observer_beside_clip_is_one_error_naming_both(tiny):
     assert qmodel.image_encoder.blocks[0].attn.qkv.input_quantizer.observer.name == "mse"
 
 
-def test_an_image_decoded_in_chunks_is_one_observer_batch(tiny):
+def test_an_image_decoded_in_chunks_is_one_observer_batch(calibrated, tiny):
     # paper.md §2.3: each calibration image with all its prompts is one batch; memory chunks must not reweight images
-    samples = _samples(2)
-    whole = quantize(tiny, W4A4)
-    calibrate(whole, samples, W4A4, {"name": "minmax"}, progress=False)
+    whole, samples, _ = calibrated  # W4A4 on _samples(2), clip=minmax, the default decode batch (all 3 prompts at once)
     chunked_cfg = {**W4A4, "calib_decode_batch": 1}  # three chunks of one prompt per image
     chunked = quantize(tiny, chunked_cfg)
     calibrate(chunked, samples, chunked_cfg, {"name": "minmax"}, progress=False)

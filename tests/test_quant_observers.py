@@ -19,8 +19,53 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def _fake_quant_by_hand(x, lo, hi, grid, per_row=False):
+    """x on the grid spanning [lo, hi], written out in float64 apart from saq.quant.grid: the range widened to hold 0,
+    step = range / (qmax - qmin) (symmetric: the larger side over half the codes, zero-point 0), zero-point
+    qmin - round(lo / step) clamped to the codes, codes clamp(round(x / step) + z). per_row: lo and hi per row of x."""
+    lo = torch.as_tensor(lo, dtype=torch.float64).clamp(max=0.0)
+    hi = torch.as_tensor(hi, dtype=torch.float64).clamp(min=0.0)
+    if grid.symmetric:
+        step, zero = torch.maximum(-lo, hi) / ((grid.qmax - grid.qmin) / 2), torch.zeros_like(lo)
+    else:
+        step = (hi - lo) / (grid.qmax - grid.qmin)
+        zero = (grid.qmin - torch.round(lo / step)).clamp(grid.qmin, grid.qmax)
+    if per_row:
+        step, zero = step[:, None], zero[:, None]
+    x = x.double()
+    return (torch.clamp(torch.round(x / step) + zero, grid.qmin, grid.qmax) - zero) * step
+
+
 def _exact_error(x, lo, hi, grid, p=2.4, dim=None):
-    return lp_error(fake_quant_range(x, lo, hi, grid, ch_axis=None if dim is None else 0), x, p, dim=dim)
+    """Mean |x̂ - x|^p (over dim, per row when dim=1), x̂ by _fake_quant_by_hand, in float64: the reference the
+    searches are checked against does not share their code (fake_quant_range, lp_error)."""
+    x_hat = _fake_quant_by_hand(x, lo, hi, grid, per_row=dim is not None)
+    err = (x_hat - x.double()).abs() ** p
+    return err.mean() if dim is None else err.mean(dim)
+
+
+def test_fake_quant_range_and_lp_error_are_the_formulas_by_hand():
+    x = torch.randn(5, 300, generator=_gen(10)) * torch.tensor([0.1, 1.0, 3.0, 0.5, 8.0])[:, None]
+    x[2] = x[2].abs() + 0.2  # a row wholly above zero: its range is widened down to 0
+    for grid in (QuantGrid(4), QuantGrid(3, symmetric=True), QuantGrid(8)):
+        lo, hi = x.amin(1) * 0.7, x.amax(1) * 0.8  # clipping on both sides
+        ours = fake_quant_range(x, lo, hi, grid, ch_axis=0)
+        by_hand = _fake_quant_by_hand(x, lo, hi, grid, per_row=True)
+        # same codes: values differ by float32 rounding only (x / s against x · (1/s) may tie-break one code apart
+        # at an exact .5, which these random values do not hit)
+        assert torch.allclose(ours.double(), by_hand, rtol=1e-6, atol=1e-6), grid
+        whole = fake_quant_range(x[1], float(lo[1]), float(hi[1]), grid)
+        assert torch.allclose(whole.double(), _fake_quant_by_hand(x[1], lo[1], hi[1], grid), rtol=1e-6, atol=1e-6)
+        for p in (2.0, 2.4, 1.0):
+            for dim in (None, 1):
+                got = lp_error(ours, x, p, dim=dim)
+                want = ((ours.double() - x.double()).abs() ** p).mean() if dim is None else \
+                    ((ours.double() - x.double()).abs() ** p).mean(dim)
+                assert torch.allclose(got.double(), want, rtol=1e-5, atol=0), (grid, p, dim)
+    # lp_error does not change its inputs (it works in place on a difference it made)
+    x_hat, before = ours.clone(), x.clone()
+    lp_error(x_hat, x, 2.4)
+    assert torch.equal(x_hat, ours) and torch.equal(x, before)
 
 
 def test_minmax_and_avg_minmax_on_known_batches():
@@ -83,7 +128,7 @@ def _brute_force_channel_grid(w, grid, num=100, p=2.4):
                 err = float(_exact_error(row, -z * step, r - z * step, grid, p))
                 best_err = min(best_err, err)
         best.append(best_err)
-    return torch.tensor(best)
+    return torch.tensor(best, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("bits", [3, 4])

@@ -5,14 +5,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saq.quant.grid import QuantGrid, channel_view, fake_quant, keep_mask, log2_fake_quant, mix, round_ste
+from saq.quant.grid import QuantGrid, fake_quant, keep_mask, log2_fake_quant, mix
 
 GRID = QuantGrid(4)
 
+# The reference graphs are written out here, not built from saq.quant.grid's helpers (round_ste, channel_view, mix):
+# a mistake in one of those would otherwise sit on both sides of the comparison. keep_mask alone is shared, as the
+# random draw itself: under one seed both sides must drop the same elements.
+
+
+def per_channel(t, ndim, ch_axis):
+    """A per-channel parameter shaped to broadcast along ch_axis (a per-tensor one as it is)."""
+    if ch_axis is None or t.ndim == 0:
+        return t
+    return t.reshape([-1 if d == ch_axis % ndim else 1 for d in range(ndim)])
+
+
+def dropped(v, out, mask):
+    """QDrop: the quantized value where the mask keeps it, the FP one elsewhere."""
+    return torch.where(mask.bool(), out, v)
+
 
 def reference_uniform(x, scale, zp, ch_axis):
-    s, z = channel_view(scale, x.ndim, ch_axis), channel_view(zp, x.ndim, ch_axis)
-    code = round_ste(x * (1.0 / s)) + z
+    s, z = per_channel(scale, x.ndim, ch_axis), per_channel(zp, x.ndim, ch_axis)
+    v = x * (1.0 / s)
+    code = (v.round() - v).detach() + v + z  # round half to even forward, straight-through backward
     inside = (code >= GRID.qmin) & (code <= GRID.qmax)
     code = torch.where(inside, code, torch.clamp(code.detach(), GRID.qmin, GRID.qmax))
     return (code - z) * s
@@ -45,7 +62,7 @@ def test_fused_uniform_fake_quant_matches_the_reference_graph(keep, ch_axis):
 
     def ref(v, s):
         out = reference_uniform(v, s, zp, ch_axis)
-        return out if keep == 1.0 else mix(v, out, keep_mask(v, keep))
+        return out if keep == 1.0 else dropped(v, out, keep_mask(v, keep))
     expected = grads(ref, x, scale, 5)
     assert torch.equal(fused[0], expected[0])
     assert torch.allclose(fused[1], expected[1]) and torch.allclose(fused[2], expected[2], rtol=1e-4, atol=1e-4)
@@ -63,7 +80,7 @@ def test_fused_log2_fake_quant_matches_the_reference_graph(keep, scale):
 
     def ref(v, t):
         out = reference_log2(v, t, 2.0, 4)
-        return out if keep == 1.0 else mix(v, out, keep_mask(v, keep))
+        return out if keep == 1.0 else dropped(v, out, keep_mask(v, keep))
     expected = grads(ref, a, s, 3)
     assert torch.equal(fused[0], expected[0])
     assert torch.allclose(fused[1], expected[1], atol=1e-5)
@@ -79,3 +96,6 @@ def test_keep_mask_has_the_asked_probability_for_byte_and_float_paths():
         assert abs(float(mask.mean()) - p) < 0.01
     assert keep_mask(x, 1.0).all() and not keep_mask(x, 0.0).any()  # the ends exactly (1.0 is 256 of 256 bytes)
     assert torch.equal(mix(torch.zeros(3), torch.ones(3), torch.tensor([1.0, 0.0, 1.0])), torch.tensor([1.0, 0, 1]))
+    fp, quantized = torch.randn(2, 1000, generator=torch.Generator().manual_seed(3)) * 1e3
+    keep = keep_mask(fp, 0.5)  # lerp with weights 0 and 1 gives its ends exactly, for any finite values
+    assert torch.equal(mix(fp, quantized, keep), dropped(fp, quantized, keep))

@@ -11,6 +11,7 @@ from saq.errors import SaqError
 from saq.sam.build import build_random_sam, build_sam
 from saq.sam.segmenter import ScoreSwapSegmenter, Segmenter
 from tasks.synthetic import render_scene
+from tests.conftest import random_vit_b
 
 
 def reference(sam, image, boxes=None, points=None, labels=None, multimask=False):
@@ -79,16 +80,19 @@ def test_matches_sam_predictor_on_a_resized_non_square_image(scene):
 
 
 def test_matches_sam_predictor_on_random_vit_b():
-    sam = build_random_sam("sam_vit_b", seed=0)
+    sam = random_vit_b()  # ViT-B's encoder (16-px patches, padded 14-token windows) and decoder, at a 256-px input
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)  # non-square: exercises resize and crop
     boxes = np.array([[10, 20, 200, 180], [50, 5, 310, 230]], np.float32)
     seg = Segmenter(sam)
     seg.set_image(image)
     out = seg.predict(boxes=boxes)
-    masks, iou, _ = reference(sam, image, boxes=boxes)
+    masks, iou, low = reference(sam, image, boxes=boxes)
     assert out.masks.shape == (2, 1, 240, 320)
     assert torch.equal(out.masks, masks)
+    for mask in out.masks:  # random weights: masks that are neither empty nor full, or equal masks would prove little
+        assert 0.02 < float(mask.float().mean()) < 0.98
+    torch.testing.assert_close(out.low_res_logits, low)
     torch.testing.assert_close(out.iou_scores, iou)
 
 
