@@ -16,9 +16,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from saq.errors import SaqError
-from saq.log import RUN_LOG, RunDirHeld, claim_run_dir, os_reason, run_folder_error, tee_run_log, write_text_atomic
+from saq.log import (
+    RUN_LOG,
+    RunDirHeld,
+    claim_run_dir,
+    hydra_record_dir,
+    os_reason,
+    run_folder_error,
+    tee_run_log,
+    write_text_atomic,
+)
 
-HYDRA_RECORD_DIR = ".hydra"  # where Hydra itself would keep a run's composed config, hydra config and overrides
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # pipeline.CONF_DIR, not imported: it loads torch
 # Hydra flags after which the command line is not a run of conf/config.yaml (another config, completion, help)
 OTHER_CONFIG_FLAGS = ("config_path", "config_name", "config_dir", "experimental_rerun", "shell_completion", "help",
@@ -28,8 +36,9 @@ OTHER_CONFIG_FLAGS = ("config_path", "config_name", "config_dir", "experimental_
 def write_hydra_record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig, folder_key: str) -> None:
     """Hydra's record of the run, written once saq holds the folder and the run's config passed its checks: Hydra's
     own (hydra.output_subdir, off in conf/config.yaml) is written before the job starts, so a run turned away would
-    overwrite the record beside an earlier run's results.json. folder_key: the knob that places the folder."""
-    record = run_dir / HYDRA_RECORD_DIR
+    overwrite the record beside an earlier run's results.json (which keeps its own until this run's results replace
+    it: saq.log.hydra_record_dir). folder_key: the knob that places the folder."""
+    record = hydra_record_dir(run_dir)
     try:
         record.mkdir(parents=True, exist_ok=True)
         for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
@@ -49,7 +58,8 @@ def check_group_options(argv: list[str]) -> None:
     from hydra.core.override_parser.types import ChoiceSweep
 
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # Hydra prints its own usage error after this
+        # Hydra parses the same arguments again and prints what they ask for (--version, a usage error) itself
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             args = get_args_parser().parse_args(argv)
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except (Exception, SystemExit):
@@ -113,9 +123,12 @@ def main(cfg: DictConfig) -> None:
         try:
             stack.enter_context(tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])))
         except OSError as exc:  # a folder Hydra made (or found) that cannot be written
-            print(f"error: {run_folder_error(run_dir, os_reason(exc), folder_key)}", file=sys.stderr)
+            error = run_folder_error(run_dir, os_reason(exc), folder_key)
+            print(f"error: {error}", file=sys.stderr)
             if not multirun:
                 sys.exit(2)
+            with contextlib.suppress(OSError):  # where the folder takes it, the sweep's summary lists the job
+                write_failure(run_dir, cfg, error, list(hydra_cfg.overrides.task))
             return
         # written once the config passed the run's checks: a refused run leaves an earlier run's record as it was
         accepted = partial(write_hydra_record, run_dir, cfg, hydra_cfg, folder_key)

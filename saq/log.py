@@ -125,6 +125,28 @@ def set_aside(path: Path, why: str, stamp: str | None = None) -> Path:
 
 
 RUN_LOG = "run.log"
+HYDRA_RECORD_DIR = ".hydra"  # a run's composed config, Hydra config and overrides (where Hydra itself keeps them)
+# a new run's record while its folder still holds an earlier run's results.json: the earlier record stays with those
+# results until write_results replaces both (a run refused or failing on the way leaves them matching)
+PENDING_RECORD_DIR = ".hydra.pending"
+
+
+def hydra_record_dir(run_dir: Path) -> Path:
+    """Where a run that passed its checks writes its Hydra record: .hydra, or .hydra.pending beside an earlier run's
+    results.json (put in place by write_results)."""
+    run_dir = Path(run_dir)
+    return run_dir / (PENDING_RECORD_DIR if (run_dir / RESULTS_FILE).exists() else HYDRA_RECORD_DIR)
+
+
+def _place_pending_record(run_dir: Path) -> None:
+    """Once this run's results.json is written: its pending record becomes .hydra (an earlier one left without the
+    results it went with is set aside, not lost)."""
+    pending, record = Path(run_dir) / PENDING_RECORD_DIR, Path(run_dir) / HYDRA_RECORD_DIR
+    if not pending.exists():
+        return
+    if record.exists():
+        set_aside(record, "previous")
+    pending.replace(record)
 
 
 class _TeeStream:
@@ -173,12 +195,13 @@ DEPLOY_DIR = "deployed"  # its int8 ONNX Runtime deployment (saq.deploy)
 
 def set_aside_run(run_dir: Path, why: str, keep: Sequence[str] = ()) -> Path:
     """Set an earlier run's results.json aside with what belongs to it: its figures (this run's would replace only
-    some, and W&B uploads every PNG in the folder), a sensitivity analysis of it, and its saved model and deployment
+    some, and W&B uploads every PNG in the folder), a sensitivity analysis of it, its Hydra record, and its saved
+    model and deployment
     unless named in `keep` (the run replacing it wrote or read them). Returns results.json's new path."""
     run_dir = Path(run_dir)
     folders = [run_dir / name for name in (SAVED_DIR, DEPLOY_DIR) if name not in keep]
     stamp = set_aside_stamp()  # one for all
-    for path in [*run_figures(run_dir), run_dir / SENSITIVITY_FILE, *folders]:
+    for path in [*run_figures(run_dir), run_dir / SENSITIVITY_FILE, run_dir / HYDRA_RECORD_DIR, *folders]:
         if path.exists():
             set_aside(path, why, stamp)
     return set_aside(run_dir / RESULTS_FILE, why, stamp)
@@ -274,6 +297,7 @@ def write_results(run_dir: Path, record: dict) -> Path:
             kept = set_aside_run(run_dir, "previous", keep=outputs_of(record, run_dir))
             print(f"{path} held an earlier run; kept as {kept}")
         write_json_atomic(path, record)
+        _place_pending_record(run_dir)
     except OSError as exc:
         raise SaqError(f"cannot write {path} ({exc.strerror or exc}); the run's metrics are printed above") from None
     return path

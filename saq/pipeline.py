@@ -29,7 +29,7 @@ from saq.log import (
     write_json_atomic,
     write_results,
 )
-from saq.sam.build import build_sam, checkpoint_digest, checkpoint_path
+from saq.sam.build import build_sam, checkpoint_digest, checkpoint_file, checkpoint_path
 from saq.sam.segmenter import Segmenter
 from saq.sam.units import KINDS_AT
 
@@ -50,8 +50,9 @@ def checkpoint_fingerprint(cfg_model: DictConfig) -> str:
 
 
 def _progress_kwarg(node: DictConfig, progress: bool) -> dict:
-    """{"progress": ...} for a _target_ that takes it (a prompt source reading a detector's results shows its
-    progress as the run's own bars do), else {}; a target that does not load is left to instantiate's error."""
+    """{"progress": ...} for a _target_ that takes it (a prompt source reading a detector's results, a task checking
+    its label maps show their progress as the run's own bars do), else {}; a target that does not load is left to
+    instantiate's error."""
     try:
         takes = "progress" in inspect.signature(get_class(node._target_)).parameters
     except Exception:
@@ -65,7 +66,8 @@ def build_task(cfg: DictConfig):
     try:
         prompts = instantiate(cfg.prompts, _convert_="all", **_progress_kwarg(cfg.prompts, cfg.get("progress", True)))
         group = "task"
-        return instantiate(cfg.task, prompts=prompts, _convert_="all")
+        return instantiate(cfg.task, prompts=prompts, _convert_="all",
+                           **_progress_kwarg(cfg.task, cfg.get("progress", True)))
     except InstantiationException as exc:
         # Hydra wraps constructor errors; a user-input error keeps its own one-line message.
         if isinstance(exc.__cause__, SaqError):
@@ -269,6 +271,7 @@ def validate(cfg: DictConfig):
         require_onnx("deploy=true")  # found now, not after the FP and quantized evaluations
     quant_cfg, strategy = check_config(cfg)
     check_recon_state_dir(cfg, learns=quant_cfg is not None and not cfg.quant.get("load"))
+    checkpoint_file(cfg.model.name, cfg.model.get("checkpoint"))  # last: a bad knob is named before a missing file
     return quant_cfg, strategy
 
 

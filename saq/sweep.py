@@ -233,12 +233,14 @@ def sweep_job_overrides(config: DictConfig) -> list[list[str]] | None:
 def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]]:
     """Every job's overrides with its composed config, or the reason it cannot run: Hydra's (it does not compose),
     saq's config checks (pipeline.check_config: a preset whose switches the sweep changes, a knob nothing reads) or
-    its model checkpoint file (a job would find it missing only when it starts, hours into the sweep)."""
+    its model checkpoint file (a job would find it missing only when it starts, hours into the sweep; on Slurm only
+    the name is checked, the file may be on the compute nodes only)."""
     from hydra import compose
 
     from saq.pipeline import check_config
     from saq.sam.build import checkpoint_file
 
+    on_slurm = submits_to_slurm(config)
     jobs = []
     for job in sweep_job_overrides(config) or []:
         try:
@@ -251,7 +253,8 @@ def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]
             del cfg["hydra"]
         try:  # the sweep's shared recon.iters overrides are checked across its jobs (recon_iters_no_job_reads)
             check_config(cfg, choices, overrides=[])
-            checkpoint_file(cfg.model.name, cfg.model.get("checkpoint"))  # every job builds its model first
+            # every job builds its model first; a Slurm job may read a file only its compute nodes have
+            checkpoint_file(cfg.model.name, cfg.model.get("checkpoint"), must_exist=not on_slurm)
         except SaqError as exc:
             jobs.append((job, str(exc)))
             continue
@@ -295,9 +298,14 @@ def jobs_sharing_a_folder(config: DictConfig) -> list[tuple[list[str], list[str]
     return clashes
 
 
+def submits_to_slurm(config: DictConfig) -> bool:
+    """Whether the sweep's launcher submits its jobs to Slurm (they run on other machines)."""
+    return str(config.hydra.launcher.get("_target_", "")).endswith("SlurmLauncher")
+
+
 def missing_slurm_commands(config: DictConfig) -> list[str]:
     """The Slurm commands a Slurm launcher needs but PATH lacks (submitit fails on them only at launch, deep inside)."""
-    if not str(config.hydra.launcher.get("_target_", "")).endswith("SlurmLauncher"):
+    if not submits_to_slurm(config):
         return []
     return [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]
 
@@ -311,7 +319,7 @@ SLURM_EXCLUSIVE = (("mem_gb", "mem_per_gpu"), ("mem_gb", "mem_per_cpu"), ("mem_p
 def slurm_conflicts(config: DictConfig) -> list[tuple[str, str]]:
     """Pairs of mutually exclusive Slurm launcher options that are both set."""
     launcher = config.hydra.launcher
-    if not str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+    if not submits_to_slurm(config):
         return []
     def asks_gpus(key: str) -> bool:  # gres=nvme:1 beside gpus_per_node asks for another resource: no conflict
         return key != "gres" or "gpu" in str(launcher.get(key)).lower()

@@ -78,7 +78,8 @@ def read_rgb(path: str | Path) -> np.ndarray:
     if not data:
         raise SaqError(f"cannot decode image {path}: the file is empty")
     if _truncated_jpeg(data):  # OpenCV decodes some truncated files with only a warning, and refuses others
-        raise SaqError(f"cannot decode image {path}: the JPEG file is truncated")
+        raise SaqError(f"cannot decode image {path}: the JPEG file is truncated or corrupt (it does not decode to its "
+                       "end-of-image marker)")
     # the stored pixel order, not the EXIF-rotated one: annotation sizes, masks and label maps (read by PIL)
     # describe the stored pixels, and a rotated square image would misalign with its masks without any error;
     # ANYDEPTH keeps 16-bit pixels as they are (IMREAD_COLOR alone scales them to 8 bits: a 12-bit image in a

@@ -258,7 +258,8 @@ class SemanticTask(Task):
 
     def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None,
                  generate: dict | None = None, classes: Sequence[str] | int | None = None, ignore_index: int = 255,
-                 reduce_zero_label: bool = False, coarse: dict | None = None, amg: dict | None = None):
+                 reduce_zero_label: bool = False, coarse: dict | None = None, amg: dict | None = None,
+                 progress: bool = True):
         if prompts is not None and not isinstance(prompts, GroundTruthBoxes):
             raise SaqError(f"task=semantic prompts SAM with its own point grid (task.amg.points_per_side); "
                            f"prompts={getattr(prompts, 'name', type(prompts).__name__)} cannot be used with it: "
@@ -334,7 +335,7 @@ class SemanticTask(Task):
                 raise SaqError(f"image {path} has no coarse prediction {coarse_path} (coarse predictions are "
                                "<image stem>.png in task.coarse.dir)")
             check_coarse_size(coarse_path, coarse_sizes.get(stem), image_sizes.get(stem) or label_sizes.get(stem))
-        self._check_label_files()
+        self._check_label_files(progress)
 
     @staticmethod
     def _settings(given: dict | None, defaults: dict, key: str) -> dict:
@@ -343,12 +344,12 @@ class SemanticTask(Task):
             raise SaqError(f"unknown setting {key}.{unknown[0]}; expected one of {sorted(defaults)}")
         return {**defaults, **(given or {})}
 
-    def _check_label_files(self) -> None:
+    def _check_label_files(self, progress: bool) -> None:
         """SaqError now, not when evaluation reaches the image hours into automatic mask generation: every evaluated
         label map (and coarse prediction) is read and checked (single-channel, values in the classes or the ignore
         index), and the maps must hold some pixel that is not ignored."""
         scored = False
-        for stem, _, label_path in tqdm(self.items, desc="checking label maps", leave=False, disable=None):
+        for stem, _, label_path in tqdm(self.items, desc="checking label maps", leave=False, disable=not progress):
             gt = self.ground_truth(label_path, None)
             scored = scored or bool((gt != self.ignore_index).any())
             if self.coarse_dir is not None:

@@ -299,6 +299,10 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
                                       "file") for value, shown in (("123", "123"), ("true", "True"),
                                                                    ("[a.pth,b.pth]", "['a.pth', 'b.pth']"))),
     (["quant=w4a4", "quant.load=true"], "quant.load=True invalid; expected null or the path of a run directory"),
+    # the file itself, before the run's folder gets its record and before the FP evaluation's data is read
+    (["model=sam_vit_b", "model.checkpoint=/nonexistent.pth"], "checkpoint not found: /nonexistent.pth (set "
+                                                                "model.checkpoint to the path of a SAM .pth file)"),
+    (["model=sam_vit_l"], "model sam_vit_l needs a checkpoint: set model.checkpoint=/path/to/sam_vit_l.pth"),
     # planted outliers make another model: with them off, or on another model, the run would carry the wrong name
     (["model=sam_tiny_outliers", "model.outliers=null"], "model=sam_tiny_outliers plants its outliers with "
                                                          "model.outliers; it cannot be null"),
@@ -465,6 +469,17 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(case, tmp_path):
                                                         else "")], proc.stderr
 
 
+def test_a_sweep_job_whose_log_cannot_be_written_is_a_listed_failure(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "seed=0" / "run.log").mkdir(parents=True)  # the job's folder takes files, its log cannot be opened
+    proc = saq("-m", "seed=0", "logger=none", "progress=false", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1, "a sweep with a failed job ends with exit status 1"
+    failure = json.loads((sweep / "seed=0" / "failure.json").read_text())
+    assert failure["error"] == (f"cannot write the run folder {sweep / 'seed=0'} (Is a directory: "
+                                f"{sweep / 'seed=0' / 'run.log'}); set hydra.sweep.dir=<a writable folder>")
+    assert "1 failed jobs:" in proc.stdout
+
+
 def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
@@ -475,6 +490,12 @@ def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results
     assert (run_dir / ".hydra" / "config.yaml").read_text() == "the earlier run's config\n"
     assert (run_dir / "results.json").read_text() == '{"the earlier run": "results"}'
     assert "seed=-1 invalid" in (run_dir / "run.log").read_text()  # the folder keeps what the refused run said
+    # refused after its checks (the data is not there): its record waits beside the earlier one, which stays
+    proc = saq("logger=none", f"task.data.root={tmp_path / 'no-data'}", "task.generate=null",
+               f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2 and "no-data" in proc.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "the earlier run's config\n"
+    assert "no-data" in (run_dir / ".hydra.pending" / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize(("arguments", "line"), [

@@ -168,6 +168,25 @@ def test_an_earlier_runs_figures_are_set_aside_with_its_results(tmp_path):
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("recon_units.png.")]) == 1
 
 
+def test_a_new_runs_record_replaces_the_earlier_one_only_with_its_results(tmp_path):
+    from saq import log
+
+    assert log.hydra_record_dir(tmp_path) == tmp_path / ".hydra"  # an empty folder: the record goes in place
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("earlier")
+    (tmp_path / "results.json").write_text('{"earlier": 1}')
+    pending = log.hydra_record_dir(tmp_path)  # beside an earlier run's results: waits until this run's are written
+    assert pending == tmp_path / ".hydra.pending"
+    pending.mkdir()
+    (pending / "config.yaml").write_text("this run")
+    log.write_results(tmp_path, {"metrics": {"fp": {"mask_AP": 0.6}}})
+    assert (tmp_path / ".hydra" / "config.yaml").read_text() == "this run" and not pending.exists()
+    kept = sorted(p for p in tmp_path.iterdir() if p.name.endswith(".previous"))
+    assert [p.name.rsplit(".", 2)[0] for p in kept] == [".hydra", "results.json"]  # aside together, one stamp
+    assert kept[0].name.removeprefix(".hydra") == kept[1].name.removeprefix("results.json")
+    assert (kept[0] / "config.yaml").read_text() == "earlier" and json.loads(kept[1].read_text()) == {"earlier": 1}
+
+
 def test_an_earlier_runs_model_and_deployment_leave_with_it_unless_the_new_run_made_or_read_them(tmp_path):
     import shutil
 

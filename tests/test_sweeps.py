@@ -599,3 +599,21 @@ def test_a_job_folder_held_by_another_process_is_a_failure_or_left_to_its_sweep(
         assert again.returncode == 0, again.stderr[-2000:]
         assert "is being computed by another sweep's process" in again.stdout
         assert "1 jobs still running in another process" in again.stdout and not (held / "failure.json").exists()
+
+
+def test_a_slurm_sweep_leaves_checkpoint_files_to_the_nodes_but_checks_the_rest():
+    from hydra import compose, initialize_config_dir
+
+    from saq.sweep import composed_jobs
+
+    def checked(launcher: str, checkpoint: str) -> list:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+            config = compose(config_name="config", overrides=["model=sam_vit_b", f"model.checkpoint={checkpoint}",
+                                                              f"hydra/launcher={launcher}"], return_hydra_config=True)
+            return [why if isinstance(why, str) else None for _, why in composed_jobs(config)]
+
+    # a path only the compute nodes may have (node-local scratch): left to the job there
+    assert checked("slurm", "/node-local/sam_vit_b.pth") == [None]
+    assert checked("basic", "/node-local/sam_vit_b.pth") == [
+        "checkpoint not found: /node-local/sam_vit_b.pth (set model.checkpoint to the path of a SAM .pth file)"]
+    assert checked("slurm", "null") == ["model sam_vit_b needs a checkpoint: set model.checkpoint=/path/to/sam_vit_b.pth"]

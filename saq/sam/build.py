@@ -232,16 +232,17 @@ def build_sam(name: str, checkpoint: str | Path | None = None, config_key: str =
     return model.eval()
 
 
-def checkpoint_file(name: str, checkpoint, config_key: str = "model.checkpoint") -> Path:
+def checkpoint_file(name: str, checkpoint, config_key: str = "model.checkpoint", must_exist: bool = True) -> Path:
     """The existing file model `name` loads for a model.checkpoint value; else a SaqError (an unknown model, no
-    checkpoint given for an official size, a path that is no file). A sweep asks this of every job before the first."""
+    checkpoint given for an official size, a path that is no file). A run asks this before anything is computed, a
+    sweep of every job before the first (must_exist=False: jobs on other machines, whose files this one may lack)."""
     name = VARIANTS.get(name, name)
     if name not in ARCHITECTURES:
         raise SaqError(f"unknown model {name!r}; expected one of {sorted(ARCHITECTURES) + sorted(VARIANTS)}")
     path = checkpoint_path(name, checkpoint)
     if path is None:
         raise SaqError(f"model {name} needs a checkpoint: set {config_key}=/path/to/{name}.pth")
-    if not path.is_file():
+    if must_exist and not path.is_file():
         raise _not_found(path, config_key)
     return path
 
