@@ -153,14 +153,30 @@ def should_skip(cfg: DictConfig, run_dir: Path) -> bool:
     if not cfg.get("resume", True):
         print(f"{path}: resume=false, recomputing; kept as {set_aside_run(run_dir, 'previous')}")
         return False
-    current = comparable_config(OmegaConf.to_container(cfg, resolve=True))
-    diff = config_differences(with_knobs_added_since(comparable_config(record["config"]), current), current)
+    diff = finished_config_differences(cfg, record)
     if diff:
         shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
         print(f"{path}: holds a run of another config (differs at {shown}), recomputing; "
               f"kept as {set_aside_run(run_dir, 'other-config')}")
         return False
     return True
+
+
+def finished_config_differences(cfg: DictConfig, record: dict) -> list[str]:
+    """Where a finished run's stored config differs from cfg, apart from keys that do not change results."""
+    current = comparable_config(OmegaConf.to_container(cfg, resolve=True))
+    return config_differences(with_knobs_added_since(comparable_config(record["config"]), current), current)
+
+
+def holds_this_finished_run(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether run_dir holds a finished run of cfg that the job would skip (should_skip, without its side effects)."""
+    record = finished_record(run_dir)
+    if record is None or not cfg.get("resume", True):
+        return False
+    try:
+        return not finished_config_differences(cfg, record)
+    except Exception:  # a config that cannot be resolved here: the job itself finds out
+        return False
 
 
 def one_line(exc: BaseException) -> str:
@@ -234,7 +250,8 @@ def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]
     """Every job's overrides with its composed config, or the reason it cannot run: Hydra's (it does not compose),
     saq's config checks (pipeline.check_config: a preset whose switches the sweep changes, a knob nothing reads) or
     its model checkpoint file (a job would find it missing only when it starts, hours into the sweep; on Slurm only
-    the name is checked, the file may be on the compute nodes only)."""
+    the name is checked, the file may be on the compute nodes only). A refused job whose folder already holds its
+    finished run is kept: it will be skipped, and rerunning a finished sweep for its report still works."""
     from hydra import compose
 
     from saq.pipeline import check_config
@@ -249,6 +266,7 @@ def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]
             jobs.append((job, " ".join(str(exc).split()).split(" Config search path:")[0]))
             continue
         choices = dict(cfg.hydra.runtime.choices)
+        run_dir = Path(str(config.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)  # the sweep's folder, the job's name
         with open_dict(cfg):
             del cfg["hydra"]
         try:  # the sweep's shared recon.iters overrides are checked across its jobs (recon_iters_no_job_reads)
@@ -256,8 +274,11 @@ def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]
             # every job builds its model first; a Slurm job may read a file only its compute nodes have
             checkpoint_file(cfg.model.name, cfg.model.get("checkpoint"), must_exist=not on_slurm)
         except SaqError as exc:
-            jobs.append((job, str(exc)))
-            continue
+            if holds_this_finished_run(cfg, run_dir):  # finished before a check refused it (or its file moved)
+                print(f"job {' '.join(job)}: kept as it finished in {run_dir} (it would not run now: {exc})")
+            else:
+                jobs.append((job, str(exc)))
+                continue
         jobs.append((job, cfg))
     return jobs
 

@@ -617,3 +617,31 @@ def test_a_slurm_sweep_leaves_checkpoint_files_to_the_nodes_but_checks_the_rest(
     assert checked("basic", "/node-local/sam_vit_b.pth") == [
         "checkpoint not found: /node-local/sam_vit_b.pth (set model.checkpoint to the path of a SAM .pth file)"]
     assert checked("slurm", "null") == ["model sam_vit_b needs a checkpoint: set model.checkpoint=/path/to/sam_vit_b.pth"]
+
+
+def test_a_finished_job_that_a_check_now_refuses_is_kept_for_its_report(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig, open_dict
+
+    from saq.sweep import composed_jobs
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        config = compose(config_name="config", overrides=["model=sam_vit_b", "model.checkpoint=/moved/sam_vit_b.pth",
+                                                          f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+        [(job, why)] = composed_jobs(config)
+        assert why.startswith("checkpoint not found: /moved/sam_vit_b.pth")
+        job_cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
+        run_dir = tmp_path / str(job_cfg.hydra.sweep.subdir)
+        with open_dict(job_cfg):
+            del job_cfg["hydra"]
+        run_dir.mkdir()
+        record = {"model": "sam_vit_b", "task": "instance", "quant": "fp", "metrics": {"fp": {"mask_AP": 0.5}},
+                  "config": OmegaConf.to_container(job_cfg, resolve=True)}
+        (run_dir / "results.json").write_text(json.dumps(record))  # the job finished before its file moved
+        [(_, kept)] = composed_jobs(config)
+        assert isinstance(kept, DictConfig), kept  # skipped when the sweep runs: its report is made again
+        assert f"kept as it finished in {run_dir} (it would not run now: checkpoint not found" in capsys.readouterr().out
+        record["config"]["seed"] = 5  # another config's results in that folder: the job would run, and cannot
+        (run_dir / "results.json").write_text(json.dumps(record))
+        [(_, why)] = composed_jobs(config)
+        assert why.startswith("checkpoint not found: /moved/sam_vit_b.pth")
