@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -133,20 +134,29 @@ PENDING_RECORD_DIR = ".hydra.pending"
 
 def hydra_record_dir(run_dir: Path) -> Path:
     """Where a run that passed its checks writes its Hydra record: .hydra, or .hydra.pending beside an earlier run's
-    results.json (put in place by write_results)."""
+    results.json (put in place once those go aside: place_pending_record). A pending record left by a run that
+    wrote no results (refused or killed; its run.log keeps what it said) is removed first, so that it is never
+    taken for this run's."""
     run_dir = Path(run_dir)
-    return run_dir / (PENDING_RECORD_DIR if (run_dir / RESULTS_FILE).exists() else HYDRA_RECORD_DIR)
+    pending = run_dir / PENDING_RECORD_DIR
+    if pending.is_dir():
+        shutil.rmtree(pending)
+    return pending if (run_dir / RESULTS_FILE).exists() else run_dir / HYDRA_RECORD_DIR
 
 
-def _place_pending_record(run_dir: Path) -> None:
-    """Once this run's results.json is written: its pending record becomes .hydra (an earlier one left without the
-    results it went with is set aside, not lost)."""
+def place_pending_record(run_dir: Path) -> None:
+    """Once the earlier run's results.json went aside (with its .hydra): this run's pending record becomes .hydra.
+    A record the OS refuses to move is a warning: the results it would go with are written."""
     pending, record = Path(run_dir) / PENDING_RECORD_DIR, Path(run_dir) / HYDRA_RECORD_DIR
     if not pending.exists():
         return
-    if record.exists():
-        set_aside(record, "previous")
-    pending.replace(record)
+    try:
+        if record.exists():  # left without the results it went with: aside, not lost
+            set_aside(record, "previous")
+        pending.replace(record)
+    except OSError as exc:
+        print(f"warning: cannot move this run's record {pending} to {record} ({exc.strerror or exc})",
+              file=sys.stderr)
 
 
 class _TeeStream:
@@ -297,9 +307,9 @@ def write_results(run_dir: Path, record: dict) -> Path:
             kept = set_aside_run(run_dir, "previous", keep=outputs_of(record, run_dir))
             print(f"{path} held an earlier run; kept as {kept}")
         write_json_atomic(path, record)
-        _place_pending_record(run_dir)
     except OSError as exc:
         raise SaqError(f"cannot write {path} ({exc.strerror or exc}); the run's metrics are printed above") from None
+    place_pending_record(run_dir)
     return path
 
 

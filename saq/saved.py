@@ -9,7 +9,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from saq.errors import SaqError
-from saq.log import DEPLOY_DIR, RESULTS_FILE, SAVED_DIR, flatten, set_aside, set_aside_run, set_aside_stamp
+from saq.log import (
+    DEPLOY_DIR,
+    RESULTS_FILE,
+    SAVED_DIR,
+    flatten,
+    place_pending_record,
+    set_aside,
+    set_aside_run,
+    set_aside_stamp,
+)
 from saq.quant.config import RUN_KEYS, QuantConfig
 from saq.quant.export import RECIPE_FILE, check_state_file, export_quantized, load_quantized, read_recipe
 
@@ -55,6 +64,7 @@ def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
         kept = set_aside_run(run_dir, "previous")
         print(f"{kept.parent / RESULTS_FILE} held an earlier run; kept as {kept} (its model, figures and analyses "
               "renamed alike)")
+        place_pending_record(run_dir)  # the folder is this run's now: its record too, were it to fail from here
     else:  # an earlier run here saved its model (and maybe deployed it) but wrote no results (killed): both go
         # aside together, under one stamp, so no deployment of that model stays beside this run's
         stamp = set_aside_stamp()

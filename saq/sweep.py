@@ -259,14 +259,14 @@ def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]
 
     on_slurm = submits_to_slurm(config)
     jobs = []
-    for job in sweep_job_overrides(config) or []:
+    for num, job in enumerate(sweep_job_overrides(config) or []):
         try:
             cfg = compose(config_name=config.hydra.job.config_name, overrides=job, return_hydra_config=True)
         except Exception as exc:  # Hydra's composition errors: missing option, bad key, bad value
             jobs.append((job, " ".join(str(exc).split()).split(" Config search path:")[0]))
             continue
         choices = dict(cfg.hydra.runtime.choices)
-        run_dir = Path(str(config.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)  # the sweep's folder, the job's name
+        run_dir = job_folder(config, cfg, num)
         with open_dict(cfg):
             del cfg["hydra"]
         try:  # the sweep's shared recon.iters overrides are checked across its jobs (recon_iters_no_job_reads)
@@ -274,13 +274,28 @@ def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]
             # every job builds its model first; a Slurm job may read a file only its compute nodes have
             checkpoint_file(cfg.model.name, cfg.model.get("checkpoint"), must_exist=not on_slurm)
         except SaqError as exc:
-            if holds_this_finished_run(cfg, run_dir):  # finished before a check refused it (or its file moved)
+            if run_dir is not None and holds_this_finished_run(cfg, run_dir):  # refused since it finished (or its
+                # checkpoint moved since)
                 print(f"job {' '.join(job)}: kept as it finished in {run_dir} (it would not run now: {exc})")
             else:
                 jobs.append((job, str(exc)))
                 continue
         jobs.append((job, cfg))
     return jobs
+
+
+def job_folder(config: DictConfig, job_cfg: DictConfig, num: int) -> Path | None:
+    """The folder job number `num` of the sweep runs in: the sweep's hydra.sweep.dir and subdir as the command line
+    set them (a composed job lacks the command's hydra overrides), resolved with the job's own override_dirname and
+    number; None when it cannot be told here."""
+    try:
+        subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"]
+        with open_dict(job_cfg):
+            job_cfg.hydra.job.num = num
+            job_cfg.hydra.sweep.subdir = subdir
+        return Path(str(config.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
+    except Exception:  # an interpolation only the launched job resolves
+        return None
 
 
 def recon_iters_no_job_reads(jobs: list[tuple[list[str], DictConfig | str]]) -> list[tuple[str, list[str]]]:

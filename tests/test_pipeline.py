@@ -185,6 +185,31 @@ def test_a_new_runs_record_replaces_the_earlier_one_only_with_its_results(tmp_pa
     assert [p.name.rsplit(".", 2)[0] for p in kept] == [".hydra", "results.json"]  # aside together, one stamp
     assert kept[0].name.removeprefix(".hydra") == kept[1].name.removeprefix("results.json")
     assert (kept[0] / "config.yaml").read_text() == "earlier" and json.loads(kept[1].read_text()) == {"earlier": 1}
+    # a run refused (or killed) after writing its pending record: the next run never takes that record for its own
+    pending.mkdir()
+    (pending / "config.yaml").write_text("refused run")
+    assert log.hydra_record_dir(tmp_path) == pending and not pending.exists()
+
+
+def test_a_record_the_os_will_not_move_is_a_warning_once_the_results_are_written(tmp_path, monkeypatch, capsys):
+    from saq import log
+
+    (tmp_path / "results.json").write_text('{"earlier": 1}')
+    (tmp_path / ".hydra").mkdir()
+    log.hydra_record_dir(tmp_path).mkdir()
+
+    from pathlib import Path
+
+    def refuse(path, *args, **kwargs):
+        if path.name == ".hydra.pending":
+            raise PermissionError(13, "Permission denied")
+        return real(path, *args, **kwargs)
+
+    real = Path.replace
+    monkeypatch.setattr(Path, "replace", refuse)
+    log.write_results(tmp_path, {"metrics": {"fp": {"mask_AP": 0.6}}})  # no error: the results are there
+    assert json.loads((tmp_path / "results.json").read_text()) == {"metrics": {"fp": {"mask_AP": 0.6}}}
+    assert capsys.readouterr().err.startswith(f"warning: cannot move this run's record {tmp_path / '.hydra.pending'}")
 
 
 def test_an_earlier_runs_model_and_deployment_leave_with_it_unless_the_new_run_made_or_read_them(tmp_path):

@@ -124,8 +124,12 @@ def test_a_run_failing_after_it_saved_its_model_leaves_no_results_beside_it(synt
         raise RuntimeError("killed while evaluating")
 
     monkeypatch.setattr("saq.quant.quant_summary", fail)  # right after the model is saved
+    (tmp_path / "run" / ".hydra.pending").mkdir()  # this run's record, as the CLI writes it beside earlier results
+    (tmp_path / "run" / ".hydra.pending" / "config.yaml").write_text("this run")
     with pytest.raises(RuntimeError, match="killed while evaluating"):
         pipeline.run(run_config(synthetic_root, "task.max_images=1", "clip=percentile"), tmp_path / "run")
+    # the earlier results left with their model: the folder's record is this run's, beside its model
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").read_text() == "this run"
     # the new model alone in the folder; the earlier results.json went aside with its own model, not beside this one
     assert not (tmp_path / "run" / "results.json").exists()
     assert read_recipe(tmp_path / "run" / SAVED_DIR)["extra"]["clip"]["name"] == "percentile"

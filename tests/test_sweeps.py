@@ -645,3 +645,28 @@ def test_a_finished_job_that_a_check_now_refuses_is_kept_for_its_report(tmp_path
         (run_dir / "results.json").write_text(json.dumps(record))
         [(_, why)] = composed_jobs(config)
         assert why.startswith("checkpoint not found: /moved/sam_vit_b.pth")
+
+
+def test_a_finished_job_is_found_in_the_folder_the_command_line_names(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig, open_dict
+
+    from saq.sweep import composed_jobs
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        config = compose(config_name="config", overrides=["model=sam_vit_b", "model.checkpoint=/moved/sam_vit_b.pth",
+                                                          f"hydra.sweep.dir={tmp_path}",
+                                                          "hydra.sweep.subdir=job${hydra.job.num}"],
+                         return_hydra_config=True)
+        [(job, why)] = composed_jobs(config)  # resolving job${hydra.job.num} here is no traceback
+        assert why.startswith("checkpoint not found")
+        job_cfg = compose(config_name="config", overrides=job)
+    with open_dict(job_cfg):
+        job_cfg.pop("hydra", None)
+    (tmp_path / "job0").mkdir()  # job number 0's folder, as the launcher names it
+    (tmp_path / "job0" / "results.json").write_text(json.dumps({
+        "model": "sam_vit_b", "task": "instance", "quant": "fp", "metrics": {"fp": {"mask_AP": 0.5}},
+        "config": OmegaConf.to_container(job_cfg, resolve=True)}))
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        [(_, kept)] = composed_jobs(config)
+    assert isinstance(kept, DictConfig), kept
