@@ -70,6 +70,8 @@ def folder_write_problem(folder: Path) -> str | None:
     anything, so a run refused for another reason leaves no empty folder behind."""
     existing = Path(folder)
     while not existing.exists() and existing != existing.parent:  # the nearest part that exists decides
+        if existing.is_symlink():  # a link to nothing: mkdir would fail on it
+            return f"{existing} is a link to {os.readlink(existing)}, which does not exist"
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         return f"{existing} is a file, not a folder"

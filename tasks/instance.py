@@ -35,7 +35,8 @@ from tasks.synthetic import evaluation_limit
 
 def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
     """Load a COCO annotation file, or raise SaqError saying what is wrong with it. scored: COCOeval will score
-    against it, so every annotation needs an `area` (calibration files only give prompts)."""
+    against it, so every annotation needs an `area` and a box in its image (calibration files only give prompts:
+    a box wholly off its image is left out, said in one line)."""
     require_file(ann_path, "COCO annotation file", config_key)
     try:
         data = json.loads(read_text(ann_path, "annotation file"))
@@ -69,7 +70,7 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
             raise SaqError(f"annotation file {ann_path}: categories[{i}] needs an id, an integer unique among "
                            "the categories")
         categories.add(cat["id"])
-    seen_ids = set()
+    seen_ids, off_image = set(), []
     for i, ann in enumerate(data["annotations"]):
         # a calibration file is read for its boxes only (box-only files, as detector training lists, are fine)
         needed = ("id", "image_id", "category_id", "bbox", *(("segmentation", "area") if scored else ()))
@@ -104,6 +105,9 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
         if problem:
             raise SaqError(f"{where} has bbox {bbox!r}: {problem}")
         size = images[ann["image_id"]]
+        if _box_outside(bbox, size) and not scored:  # a calibration prompt with no pixel: left out, said below
+            off_image.append(ann_id)
+            continue
         if _box_outside(bbox, size):  # labels of another image or resolution: a prompt with no pixel to segment
             raise SaqError(f"{where} has bbox {bbox!r} (x, y, w, h), wholly outside its image {ann['image_id']} "
                            f"({size[1]}x{size[0]}); boxes must be in the image's own pixel coordinates")
@@ -117,6 +121,11 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
             ann["segmentation"] = [p + p[-2:] if len(p) == 4 else p for p in ann["segmentation"]]
     if not categories:
         raise SaqError(f"annotation file {ann_path} defines no categories")
+    if off_image:  # one stray box in a large training list need not stop the run; a scored file refuses it above
+        dropped = set(off_image)
+        data["annotations"] = [a for a in data["annotations"] if a["id"] not in dropped]
+        print(f"{ann_path}: left out {len(off_image)} calibration boxes wholly outside their images (annotation "
+              f"{off_image[0]}{' and others' if len(off_image) > 1 else ''}); boxes must be in the image's own pixels")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):

@@ -776,7 +776,7 @@ def test_evaluated_images_without_objects_are_refused_when_the_task_is_built(syn
     assert task_for(root, max_images=3).image_ids() == [1, 2, 3]  # image 3 has an object
 
 
-def test_a_ground_truth_box_off_its_image_is_refused(tmp_path):
+def test_a_ground_truth_box_off_its_image_is_refused(tmp_path, capsys):
     path = tmp_path / "a.json"
     # labels of another image or resolution; as DOTA polygons, a box only partly inside stays (cut at a border)
     for bbox in ([4, 0, 2, 2], [0, -3, 2, 3], [-2.5, 1, 2.5, 1], [5, 5, 0, 0]):
@@ -788,9 +788,12 @@ def test_a_ground_truth_box_off_its_image_is_refused(tmp_path):
     for bbox in ([3, 3, 5, 5], [-1, -1, 2, 2], [4, 0, 0, 2], [0, 0, 0, 0]):  # partly inside, or a flat box on it
         path.write_text(_coco(_ann_with(bbox=bbox)))
         assert load_coco(path, "task.data.ann_file").anns[1]["bbox"] == bbox
-    path.write_text(_coco(_ann_with(bbox=[9, 0, 2, 2])))  # calibration files give box prompts: checked too
-    with pytest.raises(SaqError, match="wholly outside its image 1"):
-        load_coco(path, "task.calib.ann_file", scored=False)
+    # calibration files give box prompts only: a stray box off its image is left out, said, and the others stay
+    path.write_text(_coco(",".join([_ann_with(id=3, bbox=[9, 0, 2, 2]), _ann_with(id=4, bbox=[1, 1, 2, 2]),
+                                    _ann_with(id=5, bbox=[0, 9, 1, 1])])))
+    assert sorted(load_coco(path, "task.calib.ann_file", scored=False).anns) == [4]
+    assert (f"{path}: left out 2 calibration boxes wholly outside their images (annotation 3 and others); boxes "
+            "must be in the image's own pixels") in capsys.readouterr().out
 
 
 def test_an_unreadable_file_is_named_with_the_os_reason(tmp_path, monkeypatch):

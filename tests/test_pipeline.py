@@ -191,6 +191,18 @@ def test_a_new_runs_record_replaces_the_earlier_one_only_with_its_results(tmp_pa
     assert log.hydra_record_dir(tmp_path) == pending and not pending.exists()
 
 
+def test_folder_write_problem_names_what_mkdir_would_fail_on(tmp_path):
+    from saq.log import folder_write_problem
+
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    assert folder_write_problem(tmp_path / "new" / "deeper") is None  # made when written
+    assert folder_write_problem(tmp_path / "a-file" / "run") == f"{tmp_path / 'a-file'} is a file, not a folder"
+    assert folder_write_problem(tmp_path / "dangling" / "run") == (f"{tmp_path / 'dangling'} is a link to "
+                                                                   f"{tmp_path / 'gone'}, which does not exist")
+    assert not (tmp_path / "new").exists()  # asked without making anything
+
+
 def test_a_record_the_os_will_not_move_is_a_warning_once_the_results_are_written(tmp_path, monkeypatch, capsys):
     from saq import log
 
