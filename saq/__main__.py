@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from saq import CONF_DIR
 from saq.errors import SaqError
 from saq.log import (
     RUN_LOG,
@@ -27,7 +28,6 @@ from saq.log import (
     write_text_atomic,
 )
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # pipeline.CONF_DIR, not imported: it loads torch
 # Hydra flags after which the command line is not a run of conf/config.yaml (another config, completion, help)
 OTHER_CONFIG_FLAGS = ("config_path", "config_name", "config_dir", "experimental_rerun", "shell_completion", "help",
                       "hydra_help", "info")

@@ -157,8 +157,7 @@ def place_pending_record(run_dir: Path) -> None:
             set_aside(record, "previous")
         pending.replace(record)
     except OSError as exc:
-        print(f"warning: cannot move this run's record {pending} to {record} ({exc.strerror or exc})",
-              file=sys.stderr)
+        print(f"warning: cannot move this run's record {pending} to {record} ({os_reason(exc)})", file=sys.stderr)
 
 
 class _TeeStream:
@@ -208,8 +207,8 @@ DEPLOY_DIR = "deployed"  # its int8 ONNX Runtime deployment (saq.deploy)
 def set_aside_run(run_dir: Path, why: str, keep: Sequence[str] = ()) -> Path:
     """Set an earlier run's results.json aside with what belongs to it: its figures (this run's would replace only
     some, and W&B uploads every PNG in the folder), a sensitivity analysis of it, its Hydra record, and its saved
-    model and deployment
-    unless named in `keep` (the run replacing it wrote or read them). Returns results.json's new path."""
+    model and deployment unless named in `keep` (the run replacing it wrote or read them). Returns results.json's
+    new path."""
     run_dir = Path(run_dir)
     folders = [run_dir / name for name in (SAVED_DIR, DEPLOY_DIR) if name not in keep]
     stamp = set_aside_stamp()  # one for all

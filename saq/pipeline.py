@@ -18,6 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from saq import CONF_DIR
 from saq.errors import SaqError, check_bool, check_device, check_int, check_number, check_seed, is_number
 from saq.log import (
     bits_label,
@@ -111,7 +112,6 @@ FP_QUANT_KEYS = ("name", "save", "load")  # conf/quant/fp.yaml
 DEFAULT_CLIP = "mse"  # conf/config.yaml's clip default: what an FP run carries untouched
 LOGGER_MODES = ("offline", "online", "disabled")
 LOGGER_KEYS = ("name", "mode", "project", "entity", "group", "tags", "init_timeout_s")  # conf/logger/wandb.yaml
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_GROUPS = ("model", "task", "prompts", "quant", "clip", "recon", "logger", "method")  # conf/config.yaml defaults
 REQUIRED_GROUPS = ("model", "task", "prompts", "quant", "clip", "recon")  # logger and method may be removed
 SWITCHES = ("fp_cache", "progress", "deploy", "figures", "resume")  # run-level true/false knobs
