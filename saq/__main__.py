@@ -21,6 +21,7 @@ from saq.log import (
     RUN_LOG,
     RunDirHeld,
     claim_run_dir,
+    discard_pending_record,
     hydra_record_dir,
     os_reason,
     run_folder_error,
@@ -133,12 +134,16 @@ def main(cfg: DictConfig) -> None:
         # written once the config passed the run's checks: a refused run leaves an earlier run's record as it was
         accepted = partial(write_hydra_record, run_dir, cfg, hydra_cfg, folder_key)
         try:
-            check_preset_found(cfg)
-            if multirun:  # resume, and a failed job recorded without stopping the others
-                run_sweep_job(cfg, run_dir, partial(run, accepted=accepted), list(hydra_cfg.overrides.task))
-            else:
-                check_single_run_of_a_sweep(hydra_cfg)
-                run(cfg, run_dir, accepted=accepted)
+            try:
+                check_preset_found(cfg)
+                if multirun:  # resume, and a failed job recorded without stopping the others
+                    run_sweep_job(cfg, run_dir, partial(run, accepted=accepted), list(hydra_cfg.overrides.task))
+                else:
+                    check_single_run_of_a_sweep(hydra_cfg)
+                    run(cfg, run_dir, accepted=accepted)
+            except BaseException:  # interrupted too: a record beside results it does not describe would mislead
+                discard_pending_record(run_dir)
+                raise
         except SaqError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)

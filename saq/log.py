@@ -146,6 +146,12 @@ def hydra_record_dir(run_dir: Path) -> Path:
     return pending if (run_dir / RESULTS_FILE).exists() else run_dir / HYDRA_RECORD_DIR
 
 
+def discard_pending_record(run_dir: Path) -> None:
+    """A run that failed before its results replaced an earlier run's: its pending record goes, so the folder holds
+    the earlier results with their own record only (its run.log keeps what the failed run said)."""
+    shutil.rmtree(Path(run_dir) / PENDING_RECORD_DIR, ignore_errors=True)
+
+
 def place_pending_record(run_dir: Path) -> None:
     """Once the earlier run's results.json went aside (with its .hydra): this run's pending record becomes .hydra.
     A record the OS refuses to move is a warning: the results it would go with are written."""

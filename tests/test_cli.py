@@ -490,12 +490,13 @@ def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results
     assert (run_dir / ".hydra" / "config.yaml").read_text() == "the earlier run's config\n"
     assert (run_dir / "results.json").read_text() == '{"the earlier run": "results"}'
     assert "seed=-1 invalid" in (run_dir / "run.log").read_text()  # the folder keeps what the refused run said
-    # refused after its checks (the data is not there): its record waits beside the earlier one, which stays
+    # refused after its checks (the data is not there): the record it wrote beside the earlier one goes with it
     proc = saq("logger=none", f"task.data.root={tmp_path / 'no-data'}", "task.generate=null",
                f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2 and "no-data" in proc.stderr
     assert (run_dir / ".hydra" / "config.yaml").read_text() == "the earlier run's config\n"
-    assert "no-data" in (run_dir / ".hydra.pending" / "config.yaml").read_text()
+    assert (run_dir / "results.json").read_text() == '{"the earlier run": "results"}'
+    assert not (run_dir / ".hydra.pending").exists()
 
 
 @pytest.mark.parametrize(("arguments", "line"), [
