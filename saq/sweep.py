@@ -36,11 +36,20 @@ RESUME_IGNORED_KEYS = ("logger", "progress", "threads", "fp_cache", "resume", "f
 # ... and nested ones: where a run keeps or finds its files, how often it logs (recon.resume=true must continue a
 # killed job without every finished job of the sweep counting as another config)
 RESUME_IGNORED_NESTED = ("quant.save", "recon.resume", "recon.state_dir", "recon.cache_device", "recon.log_every")
-# Knobs added after runs were made, with the value that does what those runs did: a finished run whose stored
-# config lacks one ran with that value (a new knob's default keeps the old behaviour), so reruns of old sweeps still
-# skip it, unless the knob is now set otherwise.
+
+
+def score_before_the_knob(stored: dict) -> str:
+    """What task.score a run made before it existed ranked with: detector × SAM's IoU, which auto still gives
+    ground-truth and jittered boxes; a detector's boxes it now ranks by their score alone."""
+    detections = str((stored.get("prompts") or {}).get("_target_", "")).endswith("DetectionsFile")
+    return "detector_x_iou" if detections else "auto"
+
+
+# Knobs added after runs were made, with the value that does what those runs did (or a function of the run's stored
+# config giving it): a finished run whose stored config lacks one ran with that value (a new knob's default keeps the
+# old behaviour where it can), so reruns of old sweeps still skip it, unless the knob is now set otherwise.
 KNOBS_ADDED_SINCE = {"recon.response_input": "mixed", "recon.mse_sum": "channels", "prompts.class_names": None,
-                     "task.difficult_above": 0, "recon.budget": "official"}
+                     "task.difficult_above": 0, "recon.budget": "official", "task.score": score_before_the_knob}
 
 
 def job_dirname(overrides: str, max_len: int = 160) -> str:
@@ -127,7 +136,7 @@ def with_knobs_added_since(stored: dict, current: dict | None = None) -> dict:
                 break
         else:
             if leaf not in old and (current is None or (isinstance(new, dict) and leaf in new)):
-                old[leaf] = value
+                old[leaf] = value(stored) if callable(value) else value
     return stored
 
 

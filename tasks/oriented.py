@@ -31,6 +31,9 @@ from tasks.synthetic import evaluation_limit, oriented_box
 HEADER_PREFIXES = ("imagesource:", "gsd:")
 # voc07: 11-point interpolated AP (the DOTA devkit's and mmrotate's default); area: area under the PR curve.
 AP_METHODS = ("voc07", "area")
+# How a rotated box is ranked for AP: MMRotate-SAM (the pipeline PTQ4SAM's DOTA numbers come from) keeps the
+# detector's score; ground-truth and jittered boxes all score 1, so there SAM's predicted IoU is what ranks them.
+DETECTION_SCORES = ("auto", "detector", "detector_x_iou")
 IOU_THRESHOLD = 0.5
 
 
@@ -206,6 +209,20 @@ def rotated_map(detections: Sequence[RotatedDetection], ground_truth: dict[str, 
     return {"mAP50": float(np.mean(aps)) if aps else 0.0, "AP50_per_class": per_class, "objects_per_class": gt_counts}
 
 
+def detection_score(score: str, prompts: PromptSource) -> str:
+    """task.score resolved for the prompt source: auto is the detector's score for detections (MMRotate-SAM's
+    ranking) and detector score × SAM's predicted IoU for ground-truth or jittered boxes (every score 1)."""
+    if score not in DETECTION_SCORES:
+        raise SaqError(f"task.score must be one of {', '.join(DETECTION_SCORES)}, got {score!r}")
+    if score == "auto":
+        return "detector_x_iou" if prompts.from_ground_truth else "detector"
+    if score == "detector" and prompts.from_ground_truth:
+        raise SaqError("task.score=detector ranks boxes by their detector score, but ground-truth and jittered "
+                       "prompts all score 1 (their ranking would be arbitrary); use task.score=auto or "
+                       "detector_x_iou, or prompts=detections")
+    return score
+
+
 class OrientedTask(Task):
     """Horizontal box prompts (ground-truth enclosing boxes, jittered, or detections) → single-mask SAM outputs →
     minimum-area rotated rectangles of each mask's pixels (as MMRotate-SAM does) → DOTA mAP@0.5.
@@ -218,13 +235,15 @@ class OrientedTask(Task):
 
     def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None,
                  generate: dict | None = None, classes: Sequence[str] | None = None, ap_method: str = "voc07",
-                 difficult_above: int = 0):
+                 difficult_above: int = 0, score: str = "auto"):
         data = split_paths(data, ("root", "img_dir", "ann_dir"), "task.data")
         calib = split_paths(calib, ("img_dir", "ann_dir"), "task.calib")
         self.root = Path(data["root"])
         self.difficult_above = check_int(difficult_above, "task.difficult_above", 0)
         if ap_method not in AP_METHODS:
             raise SaqError(f"task.ap_method must be one of {AP_METHODS}, got {ap_method!r}")
+        prompts = prompts or GroundTruthBoxes()
+        self.score = detection_score(score, prompts)
         if classes is not None:
             # names as the label files write them; a count (as task=semantic takes) cannot say which names
             if isinstance(classes, str) or not isinstance(classes, Sequence) or not classes:
@@ -262,7 +281,7 @@ class OrientedTask(Task):
             raise SaqError(f"the label files in {self.ann_dir} hold only difficult objects (or none), which DOTA's "
                            f"mAP does not count (task.difficult_above={self.difficult_above}); nothing to evaluate")
         self.class_index = {name: i for i, name in enumerate(self.classes)}
-        self.prompts = prompts or GroundTruthBoxes()
+        self.prompts = prompts
         # Classes inferred from the evaluated labels: a detector's other classes have no objects here to score.
         self.prompts.bind([stem for stem, _ in all_images], self.classes, drop_unknown=classes is None,
                           image_sizes=sizes)
@@ -277,7 +296,7 @@ class OrientedTask(Task):
     def fingerprint(self) -> str:
         digest = files_digest([*self.label_files, *(path for _, path in self.images)])
         return f"oriented|{self.ann_dir.resolve()}|{digest}|{self.max_images}|{self.classes}|" \
-               f"{self.ap_method}|{self.difficult_above}|{self.prompts.fingerprint()}"
+               f"{self.ap_method}|{self.difficult_above}|{self.score}|{self.prompts.fingerprint()}"
 
     def check_calibration_split(self) -> None:
         if self.prompts.calibration_uses_ground_truth:  # a detector's boxes (prompts.calib_file) need no labels
@@ -335,8 +354,8 @@ class OrientedTask(Task):
                             box_ious.append(0.0)
                         continue
                     corners = oriented_box(mask).astype(np.float64)
-                    detections.append(RotatedDetection(stem, int(prompts.labels[k]),
-                                                       float(prompts.scores[k] * iou_scores[j]), corners))
+                    score = prompts.scores[k] * (iou_scores[j] if self.score == "detector_x_iou" else 1.0)
+                    detections.append(RotatedDetection(stem, int(prompts.labels[k]), float(score), corners))
                     if self.prompts.from_ground_truth:
                         box_ious.append(float(polygon_iou(corners[None], polygons[k:k + 1])[0, 0]))
                 offset += len(masks)

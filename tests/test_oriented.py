@@ -369,8 +369,8 @@ class MaskSegmenter:
     """Stands in for SAM: the mask of a box prompt is the filled rotated polygon it was drawn from; prompts come
     back `chunk` at a time, as Segmenter's decode batches."""
 
-    def __init__(self, polygons_by_box: dict, iou: float = 0.8, chunk: int = 1000):
-        self.polygons_by_box, self.iou, self.chunk = polygons_by_box, iou, chunk
+    def __init__(self, polygons_by_box: dict, iou: float = 0.8, chunk: int = 1000, iou_by_box: dict | None = None):
+        self.polygons_by_box, self.iou, self.chunk, self.iou_by_box = polygons_by_box, iou, chunk, iou_by_box or {}
 
     def set_image(self, image):
         self.shape = image.shape[:2]
@@ -384,9 +384,10 @@ class MaskSegmenter:
                 cv2.fillPoly(m, [np.round(poly).astype(np.int32)], 1)
             masks.append(m.astype(bool))
         masks = torch.as_tensor(np.stack(masks))[:, None]
+        ious = torch.tensor([[self.iou_by_box.get(tuple(np.round(box, 1)), self.iou)] for box in boxes])
         for start in range(0, len(masks), self.chunk):
             part = masks[start:start + self.chunk]
-            yield Prediction(part, torch.full((len(part), 1), self.iou), torch.zeros(len(part), 1, 4, 4))
+            yield Prediction(part, ious[start:start + self.chunk], torch.zeros(len(part), 1, 4, 4))
 
 
 def test_prompts_decoded_in_several_chunks_keep_their_class_and_object(tmp_path):
@@ -434,6 +435,28 @@ def test_evaluate_with_perfect_masks_and_an_image_without_objects(tmp_path):
     detected = OrientedTask(data, CALIB, prompts=DetectionsFile(str(dets.parent)), classes=["plane", "ship"])
     det_metrics = detected.evaluate(segmenter, progress=False)
     assert det_metrics["AP50_per_class"]["plane"] == pytest.approx(1.0) and "rbox_mIoU" not in det_metrics
+
+
+def test_detections_rank_by_the_detector_score_as_mmrotate_sam_unless_told_otherwise(tmp_path):
+    plane = rect(8, 8, 28, 20)
+    data = dota_dataset(tmp_path, {"P1": " ".join(f"{v:.1f}" for v in plane.reshape(-1)) + " plane 0\n"})
+    # the detector is surer of a box on nothing (a false positive) than of the plane's; SAM's IoU says the opposite
+    dets = write(tmp_path / "dets" / "Task1_plane.txt", "P1 0.9 40 40 56 40 56 56 40 56\n"
+                                                        "P1 0.6 8 8 28 8 28 20 8 20\n")
+    segmenter = MaskSegmenter({(8.0, 8.0, 28.0, 20.0): plane, (40.0, 40.0, 56.0, 56.0): rect(40, 40, 56, 56)},
+                              iou_by_box={(40.0, 40.0, 56.0, 56.0): 0.3, (8.0, 8.0, 28.0, 20.0): 0.9})
+    auto = OrientedTask(data, CALIB, prompts=DetectionsFile(str(dets.parent)))
+    assert auto.score == "detector"
+    assert auto.evaluate(segmenter, progress=False)["mAP50"] == pytest.approx(0.5)  # recall 1 at precision 1/2
+    product = OrientedTask(data, CALIB, prompts=DetectionsFile(str(dets.parent)), score="detector_x_iou")
+    assert product.evaluate(segmenter, progress=False)["mAP50"] == pytest.approx(1.0)  # 0.54 before 0.27
+    assert product.fingerprint() != auto.fingerprint()  # FP metrics of one are not the other's
+    # ground-truth boxes all score 1: SAM's IoU ranks them, and ranking by the detector alone is refused
+    assert OrientedTask(data, CALIB).score == "detector_x_iou"
+    with pytest.raises(SaqError, match=r"^task\.score=detector ranks boxes by their detector score, but "):
+        OrientedTask(data, CALIB, score="detector")
+    with pytest.raises(SaqError, match=r"^task\.score must be one of auto, detector, detector_x_iou, got 'iou'"):
+        OrientedTask(data, CALIB, prompts=DetectionsFile(str(dets.parent)), score="iou")
 
 
 def test_dota_result_files_as_prompts(tmp_path, synthetic_root):

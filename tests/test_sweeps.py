@@ -310,6 +310,8 @@ def test_a_run_made_before_a_knob_existed_counts_as_that_knobs_old_behaviour(tmp
             absent = object()
             found = [OmegaConf.select(compose(config_name="config", overrides=[f"{group}={name}"]), dotted,
                                       default=absent) for name in presets]
+            if callable(value):  # the old behaviour depends on the run: the default keeps it where it can
+                value = value({"prompts": {"_target_": "tasks.prompts.GroundTruthBoxes"}})
             assert {f for f in found if f is not absent} == {value}, dotted
     before = {"seed": 0, "recon": {"name": "par", "drop_prob": 0.5}}  # stored by a run made before the knob
     path = tmp_path / "results.json"
@@ -318,6 +320,14 @@ def test_a_run_made_before_a_knob_existed_counts_as_that_knobs_old_behaviour(tmp
     assert should_skip(now, tmp_path)  # it ran what the knob's default does
     other = OmegaConf.create({"seed": 0, "recon": {"name": "par", "drop_prob": 0.5, "response_input": "quantized"}})
     assert not should_skip(other, tmp_path)  # set otherwise now: that run did something else
+    # task.score: ground-truth boxes were ranked as auto ranks them now, a detector's boxes were not
+    for target, skipped in (("tasks.prompts.GroundTruthBoxes", True), ("tasks.prompts.DetectionsFile", False)):
+        config = {"seed": 0, "task": {"ap_method": "voc07"}, "prompts": {"_target_": target}}
+        job = tmp_path / target
+        job.mkdir()
+        (job / "results.json").write_text(json.dumps(finished(config)))
+        now = OmegaConf.create({**config, "task": {"ap_method": "voc07", "score": "auto"}})
+        assert should_skip(now, job) is skipped, target
     assert len(list(tmp_path.glob("results.json.*.other-config"))) == 1
     path.write_text(json.dumps(finished({"seed": 0, "recon": {"name": "par", "drop_prob": 0.25}})))
     assert not should_skip(now, tmp_path)  # other knobs still count
