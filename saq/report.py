@@ -1,7 +1,7 @@
 """Sweep reports: the results.json under a folder as paper-layout tables (report.md/csv/tex) and PNG plots.
 
 `python -m saq.report PATH [out=DIR]` (or `make report RUNS=PATH`). Rows are methods, columns model × bit-width,
-one table per task, prompt source and metric; FP on top; values in % with mean ± std over seeds; the best quantized
+one table per task, prompt source and metric; FP on top; values in % with mean ± sample std over seeds; the best quantized
 cell of each column in bold; the paper's published numbers (saq/paper_results.py) as a separate, labelled block.
 A corrupt, partial or foreign results.json is listed and skipped; failed sweep jobs (failure.json) and jobs that
 never finished (running.json left by a killed process, or one still running) are listed.
@@ -112,6 +112,13 @@ class Table:
     cells: dict[tuple[str, tuple[str, str]], Cell]
     seeds: dict[tuple[str, tuple[str, str]], list]
     other_evaluation: set[str] = field(default_factory=set)  # rows evaluated on other images or prompts
+    threads: dict[tuple[str, tuple[str, str]], list] = field(default_factory=dict)  # per cell, as seeds
+
+    def mixed_threads(self) -> list[tuple[str, tuple[str, str], list]]:
+        """Cells whose runs ran at more than one thread count (the order of float sums differs, and at 4 bits a
+        cell moves by a few tenths of a point: noise inside the seed spread)."""
+        return [(row, col, sorted(set(self.threads[(row, col)]), key=str)) for row in self.rows for col in self.columns
+                if len(set(map(str, self.threads.get((row, col), [])))) > 1]
 
     def best(self, column: tuple[str, str]) -> set[str]:
         """Quantized rows with the highest mean in this column (none when fewer than two rows compete)."""
@@ -355,6 +362,7 @@ def build_tables(entries: list[Entry], duplicates: list[Path]) -> list[Table]:
         for metric in metrics:
             cells: dict = {}
             seeds: dict = {}
+            threads: dict = {}
             for e in group:
                 value = e.metrics.get(metric)
                 if not is_table_metric(metric, value):
@@ -365,9 +373,10 @@ def build_tables(entries: list[Entry], duplicates: list[Path]) -> list[Table]:
                 for col in targets:
                     cells.setdefault((e.row, col), Cell([])).values.append(float(value))
                     seeds.setdefault((e.row, col), []).append(e.seed)
+                    threads.setdefault((e.row, col), []).append(e.flat.get("threads"))
             used_rows = [r for r in rows if any((r, c) in cells for c in columns)]
             tables.append(Table(task, prompts, metric, columns, used_rows, row_label, row_paper, cells, seeds,
-                                {e.row for e in group if e.other_evaluation}))
+                                {e.row for e in group if e.other_evaluation}, threads))
     return tables
 
 
@@ -476,10 +485,17 @@ def render_markdown(report: Report, plots: list[Path]) -> str:
     out = [f"# Report: {report.root}", "",
            f"{len(report.runs)} runs; {len(report.skipped)} results.json skipped; {len(failed_jobs(report))} failed jobs"
            + (f"; {len(running_jobs(report))} jobs still running" if running_jobs(report) else "") + ". "
-           "Values in % (metric × 100), mean ± std over seeds where several ran; the best quantized cell per column "
-           "in bold. report.csv holds the same cells as fractions, with n and seeds.", ""]
+           "Values in % (metric × 100), mean ± sample standard deviation (n − 1) over seeds where several ran; the "
+           "best quantized cell per column in bold. report.csv holds the same cells as fractions, with n, seeds and "
+           "thread counts.", ""]
     for table in report.tables:
         out += [f"## {table_title(table)}", "", markdown_table(table), ""]
+        mixed = table.mixed_threads()
+        if mixed:
+            out += ["Cells whose runs ran at different thread counts (`threads=`: float sums add up in another order, "
+                    "which alone can move a 4-bit cell by a few tenths; compare cells run at one count): "
+                    + "; ".join(f"{row} at {column_title(col)}: threads {', '.join(map(str, counts))}"
+                                for row, col, counts in mixed) + ".", ""]
         paper = paper_markdown(table)
         if paper:
             out += [paper, ""]
@@ -502,7 +518,8 @@ def render_markdown(report: Report, plots: list[Path]) -> str:
 def write_csv(report: Report, path: Path) -> None:
     fh = io.StringIO(newline="")
     writer = csv.writer(fh)
-    writer.writerow(["source", "task", "prompts", "metric", "row", "model", "bits", "mean", "std", "n", "seeds"])
+    writer.writerow(["source", "task", "prompts", "metric", "row", "model", "bits", "mean", "std", "n", "seeds",
+                     "threads"])
     for table in report.tables:
         for row in table.rows:
             for col in table.columns:
@@ -510,7 +527,8 @@ def write_csv(report: Report, path: Path) -> None:
                 if cell is not None:
                     writer.writerow(["ours", table.task, table.prompts, table.metric, row, col[0], col[1],
                                      repr(cell.mean), repr(cell.std), cell.n,
-                                     " ".join(str(s) for s in table.seeds[(row, col)])])
+                                     " ".join(str(s) for s in table.seeds[(row, col)]),
+                                     " ".join(str(t) for t in table.threads.get((row, col), []))])
         block = paper_block(table)
         if block:
             published, pairs, columns = block
@@ -519,7 +537,7 @@ def write_csv(report: Report, path: Path) -> None:
                     value = published["rows"][name].get(col)
                     if value is not None:
                         writer.writerow(["paper", table.task, "", table.metric, name, col[0], col[1],
-                                         repr(round(value / 100, 6)), "", "", ""])
+                                         repr(round(value / 100, 6)), "", "", "", ""])
     write_text_atomic(path, fh.getvalue())
 
 

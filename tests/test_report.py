@@ -21,6 +21,8 @@ def record(model="sam_tiny", bits=4, clip="mse", ap=0.5, fp_ap=0.8, seed=0, meth
     quant = {"name": f"w{bits}a{bits}", "w_bits": bits, "a_bits": bits} if bits else {"name": "fp"}
     config = {"model": {"name": model}, "quant": quant, "clip": {"name": clip, **(extra or {})}, "seed": seed,
               "task": {"max_images": None, "coarse": {"seed": seed}}, "logger": {"name": "none"}}
+    if "threads" in top:  # a config key, as the run stores it
+        config["threads"] = top.pop("threads")
     if method:
         config["method"] = method  # as the conf/method presets write it (a root string)
     if recon:
@@ -89,6 +91,20 @@ def test_seeds_give_mean_and_sample_std_and_seed_keys_do_not_split_rows(tmp_path
     assert cell["n"] == "3" and cell["seeds"] == "0 1 2"
     assert "| mse | 60.00 ± 10.00 |" in (tmp_path / "report.md").read_text()
     assert ours(tmp_path)[("FP", "sam_tiny", "w4a4")]["n"] == "3"  # FP per seed, here identical
+
+
+def test_a_cell_whose_seeds_ran_at_different_thread_counts_says_so(tmp_path):
+    # the thread count does not split rows (a rerun need not recompute), but it moves 4-bit cells by tenths
+    for seed, threads in ((0, 2), (1, 1), (2, 1)):
+        put(tmp_path / "mixed", f"s{seed}", record(seed=seed, ap=0.6, threads=threads))
+        put(tmp_path / "one", f"s{seed}", record(seed=seed, ap=0.6, threads=2))
+    for folder in ("mixed", "one"):
+        write_report(build_report(tmp_path / folder), tmp_path / folder)
+    assert ours(tmp_path / "mixed")[("mse", "sam_tiny", "w4a4")]["threads"] == "2 1 1"
+    text = (tmp_path / "mixed" / "report.md").read_text()
+    assert "mean ± sample standard deviation (n − 1) over seeds" in text
+    assert "different thread counts" in text and "mse at sam_tiny W4A4: threads 1, 2" in text
+    assert "different thread counts" not in (tmp_path / "one" / "report.md").read_text()
 
 
 def test_each_columns_fp_cell_averages_the_seeds_of_that_columns_runs(tmp_path):
