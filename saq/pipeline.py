@@ -191,6 +191,7 @@ def check_overrides_read(cfg: DictConfig, overrides: list[str] | None = None) ->
 
         single = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
         overrides = list(HydraConfig.get().overrides.task) if single else []
+    check_clip_grid_read(cfg, overrides)
     recon = cfg.get("recon") or {}
     granularity = recon.get("granularity")
     if granularity not in KINDS_AT:  # recon=none, or a granularity ReconConfig names as unknown
@@ -201,13 +202,34 @@ def check_overrides_read(cfg: DictConfig, overrides: list[str] | None = None) ->
                        f"{', '.join(KINDS_AT[granularity])} (set recon.iters of one of those)")
 
 
-def iters_kinds_set(overrides: list[str]) -> list[str]:
-    """The unit kinds whose recon.iters the command-line overrides set: recon.iters.<kind>=N or recon.iters={...}."""
+def check_clip_grid_read(cfg: DictConfig, overrides: list[str]) -> None:
+    """clip.num_ranges sizes MSE's per-channel grid, which only a per-channel activation quantizer searches (the
+    per-tensor ones search one range; weights have their own observer, quant.*.weight.observer): set on a run
+    without one it would change nothing, yet make a row of its own in a report."""
+    if not any(key == "clip.num_ranges" or (key == "clip" and isinstance(value, dict) and "num_ranges" in value)
+               for key, value in parsed_overrides(overrides)):
+        return
+    quant = cfg.get("quant") or {}
+    parts = [name for name in ("encoder", "decoder") if isinstance(quant.get(name), DictConfig | dict)
+             and quant[name].get("enabled", True)]
+    if cfg.get("quant", {}).get("name") != "fp" and not any(
+            quant[name].get("act", {}).get("granularity") == "per_channel" for name in parts):
+        raise SaqError("clip.num_ranges is read only by per-channel activation quantizers "
+                       "(quant.encoder.act.granularity=per_channel or quant.decoder.act.granularity=per_channel); "
+                       "this run's are per-tensor, and weights use quant.*.weight.observer (mse: 100 ranges, p = 2.4)")
+
+
+def parsed_overrides(overrides: list[str]) -> list[tuple[str, object]]:
+    """(key, value) of each command-line override, as Hydra parses them."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    return [(o.key_or_group, o.value()) for o in OverridesParser.create().parse_overrides(overrides)]
+
+
+def iters_kinds_set(overrides: list[str]) -> list[str]:
+    """The unit kinds whose recon.iters the command-line overrides set: recon.iters.<kind>=N or recon.iters={...}."""
     kinds = []
-    for override in OverridesParser.create().parse_overrides(overrides):
-        key, value = override.key_or_group, override.value()
+    for key, value in parsed_overrides(overrides):
         kinds += ([key.removeprefix("recon.iters.")] if key.startswith("recon.iters.")
                   else list(value) if key == "recon.iters" and isinstance(value, dict) else [])  # {stage: 10, ...}
     return kinds

@@ -120,6 +120,21 @@ def test_quantized_run_through_the_cli_equals_the_library(synthetic_root, tmp_pa
     assert quantized_miou != fp_miou and abs(quantized_miou - fp_miou) < 0.15
 
 
+def test_clip_num_ranges_is_taken_where_a_per_channel_activation_quantizer_reads_it():
+    from hydra import compose, initialize_config_dir
+
+    from saq.errors import SaqError
+    from saq.pipeline import check_clip_grid_read
+
+    overrides = ["quant=w4a4", "quant.decoder.act.granularity=per_channel", "clip.num_ranges=20"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    check_clip_grid_read(cfg, overrides)  # read: no error
+    cfg.quant.decoder.enabled = False  # the only per-channel part kept FP: read by none
+    with pytest.raises(SaqError, match=r"^clip\.num_ranges is read only by per-channel"):
+        check_clip_grid_read(cfg, overrides)
+
+
 def test_activation_observer_set_beside_clip_is_one_line(tmp_path):
     proc = saq("quant=w8a8", "quant.encoder.act.observer=mse", "clip=minmax", "logger=none",
                f"hydra.run.dir={tmp_path / 'r'}")
@@ -150,6 +165,11 @@ BAD_VALUE_CASES = [
     ("recon=qdrop recon.iters.decoder_layer=100", "error: recon.iters.decoder_layer is not read at "
                                                   "recon.granularity=block: its units are block, neck, decoder_block, "
                                                   "final_attn (set recon.iters of one of those)"),
+    # sizes MSE's per-channel grid, which per-tensor activations never search (weights have their own observer)
+    ("quant=w4a4 clip.num_ranges=20", "error: clip.num_ranges is read only by per-channel activation quantizers "
+                                      "(quant.encoder.act.granularity=per_channel or "
+                                      "quant.decoder.act.granularity=per_channel); this run's are per-tensor, and "
+                                      "weights use quant.*.weight.observer (mse: 100 ranges, p = 2.4)"),
     ("method=saq_sam_star clip=mse clip.name=pcc", "error: clip.name='pcc' would label this run, but clip=mse sets "
                                                    "its knobs: choose the preset with clip=pcc"),
     ("clip.name=mine", "error: clip.name='mine' would label this run, but clip=mse sets its knobs: leave "
