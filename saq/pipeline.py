@@ -98,12 +98,15 @@ def source_digest(parts: tuple[str, ...] = FP_SOURCES) -> str:
     return digest.hexdigest()[:16]
 
 
-def fp_cache_path(cfg: DictConfig, task) -> Path:
+def fp_cache_path(cfg: DictConfig, task, planted: list | None = None) -> Path:
     """Where the FP metrics of this model, data (file contents by size and mtime), prompts, seed, decoding, device,
-    threads, package versions and metric code are cached."""
+    threads, package versions and metric code are cached. planted: the outliers planted at load time, which depend
+    on the calibration images they were measured on, not only on model.outliers' settings."""
     # device, threads and versions are in the key because the cached metrics include timings (semantic task)
     key = (f"{checkpoint_fingerprint(cfg.model)}|{task.fingerprint()}|{cfg.seed}|{cfg.model.decode_batch_size}|"
            f"{cfg.device}|{cfg.threads}|{sorted(package_versions().items())}|{source_digest()}")
+    if planted is not None:
+        key += f"|{json.dumps(planted, sort_keys=True)}"
     return FP_CACHE_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
@@ -392,9 +395,9 @@ def check_config(cfg: DictConfig, choices: dict | None = None, overrides: list[s
     return quant_cfg, strategy
 
 
-def fp_metrics(cfg: DictConfig, model, task) -> tuple[dict, str | None]:
+def fp_metrics(cfg: DictConfig, model, task, planted: list | None = None) -> tuple[dict, str | None]:
     """FP metrics, and the cache file they came from when this evaluation was done before (else None)."""
-    cache = fp_cache_path(cfg, task)
+    cache = fp_cache_path(cfg, task, planted)
     if cfg.fp_cache and cache.is_file():
         try:
             cached = json.loads(cache.read_text())
@@ -490,7 +493,7 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
         spec = OutlierSpec.from_cfg(cfg.model.outliers)
         planted = plant_key_outliers(model, task.calibration_samples(spec.calib_images, "model.outliers.calib_images"),
                                      spec)
-    fp, fp_cache_file = fp_metrics(cfg, model, task)
+    fp, fp_cache_file = fp_metrics(cfg, model, task, planted)
     metrics = {"fp": fp}
     calibration = clipping = recon = recon_state = None
 

@@ -67,6 +67,11 @@ def test_fp_cache_key_covers_device_seed_decoding_threads_versions_and_metric_co
     assert pipeline.fp_cache_path(config(ckpt, seed=1), task) != path
     assert pipeline.fp_cache_path(config(ckpt, threads=1), task) != path
     assert pipeline.fp_cache_path(config(ckpt, model={"decode_batch_size": 16}), task) != path
+    # outliers planted from other calibration images (task.calib.order): other offsets, another FP model
+    planted = [{"attention": "layers.0.cross_attn_token_to_image", "offsets": [3.5, -2.0]}]
+    moved = [{"attention": "layers.0.cross_attn_token_to_image", "offsets": [3.25, -2.0]}]
+    assert pipeline.fp_cache_path(config(ckpt), task, planted) not in (path, pipeline.fp_cache_path(config(ckpt), task,
+                                                                                                     moved))
     versions = pipeline.package_versions()
     monkeypatch.setattr(pipeline, "package_versions", lambda: {**versions, "torch": "0.0.0"})
     assert pipeline.fp_cache_path(config(ckpt), task) != path
