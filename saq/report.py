@@ -329,7 +329,9 @@ def _row_order(row: str, label: str) -> tuple:
     return (rank, base, base != label, _natural(row))
 
 
-def build_tables(entries: list[Entry], duplicates: list[Path]) -> list[Table]:
+def build_tables(entries: list[Entry], duplicates: list[Path],
+                 unshown: list[tuple[Path, str]] | None = None) -> list[Table]:
+    """The tables; duplicates and unshown (FP-only runs no column compares with) are appended to."""
     assign_rows(entries)
     # One sample per seed in each cell: the same run found twice (merged sweep folders) counts once, the newest.
     chosen: dict[tuple, Entry] = {}
@@ -343,6 +345,7 @@ def build_tables(entries: list[Entry], duplicates: list[Path]) -> list[Table]:
         by_table[(e.task, e.prompts)].append(e)
 
     tables = []
+    placed: set[Path] = set()
     for (task, prompts), group in sorted(by_table.items()):
         quantized = [e for e in group if e.label != FP_ROW]
         columns = sorted({(e.model, e.bits) for e in quantized}, key=lambda c: (_model_order(c[0]), _bits_order(c[1])))
@@ -370,6 +373,7 @@ def build_tables(entries: list[Entry], duplicates: list[Path]) -> list[Table]:
                 targets = ([c for c in columns if c[0] == e.model and (c[1] == "fp" or json.dumps(e.seed)
                                                                       in column_seeds[c])]
                            if e.label == FP_ROW else [(e.model, e.bits)])
+                placed.update([e.path] if targets else [])
                 for col in targets:
                     cells.setdefault((e.row, col), Cell([])).values.append(float(value))
                     seeds.setdefault((e.row, col), []).append(e.seed)
@@ -377,6 +381,9 @@ def build_tables(entries: list[Entry], duplicates: list[Path]) -> list[Table]:
             used_rows = [r for r in rows if any((r, c) in cells for c in columns)]
             tables.append(Table(task, prompts, metric, columns, used_rows, row_label, row_paper, cells, seeds,
                                 {e.row for e in group if e.other_evaluation}, threads))
+    if unshown is not None:  # an FP-only run of a seed none of its model's quantized runs ran
+        unshown += [(e.path, f"FP-only run of seed {e.seed}: no quantized run of {e.model} in its table ran that "
+                             f"seed, so no column's FP cell takes it") for e in chosen.values() if e.path not in placed]
     return tables
 
 
@@ -389,7 +396,7 @@ def build_report(root: Path) -> Report:
     report.runs, report.skipped = load_runs(root)
     report.failures = load_failures(root)
     entries = [e for run in report.runs for e in entries_of(run)]
-    report.tables = build_tables(entries, report.duplicates)
+    report.tables = build_tables(entries, report.duplicates, report.skipped)
     report.row_of = {e.path: e.row for e in entries if e.label != FP_ROW}
     return report
 

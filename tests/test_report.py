@@ -119,6 +119,10 @@ def test_each_columns_fp_cell_averages_the_seeds_of_that_columns_runs(tmp_path):
     assert cells[("FP", "sam_tiny", "w6a6")]["seeds"] == "0" and float(cells[("FP", "sam_tiny", "w6a6")]["mean"]) == 0.7
     assert cells[("FP", "sam_tiny", "w4a4")]["seeds"] == "0 1 2"
     assert float(cells[("FP", "sam_tiny", "w4a4")]["mean"]) == pytest.approx(0.8)
+    # the seed-5 FP run is in no cell: listed as such rather than counted without a trace
+    text = (tmp_path / "report.md").read_text()
+    assert f"`{tmp_path / 'fp_s5' / 'results.json'}`: FP-only run of seed 5: no quantized run of sam_tiny" in text
+    assert "1 results.json skipped" in text
 
 
 def test_a_knob_that_differs_within_a_cell_splits_the_row(tmp_path):
