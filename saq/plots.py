@@ -7,6 +7,7 @@ parts of a saved model lose accuracy when quantized.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,51 @@ def pyplot():
     return plt
 
 
+SUPERSCRIPTS = str.maketrans("0123456789-−", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁻")
+
+
+def plain_tick_text(text: str) -> str:
+    """A log axis's mathtext tick label ($\\mathdefault{4\\times10^{-2}}$) as plain text (4×10⁻²): mathtext is off
+    (pyplot), so matplotlib's own log labels would print as their source."""
+    match = re.fullmatch(r"\$\\mathdefault\{(.*)\}\$", text)
+    if match is None:
+        return text
+    body = match.group(1).replace("\\times", "×").replace("\\minus", "−")
+    return re.sub(r"\^\{([^}]*)\}", lambda m: m.group(1).translate(SUPERSCRIPTS), body)
+
+
+def plain_log_ticks(fig) -> None:
+    """Every log or symlog axis of fig labelled in plain text (its own formatter decides which ticks get a label)."""
+    from matplotlib import ticker
+
+    class PlainText(ticker.Formatter):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def set_locs(self, locs):
+            self.inner.set_locs(locs)
+
+        def format_ticks(self, values):
+            return [plain_tick_text(t) for t in self.inner.format_ticks(values)]
+
+        def __call__(self, x, pos=None):
+            return plain_tick_text(self.inner(x, pos))
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() in ("log", "symlog"):
+                for formatter, setter in ((axis.get_major_formatter(), axis.set_major_formatter),
+                                          (axis.get_minor_formatter(), axis.set_minor_formatter)):
+                    if not hasattr(formatter, "inner"):  # wrapped already (a figure saved twice)
+                        setter(PlainText(formatter))
+                        formatter.set_axis(axis)  # set_*_formatter gave the wrapper the axis, not what it wraps
+
+
 def save_figure(fig, path: Path, dpi: int = 110, layout: dict | None = None, bbox_inches: str | None = None) -> Path:
     """Lay out (tight_layout with `layout`; None skips it), write and close a figure; returns its path.
     bbox_inches="tight" grows the image to hold what sits outside the axes (a legend beside them)."""
     try:
+        plain_log_ticks(fig)
         if layout is not None:
             fig.tight_layout(**layout)
         with atomic_path(path) as tmp:  # whole or none: a killed report leaves no truncated PNG for W&B to upload

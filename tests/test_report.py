@@ -638,6 +638,25 @@ def test_figures_print_dollar_signs_as_text_and_are_written_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.png"]  # the temporary file it was written through is gone
 
 
+def test_log_axes_are_labelled_in_plain_text_with_math_markup_off(tmp_path):
+    # mathtext is off for the '$' above, so matplotlib's own log labels ($\mathdefault{10^{1}}$) printed as source
+    from saq.plots import plain_tick_text, pyplot, save_figure
+
+    assert plain_tick_text(r"$\mathdefault{4\times10^{-2}}$") == "4×10⁻²"
+    assert plain_tick_text(r"$\mathdefault{-10^{0}}$") == "-10⁰" and plain_tick_text("0.5") == "0.5"
+    fig, (log, symlog) = pyplot().subplots(1, 2)
+    log.plot([0.03, 0.5, 20], [0.04, 1, 0.09])
+    log.set_xscale("log")
+    log.set_yscale("log")
+    symlog.plot([-3, 0.5, 2000], [1, 2, 3])
+    symlog.set_xscale("symlog", linthresh=1.0)
+    save_figure(fig, tmp_path / "f.png", layout={})
+    labels = [t.get_text() for ax in (log, symlog) for axis in (ax.xaxis, ax.yaxis)
+              for t in axis.get_ticklabels() + axis.get_ticklabels(minor=True)]
+    assert "10¹" in labels and "-10⁰" in labels and "10³" in labels
+    assert not [t for t in labels if "$" in t or "\\" in t], labels
+
+
 def test_the_one_width_plot_marks_a_nan_row_and_draws_every_fp_row(tmp_path, monkeypatch):
     from saq.report import plot_rows_at_one_width
 
