@@ -192,8 +192,10 @@ def check_overrides_read(cfg: DictConfig, overrides: list[str] | None = None) ->
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
+        from saq.sweep import override_strings
+
         single = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
-        overrides = list(HydraConfig.get().overrides.task) if single else []
+        overrides = override_strings(HydraConfig.get().overrides.task) if single else []
     check_clip_grid_read(cfg, overrides)
     recon = cfg.get("recon") or {}
     granularity = recon.get("granularity")

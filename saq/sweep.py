@@ -76,6 +76,15 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("saq_dirname", job_dirname)
 
 
+def override_strings(overrides) -> list[str]:
+    """Hydra's overrides (hydra.overrides.task, a sweeper's params) as the command line wrote them: iterating the
+    config node would resolve a ${...} inside a value, and one that does not resolve would raise there, before
+    saq's checks could name it."""
+    if isinstance(overrides, DictConfig):
+        return [f"{k}={v}" for k, v in OmegaConf.to_container(overrides, resolve=False).items()]
+    return [str(o) for o in (OmegaConf.to_container(overrides, resolve=False) if overrides is not None else [])]
+
+
 def check_preset_found(cfg: DictConfig) -> None:
     """`+sweeps=NAME` run outside the repository root adds a plain string instead of the preset: refuse it."""
     if isinstance(cfg.get("sweeps"), str):
@@ -87,7 +96,7 @@ def check_single_run_of_a_sweep(hydra_cfg) -> None:
     """`python -m saq +sweeps=NAME` without -m runs one job: fine when the overrides give every swept key a value (a
     W&B agent's runs), otherwise -m was forgotten and the job would run none of the sweep's values."""
     params = hydra_cfg.sweeper.get("params") or {}
-    given = {override.split("=", 1)[0].lstrip("+~") for override in hydra_cfg.overrides.task}
+    given = {override.split("=", 1)[0].lstrip("+~") for override in override_strings(hydra_cfg.overrides.task)}
     missing = [key for key in params if key not in given]
     if missing:
         raise SaqError(f"this sweep preset sweeps {', '.join(params)}, but without -m one job runs with none of "
@@ -249,8 +258,7 @@ def sweep_job_overrides(config: DictConfig) -> list[list[str]] | None:
 
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
-    params = config.hydra.sweeper.get("params") or {}
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    arguments = override_strings(config.hydra.sweeper.get("params")) + override_strings(config.hydra.overrides.task)
     batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
     return [list(job) for batch in batches for job in batch]
 

@@ -232,6 +232,22 @@ def test_a_sweep_preset_without_dash_m_runs_only_when_every_swept_key_has_a_valu
         check_single_run_of_a_sweep(partial.hydra)
 
 
+def test_an_override_whose_interpolation_does_not_resolve_is_named_by_the_checks_not_raised_on_reading(tmp_path):
+    # reading Hydra's override list resolved a ${...} inside a value: a traceback in a single run, and in a
+    # multirun the pre-flight callback raised (Hydra only warns) so every job ran unchecked
+    from hydra import compose, initialize_config_dir
+
+    from saq.sweep import check_single_run_of_a_sweep, composed_jobs, override_strings
+
+    overrides = ["model.checkpoint=${nope}", "quant=w4a4", f"hydra.sweep.dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        config = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        assert override_strings(config.hydra.overrides.task)[0] == "model.checkpoint=${nope}"
+        check_single_run_of_a_sweep(config.hydra)  # no preset: nothing to say, and nothing raised
+        [(job, why)] = composed_jobs(config)
+    assert why == "model.checkpoint cannot be resolved: Interpolation key 'nope' not found", why
+
+
 # ------------------------------------------------------------------ resume rules, without running SAM
 
 def finished(config: dict, quant: str = "w4a4") -> dict:
