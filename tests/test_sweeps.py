@@ -220,15 +220,16 @@ def test_a_sweep_preset_without_dash_m_runs_only_when_every_swept_key_has_a_valu
                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: this sweep preset sweeps method, seed, but without -m one job runs with none of their values "
-        "(method unset): add -m (python -m saq -m +sweeps=...), or give each swept key one value"], proc.stderr
+        "error: this sweep preset sweeps seed, but without -m one job runs with none of their values "
+        "(seed unset): add -m (python -m saq -m +sweeps=...), or give each swept key one value"], proc.stderr
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         # a W&B agent's run: every swept key given (as sweeps/wandb/seeds.yaml's command does)
         agent = compose(config_name="config", overrides=["+sweeps=seeds", "method=saq_sam", "seed=1"],
                         return_hydra_config=True)
-        partial = compose(config_name="config", overrides=["+sweeps=seeds", "seed=1"], return_hydra_config=True)
+        partial = compose(config_name="config", overrides=["+sweeps=recon_ablation", "recon=par"],
+                          return_hydra_config=True)
     check_single_run_of_a_sweep(agent.hydra)
-    with pytest.raises(SaqError, match=r"\(method unset\)"):
+    with pytest.raises(SaqError, match=r"\(recon\.granularity unset\)"):
         check_single_run_of_a_sweep(partial.hydra)
 
 
@@ -246,6 +247,19 @@ def test_an_override_whose_interpolation_does_not_resolve_is_named_by_the_checks
         check_single_run_of_a_sweep(config.hydra)  # no preset: nothing to say, and nothing raised
         [(job, why)] = composed_jobs(config)
     assert why == "model.checkpoint cannot be resolved: Interpolation key 'nope' not found", why
+
+
+@pytest.mark.parametrize("overrides", [["+sweeps=seeds", "recon.weight_lr=0.003"],
+                                       ["+sweeps=seeds", "method=qdrop", "recon.drop_prob=0.75"],
+                                       ["+sweeps=recon_ablation", "recon.iters.stage=5"]])
+def test_recon_knobs_can_be_set_on_the_presets_of_one_learned_method(overrides):
+    # Hydra composes a multirun's first config without its swept values: a recon=none there refused recon.* knobs
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    key, value = overrides[-1].split("=")
+    assert str(OmegaConf.select(cfg, key)) == value and cfg.recon.name != "none"
 
 
 # ------------------------------------------------------------------ resume rules, without running SAM
