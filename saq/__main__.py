@@ -83,6 +83,58 @@ def check_group_options(argv: list[str]) -> None:
             if isinstance(option, str) and "${" not in option and not any(
                     (folder / option).exists() or (folder / f"{option}.yaml").is_file() for folder in folders):
                 raise SaqError(unknown_option(group, option, folders))
+    check_override_keys(overrides, args.multirun)
+
+
+def check_override_keys(overrides: list, multirun: bool) -> None:
+    """A key the composed config lacks (a typo; quant.calib_images with quant=fp; recon.drop_prob with recon=none) is
+    one line saying which presets have it or which keys there are: Hydra's message spans lines, and its hint
+    (+key=...) adds a knob that saq then refuses. Composed as Hydra composes first (a multirun without its swept
+    values); any other composition problem is left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    plain = [o.input_line for o in overrides if not (multirun and o.is_sweep_override())]
+    swept = {o.key_or_group for o in overrides if multirun and o.is_sweep_override()}
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            try:
+                compose(config_name="config", overrides=plain)
+                return
+            except ConfigCompositionException as exc:
+                found = re.match(r"Could not override '([^']+)'", str(exc))
+                if found is None or not isinstance(exc.__cause__, ConfigAttributeError | ConfigKeyError):
+                    return
+                key = found.group(1)
+            line = missing_key_line(key, [o for o in plain if o.split("=", 1)[0] != key], compose)
+    except Exception:  # noqa: BLE001 - whatever this cannot compose, Hydra reports in its own words
+        return
+    group = key.split(".")[0]
+    if group in swept:  # the first composition has the group's default, not the swept options
+        line += (f"; {group}= is swept, and Hydra composes a multirun's first config without its swept values: "
+                 f"set the knob with ++{key}=...")
+    raise SaqError(line)
+
+
+def missing_key_line(key: str, others: list[str], compose) -> str:
+    """The line for a key the config composed from `others` lacks: the group's presets that have it, else the keys
+    its parent has."""
+    from omegaconf import DictConfig as Node
+
+    cfg = compose(config_name="config", overrides=others, return_hydra_config=True)
+    group, parent = key.split(".")[0], key.rpartition(".")[0]
+    choice = cfg.hydra.runtime.choices.get(group)
+    if choice is not None and "." in key:
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+        having = [o for o in options if o != choice and OmegaConf.select(
+            compose(config_name="config", overrides=[f"{group}={o}"]), key, default=KeyError) is not KeyError]
+        if having and OmegaConf.select(cfg, parent) is not None and parent == group:
+            return (f"{key} is not a key of {group}={choice}; {group}={', '.join(having)} "
+                    f"{'has' if len(having) == 1 else 'have'} it (choose one)")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = sorted(k for k in node.keys() if k != "hydra") if isinstance(node, Node) else []
+    return f"{key} is not a known key; expected one of {keys}"
 
 
 def unknown_option(group: str, option: str, folders: list[Path]) -> str:

@@ -520,9 +520,38 @@ def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results
 
 
 @pytest.mark.parametrize(("arguments", "line"), [
+    (["quant=w4a4", "recon.drop_prob=0.3"], "recon.drop_prob is not a key of recon=none; recon=par, qdrop have it "
+                                            "(choose one)"),
+    (["quant=w4a4", "quant.encoder.act.nop=1"], "quant.encoder.act.nop is not a known key; expected one of "
+                                                "['ch_axis', 'granularity', 'observer', 'quantizer', 'symmetric']"),
+    (["sed=1"], "sed is not a known key; expected one of ['clip', 'deploy', 'device', 'figures', 'fp_cache', "
+                "'logger', 'method', 'model', 'progress', 'prompts', 'quant', 'recon', 'resume', 'seed', 'task', "
+                "'threads']"),
+    # a multirun's first composition has the swept group's default: Hydra's way round it is ++
+    (["-m", "quant=w6a6,w4a4", "quant.calib_images=8"], "quant.calib_images is not a key of quant=fp; quant=w4a4, "
+                                                        "w6a6, w8a8 have it (choose one); quant= is swept, and Hydra "
+                                                        "composes a multirun's first config without its swept "
+                                                        "values: set the knob with ++quant.calib_images=..."),
+])
+def test_a_key_the_composed_config_lacks_is_one_line_naming_what_has_it(arguments, line):
+    from saq.__main__ import check_group_options
+    from saq.errors import SaqError
+
+    with pytest.raises(SaqError) as err:
+        check_group_options(arguments)
+    assert str(err.value) == line
+    # what composes passes, ++ and a swept group's knob added that way included
+    for fine in (["quant=w4a4", "recon=par", "recon.drop_prob=0.3"], ["-m", "quant=w6a6,w4a4",
+                                                                       "++quant.calib_images=8"]):
+        check_group_options(fine)
+
+
+@pytest.mark.parametrize(("arguments", "line"), [
     (["quant=w5a5"], "error: quant=w5a5 unknown; options: fp, w4a4, w6a6, w8a8; other bit-widths: quant=w4a4 "
                      "quant.w_bits=5 quant.a_bits=5"),
     (["-m", "task=instance,foo"], "error: task=foo unknown; options: instance, oriented, semantic"),
+    (["quant.calib_images=2"], "error: quant.calib_images is not a key of quant=fp; quant=w4a4, w6a6, w8a8 have it "
+                               "(choose one)"),
 ])
 def test_an_unknown_group_option_is_one_line_listing_the_options(arguments, line, tmp_path):
     proc = saq(*arguments, "logger=none", f"hydra.run.dir={tmp_path / 'r'}", f"hydra.sweep.dir={tmp_path / 's'}")
