@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from saq import CONF_DIR
 from saq.errors import SaqError, check_bool, check_device, check_int, check_number, check_seed, is_number
 from saq.log import (
+    PAPER_COMPAT_SUFFIX,
     bits_label,
     folder_write_problem,
     git_commit,
@@ -424,6 +425,16 @@ def scalar_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if is_number(v)}
 
 
+def table_rows(metrics: dict, recon: dict | None) -> dict[str, dict]:
+    """The printed table's rows: each precision's scalar metrics; a paper-compatible evaluation (half the linear
+    inputs left FP) says so in its row, as in the report, not only in results.json."""
+    from saq.recon import EVAL_PAPER
+
+    paper_compat = recon is not None and recon.get("eval_mode") == EVAL_PAPER
+    return {prec + (PAPER_COMPAT_SUFFIX if prec == "quantized" and paper_compat else ""): scalar_metrics(m)
+            for prec, m in metrics.items()}
+
+
 def format_table(model: str, task: str, prompts: str, rows: dict[str, dict]) -> str:
     """A small fixed-width table: one row per precision, one column per scalar metric."""
     names = [k for k in next(iter(rows.values())) if k not in ("images", "prompts")]
@@ -431,7 +442,7 @@ def format_table(model: str, task: str, prompts: str, rows: dict[str, dict]) -> 
     body = [[model, task, prompts, prec, *(f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k, ""))
                                             for k in names)] for prec, m in rows.items()]
     widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
 
@@ -561,8 +572,7 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
         "wall_time_s": round(time.time() - start, 2),
         "run_dir": str(run_dir),
     }
-    table = format_table(cfg.model.name, task.name, prompts_name,
-                         {prec: scalar_metrics(m) for prec, m in metrics.items()})
+    table = format_table(cfg.model.name, task.name, prompts_name, table_rows(metrics, recon))
     try:
         path = write_results(run_dir, record)  # before anything optional, printing included
     except SaqError:

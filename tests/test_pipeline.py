@@ -427,3 +427,14 @@ def test_a_file_the_prompts_or_task_cannot_read_is_named_in_one_line(synthetic_r
         pipeline.build_task(cfg)
     assert str(err.value) == (f"the prompts (builtins.open) cannot be built: Is a directory: {tmp_path}; check the "
                               "paths among its prompts.* settings")
+
+
+def test_the_printed_table_labels_a_paper_compatible_evaluation():
+    from saq.recon import EVAL_FULL, EVAL_PAPER
+
+    metrics = {"fp": {"mask_AP": 0.76, "images": 5}, "quantized": {"mask_AP": 0.74, "images": 5}}
+    assert list(pipeline.table_rows(metrics, {"eval_mode": EVAL_FULL})) == ["fp", "quantized"]
+    rows = pipeline.table_rows(metrics, {"eval_mode": EVAL_PAPER})
+    assert list(rows) == ["fp", "quantized (paper-compat eval)"]
+    table = pipeline.format_table("sam_tiny", "instance", "gt", rows)
+    assert table.splitlines()[-1].split()[3:7] == ["quantized", "(paper-compat", "eval)", "0.7400"]
