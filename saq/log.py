@@ -78,7 +78,25 @@ def folder_write_problem(folder: Path) -> str | None:
     # os.access also answers for root: a read-only mount is refused to every user
     if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
-    return None
+    return mkdir_problem(Path(folder))
+
+
+def mkdir_problem(folder: Path) -> str | None:
+    """Why the missing part of `folder` cannot be made (a file system that refuses new folders, as /proc does,
+    although os.access says yes), tried by making it and removing again what was made."""
+    made = []
+    try:
+        for part in reversed([folder, *folder.parents]):
+            if not part.exists():
+                part.mkdir()
+                made.append(part)
+        return None
+    except OSError as exc:
+        return os_reason(exc)
+    finally:
+        for part in reversed(made):
+            with contextlib.suppress(OSError):  # another run may have written into it meanwhile: then it stays
+                part.rmdir()
 
 
 def run_folder_error(folder: Path, reason: str, key: str) -> SaqError:

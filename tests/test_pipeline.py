@@ -205,7 +205,14 @@ def test_folder_write_problem_names_what_mkdir_would_fail_on(tmp_path):
     assert folder_write_problem(tmp_path / "a-file" / "run") == f"{tmp_path / 'a-file'} is a file, not a folder"
     assert folder_write_problem(tmp_path / "dangling" / "run") == (f"{tmp_path / 'dangling'} is a link to "
                                                                    f"{tmp_path / 'gone'}, which does not exist")
-    assert not (tmp_path / "new").exists()  # asked without making anything
+    assert not (tmp_path / "new").exists()  # asked without leaving anything behind
+    # a file system that refuses new folders although os.access allows them (/proc): mkdir is what answers
+    from pathlib import Path
+
+    proc = Path("/proc")
+    if proc.is_dir():
+        problem = folder_write_problem(proc / "saq-run" / "x")  # as root: mkdir's ENOENT; else: not writable
+        assert problem in ("No such file or directory: /proc/saq-run", "/proc is not writable"), problem
 
 
 def test_a_record_the_os_will_not_move_is_a_warning_once_the_results_are_written(tmp_path, monkeypatch, capsys):
