@@ -236,7 +236,8 @@ def _row_key_relevant(key: str, fp: bool) -> bool:
 
 
 def _fmt_value(value) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    """A knob's value as an override would write it (null, true, [1, 2]), not as Python prints it."""
+    return json.dumps(value) if isinstance(value, list | dict | bool) or value is None else str(value)
 
 
 def _row_value(e: Entry, key: str) -> str:

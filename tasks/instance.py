@@ -75,13 +75,14 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
         # a calibration file is read for its boxes only (box-only files, as detector training lists, are fine)
         needed = ("id", "image_id", "category_id", "bbox", *(("segmentation", "area") if scored else ()))
         if not isinstance(ann, dict) or not all(k in ann for k in needed):
-            raise SaqError(f"annotation file {ann_path}: annotation {i} lacks one of {', '.join(needed)}")
+            raise SaqError(f"annotation file {ann_path}: annotations[{i}] lacks one of {', '.join(needed)}")
         # COCOeval reads an object id of 0 as 'unmatched' and its index keeps one object per id: either would
         # score correct masks as misses without a word
         ann_id = ann["id"]
         if not is_int(ann_id) or ann_id < 1 or ann_id in seen_ids:
-            raise SaqError(f"annotation file {ann_path}: annotation {i} has id {ann_id!r}; ids must be unique "
-                           "integers >= 1")
+            again = ", which an earlier annotation has" if ann_id in seen_ids else ""
+            raise SaqError(f"annotation file {ann_path}: annotations[{i}] has id {ann_id!r}{again}; ids must be "
+                           "unique integers >= 1")
         seen_ids.add(ann_id)
         where = f"annotation file {ann_path}: annotation {ann_id}"
         if not is_int(ann["image_id"]) or ann["image_id"] not in images:

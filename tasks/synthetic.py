@@ -307,7 +307,8 @@ def check_new_root(root: Path) -> None:
           "needs task.generate=null)")
 
 
-def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progress: bool = True) -> Path:
+def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progress: bool = True,
+                   knobs: tuple[str, str] = ("task.generate.seed", "task.data.root")) -> Path:
     """Generate the dataset under root unless a complete one with the same parameters is already there.
 
     root must be missing, empty, or hold a synthetic dataset (its meta.json): a smaller one of the same seed grows
@@ -315,6 +316,7 @@ def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progre
     another generator version or an interrupted generation is replaced (only the files the generator writes are
     deleted); any other non-empty folder is refused, so a real dataset is never written into. Parallel sweep jobs on
     a fresh root take turns (a file lock): the first generates, the others then find its complete dataset.
+    knobs: how the caller names the seed and the root (a run's config keys, or the command line's flags).
     """
     root = Path(root)
     meta = {"generator_version": GENERATOR_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
@@ -331,9 +333,10 @@ def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progre
         old = _complete_meta(root)
         if old is not None and old.get("seed") != seed and _same_generator(old, meta):
             # replacing it would change the scenes under any run reading them now, and under earlier results
-            raise SaqError(f"{root} holds the synthetic dataset of seed {old.get('seed')}; task.generate.seed={seed} "
+            seed_knob, root_knob = knobs
+            raise SaqError(f"{root} holds the synthetic dataset of seed {old.get('seed')}; {seed_knob}={seed} "
                            f"would replace it under every run that uses it: generate seed {seed} into another "
-                           f"folder (task.data.root={root}_seed{seed}), or delete {root} first")
+                           f"folder ({root_knob}={root}_seed{seed}), or delete {root} first")
         return _generate_locked(root, _grown(root, meta), progress)
 
 
@@ -439,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.seed < SEED_LIMIT:
         parser.error(f"--seed must be in 0..{SEED_LIMIT - 1}")
     try:
-        root = ensure_dataset(args.out, args.n_train, args.n_val, args.seed)
+        root = ensure_dataset(args.out, args.n_train, args.n_val, args.seed, knobs=("--seed", "--out"))
     except SaqError as exc:
         parser.exit(1, f"error: {exc}\n")
     print(f"{root} holds the {args.n_train} train and {args.n_val} val scenes of seed {args.seed} (made now, or "

@@ -251,13 +251,13 @@ def _ann(ann_id: int) -> str:
     ('{"images": [], "annotations": [], "categories": []}', "lists no images"),
     ('{"images": [{"id": 1}], "annotations": [], "categories": []}', r"images\[0\] lacks one of id, file_name"),
     ('{"images": [{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}], "annotations": [{"id": 1}], '
-     '"categories": []}', "annotation 0 lacks"),
+     '"categories": []}', r"annotations\[0\] lacks"),
     *((f'{{"images": [{{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}}], "annotations": [{a}, {b}], '
        '"categories": [{"id": 1, "name": "x"}]}', match)
       for a, b, match in [
-          (_ann(1), _ann(0), r"annotation 1 has id 0; ids must be unique integers >= 1"),  # COCOeval: 'unmatched'
-          (_ann(1), _ann(1), r"annotation 1 has id 1; ids must be unique"),  # one object would vanish
-          (_ann(1), _ann(2).replace('"area": 4, ', ""), r"annotation 1 lacks one of id, .*area"),
+          (_ann(1), _ann(0), r"annotations\[1\] has id 0; ids must be unique integers >= 1"),  # 'unmatched'
+          (_ann(1), _ann(1), r"annotations\[1\] has id 1, which an earlier annotation has; ids must be unique"),
+          (_ann(1), _ann(2).replace('"area": 4, ', ""), r"annotations\[1\] lacks one of id, .*area"),
           # COCOeval ignores an object outside its area range and fails late on a string area
           (_ann(1), _ann(2).replace('"area": 4', '"area": -1'), r"annotation 2 has area -1; expected a number"),
           (_ann(1), _ann(2).replace('"area": 4', '"area": "4"'), r"annotation 2 has area '4'; expected a number"),

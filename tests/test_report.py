@@ -409,7 +409,7 @@ def test_a_row_evaluated_on_other_images_than_the_table_says_so_even_alone(tmp_p
     put(tmp_path, "pcc", record(clip="pcc", ap=0.7, fp_ap=0.75))  # its only run, on all images
     report = build_report(tmp_path)
     table = next(t for t in report.tables if t.metric == "mask_AP")
-    assert set(table.rows) == {"FP", "FP task.max_images=None", "minmax", "mse", "pcc task.max_images=None"}
+    assert set(table.rows) == {"FP", "FP task.max_images=null", "minmax", "mse", "pcc task.max_images=null"}
     # pcc scores highest, but on other images: the bold best of the column goes to mse
     assert table.best(("sam_tiny", "w4a4")) == {"mse"}
 

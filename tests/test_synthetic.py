@@ -134,6 +134,9 @@ def test_regenerating_with_other_parameters_leaves_no_old_scene(tmp_path):
                                        r"it under every run that uses it: generate seed 5 into another folder "
                                        r"\(task.data.root=.*d_seed5\), or delete"):
         ensure_dataset(root, n_train=2, n_val=1, seed=5, progress=False)
+    # the command line (python -m tasks.synthetic) names its own flags
+    with pytest.raises(SaqError, match=r"; --seed=5 would replace it .* \(--out=.*d_seed5\)"):
+        ensure_dataset(root, n_train=2, n_val=1, seed=5, progress=False, knobs=("--seed", "--out"))
     assert json.loads((root / "meta.json").read_text())["seed"] == 0
     # an interrupted generation (or another generator version) is replaced, old scenes and all
     meta = json.loads((root / "meta.json").read_text())
