@@ -95,46 +95,60 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    plain = [o.input_line for o in overrides if not (multirun and o.is_sweep_override())]
-    swept = {o.key_or_group for o in overrides if multirun and o.is_sweep_override()}
+    for o in overrides:  # a sweep preset not found from here: check_preset_found (or Hydra) says so, not this
+        if o.key_or_group == "sweeps" and isinstance(o.value(), str) and not (
+                Path.cwd() / "sweeps" / f"{o.value()}.yaml").is_file():
+            return
+    plain = [o for o in overrides if not (multirun and o.is_sweep_override())]
+    swept = sorted({o.key_or_group for o in overrides if multirun and o.is_sweep_override()})
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             try:
-                compose(config_name="config", overrides=plain)
+                compose(config_name="config", overrides=[o.input_line for o in plain])
                 return
             except ConfigCompositionException as exc:
                 found = re.match(r"Could not override '([^']+)'", str(exc))
                 if found is None or not isinstance(exc.__cause__, ConfigAttributeError | ConfigKeyError):
                     return
-                key = found.group(1)
-            line = missing_key_line(key, [o for o in plain if o.split("=", 1)[0] != key], compose)
+                key, missing = found.group(1), getattr(exc.__cause__, "full_key", None) or found.group(1)
+            others = [o.input_line for o in plain if o.key_or_group != key]
+            line, presets_have_it = missing_key_line(key, missing, others, compose)
     except Exception:  # noqa: BLE001 - whatever this cannot compose, Hydra reports in its own words
         return
-    group = key.split(".")[0]
-    if group in swept:  # the first composition has the group's default, not the swept options
-        line += (f"; {group}= is swept, and Hydra composes a multirun's first config without its swept values: "
-                 f"set the knob with ++{key}=...")
+    if presets_have_it and swept:  # the first composition has the defaults, not the swept options
+        line += (f"; this multirun sweeps {', '.join(swept)}, and Hydra composes its first config without the swept "
+                 f"values: to give every job the knob, write ++{key}=...")
     raise SaqError(line)
 
 
-def missing_key_line(key: str, others: list[str], compose) -> str:
-    """The line for a key the config composed from `others` lacks: the group's presets that have it, else the keys
-    its parent has."""
+def missing_key_line(key: str, missing: str, others: list[str], compose) -> tuple[str, bool]:
+    """The line for override `key` that the config composed from `others` cannot take (`missing`: the first part
+    it lacks), and whether other presets of its group have the key."""
     from omegaconf import DictConfig as Node
 
+    absent = object()
     cfg = compose(config_name="config", overrides=others, return_hydra_config=True)
-    group, parent = key.split(".")[0], key.rpartition(".")[0]
-    choice = cfg.hydra.runtime.choices.get(group)
-    if choice is not None and "." in key:
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
-        having = [o for o in options if o != choice and OmegaConf.select(
-            compose(config_name="config", overrides=[f"{group}={o}"]), key, default=KeyError) is not KeyError]
-        if having and OmegaConf.select(cfg, parent) is not None and parent == group:
-            return (f"{key} is not a key of {group}={choice}; {group}={', '.join(having)} "
-                    f"{'has' if len(having) == 1 else 'have'} it (choose one)")
+    if OmegaConf.select(cfg, key, default=absent) is not absent:  # a dict value with a key the node lacks
+        key = missing
+    else:
+        group = key.split(".")[0]
+        choice = cfg.hydra.runtime.choices.get(group) if "." in key else None
+        if choice is not None:
+            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+            having = [o for o in options if o != choice and OmegaConf.select(
+                compose(config_name="config", overrides=[f"{group}={o}"]), key, default=absent) is not absent]
+            if having:
+                return (f"{key} is not a key of {group}={choice}; {group}={', '.join(having)} "
+                        f"{'has' if len(having) == 1 else 'have'} it (choose one)"), True
+    parent = key.rpartition(".")[0]
+    while parent and not isinstance(OmegaConf.select(cfg, parent, default=None), Node):
+        parent = parent.rpartition(".")[0]  # the nearest part the config has
     node = OmegaConf.select(cfg, parent) if parent else cfg
-    keys = sorted(k for k in node.keys() if k != "hydra") if isinstance(node, Node) else []
-    return f"{key} is not a known key; expected one of {keys}"
+    keys = sorted(k for k in node.keys() if k != "hydra")
+    if parent == key.rpartition(".")[0]:
+        return f"{key} is not a known key; expected one of {keys}", False
+    return f"{key} is not a known key: {parent or 'the config'} has no {key[len(parent):].lstrip('.').split('.')[0]}; " \
+           f"its keys: {keys}", False
 
 
 def unknown_option(group: str, option: str, folders: list[Path]) -> str:

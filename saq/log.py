@@ -13,6 +13,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import uuid
@@ -66,8 +67,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def folder_write_problem(folder: Path) -> str | None:
-    """Why files could not be written into `folder` (made first where missing), or None; asked without creating
-    anything, so a run refused for another reason leaves no empty folder behind."""
+    """Why files could not be written into `folder` (made first where missing), or None; asked without leaving
+    anything behind, so a run refused for another reason leaves no empty folder."""
     existing = Path(folder)
     while not existing.exists() and existing != existing.parent:  # the nearest part that exists decides
         if existing.is_symlink():  # a link to nothing: mkdir would fail on it
@@ -78,25 +79,18 @@ def folder_write_problem(folder: Path) -> str | None:
     # os.access also answers for root: a read-only mount is refused to every user
     if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
-    return mkdir_problem(Path(folder))
+    return mkdir_problem(existing)
 
 
-def mkdir_problem(folder: Path) -> str | None:
-    """Why the missing part of `folder` cannot be made (a file system that refuses new folders, as /proc does,
-    although os.access says yes), tried by making it and removing again what was made."""
-    made = []
+def mkdir_problem(existing: Path) -> str | None:
+    """Why a folder cannot be made in the existing folder `existing` (a file system that refuses new folders, as
+    /proc does, although os.access says yes): a probe folder of its own name is made and removed there, so no name
+    another run may be making is touched."""
     try:
-        for part in reversed([folder, *folder.parents]):
-            if not part.exists():
-                part.mkdir()
-                made.append(part)
-        return None
+        os.rmdir(tempfile.mkdtemp(prefix=".saq-probe-", dir=existing))
     except OSError as exc:
-        return os_reason(exc)
-    finally:
-        for part in reversed(made):
-            with contextlib.suppress(OSError):  # another run may have written into it meanwhile: then it stays
-                part.rmdir()
+        return f"no folder can be made in {existing}: {exc.strerror or exc}"
+    return None
 
 
 def run_folder_error(folder: Path, reason: str, key: str) -> SaqError:

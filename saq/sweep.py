@@ -77,12 +77,22 @@ def register_resolvers() -> None:
 
 
 def override_strings(overrides) -> list[str]:
-    """Hydra's overrides (hydra.overrides.task, a sweeper's params) as the command line wrote them: iterating the
-    config node would resolve a ${...} inside a value, and one that does not resolve would raise there, before
-    saq's checks could name it."""
-    if isinstance(overrides, DictConfig):
-        return [f"{k}={v}" for k, v in OmegaConf.to_container(overrides, resolve=False).items()]
+    """Hydra's command-line overrides (hydra.overrides.task) as written: Hydra passes them on unresolved, while
+    iterating the config node would resolve a ${...} inside a value (one that does not resolve would raise there,
+    before saq's checks could name it)."""
     return [str(o) for o in (OmegaConf.to_container(overrides, resolve=False) if overrides is not None else [])]
+
+
+def sweeper_params(params: DictConfig | None) -> list[str]:
+    """A sweeper's params as key=value overrides, resolved as Hydra resolves them when it builds the sweeper (one
+    that does not resolve is left as written, for the job's composition to name)."""
+    if params is None:
+        return []
+    try:
+        values = OmegaConf.to_container(params, resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation of the job's own config: the job's check says which
+        values = OmegaConf.to_container(params, resolve=False)
+    return [f"{k}={v}" for k, v in values.items()]
 
 
 def check_preset_found(cfg: DictConfig) -> None:
@@ -258,7 +268,7 @@ def sweep_job_overrides(config: DictConfig) -> list[list[str]] | None:
 
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
-    arguments = override_strings(config.hydra.sweeper.get("params")) + override_strings(config.hydra.overrides.task)
+    arguments = sweeper_params(config.hydra.sweeper.get("params")) + override_strings(config.hydra.overrides.task)
     batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
     return [list(job) for batch in batches for job in batch]
 

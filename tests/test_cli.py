@@ -529,9 +529,30 @@ def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results
                 "'threads']"),
     # a multirun's first composition has the swept group's default: Hydra's way round it is ++
     (["-m", "quant=w6a6,w4a4", "quant.calib_images=8"], "quant.calib_images is not a key of quant=fp; quant=w4a4, "
-                                                        "w6a6, w8a8 have it (choose one); quant= is swept, and Hydra "
-                                                        "composes a multirun's first config without its swept "
-                                                        "values: set the knob with ++quant.calib_images=..."),
+                                                        "w6a6, w8a8 have it (choose one); this multirun sweeps quant, "
+                                                        "and Hydra composes its first config without the swept values: "
+                                                        "to give every job the knob, write ++quant.calib_images=..."),
+    # a method sweep sets recon per job: the same way round; a typo gets no such hint (++ would not help)
+    (["-m", "method=qdrop,saq_sam", "quant=w4a4", "recon.drop_prob=0.3"], "recon.drop_prob is not a key of recon=none; "
+                                                                          "recon=par, qdrop have it (choose one); this "
+                                                                          "multirun sweeps method, and Hydra composes "
+                                                                          "its first config without the swept values: "
+                                                                          "to give every job the knob, write "
+                                                                          "++recon.drop_prob=..."),
+    (["-m", "quant=w6a6,w4a4", "quant.calib_imgs=8"], "quant.calib_imgs is not a known key; expected one of ['load', "
+                                                      "'name', 'save']"),
+    # deeper keys of another preset, and a dict value with a key the node lacks
+    (["quant.encoder.act.granularity=per_channel"], "quant.encoder.act.granularity is not a key of quant=fp; "
+                                                    "quant=w4a4, w6a6, w8a8 have it (choose one)"),
+    (["model.outliers.calib_images=4"], "model.outliers.calib_images is not a key of model=sam_tiny; "
+                                        "model=sam_tiny_outliers has it (choose one)"),
+    (["quant=w4a4", "recon=par", "recon.iters={stage:10,typo:5}"], "recon.iters.typo is not a known key; expected "
+                                                                   "one of ['block', 'decoder_block', "
+                                                                   "'decoder_layer', 'final_attn', 'layer', 'neck', "
+                                                                   "'stage']"),
+    (["quant=w4a4", "quant.nope.deeper=1"], "quant.nope.deeper is not a known key: quant has no nope; its keys: "
+                                            "['a_bits', 'agq', 'agq_taus', 'big', 'calib_decode_batch', "
+                                            "'calib_images', 'decoder', 'encoder', 'load', 'name', 'save', 'w_bits']"),
 ])
 def test_a_key_the_composed_config_lacks_is_one_line_naming_what_has_it(arguments, line):
     from saq.__main__ import check_group_options
@@ -544,6 +565,13 @@ def test_a_key_the_composed_config_lacks_is_one_line_naming_what_has_it(argument
     for fine in (["quant=w4a4", "recon=par", "recon.drop_prob=0.3"], ["-m", "quant=w6a6,w4a4",
                                                                        "++quant.calib_images=8"]):
         check_group_options(fine)
+
+
+def test_a_sweep_preset_not_found_from_here_is_left_to_the_preset_check(tmp_path, monkeypatch):
+    from saq.__main__ import check_group_options
+
+    monkeypatch.chdir(tmp_path)  # no sweeps/ here: +sweeps=seeds is a plain string, which check_preset_found names
+    check_group_options(["-m", "+sweeps=seeds", "recon.weight_lr=0.003"])
 
 
 @pytest.mark.parametrize(("arguments", "line"), [

@@ -212,7 +212,8 @@ def test_folder_write_problem_names_what_mkdir_would_fail_on(tmp_path):
     proc = Path("/proc")
     if proc.is_dir():
         problem = folder_write_problem(proc / "saq-run" / "x")  # as root: mkdir's ENOENT; else: not writable
-        assert problem in ("No such file or directory: /proc/saq-run", "/proc is not writable"), problem
+        assert problem in ("/proc is not writable", "no folder can be made in /proc: No such file or directory")
+    assert not list(tmp_path.glob(".saq-probe-*"))  # the probe removed again
 
 
 def test_a_record_the_os_will_not_move_is_a_warning_once_the_results_are_written(tmp_path, monkeypatch, capsys):

@@ -220,8 +220,8 @@ def test_a_sweep_preset_without_dash_m_runs_only_when_every_swept_key_has_a_valu
                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: this sweep preset sweeps seed, but without -m one job runs with none of their values "
-        "(seed unset): add -m (python -m saq -m +sweeps=...), or give each swept key one value"], proc.stderr
+        "error: this sweep preset sweeps method, seed, but without -m one job runs with none of their values "
+        "(method unset): add -m (python -m saq -m +sweeps=...), or give each swept key one value"], proc.stderr
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         # a W&B agent's run: every swept key given (as sweeps/wandb/seeds.yaml's command does)
         agent = compose(config_name="config", overrides=["+sweeps=seeds", "method=saq_sam", "seed=1"],
@@ -247,6 +247,21 @@ def test_an_override_whose_interpolation_does_not_resolve_is_named_by_the_checks
         check_single_run_of_a_sweep(config.hydra)  # no preset: nothing to say, and nothing raised
         [(job, why)] = composed_jobs(config)
     assert why == "model.checkpoint cannot be resolved: Interpolation key 'nope' not found", why
+
+
+def test_a_sweeper_param_is_resolved_as_hydra_resolves_it(tmp_path, monkeypatch):
+    # Hydra resolves hydra.sweeper.params when it builds the sweeper: the pre-flight must predict the same jobs
+    from hydra import compose, initialize_config_dir
+
+    from saq.sweep import composed_jobs
+
+    monkeypatch.setenv("SAQ_TEST_SEEDS", "0,1,2")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        overrides = ["+sweeps=seeds", "hydra.sweeper.params.seed=${oc.env:SAQ_TEST_SEEDS}", f"hydra.sweep.dir={tmp_path}"]
+        config = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        jobs = composed_jobs(config)
+    assert [job[:2] for job, _ in jobs] == [["method=saq_sam", f"seed={n}"] for n in range(3)]
+    assert not [why for _, why in jobs if isinstance(why, str)]
 
 
 @pytest.mark.parametrize("overrides", [["+sweeps=seeds", "recon.weight_lr=0.003"],
