@@ -569,6 +569,7 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_commit": commit,
         "versions": package_versions(),
+        "threads_used": torch.get_num_threads(),  # threads=null: the process's own count, which sums depend on
         "wall_time_s": round(time.time() - start, 2),
         "run_dir": str(run_dir),
     }

@@ -78,6 +78,7 @@ class Entry:
     paper_row: str | None = None  # the published row this run corresponds to (paper_results.paper_row)
     row: str = ""
     other_evaluation: bool = False  # evaluated on other images or prompts than most of its table
+    threads: object = None  # the thread count the run used (threads=null: the process's own)
 
 
 @dataclass
@@ -203,7 +204,8 @@ def entries_of(run: dict) -> list[Entry]:
     if run.get("checkpoint_sha256"):  # the weights themselves: a retrained file at the same path is another model
         flat["model.weights"] = str(run["checkpoint_sha256"])[:12]
     common = dict(task=str(run["task"]), prompts=str(run.get("prompts", "-")), model=str(run["model"]),
-                  seed=run.get("seed"), flat=flat, path=run["_path"], mtime=run["_mtime"])
+                  seed=run.get("seed"), flat=flat, path=run["_path"], mtime=run["_mtime"],
+                  threads=run.get("threads_used", flat.get("threads")))  # runs before 2026-12-02: as configured
     out = [Entry(bits="fp", label=FP_ROW, metrics=run["metrics"]["fp"], paper_row=FP_ROW, **common)]
     if run["quant"] != "fp":
         label = method_label(config)
@@ -378,7 +380,7 @@ def build_tables(entries: list[Entry], duplicates: list[Path],
                 for col in targets:
                     cells.setdefault((e.row, col), Cell([])).values.append(float(value))
                     seeds.setdefault((e.row, col), []).append(e.seed)
-                    threads.setdefault((e.row, col), []).append(e.flat.get("threads"))
+                    threads.setdefault((e.row, col), []).append(e.threads)
             used_rows = [r for r in rows if any((r, c) in cells for c in columns)]
             tables.append(Table(task, prompts, metric, columns, used_rows, row_label, row_paper, cells, seeds,
                                 {e.row for e in group if e.other_evaluation}, threads))

@@ -34,7 +34,7 @@ def test_run_writes_results_json_and_wandb_offline(synthetic_root, tmp_path):
     from saq.sam.build import checkpoint_digest
     assert rec["checkpoint_sha256"] == checkpoint_digest("sam_tiny", None)  # the weights, whatever their path
     assert rec["config"]["task"]["max_images"] == 3
-    assert rec["versions"]["torch"] and rec["wall_time_s"] > 0
+    assert rec["versions"]["torch"] and rec["wall_time_s"] > 0 and rec["threads_used"] >= 1
     assert "mask_AP" in proc.stdout and "sam_tiny" in proc.stdout
     log = (run_dir / "run.log").read_text()
     assert "mask_AP" in log and f"results: {run_dir / 'results.json'}" in log and "W&B: offline run in" in log

@@ -105,6 +105,11 @@ def test_a_cell_whose_seeds_ran_at_different_thread_counts_says_so(tmp_path):
     assert "mean ± sample standard deviation (n − 1) over seeds" in text
     assert "different thread counts" in text and "mse at sam_tiny W4A4: threads 1, 2" in text
     assert "different thread counts" not in (tmp_path / "one" / "report.md").read_text()
+    # threads=null runs at the process's own count, which results.json records: that is what is compared
+    for seed, (configured, used) in enumerate(((None, 2), (2, 2), (None, 1))):
+        put(tmp_path / "null", f"s{seed}", record(seed=seed, ap=0.6, threads=configured, threads_used=used))
+    cells = build_report(tmp_path / "null").tables[0].threads
+    assert cells[("mse", ("sam_tiny", "w4a4"))] == [2, 2, 1]
 
 
 def test_each_columns_fp_cell_averages_the_seeds_of_that_columns_runs(tmp_path):
