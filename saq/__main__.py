@@ -179,8 +179,9 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     folder_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    job_overrides = override_strings(hydra_cfg.overrides.task)
     # a sweep job's log names the job's own overrides, not the whole sweep's command line
-    arguments = override_strings(hydra_cfg.overrides.task) if multirun else sys.argv[1:]
+    arguments = job_overrides if multirun else sys.argv[1:]
     with ExitStack() as stack:
         try:  # the folder first: a run turned away must not write into another one's log
             stack.enter_context(claim_run_dir(run_dir))
@@ -191,7 +192,7 @@ def main(cfg: DictConfig) -> None:
             if (run_dir / RUNNING_FILE).exists():  # another multirun into the sweep folder computes this job
                 print(f"skipped: {run_dir} is being computed by another sweep's process")
             else:  # held by a tool (sensitivity, deploy): this job's failure, and the sweep goes on
-                write_failure(run_dir, cfg, exc, override_strings(hydra_cfg.overrides.task))
+                write_failure(run_dir, cfg, exc, job_overrides)
                 print(f"error: {exc}", file=sys.stderr)
             return
         try:
@@ -202,7 +203,7 @@ def main(cfg: DictConfig) -> None:
             if not multirun:
                 sys.exit(2)
             with contextlib.suppress(OSError):  # where the folder takes it, the sweep's summary lists the job
-                write_failure(run_dir, cfg, error, override_strings(hydra_cfg.overrides.task))
+                write_failure(run_dir, cfg, error, job_overrides)
             return
         # written once the config passed the run's checks: a refused run leaves an earlier run's record as it was
         accepted = partial(write_hydra_record, run_dir, cfg, hydra_cfg, folder_key)
@@ -210,7 +211,7 @@ def main(cfg: DictConfig) -> None:
             try:
                 check_preset_found(cfg)
                 if multirun:  # resume, and a failed job recorded without stopping the others
-                    run_sweep_job(cfg, run_dir, partial(run, accepted=accepted), override_strings(hydra_cfg.overrides.task))
+                    run_sweep_job(cfg, run_dir, partial(run, accepted=accepted), job_overrides)
                 else:
                     check_single_run_of_a_sweep(hydra_cfg)
                     run(cfg, run_dir, accepted=accepted)
