@@ -218,7 +218,7 @@ def check_clip_grid_read(cfg: DictConfig, overrides: list[str]) -> None:
     quant = cfg.get("quant") or {}
     parts = [name for name in ("encoder", "decoder") if isinstance(quant.get(name), DictConfig | dict)
              and quant[name].get("enabled", True)]
-    if cfg.get("quant", {}).get("name") != "fp" and not any(
+    if quant.get("name") != "fp" and not any(
             quant[name].get("act", {}).get("granularity") == "per_channel" for name in parts):
         raise SaqError("clip.num_ranges is read only by per-channel activation quantizers "
                        "(quant.encoder.act.granularity=per_channel or quant.decoder.act.granularity=per_channel); "
