@@ -28,6 +28,7 @@ from saq.log import (
     tee_run_log,
     write_text_atomic,
 )
+from saq.sweep import group_options
 
 # Hydra flags after which the command line is not a run of conf/config.yaml (another config, completion, help)
 OTHER_CONFIG_FLAGS = ("config_path", "config_name", "config_dir", "experimental_rerun", "shell_completion", "help",
@@ -134,7 +135,7 @@ def missing_key_line(key: str, missing: str, others: list[str], compose) -> tupl
         group = key.split(".")[0]
         choice = cfg.hydra.runtime.choices.get(group) if "." in key else None
         if choice is not None:
-            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+            options = group_options([CONF_DIR / group])
             having = [o for o in options if o != choice and OmegaConf.select(
                 compose(config_name="config", overrides=[f"{group}={o}"]), key, default=absent) is not absent]
             if having:
@@ -154,7 +155,7 @@ def missing_key_line(key: str, missing: str, others: list[str], compose) -> tupl
 def unknown_option(group: str, option: str, folders: list[Path]) -> str:
     """The line for an unknown group option: the options there (without _-prefixed shared parts) and, for a
     bit-width preset that does not exist, the knobs that set any width."""
-    options = sorted({p.stem for folder in folders for p in folder.glob("*.yaml") if not p.stem.startswith("_")})
+    options = group_options(folders)
     line = f"{group}={option} unknown; options: {', '.join(options) or 'none'}"
     if group == "quant":  # quant.w_bits / quant.a_bits, conf/quant/_base.yaml: 2-8 on any quantizing preset
         bits = re.fullmatch(r"[wW](\d+)[aA](\d+)", option)

@@ -18,6 +18,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from saq import CONF_DIR
 from saq.errors import SaqError
 from saq.log import (
     RESULTS_FILE,
@@ -71,9 +72,28 @@ def bounded_name(name: str, source: str, max_len: int) -> str:
 
 
 def register_resolvers() -> None:
-    """${saq_dirname:...}, used by conf/config.yaml's hydra.sweep.subdir (registered when saq is imported)."""
+    """${saq_dirname:...} (conf/config.yaml's hydra.sweep.subdir) and ${saq_presets:} (its hydra.help.template),
+    registered when saq is imported."""
     if not OmegaConf.has_resolver("saq_dirname"):
         OmegaConf.register_new_resolver("saq_dirname", job_dirname)
+    if not OmegaConf.has_resolver("saq_presets"):
+        OmegaConf.register_new_resolver("saq_presets", preset_listing)
+
+
+def group_options(folders: list[Path]) -> list[str]:
+    """The presets a user can choose in a config group's folders: _-prefixed files are shared parts (quant/_base)."""
+    return sorted({p.stem for folder in folders for p in folder.glob("*.yaml") if not p.stem.startswith("_")})
+
+
+def preset_listing() -> str:
+    """--help's list of config groups and their presets (conf/config.yaml hydra.help.template), and the sweep presets:
+    Hydra's own list shows shared parts such as quant/_base, which cannot be chosen, and no sweeps."""
+    groups = sorted(d for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "hydra" and group_options([d]))
+    lines = [f"{d.name}: {', '.join(group_options([d]))}" for d in groups]
+    sweeps = group_options([CONF_DIR.parent / "sweeps"])
+    if sweeps:
+        lines.append(f"+sweeps (with -m, or make sweep SWEEP=NAME): {', '.join(sweeps)}")
+    return "\n".join(lines)
 
 
 def override_strings(overrides) -> list[str]:

@@ -246,6 +246,19 @@ def test_bad_values_through_the_cli_exit_2_with_one_line(override, tmp_path):
     assert not (tmp_path / "r" / "results.json").exists()
 
 
+def test_help_lists_the_presets_a_user_can_choose_and_the_sweeps(tmp_path):
+    proc = saq("quant=w4a4", "--help", cwd=tmp_path)  # from another folder: presets are found from the package
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for group in ("clip", "method", "model", "quant", "recon", "task"):
+        options = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml") if not p.stem.startswith("_"))
+        assert f"{group}: {', '.join(options)}" in lines
+    assert "quant: fp, w4a4, w6a6, w8a8" in lines  # the shared quant/_base part is not a choice
+    sweeps = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
+    assert f"+sweeps (with -m, or make sweep SWEEP=NAME): {', '.join(sweeps)}" in lines
+    assert "  w_bits: 4" in lines  # the config, with the overrides given
+
+
 @pytest.mark.parametrize("tool", ["saq.report", "saq.deploy", "saq.sensitivity"])
 def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsys):
     import importlib
