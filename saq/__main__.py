@@ -28,7 +28,7 @@ from saq.log import (
     tee_run_log,
     write_text_atomic,
 )
-from saq.sweep import group_options
+from saq.sweep import group_options, preset_not_found
 
 # Hydra flags after which the command line is not a run of conf/config.yaml (another config, completion, help)
 OTHER_CONFIG_FLAGS = ("config_path", "config_name", "config_dir", "experimental_rerun", "shell_completion", "help",
@@ -96,29 +96,49 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    for o in overrides:  # a sweep preset not found from here: check_preset_found (or Hydra) says so, not this
+    for o in overrides:  # a sweep preset not found from here: said first, as the keys it would add are missing too
         if o.key_or_group == "sweeps" and isinstance(o.value(), str) and not (
                 Path.cwd() / "sweeps" / f"{o.value()}.yaml").is_file():
-            return
+            raise SaqError(preset_not_found(o.value()))
     plain = [o for o in overrides if not (multirun and o.is_sweep_override())]
     swept = sorted({o.key_or_group for o in overrides if multirun and o.is_sweep_override()})
+    lines, hinted = [], []  # hinted: keys another preset of a swept group has (method= sets recon, clip, quant)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            try:
-                compose(config_name="config", overrides=[o.input_line for o in plain])
+            missing = []  # (key, the first part of it the config lacks): Hydra names one per composition
+            remaining = [o.input_line for o in plain]
+            while True:
+                try:
+                    compose(config_name="config", overrides=remaining)
+                    break
+                except ConfigCompositionException as exc:
+                    found = re.match(r"Could not override '([^']+)'", str(exc))
+                    if found is None or not isinstance(exc.__cause__, ConfigAttributeError | ConfigKeyError):
+                        if not missing:
+                            return
+                        break  # something else: the keys found so far are still said, Hydra reports the rest
+                    key = found.group(1)
+                    missing.append((key, getattr(exc.__cause__, "full_key", None) or key))
+                    remaining = [o.input_line for o in plain if o.key_or_group not in {k for k, _ in missing}]
+            if not missing:
                 return
-            except ConfigCompositionException as exc:
-                found = re.match(r"Could not override '([^']+)'", str(exc))
-                if found is None or not isinstance(exc.__cause__, ConfigAttributeError | ConfigKeyError):
-                    return
-                key, missing = found.group(1), getattr(exc.__cause__, "full_key", None) or found.group(1)
-            others = [o.input_line for o in plain if o.key_or_group != key]
-            line, presets_have_it = missing_key_line(key, missing, others, compose)
+            for key, lacking in missing:
+                line, presets_have_it = missing_key_line(key, lacking, remaining, compose)
+                lines.append(line)
+                if presets_have_it and (key.split(".")[0] in swept or "method" in swept):
+                    hinted.append(key)
     except Exception:  # noqa: BLE001 - whatever this cannot compose, Hydra reports in its own words
         return
-    if presets_have_it and swept:  # the first composition has the defaults, not the swept options
+    by_tail: dict[str, list[str]] = {}  # keys with the same message after their name are said once
+    for (key, _), one in zip(missing, lines):
+        by_tail.setdefault(one[len(key):], []).append(key)
+    line = "; ".join(keys[0] + tail if len(keys) == 1 else ", ".join(keys) + tail.replace(
+        " is not a known key", " are not known keys", 1).replace(" is not a key of ", " are not keys of ", 1)
+        for tail, keys in by_tail.items())
+    if hinted:  # the first composition has the defaults, not the swept options
+        keys = ", ".join(f"++{key}=..." for key in hinted)
         line += (f"; this multirun sweeps {', '.join(swept)}, and Hydra composes its first config without the swept "
-                 f"values: to give every job the knob, write ++{key}=...")
+                 f"values: to give every job {'the knob' if len(hinted) == 1 else 'these knobs'}, write {keys}")
     raise SaqError(line)
 
 

@@ -55,6 +55,16 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def shown_path(path: Path) -> Path:
+    """A path as printed for the user: relative to the working folder when it lies inside it (outputs/...), which is
+    how the README and the command line name runs; absolute otherwise."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except (ValueError, OSError):
+        return path
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
     write_text_atomic(path, json.dumps(data, indent=2, default=str))

@@ -28,6 +28,7 @@ from saq.log import (
     log_to_wandb,
     os_reason,
     package_versions,
+    shown_path,
     write_json_atomic,
     write_results,
 )
@@ -582,7 +583,7 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
     if recon_state is not None and saved_model is not None:  # finished, written and its model saved: the resume
         recon_state.unlink(missing_ok=True)  # file (a whole model) is not needed (quant.save=false keeps it)
     print(table)
-    print(f"results: {path}")
+    print(f"results: {shown_path(path)}")
     if cfg.get("figures", True) and (clipping is not None or recon is not None):
         try:  # figures are optional: results.json is already written
             from saq.plots import clipping_figures, reconstruction_curves
@@ -590,9 +591,10 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
             figures = clipping_figures(clipping, run_dir) if clipping is not None else []
             figures.append(reconstruction_curves(recon, run_dir / "recon_units.png"))
             for figure in filter(None, figures):
-                print(f"figure: {figure}")
+                print(f"figure: {shown_path(figure)}")
         except Exception as exc:
-            print(f"warning: figures failed ({type(exc).__name__}: {exc}); results are in {path}", file=sys.stderr)
+            print(f"warning: figures failed ({type(exc).__name__}: {exc}); results are in {shown_path(path)}",
+                  file=sys.stderr)
     logger = cfg.get("logger")  # removed (~logger): no W&B
     log_to_wandb(OmegaConf.to_container(logger, resolve=True) if logger is not None else {}, record, run_dir)
     if deploy_error:

@@ -28,7 +28,15 @@ import torch
 from omegaconf import OmegaConf
 
 from saq.errors import SaqError, check_device
-from saq.log import RESULTS_FILE, SENSITIVITY_FILE, RunDirHeld, claim_run_dir, set_aside, write_json_atomic
+from saq.log import (
+    RESULTS_FILE,
+    SENSITIVITY_FILE,
+    RunDirHeld,
+    claim_run_dir,
+    set_aside,
+    shown_path,
+    write_json_atomic,
+)
 
 USAGE = "python -m saq.sensitivity RUN_DIR [parts=a,b,...] [max_images=N] [threads=N] [device=cpu|cuda]"
 FULL = "(fully quantized)"
@@ -211,9 +219,9 @@ class SensitivityFile:
             return
         from saq.plots import sensitivity_bars
 
-        self.report(f"results: {self.path}")
+        self.report(f"results: {shown_path(self.path)}")
         try:
-            self.report(f"figure: {sensitivity_bars(rows, self.header, self.path.with_suffix('.png'))}")
+            self.report(f"figure: {shown_path(sensitivity_bars(rows, self.header, self.path.with_suffix('.png')))}")
         except Exception as exc:  # a figure must not cost the rows, which are written already
             self.report(f"warning: the sensitivity figure failed ({type(exc).__name__}: {exc}); rows are in {self.path}")
 

@@ -118,8 +118,12 @@ def sweeper_params(params: DictConfig | None) -> list[str]:
 def check_preset_found(cfg: DictConfig) -> None:
     """`+sweeps=NAME` run outside the repository root adds a plain string instead of the preset: refuse it."""
     if isinstance(cfg.get("sweeps"), str):
-        raise SaqError(f"sweep preset '{cfg.sweeps}' not found: run from the repository root (sweeps/ is searched "
-                       f"there), where sweeps/{cfg.sweeps}.yaml must exist")
+        raise SaqError(preset_not_found(cfg.sweeps))
+
+
+def preset_not_found(name: str) -> str:
+    return (f"sweep preset '{name}' not found: run from the repository root (sweeps/ is searched there), where "
+            f"sweeps/{name}.yaml must exist")
 
 
 def check_single_run_of_a_sweep(hydra_cfg) -> None:

@@ -563,6 +563,17 @@ def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results
                                                                    "one of ['block', 'decoder_block', "
                                                                    "'decoder_layer', 'final_attn', 'layer', 'neck', "
                                                                    "'stage']"),
+    # several at once: every one said, keys with the same answer together, the ++ hint only where it helps
+    (["foo=1", "bar=2"], "foo, bar are not known keys; expected one of ['clip', 'deploy', 'device', 'figures', "
+                         "'fp_cache', 'logger', 'method', 'model', 'progress', 'prompts', 'quant', 'recon', 'resume', "
+                         "'seed', 'task', 'threads']"),
+    (["quant.weight_bits=4", "quant.calib_images=2"], "quant.weight_bits is not a known key; expected one of ['load', "
+                                                      "'name', 'save']; quant.calib_images is not a key of quant=fp; "
+                                                      "quant=w4a4, w6a6, w8a8 have it (choose one)"),
+    (["-m", "quant=w6a6,w4a4", "quant.calib_images=8", "recon.drop_prob=0.1"],
+     "quant.calib_images is not a key of quant=fp; quant=w4a4, w6a6, w8a8 have it (choose one); recon.drop_prob is "
+     "not a key of recon=none; recon=par, qdrop have it (choose one); this multirun sweeps quant, and Hydra composes "
+     "its first config without the swept values: to give every job the knob, write ++quant.calib_images=..."),
     (["quant=w4a4", "quant.nope.deeper=1"], "quant.nope.deeper is not a known key: quant has no nope; its keys: "
                                             "['a_bits', 'agq', 'agq_taus', 'big', 'calib_decode_batch', "
                                             "'calib_images', 'decoder', 'encoder', 'load', 'name', 'save', 'w_bits']"),
@@ -578,13 +589,6 @@ def test_a_key_the_composed_config_lacks_is_one_line_naming_what_has_it(argument
     for fine in (["quant=w4a4", "recon=par", "recon.drop_prob=0.3"], ["-m", "quant=w6a6,w4a4",
                                                                        "++quant.calib_images=8"]):
         check_group_options(fine)
-
-
-def test_a_sweep_preset_not_found_from_here_is_left_to_the_preset_check(tmp_path, monkeypatch):
-    from saq.__main__ import check_group_options
-
-    monkeypatch.chdir(tmp_path)  # no sweeps/ here: +sweeps=seeds is a plain string, which check_preset_found names
-    check_group_options(["-m", "+sweeps=seeds", "recon.weight_lr=0.003"])
 
 
 @pytest.mark.parametrize(("arguments", "line"), [

@@ -446,3 +446,13 @@ def test_the_printed_table_labels_a_paper_compatible_evaluation():
     assert list(rows) == ["fp", "quantized (paper-compat eval)"]
     table = pipeline.format_table("sam_tiny", "instance", "gt", rows)
     assert table.splitlines()[-1].split()[3:7] == ["quantized", "(paper-compat", "eval)", "0.7400"]
+
+
+def test_printed_paths_are_relative_to_the_working_folder_inside_it(tmp_path, monkeypatch):
+    from saq.log import shown_path
+
+    inside = tmp_path / "work"
+    (inside / "outputs" / "run").mkdir(parents=True)
+    monkeypatch.chdir(inside)
+    assert str(shown_path(inside / "outputs" / "run" / "results.json")) == "outputs/run/results.json"
+    assert shown_path(tmp_path / "elsewhere" / "results.json") == tmp_path / "elsewhere" / "results.json"

@@ -201,12 +201,15 @@ def test_slurm_launcher_without_slurm_is_one_line_and_runs_nothing(synthetic_roo
 
 def test_sweep_preset_outside_the_repository_root_is_one_clear_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "saq", "+sweeps=bits", "logger=none"], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "error: sweep preset 'bits' not found: run from the repository root (sweeps/ is searched there), "
-        "where sweeps/bits.yaml must exist"]
+    # with a knob only the preset's groups have too: the preset is what is missing, not the knob
+    for flags, extra in (([], []), (["-m"], ["recon.weight_lr=0.003", f"hydra.sweep.dir={tmp_path / 's'}"])):
+        proc = subprocess.run([sys.executable, "-m", "saq", *flags, "+sweeps=bits", "logger=none", *extra], cwd=tmp_path,
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [
+            "error: sweep preset 'bits' not found: run from the repository root (sweeps/ is searched there), "
+            "where sweeps/bits.yaml must exist"], proc.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_sweep_preset_without_dash_m_runs_only_when_every_swept_key_has_a_value(tmp_path):
