@@ -102,6 +102,67 @@ def test_reconstruction_lowers_the_block_error_against_round_to_nearest(reg):
     assert all(q.mode == "nearest" for q in iter_quantizers(qmodel, "weight"))
 
 
+class SmallBlock(nn.Module):
+    """lin1 (2→3), ReLU, lin2 (3→2): 12 weights, so every hard rounding (2^12) can be scored."""
+
+    def __init__(self, factory=None, seed=3):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.lin1, self.lin2 = nn.Linear(2, 3), nn.Linear(3, 2)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        if factory is not None:
+            self.lin1, self.lin2 = factory.linear(self.lin1, "encoder"), factory.linear(self.lin2, "encoder")
+
+    def forward(self, x):
+        return self.lin2(torch.relu(self.lin1(x)))
+
+
+def test_reconstruction_finds_the_best_rounding_of_a_block_small_enough_to_enumerate():
+    """With the 2-bit weight steps fixed (scale_lr 0) and nothing dropped, AdaRound chooses floor or ceil per weight;
+    scoring all 4096 choices gives the optimum, which nearest rounding misses by 2x and reconstruction reaches."""
+    fp = SmallBlock().eval()
+    qmodel = SmallBlock(QuantizerFactory(QuantConfig(w_bits=2, a_bits=8)))
+    qmodel.load_state_dict(fp.state_dict(), strict=False)
+    for name, q in qmodel.named_modules():
+        q.name = name
+    data = [Batch(torch.randn(64, 2, generator=torch.Generator().manual_seed(i))) for i in range(4)]
+    set_quant_state(qmodel, QuantState.OBSERVE, kind="act")
+    with torch.no_grad():
+        for d in data:
+            qmodel(d.x)
+    calibrate_weights(qmodel)
+    set_quant_state(qmodel, QuantState.QUANT)
+    nearest = block_error(qmodel, fp, data)
+    layers = [qmodel.lin1, qmodel.lin2]
+    with torch.no_grad():
+        down_up = []  # per layer: every weight rounded down and up on its calibrated grid
+        for layer in layers:
+            wq = layer.weight_quantizer
+            scale, zero, scaled = wq._scaled(layer.weight)
+            down_up.append([(torch.clamp(torch.floor(scaled) + up + zero, wq.grid.qmin, wq.grid.qmax) - zero) * scale
+                            for up in (0, 1)])
+        # all 4096 choices at once (bit k of a choice: weight k, lin1's six then lin2's six, rounded up), through
+        # the block's own per-tensor input quantizers
+        ups = (torch.arange(1 << 12)[:, None] >> torch.arange(12)) & 1
+        w1, w2 = (torch.where(part.reshape(-1, *down.shape).bool(), up, down)
+                  for (down, up), part in zip(down_up, ups.split(6, dim=1)))
+        x = torch.cat([d.x for d in data])
+        hidden = torch.relu(layers[0].input_quantizer(x) @ w1.transpose(1, 2) + layers[0].bias)
+        out = layers[1].input_quantizer(hidden) @ w2.transpose(1, 2) + layers[1].bias
+        errors = (out - fp(x)).square().sum(-1).mean(-1)
+        best = float(errors.min())
+        rounded = torch.cat([(layer.weight_quantizer(layer.weight) == up).flatten() for layer, (_, up)
+                             in zip(layers, down_up)]).long()
+        assert float(errors[(rounded << torch.arange(12)).sum()]) == pytest.approx(nearest, rel=1e-5)  # same scoring
+    assert nearest > 1.9 * best  # round-to-nearest is far from the best rounding here
+    cfg = recon_cfg(iters={"block": 1000}, scale_lr=0.0, drop_prob=1.0, round_reg={"weight": 0.01})
+    report = Reconstructor(qmodel, fp, cfg, seed=0, progress=False, chain=[Feed(), Block()]).run(data=data)
+    assert report.units[0].kept == "learned"
+    assert block_error(qmodel, fp, data) == pytest.approx(best, rel=1e-6)
+
+
 def test_each_unit_keeps_a_short_loss_curve_and_the_run_draws_it(tmp_path):
     from saq.plots import reconstruction_curves
 

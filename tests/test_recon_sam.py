@@ -114,6 +114,20 @@ def test_par_probe_is_the_fp_neck_and_two_way_transformer_of_the_stage_output(ti
             tiny.prompt_encoder.get_dense_pe().repeat(prompts, 1, 1, 1), data.tokens)
     assert probe.shape == keys.shape == (16, 32 * 32, 128)
     assert torch.allclose(probe, keys, atol=1e-5)
+    # ... and so is the target the loop's PAR loss learns stage 0 against, through the FP twin (not the quantized
+    # model being learned), while the loss probes the quantized stage's output along the same FP path
+    qmodel = calibrated(tiny, [sample], fast_weights=True)
+    chain = build_chain(qmodel, "stage")
+    rec = Reconstructor(qmodel, tiny, ReconConfig(), seed=0, chain=chain)
+    loss_fn = unit_loss(rec.cfg, chain[1], rec._probe, rec._downstream(1))
+    assert loss_fn.output_weights == {} and loss_fn.uses_response  # the interaction loss only (official weights)
+    with torch.no_grad():
+        (target,) = loss_fn.response((stage0,), data)
+        assert torch.allclose(target, keys, atol=1e-5)
+        q_stage0 = run_states(qmodel, chain, data, 1)
+        assert not torch.allclose(q_stage0[0], stage0, atol=1e-3)  # 4 bits: the quantized stage differs
+        loss = loss_fn(q_stage0, (stage0,), data, (target,))
+        assert torch.allclose(loss, squared_error(probe_image_tokens(tiny, q_stage0[0], data), keys), rtol=1e-4)
 
 
 def test_mask_response_is_segment_anythings_box_mask(tiny):
@@ -214,6 +228,22 @@ def test_agq_scale_is_learned_only_with_its_own_lr(tiny):
     few = {**stages, "iters": {**stages["iters"], "stage": 2}, "best_state": False}
     reconstruct(learned, tiny, cal, dict(few, softmax_scale_lr=0.002), seed=0, progress=False)
     assert all(scales(learned, True)[n] != s for n, s in scales(start, True).items())
+
+
+def test_paper_eval_compat_after_par_leaves_exactly_the_linear_inputs_dropping(tiny):
+    """The same documented state after SAQ-SAM's own reconstruction (stage units, PAR's losses)."""
+    cal = samples(1)
+    qmodel = calibrated(tiny, cal, fast_weights=True)
+    report = reconstruct(qmodel, tiny, cal, {"name": "par", "iters": {k: 1 for k in PAR_OFFICIAL_ITERS},
+                                              "paper_eval_compat": True, "best_state": False}, seed=0, progress=False)
+    assert report.eval_mode == EVAL_PAPER and [u.kind for u in report.units] == [
+        "stage", "stage", "neck", "decoder_layer", "decoder_layer", "final_attn"]
+    inputs = {id(m.input_quantizer) for m in qmodel.modules() if isinstance(m, QuantLayer)}
+    dropping = {id(q) for q in iter_quantizers(qmodel) if q.drop_prob != 1.0}
+    assert dropping == inputs and all(q.drop_prob == 0.5 for q in iter_quantizers(qmodel) if id(q) in inputs)
+    with pytest.raises(SaqError, match="quantizers still drop quantization"):
+        assert_fully_quantized(qmodel)
+    assert_fully_quantized(qmodel, allow_dropped_inputs=True)
 
 
 def test_paper_eval_compat_leaves_exactly_the_linear_inputs_dropping(tiny, tmp_path):
@@ -364,18 +394,29 @@ def test_recon_config_errors_name_the_key():
 
 
 def test_saq_sam_reconstructs_the_four_stages_of_a_vit_b():
-    """The real ViT-B architecture (12 blocks, global attention at 2/5/8/11, the same decoder), random weights, at a
-    128-pixel input so that the test takes seconds: one small image, two prompts, one iteration per unit."""
+    """method=saq_sam as composed (PCC ranges, BIG, AGQ, PAR) on the real ViT-B architecture (12 blocks, global
+    attention at 2/5/8/11, the same decoder), random weights, at a 128-pixel input so that the test takes seconds:
+    one small image, two prompts, one iteration per unit."""
+    from saq.clipping import PerceptualConsistencyClipping, build_range_strategy
+
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        # min/max weight ranges: the per-channel MSE search over ViT-B's 86M weights would take minutes
+        cfg = compose("config", overrides=["method=saq_sam", "quant=w4a4", "model=sam_vit_b", "recon.best_state=false",
+                                           "quant.encoder.weight.observer=minmax", "quant.decoder.weight.observer=minmax"]
+                      + [f"recon.iters.{kind}=1" for kind in PAR_OFFICIAL_ITERS])
     arch = dataclasses.replace(ARCHITECTURES["sam_vit_b"], image_size=128)
     torch.manual_seed(0)
     model = make_sam(arch)
     cal = samples(1, size=(64, 64), boxes=2)
-    qmodel = calibrated(model, cal, fast_weights=True)
-    iters = {k: 1 for k in FEW}
-    report = reconstruct(qmodel, model, cal, {"name": "par", "iters": iters, "best_state": False}, seed=0,
-                         progress=False)
+    strategy = build_range_strategy(cfg.clip)
+    assert isinstance(strategy, PerceptualConsistencyClipping)
+    qmodel = quantize(model, cfg.quant)
+    calibration = calibrate(qmodel, cal, cfg.quant, strategy, progress=False)
+    assert len(calibration.clipping.record()["points"]) == 28  # PCC searched every decoder q/k point
+    report = reconstruct(qmodel, model, cal, OmegaConf.to_container(cfg.recon, resolve=True), seed=0, progress=False)
     assert [u.name for u in report.units][:5] == [f"encoder.stage{k}" for k in range(4)] + ["encoder.neck"]
-    assert len(report.units) == 8
+    assert len(report.units) == 8 and report.as_dict()["method"] == "par"
+    assert [(u.iters, u.kept) for u in report.units] == [(1, "learned")] * 8  # every unit learned
     assert_fully_quantized(qmodel)
 
 
