@@ -59,6 +59,11 @@ def test_a_checkpoint_whose_weights_cannot_be_told_names_its_keys(tmp_path):
     with pytest.raises(SaqError, match=r"two\.pth holds ema, student, epoch \(SAM's weights under each of ema, "
                                        r"student\); re-save the weights alone"):
         build_sam("sam_tiny", tmp_path / "two.pth")
+    # "model" or "state_dict" beside another key with SAM's weights is no more telling (it loaded "model" silently)
+    torch.save({"model": plain, "model_ema": plain}, tmp_path / "ema.pth")
+    with pytest.raises(SaqError, match=r"ema\.pth holds model, model_ema \(SAM's weights under each of model, "
+                                       r"model_ema\)"):
+        build_sam("sam_tiny", tmp_path / "ema.pth")
     torch.save({**plain, "epoch": 3}, tmp_path / "mixed.pth")  # SAM's keys with a number beside them
     with pytest.raises(SaqError, match=r"mixed\.pth is not a state dict of tensors \('epoch' is int, not a tensor\)"):
         build_sam("sam_tiny", tmp_path / "mixed.pth")
@@ -70,6 +75,11 @@ def test_a_checkpoint_whose_weights_cannot_be_told_names_its_keys(tmp_path):
 def test_missing_checkpoint_names_the_config_key(tmp_path):
     with pytest.raises(SaqError, match=r"checkpoint not found: .*nope\.pth.*model\.checkpoint"):
         build_sam("sam_vit_b", tmp_path / "nope.pth")
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "sam_vit_b_01ec64.pth").write_bytes(b"")
+    with pytest.raises(SaqError, match=r"checkpoint .*ckpts is a folder; set model\.checkpoint to the SAM \.pth file "
+                                       r"in it \(sam_vit_b_01ec64\.pth\)$"):
+        build_sam("sam_vit_b", tmp_path / "ckpts")
 
 
 def test_official_model_without_checkpoint_is_an_error():
@@ -157,6 +167,19 @@ def test_a_state_dict_that_is_not_sams_or_a_quantized_export_is_named(tmp_path):
     torch.save({**state, "mask_decoder.adapter.weight": torch.ones(())}, path)
     with pytest.raises(SaqError, match=r"unexpected tensor mask_decoder\.adapter\.weight\.$"):
         build_sam("sam_tiny", path)
+    # damaged weights load without a word and score 0: NaN / inf, and integers cast on loading
+    damaged = dict(state)
+    damaged["image_encoder.blocks.1.mlp.lin1.weight"] = state["image_encoder.blocks.1.mlp.lin1.weight"].clone()
+    damaged["image_encoder.blocks.1.mlp.lin1.weight"][0, :2] = torch.tensor([float("nan"), float("inf")])
+    torch.save(damaged, path)
+    with pytest.raises(SaqError, match=r"tensor image_encoder\.blocks\.1\.mlp\.lin1\.weight holds 2 NaN or infinite "
+                                       r"values; the weights are damaged"):
+        build_sam("sam_tiny", path)
+    torch.save({**state, "mask_decoder.iou_token.weight": state["mask_decoder.iou_token.weight"].long()}, path)
+    with pytest.raises(SaqError, match=r"tensor mask_decoder\.iou_token\.weight is int64, not floating point"):
+        build_sam("sam_tiny", path)
+    torch.save({k: v.half() for k, v in state.items()}, path)  # half precision is fine
+    build_sam("sam_tiny", path)
     del state["mask_decoder.iou_token.weight"]
     torch.save(state, path)
     with pytest.raises(SaqError, match=r"tensor mask_decoder\.iou_token\.weight is missing"):

@@ -142,12 +142,10 @@ def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
         if not isinstance(obj, dict) or all(isinstance(v, torch.Tensor) for v in obj.values()) or any(
                 _sam_part_at(k) >= 0 for k in obj):  # SAM's own keys here: no wrapper to open
             break
-        # "model" may be a config dict beside the weights: a preferred key is opened only when it holds SAM
-        preferred = [obj[w] for w in ("model", "state_dict") if isinstance(obj.get(w), dict) and _holds_sam(obj[w])]
+        # "model" may be a config dict beside the weights: a key is opened only when it holds SAM, and only when
+        # it is the one that does (the model's and an EMA's weights: which one to evaluate is the user's choice)
         holding = [k for k, v in obj.items() if isinstance(v, dict) and _holds_sam(v)]
-        if preferred:
-            obj = preferred[0]
-        elif len(holding) == 1:
+        if len(holding) == 1:
             obj = obj[holding[0]]
         else:
             keys = ", ".join(map(str, list(obj)[:6])) + (", ..." if len(obj) > 6 else "")
@@ -205,6 +203,14 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], nam
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise SaqError(f"checkpoint {path} does not fit {name}: {key} expected shape {tuple(tensor.shape)}, "
                            f"found {tuple(state[key].shape)}.{hint}")
+        # loading casts silently: integer weights would load as whatever they were rounded to
+        if tensor.is_floating_point() and not state[key].is_floating_point():
+            raise SaqError(f"checkpoint {path}: tensor {key} is {str(state[key].dtype).removeprefix('torch.')}, "
+                           "not floating point; SAM's weights are float32 (or float16/bfloat16)")
+        if tensor.is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+            bad = int((~torch.isfinite(state[key])).sum())
+            raise SaqError(f"checkpoint {path}: tensor {key} holds {bad} NaN or infinite value"
+                           f"{'s' if bad > 1 else ''}; the weights are damaged (re-export them from training)")
     extra = sorted(set(state) - set(expected), key=str)
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
@@ -249,6 +255,10 @@ def checkpoint_file(name: str, checkpoint, config_key: str = "model.checkpoint",
 
 def _not_found(path: Path, config_key: str) -> SaqError:
     """The line for a checkpoint path that is no file (read_state_dict and checkpoint_file say the same)."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt*"))[:3]
+        return SaqError(f"checkpoint {path} is a folder; set {config_key} to the SAM .pth file"
+                        + (f" in it ({', '.join(inside)})" if inside else ""))
     return SaqError(f"checkpoint not found: {path} (set {config_key} to the path of a SAM .pth file)")
 
 
