@@ -70,7 +70,7 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
             raise SaqError(f"annotation file {ann_path}: categories[{i}] needs an id, an integer unique among "
                            "the categories")
         categories.add(cat["id"])
-    seen_ids, off_image = set(), []
+    seen_ids, off_image, flat = set(), [], []
     for i, ann in enumerate(data["annotations"]):
         # a calibration file is read for its boxes only (box-only files, as detector training lists, are fine)
         needed = ("id", "image_id", "category_id", "bbox", *(("segmentation", "area") if scored else ()))
@@ -105,6 +105,8 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
                    else "its width and height must be >= 0" if bbox[2] < 0 or bbox[3] < 0 else None)
         if problem:
             raise SaqError(f"{where} has bbox {bbox!r}: {problem}")
+        if scored and (bbox[2] == 0 or bbox[3] == 0) and not ann["iscrowd"]:
+            flat.append(ann_id)
         size = images[ann["image_id"]]
         if _box_outside(bbox, size) and not scored:  # a calibration prompt with no pixel: left out, said below
             off_image.append(ann_id)
@@ -127,6 +129,9 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
         data["annotations"] = [a for a in data["annotations"] if a["id"] not in dropped]
         print(f"{ann_path}: left out {len(off_image)} calibration boxes wholly outside their images (annotation "
               f"{off_image[0]}{' and others' if len(off_image) > 1 else ''}); boxes must be in the image's own pixels")
+    if flat:  # kept (COCO val/train hold a few), but a box prompt without area segments little: said, not silent
+        print(f"{ann_path}: {len(flat)} ground-truth box{'es' if len(flat) > 1 else ''} without width or height "
+              f"(annotation {flat[0]}{' and others' if len(flat) > 1 else ''}): kept as objects and prompted as given")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):

@@ -446,13 +446,15 @@ def test_annotation_fields_are_checked(tmp_path, content, match):
     assert len(load_coco(good, "k").anns) == 1
 
 
-def test_what_real_coco_files_hold_still_loads(tmp_path):
+def test_what_real_coco_files_hold_still_loads(tmp_path, capsys):
     # train2017 has zero-height boxes with two-point polygons (annotation 918), and calibration files are read
     # for their boxes only, so a box-only annotation (segmentation []) is fine there
     path = tmp_path / "real.json"
     path.write_text(_coco(_ann_with(bbox=[1.5, 2.0, 1.03, 0.0], area=0.0, segmentation=[[1.5, 2.0, 2.53, 2.0]])))
     coco = load_coco(path, "task.data.ann_file")
     assert coco.anns[1]["bbox"][3] == 0.0
+    assert capsys.readouterr().out == (f"{path}: 1 ground-truth box without width or height (annotation 1): kept as "
+                                       "objects and prompted as given\n")
     assert coco.annToMask(coco.anns[1]).shape == (4, 4)  # pycocotools took 4 numbers for a box and failed
     path.write_text(_coco(_ann_with(segmentation=[])))
     assert len(load_coco(path, "task.calib.ann_file", scored=False).anns) == 1
