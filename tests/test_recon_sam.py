@@ -430,6 +430,7 @@ def test_pipeline_records_the_method_and_the_evaluation_mode(synthetic_root, tmp
             "task.max_images=2", "quant.calib_images=2", "fp_cache=false", "logger=none", "progress=false",
             "recon.iters.block=1", "recon.iters.neck=1", "recon.iters.decoder_block=1", "recon.iters.final_attn=1",
             "recon.best_state=false"])
+    import saq.recon
     import saq.recon.loop
     import saq.saved
 
@@ -445,8 +446,20 @@ def test_pipeline_records_the_method_and_the_evaluation_mode(synthetic_root, tmp
         models["loaded"] = qmodel.state_dict()
         return qmodel, recon
 
+    def state(qmodel):
+        return {k: v.detach().clone() for k, v in qmodel.state_dict().items()}
+
+    reconstruct_run = saq.recon.reconstruct
+
+    def keep_learned(qmodel, *args, **kwargs):
+        models["calibrated"] = state(qmodel)
+        report = reconstruct_run(qmodel, *args, **kwargs)
+        models["learned"] = state(qmodel)
+        return report
+
     monkeypatch.setattr(saq.saved, "save_run", keep_saved)
     monkeypatch.setattr(saq.saved, "load_run", keep_loaded)
+    monkeypatch.setattr(saq.recon, "reconstruct", keep_learned)
     state_dir = tmp_path / cfg.recon.state_dir
     saved_units = []
     save_units = saq.recon.loop.Reconstructor._save
@@ -460,7 +473,11 @@ def test_pipeline_records_the_method_and_the_evaluation_mode(synthetic_root, tmp
     saved = json.loads(Path(tmp_path / "run" / "results.json").read_text())
     assert saved["recon"]["eval_mode"] == EVAL_FULL and 0.0 <= saved["metrics"]["quantized"]["mask_AP"] <= 1.0
     assert (tmp_path / "run" / "recon_units.png").is_file()  # every unit's loss curve, beside results.json
-    # the saved model holds what reconstruction learned: loading it reproduces the metrics, reconstructing nothing
+    # the saved model holds what reconstruction learned (not the calibrated model it started from) ...
+    learned_keys = [k for k in models["calibrated"] if not torch.equal(models["calibrated"][k], models["learned"][k])]
+    assert any(k.endswith(".weight") for k in learned_keys) and any(k.endswith(".scale") for k in learned_keys)
+    assert [k for k in models["learned"] if not torch.equal(models["learned"][k], models["saved"][k])] == []
+    # ... and loading it reproduces the metrics, reconstructing nothing
     monkeypatch.setattr("saq.recon.reconstruct", lambda *a, **k: pytest.fail("quant.load must not reconstruct"))
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         load = compose("config", overrides=[
