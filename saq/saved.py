@@ -85,6 +85,9 @@ def saved_dir(path: str | Path, setting: str = "quant.load=") -> Path:
             return candidate
     if not path.exists():
         raise SaqError(f"{setting}{path}: no such directory")
+    if path.is_file():  # recipe.json or results.json itself: its folder is what is meant
+        folder = path.parent.parent if path.parent.name == SAVED_DIR else path.parent
+        raise SaqError(f"{setting}{path} is a file; give the run's folder ({folder}) or its {SAVED_DIR}/ folder")
     loaded = _loaded_by(path)
     if loaded:  # a run that evaluated another run's model saves none of its own
         raise SaqError(f"{setting}{path} holds no saved quantized model: that run evaluated the one saved in {loaded} "

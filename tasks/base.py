@@ -204,6 +204,8 @@ def check_class_names(names: list[str], key: str) -> list[str]:
 
 def require_dir(path: str | Path, what: str, config_key: str) -> Path:
     path = Path(path)
+    if path.is_file():
+        raise SaqError(f"{what} folder {path} is a file (set {config_key} to a folder)")
     if not path.is_dir():
         raise SaqError(f"{what} folder not found: {path} (set {config_key})")
     return path
@@ -211,6 +213,8 @@ def require_dir(path: str | Path, what: str, config_key: str) -> Path:
 
 def require_file(path: str | Path, what: str, config_key: str) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise SaqError(f"{what} {path} is a folder (set {config_key} to a file)")
     if not path.is_file():
         raise SaqError(f"{what} not found: {path} (set {config_key})")
     return path

@@ -210,13 +210,21 @@ def gt_boxes(coco: COCO, image_id: int) -> tuple[BoxPrompts, list[dict]]:
     return BoxPrompts(boxes, np.ones(len(anns), np.float32), np.asarray([a["category_id"] for a in anns])), anns
 
 
-def read_annotated_image(coco: COCO, image_id: int, img_dir: Path) -> np.ndarray:
-    """An image as RGB, checked against the size its annotation entry gives (masks are decoded at that size)."""
+def read_annotated_image(coco: COCO, image_id: int, img_dir: Path,
+                         config_key: str = "task.data.root / task.data.img_dir") -> np.ndarray:
+    """An image as RGB, checked against the size its annotation entry gives (masks are decoded at that size).
+    config_key: the setting that places img_dir, named when the image is missing."""
     info = coco.loadImgs(image_id)[0]
     path = img_dir / info["file_name"]
+    if not path.is_file():
+        raise missing_image(path, image_id, config_key)
     image = read_rgb(path)
     check_image_size(path, image.shape[:2], (info["height"], info["width"]), f"its annotation entry (id {image_id})")
     return image
+
+
+def missing_image(path: Path, image_id: int, config_key: str) -> SaqError:
+    return SaqError(f"image not found: {path} (annotation entry id {image_id}; the images must be under {config_key})")
 
 
 def mask_ap(coco_gt: COCO, results: list[dict], image_ids: list[int]) -> dict:
@@ -298,8 +306,7 @@ class InstanceTask(Task):
         for image_id, path in paths.items():
             info, size = self.coco.imgs[image_id], headers.get(image_id)
             if size is None and not path.is_file():  # found now, not when evaluation reaches it
-                raise SaqError(f"image not found: {path} (annotation entry id {image_id}; the images must be "
-                               "under task.data.root / task.data.img_dir)")
+                raise missing_image(path, image_id, "task.data.root / task.data.img_dir")
             if size is not None:
                 check_image_size(path, size, (info["height"], info["width"]), f"its annotation entry (id {image_id})")
         self.prompts.bind(self.coco.getImgIds(), category_ids=categories_in_file_order(self.coco),
@@ -340,8 +347,8 @@ class InstanceTask(Task):
             gt, _ = gt_boxes(coco, image_id)
             info = coco.imgs[image_id]
             prompts = source.for_image(image_id, gt, (info["height"], info["width"]))
-            return PromptedImage(read_annotated_image(coco, image_id, self.calib_img_dir), boxes=prompts.boxes,
-                                 image_id=image_id) if len(prompts) else None
+            return PromptedImage(read_annotated_image(coco, image_id, self.calib_img_dir, "task.calib.img_dir"),
+                                 boxes=prompts.boxes, image_id=image_id) if len(prompts) else None
 
         samples = first_prompted(image_ids, n, sample_for, source, self.calib_ann_path, self.calibration_prompts, knob)
         if self.calib_order == "official":

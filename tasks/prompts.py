@@ -292,6 +292,12 @@ class DetectionsFile(PromptSource):
             key = Path(_field(entry, "img_path")).stem  # DOTA patches are keyed by file stem
         if key is None:
             raise SaqError(f"{where} has neither an integer or string img_id nor an img_path")
+        for name in ("bboxes", "scores", "labels"):  # a field under another name is said as that, not as None
+            if _field(preds, name) is None:
+                fields = sorted(preds) if isinstance(preds, Mapping) else sorted(
+                    k.lstrip("_") for k in getattr(preds, "__dict__", {}))
+                raise SaqError(f"{where}: pred_instances has no {name} (it has {', '.join(map(str, fields)) or 'none'}"
+                               "); expected bboxes, scores and labels as mmdetection 3.x writes them")
         boxes, scores, labels = (_array(_field(preds, name), f"{where}: pred_instances.{name}")
                                  for name in ("bboxes", "scores", "labels"))
         if boxes.ndim != 2 or boxes.shape[1] not in (4, 5, 8) or scores.ndim != 1 or labels.ndim != 1 \
@@ -482,6 +488,11 @@ class DetectionsFile(PromptSource):
             found = f"the highest score is {max(scores):.3g}" if scores else "the file has none for them"
             raise SaqError(f"detections file {self.path}: no detection on the {len(image_keys)} {which} images "
                            f"reaches prompts.score_threshold={self.score_threshold} ({found})")
+        bare = [key for key in image_keys if not self._by_image.get(key)]
+        if bare and which == "evaluated":  # a detector may find nothing on an image; said, as it costs recall
+            print(f"detections file {self.path}: {len(bare)} of the {len(image_keys)} evaluated images have no "
+                  f"detection reaching prompts.score_threshold={self.score_threshold} (first: {bare[0]!r}); their "
+                  "objects count as missed")
 
     @property
     def calibration_uses_ground_truth(self) -> bool:

@@ -270,6 +270,8 @@ class SemanticTask(Task):
         self.img_dir, self.label_dir = self.root / data["img_dir"], self.root / data["label_dir"]
         self.calib_img_dir = self.root / calib["img_dir"]
         if is_int(classes):
+            if classes < 1:  # said as given, not as the empty list it would make
+                raise SaqError(f"task.classes={classes} invalid; expected a class count >= 1 or a list of class names")
             classes = [f"class_{i}" for i in range(classes)]
         if not classes or isinstance(classes, str) or not isinstance(classes, Sequence):
             raise SaqError(f"task.classes must be a list of class names (index order) or a class count, "

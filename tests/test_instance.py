@@ -351,6 +351,14 @@ def test_detections_must_name_the_datasets_images_and_categories(synthetic_root,
     (tmp_path / "extra.json").write_text(json.dumps(entries + [{**entries[0], "image_id": 99999}]))
     task_for(synthetic_root, DetectionsFile(str(tmp_path / "extra.json")))
     assert "1 detections on 1 images the task does not have (first: 99999) are not used" in capsys.readouterr().out
+    # images the detector found nothing on are said when evaluation starts (their objects are misses)
+    task = task_for(synthetic_root, write_detections(tmp_path / "partial.json", coco, sorted(coco.imgs)[:2]),
+                    max_images=3)
+    capsys.readouterr()
+    task.prompts.require_prompts(task.image_ids())
+    assert capsys.readouterr().out == (f"detections file {tmp_path / 'partial.json'}: 1 of the 3 evaluated images "
+                                       f"have no detection reaching prompts.score_threshold=0.05 (first: "
+                                       f"{task.image_ids()[2]!r}); their objects count as missed\n")
     # a byte-order mark (some Windows editors write one) is not part of the JSON
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "extra.json").read_bytes())
     bom = DetectionsFile(str(tmp_path / "bom.json"))
@@ -702,8 +710,12 @@ def test_a_results_pickle_never_runs_code_and_bad_ones_are_named(synthetic_root,
         task_for(synthetic_root, DetectionsFile(str(mm_results(tmp_path / "label.pkl", entries))))
     entries = mm_entries(coco, [1])
     del entries[0]["pred_instances"]["scores"]
-    with pytest.raises(SaqError, match=r"entry 0: pred_instances\.scores is NoneType; expected a tensor or array"):
+    with pytest.raises(SaqError, match=r"entry 0: pred_instances has no scores \(it has bboxes, labels, masks\); "
+                                       r"expected bboxes, scores and labels as mmdetection 3\.x writes them$"):
         DetectionsFile(str(mm_results(tmp_path / "noscores.pkl", entries)))
+    entries[0]["pred_instances"]["scores"] = "high"
+    with pytest.raises(SaqError, match=r"entry 0: pred_instances\.scores is str; expected a tensor or array"):
+        DetectionsFile(str(mm_results(tmp_path / "strscores.pkl", entries)))
     # only a pickle's labels are indices: names for a json or txt file are refused, unless the calibration's is one
     write_detections(tmp_path / "d.json", coco, [1])
     DetectionsFile(str(tmp_path / "d.json"), calib_file=str(good), class_names=["disk"])
@@ -758,6 +770,18 @@ def test_a_missing_image_is_named_when_the_task_is_built_and_calibration_needs_o
         del ann["segmentation"], ann["area"]
     (root / CALIB["ann_file"]).write_text(json.dumps(calib))
     assert task_for(root, max_images=2).calibration_samples(2)[0].num_prompts > 0
+    # a missing calibration image names the calibration split's setting
+    calib_missing = root / CALIB["img_dir"] / calib["images"][0]["file_name"]
+    calib_missing.unlink()
+    with pytest.raises(SaqError, match=rf"^image not found: {re.escape(str(calib_missing))} \(annotation entry id "
+                                       rf"{calib['images'][0]['id']}; the images must be under task\.calib\.img_dir\)$"):
+        task_for(root, max_images=2).calibration_samples(2)
+    # an annotation path that is a folder, an image folder that is a file: said as such
+    with pytest.raises(SaqError, match=r"^COCO annotation file .*annotations is a folder \(set k to a file\)$"):
+        load_coco(root / "annotations", "k")
+    from tasks.base import require_dir
+    with pytest.raises(SaqError, match=r"^image folder .*instances_val\.json is a file \(set k to a folder\)$"):
+        require_dir(root / DATA["ann_file"], "image", "k")
 
 
 def test_evaluated_images_without_objects_are_refused_when_the_task_is_built(synthetic_root, tmp_path):

@@ -184,6 +184,11 @@ def test_load_paths_and_run_keys_are_checked(tmp_path):
         saved_dir(tmp_path / "nope")
     with pytest.raises(SaqError, match=r"holds no saved quantized model .*quant\.save=false"):
         saved_dir(tmp_path)
+    (tmp_path / "quantized_model").mkdir()
+    (tmp_path / "quantized_model" / "recipe.txt").write_text("{}")  # a file where a folder is meant
+    with pytest.raises(SaqError, match=rf"quant\.load={tmp_path}/quantized_model/recipe\.txt is a file; give the "
+                                       rf"run's folder \({tmp_path}\) or its quantized_model/ folder$"):
+        saved_dir(tmp_path / "quantized_model" / "recipe.txt")
     # a run that evaluated another run's model: the tools (saq.deploy RUN_DIR) are pointed at that one
     (tmp_path / "results.json").write_text(json.dumps({"config": {"quant": {"load": "outputs/made"}}}))
     with pytest.raises(SaqError, match=r"that run evaluated the one saved in outputs/made \(quant\.load\); give "

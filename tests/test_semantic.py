@@ -162,6 +162,9 @@ def test_missing_label_map_and_bad_label_files_are_clear_errors(tmp_path):
     save_png(tmp_path / "b/val/labels/a.png", np.zeros((8, 8)))
     with pytest.raises(SaqError, match="task.classes must be a list"):
         SemanticTask(data, CALIB)
+    with pytest.raises(SaqError, match=r"^task\.classes=0 invalid; expected a class count >= 1 or a list of class "
+                                       r"names$"):
+        SemanticTask(data, CALIB, classes=0)
     with pytest.raises(SaqError, match="unknown setting task.amg.points"):
         SemanticTask(data, CALIB, classes=CLASSES, amg={"points": 3})
     # a folder where the label map should be is no label map
