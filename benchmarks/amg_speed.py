@@ -26,9 +26,11 @@ from saq.sam.build import build_sam
 from saq.sam.segmenter import Segmenter
 from tasks.base import list_images, read_rgb
 from tasks.semantic import AMG_DEFAULTS, generate_masks, mask_set_differences, point_grid, reference_masks
-from tasks.synthetic import ensure_dataset
+from tasks.synthetic import Knobs, check_new_root, ensure_dataset
 
 TASK_CONF = Path(__file__).resolve().parent.parent / "conf" / "task" / "semantic.yaml"
+# this script's own names for what generation is given (it reads real data from a root that has ROOT/val/images)
+KNOBS = Knobs("conf/task/semantic.yaml's generate.seed", "root")
 
 
 def main(args: dict[str, str]) -> None:
@@ -38,7 +40,8 @@ def main(args: dict[str, str]) -> None:
     amg = {**AMG_DEFAULTS, **OmegaConf.to_container(conf.amg)}  # the semantic task's own settings
     root = Path(args.get("root", conf.data.root))
     if not (root / conf.data.img_dir).is_dir():
-        ensure_dataset(root, **OmegaConf.to_container(conf.generate))
+        check_new_root(root, KNOBS)  # a mistyped path to real data is said or refused, as the main command does
+        ensure_dataset(root, **OmegaConf.to_container(conf.generate), knobs=KNOBS)
     images = [read_rgb(path) for _, path in list_images(root / conf.data.img_dir, "root")[:n_images]]
     sam = build_sam(args.get("model", "sam_tiny"), args.get("checkpoint"), config_key="checkpoint")
     thresholds = {k: float(amg[k]) for k in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset",

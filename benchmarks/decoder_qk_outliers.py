@@ -20,11 +20,11 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.recon_speed import instance_task  # noqa: E402
 from saq.clipping.percentile import tail_quantiles  # noqa: E402
 from saq.sam.build import build_sam  # noqa: E402
 from saq.sam.outliers import OutlierSpec, plant_key_outliers  # noqa: E402
 from saq.sam.segmenter import Segmenter  # noqa: E402
-from tasks.instance import InstanceTask  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,11 +45,7 @@ def main(args: dict[str, str]) -> None:
     torch.set_num_threads(int(args.get("threads", 2)))
     name = args.get("model", "sam_tiny")
     model = build_sam(name, args.get("checkpoint"), config_key="checkpoint")
-    root = args.get("data", "data/synthetic")
-    task = InstanceTask({"root": root, "ann_file": "annotations/instances_val.json", "img_dir": "val/images"},
-                        {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"},
-                        generate=OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "task" / "instance.yaml").generate)
-                        if root == "data/synthetic" else None)  # the instance task's own synthetic set
+    task = instance_task(args.get("data", "data/synthetic"), "data")
     model_cfg = REPO / "conf" / "model" / f"{name}.yaml"
     outliers = OmegaConf.load(model_cfg).get("outliers") if model_cfg.is_file() else None
     if outliers:  # the same planting as a run of this model (saq/pipeline.py)

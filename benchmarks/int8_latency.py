@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.quant_overhead import sample as random_image
 from benchmarks.quant_overhead import timed
+from benchmarks.recon_speed import require_layout
 from saq import deploy
 from saq.errors import SaqError
 from saq.pipeline import build_task
@@ -112,6 +113,8 @@ def main(args: dict[str, str]) -> None:
     root = args.get("root", "data/synthetic")
     own = [] if root == "data/synthetic" else ["task.generate=null"]  # a real dataset is read, never generated
     cfg = compose_cfg(f"task.data.root={root}", f"quant.calib_images={args.get('calib_images', 8)}", *own)
+    if own:  # said in this script's root=, not in the main command's task.data.root the task's own checks name
+        require_layout(root, cfg.task.data, cfg.task.calib, "root")
     task = build_task(cfg)
     rows = []
     with tempfile.TemporaryDirectory(prefix="saq_int8_") as tmp, torch.no_grad():

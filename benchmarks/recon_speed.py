@@ -20,6 +20,7 @@ import copy
 import resource
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,38 @@ from saq.sam.build import build_random_sam, build_sam
 from saq.sam.units import build_chain, encode_sample, probe_image_tokens
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
+# the instance task's splits in a dataset laid out as data/synthetic is
+VAL = {"ann_file": "annotations/instances_val.json", "img_dir": "val/images"}
+TRAIN = {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"}
+
+
+def require_layout(root: str, data: Mapping, calib: Mapping, knob: str) -> None:
+    """SaqError naming this script's own knob (`knob`=ROOT) when root lacks a split the instance task reads (its
+    own errors name the main command's task.data.root)."""
+    from tasks.base import require_dir, require_file
+
+    if not Path(root).is_dir():
+        raise SaqError(f"{knob}={root} is not a folder; give a COCO-format dataset root (data/synthetic is generated "
+                       "when missing)")
+    key = f"{knob}=ROOT, laid out as data/synthetic"
+    for split in (data, calib):
+        require_file(Path(root) / split["ann_file"], "COCO annotation file", key)
+        require_dir(Path(root) / split["img_dir"], "image", key)
+
+
+def instance_task(root: str, knob: str):
+    """The instance task on a dataset root laid out as data/synthetic is; data/synthetic itself is the instance
+    task's own synthetic set, generated when missing."""
+    from omegaconf import OmegaConf
+
+    from tasks.instance import InstanceTask
+
+    generate = None  # a real dataset is read, never generated
+    if root == "data/synthetic":
+        generate = OmegaConf.to_container(OmegaConf.load(CONF / "task" / "instance.yaml").generate)
+    else:
+        require_layout(root, VAL, TRAIN, knob)
+    return InstanceTask({"root": root, **VAL}, TRAIN, generate=generate)
 
 
 def compose_group(group: str, name: str):
@@ -98,20 +131,7 @@ def main(args: dict) -> None:
     model = (build_sam(model_name) if model_name == "sam_tiny" else build_random_sam(model_name)).to(device)
     size = model.image_encoder.img_size
     if "data" in args:
-        from omegaconf import OmegaConf
-
-        from tasks.instance import InstanceTask
-
-        if not Path(args["data"]).is_dir() and args["data"] != "data/synthetic":
-            raise SaqError(f"data={args['data']} is not a folder; give a COCO-format dataset root (data/synthetic is "
-                           "generated when missing)")
-        generate = (OmegaConf.to_container(OmegaConf.load(CONF / "task" / "instance.yaml").generate)
-                    if args["data"] == "data/synthetic" else None)  # the instance task's own synthetic set
-        task = InstanceTask({"root": args["data"], "ann_file": "annotations/instances_val.json",
-                             "img_dir": "val/images"},
-                            {"ann_file": "annotations/instances_train.json", "img_dir": "train/images"},
-                            generate=generate)
-        samples = task.calibration_samples(images)
+        samples = instance_task(args["data"], "data").calibration_samples(images)
         described = f"{images} images of {args['data']} (mean {np.mean([s.num_prompts for s in samples]):.1f} boxes)"
     else:
         samples = [sample(size, prompts, seed) for seed in range(images)]

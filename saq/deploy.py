@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from saq.errors import SaqError
-from saq.log import DEPLOY_DIR, RunDirHeld, claim_run_dir, write_json_atomic
+from saq.log import DEPLOY_DIR, RunDirHeld, claim_run_dir, folder_write_problem, write_json_atomic
 from saq.quant.config import QuantConfig
 from saq.quant.model import assert_fully_quantized, iter_quantizers, quant_config
 from saq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
@@ -314,6 +314,9 @@ def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float"
     if not directory.name:  # the staging folder is made beside the target, under a name built from its name
         raise SaqError(f"cannot deploy into {directory}: a folder without a name (the file system root); give a "
                        f"folder inside it, e.g. out={directory / DEPLOY_DIR}")
+    problem = folder_write_problem(directory)  # a file in the way is said now, not as mkdir's errno after the export
+    if problem:
+        raise SaqError(f"out={directory} cannot be written ({problem}); give a writable folder")
     model = export_graph_modules(qmodel, softmax)
     with contextlib.ExitStack() as stack:
         lock = directory / DEPLOY_LOCK

@@ -32,6 +32,24 @@ DIFFICULT_AREA = 300
 DEFAULT_ROOT = Path("data/synthetic")
 
 
+@dataclass(frozen=True)
+class Knobs:
+    """How a caller's user sets what generation is given: the seed, the root, and the setting that reads real data
+    instead (None where there is none), so that every refusal names the knobs the user typed."""
+
+    seed: str
+    root: str
+    real_data: str | None = None
+
+    def instead(self, way_out: str) -> str:
+        """The way out of a refusal, after the real-data setting where the caller has one."""
+        return f"set {self.real_data} for real data, or {way_out}" if self.real_data else way_out
+
+
+RUN_KNOBS = Knobs("task.generate.seed", "task.data.root", "task.generate=null")  # the main command's config keys
+CLI_KNOBS = Knobs("--seed", "--out")  # python -m tasks.synthetic: it only generates
+
+
 @dataclass
 class Scene:
     """One rendered image with its instances (visible masks, in paint order)."""
@@ -292,23 +310,23 @@ def evaluation_limit(root: Path, generate: dict | None, max_images: int | None) 
     return generate["n_val"] if max_images is None else min(max_images, generate["n_val"])
 
 
-def check_new_root(root: Path) -> None:
+def check_new_root(root: Path, knobs: Knobs = RUN_KNOBS) -> None:
     """Say so when task.generate is about to make the synthetic dataset in a root that does not exist (a mistyped
     path to real data would otherwise give synthetic results without a word), and refuse one whose parent folder is
-    missing too (a path to real data mistyped above its last part), except under the default root's data/."""
+    missing too (a path to real data mistyped above its last part), except under the default root's data/.
+    knobs: how the caller names the root (a run's config keys, or a script's own)."""
     root = Path(root)
     if root.exists():
         return
     if not root.parent.is_dir() and root.parent.resolve() != DEFAULT_ROOT.parent.resolve():
-        raise SaqError(f"task.data.root={root} does not exist, nor does its folder {root.parent}: refusing to generate "
-                       "the synthetic dataset there (fix the path to the data, or set task.generate=null for real "
-                       "data)")
-    print(f"task.data.root={root} does not exist: generating the synthetic dataset into {root.resolve()} (real data "
-          "needs task.generate=null)")
+        raise SaqError(f"{knobs.root}={root} does not exist, nor does its folder {root.parent}: refusing to generate "
+                       f"the synthetic dataset there ({knobs.instead('fix the path to the data')})")
+    print(f"{knobs.root}={root} does not exist: generating the synthetic dataset into {root.resolve()}"
+          + (f" (real data needs {knobs.real_data})" if knobs.real_data else ""))
 
 
 def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progress: bool = True,
-                   knobs: tuple[str, str] = ("task.generate.seed", "task.data.root")) -> Path:
+                   knobs: Knobs = RUN_KNOBS) -> Path:
     """Generate the dataset under root unless a complete one with the same parameters is already there.
 
     root must be missing, empty, or hold a synthetic dataset (its meta.json): a smaller one of the same seed grows
@@ -316,28 +334,27 @@ def ensure_dataset(root: str | Path, n_train: int, n_val: int, seed: int, progre
     another generator version or an interrupted generation is replaced (only the files the generator writes are
     deleted); any other non-empty folder is refused, so a real dataset is never written into. Parallel sweep jobs on
     a fresh root take turns (a file lock): the first generates, the others then find its complete dataset.
-    knobs: how the caller names the seed and the root (a run's config keys, or the command line's flags).
+    knobs: how the caller names the seed and the root (a run's config keys, or a command line's flags).
     """
     root = Path(root)
     meta = {"generator_version": GENERATOR_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
             "categories": list(CATEGORIES)}
-    if _holds_dataset(root, meta):  # the common case, without a lock: a read-only copy of the data works too
+    if _holds_dataset(root, meta, knobs):  # the common case, without a lock: a read-only copy of the data works too
         return root
-    _refuse_other_data(root)
+    _refuse_other_data(root, knobs)
     with file_lock(generation_lock(root)) as held:
         if not held and not (root.parent.is_dir() and os.access(root.parent, os.W_OK)):
-            raise SaqError(f"cannot generate the synthetic dataset into {root}: its folder cannot be written (give a "
-                           "writable task.data.root, or task.generate=null for a dataset that is already there)")
-        if _holds_dataset(root, meta):  # a parallel job made it while this one waited
+            raise SaqError(f"cannot generate the synthetic dataset into {root}: its folder cannot be written "
+                           f"({knobs.instead(f'give a writable {knobs.root}')})")
+        if _holds_dataset(root, meta, knobs):  # a parallel job made it while this one waited
             return root
         old = _complete_meta(root)
         if old is not None and old.get("seed") != seed and _same_generator(old, meta):
             # replacing it would change the scenes under any run reading them now, and under earlier results
-            seed_knob, root_knob = knobs
-            raise SaqError(f"{root} holds the synthetic dataset of seed {old.get('seed')}; {seed_knob}={seed} "
+            raise SaqError(f"{root} holds the synthetic dataset of seed {old.get('seed')}; {knobs.seed}={seed} "
                            f"would replace it under every run that uses it: generate seed {seed} into another "
-                           f"folder ({root_knob}={root}_seed{seed}), or delete {root} first")
-        return _generate_locked(root, _grown(root, meta), progress)
+                           f"folder ({knobs.root}={root}_seed{seed}), or delete {root} first")
+        return _generate_locked(root, _grown(root, meta), progress, knobs)
 
 
 def _read_meta(root: Path) -> dict | None:
@@ -375,7 +392,7 @@ def is_synthetic_dataset(root: Path) -> bool:
     return meta is not None and "generator_version" in meta
 
 
-def _holds_dataset(root: Path, meta: dict) -> bool:
+def _holds_dataset(root: Path, meta: dict, knobs: Knobs) -> bool:
     """Whether root holds a complete synthetic dataset that covers `meta` (SaqError when its meta.json is not ours)."""
     meta_path = root / "meta.json"
     if not meta_path.is_file():
@@ -388,7 +405,7 @@ def _holds_dataset(root: Path, meta: dict) -> bool:
         raise SaqError(f"cannot read {meta_path}: {exc.strerror or exc}") from None
     if not isinstance(old, dict) or "generator_version" not in old:
         raise SaqError(f"{meta_path} is not a synthetic dataset's meta.json; refusing to generate into {root} "
-                       "(set task.generate=null for real data, or use another folder)")
+                       f"({knobs.instead('use another folder')})")
     same = all(old.get(k) == meta[k] for k in ("generator_version", "seed", "categories"))
     # Scenes depend only on (seed, split, index): a larger set already holds the smaller one's scenes.
     # complete is false while a generation is under way (files of an interrupted one are not reused).
@@ -396,14 +413,17 @@ def _holds_dataset(root: Path, meta: dict) -> bool:
                 and old.get("n_val", 0) >= meta["n_val"])
 
 
-def _refuse_other_data(root: Path) -> None:
+def _refuse_other_data(root: Path, knobs: Knobs) -> None:
     """SaqError when root is a file or a non-empty folder without a synthetic dataset's meta.json (real data)."""
-    if not (root / "meta.json").is_file() and root.exists() and (not root.is_dir() or any(root.iterdir())):
+    if root.exists() and not root.is_dir():
+        raise SaqError(f"{knobs.root}={root} is a file; {knobs.root} needs a folder (a new or empty one, or one "
+                       "holding a synthetic dataset)")
+    if not (root / "meta.json").is_file() and root.exists() and any(root.iterdir()):
         raise SaqError(f"{root} is not empty and holds no synthetic dataset (meta.json): refusing to generate "
-                       "into it (set task.generate=null for real data, or use a new or empty folder)")
+                       f"into it ({knobs.instead('use a new or empty folder')})")
 
 
-def _generate_locked(root: Path, meta: dict, progress: bool) -> Path:
+def _generate_locked(root: Path, meta: dict, progress: bool, knobs: Knobs) -> Path:
     n_train, n_val, seed = meta["n_train"], meta["n_val"], meta["seed"]
     meta_path = root / "meta.json"
     old = _complete_meta(root)
@@ -418,7 +438,7 @@ def _generate_locked(root: Path, meta: dict, progress: bool) -> Path:
         for path in stale:  # else a smaller or reseeded set would leave the old scenes beside the new ones
             path.unlink()
     else:
-        _refuse_other_data(root)
+        _refuse_other_data(root, knobs)
         root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(meta_path, {**meta, "complete": False})
     for split, n in (("train", n_train), ("val", n_val)):
@@ -442,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.seed < SEED_LIMIT:
         parser.error(f"--seed must be in 0..{SEED_LIMIT - 1}")
     try:
-        root = ensure_dataset(args.out, args.n_train, args.n_val, args.seed, knobs=("--seed", "--out"))
+        root = ensure_dataset(args.out, args.n_train, args.n_val, args.seed, knobs=CLI_KNOBS)
     except SaqError as exc:
         parser.exit(1, f"error: {exc}\n")
     print(f"{root} holds the {args.n_train} train and {args.n_val} val scenes of seed {args.seed} (made now, or "

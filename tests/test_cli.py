@@ -438,6 +438,65 @@ def test_benchmark_arguments_are_checked_and_every_key_a_script_reads_is_accepte
         assert all(f"[{key}=" in usage for key in accepted), path.name  # the usage line names every option
 
 
+def run_benchmark(script: str, args: dict):
+    """A benchmark's main(args) in this process, leaving torch's thread count and random state as they were."""
+    import importlib
+
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():
+            return importlib.import_module(f"benchmarks.{script}").main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_amg_speed_says_or_refuses_a_new_root_as_the_main_command_does_naming_its_own_knob(tmp_path, monkeypatch,
+                                                                                          capsys):
+    from benchmarks import amg_speed
+    from saq.errors import SaqError
+
+    # a typo above the last part of a path to real data: refused, nothing made (it made the whole set there)
+    with pytest.raises(SaqError, match=rf"^root={re.escape(str(tmp_path / 'nope' / 'deep'))} does not exist, nor "
+                                       rf"does its folder {re.escape(str(tmp_path / 'nope'))}: refusing to generate "
+                                       r"the synthetic dataset there \(fix the path to the data\)$"):
+        run_benchmark("amg_speed", {"root": str(tmp_path / "nope" / "deep"), "images": 1})
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SaqError, match=rf"^root={re.escape(str(tmp_path / 'a_file'))} is a file; root needs a folder"):
+        run_benchmark("amg_speed", {"root": str(tmp_path / "a_file"), "images": 1})
+
+    # a new root in an existing folder is generated, and said (not the whole set here: the line is what is tested)
+    def generated(root, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(amg_speed, "ensure_dataset", generated)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark("amg_speed", {"root": str(tmp_path / "new"), "images": 1})
+    assert capsys.readouterr().out == (f"root={tmp_path / 'new'} does not exist: generating the synthetic dataset into "
+                                       f"{tmp_path / 'new'}\n")
+
+
+@pytest.mark.parametrize(("script", "knob", "args"), [
+    ("recon_speed", "data", {"iters": 1, "images": 1}),
+    ("decoder_qk_outliers", "data", {"images": 1}),
+    ("int8_latency", "root", {"vit_b": "no", "val_images": 1, "calib_images": 1}),
+])
+def test_benchmarks_name_their_own_data_knob_for_a_root_without_the_dataset(script, knob, args, tmp_path):
+    from saq.errors import SaqError
+
+    # the main command's task.data.root means nothing to a user who typed data= or root=
+    with pytest.raises(SaqError) as raised:
+        run_benchmark(script, {**args, knob: str(tmp_path)})
+    assert str(raised.value) == (f"COCO annotation file not found: {tmp_path / 'annotations' / 'instances_val.json'} "
+                                 f"(set {knob}=ROOT, laid out as data/synthetic)")
+    with pytest.raises(SaqError) as raised:
+        run_benchmark(script, {**args, knob: str(tmp_path / "missing")})
+    assert str(raised.value) == (f"{knob}={tmp_path / 'missing'} is not a folder; give a COCO-format dataset root "
+                                 "(data/synthetic is generated when missing)")
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["+task.max_image=3"], "task.max_image is not a setting of tasks.instance.InstanceTask"),
     (["prompts=jittered", "+prompts.sead=3"], "prompts.sead is not a setting of tasks.prompts.JitteredBoxes"),

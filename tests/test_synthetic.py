@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from tasks.synthetic import CATEGORIES, ensure_dataset, render_scene
+from tasks.synthetic import CATEGORIES, CLI_KNOBS, ensure_dataset, render_scene
 
 
 def test_scenes_are_deterministic_and_seed_dependent():
@@ -136,7 +136,7 @@ def test_regenerating_with_other_parameters_leaves_no_old_scene(tmp_path):
         ensure_dataset(root, n_train=2, n_val=1, seed=5, progress=False)
     # the command line (python -m tasks.synthetic) names its own flags
     with pytest.raises(SaqError, match=r"; --seed=5 would replace it .* \(--out=.*d_seed5\)"):
-        ensure_dataset(root, n_train=2, n_val=1, seed=5, progress=False, knobs=("--seed", "--out"))
+        ensure_dataset(root, n_train=2, n_val=1, seed=5, progress=False, knobs=CLI_KNOBS)
     assert json.loads((root / "meta.json").read_text())["seed"] == 0
     # an interrupted generation (or another generator version) is replaced, old scenes and all
     meta = json.loads((root / "meta.json").read_text())
@@ -243,6 +243,28 @@ def test_the_generator_command_refuses_empty_splits(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+def test_the_generator_command_names_its_own_flags_for_an_out_it_cannot_generate_into(tmp_path, capsys):
+    from tasks.synthetic import main
+
+    def refused(out) -> str:
+        with pytest.raises(SystemExit):
+            main(["--out", str(out), "--n-train", "1", "--n-val", "1"])
+        return capsys.readouterr().err
+
+    (tmp_path / "a_file").write_text("")
+    assert refused(tmp_path / "a_file") == (f"error: --out={tmp_path / 'a_file'} is a file; --out needs a folder (a new "
+                                            "or empty one, or one holding a synthetic dataset)\n")
+    # task.generate is the main command's knob: the generator only generates, so it is no way out here
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "x.txt").write_text("")
+    assert refused(tmp_path / "real") == (f"error: {tmp_path / 'real'} is not empty and holds no synthetic dataset "
+                                          "(meta.json): refusing to generate into it (use a new or empty folder)\n")
+    (tmp_path / "real" / "meta.json").write_text("{}")
+    assert refused(tmp_path / "real") == (f"error: {tmp_path / 'real' / 'meta.json'} is not a synthetic dataset's "
+                                          f"meta.json; refusing to generate into {tmp_path / 'real'} (use another "
+                                          "folder)\n")
+
+
 def test_generating_into_a_new_root_is_said_and_a_mistyped_real_data_path_is_refused(tmp_path, monkeypatch, capsys):
     from omegaconf import OmegaConf
 
@@ -260,7 +282,8 @@ def test_generating_into_a_new_root_is_said_and_a_mistyped_real_data_path_is_ref
 
     # a typo above the last part of a path to real data (/data/coco -> /dta/coco): refused, nothing made
     with pytest.raises(SaqError, match=r"^task\.data\.root=.*dta/coco does not exist, nor does its folder .*dta: "
-                                       r"refusing .*\(fix the path to the data, or set task\.generate=null"):
+                                       r"refusing .*\(set task\.generate=null for real data, or fix the path to "
+                                       r"the data\)$"):
         task(tmp_path / "dta" / "coco")
     assert not (tmp_path / "dta").exists()
     # a new root in an existing folder is generated, and the run says so (a typo in the last part shows here)
