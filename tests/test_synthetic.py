@@ -202,19 +202,31 @@ def test_an_interrupted_growth_leaves_the_smaller_set_in_use(tmp_path, monkeypat
     assert len(list((root / "val" / "images").iterdir())) == 4
 
 
-def test_generation_waits_for_a_parallel_one_and_then_reuses_it(tmp_path):
+def test_generation_waits_for_a_parallel_one_and_then_reuses_it(tmp_path, monkeypatch):
     import fcntl
     import threading
 
     from tasks.synthetic import ensure_dataset, generation_lock
 
     root = tmp_path / "fresh"
-    done = threading.Event()
+    done, blocked = threading.Event(), threading.Event()
+    flock = fcntl.flock
+
+    def noting_a_wait(handle, operation):  # a blocking request that finds the lock held says so, then waits
+        if operation == fcntl.LOCK_EX:
+            try:
+                return flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                blocked.set()
+        return flock(handle, operation)
+
     with open(generation_lock(root), "a") as held:  # another sweep job is generating here
-        fcntl.flock(held, fcntl.LOCK_EX)
+        flock(held, fcntl.LOCK_EX)
+        monkeypatch.setattr(fcntl, "flock", noting_a_wait)
         worker = threading.Thread(target=lambda: (ensure_dataset(root, 2, 1, 0, progress=False), done.set()))
         worker.start()
-        assert not done.wait(1.0) and not root.exists()  # it waits instead of generating into the same folder
+        # it waits on the lock instead of generating into the same folder (no clock: the wait itself is observed)
+        assert blocked.wait(120) and not done.is_set() and not root.exists()
     worker.join(120)
     assert done.is_set() and json.loads((root / "meta.json").read_text())["complete"] is True
     # a complete dataset is used without the lock, so data on a read-only mount (no lock file possible) works
