@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from saq.errors import SaqError
 from saq.sam.build import build_sam
 from saq.sam.segmenter import Segmenter
 from tasks.base import list_images, read_rgb
@@ -40,6 +41,9 @@ def main(args: dict[str, str]) -> None:
     amg = {**AMG_DEFAULTS, **OmegaConf.to_container(conf.amg)}  # the semantic task's own settings
     root = Path(args.get("root", conf.data.root))
     if not (root / conf.data.img_dir).is_dir():
+        if root.is_dir() and not (root / "meta.json").is_file() and any(root.iterdir()):  # real data, other layout
+            raise SaqError(f"root={root} has no {conf.data.img_dir} folder: give a root laid out as data/synthetic "
+                           f"(its images under ROOT/{conf.data.img_dir})")
         check_new_root(root, KNOBS)  # a mistyped path to real data is said or refused, as the main command does
         ensure_dataset(root, **OmegaConf.to_container(conf.generate), knobs=KNOBS)
     images = [read_rgb(path) for _, path in list_images(root / conf.data.img_dir, "root")[:n_images]]

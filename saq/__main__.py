@@ -93,6 +93,7 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
     (+key=...) adds a knob that saq then refuses. Composed as Hydra composes first (a multirun without its swept
     values); any other composition problem is left to Hydra."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.types import ChoiceSweep
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -101,8 +102,12 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
                 Path.cwd() / "sweeps" / f"{o.value()}.yaml").is_file():
             raise SaqError(preset_not_found(o.value()))
     plain = [o for o in overrides if not (multirun and o.is_sweep_override())]
-    swept = sorted({o.key_or_group for o in overrides if multirun and o.is_sweep_override()})
-    lines, hinted = [], []  # hinted: keys another preset of a swept group has (method= sets recon, clip, quant)
+    # the swept group choices (quant=w6a6,w4a4; method=minmax,saq_sam): method= sets recon, clip and quant too
+    swept = {o.key_or_group: [str(v) for v in o.value().list] for o in overrides
+             if multirun and o.is_sweep_override() and isinstance(o.value(), ChoiceSweep)
+             and (CONF_DIR / o.key_or_group).is_dir()}
+    lines, notes = [], []
+    absent = object()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             missing = []  # (key, the first part of it the config lacks): Hydra names one per composition
@@ -116,7 +121,11 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
                     if found is None or not isinstance(exc.__cause__, ConfigAttributeError | ConfigKeyError):
                         if not missing:
                             return
-                        break  # something else: the keys found so far are still said, Hydra reports the rest
+                        # something else as well: the keys found so far are said against the presets chosen (Hydra
+                        # reports the rest once they are fixed)
+                        remaining = [o.input_line for o in plain if "." not in o.key_or_group
+                                     and (CONF_DIR / o.key_or_group).is_dir() and not o.is_delete()]
+                        break
                     key = found.group(1)
                     missing.append((key, getattr(exc.__cause__, "full_key", None) or key))
                     remaining = [o.input_line for o in plain if o.key_or_group not in {k for k, _ in missing}]
@@ -125,21 +134,27 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
             for key, lacking in missing:
                 line, presets_have_it = missing_key_line(key, lacking, remaining, compose)
                 lines.append(line)
-                if presets_have_it and (key.split(".")[0] in swept or "method" in swept):
-                    hinted.append(key)
+                for group, options in swept.items() if presets_have_it else ():
+                    if group not in (key.split(".")[0], "method"):
+                        continue
+                    having = [v for v in options if OmegaConf.select(compose(
+                        config_name="config", overrides=[*remaining, f"{group}={v}"]), key, default=absent)
+                        is not absent]
+                    if having == options:  # the first composition has the defaults, not the swept options
+                        notes.append(f"this multirun sweeps {group}, and Hydra composes its first config without "
+                                     f"the swept values: to give every job {key}, write ++{key}=...")
+                    elif having:
+                        notes.append(f"of the swept {group}={','.join(options)}, {', '.join(having)} "
+                                     f"{'has' if len(having) == 1 else 'have'} {key} and "
+                                     f"{', '.join(v for v in options if v not in having)} not: sweep them apart")
     except Exception:  # noqa: BLE001 - whatever this cannot compose, Hydra reports in its own words
         return
     by_tail: dict[str, list[str]] = {}  # keys with the same message after their name are said once
     for (key, _), one in zip(missing, lines):
         by_tail.setdefault(one[len(key):], []).append(key)
-    line = "; ".join(keys[0] + tail if len(keys) == 1 else ", ".join(keys) + tail.replace(
+    raise SaqError("; ".join([*(keys[0] + tail if len(keys) == 1 else ", ".join(keys) + tail.replace(
         " is not a known key", " are not known keys", 1).replace(" is not a key of ", " are not keys of ", 1)
-        for tail, keys in by_tail.items())
-    if hinted:  # the first composition has the defaults, not the swept options
-        keys = ", ".join(f"++{key}=..." for key in hinted)
-        line += (f"; this multirun sweeps {', '.join(swept)}, and Hydra composes its first config without the swept "
-                 f"values: to give every job {'the knob' if len(hinted) == 1 else 'these knobs'}, write {keys}")
-    raise SaqError(line)
+        for tail, keys in by_tail.items()), *notes]))
 
 
 def missing_key_line(key: str, missing: str, others: list[str], compose) -> tuple[str, bool]:

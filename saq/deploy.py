@@ -306,17 +306,25 @@ def export_graphs(model: nn.Module, directory: str | Path) -> None:
              "iou_predictions": {0: "prompts"}})
 
 
-def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float") -> dict:
-    """Write the int8 ONNX encoder and decoder of a calibrated model into `directory`; returns the operator report."""
-    from saq.log import file_lock, set_aside, set_aside_stamp
-
+def deploy_folder(directory: str | Path, knob: str | None = None) -> Path:
+    """The absolute folder an export writes into, or SaqError when it cannot be one (checked before any work).
+    knob: the setting that gave it (saq.deploy's out), named in the error."""
     directory = Path(os.path.abspath(directory))  # out=. or out=a/.. name the folder they mean
     if not directory.name:  # the staging folder is made beside the target, under a name built from its name
         raise SaqError(f"cannot deploy into {directory}: a folder without a name (the file system root); give a "
                        f"folder inside it, e.g. out={directory / DEPLOY_DIR}")
     problem = folder_write_problem(directory)  # a file in the way is said now, not as mkdir's errno after the export
     if problem:
-        raise SaqError(f"out={directory} cannot be written ({problem}); give a writable folder")
+        named = f"{knob}={directory}" if knob else str(directory)
+        raise SaqError(f"cannot deploy into {named} ({problem}); give a writable folder")
+    return directory
+
+
+def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float") -> dict:
+    """Write the int8 ONNX encoder and decoder of a calibrated model into `directory`; returns the operator report."""
+    from saq.log import file_lock, set_aside, set_aside_stamp
+
+    directory = deploy_folder(directory)
     model = export_graph_modules(qmodel, softmax)
     with contextlib.ExitStack() as stack:
         lock = directory / DEPLOY_LOCK
@@ -529,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         # (RUN_DIR may name the saved model's own folder; the run is the folder around it)
         run_folder = directory.parent if directory.name == SAVED_DIR else Path(run_dir)
         out = Path(options["out"]) if "out" in options else run_folder / DEPLOY_DIR  # beside the run's model
+        out = deploy_folder(out, "out")  # before the model is read and built
         with claim_run_dir(run_folder) if run_folder.is_dir() else nullcontext():
             recipe = read_recipe(directory)
             check_deploy_config(recipe["quant"])  # a W4A4 model is refused before it is built and loaded

@@ -85,9 +85,13 @@ def saved_dir(path: str | Path, setting: str = "quant.load=") -> Path:
             return candidate
     if not path.exists():
         raise SaqError(f"{setting}{path}: no such directory")
-    if path.is_file():  # recipe.json or results.json itself: its folder is what is meant
+    if path.is_file():
         folder = path.parent.parent if path.parent.name == SAVED_DIR else path.parent
-        raise SaqError(f"{setting}{path} is a file; give the run's folder ({folder}) or its {SAVED_DIR}/ folder")
+        if (folder / SAVED_DIR / RECIPE_FILE).is_file():  # recipe.json or results.json itself: its folder is meant
+            raise SaqError(f"{setting}{path} is a file; give the run's folder ({folder}) or its {SAVED_DIR}/ folder")
+        checkpoint = " (a SAM checkpoint goes in model.checkpoint)" if path.suffix in (".pth", ".pt") else ""
+        raise SaqError(f"{setting}{path} is a file; give the folder of a run that saved its quantized model (it holds "
+                       f"{SAVED_DIR}/{RECIPE_FILE}){checkpoint}")
     loaded = _loaded_by(path)
     if loaded:  # a run that evaluated another run's model saves none of its own
         raise SaqError(f"{setting}{path} holds no saved quantized model: that run evaluated the one saved in {loaded} "

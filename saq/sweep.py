@@ -90,9 +90,9 @@ def preset_listing() -> str:
     Hydra's own list shows shared parts such as quant/_base, which cannot be chosen, and no sweeps."""
     groups = sorted(d for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "hydra" and group_options([d]))
     lines = [f"{d.name}: {', '.join(group_options([d]))}" for d in groups]
-    sweeps = group_options([CONF_DIR.parent / "sweeps"])
-    if sweeps:
-        lines.append(f"+sweeps (with -m, or make sweep SWEEP=NAME): {', '.join(sweeps)}")
+    sweeps = group_options([Path.cwd() / "sweeps"])  # where Hydra looks for them (hydra.searchpath file://.)
+    lines.append(f"+sweeps (with -m, or make sweep SWEEP=NAME): {', '.join(sweeps)}" if sweeps else
+                 "+sweeps: the sweep presets are found from the repository root (sweeps/); run there to use them")
     return "\n".join(lines)
 
 

@@ -131,7 +131,8 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
               f"{off_image[0]}{' and others' if len(off_image) > 1 else ''}); boxes must be in the image's own pixels")
     if flat:  # kept (COCO val/train hold a few), but a box prompt without area segments little: said, not silent
         print(f"{ann_path}: {len(flat)} ground-truth box{'es' if len(flat) > 1 else ''} without width or height "
-              f"(annotation {flat[0]}{' and others' if len(flat) > 1 else ''}): kept as objects and prompted as given")
+              f"(annotation {flat[0]}{' and others' if len(flat) > 1 else ''}): kept as objects; prompts=gt prompts them "
+              "as they are")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):

@@ -153,6 +153,7 @@ class DetectionsFile(PromptSource):
         check_number(score_threshold, "prompts.score_threshold", 0, 1)  # detector scores are in [0, 1]
         # a float: score_threshold=0 and the default 0.0 are one setting (cache keys, messages)
         self.path, self.score_threshold, self.max_per_image = path, float(score_threshold), max_per_image
+        self._bare_said: set[tuple] = set()  # evaluated image sets already said to have images without detections
         if calib_file is not None and not isinstance(calib_file, (str, os.PathLike)):
             raise SaqError(f"prompts.calib_file={calib_file!r} invalid; expected a path or null")
         if calib_file and not Path(calib_file).exists():
@@ -489,7 +490,10 @@ class DetectionsFile(PromptSource):
             raise SaqError(f"detections file {self.path}: no detection on the {len(image_keys)} {which} images "
                            f"reaches prompts.score_threshold={self.score_threshold} ({found})")
         bare = [key for key in image_keys if not self._by_image.get(key)]
-        if bare and which == "evaluated":  # a detector may find nothing on an image; said, as it costs recall
+        # a detector may find nothing on an image; said once (a run evaluates FP, quantized, deployed), as it costs
+        # recall
+        if bare and which == "evaluated" and tuple(image_keys) not in self._bare_said:
+            self._bare_said.add(tuple(image_keys))
             print(f"detections file {self.path}: {len(bare)} of the {len(image_keys)} evaluated images have no "
                   f"detection reaching prompts.score_threshold={self.score_threshold} (first: {bare[0]!r}); their "
                   "objects count as missed")

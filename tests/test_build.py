@@ -57,13 +57,19 @@ def test_a_checkpoint_whose_weights_cannot_be_told_names_its_keys(tmp_path):
     plain = build_random_sam("sam_tiny", seed=7).state_dict()
     torch.save({"ema": plain, "student": plain, "epoch": 3}, tmp_path / "two.pth")
     with pytest.raises(SaqError, match=r"two\.pth holds ema, student, epoch \(SAM's weights under each of ema, "
-                                       r"student\); re-save the weights alone"):
+                                       r"student\); re-save the ones to evaluate alone"):
         build_sam("sam_tiny", tmp_path / "two.pth")
     # "model" or "state_dict" beside another key with SAM's weights is no more telling (it loaded "model" silently)
     torch.save({"model": plain, "model_ema": plain}, tmp_path / "ema.pth")
     with pytest.raises(SaqError, match=r"ema\.pth holds model, model_ema \(SAM's weights under each of model, "
-                                       r"model_ema\)"):
+                                       r"model_ema\); re-save the ones to evaluate alone: torch\.save\(torch\.load\("
+                                       r"PATH\)\['model'\], 'sam\.pth'\) or torch\.save\(torch\.load\(PATH\)"
+                                       r"\['model_ema'\], 'sam\.pth'\)$"):
         build_sam("sam_tiny", tmp_path / "ema.pth")
+    # per-parameter settings keyed like SAM's weights are no second copy of them
+    lrs = {k: 0.1 for k in plain}
+    torch.save({"model": plain, "lr_scale": lrs}, tmp_path / "lrs.pth")
+    assert build_sam("sam_tiny", tmp_path / "lrs.pth").state_dict().keys() == plain.keys()
     torch.save({**plain, "epoch": 3}, tmp_path / "mixed.pth")  # SAM's keys with a number beside them
     with pytest.raises(SaqError, match=r"mixed\.pth is not a state dict of tensors \('epoch' is int, not a tensor\)"):
         build_sam("sam_tiny", tmp_path / "mixed.pth")

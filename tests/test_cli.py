@@ -247,7 +247,11 @@ def test_bad_values_through_the_cli_exit_2_with_one_line(override, tmp_path):
 
 
 def test_help_lists_the_presets_a_user_can_choose_and_the_sweeps(tmp_path):
-    proc = saq("quant=w4a4", "--help", cwd=tmp_path)  # from another folder: presets are found from the package
+    elsewhere = saq("--help", cwd=tmp_path)  # config presets come with the package; sweep presets from the root
+    assert elsewhere.returncode == 0 and "quant: fp, w4a4, w6a6, w8a8" in elsewhere.stdout.splitlines()
+    assert ("+sweeps: the sweep presets are found from the repository root (sweeps/); run there to use them"
+            in elsewhere.stdout.splitlines())
+    proc = saq("quant=w4a4", "--help")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     for group in ("clip", "method", "model", "quant", "recon", "task"):
@@ -466,6 +470,10 @@ def test_amg_speed_says_or_refuses_a_new_root_as_the_main_command_does_naming_it
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SaqError, match=rf"^root={re.escape(str(tmp_path / 'a_file'))} is a file; root needs a folder"):
         run_benchmark("amg_speed", {"root": str(tmp_path / "a_file"), "images": 1})
+    (tmp_path / "ade" / "images" / "validation").mkdir(parents=True)  # real data in another layout: not generated into
+    with pytest.raises(SaqError, match=rf"^root={re.escape(str(tmp_path / 'ade'))} has no val/images folder: give a "
+                                       r"root laid out as data/synthetic \(its images under ROOT/val/images\)$"):
+        run_benchmark("amg_speed", {"root": str(tmp_path / "ade"), "images": 1})
 
     # a new root in an existing folder is generated, and said (not the whole set here: the line is what is tested)
     def generated(root, **kwargs):
@@ -603,13 +611,14 @@ def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results
     (["-m", "quant=w6a6,w4a4", "quant.calib_images=8"], "quant.calib_images is not a key of quant=fp; quant=w4a4, "
                                                         "w6a6, w8a8 have it (choose one); this multirun sweeps quant, "
                                                         "and Hydra composes its first config without the swept values: "
-                                                        "to give every job the knob, write ++quant.calib_images=..."),
+                                                        "to give every job quant.calib_images, write "
+                                                        "++quant.calib_images=..."),
     # a method sweep sets recon per job: the same way round; a typo gets no such hint (++ would not help)
     (["-m", "method=qdrop,saq_sam", "quant=w4a4", "recon.drop_prob=0.3"], "recon.drop_prob is not a key of recon=none; "
                                                                           "recon=par, qdrop have it (choose one); this "
                                                                           "multirun sweeps method, and Hydra composes "
                                                                           "its first config without the swept values: "
-                                                                          "to give every job the knob, write "
+                                                                          "to give every job recon.drop_prob, write "
                                                                           "++recon.drop_prob=..."),
     (["-m", "quant=w6a6,w4a4", "quant.calib_imgs=8"], "quant.calib_imgs is not a known key; expected one of ['load', "
                                                       "'name', 'save']"),
@@ -632,7 +641,15 @@ def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results
     (["-m", "quant=w6a6,w4a4", "quant.calib_images=8", "recon.drop_prob=0.1"],
      "quant.calib_images is not a key of quant=fp; quant=w4a4, w6a6, w8a8 have it (choose one); recon.drop_prob is "
      "not a key of recon=none; recon=par, qdrop have it (choose one); this multirun sweeps quant, and Hydra composes "
-     "its first config without the swept values: to give every job the knob, write ++quant.calib_images=..."),
+     "its first config without the swept values: to give every job quant.calib_images, write "
+     "++quant.calib_images=..."),
+    # a swept option whose preset lacks the knob: ++ would give it to a job that refuses it
+    (["-m", "method=minmax,saq_sam", "recon.drop_prob=0.5"], "recon.drop_prob is not a key of recon=none; recon=par, "
+                                                              "qdrop have it (choose one); of the swept "
+                                                              "method=minmax,saq_sam, saq_sam has recon.drop_prob and "
+                                                              "minmax not: sweep them apart"),
+    # another composition problem beside it: the key is still said (Hydra's message for it suggests +quant.foo)
+    (["quant.foo=1", "+seed=3"], "quant.foo is not a known key; expected one of ['load', 'name', 'save']"),
     (["quant=w4a4", "quant.nope.deeper=1"], "quant.nope.deeper is not a known key: quant has no nope; its keys: "
                                             "['a_bits', 'agq', 'agq_taus', 'big', 'calib_decode_batch', "
                                             "'calib_images', 'decoder', 'encoder', 'load', 'name', 'save', 'w_bits']"),

@@ -355,11 +355,11 @@ def test_cli_checks_the_config_first_records_the_export_and_refuses_an_out_witho
 
 def test_an_out_that_is_or_lies_in_a_file_is_one_line_before_the_export(calibrated, tmp_path, monkeypatch, capsys):
     export_quantized(calibrated, tmp_path / "run" / "quantized_model", extra={"model": "sam_tiny", "export_id": "e1"})
-    monkeypatch.setattr(deploy, "export_graph_modules", lambda qmodel, softmax: pytest.fail("exported into a file"))
+    monkeypatch.setattr("saq.saved.read_recipe", lambda *args: pytest.fail("read the model for a folder it refuses"))
     (tmp_path / "a_file").write_text("")
     for out in (tmp_path / "a_file", tmp_path / "a_file" / "deployed"):  # not mkdir's errno once the export is done
         assert deploy.main([str(tmp_path / "run"), f"out={out}"]) == 1
-        assert capsys.readouterr().err == (f"error: out={out} cannot be written ({tmp_path / 'a_file'} is a file, not "
+        assert capsys.readouterr().err == (f"error: cannot deploy into out={out} ({tmp_path / 'a_file'} is a file, not "
                                            "a folder); give a writable folder\n")
 
 

@@ -355,7 +355,8 @@ def test_detections_must_name_the_datasets_images_and_categories(synthetic_root,
     task = task_for(synthetic_root, write_detections(tmp_path / "partial.json", coco, sorted(coco.imgs)[:2]),
                     max_images=3)
     capsys.readouterr()
-    task.prompts.require_prompts(task.image_ids())
+    for _ in range(2):  # FP, then quantized: said once
+        task.prompts.require_prompts(task.image_ids())
     assert capsys.readouterr().out == (f"detections file {tmp_path / 'partial.json'}: 1 of the 3 evaluated images "
                                        f"have no detection reaching prompts.score_threshold=0.05 (first: "
                                        f"{task.image_ids()[2]!r}); their objects count as missed\n")
@@ -462,7 +463,7 @@ def test_what_real_coco_files_hold_still_loads(tmp_path, capsys):
     coco = load_coco(path, "task.data.ann_file")
     assert coco.anns[1]["bbox"][3] == 0.0
     assert capsys.readouterr().out == (f"{path}: 1 ground-truth box without width or height (annotation 1): kept as "
-                                       "objects and prompted as given\n")
+                                       "objects; prompts=gt prompts them as they are\n")
     assert coco.annToMask(coco.anns[1]).shape == (4, 4)  # pycocotools took 4 numbers for a box and failed
     path.write_text(_coco(_ann_with(segmentation=[])))
     assert len(load_coco(path, "task.calib.ann_file", scored=False).anns) == 1

@@ -413,6 +413,9 @@ def test_saq_sam_reconstructs_the_four_stages_of_a_vit_b():
     qmodel = quantize(model, cfg.quant)
     calibration = calibrate(qmodel, cal, cfg.quant, strategy, progress=False)
     assert len(calibration.clipping.record()["points"]) == 28  # PCC searched every decoder q/k point
+    from saq.quant.quantizers import Log2AGQQuantizer
+    assert len(calibration.big) == 3  # BIG looked at the keys of the three token->image attentions
+    assert sum(isinstance(q, Log2AGQQuantizer) for q in qmodel.modules()) == 12 + 7  # AGQ after every softmax
     report = reconstruct(qmodel, model, cal, OmegaConf.to_container(cfg.recon, resolve=True), seed=0, progress=False)
     assert [u.name for u in report.units][:5] == [f"encoder.stage{k}" for k in range(4)] + ["encoder.neck"]
     assert len(report.units) == 8 and report.as_dict()["method"] == "par"

@@ -184,11 +184,18 @@ def test_load_paths_and_run_keys_are_checked(tmp_path):
         saved_dir(tmp_path / "nope")
     with pytest.raises(SaqError, match=r"holds no saved quantized model .*quant\.save=false"):
         saved_dir(tmp_path)
-    (tmp_path / "quantized_model").mkdir()
-    (tmp_path / "quantized_model" / "recipe.txt").write_text("{}")  # a file where a folder is meant
-    with pytest.raises(SaqError, match=rf"quant\.load={tmp_path}/quantized_model/recipe\.txt is a file; give the "
-                                       rf"run's folder \({tmp_path}\) or its quantized_model/ folder$"):
-        saved_dir(tmp_path / "quantized_model" / "recipe.txt")
+    # a file where a folder is meant: a saved run's own files point to it, anything else to what quant.load takes
+    run = tmp_path / "run"
+    (run / "quantized_model").mkdir(parents=True)
+    (run / "quantized_model" / "recipe.json").write_text("{}")
+    with pytest.raises(SaqError, match=rf"quant\.load={run}/quantized_model/recipe\.json is a file; give the run's "
+                                       rf"folder \({run}\) or its quantized_model/ folder$"):
+        saved_dir(run / "quantized_model" / "recipe.json")
+    (tmp_path / "sam.pth").write_bytes(b"")
+    with pytest.raises(SaqError, match=r"sam\.pth is a file; give the folder of a run that saved its quantized model "
+                                       r"\(it holds quantized_model/recipe\.json\) \(a SAM checkpoint goes in "
+                                       r"model\.checkpoint\)$"):
+        saved_dir(tmp_path / "sam.pth")
     # a run that evaluated another run's model: the tools (saq.deploy RUN_DIR) are pointed at that one
     (tmp_path / "results.json").write_text(json.dumps({"config": {"quant": {"load": "outputs/made"}}}))
     with pytest.raises(SaqError, match=r"that run evaluated the one saved in outputs/made \(quant\.load\); give "

@@ -149,8 +149,11 @@ def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
             obj = obj[holding[0]]
         else:
             keys = ", ".join(map(str, list(obj)[:6])) + (", ..." if len(obj) > 6 else "")
-            why = f"SAM's weights under each of {', '.join(map(str, holding))}" if holding else "no SAM weights found"
-            raise SaqError(f"checkpoint {path} holds {keys} ({why}); re-save the weights alone: "
+            if holding:  # a model and its EMA, say: which to evaluate is the user's choice
+                resave = " or ".join(f"torch.save(torch.load(PATH)[{k!r}], 'sam.pth')" for k in holding[:3])
+                raise SaqError(f"checkpoint {path} holds {keys} (SAM's weights under each of "
+                               f"{', '.join(map(str, holding))}); re-save the ones to evaluate alone: {resave}")
+            raise SaqError(f"checkpoint {path} holds {keys} (no SAM weights found); re-save the weights alone: "
                            "torch.save(torch.load(PATH)[KEY], 'sam.pth') with the key that holds them")
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         odd = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None) if isinstance(obj, dict) \
@@ -163,8 +166,10 @@ def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
 
 
 def _holds_sam(tree: dict) -> bool:
-    """Whether a dict holds SAM's tensors, directly or one wrapper further down."""
-    return any(_sam_part_at(k) >= 0 or (isinstance(v, dict) and _holds_sam(v)) for k, v in tree.items())
+    """Whether a dict holds SAM's tensors, directly or one wrapper further down (keys named after SAM's parameters
+    with other values, such as per-layer learning rates, are no weights)."""
+    return any((_sam_part_at(k) >= 0 and isinstance(v, torch.Tensor)) or (isinstance(v, dict) and _holds_sam(v))
+               for k, v in tree.items())
 
 
 SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
