@@ -71,6 +71,10 @@ def check_group_options(argv: list[str]) -> None:
         return
     for override in overrides:
         group, value = override.key_or_group, override.value()
+        if group == "sweeps" and not (override.is_add() or override.is_force_add() or override.is_delete()):
+            # the root config has no sweeps entry to change: Hydra's message asks for an append
+            raise SaqError(f"a sweep preset is added with a plus: +{override.input_line} (python -m saq -m "
+                           f"+{override.input_line}, or make sweep SWEEP=...)")
         # conf/ and, through hydra.searchpath file://., the folder the command runs in (sweeps/ in the repository)
         folders = [root / group for root in (CONF_DIR, Path.cwd()) if not group.startswith("hydra")
                    and (root / group).is_dir()]
@@ -81,8 +85,9 @@ def check_group_options(argv: list[str]) -> None:
         else:
             values = [value] if isinstance(value, str) else []
         for option in values:
+            # an option is a YAML file (a folder beside them, such as sweeps/wandb, is none)
             if isinstance(option, str) and "${" not in option and not any(
-                    (folder / option).exists() or (folder / f"{option}.yaml").is_file() for folder in folders):
+                    (folder / option).is_file() or (folder / f"{option}.yaml").is_file() for folder in folders):
                 raise SaqError(unknown_option(group, option, folders))
     check_override_keys(overrides, args.multirun)
 

@@ -90,6 +90,13 @@ def preset_listing() -> str:
     Hydra's own list shows shared parts such as quant/_base, which cannot be chosen, and no sweeps."""
     groups = sorted(d for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "hydra" and group_options([d]))
     lines = [f"{d.name}: {', '.join(group_options([d]))}" for d in groups]
+    try:  # Hydra's launchers with the installed plugins' (joblib, submitit) and conf/hydra/launcher's (slurm)
+        from hydra.core.global_hydra import GlobalHydra
+
+        launchers = sorted(GlobalHydra.instance().config_loader().get_group_options("hydra/launcher"))
+        lines.append(f"hydra/launcher (parallel or Slurm jobs with -m): {', '.join(launchers)}")
+    except Exception:  # noqa: BLE001 - outside Hydra's help there is no loader to ask; the list is a convenience
+        pass
     sweeps = group_options([Path.cwd() / "sweeps"])  # where Hydra looks for them (hydra.searchpath file://.)
     lines.append(f"+sweeps (with -m, or make sweep SWEEP=NAME): {', '.join(sweeps)}" if sweeps else
                  "+sweeps: the sweep presets are found from the repository root (sweeps/); run there to use them")

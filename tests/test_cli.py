@@ -261,6 +261,8 @@ def test_help_lists_the_presets_a_user_can_choose_and_the_sweeps(tmp_path):
     sweeps = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
     assert f"+sweeps (with -m, or make sweep SWEEP=NAME): {', '.join(sweeps)}" in lines
     assert "  w_bits: 4" in lines  # the config, with the overrides given
+    launchers = next(line for line in lines if line.startswith("hydra/launcher (parallel or Slurm jobs with -m): "))
+    assert {"basic", "joblib", "slurm", "submitit_local"} <= set(launchers.split(": ")[1].split(", "))
 
 
 @pytest.mark.parametrize("tool", ["saq.report", "saq.deploy", "saq.sensitivity"])
@@ -695,3 +697,9 @@ def test_the_group_option_check_leaves_to_hydra_what_it_cannot_read(monkeypatch)
 
     with pytest.raises(SaqError, match=r"^sweeps=nope unknown; options: bits, .*theta$"):
         check_group_options(["-m", "+sweeps=nope"])
+    # sweeps/wandb is a folder of W&B sweep files, not a preset; a preset without its plus is not a change of one
+    with pytest.raises(SaqError, match=r"^sweeps=wandb unknown; options: bits, .*theta$"):
+        check_group_options(["-m", "+sweeps=wandb"])
+    with pytest.raises(SaqError, match=r"^a sweep preset is added with a plus: \+sweeps=bits \(python -m saq -m "
+                                       r"\+sweeps=bits, or make sweep SWEEP=\.\.\.\)$"):
+        check_group_options(["-m", "sweeps=bits"])
