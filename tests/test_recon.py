@@ -59,13 +59,16 @@ class Block:
         return [model if self.owns is None else getattr(model, self.owns)]
 
 
-def toy_models(bits=3):
-    fp = TwoLayers().eval()
-    qmodel = TwoLayers(QuantizerFactory(QuantConfig(w_bits=bits, a_bits=bits)))
+def toy_models(bits=3, block=None, a_bits=None):
+    """An FP block, its calibrated quantized twin and 4 batches of inputs; block: TwoLayers unless given."""
+    block = block or TwoLayers
+    fp = block().eval()
+    qmodel = block(QuantizerFactory(QuantConfig(w_bits=bits, a_bits=a_bits or bits)))
     qmodel.load_state_dict(fp.state_dict(), strict=False)
     for name, q in qmodel.named_modules():
         q.name = name
-    data = [Batch(torch.randn(64, 16, generator=torch.Generator().manual_seed(i))) for i in range(4)]
+    data = [Batch(torch.randn(64, fp.lin1.in_features, generator=torch.Generator().manual_seed(i)))
+            for i in range(4)]
     set_quant_state(qmodel, QuantState.OBSERVE, kind="act")
     with torch.no_grad():
         for d in data:
@@ -122,18 +125,7 @@ class SmallBlock(nn.Module):
 def test_reconstruction_finds_the_best_rounding_of_a_block_small_enough_to_enumerate():
     """With the 2-bit weight steps fixed (scale_lr 0) and nothing dropped, AdaRound chooses floor or ceil per weight;
     scoring all 4096 choices gives the optimum, which nearest rounding misses by 2x and reconstruction reaches."""
-    fp = SmallBlock().eval()
-    qmodel = SmallBlock(QuantizerFactory(QuantConfig(w_bits=2, a_bits=8)))
-    qmodel.load_state_dict(fp.state_dict(), strict=False)
-    for name, q in qmodel.named_modules():
-        q.name = name
-    data = [Batch(torch.randn(64, 2, generator=torch.Generator().manual_seed(i))) for i in range(4)]
-    set_quant_state(qmodel, QuantState.OBSERVE, kind="act")
-    with torch.no_grad():
-        for d in data:
-            qmodel(d.x)
-    calibrate_weights(qmodel)
-    set_quant_state(qmodel, QuantState.QUANT)
+    fp, qmodel, data = toy_models(bits=2, block=SmallBlock, a_bits=8)
     nearest = block_error(qmodel, fp, data)
     layers = [qmodel.lin1, qmodel.lin2]
     with torch.no_grad():

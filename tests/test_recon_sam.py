@@ -230,6 +230,16 @@ def test_agq_scale_is_learned_only_with_its_own_lr(tiny):
     assert all(scales(learned, True)[n] != s for n, s in scales(start, True).items())
 
 
+def assert_only_linear_inputs_drop(qmodel):
+    """The paper-compatible evaluation's state: every linear/conv input at drop 0.5, every other quantizer hard."""
+    inputs = {id(m.input_quantizer) for m in qmodel.modules() if isinstance(m, QuantLayer)}
+    dropping = {id(q) for q in iter_quantizers(qmodel) if q.drop_prob != 1.0}
+    assert dropping == inputs and all(q.drop_prob == 0.5 for q in iter_quantizers(qmodel) if id(q) in inputs)
+    with pytest.raises(SaqError, match="quantizers still drop quantization"):
+        assert_fully_quantized(qmodel)
+    assert_fully_quantized(qmodel, allow_dropped_inputs=True)
+
+
 def test_paper_eval_compat_after_par_leaves_exactly_the_linear_inputs_dropping(tiny):
     """The same documented state after SAQ-SAM's own reconstruction (stage units, PAR's losses)."""
     cal = samples(1)
@@ -238,12 +248,7 @@ def test_paper_eval_compat_after_par_leaves_exactly_the_linear_inputs_dropping(t
                                               "paper_eval_compat": True, "best_state": False}, seed=0, progress=False)
     assert report.eval_mode == EVAL_PAPER and [u.kind for u in report.units] == [
         "stage", "stage", "neck", "decoder_layer", "decoder_layer", "final_attn"]
-    inputs = {id(m.input_quantizer) for m in qmodel.modules() if isinstance(m, QuantLayer)}
-    dropping = {id(q) for q in iter_quantizers(qmodel) if q.drop_prob != 1.0}
-    assert dropping == inputs and all(q.drop_prob == 0.5 for q in iter_quantizers(qmodel) if id(q) in inputs)
-    with pytest.raises(SaqError, match="quantizers still drop quantization"):
-        assert_fully_quantized(qmodel)
-    assert_fully_quantized(qmodel, allow_dropped_inputs=True)
+    assert_only_linear_inputs_drop(qmodel)
 
 
 def test_paper_eval_compat_leaves_exactly_the_linear_inputs_dropping(tiny, tmp_path):
@@ -253,12 +258,7 @@ def test_paper_eval_compat_leaves_exactly_the_linear_inputs_dropping(tiny, tmp_p
                                               "iters": {k: 1 for k in FEW}, "paper_eval_compat": True,
                                               "best_state": False}, seed=0, progress=False)
     assert report.eval_mode == EVAL_PAPER and report.as_dict()["eval_mode"].startswith("paper_compat")
-    inputs = {id(m.input_quantizer) for m in qmodel.modules() if isinstance(m, QuantLayer)}
-    dropping = {id(q) for q in iter_quantizers(qmodel) if q.drop_prob != 1.0}
-    assert dropping == inputs and all(q.drop_prob == 0.5 for q in iter_quantizers(qmodel) if id(q) in inputs)
-    with pytest.raises(SaqError, match="quantizers still drop quantization"):
-        assert_fully_quantized(qmodel)
-    assert_fully_quantized(qmodel, allow_dropped_inputs=True)
+    assert_only_linear_inputs_drop(qmodel)
     # quant.load of the saved model: the same quantizers dropping, from the recipe's recon, without reconstructing
     from saq.quant.export import export_quantized, load_quantized
     from saq.recon import loaded_evaluation
