@@ -133,7 +133,10 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
                         break
                     key = found.group(1)
                     missing.append((key, getattr(exc.__cause__, "full_key", None) or key))
-                    remaining = [o.input_line for o in plain if o.key_or_group not in {k for k, _ in missing}]
+                    fewer = [o.input_line for o in plain if o.key_or_group not in {k for k, _ in missing}]
+                    if len(fewer) == len(remaining):  # a key no override names: nothing to take out, Hydra says it
+                        return
+                    remaining = fewer
             if not missing:
                 return
             for key, lacking in missing:
