@@ -295,9 +295,9 @@ class DetectionsFile(PromptSource):
             raise SaqError(f"{where} has neither an integer or string img_id nor an img_path")
         for name in ("bboxes", "scores", "labels"):  # a field under another name is said as that, not as None
             if _field(preds, name) is None:
-                fields = sorted(preds) if isinstance(preds, Mapping) else sorted(
-                    k.lstrip("_") for k in getattr(preds, "__dict__", {}))
-                raise SaqError(f"{where}: pred_instances has no {name} (it has {', '.join(map(str, fields)) or 'none'}"
+                fields = sorted(map(str, preds)) if isinstance(preds, Mapping) else sorted(
+                    str(k).lstrip("_") for k in getattr(preds, "__dict__", {}))
+                raise SaqError(f"{where}: pred_instances has no {name} (it has {', '.join(fields) or 'none'}"
                                "); expected bboxes, scores and labels as mmdetection 3.x writes them")
         boxes, scores, labels = (_array(_field(preds, name), f"{where}: pred_instances.{name}")
                                  for name in ("bboxes", "scores", "labels"))
