@@ -348,12 +348,11 @@ class OrientedTask(Task):
                 iou_scores = chunk.iou_scores[:, 0].float().cpu().numpy()
                 for j, mask in enumerate(masks):
                     k = offset + j
-                    if not mask.any():
-                        empty += 1
-                        if self.prompts.from_ground_truth:
-                            box_ious.append(0.0)
-                        continue
-                    corners = oriented_box(mask).astype(np.float64)
+                    # an empty mask stays a detection, with a zero box at the origin: MMRotate-SAM's boxes from
+                    # masks (cv2.minAreaRect of no points) keep it at its score as a false positive; dropping it
+                    # would rank a model that loses objects above one that outlines them badly
+                    empty += not mask.any()
+                    corners = oriented_box(mask).astype(np.float64) if mask.any() else np.zeros((4, 2))
                     score = prompts.scores[k] * (iou_scores[j] if self.score == "detector_x_iou" else 1.0)
                     detections.append(RotatedDetection(stem, int(prompts.labels[k]), float(score), corners))
                     if self.prompts.from_ground_truth:

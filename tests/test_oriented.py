@@ -437,6 +437,19 @@ def test_evaluate_with_perfect_masks_and_an_image_without_objects(tmp_path):
     assert det_metrics["AP50_per_class"]["plane"] == pytest.approx(1.0) and "rbox_mIoU" not in det_metrics
 
 
+def test_an_empty_mask_is_a_false_positive_at_its_score_as_mmrotate_sam_counts_it(tmp_path):
+    """SAM returning nothing for a detector's box leaves a zero box with the detector's score (MMRotate-SAM's
+    minAreaRect of no points), not a detection that vanishes and so stops costing precision."""
+    data = dota_dataset(tmp_path, {"P1": "gsd:1\n4 4 20 4 20 20 4 20 plane 0\n30 30 50 30 50 50 30 50 plane 0\n"})
+    dets = write(tmp_path / "dets" / "Task1_plane.txt",
+                 "P1 0.8 4 4 20 4 20 20 4 20\nP1 0.9 30 30 50 30 50 50 30 50\n")
+    task = OrientedTask(data, CALIB, prompts=DetectionsFile(str(dets.parent)), classes=["plane"])
+    segmenter = MaskSegmenter({(4.0, 4.0, 20.0, 20.0): rect(4, 4, 20, 20)})  # the second plane's mask is empty
+    metrics = task.evaluate(segmenter, progress=False)
+    # the empty one ranks first (0.9) as a false positive, then the first plane: recall 0.5 at precision 0.5
+    assert metrics["empty_masks"] == 1 and metrics["mAP50"] == pytest.approx(6 * 0.5 / 11)
+
+
 def test_detections_rank_by_the_detector_score_as_mmrotate_sam_unless_told_otherwise(tmp_path):
     plane = rect(8, 8, 28, 20)
     data = dota_dataset(tmp_path, {"P1": " ".join(f"{v:.1f}" for v in plane.reshape(-1)) + " plane 0\n"})
