@@ -1,4 +1,4 @@
-"""SaqError for bad user input, and the number, integer, seed and device checks that knobs and files share.
+"""SaqError for bad user input, and the number, integer, choice, seed and device checks that knobs and files share.
 
 The entry points print a SaqError's message as one line, without a traceback.
 """
@@ -37,6 +37,13 @@ def check_int(value, key: str, minimum: int | None = 1, allow_none: bool = False
     if not is_int(value) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
         raise SaqError(f"{key}={value!r} invalid; expected an integer{bound}" + (" or null" if allow_none else ""))
+    return value
+
+
+def check_choice(value, key: str, choices: tuple[str, ...]) -> str:
+    """`value` when it is one of choices; else a SaqError naming key and listing them."""
+    if value not in choices:
+        raise SaqError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 

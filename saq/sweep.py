@@ -50,7 +50,8 @@ def score_before_the_knob(stored: dict) -> str:
 # config giving it): a finished run whose stored config lacks one ran with that value (a new knob's default keeps the
 # old behaviour where it can), so reruns of old sweeps still skip it, unless the knob is now set otherwise.
 KNOBS_ADDED_SINCE = {"recon.response_input": "mixed", "recon.mse_sum": "channels", "prompts.class_names": None,
-                     "task.difficult_above": 0, "recon.budget": "official", "task.score": score_before_the_knob}
+                     "task.difficult_above": 0, "recon.budget": "official", "task.score": score_before_the_knob,
+                     "task.protocol": "dota_devkit"}
 
 
 def job_dirname(overrides: str, max_len: int = 160) -> str:

@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import shapely
 from tqdm import tqdm
 
-from saq.errors import SaqError, check_int
+from saq.errors import SaqError, check_choice, check_int
 from saq.sam.segmenter import PromptedImage, Segmenter
 from tasks.base import (
     HeaderSizes,
@@ -35,6 +36,10 @@ AP_METHODS = ("voc07", "area")
 # detector's score; ground-truth and jittered boxes all score 1, so there SAM's predicted IoU is what ranks them.
 DETECTION_SCORES = ("auto", "detector", "detector_x_iou")
 IOU_THRESHOLD = 0.5
+# How detections meet objects: dota_devkit (dota_evaluation_task1.py) matches the labelled quadrilaterals at IoU > 0.5;
+# mmrotate's DOTAMetric, which MMRotate-SAM evaluates with, first turns each quadrilateral into its minimum-area
+# rotated box (the test pipeline's qbox -> rbox) and matches at IoU >= 0.5.
+PROTOCOLS = ("dota_devkit", "mmrotate")
 
 
 @dataclass
@@ -154,18 +159,30 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, method: str) ->
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
 
 
+def rotated_boxes_of(polygons: np.ndarray) -> np.ndarray:
+    """Each quadrilateral's minimum-area rotated rectangle as 4 corners (mmrotate's qbox -> rbox, cv2.minAreaRect
+    of the 4 corners in float32)."""
+    return np.stack([cv2.boxPoints(cv2.minAreaRect(np.asarray(q, np.float32))) for q in polygons]).astype(
+        np.float64) if len(polygons) else np.zeros((0, 4, 2))
+
+
 def rotated_map(detections: Sequence[RotatedDetection], ground_truth: dict[str, tuple[np.ndarray, np.ndarray,
                 np.ndarray]], classes: Sequence[str], ap_method: str = "voc07",
-                iou_threshold: float = IOU_THRESHOLD) -> dict:
-    """DOTA Task-1 mAP, as the DOTA devkit computes it, with exact polygon IoU.
+                iou_threshold: float = IOU_THRESHOLD, protocol: str = "dota_devkit") -> dict:
+    """DOTA Task-1 mAP with exact polygon IoU, as the DOTA devkit or mmrotate's DOTAMetric computes it (PROTOCOLS).
 
     ground_truth: image key -> (polygons N x 4 x 2, class indices N, difficult N). Detections are taken by
-    descending score; one whose best-overlapping object (IoU > threshold) is difficult counts neither as a true
-    nor a false positive, and difficult objects are not counted in recall. Classes without a non-difficult object
-    get AP None and are left out of the mean (as mmdetection/mmrotate do).
+    descending score; one whose best-overlapping object (IoU above the threshold; at it too with mmrotate) is
+    difficult counts neither as a true nor a false positive, and difficult objects are not counted in recall.
+    Classes without a non-difficult object get AP None and are left out of the mean (as mmdetection/mmrotate do).
     """
-    if ap_method not in AP_METHODS:
-        raise SaqError(f"task.ap_method must be one of {AP_METHODS}, got {ap_method!r}")
+    check_choice(ap_method, "task.ap_method", AP_METHODS)
+    check_choice(protocol, "task.protocol", PROTOCOLS)
+    if protocol == "mmrotate":
+        ground_truth = {key: (rotated_boxes_of(polys), labels, hard) for key, (polys, labels, hard)
+                        in ground_truth.items()}
+    # the devkit needs IoU > threshold, mmrotate IoU >= threshold
+    misses = np.less_equal if protocol == "dota_devkit" else np.less
     per_class, gt_counts = {}, {}
     for c, name in enumerate(classes):
         gts = {key: (polys[labels == c], difficult[labels == c]) for key, (polys, labels, difficult)
@@ -190,7 +207,7 @@ def rotated_map(detections: Sequence[RotatedDetection], ground_truth: dict[str, 
         tp, fp = np.zeros(len(order)), np.zeros(len(order))
         for rank, i in enumerate(order):
             ious = overlaps[int(i)]
-            if ious.size == 0 or ious.max() <= iou_threshold:
+            if ious.size == 0 or misses(ious.max(), iou_threshold):
                 fp[rank] = 1
                 continue
             best = int(ious.argmax())
@@ -212,8 +229,7 @@ def rotated_map(detections: Sequence[RotatedDetection], ground_truth: dict[str, 
 def detection_score(score: str, prompts: PromptSource) -> str:
     """task.score resolved for the prompt source: auto is the detector's score for detections (MMRotate-SAM's
     ranking) and detector score × SAM's predicted IoU for ground-truth or jittered boxes (every score 1)."""
-    if score not in DETECTION_SCORES:
-        raise SaqError(f"task.score must be one of {', '.join(DETECTION_SCORES)}, got {score!r}")
+    check_choice(score, "task.score", DETECTION_SCORES)
     if score == "auto":
         return "detector_x_iou" if prompts.from_ground_truth else "detector"
     if score == "detector" and prompts.from_ground_truth:
@@ -228,20 +244,24 @@ class OrientedTask(Task):
     minimum-area rotated rectangles of each mask's pixels (as MMRotate-SAM does) → DOTA mAP@0.5.
 
     Images are keyed by file stem. Every image needs a label file (empty for no objects); label files without an
-    image are ignored. A mask that comes out empty gives no detection (counted in `empty_masks`).
+    image are ignored. A mask that comes out empty stays a detection with a zero box (counted in `empty_masks`).
     """
 
     name = "oriented"
 
     def __init__(self, data: dict, calib: dict, prompts: PromptSource | None = None, max_images: int | None = None,
                  generate: dict | None = None, classes: Sequence[str] | None = None, ap_method: str = "voc07",
-                 difficult_above: int = 0, score: str = "auto"):
+                 difficult_above: int = 0, score: str = "auto", protocol: str = "dota_devkit"):
         data = split_paths(data, ("root", "img_dir", "ann_dir"), "task.data")
         calib = split_paths(calib, ("img_dir", "ann_dir"), "task.calib")
         self.root = Path(data["root"])
         self.difficult_above = check_int(difficult_above, "task.difficult_above", 0)
-        if ap_method not in AP_METHODS:
-            raise SaqError(f"task.ap_method must be one of {AP_METHODS}, got {ap_method!r}")
+        check_choice(ap_method, "task.ap_method", AP_METHODS)
+        self.protocol = check_choice(protocol, "task.protocol", PROTOCOLS)
+        if protocol == "mmrotate" and self.difficult_above == 0:
+            print("task.protocol=mmrotate matches as mmrotate's DOTAMetric, but task.difficult_above=0 leaves "
+                  "difficult objects out as the DOTA devkit does; mmrotate's DOTADataset counts them (diff_thr=100): "
+                  "add task.difficult_above=100 for mmrotate's figures")
         prompts = prompts or GroundTruthBoxes()
         self.score = detection_score(score, prompts)
         if classes is not None:
@@ -296,7 +316,7 @@ class OrientedTask(Task):
     def fingerprint(self) -> str:
         digest = files_digest([*self.label_files, *(path for _, path in self.images)])
         return f"oriented|{self.ann_dir.resolve()}|{digest}|{self.max_images}|{self.classes}|" \
-               f"{self.ap_method}|{self.difficult_above}|{self.score}|{self.prompts.fingerprint()}"
+               f"{self.ap_method}|{self.difficult_above}|{self.score}|{self.protocol}|{self.prompts.fingerprint()}"
 
     def check_calibration_split(self) -> None:
         if self.prompts.calibration_uses_ground_truth:  # a detector's boxes (prompts.calib_file) need no labels
@@ -359,7 +379,7 @@ class OrientedTask(Task):
                         box_ious.append(float(polygon_iou(corners[None], polygons[k:k + 1])[0, 0]))
                 offset += len(masks)
             n_prompts += len(prompts)
-        metrics = rotated_map(detections, ground_truth, self.classes, self.ap_method)
+        metrics = rotated_map(detections, ground_truth, self.classes, self.ap_method, protocol=self.protocol)
         # Prompted object's rotated box vs its own polygon: a quantization-sensitive signal beside mAP.
         # Only ground-truth prompts pair a mask with its object; other prompt sources leave the metric out.
         if self.prompts.from_ground_truth:

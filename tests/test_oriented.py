@@ -12,7 +12,15 @@ import torch
 from saq.errors import SaqError
 from saq.sam.build import build_sam
 from saq.sam.segmenter import Prediction, Segmenter
-from tasks.oriented import OrientedTask, RotatedDetection, average_precision, polygon_iou, read_dota_labels, rotated_map
+from tasks.oriented import (
+    OrientedTask,
+    RotatedDetection,
+    average_precision,
+    polygon_iou,
+    read_dota_labels,
+    rotated_boxes_of,
+    rotated_map,
+)
 from tasks.prompts import DetectionsFile, JitteredBoxes
 from tasks.synthetic import CATEGORIES, oriented_box
 
@@ -125,6 +133,43 @@ def test_difficult_objects_are_ignored():
     only_difficult = {"b": gt_of((rect(5, 5, 15, 15), 0, False), (rect(40, 40, 60, 50), 1, True))}
     result = rotated_map([RotatedDetection("b", 0, 0.9, rect(5, 5, 15, 15))], only_difficult, ships)
     assert result["AP50_per_class"]["ship"] is None and result["mAP50"] == pytest.approx(1.0)
+
+
+def test_mmrotate_matches_each_quads_rotated_box_at_iou_at_or_above_the_threshold():
+    """mmrotate's DOTAMetric (MMRotate-SAM's evaluation) turns each labelled quadrilateral into its minimum-area
+    rotated box and matches at IoU >= 0.5; the DOTA devkit matches the quadrilateral itself at IoU > 0.5."""
+    # IoU 0.5 exactly with a rectangle, which is its own rotated box: a match for mmrotate only
+    gt = {"a": (np.stack([rect(0, 0, 10, 10)]), np.array([0]), np.array([False]))}
+    half = [RotatedDetection("a", 0, 0.9, rect(0, 0, 10, 20))]
+    assert rotated_map(half, gt, ["plane"])["mAP50"] == 0.0
+    assert rotated_map(half, gt, ["plane"], protocol="mmrotate")["mAP50"] == pytest.approx(1.0)
+    # a trapezoid, whose rotated box is its 20 x 10 bounding rectangle: a detection of its left 9 pixels overlaps
+    # the trapezoid by 0.65 (a devkit match) and the rectangle by 0.45 (an mmrotate miss)
+    trapezoid = np.array([[0, 0], [20, 0], [20, 10], [16, 10]], np.float64)
+    assert np.allclose(np.sort(rotated_boxes_of(trapezoid[None])[0], 0), np.sort(rect(0, 0, 20, 10), 0), atol=1e-9)
+    left = RotatedDetection("a", 0, 0.9, rect(11, 0, 20, 10))
+    assert iou(left.polygon, trapezoid) > 0.6 and iou(left.polygon, rect(0, 0, 20, 10)) == pytest.approx(0.45)
+    gt = {"a": (trapezoid[None], np.array([0]), np.array([False]))}
+    assert rotated_map([left], gt, ["plane"])["mAP50"] == pytest.approx(1.0)
+    assert rotated_map([left], gt, ["plane"], protocol="mmrotate")["mAP50"] == 0.0
+    with pytest.raises(SaqError, match=r"^task\.protocol must be one of dota_devkit, mmrotate, got 'mmdet'"):
+        rotated_map([left], gt, ["plane"], protocol="mmdet")
+
+
+def test_the_protocol_reaches_the_evaluation_and_mmrotate_without_difficult_objects_is_said(tmp_path, capsys):
+    data = dota_dataset(tmp_path, {"P1": "4 4 20 4 20 20 4 20 plane 0\n30 30 50 30 50 50 30 50 plane 1\n"})
+    # the first plane's mask is 17 pixels wide where the box is 16: IoU 16/18 either way; the difficult plane's
+    # mask is the left half of its box, IoU 0.5 exactly with the labelled square
+    segmenter = MaskSegmenter({(4.0, 4.0, 20.0, 20.0): rect(4, 4, 21, 20), (30.0, 30.0, 50.0, 50.0): rect(30, 30, 40, 50)})
+    devkit = OrientedTask(data, CALIB, difficult_above=100)
+    assert "task.protocol" not in capsys.readouterr().out
+    mmrotate = OrientedTask(data, CALIB, difficult_above=100, protocol="mmrotate")
+    assert "task.protocol" not in capsys.readouterr().out
+    assert devkit.evaluate(segmenter, progress=False)["mAP50"] < 1.0  # the half mask misses at IoU 0.5
+    assert mmrotate.evaluate(segmenter, progress=False)["mAP50"] == pytest.approx(1.0)
+    assert devkit.fingerprint() != mmrotate.fingerprint()
+    OrientedTask(data, CALIB, protocol="mmrotate")
+    assert "add task.difficult_above=100 for mmrotate's figures" in capsys.readouterr().out
 
 
 def long_side_and_angle(corners):
@@ -289,7 +334,9 @@ GENERATE = {"n_train": 1, "n_val": 1, "seed": 0, "progress": False}
 @pytest.mark.parametrize("settings,match", [({"ap_method": "coco"}, r"task\.ap_method must be one of"),
                                             ({"classes": ["plane", "plane"]}, "names 'plane' twice"),
                                             ({"classes": "plane"}, "task.classes must be a list"),
-                                            ({"difficult_above": -1}, r"task\.difficult_above=-1")])
+                                            ({"difficult_above": -1}, r"task\.difficult_above=-1"),
+                                            ({"protocol": "mmrotate1"},
+                                             r"^task\.protocol must be one of dota_devkit, mmrotate, got 'mmrotate1'")])
 def test_bad_settings_are_named_before_the_synthetic_set_is_generated(tmp_path, settings, match):
     root = tmp_path / "empty"
     root.mkdir()
