@@ -26,7 +26,7 @@ from saq.errors import SaqError
 from saq.sam.build import build_sam
 from saq.sam.segmenter import Segmenter
 from tasks.base import list_images, read_rgb
-from tasks.semantic import AMG_DEFAULTS, generate_masks, mask_set_differences, point_grid, reference_masks
+from tasks.semantic import AMG_DEFAULTS, AMG_THRESHOLDS, generate_masks, mask_set_differences, point_grid, reference_masks
 from tasks.synthetic import Knobs, check_new_root, ensure_dataset
 
 TASK_CONF = Path(__file__).resolve().parent.parent / "conf" / "task" / "semantic.yaml"
@@ -48,8 +48,7 @@ def main(args: dict[str, str]) -> None:
         ensure_dataset(root, **OmegaConf.to_container(conf.generate), knobs=KNOBS)
     images = [read_rgb(path) for _, path in list_images(root / conf.data.img_dir, "root")[:n_images]]
     sam = build_sam(args.get("model", "sam_tiny"), args.get("checkpoint"), config_key="checkpoint")
-    thresholds = {k: float(amg[k]) for k in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
-                                             "box_nms_thresh")}
+    thresholds = {k: float(amg[k]) for k in AMG_THRESHOLDS}
     ours_batch = int(amg["points_per_batch"])
     seconds = {"reference": 0.0, "reference_same_batch": 0.0, "ours": 0.0}
     identical, masks = True, 0

@@ -51,7 +51,9 @@ def score_before_the_knob(stored: dict) -> str:
 # old behaviour where it can), so reruns of old sweeps still skip it, unless the knob is now set otherwise.
 KNOBS_ADDED_SINCE = {"recon.response_input": "mixed", "recon.mse_sum": "channels", "prompts.class_names": None,
                      "task.difficult_above": 0, "recon.budget": "official", "task.score": score_before_the_knob,
-                     "task.protocol": "dota_devkit"}
+                     "task.protocol": "dota_devkit", "task.amg.crop_n_layers": 0,
+                     "task.amg.crop_overlap_ratio": 512 / 1500, "task.amg.crop_n_points_downscale_factor": 1,
+                     "task.amg.crop_nms_thresh": 0.7, "task.amg.min_mask_region_area": 0}
 
 
 def job_dirname(overrides: str, max_len: int = 160) -> str:

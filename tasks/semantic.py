@@ -13,7 +13,16 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, calculate_stability_score
+from segment_anything.utils.amg import (
+    batched_mask_to_box,
+    build_point_grid,
+    calculate_stability_score,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    remove_small_regions,
+    uncrop_boxes_xyxy,
+    uncrop_masks,
+)
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
@@ -32,9 +41,13 @@ from tasks.base import (
 from tasks.prompts import GroundTruthBoxes, PromptSource
 from tasks.synthetic import evaluation_limit, is_synthetic_dataset
 
-# segment_anything.SamAutomaticMaskGenerator's defaults (its crop layers and small-region removal are not used).
+# segment_anything.SamAutomaticMaskGenerator's defaults (points_per_batch: ours decodes 16 per call).
 AMG_DEFAULTS = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
-                "stability_score_offset": 1.0, "box_nms_thresh": 0.7, "points_per_batch": 16}
+                "stability_score_offset": 1.0, "box_nms_thresh": 0.7, "points_per_batch": 16, "crop_n_layers": 0,
+                "crop_overlap_ratio": 512 / 1500, "crop_n_points_downscale_factor": 1, "crop_nms_thresh": 0.7,
+                "min_mask_region_area": 0}
+# the thresholds generate_masks takes, as floats
+AMG_THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh")
 COARSE_DEFAULTS = {"dir": None, "downsample": 8, "blur_sigma": 1.0, "mislabel_fraction": 0.05, "seed": 0}
 LABEL_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")  # "1": a two-class map saved as 1-bit
 
@@ -153,26 +166,40 @@ class AutoMaskSet(NamedTuple):
     areas: np.ndarray  # K pixel counts
     shape: tuple | None  # (H, W); None when no point was decoded
     scores: np.ndarray  # K predicted IoUs
+    boxes: np.ndarray | None = None  # K x 4 XYXY boxes in the image (generate_masks; None from the reference)
+
+
+def no_masks(shape: tuple | None) -> AutoMaskSet:
+    return AutoMaskSet(np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), shape, np.zeros(0, np.float32),
+                       np.zeros((0, 4), np.float32))
+
+
+def unpacked(masks: AutoMaskSet) -> np.ndarray:
+    """K x H x W bool masks of a set."""
+    h, w = masks.shape
+    return np.unpackbits(masks.packed, axis=1, count=h * w).reshape(-1, h, w).astype(bool)
 
 
 @torch.no_grad()
 def generate_masks(segmenter: Segmenter, points: np.ndarray, pred_iou_thresh: float, stability_score_thresh: float,
-                   stability_score_offset: float, box_nms_thresh: float,
-                   points_per_batch: int | None = None) -> AutoMaskSet:
-    """SamAutomaticMaskGenerator's single-crop path over the image set on the segmenter, keeping the same masks.
+                   stability_score_offset: float, box_nms_thresh: float, points_per_batch: int | None = None,
+                   crop_box: Sequence[int] | None = None, image_size: tuple[int, int] | None = None) -> AutoMaskSet:
+    """SamAutomaticMaskGenerator's masks of one crop (the image set on the segmenter), keeping the same masks.
 
     Each point gives three masks (multimask output); masks are filtered by predicted IoU, then by stability score,
     then box NMS. The IoU filter runs inside the segmenter before any mask is upscaled (segment_anything upscales
     all of them first), points_per_batch prompts per decoder call. The masks that pass the filters are kept
-    bit-packed on the CPU (H*W/8 bytes each), so memory is bounded by the point count, not by the logits. Returns
-    the NMS survivors (packed, best score first), their areas, (H, W) and their predicted IoUs.
+    bit-packed on the CPU (H*W/8 bytes each), so memory is bounded by the point count, not by the logits. With a
+    crop_box (x0, y0, x1, y1) of an image of image_size (H, W), masks touching the crop's edges inside the image are
+    dropped and the rest placed in the whole image. Returns the NMS survivors (packed, best score first), their
+    areas, (H, W), their predicted IoUs and boxes.
     """
     packed, boxes, scores, areas = [], [], [], []
     shape = None
     foreground = np.ones((len(points), 1), np.int64)
     for chunk in segmenter.predict_above_iou(points[:, None], foreground, pred_iou_thresh, points_per_batch):
         logits, iou = chunk.logits, chunk.iou_scores.float()
-        shape = tuple(logits.shape[-2:])
+        shape = tuple(logits.shape[-2:]) if crop_box is None else tuple(image_size)
         if stability_score_thresh > 0 and len(logits):
             keep = calculate_stability_score(logits, segmenter.mask_threshold, stability_score_offset) \
                 >= stability_score_thresh
@@ -180,17 +207,82 @@ def generate_masks(segmenter: Segmenter, points: np.ndarray, pred_iou_thresh: fl
         masks = logits > segmenter.mask_threshold
         area = masks.flatten(1).sum(1)
         masks, iou, area = masks[area > 0], iou[area > 0], area[area > 0]
+        box = batched_mask_to_box(masks)
+        if crop_box is not None and len(masks):
+            inside = ~is_box_near_crop_edge(box, list(crop_box), [0, 0, image_size[1], image_size[0]])
+            masks, iou, area, box = masks[inside], iou[inside], area[inside], box[inside]
+            masks, box = uncrop_masks(masks, list(crop_box), *image_size), uncrop_boxes_xyxy(box, list(crop_box))
         if not len(masks):
             continue
-        boxes.append(batched_mask_to_box(masks).float().cpu())
+        boxes.append(box.float().cpu())
         scores.append(iou.cpu())
         areas.append(area.cpu())
         packed.append(np.packbits(masks.flatten(1).cpu().numpy(), axis=1))
     if shape is None or not boxes:
-        return AutoMaskSet(np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), shape, np.zeros(0, np.float32))
+        return no_masks(shape)
     boxes, scores, area = torch.cat(boxes), torch.cat(scores), torch.cat(areas)
     keep = batched_nms(boxes, scores, torch.zeros(len(boxes), dtype=torch.int64), box_nms_thresh).numpy()
-    return AutoMaskSet(np.concatenate(packed)[keep], area.numpy()[keep], shape, scores.numpy()[keep])
+    return AutoMaskSet(np.concatenate(packed)[keep], area.numpy()[keep], shape, scores.numpy()[keep],
+                       boxes.numpy()[keep])
+
+
+def automatic_masks(segmenter: Segmenter, image: np.ndarray, amg: dict) -> AutoMaskSet:
+    """SamAutomaticMaskGenerator.generate's masks of an image with the task.amg settings: the point grid on the whole
+    image and, with crop_n_layers, on layer i's (2^i)^2 overlapping crops (points_per_side shrunk by
+    crop_n_points_downscale_factor^i), each crop encoded on its own; masks cut by a crop's edge are dropped and
+    duplicates across crops removed by NMS that keeps the smaller crop's; then, with min_mask_region_area, islands
+    and holes smaller than it are removed (a mask that changed loses to one that did not in a last NMS)."""
+    height, width = image.shape[:2]
+    crops, layers = generate_crop_boxes((height, width), amg["crop_n_layers"], amg["crop_overlap_ratio"])
+    thresholds = {key: float(amg[key]) for key in AMG_THRESHOLDS}
+    sets, crop_areas = [], []
+    for crop, layer in zip(crops, layers):
+        x0, y0, x1, y1 = crop
+        segmenter.set_image(image[y0:y1, x0:x1])
+        side = int(amg["points_per_side"] / amg["crop_n_points_downscale_factor"] ** layer)
+        found = generate_masks(segmenter, point_grid(side, y1 - y0, x1 - x0), **thresholds,
+                               points_per_batch=int(amg["points_per_batch"]),
+                               crop_box=None if len(crops) == 1 else crop, image_size=(height, width))
+        sets.append(found)
+        crop_areas.append(np.full(len(found.areas), (x1 - x0) * (y1 - y0), np.int64))
+    found = sets[0] if len(sets) == 1 else join_mask_sets(sets, (height, width))
+    if len(crops) > 1 and len(found.areas):
+        # one NMS over every crop's masks, the smaller crop's first (segment_anything scores them 1 / crop area)
+        smaller_first = 1 / torch.as_tensor(np.concatenate(crop_areas))  # float32, as segment_anything's
+        keep = batched_nms(torch.as_tensor(found.boxes), smaller_first, torch.zeros(len(found.areas), dtype=torch.int64),
+                           float(amg["crop_nms_thresh"])).numpy()
+        found = AutoMaskSet(found.packed[keep], found.areas[keep], found.shape, found.scores[keep], found.boxes[keep])
+    if amg["min_mask_region_area"] > 0 and len(found.areas):
+        found = remove_small_mask_regions(found, int(amg["min_mask_region_area"]),
+                                          max(float(amg["box_nms_thresh"]), float(amg["crop_nms_thresh"])))
+    return found
+
+
+def join_mask_sets(sets: Sequence[AutoMaskSet], shape: tuple[int, int]) -> AutoMaskSet:
+    """The masks of several crops' sets (each placed in the whole image), in order."""
+    kept = [s for s in sets if len(s.areas)]
+    if not kept:
+        return no_masks(shape)
+    return AutoMaskSet(np.concatenate([s.packed for s in kept]), np.concatenate([s.areas for s in kept]), shape,
+                       np.concatenate([s.scores for s in kept]), np.concatenate([s.boxes for s in kept]))
+
+
+def remove_small_mask_regions(found: AutoMaskSet, min_area: int, nms_thresh: float) -> AutoMaskSet:
+    """SamAutomaticMaskGenerator.postprocess_small_regions on a mask set: holes, then islands, smaller than min_area
+    filled / removed; NMS on the new boxes prefers masks left unchanged."""
+    masks, unchanged = [], []
+    for mask in unpacked(found):
+        mask, holes = remove_small_regions(mask, min_area, mode="holes")
+        mask, islands = remove_small_regions(mask, min_area, mode="islands")
+        masks.append(mask)
+        unchanged.append(float(not (holes or islands)))
+    masks = np.stack(masks)
+    boxes = batched_mask_to_box(torch.as_tensor(masks)).float()
+    keep = batched_nms(boxes, torch.as_tensor(unchanged), torch.zeros(len(masks), dtype=torch.int64),
+                       nms_thresh).numpy()
+    masks = masks[keep]
+    return AutoMaskSet(np.packbits(masks.reshape(len(masks), -1), axis=1), masks.reshape(len(masks), -1).sum(1),
+                       found.shape, found.scores[keep], boxes.numpy()[keep])
 
 
 def vote_labels(coarse: np.ndarray, packed: np.ndarray, areas: np.ndarray, num_classes: int) -> np.ndarray:
@@ -225,6 +317,12 @@ def check_coarse_size(path: Path | None, size: tuple[int, int] | None, image_siz
     if abs(w * sy - iw) > max(sy, 1.0) or abs(h * sx - ih) > max(sx, 1.0):
         raise SaqError(f"coarse prediction {path} is {w}x{h} (w x h), its image is {iw}x{ih}: another aspect ratio, "
                        "so not a scaled prediction of it")
+
+
+def grid_points(amg: dict, height: int, width: int) -> int:
+    """How many points automatic_masks prompts an image of that size with (every crop's grid)."""
+    _, layers = generate_crop_boxes((height, width), amg["crop_n_layers"], amg["crop_overlap_ratio"])
+    return sum(int(amg["points_per_side"] / amg["crop_n_points_downscale_factor"] ** layer) ** 2 for layer in layers)
 
 
 class PointGrid:
@@ -292,10 +390,21 @@ class SemanticTask(Task):
         self.amg = self._settings(amg, AMG_DEFAULTS, "task.amg")
         check_int(self.amg["points_per_side"], "task.amg.points_per_side")
         check_int(self.amg["points_per_batch"], "task.amg.points_per_batch")
+        check_int(self.amg["crop_n_layers"], "task.amg.crop_n_layers", minimum=0)
+        check_int(self.amg["crop_n_points_downscale_factor"], "task.amg.crop_n_points_downscale_factor")
+        check_int(self.amg["min_mask_region_area"], "task.amg.min_mask_region_area", minimum=0)
         # thresholds outside these ranges keep no mask (or all), and mIoU would quietly equal the coarse prior's
         for key, low, high in (("pred_iou_thresh", 0, 1), ("stability_score_thresh", 0, 1),
-                               ("box_nms_thresh", 0, 1), ("stability_score_offset", 0, None)):
+                               ("box_nms_thresh", 0, 1), ("stability_score_offset", 0, None),
+                               ("crop_nms_thresh", 0, 1)):
             check_number(self.amg[key], f"task.amg.{key}", low, high)
+        check_number(self.amg["crop_overlap_ratio"], "task.amg.crop_overlap_ratio", 0, 1, open_max=True)
+        last = self.amg["points_per_side"] // self.amg["crop_n_points_downscale_factor"] ** self.amg["crop_n_layers"]
+        if last < 1:  # segment_anything would build an empty grid there and find nothing in those crops
+            raise SaqError(f"task.amg.crop_n_layers={self.amg['crop_n_layers']} with "
+                           f"crop_n_points_downscale_factor={self.amg['crop_n_points_downscale_factor']} leaves "
+                           f"the last layer's crops no point of task.amg.points_per_side="
+                           f"{self.amg['points_per_side']}; use fewer layers or a smaller factor")
         self.grid = PointGrid(self.amg["points_per_side"])
         self.prompts = self.grid  # what the run records as this task's prompts
         self.coarse = self._settings(coarse, COARSE_DEFAULTS, "task.coarse")
@@ -423,25 +532,21 @@ class SemanticTask(Task):
         encoder0, decoder0 = segmenter.timings.encoder_s, segmenter.timings.decoder_s
         filter_s = vote_s = 0.0
         n_masks = n_prompts = 0
-        amg = {key: float(v) for key, v in self.amg.items() if key not in ("points_per_side", "points_per_batch")}
-        amg["points_per_batch"] = int(self.amg["points_per_batch"])
         for stem, path, label_path in tqdm(self.items, desc="semantic eval", disable=not progress, leave=False):
             image = read_rgb(path)
             gt = self.ground_truth(label_path, image.shape[:2])
             coarse = self.coarse_labels(stem, gt)
-            segmenter.set_image(image)
-            points = point_grid(self.grid.points_per_side, *image.shape[:2])
-            start, decoded = time.perf_counter(), segmenter.timings.decoder_s
-            packed, areas, _, _ = generate_masks(segmenter, points, **amg)
-            # Filtering, NMS and packing only: the decoder's own time is in segmenter.timings.
-            filter_s += time.perf_counter() - start - (segmenter.timings.decoder_s - decoded)
+            start, sam_s = time.perf_counter(), segmenter.timings.encoder_s + segmenter.timings.decoder_s
+            found = automatic_masks(segmenter, image, self.amg)
+            # Filtering, NMS and packing only: the encoder's and decoder's own times are in segmenter.timings.
+            filter_s += time.perf_counter() - start - (segmenter.timings.encoder_s + segmenter.timings.decoder_s - sam_s)
             start = time.perf_counter()
-            refined = vote_labels(coarse, packed, areas, k)
+            refined = vote_labels(coarse, found.packed, found.areas, k)
             vote_s += time.perf_counter() - start
             cm_refined += confusion_matrix(refined, gt, k, self.ignore_index)
             cm_coarse += confusion_matrix(coarse, gt, k, self.ignore_index)
-            n_masks += len(areas)
-            n_prompts += len(points)
+            n_masks += len(found.areas)
+            n_prompts += grid_points(self.amg, *image.shape[:2])
         if not cm_refined.sum():  # checked when the task was built; a label map replaced since is caught here
             raise self._all_ignored()
         total = int(cm_refined.sum())
@@ -464,15 +569,16 @@ class SemanticTask(Task):
 
 def reference_masks(segmenter: Segmenter, image: np.ndarray, points_per_side: int, pred_iou_thresh: float,
                     stability_score_thresh: float, stability_score_offset: float, box_nms_thresh: float,
-                    points_per_batch: int = 64) -> AutoMaskSet:
-    """segment_anything.SamAutomaticMaskGenerator's masks for the image (one crop, same thresholds), as an AutoMaskSet:
-    the reference generate_masks must match. It runs the segmenter's SAM directly, image encoder included."""
+                    points_per_batch: int = 64, **crops) -> AutoMaskSet:
+    """segment_anything.SamAutomaticMaskGenerator's masks for the image (same settings; crops: its crop and
+    small-region settings), as an AutoMaskSet: the reference generate_masks and automatic_masks must match. It runs
+    the segmenter's SAM directly, image encoder included."""
     from segment_anything import SamAutomaticMaskGenerator
 
     generator = SamAutomaticMaskGenerator(
         segmenter.sam, points_per_side=points_per_side, points_per_batch=points_per_batch,
         pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
-        stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh)
+        stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh, **crops)
     records = generator.generate(image)
     shape = tuple(image.shape[:2])
     if not records:

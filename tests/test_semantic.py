@@ -18,7 +18,10 @@ from saq.sam.segmenter import AutoMasks, Prediction, Segmenter, Timings, passes_
 from tasks.base import read_rgb
 from tasks.prompts import DetectionsFile, GroundTruthBoxes, JitteredBoxes
 from tasks.semantic import (
+    AMG_DEFAULTS,
+    AMG_THRESHOLDS,
     SemanticTask,
+    automatic_masks,
     class_iou,
     confusion_matrix,
     degraded_labels,
@@ -28,6 +31,7 @@ from tasks.semantic import (
     point_grid,
     read_label_map,
     reference_masks,
+    unpacked,
     vote_labels,
 )
 from tasks.synthetic import CATEGORIES
@@ -167,6 +171,14 @@ def test_missing_label_map_and_bad_label_files_are_clear_errors(tmp_path):
         SemanticTask(data, CALIB, classes=0)
     with pytest.raises(SaqError, match="unknown setting task.amg.points"):
         SemanticTask(data, CALIB, classes=CLASSES, amg={"points": 3})
+    for amg, match in (({"crop_n_layers": -1}, r"^task\.amg\.crop_n_layers=-1 invalid; expected an integer >= 0$"),
+                       ({"crop_overlap_ratio": 1.0}, r"^task\.amg\.crop_overlap_ratio"),
+                       ({"min_mask_region_area": 2.5}, r"^task\.amg\.min_mask_region_area=2\.5 invalid"),
+                       ({"points_per_side": 4, "crop_n_layers": 2, "crop_n_points_downscale_factor": 4},
+                        r"^task\.amg\.crop_n_layers=2 with crop_n_points_downscale_factor=4 leaves the last layer's "
+                        r"crops no point of task\.amg\.points_per_side=4; use fewer layers or a smaller factor$")):
+        with pytest.raises(SaqError, match=match):
+            SemanticTask(data, CALIB, classes=CLASSES, amg=amg)
     # a folder where the label map should be is no label map
     (tmp_path / "b/val/labels/a.png").unlink()
     (tmp_path / "b/val/labels/a.png").mkdir()
@@ -252,9 +264,9 @@ def test_generate_masks_filters_dedups_and_does_not_depend_on_chunking():
     for batch in (1, 3, 64):
         seg = RegionSegmenter([labels], decode_batch_size=batch)
         seg.set_image(None)
-        packed, areas, shape, _ = generate_masks(seg, points, pred_iou_thresh=0.9, stability_score_thresh=0.95,
-                                              stability_score_offset=1.0, box_nms_thresh=0.7)
-        results.append((packed.tolist(), sorted(areas.tolist()), shape))
+        found = generate_masks(seg, points, pred_iou_thresh=0.9, stability_score_thresh=0.95,
+                               stability_score_offset=1.0, box_nms_thresh=0.7)
+        results.append((found.packed.tolist(), sorted(found.areas.tolist()), found.shape))
     assert results[0] == results[1] == results[2]
     # Four points, three regions, 12 candidate masks: NMS keeps one per region (two points share a square).
     assert results[0][1] == sorted([36, 80, 400 - 36 - 80]) and results[0][2] == (20, 20)
@@ -291,14 +303,14 @@ def test_sam_masks_lift_the_coarse_prior_and_time_is_split(synthetic_root):
     assert metrics["images"] == 3 and metrics["prompts"] == 3 * 256
     # each class's IoU under its own name, counted here from the pixels: the prior's maps, and the masks' vote
     # (a class neither labelled nor predicted is None)
-    amg = {key: float(v) for key, v in task.amg.items() if key not in ("points_per_side", "points_per_batch")}
+    amg = {key: float(task.amg[key]) for key in AMG_THRESHOLDS}
     segmenter = RegionSegmenter(maps)
     inter, union = {"coarse": np.zeros(9), "refined": np.zeros(9)}, {"coarse": np.zeros(9), "refined": np.zeros(9)}
     for (stem, _, _), gt in zip(task.items, maps):
         coarse = task.coarse_labels(stem, gt)
         segmenter.set_image(None)
-        packed, areas, _, _ = generate_masks(segmenter, point_grid(16, *gt.shape), **amg)
-        for name, pred in (("coarse", coarse), ("refined", vote_labels(coarse, packed, areas, 9))):
+        found = generate_masks(segmenter, point_grid(16, *gt.shape), **amg)
+        for name, pred in (("coarse", coarse), ("refined", vote_labels(coarse, found.packed, found.areas, 9))):
             for c in range(9):
                 inter[name][c] += ((pred == c) & (gt == c)).sum()
                 union[name][c] += ((pred == c) | (gt == c)).sum()
@@ -383,6 +395,12 @@ def test_shipped_sam_tiny_end_to_end(synthetic_root):
     segmenter = Segmenter(build_sam("sam_tiny"), decode_batch_size=24)  # 64 points: three chunks, the last short
     metrics = task.evaluate(segmenter, progress=False)
     assert metrics["images"] == 2 and metrics["prompts"] == 128
+    # SSA's crop layer: the 8 x 8 grid on the image and a 4 x 4 grid on each of its four crops, encoded on their own
+    cropped = SemanticTask(data, CALIB, classes=CLASSES, max_images=1,
+                           amg={**amg, "crop_n_layers": 1, "crop_n_points_downscale_factor": 2})
+    crop_metrics = cropped.evaluate(Segmenter(build_sam("sam_tiny")), progress=False)
+    assert crop_metrics["prompts"] == 64 + 4 * 16 and crop_metrics["masks_per_image"] > 0
+    assert cropped.fingerprint() != SemanticTask(data, CALIB, classes=CLASSES, max_images=1, amg=amg).fingerprint()
     assert metrics["encoder_s"] > 0 and metrics["decoder_s"] > 0
     cm = sum(confusion_matrix(task.coarse_labels(stem, task.ground_truth(label, (256, 256))),
                               task.ground_truth(label, (256, 256)), 9, 255) for stem, _, label in task.items)
@@ -391,7 +409,7 @@ def test_shipped_sam_tiny_end_to_end(synthetic_root):
     assert metrics["mIoU"] >= metrics["coarse_mIoU"]  # the kept masks refine the coarse prior
     # Unfiltered, the grid yields many distinct masks: non-empty, and no two boxes overlapping beyond the NMS IoU.
     segmenter.set_image(read_rgb(task.items[0][1]))
-    packed, areas, shape, _ = generate_masks(segmenter, point_grid(8, 256, 256), 0.0, 0.0, 1.0, 0.7)
+    packed, areas, shape = generate_masks(segmenter, point_grid(8, 256, 256), 0.0, 0.0, 1.0, 0.7)[:3]
     assert shape == (256, 256) and len(areas) >= 5 and (areas > 0).all()
     masks = torch.as_tensor(np.unpackbits(packed, axis=1, count=256 * 256).reshape(-1, 256, 256).astype(bool))
     assert (masks.flatten(1).sum(1).numpy() == areas).all()
@@ -430,6 +448,26 @@ def test_fast_amg_keeps_exactly_segment_anythings_masks(synthetic_root):
     assert mask_set_differences(ours._replace(packed=changed), reference)
     assert mask_set_differences(ours._replace(scores=ours.scores + 1e-4), reference)
     assert mask_set_differences(ours._replace(areas=ours.areas[1:], packed=ours.packed[1:]), reference)
+
+
+def test_crop_layers_and_small_region_removal_keep_exactly_segment_anythings_masks(synthetic_root):
+    """SSA's generator settings (a crop layer with a coarser grid, small regions removed) give the masks
+    SamAutomaticMaskGenerator gives, on a wide image whose crops are not square."""
+    sam = build_sam("sam_tiny")
+    image = cv2.resize(read_rgb(sorted((synthetic_root / "val/images").iterdir())[1]), (320, 256))
+    amg = {**AMG_DEFAULTS, "points_per_side": 8, "pred_iou_thresh": 0.7, "stability_score_thresh": 0.9,
+           "crop_n_layers": 1, "crop_n_points_downscale_factor": 2, "min_mask_region_area": 40}
+    crops = {key: amg[key] for key in ("crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area")}
+    thresholds = {key: amg[key] for key in AMG_THRESHOLDS}
+    reference = reference_masks(Segmenter(sam), image, 8, **thresholds, **crops)
+    ours = automatic_masks(Segmenter(sam), image, amg)
+    assert len(reference.areas) >= 3 and mask_set_differences(ours, reference) == []
+    # each setting changes the masks here, so the comparison covers it
+    whole = automatic_masks(Segmenter(sam), image, {**amg, "crop_n_layers": 0, "min_mask_region_area": 0})
+    assert mask_set_differences(automatic_masks(Segmenter(sam), image, {**amg, "min_mask_region_area": 0}), whole)
+    assert mask_set_differences(automatic_masks(Segmenter(sam), image, {**amg, "crop_n_layers": 0}), whole)
+    # boxes come along in image coordinates
+    assert np.array_equal(ours.boxes, batched_mask_to_box(torch.as_tensor(unpacked(ours))).float().numpy())
 
 
 @pytest.mark.parametrize("reduce", [False, True])
