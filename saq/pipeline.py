@@ -535,6 +535,9 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
         if not cfg.quant.get("load") and cfg.quant.get("save", True):  # before evaluation: a later failure keeps it
             saved_model = str(save_run(qmodel, run_dir, cfg))
         print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau
+        # the evaluation's random draws (recon.paper_eval_compat's dropping) from the seed alone, not from what
+        # calibration and reconstruction drew before: quant.load and saq.sensitivity then draw the same
+        seed_everything(cfg.seed)
         metrics["quantized"] = task.evaluate(Segmenter(qmodel, cfg.model.decode_batch_size), progress=cfg.progress)
         if cfg.get("deploy"):  # the same model as int8 ONNX Runtime graphs, through the same task code
             from saq.deploy import evaluate_deployed

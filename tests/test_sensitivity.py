@@ -238,14 +238,18 @@ def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synth
         sensitivity(tmp_path / "loaded", [""], report=lambda line: None, save=False)  # its model may change
     assert rows[""]["mIoU"] == pytest.approx(loaded["metrics"]["fp"]["mIoU"], abs=1e-6)
     assert rows[""]["masks_per_image"] == loaded["metrics"]["fp"]["masks_per_image"]
-    # the paper-compatible evaluation drops linear inputs at random: every row draws the same, so rows compare
+    # the paper-compatible evaluation drops linear inputs at random: every row draws the same, so rows compare, and
+    # the first row draws what the run drew after calibrating and learning (a run of its own, not a loaded one)
     compat = pipeline.run(run_config(
         synthetic_root, "model=sam_tiny_outliers", f"model.checkpoint={checkpoint}", "method=ptq4sam_l",
-        "quant=w4a4", "task.max_images=1", f"quant.load={run}", "recon.paper_eval_compat=true"), tmp_path / "compat")
+        "quant=w4a4", "quant.calib_images=2", "task.max_images=1", f"recon.state_dir={tmp_path / 'recon'}",
+        "recon.iters.block=1", "recon.iters.neck=1", "recon.iters.decoder_block=1", "recon.iters.final_attn=1",
+        "recon.best_state=false", "recon.paper_eval_compat=true"), tmp_path / "compat")
     assert (first["recon"]["eval_mode"], compat["recon"]["eval_mode"]) == (EVAL_FULL, EVAL_PAPER)
     again = [sensitivity(tmp_path / "compat", ["mask_decoder.transformer.layers.0.mlp"], report=lambda line: None)
              for _ in range(2)]
     assert again[0] == again[1]
+    assert again[0][FULL] == compat["metrics"]["quantized"]  # the run's own figures, draws and all
     # a later run saving into the loaded folder set the evaluated model aside: the model there now is not analysed
     # under this run's results
     recipe_path = run / SAVED_DIR / "recipe.json"
