@@ -66,6 +66,10 @@ def check_group_options(argv: list[str]) -> None:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except (Exception, SystemExit):
         return
+    if args.multirun and (args.cfg or args.info):  # Hydra's refusal is a traceback
+        flag = f"--cfg {args.cfg}" if args.cfg else "--info"
+        raise SaqError(f"-m and {flag} cannot go together: Hydra either runs the sweep or prints; drop -m to print "
+                       f"what a job starts from (python -m saq ... {flag})")
     if any(getattr(args, flag, None) for flag in OTHER_CONFIG_FLAGS) or any(
             o.key_or_group.startswith("hydra.searchpath") for o in overrides):
         return

@@ -675,6 +675,10 @@ def test_a_key_the_composed_config_lacks_is_one_line_naming_what_has_it(argument
     (["-m", "task=instance,foo"], "error: task=foo unknown; options: instance, oriented, semantic"),
     (["quant.calib_images=2"], "error: quant.calib_images is not a key of quant=fp; quant=w4a4, w6a6, w8a8 have it "
                                "(choose one)"),
+    # Hydra's refusal of a sweep with --cfg is a traceback
+    (["-m", "--cfg", "hydra", "quant=w4a4,w6a6"], "error: -m and --cfg hydra cannot go together: Hydra either runs "
+                                                  "the sweep or prints; drop -m to print what a job starts from "
+                                                  "(python -m saq ... --cfg hydra)"),
 ])
 def test_an_unknown_group_option_is_one_line_listing_the_options(arguments, line, tmp_path):
     proc = saq(*arguments, "logger=none", f"hydra.run.dir={tmp_path / 'r'}", f"hydra.sweep.dir={tmp_path / 's'}")
