@@ -45,6 +45,12 @@ from saq.sweep import (
 )
 
 FP_ROW = "FP"
+# label of a run's int8 ONNX Runtime evaluation (deploy=true), a row under its method's
+DEPLOYED_SUFFIX = " (int8 ONNX Runtime)"
+# rows that evaluate a method's model another way: they follow the method's row and do not compete for the best
+EVALUATION_SUFFIXES = (PAPER_COMPAT_SUFFIX, DEPLOYED_SUFFIX)
+FP_LINE_STYLES = ["--", ":", "-.", (0, (5, 1, 1, 1))]  # FP rows in plots, in row order
+FP_COLORS = ["black", "dimgray", "darkgray"]  # ... and their colours (a fourth FP row repeats the first colour)
 # Metric order per task (the first is the task's main metric); other scalar metrics follow in the order found.
 METRIC_ORDER = {"instance": ["mask_AP", "mask_AP50", "mask_AP75", "mIoU"], "oriented": ["mAP50", "rbox_mIoU"],
                 "semantic": ["mIoU", "aAcc"]}
@@ -125,7 +131,7 @@ class Table:
         """Quantized rows with the highest mean in this column (none when fewer than two rows compete)."""
         # FP, paper-compat and rows evaluated on other data than the table do not compete
         scored = {r: self.cells[(r, column)].mean for r in self.rows
-                  if self.row_label[r] != FP_ROW and not self.row_label[r].endswith(PAPER_COMPAT_SUFFIX)
+                  if self.row_label[r] != FP_ROW and not self.row_label[r].endswith(EVALUATION_SUFFIXES)
                   and r not in self.other_evaluation and (r, column) in self.cells}
         scored = {r: v for r, v in scored.items() if math.isfinite(v)}  # a NaN mean would hide every best (shown)
         if len(scored) < 2:
@@ -213,6 +219,9 @@ def entries_of(run: dict) -> list[Entry]:
             label += PAPER_COMPAT_SUFFIX  # the official evaluation, half the linear inputs unquantized (§7)
         out.append(Entry(bits=bits_label(config), label=label, metrics=run["metrics"]["quantized"],
                          paper_row=paper_row(config), **common))
+        deployed = run["metrics"].get("deployed")
+        if isinstance(deployed, dict) and "error" not in deployed:  # the same model as int8 ONNX Runtime graphs
+            out.append(Entry(bits=bits_label(config), label=label + DEPLOYED_SUFFIX, metrics=deployed, **common))
     return out
 
 
@@ -283,6 +292,9 @@ def assign_rows(entries: list[Entry]) -> None:
     shown: dict[int, list[str]] = defaultdict(list)  # id(entry) -> the keys its label names
     groups: dict[tuple, list[Entry]] = defaultdict(list)
     tables: dict[tuple, list[Entry]] = defaultdict(list)
+    # a run's int8 evaluation is named as its quantized row (below), not counted as another run of the table
+    deployed = [e for e in entries if e.label.endswith(DEPLOYED_SUFFIX)]
+    entries = [e for e in entries if not e.label.endswith(DEPLOYED_SUFFIX)]
     for e in entries:
         groups[(e.task, e.prompts, e.label)].append(e)
         tables[(e.task, e.prompts)].append(e)
@@ -311,6 +323,10 @@ def assign_rows(entries: list[Entry]) -> None:
     for e in entries:
         suffix = ", ".join(f"{k}={_row_value(e, k)}" for k in sorted(shown[id(e)]))
         e.row = f"{e.label} {suffix}" if suffix else e.label
+    quantized = {e.path: e for e in entries if e.label != FP_ROW}
+    for e in deployed:
+        base = quantized[e.path]
+        e.row, e.other_evaluation = e.label + base.row[len(base.label):], base.other_evaluation
 
 
 def _bits_order(bits: str) -> tuple:
@@ -327,9 +343,12 @@ def _natural(text: str) -> list:
 
 
 def _row_order(row: str, label: str) -> tuple:
-    base = label.removesuffix(PAPER_COMPAT_SUFFIX)  # a method's paper-compat rows follow its own
+    base, way = label, 0
+    for i, suffix in enumerate(EVALUATION_SUFFIXES, 1):  # a method's paper-compat and int8 rows follow its own
+        if label.endswith(suffix):
+            base, way = label.removesuffix(suffix), i
     rank = -1 if base == FP_ROW else (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER))
-    return (rank, base, base != label, _natural(row))
+    return (rank, base, way, _natural(row))
 
 
 def build_tables(entries: list[Entry], duplicates: list[Path],
@@ -354,9 +373,13 @@ def build_tables(entries: list[Entry], duplicates: list[Path],
         columns = sorted({(e.model, e.bits) for e in quantized}, key=lambda c: (_model_order(c[0]), _bits_order(c[1])))
         fp_only = sorted({e.model for e in group} - {m for m, _ in columns}, key=_model_order)
         columns += [(m, "fp") for m in fp_only]
-        column_seeds = defaultdict(set)  # a column's FP cell averages the seeds its own runs ran (jittered prompts
-        for e in quantized:              # and the semantic prior follow the seed, so FP can differ between seeds)
-            column_seeds[(e.model, e.bits)].add(json.dumps(e.seed))
+        # a column's FP cells hold the FP rows and seeds of its own runs: an FP row evaluated on other images than
+        # any run of the column is not its reference, and jittered prompts and the semantic prior follow the seed,
+        # so FP can differ between seeds
+        fp_row_of = {e.path: e.row for e in entries if e.label == FP_ROW}
+        column_fp = defaultdict(set)
+        for e in quantized:
+            column_fp[(e.model, e.bits)].add((fp_row_of.get(e.path), json.dumps(e.seed)))
         found: list[str] = []
         for e in sorted(group, key=lambda e: str(e.path)):
             found += [k for k, v in e.metrics.items() if is_table_metric(k, v) and k not in found]
@@ -373,8 +396,8 @@ def build_tables(entries: list[Entry], duplicates: list[Path],
                 value = e.metrics.get(metric)
                 if not is_table_metric(metric, value):
                     continue
-                targets = ([c for c in columns if c[0] == e.model and (c[1] == "fp" or json.dumps(e.seed)
-                                                                      in column_seeds[c])]
+                targets = ([c for c in columns if c[0] == e.model and (c[1] == "fp" or (e.row, json.dumps(e.seed))
+                                                                      in column_fp[c])]
                            if e.label == FP_ROW else [(e.model, e.bits)])
                 placed.update([e.path] if targets else [])
                 for col in targets:
@@ -386,7 +409,8 @@ def build_tables(entries: list[Entry], duplicates: list[Path],
                                 {e.row for e in group if e.other_evaluation}, threads))
     if unshown is not None:  # an FP-only run of a seed none of its model's quantized runs ran
         unshown += [(e.path, f"FP-only run of seed {e.seed}: no quantized run of {e.model} in its table ran that "
-                             f"seed, so no column's FP cell takes it") for e in chosen.values() if e.path not in placed]
+                             f"seed on its images and prompts ({e.row}), so no column's FP cell takes it")
+                    for e in chosen.values() if e.path not in placed]
     return tables
 
 
@@ -638,14 +662,16 @@ def plot_rows_at_one_width(table: Table, model: str, bits: str, out_dir: Path) -
             continue
         ax.annotate(f"{100 * c.mean:.2f}" + (f" ± {100 * c.std:.2f}" if c.std else ""), (100 * c.mean, yi),
                     xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7)
-    for (row, fp), style in zip(fps, ["--", ":", "-.", (0, (5, 1, 1, 1))] * len(fps)):
+    for i, (row, fp) in enumerate(fps):
         if math.isfinite(fp.mean):
             name = "FP" if row == FP_ROW else row
-            ax.axvline(100 * fp.mean, color="black", linestyle=style, linewidth=1, label=f"{name} {100 * fp.mean:.2f}")
+            ax.axvline(100 * fp.mean, color=FP_COLORS[i % len(FP_COLORS)], linestyle=FP_LINE_STYLES[i % len(FP_LINE_STYLES)],
+                       linewidth=1, label=f"{name} {100 * fp.mean:.2f}")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
     ax.set_yticks(y, [r for r, _ in rows], fontsize=8)
     ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.margins(x=0.08)  # an FP line at the highest value would sit on the frame
     ax.set_xlabel(f"{table.metric} (%)")
     ax.set_title(f"{model} {bits.upper()}, {table.task} ({table.prompts})", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
@@ -676,16 +702,19 @@ def plot_one_model_vs_bits(table: Table, model: str, bits: list[str], out_dir: P
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     x = list(range(len(bits)))
     colors, markers = plt.get_cmap("tab20"), "osD^vPX<>"  # many rows (trials) stay distinguishable
-    drawn = 0
+    drawn = fp_drawn = 0
     for row in table.rows:
         cells = [table.cells.get((row, (model, b))) for b in bits]
-        if table.row_label[row] == FP_ROW:
+        if table.row_label[row] == FP_ROW:  # FP rows of other data or weights each their own colour and style
             fp = [(i, 100 * c.mean) for i, c in zip(x, cells) if c is not None]
-            if len({v for _, v in fp}) == 1:  # one FP for every bit-width: a line across
-                ax.axhline(fp[0][1], color="black", linestyle="--", linewidth=1, label=row)
-            elif fp:  # each column's FP over its own seeds (jittered prompts follow the seed)
-                ax.plot([i for i, _ in fp], [v for _, v in fp], color="black", linestyle="--", marker="_",
-                        markersize=14, linewidth=1, label=row)
+            look = dict(color=FP_COLORS[fp_drawn % len(FP_COLORS)], linestyle=FP_LINE_STYLES[fp_drawn % len(FP_LINE_STYLES)],
+                        linewidth=1.2, label=row)
+            fp_drawn += 1
+            if len(fp) == len(bits) and len({v for _, v in fp}) == 1:  # one FP for every bit-width: a line across
+                ax.axhline(fp[0][1], **look)
+            elif fp:  # each column's FP (over its own seeds: jittered prompts follow them) across that column only
+                look["colors"], look["linestyles"] = look.pop("color"), look.pop("linestyle")
+                ax.hlines([v for _, v in fp], [i - 0.3 for i, _ in fp], [i + 0.3 for i, _ in fp], **look)
             continue
         points = [(i, c) for i, c in zip(x, cells) if c is not None]
         if points:

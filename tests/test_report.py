@@ -53,8 +53,10 @@ def test_runs_of_other_weights_at_the_same_checkpoint_path_are_other_rows(tmp_pa
     put(tmp_path, "new6", record(bits=6, ap=0.66, fp_ap=0.70, checkpoint_sha256="b" * 64))
     table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
     rows = markdown_table(table).splitlines()[2:]
-    assert rows == ["| FP | 70.00 | 70.00 ± 0.00 |",  # the most common weights go unnamed; each column its seeds
-                    "| FP model.weights=aaaaaaaaaaaa | 80.00 | 80.00 |",
+    # the most common weights go unnamed; each column's FP cells are the FP rows and seeds of its own runs (W4A4's
+    # b-weight run is seed 1 only; no a-weight run at W6A6)
+    assert rows == ["| FP | 70.00 | 70.00 |",
+                    "| FP model.weights=aaaaaaaaaaaa | – | 80.00 |",
                     "| mse | 66.00 | 55.00 |",  # not a mean over the two weights' W4A4 runs
                     # on other weights than the table's: named, and not competing for the column's best
                     "| mse model.weights=aaaaaaaaaaaa | – | 60.00 |"]
@@ -128,6 +130,23 @@ def test_each_columns_fp_cell_averages_the_seeds_of_that_columns_runs(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert f"`{tmp_path / 'fp_s5' / 'results.json'}`: FP-only run of seed 5: no quantized run of sam_tiny" in text
     assert "1 results.json skipped" in text
+
+
+def test_an_fp_row_fills_only_the_columns_whose_runs_it_evaluated_like(tmp_path):
+    """W4A4 ran on 2 images, W8A8 on 8: each column's FP cell is the FP of its own images, not the other's (a
+    2-image FP above 8-image W8A8 results would read as a drop where the model gained)."""
+    def on(images, rec):
+        rec["config"]["task"]["max_images"] = images
+        return rec
+
+    put(tmp_path, "w4", on(2, record(bits=4, ap=0.75, fp_ap=0.80)))
+    put(tmp_path, "w8", on(8, record(bits=8, ap=0.78, fp_ap=0.776)))
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    fp_rows = [r for r in table.rows if r.startswith("FP")]
+    assert len(fp_rows) == 2
+    filled = {row: {col[1] for col in table.columns if (row, col) in table.cells} for row in fp_rows}
+    assert sorted(filled.values(), key=sorted) == [{"w4a4"}, {"w8a8"}]
+    assert [table.cells[(r, ("sam_tiny", "w8a8"))].mean for r in fp_rows if "w8a8" in filled[r]] == [0.776]
 
 
 def test_a_knob_that_differs_within_a_cell_splits_the_row(tmp_path):
@@ -619,7 +638,9 @@ def test_deploy_does_not_split_a_row(tmp_path):
             rec["metrics"]["deployed"] = {"mask_AP": ap - 0.01}
         put(tmp_path, f"s{seed}", rec)
     table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
-    assert markdown_table(table).splitlines()[3:] == ["| mse | 71.00 ± 1.41 |"]
+    # the int8 ONNX Runtime evaluation is a row of its own under its method's, out of the race for the best
+    assert markdown_table(table).splitlines()[3:] == ["| mse | 71.00 ± 1.41 |", "| mse (int8 ONNX Runtime) | 71.00 |"]
+    assert table.best(("sam_tiny", "w4a4")) == set()
     # a deploy=true run whose int8 evaluation failed is a failed job (its failure.json is listed), not a result
     rec = record(seed=2, ap=0.9)
     rec["config"]["deploy"] = True
@@ -629,7 +650,7 @@ def test_deploy_does_not_split_a_row(tmp_path):
     assert [why for _, why in report.skipped] == [
         "partial run: deploy=true without deployed metrics (onnxruntime: out of memory)"]
     assert markdown_table(next(t for t in report.tables if t.metric == "mask_AP")).splitlines()[3:] == [
-        "| mse | 71.00 ± 1.41 |"]
+        "| mse | 71.00 ± 1.41 |", "| mse (int8 ONNX Runtime) | 71.00 |"]
 
 
 def test_figures_print_dollar_signs_as_text_and_are_written_whole(tmp_path):
@@ -675,3 +696,33 @@ def test_the_one_width_plot_marks_a_nan_row_and_draws_every_fp_row(tmp_path, mon
     fp_lines = [label for label in ax.get_legend_handles_labels()[1] if label.startswith("FP")]
     assert sorted(fp_lines) == ["FP model.weights=aaaaaaaaaaaa 80.00", "FP model.weights=bbbbbbbbbbbb 66.00"]
     assert "nan" in [t.get_text() for t in ax.texts]  # a row with no dot would look like one not run
+
+
+def test_fp_rows_of_the_bit_width_plot_differ_and_stay_at_their_own_columns(tmp_path, monkeypatch):
+    import matplotlib.colors
+
+    from saq.report import plot_one_model_vs_bits
+
+    put(tmp_path, "w4", record(bits=4, ap=0.6, fp_ap=0.8))
+    put(tmp_path, "w6", record(bits=6, ap=0.7, fp_ap=0.8))
+    eight = record(bits=8, ap=0.78, fp_ap=0.77)
+    eight["config"]["task"]["max_images"] = 8  # W8A8 on other images: its own FP row, at W8A8 only
+    put(tmp_path, "w8", eight)
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    figures = []
+    monkeypatch.setattr("saq.plots.save_figure", lambda fig, path, **kw: figures.append(fig) or path)
+    plot_one_model_vs_bits(table, "sam_tiny", ["w8a8", "w6a6", "w4a4"], tmp_path)
+    ax = figures[0].axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    fp = {label: handle for handle, label in zip(handles, labels) if label.startswith("FP")}
+    assert len(fp) == 2
+
+    def look(handle):  # a line across (Line2D) or one segment per column (LineCollection)
+        if hasattr(handle, "get_segments"):
+            return tuple(handle.get_colors()[0]), str(handle.get_linestyle()[0])
+        return matplotlib.colors.to_rgba(handle.get_color()), str(handle.get_linestyle())
+
+    assert len({look(h) for h in fp.values()}) == 2  # two FP rows, two looks
+    eight = fp[next(k for k in fp if k != "FP")]
+    # the 8-image FP drawn at W8A8 (x = 0) only, not across every bit-width
+    assert [(a[0], b[0]) for a, b in eight.get_segments()] == [(-0.3, 0.3)]
