@@ -60,16 +60,21 @@ def job_dirname(overrides: str, max_len: int = 160) -> str:
     """A job's folder name from its overrides (Hydra's override_dirname): one path component, stable across reruns.
 
     Slashes in values (paths) are percent-encoded (with '%' itself, so two jobs never share a folder) and a job is
-    never nested; a long name keeps its start plus a hash of the whole.
+    never nested. A name over max_len drops the groups of its keys (recon.iters.stage=20 -> stage=20), so every
+    value, the seed's too, stays readable, plus a hash of the whole; still too long, it keeps its start.
     """
     name = re.sub(r"[%/\\\x00]", lambda m: f"%{ord(m.group()):02X}", overrides) or "default"
-    return bounded_name(name, overrides, max_len)
+    if len(name) <= max_len:
+        return name
+    short = re.sub(r"(^|,)([+~]*)(?:[\w-]+\.)+(?=[\w-]+=)", r"\1\2", name)
+    return bounded_name(short, overrides, max_len, always_hash=True)
 
 
-def bounded_name(name: str, source: str, max_len: int) -> str:
+def bounded_name(name: str, source: str, max_len: int, always_hash: bool = False) -> str:
     """name when it fits in max_len characters, else its start plus a hash of source (what it was made from), so
-    names made from different sources stay different (file systems refuse components over 255 bytes)."""
-    if len(name) > max_len:
+    names made from different sources stay different (file systems refuse components over 255 bytes); always_hash:
+    the hash also on a name that fits (one shortened from source)."""
+    if len(name) > max_len or always_hash:
         name = f"{name[:max_len]}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
     return name
 

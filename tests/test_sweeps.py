@@ -449,6 +449,16 @@ def test_job_dirname_is_one_safe_component_and_bounded():
     assert job_dirname("") == "default"
     long_a, long_b = "a=" + "x" * 300, "a=" + "x" * 299 + "y"
     assert len(job_dirname(long_a)) <= 171 and job_dirname(long_a) != job_dirname(long_b)
+    # a long name drops its keys' groups, so every value, the seed's too, stays readable; the hash keeps apart names
+    # that shorten alike
+    iters = ",".join(f"recon.iters.{k}=20" for k in ("block", "decoder_block", "decoder_layer", "final_attn", "neck",
+                                                      "stage"))
+    long = f"+sweeps=seeds,quant.calib_images=2,{iters},recon.paper_eval_compat=false,seed=1,task.max_images=4"
+    name = job_dirname(long)
+    assert len(long) > 160 and len(name) <= 171
+    assert name.startswith("+sweeps=seeds,calib_images=2,block=20,decoder_block=20,") and \
+        ",paper_eval_compat=false,seed=1,max_images=4-" in name
+    assert job_dirname(long.replace("task.max_images", "task.other.max_images")) != name
 
 
 # ------------------------------------------------------------------ W&B conventions
