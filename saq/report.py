@@ -23,6 +23,7 @@ from pathlib import Path
 
 from saq.errors import SaqError, is_number
 from saq.log import (
+    CUSTOM_SUFFIX,
     PAPER_COMPAT_SUFFIX,
     RESULTS_FILE,
     bits_label,
@@ -530,6 +531,10 @@ def render_markdown(report: Report, plots: list[Path]) -> str:
                     "which alone can move a 4-bit cell by a few tenths; compare cells run at one count): "
                     + "; ".join(f"{row} at {column_title(col)}: threads {', '.join(map(str, counts))}"
                                 for row, col, counts in mixed) + ".", ""]
+        if any(table.row_label[r].endswith(CUSTOM_SUFFIX) for r in table.rows):
+            out += [f"A row marked `{CUSTOM_SUFFIX.strip()}` is a run whose clipping is named like a `method=` preset "
+                    "without that preset's switches (`clip=minmax` alone keeps BIG and AGQ on, the `minmax` preset "
+                    "turns them off), so it is not the preset's row.", ""]
         paper = paper_markdown(table)
         if paper:
             out += [paper, ""]

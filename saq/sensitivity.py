@@ -60,6 +60,8 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     from saq.saved import SAVED_DIR, load_run, loaded_provenance, saved_dir
 
     results = Path(run_dir) / RESULTS_FILE
+    if not Path(run_dir).is_dir():
+        raise SaqError(f"sensitivity: no such directory: {run_dir}; give the directory of a finished quantized run")
     if not results.is_file():
         raise SaqError(f"sensitivity: {results} not found; give the directory of a finished quantized run")
     try:

@@ -253,6 +253,8 @@ def test_custom_minmax_run_is_not_labelled_as_the_minmax_preset(tmp_path):
     table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
     assert table.rows.index("minmax (custom)") == table.rows.index("minmax") + 1
     assert table.row_paper["minmax"] == "MinMax" and table.row_paper["minmax (custom)"] is None
+    # the report says what the mark means
+    assert "`clip=minmax` alone keeps BIG and AGQ on" in (tmp_path / "report.md").read_text()
 
 
 def test_method_presets_known_to_the_labels_are_conf_method():

@@ -374,3 +374,7 @@ def test_sensitivity_command_names_a_held_folder_and_refuses_parts_naming_nothin
         assert main([str(run)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: another saq process is writing into {run}; wait for it to "
                                                "finish, then run the analysis again")
+    # a folder that is not there is said as such, not as a results.json missing from it
+    assert main([str(tmp_path / "nothere")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: sensitivity: no such directory: {tmp_path / 'nothere'}; "
+                                               "give the directory of a finished quantized run")
