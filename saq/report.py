@@ -787,7 +787,14 @@ def plot_one_clip_ranges(points: list[dict], title: str, path: Path) -> Path:
                 label="PCC" if i == 0 else None)
     ax.set_yticks(range(len(points)), short_names([str(p.get("name", i)) for i, p in enumerate(points)]), fontsize=7)
     ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlabel("activation range (symlog)")
+    # ticks at 1, 2, 5 of every decade, written as plain numbers: decades alone leave a range within ±10 with only
+    # ±10^0 to read it by
+    from matplotlib import ticker
+
+    ax.xaxis.set_major_locator(ticker.SymmetricalLogLocator(base=10, linthresh=1.0, subs=[1.0, 2.0, 5.0]))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel("activation range (symmetric log scale, linear within ±1)")
     # a row named by long paths would run off both sides and lose whose ranges these are: wrapped, and the legend
     # beside the axes rather than over the bottom point's bars
     ax.set_title(textwrap.fill(title, 90), fontsize=9)
@@ -831,7 +838,8 @@ def print_summary(report: Report, written: list[Path], since: float | None = Non
     written before `since` (the sweep's start) are jobs of earlier sweeps that this one did not run: listed apart.
     Returns this sweep's failures."""
     print(f"\n=== sweep report: {report.root} — {len(report.runs)} runs, {len(failed_jobs(report))} failed, "
-          f"{len(report.skipped)} skipped results.json")
+          f"{len(report.skipped)} skipped results.json"
+          + (f", {len(report.duplicates)} duplicates not counted (listed in the report)" if report.duplicates else ""))
     for table in report.tables:
         if table.metric == main_metric(report, table.task, table.prompts):
             print(f"\n{table_title(table)} (%)\n\n{markdown_table(table)}")

@@ -207,13 +207,17 @@ def test_rows_never_mix_settings_across_columns_and_only_the_run_seed_is_a_seed(
     assert ours(tmp_path / "fixed")[("saq_sam", "sam_tiny", "w4a4")]["seeds"] == "0 1 2"
 
 
-def test_the_same_run_found_twice_counts_once(tmp_path):
+def test_the_same_run_found_twice_counts_once(tmp_path, capsys):
     put(tmp_path, "first", record(ap=0.5))
     put(tmp_path, "merged/copy", record(ap=0.5))
     report = build_report(tmp_path)
     write_report(report, tmp_path)
     assert ours(tmp_path)[("mse", "sam_tiny", "w4a4")]["n"] == "1"
     assert len(report.duplicates) == 1
+    from saq.report import print_summary
+
+    print_summary(report, [])  # a sweep's printed summary says so too, not only report.md
+    assert "2 runs, 0 failed, 0 skipped results.json, 1 duplicates not counted" in capsys.readouterr().out
 
 
 def test_row_labels_from_method_preset_or_clip_plus_recon(tmp_path):
@@ -728,3 +732,18 @@ def test_fp_rows_of_the_bit_width_plot_differ_and_stay_at_their_own_columns(tmp_
     eight = fp[next(k for k in fp if k != "FP")]
     # the 8-image FP drawn at W8A8 (x = 0) only, not across every bit-width
     assert [(a[0], b[0]) for a, b in eight.get_segments()] == [(-0.3, 0.3)]
+
+
+def test_clip_range_axis_is_labelled_inside_a_decade_too(tmp_path, monkeypatch):
+    """Ranges within ±10 had only ±10^0 on the axis: ticks at 1, 2, 5 of each decade, as plain numbers."""
+    from saq.report import plot_one_clip_ranges
+
+    figures = []
+    monkeypatch.setattr("saq.plots.save_figure", lambda fig, path, **kw: figures.append(fig) or path)
+    points = [{"name": "a.k_proj", "fp_min": -4.5, "fp_max": 4.8, "mse_lo": -3.0, "mse_hi": 3.5, "pcc_lo": -2.5,
+               "pcc_hi": 3.0}]
+    plot_one_clip_ranges(points, "ranges", tmp_path / "r.png")
+    ax = figures[0].axes[0]
+    ax.figure.canvas.draw()
+    shown = [t.get_text().replace("\u2212", "-") for t in ax.get_xticklabels() if t.get_text()]
+    assert {"-2", "-1", "0", "1", "2"} <= set(shown)
