@@ -360,7 +360,7 @@ def build_tables(entries: list[Entry], duplicates: list[Path],
     chosen: dict[tuple, Entry] = {}
     for e in sorted(entries, key=lambda e: e.mtime):
         key = (e.task, e.prompts, e.row, e.model, e.bits, json.dumps(e.seed))
-        if key in chosen and e.label != FP_ROW:
+        if key in chosen and e.label != FP_ROW and not e.label.endswith(DEPLOYED_SUFFIX):  # a run listed once
             duplicates.append(chosen[key].path)
         chosen[key] = e
     by_table: dict[tuple[str, str], list[Entry]] = defaultdict(list)
@@ -425,7 +425,7 @@ def build_report(root: Path) -> Report:
     report.failures = load_failures(root)
     entries = [e for run in report.runs for e in entries_of(run)]
     report.tables = build_tables(entries, report.duplicates, report.skipped)
-    report.row_of = {e.path: e.row for e in entries if e.label != FP_ROW}
+    report.row_of = {e.path: e.row for e in entries if e.label != FP_ROW and not e.label.endswith(DEPLOYED_SUFFIX)}
     return report
 
 

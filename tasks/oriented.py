@@ -161,9 +161,16 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, method: str) ->
 
 def rotated_boxes_of(polygons: np.ndarray) -> np.ndarray:
     """Each quadrilateral's minimum-area rotated rectangle as 4 corners (mmrotate's qbox -> rbox, cv2.minAreaRect
-    of the 4 corners in float32)."""
-    return np.stack([cv2.boxPoints(cv2.minAreaRect(np.asarray(q, np.float32))) for q in polygons]).astype(
-        np.float64) if len(polygons) else np.zeros((0, 4, 2))
+    of the 4 corners). A quadrilateral that is a rectangle already stays as labelled: its float32 round trip would
+    move an IoU of exactly 0.5 below the threshold."""
+    boxes = []
+    for quad in np.asarray(polygons, np.float64):
+        edges = np.roll(quad, -1, 0) - quad
+        lengths = np.hypot(edges[:, 0], edges[:, 1])
+        right_angles = np.abs(np.sum(edges * np.roll(edges, -1, 0), 1)) <= 1e-9 * np.maximum(
+            lengths * np.roll(lengths, -1), 1e-12)
+        boxes.append(quad if right_angles.all() else cv2.boxPoints(cv2.minAreaRect(quad.astype(np.float32))))
+    return np.stack(boxes).astype(np.float64) if boxes else np.zeros((0, 4, 2))
 
 
 def rotated_map(detections: Sequence[RotatedDetection], ground_truth: dict[str, tuple[np.ndarray, np.ndarray,
@@ -316,7 +323,8 @@ class OrientedTask(Task):
     def fingerprint(self) -> str:
         digest = files_digest([*self.label_files, *(path for _, path in self.images)])
         return f"oriented|{self.ann_dir.resolve()}|{digest}|{self.max_images}|{self.classes}|" \
-               f"{self.ap_method}|{self.difficult_above}|{self.score}|{self.protocol}|{self.prompts.fingerprint()}"
+               f"{self.ap_method}|{self.difficult_above}|{self.score}|{self.prompts.fingerprint()}" + \
+               ("" if self.protocol == "dota_devkit" else f"|{self.protocol}")  # FP caches of before stay valid
 
     def check_calibration_split(self) -> None:
         if self.prompts.calibration_uses_ground_truth:  # a detector's boxes (prompts.calib_file) need no labels

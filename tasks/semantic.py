@@ -46,6 +46,9 @@ AMG_DEFAULTS = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score
                 "stability_score_offset": 1.0, "box_nms_thresh": 0.7, "points_per_batch": 16, "crop_n_layers": 0,
                 "crop_overlap_ratio": 512 / 1500, "crop_n_points_downscale_factor": 1, "crop_nms_thresh": 0.7,
                 "min_mask_region_area": 0}
+# settings added on 2026-12-03, left out of the FP-cache fingerprint at their defaults (they give the masks of before)
+AMG_ADDED = ("crop_n_layers", "crop_overlap_ratio", "crop_n_points_downscale_factor", "crop_nms_thresh",
+             "min_mask_region_area")
 # the thresholds generate_masks takes, as floats
 AMG_THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "box_nms_thresh")
 COARSE_DEFAULTS = {"dir": None, "downsample": 8, "blur_sigma": 1.0, "mislabel_fraction": 0.05, "seed": 0}
@@ -505,7 +508,9 @@ class SemanticTask(Task):
         files = [path for _, path, _ in self.items] + [label for _, _, label in self.items]
         if self.coarse_dir is not None:
             files += [self.coarse_dir / f"{stem}.png" for stem, _, _ in self.items]
-        settings = {**self.amg, **self.coarse, "ignore": self.ignore_index, "reduce": self.reduce_zero_label}
+        # settings added since FP caches were made count only when set otherwise: a cache of the same masks stays valid
+        amg = {k: v for k, v in self.amg.items() if k not in AMG_ADDED or v != AMG_DEFAULTS[k]}
+        settings = {**amg, **self.coarse, "ignore": self.ignore_index, "reduce": self.reduce_zero_label}
         return f"semantic|{self.label_dir.resolve()}|{files_digest(files)}|{self.max_images}|{self.classes}|" \
                f"{sorted(settings.items())}"
 

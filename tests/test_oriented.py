@@ -168,6 +168,7 @@ def test_the_protocol_reaches_the_evaluation_and_mmrotate_without_difficult_obje
     assert devkit.evaluate(segmenter, progress=False)["mAP50"] < 1.0  # the half mask misses at IoU 0.5
     assert mmrotate.evaluate(segmenter, progress=False)["mAP50"] == pytest.approx(1.0)
     assert devkit.fingerprint() != mmrotate.fingerprint()
+    assert "dota_devkit" not in devkit.fingerprint()  # the default's FP caches, made before the knob, still match
     OrientedTask(data, CALIB, protocol="mmrotate")
     assert "add task.difficult_above=100 for mmrotate's figures" in capsys.readouterr().out
 

@@ -643,10 +643,16 @@ def test_deploy_does_not_split_a_row(tmp_path):
         if deploy:
             rec["metrics"]["deployed"] = {"mask_AP": ap - 0.01}
         put(tmp_path, f"s{seed}", rec)
-    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    report = build_report(tmp_path)
+    table = next(t for t in report.tables if t.metric == "mask_AP")
     # the int8 ONNX Runtime evaluation is a row of its own under its method's, out of the race for the best
     assert markdown_table(table).splitlines()[3:] == ["| mse | 71.00 ± 1.41 |", "| mse (int8 ONNX Runtime) | 71.00 |"]
     assert table.best(("sam_tiny", "w4a4")) == set()
+    assert set(report.row_of.values()) == {"mse"}  # the run's clip-range figure is named after its method's row
+    # the deploy run found twice is one duplicate, not one per row it fills
+    put(tmp_path, "copy/s1", json.loads((tmp_path / "s1" / "results.json").read_text()))
+    assert len(build_report(tmp_path).duplicates) == 1
+    (tmp_path / "copy" / "s1" / "results.json").unlink()
     # a deploy=true run whose int8 evaluation failed is a failed job (its failure.json is listed), not a result
     rec = record(seed=2, ap=0.9)
     rec["config"]["deploy"] = True

@@ -400,7 +400,9 @@ def test_shipped_sam_tiny_end_to_end(synthetic_root):
                            amg={**amg, "crop_n_layers": 1, "crop_n_points_downscale_factor": 2})
     crop_metrics = cropped.evaluate(Segmenter(build_sam("sam_tiny")), progress=False)
     assert crop_metrics["prompts"] == 64 + 4 * 16 and crop_metrics["masks_per_image"] > 0
-    assert cropped.fingerprint() != SemanticTask(data, CALIB, classes=CLASSES, max_images=1, amg=amg).fingerprint()
+    plain = SemanticTask(data, CALIB, classes=CLASSES, max_images=1, amg=amg).fingerprint()
+    assert cropped.fingerprint() != plain
+    assert "crop_n_layers" not in plain  # settings added since at their defaults: earlier FP caches still match
     assert metrics["encoder_s"] > 0 and metrics["decoder_s"] > 0
     cm = sum(confusion_matrix(task.coarse_labels(stem, task.ground_truth(label, (256, 256))),
                               task.ground_truth(label, (256, 256)), 9, 255) for stem, _, label in task.items)
@@ -455,9 +457,12 @@ def test_crop_layers_and_small_region_removal_keep_exactly_segment_anythings_mas
     SamAutomaticMaskGenerator gives, on a wide image whose crops are not square."""
     sam = build_sam("sam_tiny")
     image = cv2.resize(read_rgb(sorted((synthetic_root / "val/images").iterdir())[1]), (320, 256))
+    # the two NMS thresholds differ, so passing one for the other would show
     amg = {**AMG_DEFAULTS, "points_per_side": 8, "pred_iou_thresh": 0.7, "stability_score_thresh": 0.9,
-           "crop_n_layers": 1, "crop_n_points_downscale_factor": 2, "min_mask_region_area": 40}
-    crops = {key: amg[key] for key in ("crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area")}
+           "box_nms_thresh": 0.8, "crop_n_layers": 1, "crop_n_points_downscale_factor": 2, "min_mask_region_area": 40,
+           "crop_nms_thresh": 0.5, "crop_overlap_ratio": 0.2}
+    crops = {key: amg[key] for key in ("crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area",
+                                       "crop_nms_thresh", "crop_overlap_ratio")}
     thresholds = {key: amg[key] for key in AMG_THRESHOLDS}
     reference = reference_masks(Segmenter(sam), image, 8, **thresholds, **crops)
     ours = automatic_masks(Segmenter(sam), image, amg)
@@ -466,6 +471,8 @@ def test_crop_layers_and_small_region_removal_keep_exactly_segment_anythings_mas
     whole = automatic_masks(Segmenter(sam), image, {**amg, "crop_n_layers": 0, "min_mask_region_area": 0})
     assert mask_set_differences(automatic_masks(Segmenter(sam), image, {**amg, "min_mask_region_area": 0}), whole)
     assert mask_set_differences(automatic_masks(Segmenter(sam), image, {**amg, "crop_n_layers": 0}), whole)
+    for key, other in (("crop_nms_thresh", 0.8), ("crop_overlap_ratio", 512 / 1500)):
+        assert mask_set_differences(automatic_masks(Segmenter(sam), image, {**amg, key: other}), ours), key
     # boxes come along in image coordinates
     assert np.array_equal(ours.boxes, batched_mask_to_box(torch.as_tensor(unpacked(ours))).float().numpy())
 
