@@ -315,16 +315,17 @@ def sweep_job_overrides(config: DictConfig) -> list[list[str]] | None:
 def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]]:
     """Every job's overrides with its composed config, or the reason it cannot run: Hydra's (it does not compose),
     saq's config checks (pipeline.check_config: a preset whose switches the sweep changes, a knob nothing reads) or
-    its model checkpoint file (a job would find it missing only when it starts, hours into the sweep; on Slurm only
-    the name is checked, the file may be on the compute nodes only). A refused job whose folder already holds its
+    its model checkpoint file, missing or of another model (a job would find it only when it starts, hours into the
+    sweep; on Slurm a file this machine lacks may be on the compute nodes only). A refused job whose folder already holds its
     finished run is kept: it will be skipped, and rerunning a finished sweep for its report still works."""
     from hydra import compose
 
     from saq.pipeline import check_config
-    from saq.sam.build import checkpoint_file
+    from saq.sam.build import check_checkpoint_fits, checkpoint_file
 
     on_slurm = submits_to_slurm(config)
     jobs = []
+    fits: dict[tuple, str | None] = {}  # (model, file) -> why it does not fit, checked once for all its jobs
     for num, job in enumerate(sweep_job_overrides(config) or []):
         try:
             cfg = compose(config_name=config.hydra.job.config_name, overrides=job, return_hydra_config=True)
@@ -337,8 +338,19 @@ def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]
             del cfg["hydra"]
         try:  # the sweep's shared recon.iters overrides are checked across its jobs (recon_iters_no_job_reads)
             check_config(cfg, choices, overrides=[])
-            # every job builds its model first; a Slurm job may read a file only its compute nodes have
-            checkpoint_file(cfg.model.name, cfg.model.get("checkpoint"), must_exist=not on_slurm)
+            # every job builds its model first; a Slurm job may read a file only its compute nodes have. A file of
+            # another model size (a link to the wrong one) is found here too, from its tensors' shapes
+            path = checkpoint_file(cfg.model.name, cfg.model.get("checkpoint"), must_exist=not on_slurm)
+            if path.is_file():
+                key = (cfg.model.name, str(path.resolve()))
+                if key not in fits:
+                    try:
+                        check_checkpoint_fits(cfg.model.name, cfg.model.get("checkpoint"))
+                        fits[key] = None
+                    except SaqError as exc:
+                        fits[key] = str(exc)
+                if fits[key]:
+                    raise SaqError(fits[key])
         except SaqError as exc:
             if run_dir is not None and holds_this_finished_run(cfg, run_dir):  # refused since it finished (or its
                 # checkpoint moved since)
@@ -475,7 +487,7 @@ class SweepReport(Callback):
             for job, why in problems:
                 print(f"error: job {' '.join(job)}: {why}", file=sys.stderr)
             print(f"error: {len(problems)} jobs of this sweep cannot run (they do not compose, their settings are "
-                  "refused, or their checkpoint is missing); nothing was run", file=sys.stderr)
+                  "refused, or their checkpoint is missing or of another model); nothing was run", file=sys.stderr)
             sys.exit(2)
         for kind, granularities in recon_iters_no_job_reads(jobs):
             print(f"error: recon.iters.{kind} is read by no job of this sweep (their recon.granularity: "

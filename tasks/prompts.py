@@ -3,6 +3,7 @@ an mmdetection / mmrotate results pickle)."""
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import os
@@ -154,6 +155,7 @@ class DetectionsFile(PromptSource):
         # a float: score_threshold=0 and the default 0.0 are one setting (cache keys, messages)
         self.path, self.score_threshold, self.max_per_image = path, float(score_threshold), max_per_image
         self._bare_said: set[tuple] = set()  # evaluated image sets already said to have images without detections
+        self.role = ("prompts.file", "evaluated")  # the knob that names this file and the images it is for
         if calib_file is not None and not isinstance(calib_file, (str, os.PathLike)):
             raise SaqError(f"prompts.calib_file={calib_file!r} invalid; expected a path or null")
         if calib_file and not Path(calib_file).exists():
@@ -195,8 +197,9 @@ class DetectionsFile(PromptSource):
                 if "bbox" in det and len(det["bbox"]) == 5:  # mmrotate 1.x DOTAMetric's json: rotated, class indices
                     raise SaqError(f"detections file {path}: entry {i} has a rotated bbox {det['bbox']} (cx, cy, w, "
                                    "h, angle: mmrotate's DOTAMetric json, whose category_id is a class index); give "
-                                   "prompts.file mmrotate's results .pkl (tools/test.py --out) or its Task1 txt "
-                                   "files (DOTAMetric format_only=True, merge_patches=True)")
+                                   "prompts.file mmrotate's results .pkl (tools/test.py --out), which names the split "
+                                   "patches, or its Task1 txt files (DOTAMetric format_only=True), written per patch "
+                                   "for split patches and with merge_patches=True for whole images")
                 if "bbox" in det:
                     x, y, w, h = (float(v) for v in det["bbox"])
                     box, given = (x, y, x + w, y + h), f"bbox {det['bbox']}"
@@ -349,8 +352,10 @@ class DetectionsFile(PromptSource):
             if size is not None:
                 self._check_inside(key, np.asarray([d[:4] for d in dets], np.float64), size)
         if self._by_image and keys and not keys & set(self._by_image):
-            raise SaqError(f"detections file {self.path} names none of the task's images "
-                           f"(it has {next(iter(self._by_image))!r}; the images are keyed like {next(iter(keys))!r})")
+            knob, split = self.role
+            raise SaqError(f"detections file {self.path} ({knob}) names none of the {split} images "
+                           f"(it has {next(iter(self._by_image))!r}; the {split} images are keyed like "
+                           f"{next(iter(keys))!r})")
         key_types = {type(key) for key in keys}
         odd = [key for key in self._by_image if type(key) not in key_types]
         if keys and odd:  # e.g. "2" among integer ids: its detections would never reach image 2
@@ -407,8 +412,20 @@ class DetectionsFile(PromptSource):
                                    f"expected one of {list(category_names)}")
             dets[:] = kept
         if dropped:
+            detected = {det[5] for dets in self._by_image.values() for det in dets}
+            undetected = [name for name, i in index.items() if i not in detected and i < len(category_names)]
+            # a detector class spelled otherwise than the labels ('Plane', 'planee') is one the task never scores:
+            # said beside the label class that then gets no detection
+            alike = {name: difflib.get_close_matches(name.lower(), [u.lower() for u in undetected], n=1, cutoff=0.75)
+                     for name in sorted(dropped)}
+            alike = {name: next(u for u in undetected if u.lower() == match[0]) for name, match in alike.items()
+                     if match}
             print(f"detections file {self.path}: left out {sum(dropped.values())} detections of classes with no "
-                  f"labelled object in the evaluated images: {sorted(dropped)}")
+                  f"labelled object in the evaluated images: {sorted(dropped)}"
+                  + ("".join(f"; {name!r} looks like the label class {label!r}, which gets no detection" for
+                             name, label in alike.items())
+                     + " (class names must be spelled as the label files write them: prompts.class_names for a "
+                       "pickle, the Task1_<class>.txt names of a result folder)" if alike else ""))
         self._named_labels = False
 
     def _map_label_indices(self, category_ids: Collection[int] | Mapping[int, str] | None) -> None:
@@ -510,6 +527,7 @@ class DetectionsFile(PromptSource):
         source = DetectionsFile(self.calib_file, self.score_threshold, self.max_per_image,
                                 class_names=self.class_names if _is_pickle(Path(self.calib_file)) else None,
                                 progress=self.progress)
+        source.role = ("prompts.calib_file", "calibration")
         return source, f"detections:{Path(self.calib_file).resolve()}"
 
     def fingerprint(self) -> str:

@@ -297,6 +297,9 @@ def evaluation_limit(root: Path, generate: dict | None, max_images: int | None) 
     made if missing and the count capped at its n_val. A larger synthetic set already there is reused, and its first
     n_val validation images are the scenes that n_val asks for, so they are what the run evaluates."""
     check_int(max_images, "task.max_images", allow_none=True)
+    if generate is not None and not hasattr(generate, "keys"):  # 'none' or false would be read letter by letter
+        raise SaqError(f"task.generate={generate!r} invalid; expected null (real data: nothing is generated) or the "
+                       "generation settings n_train, n_val, seed")
     if not generate:
         return max_images
     unknown = sorted(set(generate) - {"n_train", "n_val", "seed", "progress"})

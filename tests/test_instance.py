@@ -220,6 +220,17 @@ def test_calibration_uses_the_detections_on_the_calibration_images(synthetic_roo
     assert np.array_equal(gt_samples[0].boxes, gt_boxes(calib, order[0])[0].boxes)
     with pytest.raises(SaqError, match="calibration detections file not found"):
         DetectionsFile(str(tmp_path / "val.json"), calib_file=str(tmp_path / "missing.json"))
+    # the evaluation's detections given as the calibration file: named as prompts.calib_file, for the calibration
+    # images (the same path in both knobs would leave a user guessing which is wrong)
+    val = load_coco(synthetic_root / DATA["ann_file"], "k")
+    other_split = [{"image_id": max(val.imgs) + 1000, "category_id": calib.getCatIds()[0], "bbox": [1, 1, 5, 5],
+                    "score": 0.9}]
+    (tmp_path / "val_dets.json").write_text(json.dumps(other_split))
+    wrong = task_for(synthetic_root, DetectionsFile(str(tmp_path / "val.json"),
+                                                   calib_file=str(tmp_path / "val_dets.json")))
+    with pytest.raises(SaqError, match=r"val_dets\.json \(prompts\.calib_file\) names none of the calibration "
+                                       r"images \(it has \d+; the calibration images are keyed like \d+\)"):
+        wrong.calibration_samples(2)
 
 
 def test_official_calibration_order_swaps_images_0_and_8(tmp_path):
@@ -335,7 +346,7 @@ def write_detections(path, coco, image_ids, **override):
 def test_detections_must_name_the_datasets_images_and_categories(synthetic_root, tmp_path, capsys):
     coco = load_coco(synthetic_root / DATA["ann_file"], "k")
     by_stem = write_detections(tmp_path / "stems.json", coco, [1], image_id="000001")
-    with pytest.raises(SaqError, match="names none of the task's images"):
+    with pytest.raises(SaqError, match=r"\(prompts\.file\) names none of the evaluated images"):
         task_for(synthetic_root, by_stem)
     # A detector with contiguous labels 0..N-1 writes an id the dataset does not define (ours start at 1).
     contiguous = write_detections(tmp_path / "labels.json", coco, [1], category_id=0)

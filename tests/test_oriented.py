@@ -554,11 +554,11 @@ def test_dota_result_json_form_and_errors(tmp_path, synthetic_root):
     with pytest.raises(SaqError, match="unknown class 'zeppelin'"):
         OrientedTask(data, CALIB, prompts=DetectionsFile(str(unknown.parent)), classes=CATEGORIES)
     elsewhere = write(tmp_path / "other/Task1_disk.txt", "P0001__1024__0___0 0.9 10 10 30 12 28 40 8 38\n")
-    with pytest.raises(SaqError, match="names none of the task's images"):
+    with pytest.raises(SaqError, match=r"\(prompts\.file\) names none of the evaluated images"):
         OrientedTask(data, CALIB, prompts=DetectionsFile(str(elsewhere.parent)))
     coco_ids = write(tmp_path / "coco.json", json.dumps([{"image_id": 1, "category_id": 3, "bbox": [1, 1, 4, 4],
                                                           "score": 0.9}]))
-    with pytest.raises(SaqError, match="names none of the task's images"):
+    with pytest.raises(SaqError, match=r"\(prompts\.file\) names none of the evaluated images"):
         OrientedTask(data, CALIB, prompts=DetectionsFile(str(coco_ids)))
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(SaqError, match="no DOTA result files"):
@@ -576,7 +576,14 @@ def test_classes_inferred_from_labels_leave_out_a_detectors_other_classes(tmp_pa
     assert "zeppelin" not in task.classes
     got = source.for_image("000001", None, (256, 256))
     assert [task.classes[i] for i in got.labels] == ["disk"]
-    assert "left out 1 detections" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "left out 1 detections" in out and "looks like" not in out  # zeppelin is no misspelt label class
+    # a class spelled otherwise than the labels is named beside the label class it leaves without detections
+    (folder / "Task1_zeppelin.txt").unlink()
+    write(folder / "Task1_Triangle.txt", "000001 0.8 50 50 60 50 60 60 50 60\n")
+    OrientedTask({"root": str(synthetic_root), **DATA}, CALIB, prompts=DetectionsFile(str(folder)))
+    assert "'Triangle' looks like the label class 'triangle', which gets no detection (class names must be " \
+           "spelled as the label files write them" in capsys.readouterr().out
 
 
 def test_the_per_image_cap_counts_only_the_classes_the_task_keeps(tmp_path, synthetic_root, capsys):

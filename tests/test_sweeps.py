@@ -152,7 +152,7 @@ def test_a_job_that_does_not_compose_stops_the_sweep_before_any_job_runs(synthet
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1] == ("error: 1 jobs of this sweep cannot run (they do not compose, their settings are refused, "
-                         "or their checkpoint is missing); nothing was run")
+                         "or their checkpoint is missing or of another model); nothing was run")
     assert "clip=pcc_not_here" in lines[-2] and "Could not find 'clip/pcc_not_here'" in lines[-2]
     assert not list(sweep_dir.rglob("results.json"))
 
@@ -170,7 +170,26 @@ def test_a_jobs_missing_checkpoint_stops_the_sweep_before_any_job_runs(synthetic
                              "model.checkpoint=/path/to/sam_vit_b.pth")
     assert lines[2].endswith(f"model=sam_vit_b model.checkpoint=/nonexistent.pth: {missing}")
     assert lines[3] == ("error: 3 jobs of this sweep cannot run (they do not compose, their settings are refused, or "
-                        "their checkpoint is missing); nothing was run")
+                        "their checkpoint is missing or of another model); nothing was run")
+    assert not list(sweep_dir.rglob("results.json"))
+
+
+def test_a_jobs_checkpoint_of_another_model_stops_the_sweep_before_any_job_runs(synthetic_root, tmp_path):
+    """A file linked to the wrong model size was found only when its job started, after the others had run."""
+    import shutil
+
+    tiny = tmp_path / "ckpt" / "sam_tiny.pth"
+    tiny.parent.mkdir()
+    shutil.copy(REPO / "saq" / "sam" / "tiny" / "sam_tiny.pt", tiny)
+    sweep_dir = tmp_path / "sweep"
+    proc = multirun(sweep_dir, "model=sam_tiny,sam_vit_b", f"model.checkpoint={tiny}", data=synthetic_root,
+                    cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and " model=sam_vit_b model.checkpoint=" in lines[0], proc.stderr
+    assert f"checkpoint {tiny} does not fit sam_vit_b: " in lines[0] and \
+        lines[0].endswith("It looks like a sam_tiny checkpoint.")
+    assert lines[1].startswith("error: 1 jobs of this sweep cannot run")
     assert not list(sweep_dir.rglob("results.json"))
 
 

@@ -107,6 +107,10 @@ def test_tasks_on_a_larger_set_evaluate_the_n_val_scenes_generate_asks_for(synth
                          ({"n_tain": 3}, "task.generate.n_tain is not a generation setting")):
         with pytest.raises(SaqError, match=re.escape(message)):
             InstanceTask(data, calib, generate={**generate, **bad})
+    for word in ("none", False):  # read letter by letter it named a setting 'e'; false was taken for null
+        with pytest.raises(SaqError, match=re.escape(f"task.generate={word!r} invalid; expected null (real data: "
+                                                     "nothing is generated) or the generation settings")):
+            InstanceTask(data, calib, generate=word)
 
 
 def test_generation_refuses_a_folder_that_holds_other_data(tmp_path):

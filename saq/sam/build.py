@@ -112,12 +112,19 @@ def make_sam(arch: SamArchitecture) -> Sam:
     return sam.eval()
 
 
-def read_state_dict(path: Path, config_key: str) -> dict[str, torch.Tensor]:
-    """Load a checkpoint file as a state dict, or raise SaqError saying what is wrong with it."""
+def read_state_dict(path: Path, config_key: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file as a state dict, or raise SaqError saying what is wrong with it. mmap: tensors mapped
+    from the file, not read (shapes and dtypes only cost the file's index); a file of torch's legacy format, which
+    cannot be mapped, is read whole."""
     if not path.is_file():
         raise _not_found(path, config_key)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not mmap or "zipfile" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # readable, but it holds Python objects beside the tensors (training metadata)
         try:
             objects = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
@@ -190,8 +197,10 @@ def _strip_prefix(state: dict) -> dict:
     return {k[len(prefix):] if _sam_part_at(k) == len(prefix) else k: v for k, v in state.items()}
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
-    """Raise SaqError naming the first mismatching tensor when `state` was not saved from a `name` model."""
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: Path,
+                     values: bool = True) -> None:
+    """Raise SaqError naming the first mismatching tensor when `state` was not saved from a `name` model; values:
+    also that every weight is finite (reads the tensors)."""
     expected = model.state_dict()
     if any("_quantizer." in str(k) for k in state):
         raise SaqError(f"checkpoint {path} is a saq quantized model (quantizer tensors), not SAM's FP weights: "
@@ -212,7 +221,7 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], nam
         if tensor.is_floating_point() and not state[key].is_floating_point():
             raise SaqError(f"checkpoint {path}: tensor {key} is {str(state[key].dtype).removeprefix('torch.')}, "
                            "not floating point; SAM's weights are float32 (or float16/bfloat16)")
-        if tensor.is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+        if values and tensor.is_floating_point() and not bool(torch.isfinite(state[key]).all()):
             bad = int((~torch.isfinite(state[key])).sum())
             raise SaqError(f"checkpoint {path}: tensor {key} holds {bad} NaN or infinite value"
                            f"{'s' if bad > 1 else ''}; the weights are damaged (re-export them from training)")
@@ -241,6 +250,18 @@ def build_sam(name: str, checkpoint: str | Path | None = None, config_key: str =
     check_state_dict(model, state, name, path)
     model.load_state_dict(state)
     return model.eval()
+
+
+def check_checkpoint_fits(name: str, checkpoint, config_key: str = "model.checkpoint") -> None:
+    """SaqError unless model `name`'s checkpoint file holds its tensors in their shapes and dtypes, read from the
+    file's index (tensor data untouched, the model built on the meta device): what a sweep asks of every job's file
+    before the first job starts; the job itself also checks the values."""
+    name = VARIANTS.get(name, name)
+    path = checkpoint_file(name, checkpoint, config_key)
+    state = read_state_dict(path, config_key, mmap=True)
+    with torch.device("meta"):
+        model = make_sam(ARCHITECTURES[name])
+    check_state_dict(model, state, name, path, values=False)
 
 
 def checkpoint_file(name: str, checkpoint, config_key: str = "model.checkpoint", must_exist: bool = True) -> Path:
