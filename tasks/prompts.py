@@ -347,10 +347,19 @@ class DetectionsFile(PromptSource):
              category_ids: Collection[int] | None = None, drop_unknown: bool = False,
              image_sizes=None, keep_unknown: bool = False) -> None:
         keys = set(image_keys)
+        past = total = 0
         for key, dets in self._by_image.items():  # before any inference: a box off its image is a wrong file
             size = image_sizes.get(key) if image_sizes is not None and dets else None
             if size is not None:
-                self._check_inside(key, np.asarray([d[:4] for d in dets], np.float64), size)
+                boxes = np.asarray([d[:4] for d in dets], np.float64)
+                self._check_inside(key, boxes, size)
+                past += int(((boxes[:, 2] > size[1] + 1) | (boxes[:, 3] > size[0] + 1)).sum())
+                total += len(boxes)
+        if total and past > 0.1 * total:  # detectors clip their boxes to the image; [x1, y1, x2, y2] read as x, y,
+            # w, h runs past it on every box in the right or bottom half
+            print(f"detections file {self.path}: {past} of {total} boxes run past their image's right or bottom "
+                  "edge; a detector's boxes stay inside: is the file in another box format (COCO results are "
+                  "[x, y, width, height]) or for images of another size?")
         if self._by_image and keys and not keys & set(self._by_image):
             knob, split = self.role
             raise SaqError(f"detections file {self.path} ({knob}) names none of the {split} images "

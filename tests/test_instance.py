@@ -615,6 +615,23 @@ def test_a_detection_off_its_image_is_refused_when_the_task_is_built_not_mid_eva
         task_for(synthetic_root, DetectionsFile(str(tmp_path / "d.json")))
 
 
+def test_boxes_written_as_corners_in_a_coco_results_file_are_said(synthetic_root, tmp_path, capsys):
+    """[x1, y1, x2, y2] read as [x, y, w, h] runs past the image on every box in its right or bottom half: said,
+    since the AP it gives is merely low."""
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    good = write_detections(tmp_path / "xywh.json", coco, [1])
+    task_for(synthetic_root, good)
+    assert "run past their image" not in capsys.readouterr().out  # ground-truth boxes stay inside
+    dets = json.loads(good.path.read_text())
+    for det in dets:
+        x, y, w, h = det["bbox"]
+        det["bbox"] = [x, y, x + w, y + h]
+    (tmp_path / "xyxy.json").write_text(json.dumps(dets))
+    task_for(synthetic_root, DetectionsFile(str(tmp_path / "xyxy.json")))
+    assert "boxes run past their image's right or bottom edge; a detector's boxes stay inside: is the file in " \
+           "another box format (COCO results are [x, y, width, height])" in capsys.readouterr().out
+
+
 def mm_entries(coco, image_ids, score=0.9):
     """mmdetection 3.x results for these images: their ground-truth boxes (xyxy), labels as the detector's class
     indices (the annotation file's category order), plus one box below the score threshold each."""
