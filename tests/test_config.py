@@ -154,19 +154,22 @@ def test_every_sweep_job_composes(sweep, overrides, monkeypatch):
     validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))  # what a run checks before computing
 
 
-@pytest.mark.parametrize("sweep", ["table_instance", "table_oriented", "table_semantic"])
-def test_table_sweeps_take_the_equal_budget_the_cpu_tables_ran_at(sweep, monkeypatch):
-    # ARGS='recon.budget=equal' reaches every job, those that learn nothing included (a sweep-wide knob)
+@pytest.mark.parametrize("sweep", ["table_instance", "table_oriented", "table_semantic", "quant_baselines"])
+@pytest.mark.parametrize("knob", ["recon.budget=equal", "recon.resume=true"])
+def test_sweep_wide_recon_knobs_reach_every_job(sweep, knob, monkeypatch):
+    # ARGS='recon.budget=equal' (the CPU tables' budget) and ARGS='recon.resume=true' (continue a killed job) reach
+    # every job, those that learn nothing included
     from saq.pipeline import check_config
 
     monkeypatch.chdir(REPO)
+    key, value = knob.split("=")
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         for _, overrides in [job for job in sweep_jobs() if job[0] == sweep]:
-            cfg = compose(config_name="config", overrides=[f"+sweeps={sweep}", *overrides, "recon.budget=equal"],
+            cfg = compose(config_name="config", overrides=[f"+sweeps={sweep}", *overrides, knob],
                           return_hydra_config=True)
             choices = dict(cfg.hydra.runtime.choices)
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-            assert cfg.recon.budget == "equal"
+            assert str(OmegaConf.select(cfg, key)).lower() == value
             check_config(cfg, choices, overrides=[])
 
 

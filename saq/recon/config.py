@@ -85,9 +85,11 @@ class ReconConfig:
         if name not in RECON_NAMES:  # the name decides whether anything is learned: no free-form labels
             raise SaqError(f"recon.name={name!r} unknown; expected one of {list(RECON_NAMES)} (choose the preset "
                            "with recon=...)")
-        # budget is schedule-wide: a sweep of statistic and learned methods (table_instance) sets it for every job
-        if name == "none" and set(values) - {"name", "budget"}:
-            raise SaqError(f"recon=none learns nothing, so recon.{sorted(set(values) - {'name', 'budget'})[0]} would "
+        # budget and resume are sweep-wide: a sweep of statistic and learned methods (table_instance) sets them for
+        # every job
+        sweep_wide = {"name", "budget", "resume"}
+        if name == "none" and set(values) - sweep_wide:
+            raise SaqError(f"recon=none learns nothing, so recon.{sorted(set(values) - sweep_wide)[0]} would "
                            "have no effect; choose recon=qdrop or recon=par (or a method= preset that learns)")
         for key, choices in (("granularity", GRANULARITIES), ("loss", LOSSES), ("mse_sum", MSE_SUMS), ("budget", BUDGETS),
                              ("target_input", TARGET_INPUTS), ("response_input", RESPONSE_INPUTS),
