@@ -173,6 +173,7 @@ class AutoMaskSet(NamedTuple):
 
 
 def no_masks(shape: tuple | None) -> AutoMaskSet:
+    """An empty set of masks of images of that shape."""
     return AutoMaskSet(np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), shape, np.zeros(0, np.float32),
                        np.zeros((0, 4), np.float32))
 
