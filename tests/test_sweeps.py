@@ -119,9 +119,16 @@ def test_submitit_local_multirun_writes_two_results_and_a_matching_report(synthe
 
 
 def test_a_failed_job_is_recorded_and_listed_without_stopping_the_others(synthetic_root, tmp_path):
+    import torch
+
     sweep_dir = tmp_path / "sweep"
     broken = tmp_path / "broken.pth"
-    broken.write_bytes(b"not a checkpoint")  # there (a missing one stops the sweep first), read only by its job
+    # the sweep's pre-check reads a file's index only (an unreadable file or one of another model size stops the
+    # sweep first): damaged values are found by the job that loads them
+    state = torch.load(REPO / "saq" / "sam" / "tiny" / "sam_tiny.pt", weights_only=True)
+    first = next(iter(state))
+    state[first].view(-1)[0] = float("nan")
+    torch.save(state, broken)
     proc = multirun(sweep_dir, f"model.checkpoint={broken},null", data=synthetic_root, cwd=tmp_path, images=1)
     assert proc.returncode == 1, "a sweep with a failed job ends with exit status 1, after its report"
     results = results_in(sweep_dir)
@@ -129,8 +136,8 @@ def test_a_failed_job_is_recorded_and_listed_without_stopping_the_others(synthet
     failures = list(sweep_dir.rglob("failure.json"))
     assert len(failures) == 1
     failure = json.loads(failures[0].read_text())
-    line = (f"checkpoint {broken} is not a readable PyTorch file; model.checkpoint must point to a SAM state dict "
-            "(.pth)")
+    line = (f"checkpoint {broken}: tensor {first} holds 1 NaN or infinite value; the weights are damaged (re-export "
+            "them from training)")
     assert failure["error"] == line and f"model.checkpoint={broken}" in failure["overrides"]
     assert "1 failed jobs:" in proc.stdout and line in proc.stdout
     assert line in (sweep_dir / "report.md").read_text()
@@ -190,6 +197,16 @@ def test_a_jobs_checkpoint_of_another_model_stops_the_sweep_before_any_job_runs(
     assert f"checkpoint {tiny} does not fit sam_vit_b: " in lines[0] and \
         lines[0].endswith("It looks like a sam_tiny checkpoint.")
     assert lines[1].startswith("error: 1 jobs of this sweep cannot run")
+    assert not list(sweep_dir.rglob("results.json"))
+    # a file that is no PyTorch file at all stops it the same way
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    proc = multirun(sweep_dir, f"model.checkpoint={broken},null", data=synthetic_root, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].endswith(
+        f"model.checkpoint={broken}: checkpoint {broken} is not a readable PyTorch file; model.checkpoint must point "
+        "to a SAM state dict (.pth)"), proc.stderr
     assert not list(sweep_dir.rglob("results.json"))
 
 
