@@ -23,6 +23,7 @@ from saq.errors import SaqError, check_bool, check_device, check_int, check_numb
 from saq.log import (
     PAPER_COMPAT_SUFFIX,
     bits_label,
+    flatten,
     folder_write_problem,
     git_commit,
     log_to_wandb,
@@ -146,14 +147,33 @@ def check_method_preset(cfg: DictConfig) -> None:
     path = CONF_DIR / "method" / f"{method}.yaml"
     if method == "custom" or not path.is_file():
         return
-    for entry in OmegaConf.load(path).get("defaults") or []:
+    preset = OmegaConf.load(path)
+    fix = ("drop method= and set the switches yourself (clip=..., recon=..., quant.big/quant.agq), or use the preset "
+           "as it is")
+    defining = {}  # dotted key -> the preset's value: what makes the paper's row, beside the group choices
+    for entry in preset.get("defaults") or []:
         for key, preset_choice in (entry.items() if isinstance(entry, DictConfig) else ()):
             group = key.removeprefix("override /")
             chosen = (cfg.get(group) or {}).get("name")
             if group in ("clip", "recon") and chosen != preset_choice:
                 raise SaqError(f"method={method} is {group}={preset_choice}; this run sets {group}={chosen}, so it "
-                               f"is not {method} and would be reported as it: drop method= and set the switches "
-                               f"yourself (clip=..., recon=..., quant.big/quant.agq), or use the preset as it is")
+                               f"is not {method} and would be reported as it: {fix}")
+            if group == "recon" and (CONF_DIR / "recon" / f"{preset_choice}.yaml").is_file():
+                loss = OmegaConf.load(CONF_DIR / "recon" / f"{preset_choice}.yaml").get("loss")
+                if loss is not None:  # QDrop's block MSE or PAR's losses: the method itself, not a tuning of it
+                    defining["recon.loss"] = loss
+    own = {k: v for k, v in OmegaConf.to_container(preset, resolve=True).items() if k not in ("defaults", "method")}
+    defining |= flatten(own)  # quant.big / quant.agq, clip.reduction
+    for key, value in defining.items():
+        chosen = OmegaConf.select(cfg, key)
+        if chosen != value:
+            raise SaqError(f"method={method} sets {key}={_yaml(value)}; this run sets {key}={_yaml(chosen)}, so it "
+                           f"is another of the paper's rows (or none) and would be reported as {method}: {fix}")
+
+
+def _yaml(value) -> str:
+    """A config value as an override writes it (true, null, extreme)."""
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
 
 
 LABELLED_GROUPS = ("quant", "clip", "recon")  # groups whose `name` is the label their preset gives a run

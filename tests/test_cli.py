@@ -323,6 +323,16 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
     # a method preset with its clipping or reconstruction swapped is another method
     (["quant=w4a4", "method=minmax", "clip=mse"], "method=minmax is clip=minmax; this run sets clip=mse, so it is not"),
     (["quant=w4a4", "method=saq_sam", "recon=none"], "method=saq_sam is recon=par; this run sets recon=none"),
+    # ... and so is one with the quantizers, ranges or loss of another row (PTQ4SAM-S's, QDrop's, PAR's)
+    (["quant=w4a4", "method=minmax", "quant.big=true", "quant.agq=true"],
+     "method=minmax sets quant.big=false; this run sets quant.big=true, so it is another of the paper's rows"),
+    (["quant=w4a4", "method=minmax", "clip.reduction=mean"], "method=minmax sets clip.reduction=extreme; this run sets "
+                                                              "clip.reduction=mean"),
+    (["quant=w4a4", "method=saq_sam", "recon.loss=mse"], "method=saq_sam sets recon.loss=par; this run sets "
+                                                         "recon.loss=mse, so it is another"),
+    (["quant=w4a4", "method=qdrop", "recon.loss=par"], "method=qdrop sets recon.loss=mse; this run sets recon.loss=par"),
+    (["quant=w4a4", "method=saq_sam_star", "quant.agq=false"], "method=saq_sam_star sets quant.agq=true; this run "
+                                                                "sets quant.agq=false"),
     (["quant=w4a4", "+recon.drop_prob=0.2"], "recon=none learns nothing, so recon.drop_prob would have no effect"),
     (["quant=w4a4", "recon=par", "recon.name=none"], "recon=none learns nothing, so recon.best_state"),
     (["quant=w4a4", "recon=par", "recon.name=foo"], "recon.name='foo' unknown; expected one of ['none', 'qdrop', "),
@@ -359,6 +369,23 @@ def test_run_knobs_of_the_wrong_kind_are_one_line_before_anything_runs(overrides
     with pytest.raises(SaqError) as err:
         validate(cfg)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=saq_sam", "recon.granularity=block", "recon.budget=equal"],  # the paper's granularity ablation of PAR
+    ["method=saq_sam", "recon.weight_lr=0.003", "recon.par_loss.mask_weight=2000"],
+    ["method=ptq4sam_l", "recon.iters.block=100", "recon.iters.neck=100", "recon.iters.decoder_block=100",
+     "recon.iters.final_attn=100"],
+    ["method=minmax", "quant.w_bits=6"],
+])
+def test_a_method_preset_keeps_its_label_under_tuning(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from saq.pipeline import validate
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["logger=none", "quant=w4a4", *overrides])
+    validate(cfg)  # the knobs that make a paper row are untouched: still that row
 
 
 def test_a_removed_logger_group_runs_without_wandb(synthetic_root, tmp_path):
