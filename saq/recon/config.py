@@ -180,6 +180,19 @@ class ReconConfig:
         return shares
 
 
+def equal_budget_line(kinds: list[str], shares: list[int]) -> str:
+    """What recon.budget=equal made of recon.iters (their proportions, not their totals), said once at the start: a
+    user's recon.iters.stage=20 there still learns PAR's whole total."""
+    per_kind: dict[str, list[int]] = {}
+    for kind, share in zip(kinds, shares):
+        per_kind.setdefault(kind, []).append(share)
+    parts = [f"{kind} {min(n)}" + (f"-{max(n)}" if max(n) != min(n) else "") + (f" x{len(n)}" if len(n) > 1 else "")
+             for kind, n in per_kind.items()]
+    return (f"recon.budget=equal: {sum(shares):,} iterations (PAR's official total on this model) over {len(shares)} "
+            f"units, shared in proportion to recon.iters: {', '.join(parts)} (recon.budget=official learns "
+            "recon.iters as set)")
+
+
 def no_paper_eval(reason: str) -> str:
     """Why recon.paper_eval_compat=true cannot run on a model learned without dropping."""
     return (f"recon.paper_eval_compat=true leaves linear inputs dropping at recon.drop_prob, but {reason}: the "

@@ -23,7 +23,7 @@ from saq.quant.grid import SCALE_EPS, keep_mask, mix
 from saq.quant.model import iter_quantizers
 from saq.quant.modules import QuantLayer
 from saq.quant.quantizers import AdaRoundQuantizer, Log2AGQQuantizer, Quantizer
-from saq.recon.config import ReconConfig
+from saq.recon.config import ReconConfig, equal_budget_line
 from saq.recon.losses import rounding_regularizer, unit_loss
 from saq.sam.units import SampleData, build_chain, encode_sample, mask_probabilities, move, probe_image_tokens
 
@@ -134,6 +134,8 @@ class Reconstructor:
         units = [s for s in self.chain if s.learnable]
         reference = [s.kind for s in build_chain(qmodel, "stage") if s.learnable] if cfg.budget == "equal" else []
         self.iters = dict(zip((s.name for s in units), cfg.unit_iters([s.kind for s in units], reference)))
+        self.budget_line = (equal_budget_line([s.kind for s in units], list(self.iters.values()))
+                            if cfg.budget == "equal" and units else None)
         self.learned_modules: list[nn.Module] = []
 
     # data -----------------------------------------------------------------------------------------------------------
@@ -169,6 +171,8 @@ class Reconstructor:
         (one object per sample with .to(device), handed to each step)."""
         start = time.perf_counter()
         report = ReconReport(self.cfg.name)
+        if self.budget_line:
+            print(self.budget_line)
         done = self._resume(report)
         data = data if data is not None else self.encode(samples)
         if not data:
