@@ -522,11 +522,19 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
         samples = task.calibration_samples(quant_cfg.calib_images)
     planted = None
     if cfg.model.get("outliers"):
-        from saq.sam.outliers import OutlierSpec, plant_key_outliers
+        from saq.sam.outliers import OutlierSpec, add_key_offsets, plant_key_outliers
 
-        spec = OutlierSpec.from_cfg(cfg.model.outliers)
-        planted = plant_key_outliers(model, task.calibration_samples(spec.calib_images, "model.outliers.calib_images"),
-                                     spec)
+        from saq.saved import saved_planted_outliers
+
+        # a loaded model's FP twin takes the offsets it was saved with: measured again on this run's task (another
+        # one's calibration images) they would differ, and the FP row would be of another model
+        planted = saved_planted_outliers(cfg) if quant_cfg is not None and cfg.quant.get("load") else None
+        if planted is not None:
+            add_key_offsets(model, planted)
+        else:
+            spec = OutlierSpec.from_cfg(cfg.model.outliers)
+            planted = plant_key_outliers(
+                model, task.calibration_samples(spec.calib_images, "model.outliers.calib_images"), spec)
     fp, fp_cache_file = fp_metrics(cfg, model, task, planted)
     metrics = {"fp": fp}
     calibration = clipping = recon = recon_state = None
@@ -553,7 +561,7 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
         # paper-compatible evaluation), before the model is saved or evaluated
         assert_fully_quantized(qmodel, allow_dropped_inputs=recon["eval_mode"] != EVAL_FULL)
         if not cfg.quant.get("load") and cfg.quant.get("save", True):  # before evaluation: a later failure keeps it
-            saved_model = str(save_run(qmodel, run_dir, cfg))
+            saved_model = str(save_run(qmodel, run_dir, cfg, planted))
         print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau
         # the evaluation's random draws (recon.paper_eval_compat's dropping) from the seed alone, not from what
         # calibration and reconstruction drew before: quant.load and saq.sensitivity then draw the same

@@ -34,8 +34,9 @@ def _outliers(cfg: DictConfig) -> dict | None:
     return OmegaConf.to_container(outliers, resolve=True) if outliers else None
 
 
-def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
-    """Export the calibrated model to <run_dir>/quantized_model; the recipe's `extra` says what produced it."""
+def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig, planted: list | None = None) -> Path:
+    """Export the calibrated model to <run_dir>/quantized_model; the recipe's `extra` says what produced it.
+    planted: the outlier offsets planted in the FP model (sam_tiny_outliers), which a run loading it plants again."""
     from saq.sam.build import checkpoint_digest
 
     calib = OmegaConf.select(cfg, "task.calib")  # which calibration images, in what order
@@ -45,6 +46,8 @@ def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig) -> Path:
         "checkpoint": str(Path(cfg.model.checkpoint).expanduser().resolve()) if cfg.model.checkpoint else None,
         "checkpoint_sha256": checkpoint_digest(cfg.model.name, cfg.model.checkpoint),
         "outliers": _outliers(cfg),  # the FP model the run evaluates beside it plants the same ones
+        # ... with these offsets: measured on this task's calibration images, which another task's would not give
+        "planted_outliers": planted,
         "quant_preset": cfg.quant.name,
         "clip": OmegaConf.to_container(cfg.clip, resolve=True) if "clip" in cfg else None,
         "recon": OmegaConf.to_container(cfg.recon, resolve=True) if "recon" in cfg else None,
@@ -188,6 +191,12 @@ def check_load(cfg: DictConfig) -> Path:
     check_loaded_recon(recipe.get("extra", {}).get("recon"), cfg.get("recon"), cfg.quant.load)
     check_state_file(directory)  # a missing or truncated state file fails now, not after the FP evaluation
     return directory
+
+
+def saved_planted_outliers(cfg: DictConfig) -> list | None:
+    """The outlier offsets planted in the FP model of the run quant.load names (None when it recorded none: a plain
+    model, or one saved before they were recorded)."""
+    return read_recipe(saved_dir(cfg.quant.load)).get("extra", {}).get("planted_outliers")
 
 
 def loaded_provenance(cfg: DictConfig) -> dict:

@@ -374,3 +374,20 @@ def test_recipes_of_the_earlier_weight_axis_minus_one(tmp_path):
             with pytest.raises(SaqError, match=r"recipe.json was saved with quant.encoder.weight.ch_axis=-1, which "
                                                r"quantized the neck convs per kernel column"):
                 read_recipe(tmp_path)
+
+
+def test_a_loaded_outlier_model_gets_the_fp_twin_it_was_saved_beside(synthetic_root, tmp_path):
+    """Its offsets are measured on calibration images: another task's (here another calibration split) would give
+    others, and the FP row would be of a model other than the one quantized."""
+    first = pipeline.run(run_config(synthetic_root, "model=sam_tiny_outliers", "model.outliers.calib_images=2"),
+                         tmp_path / "first")
+    planted = first["planted_outliers"]
+    assert planted and read_recipe(tmp_path / "first" / SAVED_DIR)["extra"]["planted_outliers"] == planted
+    other_images = ["model=sam_tiny_outliers", "model.outliers.calib_images=2",
+                    "task.calib.ann_file=annotations/instances_val.json", "task.calib.img_dir=val/images"]
+    measured = pipeline.run(run_config(synthetic_root, *other_images, "quant.save=false"), tmp_path / "measured")
+    assert measured["planted_outliers"] != planted  # what planting afresh would have put in the FP twin
+    loaded = pipeline.run(run_config(synthetic_root, *other_images, f"quant.load={tmp_path / 'first'}"),
+                          tmp_path / "loaded")
+    assert loaded["planted_outliers"] == planted
+    assert loaded["metrics"] == first["metrics"]  # the FP row and the quantized one, both of the saved run's models

@@ -118,12 +118,25 @@ def plant_key_outliers(sam: Sam, samples: Sequence[PromptedImage], spec: Outlier
                           for c in torch.randperm(per_head, generator=gen)[: spec.channels_per_head])
         sign = {"positive": 1.0, "negative": -1.0}.get(spec.sign, 1.0 if index % 2 == 0 else -1.0)
         offset = sign * spec.magnitude * p99[name]
-        if attn.k_proj.bias is None:
-            raise SaqError(f"{name}.k_proj has no bias to carry the offset")
-        attn.k_proj.bias[channels] += offset
         planted.append({"attention": name, "channels": channels, "offset": offset, "p99": p99[name]})
+    add_key_offsets(sam, planted)
     _check_fp_masks_kept(sam, samples, before, spec)
     return planted
+
+
+@torch.no_grad()
+def add_key_offsets(sam: Sam, planted: Sequence[Mapping]) -> None:
+    """Add planted offsets (plant_key_outliers' record) to the key-projection biases in place: how a saved model's FP
+    twin gets the very offsets it was quantized with, whatever images this run's task would measure p99 on."""
+    attentions = decoder_attentions(sam)
+    for entry in planted:
+        attn = attentions.get(entry["attention"])
+        if attn is None:
+            raise SaqError(f"planted outliers name {entry['attention']!r}, which is not a decoder attention of this "
+                           "model")
+        if attn.k_proj.bias is None:
+            raise SaqError(f"{entry['attention']}.k_proj has no bias to carry the offset")
+        attn.k_proj.bias[list(entry["channels"])] += float(entry["offset"])
 
 
 # Largest change of the FP decoder's mask logits that planting may cause: float rounding of the offset logits grows
