@@ -219,6 +219,7 @@ def check_overrides_read(cfg: DictConfig, overrides: list[str] | None = None) ->
         single = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
         overrides = override_strings(HydraConfig.get().overrides.task) if single else []
     check_clip_grid_read(cfg, overrides)
+    check_load_overrides_read(cfg, overrides)
     recon = cfg.get("recon") or {}
     granularity = recon.get("granularity")
     if granularity not in KINDS_AT:  # recon=none, or a granularity ReconConfig names as unknown
@@ -227,6 +228,25 @@ def check_overrides_read(cfg: DictConfig, overrides: list[str] | None = None) ->
     if unread:
         raise SaqError(f"recon.iters.{unread[0]} is not read at recon.granularity={granularity}: its units are "
                        f"{', '.join(KINDS_AT[granularity])} (set recon.iters of one of those)")
+
+
+# recon knobs a quant.load run reads (how it evaluates) or takes without effect as a sweep's shared setting
+LOAD_READS_RECON = ("paper_eval_compat", "budget", "resume")
+
+
+def check_load_overrides_read(cfg: DictConfig, overrides: list[str]) -> None:
+    """quant.load evaluates a saved model and learns nothing: a clip.* or recon.* knob set beside it (recon.weight_lr,
+    clip.percentile) would change nothing, yet the run's record would hold it as if it had."""
+    if not cfg.quant.get("load"):
+        return
+    for key, value in parsed_overrides(overrides):
+        group, _, knob = key.partition(".")
+        knobs = [knob] if knob else list(value) if group in ("clip", "recon") and isinstance(value, dict) else []
+        unread = [k for k in knobs if group == "clip" or k.split(".")[0] not in LOAD_READS_RECON]
+        if group in ("clip", "recon") and unread:
+            raise SaqError(f"{group}.{unread[0]} would not be read: quant.load evaluates the saved model as it was "
+                           f"calibrated{' and learned' if group == 'recon' else ''} (its recipe holds the settings "
+                           "that made it); drop it, or calibrate anew without quant.load")
 
 
 def check_clip_grid_read(cfg: DictConfig, overrides: list[str]) -> None:

@@ -391,3 +391,22 @@ def test_a_loaded_outlier_model_gets_the_fp_twin_it_was_saved_beside(synthetic_r
                           tmp_path / "loaded")
     assert loaded["planted_outliers"] == planted
     assert loaded["metrics"] == first["metrics"]  # the FP row and the quantized one, both of the saved run's models
+
+
+def test_clip_and_learning_knobs_beside_quant_load_are_refused(synthetic_root, tmp_path):
+    from saq.pipeline import check_overrides_read
+
+    cfg = run_config(synthetic_root, "method=saq_sam", "quant=w4a4", f"quant.load={tmp_path}")
+    for overrides, message in (
+            (["recon.weight_lr=0.01"], "recon.weight_lr would not be read: quant.load evaluates the saved model as it "
+                                       "was calibrated and learned"),
+            (["recon.iters.stage=20"], "recon.iters.stage would not be read"),
+            (["recon={drop_prob: 0.2}"], "recon.drop_prob would not be read"),
+            (["clip.images=4"], "clip.images would not be read: quant.load evaluates the saved model as it was "
+                                "calibrated (its recipe")):
+        with pytest.raises(SaqError, match=message.replace(".", r"\.").replace("(", r"\(")):
+            check_overrides_read(cfg, ["method=saq_sam", f"quant.load={tmp_path}", *overrides])
+    # how the loaded model is evaluated, and the sweep-wide knobs a loading job takes without effect
+    check_overrides_read(cfg, ["recon.paper_eval_compat=true", "recon.budget=equal", "recon.resume=true", "clip=pcc"])
+    # without quant.load they are the run's own
+    check_overrides_read(run_config(synthetic_root, "method=saq_sam", "quant=w4a4"), ["recon.weight_lr=0.01"])
