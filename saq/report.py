@@ -152,10 +152,26 @@ class Report:
     row_of: dict[Path, str] = field(default_factory=dict)  # a quantized run's results.json -> its table row
 
 
+def files_named(root: Path, name: str) -> list[Path]:
+    """Every file `name` under root, through linked folders too (runs gathered from several sweeps by symlinks, which
+    Path.rglob skips); a folder reached twice (a link to a folder also under root, a loop) is read once."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()
+        if name in files:
+            found.append(Path(folder) / name)
+    return sorted(found)
+
+
 def load_runs(root: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
     """Every usable results.json under root (with its path), and the skipped ones with the reason."""
     runs, skipped = [], []
-    for path in sorted(root.rglob(RESULTS_FILE)):
+    for path in files_named(root, RESULTS_FILE):
         try:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -171,7 +187,7 @@ def load_runs(root: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
 
 def load_failures(root: Path) -> list[dict]:
     failures = []
-    for path in sorted(root.rglob(FAILURE_FILE)):
+    for path in files_named(root, FAILURE_FILE):
         results = path.parent / RESULTS_FILE
         if results.exists() and results.stat().st_mtime >= path.stat().st_mtime:
             continue  # an earlier attempt's: the job has finished since (rerun, or run by hand into its folder)
@@ -181,7 +197,7 @@ def load_failures(root: Path) -> list[dict]:
                              "overrides": list(record.get("overrides") or []), "mtime": path.stat().st_mtime})
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             failures.append({"path": path, "error": "unreadable failure.json", "overrides": [], "mtime": 0.0})
-    for path in sorted(root.rglob(RUNNING_FILE)):  # a job that started and never ended
+    for path in files_named(root, RUNNING_FILE):  # a job that started and never ended
         # a later record of the folder tells what became of it: a finished run, or a failure.json of its own (an
         # older failure.json is an earlier attempt's, which this killed one replaces)
         failed, results = path.parent / FAILURE_FILE, path.parent / RESULTS_FILE

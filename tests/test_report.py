@@ -220,6 +220,22 @@ def test_the_same_run_found_twice_counts_once(tmp_path, capsys):
     assert "2 runs, 0 failed, 0 skipped results.json, 1 duplicates not counted" in capsys.readouterr().out
 
 
+def test_run_folders_linked_into_the_report_folder_are_read_once(tmp_path):
+    """Runs gathered from several sweeps by symlinks were skipped without a word (Path.rglob does not follow them)."""
+    put(tmp_path / "sweep_a", "job0", record(ap=0.5))
+    put(tmp_path / "sweep_b", "job0", record(ap=0.7, seed=1))
+    both = tmp_path / "both"
+    both.mkdir()
+    (both / "a").symlink_to(tmp_path / "sweep_a" / "job0", target_is_directory=True)
+    (both / "b").symlink_to(tmp_path / "sweep_b", target_is_directory=True)
+    (both / "loop").symlink_to(both, target_is_directory=True)  # a link back up is walked once, not forever
+    report = build_report(both)
+    assert sorted(str(r["_path"].relative_to(both)) for r in report.runs) == ["a/results.json",
+                                                                             "b/job0/results.json"]
+    write_report(report, both)
+    assert ours(both)[("mse", "sam_tiny", "w4a4")]["n"] == "2"
+
+
 def test_row_labels_from_method_preset_or_clip_plus_recon(tmp_path):
     put(tmp_path, "a", record(method="saq_sam", clip="pcc", recon="par", ap=0.7))
     put(tmp_path, "b", record(clip="mse", recon="qdrop", ap=0.6))
