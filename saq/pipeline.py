@@ -543,7 +543,6 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
     planted = None
     if cfg.model.get("outliers"):
         from saq.sam.outliers import OutlierSpec, add_key_offsets, plant_key_outliers
-
         from saq.saved import saved_planted_outliers
 
         # a loaded model's FP twin takes the offsets it was saved with: measured again on this run's task (another
