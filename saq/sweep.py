@@ -320,7 +320,7 @@ def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]
     finished run is kept: it will be skipped, and rerunning a finished sweep for its report still works."""
     from hydra import compose
 
-    from saq.pipeline import check_config
+    from saq.pipeline import check_config, check_load_overrides_read
     from saq.sam.build import check_checkpoint_fits, checkpoint_file
 
     on_slurm = submits_to_slurm(config)
@@ -338,6 +338,7 @@ def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]
             del cfg["hydra"]
         try:  # the sweep's shared recon.iters overrides are checked across its jobs (recon_iters_no_job_reads)
             check_config(cfg, choices, overrides=[])
+            check_load_overrides_read(cfg, job)  # quant.load beside clip.*/recon.* knobs: each job's own overrides
             # every job builds its model first; a Slurm job may read a file only its compute nodes have. A file of
             # another model size (a link to the wrong one) is found here too, from its tensors' shapes
             path = checkpoint_file(cfg.model.name, cfg.model.get("checkpoint"), must_exist=not on_slurm)

@@ -328,6 +328,9 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
      "method=minmax sets quant.big=false; this run sets quant.big=true, so it is another of the paper's rows"),
     (["quant=w4a4", "method=minmax", "clip.reduction=mean"], "method=minmax sets clip.reduction=extreme; this run sets "
                                                               "clip.reduction=mean"),
+    (["quant=w4a4", "method=ptq4sam_s", "clip.reduction=extreme"], "method=ptq4sam_s sets clip.reduction=mean; this "
+                                                                    "run sets clip.reduction=extreme"),
+    (["quant=w4a4", "method=qdrop", "clip.reduction=extreme"], "method=qdrop sets clip.reduction=mean"),
     (["quant=w4a4", "method=saq_sam", "recon.loss=mse"], "method=saq_sam sets recon.loss=par; this run sets "
                                                          "recon.loss=mse, so it is another"),
     (["quant=w4a4", "method=qdrop", "recon.loss=par"], "method=qdrop sets recon.loss=mse; this run sets recon.loss=par"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -189,6 +190,21 @@ def test_a_magnitude_whose_rounding_changes_fp_masks_is_refused():
     with pytest.raises(SaqError, match=r"model.outliers.magnitude=100000 moves the FP model's mask logits by up to "
                                        r"0\.0\d+ on the planting images"):
         plant_key_outliers(build_sam("sam_tiny_outliers"), [_sample(0, (256, 256))], OutlierSpec(magnitude=1e5))
+
+
+def test_replayed_offsets_equal_planting_and_a_malformed_record_is_one_line():
+    from saq.sam.outliers import add_key_offsets
+
+    planted_model, replayed = build_sam("sam_tiny_outliers"), build_sam("sam_tiny_outliers")
+    planted = plant_key_outliers(planted_model, [_sample(0, (256, 256))], OutlierSpec())
+    add_key_offsets(replayed, json.loads(json.dumps(planted)))  # as a saved recipe gives them back
+    assert all(torch.equal(a, b) for a, b in zip(planted_model.state_dict().values(), replayed.state_dict().values()))
+    for bad in ({"attention": "layers.0.self_attn", "channels": [1]}, {"attention": "layers.0.self_attn",
+                                                                       "channels": "1", "offset": 2.0}):
+        with pytest.raises(SaqError, match=r"planted outlier record .* is malformed; expected \{attention, channels"):
+            add_key_offsets(replayed, [bad])
+    with pytest.raises(SaqError, match=r"planted outliers name 'nowhere', which is not a decoder attention"):
+        add_key_offsets(replayed, [{"attention": "nowhere", "channels": [1], "offset": 2.0}])
 
 
 def test_outliers_are_planted_in_listed_attentions_in_forward_order():

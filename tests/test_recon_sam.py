@@ -324,6 +324,8 @@ def test_equal_budget_gives_qdrop_the_total_of_pars_official_schedule(tiny):
     line = equal_budget_line(kinds, shares)
     assert sum(shares) == 20000 and line.startswith("recon.budget=equal: 20,000 iterations") and "block 1" in line
     assert Reconstructor(tiny, tiny, small, seed=0, progress=False).budget_line == line
+    nothing = ReconConfig.from_cfg(_recon_yaml("qdrop") | {"budget": "equal", "iters": dict.fromkeys(qdrop.iters, 0)})
+    assert Reconstructor(tiny, tiny, nothing, seed=0, progress=False).budget_line is None  # no "0 iterations of PAR's"
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

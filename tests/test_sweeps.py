@@ -221,6 +221,17 @@ def test_a_job_whose_settings_a_run_refuses_stops_the_sweep_before_any_job_runs(
     assert not list(sweep_dir.rglob("results.json"))
 
 
+def test_learning_knobs_swept_beside_quant_load_stop_the_sweep_before_any_job_runs(synthetic_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = multirun(sweep_dir, "quant=w4a4", "method=saq_sam", f"quant.load={tmp_path}", "recon.weight_lr=0.01,0.003",
+                    data=synthetic_root, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 3 and all("recon.weight_lr would not be read: quant.load evaluates the saved model" in line
+                                   for line in lines[:2]), proc.stderr
+    assert lines[2].startswith("error: 2 jobs of this sweep cannot run")
+
+
 def test_slurm_launcher_without_slurm_is_one_line_and_runs_nothing(synthetic_root, tmp_path, monkeypatch):
     # PATH holds only this Python's folder: no sbatch/srun, as on any machine outside a cluster
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))

@@ -135,7 +135,7 @@ class Reconstructor:
         reference = [s.kind for s in build_chain(qmodel, "stage") if s.learnable] if cfg.budget == "equal" else []
         self.iters = dict(zip((s.name for s in units), cfg.unit_iters([s.kind for s in units], reference)))
         self.budget_line = (equal_budget_line([s.kind for s in units], list(self.iters.values()))
-                            if cfg.budget == "equal" and units else None)
+                            if cfg.budget == "equal" and any(self.iters.values()) else None)
         self.learned_modules: list[nn.Module] = []
 
     # data -----------------------------------------------------------------------------------------------------------

@@ -130,6 +130,11 @@ def add_key_offsets(sam: Sam, planted: Sequence[Mapping]) -> None:
     twin gets the very offsets it was quantized with, whatever images this run's task would measure p99 on."""
     attentions = decoder_attentions(sam)
     for entry in planted:
+        if not (isinstance(entry, Mapping) and isinstance(entry.get("attention"), str) and is_finite_number(
+                entry.get("offset")) and isinstance(entry.get("channels"), list | tuple) and all(
+                isinstance(c, int) for c in entry["channels"])):
+            raise SaqError(f"planted outlier record {entry!r} is malformed; expected {{attention, channels, offset}} "
+                           "as plant_key_outliers writes it (a saved recipe's planted_outliers)")
         attn = attentions.get(entry["attention"])
         if attn is None:
             raise SaqError(f"planted outliers name {entry['attention']!r}, which is not a decoder attention of this "
