@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -294,6 +296,11 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, run: Callable[[DictConfig, Pat
             traceback.print_exception(exc, file=sys.stderr)
         print(f"error: {one_line(exc)} (job {' '.join(overrides)}; {path})", file=sys.stderr)
         return None
+    except KeyboardInterrupt as exc:  # Ctrl-C stops the sweep; the report lists this job as unfinished, not nothing
+        exc.args = exc.args or ("interrupted (Ctrl-C) before it finished; rerun the sweep to compute it",)
+        with contextlib.suppress(OSError):
+            write_failure(run_dir, cfg, exc, overrides)
+        raise
     finally:
         running.unlink(missing_ok=True)
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure of this job is now fixed
@@ -511,6 +518,7 @@ class SweepReport(Callback):
         marker = Path(str(config.hydra.sweep.dir)) / f"{SWEEP_STARTED}.{uuid.uuid4().hex}"
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
+        atexit.register(marker.unlink, missing_ok=True)  # a sweep stopped by Ctrl-C never reaches on_multirun_end
         self.marker = marker
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:

@@ -571,6 +571,25 @@ def test_a_sweep_job_killed_midway_is_listed_as_unfinished(tmp_path):
         md.index("`" + str(tmp_path / "alive"))
 
 
+def test_a_sweep_job_interrupted_by_ctrl_c_is_listed_and_stops_the_sweep(tmp_path):
+    from omegaconf import OmegaConf
+
+    from saq.sweep import FAILURE_FILE, RUNNING_FILE, run_sweep_job
+
+    def run(cfg, run_dir):
+        raise KeyboardInterrupt
+
+    cfg = OmegaConf.create({"resume": False})
+    with pytest.raises(KeyboardInterrupt):  # the sweep stops, as Ctrl-C means
+        run_sweep_job(cfg, tmp_path / "job", run, ["clip=pcc"])
+    assert not (tmp_path / "job" / RUNNING_FILE).exists()
+    failure = json.loads((tmp_path / "job" / FAILURE_FILE).read_text())
+    assert failure["overrides"] == ["clip=pcc"] and failure["error_type"] == "KeyboardInterrupt"
+    report = build_report(tmp_path)
+    assert [(f["path"].parent.name, f["error"]) for f in report.failures] == [
+        ("job", "KeyboardInterrupt: interrupted (Ctrl-C) before it finished; rerun the sweep to compute it")]
+
+
 def test_plots_of_rows_a_later_report_no_longer_has_are_removed(tmp_path):
     put(tmp_path, "w6", record(bits=6, ap=0.7))
     put(tmp_path, "w4", record(bits=4, ap=0.6))

@@ -149,6 +149,29 @@ def test_a_failed_job_is_recorded_and_listed_without_stopping_the_others(synthet
     assert not list(sweep_dir.glob(".sweep_started*"))
 
 
+def test_ctrl_c_stops_the_sweep_and_leaves_the_interrupted_job_listed(synthetic_root, tmp_path):
+    import signal
+    import time
+
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    args = [sys.executable, "-m", "saq", "-m", f"task.data.root={synthetic_root}", "task.generate=null",
+            "task.max_images=2", "logger=none", "threads=1", "progress=false", f"hydra.sweep.dir={sweep_dir}",
+            "seed=0,1"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(sweep_dir.rglob("running.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(sweep_dir.rglob("running.json")), "the first job started"
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    failures = list(sweep_dir.rglob("failure.json"))
+    assert len(failures) == 1 and "interrupted (Ctrl-C)" in json.loads(failures[0].read_text())["error"]
+    assert not list(sweep_dir.rglob("running.json")) and not list(sweep_dir.rglob("results.json"))
+    assert not list(sweep_dir.glob(".sweep_started*")), "the sweep's start marker goes with it"
+
+
 def test_a_job_that_does_not_compose_stops_the_sweep_before_any_job_runs(synthetic_root, tmp_path):
     # a preset's swept values (the command line's are checked before Hydra starts, in one line of their own)
     (tmp_path / "sweeps").mkdir()
