@@ -35,7 +35,7 @@ from saq.log import (
 )
 from saq.sam.build import build_sam, checkpoint_digest, checkpoint_file, checkpoint_path
 from saq.sam.segmenter import Segmenter
-from saq.sam.units import KINDS_AT
+from saq.sam.unit_kinds import KINDS_AT
 
 FP_CACHE_DIR = Path("outputs/.cache/fp_metrics")
 

@@ -36,6 +36,7 @@ from saq.log import (
     write_text_atomic,
 )
 from saq.paper_results import PAPER_MODEL, paper_row, paper_table
+from saq.sam.unit_kinds import iters_key_read
 from saq.sweep import (
     FAILURE_FILE,
     RESUME_IGNORED_KEYS,
@@ -278,8 +279,9 @@ def _row_value(e: Entry, key: str) -> str:
 def _name_departures(members: list[Entry], key: str, shown: dict[int, list[str]]) -> set[int]:
     """Add `key` to the label of each member that leaves the members' most common value (all of them when no value
     is most common, a swept knob); returns the ids of those members. A run whose config lacks the key (made before
-    the knob existed, or a task without it) has no say and is not labelled by it: absent is not a different setting."""
-    members = [e for e in members if key in e.flat]
+    the knob existed, or a task without it) has no say and is not labelled by it: absent is not a different setting;
+    nor does a recon.iters kind its granularity does not make (it is not read)."""
+    members = [e for e in members if key in e.flat and iters_key_read(e.flat, key)]
     if len({_fmt_value(e.flat.get(key)) for e in members}) < 2:
         return set()  # one value everywhere (a seed fixed for all runs included): no knob here
     counts = Counter(_row_value(e, key) for e in members)

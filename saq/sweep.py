@@ -388,7 +388,7 @@ def recon_iters_no_job_reads(jobs: list[tuple[list[str], DictConfig | str]]) -> 
     """recon.iters.<kind> overrides that no job of the sweep reads, each with the granularities its jobs run (a
     single run refuses such a key itself; in a sweep one shared override may serve jobs of several granularities)."""
     from saq.pipeline import iters_kinds_set
-    from saq.sam.units import KINDS_AT
+    from saq.sam.unit_kinds import KINDS_AT
 
     given, read, granularities = [], set(), []
     for overrides, cfg in jobs:

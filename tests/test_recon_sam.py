@@ -23,9 +23,8 @@ from saq.recon.loop import Reconstructor
 from saq.recon.losses import squared_error, unit_loss
 from saq.sam.build import ARCHITECTURES, build_sam, make_sam
 from saq.sam.segmenter import PromptedImage
+from saq.sam.unit_kinds import GRANULARITIES, KINDS_AT
 from saq.sam.units import (
-    GRANULARITIES,
-    KINDS_AT,
     build_chain,
     encode_sample,
     encoder_stages,

@@ -788,3 +788,20 @@ def test_clip_range_axis_is_labelled_inside_a_decade_too(tmp_path, monkeypatch):
     ax.figure.canvas.draw()
     shown = [t.get_text().replace("\u2212", "-") for t in ax.get_xticklabels() if t.get_text()]
     assert {"-2", "-1", "0", "1", "2"} <= set(shown)
+
+
+def test_a_recon_iters_kind_a_run_does_not_read_does_not_split_its_rows(tmp_path):
+    # one sweep: recon.iters.block=5 set for all, read by the block-granularity runs only
+    def learned(granularity, seed, block):
+        rec = record(bits=4, clip="pcc", recon="par", seed=seed, ap=0.6 + seed / 100)
+        rec["config"]["recon"].update({"granularity": granularity, "iters": {"stage": 2, "block": block}})
+        return rec
+
+    put(tmp_path, "s0", learned("stage", 0, 5))
+    put(tmp_path, "s1", learned("stage", 1, 2000))  # a stage run whose recon.iters.block differs: no setting of it
+    put(tmp_path, "b0", learned("block", 0, 5))
+    put(tmp_path, "b1", learned("block", 1, 7))
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    rows = [r.split("|")[1].strip() for r in markdown_table(table).splitlines()[2:]]
+    assert rows == ["FP", "pcc+par recon.granularity=block, recon.iters.block=5",
+                    "pcc+par recon.granularity=block, recon.iters.block=7", "pcc+par recon.granularity=stage"]

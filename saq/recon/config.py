@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from saq.errors import SaqError, check_bool, check_device, check_int, check_number, check_seed
-from saq.sam.units import GRANULARITIES
+from saq.sam.unit_kinds import GRANULARITIES
 
 UNIT_KINDS = ("stage", "layer", "block", "neck", "decoder_layer", "decoder_block", "final_attn")
 RECON_NAMES = ("none", "qdrop", "par")  # conf/recon/*.yaml

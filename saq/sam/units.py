@@ -15,12 +15,8 @@ from torch import nn
 
 from saq.errors import SaqError
 from saq.sam.segmenter import PromptedImage, decode_token_masks, decoder_queries, encoder_input, prompt_tensors
+from saq.sam.unit_kinds import GRANULARITIES
 
-GRANULARITIES = ("stage", "layer", "block")
-# The unit kinds build_chain makes at each granularity (the recon.iters keys a run reads).
-KINDS_AT = {"stage": ("stage", "neck", "decoder_layer", "final_attn"),
-            "layer": ("layer", "neck", "decoder_layer", "final_attn"),
-            "block": ("block", "neck", "decoder_block", "final_attn")}
 State = tuple  # the tensors flowing between steps: (x,) in the encoder, (embedding,) after the neck, (queries, keys)
 
 
