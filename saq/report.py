@@ -10,6 +10,7 @@ never finished (running.json left by a killed process, or one still running) are
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -21,9 +22,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from saq import CONF_DIR
 from saq.errors import SaqError, is_number
 from saq.log import (
     CUSTOM_SUFFIX,
+    METHOD_PRESETS,
     PAPER_COMPAT_SUFFIX,
     RESULTS_FILE,
     bits_label,
@@ -35,7 +38,7 @@ from saq.log import (
     record_problem,
     write_text_atomic,
 )
-from saq.paper_results import PAPER_MODEL, paper_row, paper_table
+from saq.paper_results import PAPER_MODEL, PAPER_ROW, paper_row, paper_table
 from saq.sam.unit_kinds import iters_key_read
 from saq.sweep import (
     FAILURE_FILE,
@@ -84,6 +87,7 @@ class Entry:
     path: Path
     mtime: float
     paper_row: str | None = None  # the published row this run corresponds to (paper_results.paper_row)
+    paper_departures: int = 0  # method knobs in which the run leaves its paper row's preset (paper_setting_departures)
     row: str = ""
     other_evaluation: bool = False  # evaluated on other images or prompts than most of its table
     threads: object = None  # the thread count the run used (threads=null: the process's own)
@@ -122,6 +126,7 @@ class Table:
     seeds: dict[tuple[str, tuple[str, str]], list]
     other_evaluation: set[str] = field(default_factory=set)  # rows evaluated on other images or prompts
     threads: dict[tuple[str, tuple[str, str]], list] = field(default_factory=dict)  # per cell, as seeds
+    row_departures: dict[str, int] = field(default_factory=dict)  # row -> knobs off its paper row's preset
 
     def mixed_threads(self) -> list[tuple[str, tuple[str, str], list]]:
         """Cells whose runs ran at more than one thread count (the order of float sums differs, and at 4 bits a
@@ -235,8 +240,9 @@ def entries_of(run: dict) -> list[Entry]:
         label = method_label(config)
         if paper_compat_evaluation(run):
             label += PAPER_COMPAT_SUFFIX  # the official evaluation, half the linear inputs unquantized (§7)
-        out.append(Entry(bits=bits_label(config), label=label, metrics=run["metrics"]["quantized"],
-                         paper_row=paper_row(config), **common))
+        paper = paper_row(config)
+        out.append(Entry(bits=bits_label(config), label=label, metrics=run["metrics"]["quantized"], paper_row=paper,
+                         paper_departures=len(paper_setting_departures(flat, paper)), **common))
         deployed = run["metrics"].get("deployed")
         if isinstance(deployed, dict) and "error" not in deployed:  # the same model as int8 ONNX Runtime graphs
             out.append(Entry(bits=bits_label(config), label=label + DEPLOYED_SUFFIX, metrics=deployed, **common))
@@ -251,6 +257,42 @@ COLUMN_KEYS = ("quant.name", "quant.w_bits", "quant.a_bits")
 # Keys that only choose what a run calibrates on (the FP model and the evaluation images do not depend on them).
 CALIBRATION_KEYS = ("task.calib.", "prompts.calib_file", "task.generate.n_train")
 NO_EFFECT_KEYS = ("seed", "deploy", "quant.load", "recon.paper_eval_compat", *RESUME_IGNORED_NESTED)
+
+
+# Keys that set a run's schedule or bookkeeping, not the method a paper row names: a budget=equal run still pairs
+RECON_SCHEDULE_KEYS = ("recon.budget", "recon.iters.")
+
+
+@functools.cache
+def preset_setting(preset: str) -> dict | None:
+    """The flat config `method=<preset>` composes to (the paper's setting as our preset writes it), or None where it
+    does not compose (a preset removed since the run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    overrides = [f"method={preset}", "quant=w4a4"]  # bit-widths are the table's columns, not compared
+    try:
+        if GlobalHydra.instance().is_initialized():  # a sweep's end: its Hydra composes from the same conf/
+            cfg = compose(config_name="config", overrides=overrides)
+        else:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+                cfg = compose(config_name="config", overrides=overrides)
+        return flatten(OmegaConf.to_container(cfg, resolve=True))
+    except Exception:  # noqa: BLE001 - without it a row is paired by its label alone, as before
+        return None
+
+
+def paper_setting_departures(flat: dict, paper: str | None) -> list[str]:
+    """The clip/recon/quant knobs in which a run leaves the preset of its paper row (clip.theta=0.3 in a theta sweep
+    of saq_sam_star): of several rows claiming one published row, the one at the paper's setting is its match."""
+    preset = {name: key for key, name in PAPER_ROW.items() if key in METHOD_PRESETS}.get(paper or "")
+    setting = preset_setting(preset) if preset else None
+    if setting is None:
+        return []
+    return [k for k, v in setting.items() if k.split(".")[0] in ("clip", "recon", "quant") and k in flat
+            and k not in COLUMN_KEYS and k not in NO_EFFECT_KEYS and not k.startswith(RECON_SCHEDULE_KEYS)
+            and _fmt_value(flat[k]) != _fmt_value(v)]
 
 
 def _row_key_relevant(key: str, fp: bool) -> bool:
@@ -406,6 +448,9 @@ def build_tables(entries: list[Entry], duplicates: list[Path],
         metrics = [m for m in order if m in found] + [m for m in found if m not in order]
         row_label = {e.row: e.label for e in group}
         row_paper = {e.row: e.paper_row for e in group}
+        row_departures: dict[str, int] = defaultdict(int)
+        for e in group:
+            row_departures[e.row] = max(row_departures[e.row], e.paper_departures)
         rows = sorted(row_label, key=lambda r: _row_order(r, row_label[r]))
         for metric in metrics:
             cells: dict = {}
@@ -425,7 +470,7 @@ def build_tables(entries: list[Entry], duplicates: list[Path],
                     threads.setdefault((e.row, col), []).append(e.threads)
             used_rows = [r for r in rows if any((r, c) in cells for c in columns)]
             tables.append(Table(task, prompts, metric, columns, used_rows, row_label, row_paper, cells, seeds,
-                                {e.row for e in group if e.other_evaluation}, threads))
+                                {e.row for e in group if e.other_evaluation}, threads, dict(row_departures)))
     if unshown is not None:  # an FP-only run of a seed none of its model's quantized runs ran
         unshown += [(e.path, f"FP-only run of seed {e.seed}: no quantized run of {e.model} in its table ran that "
                              f"seed on its images and prompts ({e.row}), so no column's FP cell takes it")
@@ -482,17 +527,23 @@ def markdown_table(table: Table) -> str:
 
 
 def paper_block(table: Table) -> tuple[dict, list[tuple[str, str]], list[tuple[str, str]]] | None:
-    """The published table matching ours, its (paper row, our row label) pairs and its matching columns."""
+    """The published table matching ours, its (paper row, our row) pairs and its matching columns."""
     published = paper_table(table.task, table.metric)
     if published is None:
         return None
-    matched: dict[str, str] = {}  # paper row -> our label, in table order
+    def rank(row: str) -> tuple:
+        # the published learned rows were evaluated with the official code's bug: our paper-compat row is their
+        # match; then the row at the paper's setting (a theta sweep's default), then the preset's own row over a
+        # custom run of the same setting (clip=pcc beside method=saq_sam_star)
+        label = table.row_label[row]
+        return (not label.endswith(PAPER_COMPAT_SUFFIX), table.row_departures.get(row, 0),
+                label.removesuffix(PAPER_COMPAT_SUFFIX) not in METHOD_PRESETS)
+
+    matched: dict[str, str] = {}  # paper row -> our row, in table order
     for row in table.rows:
-        name, label = table.row_paper.get(row), table.row_label[row]
-        # the published learned rows were evaluated with the official code's bug: our paper-compat row is their match
-        if name in published["rows"] and (name not in matched or (
-                label.endswith(PAPER_COMPAT_SUFFIX) and not matched[name].endswith(PAPER_COMPAT_SUFFIX))):
-            matched[name] = label
+        name = table.row_paper.get(row)
+        if name in published["rows"] and (name not in matched or rank(row) < rank(matched[name])):
+            matched[name] = row
     pairs = list(matched.items())
     paper_columns = list(next(iter(published["rows"].values())))
     ours = [c for c in table.columns if c in paper_columns]

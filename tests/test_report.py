@@ -805,3 +805,25 @@ def test_a_recon_iters_kind_a_run_does_not_read_does_not_split_its_rows(tmp_path
     rows = [r.split("|")[1].strip() for r in markdown_table(table).splitlines()[2:]]
     assert rows == ["FP", "pcc+par recon.granularity=block, recon.iters.block=5",
                     "pcc+par recon.granularity=block, recon.iters.block=7", "pcc+par recon.granularity=stage"]
+
+
+def test_the_paper_row_pairs_with_the_run_at_the_papers_setting(tmp_path):
+    # a theta sweep of saq_sam_star and a custom clip=pcc run of the preset's own setting: the published SAQ-SAM★
+    # is the preset's run at its default theta, not whichever row comes first
+    for theta, ap in [(0.3, 0.61), (0.5, 0.62), (0.7, 0.63)]:
+        rec = record(method="saq_sam_star", clip="pcc", ap=ap, extra={"theta": theta})
+        rec["config"]["quant"].update(big=True, agq=True)
+        put(tmp_path, f"star{theta}", rec)
+    custom = record(clip="pcc", ap=0.64, extra={"theta": 0.5})
+    custom["config"]["quant"].update(big=True, agq=True)
+    put(tmp_path, "custom", custom)
+    report = build_report(tmp_path)
+    table = next(t for t in report.tables if t.metric == "mask_AP")
+    assert table.rows == ["FP", "pcc", "saq_sam_star clip.theta=0.3", "saq_sam_star clip.theta=0.5",
+                          "saq_sam_star clip.theta=0.7"]
+    from saq.report import paper_block
+
+    _, pairs, _ = paper_block(table)
+    assert dict(pairs)["SAQ-SAM★"] == "saq_sam_star clip.theta=0.5"
+    write_report(report, tmp_path)
+    assert "| SAQ-SAM★ (saq_sam_star clip.theta=0.5) | 3.5 | 27.8 | 31.6 |" in (tmp_path / "report.md").read_text()
