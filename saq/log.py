@@ -458,8 +458,10 @@ def labelled_config(record: dict) -> dict:
     return config
 
 
-def wandb_run_options(logger_cfg: dict, record: dict, sweep_group: str | None = None) -> dict:
-    """wandb.init's arguments: group = the sweep, job_type = the method, tags model/bits/method/task, the resolved config."""
+def wandb_run_options(logger_cfg: dict, record: dict, sweep_group: str | None = None,
+                      job_overrides: str | None = None) -> dict:
+    """wandb.init's arguments: group = the sweep, job_type = the method, tags model/bits/method/task, the resolved
+    config; a sweep job's name ends with its overrides (a theta sweep's runs differ in nothing else the name says)."""
     config = record.get("config") or {}
     labels = labelled_config(record)
     bits = bits_label(config)
@@ -473,6 +475,8 @@ def wandb_run_options(logger_cfg: dict, record: dict, sweep_group: str | None = 
     if paper_compat_evaluation(record):  # half the linear inputs unquantized: never grouped with the full runs
         tags.append("eval:paper_compat")
         name, job_type = f"{name}-paper_compat", method + PAPER_COMPAT_SUFFIX
+    if job_overrides:
+        name = f"{name} ({job_overrides})"[:128]  # W&B shows the start of long names only
     return {
         "project": str(logger_cfg.get("project") or "saq"),  # names Hydra read as numbers (group=2024) as text
         "entity": None if logger_cfg.get("entity") is None else str(logger_cfg["entity"]),
@@ -493,17 +497,19 @@ def run_figures(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.rglob("*.png") if "wandb" not in p.relative_to(run_dir).parts[:-1])
 
 
-def _multirun_sweep_dir() -> str | None:
-    """The sweep directory when this process runs a Hydra multirun job (the default W&B group), else None."""
+def _multirun_job() -> tuple[str | None, str | None]:
+    """When this process runs a Hydra multirun job: the sweep directory (the default W&B group) and the job's
+    overrides as its folder names them (clip.theta=0.3,quant=w4a4: what tells the sweep's runs apart); else None."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            return str(HydraConfig.get().sweep.dir)
+            hydra_cfg = HydraConfig.get()
+            return str(hydra_cfg.sweep.dir), str(hydra_cfg.job.override_dirname or "") or None
     except Exception:  # outside Hydra (scripts, tests)
-        return None
-    return None
+        return None, None
+    return None, None
 
 
 def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
@@ -519,7 +525,7 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
         # timeout as a setting of this run (an environment variable set by the first job would hold for every job)
         run = wandb.init(dir=str(run_dir), reinit="finish_previous",
                          settings=wandb.Settings(init_timeout=float(logger_cfg.get("init_timeout_s", 30))),
-                         **wandb_run_options(logger_cfg, record, _multirun_sweep_dir()))
+                         **wandb_run_options(logger_cfg, record, *_multirun_job()))
         run.summary.update({k: v for k, v in flatten(record.get("metrics", {}), "/").items() if is_number(v)})
         run.summary["wall_time_s"] = record.get("wall_time_s")
         figures = {f"figures/{p.stem}": wandb.Image(str(p)) for p in run_figures(run_dir)}

@@ -609,6 +609,9 @@ def test_wandb_options_group_job_type_tags_and_config():
     compat = wandb_run_options({}, {**record, "config": config, "recon": {"eval_mode": "paper_compat (drop 0.5)"}})
     assert compat["job_type"] == "saq_sam (paper-compat eval)" and "eval:paper_compat" in compat["tags"]
     assert compat["name"] == "sam_tiny-instance-w4a4-saq_sam-paper_compat"
+    # a sweep job's runs differ in their overrides (a theta sweep): the name says them
+    theta = wandb_run_options({}, {**record, "config": config}, "x", "clip.theta=0.3,method=saq_sam")
+    assert theta["name"] == "sam_tiny-instance-w4a4-saq_sam (clip.theta=0.3,method=saq_sam)"
 
 
 def test_wandb_logs_summary_config_and_run_figures(tmp_path, monkeypatch):
