@@ -70,7 +70,7 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
             raise SaqError(f"annotation file {ann_path}: categories[{i}] needs an id, an integer unique among "
                            "the categories")
         categories.add(cat["id"])
-    seen_ids, off_image, flat = set(), [], []
+    seen_ids, off_image, flat, past = set(), [], [], []
     for i, ann in enumerate(data["annotations"]):
         # a calibration file is read for its boxes only (box-only files, as detector training lists, are fine)
         needed = ("id", "image_id", "category_id", "bbox", *(("segmentation", "area") if scored else ()))
@@ -114,6 +114,10 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
         if _box_outside(bbox, size):  # labels of another image or resolution: a prompt with no pixel to segment
             raise SaqError(f"{where} has bbox {bbox!r} (x, y, w, h), wholly outside its image {ann['image_id']} "
                            f"({size[1]}x{size[0]}); boxes must be in the image's own pixel coordinates")
+        # COCO boxes enclose their masks: one running past the image (beyond rounding) is labels of another size or
+        # box format ([x1, y1, x2, y2] read as x, y, w, h); SAM would be prompted with the box as given
+        if bbox[0] < -1 or bbox[1] < -1 or bbox[0] + bbox[2] > size[1] + 1 or bbox[1] + bbox[3] > size[0] + 1:
+            past.append(ann_id)
         # masks are decoded only from files that are scored (calibration files give box prompts only)
         problem = _segmentation_problem(ann["segmentation"], size) if scored else None
         if problem:
@@ -129,6 +133,12 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
         data["annotations"] = [a for a in data["annotations"] if a["id"] not in dropped]
         print(f"{ann_path}: left out {len(off_image)} calibration boxes wholly outside their images (annotation "
               f"{off_image[0]}{' and others' if len(off_image) > 1 else ''}); boxes must be in the image's own pixels")
+    if past:
+        many = len(past) > 1
+        print(f"{ann_path}: {len(past)} ground-truth box{'es run' if many else ' runs'} past {'their' if many else 'its'} "
+              f"image's edge (annotation {past[0]}{' and others' if len(past) > 1 else ''}); COCO boxes enclose the "
+              "object's mask inside the image: is the file in [x1, y1, x2, y2] rather than [x, y, width, height], or "
+              "for images of another size? Kept as given")
     if flat:  # kept (COCO val/train hold a few), but a box prompt without area segments little: said, not silent
         print(f"{ann_path}: {len(flat)} ground-truth box{'es' if len(flat) > 1 else ''} without width or height "
               f"(annotation {flat[0]}{' and others' if len(flat) > 1 else ''}): kept as objects; prompts=gt prompts them "

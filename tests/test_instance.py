@@ -840,9 +840,13 @@ def test_a_ground_truth_box_off_its_image_is_refused(tmp_path, capsys):
                                            rf"{re.escape(str(bbox))} \(x, y, w, h\), wholly outside its image 1 "
                                            r"\(4x4\); boxes must be in the image's own pixel coordinates$"):
             load_coco(path, "task.data.ann_file")
+    capsys.readouterr()
     for bbox in ([3, 3, 5, 5], [-1, -1, 2, 2], [4, 0, 0, 2], [0, 0, 0, 0]):  # partly inside, or a flat box on it
         path.write_text(_coco(_ann_with(bbox=bbox)))
         assert load_coco(path, "task.data.ann_file").anns[1]["bbox"] == bbox
+        # a box running past its image (beyond a pixel of rounding) is kept, and said: COCO boxes enclose masks
+        said = "1 ground-truth box runs past its image's edge (annotation 1)" in capsys.readouterr().out
+        assert said == (bbox == [3, 3, 5, 5]), bbox
     # calibration files give box prompts only: a stray box off its image is left out, said, and the others stay
     path.write_text(_coco(",".join([_ann_with(id=3, bbox=[9, 0, 2, 2]), _ann_with(id=4, bbox=[1, 1, 2, 2]),
                                     _ann_with(id=5, bbox=[0, 9, 1, 1])])))
