@@ -204,9 +204,16 @@ def unknown_option(group: str, option: str, folders: list[Path]) -> str:
     bit-width preset that does not exist, the knobs that set any width."""
     options = group_options(folders)
     line = f"{group}={option} unknown; options: {', '.join(options) or 'none'}"
+    cased = [o for o in options if o.lower() == option.lower()]
+    if cased:  # W4A4: preset names are lower case
+        return f"{line} (names are lower case: {group}={cased[0]})"
     if group == "quant":  # quant.w_bits / quant.a_bits, conf/quant/_base.yaml: 2-8 on any quantizing preset
+        from saq.quant.quantizers import MAX_BITS, MIN_BITS
+
         bits = re.fullmatch(r"[wW](\d+)[aA](\d+)", option)
         w, a = bits.groups() if bits else ("N", "N")
+        if bits and not all(MIN_BITS <= int(b) <= MAX_BITS for b in (w, a)):
+            return f"{line}; bit-widths run from {MIN_BITS} to {MAX_BITS} (quant=w4a4 quant.w_bits=N quant.a_bits=N)"
         line += f"; other bit-widths: quant=w4a4 quant.w_bits={w} quant.a_bits={a}"
     return line
 

@@ -716,6 +716,22 @@ def test_an_unknown_group_option_is_one_line_listing_the_options(arguments, line
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
 
 
+def test_an_unknown_option_hint_fits_what_was_typed():
+    from saq import CONF_DIR
+    from saq.__main__ import unknown_option
+
+    options = "fp, w4a4, w6a6, w8a8"
+    assert unknown_option("quant", "W4A4", [CONF_DIR / "quant"]) == (
+        f"quant=W4A4 unknown; options: {options} (names are lower case: quant=w4a4)")
+    assert unknown_option("clip", "PCC", [CONF_DIR / "clip"]).endswith("(names are lower case: clip=pcc)")
+    # no hint towards a width the quantizers refuse
+    assert unknown_option("quant", "w9a9", [CONF_DIR / "quant"]) == (
+        f"quant=w9a9 unknown; options: {options}; bit-widths run from 2 to 8 (quant=w4a4 quant.w_bits=N "
+        "quant.a_bits=N)")
+    assert unknown_option("quant", "W3A3", [CONF_DIR / "quant"]).endswith(
+        "other bit-widths: quant=w4a4 quant.w_bits=3 quant.a_bits=3")
+
+
 def test_the_group_option_check_leaves_to_hydra_what_it_cannot_read(monkeypatch):
     from saq.__main__ import check_group_options
 
