@@ -65,6 +65,13 @@ def check_group_options(argv: list[str]) -> None:
             args = get_args_parser().parse_args(argv)
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except (Exception, SystemExit):
+        flags = get_args_parser()._option_string_actions  # Hydra's own: -m, --cfg, -cn, ...
+        late = next((a for i, a in enumerate(argv) if a in flags and any(
+            "=" in b and not b.startswith("-") for b in argv[:i])), None)
+        if late is not None:  # Hydra reads its flags before the overrides: argparse's refusal is a usage page
+            example = (f": python -m saq {late} {' '.join(a for a in argv if a != late)}"
+                       if late in ("-m", "--multirun") else "")  # a flag taking a value moves with it
+            raise SaqError(f"{late} comes after an override; Hydra's flags go before the overrides{example}") from None
         return
     if args.multirun and (args.cfg or args.info):  # Hydra's refusal is a traceback
         flag = f"--cfg {args.cfg}" if args.cfg else "--info"
@@ -79,6 +86,11 @@ def check_group_options(argv: list[str]) -> None:
             # the root config has no sweeps entry to change: Hydra's message asks for an append
             raise SaqError(f"a sweep preset is added with a plus: +{override.input_line} (python -m saq -m "
                            f"+{override.input_line}, or make sweep SWEEP=...)")
+        if group.startswith("hydra/") and isinstance(value, str) and not override.is_delete():
+            hydra_options = hydra_group_options(group)  # hydra/launcher: Hydra's plugins and conf/hydra's own
+            if hydra_options and value not in hydra_options:
+                raise SaqError(f"{group}={value} unknown; options: {', '.join(hydra_options)}")
+            continue
         # conf/ and, through hydra.searchpath file://., the folder the command runs in (sweeps/ in the repository)
         folders = [root / group for root in (CONF_DIR, Path.cwd()) if not group.startswith("hydra")
                    and (root / group).is_dir()]
@@ -94,6 +106,20 @@ def check_group_options(argv: list[str]) -> None:
                     (folder / option).is_file() or (folder / f"{option}.yaml").is_file() for folder in folders):
                 raise SaqError(unknown_option(group, option, folders))
     check_override_keys(overrides, args.multirun)
+
+
+def hydra_group_options(group: str) -> list[str]:
+    """The options of a hydra/ config group (hydra/launcher: basic, joblib, ...) as Hydra's config loader lists them
+    from its plugins and conf/; empty where it cannot tell."""
+    from hydra import initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            from hydra.core.global_hydra import GlobalHydra
+
+            return list(GlobalHydra.instance().config_loader().get_group_options(group))
+    except Exception:  # noqa: BLE001 - left to Hydra
+        return []
 
 
 def check_override_keys(overrides: list, multirun: bool) -> None:

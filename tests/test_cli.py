@@ -682,6 +682,11 @@ def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results
                                                               "minmax not: sweep them apart"),
     # another composition problem beside it: the key is still said (Hydra's message for it suggests +quant.foo)
     (["quant.foo=1", "+seed=3"], "quant.foo is not a known key; expected one of ['load', 'name', 'save']"),
+    # argparse's refusal of a flag among the overrides is a usage page
+    (["quant=w4a4", "-m", "clip=mse,pcc"], "-m comes after an override; Hydra's flags go before the overrides: "
+                                           "python -m saq -m quant=w4a4 clip=mse,pcc"),
+    (["quant=w4a4", "--cfg", "job", "clip=pcc"], "--cfg comes after an override; Hydra's flags go before the "
+                                                 "overrides"),
     (["quant=w4a4", "quant.nope.deeper=1"], "quant.nope.deeper is not a known key: quant has no nope; its keys: "
                                             "['a_bits', 'agq', 'agq_taus', 'big', 'calib_decode_batch', "
                                             "'calib_images', 'decoder', 'encoder', 'load', 'name', 'save', 'w_bits']"),
@@ -703,6 +708,8 @@ def test_a_key_the_composed_config_lacks_is_one_line_naming_what_has_it(argument
     (["quant=w5a5"], "error: quant=w5a5 unknown; options: fp, w4a4, w6a6, w8a8; other bit-widths: quant=w4a4 "
                      "quant.w_bits=5 quant.a_bits=5"),
     (["-m", "task=instance,foo"], "error: task=foo unknown; options: instance, oriented, semantic"),
+    (["-m", "hydra/launcher=foo"], "error: hydra/launcher=foo unknown; options: basic, joblib, slurm, submitit_local, "
+                                   "submitit_slurm"),
     (["quant.calib_images=2"], "error: quant.calib_images is not a key of quant=fp; quant=w4a4, w6a6, w8a8 have it "
                                "(choose one)"),
     # Hydra's refusal of a sweep with --cfg is a traceback
