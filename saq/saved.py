@@ -99,8 +99,12 @@ def saved_dir(path: str | Path, setting: str = "quant.load=") -> Path:
     if loaded:  # a run that evaluated another run's model saves none of its own
         raise SaqError(f"{setting}{path} holds no saved quantized model: that run evaluated the one saved in {loaded} "
                        f"(quant.load); give {loaded}")
+    # a later run into the folder (quant.save=false, FP) set the earlier model aside: name it, the newest first
+    aside = sorted((p for p in path.glob(f"{SAVED_DIR}.*.previous") if (p / RECIPE_FILE).is_file()), reverse=True)
+    earlier = (f"; an earlier run's model there was set aside as {aside[0]}{' (and others)' if len(aside) > 1 else ''}:"
+               f" give {setting}{aside[0]} to load it") if aside else ""
     raise SaqError(f"{setting}{path} holds no saved quantized model ({RECIPE_FILE} in it or in {SAVED_DIR}/); "
-                   "runs save one unless quant.save=false")
+                   f"runs save one unless quant.save=false{earlier}")
 
 
 def _loaded_by(run_dir: Path) -> str | None:

@@ -182,8 +182,18 @@ def test_a_loaded_model_is_labelled_by_the_run_that_made_it(synthetic_root, tmp_
 def test_load_paths_and_run_keys_are_checked(tmp_path):
     with pytest.raises(SaqError, match=r"quant\.load=.*nope: no such directory"):
         saved_dir(tmp_path / "nope")
-    with pytest.raises(SaqError, match=r"holds no saved quantized model .*quant\.save=false"):
+    with pytest.raises(SaqError, match=r"holds no saved quantized model .*quant\.save=false$"):
         saved_dir(tmp_path)
+    # a later run into the folder set its model aside: the error names where it is, and that folder loads
+    reused = tmp_path / "reused"
+    for stamp in ("20261201-100000", "20261202-100000"):
+        (reused / f"quantized_model.{stamp}.previous").mkdir(parents=True)
+        (reused / f"quantized_model.{stamp}.previous" / "recipe.json").write_text("{}")
+    newest = reused / "quantized_model.20261202-100000.previous"
+    with pytest.raises(SaqError, match=rf"quant\.save=false; an earlier run's model there was set aside as "
+                                       rf"{newest} \(and others\): give quant\.load={newest} to load it$"):
+        saved_dir(reused)
+    assert saved_dir(newest) == newest
     # a file where a folder is meant: a saved run's own files point to it, anything else to what quant.load takes
     run = tmp_path / "run"
     (run / "quantized_model").mkdir(parents=True)
