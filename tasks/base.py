@@ -55,6 +55,9 @@ def first_prompted(keys: list, n: int, sample_for, source, split, prompts: str, 
             samples.append(sample)
     if not samples:
         source.require_prompts(keys, "calibration")
+        # lowering the count cannot help: the split itself gives nothing to calibrate on
+        raise SaqError(f"calibration split {split} has no image with prompts ({prompts}) among its {len(keys)} "
+                       "images; calibration needs at least one (are its objects labelled?)")
     if len(samples) < n:
         raise SaqError(f"calibration split {split} has only {len(samples)} images with prompts ({prompts}), {n} "
                        f"requested (lower {knob})")

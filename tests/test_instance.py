@@ -197,6 +197,19 @@ def test_calibration_samples_come_from_the_calibration_split(synthetic_root):
         task_for(synthetic_root).calibration_samples(50)
 
 
+def test_a_calibration_split_without_any_prompt_says_so_not_to_lower_the_count(synthetic_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(synthetic_root, root)
+    ann = root / CALIB["ann_file"]
+    ann.write_text(json.dumps({**json.loads(ann.read_text()), "annotations": []}))
+    with pytest.raises(SaqError, match=r"^calibration split .*instances_train\.json has no image with prompts \(gt\) "
+                                       r"among its 8 images; calibration needs at least one \(are its objects "
+                                       r"labelled\?\)$"):
+        task_for(root).calibration_samples(2)
+
+
 def test_calibration_uses_the_detections_on_the_calibration_images(synthetic_root, tmp_path, capsys):
     calib = load_coco(synthetic_root / CALIB["ann_file"], "k")
     order = list(calib.imgs)  # annotation-file order
