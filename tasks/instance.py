@@ -29,7 +29,7 @@ from tasks.base import (
     require_file,
     split_paths,
 )
-from tasks.prompts import BoxPrompts, GroundTruthBoxes, PromptSource, outside_image
+from tasks.prompts import BoxPrompts, DetectionsFile, GroundTruthBoxes, PromptSource, outside_image
 from tasks.synthetic import evaluation_limit
 
 
@@ -206,6 +206,35 @@ def categories_in_file_order(coco: COCO) -> dict[int, str | None]:
     return {cat["id"]: cat.get("name") for cat in coco.dataset.get("categories", [])}
 
 
+def shifted_categories_line(coco: COCO, source: PromptSource, image_ids: list[int]) -> str | None:
+    """What to say when a detections file's classes look shifted against the annotations, or None. Its boxes that
+    overlap a labelled object (IoU >= 0.5) should mostly carry that object's category; when most carry the category
+    a fixed number of places away in the file's list instead (a detector's class indices 0..N-1 written as ids 1..N),
+    every one is a false positive to mask AP, and nothing else would say so."""
+    order = {cid: i for i, cid in enumerate(categories_in_file_order(coco))}
+    offsets: Counter = Counter()
+    for image_id in image_ids:
+        gt, _ = gt_boxes(coco, image_id)
+        info = coco.imgs[image_id]
+        dets = source.for_image(image_id, gt, (info["height"], info["width"]))
+        if not len(dets) or not len(gt):
+            continue
+        xywh = [np.concatenate([b.boxes[:, :2], b.boxes[:, 2:] - b.boxes[:, :2]], 1).astype(np.float64)
+                for b in (dets, gt)]
+        iou = np.asarray(mask_utils.iou(xywh[0], xywh[1], [0] * len(gt))).reshape(len(dets), len(gt))
+        for d, g in enumerate(iou.argmax(1)):
+            if iou[d, g] >= 0.5:
+                offsets[order[int(dets.labels[d])] - order[int(gt.labels[g])]] += 1
+    matched = sum(offsets.values())
+    shift, most = max(((k, v) for k, v in offsets.items() if k), key=lambda kv: kv[1], default=(0, 0))
+    if matched < 10 or offsets[0] >= matched / 2 or most <= matched / 2:
+        return None
+    return (f"of its {matched} boxes on a labelled object (IoU >= 0.5) on the evaluated images, {offsets[0]} carry "
+            f"that object's category_id and {most} the category {abs(shift)} place{'s' if abs(shift) > 1 else ''} "
+            f"{'after' if shift > 0 else 'before'} it in the annotation file; are its ids shifted (a detector's class "
+            "indices 0..N-1 written as category ids)? Mask AP counts such boxes as wrong")
+
+
 def image_sizes(coco: COCO) -> dict[int, tuple[int, int]]:
     """{image id: (height, width)} from the annotation file (load_coco checked both)."""
     return {image_id: (info["height"], info["width"]) for image_id, info in coco.imgs.items()}
@@ -322,6 +351,10 @@ class InstanceTask(Task):
                 check_image_size(path, size, (info["height"], info["width"]), f"its annotation entry (id {image_id})")
         self.prompts.bind(self.coco.getImgIds(), category_ids=categories_in_file_order(self.coco),
                           image_sizes=image_sizes(self.coco))
+        if isinstance(self.prompts, DetectionsFile):
+            line = shifted_categories_line(self.coco, self.prompts, self.image_ids())
+            if line:
+                print(f"detections file {self.prompts.path}: {line}")
 
     def _require_objects(self) -> None:
         """SaqError now when the evaluated images hold no (non-crowd) object: mask AP would be undefined, found only

@@ -356,6 +356,24 @@ def write_detections(path, coco, image_ids, **override):
     return DetectionsFile(str(path), score_threshold=0.05)
 
 
+def test_detections_whose_category_ids_are_shifted_are_said(synthetic_root, tmp_path, capsys):
+    # class indices 0..N-1 written as ids: with no box of class 0, every id is one the dataset defines, each wrong
+    coco = load_coco(synthetic_root / DATA["ann_file"], "k")
+    ids = coco.getImgIds()[:6]
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"] - 1, "bbox": a["bbox"], "score": 0.9}
+            for a in coco.loadAnns(coco.getAnnIds(imgIds=ids)) if a["category_id"] > 1]
+    (tmp_path / "shifted.json").write_text(json.dumps(dets))
+    capsys.readouterr()
+    task_for(synthetic_root, DetectionsFile(str(tmp_path / "shifted.json"), score_threshold=0.05), max_images=6)
+    out = capsys.readouterr().out
+    assert re.search(rf"detections file .*shifted\.json: of its {len(dets)} boxes on a labelled object \(IoU >= 0\.5\) "
+                     rf"on the evaluated images, 0 carry that object's category_id and {len(dets)} the category 1 "
+                     r"place before it in the annotation file; are its ids shifted", out), out
+    # the detector's own classes: nothing said
+    task_for(synthetic_root, write_detections(tmp_path / "right.json", coco, ids), max_images=6)
+    assert "shifted" not in capsys.readouterr().out
+
+
 def test_detections_must_name_the_datasets_images_and_categories(synthetic_root, tmp_path, capsys):
     coco = load_coco(synthetic_root / DATA["ann_file"], "k")
     by_stem = write_detections(tmp_path / "stems.json", coco, [1], image_id="000001")
