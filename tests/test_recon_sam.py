@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from saq.errors import SaqError
 from saq.quant import LSQQuantizer, QuantLayer, QuantState, assert_fully_quantized, calibrate, iter_quantizers, quantize
 from saq.recon import EVAL_FULL, EVAL_PAPER, ReconConfig, reconstruct
-from saq.recon.config import PAR_OFFICIAL_ITERS, ParLoss, RoundingRegularizer, equal_budget_line
+from saq.recon.config import PAR_OFFICIAL_ITERS, ParLoss, RoundingRegularizer, budget_line
 from saq.recon.loop import Reconstructor
 from saq.recon.losses import squared_error, unit_loss
 from saq.sam.build import ARCHITECTURES, build_sam, make_sam
@@ -315,16 +315,23 @@ def test_equal_budget_gives_qdrop_the_total_of_pars_official_schedule(tiny):
     official = ReconConfig.from_cfg(_recon_yaml("qdrop")).unit_iters(kinds, reference)
     assert official == [20000] * len(kinds)  # QDrop / PTQ4SAM-L's own budget: 20k per block
     # recon.iters are proportions there, which a user setting recon.iters.stage=20 learns from this line
-    assert equal_budget_line(["block", "block", "final_attn"], uneven) == (
+    assert budget_line("equal", ["block", "block", "final_attn"], uneven) == (
         "recon.budget=equal: 20,000 iterations (PAR's official total on this model) over 3 units, shared in proportion "
         "to recon.iters: block 2857 x2, final_attn 14286 (recon.budget=official learns recon.iters as set)")
     small = ReconConfig.from_cfg(_recon_yaml("qdrop") | {"budget": "equal", "iters": {**qdrop.iters, "block": 10}})
     shares = small.unit_iters(kinds, reference)
-    line = equal_budget_line(kinds, shares)
+    line = budget_line("equal", kinds, shares)
     assert sum(shares) == 20000 and line.startswith("recon.budget=equal: 20,000 iterations") and "block 1" in line
     assert Reconstructor(tiny, tiny, small, seed=0, progress=False).budget_line == line
     nothing = ReconConfig.from_cfg(_recon_yaml("qdrop") | {"budget": "equal", "iters": dict.fromkeys(qdrop.iters, 0)})
     assert Reconstructor(tiny, tiny, nothing, seed=0, progress=False).budget_line is None  # no "0 iterations of PAR's"
+    # the official budget says its iterations too: a partial override leaves the other kinds at 20k each
+    partial = ReconConfig.from_cfg(_recon_yaml("qdrop") | {"iters": {**qdrop.iters, "block": 500}})
+    line = Reconstructor(tiny, tiny, partial, seed=0, progress=False).budget_line
+    blocks = kinds.count("block")
+    assert line == (f"recon.budget=official: {500 * blocks + 20000 * (len(kinds) - blocks):,} iterations over "
+                    f"{len(kinds)} units, recon.iters as set: block 500 x{blocks}, neck 20000, decoder_block 20000 "
+                    f"x{kinds.count('decoder_block')}, final_attn 20000")
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

@@ -180,14 +180,18 @@ class ReconConfig:
         return shares
 
 
-def equal_budget_line(kinds: list[str], shares: list[int]) -> str:
-    """What recon.budget=equal made of recon.iters (their proportions, not their totals), said once at the start: a
-    user's recon.iters.stage=20 there still learns PAR's whole total."""
+def budget_line(budget: str, kinds: list[str], shares: list[int]) -> str:
+    """The iterations each unit kind learns, said once at the start. equal: what it made of recon.iters (their
+    proportions, not their totals: recon.iters.stage=20 there still learns PAR's whole total). official: recon.iters
+    as set, so a partial override (recon.iters.block=500 on qdrop) shows the kinds left at 20k each."""
     per_kind: dict[str, list[int]] = {}
     for kind, share in zip(kinds, shares):
         per_kind.setdefault(kind, []).append(share)
     parts = [f"{kind} {min(n)}" + (f"-{max(n)}" if max(n) != min(n) else "") + (f" x{len(n)}" if len(n) > 1 else "")
              for kind, n in per_kind.items()]
+    if budget == "official":
+        return (f"recon.budget=official: {sum(shares):,} iterations over {len(shares)} units, recon.iters as set: "
+                f"{', '.join(parts)}")
     return (f"recon.budget=equal: {sum(shares):,} iterations (PAR's official total on this model) over {len(shares)} "
             f"units, shared in proportion to recon.iters: {', '.join(parts)} (recon.budget=official learns "
             "recon.iters as set)")

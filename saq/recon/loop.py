@@ -23,7 +23,7 @@ from saq.quant.grid import SCALE_EPS, keep_mask, mix
 from saq.quant.model import iter_quantizers
 from saq.quant.modules import QuantLayer
 from saq.quant.quantizers import AdaRoundQuantizer, Log2AGQQuantizer, Quantizer
-from saq.recon.config import ReconConfig, equal_budget_line
+from saq.recon.config import ReconConfig, budget_line
 from saq.recon.losses import rounding_regularizer, unit_loss
 from saq.sam.units import SampleData, build_chain, encode_sample, mask_probabilities, move, probe_image_tokens
 
@@ -134,8 +134,8 @@ class Reconstructor:
         units = [s for s in self.chain if s.learnable]
         reference = [s.kind for s in build_chain(qmodel, "stage") if s.learnable] if cfg.budget == "equal" else []
         self.iters = dict(zip((s.name for s in units), cfg.unit_iters([s.kind for s in units], reference)))
-        self.budget_line = (equal_budget_line([s.kind for s in units], list(self.iters.values()))
-                            if cfg.budget == "equal" and any(self.iters.values()) else None)
+        self.budget_line = (budget_line(cfg.budget, [s.kind for s in units], list(self.iters.values()))
+                            if any(self.iters.values()) else None)
         self.learned_modules: list[nn.Module] = []
 
     # data -----------------------------------------------------------------------------------------------------------
