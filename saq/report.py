@@ -135,7 +135,7 @@ class Table:
                 if len(set(map(str, self.threads.get((row, col), [])))) > 1]
 
     def best(self, column: tuple[str, str]) -> set[str]:
-        """Quantized rows with the highest mean in this column (none when fewer than two rows compete)."""
+        """Quantized rows with the highest mean in this column (none when fewer than two rows compete, or all tie)."""
         # FP, paper-compat and rows evaluated on other data than the table do not compete
         scored = {r: self.cells[(r, column)].mean for r in self.rows
                   if self.row_label[r] != FP_ROW and not self.row_label[r].endswith(EVALUATION_SUFFIXES)
@@ -144,7 +144,8 @@ class Table:
         if len(scored) < 2:
             return set()
         top = max(scored.values())
-        return {r for r, v in scored.items() if v >= top - 1e-12}
+        best = {r for r, v in scored.items() if v >= top - 1e-12}
+        return best if len(best) < len(scored) else set()  # all alike (every method at 0.00): none stands out
 
 
 @dataclass

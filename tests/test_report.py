@@ -460,6 +460,17 @@ def test_a_row_evaluated_on_other_images_than_the_table_says_so_even_alone(tmp_p
     assert table.best(("sam_tiny", "w4a4")) == {"mse"}
 
 
+def test_no_best_when_every_competing_row_ties(tmp_path):
+    for clip in ("minmax", "mse", "pcc"):  # every method collapsed: no bold 0.00
+        put(tmp_path, clip, record(clip=clip, ap=0.0))
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    assert table.best(("sam_tiny", "w4a4")) == set()
+    put(tmp_path, "percentile", record(clip="percentile", ap=0.1))
+    put(tmp_path, "pcc2", record(clip="pcc", ap=0.1, seed=1))  # pcc's mean 0.05: one best again
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    assert table.best(("sam_tiny", "w4a4")) == {"percentile"}
+
+
 def test_calibration_only_keys_split_method_rows_but_not_fp_or_the_evaluation(tmp_path):
     # the GT-vs-detector calibration ablation (paper.md §2.3): one FP, the same evaluation images everywhere
     for clip, ap in (("minmax", 0.4), ("mse", 0.6)):
