@@ -142,6 +142,7 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
              if multirun and o.is_sweep_override() and isinstance(o.value(), ChoiceSweep)
              and (CONF_DIR / o.key_or_group).is_dir()}
     lines, notes = [], []
+    everywhere: dict[str, list[str]] = {}  # swept group -> keys every swept option has (the ++ hint)
     absent = object()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -179,20 +180,22 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
                         config_name="config", overrides=[*remaining, f"{group}={v}"]), key, default=absent)
                         is not absent]
                     if having == options:  # the first composition has the defaults, not the swept options
-                        notes.append(f"this multirun sweeps {group}, and Hydra composes its first config without "
-                                     f"the swept values: to give every job {key}, write ++{key}=...")
+                        everywhere.setdefault(group, []).append(key)  # said once per group, below
                     elif having:
                         notes.append(f"of the swept {group}={','.join(options)}, {', '.join(having)} "
                                      f"{'has' if len(having) == 1 else 'have'} {key} and "
                                      f"{', '.join(v for v in options if v not in having)} not: sweep them apart")
     except Exception:  # noqa: BLE001 - whatever this cannot compose, Hydra reports in its own words
         return
+    notes[:0] = [f"this multirun sweeps {group}, and Hydra composes its first config without the swept values: to "
+                 f"give every job {', '.join(keys)}, write {' '.join(f'++{k}=...' for k in keys)}"
+                 for group, keys in everywhere.items()]
     by_tail: dict[str, list[str]] = {}  # keys with the same message after their name are said once
     for (key, _), one in zip(missing, lines):
         by_tail.setdefault(one[len(key):], []).append(key)
     raise SaqError("; ".join([*(keys[0] + tail if len(keys) == 1 else ", ".join(keys) + tail.replace(
-        " is not a known key", " are not known keys", 1).replace(" is not a key of ", " are not keys of ", 1)
-        for tail, keys in by_tail.items()), *notes]))
+        " is not a known key", " are not known keys", 1).replace(" is not a key of ", " are not keys of ", 1).replace(
+        " it (choose one)", " them (choose one)", 1) for tail, keys in by_tail.items()), *notes]))
 
 
 def missing_key_line(key: str, missing: str, others: list[str], compose) -> tuple[str, bool]:

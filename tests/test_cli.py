@@ -675,6 +675,11 @@ def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results
      "not a key of recon=none; recon=par, qdrop have it (choose one); this multirun sweeps quant, and Hydra composes "
      "its first config without the swept values: to give every job quant.calib_images, write "
      "++quant.calib_images=..."),
+    # several such keys: said together, the ++ hint once
+    (["-m", "recon=qdrop,par", "recon.drop_prob=0.3", "recon.weight_lr=0.01"],
+     "recon.drop_prob, recon.weight_lr are not keys of recon=none; recon=par, qdrop have them (choose one); this "
+     "multirun sweeps recon, and Hydra composes its first config without the swept values: to give every job "
+     "recon.drop_prob, recon.weight_lr, write ++recon.drop_prob=... ++recon.weight_lr=..."),
     # a swept option whose preset lacks the knob: ++ would give it to a job that refuses it
     (["-m", "method=minmax,saq_sam", "recon.drop_prob=0.5"], "recon.drop_prob is not a key of recon=none; recon=par, "
                                                               "qdrop have it (choose one); of the swept "
