@@ -305,6 +305,12 @@ def main(cfg: DictConfig) -> None:
         except SaqError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # one line, not a traceback; a sweep stops too (its job wrote its failure.json)
+            learned = str(OmegaConf.select(cfg, "recon.name", default="none")) != "none"
+            print("error: interrupted (Ctrl-C); this run wrote no results.json" + (
+                "; reconstruction units it finished, if any, are saved: the same command with recon.resume=true "
+                "continues from them" if learned else ""), file=sys.stderr)
+            sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,29 @@ def saq(*overrides: str, cwd=REPO) -> subprocess.CompletedProcess:
                           env=env, timeout=600)
 
 
+def test_ctrl_c_ends_a_run_with_one_line(synthetic_root, tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "saq", f"task.data.root={synthetic_root}", "task.generate=null",
+                             "quant=w4a4", "recon=par", "logger=none", "threads=1", f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    # once its settings passed (an interrupt inside a library's parsing may come out as that library's error)
+    while not (run_dir / ".hydra" / "config.yaml").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert (run_dir / ".hydra" / "config.yaml").exists(), "the run started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    line = ("error: interrupted (Ctrl-C); this run wrote no results.json; reconstruction units it finished, if any, "
+            "are saved: the same command with recon.resume=true continues from them")
+    assert err.strip().splitlines()[-1] == line and "Traceback" not in err
+    assert line in (run_dir / "run.log").read_text() and not (run_dir / "results.json").exists()
+
+
 def test_run_writes_results_json_and_wandb_offline(synthetic_root, tmp_path):
     run_dir = tmp_path / "run"
     proc = saq(f"task.data.root={synthetic_root}", "task.generate=null", "task.max_images=3", "fp_cache=false",
