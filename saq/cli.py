@@ -23,7 +23,12 @@ def tool_args(argv: Sequence[str], usage: str, options: dict[str, tuple[str, ...
         raise SaqError(f"unknown flag {flags[0]!r} (options are key=value); usage: {usage}")
 
     def is_option(arg: str) -> bool:  # a sweep job's folder (.../clip=mse,quant=w4a4) is a path, not an option
-        return "=" in arg and arg.split("=", 1)[0].isidentifier() and not Path(arg).exists()
+        if not ("=" in arg and arg.split("=", 1)[0].isidentifier()):
+            return False
+        try:
+            return not Path(arg).exists()
+        except OSError:  # a name no path can have (a long parts= list): an option
+            return True
 
     paths = [a for a in argv if not is_option(a)]
     if len(paths) != 1:

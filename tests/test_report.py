@@ -433,6 +433,9 @@ def test_report_arguments_are_a_path_and_key_value_options(tmp_path, capsys, mon
     job.mkdir(parents=True)
     monkeypatch.chdir(job.parent)  # given relative to the sweep folder, an existing folder is a path too
     assert tool_args(["clip=mse,quant=w4a4"], "usage", {"out": None}) == ("clip=mse,quant=w4a4", {})
+    # an option longer than any file name (saq.sensitivity's parts= of many quantizers) is no path to look up
+    long = "parts=" + ",".join(["mask_decoder.transformer.layers.0.cross_attn_image_to_token.q_proj"] * 5)
+    assert tool_args([str(job), long], "usage", {"parts": None}) == (str(job), {"parts": long[6:]})
     from saq.errors import SaqError
 
     with pytest.raises(SaqError, match=r"out= is given twice \('a' and 'b'\); give it once"):
