@@ -136,7 +136,7 @@ def load_coco(ann_path: Path, config_key: str, scored: bool = True) -> COCO:
     if past:
         many = len(past) > 1
         print(f"{ann_path}: {len(past)} ground-truth box{'es run' if many else ' runs'} past {'their' if many else 'its'} "
-              f"image's edge (annotation {past[0]}{' and others' if len(past) > 1 else ''}); COCO boxes enclose the "
+              f"image's edge (annotation {past[0]}{' and others' if many else ''}); COCO boxes enclose the "
               "object's mask inside the image: is the file in [x1, y1, x2, y2] rather than [x, y, width, height], or "
               "for images of another size? Kept as given")
     if flat:  # kept (COCO val/train hold a few), but a box prompt without area segments little: said, not silent
