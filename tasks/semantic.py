@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -69,21 +69,25 @@ def read_label_map(path: Path, what: str) -> np.ndarray:
         raise SaqError(f"cannot read {what} {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def check_labels(labels: np.ndarray, num_classes: int, ignore_index: int, path: Path, zero_is_ignore: bool,
+def check_labels(labels: np.ndarray, num_classes: int, ignore_index: int | None, path: Path, zero_is_ignore: bool,
                  what: str = "label map") -> None:
-    """Raise SaqError naming the file and the first value outside the class list (and not the ignore index)."""
+    """Raise SaqError naming the file and the first value outside the class list (and not the ignore index; None:
+    a map that may not hold one, as a coarse prediction)."""
     values = label_values(labels)
     low = 1 if zero_is_ignore else 0
     high = num_classes + low  # exclusive
-    bad = values[((values < 0) | (values >= high)) & (values != ignore_index)]
+    bad = values[((values < 0) | (values >= high)) & (values != (-1 if ignore_index is None else ignore_index))]
     if len(bad):
         hint = ""
         if not zero_is_ignore and bad[0] == num_classes:  # classes written 1..K
             hint = (" (is reduce_zero_label needed?)" if what == "label map" else
                     f" (a coarse prediction holds class indices 0..{num_classes - 1}: one written as 1..K, as "
                     "mmsegmentation's submission format does, needs 1 subtracted)")
+        elif ignore_index is None:  # e.g. the dataset's ignore value 255 written where the segmenter had no class
+            hint = f" (a {what} holds a class index at every pixel; it has no ignore value)"
+        ignored = "" if ignore_index is None else f" and not the ignore index {ignore_index}"
         raise SaqError(f"{what} {path} holds value {int(bad[0])}, outside the {num_classes} classes "
-                       f"({low}..{high - 1}) and not the ignore index {ignore_index}{hint}")
+                       f"({low}..{high - 1}){ignored}{hint}")
 
 
 def label_values(labels: np.ndarray) -> np.ndarray:
@@ -413,6 +417,9 @@ class SemanticTask(Task):
         self.prompts = self.grid  # what the run records as this task's prompts
         self.coarse = self._settings(coarse, COARSE_DEFAULTS, "task.coarse")
         check_seed(self.coarse["seed"], "task.coarse.seed")
+        if self.coarse["dir"] is not None and not (isinstance(self.coarse["dir"], str) and self.coarse["dir"].strip()):
+            raise SaqError(f"task.coarse.dir={self.coarse['dir']!r} invalid; expected the path of a folder of "
+                           "predicted label maps, or null for the synthetic set's stand-in")
         if self.coarse["dir"]:
             self.coarse_dir = require_dir(self.coarse["dir"], "coarse prediction", "task.coarse.dir")
         else:
@@ -454,6 +461,9 @@ class SemanticTask(Task):
 
     @staticmethod
     def _settings(given: dict | None, defaults: dict, key: str) -> dict:
+        if given is not None and not isinstance(given, Mapping):
+            hint = " (the folder of predicted label maps goes in task.coarse.dir)" if key == "task.coarse" else ""
+            raise SaqError(f"{key}={given!r} invalid; expected a mapping of {sorted(defaults)}{hint}")
         unknown = sorted(set(given or {}) - set(defaults))
         if unknown:
             raise SaqError(f"unknown setting {key}.{unknown[0]}; expected one of {sorted(defaults)}")
@@ -502,7 +512,7 @@ class SemanticTask(Task):
         """An image's file in coarse.dir and its class indices, checked against the classes (at its own size)."""
         path = self.coarse_dir / f"{stem}.png"
         pred = read_label_map(path, "coarse prediction")
-        check_labels(pred, self.num_classes, -1, path, zero_is_ignore=False, what="coarse prediction")
+        check_labels(pred, self.num_classes, None, path, zero_is_ignore=False, what="coarse prediction")
         return path, pred
 
     def fingerprint(self) -> str:

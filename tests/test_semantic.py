@@ -207,6 +207,12 @@ def test_missing_label_map_and_bad_label_files_are_clear_errors(tmp_path):
     ({"ignore_index": 3}, r"task\.ignore_index 3 is one of the 9 classes' label values"),
     ({"coarse": {"seed": -1}}, r"task\.coarse\.seed=-1 invalid"),
     ({"amg": {"points": 3}}, r"unknown setting task\.amg\.points"),
+    # task.coarse=<folder> instead of task.coarse.dir=<folder>: was read letter by letter ('unknown setting task.coarse./')
+    ({"coarse": "/data/preds"}, r"^task\.coarse='/data/preds' invalid; expected a mapping of \[.*\] \(the folder of "
+                                r"predicted label maps goes in task\.coarse\.dir\)$"),
+    ({"amg": 32}, r"^task\.amg=32 invalid; expected a mapping of \['box_nms_thresh'"),  # was TypeError: not iterable
+    ({"coarse": {"dir": 5}}, r"^task\.coarse\.dir=5 invalid; expected the path of a folder"),  # was TypeError in Path
+    ({"coarse": {"dir": True}}, r"^task\.coarse\.dir=True invalid"),
 ])
 def test_bad_semantic_settings_are_named_before_any_work(tmp_path, settings, match):
     data = label_dataset(tmp_path / "data", {"a": np.zeros((8, 8))})
@@ -344,11 +350,16 @@ def test_coarse_predictions_from_a_folder(tmp_path):
     save_png(tmp_path / "coarse/a.png", np.full((8, 8), 3))
     settings = {"classes": ["bg", "box", "other"], "coarse": {"dir": str(tmp_path / "coarse")}}
     with pytest.raises(SaqError, match=r"coarse prediction .*coarse/a\.png holds value 3, outside the 3 classes "
-                                       r"\(0\.\.2\) and not the ignore index -1 \(a coarse prediction holds class "
-                                       r"indices 0\.\.2: one written as 1\.\.K"):
+                                       r"\(0\.\.2\) \(a coarse prediction holds class indices 0\.\.2: one written as "
+                                       r"1\.\.K"):
         SemanticTask(data, CALIB, **settings)  # found when the task is built, before any mask generation
     with pytest.raises(SaqError, match=r"coarse/a\.png holds value 3"):  # a task built before the file changed
         task.evaluate(RegionSegmenter([gt]), progress=False)
+    # the dataset's ignore value in a coarse map: not an ignore index there (was "not the ignore index -1")
+    save_png(tmp_path / "coarse/a.png", np.full((8, 8), 255))
+    with pytest.raises(SaqError, match=r"coarse/a\.png holds value 255, outside the 3 classes \(0\.\.2\) \(a coarse "
+                                       r"prediction holds a class index at every pixel; it has no ignore value\)$"):
+        SemanticTask(data, CALIB, **settings)
     save_png(tmp_path / "coarse/a.png", np.full((8, 8, 3), 1))
     with pytest.raises(SaqError, match=r"coarse prediction .*coarse/a\.png has RGB pixels; a label map must be "
                                        "single-channel"):
