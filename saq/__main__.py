@@ -96,6 +96,10 @@ def check_group_options(argv: list[str]) -> None:
                    and (root / group).is_dir()]
         if not folders or override.is_delete():
             continue
+        if value is None:  # Hydra's refusal is a traceback; a group takes a preset name
+            default = "; to run without a preset leave it out or write ~method" if group == "method" else ""
+            raise SaqError(f"{group}=null invalid; {group} takes a preset: "
+                           f"{', '.join(group_options(folders)) or 'none'}{default}")
         if isinstance(value, ChoiceSweep) and args.multirun:  # without -m Hydra itself asks for it
             values = value.list
         else:

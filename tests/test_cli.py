@@ -740,6 +740,10 @@ def test_a_key_the_composed_config_lacks_is_one_line_naming_what_has_it(argument
                                    "submitit_slurm"),
     (["quant.calib_images=2"], "error: quant.calib_images is not a key of quant=fp; quant=w4a4, w6a6, w8a8 have it "
                                "(choose one)"),
+    # a group set to null: Hydra's refusal is a traceback (ValueError: Config group override must be a string)
+    (["method=null"], "error: method=null invalid; method takes a preset: minmax, ptq4sam_l, ptq4sam_s, qdrop, "
+                      "saq_sam, saq_sam_star; to run without a preset leave it out or write ~method"),
+    (["clip=null"], "error: clip=null invalid; clip takes a preset: minmax, mse, pcc, percentile"),
     # Hydra's refusal of a sweep with --cfg is a traceback
     (["-m", "--cfg", "hydra", "quant=w4a4,w6a6"], "error: -m and --cfg hydra cannot go together: Hydra either runs "
                                                   "the sweep or prints; drop -m to print what a job starts from "
@@ -771,7 +775,7 @@ def test_the_group_option_check_leaves_to_hydra_what_it_cannot_read(monkeypatch)
     from saq.__main__ import check_group_options
 
     monkeypatch.chdir(REPO)  # sweeps/ is a group from the repository root (hydra.searchpath file://.)
-    for argv in (["quant=w4a4", "+sweeps=bits", "method=null", "~method", "quant=w4a4.yaml"],
+    for argv in (["quant=w4a4", "+sweeps=bits", "~method", "quant=w4a4.yaml"],
                  ["-m", "quant=w4a4,w8a8", "clip=glob(*)", "seed=range(3)", "quant=choice(w4a4,w6a6)"],
                  ["quant=w4a4,w5a5"],  # without -m: Hydra's own line asks for -m
                  ["hydra/launcher=joblib", "task.data.root=x", "model.checkpoint=y"],
