@@ -228,6 +228,14 @@ def test_an_outlier_attention_list_that_plants_nothing_or_twice_is_refused(atten
     assert OutlierSpec.from_cfg({"attentions": ["layers.0.self_attn"]}).attentions == ("layers.0.self_attn",)
 
 
+@pytest.mark.parametrize("value", [3, "strong", None])
+def test_outlier_settings_given_as_one_value_are_refused(value):
+    # a string was read letter by letter ('model.outliers.g is not a known key'), a number was a TypeError
+    with pytest.raises(SaqError, match=r"^model\.outliers=.* invalid; expected a mapping of \['attentions', .*\]; set "
+                                       r"one knob as model\.outliers\.magnitude=\.\.\.$"):
+        OutlierSpec.from_cfg(value)
+
+
 def test_pcc_runs_on_sam_vit_b_shapes():
     vit_b = random_vit_b()  # ViT-B's decoder (8 heads of 256 wide, 7 attentions) at a 256-px input: a 16x16 grid
     qmodel = quantize(vit_b, {"name": "w4a4", "w_bits": 4, "a_bits": 4})

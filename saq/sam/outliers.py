@@ -43,6 +43,9 @@ class OutlierSpec:
                 cfg = OmegaConf.to_container(cfg, resolve=True)
         except ImportError:
             pass
+        if not isinstance(cfg, Mapping):  # model.outliers=strong: not read letter by letter as keys
+            raise SaqError(f"model.outliers={cfg!r} invalid; expected a mapping of {sorted(cls.__dataclass_fields__)}; "
+                           "set one knob as model.outliers.magnitude=...")
         unknown = set(cfg) - set(cls.__dataclass_fields__)
         if unknown:
             raise SaqError(f"model.outliers.{sorted(unknown)[0]} is not a known key; expected one of "
