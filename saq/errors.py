@@ -3,6 +3,7 @@
 The entry points print a SaqError's message as one line, without a traceback.
 """
 
+import inspect
 import math
 
 
@@ -93,3 +94,17 @@ def check_device(value, key: str) -> str:
     if value == "cuda" and not torch.cuda.is_available():
         raise SaqError(f"{key}=cuda but no CUDA device is available; use {key}=cpu")
     return value
+
+
+def check_settings_taken(cls: type, keys, key_prefix: str, label: str, also: tuple[str, ...] = ()) -> None:
+    """SaqError naming the first of `keys` that cls's constructor does not take, and those it does (with `also`, the
+    keys read elsewhere): a key added with + to a preset is said before construction, where Python's TypeError
+    would name no key or call a bad value a bad key."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    taken = [*also, *(name for name, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))]
+    unknown = [key for key in keys if key not in taken]
+    if unknown:
+        raise SaqError(f"{key_prefix}.{unknown[0]} is not a setting of {label}; it takes "
+                       f"{', '.join(taken) if taken else 'none'}")

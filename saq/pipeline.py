@@ -6,7 +6,6 @@ import hashlib
 import inspect
 import json
 import random
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +18,16 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from saq import CONF_DIR
-from saq.errors import SaqError, check_bool, check_device, check_int, check_number, check_seed, is_number
+from saq.errors import (
+    SaqError,
+    check_bool,
+    check_device,
+    check_int,
+    check_number,
+    check_seed,
+    check_settings_taken,
+    is_number,
+)
 from saq.log import (
     PAPER_COMPAT_SUFFIX,
     bits_label,
@@ -66,6 +74,12 @@ def _progress_kwarg(node: DictConfig, progress: bool) -> dict:
 
 def build_task(cfg: DictConfig):
     """Instantiate the task (tasks.<name>) with its prompt source, both from config `_target_`s."""
+    for name in ("prompts", "task"):  # a key added with + that the class does not take ('takes no arguments' too)
+        try:
+            cls = get_class(cfg[name]._target_)
+        except Exception:  # noqa: BLE001 - a target that does not load is left to Hydra's message
+            continue
+        check_settings_taken(cls, [key for key in cfg[name] if not key.startswith("_")], name, cfg[name]._target_)
     group = "prompts"
     try:
         prompts = instantiate(cfg.prompts, _convert_="all", **_progress_kwarg(cfg.prompts, cfg.get("progress", True)))
@@ -76,10 +90,6 @@ def build_task(cfg: DictConfig):
         # Hydra wraps constructor errors; a user-input error keeps its own one-line message.
         if isinstance(exc.__cause__, SaqError):
             raise exc.__cause__ from None
-        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(exc.__cause__))
-        if isinstance(exc.__cause__, TypeError) and unexpected:  # a key added with + that the class does not take
-            raise SaqError(f"{group}.{unexpected.group(1)} is not a setting of {cfg[group].get('_target_', group)} "
-                           f"(conf/{group}/ lists the settings it takes)") from None
         if isinstance(exc.__cause__, OSError):  # Hydra's message keeps only PermissionError(13, ...): no file name
             raise SaqError(f"the {group} ({cfg[group].get('_target_', group)}) cannot be built: "
                            f"{os_reason(exc.__cause__)}; check the paths among its {group}.* settings") from None

@@ -563,6 +563,9 @@ def test_benchmarks_name_their_own_data_knob_for_a_root_without_the_dataset(scri
 @pytest.mark.parametrize(("overrides", "message"), [
     (["+task.max_image=3"], "task.max_image is not a setting of tasks.instance.InstanceTask"),
     (["prompts=jittered", "+prompts.sead=3"], "prompts.sead is not a setting of tasks.prompts.JitteredBoxes"),
+    # a class that takes no settings: was Hydra's 'GroundTruthBoxes() takes no arguments' with its full key
+    (["prompts=gt", "+prompts.scale=0.1"], "prompts.scale is not a setting of tasks.prompts.GroundTruthBoxes; it "
+                                           "takes none"),
     # under task.data / task.calib too: the oriented task has no calibration order, and nothing would read it
     (["task=oriented", "+task.calib.order=official"], "task.calib.order is not a setting of task.calib; expected "
                                                       "one of ['img_dir', 'ann_dir']"),

@@ -263,6 +263,12 @@ def test_pcc_runs_on_sam_vit_b_shapes():
     ({"points": 3}, "clip.points=3 invalid"),
     ({"theta": "0.5"}, "clip.theta='0.5' invalid"),
     ({"sweeps": 1.5}, "clip.sweeps=1.5 invalid; expected an integer >= 1"),
+    # was "has a bad key: 'int' object is not iterable"
+    ({"attentions": 3}, "clip.attentions=3 invalid; expected 'all' or a list of decoder attention names"),
+    ({"attentions": None}, "clip.attentions=None invalid"),
+    ({"attentions": [3]}, "clip.attentions=[3] invalid"),
+    # a key the strategy does not take is named with those it does (was Python's TypeError text)
+    ({"p": 2}, "clip.p is not a setting of PerceptualConsistencyClipping; it takes reduction, theta, "),
 ])
 def test_bad_pcc_settings_are_named(cfg, message):
     with pytest.raises(SaqError) as err:

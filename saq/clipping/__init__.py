@@ -9,7 +9,7 @@ from saq.clipping.minmax import MinMaxClipping
 from saq.clipping.mse import MSEClipping
 from saq.clipping.pcc import PerceptualConsistencyClipping
 from saq.clipping.percentile import PercentileClipping
-from saq.errors import SaqError
+from saq.errors import SaqError, check_settings_taken
 
 CLIPPING = {"minmax": MinMaxClipping, "percentile": PercentileClipping, "mse": MSEClipping,
             "pcc": PerceptualConsistencyClipping}
@@ -53,10 +53,8 @@ def build_range_strategy(clip_cfg) -> RangeStrategy | None:
         if name in CLIPPING and CLIPPING[name] is not cls:  # clip=mse clip.name=pcc: MSE reported as PCC
             raise SaqError(f"clip.name={name!r} labels the run as {CLIPPING[name].__name__}, but clip._target_ "
                            f"builds {cls.__name__}: choose the preset with clip={name} rather than renaming one")
-    try:
-        strategy = cls(**kwargs)
-    except TypeError as exc:
-        raise SaqError(f"clip config for {cls.__name__} has a bad key: {exc}") from None
+    check_settings_taken(cls, kwargs, "clip", cls.__name__, also=("reduction",))
+    strategy = cls(**kwargs)
     strategy.reduction = reduction
     return strategy
 

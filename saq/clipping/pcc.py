@@ -120,14 +120,13 @@ class PerceptualConsistencyClipping(RangeStrategy):
                 and len(set(points)) == len(points)):
             raise SaqError(f"clip.points={points!r} invalid; expected distinct names from {list(POINTS)}")
         points = list(points)
-        if isinstance(attentions, str):
-            if attentions != "all":
-                raise SaqError(f"clip.attentions={attentions!r} invalid; expected 'all' or a list of decoder "
-                               "attention names such as layers.0.cross_attn_token_to_image")
-        else:
-            attentions = list(attentions)
-            if not attentions:
-                raise SaqError("clip.attentions is empty; expected 'all' or a list of decoder attention names")
+        if isinstance(attentions, (list, tuple)) and not attentions:
+            raise SaqError("clip.attentions is empty; expected 'all' or a list of decoder attention names")
+        if attentions != "all" and not (isinstance(attentions, (list, tuple))
+                                        and all(isinstance(a, str) for a in attentions)):
+            raise SaqError(f"clip.attentions={attentions!r} invalid; expected 'all' or a list of decoder "
+                           "attention names such as layers.0.cross_attn_token_to_image")
+        attentions = attentions if attentions == "all" else list(attentions)
         for key, value in (("sweeps", sweeps), ("images", images)):
             check_int(value, f"clip.{key}")
         if others not in OTHER_STRATEGIES:
