@@ -283,6 +283,9 @@ def test_best_state_restore_keeps_the_start_when_learning_diverges_to_nan():
     assert math.isfinite(block_error(qmodel, fp, data))
     with pytest.raises(SaqError, match=r"recon\.scale_lr=inf invalid"):
         recon_cfg(scale_lr=float("inf"))
+    for p in (float("nan"), 0, 1.5, "0.5", True):  # nan was said as 'expected a finite number >= 0.0'
+        with pytest.raises(SaqError, match=r"^recon\.drop_prob=.* invalid; expected 0 < p <= 1 \(QDrop: 0\.5"):
+            recon_cfg(drop_prob=p)
 
 
 def test_weight_lr_0_learns_steps_against_the_round_to_nearest_weights():

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from saq.errors import SaqError, check_bool, check_device, check_int, check_number, check_seed
+from saq.errors import SaqError, check_bool, check_device, check_int, check_number, check_seed, is_finite_number
 from saq.sam.unit_kinds import GRANULARITIES
 
 UNIT_KINDS = ("stage", "layer", "block", "neck", "decoder_layer", "decoder_block", "final_attn")
@@ -106,9 +106,11 @@ class ReconConfig:
             values["iters"] = dict(cls().iters, **{kind: check_int(n, f"recon.iters.{kind}", 0)
                                                    for kind, n in iters.items()})
         if "drop_prob" in values:
-            p = values["drop_prob"] = check_number(values["drop_prob"], "recon.drop_prob", 0.0)
-            if not 0.0 < p <= 1.0:
+            # the range said for nan too (check_number's own line would say ">= 0")
+            p = values["drop_prob"]
+            if not (is_finite_number(p) and 0.0 < p <= 1.0):
                 raise SaqError(f"recon.drop_prob={p!r} invalid; expected 0 < p <= 1 (QDrop: 0.5; 1 = no dropping)")
+            values["drop_prob"] = float(p)
         for key in ("weight_lr", "scale_lr", "softmax_scale_lr"):
             if key in values:
                 values[key] = check_number(values[key], f"recon.{key}", 0.0)
