@@ -338,11 +338,12 @@ def validate(cfg: DictConfig):
     the validated quant config and clip strategy (None for an FP run)."""
     check_run_knobs(cfg)
     check_device(cfg.device, "device")
+    from saq.quant.config import check_run_keys
+
+    check_run_keys(cfg.quant)  # on quant=fp too: quant.save='false' would read as true, a number as a path
     if cfg.quant.get("load"):  # the saved model exists and fits this run
-        from saq.quant.config import check_run_keys
         from saq.saved import check_load
 
-        check_run_keys(cfg.quant)  # a number or a boolean is no path
         check_load(cfg)
     if cfg.get("deploy"):
         from saq.deploy import require_onnx

@@ -369,6 +369,9 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
     (["quant=w4a4", "recon=par", "quant.agq=false", "recon.softmax_scale_lr=0.002"],
      "recon.softmax_scale_lr=0.002 learns AGQ's post-softmax scale, but quant.agq=false"),
     (["quant=w4a4", "quant.load=5"], "quant.load=5 invalid; expected null or the path of a run directory"),
+    # on quant=fp: null passed unchecked, the string 'false' was said as quant.save=true
+    (["quant=fp", "quant.save=null"], "quant.save=None invalid; expected true or false"),
+    (["quant=fp", "quant.save='false'"], "quant.save='false' invalid; expected true or false"),
     # Path() of these is a TypeError traceback
     *(([f"model.checkpoint={value}"], f"model.checkpoint={shown} invalid; expected null or the path of a SAM .pth "
                                       "file") for value, shown in (("123", "123"), ("true", "True"),
