@@ -230,6 +230,7 @@ def check_overrides_read(cfg: DictConfig, overrides: list[str] | None = None) ->
         overrides = override_strings(HydraConfig.get().overrides.task) if single else []
     check_clip_grid_read(cfg, overrides)
     check_load_overrides_read(cfg, overrides)
+    check_switched_off_overrides(cfg, overrides)
     recon = cfg.get("recon") or {}
     granularity = recon.get("granularity")
     if granularity not in KINDS_AT:  # recon=none, or a granularity ReconConfig names as unknown
@@ -257,6 +258,29 @@ def check_load_overrides_read(cfg: DictConfig, overrides: list[str]) -> None:
             raise SaqError(f"{group}.{unread[0]} would not be read: quant.load evaluates the saved model as it was "
                            f"calibrated{' and learned' if group == 'recon' else ''} (its recipe holds the settings "
                            "that made it); drop it, or calibrate anew without quant.load")
+
+
+def check_switched_off_overrides(cfg: DictConfig, overrides: list[str]) -> None:
+    """A knob of something this run switches off (AGQ's bases with quant.agq=false, a quantizer setting of a part
+    with enabled=false, a channel axis of a per-tensor quantizer, a W&B setting with logger=none) would change
+    nothing, yet the run's record would hold it; the presets set them all, so only the user's overrides can tell."""
+    quant, logger = cfg.get("quant") or {}, cfg.get("logger") or {}
+    for key, _ in parsed_overrides(overrides):
+        parts = key.split(".")
+        reason = None
+        if parts[0] == "logger" and len(parts) > 1 and parts[1] != "name" and logger.get("name") == "none":
+            reason = "logger=none sends nothing to W&B (results.json only); use logger=wandb"
+        elif key == "quant.agq_taus" and quant.get("agq") is False:
+            reason = "quant.agq=false quantizes the softmax output uniformly; AGQ's bases are read with quant.agq=true"
+        elif parts[0] == "quant" and len(parts) > 2 and parts[1] in ("encoder", "decoder") and parts[2] != "enabled" \
+                and isinstance(quant.get(parts[1]), DictConfig) and quant[parts[1]].get("enabled") is False:
+            reason = f"quant.{parts[1]}.enabled=false keeps the {parts[1]} in full precision"
+        elif parts[0] == "quant" and len(parts) == 4 and parts[3] == "ch_axis" and parts[2] in ("weight", "act"):
+            node = (quant.get(parts[1]) or {}).get(parts[2]) or {}
+            if node.get("granularity") == "per_tensor":
+                reason = f"quant.{parts[1]}.{parts[2]}.granularity=per_tensor has no channel axis"
+        if reason:
+            raise SaqError(f"{key} would not be read: {reason}")
 
 
 def check_clip_grid_read(cfg: DictConfig, overrides: list[str]) -> None:

@@ -158,6 +158,36 @@ def test_clip_num_ranges_is_taken_where_a_per_channel_activation_quantizer_reads
         check_clip_grid_read(cfg, overrides)
 
 
+@pytest.mark.parametrize(("overrides", "line"), [
+    (["logger=none", "+logger.project=mine"], "logger.project would not be read: logger=none sends nothing to W&B"),
+    (["quant=w4a4", "quant.agq=false", "quant.agq_taus=[1,2,3]"], "quant.agq_taus would not be read: quant.agq=false"),
+    (["quant=w4a4", "quant.encoder.enabled=false", "quant.encoder.w_bits=3"],
+     "quant.encoder.w_bits would not be read: quant.encoder.enabled=false keeps the encoder in full precision"),
+    (["quant=w4a4", "quant.decoder.enabled=false", "quant.decoder.weight.quantizer=lsq"],
+     "quant.decoder.weight.quantizer would not be read: quant.decoder.enabled=false"),
+    (["quant=w4a4", "quant.decoder.weight.granularity=per_tensor", "quant.decoder.weight.ch_axis=1"],
+     "quant.decoder.weight.ch_axis would not be read: quant.decoder.weight.granularity=per_tensor has no channel axis"),
+    (["quant=w4a4", "quant.encoder.act.ch_axis=-1"], "quant.encoder.act.ch_axis would not be read"),
+])
+def test_a_knob_of_something_switched_off_is_refused_when_given(overrides, line):
+    # each composed, checked and recorded before, while changing nothing the run computes
+    from hydra import compose, initialize_config_dir
+
+    from saq.errors import SaqError
+    from saq.pipeline import check_overrides_read
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+        with pytest.raises(SaqError) as err:
+            check_overrides_read(cfg, overrides)
+        assert str(err.value).startswith(line)
+        # what is read passes: the same knobs with the part, AGQ, W&B or the channel axis on
+        for fine in (["logger=wandb", "logger.project=mine"], ["quant=w4a4", "quant.agq_taus=[1,2,3]"],
+                     ["quant=w4a4", "quant.encoder.w_bits=3", "quant.decoder.enabled=false"],
+                     ["quant=w4a4", "quant.decoder.weight.ch_axis=1"]):
+            check_overrides_read(compose(config_name="config", overrides=fine), fine)
+
+
 def test_activation_observer_set_beside_clip_is_one_line(tmp_path):
     proc = saq("quant=w8a8", "quant.encoder.act.observer=mse", "clip=minmax", "logger=none",
                f"hydra.run.dir={tmp_path / 'r'}")
