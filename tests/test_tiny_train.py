@@ -37,6 +37,11 @@ from tests.conftest import REPO
     ("+stpes=100", "stpes is not a training setting; expected one of the keys of conf/train_tiny.yaml"),  # a typo
     ("+data.n_trian=5", "data.n_trian is not a training setting"),
     ("init_checkpoint=5", "init_checkpoint=5 invalid; expected null or the path of an earlier round's checkpoint"),
+    # were TypeError / AttributeError tracebacks
+    ("data.root=5", "data.root=5 invalid; expected a path"),
+    ("data.train_ann=null", "data.train_ann=None invalid; expected a path (relative to data.root)"),
+    ("data=/data/coco", "data='/data/coco' invalid; expected the mapping of conf/train_tiny.yaml's data (a dataset "
+                        "folder is data.root=...)"),
 ])
 def test_bad_training_knobs_are_one_line_naming_the_knob(override, message, synthetic_root, tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

@@ -201,6 +201,14 @@ def _unknown_keys(given, known, prefix: str = "") -> list[str]:
 
 def check_train_knobs(cfg: DictConfig) -> None:
     """Every count and seed of the recipe, before any data is read (one line naming the knob, not a deep error)."""
+    if not isinstance(cfg.get("data"), DictConfig):  # data=/data/coco: each data.* read would fail on a string
+        raise SaqError(f"data={cfg.get('data')!r} invalid; expected the mapping of conf/train_tiny.yaml's data "
+                       "(a dataset folder is data.root=...)")
+    for key in ("root", "train_ann", "train_img_dir", "val_ann", "val_img_dir"):  # Path() of a number is a TypeError
+        value = cfg.data.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise SaqError(f"data.{key}={value!r} invalid; expected a path"
+                           + (" (relative to data.root)" if key != "root" else ""))
     unknown = _unknown_keys(cfg, OmegaConf.load(RECIPE))
     if unknown:  # +stpes=100 would be ignored and the default 2.5 h round run
         raise SaqError(f"{unknown[0]} is not a training setting; expected one of the keys of conf/train_tiny.yaml")
