@@ -32,8 +32,8 @@ from benchmarks.quant_overhead import sample, timed
 from saq.errors import SaqError, check_device
 from saq.quant import calibrate, quantize
 from saq.recon import ReconConfig, Reconstructor
-from saq.recon.config import UNIT_KINDS
 from saq.sam.build import build_random_sam, build_sam
+from saq.sam.unit_kinds import UNIT_KINDS
 from saq.sam.units import build_chain, encode_sample, probe_image_tokens
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -43,7 +43,7 @@ from saq.log import (
 )
 from saq.sam.build import build_sam, checkpoint_digest, checkpoint_file, checkpoint_path
 from saq.sam.segmenter import Segmenter
-from saq.sam.unit_kinds import KINDS_AT
+from saq.sam.unit_kinds import KINDS_AT, check_unit_kind
 
 FP_CACHE_DIR = Path("outputs/.cache/fp_metrics")
 
@@ -235,7 +235,10 @@ def check_overrides_read(cfg: DictConfig, overrides: list[str] | None = None) ->
     granularity = recon.get("granularity")
     if granularity not in KINDS_AT:  # recon=none, or a granularity ReconConfig names as unknown
         return
-    unread = [kind for kind in iters_kinds_set(overrides) if kind not in KINDS_AT[granularity]]
+    kinds = iters_kinds_set(overrides)
+    for kind in kinds:  # not 'not read at this granularity': no granularity reads it
+        check_unit_kind(kind)
+    unread = [kind for kind in kinds if kind not in KINDS_AT[granularity]]
     if unread:
         raise SaqError(f"recon.iters.{unread[0]} is not read at recon.granularity={granularity}: its units are "
                        f"{', '.join(KINDS_AT[granularity])} (set recon.iters of one of those)")

@@ -210,6 +210,8 @@ BAD_VALUE_CASES = [
     ("recon=qdrop recon.name=par", "error: recon.name='par' would label this run, but recon=qdrop sets its knobs: "
                                    "choose the preset with recon=par"),
     # a unit kind the granularity does not make: nothing would read it
+    ("recon=par +recon.iters.foo=10", "error: recon.iters.foo is not a unit kind; expected one of ['stage', 'layer', "
+                                      "'block', 'neck', 'decoder_layer', 'decoder_block', 'final_attn']"),
     ("recon=par recon.iters.layer=4000", "error: recon.iters.layer is not read at recon.granularity=stage: its units "
                                          "are stage, neck, decoder_layer, final_attn (set recon.iters of one of those)"),
     ("recon=par recon.iters={stage:100,block:100}", "error: recon.iters.block is not read at recon.granularity=stage: "

@@ -7,9 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from saq.errors import SaqError, check_bool, check_device, check_int, check_number, check_seed, is_finite_number
-from saq.sam.unit_kinds import GRANULARITIES
+from saq.sam.unit_kinds import GRANULARITIES, check_unit_kind
 
-UNIT_KINDS = ("stage", "layer", "block", "neck", "decoder_layer", "decoder_block", "final_attn")
 RECON_NAMES = ("none", "qdrop", "par")  # conf/recon/*.yaml
 LOSSES = ("mse", "par")
 BUDGETS = ("official", "equal")
@@ -101,8 +100,7 @@ class ReconConfig:
             if not isinstance(iters, Mapping):
                 raise SaqError(f"recon.iters must map unit kinds to iterations, got {iters!r}")
             for kind in iters:
-                if kind not in UNIT_KINDS:
-                    raise SaqError(f"recon.iters.{kind} is not a unit kind; expected one of {list(UNIT_KINDS)}")
+                check_unit_kind(kind)
             values["iters"] = dict(cls().iters, **{kind: check_int(n, f"recon.iters.{kind}", 0)
                                                    for kind, n in iters.items()})
         if "drop_prob" in values:

@@ -1,10 +1,19 @@
 """Which reconstruction unit kinds each granularity makes (torch-free: the report and the sweep checks read it)."""
 
+from saq.errors import SaqError
+
 GRANULARITIES = ("stage", "layer", "block")
+UNIT_KINDS = ("stage", "layer", "block", "neck", "decoder_layer", "decoder_block", "final_attn")  # every granularity's
 # The unit kinds build_chain makes at each granularity (the recon.iters keys a run reads).
 KINDS_AT = {"stage": ("stage", "neck", "decoder_layer", "final_attn"),
             "layer": ("layer", "neck", "decoder_layer", "final_attn"),
             "block": ("block", "neck", "decoder_block", "final_attn")}
+
+
+def check_unit_kind(kind: str) -> None:
+    """SaqError for a recon.iters key that no granularity makes (a typo: recon.iters.stages)."""
+    if kind not in UNIT_KINDS:
+        raise SaqError(f"recon.iters.{kind} is not a unit kind; expected one of {list(UNIT_KINDS)}")
 
 
 def iters_key_read(config_flat: dict, key: str) -> bool:
