@@ -233,6 +233,7 @@ def entries_of(run: dict) -> list[Entry]:
         flat.pop("recon.budget", None)  # learned methods' budget: no knob of a run that learns nothing
     if run.get("checkpoint_sha256"):  # the weights themselves: a retrained file at the same path is another model
         flat["model.weights"] = str(run["checkpoint_sha256"])[:12]
+        flat.pop("model.checkpoint", None)  # ... and the same weights at another path (a copy) the same model
     common = dict(task=str(run["task"]), prompts=str(run.get("prompts", "-")), model=str(run["model"]),
                   seed=run.get("seed"), flat=flat, path=run["_path"], mtime=run["_mtime"],
                   threads=run.get("threads_used", flat.get("threads")))  # runs before 2026-12-02: as configured

@@ -66,6 +66,21 @@ def test_runs_of_other_weights_at_the_same_checkpoint_path_are_other_rows(tmp_pa
     assert "| pcc model.weights=aaaaaaaaaaaa | – | 65.00 |" in markdown_table(table).splitlines()
 
 
+
+def test_the_same_weights_at_another_path_are_the_same_rows(tmp_path):
+    # a copy of the checkpoint (another machine, another folder): one FP row, and its run competes for the best
+    checkpoint = {"checkpoint_sha256": "a" * 64}
+    original = record(bits=4, clip="minmax", ap=0.72, fp_ap=0.80, **checkpoint)
+    original["config"]["model"]["checkpoint"] = "/data/sam.pt"
+    put(tmp_path, "a", original)
+    copy = record(bits=4, clip="percentile", ap=0.75, fp_ap=0.80, **checkpoint)
+    copy["config"]["model"]["checkpoint"] = "/elsewhere/copy.pt"
+    put(tmp_path, "b", copy)
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    rows = markdown_table(table).splitlines()[2:]
+    assert rows == ["| FP | 80.00 |", "| minmax (custom) | 72.00 |", "| percentile | **75.00** |"], rows
+
+
 def test_layout_fp_on_top_methods_by_bits_and_best_in_bold(tmp_path):
     put(tmp_path, "a", record(bits=6, method="minmax", clip="minmax", ap=0.70))
     put(tmp_path, "b", record(bits=6, clip="mse", ap=0.75))
