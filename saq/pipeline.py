@@ -592,20 +592,25 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
             spec = OutlierSpec.from_cfg(cfg.model.outliers)
             planted = plant_key_outliers(
                 model, task.calibration_samples(spec.calib_images, "model.outliers.calib_images"), spec)
+    saved_model = loaded = loaded_run = None  # where the quantized model was saved to or loaded from; what made it
+    if quant_cfg is not None and cfg.quant.get("load"):
+        from saq.saved import load_run, loaded_provenance
+
+        # before the FP evaluation (hours on ViT-H): a saved model whose tensors or quantizers do not fit fails now
+        loaded_run, saved_model = load_run(model, cfg), str(cfg.quant.load)
+        loaded = loaded_provenance(cfg)  # now: a run saving into that folder later must not relabel this one
     fp, fp_cache_file = fp_metrics(cfg, model, task, planted)
     metrics = {"fp": fp}
     calibration = clipping = recon = recon_state = None
 
-    saved_model = loaded = None  # where the quantized model was saved to or loaded from; what made a loaded one
     deploy_error = None
     if quant_cfg is not None:
         from saq.quant import assert_fully_quantized, calibrate, quant_summary, quantize
         from saq.recon import EVAL_FULL
-        from saq.saved import load_run, loaded_provenance, save_run
+        from saq.saved import save_run
 
-        if cfg.quant.get("load"):  # a model an earlier run calibrated: no calibration here
-            (qmodel, recon), saved_model = load_run(model, cfg), str(cfg.quant.load)
-            loaded = loaded_provenance(cfg)  # now: a run saving into that folder later must not relabel this one
+        if loaded_run is not None:  # a model an earlier run calibrated: no calibration here
+            qmodel, recon = loaded_run
         else:
             qmodel = quantize(model, quant_cfg)
             report = calibrate(qmodel, samples, quant_cfg, strategy, progress=cfg.progress)

@@ -333,6 +333,19 @@ def test_a_broken_saved_model_is_one_line_naming_the_file_before_compute(synthet
             load_quantized(build_sam("sam_tiny"), directory)
 
 
+def test_a_saved_model_whose_tensors_do_not_fit_fails_before_the_fp_evaluation(synthetic_root, tmp_path, monkeypatch):
+    # a whole state file of other tensors passes the up-front checks; loading it found that only after the FP
+    # evaluation, hours on ViT-H
+    fitting_export(tmp_path / "run" / SAVED_DIR, run_config(synthetic_root))  # a state dict of no tensors
+
+    def fp_metrics(*args, **kwargs):
+        raise AssertionError("the FP evaluation ran before the saved model was loaded")
+
+    monkeypatch.setattr(pipeline, "fp_metrics", fp_metrics)
+    with pytest.raises(SaqError, match=r"quantized_state\.pt does not fit the model: \d+ tensors missing, 0 unexpected"):
+        pipeline.run(run_config(synthetic_root, f"quant.load={tmp_path / 'run'}"), tmp_path / "loaded")
+
+
 def test_export_writes_through_a_temporary_file(tmp_path, monkeypatch):
     from saq.quant import quantize
     from saq.quant.export import export_quantized, load_quantized
