@@ -319,6 +319,12 @@ def test_a_broken_saved_model_is_one_line_naming_the_file_before_compute(synthet
                  r"recipe\.json is not a quantized-model recipe: a JSON list, not an object"),
         "no_quant": (lambda d: (d / "recipe.json").write_text(json.dumps({"format": 1, "extra": {}})),
                      r"recipe\.json is not a quantized-model recipe: no \"quant\" settings object"),
+        # a setting another version of saq wrote (or a hand edit): said as the file's, not as the user's quant.*
+        "new_knob": (lambda d: (d / "recipe.json").write_text(json.dumps(
+            {**json.loads((d / "recipe.json").read_text()), "quant": {**json.loads((d / "recipe.json").read_text())[
+                "quant"], "newknob": 1}})),
+                     r"recipe\.json: its quant settings are not valid in this version of saq \(quant\.newknob is not "
+                     r"a known key; .*\); save the model again"),
         "truncated": (lambda d: (d / "quantized_state.pt").write_bytes((d / "quantized_state.pt").read_bytes()[:200]),
                       r"quantized_state\.pt is truncated or not a PyTorch file"),
         "no_state": (lambda d: (d / "quantized_state.pt").unlink(),

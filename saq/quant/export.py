@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from saq.errors import SaqError
+from saq.quant.config import QuantConfig
 from saq.quant.model import iter_quantizers, quant_config, quantize
 from saq.quant.quantizers import Quantizer, QuantState
 
@@ -76,6 +77,11 @@ def read_recipe(directory: str | Path) -> dict:
         if not isinstance(recipe.get(key, {}), dict):
             raise SaqError(f"{path} is not a quantized-model recipe: \"{key}\" is not an object")
     _read_legacy_weight_axis(recipe["quant"], path)
+    try:  # said as the file's, not as if the user had typed a bad quant.* setting
+        QuantConfig.from_cfg(recipe["quant"])
+    except SaqError as exc:
+        raise SaqError(f"{path}: its quant settings are not valid in this version of saq ({exc}); save the model "
+                       "again (a run with quant.save)") from None
     return recipe
 
 
