@@ -31,6 +31,9 @@ def tool_args(argv: Sequence[str], usage: str, options: dict[str, tuple[str, ...
             return True
 
     paths = [a for a in argv if not is_option(a)]
+    missing = [a for a in argv if is_option(a) and a.split("=", 1)[0] not in options]
+    if not paths and missing:  # a sweep job's folder name mistyped: not 'got 0 folders'
+        raise SaqError(f"no such folder: {missing[0]} (nor an option of this tool); usage: {usage}")
     if len(paths) != 1:
         raise SaqError(f"expected one folder, got {len(paths)}{': ' + ', '.join(paths) if paths else ''}; "
                        f"usage: {usage}")

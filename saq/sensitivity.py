@@ -33,6 +33,8 @@ from saq.log import (
     SENSITIVITY_FILE,
     RunDirHeld,
     claim_run_dir,
+    labelled_config,
+    method_label,
     set_aside,
     shown_path,
     write_json_atomic,
@@ -60,6 +62,9 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     from saq.saved import SAVED_DIR, load_run, loaded_provenance, saved_dir
 
     results = Path(run_dir) / RESULTS_FILE
+    if Path(run_dir).is_file():
+        raise SaqError(f"sensitivity: {run_dir} is a file; give its folder ({Path(run_dir).parent}), the directory of "
+                       "a finished quantized run")
     if not Path(run_dir).is_dir():
         raise SaqError(f"sensitivity: no such directory: {run_dir}; give the directory of a finished quantized run")
     if not results.is_file():
@@ -79,8 +84,9 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     if cfg.quant.name == "fp":
         raise SaqError(f"sensitivity: {run_dir} is an FP run; give a quantized run's directory")
     device = check_device(device or cfg.get("device") or "cpu", "device")
-    if threads or cfg.get("threads"):
-        torch.set_num_threads(threads or cfg.threads)
+    own_threads = threads or cfg.get("threads") or record.get("threads_used")  # threads=null: what the run had
+    if own_threads:
+        torch.set_num_threads(own_threads)
     if max_images is not None:
         cfg.task.max_images = max_images
     # the run is rebuilt as it was: what it read must be where it had it (this tool has no settings to move it)
@@ -190,7 +196,8 @@ class SensitivityFile:
         from saq.report import METRIC_ORDER
 
         self.path, self.report = run_dir / SENSITIVITY_FILE, report
-        self.header = {"run_dir": str(run_dir), "method": record.get("method"), "model": cfg.model.name,
+        # a quant.load run is labelled by the run that made its model, as in the report and W&B
+        self.header = {"run_dir": str(run_dir), "method": method_label(labelled_config(record)), "model": cfg.model.name,
                        "quant": cfg.quant.name, "task": task, "images": cfg.task.get("max_images") or "all",
                        "metric": METRIC_ORDER.get(task, [None])[0],
                        "fp": None}

@@ -457,6 +457,9 @@ def test_report_arguments_are_a_path_and_key_value_options(tmp_path, capsys, mon
         tool_args([str(job), "out=a", "out=b"], "usage", {"out": None})
     assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "expected one folder, got 2: " in capsys.readouterr().err
+    # a job folder's name mistyped (or not there): named as a missing folder, not 'expected one folder, got 0'
+    with pytest.raises(SaqError, match=r"^no such folder: clip=mse,quant=w3a3 \(nor an option of this tool\); usage"):
+        tool_args(["clip=mse,quant=w3a3", "out=x"], "usage", {"out": None})
 
 
 def test_deploy_refuses_an_unknown_softmax_mode(tmp_path, capsys):

@@ -64,6 +64,8 @@ def test_sensitivity_switches_one_part_off_at_a_time(synthetic_root, tmp_path, c
     assert "no module 'mask_decoder.nope' in quantized sam_tiny" in capsys.readouterr().err
     assert main([str(tmp_path), "parts=image_encoder"]) == 2
     assert "results.json not found" in capsys.readouterr().err
+    assert main([str(tmp_path / "first" / "results.json")]) == 2  # was 'no such directory'
+    assert f"results.json is a file; give its folder ({tmp_path / 'first'})" in capsys.readouterr().err
     assert main([str(tmp_path / "first"), "max_images=two"]) == 2
     assert "whole numbers" in capsys.readouterr().err
     assert main([str(tmp_path / "first"), "threads=-1"]) == 2
@@ -137,7 +139,7 @@ def test_sensitivity_that_cannot_write_its_file_still_measures(synthetic_root, t
 
 def test_sensitivity_of_a_run_that_loaded_its_own_folders_model(synthetic_root, tmp_path, w8a8_run):
     from saq.log import claim_run_dir
-    from saq.sensitivity import FULL, main
+    from saq.sensitivity import FULL, main, sensitivity
 
     run = tmp_path / "run"
     copy_run(w8a8_run, run)  # a W8A8 run on 1 image
@@ -146,10 +148,22 @@ def test_sensitivity_of_a_run_that_loaded_its_own_folders_model(synthetic_root, 
                                      f"quant.load={run / SAVED_DIR}"), run)  # its model stays in the folder
     assert loaded["metrics"]["quantized"]["masks_per_image"] > 0  # masks voted: mIoU is not the coarse prior's alone
     assert main([str(run), "parts=mask_decoder"]) == 0  # holds the folder once, not twice (another process)
-    rows = json.loads((run / "sensitivity.json").read_text())["rows"]
-    assert untimed(rows[FULL]) == untimed(loaded["metrics"]["quantized"])
+    written = json.loads((run / "sensitivity.json").read_text())
+    assert untimed(written["rows"][FULL]) == untimed(loaded["metrics"]["quantized"])
+    # labelled by the run that made the model, as the report labels it (the loading run's own method is 'custom')
+    assert written["method"] == "minmax (custom)"
     with claim_run_dir(run):  # ... and another process holding it still stops the tool
         assert main([str(run), "parts=mask_decoder"]) == 2
+    # a run made with threads=null is rebuilt at the thread count it ran with, not this process's
+    record = json.loads((run / "results.json").read_text())
+    record["config"]["threads"], record["threads_used"] = None, 1
+    (run / "results.json").write_text(json.dumps(record))
+    torch.set_num_threads(2)
+    try:
+        sensitivity(run, [], report=lambda line: None, save=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_sensitivity_names_what_it_needs_not_settings_it_lacks(synthetic_root, tmp_path, capsys):
