@@ -207,8 +207,8 @@ def categories_in_file_order(coco: COCO) -> dict[int, str | None]:
 
 
 def shifted_categories_line(coco: COCO, source: PromptSource, image_ids: list[int]) -> str | None:
-    """What to say when a detections file's classes look shifted against the annotations, or None. Its boxes that
-    overlap a labelled object (IoU >= 0.5) should mostly carry that object's category; when most carry the category
+    """What to say when a detections file's classes look shifted against the annotations, or None. The best box on
+    each labelled object (IoU >= 0.5, highest score) should mostly carry that object's category; when most carry the category
     a fixed number of places away in the file's list instead (a detector's class indices 0..N-1 written as ids 1..N),
     every one is a false positive to mask AP, and nothing else would say so."""
     order = {cid: i for i, cid in enumerate(categories_in_file_order(coco))}
@@ -222,15 +222,20 @@ def shifted_categories_line(coco: COCO, source: PromptSource, image_ids: list[in
         xywh = [np.concatenate([b.boxes[:, :2], b.boxes[:, 2:] - b.boxes[:, :2]], 1).astype(np.float64)
                 for b in (dets, gt)]
         iou = np.asarray(mask_utils.iou(xywh[0], xywh[1], [0] * len(gt))).reshape(len(dets), len(gt))
+        # one vote per labelled object, its highest-scoring box: the low-score boxes of other classes a detector
+        # leaves on every object (score_thr 0.05) would spread the votes and hide the shift
+        voter: dict[int, int] = {}
         for d, g in enumerate(iou.argmax(1)):
-            if iou[d, g] >= 0.5:
-                offsets[order[int(dets.labels[d])] - order[int(gt.labels[g])]] += 1
+            if iou[d, g] >= 0.5 and (g not in voter or dets.scores[d] > dets.scores[voter[g]]):
+                voter[int(g)] = d
+        for g, d in voter.items():
+            offsets[order[int(dets.labels[d])] - order[int(gt.labels[g])]] += 1
     matched = sum(offsets.values())
     shift, most = max(((k, v) for k, v in offsets.items() if k), key=lambda kv: kv[1], default=(0, 0))
     if matched < 10 or offsets[0] >= matched / 2 or most <= matched / 2:
         return None
-    return (f"of its {matched} boxes on a labelled object (IoU >= 0.5) on the evaluated images, {offsets[0]} carry "
-            f"that object's category_id and {most} the category {abs(shift)} place{'s' if abs(shift) > 1 else ''} "
+    return (f"of the {matched} labelled objects its boxes cover (IoU >= 0.5) on the evaluated images, the "
+            f"highest-scoring box carries the object's category_id on {offsets[0]} and on {most} the category {abs(shift)} place{'s' if abs(shift) > 1 else ''} "
             f"{'after' if shift > 0 else 'before'} it in the annotation file; are its ids shifted (a detector's class "
             "indices 0..N-1 written as category ids)? Mask AP counts such boxes as wrong")
 
