@@ -235,7 +235,8 @@ def shifted_categories_line(coco: COCO, source: PromptSource, image_ids: list[in
     if matched < 10 or offsets[0] >= matched / 2 or most <= matched / 2:
         return None
     return (f"of the {matched} labelled objects its boxes cover (IoU >= 0.5) on the evaluated images, the "
-            f"highest-scoring box carries the object's category_id on {offsets[0]} and on {most} the category {abs(shift)} place{'s' if abs(shift) > 1 else ''} "
+            f"highest-scoring box carries the object's category_id on {offsets[0]} and on {most} the category "
+            f"{abs(shift)} place{'s' if abs(shift) > 1 else ''} "
             f"{'after' if shift > 0 else 'before'} it in the annotation file; are its ids shifted (a detector's class "
             "indices 0..N-1 written as category ids)? Mask AP counts such boxes as wrong")
 

@@ -116,7 +116,7 @@ class JitteredBoxes(PromptSource):
         return BoxPrompts(np.stack([x0, y0, x1, y1], 1).astype(np.float32), gt.scores, gt.labels)
 
     def fingerprint(self) -> str:
-        return f"jittered-{self.scale}-{self.max_px}-{self.seed}"
+        return f"jittered-{float(self.scale)}-{float(self.max_px)}-{self.seed}"  # max_px=20 is the default 20.0
 
 
 class DetectionsFile(PromptSource):
@@ -521,8 +521,8 @@ class DetectionsFile(PromptSource):
         if bare and which == "evaluated" and tuple(image_keys) not in self._bare_said:
             self._bare_said.add(tuple(image_keys))
             print(f"detections file {self.path}: {len(bare)} of the {len(image_keys)} evaluated images have no "
-                  f"detection reaching prompts.score_threshold={self.score_threshold} (first: {bare[0]!r}); their "
-                  "objects count as missed")
+                  f"detection reaching prompts.score_threshold={self.score_threshold} (first: {bare[0]!r}); labelled "
+                  "objects on them count as missed")  # the source does not know which images have objects
 
     @property
     def calibration_uses_ground_truth(self) -> bool:

@@ -176,6 +176,9 @@ def test_jittered_boxes_are_seeded_and_stay_in_the_image(synthetic_root):
     # each image has noise of its own (seeded by its key, not only by the seed)
     other = JitteredBoxes(0.1, 20, seed=3).for_image(7, gt, (256, 256))
     assert not np.array_equal(a.boxes, other.boxes)
+    # the FP cache key of a setting does not depend on how its numbers were written (max_px=20 is the default 20.0)
+    assert JitteredBoxes(0.1, 20, seed=3).fingerprint() == JitteredBoxes(0.1, 20.0, seed=3).fingerprint()
+    assert JitteredBoxes(0.1, 20, seed=3).fingerprint() != JitteredBoxes(0.1, 21, seed=3).fingerprint()
 
 
 def test_jittered_boxes_noise_scales_with_the_box_and_stops_at_the_cap():
@@ -407,7 +410,7 @@ def test_detections_must_name_the_datasets_images_and_categories(synthetic_root,
         task.prompts.require_prompts(task.image_ids())
     assert capsys.readouterr().out == (f"detections file {tmp_path / 'partial.json'}: 1 of the 3 evaluated images "
                                        f"have no detection reaching prompts.score_threshold=0.05 (first: "
-                                       f"{task.image_ids()[2]!r}); their objects count as missed\n")
+                                       f"{task.image_ids()[2]!r}); labelled objects on them count as missed\n")
     # a byte-order mark (some Windows editors write one) is not part of the JSON
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "extra.json").read_bytes())
     bom = DetectionsFile(str(tmp_path / "bom.json"))
