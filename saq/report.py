@@ -192,37 +192,51 @@ def load_runs(root: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
     return runs, skipped
 
 
+def modified(path: Path) -> float | None:
+    """The file's mtime, or None when it is not there (any more: a job beside the report may finish meanwhile and
+    remove its running.json)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def load_failures(root: Path) -> list[dict]:
     failures = []
     for path in files_named(root, FAILURE_FILE):
-        results = path.parent / RESULTS_FILE
-        if results.exists() and results.stat().st_mtime >= path.stat().st_mtime:
+        mtime, finished = modified(path), modified(path.parent / RESULTS_FILE)
+        if mtime is None or (finished is not None and finished >= mtime):
             continue  # an earlier attempt's: the job has finished since (rerun, or run by hand into its folder)
         try:
             record = json.loads(path.read_text())
             failures.append({"path": path, "error": str(record.get("error", "?")),
-                             "overrides": list(record.get("overrides") or []), "mtime": path.stat().st_mtime})
+                             "overrides": list(record.get("overrides") or []), "mtime": mtime})
+        except FileNotFoundError:  # removed since it was listed: its job was rerun and finished
+            continue
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             failures.append({"path": path, "error": "unreadable failure.json", "overrides": [], "mtime": 0.0})
     for path in files_named(root, RUNNING_FILE):  # a job that started and never ended
         # a later record of the folder tells what became of it: a finished run, or a failure.json of its own (an
         # older failure.json is an earlier attempt's, which this killed one replaces)
-        failed, results = path.parent / FAILURE_FILE, path.parent / RESULTS_FILE
-        if results.exists() and results.stat().st_mtime >= path.stat().st_mtime:
+        failed = path.parent / FAILURE_FILE
+        mtime, finished, failed_at = modified(path), modified(path.parent / RESULTS_FILE), modified(failed)
+        if mtime is None or (finished is not None and finished >= mtime):
             continue
-        if failed.exists():
-            if failed.stat().st_mtime >= path.stat().st_mtime:
+        if failed_at is not None:
+            if failed_at >= mtime:
                 continue
             failures = [f for f in failures if f["path"] != failed]
         try:
             record = json.loads(path.read_text())
             started = f"started {record.get('time', '?')}, pid {record.get('pid', '?')} on {record.get('host', '?')}"
             overrides = list(record.get("overrides") or [])
+        except FileNotFoundError:  # the job ended since it was listed
+            continue
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             started, overrides = "unreadable running.json", []
         alive = folder_in_use(path.parent)  # its run lock is held while the job's process lives, on any host
         failures.append({"path": path, "error": f"{'still running' if alive else 'did not finish: killed'} ({started})",
-                         "overrides": overrides, "mtime": path.stat().st_mtime, "running": alive})
+                         "overrides": overrides, "mtime": mtime, "running": alive})
     return failures
 
 
@@ -425,6 +439,9 @@ def build_tables(entries: list[Entry], duplicates: list[Path],
         if key in chosen and e.label != FP_ROW and not e.label.endswith(DEPLOYED_SUFFIX):  # a run listed once
             duplicates.append(chosen[key].path)
         chosen[key] = e
+    # an int8 row only beside its own run's quantized row: an older duplicate's would sit under the newer's number
+    counted = {e.path for e in chosen.values() if e.label != FP_ROW and not e.label.endswith(DEPLOYED_SUFFIX)}
+    chosen = {key: e for key, e in chosen.items() if not e.label.endswith(DEPLOYED_SUFFIX) or e.path in counted}
     by_table: dict[tuple[str, str], list[Entry]] = defaultdict(list)
     for e in chosen.values():
         by_table[(e.task, e.prompts)].append(e)

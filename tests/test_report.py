@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from saq import report as report_module
 from saq.log import METHOD_PRESETS
 from saq.report import build_report, main, markdown_table, write_report
 from tests.conftest import REPO
@@ -693,6 +696,25 @@ def test_an_integer_beyond_float_range_is_skipped_with_its_name(tmp_path):
         ("huge", "metrics.quantized.mIoU is an integer beyond float range")]
 
 
+def test_records_removed_while_the_report_reads_are_passed_over(tmp_path, monkeypatch):
+    # a job beside the report finishing meanwhile removes its running.json: was a FileNotFoundError from stat()
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "running.json").write_text("{}")
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / "failure.json").write_text("{}")
+    listed = list(report_module.files_named(tmp_path, "running.json"))
+
+    def files_named(root, name):
+        found = list(report_module_files_named(root, name))
+        for path in found:
+            path.unlink()  # listed, then removed before it is read
+        return found
+
+    report_module_files_named = report_module.files_named
+    monkeypatch.setattr(report_module, "files_named", files_named)
+    assert listed and report_module.load_failures(tmp_path) == []
+
+
 def test_a_failure_older_than_the_finished_run_is_not_listed(tmp_path):
     path = put(tmp_path, "job", record(ap=0.5))
     (tmp_path / "job" / "failure.json").write_text(json.dumps({"error": "old error", "overrides": []}))
@@ -720,6 +742,15 @@ def test_deploy_does_not_split_a_row(tmp_path):
     put(tmp_path, "copy/s1", json.loads((tmp_path / "s1" / "results.json").read_text()))
     assert len(build_report(tmp_path).duplicates) == 1
     (tmp_path / "copy" / "s1" / "results.json").unlink()
+    # a newer run of that config without deploy replaces it: the older one's int8 row goes with it (it sat under
+    # the newer run's number)
+    newer = record(seed=1, ap=0.74)
+    put(tmp_path, "rerun/s1", newer)
+    os.utime(tmp_path / "rerun/s1/results.json", (time.time() + 5, time.time() + 5))
+    report = build_report(tmp_path)
+    assert markdown_table(next(t for t in report.tables if t.metric == "mask_AP")).splitlines()[3:] == [
+        "| mse | 72.00 ± 2.83 |"] and report.duplicates == [tmp_path / "s1" / "results.json"]
+    shutil.rmtree(tmp_path / "rerun")
     # a deploy=true run whose int8 evaluation failed is a failed job (its failure.json is listed), not a result
     rec = record(seed=2, ap=0.9)
     rec["config"]["deploy"] = True
