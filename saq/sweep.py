@@ -66,18 +66,20 @@ def job_dirname(overrides: str, max_len: int = 160) -> str:
     value, the seed's too, stays readable, plus a hash of the whole; still too long, it keeps its start.
     """
     name = re.sub(r"[%/\\\x00]", lambda m: f"%{ord(m.group()):02X}", overrides) or "default"
-    if len(name) <= max_len:
+    if len(name.encode()) <= max_len:
         return name
     short = re.sub(r"(^|,)([+~]*)(?:[\w-]+\.)+(?=[\w-]+=)", r"\1\2", name)
     return bounded_name(short, overrides, max_len, always_hash=True)
 
 
 def bounded_name(name: str, source: str, max_len: int, always_hash: bool = False) -> str:
-    """name when it fits in max_len characters, else its start plus a hash of source (what it was made from), so
-    names made from different sources stay different (file systems refuse components over 255 bytes); always_hash:
-    the hash also on a name that fits (one shortened from source)."""
-    if len(name) > max_len or always_hash:
-        name = f"{name[:max_len]}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
+    """name when it fits in max_len bytes (UTF-8), else its start plus a hash of source (what it was made from), so
+    names made from different sources stay different (file systems refuse components over 255 bytes; a non-ASCII
+    path in an override takes up to 4 a character); always_hash: the hash also on a name that fits (one shortened
+    from source)."""
+    if len(name.encode()) > max_len or always_hash:
+        start = name.encode()[:max_len].decode(errors="ignore")  # cut on a character boundary
+        name = f"{start}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
     return name
 
 

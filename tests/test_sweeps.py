@@ -530,6 +530,11 @@ def test_job_dirname_is_one_safe_component_and_bounded():
     assert name.startswith("+sweeps=seeds,calib_images=2,block=20,decoder_block=20,") and \
         ",paper_eval_compat=false,seed=1,max_images=4-" in name
     assert job_dirname(long.replace("task.max_images", "task.other.max_images")) != name
+    # bounded in bytes, the file system's unit: a non-ASCII path in an override (3 bytes a character) was cut at
+    # 160 characters, 335 bytes, and Hydra's mkdir failed with 'File name too long'
+    wide = job_dirname("seed=0,task.data.root=/数据/" + "分割图像" * 40)
+    assert len(wide.encode()) <= 171 and wide.startswith("seed=0,root=%2F数据%2F分割")
+    assert job_dirname("seed=0,task.data.root=/数据/" + "分割图像" * 40 + "x") != wide
 
 
 # ------------------------------------------------------------------ W&B conventions
