@@ -230,17 +230,20 @@ def tee_run_log(path: Path, command: str = ""):
 SENSITIVITY_FILE = "sensitivity.json"  # saq.sensitivity's rows for a run, beside its results.json
 SAVED_DIR = "quantized_model"  # a run's saved quantized model (saq.saved), inside its run directory
 DEPLOY_DIR = "deployed"  # its int8 ONNX Runtime deployment (saq.deploy)
+WANDB_DIR = "wandb"  # W&B's own folder in a run directory (wandb.init(dir=run_dir)): offline runs wait there for sync
 
 
 def set_aside_run(run_dir: Path, why: str, keep: Sequence[str] = ()) -> Path:
     """Set an earlier run's results.json aside with what belongs to it: its figures (this run's would replace only
-    some, and W&B uploads every PNG in the folder), a sensitivity analysis of it, its Hydra record, and its saved
-    model and deployment unless named in `keep` (the run replacing it wrote or read them). Returns results.json's
-    new path."""
+    some, and W&B uploads every PNG in the folder), a sensitivity analysis of it, its Hydra record, its W&B folder
+    (`wandb sync .../wandb/offline-run-*` would upload the replaced run beside the new one, under the same name),
+    and its saved model and deployment unless named in `keep` (the run replacing it wrote or read them). Returns
+    results.json's new path."""
     run_dir = Path(run_dir)
     folders = [run_dir / name for name in (SAVED_DIR, DEPLOY_DIR) if name not in keep]
     stamp = set_aside_stamp()  # one for all
-    for path in [*run_figures(run_dir), run_dir / SENSITIVITY_FILE, run_dir / HYDRA_RECORD_DIR, *folders]:
+    for path in [*run_figures(run_dir), run_dir / SENSITIVITY_FILE, run_dir / HYDRA_RECORD_DIR, run_dir / WANDB_DIR,
+                 *folders]:
         if path.exists():
             set_aside(path, why, stamp)
     return set_aside(run_dir / RESULTS_FILE, why, stamp)
@@ -494,7 +497,7 @@ def wandb_run_options(logger_cfg: dict, record: dict, sweep_group: str | None = 
 def run_figures(run_dir: Path) -> list[Path]:
     """PNG figures a run wrote in its directory (not W&B's own files)."""
     run_dir = Path(run_dir)
-    return sorted(p for p in run_dir.rglob("*.png") if "wandb" not in p.relative_to(run_dir).parts[:-1])
+    return sorted(p for p in run_dir.rglob("*.png") if WANDB_DIR not in p.relative_to(run_dir).parts[:-1])
 
 
 def _multirun_job() -> tuple[str | None, str | None]:
@@ -545,7 +548,7 @@ def log_to_wandb(logger_cfg: dict, record: dict, run_dir: Path) -> str | None:
             print(f"W&B: {url}")
             return url
         # offline (the default): say where the run went and how to upload it
-        where = sync_dir or str(run_dir / "wandb")
+        where = sync_dir or str(run_dir / WANDB_DIR)
         print(f"W&B: offline run in {where} (upload: wandb sync {where})")
         return where
     except Exception as exc:  # a logging backend must never cost the user their results

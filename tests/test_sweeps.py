@@ -494,9 +494,11 @@ def test_files_set_aside_together_share_one_time_stamp(tmp_path, monkeypatch):
     (tmp_path / "results.json").write_text("{}")
     (tmp_path / "quantized_model").mkdir()
     (tmp_path / "attention.png").write_bytes(b"png")
+    (tmp_path / "wandb" / "offline-run-20261202_000000-abc").mkdir(parents=True)  # awaiting `wandb sync`
     set_aside_run(tmp_path, "previous")
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert [n.split(".")[0] for n in names] == ["attention", "quantized_model", "results"]
+    assert [n.split(".")[0] for n in names] == ["attention", "quantized_model", "results", "wandb"]
+    assert not list(tmp_path.glob("wandb/offline-run-*"))  # the README's sync glob (*/wandb/offline-run-*) misses it
     assert len({n.split(".")[-2] for n in names}) == 1, names  # one run's files, renamed alike
 
 
