@@ -427,15 +427,26 @@ def paper_compat_evaluation(record: dict) -> bool:
     return str((record.get("recon") or {}).get("eval_mode", "")).startswith("paper_compat")
 
 
+PART_BITS_KEYS = tuple(f"quant.{part}.{key}" for part in ("encoder", "decoder") for key in ("enabled", "w_bits", "a_bits"))
+
+
 def bits_label(config: dict) -> str:
-    """w<W>a<A> from the bit-widths actually set (so quant.w_bits=5 on w4a4 is not labelled w4a4), or 'fp'."""
+    """w<W>a<A> from the bit-widths actually set (so quant.w_bits=5 on w4a4 is not labelled w4a4), or 'fp'; a part
+    kept FP or at its own widths says so (w4a4 (decoder fp), w4a4 (encoder w8a4)): another column of a table."""
     quant = config.get("quant") if isinstance(config.get("quant"), dict) else {}
     if quant.get("name", "fp") == "fp":
         return "fp"
     w_bits, a_bits = quant.get("w_bits"), quant.get("a_bits")
-    if isinstance(w_bits, int) and isinstance(a_bits, int):
-        return f"w{w_bits}a{a_bits}"
-    return str(quant.get("name"))
+    if not (isinstance(w_bits, int) and isinstance(a_bits, int)):
+        return str(quant.get("name"))
+    parts = []
+    for part in ("encoder", "decoder"):
+        spec = quant.get(part) if isinstance(quant.get(part), dict) else {}
+        if spec.get("enabled") is False:
+            parts.append(f"{part} fp")
+        elif (spec.get("w_bits") or w_bits, spec.get("a_bits") or a_bits) != (w_bits, a_bits):
+            parts.append(f"{part} w{spec.get('w_bits') or w_bits}a{spec.get('a_bits') or a_bits}")
+    return f"w{w_bits}a{a_bits}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def labelled_config(record: dict) -> dict:

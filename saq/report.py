@@ -28,6 +28,7 @@ from saq.log import (
     CUSTOM_SUFFIX,
     METHOD_PRESETS,
     PAPER_COMPAT_SUFFIX,
+    PART_BITS_KEYS,
     RESULTS_FILE,
     bits_label,
     flatten,
@@ -269,7 +270,7 @@ def entries_of(run: dict) -> list[Entry]:
 SEED_FOLLOWERS = ("prompts.seed", "task.coarse.seed", "recon.seed")
 # Keys that name a table column (model, bit-width) rather than a row, and keys that change where or how a run
 # works but not its numbers.
-COLUMN_KEYS = ("quant.name", "quant.w_bits", "quant.a_bits")
+COLUMN_KEYS = ("quant.name", "quant.w_bits", "quant.a_bits", *PART_BITS_KEYS)  # bits_label's
 # Keys that only choose what a run calibrates on (the FP model and the evaluation images do not depend on them).
 CALIBRATION_KEYS = ("task.calib.", "prompts.calib_file", "task.generate.n_train")
 NO_EFFECT_KEYS = ("seed", "deploy", "quant.load", "recon.paper_eval_compat", *RESUME_IGNORED_NESTED)
@@ -354,8 +355,9 @@ def _name_departures(members: list[Entry], key: str, shown: dict[int, list[str]]
 
 
 def _evaluation_key(key: str) -> bool:
-    """Keys that choose what a run is evaluated on (images, prompts): cells side by side must share them."""
-    return key.split(".")[0] in ("task", "prompts") and _row_key_relevant(key, True)
+    """Keys that choose what a run is evaluated on (images, prompts, the device whose float sums 4-bit rounding
+    amplifies): cells side by side must share them."""
+    return key.split(".")[0] in ("task", "prompts", "device") and _row_key_relevant(key, True)
 
 
 def assign_rows(entries: list[Entry]) -> None:

@@ -70,6 +70,30 @@ def test_runs_of_other_weights_at_the_same_checkpoint_path_are_other_rows(tmp_pa
 
 
 
+def test_a_part_kept_fp_or_at_its_own_widths_is_a_column_and_another_device_is_named(tmp_path):
+    from saq.log import bits_label
+
+    quant = {"name": "w4a4", "w_bits": 4, "a_bits": 4, "encoder": {"enabled": True, "w_bits": None, "a_bits": None},
+             "decoder": {"enabled": True, "w_bits": None, "a_bits": None}}
+    assert bits_label({"quant": quant}) == "w4a4"
+    assert bits_label({"quant": {**quant, "decoder": {"enabled": False}}}) == "w4a4 (decoder fp)"
+    assert bits_label({"quant": {**quant, "encoder": {"enabled": True, "w_bits": 8}}}) == "w4a4 (encoder w8a4)"
+    # in a report: such a run sat unnamed in the W4A4 column and took its bold (74 against 62 and 60)
+    for name, clip, ap, part, device in (("a", "mse", 0.62, {}, "cpu"), ("b", "pcc", 0.60, {}, "cpu"),
+                                         ("c", "minmax", 0.74, {"decoder": {"enabled": False}}, "cpu"),
+                                         ("d", "percentile", 0.70, {}, "cuda")):
+        rec = record(bits=4, clip=clip, ap=ap, fp_ap=0.80)
+        rec["config"]["quant"], rec["config"]["device"] = {**quant, **part}, device
+        rec["quant"] = bits_label(rec["config"])
+        put(tmp_path, name, rec)
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    rows = markdown_table(table).splitlines()
+    assert rows[0] == "| method | sam_tiny W4A4 | sam_tiny W4A4 (DECODER FP) |", rows
+    # the cuda run is named, as its FP row is, and does not compete with the cpu runs (float sums differ)
+    assert "| mse | **62.00** | – |" in rows and "| minmax (custom) | – | 74.00 |" in rows, rows
+    assert "| percentile device=cuda | 70.00 | – |" in rows, rows
+
+
 def test_the_same_weights_at_another_path_are_the_same_rows(tmp_path):
     # a copy of the checkpoint (another machine, another folder): one FP row, and its run competes for the best
     checkpoint = {"checkpoint_sha256": "a" * 64}
