@@ -90,7 +90,7 @@ class Entry:
     paper_row: str | None = None  # the published row this run corresponds to (paper_results.paper_row)
     paper_departures: int = 0  # method knobs in which the run leaves its paper row's preset (paper_setting_departures)
     row: str = ""
-    other_evaluation: bool = False  # evaluated on other images or prompts than most of its table
+    evaluation: str = ""  # what it was evaluated on or with, where that leaves its table's most common ("": the same)
     threads: object = None  # the thread count the run used (threads=null: the process's own)
 
 
@@ -125,7 +125,7 @@ class Table:
     row_paper: dict[str, str | None]  # row -> the paper's row it corresponds to, if any
     cells: dict[tuple[str, tuple[str, str]], Cell]
     seeds: dict[tuple[str, tuple[str, str]], list]
-    other_evaluation: set[str] = field(default_factory=set)  # rows evaluated on other images or prompts
+    evaluation: dict[str, str] = field(default_factory=dict)  # row -> its Entry.evaluation (absent: the common)
     threads: dict[tuple[str, tuple[str, str]], list] = field(default_factory=dict)  # per cell, as seeds
     row_departures: dict[str, int] = field(default_factory=dict)  # row -> knobs off its paper row's preset
 
@@ -136,12 +136,17 @@ class Table:
                 if len(set(map(str, self.threads.get((row, col), [])))) > 1]
 
     def best(self, column: tuple[str, str]) -> set[str]:
-        """Quantized rows with the highest mean in this column (none when fewer than two rows compete, or all tie)."""
-        # FP, paper-compat and rows evaluated on other data than the table do not compete
+        """Quantized rows with the highest mean in this column (none when fewer than two rows compete, or all tie).
+        FP and paper-compat rows do not compete; of the others, only the rows evaluated alike compete: the column's
+        most common evaluation (images, prompts, weights, device), none when two are as common."""
         scored = {r: self.cells[(r, column)].mean for r in self.rows
                   if self.row_label[r] != FP_ROW and not self.row_label[r].endswith(EVALUATION_SUFFIXES)
-                  and r not in self.other_evaluation and (r, column) in self.cells}
+                  and (r, column) in self.cells}
         scored = {r: v for r, v in scored.items() if math.isfinite(v)}  # a NaN mean would hide every best (shown)
+        kinds = Counter(self.evaluation.get(r, "") for r in scored).most_common(2)
+        if len(kinds) == 2 and kinds[0][1] == kinds[1][1]:
+            return set()
+        scored = {r: v for r, v in scored.items() if kinds and self.evaluation.get(r, "") == kinds[0][0]}
         if len(scored) < 2:
             return set()
         top = max(scored.values())
@@ -386,9 +391,10 @@ def assign_rows(entries: list[Entry]) -> None:
             for members in scopes.values():
                 _name_departures(members, k, shown)
     for table in tables.values():
-        other: set[int] = set()
+        evaluated: dict[int, list[str]] = defaultdict(list)  # id(entry) -> the evaluation keys it departs in
         for k in sorted({k for e in table for k in e.flat if _evaluation_key(k)}):
-            other |= _name_departures(table, k, shown)
+            for i in _name_departures(table, k, shown):
+                evaluated[i].append(k)
         # the model's weights (model.weights, planted outliers) across methods too, model by model: a method whose
         # only run used other weights is named, and does not compete for the best cell against the common ones
         by_model: dict[str, list[Entry]] = defaultdict(list)
@@ -396,16 +402,17 @@ def assign_rows(entries: list[Entry]) -> None:
             by_model[e.model].append(e)
         for members in by_model.values():
             for k in sorted({k for e in members for k in e.flat if k.startswith("model.") and _row_key_relevant(k, True)}):
-                other |= _name_departures(members, k, shown)
-        for e in table:  # evaluated on other data than most of the table: it does not compete for a column's best
-            e.other_evaluation = id(e) in other
+                for i in _name_departures(members, k, shown):
+                    evaluated[i].append(k)
+        for e in table:  # competes for a column's best only with the runs evaluated alike
+            e.evaluation = ", ".join(f"{k}={_row_value(e, k)}" for k in sorted(evaluated[id(e)]))
     for e in entries:
         suffix = ", ".join(f"{k}={_row_value(e, k)}" for k in sorted(shown[id(e)]))
         e.row = f"{e.label} {suffix}" if suffix else e.label
     quantized = {e.path: e for e in entries if e.label != FP_ROW}
     for e in deployed:
         base = quantized[e.path]
-        e.row, e.other_evaluation = e.label + base.row[len(base.label):], base.other_evaluation
+        e.row, e.evaluation = e.label + base.row[len(base.label):], base.evaluation
 
 
 def _bits_order(bits: str) -> tuple:
@@ -491,7 +498,7 @@ def build_tables(entries: list[Entry], duplicates: list[Path],
                     threads.setdefault((e.row, col), []).append(e.threads)
             used_rows = [r for r in rows if any((r, c) in cells for c in columns)]
             tables.append(Table(task, prompts, metric, columns, used_rows, row_label, row_paper, cells, seeds,
-                                {e.row for e in group if e.other_evaluation}, threads, dict(row_departures)))
+                                {e.row: e.evaluation for e in group if e.evaluation}, threads, dict(row_departures)))
     if unshown is not None:  # an FP-only run of a seed none of its model's quantized runs ran
         unshown += [(e.path, f"FP-only run of seed {e.seed}: no quantized run of {e.model} in its table ran that "
                              f"seed on its images and prompts ({e.row}), so no column's FP cell takes it")

@@ -63,10 +63,32 @@ def test_runs_of_other_weights_at_the_same_checkpoint_path_are_other_rows(tmp_pa
                     "| mse | 66.00 | 55.00 |",  # not a mean over the two weights' W4A4 runs
                     # on other weights than the table's: named, and not competing for the column's best
                     "| mse model.weights=aaaaaaaaaaaa | – | 60.00 |"]
-    # also a method whose only run used the other weights (compared across methods, not only within one)
+    # also a method whose only run used the other weights (compared across methods, not only within one); the two
+    # W4A4 runs on the a weights now outnumber the one on b: they compete with each other, the b run does not
     put(tmp_path, "pcc", record(bits=4, clip="pcc", ap=0.65, fp_ap=0.80, checkpoint_sha256="a" * 64))
     table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
-    assert "| pcc model.weights=aaaaaaaaaaaa | – | 65.00 |" in markdown_table(table).splitlines()
+    rows = markdown_table(table).splitlines()
+    assert "| pcc model.weights=aaaaaaaaaaaa | – | **65.00** |" in rows, rows
+    assert "| mse model.weights=bbbbbbbbbbbb | 66.00 | 55.00 |" in rows, rows  # alone in W6A6: nothing to beat
+
+
+def test_a_column_whose_runs_all_used_other_images_than_the_table_still_has_a_best(tmp_path):
+    # W6A6 on all images, W8A8 added on 8 images: the W8A8 runs share their images and compete with each other (the
+    # whole column was left out of the race); an even split between two image counts has no best
+    for name, bits, clip, ap, images in (("a", 6, "mse", 0.70, None), ("b", 6, "pcc", 0.72, None),
+                                         ("c", 6, "minmax", 0.60, None), ("d", 8, "mse", 0.70, 8),
+                                         ("e", 8, "pcc", 0.78, 8)):
+        rec = record(bits=bits, clip=clip, ap=ap)
+        rec["config"]["task"]["max_images"] = images
+        put(tmp_path, name, rec)
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    assert table.best(("sam_tiny", "w8a8")) == {"pcc task.max_images=8"}
+    assert table.best(("sam_tiny", "w6a6")) == {"pcc task.max_images=null"}  # its two runs differ: both named
+    put(tmp_path, "f", record(bits=8, clip="minmax", ap=0.80))  # W8A8 now one run on all images, two on 8
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    assert table.best(("sam_tiny", "w8a8")) == {"pcc task.max_images=8"}
+    put(tmp_path, "g", record(bits=8, clip="percentile", ap=0.90))  # two and two: which images is the column's?
+    assert next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP").best(("sam_tiny", "w8a8")) == set()
 
 
 
