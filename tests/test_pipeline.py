@@ -162,10 +162,14 @@ def test_an_earlier_runs_figures_are_set_aside_with_its_results(tmp_path):
     (tmp_path / "wandb" / "media.png").write_bytes(b"W&B's own")
     log.write_results(tmp_path, {"metrics": {"fp": {"mask_AP": 0.6}}})
     # a rerun that draws no PCC figure must not show (or upload) the earlier run's
-    assert log.run_figures(tmp_path) == []  # (W&B's own files are never counted)
+    assert log.run_figures(tmp_path) == []  # (W&B's own files are never counted, set aside or not)
     kept = sorted(p.name.split(".")[0] for p in tmp_path.iterdir() if p.name.endswith(".previous"))
-    assert kept == ["pcc_clip_ranges", "results", "sensitivity"]
-    assert (tmp_path / "wandb" / "media.png").read_bytes() == b"W&B's own"
+    # the earlier run's W&B folder goes with it: `wandb sync */wandb/offline-run-*` would upload it again
+    assert kept == ["pcc_clip_ranges", "results", "sensitivity", "wandb"]
+    assert next(tmp_path.glob("wandb.*.previous/media.png")).read_bytes() == b"W&B's own"
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "media.png").write_bytes(b"W&B's own")  # this run's
+    assert log.run_figures(tmp_path) == []
     # a sweep job recomputed (resume=false, another config, a partial file) sets its earlier figures aside the same way
     (tmp_path / "recon_units.png").write_bytes(b"earlier")
     assert not should_skip(OmegaConf.create({"resume": False}), tmp_path)
