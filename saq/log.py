@@ -442,10 +442,11 @@ def bits_label(config: dict) -> str:
     parts = []
     for part in ("encoder", "decoder"):
         spec = quant.get(part) if isinstance(quant.get(part), dict) else {}
+        own = (spec.get("w_bits") or w_bits, spec.get("a_bits") or a_bits)  # null: the top-level width
         if spec.get("enabled") is False:
             parts.append(f"{part} fp")
-        elif (spec.get("w_bits") or w_bits, spec.get("a_bits") or a_bits) != (w_bits, a_bits):
-            parts.append(f"{part} w{spec.get('w_bits') or w_bits}a{spec.get('a_bits') or a_bits}")
+        elif own != (w_bits, a_bits):
+            parts.append(f"{part} w{own[0]}a{own[1]}")
     return f"w{w_bits}a{a_bits}" + (f" ({', '.join(parts)})" if parts else "")
 
 
