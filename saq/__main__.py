@@ -134,7 +134,7 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.types import ChoiceSweep
     from hydra.errors import ConfigCompositionException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ConfigTypeError
 
     for o in overrides:  # a sweep preset not found from here: said first, as the keys it would add are missing too
         if o.key_or_group == "sweeps" and isinstance(o.value(), str) and not (
@@ -146,6 +146,7 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
              if multirun and o.is_sweep_override() and isinstance(o.value(), ChoiceSweep)
              and (CONF_DIR / o.key_or_group).is_dir()}
     lines, notes = [], []
+    wrong_type = None
     everywhere: dict[str, list[str]] = {}  # swept group -> keys every swept option has (the ++ hint)
     absent = object()
     try:
@@ -157,6 +158,11 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
                     compose(config_name="config", overrides=remaining)
                     break
                 except ConfigCompositionException as exc:
+                    merging = re.match(r"Error merging override (.+)", str(exc))
+                    if merging and isinstance(exc.__cause__, ConfigTypeError) and not missing:
+                        # a mapping where a list belongs or the reverse: Hydra's lines name the wrong type for a list
+                        wrong_type = merge_type_line(merging.group(1), plain, compose)
+                        break
                     found = re.match(r"Could not override '([^']+)'", str(exc))
                     if found is None or not isinstance(exc.__cause__, ConfigAttributeError | ConfigKeyError):
                         if not missing:
@@ -172,7 +178,7 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
                     if len(fewer) == len(remaining):  # a key no override names: nothing to take out, Hydra says it
                         return
                     remaining = fewer
-            if not missing:
+            if not missing and wrong_type is None:
                 return
             for key, lacking in missing:
                 line, presets_have_it = missing_key_line(key, lacking, remaining, compose)
@@ -191,6 +197,8 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
                                      f"{', '.join(v for v in options if v not in having)} not: sweep them apart")
     except Exception:  # noqa: BLE001 - whatever this cannot compose, Hydra reports in its own words
         return
+    if wrong_type is not None:
+        raise SaqError(wrong_type)
     notes[:0] = [f"this multirun sweeps {group}, and Hydra composes its first config without the swept values: to "
                  f"give every job {', '.join(keys)}, write {' '.join(f'++{k}=...' for k in keys)}"
                  for group, keys in everywhere.items()]
@@ -200,6 +208,24 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
     raise SaqError("; ".join([*(keys[0] + tail if len(keys) == 1 else ", ".join(keys) + tail.replace(
         " is not a known key", " are not known keys", 1).replace(" is not a key of ", " are not keys of ", 1).replace(
         " it (choose one)", " them (choose one)", 1) for tail, keys in by_tail.items()), *notes]))
+
+
+def merge_type_line(line: str, overrides: list, compose) -> str | None:
+    """The line for override `line`, whose value is a mapping where the config holds a list or the reverse: what the
+    key holds (from the config composed without it) and how to write it; None for any other type clash."""
+    from omegaconf import DictConfig as Node
+    from omegaconf import ListConfig
+
+    key = next(o.key_or_group for o in overrides if o.input_line == line)
+    cfg = compose(config_name="config", overrides=[o.input_line for o in overrides if o.input_line != line])
+    held = OmegaConf.select(cfg, key.lstrip("+~"), default=None)
+    if isinstance(held, ListConfig):
+        return f"{line}: {key} takes a list (now {OmegaConf.to_container(held)}); write {key}=[...]"
+    if isinstance(held, Node):
+        first = next(iter(held.keys()), "KEY")
+        return (f"{line}: {key} is a group of settings ({', '.join(map(str, held.keys()))}), not a list; set them "
+                f"by name: {key}.{first}=... or {key}={{{first}: ...}}")
+    return None  # anything else is Hydra's to say
 
 
 def missing_key_line(key: str, missing: str, others: list[str], compose) -> tuple[str, bool]:

@@ -753,6 +753,13 @@ def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results
                                            "python -m saq -m quant=w4a4 clip=mse,pcc"),
     (["quant=w4a4", "--cfg", "job", "clip=pcc"], "--cfg comes after an override; Hydra's flags go before the "
                                                  "overrides"),
+    # a mapping where a list belongs and the reverse (Hydra's lines call recon.iters a list)
+    (["quant=w4a4", "clip=percentile", "clip.percentiles={a:1}"], "clip.percentiles={a:1}: clip.percentiles takes a "
+                                                                  "list (now [0.99, 0.999, 0.9999, 0.99999]); write "
+                                                                  "clip.percentiles=[...]"),
+    (["-m", "method=saq_sam", "quant=w4a4,w6a6", "recon.iters=[1,2]"],
+     "recon.iters=[1,2]: recon.iters is a group of settings (stage, layer, block, neck, decoder_layer, decoder_block, "
+     "final_attn), not a list; set them by name: recon.iters.stage=... or recon.iters={stage: ...}"),
     (["quant=w4a4", "quant.nope.deeper=1"], "quant.nope.deeper is not a known key: quant has no nope; its keys: "
                                             "['a_bits', 'agq', 'agq_taus', 'big', 'calib_decode_batch', "
                                             "'calib_images', 'decoder', 'encoder', 'load', 'name', 'save', 'w_bits']"),
