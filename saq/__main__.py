@@ -160,7 +160,7 @@ def check_override_keys(overrides: list, multirun: bool) -> None:
                 except ConfigCompositionException as exc:
                     merging = re.match(r"Error merging override (.+)", str(exc))
                     if merging and isinstance(exc.__cause__, ConfigTypeError) and not missing:
-                        # a mapping where a list belongs or the reverse: Hydra's lines name the wrong type for a list
+                        # a mapping where a list belongs or the reverse: Hydra's lines call a group of settings a list
                         wrong_type = merge_type_line(merging.group(1), plain, compose)
                         break
                     found = re.match(r"Could not override '([^']+)'", str(exc))
@@ -218,7 +218,7 @@ def merge_type_line(line: str, overrides: list, compose) -> str | None:
 
     key = next(o.key_or_group for o in overrides if o.input_line == line)
     cfg = compose(config_name="config", overrides=[o.input_line for o in overrides if o.input_line != line])
-    held = OmegaConf.select(cfg, key.lstrip("+~"), default=None)
+    held = OmegaConf.select(cfg, key, default=None)
     if isinstance(held, ListConfig):
         return f"{line}: {key} takes a list (now {OmegaConf.to_container(held)}); write {key}=[...]"
     if isinstance(held, Node):
