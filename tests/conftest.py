@@ -100,3 +100,17 @@ def copy_run(made, target: Path) -> dict:
     run, record = made
     shutil.copytree(run, target)
     return copy.deepcopy(record)
+
+
+def flip_tensor_byte(path: Path) -> str:
+    """Flip one byte inside the first tensor-data record of a torch zip file (what a bad copy does); its name."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)
+    data[info.header_offset + 30 + name_len + extra_len] ^= 0x40  # the record's first byte, past its local header
+    path.write_bytes(bytes(data))
+    return info.filename

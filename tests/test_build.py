@@ -10,6 +10,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, TwoWayTransf
 
 from saq.errors import SaqError
 from saq.sam.build import ARCHITECTURES, TINY_CHECKPOINT, build_random_sam, build_sam
+from tests.conftest import flip_tensor_byte
 
 
 def test_sam_tiny_has_the_real_encoder_shape_in_small():
@@ -98,6 +99,16 @@ def test_unreadable_checkpoint(tmp_path):
     bad.write_bytes(b"this is not a torch file")
     with pytest.raises(SaqError, match="not a readable PyTorch file"):
         build_sam("sam_tiny", bad)
+
+
+def test_a_checkpoint_with_a_flipped_byte_is_named_not_loaded(tmp_path):
+    # torch.load reads a bad copy's bytes as a weight without a word: the run would quantize another model
+    path = tmp_path / "sam_tiny_copy.pt"
+    path.write_bytes(TINY_CHECKPOINT.read_bytes())
+    record = flip_tensor_byte(path)
+    with pytest.raises(SaqError, match=rf"checkpoint {path} is damaged: its record {record} does not match the "
+                                       r"checksum the file stores \(a broken copy or download\)"):
+        build_sam("sam_tiny", path)
 
 
 def test_checkpoint_that_is_not_a_state_dict(tmp_path):

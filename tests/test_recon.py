@@ -14,6 +14,7 @@ from saq.quant import QuantConfig, QuantizerFactory, QuantState, assert_fully_qu
 from saq.quant.model import calibrate_weights, set_quant_state
 from saq.recon import ReconConfig, Reconstructor, reconstruction_state
 from saq.recon.losses import rounding_regularizer
+from tests.conftest import flip_tensor_byte
 
 
 @dataclass
@@ -459,6 +460,15 @@ def test_a_damaged_checkpoint_is_learned_again_not_a_crash(tmp_path, capsys):
     # the checkpoint is whole again, written through a temporary file of its own that is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recon.pt"]
     assert torch.load(checkpoint, weights_only=True)["done"] == 2
+    # a bad copy (one byte of a tensor flipped) loads in torch without a word: its checksum refuses it
+    intact = checkpoint.read_bytes()
+    flip_tensor_byte(checkpoint)
+    fp, qmodel, data = toy_models()
+    report = Reconstructor(qmodel, fp, cfg, seed=0, progress=False, checkpoint=checkpoint, chain=chain()).run(data=data)
+    assert "does not match its checksum); learning every unit again" in capsys.readouterr().err
+    assert [u.resumed for u in report.units] == [False, False]
+    assert [u.eval_after for u in report.units] == [u.eval_after for u in expected.units]
+    checkpoint.write_bytes(intact)
     # a checkpoint of another layout (a tensor missing) is refused before anything of it is loaded
     saved = torch.load(checkpoint, weights_only=True)
     saved["model"].pop(next(iter(saved["model"])))

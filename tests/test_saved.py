@@ -12,7 +12,7 @@ from saq import pipeline
 from saq.errors import SaqError
 from saq.quant import QuantConfig
 from saq.saved import SAVED_DIR, check_recipe, read_recipe, saved_dir
-from tests.conftest import REPO, copy_run
+from tests.conftest import REPO, copy_run, flip_tensor_byte
 
 torch.set_num_threads(1)
 
@@ -327,6 +327,11 @@ def test_a_broken_saved_model_is_one_line_naming_the_file_before_compute(synthet
                      r"a known key; .*\); save the model again"),
         "truncated": (lambda d: (d / "quantized_state.pt").write_bytes((d / "quantized_state.pt").read_bytes()[:200]),
                       r"quantized_state\.pt is truncated or not a PyTorch file"),
+        # a bad copy: the zip is whole, a weight's bytes are not (torch.load would read them as the weight)
+        "flipped": (lambda d: (torch.save({"w": torch.ones(8)}, d / "quantized_state.pt"),
+                               flip_tensor_byte(d / "quantized_state.pt")),
+                    r"quantized_state\.pt is damaged: its record .*/data/\d+ does not match the checksum the file "
+                    r"stores; save the model again"),
         "no_state": (lambda d: (d / "quantized_state.pt").unlink(),
                      r"not a quantized-model export: .*no_state/quantized_model/quantized_state\.pt is missing"),
     }

@@ -13,6 +13,7 @@ from saq.errors import SaqError
 from saq.quant.config import QuantConfig
 from saq.quant.model import iter_quantizers, quant_config, quantize
 from saq.quant.quantizers import Quantizer, QuantState
+from saq.torchfile import damaged_record
 
 RECIPE_FILE = "recipe.json"
 STATE_FILE = "quantized_state.pt"
@@ -100,12 +101,17 @@ def _read_legacy_weight_axis(quant: dict, path: Path) -> None:
 
 
 def check_state_file(directory: str | Path) -> Path:
-    """directory/quantized_state.pt, checked to exist and to be a whole PyTorch (zip) file without reading it."""
+    """directory/quantized_state.pt, checked to exist and to be a whole PyTorch (zip) file whose records match their
+    checksums (read once, not loaded)."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise SaqError(f"not a quantized-model export: {path} is missing")
     if not zipfile.is_zipfile(path):  # a truncated file has lost the zip directory at its end
         raise SaqError(f"{path} is truncated or not a PyTorch file; save the model again (a run with quant.save)")
+    damaged = damaged_record(path)
+    if damaged is not None:  # torch.load would read the flipped bytes as weights
+        raise SaqError(f"{path} is damaged: its record {damaged} does not match the checksum the file stores; save "
+                       "the model again (a run with quant.save)")
     return path
 
 

@@ -336,6 +336,13 @@ class Reconstructor:
         """Index of the last finished unit restored from the checkpoint (-1: start from the first unit)."""
         if not (self.cfg.resume and self.checkpoint is not None and self.checkpoint.is_file()):
             return -1
+        from saq.torchfile import damaged_record
+
+        damaged = damaged_record(self.checkpoint)
+        if damaged is not None:  # a flipped bit would resume learned units with a wrong weight
+            print(f"recon: warning: cannot resume from {self.checkpoint} (its record {damaged} does not match its "
+                  "checksum); learning every unit again", file=sys.stderr)
+            return -1
         try:
             saved = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
             done = int(saved["done"])

@@ -118,6 +118,13 @@ def read_state_dict(path: Path, config_key: str, mmap: bool = False) -> dict[str
     cannot be mapped, is read whole."""
     if not path.is_file():
         raise _not_found(path, config_key)
+    if not mmap:  # a mapped read looks at the index only; the run that loads the values checks them
+        from saq.torchfile import damaged_record
+
+        damaged = damaged_record(path)
+        if damaged is not None:
+            raise SaqError(f"checkpoint {path} is damaged: its record {damaged} does not match the checksum the "
+                           "file stores (a broken copy or download); copy it again from its source")
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
