@@ -275,10 +275,11 @@ class RunDirHeld(SaqError):
 
 
 @contextmanager
-def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+def file_lock(path: Path, wait: bool = True, shared: bool = False) -> Iterator[bool]:
     """An OS lock (flock) on `path` for the block, released when it ends or the process dies. Yields True when held;
     False when the file cannot be made or the file system has no locks (the block then runs unguarded). With
-    wait=False a lock another process holds raises BlockingIOError at once."""
+    wait=False a lock another process holds raises BlockingIOError at once. shared: a reader's lock, which other
+    readers share and an exclusive holder excludes."""
     import fcntl
 
     try:
@@ -289,7 +290,7 @@ def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
         return
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:  # held elsewhere (wait=False); an OSError too, so named before the next line
             raise
         except OSError:  # some network mounts have no locks

@@ -360,9 +360,9 @@ def check_run_knobs(cfg: DictConfig) -> None:
             raise SaqError(f"logger.{key}={logger.get(key)!r} is not a name; expected text or null")
 
 
-def validate(cfg: DictConfig):
+def validate(cfg: DictConfig, run_dir: Path | None = None):
     """Check every knob that would otherwise fail late (after minutes of FP evaluation on a real model) and return
-    the validated quant config and clip strategy (None for an FP run)."""
+    the validated quant config and clip strategy (None for an FP run). run_dir: the run's own folder."""
     check_run_knobs(cfg)
     check_device(cfg.device, "device")
     from saq.quant.config import check_run_keys
@@ -371,7 +371,7 @@ def validate(cfg: DictConfig):
     if cfg.quant.get("load"):  # the saved model exists and fits this run
         from saq.saved import check_load
 
-        check_load(cfg)
+        check_load(cfg, run_dir)
     if cfg.get("deploy"):
         from saq.deploy import require_onnx
 
@@ -557,7 +557,7 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
     is validated, before anything is computed (the entry point writes the run's .hydra record there)."""
     start = time.time()
     commit = git_commit()  # the code that runs, read before it runs (the tree may change during a long run)
-    quant_cfg, strategy = validate(cfg)  # before anything is computed, seed and threads included
+    quant_cfg, strategy = validate(cfg, run_dir)  # before anything is computed, seed and threads included
     if accepted is not None:
         accepted()
     seed_everything(cfg.seed)
@@ -594,11 +594,12 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
                 model, task.calibration_samples(spec.calib_images, "model.outliers.calib_images"), spec)
     saved_model = loaded = loaded_run = None  # where the quantized model was saved to or loaded from; what made it
     if quant_cfg is not None and cfg.quant.get("load"):
-        from saq.saved import load_run, loaded_provenance
+        from saq.saved import load_run, loaded_provenance, reading_saved_model
 
         # before the FP evaluation (hours on ViT-H): a saved model whose tensors or quantizers do not fit fails now
-        loaded_run, saved_model = load_run(model, cfg), str(cfg.quant.load)
-        loaded = loaded_provenance(cfg)  # now: a run saving into that folder later must not relabel this one
+        with reading_saved_model(cfg, run_dir):  # a run saving into that folder meanwhile would mix two models
+            loaded_run, saved_model = load_run(model, cfg, run_dir), str(cfg.quant.load)
+            loaded = loaded_provenance(cfg)  # now: a run saving into that folder later must not relabel this one
     fp, fp_cache_file = fp_metrics(cfg, model, task, planted)
     metrics = {"fp": fp}
     calibration = clipping = recon = recon_state = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -12,8 +14,11 @@ from saq.errors import SaqError
 from saq.log import (
     DEPLOY_DIR,
     RESULTS_FILE,
+    RUN_LOCK,
     SAVED_DIR,
+    file_lock,
     flatten,
+    folder_in_use,
     place_pending_record,
     set_aside,
     set_aside_run,
@@ -185,11 +190,46 @@ def check_recipe(recipe: dict, cfg: DictConfig, where: Path) -> None:
                            f"{value!r}; use its preset (quant={preset}) and the same overrides")
 
 
-def check_load(cfg: DictConfig) -> Path:
-    """The export folder quant.load names, after checking that its recipe fits this run (SaqError otherwise)."""
+def _source_run_folder(directory: Path, held: Path | None) -> Path | None:
+    """The run folder whose quantized_model/ an export folder is, unless it is `held` (a folder this process holds
+    already: a run's own, the one saq.sensitivity analyses); None for an export copied elsewhere or set aside,
+    which no run writes into."""
+    if directory.name != SAVED_DIR:
+        return None
+    folder = directory.parent
+    return None if held is not None and folder.resolve() == Path(held).resolve() else folder
+
+
+def _in_use_error(cfg: DictConfig, folder: Path) -> SaqError:
+    return SaqError(f"quant.load={cfg.quant.load}: another saq process holds {folder} now (a run writing its model "
+                    "there, or saq.sensitivity / saq.deploy); wait for it to finish")
+
+
+@contextmanager
+def reading_saved_model(cfg: DictConfig, held: Path | None = None) -> Iterator[None]:
+    """A shared hold on the run folder quant.load reads, for as long as the block reads it: a run into that folder
+    (which sets its model aside and saves another) is refused meanwhile, and one already there refuses this read, so
+    the recipe, the tensors and the provenance read are of one model. held: a folder this process holds already."""
+    folder = _source_run_folder(saved_dir(cfg.quant.load), held)
+    if folder is None:
+        yield
+        return
+    try:
+        with file_lock(folder / RUN_LOCK, wait=False, shared=True):
+            yield
+    except BlockingIOError:
+        raise _in_use_error(cfg, folder) from None
+
+
+def check_load(cfg: DictConfig, held: Path | None = None) -> Path:
+    """The export folder quant.load names, after checking that its recipe fits this run and that no other saq
+    process holds its run folder (SaqError otherwise). held: a folder this process holds already (its own)."""
     from saq.recon import check_loaded_recon
 
     directory = saved_dir(cfg.quant.load)
+    folder = _source_run_folder(directory, held)
+    if folder is not None and folder_in_use(folder):  # before the FP evaluation, not after it
+        raise _in_use_error(cfg, folder)
     recipe = read_recipe(directory)
     check_recipe(recipe, cfg, Path(cfg.quant.load))
     check_loaded_recon(recipe.get("extra", {}).get("recon"), cfg.get("recon"), cfg.quant.load)
@@ -211,12 +251,13 @@ def loaded_provenance(cfg: DictConfig) -> dict:
                                             "task_calib", "export_id")}
 
 
-def load_run(model: nn.Module, cfg: DictConfig) -> tuple[nn.Module, dict]:
+def load_run(model: nn.Module, cfg: DictConfig, held: Path | None = None) -> tuple[nn.Module, dict]:
     """The quantized model saved by an earlier run (quant.load), rebuilt on `model`'s architecture, and its `recon`
-    record: evaluated fully quantized, or with recon.paper_eval_compat as the official code evaluates."""
+    record: evaluated fully quantized, or with recon.paper_eval_compat as the official code evaluates. Called inside
+    reading_saved_model; held: a folder this process holds already (its own)."""
     from saq.recon import loaded_evaluation
 
-    directory = check_load(cfg)
+    directory = check_load(cfg, held)
     qmodel = load_saved(model, directory)
     saved_recon = read_recipe(directory).get("extra", {}).get("recon")
     return qmodel, loaded_evaluation(qmodel, saved_recon, cfg.get("recon"), cfg.quant.load)

@@ -357,6 +357,48 @@ def test_a_saved_model_whose_tensors_do_not_fit_fails_before_the_fp_evaluation(s
         pipeline.run(run_config(synthetic_root, f"quant.load={tmp_path / 'run'}"), tmp_path / "loaded")
 
 
+def test_quant_load_reads_no_folder_another_run_is_writing_and_holds_it_while_reading(synthetic_root, tmp_path,
+                                                                                      monkeypatch):
+    from saq import saved
+    from saq.log import RunDirHeld, claim_run_dir
+
+    source = tmp_path / "source"
+    fitting_export(source / SAVED_DIR, run_config(synthetic_root))
+    cfg = run_config(synthetic_root, f"quant.load={source}")
+    held = rf"quant\.load={source}(/{SAVED_DIR})?: another saq process holds {source} now \(a run writing its model there"
+    with claim_run_dir(source):  # a run into it (its model set aside and another saved), or an analysis of it
+        with pytest.raises(SaqError, match=held):
+            pipeline.validate(cfg)  # before the FP evaluation
+        with pytest.raises(SaqError, match=held), saved.reading_saved_model(cfg):
+            pass
+        with pytest.raises(SaqError, match=held):  # named by its quantized_model/ folder: the same run folder
+            pipeline.validate(run_config(synthetic_root, f"quant.load={source / SAVED_DIR}"))
+        # a run evaluating the model saved in its own folder holds that folder itself
+        pipeline.validate(cfg, run_dir=source)
+        with saved.reading_saved_model(cfg, source):
+            pass
+        # a model set aside (or copied elsewhere) is no run's quantized_model/: no run writes into it
+        aside = fitting_export(source / f"{SAVED_DIR}.20261203-1200.previous", run_config(synthetic_root))
+        pipeline.validate(run_config(synthetic_root, f"quant.load={aside}"))
+
+    # while a run reads the model, a run starting into that folder is refused, and afterwards it is not
+    refused = []
+
+    def load_run(model, cfg, held=None):
+        with pytest.raises(RunDirHeld):
+            with claim_run_dir(source):
+                pass
+        refused.append(True)
+        raise KeyboardInterrupt  # enough: the FP evaluation need not run
+
+    monkeypatch.setattr(saved, "load_run", load_run)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, tmp_path / "loading")
+    assert refused == [True]
+    with claim_run_dir(source):
+        pass
+
+
 def test_export_writes_through_a_temporary_file(tmp_path, monkeypatch):
     from saq.quant import quantize
     from saq.quant.export import export_quantized, load_quantized
