@@ -131,7 +131,8 @@ class DetectionsFile(PromptSource):
     img_id and pred_instances {bboxes, scores, labels}; boxes xyxy, rotated (cx, cy, w, h, angle in radians) or
     quadrilaterals. Its labels are the detector's class indices: class_names lists the detector's classes in that
     order (needed for DOTA-style tasks); without it a COCO task takes index i as the annotation file's i-th category,
-    as mmdetection's CocoDataset numbers them.
+    as mmdetection's CocoDataset numbers them. An mmdetection 2.x pickle names no image: entry i (a list of per-class
+    N x 5 arrays, or a (that list, masks) tuple) is the annotation file's i-th image; COCO tasks only.
     A polygon's or rotated box's enclosing horizontal box is the prompt. Keeps detections with score >=
     score_threshold, at most max_per_image per image (None: no cap), highest scores first. The defaults keep the file
     as the detector's own test settings left it (the paper prompts SAM with every box the detector returned).
@@ -175,6 +176,7 @@ class DetectionsFile(PromptSource):
             class_names = [str(c) for c in class_names]
         self.class_names, self.progress = class_names, progress
         self._label_indices = False  # True while labels are a pickle's class indices, not mapped to the task's yet
+        self._positions: int | None = None  # an mmdetection 2.x pickle's entry count while keyed by position
         self._dropped: dict = {}  # image key -> {class name: detections bind left out as of a class the task lacks}
         if path.is_dir() or path.suffix.lower() == ".txt":
             self._by_image = self._read_dota(path)
@@ -267,11 +269,7 @@ class DetectionsFile(PromptSource):
             raise SaqError(f"detections file {path} must hold a non-empty list of per-image results, as mmdetection's "
                            f"tools/test.py --out writes (it holds {type(results).__name__})")
         if not isinstance(results[0], (Mapping, _PickledObject)):  # 2.x: per-class arrays in dataset order, no ids
-            raise SaqError(f"detections file {path} is not mmdetection 3.x / mmrotate 1.x results (a dict per image "
-                           "with img_id and pred_instances); from mmdetection 2.x write COCO json instead "
-                           "(tools/test.py CONFIG CKPT --format-only --eval-options jsonfile_prefix=dets, then "
-                           "prompts.file=dets.bbox.json), from mmrotate 0.x DOTA Task1 files (--format-only "
-                           "--eval-options submission_dir=DIR, then prompts.file=DIR)")
+            return self._read_pickle_2x(path, results)
         by_image: dict = {}
         flat = 0
         with _reading_bar(path, len(results), self.progress, unit="entries", what="checking") as bar:
@@ -284,6 +282,69 @@ class DetectionsFile(PromptSource):
         _say_flat(path, flat)
         self._label_indices = True  # mapped when a task binds the source: to its class names or category ids
         return self._keep_usable(by_image)
+
+    def _read_pickle_2x(self, path: Path, results: list) -> dict:
+        """mmdetection 2.x results: per image, in the dataset's order and without ids, a list per class of N x 5
+        arrays (x1, y1, x2, y2, score), or a (that list, masks) tuple from a mask detector. Keyed by position here;
+        bind keys them by the annotation file's image order, which is mmdetection 2.x's CocoDataset order."""
+        by_image: dict = {}
+        flat = 0
+        shape = ("; mmdetection 2.x writes per image a list with an N x 5 array (x1, y1, x2, y2, score) per class, "
+                 "or a (that list, masks) tuple")
+        for i, entry in enumerate(results):
+            where = f"detections file {path}: entry {i}"
+            per_class = entry[0] if isinstance(entry, tuple) and entry else entry
+            if not isinstance(per_class, list):
+                raise SaqError(f"{where} is {type(entry).__name__}, not a list of per-class arrays{shape} (or, from "
+                               "mmdetection 3.x, a dict per image with img_id and pred_instances)")
+            detections = []
+            for label, value in enumerate(per_class):
+                rows = _array(value, f"{where}, class {label}")
+                if rows.ndim == 2 and rows.shape[1] == 6:  # mmrotate 0.x: (cx, cy, w, h, angle, score)
+                    raise SaqError(f"{where} holds rotated boxes (N x 6, mmrotate 0.x), whose image order is the "
+                                   "order its label files were listed in; write DOTA Task1 files instead "
+                                   "(tools/test.py --format-only --eval-options submission_dir=DIR, then "
+                                   "prompts.file=DIR)")
+                if rows.size and (rows.ndim != 2 or rows.shape[1] != 5):
+                    raise SaqError(f"{where}, class {label} has an array of shape {list(rows.shape)}{shape}")
+                if self.class_names is not None and len(rows) and label >= len(self.class_names):
+                    raise SaqError(f"{where} has boxes of class {label}; prompts.class_names lists "
+                                   f"{len(self.class_names)} classes ({self.class_names})")
+                for row in rows.reshape(-1, 5).tolist():
+                    box, score = tuple(row[:4]), row[4]
+                    problem = detection_problem(box, score)
+                    if problem == FLAT:
+                        flat += 1
+                        continue
+                    if problem:
+                        raise SaqError(f"{where} (box {[round(v, 2) for v in box]}, score {score}): {problem}")
+                    detections.append((*box, float(score), label))
+            by_image[i] = detections
+        _say_flat(path, flat)
+        self._label_indices = True  # mapped when a task binds the source, as for 3.x pickles
+        self._positions = len(results)
+        return self._keep_usable(by_image)
+
+    def _key_by_position(self, keys: list) -> None:
+        """An mmdetection 2.x pickle's entries keyed by the task's images: entry i is the annotation file's i-th
+        image (CocoDataset lists every image of its annotation file in test mode, in the file's order)."""
+        knob, split = self.role
+        if not all(isinstance(key, int) for key in keys):  # DOTA: images keyed by file stem, listed in glob order
+            raise SaqError(f"detections file {self.path} ({knob}) holds mmdetection 2.x results, which name no image "
+                           "(entry i is the dataset's i-th), and this task's images are files with no order the "
+                           "detector's could be matched to; write DOTA Task1 files instead (tools/test.py "
+                           "--format-only --eval-options submission_dir=DIR, then prompts.file=DIR)")
+        if self._positions != len(keys):
+            raise SaqError(f"detections file {self.path} ({knob}) holds mmdetection 2.x results for "
+                           f"{self._positions} images, which name no image (entry i is the dataset's i-th), and the "
+                           f"{split} annotation file has {len(keys)}: it must be the detector's results on that very "
+                           "file (or write COCO json, which names them: tools/test.py --format-only --eval-options "
+                           "jsonfile_prefix=dets, then prompts.file=dets.bbox.json)")
+        self._by_image = {keys[i]: dets for i, dets in self._by_image.items()}
+        self._best_score = {keys[i]: score for i, score in self._best_score.items()}
+        self._positions = None
+        print(f"detections file {self.path}: mmdetection 2.x results name no image; entry i is the {split} "
+              f"annotation file's i-th image, in file order (entry 0 → image {keys[0]})")
 
     def _pickle_entry(self, where: str, entry) -> tuple:
         """One image's results in a pickle: (its key, [(x1, y1, x2, y2, score, class index)], boxes left out as flat)."""
@@ -346,6 +407,9 @@ class DetectionsFile(PromptSource):
     def bind(self, image_keys: Iterable, category_names: Sequence[str] | None = None,
              category_ids: Collection[int] | None = None, drop_unknown: bool = False,
              image_sizes=None, keep_unknown: bool = False) -> None:
+        image_keys = list(image_keys)  # in the annotation file's order: an mmdetection 2.x pickle's key
+        if self._positions is not None:
+            self._key_by_position(image_keys)
         keys = set(image_keys)
         past = total = 0
         for key, dets in self._by_image.items():  # before any inference: a box off its image is a wrong file

@@ -732,6 +732,66 @@ def test_mmdetection_results_pickle_gives_the_same_prompts_as_its_json(synthetic
         task_for(root, DetectionsFile(str(tmp_path / "some.pkl"), class_names=[names[20], names[60], "zeppelin"]))
 
 
+def mm2x_results(coco, image_ids, masks_from=None) -> list:
+    """mmdetection 2.x results for these images, in this order: per image a list per class (the annotation file's
+    category order) of N x 5 arrays (x1, y1, x2, y2, score), their ground-truth boxes at 0.9 plus a 0.01 box; from
+    image index masks_from on, a mask detector's (boxes, masks) tuple."""
+    order = coco.getCatIds()
+    results = []
+    for n, image_id in enumerate(image_ids):
+        per_class = [np.zeros((0, 5), np.float32) for _ in order]
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id)):
+            x, y, w, h = ann["bbox"]
+            label = order.index(ann["category_id"])
+            per_class[label] = np.concatenate([per_class[label], np.float32([[x, y, x + w, y + h, 0.9]])])
+        per_class[0] = np.concatenate([per_class[0], np.float32([[1, 1, 9, 9, 0.01]])])
+        masks = [[{"size": [256, 256], "counts": b"PPYo1"}] * len(a) for a in per_class]
+        results.append((per_class, masks) if masks_from is not None and n >= masks_from else per_class)
+    return results
+
+
+def test_mmdetection_2x_results_pickle_is_keyed_by_the_annotation_files_image_order(synthetic_root, tmp_path, capsys):
+    import pickle
+
+    def shuffled(data):  # images listed neither by id nor by file name, categories as for the 3.x test
+        shuffled_categories(data)
+        data["images"] = data["images"][1::2] + data["images"][::2]
+
+    root = copy_with_annotations(synthetic_root, tmp_path, shuffled)
+    coco = load_coco(root / DATA["ann_file"], "k")
+    ids = coco.getImgIds()  # the file's order, mmdetection 2.x CocoDataset's
+    assert ids != sorted(ids)
+    path = tmp_path / "v2.pkl"
+    path.write_bytes(pickle.dumps(mm2x_results(coco, ids, masks_from=len(ids) // 2), protocol=2))
+    from_pickle, from_json = DetectionsFile(str(path), 0.05), write_detections(tmp_path / "dets.json", coco, ids)
+    capsys.readouterr()
+    task_for(root, from_pickle), task_for(root, from_json)
+    out = capsys.readouterr().out
+    assert f"v2.pkl: mmdetection 2.x results name no image; entry i is the evaluated annotation file's i-th image, " \
+           f"in file order (entry 0 → image {ids[0]})" in out
+    assert "class index i is the i-th of the annotation file's categories, in file order: 0 → 80" in out
+    for image_id in (ids[0], ids[1], ids[-1]):  # a box-only entry and a mask detector's
+        got, want = from_pickle.for_image(image_id, None, (256, 256)), from_json.for_image(image_id, None, (256, 256))
+        order = lambda p: np.lexsort(p.boxes.T[::-1])  # noqa: E731
+        assert len(got) == len(coco.getAnnIds(imgIds=image_id)) > 0  # the 0.01 box is below the threshold
+        assert np.allclose(got.boxes[order(got)], want.boxes[order(want)], atol=1e-4)
+        assert got.labels[order(got)].tolist() == want.labels[order(want)].tolist()  # dataset category ids
+    # results on another annotation file (one image fewer) cannot be matched to these images
+    path.write_bytes(pickle.dumps(mm2x_results(coco, ids[:-1]), protocol=2))
+    with pytest.raises(SaqError, match=rf"v2\.pkl \(prompts\.file\) holds mmdetection 2\.x results for {len(ids) - 1} "
+                                       rf"images, .* and the evaluated annotation file has {len(ids)}: it must be the "
+                                       r"detector's results on that very file"):
+        task_for(root, DetectionsFile(str(path), 0.05))
+    # DOTA images are files, which mmrotate 0.x lists in no order these could be matched to
+    path.write_bytes(pickle.dumps(mm2x_results(coco, ids[:2]), protocol=2))
+    with pytest.raises(SaqError, match=r"holds mmdetection 2\.x results, which name no image .* write DOTA Task1 files"):
+        DetectionsFile(str(path), class_names=["a"] * 8).bind(["P0001", "P0002"], ["a"] * 8)
+    # mmrotate 0.x's rotated boxes (cx, cy, w, h, angle, score)
+    path.write_bytes(pickle.dumps([[np.float32([[50, 50, 20, 10, 0.3, 0.9]])]], protocol=2))
+    with pytest.raises(SaqError, match=r"entry 0 holds rotated boxes \(N x 6, mmrotate 0\.x\)"):
+        DetectionsFile(str(path))
+
+
 def test_a_results_pickle_never_runs_code_and_bad_ones_are_named(synthetic_root, tmp_path, mm_results):
     import os
     import pickle
@@ -746,11 +806,11 @@ def test_a_results_pickle_never_runs_code_and_bad_ones_are_named(synthetic_root,
     with pytest.raises(SaqError, match=r"holds a posix\.system, which a detector's results do not"):
         DetectionsFile(str(tmp_path / "evil.pkl"))
     assert not marker.exists()
-    # mmdetection 2.x: per-class arrays in dataset order, no image ids
-    (tmp_path / "v2.pkl").write_bytes(pickle.dumps([[np.zeros((0, 5), np.float32)] * 8], protocol=2))
-    with pytest.raises(SaqError, match=r"not mmdetection 3.x / mmrotate 1.x results .* from mmdetection 2.x write "
-                                       r"COCO json instead .* from mmrotate 0.x DOTA Task1 files"):
-        DetectionsFile(str(tmp_path / "v2.pkl"))
+    # neither 3.x's dicts nor 2.x's per-class lists
+    (tmp_path / "odd.pkl").write_bytes(pickle.dumps([np.zeros((2, 5), np.float32)], protocol=2))
+    with pytest.raises(SaqError, match=r"odd\.pkl: entry 0 is ndarray, not a list of per-class arrays; mmdetection "
+                                       r"2\.x writes per image a list with an N x 5 array"):
+        DetectionsFile(str(tmp_path / "odd.pkl"))
     # the same payload inside a tensor's storage bytes, which a plain tensor pickle hands to torch
     import torch.storage
 
