@@ -230,7 +230,8 @@ def list_images(img_dir: Path, config_key: str) -> list[tuple[str, Path]]:
         entries = list(img_dir.iterdir())
     except OSError as exc:  # a folder without read permission
         raise SaqError(f"cannot list image folder {img_dir}: {exc.strerror or exc} (set {config_key})") from None
-    images = sorted((p.stem, p) for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
+    # hidden files are no images: a Mac's copy leaves ._NAME.png (AppleDouble metadata) beside each NAME.png
+    images = sorted((p.stem, p) for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     others = sorted(p.name for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES
                     and not p.name.startswith(".") and p.is_file())
     if others:  # said, so that an image in another format does not leave the evaluation set silently

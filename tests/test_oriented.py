@@ -702,6 +702,7 @@ def test_result_folder_of_empty_files_is_an_error(tmp_path):
 def test_files_that_are_no_images_are_named_and_a_bom_is_not_part_of_a_name(tmp_path, capsys):
     data = dota_dataset(tmp_path, {"P1": "\ufeff1 1 9 1 9 9 1 9 ship 0\n"})
     (tmp_path / "val/images/P2.gif").write_bytes(b"GIF89a")  # a format the loader does not read
+    (tmp_path / "val/images/._P1.png").write_bytes(b"\x00\x05\x16\x07")  # a Mac copy's metadata: no image
     task = OrientedTask(data, CALIB)
     assert "val/images: left out 1 files that are not .png/.jpg" in capsys.readouterr().out
     assert [stem for stem, _ in task.images] == ["P1"] and task.classes == ["ship"]

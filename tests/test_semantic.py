@@ -369,6 +369,15 @@ def test_coarse_predictions_from_a_folder(tmp_path):
         task.evaluate(RegionSegmenter([gt]), progress=False)
     with pytest.raises(SaqError, match="coarse prediction folder not found"):
         SemanticTask(data, CALIB, classes=["bg", "box"], coarse={"dir": str(tmp_path / "nope")})
+    # classes written 1..K (mmsegmentation's submission format) where no map holds K: every value is a class, each
+    # the wrong one; the agreement with the labels shows it
+    save_png(tmp_path / "coarse/a.png", gt + 1)
+    with pytest.raises(SaqError, match=r"the coarse predictions in .*coarse agree with the label maps on 0% of the "
+                                       r"labelled pixels as written and on 100% with 1 subtracted: they hold classes "
+                                       r"1\.\.K .*; write class indices 0\.\.2$"):
+        SemanticTask(data, CALIB, **settings)
+    save_png(tmp_path / "coarse/a.png", gt)
+    SemanticTask(data, CALIB, **settings)  # the same prediction as class indices
     (tmp_path / "coarse/a.png").unlink()  # found before any inference, not at that image
     with pytest.raises(SaqError, match=r"image .*a\.png has no coarse prediction .*coarse/a\.png"):
         SemanticTask(data, CALIB, classes=["bg", "box"], coarse={"dir": str(tmp_path / "coarse")})
