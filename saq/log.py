@@ -362,6 +362,9 @@ def record_problem(record) -> str | None:
         return "not a saq run record (metrics or config is not an object)"
     if not isinstance(record.get("recon") or {}, dict):
         return "not a saq run record (recon is not an object)"
+    threads = record.get("threads_used")
+    if threads is not None and not (is_finite_number(threads) and float(threads).is_integer()):  # cells count them
+        return f"not a saq run record (threads_used is {threads!r}, not a whole number)"
     for part, values in metrics.items():  # json reads a 400-digit integer, which no table or float can hold
         for key, value in (values.items() if isinstance(values, dict) else ()):
             if is_number(value) and not isinstance(value, float) and not is_finite_number(value):

@@ -220,7 +220,8 @@ def load_failures(root: Path) -> list[dict]:
         except FileNotFoundError:  # removed since it was listed: its job was rerun and finished
             continue
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            failures.append({"path": path, "error": "unreadable failure.json", "overrides": [], "mtime": 0.0})
+            # its own time: a damaged failure of this sweep is still this sweep's (and fails it)
+            failures.append({"path": path, "error": "unreadable failure.json", "overrides": [], "mtime": mtime})
     for path in files_named(root, RUNNING_FILE):  # a job that started and never ended
         # a later record of the folder tells what became of it: a finished run, or a failure.json of its own (an
         # older failure.json is an earlier attempt's, which this killed one replaces)
@@ -514,7 +515,14 @@ def build_report(root: Path) -> Report:
     report = Report(root)
     report.runs, report.skipped = load_runs(root)
     report.failures = load_failures(root)
-    entries = [e for run in report.runs for e in entries_of(run)]
+    entries = []
+    for run in list(report.runs):
+        try:
+            entries += entries_of(run)
+        except (TypeError, AttributeError, ValueError, KeyError) as exc:  # a field of another type (a hand edit,
+            # another tool's file) that record_problem does not look at: that run is left out, the others reported
+            report.runs.remove(run)
+            report.skipped.append((run["_path"], f"not a saq run record ({type(exc).__name__}: {str(exc)[:120]})"))
     report.tables = build_tables(entries, report.duplicates, report.skipped)
     report.row_of = {e.path: e.row for e in entries if e.label != FP_ROW and not e.label.endswith(DEPLOYED_SUFFIX)}
     return report
@@ -613,6 +621,17 @@ def failed_jobs(report: Report) -> list[dict]:
     return [f for f in report.failures if not f.get("running")]
 
 
+def mixed_threads_line(table: Table, code: str = "`") -> str | None:
+    """The note under a table naming its cells whose runs ran at different thread counts (None: there are none)."""
+    mixed = table.mixed_threads()
+    if not mixed:
+        return None
+    return (f"Cells whose runs ran at different thread counts ({code}threads={code}: float sums add up in another "
+            "order, which alone can move a 4-bit cell by a few tenths; compare cells run at one count): "
+            + "; ".join(f"{row} at {column_title(col)}: threads {', '.join(map(str, counts))}"
+                        for row, col, counts in mixed) + ".")
+
+
 def render_markdown(report: Report, plots: list[Path]) -> str:
     out = [f"# Report: {report.root}", "",
            f"{len(report.runs)} runs; {len(report.skipped)} results.json skipped; {len(failed_jobs(report))} failed jobs"
@@ -622,12 +641,9 @@ def render_markdown(report: Report, plots: list[Path]) -> str:
            "thread counts.", ""]
     for table in report.tables:
         out += [f"## {table_title(table)}", "", markdown_table(table), ""]
-        mixed = table.mixed_threads()
+        mixed = mixed_threads_line(table)
         if mixed:
-            out += ["Cells whose runs ran at different thread counts (`threads=`: float sums add up in another order, "
-                    "which alone can move a 4-bit cell by a few tenths; compare cells run at one count): "
-                    + "; ".join(f"{row} at {column_title(col)}: threads {', '.join(map(str, counts))}"
-                                for row, col, counts in mixed) + ".", ""]
+            out += [mixed, ""]
         if any(table.row_label[r].endswith(CUSTOM_SUFFIX) for r in table.rows):
             out += [f"A row marked `{CUSTOM_SUFFIX.strip()}` is a run whose clipping is named like a `method=` preset "
                     "without that preset's switches (`clip=minmax` alone keeps BIG and AGQ on, the `minmax` preset "
@@ -703,6 +719,9 @@ def render_tex(report: Report) -> str:
                 cells.append(r"\textbf{" + text + "}" if row in best[col] else text)
             out.append(" & ".join([tex_escape(row), *cells]) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}"]
+        mixed = mixed_threads_line(table, code="")
+        if mixed:
+            out += [r"\par\smallskip{\footnotesize " + tex_escape(mixed) + "}"]
         block = paper_block(table)
         if block:
             published, pairs, columns = block
@@ -820,12 +839,21 @@ def plot_one_model_vs_bits(table: Table, model: str, bits: list[str], out_dir: P
             continue
         points = [(i, c) for i, c in zip(x, cells) if c is not None]
         if points:
-            ax.errorbar([i for i, _ in points], [100 * c.mean for _, c in points],
-                        yerr=[100 * c.std for _, c in points], marker=markers[drawn % len(markers)],
-                        color=colors(drawn % 20), capsize=3, label=row)
+            look = dict(marker=markers[drawn % len(markers)], color=colors(drawn % 20), capsize=3)
+            # the line runs through plain bit-widths only: a column with a part kept at another width (`w4a4
+            # (decoder fp)`) is no step along the axis, so its point stands apart
+            for plain, label in ((True, row), (False, None)):
+                part = [(i, c) for i, c in points if (_bits_order(bits[i])[0] == 0) == plain]
+                if part:
+                    ax.errorbar([i for i, _ in part], [100 * c.mean for _, c in part],
+                                yerr=[100 * c.std for _, c in part], linestyle="-" if plain else "none",
+                                label=label if plain or len(part) == len(points) else None, **look)
             drawn += 1
+    plain_columns = sum(_bits_order(b)[0] == 0 for b in bits)
+    if 0 < plain_columns < len(bits):
+        ax.axvline(plain_columns - 0.5, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xticks(x, [b.upper() for b in bits])
-    ax.set_xlabel("bit-width")
+    ax.set_xlabel("bit-width" if plain_columns == len(bits) else "bit-width | with a part kept at another width")
     ax.set_ylabel(f"{table.metric} (%)")
     ax.set_title(f"{model}, {table.task} ({table.prompts})")
     ax.grid(alpha=0.3)
@@ -940,6 +968,9 @@ def print_summary(report: Report, written: list[Path], since: float | None = Non
     for table in report.tables:
         if table.metric == main_metric(report, table.task, table.prompts):
             print(f"\n{table_title(table)} (%)\n\n{markdown_table(table)}")
+            mixed = mixed_threads_line(table)
+            if mixed:
+                print(f"\n{mixed}")
     # a job another multirun (or process) still runs is neither this sweep's failure nor an earlier one
     running = running_jobs(report)
     current = [f for f in report.failures if (since is None or f["mtime"] >= since) and f not in running]

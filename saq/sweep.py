@@ -44,7 +44,8 @@ RESUME_IGNORED_NESTED = ("quant.save", "recon.resume", "recon.state_dir", "recon
 def score_before_the_knob(stored: dict) -> str:
     """What task.score a run made before it existed ranked with: detector × SAM's IoU, which auto still gives
     ground-truth and jittered boxes; a detector's boxes it now ranks by their score alone."""
-    detections = str((stored.get("prompts") or {}).get("_target_", "")).endswith("DetectionsFile")
+    prompts = stored.get("prompts")
+    detections = isinstance(prompts, dict) and str(prompts.get("_target_", "")).endswith("DetectionsFile")
     return "detector_x_iou" if detections else "auto"
 
 

@@ -936,3 +936,58 @@ def test_the_paper_row_pairs_with_the_run_at_the_papers_setting(tmp_path):
     assert dict(pairs)["SAQ-SAM★"] == "saq_sam_star clip.theta=0.5"
     write_report(report, tmp_path)
     assert "| SAQ-SAM★ (saq_sam_star clip.theta=0.5) | 3.5 | 27.8 | 31.6 |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_column_with_a_part_kept_at_another_width_is_no_step_of_the_bit_width_line(tmp_path, monkeypatch):
+    from saq.report import plot_one_model_vs_bits
+
+    for bits, ap in ((8, 0.76), (6, 0.75), (4, 0.70)):
+        put(tmp_path, f"w{bits}", record(bits=bits, ap=ap, fp_ap=0.77))
+    part = record(bits=4, ap=0.74, fp_ap=0.77)
+    part["config"]["quant"]["decoder"] = {"enabled": False}
+    part["quant"] = "w4a4 (decoder fp)"
+    put(tmp_path, "w4-decoder-fp", part)
+    table = next(t for t in build_report(tmp_path).tables if t.metric == "mask_AP")
+    bits = [b for _, b in table.columns if b != "fp"]
+    assert bits == ["w8a8", "w6a6", "w4a4", "w4a4 (decoder fp)"]
+    figures = []
+    monkeypatch.setattr("saq.plots.save_figure", lambda fig, path, **kw: figures.append(fig) or path)
+    plot_one_model_vs_bits(table, "sam_tiny", bits, tmp_path)
+    ax = figures[0].axes[0]
+    drawn = [(list(line.get_xdata()), line.get_linestyle()) for line in ax.get_lines() if len(line.get_xdata())
+             and line.get_marker() not in (None, "None", "")]
+    # the mse line joins W8A8, W6A6 and W4A4 only (70 → 74 read as a gain of bit-width before); its decoder-FP
+    # point stands alone, past a separator
+    assert ([0, 1, 2], "-") in drawn and ([3], "None") in drawn, drawn
+    assert "with a part kept at another width" in ax.get_xlabel()
+
+
+def test_damaged_records_and_failures_are_named_not_a_traceback_and_mixed_threads_are_printed(tmp_path, capsys,
+                                                                                             monkeypatch):
+    from saq.report import print_summary, render_tex
+
+    put(tmp_path, "good", record(ap=0.5, threads_used=2))
+    put(tmp_path, "seed1", record(ap=0.6, seed=1, threads_used=1))  # the same cell at another thread count
+    put(tmp_path, "threads", record(clip="pcc", threads_used=[4]))
+    put(tmp_path, "odd", record(clip="percentile"))
+    real = report_module.with_knobs_added_since
+
+    def reading(config):  # a field of a type no check looks at, as a hand edit may leave
+        if config["clip"]["name"] == "percentile":
+            raise AttributeError("'str' object has no attribute 'get'")
+        return real(config)
+
+    monkeypatch.setattr(report_module, "with_knobs_added_since", reading)
+    since = time.time() - 5
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "failure.json").write_text('{"error": "cut')  # damaged after this sweep began
+    report = build_report(tmp_path)
+    reasons = {p.parent.name: why for p, why in report.skipped}
+    assert reasons == {"threads": "not a saq run record (threads_used is [4], not a whole number)",
+                       "odd": "not a saq run record (AttributeError: 'str' object has no attribute 'get')"}
+    assert len(report.runs) == 2
+    current = print_summary(report, [], since=since)
+    assert [f["error"] for f in current] == ["unreadable failure.json"]  # this sweep's: it fails the sweep
+    out = capsys.readouterr().out
+    assert "different thread counts" in out and "mse at sam_tiny W4A4: threads 1, 2" in out
+    assert "different thread counts" in render_tex(report)
