@@ -273,10 +273,11 @@ def missing_image(path: Path, image_id: int, config_key: str) -> SaqError:
     return SaqError(f"image not found: {path} (annotation entry id {image_id}; the images must be under {config_key})")
 
 
-def mask_ap(coco_gt: COCO, results: list[dict], image_ids: list[int]) -> dict:
-    """COCO mask AP, AP50, AP75 (fractions) over the given images, area 'all', with every result an image has per
-    category scored (COCOeval keeps only the top 100 by default: an image with more prompted objects of one class
-    would lose the rest as misses)."""
+def mask_ap(coco_gt: COCO, results: list[dict], image_ids: list[int], every_result: bool = True) -> dict:
+    """COCO mask AP, AP50, AP75 (fractions) over the given images, area 'all'. every_result: every result an image
+    has per category is scored (prompts from ground-truth objects: COCOeval's top 100 would count an image's
+    101st prompted object of a class as a miss); False: COCOeval's standard 100 per image and category (a detector's
+    boxes, as mmdetection's segm mAP ranks them)."""
     if not any(not a.get("iscrowd", 0) for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_ids))):
         # COCOeval would report its -1 sentinel: AP is undefined without ground-truth objects.
         raise SaqError(f"the {len(image_ids)} evaluated images have no ground-truth objects, so mask AP is "
@@ -288,7 +289,7 @@ def mask_ap(coco_gt: COCO, results: list[dict], image_ids: list[int]) -> dict:
         coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes adds fields to the dicts it is given
         ev = COCOeval(coco_gt, coco_dt, iouType="segm")
         ev.params.imgIds = image_ids
-        ev.params.maxDets = [1, 10, max(100, *per_image_class.values())]
+        ev.params.maxDets = [1, 10, max(100, *per_image_class.values()) if every_result else 100]
         ev.evaluate()
         ev.accumulate()
     # what COCOeval.summarize() prints as AP, AP50, AP75, at the largest maxDets (its stats assume exactly 100)
@@ -439,7 +440,7 @@ class InstanceTask(Task):
                     else:
                         prompt_ious.extend(mask_iou(masks, gt_masks).max(1))
                 offset += len(masks)
-        metrics = mask_ap(self.coco, results, ids)
+        metrics = mask_ap(self.coco, results, ids, every_result=self.prompts.from_ground_truth)
         metrics["mIoU"] = float(np.mean(prompt_ious)) if prompt_ious else 0.0
         metrics["images"] = len(ids)
         metrics["prompts"] = len(results)

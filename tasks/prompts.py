@@ -177,6 +177,7 @@ class DetectionsFile(PromptSource):
         self.class_names, self.progress = class_names, progress
         self._label_indices = False  # True while labels are a pickle's class indices, not mapped to the task's yet
         self._positions: int | None = None  # an mmdetection 2.x pickle's entry count while keyed by position
+        self._detector_classes: int | None = None  # an mmdetection 2.x pickle's class count (3.x's do not say)
         self._dropped: dict = {}  # image key -> {class name: detections bind left out as of a class the task lacks}
         if path.is_dir() or path.suffix.lower() == ".txt":
             self._by_image = self._read_dota(path)
@@ -291,12 +292,23 @@ class DetectionsFile(PromptSource):
         flat = 0
         shape = ("; mmdetection 2.x writes per image a list with an N x 5 array (x1, y1, x2, y2, score) per class, "
                  "or a (that list, masks) tuple")
+        classes = None  # the detector's class count: one array per class in every entry
         for i, entry in enumerate(results):
             where = f"detections file {path}: entry {i}"
             per_class = entry[0] if isinstance(entry, tuple) and entry else entry
-            if not isinstance(per_class, list):
-                raise SaqError(f"{where} is {type(entry).__name__}, not a list of per-class arrays{shape} (or, from "
-                               "mmdetection 3.x, a dict per image with img_id and pred_instances)")
+            if not isinstance(per_class, list) or not per_class:
+                found = "an empty list" if isinstance(per_class, list) else type(entry).__name__
+                raise SaqError(f"{where} is {found}, not a list of "
+                               f"per-class arrays{shape} (or, from mmdetection 3.x, a dict per image with img_id and "
+                               "pred_instances)")
+            if classes is None:
+                classes = len(per_class)
+                if self.class_names is not None and len(self.class_names) != classes:
+                    raise SaqError(f"detections file {path} is of a detector of {classes} classes (mmdetection 2.x "
+                                   f"writes one array per class); prompts.class_names lists {len(self.class_names)}")
+            elif len(per_class) != classes:
+                raise SaqError(f"{where} has arrays for {len(per_class)} classes, entry 0 for {classes}; "
+                               "mmdetection 2.x writes one per class of its detector in every entry")
             detections = []
             for label, value in enumerate(per_class):
                 rows = _array(value, f"{where}, class {label}")
@@ -319,10 +331,11 @@ class DetectionsFile(PromptSource):
                     if problem:
                         raise SaqError(f"{where} (box {[round(v, 2) for v in box]}, score {score}): {problem}")
                     detections.append((*box, float(score), label))
-            by_image[i] = detections
+            if detections:  # an image the detector found nothing on has no key, as in the other formats
+                by_image[i] = detections
         _say_flat(path, flat)
         self._label_indices = True  # mapped when a task binds the source, as for 3.x pickles
-        self._positions = len(results)
+        self._positions, self._detector_classes = len(results), classes
         return self._keep_usable(by_image)
 
     def _key_by_position(self, keys: list) -> None:
@@ -531,6 +544,10 @@ class DetectionsFile(PromptSource):
                               for i, cat in enumerate(targets[:4]))
             print(f"detections file {self.path}: class index i is the i-th of {what}, in file order: {shown}"
                   f"{' ...' if len(targets) > 4 else ''}")
+        if self._detector_classes is not None and self._detector_classes != len(targets):  # known for 2.x files
+            raise SaqError(f"detections file {self.path} is of a detector of {self._detector_classes} classes "
+                           f"(mmdetection 2.x writes one array per class) and there are {len(targets)} of {what}: "
+                           "set prompts.class_names to the detector's classes in its order")
         for key, dets in self._by_image.items():  # every label checked before any is changed
             for det in dets:
                 if det[5] >= len(targets):

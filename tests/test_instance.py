@@ -86,6 +86,9 @@ def test_mask_ap_is_cocoevals_summary_and_scores_every_result_of_a_crowded_image
                                 "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
     crowded = load_coco(path, "k")
     assert mask_ap(crowded, results_from_masks(crowded), [1]) == {"mask_AP": 1.0, "mask_AP50": 1.0, "mask_AP75": 1.0}
+    # a detector's boxes are ranked as COCOeval (and mmdetection's segm mAP) does: its top 100 per image and class
+    standard = mask_ap(crowded, results_from_masks(crowded), [1], every_result=False)
+    assert standard["mask_AP"] == pytest.approx(0.83, abs=0.01) and standard["mask_AP"] < 1.0
 
 
 def test_shipped_sam_tiny_segments_with_gt_boxes(synthetic_root):
@@ -141,10 +144,12 @@ def test_a_detection_result_scores_the_detector_score_times_the_predicted_iou(sy
         path = tmp_path / f"dets{len(list(tmp_path.iterdir()))}.json"
         path.write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
                                      "score": score_of(a)} for a in anns]))
-        seen = []
-        monkeypatch.setattr(instance, "mask_ap", lambda gt, results, ids: seen.extend(results) or mask_ap(gt, results, ids))
+        seen, how = [], []
+        monkeypatch.setattr(instance, "mask_ap", lambda gt, results, ids, **kw: seen.extend(results)
+                            or how.append(kw) or mask_ap(gt, results, ids, **kw))
         task_for(synthetic_root, DetectionsFile(str(path), score_threshold=0.05, max_per_image=100),
                  max_images=2).evaluate(Segmenter(build_sam("sam_tiny")), progress=False)
+        assert how == [{"every_result": False}]  # a detector's boxes: COCOeval's standard top 100
         return {(r["image_id"], r["segmentation"]["counts"]): r for r in seen}
 
     predicted_iou = scored_results(lambda a: 1.0)  # a detector score of 1: the result's score is SAM's IoU alone
@@ -762,7 +767,9 @@ def test_mmdetection_2x_results_pickle_is_keyed_by_the_annotation_files_image_or
     ids = coco.getImgIds()  # the file's order, mmdetection 2.x CocoDataset's
     assert ids != sorted(ids)
     path = tmp_path / "v2.pkl"
-    path.write_bytes(pickle.dumps(mm2x_results(coco, ids, masks_from=len(ids) // 2), protocol=2))
+    results = mm2x_results(coco, ids, masks_from=len(ids) // 2)
+    results[2] = [np.zeros((0, 5), np.float32) for _ in coco.getCatIds()]  # the detector found nothing there
+    path.write_bytes(pickle.dumps(results, protocol=2))
     from_pickle, from_json = DetectionsFile(str(path), 0.05), write_detections(tmp_path / "dets.json", coco, ids)
     capsys.readouterr()
     task_for(root, from_pickle), task_for(root, from_json)
@@ -776,6 +783,18 @@ def test_mmdetection_2x_results_pickle_is_keyed_by_the_annotation_files_image_or
         assert len(got) == len(coco.getAnnIds(imgIds=image_id)) > 0  # the 0.01 box is below the threshold
         assert np.allclose(got.boxes[order(got)], want.boxes[order(want)], atol=1e-4)
         assert got.labels[order(got)].tolist() == want.labels[order(want)].tolist()  # dataset category ids
+    assert len(from_pickle.for_image(ids[2], None, (256, 256))) == 0
+    # a detector of other classes than the file's: its class count is in the file, one array per class
+    path.write_bytes(pickle.dumps([entry[:2] for entry in mm2x_results(coco, ids)], protocol=2))
+    with pytest.raises(SaqError, match=r"v2\.pkl is of a detector of 2 classes \(mmdetection 2\.x writes one array per "
+                                       r"class\) and there are 8 of the annotation file's categories: set "
+                                       r"prompts\.class_names"):
+        task_for(root, DetectionsFile(str(path), 0.05))
+    with pytest.raises(SaqError, match=r"is of a detector of 2 classes .*; prompts\.class_names lists 3"):
+        DetectionsFile(str(path), class_names=["a", "b", "c"])
+    path.write_bytes(pickle.dumps([mm2x_results(coco, ids)[0], mm2x_results(coco, ids)[1][:7]], protocol=2))
+    with pytest.raises(SaqError, match=r"entry 1 has arrays for 7 classes, entry 0 for 8"):
+        DetectionsFile(str(path))
     # results on another annotation file (one image fewer) cannot be matched to these images
     path.write_bytes(pickle.dumps(mm2x_results(coco, ids[:-1]), protocol=2))
     with pytest.raises(SaqError, match=rf"v2\.pkl \(prompts\.file\) holds mmdetection 2\.x results for {len(ids) - 1} "
