@@ -310,7 +310,7 @@ def deploy_folder(directory: str | Path, knob: str | None = None) -> Path:
     """The absolute folder an export writes into, or SaqError when it cannot be one (checked before any work).
     knob: the setting that gave it (saq.deploy's out), named in the error."""
     directory = Path(os.path.abspath(directory))  # out=. or out=a/.. name the folder they mean
-    if not directory.name:  # the staging folder is made beside the target, under a name built from its name
+    if not directory.name:  # the file system root: never a deployment's own folder
         raise SaqError(f"cannot deploy into {directory}: a folder without a name (the file system root); give a "
                        f"folder inside it, e.g. out={directory / DEPLOY_DIR}")
     problem = folder_write_problem(directory)  # a file in the way is said now, not as mkdir's errno after the export
@@ -336,8 +336,10 @@ def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float"
         if held:  # every export stages under this lock, so a staging folder found now is a killed export's
             _remove_leftover_staging(directory)
         # built whole in a folder of its own, then moved in: a failed or killed export leaves the earlier deployment
-        # as it was, never a new encoder beside an old decoder
-        staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.partial")
+        # as it was, never a new encoder beside an old decoder. Inside the target: the moves are renames on one
+        # file system (a target linked to another one, or in a folder this process cannot write, would fail them
+        # after the earlier deployment was set aside)
+        staging = directory / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}.partial"
         staging.mkdir(parents=True)
         stack.callback(shutil.rmtree, staging, ignore_errors=True)
         start = time.perf_counter()
@@ -365,11 +367,20 @@ def export_onnx(qmodel: nn.Module, directory: str | Path, softmax: str = "float"
     return report
 
 
+STAGING_PREFIX = ".export."  # + 8 hex digits + ".partial": an export's staging folder inside its target
+
+
 def _remove_leftover_staging(directory: Path) -> None:
-    """Remove the staging folders (.<name>.<id>.partial) that exports into `directory` killed midway left."""
-    pattern = re.compile(rf"\.{re.escape(directory.name)}\.[0-9a-f]{{8}}\.partial")
-    for path in directory.parent.iterdir():
-        if pattern.fullmatch(path.name) and path.is_dir():
+    """Remove the staging folders that exports into `directory` killed midway left: inside it, and beside it
+    (.<name>.<id>.partial), where exports staged before 2026-12-03."""
+    places = ((directory, re.compile(rf"{re.escape(STAGING_PREFIX)}[0-9a-f]{{8}}\.partial")),
+              (directory.parent, re.compile(rf"\.{re.escape(directory.name)}\.[0-9a-f]{{8}}\.partial")))
+    for folder, pattern in places:
+        try:
+            found = [p for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+        except OSError:  # a parent this process may not list: nothing of this export's can be there
+            continue
+        for path in found:
             shutil.rmtree(path, ignore_errors=True)
             print(f"removed {path}, left by an export into {directory} that was killed")
 
@@ -542,8 +553,10 @@ def main(argv: list[str] | None = None) -> int:
             recipe = read_recipe(directory)
             check_deploy_config(recipe["quant"])  # a W4A4 model is refused before it is built and loaded
             extra = recipe.get("extra", {})
-            if "model" not in extra:
-                raise SaqError(f"{directory} does not say which model it quantized (recipe extra.model)")
+            if not isinstance(extra.get("model"), str):  # absent, or a hand edit's list
+                found = f" (it holds {extra['model']!r})" if "model" in extra else ""
+                raise SaqError(f"{directory} does not say which model it quantized (recipe extra.model, a model name"
+                               f"{found})")
             # the export holds every tensor (loaded strictly), so the FP checkpoint is not needed: a random model of
             # the same architecture is only the frame the saved weights go into; tagged with its export_id
             qmodel = load_saved(build_random_sam(VARIANTS.get(extra["model"], extra["model"])), directory)

@@ -105,7 +105,7 @@ def test_cli_exports_int8_graphs_close_to_fake_quant(calibrated, synthetic_root,
         deploy.export_graphs = real
     assert json.loads((tmp_path / "float" / deploy.REPORT_FILE).read_text())["softmax"] == "log2"
     assert (tmp_path / "float" / deploy.ENCODER_FILE).read_bytes() != b"half"
-    assert not list(tmp_path.glob(".float.*.partial"))
+    assert not list(tmp_path.glob(".float.*.partial")) and not list((tmp_path / "float").glob(".export.*"))
 
     # RUN_DIR/quantized_model given: the deployment still goes beside the model, into RUN_DIR/deployed
     (out / deploy.REPORT_FILE).unlink()
@@ -329,7 +329,7 @@ def test_onnx_runtime_and_protobuf_errors_are_one_line_naming_the_file(calibrate
     with pytest.raises(SaqError, match=rf"^cannot read ONNX Runtime's optimized graph of "
                                        rf"{re.escape(str(out / deploy.ENCODER_FILE))}: DecodeError: "):
         deploy.export_onnx(calibrated, out)
-    assert not (out / deploy.REPORT_FILE).exists() and not list(tmp_path.glob(".deployed.*.partial"))
+    assert not (out / deploy.REPORT_FILE).exists() and not list(out.glob(".export.*"))
 
 
 def test_cli_checks_the_config_first_records_the_export_and_refuses_an_out_without_a_name(calibrated, tmp_path,
@@ -343,8 +343,14 @@ def test_cli_checks_the_config_first_records_the_export_and_refuses_an_out_witho
     assert deploy.main([str(tmp_path / "run"), "out=/"]) == 1  # no name to stage the export beside
     assert capsys.readouterr().err.strip() == ("error: cannot deploy into /: a folder without a name (the file system "
                                                "root); give a folder inside it, e.g. out=/deployed")
-    # a W4A4 model is refused from its recipe, before it is built and loaded: its broken state file is never read
+    # a hand-edited recipe whose model is no name: one line, not a TypeError
     recipe = json.loads((export / "recipe.json").read_text())
+    (export / "recipe.json").write_text(json.dumps({**recipe, "extra": {**recipe["extra"], "model": ["sam_tiny"]}}))
+    assert deploy.main([str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {export} does not say which model it quantized (recipe "
+                                               "extra.model, a model name (it holds ['sam_tiny']))")
+    (export / "recipe.json").write_text(json.dumps(recipe))
+    # a W4A4 model is refused from its recipe, before it is built and loaded: its broken state file is never read
     (export / "recipe.json").write_text(json.dumps({**recipe, "quant": QuantConfig(name="w4a4", w_bits=4,
                                                                                    a_bits=4).to_dict()}))
     (export / "quantized_state.pt").write_bytes(b"PK\x03\x04 cut short")
@@ -387,10 +393,13 @@ def test_an_export_holds_its_folder_and_removes_what_killed_exports_left(calibra
 
     quick_export(monkeypatch)
     out = tmp_path / "deployed"
-    left = tmp_path / ".deployed.0123abcd.partial"  # an export killed (SIGKILL, OOM) before its cleanup
-    left.mkdir()
+    left = out / ".export.0123abcd.partial"  # an export killed (SIGKILL, OOM) before its cleanup
+    left.mkdir(parents=True)
     (left / deploy.ENCODER_FILE).write_text("half")
-    others = [tmp_path / ".deployed_b.0123abcd.partial", tmp_path / ".deployed.notours.partial"]
+    before = tmp_path / ".deployed.4567abcd.partial"  # one killed when exports staged beside their folder
+    before.mkdir()
+    others = [tmp_path / ".deployed_b.0123abcd.partial", tmp_path / ".deployed.notours.partial",
+              out / ".export.notours.partial"]
     for other in others:
         other.mkdir()
     with file_lock(out / deploy.DEPLOY_LOCK):  # another process deploying into the same out=
@@ -398,9 +407,16 @@ def test_an_export_holds_its_folder_and_removes_what_killed_exports_left(calibra
                                            rf"{re.escape(str(out / deploy.DEPLOY_LOCK))}\); wait for it"):
             deploy.export_onnx(calibrated, out)
         assert left.is_dir()  # while it runs, a staging folder may be its own
+    staged = []
+    real = deploy.export_graphs
+    monkeypatch.setattr(deploy, "export_graphs", lambda model, directory: staged.append(directory) or real(model,
+                                                                                                          directory))
     deploy.export_onnx(calibrated, out)
-    assert not left.exists() and all(other.is_dir() for other in others)
+    assert not left.exists() and not before.exists() and all(other.is_dir() for other in others)
     assert (out / deploy.ENCODER_FILE).read_text() == "new"
+    # staged inside the target: moving in is a rename on its file system (a target linked to another file system
+    # failed there, after the earlier deployment had been set aside) and needs no writable parent
+    assert [p.parent for p in staged] == [out] and not staged[0].exists()
 
 
 def test_an_earlier_deployment_is_set_aside_under_one_stamp(calibrated, tmp_path, monkeypatch):
