@@ -318,6 +318,23 @@ def folder_in_use(run_dir: Path) -> bool:
     return False
 
 
+ANALYSIS_LOCK = ".saq.analysis.lock"
+
+
+@contextmanager
+def analyse_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold a run folder for a tool that reads its saved model and writes its own files beside it (saq.sensitivity):
+    a shared hold of the run lock keeps runs from writing there while quant.load runs may still read the model, and
+    the analysis lock keeps a second analysis from writing the same files. RunDirHeld when either is taken."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(Path(run_dir) / RUN_LOCK, wait=False, shared=True))
+            stack.enter_context(file_lock(Path(run_dir) / ANALYSIS_LOCK, wait=False))
+        except BlockingIOError:
+            raise RunDirHeld(run_dir) from None
+        yield
+
+
 @contextmanager
 def claim_run_dir(run_dir: Path) -> Iterator[None]:
     """Hold the run folder for this process: a second run into it (two runs started in the same second share

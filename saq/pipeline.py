@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -579,25 +580,27 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
         task.check_calibration_split()
         samples = task.calibration_samples(quant_cfg.calib_images)
     planted = None
-    if cfg.model.get("outliers"):
-        from saq.sam.outliers import OutlierSpec, add_key_offsets, plant_key_outliers
-        from saq.saved import saved_planted_outliers
-
-        # a loaded model's FP twin takes the offsets it was saved with: measured again on this run's task (another
-        # one's calibration images) they would differ, and the FP row would be of another model
-        planted = saved_planted_outliers(cfg) if quant_cfg is not None and cfg.quant.get("load") else None
-        if planted is not None:
-            add_key_offsets(model, planted)
-        else:
-            spec = OutlierSpec.from_cfg(cfg.model.outliers)
-            planted = plant_key_outliers(
-                model, task.calibration_samples(spec.calib_images, "model.outliers.calib_images"), spec)
     saved_model = loaded = loaded_run = None  # where the quantized model was saved to or loaded from; what made it
-    if quant_cfg is not None and cfg.quant.get("load"):
-        from saq.saved import load_run, loaded_provenance, reading_saved_model
+    loading = quant_cfg is not None and bool(cfg.quant.get("load"))
+    from saq.saved import load_run, loaded_provenance, reading_saved_model, saved_planted_outliers
 
-        # before the FP evaluation (hours on ViT-H): a saved model whose tensors or quantizers do not fit fails now
-        with reading_saved_model(cfg, run_dir):  # a run saving into that folder meanwhile would mix two models
+    # a quant.load run reads the saved model's offsets, tensors and provenance under one hold of its folder: a run
+    # saving into that folder meanwhile would mix two models
+    with reading_saved_model(cfg, run_dir) if loading else contextlib.nullcontext():
+        if cfg.model.get("outliers"):
+            from saq.sam.outliers import OutlierSpec, add_key_offsets, plant_key_outliers
+
+            # a loaded model's FP twin takes the offsets it was saved with: measured again on this run's task
+            # (another one's calibration images) they would differ, and the FP row would be of another model
+            planted = saved_planted_outliers(cfg) if loading else None
+            if planted is not None:
+                add_key_offsets(model, planted)
+            else:
+                spec = OutlierSpec.from_cfg(cfg.model.outliers)
+                planted = plant_key_outliers(
+                    model, task.calibration_samples(spec.calib_images, "model.outliers.calib_images"), spec)
+        if loading:
+            # before the FP evaluation (hours on ViT-H): a saved model whose tensors or quantizers do not fit fails now
             loaded_run, saved_model = load_run(model, cfg, run_dir), str(cfg.quant.load)
             loaded = loaded_provenance(cfg)  # now: a run saving into that folder later must not relabel this one
     fp, fp_cache_file = fp_metrics(cfg, model, task, planted)
@@ -624,7 +627,7 @@ def run(cfg: DictConfig, run_dir: Path, accepted: Callable[[], None] | None = No
         # paper-compatible evaluation), before the model is saved or evaluated
         assert_fully_quantized(qmodel, allow_dropped_inputs=recon["eval_mode"] != EVAL_FULL)
         if not cfg.quant.get("load") and cfg.quant.get("save", True):  # before evaluation: a later failure keeps it
-            saved_model = str(save_run(qmodel, run_dir, cfg, planted))
+            saved_model = str(save_run(qmodel, run_dir, cfg, planted, checkpoint_sha256))
         print(quant_summary(qmodel))  # after calibration: shows the chosen ranges' strategy and AGQ's tau
         # the evaluation's random draws (recon.paper_eval_compat's dropping) from the seed alone, not from what
         # calibration and reconstruction drew before: quant.load and saq.sensitivity then draw the same

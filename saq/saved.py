@@ -39,17 +39,22 @@ def _outliers(cfg: DictConfig) -> dict | None:
     return OmegaConf.to_container(outliers, resolve=True) if outliers else None
 
 
-def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig, planted: list | None = None) -> Path:
+def save_run(qmodel: nn.Module, run_dir: str | Path, cfg: DictConfig, planted: list | None = None,
+             checkpoint_sha256: str | None = None) -> Path:
     """Export the calibrated model to <run_dir>/quantized_model; the recipe's `extra` says what produced it.
-    planted: the outlier offsets planted in the FP model (sam_tiny_outliers), which a run loading it plants again."""
+    planted: the outlier offsets planted in the FP model (sam_tiny_outliers), which a run loading it plants again.
+    checkpoint_sha256: the digest of the checkpoint as the run read it (default: the file as it is now; a file
+    replaced during a long run would otherwise be recorded as the one the model came from)."""
     from saq.sam.build import checkpoint_digest
 
+    if checkpoint_sha256 is None:
+        checkpoint_sha256 = checkpoint_digest(cfg.model.name, cfg.model.checkpoint)
     calib = OmegaConf.select(cfg, "task.calib")  # which calibration images, in what order
     extra = {
         "model": cfg.model.name,
         # absolute: a later quant.load compares it from whatever folder it runs in
         "checkpoint": str(Path(cfg.model.checkpoint).expanduser().resolve()) if cfg.model.checkpoint else None,
-        "checkpoint_sha256": checkpoint_digest(cfg.model.name, cfg.model.checkpoint),
+        "checkpoint_sha256": checkpoint_sha256,
         "outliers": _outliers(cfg),  # the FP model the run evaluates beside it plants the same ones
         # ... with these offsets: measured on this task's calibration images, which another task's would not give
         "planted_outliers": planted,

@@ -32,7 +32,7 @@ from saq.log import (
     RESULTS_FILE,
     SENSITIVITY_FILE,
     RunDirHeld,
-    claim_run_dir,
+    analyse_run_dir,
     labelled_config,
     method_label,
     set_aside,
@@ -59,7 +59,7 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
     from saq.quant.export import read_recipe
     from saq.sam.build import build_sam
     from saq.sam.units import model_parts
-    from saq.saved import SAVED_DIR, load_run, loaded_provenance, saved_dir
+    from saq.saved import load_run, loaded_provenance, reading_saved_model, saved_dir
 
     results = Path(run_dir) / RESULTS_FILE
     if Path(run_dir).is_file():
@@ -112,10 +112,9 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
                        "recipe.json, in it or in quantized_model/); it must be where the run had it") from None
     with ExitStack() as held:
         # the saved model is checked, read and reloaded for every row: the run that saved it must not rewrite it from
-        # here on (this run's own folder, quant.load=RUN_DIR/quantized_model included, is held by main already)
-        owner = Path(source) if (Path(source) / SAVED_DIR).is_dir() else Path(source).parent
-        if cfg.quant.get("load") and owner.resolve() != Path(run_dir).resolve():
-            held.enter_context(claim_run_dir(owner))
+        # here on (a shared hold, as quant.load's: other readers go on; this run's own folder is held by main)
+        if cfg.quant.get("load"):
+            held.enter_context(reading_saved_model(cfg, Path(run_dir)))
         if cfg.quant.get("load") and isinstance(record.get("loaded_model"), dict):
             now = loaded_provenance(cfg)  # a later run saving into that folder sets the evaluated model aside
             changed = [key for key in record["loaded_model"] if now.get(key) != record["loaded_model"][key]]
@@ -340,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SaqError(f"parts={options['parts']} names no module; give module paths such as "
                            f"parts=image_encoder,mask_decoder (or leave parts out for every part); usage: {USAGE}")
         # the run's folder is held while its model is read and its rows written: a run into it would set them aside
-        with claim_run_dir(path) if Path(path).is_dir() else nullcontext():
+        with analyse_run_dir(path) if Path(path).is_dir() else nullcontext():
             sensitivity(path, parts, max_images, threads, report=lambda line: print(line, flush=True),
                         device=options.get("device"))
     except RunDirHeld as exc:  # a run, saq.deploy or another analysis: this tool has no folder of its own to give

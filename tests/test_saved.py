@@ -399,6 +399,32 @@ def test_quant_load_reads_no_folder_another_run_is_writing_and_holds_it_while_re
         pass
 
 
+def test_the_recipe_names_the_checkpoint_as_the_run_read_it(synthetic_root, tmp_path, monkeypatch):
+    # a checkpoint retrained or replaced while a long run calibrates: the model is of the weights the run read
+    import saq.quant
+    from saq.sam.build import TINY_CHECKPOINT, checkpoint_digest
+
+    checkpoint = tmp_path / "tiny.pt"
+    checkpoint.write_bytes(TINY_CHECKPOINT.read_bytes())
+    real = saq.quant.calibrate
+
+    def calibrate_then_replace(*args, **kwargs):
+        report = real(*args, **kwargs)
+        state = torch.load(checkpoint, weights_only=True)
+        torch.save({k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}, checkpoint)
+        return report
+
+    monkeypatch.setattr(saq.quant, "calibrate", calibrate_then_replace)
+    record = pipeline.run(run_config(synthetic_root, f"model.checkpoint={checkpoint}"), tmp_path / "run")
+    recipe = read_recipe(tmp_path / "run" / SAVED_DIR)
+    assert recipe["extra"]["checkpoint_sha256"] == record["checkpoint_sha256"]
+    assert record["checkpoint_sha256"] != checkpoint_digest("sam_tiny", checkpoint)
+    # so the replaced file is refused as the model's FP twin
+    with pytest.raises(SaqError, match=r"was made from another version of the checkpoint file"):
+        pipeline.validate(run_config(synthetic_root, f"model.checkpoint={checkpoint}",
+                                     f"quant.load={tmp_path / 'run'}"))
+
+
 def test_export_writes_through_a_temporary_file(tmp_path, monkeypatch):
     from saq.quant import quantize
     from saq.quant.export import export_quantized, load_quantized

@@ -138,7 +138,7 @@ def test_sensitivity_that_cannot_write_its_file_still_measures(synthetic_root, t
 
 
 def test_sensitivity_of_a_run_that_loaded_its_own_folders_model(synthetic_root, tmp_path, w8a8_run):
-    from saq.log import claim_run_dir
+    from saq.log import RUN_LOCK, claim_run_dir, file_lock
     from saq.sensitivity import FULL, main, sensitivity
 
     run = tmp_path / "run"
@@ -154,6 +154,9 @@ def test_sensitivity_of_a_run_that_loaded_its_own_folders_model(synthetic_root, 
     assert written["method"] == "minmax (custom)"
     with claim_run_dir(run):  # ... and another process holding it still stops the tool
         assert main([str(run), "parts=mask_decoder"]) == 2
+    # a quant.load run reading the model meanwhile only reads: the analysis goes on (a shared hold, as its own)
+    with file_lock(run / RUN_LOCK, wait=False, shared=True):
+        assert main([str(run), "parts=mask_decoder"]) == 0
     # a run made with threads=null is rebuilt at the thread count it ran with, not this process's
     record = json.loads((run / "results.json").read_text())
     record["config"]["threads"], record["threads_used"] = None, 1
@@ -248,7 +251,7 @@ def test_sensitivity_puts_back_fp_weights_of_a_reconstructed_outlier_model(synth
     assert untimed(rows[FULL]) == untimed(loaded["metrics"]["quantized"])  # semantic metrics carry timings too
     from saq.log import claim_run_dir
 
-    with claim_run_dir(run), pytest.raises(SaqError, match="another saq process is writing into"):
+    with claim_run_dir(run), pytest.raises(SaqError, match=rf"another saq process holds {run} now"):
         sensitivity(tmp_path / "loaded", [""], report=lambda line: None, save=False)  # its model may change
     assert rows[""]["mIoU"] == pytest.approx(loaded["metrics"]["fp"]["mIoU"], abs=1e-6)
     assert rows[""]["masks_per_image"] == loaded["metrics"]["fp"]["masks_per_image"]
@@ -374,6 +377,25 @@ def test_restoring_fp_weights_touches_only_the_layers_of_the_part(synthetic_root
     assert not same(learned, "mask_decoder.transformer.layers.0.self_attn.q_proj")
     assert not torch.equal(learned.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.bias,
                            reference.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.bias)
+
+
+def test_an_analysis_excludes_runs_and_other_analyses_of_its_folder_but_not_readers(tmp_path):
+    from saq.log import RUN_LOCK, RunDirHeld, analyse_run_dir, claim_run_dir, file_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with analyse_run_dir(run):
+        with pytest.raises(RunDirHeld):  # a run into it would set the analysed model aside
+            with claim_run_dir(run):
+                pass
+        with pytest.raises(RunDirHeld):  # a second analysis would write the same sensitivity.json
+            with analyse_run_dir(run):
+                pass
+        with file_lock(run / RUN_LOCK, wait=False, shared=True):  # a quant.load run reading the model
+            pass
+    with claim_run_dir(run), pytest.raises(RunDirHeld):
+        with analyse_run_dir(run):
+            pass
 
 
 def test_sensitivity_command_names_a_held_folder_and_refuses_parts_naming_nothing(tmp_path, capsys):
