@@ -281,9 +281,9 @@ def unknown_option(group: str, option: str, folders: list[Path]) -> str:
 def main(cfg: DictConfig) -> None:
     from saq.pipeline import run
     from saq.sweep import (
-        RUNNING_FILE,
         check_preset_found,
         check_single_run_of_a_sweep,
+        claim_sweep_job_folder,
         override_strings,
         run_sweep_job,
         write_failure,
@@ -298,16 +298,18 @@ def main(cfg: DictConfig) -> None:
     arguments = job_overrides if multirun else sys.argv[1:]
     with ExitStack() as stack:
         try:  # the folder first: a run turned away must not write into another one's log
-            stack.enter_context(claim_run_dir(run_dir))
+            if not multirun:
+                stack.enter_context(claim_run_dir(run_dir))
+            elif claim_sweep_job_folder(run_dir, stack) == "running":  # another multirun computes this job
+                print(f"skipped: {run_dir} is being computed by another sweep's process")
+                return
         except RunDirHeld as exc:
             if not multirun:
                 print(f"error: {exc}", file=sys.stderr)
                 sys.exit(2)
-            if (run_dir / RUNNING_FILE).exists():  # another multirun into the sweep folder computes this job
-                print(f"skipped: {run_dir} is being computed by another sweep's process")
-            else:  # held by a tool (sensitivity, deploy): this job's failure, and the sweep goes on
-                write_failure(run_dir, cfg, exc, job_overrides)
-                print(f"error: {exc}", file=sys.stderr)
+            # held by a tool (sensitivity, deploy): this job's failure, and the sweep goes on
+            write_failure(run_dir, cfg, exc, job_overrides)
+            print(f"error: {exc}", file=sys.stderr)
             return
         try:
             stack.enter_context(tee_run_log(run_dir / RUN_LOG, command=" ".join(["python -m saq", *arguments])))

@@ -277,6 +277,30 @@ def write_failure(run_dir: Path, cfg: DictConfig, exc: BaseException, overrides:
     return path
 
 
+SWEEP_HOLD_GRACE_S = 3.0  # how long a sweep job waits on a held job folder before counting the hold a tool's
+
+
+def claim_sweep_job_folder(run_dir: Path, stack: contextlib.ExitStack, grace_s: float = SWEEP_HOLD_GRACE_S) -> str:
+    """Hold a sweep job's folder (claim_run_dir) inside `stack`: "claimed"; "running" when another multirun's job
+    computes it (its running.json); RunDirHeld when a hold without one outlasts grace_s: a tool's (saq.sensitivity,
+    saq.deploy). Another multirun's job holds the folder a moment before it writes running.json, or while it finds
+    the job finished and skips it, and is not a failure of this one."""
+    from saq.log import RunDirHeld, claim_run_dir
+
+    waited = 0.0
+    while True:
+        try:
+            stack.enter_context(claim_run_dir(run_dir))
+            return "claimed"
+        except RunDirHeld:
+            if (run_dir / RUNNING_FILE).exists():
+                return "running"
+            if waited >= grace_s:
+                raise
+            time.sleep(0.1)
+            waited += 0.1
+
+
 def run_sweep_job(cfg: DictConfig, run_dir: Path, run: Callable[[DictConfig, Path], dict],
                   overrides: list[str]) -> dict | None:
     """One multirun job: skipped when finished before; any error is recorded in failure.json and never raised."""
@@ -322,12 +346,13 @@ def sweep_job_overrides(config: DictConfig) -> list[list[str]] | None:
     return [list(job) for batch in batches for job in batch]
 
 
-def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]]:
+def composed_jobs(config: DictConfig, folders: list | None = None) -> list[tuple[list[str], DictConfig | str]]:
     """Every job's overrides with its composed config, or the reason it cannot run: Hydra's (it does not compose),
     saq's config checks (pipeline.check_config: a preset whose switches the sweep changes, a knob nothing reads) or
     its model checkpoint file, missing or of another model (a job would find it only when it starts, hours into the
     sweep; on Slurm a file this machine lacks may be on the compute nodes only). A refused job whose folder already holds its
-    finished run is kept: it will be skipped, and rerunning a finished sweep for its report still works."""
+    finished run is kept: it will be skipped, and rerunning a finished sweep for its report still works. folders:
+    a list that gets each composed job's (overrides, folder), None where the folder resolves only at launch."""
     from hydra import compose
 
     from saq.pipeline import check_config, check_load_overrides_read
@@ -344,6 +369,8 @@ def composed_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig | str]
             continue
         choices = dict(cfg.hydra.runtime.choices)
         run_dir = job_folder(config, cfg, num)
+        if folders is not None:
+            folders.append((job, run_dir))
         with open_dict(cfg):
             del cfg["hydra"]
         try:  # the sweep's shared recon.iters overrides are checked across its jobs (recon_iters_no_job_reads)
@@ -405,21 +432,20 @@ def recon_iters_no_job_reads(jobs: list[tuple[list[str], DictConfig | str]]) -> 
     return [(kind, granularities) for kind in given if granularities and kind not in read]
 
 
-def jobs_sharing_a_folder(config: DictConfig) -> list[tuple[list[str], list[str]]]:
-    """Pairs of jobs whose folders would be one: they differ only in keys that job folder names leave out
-    (hydra.job.config.override_dirname.exclude_keys, e.g. threads), so the second would be skipped or overwrite."""
-    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", "")
-    if "override_dirname" not in str(subdir):  # another folder scheme (e.g. ${hydra.job.num}) names each job apart
-        return []
-    excluded = set(config.hydra.job.config.override_dirname.get("exclude_keys") or [])
-    seen: dict[frozenset, list[str]] = {}
+def jobs_sharing_a_folder(folders: list[tuple[list[str], Path | None]]) -> list[tuple[list[str], list[str]]]:
+    """Pairs of jobs whose folders (composed_jobs' `folders`) would be one, so the second would be skipped or set
+    the first aside: jobs that differ only in keys job folder names leave out (override_dirname's exclude_keys, e.g.
+    threads), or any folder scheme that does not name what the jobs differ in (hydra.sweep.subdir=${clip.name})."""
+    seen: dict[str, list[str]] = {}
     clashes = []
-    for job in sweep_job_overrides(config) or []:
-        named = frozenset(o for o in job if o.split("=", 1)[0].lstrip("+~") not in excluded)
-        if named in seen:
-            clashes.append((seen[named], job))
+    for job, folder in folders:
+        if folder is None:  # resolved only when the job is launched
+            continue
+        key = os.path.normpath(os.path.abspath(folder))
+        if key in seen:
+            clashes.append((seen[key], job))
         else:
-            seen[named] = job
+            seen[key] = job
     return clashes
 
 
@@ -492,7 +518,8 @@ class SweepReport(Callback):
             print(f"error: hydra.launcher.{a} and hydra.launcher.{b} are both set; Slurm takes one of them: add "
                   f"hydra.launcher.{a}=null (or {b}=null); nothing was run", file=sys.stderr)
             sys.exit(2)
-        jobs = composed_jobs(config)
+        folders: list[tuple[list[str], Path | None]] = []
+        jobs = composed_jobs(config, folders)
         problems = [(job, why) for job, why in jobs if isinstance(why, str)]
         if problems:
             for job, why in problems:
@@ -504,7 +531,7 @@ class SweepReport(Callback):
             print(f"error: recon.iters.{kind} is read by no job of this sweep (their recon.granularity: "
                   f"{', '.join(granularities)}); nothing was run", file=sys.stderr)
             sys.exit(2)
-        clashes = jobs_sharing_a_folder(config)
+        clashes = jobs_sharing_a_folder(folders)
         if clashes:
             first, second = clashes[0]
             only = [" ".join(o for o in job if o not in other) for job, other in ((first, second), (second, first))]
@@ -522,9 +549,32 @@ class SweepReport(Callback):
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
         atexit.register(marker.unlink, missing_ok=True)  # a sweep stopped by Ctrl-C never reaches on_multirun_end
-        self.marker = marker
+        self.marker, self.ended = marker, False
+        atexit.register(self.report_at_exit, config)  # runs before the marker's removal (last in, first out)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self.ended = True
+        if self.write_summary(config):
+            sys.exit(1)  # after the report: the sweep's exit status says some job of this sweep failed
+
+    def report_at_exit(self, config: DictConfig) -> None:
+        """The report of what finished, for a sweep that ended without on_multirun_end: a launcher raises when a
+        job's process is killed (joblib's TerminatedWorkerError, submitit's UncompletedJobError: out of memory, a
+        Slurm time limit) or on Ctrl-C, and Hydra then never calls it. The killed jobs are listed as unfinished."""
+        if getattr(self, "ended", True):
+            return
+        self.ended = True
+        print("\nthe sweep ended before every job returned (a job's process was killed, or Ctrl-C); the report of "
+              "what finished follows", file=sys.stderr, flush=True)
+        try:
+            self.write_summary(config)
+        except KeyboardInterrupt:  # a second Ctrl-C: out now
+            pass
+        except Exception as exc:  # noqa: BLE001 - the process is ending anyway: one line, not a traceback
+            print(f"warning: the sweep's report could not be written ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+    def write_summary(self, config: DictConfig) -> list[dict]:
+        """Write the sweep's report and print its summary; returns this sweep's failed jobs."""
         from saq.report import build_report, print_summary, write_report
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -536,5 +586,4 @@ class SweepReport(Callback):
         if marker is not None:
             marker.unlink(missing_ok=True)
         sys.stdout.flush()
-        if failed_now:
-            sys.exit(1)  # after the report: the sweep's exit status says some job of this sweep failed
+        return failed_now

@@ -21,12 +21,17 @@ from tests.conftest import REPO
 SWEEP_2X2 = ["quant=w6a6,w4a4", "clip=minmax,mse", "++quant.calib_images=2"]
 
 
-def multirun(sweep_dir: Path, *overrides: str, data: Path, cwd: Path, images: int = 2) -> subprocess.CompletedProcess:
+def multirun_command(sweep_dir: Path, *overrides: str, data: Path, images: int = 2) -> tuple[list[str], dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "MPLBACKEND": "Agg"}
     args = [sys.executable, "-m", "saq", "-m", f"task.data.root={data}", "task.generate=null",
             f"task.max_images={images}", "logger=none", "threads=1", "progress=false", f"hydra.sweep.dir={sweep_dir}",
             *overrides]
+    return args, env
+
+
+def multirun(sweep_dir: Path, *overrides: str, data: Path, cwd: Path, images: int = 2) -> subprocess.CompletedProcess:
+    args, env = multirun_command(sweep_dir, *overrides, data=data, images=images)
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -720,6 +725,11 @@ def test_jobs_that_would_share_a_folder_stop_the_sweep_before_any_job_runs(synth
     assert not list(sweep_dir.rglob("results.json"))
     again = multirun(sweep_dir, "quant=w4a4", "seed=0,0", data=synthetic_root, cwd=tmp_path)
     assert again.returncode == 2 and "seed=0 is in this sweep twice" in again.stderr.strip().splitlines()[-1]
+    # any folder scheme that does not name what the jobs differ in: each job would set the other's run aside
+    named = multirun(sweep_dir, "quant=w4a4,w6a6", "hydra.sweep.subdir=${clip.name}", data=synthetic_root,
+                     cwd=tmp_path)
+    assert named.returncode == 2 and named.stderr.strip().splitlines()[-1].startswith(
+        "error: the jobs with quant=w4a4 and with quant=w6a6 would share one job folder"), named.stderr[-2000:]
     # a recon.iters kind that no job's granularity makes would change nothing (a single run refuses it itself);
     # one that some job reads is fine in a sweep of several granularities
     unread = multirun(sweep_dir, "quant=w4a4", "method=saq_sam", "recon.granularity=stage,block", "recon.iters.layer=1",
@@ -819,3 +829,55 @@ def test_a_finished_job_is_found_in_the_folder_the_command_line_names(tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         [(_, kept)] = composed_jobs(config)
     assert isinstance(kept, DictConfig), kept
+
+
+def test_a_job_whose_process_is_killed_still_gets_the_sweep_its_report(synthetic_root, tmp_path):
+    # joblib (as submitit) raises when a worker dies (out of memory, a time limit), and Hydra then never calls
+    # on_multirun_end: the report of what finished is written at exit, the killed job listed as unfinished
+    import signal
+    import time
+
+    from saq.sweep import RUNNING_FILE
+
+    sweep_dir = tmp_path / "sweep"
+    args, env = multirun_command(sweep_dir, "quant=w8a8", "clip=minmax", "seed=0,1", "++quant.calib_images=2",
+                                 "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", data=synthetic_root, images=4)
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    killed = None
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        for running in sweep_dir.rglob(RUNNING_FILE):
+            if "seed=1" in running.parent.name:  # its own worker process (n_jobs=2: never the sweep's)
+                try:
+                    os.kill(json.loads(running.read_text())["pid"], signal.SIGKILL)
+                    killed = running.parent
+                except (ValueError, KeyError, ProcessLookupError):  # half written, or just ended: look again
+                    pass
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=240)
+    assert killed is not None, err[-2000:]
+    assert proc.returncode != 0
+    assert "the sweep ended before every job returned" in err
+    assert out.count("=== sweep report") == 1 and "did not finish: killed" in out, out[-2000:]
+    assert str(killed) in (sweep_dir / "report.md").read_text()
+
+
+def test_a_sweep_job_waits_out_a_moments_hold_of_its_folder_but_not_a_tools(tmp_path):
+    import threading
+    from contextlib import ExitStack
+
+    from saq.log import RunDirHeld, claim_run_dir
+    from saq.sweep import RUNNING_FILE, claim_sweep_job_folder
+
+    folder = tmp_path / "job"
+    other = ExitStack()
+    other.enter_context(claim_run_dir(folder))  # another multirun's job, before its running.json (or skipping)
+    threading.Timer(0.3, other.close).start()
+    with ExitStack() as stack:
+        assert claim_sweep_job_folder(folder, stack, grace_s=5) == "claimed"  # was a failure.json at once
+    with claim_run_dir(folder):  # a tool's hold outlasts the grace: this job's failure
+        with ExitStack() as stack, pytest.raises(RunDirHeld):
+            claim_sweep_job_folder(folder, stack, grace_s=0.2)
+        (folder / RUNNING_FILE).write_text("{}")  # ... unless another multirun says it computes the job
+        with ExitStack() as stack:
+            assert claim_sweep_job_folder(folder, stack, grace_s=0.2) == "running"
