@@ -169,7 +169,12 @@ def test_ctrl_c_stops_the_sweep_and_leaves_the_interrupted_job_listed(synthetic_
     while not list(sweep_dir.glob("*/.hydra/config.yaml")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert list(sweep_dir.rglob("running.json")), "the first job is running"
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    while proc.poll() is None and time.monotonic() < deadline:  # pressed again, as a user would, should Python
+        proc.send_signal(signal.SIGINT)  # (what Ctrl-C sends) have swallowed it: one arriving inside a __del__ is
+        try:  # printed as "Exception ignored" and the run goes on (seen once under the full suite's load)
+            proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
     proc.communicate(timeout=120)
     assert proc.returncode != 0
     failures = list(sweep_dir.rglob("failure.json"))
