@@ -50,7 +50,8 @@ def main(args: dict[str, str]) -> None:
     outliers = OmegaConf.load(model_cfg).get("outliers") if model_cfg.is_file() else None
     if outliers:  # the same planting as a run of this model (saq/pipeline.py)
         spec = OutlierSpec.from_cfg(outliers)
-        plant_key_outliers(model, task.calibration_samples(spec.calib_images), spec)
+        knob = f"outliers.calib_images of conf/model/{name}.yaml"
+        plant_key_outliers(model, task.calibration_samples(spec.calib_images, knob), spec)
     values: dict[str, list[torch.Tensor]] = defaultdict(list)
     hooks = []
     for module_name, module in model.mask_decoder.transformer.named_modules():
@@ -60,7 +61,7 @@ def main(args: dict[str, str]) -> None:
                 hooks.append(getattr(module, proj).register_forward_hook(
                     lambda _m, _i, out, key=key: values[key].append(out.detach().reshape(-1, out.shape[-1]))))
     seg = Segmenter(model)
-    for sample in task.calibration_samples(int(args.get("images", 16))):
+    for sample in task.calibration_samples(int(args.get("images", 16)), "images"):
         seg.run(sample)
     for h in hooks:
         h.remove()

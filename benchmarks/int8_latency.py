@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -112,7 +113,9 @@ def main(args: dict[str, str]) -> None:
     torch.set_num_threads(threads)
     root = args.get("root", "data/synthetic")
     own = [] if root == "data/synthetic" else ["task.generate=null"]  # a real dataset is read, never generated
-    cfg = compose_cfg(f"task.data.root={root}", f"quant.calib_images={args.get('calib_images', 8)}", *own)
+    cfg = compose_cfg(f"quant.calib_images={args.get('calib_images', 8)}", *own)
+    with open_dict(cfg):  # set, not parsed as an override: a root with a comma or quote is a path all the same
+        cfg.task.data.root = root
     if own:  # said in this script's root=, not in the main command's task.data.root the task's own checks name
         require_layout(root, cfg.task.data, cfg.task.calib, "root")
     task = build_task(cfg)

@@ -131,7 +131,7 @@ def main(args: dict) -> None:
     model = (build_sam(model_name) if model_name == "sam_tiny" else build_random_sam(model_name)).to(device)
     size = model.image_encoder.img_size
     if "data" in args:
-        samples = instance_task(args["data"], "data").calibration_samples(images)
+        samples = instance_task(args["data"], "data").calibration_samples(images, "images")
         described = f"{images} images of {args['data']} (mean {np.mean([s.num_prompts for s in samples]):.1f} boxes)"
     else:
         samples = [sample(size, prompts, seed) for seed in range(images)]

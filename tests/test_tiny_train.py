@@ -72,6 +72,63 @@ def test_a_batch_counts_only_the_training_images_with_an_object(synthetic_root, 
         train(cfg)
 
 
+def test_bad_training_data_is_one_line_before_any_step(synthetic_root, tmp_path):
+    import json
+
+    import cv2
+
+    def dataset(name, edit_val=None, edit_image=None):
+        root = tmp_path / name
+        (root / "annotations").mkdir(parents=True)
+        for split in ("train", "val"):
+            (root / split).symlink_to(synthetic_root / split)
+        (root / "annotations" / "instances_train.json").symlink_to(
+            synthetic_root / "annotations" / "instances_train.json")
+        coco = json.loads((synthetic_root / "annotations" / "instances_val.json").read_text())
+        if edit_val is not None:
+            edit_val(coco)
+        (root / "annotations" / "instances_val.json").write_text(json.dumps(coco) if coco else "{ cut")
+        if edit_image is not None:  # the val images, copied so that one can change
+            (root / "val").unlink()
+            (root / "val").mkdir()
+            images = root / "val" / "images"
+            images.mkdir(parents=True)
+            for image in coco["images"][:2]:
+                (images / image["file_name"]).write_bytes((synthetic_root / "val/images" / image["file_name"]).read_bytes())
+            edit_image(images / coco["images"][0]["file_name"], coco)
+            (root / "annotations" / "instances_val.json").write_text(json.dumps(coco))
+        return root
+
+    def upscale(path, coco):  # a val image at twice the size, its entry and annotations saying so: a 256 px model
+        cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (512, 512)))  # scored it as 0 mIoU before
+        coco["images"][0].update(width=512, height=512)
+        for ann in coco["annotations"]:
+            if ann["image_id"] == coco["images"][0]["id"]:
+                ann["segmentation"] = [[2 * v for v in poly] for poly in ann["segmentation"]] \
+                    if isinstance(ann["segmentation"], list) else ann["segmentation"]
+
+    def shrink(path, coco):  # an image that is not the size its entry says (was an IndexError in the masks)
+        cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (128, 128)))
+
+    cases = {
+        "no_objects": (dataset("no_objects", lambda c: c.update(annotations=[])),
+                       r"val images of .* hold no objects: the box-prompt mIoU curve needs some"),  # was a crash at
+        # the first evaluation, eval_every steps in
+        "cut_json": (dataset("cut_json", lambda c: c.clear()),
+                     r"annotation file .*instances_val\.json is not a COCO annotation file \(JSONDecodeError"),
+        "other_size": (dataset("other_size", edit_image=upscale),
+                       r"sam_tiny trains on 256px square images; .* is 512x512"),
+        "entry_size": (dataset("entry_size", edit_image=shrink), r"is 128x128 \(w x h\), its entry in .* says 256x256"),
+    }
+    for root, message in cases.values():
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+            cfg = compose(config_name="train_tiny", overrides=[f"data.root={root}", f"output={tmp_path / 'x.pt'}",
+                                                                "data.n_val=2", "steps=100", "warmup_steps=10"])
+        with pytest.raises(SaqError, match=message):
+            train(cfg)
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_a_round_never_writes_over_an_earlier_rounds_checkpoint(synthetic_root, tmp_path):
     (tmp_path / "round1.pt").write_bytes(b"weights")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

@@ -5,6 +5,8 @@ Run as `python -m saq.sam.tiny.train` (knobs in conf/train_tiny.yaml) or `make t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import platform
@@ -36,21 +38,36 @@ class InstanceImages:
     counts: np.ndarray  # N, instances per image
 
 
-def load_coco_split(root: Path, ann_file: str, img_dir: str, limit: int | None = None) -> InstanceImages:
-    """Read a COCO-format split of same-size images into memory (visible instance masks are disjoint here)."""
+def load_coco_split(root: Path, ann_file: str, img_dir: str, limit: int | None = None,
+                    size: int | None = None) -> InstanceImages:
+    """Read a COCO-format split of same-size images into memory (visible instance masks are disjoint here); size:
+    the square side every image must have (SaqError naming the first that has not)."""
     from pycocotools.coco import COCO
 
     ann_path = root / ann_file
     if not ann_path.is_file():
         raise SaqError(f"annotation file not found: {ann_path} (generate it with `make data` or set data.root)")
-    coco = COCO(str(ann_path))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            coco = COCO(str(ann_path))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # bad JSON, or JSON of another layout
+        raise SaqError(f"annotation file {ann_path} is not a COCO annotation file ({type(exc).__name__}: "
+                       f"{str(exc)[:120]})") from None
     ids = sorted(coco.getImgIds())[:limit]
+    if not ids:
+        raise SaqError(f"annotation file {ann_path} lists no images")
     images, id_maps, counts = [], [], []
     for image_id in tqdm(ids, desc="loading", leave=False):
         info = coco.loadImgs(image_id)[0]
-        bgr = cv2.imread(str(root / img_dir / info["file_name"]), cv2.IMREAD_COLOR)
+        path = root / img_dir / str(info.get("file_name"))
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if bgr is None:
-            raise SaqError(f"cannot read image {root / img_dir / info['file_name']}")
+            raise SaqError(f"cannot read image {path}")
+        if bgr.shape[:2] != (info.get("height"), info.get("width")):  # the masks are drawn at the entry's size
+            raise SaqError(f"image {path} is {bgr.shape[1]}x{bgr.shape[0]} (w x h), its entry in {ann_path} says "
+                           f"{info.get('width')}x{info.get('height')}")
+        if size is not None and bgr.shape[:2] != (size, size):  # a split is stacked, and the model sees size px
+            raise SaqError(f"sam_tiny trains on {size}px square images; {path} is {bgr.shape[1]}x{bgr.shape[0]}")
         id_map = np.zeros(bgr.shape[:2], np.uint8)
         anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
         for k, ann in enumerate(anns[:255]):
@@ -258,15 +275,16 @@ def train(cfg: DictConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     root = Path(cfg.data.root)
-    train_data = load_coco_split(root, cfg.data.train_ann, cfg.data.train_img_dir, cfg.data.n_train)
-    val_data = load_coco_split(root, cfg.data.val_ann, cfg.data.val_img_dir, cfg.data.n_val)
+    arch = ARCHITECTURES["sam_tiny"]
+    train_data = load_coco_split(root, cfg.data.train_ann, cfg.data.train_img_dir, cfg.data.n_train, arch.image_size)
+    val_data = load_coco_split(root, cfg.data.val_ann, cfg.data.val_img_dir, cfg.data.n_val, arch.image_size)
     usable = int((train_data.counts > 0).sum())  # a batch draws images with an object, without repeats
     if cfg.batch_size > usable:
         raise SaqError(f"batch_size={cfg.batch_size} is more than the {usable} training images with an object (of "
                        f"{len(train_data.images)}); lower batch_size or raise data.n_train")
-    arch = ARCHITECTURES["sam_tiny"]
-    if train_data.images.shape[1:3] != (arch.image_size, arch.image_size):
-        raise SaqError(f"sam_tiny trains on {arch.image_size}px square images, found {train_data.images.shape[1:3]}")
+    if not val_data.counts.sum():  # found now, not at the first evaluation, eval_every steps in
+        raise SaqError(f"the {len(val_data.images)} val images of {root / cfg.data.val_ann} hold no objects: the "
+                       "box-prompt mIoU curve needs some (set data.val_ann or raise data.n_val)")
     # whatever `make data` (or a run's task.generate) left in data.root: said, and recorded in the card
     print(f"training on {len(train_data.images)} train scenes of {root} ({len(val_data.images)} val scenes for the "
           "mIoU curve)")
