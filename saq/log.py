@@ -528,10 +528,10 @@ def wandb_run_options(logger_cfg: dict, record: dict, sweep_group: str | None = 
 
 
 def run_figures(run_dir: Path) -> list[Path]:
-    """PNG figures a run wrote in its directory (not W&B's own files, nor those of a W&B folder set aside)."""
-    run_dir = Path(run_dir)
-    return sorted(p for p in run_dir.rglob("*.png") if not any(
-        part == WANDB_DIR or part.startswith(f"{WANDB_DIR}.") for part in p.relative_to(run_dir).parts[:-1]))
+    """PNG figures a run wrote in its directory: at its top, where every figure of a run is drawn. Nothing below
+    it (W&B's own files, a dataset or another run's folder inside a run folder given as hydra.run.dir=.), which a
+    rerun would otherwise set aside and W&B upload."""
+    return sorted(p for p in Path(run_dir).glob("*.png") if p.is_file())
 
 
 def _multirun_job() -> tuple[str | None, str | None]:

@@ -116,9 +116,10 @@ def fp_cache_path(cfg: DictConfig, task, planted: list | None = None) -> Path:
     """Where the FP metrics of this model, data (file contents by size and mtime), prompts, seed, decoding, device,
     threads, package versions and metric code are cached. planted: the outliers planted at load time, which depend
     on the calibration images they were measured on, not only on model.outliers' settings."""
-    # device, threads and versions are in the key because the cached metrics include timings (semantic task)
+    # device, threads and versions are in the key because the cached metrics include timings (semantic task); the
+    # threads in use, not the setting (threads=null is the process's own count, OMP_NUM_THREADS's say)
     key = (f"{checkpoint_fingerprint(cfg.model)}|{task.fingerprint()}|{cfg.seed}|{cfg.model.decode_batch_size}|"
-           f"{cfg.device}|{cfg.threads}|{sorted(package_versions().items())}|{source_digest()}")
+           f"{cfg.device}|{torch.get_num_threads()}|{sorted(package_versions().items())}|{source_digest()}")
     if planted is not None:
         key += f"|{json.dumps(planted, sort_keys=True)}"
     return FP_CACHE_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"

@@ -65,8 +65,13 @@ def test_fp_cache_key_covers_device_seed_decoding_threads_versions_and_metric_co
     assert pipeline.fp_cache_path(config(ckpt), task) == path
     assert pipeline.fp_cache_path(config(ckpt, device="cuda"), task) != path  # cached timings are per device
     assert pipeline.fp_cache_path(config(ckpt, seed=1), task) != path
-    assert pipeline.fp_cache_path(config(ckpt, threads=1), task) != path
     assert pipeline.fp_cache_path(config(ckpt, model={"decode_batch_size": 16}), task) != path
+    # the threads in use, which threads=null leaves to the process (OMP_NUM_THREADS): timings measured at another
+    # count were reused under this one's threads_used
+    threads = pipeline.torch.get_num_threads()
+    monkeypatch.setattr(pipeline.torch, "get_num_threads", lambda: threads + 1)
+    assert pipeline.fp_cache_path(config(ckpt), task) != path
+    monkeypatch.setattr(pipeline.torch, "get_num_threads", lambda: threads)
     # outliers planted from other calibration images (task.calib.order): other offsets, another FP model
     planted = [{"attention": "layers.0.cross_attn_token_to_image", "offsets": [3.5, -2.0]}]
     moved = [{"attention": "layers.0.cross_attn_token_to_image", "offsets": [3.25, -2.0]}]
@@ -160,7 +165,14 @@ def test_an_earlier_runs_figures_are_set_aside_with_its_results(tmp_path):
     (tmp_path / "sensitivity.json").write_text("{}")  # an analysis of the earlier run's model
     (tmp_path / "wandb").mkdir()
     (tmp_path / "wandb" / "media.png").write_bytes(b"W&B's own")
+    # what lies below a run folder is not the run's (hydra.run.dir=. over a dataset, a nested run's folder)
+    (tmp_path / "data" / "labels").mkdir(parents=True)
+    (tmp_path / "data" / "labels" / "000000.png").write_bytes(b"a label map")
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "pcc_clip_ranges.png").write_bytes(b"another run's")
     log.write_results(tmp_path, {"metrics": {"fp": {"mask_AP": 0.6}}})
+    assert (tmp_path / "data" / "labels" / "000000.png").read_bytes() == b"a label map"
+    assert (tmp_path / "nested" / "pcc_clip_ranges.png").read_bytes() == b"another run's"
     # a rerun that draws no PCC figure must not show (or upload) the earlier run's
     assert log.run_figures(tmp_path) == []  # (W&B's own files are never counted, set aside or not)
     kept = sorted(p.name.split(".")[0] for p in tmp_path.iterdir() if p.name.endswith(".previous"))
