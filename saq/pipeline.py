@@ -332,6 +332,12 @@ def check_run_knobs(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg) - run_keys())
     if unknown:  # a key added with + (a typo such as +thread=1) would be ignored
         raise SaqError(f"{unknown[0]} is not a run setting; expected one of {sorted(run_keys() - {'sweeps'})}")
+    own = OmegaConf.load(CONF_DIR / "config.yaml")
+    gone = [k for k in own if k not in ("defaults", "hydra", "method") and k not in cfg]
+    gone += [f"model.{k}" for k in ("name", "decode_batch_size") if k not in cfg.model]
+    if gone:  # ~device on the command line: later steps read it (a traceback hours in)
+        raise SaqError(f"{gone[0]} is required (removed with ~{gone[0]}?); set it ({gone[0]}=VALUE) or leave it "
+                       "to its default")
     for key in SWITCHES:
         if key in cfg:
             check_bool(cfg[key], key)

@@ -375,6 +375,10 @@ def test_tools_answer_help_with_their_usage_and_refuse_unknown_flags(tool, capsy
     # a removed group every step reads (the logger may be removed: no W&B)
     (["~model"], "the model group is required (removed with ~model?); choose one with model=NAME"),
     (["~recon"], "the recon group is required (removed with ~recon?)"),
+    # a run-level key removed: later steps read it (were tracebacks, one after the model and task were built)
+    (["~device"], "device is required (removed with ~device?); set it (device=VALUE) or leave it to its default"),
+    (["~model.decode_batch_size"], "model.decode_batch_size is required (removed with ~model.decode_batch_size?)"),
+    (["~fp_cache"], "fp_cache is required (removed with ~fp_cache?)"),
     # a method preset with its clipping or reconstruction swapped is another method
     (["quant=w4a4", "method=minmax", "clip=mse"], "method=minmax is clip=minmax; this run sets clip=mse, so it is not"),
     (["quant=w4a4", "method=saq_sam", "recon=none"], "method=saq_sam is recon=par; this run sets recon=none"),
