@@ -44,7 +44,7 @@ from saq.log import (
 )
 from saq.sam.build import build_sam, checkpoint_digest, checkpoint_file, checkpoint_path
 from saq.sam.segmenter import Segmenter
-from saq.sam.unit_kinds import KINDS_AT, check_unit_kind
+from saq.sam.unit_kinds import DECODER_KINDS, KINDS_AT, UNIT_KINDS, check_unit_kind
 
 FP_CACHE_DIR = Path("outputs/.cache/fp_metrics")
 
@@ -280,6 +280,10 @@ def check_switched_off_overrides(cfg: DictConfig, overrides: list[str]) -> None:
         elif parts[0] == "quant" and len(parts) > 2 and parts[1] in ("encoder", "decoder") and parts[2] != "enabled" \
                 and isinstance(quant.get(parts[1]), DictConfig) and quant[parts[1]].get("enabled") is False:
             reason = f"quant.{parts[1]}.enabled=false keeps the {parts[1]} in full precision"
+        elif parts[:2] == ["recon", "iters"] and len(parts) == 3 and parts[2] in UNIT_KINDS:
+            part = "decoder" if parts[2] in DECODER_KINDS else "encoder"
+            if isinstance(quant.get(part), DictConfig) and quant[part].get("enabled") is False:
+                reason = f"quant.{part}.enabled=false leaves the {part}'s units nothing to learn (they run 0 iterations)"
         elif parts[0] == "quant" and len(parts) == 4 and parts[3] == "ch_axis" and parts[2] in ("weight", "act"):
             node = (quant.get(parts[1]) or {}).get(parts[2]) or {}
             if node.get("granularity") == "per_tensor":

@@ -168,6 +168,12 @@ def test_clip_num_ranges_is_taken_where_a_per_channel_activation_quantizer_reads
     (["quant=w4a4", "quant.decoder.weight.granularity=per_tensor", "quant.decoder.weight.ch_axis=1"],
      "quant.decoder.weight.ch_axis would not be read: quant.decoder.weight.granularity=per_tensor has no channel axis"),
     (["quant=w4a4", "quant.encoder.act.ch_axis=-1"], "quant.encoder.act.ch_axis would not be read"),
+    # reconstruction iterations of a part kept in FP: its units learn nothing, yet the budget line counted them
+    (["quant=w4a4", "recon=par", "quant.decoder.enabled=false", "recon.iters.final_attn=5"],
+     "recon.iters.final_attn would not be read: quant.decoder.enabled=false leaves the decoder's units nothing to "
+     "learn"),
+    (["quant=w4a4", "recon=par", "quant.encoder.enabled=false", "recon.iters.stage=5"],
+     "recon.iters.stage would not be read: quant.encoder.enabled=false leaves the encoder's units nothing to learn"),
 ])
 def test_a_knob_of_something_switched_off_is_refused_when_given(overrides, line):
     # each composed, checked and recorded before, while changing nothing the run computes
@@ -184,7 +190,8 @@ def test_a_knob_of_something_switched_off_is_refused_when_given(overrides, line)
         # what is read passes: the same knobs with the part, AGQ, W&B or the channel axis on
         for fine in (["logger=wandb", "logger.project=mine"], ["quant=w4a4", "quant.agq_taus=[1,2,3]"],
                      ["quant=w4a4", "quant.encoder.w_bits=3", "quant.decoder.enabled=false"],
-                     ["quant=w4a4", "quant.decoder.weight.ch_axis=1"]):
+                     ["quant=w4a4", "quant.decoder.weight.ch_axis=1"],
+                     ["quant=w4a4", "recon=par", "quant.decoder.enabled=false", "recon.iters.stage=5"]):
             check_overrides_read(compose(config_name="config", overrides=fine), fine)
 
 

@@ -10,6 +10,9 @@ KINDS_AT = {"stage": ("stage", "neck", "decoder_layer", "final_attn"),
             "block": ("block", "neck", "decoder_block", "final_attn")}
 
 
+DECODER_KINDS = ("decoder_layer", "decoder_block", "final_attn")  # the mask decoder's units; the others the encoder's
+
+
 def check_unit_kind(kind: str) -> None:
     """SaqError for a recon.iters key that no granularity makes (a typo: recon.iters.stages)."""
     if kind not in UNIT_KINDS:
