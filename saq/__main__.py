@@ -72,6 +72,11 @@ def check_group_options(argv: list[str]) -> None:
             example = (f": python -m saq {late} {' '.join(a for a in argv if a != late)}"
                        if late in ("-m", "--multirun") else "")  # a flag taking a value moves with it
             raise SaqError(f"{late} comes after an override; Hydra's flags go before the overrides{example}") from None
+        # a key without a value (quant.w_bits): Hydra's parser says "missing EQUAL at '<EOF>'" and a link
+        bare = next((a for i, a in enumerate(argv) if "=" not in a and not a.startswith("-") and re.fullmatch(
+            r"[+~]{0,2}[A-Za-z_][\w./@-]*", a) and not (i and argv[i - 1] in flags)), None)
+        if bare is not None and not bare.startswith("~"):
+            raise SaqError(f"{bare} needs a value: {bare}=VALUE (or ~{bare.lstrip('+')} to remove it)") from None
         return
     if args.multirun and (args.cfg or args.info):  # Hydra's refusal is a traceback
         flag = f"--cfg {args.cfg}" if args.cfg else "--info"
@@ -80,8 +85,18 @@ def check_group_options(argv: list[str]) -> None:
     if any(getattr(args, flag, None) for flag in OTHER_CONFIG_FLAGS) or any(
             o.key_or_group.startswith("hydra.searchpath") for o in overrides):
         return
+    defaults_groups = default_groups()
     for override in overrides:
         group, value = override.key_or_group, override.value()
+        if override.is_sweep_override() and not args.multirun:  # Hydra's refusal is four lines
+            raise SaqError(f"{override.input_line} sweeps its values: add -m (python -m saq -m ...) to run one job "
+                           f"per value, or quote it for one text value ({group}='{override.input_line.split('=', 1)[1]}')"
+                           if isinstance(value, ChoiceSweep) else
+                           f"{override.input_line} sweeps its values: add -m (python -m saq -m ...)")
+        if group in defaults_groups and (override.is_add() or override.is_force_add()):
+            # Hydra: "Multiple values for method", then how to override it
+            raise SaqError(f"{group} is chosen with {group}=NAME, without a plus ({override.input_line} adds a second "
+                           f"{group} beside the one the config has): python -m saq {override.input_line.lstrip('+')}")
         if group == "sweeps" and not (override.is_add() or override.is_force_add() or override.is_delete()):
             # the root config has no sweeps entry to change: Hydra's message asks for an append
             raise SaqError(f"a sweep preset is added with a plus: +{override.input_line} (python -m saq -m "
@@ -110,6 +125,17 @@ def check_group_options(argv: list[str]) -> None:
                     (folder / option).is_file() or (folder / f"{option}.yaml").is_file() for folder in folders):
                 raise SaqError(unknown_option(group, option, folders))
     check_override_keys(overrides, args.multirun)
+
+
+def default_groups() -> set[str]:
+    """The config groups conf/config.yaml's defaults list chooses (model, quant, method, ...): set with group=NAME."""
+    from omegaconf import OmegaConf
+
+    groups = set()
+    for entry in OmegaConf.load(CONF_DIR / "config.yaml").get("defaults", []):
+        if isinstance(entry, DictConfig):
+            groups |= {str(k) for k in entry if not str(k).startswith(("override ", "optional "))}
+    return groups
 
 
 def hydra_group_options(group: str) -> list[str]:

@@ -771,6 +771,12 @@ def test_a_refused_run_into_a_finished_folder_leaves_its_record_with_its_results
     (["-m", "method=saq_sam", "quant=w4a4,w6a6", "recon.iters=[1,2]"],
      "recon.iters=[1,2]: recon.iters is a group of settings (stage, layer, block, neck, decoder_layer, decoder_block, "
      "final_attn), not a list; set them by name: recon.iters.stage=... or recon.iters={stage: ...}"),
+    # Hydra's several lines each: a comma list without -m, a preset group added with +, a key without its value
+    (["quant=w4a4,w6a6"], "quant=w4a4,w6a6 sweeps its values: add -m (python -m saq -m ...) to run one job per value, "
+                          "or quote it for one text value (quant='w4a4,w6a6')"),
+    (["+method=saq_sam"], "method is chosen with method=NAME, without a plus (+method=saq_sam adds a second method "
+                          "beside the one the config has): python -m saq method=saq_sam"),
+    (["quant=w4a4", "quant.w_bits"], "quant.w_bits needs a value: quant.w_bits=VALUE (or ~quant.w_bits to remove it)"),
     (["quant=w4a4", "quant.nope.deeper=1"], "quant.nope.deeper is not a known key: quant has no nope; its keys: "
                                             "['a_bits', 'agq', 'agq_taus', 'big', 'calib_decode_batch', "
                                             "'calib_images', 'decoder', 'encoder', 'load', 'name', 'save', 'w_bits']"),
@@ -784,7 +790,8 @@ def test_a_key_the_composed_config_lacks_is_one_line_naming_what_has_it(argument
     assert str(err.value) == line
     # what composes passes, ++ and a swept group's knob added that way included
     for fine in (["quant=w4a4", "recon=par", "recon.drop_prob=0.3"], ["-m", "quant=w6a6,w4a4",
-                                                                       "++quant.calib_images=8"]):
+                                                                       "++quant.calib_images=8"],
+                 ["-cn", "config", "quant=w4a4"], ["-m", "+sweeps=bits"], ["~method", "quant=w4a4"]):
         check_group_options(fine)
 
 
@@ -833,7 +840,6 @@ def test_the_group_option_check_leaves_to_hydra_what_it_cannot_read(monkeypatch)
     monkeypatch.chdir(REPO)  # sweeps/ is a group from the repository root (hydra.searchpath file://.)
     for argv in (["quant=w4a4", "+sweeps=bits", "~method", "quant=w4a4.yaml"],
                  ["-m", "quant=w4a4,w8a8", "clip=glob(*)", "seed=range(3)", "quant=choice(w4a4,w6a6)"],
-                 ["quant=w4a4,w5a5"],  # without -m: Hydra's own line asks for -m
                  ["hydra/launcher=joblib", "task.data.root=x", "model.checkpoint=y"],
                  ["-cn", "train_tiny", "quant=w5a5"],  # another config: its groups are not conf/config.yaml's
                  ["hydra.searchpath=[file:///elsewhere]", "quant=w5a5"], ["--unknown-flag"]):
