@@ -656,8 +656,8 @@ def test_wandb_logs_summary_config_and_run_figures(tmp_path, monkeypatch):
 
     fake = types.SimpleNamespace(init=init, Image=lambda path: ("image", Path(path).name), Settings=dict)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    (tmp_path / "figs").mkdir()
-    for name in ("figs/hist_q.png", "attention.png", "wandb/media/skip.png"):
+    # a run draws its figures at its folder's top; below it is not the run's (W&B's media, a dataset, another run)
+    for name in ("hist_q.png", "attention.png", "wandb/media/skip.png", "data/labels/000000.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"png")
     record = {"run_name": "r", "model": "sam_tiny", "task": "instance", "wall_time_s": 1.0,
