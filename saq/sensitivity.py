@@ -124,12 +124,11 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
                                "the evaluated one may be beside it as quantized_model.*.previous: run the analysis on a "
                                "run of the model there now")
         cfg.quant.load = str(source)
-        held_folder = saved_dir(source).parent  # held above or by main: loading must not count it as another's
         report(f"{run_dir}: one part at a time in FP (its quantizers off, its FP weights back), "
                f"{cfg.task.get('max_images') or 'all'} val images")
         model = build_sam(cfg.model.name, checkpoint).to(device)
         names = list(dict.fromkeys(parts)) if parts is not None else [*model_parts(model), IOU_SCORES]  # each once
-        saved, _ = load_run(model, cfg, held_folder)
+        saved, _ = load_run(model, cfg)
         # checked on the quantized model, so a single quantizer (`...q_proj.input_quantizer`) is a part too
         known = {name for name, _ in saved.named_modules()} | {IOU_SCORES}
         unknown = [p for p in names if p not in known]
@@ -149,15 +148,14 @@ def sensitivity(run_dir: str | Path, parts: Sequence[str] | None = None, max_ima
         del saved  # one model at a time beside the FP weights (ViT-H is large)
         rows = {}
         out = SensitivityFile(Path(run_dir), record, cfg, task.name, report) if save else None
-        _rows(rows, names, model, cfg, task, fp_weights, out, report, held_folder)
+        _rows(rows, names, model, cfg, task, fp_weights, out, report)
     if out is not None:
         out.plot(rows)
     return rows
 
 
-def _rows(rows, names, model, cfg, task, fp_weights, out, report, held_folder) -> None:
-    """Evaluate the fully quantized model, then each part in FP, into `rows` (and `out`) as they come; held_folder:
-    the saved model's run folder, which this process holds."""
+def _rows(rows, names, model, cfg, task, fp_weights, out, report) -> None:
+    """Evaluate the fully quantized model, then each part in FP, into `rows` (and `out`) as they come."""
     from saq.pipeline import scalar_metrics, seed_everything
     from saq.quant import set_quant_state
     from saq.report import is_table_metric
@@ -165,12 +163,12 @@ def _rows(rows, names, model, cfg, task, fp_weights, out, report, held_folder) -
     from saq.saved import load_run
 
     for part in [None, *names]:
-        qmodel, _ = load_run(model, cfg, held_folder)
+        qmodel, _ = load_run(model, cfg)
         segmenter = Segmenter(qmodel, cfg.model.decode_batch_size)
         if part == IOU_SCORES:
             # the run's FP model: the saved one with every quantizer off and its FP weights back, so the planted
             # outliers (biases, never learned) and BIG's exact sign folding are there as in the run
-            scorer, _ = load_run(model, cfg, held_folder)
+            scorer, _ = load_run(model, cfg)
             quiet_fp(scorer)
             restore_fp_weights(scorer, fp_weights, "")
             segmenter = ScoreSwapSegmenter(qmodel, scorer, cfg.model.decode_batch_size)
